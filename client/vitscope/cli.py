@@ -1,0 +1,211 @@
+"""The `vitscope` command: run the server, or call one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vitscope.client import DEFAULT_TARGET, Client
+from vitscope.errors import VitscopeError
+from vitscope.overlay import grid, heatmap_overlay
+
+# serve flag -> (ServerSettings field, argparse options)
+_SERVE_FLAGS: list[tuple[str, dict[str, object]]] = [
+    ("--host", {"help": "address to bind (default 0.0.0.0)"}),
+    ("--port", {"type": int, "help": "gRPC port (default 50051; 0 picks a free one)"}),
+    ("--metrics-port", {"type": int, "help": "Prometheus port (default 8000; -1 turns it off)"}),
+    ("--models-file", {"type": Path, "help": "YAML file listing the models to serve"}),
+    (
+        "--model",
+        {
+            "dest": "models",
+            "action": "append",
+            "help": "extra model NAME=FAMILY:ARCH[@WEIGHTS], repeatable",
+        },
+    ),
+    ("--default-model", {"help": "model used when a request names none"}),
+    ("--no-builtin-models", {"dest": "builtin_models", "action": "store_false", "default": None}),
+    ("--device", {"help": "auto, cpu, cuda or cuda:N (default auto)"}),
+    ("--torch-threads", {"type": int}),
+    ("--max-message-bytes", {"type": int}),
+    ("--chunk-bytes", {"type": int}),
+    ("--max-running", {"type": int, "help": "requests computing at once"}),
+    (
+        "--max-queue",
+        {"type": int, "help": "requests waiting for compute before RESOURCE_EXHAUSTED"},
+    ),
+    ("--max-workers", {"type": int}),
+    ("--max-batch", {"type": int}),
+    (
+        "--auth-token-file",
+        {"type": Path, "help": "file holding the bearer token callers must send"},
+    ),
+    ("--tls-cert", {"type": Path}),
+    ("--tls-key", {"type": Path}),
+    ("--tls-client-ca", {"type": Path, "help": "CA of client certificates (turns on mTLS)"}),
+    ("--grace-seconds", {"type": float, "help": "drain time after SIGTERM"}),
+    ("--log-level", {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]}),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitscope", description="Look inside vision transformers over gRPC."
+    )
+    parser.add_argument("--target", default=os.environ.get("VITSCOPE_TARGET", DEFAULT_TARGET))
+    parser.add_argument(
+        "--token", default=os.environ.get("VITSCOPE_TOKEN"), help="bearer token (or VITSCOPE_TOKEN)"
+    )
+    parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--ca-cert", type=Path)
+    parser.add_argument("--client-cert", type=Path)
+    parser.add_argument("--client-key", type=Path)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server (needs the [server] extra)")
+    for flag, options in _SERVE_FLAGS:
+        serve.add_argument(flag, **options)  # type: ignore[arg-type]
+
+    commands.add_parser("models", help="list served models and their state")
+    commands.add_parser(
+        "health", help="overall health, or one model's with --service"
+    ).add_argument("--service", default="")
+    describe = commands.add_parser("describe", help="a model's anatomy")
+    describe.add_argument("model", nargs="?", default="")
+
+    activations = commands.add_parser("activations", help="activations at sites, saved as .npz")
+    activations.add_argument("images", nargs="+", type=Path)
+    activations.add_argument("--model", default="")
+    activations.add_argument("--site", dest="sites", action="append", required=True)
+    activations.add_argument(
+        "--tokens", choices=["all", "prefix", "patches", "indices", "positions"]
+    )
+    activations.add_argument("--indices", type=int, nargs="+", default=[])
+    activations.add_argument(
+        "--reduction", default="none", choices=["none", "mean", "patch_map", "top_channels"]
+    )
+    activations.add_argument("--channels", type=int, nargs="+", default=[])
+    activations.add_argument("--top-k", type=int, default=0)
+    activations.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"]
+    )
+    activations.add_argument(
+        "--predictions", type=int, default=0, help="include the model's top-k predictions"
+    )
+    activations.add_argument("--out", type=Path, required=True, help="output .npz")
+    activations.add_argument(
+        "--overlay",
+        type=Path,
+        help="also write a PNG of patch-map heatmaps of --channels over each image",
+    )
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from vitscope_server.settings import ServerSettings
+    from vitscope_server.transport.app import serve
+
+    given = {}
+    for flag, options in _SERVE_FLAGS:
+        key = str(options.get("dest", flag.removeprefix("--").replace("-", "_")))
+        value = getattr(args, key)
+        if value is not None:
+            given[key] = value
+    serve(ServerSettings(**given))
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(
+        args.target,
+        token=args.token,
+        tls=args.tls,
+        ca_cert=args.ca_cert,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        timeout=args.timeout,
+    )
+
+
+def _activations(client: Client, args: argparse.Namespace) -> None:
+    result = client.activations(
+        args.images,
+        args.sites,
+        model=args.model,
+        tokens=args.tokens,
+        indices=args.indices,
+        reduction=args.reduction,
+        channels=args.channels,
+        top_k=args.top_k,
+        dtype=args.dtype,
+        top_predictions=args.predictions,
+    )
+    arrays: dict[str, np.ndarray] = {}
+    for name, site in result.sites.items():
+        arrays[name] = site.values
+        if site.channel_indices is not None:
+            arrays[f"{name}:channel_indices"] = site.channel_indices
+        if site.token_indices:
+            arrays[f"{name}:token_indices"] = np.asarray(site.token_indices)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, allow_pickle=False, **arrays)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
+    for path, top in zip(args.images, result.predictions, strict=False):
+        print(f"{path}: " + ", ".join(f"{p.class_name} {p.probability:.3f}" for p in top))
+    if args.overlay:
+        if not args.channels:
+            raise SystemExit("--overlay needs --channels")
+        maps = client.activations(
+            args.images,
+            args.sites[:1],
+            model=args.model,
+            reduction="patch_map",
+            channels=args.channels,
+        )[args.sites[0]]
+        tiles = []
+        captions = []
+        for index, path in enumerate(args.images):
+            image = Image.open(path).convert("RGB")
+            tiles.append(
+                [image]
+                + [heatmap_overlay(image, maps[index, c]) for c in range(len(args.channels))]
+            )
+            captions.append([path.name] + [f"{args.sites[0]} ch {ch}" for ch in args.channels])
+        grid(tiles, captions).save(args.overlay)
+        print(f"wrote {args.overlay}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        _serve(args)
+        return
+    try:
+        with _client(args) as client:
+            if args.command == "models":
+                for m in client.list_models():
+                    mark = "*" if m.is_default else " "
+                    print(
+                        f"{mark} {m.name:28} {m.state:8} {m.family}:{m.architecture} {m.weights_identity} {m.error}"
+                    )
+            elif args.command == "health":
+                print(client.health(args.service))
+            elif args.command == "describe":
+                d = client.describe(args.model)
+                print(json.dumps({**d.__dict__, "info": d.info.__dict__}, indent=2, default=str))
+            elif args.command == "activations":
+                _activations(client, args)
+    except VitscopeError as exc:
+        print(f"vitscope: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Typed Python client: numpy arrays out, one exception class per status code."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from vitscope import tensors as wire
+from vitscope.errors import from_rpc_error
+from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import inspector_pb2_grpc as pb_grpc
+from vitscope.v1 import tensor_pb2
+
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+ImageLike = str | Path | bytes | Image.Image | np.ndarray
+
+_TOKEN_MODES = {
+    "all": pb.TOKEN_SELECTION_MODE_ALL,
+    "prefix": pb.TOKEN_SELECTION_MODE_PREFIX,
+    "patches": pb.TOKEN_SELECTION_MODE_PATCHES,
+    "indices": pb.TOKEN_SELECTION_MODE_INDICES,
+    "positions": pb.TOKEN_SELECTION_MODE_POSITIONS,
+}
+_REDUCTIONS = {
+    "none": pb.REDUCTION_NONE,
+    "mean": pb.REDUCTION_MEAN,
+    "patch_map": pb.REDUCTION_PATCH_MAP,
+    "top_channels": pb.REDUCTION_TOP_CHANNELS,
+}
+_DTYPES = {
+    "float32": tensor_pb2.DTYPE_FLOAT32,
+    "float16": tensor_pb2.DTYPE_FLOAT16,
+    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
+}
+
+
+def _retry_service_config(attempts: int) -> str:
+    """gRPC's own retry policy: UNAVAILABLE is retried with backoff before any response arrives."""
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": "vitscope.v1.Inspector"}],
+                    "retryPolicy": {
+                        "maxAttempts": max(2, attempts),
+                        "initialBackoff": "0.2s",
+                        "maxBackoff": "5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def image_message(image: ImageLike) -> pb.Image:
+    """Paths and bytes go as encoded files, PIL images as PNG, uint8 arrays as pixels,
+    float arrays as already-preprocessed tensors."""
+    if isinstance(image, (str, Path)):
+        return pb.Image(encoded=Path(image).read_bytes())
+    if isinstance(image, bytes):
+        return pb.Image(encoded=image)
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return pb.Image(encoded=buffer.getvalue())
+    if image.dtype == np.uint8:
+        return pb.Image(pixels=wire.to_proto(image))
+    return pb.Image(preprocessed=wire.to_proto(np.asarray(image, dtype=np.float32)))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    class_index: int
+    class_name: str
+    probability: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class SiteActivations:
+    """One site's result. `values` shape depends on the reduction (see the proto)."""
+
+    site: str
+    module_path: str
+    layout: str
+    values: np.ndarray
+    token_indices: list[int]
+    grid: tuple[int, int]
+    channels: list[int]
+    channel_indices: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Activations:
+    sites: dict[str, SiteActivations]
+    predictions: list[list[Prediction]]
+    provenance: dict[str, Any]
+    parameters: dict[str, Any]
+
+    def __getitem__(self, site: str) -> np.ndarray:
+        return self.sites[site].values
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    architecture: str
+    state: str
+    error: str
+    weights_identity: str
+    is_default: bool
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    info: ModelInfo
+    num_blocks: int
+    embed_dim: int
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+    input_size: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str]
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _message_dict(message: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _model_info(summary: pb.ModelSummary) -> ModelInfo:
+    return ModelInfo(
+        name=summary.name,
+        family=summary.family,
+        architecture=summary.architecture,
+        state=pb.ModelState.Name(summary.state).removeprefix("MODEL_STATE_").lower(),
+        error=summary.error,
+        weights_identity=summary.weights_identity,
+        is_default=summary.is_default,
+    )
+
+
+class Client:
+    """Talks to one vitscope server.
+
+    Args:
+        target: "host:port".
+        token: bearer token sent as 'authorization' metadata.
+        tls: use TLS; with ca_cert (PEM path) for a private CA, and client_cert/client_key for mTLS.
+        timeout: default deadline in seconds for each call.
+        retries: attempts for calls that fail with UNAVAILABLE before any response.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        ca_cert: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+        timeout: float = 120.0,
+        retries: int = 4,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _retry_service_config(retries)),
+        ]
+        if tls or ca_cert or client_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(ca_cert).read_bytes() if ca_cert else None,
+                private_key=Path(client_key).read_bytes() if client_key else None,
+                certificate_chain=Path(client_cert).read_bytes() if client_cert else None,
+            )
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.InspectorStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def _stream(self, method: Any, request: Any, timeout: float | None) -> Iterator[Any]:
+        try:
+            yield from method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """SERVING or NOT_SERVING for the server ("") or one model (its name)."""
+        response = self._call(
+            self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def list_models(self, timeout: float | None = None) -> list[ModelInfo]:
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [_model_info(m) for m in response.models]
+
+    def describe(self, model: str = "", timeout: float | None = None) -> ModelDescription:
+        r = self._call(self._stub.DescribeModel, pb.DescribeModelRequest(model=model), timeout)
+        return ModelDescription(
+            info=_model_info(r.summary),
+            num_blocks=r.num_blocks,
+            embed_dim=r.embed_dim,
+            num_prefix_tokens=r.num_prefix_tokens,
+            grid=(r.grid_height, r.grid_width),
+            input_size=tuple(r.preprocessing.input_size),
+            mean=tuple(r.preprocessing.mean),
+            std=tuple(r.preprocessing.std),
+            class_names=list(r.class_names),
+            sites={s.name: _message_dict(s) for s in r.sites},
+        )
+
+    def activations(
+        self,
+        images: Sequence[ImageLike],
+        sites: Sequence[str],
+        *,
+        model: str = "",
+        tokens: str | None = None,
+        indices: Sequence[int] = (),
+        positions: Sequence[tuple[int, int]] = (),
+        reduction: str = "none",
+        channels: Sequence[int] = (),
+        top_k: int = 0,
+        dtype: str = "float32",
+        top_predictions: int = 0,
+        timeout: float | None = None,
+    ) -> Activations:
+        """Activations at `sites` for `images`.
+
+        tokens: all | prefix | patches | indices | positions (default: all without a
+        reduction, patches with one). reduction: none | mean | patch_map | top_channels.
+        dtype: float32 | float16 | bfloat16 (bfloat16 arrives as float32 values).
+        """
+        request = pb.GetActivationsRequest(
+            model=model,
+            images=[image_message(i) for i in images],
+            sites=list(sites),
+            tokens=pb.TokenSelection(
+                mode=_TOKEN_MODES[tokens] if tokens else pb.TOKEN_SELECTION_MODE_UNSPECIFIED,
+                indices=list(indices),
+                positions=[pb.PatchPosition(row=r, col=c) for r, c in positions],
+            ),
+            reduction=_REDUCTIONS[reduction],
+            channels=list(channels),
+            top_k=top_k,
+            output_dtype=_DTYPES[dtype],
+            top_predictions=top_predictions,
+        )
+        return self._collect(self._stream(self._stub.GetActivations, request, timeout))
+
+    @staticmethod
+    def _collect(responses: Iterator[pb.GetActivationsResponse]) -> Activations:
+        header: pb.ActivationsHeader | None = None
+        assembler = wire.ChunkAssembler()
+        for response in responses:
+            if response.HasField("header"):
+                header = response.header
+            else:
+                assembler.add(response.chunk)
+        if header is None:
+            raise wire.TensorDecodeError("the stream ended without a header")
+        tensors = assembler.result()
+        sites = {}
+        for s in header.sites:
+            sites[s.site] = SiteActivations(
+                site=s.site,
+                module_path=s.module_path,
+                layout=pb.SiteLayout.Name(s.layout).removeprefix("SITE_LAYOUT_").lower(),
+                values=tensors[(s.site, "values")],
+                token_indices=list(s.token_indices),
+                grid=(s.grid_height, s.grid_width),
+                channels=list(s.channels),
+                channel_indices=tensors.get((s.site, "channel_indices")),
+            )
+        predictions = [
+            [Prediction(p.class_index, p.class_name, p.probability, p.logit) for p in image.top]
+            for image in header.predictions
+        ]
+        return Activations(
+            sites=sites,
+            predictions=predictions,
+            provenance=_message_dict(header.provenance),
+            parameters=_message_dict(header.parameters),
+        )

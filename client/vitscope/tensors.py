@@ -1,0 +1,179 @@
+"""Tensors on the wire: dtype + shape + little-endian row-major bytes.
+
+Shared by client and server (numpy only, no torch). bfloat16 travels as the
+upper 16 bits of float32; numpy has no bfloat16, so it decodes to float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vitscope.v1 import tensor_pb2
+
+_NUMPY_BY_DTYPE: dict[tensor_pb2.DType.ValueType, np.dtype] = {
+    tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
+    tensor_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
+    tensor_pb2.DTYPE_BFLOAT16: np.dtype("<u2"),
+    tensor_pb2.DTYPE_UINT8: np.dtype("u1"),
+    tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
+}
+_DTYPE_BY_NUMPY: dict[np.dtype, tensor_pb2.DType.ValueType] = {
+    np.dtype("<f4"): tensor_pb2.DTYPE_FLOAT32,
+    np.dtype("<f2"): tensor_pb2.DTYPE_FLOAT16,
+    np.dtype("u1"): tensor_pb2.DTYPE_UINT8,
+    np.dtype("<i8"): tensor_pb2.DTYPE_INT64,
+}
+
+
+class TensorDecodeError(ValueError):
+    """The bytes do not match the declared dtype and shape."""
+
+
+def dtype_name(dtype: tensor_pb2.DType.ValueType) -> str:
+    return str(tensor_pb2.DType.Name(dtype)).removeprefix("DTYPE_").lower()
+
+
+def wire_numpy_dtype(dtype: tensor_pb2.DType.ValueType) -> np.dtype:
+    """The numpy dtype whose bytes match the wire layout of `dtype`."""
+    try:
+        return _NUMPY_BY_DTYPE[dtype]
+    except KeyError:
+        allowed = ", ".join(dtype_name(d) for d in _NUMPY_BY_DTYPE)
+        raise TensorDecodeError(f"dtype {dtype} is not supported; allowed: {allowed}") from None
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bit patterns (as uint16)."""
+    as_int = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((as_int >> 16) & 1) + 0x7FFF
+    return ((as_int + rounding) >> 16).astype(np.uint16)
+
+
+def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
+    """Encodes a numpy array (float32, float16, uint8 or int64) as a Tensor."""
+    contiguous = np.ascontiguousarray(array)
+    wire = (
+        contiguous.dtype.newbyteorder("<")
+        if contiguous.dtype.byteorder == ">"
+        else contiguous.dtype
+    )
+    contiguous = contiguous.astype(wire, copy=False)
+    try:
+        dtype = _DTYPE_BY_NUMPY[contiguous.dtype]
+    except KeyError:
+        raise TensorDecodeError(f"numpy dtype {array.dtype} has no wire dtype") from None
+    return tensor_pb2.Tensor(dtype=dtype, shape=list(contiguous.shape), data=contiguous.tobytes())
+
+
+def expected_nbytes(dtype: tensor_pb2.DType.ValueType, shape: list[int] | tuple[int, ...]) -> int:
+    if any(d < 0 for d in shape):
+        raise TensorDecodeError(f"shape {list(shape)} has a negative dimension")
+    return int(np.prod(shape, dtype=np.int64)) * wire_numpy_dtype(dtype).itemsize
+
+
+def from_proto(tensor: tensor_pb2.Tensor, decode_bfloat16: bool = True) -> np.ndarray:
+    """Decodes a Tensor; bfloat16 becomes float32 unless decode_bfloat16 is False."""
+    return _from_buffer(tensor.dtype, list(tensor.shape), tensor.data, decode_bfloat16)
+
+
+def _from_buffer(
+    dtype: tensor_pb2.DType.ValueType,
+    shape: list[int],
+    data: bytes | bytearray,
+    decode_bfloat16: bool,
+) -> np.ndarray:
+    nbytes = expected_nbytes(dtype, shape)
+    if len(data) != nbytes:
+        raise TensorDecodeError(
+            f"{len(data)} bytes do not fit shape {shape} of {dtype_name(dtype)} ({nbytes} bytes expected)"
+        )
+    array = np.frombuffer(data, dtype=wire_numpy_dtype(dtype)).reshape(shape)
+    if dtype == tensor_pb2.DTYPE_BFLOAT16 and decode_bfloat16:
+        return bfloat16_bits_to_float32(array)
+    return array
+
+
+def iter_chunks(
+    name: str,
+    role: str,
+    dtype: tensor_pb2.DType.ValueType,
+    shape: tuple[int, ...],
+    payload: memoryview,
+    chunk_bytes: int,
+) -> Iterator[tensor_pb2.TensorChunk]:
+    """Splits one tensor's bytes into chunks of at most chunk_bytes (at least one chunk)."""
+    total = len(payload)
+    offset = 0
+    while True:
+        end = min(total, offset + chunk_bytes)
+        yield tensor_pb2.TensorChunk(
+            name=name,
+            role=role,
+            dtype=dtype,
+            shape=list(shape),
+            total_bytes=total,
+            offset=offset,
+            data=payload[offset:end].tobytes(),
+        )
+        offset = end
+        if offset >= total:
+            return
+
+
+def chunk_count(total_bytes: int, chunk_bytes: int) -> int:
+    return max(1, -(-total_bytes // chunk_bytes))
+
+
+@dataclass
+class _PartialTensor:
+    dtype: tensor_pb2.DType.ValueType
+    shape: list[int]
+    buffer: bytearray
+    received: int = 0
+
+
+@dataclass
+class ChunkAssembler:
+    """Reassembles streamed TensorChunks bit-exactly, keyed by (name, role)."""
+
+    decode_bfloat16: bool = True
+    _partial: dict[tuple[str, str], _PartialTensor] = field(default_factory=dict)
+
+    def add(self, chunk: tensor_pb2.TensorChunk) -> None:
+        key = (chunk.name, chunk.role)
+        partial = self._partial.get(key)
+        if partial is None:
+            nbytes = expected_nbytes(chunk.dtype, list(chunk.shape))
+            if nbytes != chunk.total_bytes:
+                raise TensorDecodeError(
+                    f"chunk of {key} declares {chunk.total_bytes} bytes, shape needs {nbytes}"
+                )
+            partial = _PartialTensor(chunk.dtype, list(chunk.shape), bytearray(nbytes))
+            self._partial[key] = partial
+        end = chunk.offset + len(chunk.data)
+        if chunk.offset < 0 or end > len(partial.buffer):
+            raise TensorDecodeError(
+                f"chunk of {key} at offset {chunk.offset} overruns {len(partial.buffer)} bytes"
+            )
+        partial.buffer[chunk.offset : end] = chunk.data
+        partial.received += len(chunk.data)
+
+    def result(self) -> dict[tuple[str, str], np.ndarray]:
+        """All tensors; raises if any is incomplete."""
+        out: dict[tuple[str, str], np.ndarray] = {}
+        for key, partial in self._partial.items():
+            if partial.received != len(partial.buffer):
+                raise TensorDecodeError(
+                    f"tensor {key} incomplete: {partial.received} of {len(partial.buffer)} bytes"
+                )
+            out[key] = _from_buffer(
+                partial.dtype, partial.shape, partial.buffer, self.decode_bfloat16
+            )
+        return out

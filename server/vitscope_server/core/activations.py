@@ -1,0 +1,299 @@
+"""GetActivations: read sites during one forward, select tokens, reduce, convert dtype.
+
+Reductions run on the model's device so only what the caller asked for is
+copied back and sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import numpy as np
+import torch
+
+from vitscope_server.core.adapters import Layout, ModelAdapter, SiteDef
+from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.capture import capture_sites
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from vitscope_server.core.images import ImageInput, prepare_batch
+from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.provenance import Provenance, provenance_of
+from vitscope_server.core.sites import resolve_site
+
+
+class TokenMode(Enum):
+    UNSPECIFIED = "unspecified"
+    ALL = "all"
+    PREFIX = "prefix"
+    PATCHES = "patches"
+    INDICES = "indices"
+    POSITIONS = "positions"
+
+
+class Reduction(Enum):
+    NONE = "none"
+    MEAN = "mean"
+    PATCH_MAP = "patch_map"
+    TOP_CHANNELS = "top_channels"
+
+
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ActivationQuery:
+    sites: tuple[str, ...]
+    token_mode: TokenMode = TokenMode.UNSPECIFIED
+    token_indices: tuple[int, ...] = ()
+    positions: tuple[tuple[int, int], ...] = ()
+    reduction: Reduction = Reduction.NONE
+    channels: tuple[int, ...] = ()
+    top_k: int = 0
+    output_dtype: str = "float32"
+    top_predictions: int = 0
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A result tensor; bfloat16 arrays hold bit patterns as uint16."""
+
+    role: str
+    dtype: str
+    array: np.ndarray
+
+
+@dataclass(frozen=True)
+class SiteOutput:
+    site: SiteDef
+    token_indices: list[int]
+    channels: list[int]
+    tensors: list[OutputTensor]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    class_index: int
+    class_name: str
+    probability: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class ActivationResult:
+    provenance: Provenance
+    query: ActivationQuery
+    batch_size: int
+    sites: list[SiteOutput]
+    predictions: list[list[Prediction]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ActivationLimits:
+    max_batch: int = 64
+    max_pixels: int = 40_000_000
+    max_result_bytes: int = 4 << 30
+
+
+def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery:
+    if not query.sites:
+        raise InvalidArgument("sites: at least one site is required")
+    if len(set(query.sites)) != len(query.sites):
+        raise InvalidArgument("sites: each site may appear once")
+    if query.output_dtype not in OUTPUT_DTYPES:
+        raise InvalidArgument(
+            f"output_dtype: {query.output_dtype!r} not allowed; allowed: {OUTPUT_DTYPES}"
+        )
+    mode = query.token_mode
+    if mode is TokenMode.UNSPECIFIED:
+        mode = TokenMode.ALL if query.reduction is Reduction.NONE else TokenMode.PATCHES
+    if mode is TokenMode.INDICES and not query.token_indices:
+        raise InvalidArgument("tokens.indices: required with TOKEN_SELECTION_MODE_INDICES")
+    if mode is TokenMode.POSITIONS and not query.positions:
+        raise InvalidArgument("tokens.positions: required with TOKEN_SELECTION_MODE_POSITIONS")
+    if query.reduction is Reduction.PATCH_MAP:
+        if not query.channels:
+            raise InvalidArgument("channels: REDUCTION_PATCH_MAP needs at least one channel")
+        if mode is not TokenMode.PATCHES:
+            raise InvalidArgument(
+                "tokens.mode: REDUCTION_PATCH_MAP covers the patch grid; use PATCHES or leave unset"
+            )
+    if query.reduction is Reduction.TOP_CHANNELS and query.top_k <= 0:
+        raise InvalidArgument(f"top_k: REDUCTION_TOP_CHANNELS needs top_k >= 1, got {query.top_k}")
+    if query.top_predictions < 0:
+        raise InvalidArgument(f"top_predictions: must be >= 0, got {query.top_predictions}")
+    if query.top_predictions and not adapter.has_classifier:
+        raise FailedPrecondition(f"top_predictions: model {adapter.spec.name} has no classifier")
+    if query.top_predictions > len(adapter.class_names):
+        raise InvalidArgument(
+            f"top_predictions: {query.top_predictions} exceeds the {len(adapter.class_names)} classes"
+        )
+    return replace(query, token_mode=mode)
+
+
+def _token_indices(query: ActivationQuery, site: SiteDef, num_tokens: int) -> list[int]:
+    prefix = site.num_prefix_tokens
+    height, width = site.grid
+    mode = query.token_mode
+    if mode is TokenMode.ALL:
+        return list(range(num_tokens))
+    if mode is TokenMode.PREFIX:
+        if prefix == 0:
+            raise InvalidArgument(f"tokens.mode: site {site.name!r} has no prefix tokens")
+        return list(range(prefix))
+    if mode is TokenMode.PATCHES:
+        return list(range(prefix, num_tokens))
+    if mode is TokenMode.INDICES:
+        bad = [i for i in query.token_indices if not 0 <= i < num_tokens]
+        if bad:
+            raise InvalidArgument(
+                f"tokens.indices: {bad[:5]} out of range for site {site.name!r}; allowed 0..{num_tokens - 1}"
+            )
+        return list(query.token_indices)
+    bad_positions = [(r, c) for r, c in query.positions if not (0 <= r < height and 0 <= c < width)]
+    if bad_positions:
+        raise InvalidArgument(
+            f"tokens.positions: {bad_positions[:5]} outside the {height}x{width} grid of site {site.name!r}; "
+            f"rows 0..{height - 1}, cols 0..{width - 1}"
+        )
+    return [prefix + r * width + c for r, c in query.positions]
+
+
+def _as_site_layout(site: SiteDef, tensor: torch.Tensor) -> SiteDef:
+    """A raw module whose output is one vector per token is read like a canonical token site."""
+    tokens = site.num_prefix_tokens + site.grid[0] * site.grid[1]
+    if site.layout is Layout.RAW and tensor.dim() == 3 and tensor.shape[1] == tokens:
+        return replace(site, layout=Layout.TOKENS)
+    return site
+
+
+def _to_output(role: str, tensor: torch.Tensor, dtype: str) -> OutputTensor:
+    if tensor.dtype == torch.int64:
+        return OutputTensor(role, "int64", tensor.contiguous().cpu().numpy())
+    if dtype == "bfloat16":
+        bits = (
+            tensor.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+        )
+        return OutputTensor(role, dtype, bits)
+    target = torch.float16 if dtype == "float16" else torch.float32
+    return OutputTensor(role, dtype, tensor.to(target).contiguous().cpu().numpy())
+
+
+def _check_channels(channels: tuple[int, ...], site: SiteDef, num_channels: int) -> None:
+    bad = [c for c in channels if not 0 <= c < num_channels]
+    if bad:
+        raise InvalidArgument(
+            f"channels: {bad[:5]} out of range for site {site.name!r}; allowed 0..{num_channels - 1}"
+        )
+
+
+def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> SiteOutput:
+    """Selects tokens and applies the reduction to one site's canonical tensor."""
+    reduction = query.reduction
+    if site.layout in (Layout.WINDOW_ATTENTION, Layout.RAW):
+        if reduction is not Reduction.NONE or query.token_mode is not TokenMode.ALL:
+            raise InvalidArgument(
+                f"sites: {site.name!r} has {site.layout.value} layout {list(tensor.shape)}; "
+                "it allows only REDUCTION_NONE with all tokens"
+            )
+        return SiteOutput(site, [], [], [_to_output("values", tensor, query.output_dtype)])
+    token_axis = 2 if site.layout is Layout.ATTENTION else 1
+    indices = _token_indices(query, site, tensor.shape[token_axis])
+    index_tensor = torch.tensor(indices, device=tensor.device)
+    selected = tensor.index_select(token_axis, index_tensor)
+    if reduction is Reduction.NONE:
+        values = selected
+    elif reduction is Reduction.MEAN:
+        values = selected.mean(dim=token_axis)
+    elif site.layout is Layout.ATTENTION:
+        raise InvalidArgument(
+            f"reduction: site {site.name!r} holds attention probabilities; allowed: NONE, MEAN"
+        )
+    elif reduction is Reduction.PATCH_MAP:
+        _check_channels(query.channels, site, tensor.shape[-1])
+        channel_tensor = torch.tensor(query.channels, device=tensor.device)
+        height, width = site.grid
+        maps = selected.index_select(2, channel_tensor).transpose(1, 2)
+        values = maps.reshape(tensor.shape[0], len(query.channels), height, width)
+        return SiteOutput(
+            site, indices, list(query.channels), [_to_output("values", values, query.output_dtype)]
+        )
+    else:
+        num_channels = tensor.shape[-1]
+        if query.top_k > num_channels:
+            raise InvalidArgument(
+                f"top_k: {query.top_k} exceeds the {num_channels} channels of {site.name!r}"
+            )
+        top = selected.mean(dim=1).topk(query.top_k, dim=-1)
+        return SiteOutput(
+            site,
+            indices,
+            [],
+            [
+                _to_output("values", top.values, query.output_dtype),
+                _to_output("channel_indices", top.indices, ""),
+            ],
+        )
+    return SiteOutput(site, indices, [], [_to_output("values", values, query.output_dtype)])
+
+
+def _predictions(adapter: ModelAdapter, logits: torch.Tensor, k: int) -> list[list[Prediction]]:
+    probabilities = logits.float().softmax(dim=-1)
+    top = probabilities.topk(k, dim=-1)
+    names = adapter.class_names
+    result = []
+    for row in range(logits.shape[0]):
+        result.append(
+            [
+                Prediction(int(c), names[int(c)], float(p), float(logits[row, int(c)]))
+                for p, c in zip(top.values[row].tolist(), top.indices[row].tolist(), strict=True)
+            ]
+        )
+    return result
+
+
+def _result_bytes(tensors: dict[str, torch.Tensor], dtype: str) -> int:
+    itemsize = 4 if dtype == "float32" else 2
+    return sum(t.numel() for t in tensors.values()) * itemsize
+
+
+def get_activations(
+    loaded: LoadedModel,
+    images: list[ImageInput],
+    query: ActivationQuery,
+    cancel: CancelToken,
+    limits: ActivationLimits,
+) -> ActivationResult:
+    adapter = loaded.adapter
+    effective = _effective(query, adapter)
+    sites = [resolve_site(adapter, name, f"sites[{i}]") for i, name in enumerate(effective.sites)]
+    batch = prepare_batch(adapter, images, loaded.device, limits.max_batch, limits.max_pixels)
+    cancel.raise_if_cancelled()
+    with torch.inference_mode():
+        with capture_sites(adapter, sites, batch.shape[0], cancel) as captured:
+            logits = adapter.forward(batch)
+        if (
+            effective.reduction is Reduction.NONE
+            and _result_bytes(captured, effective.output_dtype) > limits.max_result_bytes
+        ):
+            raise ResourceExhausted(
+                f"sites: the result would exceed {limits.max_result_bytes} bytes; "
+                "ask for fewer sites, tokens or images, a reduction, or float16"
+            )
+        outputs = []
+        for site in sites:
+            cancel.raise_if_cancelled()
+            tensor = captured.get(site.name)
+            if tensor is None:
+                raise InvalidArgument(
+                    f"sites: {site.name!r} ({site.module_path}) is not reached by the forward pass"
+                )
+            outputs.append(_reduce(effective, _as_site_layout(site, tensor), tensor))
+        predictions = (
+            _predictions(adapter, logits, effective.top_predictions)
+            if effective.top_predictions
+            else []
+        )
+    return ActivationResult(
+        provenance_of(loaded), effective, int(batch.shape[0]), outputs, predictions
+    )

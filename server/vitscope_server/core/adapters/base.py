@@ -1,0 +1,213 @@
+"""The anatomy every model family exposes, so capture and methods need not know the family."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from PIL import Image
+from torch import nn
+
+from vitscope_server.core.specs import ModelSpec
+
+
+class Layout(Enum):
+    """How a captured tensor is arranged after canonicalisation."""
+
+    TOKENS = "tokens"  # [B, T, C], prefix tokens first, then patches row-major
+    ATTENTION = "attention"  # [B, heads, T, T]
+    WINDOW_ATTENTION = "window_attention"  # [B, windows, heads, N, N]
+    RAW = "raw"
+
+
+@dataclass(frozen=True)
+class BlockAnatomy:
+    """Module paths (relative to the adapter's root) of one transformer block's parts."""
+
+    path: str
+    attn_out_path: str
+    mlp_hidden_path: str
+    mlp_out_path: str
+    attn_probs_path: str
+    # Which element of the probs module's output holds the probabilities.
+    attn_probs_output_index: int
+    grid: tuple[int, int]
+    num_prefix_tokens: int
+    width: int
+    windowed: bool = False
+
+
+def rgb_triple(values: Sequence[float]) -> tuple[float, float, float]:
+    """Per-channel statistics; a single value applies to all three channels."""
+    if len(values) == 1:
+        return (float(values[0]), float(values[0]), float(values[0]))
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    input_size: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+
+
+@dataclass(frozen=True)
+class SiteDef:
+    """Where a site is read from and how its tensor is to be read."""
+
+    name: str
+    module_path: str
+    layout: Layout
+    grid: tuple[int, int]
+    num_prefix_tokens: int
+    # Read the module's input (embed) instead of its output.
+    from_input: bool = False
+    output_index: int = 0
+    # Block whose attention must expose probabilities, for attn.probs sites.
+    attention_block: int | None = None
+
+
+CANONICAL_BLOCK_SITES = ("out", "attn.out", "attn.probs", "mlp.hidden", "mlp.out")
+
+
+class ModelAdapter(ABC):
+    """One loaded model seen through the common anatomy."""
+
+    family: str
+
+    def __init__(self, spec: ModelSpec, root: nn.Module, blocks: list[BlockAnatomy]) -> None:
+        self.spec = spec
+        self.root = root
+        self.blocks = blocks
+        self._unfused_lock = threading.Lock()
+        self._unfused_users: dict[int, int] = {}
+
+    @property
+    @abstractmethod
+    def final_norm_path(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def data_config(self) -> DataConfig: ...
+
+    @property
+    @abstractmethod
+    def class_names(self) -> list[str]: ...
+
+    @property
+    def module(self) -> nn.Module:
+        """Everything that moves to the device: the root, or more (a whole CLIP model)."""
+        return self.root
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.blocks[0].num_prefix_tokens
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.blocks[0].grid
+
+    @property
+    def embed_dim(self) -> int:
+        return self.blocks[0].width
+
+    @property
+    def has_classifier(self) -> bool:
+        return bool(self.class_names)
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The model's own evaluation transform: PIL RGB image -> [3, H, W] float tensor."""
+
+    @abstractmethod
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits [B, classes] when the model has a classifier, else its embedding."""
+
+    @abstractmethod
+    def _expose_attention_probs(self, block: int) -> None:
+        """Makes block's attention compute explicit probabilities (not the fused kernel)."""
+
+    @abstractmethod
+    def _restore_attention(self, block: int) -> None:
+        """Undoes _expose_attention_probs."""
+
+    def to_canonical(self, tensor: torch.Tensor, site: SiteDef, batch: int) -> torch.Tensor:
+        """Brings a captured tensor into the layout its site declares."""
+        if site.layout is Layout.TOKENS and tensor.dim() == 4:
+            return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
+        if site.layout is Layout.WINDOW_ATTENTION:
+            return tensor.reshape(batch, -1, *tensor.shape[1:])
+        return tensor
+
+    @contextmanager
+    def attention_probs_exposed(self, blocks: set[int]) -> Iterator[None]:
+        """Turns off fused attention for these blocks while any caller needs it."""
+        with self._unfused_lock:
+            for block in blocks:
+                users = self._unfused_users.get(block, 0)
+                self._unfused_users[block] = users + 1
+                if users == 0:
+                    self._expose_attention_probs(block)
+        try:
+            yield
+        finally:
+            with self._unfused_lock:
+                for block in blocks:
+                    self._unfused_users[block] -= 1
+                    if self._unfused_users[block] == 0:
+                        self._restore_attention(block)
+
+    def block_site(self, index: int, part: str) -> SiteDef:
+        block = self.blocks[index]
+        name = f"blocks.{index}.{part}"
+        if part == "out":
+            return SiteDef(name, block.path, Layout.TOKENS, block.grid, block.num_prefix_tokens)
+        if part == "attn.out":
+            return SiteDef(
+                name, block.attn_out_path, Layout.TOKENS, block.grid, block.num_prefix_tokens
+            )
+        if part == "mlp.hidden":
+            return SiteDef(
+                name, block.mlp_hidden_path, Layout.TOKENS, block.grid, block.num_prefix_tokens
+            )
+        if part == "mlp.out":
+            return SiteDef(
+                name, block.mlp_out_path, Layout.TOKENS, block.grid, block.num_prefix_tokens
+            )
+        layout = Layout.WINDOW_ATTENTION if block.windowed else Layout.ATTENTION
+        return SiteDef(
+            name,
+            block.attn_probs_path,
+            layout,
+            block.grid,
+            block.num_prefix_tokens,
+            output_index=block.attn_probs_output_index,
+            attention_block=index,
+        )
+
+    def canonical_sites(self) -> list[SiteDef]:
+        first = self.blocks[0]
+        last = self.blocks[-1]
+        sites = [
+            SiteDef(
+                "embed",
+                first.path,
+                Layout.TOKENS,
+                first.grid,
+                first.num_prefix_tokens,
+                from_input=True,
+            )
+        ]
+        for index in range(len(self.blocks)):
+            sites.extend(self.block_site(index, part) for part in CANONICAL_BLOCK_SITES)
+        sites.append(
+            SiteDef("final", self.final_norm_path, Layout.TOKENS, last.grid, last.num_prefix_tokens)
+        )
+        return sites

@@ -1,0 +1,130 @@
+"""open_clip image towers (open_clip.transformer.VisionTransformer inside a CLIP model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import open_clip
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from vitscope_server.core.adapters.base import BlockAnatomy, DataConfig, ModelAdapter, rgb_triple
+from vitscope_server.core.errors import FailedPrecondition
+from vitscope_server.core.specs import ModelSpec
+
+
+def _force_attention_weights(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+
+class OpenClipTowerAdapter(ModelAdapter):
+    """Sites are paths inside `model.visual`; the text tower stays loaded for later methods."""
+
+    family = "open_clip"
+
+    def __init__(self, spec: ModelSpec, model: nn.Module) -> None:
+        visual = model.visual
+        if not hasattr(visual, "transformer") or not hasattr(visual, "ln_post"):
+            raise FailedPrecondition(
+                f"model {spec.name}: {spec.architecture} has no ViT image tower"
+            )
+        grid = tuple(int(g) for g in visual.grid_size)  # type: ignore[union-attr]
+        prefix = 1 if getattr(visual, "class_embedding", None) is not None else 0
+        width = int(visual.transformer.width)  # type: ignore[union-attr, arg-type]
+        blocks = []
+        for index, block in enumerate(visual.transformer.resblocks):  # type: ignore[union-attr, arg-type]
+            if not isinstance(block.attn, nn.MultiheadAttention):
+                raise FailedPrecondition(
+                    f"model {spec.name}: block {index} uses a custom attention module"
+                )
+            path = f"transformer.resblocks.{index}"
+            blocks.append(
+                BlockAnatomy(
+                    path=path,
+                    attn_out_path=f"{path}.ls_1",
+                    mlp_hidden_path=f"{path}.mlp.gelu",
+                    mlp_out_path=f"{path}.ls_2",
+                    attn_probs_path=f"{path}.attn",
+                    attn_probs_output_index=1,
+                    grid=grid,  # type: ignore[arg-type]
+                    num_prefix_tokens=prefix,
+                    width=width,
+                )
+            )
+        super().__init__(spec, visual, blocks)  # type: ignore[arg-type]
+        self.clip = model
+        self._batch_first = bool(getattr(visual.transformer, "batch_first", True))
+        self._hooks: dict[int, RemovableHandle] = {}
+        preprocess_cfg: dict[str, Any] = getattr(visual, "preprocess_cfg")  # noqa: B009
+        cfg = open_clip.transform.PreprocessCfg(**preprocess_cfg)
+        self._preprocess_cfg = cfg
+        self._transform = open_clip.transform.image_transform_v2(cfg, is_train=False)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.clip
+
+    @property
+    def final_norm_path(self) -> str:
+        return "ln_post"
+
+    @property
+    def data_config(self) -> DataConfig:
+        cfg = self._preprocess_cfg
+        size = cfg.size if isinstance(cfg.size, tuple) else (cfg.size, cfg.size)
+        return DataConfig(
+            input_size=(3, int(size[0]), int(size[1])),
+            mean=rgb_triple(cfg.mean),
+            std=rgb_triple(cfg.std),
+            interpolation=cfg.interpolation,
+            crop_pct=1.0,
+        )
+
+    @property
+    def class_names(self) -> list[str]:
+        return []
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        tensor: torch.Tensor = self._transform(image)
+        return tensor
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        output = self.root(pixels)
+        return output[0] if isinstance(output, tuple) else output
+
+    def to_canonical(self, tensor: torch.Tensor, site: Any, batch: int) -> torch.Tensor:
+        if not self._batch_first and tensor.dim() == 3 and tensor.shape[1] == batch:
+            tensor = tensor.transpose(0, 1)
+        return super().to_canonical(tensor, site, batch)
+
+    def _expose_attention_probs(self, block: int) -> None:
+        attention = self.root.get_submodule(self.blocks[block].attn_probs_path)
+        self._hooks[block] = attention.register_forward_pre_hook(
+            _force_attention_weights, with_kwargs=True
+        )
+
+    def _restore_attention(self, block: int) -> None:
+        self._hooks.pop(block).remove()
+
+
+def build_open_clip(spec: ModelSpec, pretrained: str | None) -> nn.Module:
+    preprocess_overrides = {
+        key: value
+        for key, value in (
+            ("mean", spec.mean),
+            ("std", spec.std),
+            ("interpolation", spec.interpolation),
+        )
+        if value is not None
+    }
+    model = open_clip.create_model(
+        spec.architecture,
+        pretrained=pretrained,
+        force_preprocess_cfg=preprocess_overrides or None,
+        **spec.kwargs,
+    )
+    return model

@@ -1,0 +1,32 @@
+"""Cooperative cancellation: long work polls a token between steps."""
+
+from __future__ import annotations
+
+import threading
+
+from vitscope_server.core.errors import Cancelled
+
+
+class CancelToken:
+    """Set once when the caller cancels or its deadline expires."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("the call was cancelled or its deadline passed")
+
+    def wait(self, seconds: float) -> bool:
+        """Sleeps up to `seconds`; True when cancelled meanwhile."""
+        return self._event.wait(seconds)
+
+
+NEVER_CANCELLED = CancelToken()

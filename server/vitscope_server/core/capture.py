@@ -1,0 +1,71 @@
+"""Reading sites during one forward pass with hooks that are always removed.
+
+Hooks are module-global, so each one records only on the thread that
+installed it: concurrent requests on one model never see each other's tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitscope_server.core.adapters import ModelAdapter, SiteDef
+from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.errors import InvalidArgument
+
+
+def _pick_tensor(value: Any, site: SiteDef) -> torch.Tensor:
+    if isinstance(value, (tuple, list)):
+        value = value[site.output_index] if len(value) > site.output_index else None
+    if not isinstance(value, torch.Tensor):
+        raise InvalidArgument(
+            f"sites: module {site.module_path!r} of site {site.name!r} yields no tensor"
+        )
+    return value
+
+
+@contextmanager
+def capture_sites(
+    adapter: ModelAdapter, sites: list[SiteDef], batch: int, cancel: CancelToken
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields a dict that the next forward on this thread fills with canonical tensors by site name."""
+    owner = threading.get_ident()
+    captured: dict[str, torch.Tensor] = {}
+
+    def output_hook(site: SiteDef) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if threading.get_ident() == owner:
+                captured[site.name] = adapter.to_canonical(_pick_tensor(output, site), site, batch)
+
+        return hook
+
+    def input_hook(site: SiteDef) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            if threading.get_ident() == owner:
+                captured[site.name] = adapter.to_canonical(_pick_tensor(args, site), site, batch)
+
+        return hook
+
+    def cancel_hook(module: nn.Module, args: Any) -> None:
+        if threading.get_ident() == owner:
+            cancel.raise_if_cancelled()
+
+    attention_blocks = {s.attention_block for s in sites if s.attention_block is not None}
+    with ExitStack() as stack:
+        stack.enter_context(adapter.attention_probs_exposed(attention_blocks))
+        for block in adapter.blocks:
+            handle = adapter.root.get_submodule(block.path).register_forward_pre_hook(cancel_hook)
+            stack.callback(handle.remove)
+        for site in sites:
+            module = adapter.root.get_submodule(site.module_path)
+            if site.from_input:
+                handle = module.register_forward_pre_hook(input_hook(site))
+            else:
+                handle = module.register_forward_hook(output_hook(site))
+            stack.callback(handle.remove)
+        yield captured

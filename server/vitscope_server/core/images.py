@@ -1,0 +1,113 @@
+"""Caller images -> one preprocessed batch on the model's device."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vitscope_server.core.adapters import ModelAdapter
+from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """Exactly one source is set: encoded bytes, uint8 pixels, or a preprocessed float tensor."""
+
+    encoded: bytes | None = None
+    pixels: np.ndarray | None = None
+    preprocessed: np.ndarray | None = None
+
+
+def _decode(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in ALLOWED_FORMATS:
+                raise InvalidArgument(
+                    f"{field}: format {image.format} not allowed; allowed: {ALLOWED_FORMATS}"
+                )
+            if image.width * image.height > max_pixels:
+                raise ResourceExhausted(
+                    f"{field}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels} pixels"
+                )
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidArgument(
+            f"{field}: cannot decode image ({exc}); allowed formats: {ALLOWED_FORMATS}"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ResourceExhausted(f"{field}: image too large to decode ({exc})") from None
+    return image.convert("RGB")
+
+
+def _from_pixels(pixels: np.ndarray, field: str, max_pixels: int) -> Image.Image:
+    if pixels.dtype != np.uint8:
+        raise InvalidArgument(f"{field}: pixels must be uint8, got {pixels.dtype}")
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3)):
+        raise InvalidArgument(
+            f"{field}: pixels shape {list(pixels.shape)}; allowed: [H, W], [H, W, 1], [H, W, 3]"
+        )
+    if pixels.shape[0] * pixels.shape[1] > max_pixels:
+        raise ResourceExhausted(
+            f"{field}: {pixels.shape[0]}x{pixels.shape[1]} pixels exceeds {max_pixels}"
+        )
+    if pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise InvalidArgument(f"{field}: pixels shape {list(pixels.shape)} is empty")
+    squeezed = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
+    return Image.fromarray(np.ascontiguousarray(squeezed)).convert("RGB")
+
+
+def _from_preprocessed(array: np.ndarray, field: str, adapter: ModelAdapter) -> torch.Tensor:
+    expected = list(adapter.data_config.input_size)
+    if array.dtype not in (np.float32, np.float16):
+        raise InvalidArgument(
+            f"{field}: preprocessed tensor must be float32 or float16, got {array.dtype}"
+        )
+    if list(array.shape) != expected:
+        raise InvalidArgument(
+            f"{field}: preprocessed shape {list(array.shape)}; model expects {expected}"
+        )
+    tensor = torch.from_numpy(np.array(array, dtype=np.float32))
+    if not torch.isfinite(tensor).all():
+        raise InvalidArgument(f"{field}: preprocessed tensor contains NaN or infinity")
+    return tensor
+
+
+def prepare_batch(
+    adapter: ModelAdapter,
+    images: list[ImageInput],
+    device: torch.device,
+    max_batch: int,
+    max_pixels: int,
+) -> torch.Tensor:
+    """Applies the model's own transform to each image and stacks them."""
+    if not images:
+        raise InvalidArgument("images: at least one image is required")
+    if len(images) > max_batch:
+        raise ResourceExhausted(
+            f"images: {len(images)} images exceeds the limit of {max_batch} per request"
+        )
+    tensors = []
+    for index, image in enumerate(images):
+        field = f"images[{index}]"
+        if image.preprocessed is not None:
+            tensors.append(_from_preprocessed(image.preprocessed, f"{field}.preprocessed", adapter))
+        elif image.pixels is not None:
+            tensors.append(
+                adapter.preprocess(_from_pixels(image.pixels, f"{field}.pixels", max_pixels))
+            )
+        elif image.encoded is not None:
+            tensors.append(
+                adapter.preprocess(_decode(image.encoded, f"{field}.encoded", max_pixels))
+            )
+        else:
+            raise InvalidArgument(f"{field}: no source set; set encoded, pixels or preprocessed")
+    return torch.stack(tensors).to(device)

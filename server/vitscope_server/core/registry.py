@@ -1,0 +1,141 @@
+"""The models a server holds: loaded in the background, looked up by name."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from vitscope_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    VitscopeError,
+)
+from vitscope_server.core.loading import LoadedModel, load_model
+from vitscope_server.core.specs import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class ModelEntry:
+    spec: ModelSpec
+    state: ModelState = ModelState.LOADING
+    loaded: LoadedModel | None = None
+    error: str = ""
+    load_seconds: float = 0.0
+
+
+StateListener = Callable[[str, ModelState], None]
+
+
+class ModelRegistry:
+    """Holds every configured model; loading runs on background threads."""
+
+    def __init__(
+        self, specs: list[ModelSpec], default: str, device: torch.device, load_workers: int = 1
+    ) -> None:
+        names = [spec.name for spec in specs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise InvalidArgument(f"model names must be unique; repeated: {duplicates}")
+        if default not in names:
+            raise InvalidArgument(
+                f"default model {default!r} is not among the configured models {names}"
+            )
+        self.default = default
+        self.device = device
+        self._entries = {spec.name: ModelEntry(spec) for spec in specs}
+        self._lock = threading.Lock()
+        self._listeners: list[StateListener] = []
+        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="model-load")
+
+    def add_listener(self, listener: StateListener) -> None:
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        """Loads the default model first, then the rest, without blocking the caller."""
+        order = sorted(self._entries, key=lambda name: name != self.default)
+        for name in order:
+            self._pool.submit(self._load, name)
+
+    def wait_until_settled(self, timeout: float | None = None) -> bool:
+        """True when no model is still loading (for tests and start-up scripts)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while any(e.state is ModelState.LOADING for e in self.entries()):
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _load(self, name: str) -> None:
+        entry = self._entries[name]
+        started = time.perf_counter()
+        try:
+            loaded = load_model(entry.spec, self.device)
+        except VitscopeError as exc:
+            self._settle(entry, ModelState.FAILED, None, str(exc), started)
+        except Exception as exc:
+            log.exception("model %s failed to load", name)
+            self._settle(entry, ModelState.FAILED, None, f"{type(exc).__name__}: {exc}", started)
+        else:
+            self._settle(entry, ModelState.READY, loaded, "", started)
+
+    def _settle(
+        self,
+        entry: ModelEntry,
+        state: ModelState,
+        loaded: LoadedModel | None,
+        error: str,
+        started: float,
+    ) -> None:
+        with self._lock:
+            entry.loaded = loaded
+            entry.error = error
+            entry.load_seconds = time.perf_counter() - started
+            entry.state = state
+        if error:
+            log.error("model %s failed to load: %s", entry.spec.name, error)
+        else:
+            log.info("model %s ready in %.2f s", entry.spec.name, entry.load_seconds)
+        for listener in self._listeners:
+            listener(entry.spec.name, state)
+
+    def entries(self) -> list[ModelEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def entry(self, name: str) -> ModelEntry:
+        resolved = name or self.default
+        entry = self._entries.get(resolved)
+        if entry is None:
+            raise NotFound(
+                f"model {resolved!r} is not served; served models: {sorted(self._entries)}"
+            )
+        return entry
+
+    def get(self, name: str) -> LoadedModel:
+        """The ready model called `name` (empty: the default)."""
+        entry = self.entry(name)
+        if entry.state is ModelState.LOADING:
+            raise Unavailable(f"model {entry.spec.name!r} is still loading; retry shortly")
+        if entry.state is ModelState.FAILED or entry.loaded is None:
+            raise FailedPrecondition(f"model {entry.spec.name!r} failed to load: {entry.error}")
+        return entry.loaded
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,40 @@
+"""Site names -> where to read them: canonical names first, then raw module paths."""
+
+from __future__ import annotations
+
+import re
+
+from vitscope_server.core.adapters import Layout, ModelAdapter, SiteDef
+from vitscope_server.core.errors import InvalidArgument, NotFound
+
+_BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(out|attn\.out|attn\.probs|mlp\.hidden|mlp\.out)$")
+CANONICAL_FORMS = (
+    "embed, final, blocks.{i}.out, blocks.{i}.attn.out, blocks.{i}.attn.probs, "
+    "blocks.{i}.mlp.hidden, blocks.{i}.mlp.out, or a module path"
+)
+
+
+def resolve_site(adapter: ModelAdapter, name: str, field: str = "sites") -> SiteDef:
+    if not name:
+        raise InvalidArgument(f"{field}: empty site name; use {CANONICAL_FORMS}")
+    if name == "embed":
+        return adapter.canonical_sites()[0]
+    if name == "final":
+        return adapter.canonical_sites()[-1]
+    match = _BLOCK_SITE.match(name)
+    if match:
+        index = int(match.group(1))
+        if index >= len(adapter.blocks):
+            raise NotFound(
+                f"{field}: site {name!r}: block {index} does not exist; "
+                f"model {adapter.spec.name} has blocks 0..{len(adapter.blocks) - 1}"
+            )
+        return adapter.block_site(index, match.group(2))
+    try:
+        adapter.root.get_submodule(name)
+    except AttributeError:
+        raise NotFound(
+            f"{field}: site {name!r} is neither a canonical site nor a module of {adapter.spec.name}; "
+            f"use {CANONICAL_FORMS}"
+        ) from None
+    return SiteDef(name, name, Layout.RAW, adapter.grid, adapter.num_prefix_tokens)

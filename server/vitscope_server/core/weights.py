@@ -1,0 +1,98 @@
+"""Building models and loading their weights: random init, a local file, or the hub.
+
+Offline, a hub download fails in seconds with FailedPrecondition instead of
+retrying for most of a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from vitscope_server.core.errors import FailedPrecondition
+from vitscope_server.core.specs import ModelSpec
+
+HUB_HOST = "huggingface.co"
+_PROBE_TIMEOUT_SECONDS = 2.0
+_SAFE_SUFFIXES = (".safetensors",)
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Reads safetensors, or a torch checkpoint with weights_only=True (never arbitrary pickles)."""
+    if not path.is_file():
+        raise FailedPrecondition(f"weights file {path} does not exist")
+    if path.suffix in _SAFE_SUFFIXES:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix not in _TORCH_SUFFIXES:
+        allowed = ", ".join(_SAFE_SUFFIXES + _TORCH_SUFFIXES)
+        raise FailedPrecondition(
+            f"weights file {path} has suffix {path.suffix!r}; allowed: {allowed}"
+        )
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FailedPrecondition(
+            f"weights file {path} cannot be read with weights_only=True: {exc}"
+        ) from exc
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, Mapping):
+        raise FailedPrecondition(f"weights file {path} holds no state dict")
+    return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+def load_state_dict_strictly(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Path
+) -> None:
+    result = model.load_state_dict(dict(state), strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {len(result.missing_keys)} keys (e.g. {result.missing_keys[:3]})")
+    if result.unexpected_keys:
+        problems.append(
+            f"unexpected {len(result.unexpected_keys)} keys (e.g. {result.unexpected_keys[:3]})"
+        )
+    if problems:
+        raise FailedPrecondition(
+            f"weights file {source} does not fit the architecture: {'; '.join(problems)}"
+        )
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def require_hub(spec: ModelSpec) -> None:
+    """Fails fast when the hub cannot be reached and no offline cache is in use."""
+    if hub_offline():
+        return
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=_PROBE_TIMEOUT_SECONDS).close()
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"model {spec.name}: weights {spec.weights!r} need {HUB_HOST}, which is unreachable ({exc}); "
+            "use weights: file:PATH, or set HF_HUB_OFFLINE=1 to read the local hub cache"
+        ) from exc
+
+
+def hub_failure(spec: ModelSpec, exc: Exception) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"model {spec.name}: weights {spec.weights!r} could not be loaded from the hub: {exc}"
+    )

@@ -1,0 +1,201 @@
+"""Assembles and runs the server: registry, servicer, health, reflection, metrics, TLS, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from vitscope.v1 import inspector_pb2, inspector_pb2_grpc
+from vitscope_server.builtin import builtin_default_name, builtin_specs
+from vitscope_server.core.activations import ActivationLimits
+from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.registry import ModelRegistry, ModelState
+from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.core.specs import ModelSpec, load_models_file, parse_model_flag
+from vitscope_server.settings import ServerSettings
+from vitscope_server.transport.interceptors import ServiceInterceptor
+from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.servicer import InspectorServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inspector_pb2.DESCRIPTOR.services_by_name["Inspector"].full_name
+
+
+def model_specs(settings: ServerSettings) -> tuple[list[ModelSpec], str]:
+    """Built-ins, then the models file, then --model flags; a later name replaces an earlier one."""
+    specs: dict[str, ModelSpec] = {}
+    default = builtin_default_name() if settings.builtin_models else None
+    if settings.builtin_models:
+        specs.update({s.name: s for s in builtin_specs()})
+    if settings.models_file is not None:
+        parsed = load_models_file(settings.models_file)
+        specs.update({s.name: s for s in parsed.models})
+        default = parsed.default or default or parsed.models[0].name
+    for flag in settings.models:
+        spec = parse_model_flag(flag)
+        specs[spec.name] = spec
+        default = default or spec.name
+    default = settings.default_model or default
+    if not specs or default is None:
+        raise InvalidArgument(
+            "no models to serve: enable the built-ins, give --models-file or --model"
+        )
+    return list(specs.values()), default
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    pair = [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+    if settings.tls_client_ca is None:
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(
+        pair, root_certificates=settings.tls_client_ca.read_bytes(), require_client_auth=True
+    )
+
+
+@dataclass
+class RunningServer:
+    """A started server; `port` and `metrics_port` are the bound ports (useful with port 0)."""
+
+    grpc_server: grpc.Server
+    port: int
+    metrics_port: int | None
+    registry: ModelRegistry
+    health: health.HealthServicer
+    metrics: Metrics
+    _metrics_http: Any
+
+    def stop(self, grace: float) -> None:
+        """Health NOT_SERVING first, then stop accepting; in-flight calls get `grace` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace).wait()
+        self.registry.shutdown()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+
+
+def _health_updater(
+    registry: ModelRegistry, servicer: health.HealthServicer, metrics: Metrics
+) -> Any:
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def on_state(name: str, state: ModelState) -> None:
+        ready = state is ModelState.READY
+        servicer.set(name, serving if ready else not_serving)
+        metrics.model_ready.labels(name).set(1.0 if ready else 0.0)
+        metrics.model_load.labels(name).set(registry.entry(name).load_seconds)
+        if name == registry.default:
+            for overall in ("", SERVICE_NAME):
+                servicer.set(overall, serving if ready else not_serving)
+
+    return on_state
+
+
+def create_server(settings: ServerSettings) -> RunningServer:
+    """Builds and starts everything; models keep loading in the background."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    specs, default = model_specs(settings)
+    registry = ModelRegistry(specs, default, resolve_device(settings.device))
+    metrics = Metrics()
+    metrics.watch_gpu_memory()
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    for name in ("", SERVICE_NAME, *(s.name for s in specs)):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    registry.add_listener(_health_updater(registry, health_servicer, metrics))
+
+    options = [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+        interceptors=[ServiceInterceptor(metrics, lambda: registry.default, settings.token())],
+        options=options,
+        maximum_concurrent_rpcs=settings.max_workers * 4,
+    )
+    servicer = InspectorServicer(
+        registry,
+        ComputeSlots(settings.max_running, settings.max_queue),
+        metrics,
+        ActivationLimits(settings.max_batch, settings.max_image_pixels, settings.max_result_bytes),
+        settings.effective_chunk_bytes,
+    )
+    inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    credentials = _server_credentials(settings)
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials
+        else server.add_insecure_port(address)
+    )
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {address}")
+    metrics_http = None
+    metrics_port = None
+    if settings.metrics_port >= 0:
+        metrics_http, _thread = start_http_server(
+            settings.metrics_port, addr=settings.host, registry=metrics.registry
+        )
+        metrics_port = int(metrics_http.server_port)
+    server.start()
+    registry.start()
+    log.info(
+        "vitscope serving on %s (metrics on %s); default model %s", port, metrics_port, default
+    )
+    return RunningServer(
+        server, port, metrics_port, registry, health_servicer, metrics, metrics_http
+    )
+
+
+def serve(settings: ServerSettings) -> None:
+    """Runs until SIGTERM or SIGINT, then drains within settings.grace_seconds."""
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    running = create_server(settings)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info(
+            "signal %s: draining for up to %.1f s",
+            signal.Signals(signum).name,
+            settings.grace_seconds,
+        )
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    running.stop(settings.grace_seconds)
+    log.info("stopped")

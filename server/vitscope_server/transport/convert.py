@@ -1,0 +1,226 @@
+"""protobuf <-> core types. No logic beyond the mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from vitscope import tensors as wire
+from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import tensor_pb2
+from vitscope_server.core.activations import ActivationQuery, ActivationResult, Reduction, TokenMode
+from vitscope_server.core.adapters import Layout
+from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.images import ImageInput
+from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.provenance import Provenance
+from vitscope_server.core.registry import ModelEntry, ModelState
+
+_TOKEN_MODES = {
+    pb.TOKEN_SELECTION_MODE_UNSPECIFIED: TokenMode.UNSPECIFIED,
+    pb.TOKEN_SELECTION_MODE_ALL: TokenMode.ALL,
+    pb.TOKEN_SELECTION_MODE_PREFIX: TokenMode.PREFIX,
+    pb.TOKEN_SELECTION_MODE_PATCHES: TokenMode.PATCHES,
+    pb.TOKEN_SELECTION_MODE_INDICES: TokenMode.INDICES,
+    pb.TOKEN_SELECTION_MODE_POSITIONS: TokenMode.POSITIONS,
+}
+_TOKEN_MODES_BACK = {v: k for k, v in _TOKEN_MODES.items()}
+_REDUCTIONS = {
+    pb.REDUCTION_NONE: Reduction.NONE,
+    pb.REDUCTION_MEAN: Reduction.MEAN,
+    pb.REDUCTION_PATCH_MAP: Reduction.PATCH_MAP,
+    pb.REDUCTION_TOP_CHANNELS: Reduction.TOP_CHANNELS,
+}
+_REDUCTIONS_BACK = {v: k for k, v in _REDUCTIONS.items()}
+_OUTPUT_DTYPES = {
+    tensor_pb2.DTYPE_UNSPECIFIED: "float32",
+    tensor_pb2.DTYPE_FLOAT32: "float32",
+    tensor_pb2.DTYPE_FLOAT16: "float16",
+    tensor_pb2.DTYPE_BFLOAT16: "bfloat16",
+}
+_WIRE_DTYPES = {
+    "float32": tensor_pb2.DTYPE_FLOAT32,
+    "float16": tensor_pb2.DTYPE_FLOAT16,
+    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
+    "int64": tensor_pb2.DTYPE_INT64,
+}
+_LAYOUTS = {
+    Layout.TOKENS: pb.SITE_LAYOUT_TOKENS,
+    Layout.ATTENTION: pb.SITE_LAYOUT_ATTENTION,
+    Layout.WINDOW_ATTENTION: pb.SITE_LAYOUT_WINDOW_ATTENTION,
+    Layout.RAW: pb.SITE_LAYOUT_RAW,
+}
+_STATES = {
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+}
+
+
+def _enum(mapping: dict[int, object], value: int, field: str, enum_type: object) -> object:
+    try:
+        return mapping[value]
+    except KeyError:
+        allowed = ", ".join(enum_type.Name(v) for v in mapping)  # type: ignore[attr-defined]
+        raise InvalidArgument(f"{field}: value {value} not allowed; allowed: {allowed}") from None
+
+
+def _tensor(proto: tensor_pb2.Tensor, field: str) -> wire.np.ndarray:
+    try:
+        return wire.from_proto(proto)
+    except wire.TensorDecodeError as exc:
+        raise InvalidArgument(f"{field}: {exc}") from None
+
+
+def image_inputs(images: list[pb.Image]) -> list[ImageInput]:
+    inputs = []
+    for index, image in enumerate(images):
+        source = image.WhichOneof("source")
+        field = f"images[{index}].{source}"
+        if source == "encoded":
+            inputs.append(ImageInput(encoded=image.encoded))
+        elif source == "pixels":
+            inputs.append(ImageInput(pixels=_tensor(image.pixels, field)))
+        elif source == "preprocessed":
+            inputs.append(ImageInput(preprocessed=_tensor(image.preprocessed, field)))
+        else:
+            inputs.append(ImageInput())
+    return inputs
+
+
+def activation_query(request: pb.GetActivationsRequest) -> ActivationQuery:
+    return ActivationQuery(
+        sites=tuple(request.sites),
+        token_mode=_enum(_TOKEN_MODES, request.tokens.mode, "tokens.mode", pb.TokenSelectionMode),  # type: ignore[arg-type]
+        token_indices=tuple(request.tokens.indices),
+        positions=tuple((p.row, p.col) for p in request.tokens.positions),
+        reduction=_enum(_REDUCTIONS, request.reduction, "reduction", pb.Reduction),  # type: ignore[arg-type]
+        channels=tuple(request.channels),
+        top_k=request.top_k,
+        output_dtype=_enum(_OUTPUT_DTYPES, request.output_dtype, "output_dtype", tensor_pb2.DType),  # type: ignore[arg-type]
+        top_predictions=request.top_predictions,
+    )
+
+
+def provenance(p: Provenance) -> pb.Provenance:
+    return pb.Provenance(
+        model=p.model,
+        weights_identity=p.weights_identity,
+        library_versions=p.libraries,
+        device=p.device,
+        seed=p.seed,
+    )
+
+
+def model_summary(entry: ModelEntry, default: str) -> pb.ModelSummary:
+    return pb.ModelSummary(
+        name=entry.spec.name,
+        family=entry.spec.family,
+        architecture=entry.spec.architecture,
+        state=_STATES[entry.state],
+        error=entry.error,
+        weights_identity=entry.loaded.weights_identity if entry.loaded else "",
+        is_default=entry.spec.name == default,
+        load_seconds=entry.load_seconds,
+    )
+
+
+def describe(
+    entry: ModelEntry, loaded: LoadedModel, default: str, p: Provenance
+) -> pb.DescribeModelResponse:
+    adapter = loaded.adapter
+    config = adapter.data_config
+    sites = [
+        pb.SiteInfo(
+            name=site.name,
+            module_path=site.module_path,
+            layout=_LAYOUTS[site.layout],
+            shape=list(loaded.site_shapes.get(site.name, ())),
+            num_prefix_tokens=site.num_prefix_tokens,
+            grid_height=site.grid[0],
+            grid_width=site.grid[1],
+        )
+        for site in adapter.canonical_sites()
+    ]
+    return pb.DescribeModelResponse(
+        summary=model_summary(entry, default),
+        num_blocks=len(adapter.blocks),
+        embed_dim=adapter.embed_dim,
+        num_prefix_tokens=adapter.num_prefix_tokens,
+        grid_height=adapter.grid[0],
+        grid_width=adapter.grid[1],
+        preprocessing=pb.Preprocessing(
+            input_size=list(config.input_size),
+            mean=list(config.mean),
+            std=list(config.std),
+            interpolation=config.interpolation,
+            crop_pct=config.crop_pct,
+        ),
+        sites=sites,
+        class_names=adapter.class_names,
+        num_classes=len(adapter.class_names),
+        provenance=provenance(p),
+    )
+
+
+def activation_responses(
+    result: ActivationResult, chunk_bytes: int
+) -> Iterator[pb.GetActivationsResponse]:
+    """The header, then every tensor in chunks of at most chunk_bytes."""
+    q = result.query
+    num_chunks = sum(
+        wire.chunk_count(t.array.nbytes, chunk_bytes) for s in result.sites for t in s.tensors
+    )
+    header = pb.ActivationsHeader(
+        provenance=provenance(result.provenance),
+        parameters=pb.EffectiveActivationParameters(
+            sites=list(q.sites),
+            token_mode=_TOKEN_MODES_BACK[q.token_mode],
+            reduction=_REDUCTIONS_BACK[q.reduction],
+            channels=list(q.channels),
+            top_k=q.top_k,
+            output_dtype=_WIRE_DTYPES[q.output_dtype],
+            top_predictions=q.top_predictions,
+            batch_size=result.batch_size,
+        ),
+        sites=[
+            pb.SiteResult(
+                site=s.site.name,
+                module_path=s.site.module_path,
+                layout=_LAYOUTS[s.site.layout],
+                token_indices=s.token_indices,
+                grid_height=s.site.grid[0],
+                grid_width=s.site.grid[1],
+                channels=s.channels,
+                roles=[t.role for t in s.tensors],
+            )
+            for s in result.sites
+        ],
+        predictions=[
+            pb.ImagePredictions(
+                top=[
+                    pb.Prediction(
+                        class_index=p.class_index,
+                        class_name=p.class_name,
+                        probability=p.probability,
+                        logit=p.logit,
+                    )
+                    for p in image
+                ]
+            )
+            for image in result.predictions
+        ],
+        num_chunks=num_chunks,
+    )
+    yield pb.GetActivationsResponse(header=header)
+    for site in result.sites:
+        for tensor in site.tensors:
+            payload = memoryview(tensor.array.data).cast("B")
+            for chunk in wire.iter_chunks(
+                site.site.name,
+                tensor.role,
+                _WIRE_DTYPES[tensor.dtype],
+                tensor.array.shape,
+                payload,
+                chunk_bytes,
+            ):
+                yield pb.GetActivationsResponse(chunk=chunk)

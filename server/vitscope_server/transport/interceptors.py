@@ -1,0 +1,170 @@
+"""Cross-cutting RPC behaviour: bearer-token auth, error mapping, metrics.
+
+Core errors are plain exceptions; this is the one place that turns them into
+status codes. Unexpected exceptions become INTERNAL with an id that is logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from vitscope_server.core import errors
+from vitscope_server.transport.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "/vitscope.v1.Inspector/"
+
+_CODES: list[tuple[type[errors.VitscopeError], grpc.StatusCode]] = [
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Cancelled, grpc.StatusCode.CANCELLED),
+]
+
+
+def status_for(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str]:
+    if (
+        isinstance(exc, errors.Cancelled)
+        and context.time_remaining() is not None
+        and context.time_remaining() <= 0
+    ):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; work stopped"
+    for error_type, code in _CODES:
+        if isinstance(exc, error_type):
+            return code, str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory; send a smaller request"
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s", error_id, exc_info=exc)
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal error (id {error_id}); the server log has the details",
+    )
+
+
+class _Call:
+    """Bookkeeping of one RPC for metrics."""
+
+    def __init__(self, metrics: Metrics, method: str, model: str) -> None:
+        self.metrics, self.method, self.model = metrics, method, model
+        self.started = time.perf_counter()
+        self.sent = 0
+        metrics.in_flight.labels(method).inc()
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        name = code.name
+        self.metrics.in_flight.labels(self.method).dec()
+        self.metrics.requests.labels(self.method, self.model, name).inc()
+        self.metrics.latency.labels(self.method, self.model, name).observe(
+            time.perf_counter() - self.started
+        )
+        self.metrics.sent_bytes.labels(self.method, self.model).inc(self.sent)
+
+
+class ServiceInterceptor(grpc.ServerInterceptor):
+    """Wraps every Inspector method; health and reflection pass untouched."""
+
+    def __init__(
+        self, metrics: Metrics, default_model: Callable[[], str], token: str | None
+    ) -> None:
+        self._metrics = metrics
+        self._default_model = default_model
+        self._token = token
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        if self._token is None:
+            return True
+        metadata = dict(details.invocation_metadata or ())
+        value = metadata.get("authorization", "")
+        scheme, _, presented = str(value).partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            presented.encode(), self._token.encode()
+        )
+
+    def intercept_service(
+        self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = continuation(details)
+        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+            return handler
+        method = details.method.removeprefix(SERVICE_PREFIX)
+        authorized = self._authorized(details)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method, authorized),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, method, authorized),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _model_label(self, request: Any) -> str:
+        return getattr(request, "model", "") or self._default_model()
+
+    def _unary(
+        self, behaviour: Callable[..., Any], method: str, authorized: bool
+    ) -> Callable[..., Any]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            call = _Call(self._metrics, method, self._model_label(request))
+            code = grpc.StatusCode.OK
+            try:
+                if not authorized:
+                    code = grpc.StatusCode.UNAUTHENTICATED
+                    context.abort(
+                        code, "missing or invalid bearer token in 'authorization' metadata"
+                    )
+                try:
+                    response = behaviour(request, context)
+                except Exception as exc:
+                    code, message = status_for(exc, context)
+                    context.abort(code, message)
+                call.sent = response.ByteSize()
+                return response
+            finally:
+                call.finish(code)
+
+        return wrapped
+
+    def _stream(
+        self, behaviour: Callable[..., Any], method: str, authorized: bool
+    ) -> Callable[..., Any]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            call = _Call(self._metrics, method, self._model_label(request))
+            code = grpc.StatusCode.OK
+            try:
+                if not authorized:
+                    code = grpc.StatusCode.UNAUTHENTICATED
+                    context.abort(
+                        code, "missing or invalid bearer token in 'authorization' metadata"
+                    )
+                try:
+                    for response in behaviour(request, context):
+                        call.sent += response.ByteSize()
+                        yield response
+                except Exception as exc:
+                    code, message = status_for(exc, context)
+                    context.abort(code, message)
+                if not context.is_active():
+                    code = grpc.StatusCode.CANCELLED
+            except GeneratorExit:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                call.finish(code)
+
+        return wrapped

@@ -1,0 +1,90 @@
+"""Prometheus metrics: prefix vitscope_, base units, labels method/model/code only."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+
+
+class Metrics:
+    """One set per server, on its own registry so several servers can share a process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "vitscope_requests_total",
+            "RPCs finished, by method, model and status code.",
+            ["method", "model", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "vitscope_request_duration_seconds",
+            "Wall time of an RPC from arrival to its last message.",
+            ["method", "model", "code"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "vitscope_queue_wait_seconds",
+            "Time spent waiting for a compute slot.",
+            ["method", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "vitscope_compute_seconds",
+            "Time holding a compute slot.",
+            ["method", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sent_bytes = Counter(
+            "vitscope_sent_bytes_total",
+            "Serialized response bytes sent.",
+            ["method", "model"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "vitscope_requests_in_flight", "RPCs being served now.", ["method"], registry=r
+        )
+        self.model_load = Gauge(
+            "vitscope_model_load_seconds",
+            "Seconds the last load of a model took.",
+            ["model"],
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "vitscope_model_ready", "1 when the model serves requests.", ["model"], registry=r
+        )
+        self.queued = Gauge(
+            "vitscope_queued_requests", "Requests waiting for a compute slot.", registry=r
+        )
+
+    def watch_gpu_memory(self) -> None:
+        """Exports allocated CUDA memory when a GPU is in use."""
+        import torch
+
+        if torch.cuda.is_available():
+            gauge = Gauge(
+                "vitscope_gpu_memory_bytes",
+                "CUDA memory allocated by tensors.",
+                registry=self.registry,
+            )
+            gauge.set_function(lambda: float(torch.cuda.memory_allocated()))

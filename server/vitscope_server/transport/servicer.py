@@ -1,0 +1,71 @@
+"""vitscope.v1.Inspector: each method converts, calls the core, converts back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import inspector_pb2_grpc as pb_grpc
+from vitscope_server.core.activations import ActivationLimits, get_activations
+from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.provenance import provenance_of
+from vitscope_server.core.registry import ModelRegistry
+from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.transport import convert
+from vitscope_server.transport.metrics import Metrics
+
+
+def cancel_token(context: grpc.ServicerContext) -> CancelToken:
+    """A token set when the RPC ends early: client cancel, deadline, or server shutdown."""
+    token = CancelToken()
+    if not context.add_callback(token.cancel):
+        token.cancel()
+    return token
+
+
+class InspectorServicer(pb_grpc.InspectorServicer):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        slots: ComputeSlots,
+        metrics: Metrics,
+        limits: ActivationLimits,
+        chunk_bytes: int,
+    ) -> None:
+        self._registry = registry
+        self._slots = slots
+        self._metrics = metrics
+        self._limits = limits
+        self._chunk_bytes = chunk_bytes
+
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        default = self._registry.default
+        return pb.ListModelsResponse(
+            models=[convert.model_summary(e, default) for e in self._registry.entries()]
+        )
+
+    def DescribeModel(
+        self, request: pb.DescribeModelRequest, context: grpc.ServicerContext
+    ) -> pb.DescribeModelResponse:
+        loaded = self._registry.get(request.model)
+        entry = self._registry.entry(request.model)
+        return convert.describe(entry, loaded, self._registry.default, provenance_of(loaded))
+
+    def GetActivations(
+        self, request: pb.GetActivationsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetActivationsResponse]:
+        loaded = self._registry.get(request.model)
+        images = convert.image_inputs(list(request.images))
+        query = convert.activation_query(request)
+        cancel = cancel_token(context)
+        labels = ("GetActivations", loaded.spec.name)
+        self._metrics.queued.set(self._slots.waiting)
+        with self._slots.acquire(cancel) as waited:
+            self._metrics.queue_wait.labels(*labels).observe(waited)
+            with self._metrics.compute.labels(*labels).time():
+                result = get_activations(loaded, images, query, cancel, self._limits)
+        yield from convert.activation_responses(result, self._chunk_bytes)
