@@ -1,0 +1,91 @@
+"""Shared fixtures: a real server on an ephemeral port serving small real models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vitscope import Client
+from vitscope_server.settings import ServerSettings
+from vitscope_server.transport.app import RunningServer, create_server
+
+torch.set_num_threads(2)
+
+# Small real architectures: a ViT, a distilled DeiT (two prefix tokens), a Swin and an open_clip tower.
+TEST_MODELS: list[dict[str, object]] = [
+    {"name": "vit", "family": "timm", "architecture": "test_vit", "seed": 1},
+    {
+        "name": "deit",
+        "family": "timm",
+        "architecture": "deit_tiny_distilled_patch16_224",
+        "seed": 2,
+        "kwargs": {"img_size": 64, "depth": 2, "embed_dim": 48, "num_heads": 3, "num_classes": 7},
+    },
+    {
+        "name": "swin",
+        "family": "timm",
+        "architecture": "swin_tiny_patch4_window7_224",
+        "seed": 3,
+        "kwargs": {
+            "img_size": 64,
+            "window_size": 4,
+            "embed_dim": 32,
+            "depths": [2, 2],
+            "num_heads": [2, 4],
+            "num_classes": 5,
+        },
+    },
+    {
+        "name": "clip",
+        "family": "open_clip",
+        "architecture": "ViT-B-32",
+        "seed": 4,
+        "kwargs": {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 1},
+        },
+    },
+]
+
+
+def start(tmp_dir: Path, **overrides: object) -> RunningServer:
+    models_file = tmp_dir / "models.yaml"
+    models_file.write_text(yaml.safe_dump({"models": TEST_MODELS}))
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        models_file=models_file,
+        **overrides,  # type: ignore[arg-type]
+    )
+    running = create_server(settings)
+    assert running.registry.wait_until_settled(timeout=120)
+    return running
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start(tmp_path_factory.mktemp("server"), default_model="vit")
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture(scope="session")
+def client(server: RunningServer) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{server.port}", timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def loaded(server: RunningServer):  # type: ignore[no-untyped-def]
+    """name -> LoadedModel held by the server (for shapes only; references are built independently)."""
+    return {e.spec.name: server.registry.get(e.spec.name) for e in server.registry.entries()}

@@ -1,0 +1,370 @@
+"""Health, reflection, metrics, auth, TLS, deadlines, cancellation, load shedding and shutdown."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from conftest import start
+from vitscope import (
+    CancelledError,
+    Client,
+    DeadlineExceededError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import inspector_pb2_grpc as pb_grpc
+from vitscope.v1 import tensor_pb2
+from vitscope_server.settings import ServerSettings
+from vitscope_server.transport.app import RunningServer, create_server
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_health_overall_and_per_model(client: Client) -> None:
+    assert client.health() == "SERVING"
+    assert client.health("vitscope.v1.Inspector") == "SERVING"
+    for name in ("vit", "deit", "swin", "clip"):
+        assert client.health(name) == "SERVING"
+
+
+def test_list_and_describe(client: Client) -> None:
+    models = {m.name: m for m in client.list_models()}
+    assert {"vit", "deit", "swin", "clip", "vitscope-digits-random"} <= set(models)
+    assert models["vit"].is_default and models["vit"].state == "ready"
+    deit = client.describe("deit")
+    assert deit.num_prefix_tokens == 2 and deit.grid == (4, 4) and deit.num_blocks == 2
+    assert deit.input_size == (3, 64, 64) and len(deit.class_names) == 7
+    assert deit.sites["blocks.1.mlp.hidden"]["shape"] == ["1", "18", "192"]
+    assert deit.sites["blocks.0.attn.probs"]["layout"] == "SITE_LAYOUT_ATTENTION"
+    swin = client.describe("swin")
+    assert swin.num_prefix_tokens == 0 and swin.sites["blocks.2.out"]["grid_height"] == 8
+    clip = client.describe("clip")
+    assert clip.class_names == [] and clip.num_prefix_tokens == 1
+    assert clip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_reflection_lists_the_service_with_grpcurl(server: RunningServer) -> None:
+    grpcurl = Path(sys.executable).parent / "grpcurl"
+    listed = subprocess.run(
+        [str(grpcurl), "-plaintext", f"127.0.0.1:{server.port}", "list"], capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "vitscope.v1.Inspector" in listed.stdout.split()
+    assert "grpc.health.v1.Health" in listed.stdout.split()
+    described = subprocess.run(
+        [str(grpcurl), "-plaintext", f"127.0.0.1:{server.port}", "describe", "vitscope.v1.Inspector"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "rpc GetActivations" in described.stdout
+
+
+def test_metrics_endpoint(server: RunningServer, client: Client) -> None:
+    client.list_models()
+    with pytest.raises(Exception):
+        client.activations([b"junk"], ["embed"], model="vit")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'vitscope_requests_total{code="OK",method="ListModels",model="vit"}' in body
+    assert 'vitscope_requests_total{code="INVALID_ARGUMENT",method="GetActivations",model="vit"}' in body
+    for name in (
+        "vitscope_request_duration_seconds_bucket",
+        "vitscope_queue_wait_seconds_bucket",
+        "vitscope_compute_seconds_bucket",
+        "vitscope_sent_bytes_total",
+        "vitscope_requests_in_flight",
+        'vitscope_model_load_seconds{model="swin"}',
+        'vitscope_model_ready{model="clip"} 1.0',
+    ):
+        assert name in body, name
+
+
+def test_client_imports_without_torch() -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import vitscope, vitscope.cli, vitscope.overlay\n"
+        "assert 'timm' not in sys.modules and 'open_clip' not in sys.modules\n"
+        "vitscope.cli.build_parser().parse_args(['models'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_stubs_match_the_protos(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(tmp_path)], check=True, timeout=120)
+    committed = REPO / "client" / "vitscope" / "v1"
+    generated = sorted((tmp_path / "vitscope" / "v1").glob("*_pb2*"))
+    assert generated
+    for path in generated:
+        assert path.read_bytes() == (committed / path.name).read_bytes(), f"{path.name} drifted: run make proto"
+
+
+# --- auth and TLS -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = create_server(
+        ServerSettings(host="127.0.0.1", port=0, metrics_port=-1, auth_token="s3cret", max_workers=4)
+    )
+    assert running.registry.wait_until_settled(60)
+    yield running
+    running.stop(0)
+
+
+def test_bearer_token(token_server: RunningServer) -> None:
+    target = f"127.0.0.1:{token_server.port}"
+    with Client(target) as anonymous, pytest.raises(UnauthenticatedError, match="bearer token"):
+        anonymous.list_models()
+    with Client(target, token="wrong") as wrong, pytest.raises(UnauthenticatedError):
+        wrong.activations([np.zeros((28, 28), np.uint8)], ["embed"])
+    with Client(target) as anonymous:
+        assert anonymous.health() == "SERVING"
+    with Client(target, token="s3cret") as good:
+        assert good.list_models()[0].name.startswith("vitscope-digits")
+
+
+def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple | None, ca: bool) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    issuer_name, issuer_key = (issuer[0].subject, issuer[1]) if issuer else (name, key)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        import ipaddress
+
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write_pair(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    (folder / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / f"{stem}.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+def test_mutual_tls(tmp_path: Path) -> None:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("vitscope-test-ca", ca_key, None, ca=True)
+    _write_pair(tmp_path, "ca", ca, ca_key)
+    for stem in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write_pair(tmp_path, stem, _certificate(stem, key, (ca, ca_key), ca=False), key)
+    running = create_server(
+        ServerSettings(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            tls_cert=tmp_path / "server.crt",
+            tls_key=tmp_path / "server.key",
+            tls_client_ca=tmp_path / "ca.crt",
+            max_workers=4,
+        )
+    )
+    try:
+        target = f"localhost:{running.port}"
+        with Client(
+            target, ca_cert=tmp_path / "ca.crt", client_cert=tmp_path / "client.crt", client_key=tmp_path / "client.key"
+        ) as trusted:
+            assert trusted.health() == "SERVING" or trusted.list_models()
+        with Client(target, ca_cert=tmp_path / "ca.crt", retries=2, timeout=5) as no_client_cert:
+            with pytest.raises(UnavailableError):
+                no_client_cert.list_models()
+        with Client(target, retries=2, timeout=5) as plaintext, pytest.raises(UnavailableError):
+            plaintext.list_models()
+    finally:
+        running.stop(0)
+
+
+# --- deadlines, cancellation, load shedding --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def heavy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One compute slot, one queue place, a model slow enough on CPU to interrupt."""
+    running = create_server(
+        ServerSettings(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            builtin_models=False,
+            models=["base=timm:vit_base_patch16_224@random", "tiny=timm:test_vit@random"],
+            default_model="base",
+            max_running=1,
+            max_queue=1,
+            max_workers=8,
+        )
+    )
+    assert running.registry.wait_until_settled(120)
+    yield running
+    running.stop(0)
+
+
+def _preprocessed(batch: int, size: int = 224) -> list[np.ndarray]:
+    return [np.random.default_rng(i).standard_normal((3, size, size)).astype(np.float32) for i in range(batch)]
+
+
+def _slow_request(batch: int = 24) -> pb.GetActivationsRequest:
+    images = [pb.Image(preprocessed=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 224, 224], data=a.tobytes())) for a in _preprocessed(batch)]
+    return pb.GetActivationsRequest(model="base", sites=["blocks.11.out"], images=images, reduction=pb.REDUCTION_MEAN)
+
+
+def _quick_call_seconds(target: str) -> float:
+    """Time until a tiny request is served: long if the slots were still busy."""
+    started = time.perf_counter()
+    with Client(target, timeout=60) as c:
+        while True:
+            try:
+                c.activations(_preprocessed(1, 160), ["embed"], model="tiny")
+                return time.perf_counter() - started
+            except ResourceExhaustedError:
+                time.sleep(0.05)
+
+
+def _full_forward_seconds(target: str) -> float:
+    started = time.perf_counter()
+    with grpc.insecure_channel(target) as channel:
+        list(pb_grpc.InspectorStub(channel).GetActivations(_slow_request(), timeout=120))
+    return time.perf_counter() - started
+
+
+def test_deadline_stops_the_work(heavy_server: RunningServer) -> None:
+    target = f"127.0.0.1:{heavy_server.port}"
+    full = _full_forward_seconds(target)
+    with Client(target) as c, pytest.raises(DeadlineExceededError):
+        c.activations(_preprocessed(24), ["blocks.11.out"], model="base", reduction="mean", timeout=full / 4)
+    assert _quick_call_seconds(target) < full / 2
+    with Client(target) as c:
+        assert c.health("base") == "SERVING"
+
+
+def test_cancellation_stops_the_work_and_queue_overflow_is_refused(heavy_server: RunningServer) -> None:
+    target = f"127.0.0.1:{heavy_server.port}"
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.InspectorStub(channel)
+        running_call = stub.GetActivations(_slow_request(), timeout=120)
+        waiting_call = stub.GetActivations(_slow_request(), timeout=120)
+        time.sleep(1.0)
+        with Client(target) as c, pytest.raises(ResourceExhaustedError, match="server busy"):
+            c.activations(_preprocessed(1), ["embed"], model="base")
+        started = time.perf_counter()
+        running_call.cancel()
+        waiting_call.cancel()
+        for call in (running_call, waiting_call):
+            with pytest.raises(grpc.RpcError) as caught:
+                list(call)
+            assert caught.value.code() == grpc.StatusCode.CANCELLED
+    freed_after = _quick_call_seconds(target) + (time.perf_counter() - started)
+    assert freed_after < _full_forward_seconds(target) / 2
+
+
+def test_cancelled_error_class_maps_from_status() -> None:
+    from vitscope.errors import from_rpc_error
+
+    class FakeCall(grpc.RpcError, grpc.Call):  # a status as the channel reports it
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.CANCELLED
+
+        def details(self) -> str:
+            return "gone"
+
+        def initial_metadata(self) -> None: ...
+        def trailing_metadata(self) -> None: ...
+        def is_active(self) -> bool:
+            return False
+
+        def time_remaining(self) -> None: ...
+        def cancel(self) -> None: ...
+        def add_callback(self, callback: object) -> None: ...
+
+    assert isinstance(from_rpc_error(FakeCall()), CancelledError)
+
+
+def test_stop_drains_in_flight_work_within_grace() -> None:
+    running = create_server(
+        ServerSettings(
+            host="127.0.0.1", port=0, metrics_port=-1, builtin_models=False,
+            models=["tiny=timm:test_vit@random"], max_workers=4,
+        )
+    )
+    assert running.registry.wait_until_settled(60)
+    target = f"127.0.0.1:{running.port}"
+    outcome: dict[str, object] = {}
+
+    def call() -> None:
+        with Client(target, timeout=60) as c:
+            outcome["result"] = c.activations(_preprocessed(32, 160), ["blocks.5.out"], model="tiny", reduction="mean")
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    time.sleep(0.3)
+    running.stop(grace=30)
+    worker.join(60)
+    assert outcome["result"].sites["blocks.5.out"].values.shape == (32, 64)  # type: ignore[attr-defined]
+    with Client(target, timeout=3, retries=2) as c, pytest.raises(UnavailableError):
+        c.list_models()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vitscope.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--metrics-port", "-1", "--grace-seconds", "5"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=2) as c:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    if c.health() == "SERVING":
+                        break
+                except UnavailableError:
+                    pass
+                assert time.monotonic() < deadline, "server never became healthy"
+                time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert b"draining" in process.stdout.read()  # type: ignore[union-attr]
+    finally:
+        process.kill()
