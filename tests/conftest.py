@@ -50,8 +50,20 @@ TEST_MODELS: list[dict[str, object]] = [
         "seed": 4,
         "kwargs": {
             "embed_dim": 32,
-            "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-            "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 1},
+            "vision_cfg": {
+                "image_size": 64,
+                "layers": 2,
+                "width": 64,
+                "patch_size": 16,
+                "head_width": 32,
+            },
+            "text_cfg": {
+                "context_length": 16,
+                "vocab_size": 1000,
+                "width": 64,
+                "heads": 2,
+                "layers": 1,
+            },
         },
     },
 ]

@@ -12,9 +12,8 @@ import numpy as np
 import open_clip
 import timm
 import torch
-from torch import nn
-
 from conftest import TEST_MODELS
+from torch import nn
 
 
 def spec(name: str) -> dict[str, Any]:
@@ -35,6 +34,12 @@ def _manual_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
 
 
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, D] -> [B, heads, T, D / heads]."""
+    b, t, d = x.shape
+    return x.reshape(b, t, heads, d // heads).transpose(1, 2)
+
+
 def _record(store: dict[str, torch.Tensor], key: str, take: Any = None) -> Any:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         store[key] = take(args, output) if take else output
@@ -45,7 +50,9 @@ def _record(store: dict[str, torch.Tensor], key: str, take: Any = None) -> Any:
 def vit_sites(model: nn.Module, pixels: torch.Tensor) -> dict[str, np.ndarray]:
     """Every canonical site of a timm ViT/DeiT (ls1/ls2 are Identity in these models)."""
     store: dict[str, torch.Tensor] = {}
-    handles = [model.blocks[0].register_forward_pre_hook(lambda m, a: store.__setitem__("embed", a[0]))]
+    handles = [
+        model.blocks[0].register_forward_pre_hook(lambda m, a: store.__setitem__("embed", a[0]))
+    ]
     for i, block in enumerate(model.blocks):
         handles += [
             block.register_forward_hook(_record(store, f"blocks.{i}.out")),
@@ -112,7 +119,9 @@ def clip_sites(model: nn.Module, pixels: torch.Tensor) -> dict[str, np.ndarray]:
         handles += [
             block.register_forward_pre_hook(lambda m, a, i=i: store.__setitem__(f"in.{i}", a[0])),
             block.register_forward_hook(_record(store, f"blocks.{i}.out")),
-            block.attn.register_forward_hook(_record(store, f"blocks.{i}.attn.out", lambda a, o: o[0])),
+            block.attn.register_forward_hook(
+                _record(store, f"blocks.{i}.attn.out", lambda a, o: o[0])
+            ),
             block.mlp.gelu.register_forward_hook(_record(store, f"blocks.{i}.mlp.hidden")),
             block.mlp.register_forward_hook(_record(store, f"blocks.{i}.mlp.out")),
         ]
@@ -123,9 +132,7 @@ def clip_sites(model: nn.Module, pixels: torch.Tensor) -> dict[str, np.ndarray]:
             x = block.ln_1(store.pop(f"in.{i}"))
             q, k, _ = (x @ block.attn.in_proj_weight.T + block.attn.in_proj_bias).chunk(3, dim=-1)
             heads = block.attn.num_heads
-            b, t, d = q.shape
-            split = lambda z: z.reshape(b, t, heads, d // heads).transpose(1, 2)  # noqa: E731
-            store[f"blocks.{i}.attn.probs"] = _manual_probs(split(q), split(k))
+            store[f"blocks.{i}.attn.probs"] = _manual_probs(_heads(q, heads), _heads(k, heads))
     for h in handles:
         h.remove()
     return {k: v.numpy() for k, v in store.items()}

@@ -10,12 +10,14 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from reference import build, reference_sites, spec
 from skimage import data as skdata
 
-from reference import build, reference_sites, spec
 from vitscope import Client
 
 BLOCK_PARTS = ("out", "attn.out", "attn.probs", "mlp.hidden", "mlp.out")
+
+
 def canonical_sites(client: Client, name: str) -> list[str]:
     sites = ["embed", "final"]
     for i in range(client.describe(name).num_blocks):
@@ -39,12 +41,16 @@ def test_every_canonical_site_matches_plain_hooks(client: Client, name: str) -> 
     for site in sites:
         got = result[site]
         assert got.dtype == np.float32
-        np.testing.assert_allclose(got, expected[site], atol=1e-5, rtol=1e-5, err_msg=f"{name} {site}")
+        np.testing.assert_allclose(
+            got, expected[site], atol=1e-5, rtol=1e-5, err_msg=f"{name} {site}"
+        )
 
 
 @pytest.mark.parametrize("name", ["vit", "clip"])
 def test_attention_probabilities_are_softmax_rows(client: Client, name: str) -> None:
-    result = client.activations(list(input_batch(client, name).numpy()), ["blocks.1.attn.probs"], model=name)
+    result = client.activations(
+        list(input_batch(client, name).numpy()), ["blocks.1.attn.probs"], model=name
+    )
     probs = result["blocks.1.attn.probs"]
     assert probs.min() >= 0
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
@@ -55,7 +61,9 @@ def test_raw_module_path_is_served(client: Client) -> None:
     pixels = input_batch(client, "vit")
     model = build("vit")
     captured = {}
-    handle = model.blocks[1].attn.qkv.register_forward_hook(lambda m, a, o: captured.setdefault("qkv", o))
+    handle = model.blocks[1].attn.qkv.register_forward_hook(
+        lambda m, a, o: captured.setdefault("qkv", o)
+    )
     with torch.inference_mode():
         model(pixels)
     handle.remove()
@@ -94,10 +102,14 @@ def test_open_clip_images_use_open_clips_transform(client: Client) -> None:
 @pytest.fixture(scope="module")
 def full_vit(client: Client) -> tuple[list[np.ndarray], np.ndarray]:
     images = list(input_batch(client, "vit", batch=3).numpy())
-    return images, client.activations(images, ["blocks.1.mlp.hidden"], model="vit")["blocks.1.mlp.hidden"]
+    return images, client.activations(images, ["blocks.1.mlp.hidden"], model="vit")[
+        "blocks.1.mlp.hidden"
+    ]
 
 
-def test_token_selection_modes(client: Client, full_vit: tuple[list[np.ndarray], np.ndarray]) -> None:
+def test_token_selection_modes(
+    client: Client, full_vit: tuple[list[np.ndarray], np.ndarray]
+) -> None:
     images, full = full_vit
     grid = client.describe("vit").grid
     site = "blocks.1.mlp.hidden"
@@ -108,7 +120,9 @@ def test_token_selection_modes(client: Client, full_vit: tuple[list[np.ndarray],
     assert patches.sites[site].token_indices == list(range(1, full.shape[1]))
     picked = client.activations(images, [site], model="vit", tokens="indices", indices=[0, 5, 3])
     np.testing.assert_array_equal(picked[site], full[:, [0, 5, 3]])
-    at = client.activations(images, [site], model="vit", tokens="positions", positions=[(0, 0), (2, 3)])
+    at = client.activations(
+        images, [site], model="vit", tokens="positions", positions=[(0, 0), (2, 3)]
+    )
     expected_index = [1, 1 + 2 * grid[1] + 3]
     np.testing.assert_array_equal(at[site], full[:, expected_index])
     assert at.sites[site].token_indices == expected_index
@@ -122,7 +136,9 @@ def test_reductions(client: Client, full_vit: tuple[list[np.ndarray], np.ndarray
     mean = client.activations(images, [site], model="vit", reduction="mean")
     np.testing.assert_allclose(mean[site], patch_tokens.mean(axis=1), atol=1e-6)
     assert mean.parameters["token_mode"] == "TOKEN_SELECTION_MODE_PATCHES"
-    maps = client.activations(images, [site], model="vit", reduction="patch_map", channels=[4, 0, 17])
+    maps = client.activations(
+        images, [site], model="vit", reduction="patch_map", channels=[4, 0, 17]
+    )
     expected_maps = patch_tokens[:, :, [4, 0, 17]].transpose(0, 2, 1).reshape(len(images), 3, *grid)
     np.testing.assert_array_equal(maps[site], expected_maps)
     assert maps.sites[site].channels == [4, 0, 17]
@@ -168,7 +184,9 @@ def test_predictions_match_the_models_softmax(client: Client) -> None:
 
 
 def test_response_says_what_produced_it(client: Client) -> None:
-    result = client.activations(list(input_batch(client, "swin").numpy()), ["blocks.3.out"], model="swin")
+    result = client.activations(
+        list(input_batch(client, "swin").numpy()), ["blocks.3.out"], model="swin"
+    )
     provenance = result.provenance
     assert provenance["model"] == "swin"
     assert provenance["weights_identity"] == "random:seed=3"

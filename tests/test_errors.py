@@ -27,9 +27,19 @@ def good_image(client: Client) -> np.ndarray:
 
 CASES = [
     # (description, kwargs for client.activations, expected error, words the message must contain)
-    ("undecodable image", {"images": [b"not an image"]}, InvalidArgumentError, ["images[0].encoded", "PNG"]),
+    (
+        "undecodable image",
+        {"images": [b"not an image"]},
+        InvalidArgumentError,
+        ["images[0].encoded", "PNG"],
+    ),
     ("unknown model", {"model": "nope"}, NotFoundError, ["nope", "served models"]),
-    ("unknown site", {"sites": ["blocks.1.nothing"]}, NotFoundError, ["sites[0]", "blocks.{i}.mlp.hidden"]),
+    (
+        "unknown site",
+        {"sites": ["blocks.1.nothing"]},
+        NotFoundError,
+        ["sites[0]", "blocks.{i}.mlp.hidden"],
+    ),
     ("block out of range", {"sites": ["blocks.99.out"]}, NotFoundError, ["block 99", "blocks 0.."]),
     ("no sites", {"sites": []}, InvalidArgumentError, ["sites"]),
     ("repeated site", {"sites": ["embed", "embed"]}, InvalidArgumentError, ["sites"]),
@@ -53,7 +63,12 @@ CASES = [
     ),
     ("patch map without channels", {"reduction": "patch_map"}, InvalidArgumentError, ["channels"]),
     ("top_k missing", {"reduction": "top_channels"}, InvalidArgumentError, ["top_k", ">= 1"]),
-    ("top_k too large", {"reduction": "top_channels", "top_k": 10_000}, InvalidArgumentError, ["top_k"]),
+    (
+        "top_k too large",
+        {"reduction": "top_channels", "top_k": 10_000},
+        InvalidArgumentError,
+        ["top_k"],
+    ),
     ("too many predictions", {"top_predictions": 5000}, InvalidArgumentError, ["top_predictions"]),
     (
         "patch map of attention",
@@ -83,16 +98,25 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("description", "kwargs", "error", "words"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("description", "kwargs", "error", "words"), CASES, ids=[c[0] for c in CASES]
+)
 def test_bad_activation_requests(
     client: Client, description: str, kwargs: dict, error: type[VitscopeError], words: list[str]
 ) -> None:
-    request = {"images": [good_image(client)], "sites": ["blocks.1.mlp.hidden"], "model": "vit", **kwargs}
+    request = {
+        "images": [good_image(client)],
+        "sites": ["blocks.1.mlp.hidden"],
+        "model": "vit",
+        **kwargs,
+    }
     images, sites = request.pop("images"), request.pop("sites")
     with pytest.raises(error) as caught:
         client.activations(images, sites, **request)
     for word in words:
-        assert word in caught.value.details, f"{description}: {word!r} not in {caught.value.details!r}"
+        assert word in caught.value.details, (
+            f"{description}: {word!r} not in {caught.value.details!r}"
+        )
     assert client.activations([good_image(client)], ["embed"], model="vit")["embed"].shape[0] == 1
 
 
@@ -106,42 +130,66 @@ def _raw_call(server: RunningServer, request: pb.GetActivationsRequest) -> grpc.
 
 def test_tensor_bytes_that_do_not_fit_the_shape(server: RunningServer) -> None:
     tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 160, 160], data=b"\0" * 12)
-    error = _raw_call(server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[pb.Image(preprocessed=tensor)]))
+    error = _raw_call(
+        server,
+        pb.GetActivationsRequest(
+            model="vit", sites=["embed"], images=[pb.Image(preprocessed=tensor)]
+        ),
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "images[0].preprocessed" in error.details() and "12 bytes" in error.details()
 
 
 def test_unsupported_tensor_dtype(server: RunningServer) -> None:
-    tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT64, shape=[3, 160, 160], data=b"\0" * (8 * 3 * 160 * 160))
-    error = _raw_call(server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[pb.Image(preprocessed=tensor)]))
+    tensor = tensor_pb2.Tensor(
+        dtype=tensor_pb2.DTYPE_INT64, shape=[3, 160, 160], data=b"\0" * (8 * 3 * 160 * 160)
+    )
+    error = _raw_call(
+        server,
+        pb.GetActivationsRequest(
+            model="vit", sites=["embed"], images=[pb.Image(preprocessed=tensor)]
+        ),
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "float32 or float16" in error.details()
 
 
 def test_unknown_enum_values(server: RunningServer) -> None:
     image = pb.Image(encoded=b"x")
-    error = _raw_call(server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[image], reduction=42))
+    error = _raw_call(
+        server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[image], reduction=42)
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "reduction" in error.details() and "REDUCTION_MEAN" in error.details()
-    error = _raw_call(server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[image], output_dtype=9))
+    error = _raw_call(
+        server,
+        pb.GetActivationsRequest(model="vit", sites=["embed"], images=[image], output_dtype=9),
+    )
     assert "output_dtype" in error.details() and "DTYPE_FLOAT16" in error.details()
 
 
 def test_image_without_a_source(server: RunningServer) -> None:
-    error = _raw_call(server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[pb.Image()]))
+    error = _raw_call(
+        server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[pb.Image()])
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "images[0]" in error.details() and "encoded, pixels or preprocessed" in error.details()
 
 
 def test_request_over_the_max_message_size(server: RunningServer) -> None:
     oversized = pb.Image(encoded=b"\0" * (65 << 20))
-    with grpc.insecure_channel(
-        f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", 128 << 20)]
-    ) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            list(pb_grpc.InspectorStub(channel).GetActivations(
-                pb.GetActivationsRequest(model="vit", sites=["embed"], images=[oversized]), timeout=60
-            ))
+    with (
+        grpc.insecure_channel(
+            f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", 128 << 20)]
+        ) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        list(
+            pb_grpc.InspectorStub(channel).GetActivations(
+                pb.GetActivationsRequest(model="vit", sites=["embed"], images=[oversized]),
+                timeout=60,
+            )
+        )
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 

@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import start
 from vitscope import (
     CancelledError,
     Client,
     DeadlineExceededError,
+    InvalidArgumentError,
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
@@ -66,13 +66,22 @@ def test_list_and_describe(client: Client) -> None:
 def test_reflection_lists_the_service_with_grpcurl(server: RunningServer) -> None:
     grpcurl = Path(sys.executable).parent / "grpcurl"
     listed = subprocess.run(
-        [str(grpcurl), "-plaintext", f"127.0.0.1:{server.port}", "list"], capture_output=True, text=True, timeout=60
+        [str(grpcurl), "-plaintext", f"127.0.0.1:{server.port}", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert listed.returncode == 0, listed.stderr
     assert "vitscope.v1.Inspector" in listed.stdout.split()
     assert "grpc.health.v1.Health" in listed.stdout.split()
     described = subprocess.run(
-        [str(grpcurl), "-plaintext", f"127.0.0.1:{server.port}", "describe", "vitscope.v1.Inspector"],
+        [
+            str(grpcurl),
+            "-plaintext",
+            f"127.0.0.1:{server.port}",
+            "describe",
+            "vitscope.v1.Inspector",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -82,11 +91,18 @@ def test_reflection_lists_the_service_with_grpcurl(server: RunningServer) -> Non
 
 def test_metrics_endpoint(server: RunningServer, client: Client) -> None:
     client.list_models()
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidArgumentError):
         client.activations([b"junk"], ["embed"], model="vit")
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
     assert 'vitscope_requests_total{code="OK",method="ListModels",model="vit"}' in body
-    assert 'vitscope_requests_total{code="INVALID_ARGUMENT",method="GetActivations",model="vit"}' in body
+    assert (
+        'vitscope_requests_total{code="INVALID_ARGUMENT",method="GetActivations",model="vit"}'
+        in body
+    )
     for name in (
         "vitscope_request_duration_seconds_bucket",
         "vitscope_queue_wait_seconds_bucket",
@@ -106,17 +122,25 @@ def test_client_imports_without_torch() -> None:
         "assert 'timm' not in sys.modules and 'open_clip' not in sys.modules\n"
         "vitscope.cli.build_parser().parse_args(['models'])\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_stubs_match_the_protos(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(tmp_path)], check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(tmp_path)],
+        check=True,
+        timeout=120,
+    )
     committed = REPO / "client" / "vitscope" / "v1"
     generated = sorted((tmp_path / "vitscope" / "v1").glob("*_pb2*"))
     assert generated
     for path in generated:
-        assert path.read_bytes() == (committed / path.name).read_bytes(), f"{path.name} drifted: run make proto"
+        assert path.read_bytes() == (committed / path.name).read_bytes(), (
+            f"{path.name} drifted: run make proto"
+        )
 
 
 # --- auth and TLS -----------------------------------------------------------------
@@ -125,7 +149,9 @@ def test_stubs_match_the_protos(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = create_server(
-        ServerSettings(host="127.0.0.1", port=0, metrics_port=-1, auth_token="s3cret", max_workers=4)
+        ServerSettings(
+            host="127.0.0.1", port=0, metrics_port=-1, auth_token="s3cret", max_workers=4
+        )
     )
     assert running.registry.wait_until_settled(60)
     yield running
@@ -144,7 +170,9 @@ def test_bearer_token(token_server: RunningServer) -> None:
         assert good.list_models()[0].name.startswith("vitscope-digits")
 
 
-def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple | None, ca: bool) -> x509.Certificate:
+def _certificate(
+    subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple | None, ca: bool
+) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     issuer_name, issuer_key = (issuer[0].subject, issuer[1]) if issuer else (name, key)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -162,16 +190,24 @@ def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple | 
         import ipaddress
 
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
             critical=False,
         )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write_pair(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+def _write_pair(
+    folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> None:
     (folder / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (folder / f"{stem}.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     )
 
 
@@ -196,12 +232,15 @@ def test_mutual_tls(tmp_path: Path) -> None:
     try:
         target = f"localhost:{running.port}"
         with Client(
-            target, ca_cert=tmp_path / "ca.crt", client_cert=tmp_path / "client.crt", client_key=tmp_path / "client.key"
+            target,
+            ca_cert=tmp_path / "ca.crt",
+            client_cert=tmp_path / "client.crt",
+            client_key=tmp_path / "client.key",
         ) as trusted:
             assert trusted.health() == "SERVING" or trusted.list_models()
-        with Client(target, ca_cert=tmp_path / "ca.crt", retries=2, timeout=5) as no_client_cert:
-            with pytest.raises(UnavailableError):
-                no_client_cert.list_models()
+        no_client_cert = Client(target, ca_cert=tmp_path / "ca.crt", retries=2, timeout=5)
+        with no_client_cert, pytest.raises(UnavailableError):
+            no_client_cert.list_models()
         with Client(target, retries=2, timeout=5) as plaintext, pytest.raises(UnavailableError):
             plaintext.list_models()
     finally:
@@ -233,12 +272,24 @@ def heavy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
 
 
 def _preprocessed(batch: int, size: int = 224) -> list[np.ndarray]:
-    return [np.random.default_rng(i).standard_normal((3, size, size)).astype(np.float32) for i in range(batch)]
+    return [
+        np.random.default_rng(i).standard_normal((3, size, size)).astype(np.float32)
+        for i in range(batch)
+    ]
 
 
 def _slow_request(batch: int = 24) -> pb.GetActivationsRequest:
-    images = [pb.Image(preprocessed=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 224, 224], data=a.tobytes())) for a in _preprocessed(batch)]
-    return pb.GetActivationsRequest(model="base", sites=["blocks.11.out"], images=images, reduction=pb.REDUCTION_MEAN)
+    images = [
+        pb.Image(
+            preprocessed=tensor_pb2.Tensor(
+                dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 224, 224], data=a.tobytes()
+            )
+        )
+        for a in _preprocessed(batch)
+    ]
+    return pb.GetActivationsRequest(
+        model="base", sites=["blocks.11.out"], images=images, reduction=pb.REDUCTION_MEAN
+    )
 
 
 def _quick_call_seconds(target: str) -> float:
@@ -264,13 +315,17 @@ def test_deadline_stops_the_work(heavy_server: RunningServer) -> None:
     target = f"127.0.0.1:{heavy_server.port}"
     full = _full_forward_seconds(target)
     with Client(target) as c, pytest.raises(DeadlineExceededError):
-        c.activations(_preprocessed(24), ["blocks.11.out"], model="base", reduction="mean", timeout=full / 4)
+        c.activations(
+            _preprocessed(24), ["blocks.11.out"], model="base", reduction="mean", timeout=full / 4
+        )
     assert _quick_call_seconds(target) < full / 2
     with Client(target) as c:
         assert c.health("base") == "SERVING"
 
 
-def test_cancellation_stops_the_work_and_queue_overflow_is_refused(heavy_server: RunningServer) -> None:
+def test_cancellation_stops_the_work_and_queue_overflow_is_refused(
+    heavy_server: RunningServer,
+) -> None:
     target = f"127.0.0.1:{heavy_server.port}"
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.InspectorStub(channel)
@@ -315,8 +370,12 @@ def test_cancelled_error_class_maps_from_status() -> None:
 def test_stop_drains_in_flight_work_within_grace() -> None:
     running = create_server(
         ServerSettings(
-            host="127.0.0.1", port=0, metrics_port=-1, builtin_models=False,
-            models=["tiny=timm:test_vit@random"], max_workers=4,
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            builtin_models=False,
+            models=["tiny=timm:test_vit@random"],
+            max_workers=4,
         )
     )
     assert running.registry.wait_until_settled(60)
@@ -325,7 +384,9 @@ def test_stop_drains_in_flight_work_within_grace() -> None:
 
     def call() -> None:
         with Client(target, timeout=60) as c:
-            outcome["result"] = c.activations(_preprocessed(32, 160), ["blocks.5.out"], model="tiny", reduction="mean")
+            outcome["result"] = c.activations(
+                _preprocessed(32, 160), ["blocks.5.out"], model="tiny", reduction="mean"
+            )
 
     worker = threading.Thread(target=call)
     worker.start()
@@ -346,8 +407,20 @@ def _free_port() -> int:
 def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "vitscope.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--metrics-port", "-1", "--grace-seconds", "5"],
+        [
+            sys.executable,
+            "-m",
+            "vitscope.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--grace-seconds",
+            "5",
+        ],
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -61,7 +61,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_state_dict_strictly(
     model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: Path
 ) -> None:
-    result = model.load_state_dict(dict(state), strict=False)
+    try:
+        result = model.load_state_dict(dict(state), strict=False)
+    except RuntimeError as exc:
+        mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise FailedPrecondition(
+            f"weights file {source} does not fit the architecture: {len(mismatches)} shape mismatches "
+            f"(e.g. {mismatches[:2]})"
+        ) from None
     problems = []
     if result.missing_keys:
         problems.append(f"missing {len(result.missing_keys)} keys (e.g. {result.missing_keys[:3]})")

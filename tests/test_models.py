@@ -1,0 +1,159 @@
+"""Model specs and weights: random, local files, missing files, the hub offline, loading states."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from vitscope_server.core.activations import ActivationLimits, ActivationQuery, get_activations
+from vitscope_server.core.cancel import NEVER_CANCELLED
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from vitscope_server.core.images import ImageInput
+from vitscope_server.core.loading import load_model
+from vitscope_server.core.registry import ModelRegistry, ModelState
+from vitscope_server.core.specs import ModelSpec, load_models_file, parse_model_flag
+from vitscope_server.core.weights import file_digest
+
+CPU = torch.device("cpu")
+
+
+def _trained_like_state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return timm.create_model("test_vit", pretrained=False).state_dict()
+
+
+def _first_block_output(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
+    loaded = load_model(spec, CPU)
+    result = get_activations(
+        loaded,
+        [ImageInput(preprocessed=pixels)],
+        ActivationQuery(sites=("blocks.0.out",)),
+        NEVER_CANCELLED,
+        ActivationLimits(),
+    )
+    return result.sites[0].tensors[0].array
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_from_a_local_file(tmp_path: Path, suffix: str) -> None:
+    state = _trained_like_state(seed=123)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    spec = ModelSpec(name="local", architecture="test_vit", weights=f"file:{path}")
+    loaded = load_model(spec, CPU)
+    assert loaded.weights_identity == file_digest(path)
+    reference = timm.create_model("test_vit", pretrained=False)
+    reference.load_state_dict(state)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(loaded.adapter.root.state_dict()[name], tensor), name
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": _trained_like_state(0), "extra": object()}, path)
+    with pytest.raises(FailedPrecondition, match="weights_only=True"):
+        load_model(ModelSpec(name="evil", architecture="test_vit", weights=f"file:{path}"), CPU)
+
+
+def test_weights_that_do_not_fit(tmp_path: Path) -> None:
+    path = tmp_path / "other.safetensors"
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_tiny_patch16_224", depth=1).state_dict(), str(path))
+    with pytest.raises(FailedPrecondition, match="does not fit the architecture"):
+        load_model(ModelSpec(name="m", architecture="test_vit", weights=f"file:{path}"), CPU)
+
+
+def test_missing_weights_file_names_the_file() -> None:
+    with pytest.raises(FailedPrecondition, match=r"/no/such/weights\.safetensors"):
+        load_model(
+            ModelSpec(
+                name="m", architecture="test_vit", weights="file:/no/such/weights.safetensors"
+            ),
+            CPU,
+        )
+
+
+def test_hub_weights_offline_fail_fast() -> None:
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition, match="hub"):
+        load_model(ModelSpec(name="m", architecture="vit_tiny_patch16_224", weights="hub"), CPU)
+    assert time.monotonic() - started < 10
+
+
+def test_hub_unreachable_without_offline_flag_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("vitscope_server.core.weights.HUB_HOST", "hub.invalid")
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition, match="unreachable"):
+        load_model(
+            ModelSpec(name="m", family="open_clip", architecture="ViT-B-32", weights="hub:openai"),
+            CPU,
+        )
+    assert time.monotonic() - started < 10
+
+
+def test_same_seed_same_random_weights() -> None:
+    pixels = np.random.default_rng(0).standard_normal((3, 160, 160)).astype(np.float32)
+    first = _first_block_output(ModelSpec(name="a", architecture="test_vit", seed=5), pixels)
+    again = _first_block_output(ModelSpec(name="b", architecture="test_vit", seed=5), pixels)
+    other = _first_block_output(ModelSpec(name="c", architecture="test_vit", seed=6), pixels)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+def test_registry_states() -> None:
+    specs = [
+        ModelSpec(name="ok", architecture="test_vit"),
+        ModelSpec(name="broken", architecture="test_vit", weights="file:/missing.safetensors"),
+    ]
+    registry = ModelRegistry(specs, "ok", CPU)
+    with pytest.raises(Unavailable, match="still loading"):
+        registry.get("ok")
+    seen: list[tuple[str, ModelState]] = []
+    registry.add_listener(lambda name, state: seen.append((name, state)))
+    registry.start()
+    assert registry.wait_until_settled(60)
+    assert registry.get("").spec.name == "ok"
+    with pytest.raises(FailedPrecondition, match=r"/missing\.safetensors"):
+        registry.get("broken")
+    with pytest.raises(NotFound):
+        registry.get("absent")
+    assert ("ok", ModelState.READY) in seen and ("broken", ModelState.FAILED) in seen
+    registry.shutdown()
+
+
+def test_registry_rejects_duplicate_or_unknown_default() -> None:
+    spec = ModelSpec(name="x", architecture="test_vit")
+    with pytest.raises(InvalidArgument, match="unique"):
+        ModelRegistry([spec, spec], "x", CPU)
+    with pytest.raises(InvalidArgument, match="default model"):
+        ModelRegistry([spec], "y", CPU)
+
+
+def test_models_file_and_flags(tmp_path: Path) -> None:
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "default: b\nmodels:\n  - {name: a, architecture: test_vit}\n  - {name: b, architecture: test_vit, weights: 'file:w.safetensors'}\n"
+    )
+    parsed = load_models_file(path)
+    assert parsed.default == "b"
+    assert parsed.models[1].weights_file == tmp_path / "w.safetensors"
+    flag = parse_model_flag("clip=open_clip:ViT-B-32@hub:openai")
+    assert (flag.family, flag.architecture, flag.hub_tag) == ("open_clip", "ViT-B-32", "openai")
+    with pytest.raises(InvalidArgument, match="NAME=FAMILY"):
+        parse_model_flag("nonsense")
+    path.write_text("models:\n  - {name: a, architecture: test_vit, weights: 'ftp://x'}\n")
+    with pytest.raises(InvalidArgument, match="weights must be"):
+        load_models_file(path)

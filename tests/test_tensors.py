@@ -1,0 +1,99 @@
+"""The wire format: exact round trips, chunking and reassembly, bfloat16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import start
+
+from vitscope import Client
+from vitscope import tensors as wire
+from vitscope.v1 import tensor_pb2
+from vitscope_server.transport.app import RunningServer
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint8, np.int64])
+def test_round_trip(dtype: type) -> None:
+    array = (np.random.default_rng(0).standard_normal((2, 3, 5)) * 50).astype(dtype)
+    decoded = wire.from_proto(wire.to_proto(array))
+    assert decoded.dtype == array.dtype
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_big_endian_input_is_sent_little_endian() -> None:
+    array = np.arange(6, dtype=">f4").reshape(2, 3)
+    message = wire.to_proto(array)
+    assert message.data == np.arange(6, dtype="<f4").tobytes()
+
+
+def test_bfloat16_matches_torch() -> None:
+    values = torch.randn(1000) * 100
+    bits = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(wire.float32_to_bfloat16_bits(values.numpy()), bits)
+    np.testing.assert_array_equal(
+        wire.bfloat16_bits_to_float32(bits), values.to(torch.bfloat16).float().numpy()
+    )
+
+
+def test_bytes_that_do_not_fit_are_refused() -> None:
+    bad = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[4], data=b"\0" * 15)
+    with pytest.raises(wire.TensorDecodeError, match="15 bytes"):
+        wire.from_proto(bad)
+    with pytest.raises(wire.TensorDecodeError, match="not supported"):
+        wire.from_proto(tensor_pb2.Tensor(dtype=99, shape=[1], data=b"\0"))
+
+
+def test_chunks_reassemble_bit_exactly_in_any_order() -> None:
+    array = np.random.default_rng(1).standard_normal((7, 333)).astype(np.float32)
+    chunks = list(
+        wire.iter_chunks(
+            "s", "values", tensor_pb2.DTYPE_FLOAT32, array.shape, memoryview(array).cast("B"), 1000
+        )
+    )
+    assert len(chunks) == wire.chunk_count(array.nbytes, 1000) > 1
+    assembler = wire.ChunkAssembler()
+    for chunk in reversed(chunks):
+        assembler.add(chunk)
+    result = assembler.result()[("s", "values")]
+    assert result.tobytes() == array.tobytes()
+
+
+def test_incomplete_tensor_is_reported() -> None:
+    array = np.zeros(1000, dtype=np.float32)
+    chunks = list(
+        wire.iter_chunks(
+            "s", "values", tensor_pb2.DTYPE_FLOAT32, array.shape, memoryview(array).cast("B"), 512
+        )
+    )
+    assembler = wire.ChunkAssembler()
+    for chunk in chunks[:-1]:
+        assembler.add(chunk)
+    with pytest.raises(wire.TensorDecodeError, match="incomplete"):
+        assembler.result()
+
+
+def test_result_larger_than_the_max_message_streams_in_chunks(
+    tmp_path_factory: pytest.TempPathFactory, client: Client, server: RunningServer
+) -> None:
+    small = start(
+        tmp_path_factory.mktemp("small"),
+        default_model="vit",
+        max_message_bytes=256 << 10,
+        chunk_bytes=64 << 10,
+    )
+    try:
+        images = [
+            np.random.default_rng(i).integers(0, 255, (100, 100, 3), dtype=np.uint8)
+            for i in range(4)
+        ]
+        sites = ["blocks.0.mlp.hidden", "blocks.5.mlp.hidden", "blocks.1.attn.probs", "final"]
+        with Client(f"127.0.0.1:{small.port}", max_message_bytes=256 << 10) as narrow:
+            chunked = narrow.activations(images, sites, model="vit")
+        whole = client.activations(images, sites, model="vit")
+        hidden = chunked["blocks.0.mlp.hidden"]
+        assert hidden.nbytes > 256 << 10
+        for site in sites:
+            assert chunked[site].tobytes() == whole[site].tobytes(), site
+    finally:
+        small.stop(0)
