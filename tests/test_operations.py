@@ -441,3 +441,28 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
         assert b"draining" in process.stdout.read()  # type: ignore[union-attr]
     finally:
         process.kill()
+
+
+def test_client_retries_while_a_model_loads() -> None:
+    running = create_server(
+        ServerSettings(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            builtin_models=False,
+            models=["base=timm:vit_base_patch16_224@random"],
+            max_workers=4,
+        )
+    )
+    try:
+        with Client(f"127.0.0.1:{running.port}", retries=8, timeout=60) as c:
+            assert c.describe("base").num_blocks == 12
+        counts = {
+            sample.labels["code"]: sample.value
+            for metric in running.metrics.requests.collect()
+            for sample in metric.samples
+            if sample.name == "vitscope_requests_total"
+        }
+        assert counts.get("UNAVAILABLE", 0) >= 1 and counts["OK"] == 1
+    finally:
+        running.stop(0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,24 +45,8 @@ _DTYPES = {
 }
 
 
-def _retry_service_config(attempts: int) -> str:
-    """gRPC's own retry policy: UNAVAILABLE is retried with backoff before any response arrives."""
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{"service": "vitscope.v1.Inspector"}],
-                    "retryPolicy": {
-                        "maxAttempts": max(2, attempts),
-                        "initialBackoff": "0.2s",
-                        "maxBackoff": "5s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
-        }
-    )
+_FIRST_BACKOFF_SECONDS = 0.25
+_MAX_BACKOFF_SECONDS = 5.0
 
 
 def image_message(image: ImageLike) -> pb.Image:
@@ -79,6 +63,10 @@ def image_message(image: ImageLike) -> pb.Image:
     if image.dtype == np.uint8:
         return pb.Image(pixels=wire.to_proto(image))
     return pb.Image(preprocessed=wire.to_proto(np.asarray(image, dtype=np.float32)))
+
+
+def _retryable(error: grpc.RpcError) -> bool:
+    return isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -165,7 +153,8 @@ class Client:
         token: bearer token sent as 'authorization' metadata.
         tls: use TLS; with ca_cert (PEM path) for a private CA, and client_cert/client_key for mTLS.
         timeout: default deadline in seconds for each call.
-        retries: attempts for calls that fail with UNAVAILABLE before any response.
+        retries: attempts for calls that fail with UNAVAILABLE before any response
+            (exponential backoff from 0.25 s, within the call's timeout).
     """
 
     def __init__(
@@ -184,8 +173,6 @@ class Client:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", _retry_service_config(retries)),
         ]
         if tls or ca_cert or client_cert:
             credentials = grpc.ssl_channel_credentials(
@@ -200,6 +187,7 @@ class Client:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
+        self.retries = retries
 
     def close(self) -> None:
         self._channel.close()
@@ -210,17 +198,44 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _attempts(self, timeout: float | None) -> Iterator[float]:
+        """Yields the time left for each attempt; UNAVAILABLE is retried with exponential backoff
+        while attempts and the overall deadline last."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        backoff = _FIRST_BACKOFF_SECONDS
+        for attempt in range(max(1, self.retries)):
+            if attempt:
+                time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+                backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+            yield max(0.001, deadline - time.monotonic())
+
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
-            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        error: grpc.RpcError | None = None
+        for left in self._attempts(timeout):
+            try:
+                return method(request, timeout=left, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                error = exc
+                if not _retryable(exc):
+                    break
+        assert error is not None
+        raise from_rpc_error(error) from None
 
     def _stream(self, method: Any, request: Any, timeout: float | None) -> Iterator[Any]:
-        try:
-            yield from method(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        error: grpc.RpcError | None = None
+        for left in self._attempts(timeout):
+            received = False
+            try:
+                for response in method(request, timeout=left, metadata=self._metadata):
+                    received = True
+                    yield response
+                return
+            except grpc.RpcError as exc:
+                error = exc
+                if received or not _retryable(exc):
+                    break
+        assert error is not None
+        raise from_rpc_error(error) from None
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """SERVING or NOT_SERVING for the server ("") or one model (its name)."""
