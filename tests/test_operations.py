@@ -334,6 +334,8 @@ def test_cancellation_stops_the_work_and_queue_overflow_is_refused(
         time.sleep(1.0)
         with Client(target) as c, pytest.raises(ResourceExhaustedError, match="server busy"):
             c.activations(_preprocessed(1), ["embed"], model="base")
+        with Client(target, timeout=2, retries=1) as c:
+            assert c.health() == "SERVING"  # answered while compute is saturated
         started = time.perf_counter()
         running_call.cancel()
         waiting_call.cancel()

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from vitscope.client import DEFAULT_TARGET, Client
+from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
 from vitscope.overlay import grid, heatmap_overlay
 
@@ -41,7 +42,14 @@ _SERVE_FLAGS: list[tuple[str, dict[str, object]]] = [
         "--max-queue",
         {"type": int, "help": "requests waiting for compute before RESOURCE_EXHAUSTED"},
     ),
-    ("--max-workers", {"type": int}),
+    (
+        "--max-workers",
+        {"type": int, "help": "threads beyond running + queued jobs (health, cheap calls)"},
+    ),
+    (
+        "--max-connection-age-seconds",
+        {"type": float, "help": "recycle connections so callers rebalance"},
+    ),
     ("--max-batch", {"type": int}),
     (
         "--auth-token-file",
@@ -59,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitscope", description="Look inside vision transformers over gRPC."
     )
-    parser.add_argument("--target", default=os.environ.get("VITSCOPE_TARGET", DEFAULT_TARGET))
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("VITSCOPE_TARGET", DEFAULT_TARGET),
+        help="server host:port",
+    )
     parser.add_argument(
         "--token", default=os.environ.get("VITSCOPE_TOKEN"), help="bearer token (or VITSCOPE_TOKEN)"
     )
@@ -68,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-cert", type=Path)
     parser.add_argument("--client-key", type=Path)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--round-robin",
+        action="store_true",
+        help="balance over every address of the target (dns:///...)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the server (needs the [server] extra)")
@@ -106,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="also write a PNG of patch-map heatmaps of --channels over each image",
     )
+    demo = commands.add_parser(
+        "demo", help="call every RPC on the default model; write PNGs and index.html"
+    )
+    demo.add_argument("--out", type=Path, default=Path("demo-out"))
+    demo.add_argument("--model", default="", help="model to show (default: the server's default)")
     return parser
 
 
@@ -131,6 +153,7 @@ def _client(args: argparse.Namespace) -> Client:
         client_cert=args.client_cert,
         client_key=args.client_key,
         timeout=args.timeout,
+        load_balancing="round_robin" if args.round_robin else None,
     )
 
 
@@ -196,12 +219,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                         f"{mark} {m.name:28} {m.state:8} {m.family}:{m.architecture} {m.weights_identity} {m.error}"
                     )
             elif args.command == "health":
-                print(client.health(args.service))
+                status = client.health(args.service)
+                print(status)
+                if status != "SERVING":
+                    raise SystemExit(3)
             elif args.command == "describe":
                 d = client.describe(args.model)
                 print(json.dumps({**d.__dict__, "info": d.info.__dict__}, indent=2, default=str))
             elif args.command == "activations":
                 _activations(client, args)
+            elif args.command == "demo":
+                print(f"wrote {run_demo(client, args.out, args.model)}")
     except VitscopeError as exc:
         print(f"vitscope: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

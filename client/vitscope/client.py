@@ -153,6 +153,8 @@ class Client:
         token: bearer token sent as 'authorization' metadata.
         tls: use TLS; with ca_cert (PEM path) for a private CA, and client_cert/client_key for mTLS.
         timeout: default deadline in seconds for each call.
+        load_balancing: a gRPC policy such as "round_robin", to spread calls over every
+            address a target like "dns:///vitscope-headless:50051" resolves to.
         retries: attempts for calls that fail with UNAVAILABLE before any response
             (exponential backoff from 0.25 s, within the call's timeout).
     """
@@ -169,11 +171,14 @@ class Client:
         timeout: float = 120.0,
         retries: int = 4,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        load_balancing: str | None = None,
     ) -> None:
-        options = [
+        options: list[tuple[str, str | int]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        if load_balancing:
+            options.append(("grpc.lb_policy_name", load_balancing))
         if tls or ca_cert or client_cert:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=Path(ca_cert).read_bytes() if ca_cert else None,

@@ -17,6 +17,7 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VITSCOPE_", extra="forbid")
 
+    # "[::]" binds IPv6 (and IPv4 where the OS maps it).
     host: str = "0.0.0.0"
     port: int = Field(DEFAULT_GRPC_PORT, ge=0, le=65535)
     # -1 turns the metrics endpoint off; 0 picks a free port.
@@ -32,7 +33,9 @@ class ServerSettings(BaseSettings):
     chunk_bytes: int = Field(4 << 20, ge=1 << 10)
     max_running: int = Field(1, ge=1)
     max_queue: int = Field(32, ge=0)
-    max_workers: int = Field(16, ge=2)
+    # Threads beyond max_running + max_queue, for health checks, cheap calls and streaming.
+    max_workers: int = Field(8, ge=2)
+    max_connection_age_seconds: float = Field(300.0, gt=0)
     max_batch: int = Field(64, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_result_bytes: int = Field(4 << 30, ge=1)

@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
@@ -46,9 +45,7 @@ StateListener = Callable[[str, ModelState], None]
 class ModelRegistry:
     """Holds every configured model; loading runs on background threads."""
 
-    def __init__(
-        self, specs: list[ModelSpec], default: str, device: torch.device, load_workers: int = 1
-    ) -> None:
+    def __init__(self, specs: list[ModelSpec], default: str, device: torch.device) -> None:
         names = [spec.name for spec in specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -61,17 +58,24 @@ class ModelRegistry:
         self.device = device
         self._entries = {spec.name: ModelEntry(spec) for spec in specs}
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._listeners: list[StateListener] = []
-        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="model-load")
 
     def add_listener(self, listener: StateListener) -> None:
         self._listeners.append(listener)
 
     def start(self) -> None:
-        """Loads the default model first, then the rest, without blocking the caller."""
+        """Loads the default model first, then the rest, on a daemon thread: a shutdown
+        never waits for a load to finish."""
         order = sorted(self._entries, key=lambda name: name != self.default)
-        for name in order:
-            self._pool.submit(self._load, name)
+
+        def load_all() -> None:
+            for name in order:
+                if self._closed.is_set():
+                    return
+                self._load(name)
+
+        threading.Thread(target=load_all, name="model-load", daemon=True).start()
 
     def wait_until_settled(self, timeout: float | None = None) -> bool:
         """True when no model is still loading (for tests and start-up scripts)."""
@@ -138,4 +142,5 @@ class ModelRegistry:
         return entry.loaded
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Models not yet loaded are not loaded."""
+        self._closed.set()

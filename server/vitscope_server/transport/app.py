@@ -122,22 +122,31 @@ def create_server(settings: ServerSettings) -> RunningServer:
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in ("", SERVICE_NAME, *(s.name for s in specs)):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    for spec in specs:
+        metrics.model_ready.labels(spec.name).set(0.0)
     registry.add_listener(_health_updater(registry, health_servicer, metrics))
 
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Connections are recycled so that callers rebalance onto new replicas.
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.grace_seconds * 1000)),
     ]
+    # Threads for every running and queued job plus headroom, so health checks and
+    # cheap calls are answered even when the compute queue is full.
+    threads = settings.max_running + settings.max_queue + settings.max_workers
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
         interceptors=[ServiceInterceptor(metrics, lambda: registry.default, settings.token())],
         options=options,
-        maximum_concurrent_rpcs=settings.max_workers * 4,
     )
+    slots = ComputeSlots(settings.max_running, settings.max_queue)
+    metrics.queued.set_function(lambda: float(slots.waiting))
     servicer = InspectorServicer(
         registry,
-        ComputeSlots(settings.max_running, settings.max_queue),
+        slots,
         metrics,
         ActivationLimits(settings.max_batch, settings.max_image_pixels, settings.max_result_bytes),
         settings.effective_chunk_bytes,
@@ -165,7 +174,7 @@ def create_server(settings: ServerSettings) -> RunningServer:
     metrics_port = None
     if settings.metrics_port >= 0:
         metrics_http, _thread = start_http_server(
-            settings.metrics_port, addr=settings.host, registry=metrics.registry
+            settings.metrics_port, addr=settings.host.strip("[]"), registry=metrics.registry
         )
         metrics_port = int(metrics_http.server_port)
     server.start()

@@ -63,7 +63,6 @@ class InspectorServicer(pb_grpc.InspectorServicer):
         query = convert.activation_query(request)
         cancel = cancel_token(context)
         labels = ("GetActivations", loaded.spec.name)
-        self._metrics.queued.set(self._slots.waiting)
         with self._slots.acquire(cancel) as waited:
             self._metrics.queue_wait.labels(*labels).observe(waited)
             with self._metrics.compute.labels(*labels).time():
