@@ -1,0 +1,640 @@
+"""deploy/: the images and the Kubernetes manifests agree with the server, and run.
+
+Every overlay is rendered with `kubectl kustomize` and validated with
+`kubernetes-validate --strict`; the Deployment's flags, ports, probes, mounts and
+keys are checked against the CLI, ServerSettings and the example Secrets; and the
+cpu overlay's command line is started as a real server and stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import base64
+import json
+import math
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+from unittest import mock
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kubernetes_validate.utils import latest_version
+
+from vitscope import Client
+from vitscope.cli import build_parser
+from vitscope.errors import UnauthenticatedError
+from vitscope_server.builtin import builtin_specs
+from vitscope_server.core.specs import load_models_file
+from vitscope_server.settings import DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT, ServerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+EXAMPLE_SECRETS = sorted((K8S / "examples").glob("*secret*.example.yaml"))
+DOCKERFILES = {"cpu": DEPLOY / "Dockerfile.cpu", "gpu": DEPLOY / "Dockerfile.gpu"}
+
+# Overlay -> whether it includes components/servicemonitor (a CRD some clusters lack).
+OVERLAYS = {"cpu": False, "gpu": False, "example-monitoring": True, "example-tls": True}
+DEVICES = {"cpu": "cpu", "gpu": "cuda", "example-monitoring": "cpu", "example-tls": "cuda"}
+# The oldest Kubernetes these manifests claim to support, and the newest schema bundled.
+KUBERNETES_VERSIONS = ("1.33.0", latest_version())
+MONITORING_API = "monitoring.coreos.com/v1"
+CONTAINER = "vitscope"
+IMAGE_UID = 10001
+MIN_STARTUP_SECONDS = 120
+SERVING_TIMEOUT = 60.0
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.fail("kubectl is required to render deploy/k8s (kubectl kustomize); install it")
+    return path
+
+
+@cache
+def rendered_text(overlay: str) -> str:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
+    return result.stdout
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(rendered_text(overlay)) if d]
+    assert docs, f"overlay {overlay} renders nothing"
+    return docs
+
+
+def example_secrets() -> list[dict[str, Any]]:
+    assert EXAMPLE_SECRETS, "deploy/k8s/examples/ has no *secret*.example.yaml"
+    docs = []
+    for path in EXAMPLE_SECRETS:
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert all(d["kind"] == "Secret" for d in docs)
+    return docs
+
+
+def secret_keys(secret: dict[str, Any]) -> set[str]:
+    return set(secret.get("data") or {}) | set(secret.get("stringData") or {})
+
+
+def secret_value(secret: dict[str, Any], key: str) -> str:
+    if key in (secret.get("stringData") or {}):
+        return str(secret["stringData"][key])
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def only(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def container_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    pod = only(docs, "Deployment", "vitscope")["spec"]["template"]["spec"]
+    found = [c for c in pod["containers"] if c["name"] == CONTAINER]
+    assert len(found) == 1
+    return found[0]
+
+
+def split_flags(args: list[str]) -> list[tuple[str, str | None]]:
+    """--flag=value items as (flag, value); the manifests use that form throughout."""
+    pairs = []
+    for item in args:
+        assert item.startswith("--"), f"container arg {item!r} is not a --flag[=value]"
+        flag, sep, value = item.partition("=")
+        pairs.append((flag, value if sep else None))
+    return pairs
+
+
+def settings_from(container: dict[str, Any]) -> ServerSettings:
+    """ServerSettings as `vitscope serve` builds them in the pod, from its args and env."""
+    args = build_parser().parse_args(["serve", *container.get("args", [])])
+    assert args.command == "serve"
+    given = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
+    given = {k: v for k, v in given.items() if v is not None}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITSCOPE_")}
+    with mock.patch.dict(os.environ, {**env, **container_env(container)}, clear=True):
+        return ServerSettings(**given)
+
+
+def cpu_limit(container: dict[str, Any]) -> int:
+    quantity = str(container["resources"]["limits"]["cpu"])
+    cores = int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+    return math.ceil(cores)
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet would set it (resource refs resolved)."""
+    env = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+            continue
+        source = item["valueFrom"]
+        if "secretKeyRef" in source or "configMapKeyRef" in source:
+            continue  # test_referenced_keys_exist checks those
+        ref = source.get("resourceFieldRef")
+        assert ref is not None, f"env {item['name']}: unexpected source {source}"
+        assert ref["resource"] == "limits.cpu" and str(ref.get("divisor", "1")) == "1"
+        env[item["name"]] = str(cpu_limit(container))
+    return env
+
+
+def resolve_mount(docs: list[dict[str, Any]], path: str) -> tuple[dict[str, Any], str]:
+    """The pod volume holding the file at `path` and the ConfigMap/Secret key it comes from."""
+    pod = only(docs, "Deployment", "vitscope")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    target = PurePosixPath(path)
+    for mount in container_of(docs)["volumeMounts"]:
+        mount_path = PurePosixPath(mount["mountPath"])
+        if mount.get("subPath"):
+            if target != mount_path:
+                continue
+            relative = mount["subPath"]
+        elif mount_path in target.parents:
+            relative = str(target.relative_to(mount_path))
+        else:
+            continue
+        volume = volumes[mount["name"]]
+        source = volume.get("configMap") or volume.get("secret")
+        assert source is not None, f"{path} is on volume {mount['name']}, not a ConfigMap/Secret"
+        items = source.get("items")
+        if items is None:
+            return volume, relative
+        keys = [i["key"] for i in items if i["path"] == relative]
+        assert keys, f"{path}: volume {mount['name']} has no item with path {relative}"
+        return volume, keys[0]
+    raise AssertionError(f"{path} is on no volume mount of the container")
+
+
+def file_from(docs: list[dict[str, Any]], path: str) -> str:
+    """The content the pod sees at `path`: from the rendered ConfigMap or an example Secret."""
+    volume, key = resolve_mount(docs, path)
+    if "configMap" in volume:
+        config_map = only(docs, "ConfigMap", volume["configMap"]["name"])
+        assert key in config_map["data"], f"ConfigMap has no key {key} for {path}"
+        return str(config_map["data"][key])
+    name = volume["secret"]["secretName"]
+    secrets = [s for s in example_secrets() if s["metadata"]["name"] == name]
+    assert len(secrets) == 1, f"no example Secret {name} for {path}"
+    assert key in secret_keys(secrets[0]), f"example Secret {name} has no key {key} for {path}"
+    return secret_value(secrets[0], key)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ---------------------------------------------------------------- rendering and schemas
+
+
+def test_every_overlay_is_covered() -> None:
+    found = {p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml")}
+    assert found == set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_overlay_validates_strictly(overlay: str, tmp_path: Path) -> None:
+    docs = render(overlay)
+    core = [d for d in docs if d["apiVersion"] != MONITORING_API]
+    manifest = tmp_path / f"{overlay}.yaml"
+    manifest.write_text(yaml.safe_dump_all(core))
+    command = [sys.executable, "-m", "kubernetes_validate", "--strict"]
+    for version in KUBERNETES_VERSIONS:
+        command += ["-k", version]
+    result = subprocess.run(
+        [*command, str(manifest)], capture_output=True, text=True, timeout=120, check=False
+    )
+    lines = result.stdout.splitlines()
+    problems = [line for line in lines if not line.startswith("INFO")]
+    assert result.returncode == 0, "\n".join(problems) + result.stderr
+    # A kind without a bundled schema only warns (exit 0): count the passes instead.
+    passed = [line for line in lines if line.startswith("INFO") and " passed " in line]
+    assert len(passed) == len(core) * len(KUBERNETES_VERSIONS), result.stdout
+    kinds = {d["kind"] for d in core}
+    assert {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim"} <= kinds
+    assert {"HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+    # Secrets are made out of band, never rendered from the repository.
+    assert "Secret" not in kinds
+
+
+def test_example_secrets_validate_strictly() -> None:
+    command = [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", latest_version()]
+    result = subprocess.run(
+        [*command, *map(str, EXAMPLE_SECRETS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" passed ") == len(example_secrets()), result.stdout
+    for path in K8S.rglob("kustomization.yaml"):
+        kustomization = yaml.safe_load(path.read_text())
+        listed = kustomization.get("resources", []) + kustomization.get("components", [])
+        assert not any("examples" in entry for entry in listed), f"{path} lists an example"
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_servicemonitor_only_where_included(overlay: str) -> None:
+    docs = render(overlay)
+    monitors = [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    if not OVERLAYS[overlay]:
+        assert monitors == [], "ServiceMonitor outside components/servicemonitor"
+        return
+    assert len(monitors) == 1
+    monitor = monitors[0]
+    assert monitor["apiVersion"] == MONITORING_API
+    assert monitor["kind"] == "ServiceMonitor"
+    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+    assert monitor["metadata"]["namespace"] == only(docs, "Deployment")["metadata"]["namespace"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selected = [
+        s
+        for s in docs
+        if s["kind"] == "Service" and selector.items() <= s["metadata"]["labels"].items()
+    ]
+    assert len(selected) == 1, "the ServiceMonitor must select exactly one Service"
+    service = selected[0]
+    port_names = {p["name"]: p for p in service["spec"]["ports"]}
+    settings = settings_from(container_of(docs))
+    ports = {p["name"]: p["containerPort"] for p in container_of(docs)["ports"]}
+    assert monitor["spec"]["endpoints"], "ServiceMonitor without endpoints"
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout"}
+        assert endpoint["port"] in port_names
+        assert endpoint.get("path", "/metrics") == "/metrics"
+        assert endpoint.get("scheme", "http") == "http"
+        target = port_names[endpoint["port"]]["targetPort"]
+        assert ports.get(target, target) == settings.metrics_port
+
+
+# ---------------------------------------------------------------- consistency
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_args_are_real_serve_flags(overlay: str) -> None:
+    container = container_of(render(overlay))
+    assert container.get("command") is None, "the image's ENTRYPOINT is `vitscope serve`"
+    flags = [flag for flag, _ in split_flags(container["args"])]
+    assert len(flags) == len(set(flags)), f"repeated flags: {flags}"
+    for name in container_env(container):
+        if name.startswith("VITSCOPE_"):
+            assert name.removeprefix("VITSCOPE_").lower() in ServerSettings.model_fields, name
+    settings = settings_from(container)
+    assert settings.device == DEVICES[overlay]
+    assert settings.models_file is not None
+    assert settings.auth_token_file is not None, "the server must require a bearer token"
+    assert settings.torch_threads == cpu_limit(container)
+    assert settings.metrics_port >= 0
+    assert settings.max_queue <= 16, "a long queue only adds latency; scale out instead"
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_ports_and_probes_match_the_server(overlay: str) -> None:
+    docs = render(overlay)
+    container = container_of(docs)
+    # Without --port/--metrics-port these are DEFAULT_GRPC_PORT and DEFAULT_METRICS_PORT.
+    settings = settings_from(container)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container[kind]
+        if "grpc" in probe:
+            assert probe["grpc"]["port"] == settings.port, kind
+            assert probe["grpc"].get("service", "") == "", f"{kind}: the overall health service"
+        else:
+            # components/tls: kubelet gRPC probes cannot speak TLS, so `vitscope health` runs.
+            assert settings.tls_cert is not None, f"{kind}: exec probe without TLS"
+            script = probe["exec"]["command"][-1]
+            assert f"--target=localhost:{settings.port}" in script
+            assert "--tls" in script and "= SERVING" in script
+            ca = re.search(r"--ca-cert=(\S+)", script)
+            assert ca is not None
+            file_from(docs, ca.group(1))
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= MIN_STARTUP_SECONDS
+    readiness = container["readinessProbe"]
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] <= 30
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_services_and_policies_name_container_ports(overlay: str) -> None:
+    docs = render(overlay)
+    deployment = only(docs, "Deployment", "vitscope")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    ports = {p["name"]: p["containerPort"] for p in container_of(docs)["ports"]}
+    services = {s["metadata"]["name"]: s for s in docs if s["kind"] == "Service"}
+    assert set(services) == {"vitscope", "vitscope-headless"}
+    for service in services.values():
+        assert service["spec"]["selector"].items() <= pod_labels.items()
+        for port in service["spec"]["ports"]:
+            target = port["targetPort"]
+            assert target in ports or target in ports.values(), f"{port}"
+            assert port["port"] == ports.get(target, target), "service port = container port"
+    assert services["vitscope-headless"]["spec"]["clusterIP"] == "None"
+    assert not services["vitscope-headless"]["spec"].get("publishNotReadyAddresses", False)
+    assert {p["name"] for p in services["vitscope"]["spec"]["ports"]} == {"grpc", "metrics"}
+
+    policy = only(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for rule in policy["spec"]["ingress"]:
+        assert all("namespaceSelector" in peer for peer in rule["from"])
+        assert all(p["port"] in ports for p in rule["ports"])
+    allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert allowed == {"grpc", "metrics"}
+
+    budget = only(docs, "PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    hpa = only(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "vitscope",
+    }
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert "cpu" in container_of(docs)["resources"]["requests"], "HPA utilisation needs requests"
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_referenced_keys_exist(overlay: str) -> None:
+    docs = render(overlay)
+    pod = only(docs, "Deployment", "vitscope")["spec"]["template"]["spec"]
+    namespace = only(docs, "Deployment")["metadata"]["namespace"]
+    secrets = {s["metadata"]["name"]: s for s in example_secrets()}
+    config_maps = {c["metadata"]["name"]: c for c in docs if c["kind"] == "ConfigMap"}
+    for volume in pod["volumes"]:
+        if "configMap" in volume:
+            data = config_maps[volume["configMap"]["name"]]["data"]
+            for item in volume["configMap"].get("items", []):
+                assert item["key"] in data
+        if "secret" in volume:
+            secret = secrets.get(volume["secret"]["secretName"])
+            assert secret is not None, f"no example Secret {volume['secret']['secretName']}"
+            assert secret["metadata"]["namespace"] == namespace
+            assert volume["secret"].get("optional") is not True
+            for item in volume["secret"].get("items", []):
+                assert item["key"] in secret_keys(secret), item
+    container = container_of(docs)
+    assert "envFrom" not in container
+    for item in container.get("env", []):
+        ref = item.get("valueFrom", {})
+        if "secretKeyRef" in ref:
+            secret = secrets.get(ref["secretKeyRef"]["name"])
+            assert secret is not None and ref["secretKeyRef"]["key"] in secret_keys(secret)
+        if "configMapKeyRef" in ref:
+            config_map = config_maps[ref["configMapKeyRef"]["name"]]
+            assert ref["configMapKeyRef"]["key"] in config_map["data"]
+    settings = settings_from(container)
+    files = (
+        settings.models_file,
+        settings.auth_token_file,
+        settings.tls_cert,
+        settings.tls_key,
+        settings.tls_client_ca,
+    )
+    for path in files:
+        if path is not None:
+            assert file_from(docs, str(path)).strip()
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_models_file_parses_and_loads_offline(overlay: str, tmp_path: Path) -> None:
+    docs = render(overlay)
+    settings = settings_from(container_of(docs))
+    assert settings.models_file == Path("/etc/vitscope/models.yaml")
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(file_from(docs, str(settings.models_file)))
+    parsed = load_models_file(models_file)
+    assert parsed.models
+    builtin = {s.name for s in builtin_specs()}
+    assert parsed.default is None or parsed.default in builtin | {m.name for m in parsed.models}
+    for spec in parsed.models:
+        # The example must start with no weights and no network (the e2e test runs it).
+        assert spec.weights == "random", f"{spec.name}: {spec.weights}"
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_shutdown_fits_the_grace_period(overlay: str) -> None:
+    docs = render(overlay)
+    container = container_of(docs)
+    pod = only(docs, "Deployment", "vitscope")["spec"]["template"]["spec"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2
+    sleep = float(command[1])
+    grace = settings_from(container).grace_seconds
+    assert pod["terminationGracePeriodSeconds"] > grace + sleep + 5
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_pod_is_locked_down(overlay: str) -> None:
+    docs = render(overlay)
+    pod = only(docs, "Deployment", "vitscope")["spec"]["template"]["spec"]
+    container = container_of(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == IMAGE_UID
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod.get("automountServiceAccountToken") is False
+    context = container["securityContext"]
+    assert context["runAsNonRoot"] is True
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert "emptyDir" in mounts["/tmp"]
+    data = mounts["/var/lib/vitscope"]["persistentVolumeClaim"]["claimName"]
+    assert data in {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    namespace = only(docs, "Namespace")
+    assert namespace["metadata"]["name"] == only(docs, "Deployment")["metadata"]["namespace"]
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    limits = container["resources"]["limits"]
+    if DEVICES[overlay] == "cuda":
+        assert limits["nvidia.com/gpu"] == 1
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+            "tolerations"
+        ]
+        assert pod["nodeSelector"]
+        assert container["image"].endswith("-gpu")
+    else:
+        assert "nvidia.com/gpu" not in limits
+        assert "tolerations" not in pod
+        assert container["image"].endswith("-cpu")
+
+
+# ---------------------------------------------------------------- images
+
+
+def dockerfile_stages(path: Path) -> list[list[tuple[str, str]]]:
+    """The Dockerfile as stages of (INSTRUCTION, arguments), continuations joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    stages: list[list[tuple[str, str]]] = [[]]
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((instruction.upper(), rest.strip()))
+    return stages
+
+
+@pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
+def test_dockerfile(flavour: str) -> None:
+    path = DOCKERFILES[flavour]
+    preamble, builder, *rest = dockerfile_stages(path)
+    assert len(rest) == 1, "two stages: builder and runtime"
+    final = rest[0]
+    assert all(i == "ARG" for i, _ in preamble)
+    assert re.search(r"\bAS builder$", builder[0][1])
+    runs = [args for i, args in builder if i == "RUN"]
+    torch_install = next(n for n, r in enumerate(runs) if "--index-url" in r)
+    server_install = next(n for n, r in enumerate(runs) if '".[server]"' in r)
+    assert torch_install < server_install, "torch from the PyTorch index before .[server]"
+    if flavour == "cpu":
+        assert any(i == "ARG" and "download.pytorch.org/whl/cpu" in a for i, a in builder)
+        assert builder[0][1].startswith("python:")
+        assert final[0][1].startswith("python:")
+    else:
+        base = next(a for i, a in preamble if a.startswith("CUDA_IMAGE="))
+        assert base.startswith("CUDA_IMAGE=nvidia/cuda:") and "-runtime-" in base
+        assert final[0][1] == "${CUDA_IMAGE}"
+    final_text = " ".join(a for _, a in final)
+    assert "COPY --from=builder /opt/venv /opt/venv" in " ".join(f"{i} {a}" for i, a in final)
+    for tool in ("gcc", "g++", "build-essential", "python3-dev", "pip install"):
+        assert tool not in final_text, f"{tool} in the runtime stage"
+    users = [a for i, a in final if i == "USER"]
+    assert users == [f"{IMAGE_UID}:{IMAGE_UID}"], "a fixed, numeric non-root user"
+    entrypoints = [a for i, a in final if i == "ENTRYPOINT"]
+    assert [json.loads(a) for a in entrypoints] == [["vitscope", "serve"]]
+    exposed = {int(p) for i, a in final if i == "EXPOSE" for p in a.split()}
+    assert exposed == {DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT}
+    env = " ".join(a for i, a in final if i == "ENV")
+    assert "HF_HUB_OFFLINE=1" in env
+    assert "/etc/vitscope" in final_text and "/var/lib/vitscope" in final_text
+    build_parser().parse_args(["serve"])
+    ignore = path.with_name(path.name + ".dockerignore").read_text().split()
+    copied = [a.split()[0] for i, a in builder if i == "COPY"]
+    assert copied and all(f"!{source}" in ignore for source in copied)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def health_status(target: str, service: str) -> int | None:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2
+            )
+        except grpc.RpcError:
+            return None
+    return int(response.status)
+
+
+def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
+    """Runs the cpu overlay's command line with its models file and the example token."""
+    docs = render("cpu")
+    container = container_of(docs)
+    grpc_port, metrics_port = free_port(), free_port()
+    replaced = {"--port": str(grpc_port), "--metrics-port": str(metrics_port)}
+    files = {}
+    for flag, value in split_flags(container["args"]):
+        if value is not None and value.startswith("/") and flag != "--device":
+            local = tmp_path / PurePosixPath(value).name
+            local.write_text(file_from(docs, value))
+            files[flag] = local
+            replaced[flag] = str(local)
+    assert set(files) == {"--models-file", "--auth-token-file"}
+    args = [
+        f"{flag}={replaced.get(flag, value)}" if value is not None else flag
+        for flag, value in split_flags(container["args"])
+    ]
+    settings = settings_from(container)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITSCOPE_")}
+    # One torch thread instead of the pod's limit: this machine is shared.
+    env |= {**container_env(container), "VITSCOPE_TORCH_THREADS": "1"}
+    token = files["--auth-token-file"].read_text().strip()
+    models = {s.name for s in load_models_file(files["--models-file"]).models}
+    models |= {s.name for s in builtin_specs()}
+    log_path = tmp_path / "server.log"
+    target = f"127.0.0.1:{grpc_port}"
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vitscope.cli", "serve", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + SERVING_TIMEOUT
+        pending = {"", *models}
+        while pending and time.monotonic() < deadline:
+            assert process.poll() is None, f"server exited:\n{log_path.read_text()}"
+            pending = {s for s in pending if health_status(target, s) != serving}
+            if pending:
+                time.sleep(0.25)
+        assert not pending, f"not SERVING: {pending}\n{log_path.read_text()}"
+
+        with Client(target, timeout=10) as anonymous, pytest.raises(UnauthenticatedError):
+            anonymous.list_models()
+        with Client(target, token=token, timeout=10) as client:
+            listed = {m.name: m.state for m in client.list_models()}
+        assert listed == dict.fromkeys(models, "ready")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        assert 'vitscope_model_ready{model="test-vit"} 1.0' in metrics
+        for code in ("OK", "UNAUTHENTICATED"):
+            labels = {f'code="{code}"', 'method="ListModels"'}
+            assert any(
+                line.startswith("vitscope_requests_total{")
+                and labels <= set(line[line.index("{") + 1 : line.index("}")].split(","))
+                and line.endswith(" 1.0")
+                for line in metrics.splitlines()
+            ), metrics
+
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        returncode = process.wait(timeout=settings.grace_seconds)
+        assert returncode == 0, log_path.read_text()
+        assert time.monotonic() - started < settings.grace_seconds
+        assert "SIGTERM" in log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
