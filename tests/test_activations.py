@@ -193,3 +193,22 @@ def test_response_says_what_produced_it(client: Client) -> None:
     assert {"torch", "timm", "open_clip_torch", "vitscope"} <= set(provenance["library_versions"])
     assert result.parameters["sites"] == ["blocks.3.out"]
     assert result.parameters["batch_size"] == 2
+
+
+def test_blocks_after_the_last_needed_one_are_skipped(client: Client, loaded: dict) -> None:
+    pixels = input_batch(client, "vit")
+    last_block = loaded["vit"].adapter.root.blocks[-1]
+    calls = []
+    handle = last_block.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        early = client.activations(list(pixels.numpy()), ["embed", "blocks.1.out"], model="vit")
+        assert calls == []
+        with_predictions = client.activations(
+            list(pixels.numpy()), ["blocks.1.out"], model="vit", top_predictions=1
+        )
+        assert calls == [1]
+    finally:
+        handle.remove()
+    expected = reference_sites("vit", pixels)
+    np.testing.assert_allclose(early["blocks.1.out"], expected["blocks.1.out"], atol=1e-5)
+    np.testing.assert_array_equal(early["blocks.1.out"], with_predictions["blocks.1.out"])

@@ -14,7 +14,7 @@ import torch
 
 from vitscope_server.core.adapters import Layout, ModelAdapter, SiteDef
 from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.capture import capture_sites
+from vitscope_server.core.capture import ForwardStopped, capture_sites, last_block_needed
 from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
@@ -269,9 +269,13 @@ def get_activations(
     sites = [resolve_site(adapter, name, f"sites[{i}]") for i, name in enumerate(effective.sites)]
     batch = prepare_batch(adapter, images, loaded.device, limits.max_batch, limits.max_pixels)
     cancel.raise_if_cancelled()
+    stop_after = None if effective.top_predictions else last_block_needed(adapter, sites)
     with torch.inference_mode():
-        with capture_sites(adapter, sites, batch.shape[0], cancel) as captured:
-            logits = adapter.forward(batch)
+        with capture_sites(adapter, sites, batch.shape[0], cancel, stop_after) as captured:
+            try:
+                logits = adapter.forward(batch)
+            except ForwardStopped:
+                logits = None
         if (
             effective.reduction is Reduction.NONE
             and _result_bytes(captured, effective.output_dtype) > limits.max_result_bytes
@@ -291,7 +295,7 @@ def get_activations(
             outputs.append(_reduce(effective, _as_site_layout(site, tensor), tensor))
         predictions = (
             _predictions(adapter, logits, effective.top_predictions)
-            if effective.top_predictions
+            if logits is not None and effective.top_predictions
             else []
         )
     return ActivationResult(

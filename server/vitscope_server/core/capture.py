@@ -29,11 +29,40 @@ def _pick_tensor(value: Any, site: SiteDef) -> torch.Tensor:
     return value
 
 
+class ForwardStopped(Exception):
+    """Raised out of the forward once the last needed block has run."""
+
+
+def last_block_needed(adapter: ModelAdapter, sites: list[SiteDef]) -> int | None:
+    """The deepest block holding a site, or None when a site lies outside the blocks."""
+    deepest = 0
+    for site in sites:
+        if site.from_input and site.module_path == adapter.blocks[0].path:
+            continue
+        inside = [
+            index
+            for index, block in enumerate(adapter.blocks)
+            if site.module_path == block.path or site.module_path.startswith(block.path + ".")
+        ]
+        if not inside:
+            return None
+        deepest = max(deepest, inside[0])
+    return deepest
+
+
 @contextmanager
 def capture_sites(
-    adapter: ModelAdapter, sites: list[SiteDef], batch: int, cancel: CancelToken
+    adapter: ModelAdapter,
+    sites: list[SiteDef],
+    batch: int,
+    cancel: CancelToken,
+    stop_after_block: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yields a dict that the next forward on this thread fills with canonical tensors by site name."""
+    """Yields a dict that the next forward on this thread fills with canonical tensors by site name.
+
+    With stop_after_block, the forward raises ForwardStopped once that block has run,
+    so blocks no site needs are never computed.
+    """
     owner = threading.get_ident()
     captured: dict[str, torch.Tensor] = {}
 
@@ -55,6 +84,10 @@ def capture_sites(
         if threading.get_ident() == owner:
             cancel.raise_if_cancelled()
 
+    def stop_hook(module: nn.Module, args: Any, output: Any) -> None:
+        if threading.get_ident() == owner:
+            raise ForwardStopped
+
     attention_blocks = {s.attention_block for s in sites if s.attention_block is not None}
     with ExitStack() as stack:
         stack.enter_context(adapter.attention_probs_exposed(attention_blocks))
@@ -68,4 +101,7 @@ def capture_sites(
             else:
                 handle = module.register_forward_hook(output_hook(site))
             stack.callback(handle.remove)
+        if stop_after_block is not None:
+            last = adapter.root.get_submodule(adapter.blocks[stop_after_block].path)
+            stack.callback(last.register_forward_hook(stop_hook).remove)
         yield captured
