@@ -44,13 +44,19 @@ def test_bytes_that_do_not_fit_are_refused() -> None:
         wire.from_proto(tensor_pb2.Tensor(dtype=99, shape=[1], data=b"\0"))
 
 
+def _chunks(array: np.ndarray, chunk_bytes: int) -> list[tensor_pb2.TensorChunk]:
+    payload = memoryview(array).cast("B")
+    chunks = []
+    for span in wire.chunk_spans(len(payload), chunk_bytes):
+        chunk = tensor_pb2.TensorChunk()
+        wire.fill_chunk(chunk, "s", "values", tensor_pb2.DTYPE_FLOAT32, array.shape, payload, span)
+        chunks.append(chunk)
+    return chunks
+
+
 def test_chunks_reassemble_bit_exactly_in_any_order() -> None:
     array = np.random.default_rng(1).standard_normal((7, 333)).astype(np.float32)
-    chunks = list(
-        wire.iter_chunks(
-            "s", "values", tensor_pb2.DTYPE_FLOAT32, array.shape, memoryview(array).cast("B"), 1000
-        )
-    )
+    chunks = _chunks(array, 1000)
     assert len(chunks) == wire.chunk_count(array.nbytes, 1000) > 1
     assembler = wire.ChunkAssembler()
     for chunk in reversed(chunks):
@@ -61,11 +67,7 @@ def test_chunks_reassemble_bit_exactly_in_any_order() -> None:
 
 def test_incomplete_tensor_is_reported() -> None:
     array = np.zeros(1000, dtype=np.float32)
-    chunks = list(
-        wire.iter_chunks(
-            "s", "values", tensor_pb2.DTYPE_FLOAT32, array.shape, memoryview(array).cast("B"), 512
-        )
-    )
+    chunks = _chunks(array, 512)
     assembler = wire.ChunkAssembler()
     for chunk in chunks[:-1]:
         assembler.add(chunk)

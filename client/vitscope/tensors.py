@@ -100,31 +100,35 @@ def _from_buffer(
     return array
 
 
-def iter_chunks(
+def chunk_spans(total_bytes: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """[start, end) byte ranges of at most chunk_bytes covering a tensor (one, if it is empty)."""
+    offset = 0
+    while True:
+        end = min(total_bytes, offset + chunk_bytes)
+        yield offset, end
+        offset = end
+        if offset >= total_bytes:
+            return
+
+
+def fill_chunk(
+    chunk: tensor_pb2.TensorChunk,
     name: str,
     role: str,
     dtype: tensor_pb2.DType.ValueType,
     shape: tuple[int, ...],
     payload: memoryview,
-    chunk_bytes: int,
-) -> Iterator[tensor_pb2.TensorChunk]:
-    """Splits one tensor's bytes into chunks of at most chunk_bytes (at least one chunk)."""
-    total = len(payload)
-    offset = 0
-    while True:
-        end = min(total, offset + chunk_bytes)
-        yield tensor_pb2.TensorChunk(
-            name=name,
-            role=role,
-            dtype=dtype,
-            shape=list(shape),
-            total_bytes=total,
-            offset=offset,
-            data=payload[offset:end].tobytes(),
-        )
-        offset = end
-        if offset >= total:
-            return
+    span: tuple[int, int],
+) -> None:
+    """Writes one span of a tensor into a chunk that already sits in its response message,
+    so the bytes are copied once rather than again when the response is built."""
+    chunk.name = name
+    chunk.role = role
+    chunk.dtype = dtype
+    chunk.shape.extend(shape)
+    chunk.total_bytes = len(payload)
+    chunk.offset = span[0]
+    chunk.data = payload[span[0] : span[1]].tobytes()
 
 
 def chunk_count(total_bytes: int, chunk_bytes: int) -> int:

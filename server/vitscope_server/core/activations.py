@@ -159,6 +159,14 @@ def _token_indices(query: ActivationQuery, site: SiteDef, num_tokens: int) -> li
     return [prefix + r * width + c for r, c in query.positions]
 
 
+def _select_tokens(tensor: torch.Tensor, axis: int, indices: list[int]) -> torch.Tensor:
+    """A contiguous range is a view (all tokens cost nothing); scattered indices copy."""
+    start = indices[0]
+    if indices == list(range(start, start + len(indices))):
+        return tensor.narrow(axis, start, len(indices))
+    return tensor.index_select(axis, torch.tensor(indices, device=tensor.device))
+
+
 def _as_site_layout(site: SiteDef, tensor: torch.Tensor) -> SiteDef:
     """A raw module whose output is one vector per token is read like a canonical token site."""
     tokens = site.num_prefix_tokens + site.grid[0] * site.grid[1]
@@ -199,8 +207,7 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
         return SiteOutput(site, [], [], [_to_output("values", tensor, query.output_dtype)])
     token_axis = 2 if site.layout is Layout.ATTENTION else 1
     indices = _token_indices(query, site, tensor.shape[token_axis])
-    index_tensor = torch.tensor(indices, device=tensor.device)
-    selected = tensor.index_select(token_axis, index_tensor)
+    selected = _select_tokens(tensor, token_axis, indices)
     if reduction is Reduction.NONE:
         values = selected
     elif reduction is Reduction.MEAN:

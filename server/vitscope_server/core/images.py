@@ -75,10 +75,9 @@ def _from_preprocessed(array: np.ndarray, field: str, adapter: ModelAdapter) -> 
         raise InvalidArgument(
             f"{field}: preprocessed shape {list(array.shape)}; model expects {expected}"
         )
-    tensor = torch.from_numpy(np.array(array, dtype=np.float32))
-    if not torch.isfinite(tensor).all():
+    if not np.isfinite(array).all():
         raise InvalidArgument(f"{field}: preprocessed tensor contains NaN or infinity")
-    return tensor
+    return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
 def prepare_batch(

@@ -215,12 +215,16 @@ def activation_responses(
     for site in result.sites:
         for tensor in site.tensors:
             payload = memoryview(tensor.array.data).cast("B")
-            for chunk in wire.iter_chunks(
-                site.site.name,
-                tensor.role,
-                _WIRE_DTYPES[tensor.dtype],
-                tensor.array.shape,
-                payload,
-                chunk_bytes,
-            ):
-                yield pb.GetActivationsResponse(chunk=chunk)
+            dtype = _WIRE_DTYPES[tensor.dtype]
+            for span in wire.chunk_spans(len(payload), chunk_bytes):
+                response = pb.GetActivationsResponse()
+                wire.fill_chunk(
+                    response.chunk,
+                    site.site.name,
+                    tensor.role,
+                    dtype,
+                    tensor.array.shape,
+                    payload,
+                    span,
+                )
+                yield response
