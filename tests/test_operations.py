@@ -40,6 +40,12 @@ from vitscope_server.transport.app import RunningServer, create_server
 REPO = Path(__file__).resolve().parents[1]
 
 
+def local_server(**overrides: object) -> RunningServer:
+    """A server on loopback, an ephemeral port and no metrics endpoint."""
+    settings = ServerSettings(host="127.0.0.1", port=0, metrics_port=-1, **overrides)  # type: ignore[arg-type]
+    return create_server(settings)
+
+
 def test_health_overall_and_per_model(client: Client) -> None:
     assert client.health() == "SERVING"
     assert client.health("vitscope.v1.Inspector") == "SERVING"
@@ -148,11 +154,7 @@ def test_stubs_match_the_protos(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = create_server(
-        ServerSettings(
-            host="127.0.0.1", port=0, metrics_port=-1, auth_token="s3cret", max_workers=4
-        )
-    )
+    running = local_server(auth_token="s3cret", max_workers=4)
     assert running.registry.wait_until_settled(60)
     yield running
     running.stop(0)
@@ -218,16 +220,11 @@ def test_mutual_tls(tmp_path: Path) -> None:
     for stem in ("server", "client"):
         key = ec.generate_private_key(ec.SECP256R1())
         _write_pair(tmp_path, stem, _certificate(stem, key, (ca, ca_key), ca=False), key)
-    running = create_server(
-        ServerSettings(
-            host="127.0.0.1",
-            port=0,
-            metrics_port=-1,
-            tls_cert=tmp_path / "server.crt",
-            tls_key=tmp_path / "server.key",
-            tls_client_ca=tmp_path / "ca.crt",
-            max_workers=4,
-        )
+    running = local_server(
+        tls_cert=tmp_path / "server.crt",
+        tls_key=tmp_path / "server.key",
+        tls_client_ca=tmp_path / "ca.crt",
+        max_workers=4,
     )
     try:
         target = f"localhost:{running.port}"
@@ -253,18 +250,13 @@ def test_mutual_tls(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def heavy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """One compute slot, one queue place, a model slow enough on CPU to interrupt."""
-    running = create_server(
-        ServerSettings(
-            host="127.0.0.1",
-            port=0,
-            metrics_port=-1,
-            builtin_models=False,
-            models=["base=timm:vit_base_patch16_224@random", "tiny=timm:test_vit@random"],
-            default_model="base",
-            max_running=1,
-            max_queue=1,
-            max_workers=8,
-        )
+    running = local_server(
+        builtin_models=False,
+        models=["base=timm:vit_base_patch16_224@random", "tiny=timm:test_vit@random"],
+        default_model="base",
+        max_running=1,
+        max_queue=1,
+        max_workers=8,
     )
     assert running.registry.wait_until_settled(120)
     yield running
@@ -370,15 +362,10 @@ def test_cancelled_error_class_maps_from_status() -> None:
 
 
 def test_stop_drains_in_flight_work_within_grace() -> None:
-    running = create_server(
-        ServerSettings(
-            host="127.0.0.1",
-            port=0,
-            metrics_port=-1,
-            builtin_models=False,
-            models=["tiny=timm:test_vit@random"],
-            max_workers=4,
-        )
+    running = local_server(
+        builtin_models=False,
+        models=["tiny=timm:test_vit@random"],
+        max_workers=4,
     )
     assert running.registry.wait_until_settled(60)
     target = f"127.0.0.1:{running.port}"
@@ -446,15 +433,10 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
 
 
 def test_client_retries_while_a_model_loads() -> None:
-    running = create_server(
-        ServerSettings(
-            host="127.0.0.1",
-            port=0,
-            metrics_port=-1,
-            builtin_models=False,
-            models=["base=timm:vit_base_patch16_224@random"],
-            max_workers=4,
-        )
+    running = local_server(
+        builtin_models=False,
+        models=["base=timm:vit_base_patch16_224@random"],
+        max_workers=4,
     )
     try:
         with Client(f"127.0.0.1:{running.port}", retries=8, timeout=60) as c:
