@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+DEMO_PORT ?= 50061
+
 .PHONY: install serve test bench proto lint format demo
 
 install: $(STAMP)
@@ -34,3 +36,10 @@ lint: install
 format: install
 	$(BIN)/ruff format server client tests bench proto
 	$(BIN)/ruff check --fix server client tests bench proto
+
+# Starts a server on DEMO_PORT, writes the demo into demo-out/, stops the server.
+demo: install
+	@$(BIN)/vitscope serve --port $(DEMO_PORT) --metrics-port -1 & pid=$$!; \
+	trap "kill $$pid" EXIT; \
+	for i in $$(seq 120); do $(BIN)/vitscope --target localhost:$(DEMO_PORT) health 2>/dev/null | grep -qx SERVING && break; sleep 1; done; \
+	$(BIN)/vitscope --target localhost:$(DEMO_PORT) demo --out demo-out

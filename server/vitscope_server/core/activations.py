@@ -96,8 +96,8 @@ class ActivationLimits:
 
 
 def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery:
-    if not query.sites:
-        raise InvalidArgument("sites: at least one site is required")
+    if not query.sites and not query.top_predictions:
+        raise InvalidArgument("sites: at least one site is required (or top_predictions > 0)")
     if len(set(query.sites)) != len(query.sites):
         raise InvalidArgument("sites: each site may appear once")
     if query.output_dtype not in OUTPUT_DTYPES:

@@ -1,0 +1,41 @@
+"""The demo end to end against a real server, on the built-in model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vitscope.cli import main
+from vitscope.demo import sample_digits
+from vitscope_server.builtin import builtin_default_name
+from vitscope_server.transport.app import RunningServer
+
+
+def test_demo_writes_pictures_and_an_index(server: RunningServer, tmp_path: Path) -> None:
+    main(
+        [
+            "--target",
+            f"127.0.0.1:{server.port}",
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--model",
+            builtin_default_name(),
+        ]
+    )
+    page = (tmp_path / "index.html").read_text()
+    pictures = sorted(tmp_path.glob("*.png"))
+    assert pictures
+    for picture in pictures:
+        assert picture.name in page
+        pixels = np.asarray(Image.open(picture))
+        assert pixels.std() > 10, f"{picture.name} is nearly blank"
+    assert "<figcaption>" in page
+
+
+def test_sample_digits_are_labelled_test_digits() -> None:
+    digits = sample_digits()
+    assert [name[0] for name, _ in digits] == [str(d) for d in range(10)]
+    assert all(image.size == (28, 28) for _, image in digits)
