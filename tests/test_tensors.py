@@ -48,10 +48,29 @@ def _chunks(array: np.ndarray, chunk_bytes: int) -> list[tensor_pb2.TensorChunk]
     payload = memoryview(array).cast("B")
     chunks = []
     for span in wire.chunk_spans(len(payload), chunk_bytes):
-        chunk = tensor_pb2.TensorChunk()
-        wire.fill_chunk(chunk, "s", "values", tensor_pb2.DTYPE_FLOAT32, array.shape, payload, span)
-        chunks.append(chunk)
+        parts = wire.encode_chunk(
+            "s", "values", tensor_pb2.DTYPE_FLOAT32, array.shape, payload, span
+        )
+        chunks.append(tensor_pb2.TensorChunk.FromString(b"".join(parts)))
     return chunks
+
+
+def test_hand_framed_chunk_equals_protobufs_encoding() -> None:
+    array = np.arange(300, dtype=np.float32)
+    payload = memoryview(array).cast("B")
+    parts = wire.encode_chunk(
+        "blocks.0.out", "values", tensor_pb2.DTYPE_FLOAT32, (300,), payload, (400, 1200)
+    )
+    expected = tensor_pb2.TensorChunk(
+        name="blocks.0.out",
+        role="values",
+        dtype=tensor_pb2.DTYPE_FLOAT32,
+        shape=[300],
+        total_bytes=1200,
+        offset=400,
+        data=payload[400:1200].tobytes(),
+    )
+    assert b"".join(parts) == expected.SerializeToString()
 
 
 def test_chunks_reassemble_bit_exactly_in_any_order() -> None:

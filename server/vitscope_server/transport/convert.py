@@ -15,6 +15,8 @@ from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance
 from vitscope_server.core.registry import ModelEntry, ModelState
 
+_RESPONSE_CHUNK_FIELD = pb.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number
+
 _TOKEN_MODES = {
     pb.TOKEN_SELECTION_MODE_UNSPECIFIED: TokenMode.UNSPECIFIED,
     pb.TOKEN_SELECTION_MODE_ALL: TokenMode.ALL,
@@ -164,8 +166,12 @@ def describe(
 
 def activation_responses(
     result: ActivationResult, chunk_bytes: int
-) -> Iterator[pb.GetActivationsResponse]:
-    """The header, then every tensor in chunks of at most chunk_bytes."""
+) -> Iterator[pb.GetActivationsResponse | bytes]:
+    """The header, then every tensor in chunks of at most chunk_bytes.
+
+    Chunks come already serialized (GetActivationsResponse wire bytes), which the
+    server's serializer passes through untouched.
+    """
     q = result.query
     num_chunks = sum(
         wire.chunk_count(t.array.nbytes, chunk_bytes) for s in result.sites for t in s.tensors
@@ -217,14 +223,8 @@ def activation_responses(
             payload = memoryview(tensor.array.data).cast("B")
             dtype = _WIRE_DTYPES[tensor.dtype]
             for span in wire.chunk_spans(len(payload), chunk_bytes):
-                response = pb.GetActivationsResponse()
-                wire.fill_chunk(
-                    response.chunk,
-                    site.site.name,
-                    tensor.role,
-                    dtype,
-                    tensor.array.shape,
-                    payload,
-                    span,
+                chunk = wire.encode_chunk(
+                    site.site.name, tensor.role, dtype, tensor.array.shape, payload, span
                 )
-                yield response
+                size = sum(len(part) for part in chunk)
+                yield b"".join([wire.length_delimited_field(_RESPONSE_CHUNK_FIELD, size), *chunk])

@@ -52,6 +52,19 @@ def status_for(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc.
     )
 
 
+def _passing_bytes_through(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """Streams may yield responses already serialized (large tensor chunks)."""
+
+    def serialize(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serializer(response)
+
+    return serialize
+
+
+def _message_size(response: Any) -> int:
+    return len(response) if isinstance(response, bytes) else int(response.ByteSize())
+
+
 class _Call:
     """Bookkeeping of one RPC for metrics."""
 
@@ -109,7 +122,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(handler.unary_stream, method, authorized),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=_passing_bytes_through(handler.response_serializer),
             )
         return handler
 
@@ -154,7 +167,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                     )
                 try:
                     for response in behaviour(request, context):
-                        call.sent += response.ByteSize()
+                        call.sent += _message_size(response)
                         yield response
                 except Exception as exc:
                     code, message = status_for(exc, context)

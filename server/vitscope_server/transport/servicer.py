@@ -55,9 +55,9 @@ class InspectorServicer(pb_grpc.InspectorServicer):
         entry = self._registry.entry(request.model)
         return convert.describe(entry, loaded, self._registry.default, provenance_of(loaded))
 
-    def GetActivations(
+    def GetActivations(  # type: ignore[override]  # chunks are yielded pre-serialized
         self, request: pb.GetActivationsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GetActivationsResponse]:
+    ) -> Iterator[pb.GetActivationsResponse | bytes]:
         loaded = self._registry.get(request.model)
         images = convert.image_inputs(list(request.images))
         query = convert.activation_query(request)
