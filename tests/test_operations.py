@@ -393,23 +393,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("extra", "expected_log"),
+    [
+        ([], b"stopped"),
+        # A huge model is still loading when the signal comes: the process must not hang or abort.
+        (["--model", "huge=timm:vit_huge_patch14_224@random"], b"still loading"),
+    ],
+    ids=["idle", "while-loading"],
+)
+def test_sigterm_drains_and_exits_cleanly(extra: list[str], expected_log: bytes) -> None:
     port = _free_port()
+    command = [sys.executable, "-m", "vitscope.cli", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--metrics-port", "-1", "--grace-seconds", "5", *extra]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vitscope.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "-1",
-            "--grace-seconds",
-            "5",
-        ],
+        command,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -426,8 +424,9 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "server never became healthy"
                 time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
-        assert b"draining" in process.stdout.read()  # type: ignore[union-attr]
+        assert process.wait(timeout=30) == 0
+        log = process.stdout.read()  # type: ignore[union-attr]
+        assert b"draining" in log and expected_log in log
     finally:
         process.kill()
 

@@ -59,6 +59,7 @@ class ModelRegistry:
         self._entries = {spec.name: ModelEntry(spec) for spec in specs}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._loader: threading.Thread | None = None
         self._listeners: list[StateListener] = []
 
     def add_listener(self, listener: StateListener) -> None:
@@ -75,7 +76,8 @@ class ModelRegistry:
                     return
                 self._load(name)
 
-        threading.Thread(target=load_all, name="model-load", daemon=True).start()
+        self._loader = threading.Thread(target=load_all, name="model-load", daemon=True)
+        self._loader.start()
 
     def wait_until_settled(self, timeout: float | None = None) -> bool:
         """True when no model is still loading (for tests and start-up scripts)."""
@@ -141,6 +143,11 @@ class ModelRegistry:
             raise FailedPrecondition(f"model {entry.spec.name!r} failed to load: {entry.error}")
         return entry.loaded
 
-    def shutdown(self) -> None:
-        """Models not yet loaded are not loaded."""
+    def shutdown(self, wait_seconds: float = 0.0) -> bool:
+        """Models not yet loaded are not loaded; True when no load is still running
+        after waiting up to wait_seconds for the current one."""
         self._closed.set()
+        if self._loader is not None:
+            self._loader.join(wait_seconds)
+            return not self._loader.is_alive()
+        return True

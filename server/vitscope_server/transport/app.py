@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -29,6 +30,8 @@ from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.servicer import InspectorServicer
 
 log = logging.getLogger(__name__)
+
+_LOAD_WAIT_SECONDS = 5.0
 
 SERVICE_NAME = inspector_pb2.DESCRIPTOR.services_by_name["Inspector"].full_name
 
@@ -84,13 +87,15 @@ class RunningServer:
     metrics: Metrics
     _metrics_http: Any
 
-    def stop(self, grace: float) -> None:
-        """Health NOT_SERVING first, then stop accepting; in-flight calls get `grace` seconds."""
+    def stop(self, grace: float) -> bool:
+        """Health NOT_SERVING first, then stop accepting; in-flight calls get `grace` seconds.
+
+        Returns False when a model load is still running (it cannot be interrupted)."""
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
-        self.registry.shutdown()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        return self.registry.shutdown(wait_seconds=_LOAD_WAIT_SECONDS)
 
 
 def _health_updater(
@@ -206,5 +211,11 @@ def serve(settings: ServerSettings) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stopping.wait()
-    running.stop(settings.grace_seconds)
-    log.info("stopped")
+    if running.stop(settings.grace_seconds):
+        log.info("stopped")
+        return
+    # A load in progress would keep torch busy while the interpreter finalises,
+    # which can abort; nothing is left to flush but the logs.
+    log.warning("stopped while a model was still loading")
+    logging.shutdown()
+    os._exit(0)
