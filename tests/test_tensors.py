@@ -73,6 +73,35 @@ def test_hand_framed_chunk_equals_protobufs_encoding() -> None:
     assert b"".join(parts) == expected.SerializeToString()
 
 
+def test_split_chunk_reads_fields_in_any_order_without_copying_data() -> None:
+    data = np.arange(50, dtype=np.float32).tobytes()
+    full = tensor_pb2.TensorChunk(
+        name="n",
+        role="values",
+        dtype=tensor_pb2.DTYPE_FLOAT32,
+        shape=[5, 10],
+        total_bytes=400,
+        offset=200,
+        data=data,
+    )
+    head = tensor_pb2.TensorChunk(
+        name="n",
+        role="values",
+        dtype=tensor_pb2.DTYPE_FLOAT32,
+        shape=[5, 10],
+        total_bytes=400,
+        offset=200,
+    ).SerializeToString()
+    data_field = wire.length_delimited_field(7, len(data)) + data
+    for serialized in (full.SerializeToString(), data_field + head):
+        raw = memoryview(serialized)
+        chunk, view = wire.split_chunk(raw)
+        assert chunk.name == "n" and list(chunk.shape) == [5, 10] and chunk.offset == 200
+        assert view.tobytes() == data and view.obj is raw.obj
+    with pytest.raises(wire.TensorDecodeError, match="truncated"):
+        wire.split_chunk(memoryview(full.SerializeToString()[:-3]))
+
+
 def test_chunks_reassemble_bit_exactly_in_any_order() -> None:
     array = np.random.default_rng(1).standard_normal((7, 333)).astype(np.float32)
     chunks = _chunks(array, 1000)

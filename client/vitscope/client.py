@@ -65,6 +65,22 @@ def image_message(image: ImageLike) -> pb.Image:
     return pb.Image(preprocessed=wire.to_proto(np.asarray(image, dtype=np.float32)))
 
 
+_GET_ACTIVATIONS = "/vitscope.v1.Inspector/GetActivations"
+_CHUNK_KEY = pb.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
+
+
+def _chunk_of(raw: bytes) -> tuple[tensor_pb2.TensorChunk, memoryview] | None:
+    """A chunk response's fields and a view of its data, without copying the data;
+    None for anything else (the header), which protobuf parses."""
+    view = memoryview(raw)
+    if not view or view[0] != _CHUNK_KEY:
+        return None
+    length, start = wire.read_varint(view, 1)
+    if start + length != len(view):
+        return None
+    return wire.split_chunk(view[start:])
+
+
 def _retryable(error: grpc.RpcError) -> bool:
     return isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
 
@@ -189,6 +205,10 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.InspectorStub(self._channel)
+        # GetActivations responses are decoded by hand (see _chunk_of), so they arrive raw.
+        self._activations_raw = self._channel.unary_stream(
+            _GET_ACTIVATIONS, request_serializer=pb.GetActivationsRequest.SerializeToString
+        )
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
@@ -305,13 +325,18 @@ class Client:
             output_dtype=_DTYPES[dtype],
             top_predictions=top_predictions,
         )
-        return self._collect(self._stream(self._stub.GetActivations, request, timeout))
+        return self._collect(self._stream(self._activations_raw, request, timeout))
 
     @staticmethod
-    def _collect(responses: Iterator[pb.GetActivationsResponse]) -> Activations:
+    def _collect(responses: Iterator[bytes]) -> Activations:
         header: pb.ActivationsHeader | None = None
         assembler = wire.ChunkAssembler()
-        for response in responses:
+        for raw in responses:
+            chunk = _chunk_of(raw)
+            if chunk is not None:
+                assembler.add(*chunk)
+                continue
+            response = pb.GetActivationsResponse.FromString(raw)
             if response.HasField("header"):
                 header = response.header
             else:

@@ -86,7 +86,7 @@ def from_proto(tensor: tensor_pb2.Tensor, decode_bfloat16: bool = True) -> np.nd
 def _from_buffer(
     dtype: tensor_pb2.DType.ValueType,
     shape: list[int],
-    data: bytes | bytearray,
+    data: bytes | np.ndarray,
     decode_bfloat16: bool,
 ) -> np.ndarray:
     nbytes = expected_nbytes(dtype, shape)
@@ -152,6 +152,51 @@ def encode_chunk(
     return [head, length_delimited_field(_CHUNK_DATA_FIELD, len(data)), data]
 
 
+def read_varint(view: memoryview, position: int) -> tuple[int, int]:
+    """The varint at position and the position after it."""
+    value = shift = 0
+    while True:
+        if position >= len(view):
+            raise TensorDecodeError("truncated message")
+        byte = view[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def split_chunk(serialized: memoryview) -> tuple[tensor_pb2.TensorChunk, memoryview]:
+    """Parses a serialized TensorChunk without copying its data: the small fields go
+    through protobuf, the data comes back as a view into `serialized`."""
+    head: list[memoryview] = []
+    data = serialized[0:0]
+    position = 0
+    while position < len(serialized):
+        start = position
+        key, position = read_varint(serialized, position)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, position = read_varint(serialized, position)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        elif wire_type == _LENGTH_DELIMITED:
+            length, position = read_varint(serialized, position)
+            if number == _CHUNK_DATA_FIELD:
+                data = serialized[position : position + length]
+                position += length
+                continue
+            position += length
+        else:
+            raise TensorDecodeError(f"unsupported wire type {wire_type} in a tensor chunk")
+        head.append(serialized[start:position])
+    if position != len(serialized):
+        raise TensorDecodeError("truncated tensor chunk")
+    return tensor_pb2.TensorChunk.FromString(b"".join(head)), data
+
+
 def chunk_count(total_bytes: int, chunk_bytes: int) -> int:
     return max(1, -(-total_bytes // chunk_bytes))
 
@@ -160,7 +205,8 @@ def chunk_count(total_bytes: int, chunk_bytes: int) -> int:
 class _PartialTensor:
     dtype: tensor_pb2.DType.ValueType
     shape: list[int]
-    buffer: bytearray
+    # np.empty leaves pages untouched until the chunks are copied in: one pass, not two.
+    buffer: np.ndarray
     received: int = 0
 
 
@@ -171,7 +217,9 @@ class ChunkAssembler:
     decode_bfloat16: bool = True
     _partial: dict[tuple[str, str], _PartialTensor] = field(default_factory=dict)
 
-    def add(self, chunk: tensor_pb2.TensorChunk) -> None:
+    def add(self, chunk: tensor_pb2.TensorChunk, data: memoryview | bytes | None = None) -> None:
+        """Adds a chunk; `data`, when given, replaces chunk.data (a view that avoids a copy)."""
+        payload = chunk.data if data is None else data
         key = (chunk.name, chunk.role)
         partial = self._partial.get(key)
         if partial is None:
@@ -180,15 +228,15 @@ class ChunkAssembler:
                 raise TensorDecodeError(
                     f"chunk of {key} declares {chunk.total_bytes} bytes, shape needs {nbytes}"
                 )
-            partial = _PartialTensor(chunk.dtype, list(chunk.shape), bytearray(nbytes))
+            partial = _PartialTensor(chunk.dtype, list(chunk.shape), np.empty(nbytes, np.uint8))
             self._partial[key] = partial
-        end = chunk.offset + len(chunk.data)
+        end = chunk.offset + len(payload)
         if chunk.offset < 0 or end > len(partial.buffer):
             raise TensorDecodeError(
                 f"chunk of {key} at offset {chunk.offset} overruns {len(partial.buffer)} bytes"
             )
-        partial.buffer[chunk.offset : end] = chunk.data
-        partial.received += len(chunk.data)
+        partial.buffer[chunk.offset : end] = np.frombuffer(payload, dtype=np.uint8)
+        partial.received += len(payload)
 
     def result(self) -> dict[tuple[str, str], np.ndarray]:
         """All tensors; raises if any is incomplete."""
