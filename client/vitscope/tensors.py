@@ -49,13 +49,6 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even float32 -> bfloat16 bit patterns (as uint16)."""
-    as_int = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounding = ((as_int >> 16) & 1) + 0x7FFF
-    return ((as_int + rounding) >> 16).astype(np.uint16)
-
-
 def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
     """Encodes a numpy array (float32, float16, uint8 or int64) as a Tensor."""
     contiguous = np.ascontiguousarray(array)

@@ -16,17 +16,9 @@ class CancelToken:
     def cancel(self) -> None:
         self._event.set()
 
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
     def raise_if_cancelled(self) -> None:
         if self._event.is_set():
             raise Cancelled("the call was cancelled or its deadline passed")
-
-    def wait(self, seconds: float) -> bool:
-        """Sleeps up to `seconds`; True when cancelled meanwhile."""
-        return self._event.wait(seconds)
 
 
 NEVER_CANCELLED = CancelToken()
