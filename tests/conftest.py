@@ -69,6 +69,35 @@ TEST_MODELS: list[dict[str, object]] = [
 ]
 
 
+# An open_clip tower whose final norm runs after pooling: its 'final' site is one vector per image.
+TEST_MODELS.append(
+    {
+        "name": "clip-pooled",
+        "family": "open_clip",
+        "architecture": "ViT-B-32",
+        "seed": 5,
+        "kwargs": {
+            "embed_dim": 32,
+            "vision_cfg": {
+                "image_size": 32,
+                "layers": 1,
+                "width": 32,
+                "patch_size": 16,
+                "head_width": 16,
+                "final_ln_after_pool": True,
+            },
+            "text_cfg": {
+                "context_length": 8,
+                "vocab_size": 100,
+                "width": 32,
+                "heads": 2,
+                "layers": 1,
+            },
+        },
+    }
+)
+
+
 def start(tmp_dir: Path, **overrides: object) -> RunningServer:
     models_file = tmp_dir / "models.yaml"
     models_file.write_text(yaml.safe_dump({"models": TEST_MODELS}))
@@ -86,7 +115,7 @@ def start(tmp_dir: Path, **overrides: object) -> RunningServer:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = start(tmp_path_factory.mktemp("server"), default_model="vit")
+    running = start(tmp_path_factory.mktemp("server"), default_model="vit", max_running=3)
     yield running
     running.stop(0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import open_clip
@@ -13,7 +14,7 @@ from PIL import Image
 from reference import build, reference_sites, spec
 from skimage import data as skdata
 
-from vitscope import Client
+from vitscope import Client, InvalidArgumentError
 
 BLOCK_PARTS = ("out", "attn.out", "attn.probs", "mlp.hidden", "mlp.out")
 
@@ -212,3 +213,32 @@ def test_blocks_after_the_last_needed_one_are_skipped(client: Client, loaded: di
     expected = reference_sites("vit", pixels)
     np.testing.assert_allclose(early["blocks.1.out"], expected["blocks.1.out"], atol=1e-5)
     np.testing.assert_array_equal(early["blocks.1.out"], with_predictions["blocks.1.out"])
+
+
+def test_a_pooled_final_site_is_served_raw(client: Client) -> None:
+    described = client.describe("clip-pooled")
+    assert described.sites["final"]["layout"] == "SITE_LAYOUT_RAW"
+    assert described.sites["blocks.0.out"]["layout"] == "SITE_LAYOUT_TOKENS"
+    images = list(input_batch(client, "clip-pooled").numpy())
+    assert client.activations(images, ["final"], model="clip-pooled")["final"].shape == (2, 32)
+    with pytest.raises(InvalidArgumentError, match="raw layout"):
+        client.activations(images, ["final"], model="clip-pooled", reduction="mean")
+
+
+def test_concurrent_requests_on_one_model_do_not_mix(client: Client) -> None:
+    images = list(input_batch(client, "vit").numpy())
+    requests = [
+        {"sites": ["blocks.0.attn.probs", "blocks.2.mlp.hidden"]},
+        {"sites": ["final"], "top_predictions": 2},
+        {"sites": ["blocks.4.out"], "reduction": "mean"},
+    ] * 3
+    expected = [client.activations(images, model="vit", **r) for r in requests[:3]]
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        results = list(pool.map(lambda r: client.activations(images, model="vit", **r), requests))
+    for index, result in enumerate(results):
+        reference = expected[index % 3]
+        assert result.sites.keys() == reference.sites.keys()
+        for site in result.sites:
+            # A concurrent attention-probability request runs block 0 unfused: same maths,
+            # other rounding.
+            np.testing.assert_allclose(result[site], reference[site], atol=1e-5, rtol=1e-5)

@@ -44,6 +44,24 @@ CASES = [
     ("no sites", {"sites": []}, InvalidArgumentError, ["sites"]),
     ("repeated site", {"sites": ["embed", "embed"]}, InvalidArgumentError, ["sites"]),
     (
+        "one site under two spellings",
+        {"sites": ["blocks.1.out", "blocks.01.out"]},
+        InvalidArgumentError,
+        ["each site may appear once"],
+    ),
+    (
+        "more indices than tokens",
+        {"tokens": "indices", "indices": [0] * 5000},
+        InvalidArgumentError,
+        ["tokens", "at most"],
+    ),
+    (
+        "empty pixels",
+        {"images": [np.zeros((0, 0), dtype=np.uint8)]},
+        InvalidArgumentError,
+        ["images[0].pixels", "empty"],
+    ),
+    (
         "token index out of range",
         {"tokens": "indices", "indices": [0, 4000]},
         InvalidArgumentError,
@@ -138,6 +156,16 @@ def test_tensor_bytes_that_do_not_fit_the_shape(server: RunningServer) -> None:
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "images[0].preprocessed" in error.details() and "12 bytes" in error.details()
+
+
+def test_tensor_shape_whose_size_overflows(server: RunningServer) -> None:
+    tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=[2**32, 2**32], data=b"")
+    request = pb.GetActivationsRequest(
+        model="vit", sites=["embed"], images=[pb.Image(pixels=tensor)]
+    )
+    error = _raw_call(server, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "images[0].pixels" in error.details()
 
 
 def test_unsupported_tensor_dtype(server: RunningServer) -> None:

@@ -16,6 +16,7 @@ from vitscope.client import DEFAULT_TARGET, Client
 from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
 from vitscope.overlay import grid, heatmap_overlay
+from vitscope.tensors import TensorDecodeError
 
 # serve flag -> (ServerSettings field, argparse options)
 _SERVE_FLAGS: list[tuple[str, dict[str, object]]] = [
@@ -63,6 +64,14 @@ _SERVE_FLAGS: list[tuple[str, dict[str, object]]] = [
 ]
 
 
+def _position(text: str) -> tuple[int, int]:
+    row, _, col = text.partition(",")
+    try:
+        return int(row), int(col)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROW,COL") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitscope", description="Look inside vision transformers over gRPC."
@@ -106,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens", choices=["all", "prefix", "patches", "indices", "positions"]
     )
     activations.add_argument("--indices", type=int, nargs="+", default=[])
+    activations.add_argument(
+        "--positions",
+        type=_position,
+        nargs="+",
+        default=[],
+        metavar="ROW,COL",
+        help="patch positions",
+    )
     activations.add_argument(
         "--reduction", default="none", choices=["none", "mean", "patch_map", "top_channels"]
     )
@@ -164,6 +181,7 @@ def _activations(client: Client, args: argparse.Namespace) -> None:
         model=args.model,
         tokens=args.tokens,
         indices=args.indices,
+        positions=args.positions,
         reduction=args.reduction,
         channels=args.channels,
         top_k=args.top_k,
@@ -230,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 _activations(client, args)
             elif args.command == "demo":
                 print(f"wrote {run_demo(client, args.out, args.model)}")
-    except VitscopeError as exc:
+    except (VitscopeError, TensorDecodeError) as exc:
         print(f"vitscope: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

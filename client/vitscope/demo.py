@@ -40,7 +40,10 @@ def _strongest_channels(
     client: Client, model: str, images: list[Image.Image], site: str, count: int
 ) -> list[int]:
     """Channels with the largest mean patch activation over the images, as the paper picks features."""
-    top = client.activations(images, [site], model=model, reduction="top_channels", top_k=count * 3)
+    width = int(client.describe(model).sites[site]["shape"][-1])
+    top = client.activations(
+        images, [site], model=model, reduction="top_channels", top_k=min(count * 3, width)
+    )
     indices = top.sites[site].channel_indices
     assert indices is not None
     votes: dict[int, int] = {}
@@ -57,11 +60,17 @@ def activation_maps(
     described = client.describe(model)
     images = [image for _, image in digits]
     figures = []
-    for block in sorted({1, described.num_blocks - 2}):
+    last = described.num_blocks - 1
+    for block in sorted({min(1, last), max(0, last - 1)}):
         site = f"blocks.{block}.mlp.hidden"
         channels = _strongest_channels(client, model, images, site, count=4)
         result = client.activations(
-            images, [site], model=model, reduction="patch_map", channels=channels, top_predictions=1
+            images,
+            [site],
+            model=model,
+            reduction="patch_map",
+            channels=channels,
+            top_predictions=1 if described.class_names else 0,
         )
         maps = result[site]
         tiles, captions = [], []

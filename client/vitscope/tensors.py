@@ -6,6 +6,7 @@ upper 16 bits of float32; numpy has no bfloat16, so it decodes to float32.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -26,6 +27,9 @@ _DTYPE_BY_NUMPY: dict[np.dtype, tensor_pb2.DType.ValueType] = {
     np.dtype("u1"): tensor_pb2.DTYPE_UINT8,
     np.dtype("<i8"): tensor_pb2.DTYPE_INT64,
 }
+
+
+MAX_DIMENSIONS = 8
 
 
 class TensorDecodeError(ValueError):
@@ -66,9 +70,11 @@ def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
 
 
 def expected_nbytes(dtype: tensor_pb2.DType.ValueType, shape: list[int] | tuple[int, ...]) -> int:
-    if any(d < 0 for d in shape):
-        raise TensorDecodeError(f"shape {list(shape)} has a negative dimension")
-    return int(np.prod(shape, dtype=np.int64)) * wire_numpy_dtype(dtype).itemsize
+    if len(shape) > MAX_DIMENSIONS or any(d < 0 for d in shape):
+        raise TensorDecodeError(
+            f"shape {list(shape)}: at most {MAX_DIMENSIONS} dimensions, none negative"
+        )
+    return math.prod(shape) * wire_numpy_dtype(dtype).itemsize
 
 
 def from_proto(tensor: tensor_pb2.Tensor, decode_bfloat16: bool = True) -> np.ndarray:
@@ -223,8 +229,14 @@ class ChunkAssembler:
                 )
             partial = _PartialTensor(chunk.dtype, list(chunk.shape), np.empty(nbytes, np.uint8))
             self._partial[key] = partial
+        elif (chunk.dtype, list(chunk.shape)) != (partial.dtype, partial.shape):
+            raise TensorDecodeError(f"chunks of {key} disagree on dtype or shape")
         end = chunk.offset + len(payload)
-        if chunk.offset < 0 or end > len(partial.buffer):
+        if (
+            chunk.offset < 0
+            or end > len(partial.buffer)
+            or partial.received + len(payload) > len(partial.buffer)
+        ):
             raise TensorDecodeError(
                 f"chunk of {key} at offset {chunk.offset} overruns {len(partial.buffer)} bytes"
             )

@@ -98,8 +98,6 @@ class ActivationLimits:
 def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery:
     if not query.sites and not query.top_predictions:
         raise InvalidArgument("sites: at least one site is required (or top_predictions > 0)")
-    if len(set(query.sites)) != len(query.sites):
-        raise InvalidArgument("sites: each site may appear once")
     if query.output_dtype not in OUTPUT_DTYPES:
         raise InvalidArgument(
             f"output_dtype: {query.output_dtype!r} not allowed; allowed: {OUTPUT_DTYPES}"
@@ -128,7 +126,14 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
         raise InvalidArgument(
             f"top_predictions: {query.top_predictions} exceeds the {len(adapter.class_names)} classes"
         )
-    return replace(query, token_mode=mode)
+    return replace(
+        query,
+        token_mode=mode,
+        token_indices=query.token_indices if mode is TokenMode.INDICES else (),
+        positions=query.positions if mode is TokenMode.POSITIONS else (),
+        channels=query.channels if query.reduction is Reduction.PATCH_MAP else (),
+        top_k=query.top_k if query.reduction is Reduction.TOP_CHANNELS else 0,
+    )
 
 
 def _token_indices(query: ActivationQuery, site: SiteDef, num_tokens: int) -> list[int]:
@@ -143,6 +148,10 @@ def _token_indices(query: ActivationQuery, site: SiteDef, num_tokens: int) -> li
         return list(range(prefix))
     if mode is TokenMode.PATCHES:
         return list(range(prefix, num_tokens))
+    if len(query.token_indices) > num_tokens or len(query.positions) > num_tokens:
+        raise InvalidArgument(
+            f"tokens: at most {num_tokens} indices or positions for site {site.name!r}"
+        )
     if mode is TokenMode.INDICES:
         bad = [i for i in query.token_indices if not 0 <= i < num_tokens]
         if bad:
@@ -167,11 +176,15 @@ def _select_tokens(tensor: torch.Tensor, axis: int, indices: list[int]) -> torch
     return tensor.index_select(axis, torch.tensor(indices, device=tensor.device))
 
 
-def _as_site_layout(site: SiteDef, tensor: torch.Tensor) -> SiteDef:
-    """A raw module whose output is one vector per token is read like a canonical token site."""
+def as_site_layout(site: SiteDef, shape: tuple[int, ...]) -> SiteDef:
+    """The layout a tensor of this shape really has: a raw module with one vector per token
+    reads like a token site; a token site that is not [B, tokens, C] (a pooled 'final') is raw."""
     tokens = site.num_prefix_tokens + site.grid[0] * site.grid[1]
-    if site.layout is Layout.RAW and tensor.dim() == 3 and tensor.shape[1] == tokens:
+    per_token = len(shape) == 3 and shape[1] == tokens
+    if site.layout is Layout.RAW and per_token:
         return replace(site, layout=Layout.TOKENS)
+    if site.layout is Layout.TOKENS and not per_token:
+        return replace(site, layout=Layout.RAW)
     return site
 
 
@@ -188,6 +201,8 @@ def _to_output(role: str, tensor: torch.Tensor, dtype: str) -> OutputTensor:
 
 
 def _check_channels(channels: tuple[int, ...], site: SiteDef, num_channels: int) -> None:
+    if len(channels) > num_channels:
+        raise InvalidArgument(f"channels: at most {num_channels} for site {site.name!r}")
     bad = [c for c in channels if not 0 <= c < num_channels]
     if bad:
         raise InvalidArgument(
@@ -259,11 +274,6 @@ def _predictions(adapter: ModelAdapter, logits: torch.Tensor, k: int) -> list[li
     return result
 
 
-def _result_bytes(tensors: dict[str, torch.Tensor], dtype: str) -> int:
-    itemsize = 4 if dtype == "float32" else 2
-    return sum(t.numel() for t in tensors.values()) * itemsize
-
-
 def get_activations(
     loaded: LoadedModel,
     images: list[ImageInput],
@@ -274,6 +284,10 @@ def get_activations(
     adapter = loaded.adapter
     effective = _effective(query, adapter)
     sites = [resolve_site(adapter, name, f"sites[{i}]") for i, name in enumerate(effective.sites)]
+    names = [site.name for site in sites]
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"sites: each site may appear once; {effective.sites} name {names}")
+    effective = replace(effective, sites=tuple(names))
     batch = prepare_batch(adapter, images, loaded.device, limits.max_batch, limits.max_pixels)
     cancel.raise_if_cancelled()
     stop_after = None if effective.top_predictions else last_block_needed(adapter, sites)
@@ -283,15 +297,8 @@ def get_activations(
                 logits = adapter.forward(batch)
             except ForwardStopped:
                 logits = None
-        if (
-            effective.reduction is Reduction.NONE
-            and _result_bytes(captured, effective.output_dtype) > limits.max_result_bytes
-        ):
-            raise ResourceExhausted(
-                f"sites: the result would exceed {limits.max_result_bytes} bytes; "
-                "ask for fewer sites, tokens or images, a reduction, or float16"
-            )
         outputs = []
+        result_bytes = 0
         for site in sites:
             cancel.raise_if_cancelled()
             tensor = captured.get(site.name)
@@ -299,7 +306,13 @@ def get_activations(
                 raise InvalidArgument(
                     f"sites: {site.name!r} ({site.module_path}) is not reached by the forward pass"
                 )
-            outputs.append(_reduce(effective, _as_site_layout(site, tensor), tensor))
+            outputs.append(_reduce(effective, as_site_layout(site, tuple(tensor.shape)), tensor))
+            result_bytes += sum(t.array.nbytes for t in outputs[-1].tensors)
+            if result_bytes > limits.max_result_bytes:
+                raise ResourceExhausted(
+                    f"sites: the result exceeds {limits.max_result_bytes} bytes; "
+                    "ask for fewer sites, tokens or images, a reduction, or float16"
+                )
         predictions = (
             _predictions(adapter, logits, effective.top_predictions)
             if logits is not None and effective.top_predictions

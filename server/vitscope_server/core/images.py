@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,24 +25,23 @@ class ImageInput:
 
 
 def _decode(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """Reads the header first: the pixel limit is checked before any pixel is decoded."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.format not in ALLOWED_FORMATS:
-                raise InvalidArgument(
-                    f"{field}: format {image.format} not allowed; allowed: {ALLOWED_FORMATS}"
-                )
-            if image.width * image.height > max_pixels:
-                raise ResourceExhausted(
-                    f"{field}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels} pixels"
-                )
-            image.load()
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ALLOWED_FORMATS:
+            raise InvalidArgument(
+                f"{field}: format {image.format} not allowed; allowed: {ALLOWED_FORMATS}"
+            )
+        if image.width * image.height > max_pixels:
+            raise ResourceExhausted(
+                f"{field}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels} pixels"
+            )
+        image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidArgument(
             f"{field}: cannot decode image ({exc}); allowed formats: {ALLOWED_FORMATS}"
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ResourceExhausted(f"{field}: image too large to decode ({exc})") from None
     return image.convert("RGB")
 

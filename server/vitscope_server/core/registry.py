@@ -121,6 +121,11 @@ class ModelRegistry:
         for listener in self._listeners:
             listener(entry.spec.name, state)
 
+    def label(self, name: str) -> str:
+        """A metrics label: the resolved model name, or "unknown" for names not served."""
+        resolved = name or self.default
+        return resolved if resolved in self._entries else "unknown"
+
     def entries(self) -> list[ModelEntry]:
         with self._lock:
             return list(self._entries.values())

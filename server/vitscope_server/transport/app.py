@@ -144,7 +144,7 @@ def create_server(settings: ServerSettings) -> RunningServer:
     threads = settings.max_running + settings.max_queue + settings.max_workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-        interceptors=[ServiceInterceptor(metrics, lambda: registry.default, settings.token())],
+        interceptors=[ServiceInterceptor(metrics, registry.label, settings.token())],
         options=options,
     )
     slots = ComputeSlots(settings.max_running, settings.max_queue)

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
+
 from vitscope import tensors as wire
 from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import tensor_pb2
-from vitscope_server.core.activations import ActivationQuery, ActivationResult, Reduction, TokenMode
+from vitscope_server.core.activations import (
+    ActivationQuery,
+    ActivationResult,
+    Reduction,
+    TokenMode,
+    as_site_layout,
+)
 from vitscope_server.core.adapters import Layout
-from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
 from vitscope_server.core.images import ImageInput
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance
@@ -131,18 +139,20 @@ def describe(
 ) -> pb.DescribeModelResponse:
     adapter = loaded.adapter
     config = adapter.data_config
-    sites = [
-        pb.SiteInfo(
-            name=site.name,
-            module_path=site.module_path,
-            layout=_LAYOUTS[site.layout],
-            shape=list(loaded.site_shapes.get(site.name, ())),
-            num_prefix_tokens=site.num_prefix_tokens,
-            grid_height=site.grid[0],
-            grid_width=site.grid[1],
+    sites = []
+    for site in adapter.canonical_sites():
+        shape = loaded.site_shapes.get(site.name, ())
+        sites.append(
+            pb.SiteInfo(
+                name=site.name,
+                module_path=site.module_path,
+                layout=_LAYOUTS[as_site_layout(site, shape).layout],
+                shape=list(shape),
+                num_prefix_tokens=site.num_prefix_tokens,
+                grid_height=site.grid[0],
+                grid_width=site.grid[1],
+            )
         )
-        for site in adapter.canonical_sites()
-    ]
     return pb.DescribeModelResponse(
         summary=model_summary(entry, default),
         num_blocks=len(adapter.blocks),
@@ -217,10 +227,16 @@ def activation_responses(
         ],
         num_chunks=num_chunks,
     )
-    yield pb.GetActivationsResponse(header=header)
+    response = pb.GetActivationsResponse(header=header)
+    if response.ByteSize() > chunk_bytes:
+        raise ResourceExhausted(
+            f"the response header ({response.ByteSize()} bytes: token indices, predictions) exceeds "
+            f"the message limit; ask for fewer tokens, predictions or images"
+        )
+    yield response
     for site in result.sites:
         for tensor in site.tensors:
-            payload = memoryview(tensor.array.data).cast("B")
+            payload = memoryview(tensor.array.reshape(-1).view(np.uint8).data)
             dtype = _WIRE_DTYPES[tensor.dtype]
             for span in wire.chunk_spans(len(payload), chunk_bytes):
                 chunk = wire.encode_chunk(

@@ -88,10 +88,11 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     """Wraps every Inspector method; health and reflection pass untouched."""
 
     def __init__(
-        self, metrics: Metrics, default_model: Callable[[], str], token: str | None
+        self, metrics: Metrics, model_label: Callable[[str], str], token: str | None
     ) -> None:
+        """model_label maps a requested model name to a bounded label (unknown names share one)."""
         self._metrics = metrics
-        self._default_model = default_model
+        self._model_label_of = model_label
         self._token = token
 
     def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
@@ -127,7 +128,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         return handler
 
     def _model_label(self, request: Any) -> str:
-        return getattr(request, "model", "") or self._default_model()
+        return self._model_label_of(str(getattr(request, "model", "")))
 
     def _unary(
         self, behaviour: Callable[..., Any], method: str, authorized: bool
@@ -175,7 +176,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 if not context.is_active():
                     code = grpc.StatusCode.CANCELLED
             except GeneratorExit:
-                code = grpc.StatusCode.CANCELLED
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
                 raise
             finally:
                 call.finish(code)

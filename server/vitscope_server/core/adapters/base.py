@@ -152,9 +152,9 @@ class ModelAdapter(ABC):
         with self._unfused_lock:
             for block in blocks:
                 users = self._unfused_users.get(block, 0)
-                self._unfused_users[block] = users + 1
                 if users == 0:
                     self._expose_attention_probs(block)
+                self._unfused_users[block] = users + 1
         try:
             yield
         finally:
