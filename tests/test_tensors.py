@@ -83,14 +83,10 @@ def test_split_chunk_reads_fields_in_any_order_without_copying_data() -> None:
         offset=200,
         data=data,
     )
-    head = tensor_pb2.TensorChunk(
-        name="n",
-        role="values",
-        dtype=tensor_pb2.DTYPE_FLOAT32,
-        shape=[5, 10],
-        total_bytes=400,
-        offset=200,
-    ).SerializeToString()
+    without_data = tensor_pb2.TensorChunk()
+    without_data.CopyFrom(full)
+    without_data.ClearField("data")
+    head = without_data.SerializeToString()
     data_field = wire.length_delimited_field(7, len(data)) + data
     for serialized in (full.SerializeToString(), data_field + head):
         raw = memoryview(serialized)
