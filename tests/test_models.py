@@ -12,7 +12,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from vitscope_server.core.activations import ActivationLimits, ActivationQuery, get_activations
+from vitscope_server.core.activations import (
+    ActivationLimits,
+    ActivationQuery,
+    get_activations,
+    prepare_activations,
+)
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from vitscope_server.core.images import ImageInput
@@ -31,13 +36,10 @@ def _trained_like_state(seed: int) -> dict[str, torch.Tensor]:
 
 def _first_block_output(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
     loaded = load_model(spec, CPU)
-    result = get_activations(
-        loaded,
-        [ImageInput(preprocessed=pixels)],
-        ActivationQuery(sites=("blocks.0.out",)),
-        NEVER_CANCELLED,
-        ActivationLimits(),
-    )
+    limits = ActivationLimits()
+    query = ActivationQuery(sites=("blocks.0.out",))
+    prepared = prepare_activations(loaded, [ImageInput(preprocessed=pixels)], query, limits)
+    result = get_activations(prepared, NEVER_CANCELLED, limits)
     return result.sites[0].tensors[0].array
 
 

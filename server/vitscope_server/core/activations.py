@@ -274,21 +274,37 @@ def _predictions(adapter: ModelAdapter, logits: torch.Tensor, k: int) -> list[li
     return result
 
 
-def get_activations(
-    loaded: LoadedModel,
-    images: list[ImageInput],
-    query: ActivationQuery,
-    cancel: CancelToken,
-    limits: ActivationLimits,
-) -> ActivationResult:
+@dataclass(frozen=True)
+class PreparedActivations:
+    """A validated request with its images decoded and preprocessed (on the CPU)."""
+
+    loaded: LoadedModel
+    query: ActivationQuery
+    sites: list[SiteDef]
+    pixels: torch.Tensor
+
+
+def prepare_activations(
+    loaded: LoadedModel, images: list[ImageInput], query: ActivationQuery, limits: ActivationLimits
+) -> PreparedActivations:
+    """Everything that needs no compute slot: validation, decoding, preprocessing."""
     adapter = loaded.adapter
     effective = _effective(query, adapter)
     sites = [resolve_site(adapter, name, f"sites[{i}]") for i, name in enumerate(effective.sites)]
     names = [site.name for site in sites]
     if len(set(names)) != len(names):
         raise InvalidArgument(f"sites: each site may appear once; {effective.sites} name {names}")
-    effective = replace(effective, sites=tuple(names))
-    batch = prepare_batch(adapter, images, loaded.device, limits.max_batch, limits.max_pixels)
+    pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels)
+    return PreparedActivations(loaded, replace(effective, sites=tuple(names)), sites, pixels)
+
+
+def get_activations(
+    prepared: PreparedActivations, cancel: CancelToken, limits: ActivationLimits
+) -> ActivationResult:
+    """The forward with its sites captured, then token selection and reductions on the device."""
+    loaded, effective, sites = prepared.loaded, prepared.query, prepared.sites
+    adapter = loaded.adapter
+    batch = prepared.pixels.to(loaded.device)
     cancel.raise_if_cancelled()
     stop_after = None if effective.top_predictions else last_block_needed(adapter, sites)
     with torch.inference_mode():

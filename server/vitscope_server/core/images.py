@@ -79,11 +79,7 @@ def _from_preprocessed(array: np.ndarray, field: str, adapter: ModelAdapter) -> 
 
 
 def prepare_batch(
-    adapter: ModelAdapter,
-    images: list[ImageInput],
-    device: torch.device,
-    max_batch: int,
-    max_pixels: int,
+    adapter: ModelAdapter, images: list[ImageInput], max_batch: int, max_pixels: int
 ) -> torch.Tensor:
     """Applies the model's own transform to each image and stacks them."""
     if not images:
@@ -107,4 +103,4 @@ def prepare_batch(
             )
         else:
             raise InvalidArgument(f"{field}: no source set; set encoded, pixels or preprocessed")
-    return torch.stack(tensors).to(device)
+    return torch.stack(tensors)

@@ -8,7 +8,11 @@ import grpc
 
 from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
-from vitscope_server.core.activations import ActivationLimits, get_activations
+from vitscope_server.core.activations import (
+    ActivationLimits,
+    get_activations,
+    prepare_activations,
+)
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.provenance import provenance_of
 from vitscope_server.core.registry import ModelRegistry
@@ -60,11 +64,13 @@ class InspectorServicer(pb_grpc.InspectorServicer):
     ) -> Iterator[pb.GetActivationsResponse | bytes]:
         loaded = self._registry.get(request.model)
         images = convert.image_inputs(list(request.images))
-        query = convert.activation_query(request)
+        prepared = prepare_activations(
+            loaded, images, convert.activation_query(request), self._limits
+        )
         cancel = cancel_token(context)
         labels = ("GetActivations", loaded.spec.name)
         with self._slots.acquire(cancel) as waited:
             self._metrics.queue_wait.labels(*labels).observe(waited)
             with self._metrics.compute.labels(*labels).time():
-                result = get_activations(loaded, images, query, cancel, self._limits)
+                result = get_activations(prepared, cancel, self._limits)
         yield from convert.activation_responses(result, self._chunk_bytes)
