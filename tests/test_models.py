@@ -25,6 +25,7 @@ from vitscope_server.core.loading import load_model
 from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.specs import ModelSpec, load_models_file, parse_model_flag
 from vitscope_server.core.weights import file_digest
+from vitscope_server.settings import ServerSettings
 
 CPU = torch.device("cpu")
 
@@ -36,7 +37,10 @@ def _trained_like_state(seed: int) -> dict[str, torch.Tensor]:
 
 def _first_block_output(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
     loaded = load_model(spec, CPU)
-    limits = ActivationLimits()
+    defaults = ServerSettings()
+    limits = ActivationLimits(
+        defaults.max_batch, defaults.max_image_pixels, defaults.max_result_bytes
+    )
     query = ActivationQuery(sites=("blocks.0.out",))
     prepared = prepare_activations(loaded, [ImageInput(preprocessed=pixels)], query, limits)
     result = get_activations(prepared, NEVER_CANCELLED, limits)

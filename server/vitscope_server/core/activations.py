@@ -90,9 +90,11 @@ class ActivationResult:
 
 @dataclass(frozen=True)
 class ActivationLimits:
-    max_batch: int = 64
-    max_pixels: int = 40_000_000
-    max_result_bytes: int = 4 << 30
+    """Per-request bounds; the values come from the server's settings."""
+
+    max_batch: int
+    max_pixels: int
+    max_result_bytes: int
 
 
 def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery:
