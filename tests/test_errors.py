@@ -13,9 +13,9 @@ from vitscope import (
     ResourceExhaustedError,
     VitscopeError,
 )
+from vitscope.v1 import common_pb2, tensor_pb2
 from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
-from vitscope.v1 import tensor_pb2
 from vitscope_server.transport.app import RunningServer
 
 DIGIT = np.zeros((28, 28), dtype=np.uint8)
@@ -151,7 +151,7 @@ def test_tensor_bytes_that_do_not_fit_the_shape(server: RunningServer) -> None:
     error = _raw_call(
         server,
         pb.GetActivationsRequest(
-            model="vit", sites=["embed"], images=[pb.Image(preprocessed=tensor)]
+            model="vit", sites=["embed"], images=[common_pb2.Image(preprocessed=tensor)]
         ),
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -161,7 +161,7 @@ def test_tensor_bytes_that_do_not_fit_the_shape(server: RunningServer) -> None:
 def test_tensor_shape_whose_size_overflows(server: RunningServer) -> None:
     tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=[2**32, 2**32], data=b"")
     request = pb.GetActivationsRequest(
-        model="vit", sites=["embed"], images=[pb.Image(pixels=tensor)]
+        model="vit", sites=["embed"], images=[common_pb2.Image(pixels=tensor)]
     )
     error = _raw_call(server, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -175,7 +175,7 @@ def test_unsupported_tensor_dtype(server: RunningServer) -> None:
     error = _raw_call(
         server,
         pb.GetActivationsRequest(
-            model="vit", sites=["embed"], images=[pb.Image(preprocessed=tensor)]
+            model="vit", sites=["embed"], images=[common_pb2.Image(preprocessed=tensor)]
         ),
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -183,7 +183,7 @@ def test_unsupported_tensor_dtype(server: RunningServer) -> None:
 
 
 def test_unknown_enum_values(server: RunningServer) -> None:
-    image = pb.Image(encoded=b"x")
+    image = common_pb2.Image(encoded=b"x")
     error = _raw_call(
         server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[image], reduction=42)
     )
@@ -198,14 +198,14 @@ def test_unknown_enum_values(server: RunningServer) -> None:
 
 def test_image_without_a_source(server: RunningServer) -> None:
     error = _raw_call(
-        server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[pb.Image()])
+        server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[common_pb2.Image()])
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "images[0]" in error.details() and "encoded, pixels or preprocessed" in error.details()
 
 
 def test_request_over_the_max_message_size(server: RunningServer) -> None:
-    oversized = pb.Image(encoded=b"\0" * (65 << 20))
+    oversized = common_pb2.Image(encoded=b"\0" * (65 << 20))
     with (
         grpc.insecure_channel(
             f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", 128 << 20)]

@@ -32,9 +32,9 @@ from vitscope import (
     UnauthenticatedError,
     UnavailableError,
 )
+from vitscope.v1 import common_pb2, tensor_pb2
 from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
-from vitscope.v1 import tensor_pb2
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer, create_server
 
@@ -276,7 +276,7 @@ def _preprocessed(batch: int, size: int = 224) -> list[np.ndarray]:
 
 def _slow_request(batch: int = 24) -> pb.GetActivationsRequest:
     images = [
-        pb.Image(
+        common_pb2.Image(
             preprocessed=tensor_pb2.Tensor(
                 dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 224, 224], data=a.tobytes()
             )

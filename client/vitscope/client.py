@@ -16,9 +16,9 @@ from PIL import Image
 
 from vitscope import tensors as wire
 from vitscope.errors import from_rpc_error
+from vitscope.v1 import common_pb2, tensor_pb2
 from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
-from vitscope.v1 import tensor_pb2
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -49,20 +49,20 @@ _FIRST_BACKOFF_SECONDS = 0.25
 _MAX_BACKOFF_SECONDS = 5.0
 
 
-def image_message(image: ImageLike) -> pb.Image:
+def image_message(image: ImageLike) -> common_pb2.Image:
     """Paths and bytes go as encoded files, PIL images as PNG, uint8 arrays as pixels,
     float arrays as already-preprocessed tensors."""
     if isinstance(image, (str, Path)):
-        return pb.Image(encoded=Path(image).read_bytes())
+        return common_pb2.Image(encoded=Path(image).read_bytes())
     if isinstance(image, bytes):
-        return pb.Image(encoded=image)
+        return common_pb2.Image(encoded=image)
     if isinstance(image, Image.Image):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        return pb.Image(encoded=buffer.getvalue())
+        return common_pb2.Image(encoded=buffer.getvalue())
     if image.dtype == np.uint8:
-        return pb.Image(pixels=wire.to_proto(image))
-    return pb.Image(preprocessed=wire.to_proto(np.asarray(image, dtype=np.float32)))
+        return common_pb2.Image(pixels=wire.to_proto(image))
+    return common_pb2.Image(preprocessed=wire.to_proto(np.asarray(image, dtype=np.float32)))
 
 
 _GET_ACTIVATIONS = "/vitscope.v1.Inspector/GetActivations"
@@ -317,7 +317,7 @@ class Client:
             tokens=pb.TokenSelection(
                 mode=_TOKEN_MODES[tokens] if tokens else pb.TOKEN_SELECTION_MODE_UNSPECIFIED,
                 indices=list(indices),
-                positions=[pb.PatchPosition(row=r, col=c) for r, c in positions],
+                positions=[common_pb2.PatchPosition(row=r, col=c) for r, c in positions],
             ),
             reduction=_REDUCTIONS[reduction],
             channels=list(channels),

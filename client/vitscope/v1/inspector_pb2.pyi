@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from vitscope.v1 import common_pb2 as _common_pb2
 from vitscope.v1 import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
 import sys
@@ -128,63 +129,6 @@ REDUCTION_TOP_CHANNELS: Reduction.ValueType  # 3
 and channel_indices [batch, k].
 """
 Global___Reduction: _TypeAlias = Reduction  # noqa: Y015
-
-@_typing.final
-class Provenance(_message.Message):
-    """Where a response came from, so results can be reproduced."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class LibraryVersionsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    MODEL_FIELD_NUMBER: _builtins.int
-    WEIGHTS_IDENTITY_FIELD_NUMBER: _builtins.int
-    LIBRARY_VERSIONS_FIELD_NUMBER: _builtins.int
-    DEVICE_FIELD_NUMBER: _builtins.int
-    SEED_FIELD_NUMBER: _builtins.int
-    model: _builtins.str
-    weights_identity: _builtins.str
-    """"random:seed=N", "sha256:<hex>" of a weights file, or "hub:<tag>"."""
-    device: _builtins.str
-    seed: _builtins.int
-    @_builtins.property
-    def library_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Library name -> version (torch, timm, open_clip, vitscope)."""
-
-    def __init__(
-        self,
-        *,
-        model: _builtins.str = ...,
-        weights_identity: _builtins.str = ...,
-        library_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        device: _builtins.str = ...,
-        seed: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "library_versions", b"library_versions", "model", b"model", "seed", b"seed", "weights_identity", b"weights_identity"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
@@ -392,7 +336,7 @@ class DescribeModelResponse(_message.Message):
         """Empty when the model has no classifier."""
 
     @_builtins.property
-    def provenance(self) -> Global___Provenance: ...
+    def provenance(self) -> _common_pb2.Provenance: ...
     def __init__(
         self,
         *,
@@ -406,7 +350,7 @@ class DescribeModelResponse(_message.Message):
         sites: _abc.Iterable[Global___SiteInfo] | None = ...,
         class_names: _abc.Iterable[_builtins.str] | None = ...,
         num_classes: _builtins.int = ...,
-        provenance: Global___Provenance | None = ...,
+        provenance: _common_pb2.Provenance | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing", "provenance", b"provenance", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -415,68 +359,6 @@ class DescribeModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeModelResponse: _TypeAlias = DescribeModelResponse  # noqa: Y015
-
-@_typing.final
-class Image(_message.Message):
-    """One input image."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ENCODED_FIELD_NUMBER: _builtins.int
-    PIXELS_FIELD_NUMBER: _builtins.int
-    PREPROCESSED_FIELD_NUMBER: _builtins.int
-    encoded: _builtins.bytes
-    """PNG, JPEG or WebP bytes; the model's own transform is applied."""
-    @_builtins.property
-    def pixels(self) -> _tensor_pb2.Tensor:
-        """uint8 pixels [height, width, 3] or [height, width]; the model's own
-        transform is applied.
-        """
-
-    @_builtins.property
-    def preprocessed(self) -> _tensor_pb2.Tensor:
-        """float tensor [3, height, width] already resized and normalised for the
-        model; used as is.
-        """
-
-    def __init__(
-        self,
-        *,
-        encoded: _builtins.bytes = ...,
-        pixels: _tensor_pb2.Tensor | None = ...,
-        preprocessed: _tensor_pb2.Tensor | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "pixels", b"pixels", "preprocessed", b"preprocessed", "source", b"source"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "pixels", b"pixels", "preprocessed", b"preprocessed", "source", b"source"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["encoded", "pixels", "preprocessed"]  # noqa: Y015
-    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
-
-Global___Image: _TypeAlias = Image  # noqa: Y015
-
-@_typing.final
-class PatchPosition(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ROW_FIELD_NUMBER: _builtins.int
-    COL_FIELD_NUMBER: _builtins.int
-    row: _builtins.int
-    col: _builtins.int
-    def __init__(
-        self,
-        *,
-        row: _builtins.int = ...,
-        col: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["col", b"col", "row", b"row"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PatchPosition: _TypeAlias = PatchPosition  # noqa: Y015
 
 @_typing.final
 class TokenSelection(_message.Message):
@@ -489,13 +371,13 @@ class TokenSelection(_message.Message):
     @_builtins.property
     def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
-    def positions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PatchPosition]: ...
+    def positions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PatchPosition]: ...
     def __init__(
         self,
         *,
         mode: Global___TokenSelectionMode.ValueType = ...,
         indices: _abc.Iterable[_builtins.int] | None = ...,
-        positions: _abc.Iterable[Global___PatchPosition] | None = ...,
+        positions: _abc.Iterable[_common_pb2.PatchPosition] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -528,7 +410,7 @@ class GetActivationsRequest(_message.Message):
     top_predictions: _builtins.int
     """When > 0, the model's own top-k predictions are included."""
     @_builtins.property
-    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]: ...
     @_builtins.property
     def sites(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Canonical site names (blocks.{i}.out, blocks.{i}.attn.out,
@@ -546,7 +428,7 @@ class GetActivationsRequest(_message.Message):
         self,
         *,
         model: _builtins.str = ...,
-        images: _abc.Iterable[Global___Image] | None = ...,
+        images: _abc.Iterable[_common_pb2.Image] | None = ...,
         sites: _abc.Iterable[_builtins.str] | None = ...,
         tokens: Global___TokenSelection | None = ...,
         reduction: Global___Reduction.ValueType = ...,
@@ -615,44 +497,16 @@ class SiteResult(_message.Message):
 Global___SiteResult: _TypeAlias = SiteResult  # noqa: Y015
 
 @_typing.final
-class Prediction(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CLASS_INDEX_FIELD_NUMBER: _builtins.int
-    CLASS_NAME_FIELD_NUMBER: _builtins.int
-    PROBABILITY_FIELD_NUMBER: _builtins.int
-    LOGIT_FIELD_NUMBER: _builtins.int
-    class_index: _builtins.int
-    class_name: _builtins.str
-    probability: _builtins.float
-    logit: _builtins.float
-    def __init__(
-        self,
-        *,
-        class_index: _builtins.int = ...,
-        class_name: _builtins.str = ...,
-        probability: _builtins.float = ...,
-        logit: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_index", b"class_index", "class_name", b"class_name", "logit", b"logit", "probability", b"probability"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Prediction: _TypeAlias = Prediction  # noqa: Y015
-
-@_typing.final
 class ImagePredictions(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TOP_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def top(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]: ...
+    def top(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Prediction]: ...
     def __init__(
         self,
         *,
-        top: _abc.Iterable[Global___Prediction] | None = ...,
+        top: _abc.Iterable[_common_pb2.Prediction] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -718,7 +572,7 @@ class ActivationsHeader(_message.Message):
     num_chunks: _builtins.int
     """Number of chunk messages that follow."""
     @_builtins.property
-    def provenance(self) -> Global___Provenance: ...
+    def provenance(self) -> _common_pb2.Provenance: ...
     @_builtins.property
     def parameters(self) -> Global___EffectiveActivationParameters: ...
     @_builtins.property
@@ -730,7 +584,7 @@ class ActivationsHeader(_message.Message):
     def __init__(
         self,
         *,
-        provenance: Global___Provenance | None = ...,
+        provenance: _common_pb2.Provenance | None = ...,
         parameters: Global___EffectiveActivationParameters | None = ...,
         sites: _abc.Iterable[Global___SiteResult] | None = ...,
         predictions: _abc.Iterable[Global___ImagePredictions] | None = ...,

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from vitscope import tensors as wire
+from vitscope.v1 import common_pb2, tensor_pb2
 from vitscope.v1 import inspector_pb2 as pb
-from vitscope.v1 import tensor_pb2
 from vitscope_server.core.activations import (
     ActivationQuery,
     ActivationResult,
@@ -81,7 +81,7 @@ def _tensor(proto: tensor_pb2.Tensor, field: str) -> wire.np.ndarray:
         raise InvalidArgument(f"{field}: {exc}") from None
 
 
-def image_inputs(images: list[pb.Image]) -> list[ImageInput]:
+def image_inputs(images: list[common_pb2.Image]) -> list[ImageInput]:
     inputs = []
     for index, image in enumerate(images):
         source = image.WhichOneof("source")
@@ -111,8 +111,8 @@ def activation_query(request: pb.GetActivationsRequest) -> ActivationQuery:
     )
 
 
-def provenance(p: Provenance) -> pb.Provenance:
-    return pb.Provenance(
+def provenance(p: Provenance) -> common_pb2.Provenance:
+    return common_pb2.Provenance(
         model=p.model,
         weights_identity=p.weights_identity,
         library_versions=p.libraries,
@@ -214,7 +214,7 @@ def activation_responses(
         predictions=[
             pb.ImagePredictions(
                 top=[
-                    pb.Prediction(
+                    common_pb2.Prediction(
                         class_index=p.class_index,
                         class_name=p.class_name,
                         probability=p.probability,
