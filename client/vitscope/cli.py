@@ -53,6 +53,15 @@ _SERVE_FLAGS: list[tuple[str, dict[str, object]]] = [
     ),
     ("--max-batch", {"type": int}),
     (
+        "--image-root",
+        {
+            "dest": "image_roots",
+            "action": "append",
+            "type": Path,
+            "help": "folder TopActivatingImages may scan by name, repeatable",
+        },
+    ),
+    (
         "--auth-token-file",
         {"type": Path, "help": "file holding the bearer token callers must send"},
     ),
