@@ -280,7 +280,7 @@ def total_variation(batch: torch.Tensor) -> torch.Tensor:
     return torch.stack(norms).sum(dim=0)
 
 
-class _Forward:
+class FeatureForward:
     """Normalises, resizes to the model's input and reads each feature's objective per image."""
 
     def __init__(self, prepared: PreparedOptimization) -> None:
@@ -344,6 +344,26 @@ class _Forward:
         return objectives, patches
 
 
+def step_loss(
+    forward: FeatureForward,
+    pixels: torch.Tensor,
+    draw: AugmentationDraw,
+    step: int,
+    captured: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one step (summed over features) and each feature's objective averaged
+    over its copies: minus that mean plus the TV weight times the copies' mean TV."""
+    params = forward.prepared.params
+    count, copies = pixels.shape[0], params.copies
+    # The channel offset decays linearly with the steps left: 0.5 at step 0.
+    offset_scale = 0.5 * (params.steps - step) / params.steps
+    batch = augment(pixels, draw, copies, offset_scale)
+    objectives, _ = forward.run(batch, copies, captured)
+    tv = total_variation(batch).view(count, copies).mean(dim=1)
+    means = torch.stack([o.mean() for o in objectives])
+    return (-means + params.tv_weight * tv).sum(), means
+
+
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     """[K, 3, S, S] in [0, 1] -> uint8 [K, S, S, 3]."""
     scaled = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -368,19 +388,14 @@ def optimize_features(
     pixels = torch.rand(count, 3, size, size, generator=generator).to(device).requires_grad_()
     optimizer = torch.optim.Adam([pixels], lr=params.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.steps)
-    forward = _Forward(prepared)
+    forward = FeatureForward(prepared)
     with capture_sites(
         adapter, forward.sites, count * copies, cancel, forward.stop_after
     ) as captured:
         for step in range(params.steps):
             cancel.raise_if_cancelled()
             draw = draw_augmentation(generator, count * copies, params.jitter)
-            offset_scale = 0.5 * (params.steps - step) / params.steps
-            batch = augment(pixels, draw, copies, offset_scale)
-            objectives, _ = forward.run(batch, copies, captured)
-            tv = total_variation(batch).view(count, copies).mean(dim=1)
-            means = torch.stack([o.mean() for o in objectives])
-            loss = (-means + params.tv_weight * tv).sum()
+            loss, means = step_loss(forward, pixels, draw, step, captured)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -399,7 +414,8 @@ def optimize_features(
                     _to_uint8(pixels) if params.preview else None,
                 )
     cancel.raise_if_cancelled()
-    final = pixels.detach()
+    # Objective and maps are read from the image as delivered (8-bit), so they can be reproduced.
+    final = (pixels.detach().clamp(0, 1) * 255).round() / 255
     with (
         torch.no_grad(),
         capture_sites(adapter, forward.sites, count, cancel, forward.stop_after) as captured,
