@@ -11,12 +11,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import timm
 import torch
 from conftest import start
+from features_reference import as_input, build_digits_model, hidden, normalise
 from PIL import Image
 from reference import build
-from safetensors.torch import load_file
 from torch import nn
 
 from vitscope import (
@@ -31,13 +30,6 @@ from vitscope import (
 from vitscope.features import Feature
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
-from vitscope_server.builtin import (
-    DIGITS_ARCHITECTURE,
-    DIGITS_KWARGS,
-    DIGITS_MEAN,
-    DIGITS_STD,
-    DIGITS_WEIGHTS,
-)
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.capture import capture_sites
 from vitscope_server.core.features import (
@@ -71,29 +63,7 @@ def fclient(busy_server: RunningServer) -> Iterator[Client]:
 
 @pytest.fixture(scope="module")
 def digits_model() -> nn.Module:
-    """The built-in model built by hand from its definition and weights file."""
-    model = timm.create_model(DIGITS_ARCHITECTURE, pretrained=False, **DIGITS_KWARGS)
-    model.load_state_dict(load_file(str(DIGITS_WEIGHTS)))
-    return model.eval().requires_grad_(False)
-
-
-def hidden(model: nn.Module, block: int, pixels: torch.Tensor) -> torch.Tensor:
-    """MLP hidden units [B, T, 4D] of a timm ViT block, read with a plain hook."""
-    store: dict[str, torch.Tensor] = {}
-    handle = model.blocks[block].mlp.act.register_forward_hook(
-        lambda m, a, o: store.__setitem__("h", o)
-    )
-    try:
-        model(pixels)
-    finally:
-        handle.remove()
-    return store["h"]
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(DIGITS_MEAN)[None, :, None, None]
-    std = torch.tensor(DIGITS_STD)[None, :, None, None]
-    return (x - mean) / std
+    return build_digits_model()
 
 
 def reference_first_step(
@@ -145,11 +115,6 @@ def reference_first_step(
 
 def png_pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-
-def as_input(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 [..., S, S, 3] -> float [B, 3, S, S] in [0, 1]."""
-    return torch.tensor(pixels.reshape(-1, *pixels.shape[-3:])).permute(0, 3, 1, 2) / 255.0
 
 
 def test_core_first_step_matches_reference(
@@ -217,7 +182,7 @@ def test_optimised_images_beat_every_test_digit(fclient: Client, digits_model: n
     assert result.parameters["steps"] == 400
     assert result.parameters["learning_rate"] == pytest.approx(0.1)
     _, _, test_images, _ = digits_split()
-    digits = torch.from_numpy(np.repeat(test_images[:, None], 3, axis=1)) / 255.0
+    digits = as_input(test_images)
     optimised = as_input(np.stack([np.asarray(f.image) for f in result.features]))
     with torch.no_grad():
         for index, (site, channel) in enumerate(features):
