@@ -261,6 +261,21 @@ def test_other_objectives_match_hooks(fclient: Client, digits_model: nn.Module) 
     ]
 
 
+def test_other_image_size_is_resized_inside_the_forward(
+    fclient: Client, digits_model: nn.Module
+) -> None:
+    result = fclient.optimize_features(
+        [("blocks.2.mlp.hidden", 9)], model=DIGITS, steps=3, image_size=56
+    )
+    assert result.parameters["image_size"] == 56 and result.parameters["jitter"] == 8
+    image = as_input(np.asarray(result.features[0].image))
+    assert image.shape[-1] == 56
+    resized = torch.nn.functional.interpolate(image, size=(28, 28), mode="bilinear")
+    with torch.no_grad():
+        expected = float(hidden(digits_model, 2, normalise(resized))[0, 1:, 9].mean())
+    assert result.features[0].objective == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
 def test_open_clip_tower(fclient: Client) -> None:
     """CLIP towers get lr 1.0 and their own normalisation; the objective is checked by hooks."""
     result = fclient.optimize_features([("blocks.1.mlp.hidden", 7)], model="clip", steps=3)
