@@ -77,6 +77,8 @@ class FeatureRpcs:
 
         batch = self._limits.max_batch
         if first.image_folder:
+            if first.images:
+                raise InvalidArgument("requests[0].images: not allowed together with image_folder")
             files = list_images(allowed_folder(first.image_folder, self._image_roots))
             for start in range(0, len(files), batch):
                 score(file_items(files[start : start + batch], start))
