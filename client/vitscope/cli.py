@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vitscope import cli_features
 from vitscope.client import DEFAULT_TARGET, Client
 from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
@@ -52,6 +53,15 @@ _SERVE_FLAGS: list[tuple[str, dict[str, object]]] = [
         {"type": float, "help": "recycle connections so callers rebalance"},
     ),
     ("--max-batch", {"type": int}),
+    (
+        "--image-root",
+        {
+            "dest": "image_roots",
+            "action": "append",
+            "type": Path,
+            "help": "folder TopActivatingImages may scan by name, repeatable",
+        },
+    ),
     (
         "--auth-token-file",
         {"type": Path, "help": "file holding the bearer token callers must send"},
@@ -145,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--model", default="", help="model to show (default: the server's default)")
+    cli_features.add_commands(commands)
     return parser
 
 
@@ -248,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 _activations(client, args)
             elif args.command == "demo":
                 print(f"wrote {run_demo(client, args.out, args.model)}")
+            else:
+                cli_features.run(client, args)
     except (VitscopeError, TensorDecodeError) as exc:
         print(f"vitscope: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,17 @@ from PIL import Image
 
 from vitscope import tensors as wire
 from vitscope.errors import from_rpc_error
+from vitscope.features import (
+    Feature,
+    OptimizationProgress,
+    OptimizationResult,
+    TopImages,
+    parse_progress,
+    parse_result,
+    parse_top_images,
+)
 from vitscope.v1 import common_pb2, tensor_pb2
+from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 
@@ -366,3 +376,104 @@ class Client:
             provenance=_message_dict(header.provenance),
             parameters=_message_dict(header.parameters),
         )
+
+    def optimize_features_stream(
+        self,
+        features: Sequence[Feature | tuple[str, int]],
+        *,
+        model: str = "",
+        steps: int | None = None,
+        learning_rate: float | None = None,
+        tv: float | None = None,
+        copies: int | None = None,
+        jitter: int | None = None,
+        image_size: int | None = None,
+        seed: int = 0,
+        progress_every: int = 0,
+        preview: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[OptimizationProgress | OptimizationResult]:
+        """Feature visualisation, yielding progress every `progress_every` steps, then the result.
+
+        features: Feature objects or (site, channel) pairs, optimised together in one batch.
+        Unset hyperparameters take the paper's defaults (400 steps, lr 0.1 for timm ViTs and
+        1.0 for CLIP towers, tv 1.0, 8 copies, jitter 32 px at 224 px, the model's input size).
+        """
+        request = fpb.OptimizeFeaturesRequest(
+            model=model,
+            features=[
+                (f if isinstance(f, Feature) else Feature(f[0], f[1])).message() for f in features
+            ],
+            parameters=fpb.OptimizationParameters(
+                steps=steps,
+                learning_rate=learning_rate,
+                tv=tv,
+                copies=copies,
+                jitter=jitter,
+                image_size=image_size,
+            ),
+            seed=seed,
+            progress_every=progress_every,
+            preview=preview,
+        )
+        for response in self._stream(self._stub.OptimizeFeatures, request, timeout):
+            if response.HasField("progress"):
+                yield parse_progress(response.progress)
+            else:
+                yield parse_result(response.result)
+
+    def optimize_features(
+        self,
+        features: Sequence[Feature | tuple[str, int]],
+        *,
+        on_progress: Callable[[OptimizationProgress], object] | None = None,
+        **options: Any,
+    ) -> OptimizationResult:
+        """optimize_features_stream, returning the result; progress goes to on_progress."""
+        result = None
+        for event in self.optimize_features_stream(features, **options):
+            if isinstance(event, OptimizationResult):
+                result = event
+            elif on_progress is not None:
+                on_progress(event)
+        if result is None:
+            raise wire.TensorDecodeError("the stream ended without a result")
+        return result
+
+    def top_activating_images(
+        self,
+        site: str,
+        channels: Sequence[int],
+        *,
+        images: Sequence[ImageLike] = (),
+        image_folder: str = "",
+        top_k: int = 5,
+        model: str = "",
+        batch: int = 32,
+        timeout: float | None = None,
+    ) -> TopImages:
+        """The top_k images per channel by mean activation over patch tokens, with patch maps.
+
+        images are streamed `batch` per message and numbered from 0; image_folder instead names
+        a folder under one of the server's allowed image roots.
+        """
+
+        def requests() -> Iterator[fpb.TopActivatingImagesRequest]:
+            yield fpb.TopActivatingImagesRequest(
+                model=model,
+                site=site,
+                channels=list(channels),
+                top_k=top_k,
+                image_folder=image_folder,
+            )
+            for start in range(0, len(images), batch):
+                part = images[start : start + batch]
+                yield fpb.TopActivatingImagesRequest(images=[image_message(i) for i in part])
+
+        try:
+            response = self._stub.TopActivatingImages(
+                requests(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return parse_top_images(response)

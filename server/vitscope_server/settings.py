@@ -39,6 +39,8 @@ class ServerSettings(BaseSettings):
     max_batch: int = Field(64, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_result_bytes: int = Field(4 << 30, ge=1)
+    # Folders whose images TopActivatingImages may scan by name; none by default.
+    image_roots: list[Path] = Field(default_factory=list)
     auth_token: SecretStr | None = None
     auth_token_file: Path | None = None
     tls_cert: Path | None = None

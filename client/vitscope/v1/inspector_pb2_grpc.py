@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from vitscope.v1 import features_pb2 as vitscope_dot_v1_dot_features__pb2
 from vitscope.v1 import inspector_pb2 as vitscope_dot_v1_dot_inspector__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -50,6 +51,16 @@ class InspectorStub:
                 request_serializer=vitscope_dot_v1_dot_inspector__pb2.GetActivationsRequest.SerializeToString,
                 response_deserializer=vitscope_dot_v1_dot_inspector__pb2.GetActivationsResponse.FromString,
                 _registered_method=True)
+        self.OptimizeFeatures = channel.unary_stream(
+                '/vitscope.v1.Inspector/OptimizeFeatures',
+                request_serializer=vitscope_dot_v1_dot_features__pb2.OptimizeFeaturesRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_features__pb2.OptimizeFeaturesResponse.FromString,
+                _registered_method=True)
+        self.TopActivatingImages = channel.stream_unary(
+                '/vitscope.v1.Inspector/TopActivatingImages',
+                request_serializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesResponse.FromString,
+                _registered_method=True)
 
 
 class InspectorServicer:
@@ -78,6 +89,20 @@ class InspectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OptimizeFeatures(self, request, context):
+        """Feature visualisation: progress messages, then the optimised images.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TopActivatingImages(self, request_iterator, context):
+        """Streamed images (or an allowed server folder) in, the top-k per channel out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InspectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +120,16 @@ def add_InspectorServicer_to_server(servicer, server):
                     servicer.GetActivations,
                     request_deserializer=vitscope_dot_v1_dot_inspector__pb2.GetActivationsRequest.FromString,
                     response_serializer=vitscope_dot_v1_dot_inspector__pb2.GetActivationsResponse.SerializeToString,
+            ),
+            'OptimizeFeatures': grpc.unary_stream_rpc_method_handler(
+                    servicer.OptimizeFeatures,
+                    request_deserializer=vitscope_dot_v1_dot_features__pb2.OptimizeFeaturesRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_features__pb2.OptimizeFeaturesResponse.SerializeToString,
+            ),
+            'TopActivatingImages': grpc.stream_unary_rpc_method_handler(
+                    servicer.TopActivatingImages,
+                    request_deserializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +214,60 @@ class Inspector:
             '/vitscope.v1.Inspector/GetActivations',
             vitscope_dot_v1_dot_inspector__pb2.GetActivationsRequest.SerializeToString,
             vitscope_dot_v1_dot_inspector__pb2.GetActivationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OptimizeFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vitscope.v1.Inspector/OptimizeFeatures',
+            vitscope_dot_v1_dot_features__pb2.OptimizeFeaturesRequest.SerializeToString,
+            vitscope_dot_v1_dot_features__pb2.OptimizeFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TopActivatingImages(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/vitscope.v1.Inspector/TopActivatingImages',
+            vitscope_dot_v1_dot_features__pb2.TopActivatingImagesRequest.SerializeToString,
+            vitscope_dot_v1_dot_features__pb2.TopActivatingImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from vitscope.v1 import features_pb2 as _features_pb2
 from vitscope.v1 import inspector_pb2 as _inspector_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -41,6 +42,10 @@ class InspectorStub:
     """Activations at sites for a batch of images. The first message is a header;
     the tensors follow as chunks that the client reassembles.
     """
+    OptimizeFeatures: _grpc.UnaryStreamMultiCallable[_features_pb2.OptimizeFeaturesRequest, _features_pb2.OptimizeFeaturesResponse]
+    """Feature visualisation: progress messages, then the optimised images."""
+    TopActivatingImages: _grpc.StreamUnaryMultiCallable[_features_pb2.TopActivatingImagesRequest, _features_pb2.TopActivatingImagesResponse]
+    """Streamed images (or an allowed server folder) in, the top-k per channel out."""
 
 @_typing.type_check_only
 class InspectorAsyncStub(InspectorStub):
@@ -55,6 +60,10 @@ class InspectorAsyncStub(InspectorStub):
     """Activations at sites for a batch of images. The first message is a header;
     the tensors follow as chunks that the client reassembles.
     """
+    OptimizeFeatures: _aio.UnaryStreamMultiCallable[_features_pb2.OptimizeFeaturesRequest, _features_pb2.OptimizeFeaturesResponse]  # type: ignore[assignment]
+    """Feature visualisation: progress messages, then the optimised images."""
+    TopActivatingImages: _aio.StreamUnaryMultiCallable[_features_pb2.TopActivatingImagesRequest, _features_pb2.TopActivatingImagesResponse]  # type: ignore[assignment]
+    """Streamed images (or an allowed server folder) in, the top-k per channel out."""
 
 class InspectorServicer(metaclass=_abc_1.ABCMeta):
     """Looks inside vision transformers served by this process."""
@@ -84,5 +93,21 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         """Activations at sites for a batch of images. The first message is a header;
         the tensors follow as chunks that the client reassembles.
         """
+
+    @_abc_1.abstractmethod
+    def OptimizeFeatures(
+        self,
+        request: _features_pb2.OptimizeFeaturesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_features_pb2.OptimizeFeaturesResponse], _abc.AsyncIterator[_features_pb2.OptimizeFeaturesResponse]]:
+        """Feature visualisation: progress messages, then the optimised images."""
+
+    @_abc_1.abstractmethod
+    def TopActivatingImages(
+        self,
+        request_iterator: _MaybeAsyncIterator[_features_pb2.TopActivatingImagesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_features_pb2.TopActivatingImagesResponse, _abc.Awaitable[_features_pb2.TopActivatingImagesResponse]]:
+        """Streamed images (or an allowed server folder) in, the top-k per channel out."""
 
 def add_InspectorServicer_to_server(servicer: InspectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -16,6 +16,10 @@ class NotFound(VitscopeError):
     """A named model, site or inverter does not exist."""
 
 
+class PermissionDenied(VitscopeError):
+    """The request names something the operator does not allow, e.g. a folder outside the image roots."""
+
+
 class FailedPrecondition(VitscopeError):
     """The request is fine but the server cannot act on it now, e.g. weights missing offline."""
 

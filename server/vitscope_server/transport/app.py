@@ -155,6 +155,7 @@ def create_server(settings: ServerSettings) -> RunningServer:
         metrics,
         ActivationLimits(settings.max_batch, settings.max_image_pixels, settings.max_result_bytes),
         settings.effective_chunk_bytes,
+        settings.image_roots,
     )
     inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

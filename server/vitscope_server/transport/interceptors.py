@@ -7,6 +7,7 @@ status codes. Unexpected exceptions become INTERNAL with an id that is logged.
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ SERVICE_PREFIX = "/vitscope.v1.Inspector/"
 _CODES: list[tuple[type[errors.VitscopeError], grpc.StatusCode]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
@@ -125,6 +127,12 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=_passing_bytes_through(handler.response_serializer),
             )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._client_stream(handler.stream_unary, method, authorized),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
     def _model_label(self, request: Any) -> str:
@@ -151,6 +159,19 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 return response
             finally:
                 call.finish(code)
+
+        return wrapped
+
+    def _client_stream(
+        self, behaviour: Callable[..., Any], method: str, authorized: bool
+    ) -> Callable[..., Any]:
+        """Client-streaming calls are handled as unary ones labelled by their first request."""
+
+        def wrapped(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            first = next(requests, None)
+            everything = itertools.chain([] if first is None else [first], requests)
+            unary = self._unary(lambda _first, ctx: behaviour(everything, ctx), method, authorized)
+            return unary(first, context)
 
         return wrapped
 

@@ -73,6 +73,12 @@ class Metrics:
         self.model_ready = Gauge(
             "vitscope_model_ready", "1 when the model serves requests.", ["model"], registry=r
         )
+        self.optimization_steps = Counter(
+            "vitscope_optimization_steps_total",
+            "Optimisation steps run (feature visualisation, inversion).",
+            ["method", "model"],
+            registry=r,
+        )
         self.queued = Gauge(
             "vitscope_queued_requests", "Requests waiting for a compute slot.", registry=r
         )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -18,6 +19,7 @@ from vitscope_server.core.provenance import provenance_of
 from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert
+from vitscope_server.transport.features_rpcs import FeatureRpcs
 from vitscope_server.transport.metrics import Metrics
 
 
@@ -29,7 +31,7 @@ def cancel_token(context: grpc.ServicerContext) -> CancelToken:
     return token
 
 
-class InspectorServicer(pb_grpc.InspectorServicer):
+class InspectorServicer(FeatureRpcs, pb_grpc.InspectorServicer):
     def __init__(
         self,
         registry: ModelRegistry,
@@ -37,12 +39,14 @@ class InspectorServicer(pb_grpc.InspectorServicer):
         metrics: Metrics,
         limits: ActivationLimits,
         chunk_bytes: int,
+        image_roots: Sequence[Path] = (),
     ) -> None:
         self._registry = registry
         self._slots = slots
         self._metrics = metrics
         self._limits = limits
         self._chunk_bytes = chunk_bytes
+        self._image_roots = tuple(image_roots)
 
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext

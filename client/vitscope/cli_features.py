@@ -1,0 +1,200 @@
+"""`vitscope visualize`, `vitscope scan` and `vitscope scan-merge`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vitscope.client import Client
+from vitscope.features import OptimizationProgress, TopImages
+from vitscope.overlay import grid, heatmap_overlay
+
+DEFAULT_STEPS = 400
+SAMPLES = "samples"
+
+
+def add_commands(commands: Any) -> None:
+    visualize = commands.add_parser(
+        "visualize", help="optimise images for features (Ghiasi et al.), with their top images"
+    )
+    visualize.add_argument("--model", default="")
+    visualize.add_argument("--site", required=True, help="e.g. blocks.3.mlp.hidden")
+    visualize.add_argument("--channel", type=int, nargs="+", required=True)
+    visualize.add_argument("--out", type=Path, required=True, help="output folder")
+    visualize.add_argument("--steps", type=int, help="default 400")
+    visualize.add_argument("--lr", type=float, help="default 0.1 (timm) or 1.0 (open_clip)")
+    visualize.add_argument("--tv", type=float, help="TV multiplier, weight 0.0005 x tv (default 1)")
+    visualize.add_argument("--copies", type=int, help="augmented copies (default 8)")
+    visualize.add_argument("--seed", type=int, default=0)
+    visualize.add_argument("--size", type=int, help="image size (default: the model's)")
+    visualize.add_argument(
+        "--dataset", help=f"folder of images, or {SAMPLES!r} (digits shipped with the client)"
+    )
+    visualize.add_argument("--top-k", type=int, default=4)
+
+    scan = commands.add_parser(
+        "scan", help="top activating images of one dataset shard, in-process (needs [server])"
+    )
+    scan.add_argument("--model", required=True)
+    scan.add_argument("--models-file", type=Path)
+    scan.add_argument(
+        "--model-spec",
+        action="append",
+        default=[],
+        help="NAME=FAMILY:ARCH[@WEIGHTS] as for serve --model, repeatable",
+    )
+    scan.add_argument("--data", required=True, help="image folder, or builtin-digits")
+    scan.add_argument("--site", required=True)
+    scan.add_argument("--channel", type=int, nargs="+", required=True)
+    scan.add_argument("--top-k", type=int, required=True)
+    scan.add_argument("--shard", default="0/1", help="I/N: the I-th of N shards (0-based)")
+    scan.add_argument("--batch", type=int, default=64)
+    scan.add_argument("--device", default="auto")
+    scan.add_argument("--out", type=Path, required=True, help="part file (.json)")
+
+    merge = commands.add_parser(
+        "scan-merge", help="merge scan parts into one top-k (needs [server])"
+    )
+    merge.add_argument("parts", type=Path, nargs="+")
+    merge.add_argument("--out", type=Path, required=True)
+
+
+def run(client: Client, args: argparse.Namespace) -> bool:
+    """Handles this module's commands; False for anyone else's."""
+    if args.command == "visualize":
+        _visualize(client, args)
+    elif args.command == "scan":
+        _scan(args)
+    elif args.command == "scan-merge":
+        _merge(args)
+    else:
+        return False
+    return True
+
+
+def dataset_images(dataset: str) -> list[tuple[str, Image.Image]]:
+    if dataset == SAMPLES:
+        from vitscope.demo import sample_digits
+
+        return sample_digits()
+    files = sorted(
+        p
+        for p in Path(dataset).rglob("*")
+        if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}
+    )
+    return [(p.name, Image.open(p).convert("RGB")) for p in files]
+
+
+def feature_grid(
+    images: list[Image.Image],
+    maps: list[Any],
+    labels: list[str],
+    tops: TopImages | None,
+    dataset: list[tuple[str, Image.Image]],
+) -> Image.Image:
+    """One row per feature: its optimised image, that image's patch map, then its top images."""
+    tiles, captions = [], []
+    for row, (image, patch_map, label) in enumerate(zip(images, maps, labels, strict=True)):
+        tile_row = [image] + ([heatmap_overlay(image, patch_map)] if patch_map is not None else [])
+        caption_row = [label] + (["patch map"] if patch_map is not None else [])
+        if tops is not None:
+            for hit in list(tops.channels.values())[row]:
+                name, picture = dataset[hit.index]
+                tile_row.append(heatmap_overlay(picture, hit.patch_map))
+                caption_row.append(f"{name[:10]} {hit.score:.2f}")
+        tiles.append(tile_row)
+        captions.append(caption_row)
+    return grid(tiles, captions, tile=112)
+
+
+def _visualize(client: Client, args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    steps = args.steps or DEFAULT_STEPS
+    with tqdm(total=steps, unit="step", desc="optimising") as bar:
+
+        def on_progress(progress: OptimizationProgress) -> None:
+            bar.update(progress.step - bar.n)
+            bar.set_postfix(loss=f"{progress.loss:.3f}")
+
+        result = client.optimize_features(
+            [(args.site, c) for c in args.channel],
+            model=args.model,
+            steps=args.steps,
+            learning_rate=args.lr,
+            tv=args.tv,
+            copies=args.copies,
+            image_size=args.size,
+            seed=args.seed,
+            progress_every=max(1, steps // 100),
+            on_progress=on_progress,
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    for feature in result.features:
+        path = args.out / f"{feature.site}-ch{feature.channel}.png"
+        path.write_bytes(feature.png)
+        print(f"wrote {path} (objective {feature.objective:.4f})")
+    dataset = dataset_images(args.dataset) if args.dataset else []
+    tops = (
+        client.top_activating_images(
+            args.site,
+            args.channel,
+            images=[image for _, image in dataset],
+            top_k=args.top_k,
+            model=args.model,
+        )
+        if dataset
+        else None
+    )
+    labels = [f"ch {f.channel} {f.objective:.2f}" for f in result.features]
+    figure = feature_grid(
+        [f.image for f in result.features],
+        [f.patch_map for f in result.features],
+        labels,
+        tops,
+        dataset,
+    )
+    figure.save(args.out / "grid.png")
+    (args.out / "parameters.json").write_text(
+        json.dumps({"parameters": result.parameters, "provenance": result.provenance}, indent=2)
+    )
+    print(f"wrote {args.out / 'grid.png'}")
+
+
+def _scan(args: argparse.Namespace) -> None:
+    from vitscope_server.core.errors import VitscopeError
+    from vitscope_server.core.top_images import ScanQuery
+    from vitscope_server.scan_job import parse_shard, scan_shard, select_spec, write_json
+    from vitscope_server.transport.app import resolve_device
+
+    try:
+        spec = select_spec(args.model, args.models_file, args.model_spec)
+        part = scan_shard(
+            spec,
+            args.data,
+            ScanQuery(args.site, tuple(args.channel), args.top_k),
+            parse_shard(args.shard),
+            batch=args.batch,
+            device=str(resolve_device(args.device)),
+        )
+    except VitscopeError as exc:
+        raise SystemExit(f"vitscope scan: {exc}") from None
+    write_json(part, args.out)
+    print(f"wrote {args.out}: shard {args.shard}, {part['scanned']} of {part['num_items']} items")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from vitscope_server.core.errors import VitscopeError
+    from vitscope_server.scan_job import merge_parts, write_json
+
+    try:
+        merged = merge_parts([json.loads(p.read_text()) for p in args.parts])
+    except VitscopeError as exc:
+        raise SystemExit(f"vitscope scan-merge: {exc}") from None
+    write_json(merged, args.out)
+    state = "complete" if merged["complete"] else "INCOMPLETE (shards missing)"
+    print(f"wrote {args.out}: {len(merged['shards'])} shards, {state}")

@@ -1,0 +1,179 @@
+"""Maximally activating images (Ghiasi et al. 2022): score every image by a channel's mean
+over patch tokens and keep the top k per channel, with patch-wise activation maps.
+
+One scan object serves the streaming RPC, the server-folder scan and the sharded batch
+command. Ties are broken by image index, so top-k lists merged from shards equal the
+top-k of one scan over everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitscope_server.core.activations import as_site_layout
+from vitscope_server.core.adapters import Layout, SiteDef
+from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.capture import ForwardStopped, capture_sites, last_block_needed
+from vitscope_server.core.errors import InvalidArgument, NotFound, PermissionDenied
+from vitscope_server.core.images import ImageInput, prepare_batch
+from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.provenance import Provenance, provenance_of
+from vitscope_server.core.sites import resolve_site
+
+MAX_TOP_K = 1000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class ScanQuery:
+    site: str
+    channels: tuple[int, ...]
+    top_k: int
+
+
+@dataclass(frozen=True)
+class Hit:
+    index: int
+    path: str
+    score: float
+    patch_map: np.ndarray  # float32 [H, W]
+
+
+@dataclass(frozen=True)
+class ScanItem:
+    """One image to score: its index in the whole dataset and its name there."""
+
+    index: int
+    path: str
+    image: ImageInput
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    provenance: Provenance
+    query: ScanQuery
+    scanned: int
+    tops: dict[int, list[Hit]]
+
+
+def best(hits: Iterable[Hit], k: int) -> list[Hit]:
+    """The k highest scores; equal scores keep the lower index first."""
+    return sorted(hits, key=lambda hit: (-hit.score, hit.index))[:k]
+
+
+class TopImageScan:
+    """Accumulates the top-k per channel over batches of preprocessed images."""
+
+    def __init__(self, loaded: LoadedModel, query: ScanQuery) -> None:
+        adapter = loaded.adapter
+        site = resolve_site(adapter, query.site, "site")
+        shape = loaded.site_shapes.get(site.name)
+        if shape is None or as_site_layout(site, shape).layout is not Layout.TOKENS:
+            raise InvalidArgument(
+                f"site: {site.name!r} has no [tokens, channels] layout; use a token site "
+                "such as blocks.{i}.mlp.hidden"
+            )
+        if not query.channels:
+            raise InvalidArgument("channels: at least one channel is required")
+        bad = [c for c in query.channels if not 0 <= c < shape[-1]]
+        if bad:
+            raise InvalidArgument(
+                f"channels: {bad[:5]} out of range for site {site.name!r}; allowed 0..{shape[-1] - 1}"
+            )
+        if len(set(query.channels)) != len(query.channels):
+            raise InvalidArgument(f"channels: each channel may appear once, got {query.channels}")
+        if not 1 <= query.top_k <= MAX_TOP_K:
+            raise InvalidArgument(f"top_k: must be in 1..{MAX_TOP_K}, got {query.top_k}")
+        self.loaded = loaded
+        self.query = ScanQuery(site.name, tuple(query.channels), query.top_k)
+        self.site: SiteDef = site
+        self.scanned = 0
+        self.tops: dict[int, list[Hit]] = {c: [] for c in query.channels}
+
+    def add(
+        self,
+        pixels: torch.Tensor,
+        indices: Sequence[int],
+        paths: Sequence[str],
+        cancel: CancelToken,
+    ) -> None:
+        """Scores one preprocessed batch [B, 3, H, W]; indices and paths name its images."""
+        adapter, site = self.loaded.adapter, self.site
+        batch = pixels.to(self.loaded.device)
+        stop_after = last_block_needed(adapter, [site])
+        with torch.inference_mode():
+            with (
+                capture_sites(adapter, [site], batch.shape[0], cancel, stop_after) as captured,
+                contextlib.suppress(ForwardStopped),
+            ):
+                adapter.forward(batch)
+            channels = torch.tensor(self.query.channels, device=batch.device)
+            patches = captured[site.name][:, site.num_prefix_tokens :].index_select(2, channels)
+            scores = patches.float().mean(dim=1).cpu().numpy()
+            maps = (
+                patches.float().transpose(1, 2).reshape(batch.shape[0], len(channels), *site.grid)
+            )
+            maps_np = maps.cpu().numpy()
+        for column, channel in enumerate(self.query.channels):
+            fresh = [
+                Hit(int(index), path, float(scores[row, column]), maps_np[row, column])
+                for row, (index, path) in enumerate(zip(indices, paths, strict=True))
+            ]
+            self.tops[channel] = best([*self.tops[channel], *fresh], self.query.top_k)
+        self.scanned += batch.shape[0]
+
+    def add_items(self, items: Sequence[ScanItem], max_pixels: int, cancel: CancelToken) -> None:
+        """Decodes and preprocesses the items with the model's own transform, then scores them."""
+        pixels = prepare_batch(
+            self.loaded.adapter, [i.image for i in items], len(items), max_pixels
+        )
+        self.add(pixels, [i.index for i in items], [i.path for i in items], cancel)
+
+    def result(self) -> ScanResult:
+        return ScanResult(provenance_of(self.loaded), self.query, self.scanned, dict(self.tops))
+
+
+def allowed_folder(folder: str, roots: Sequence[Path]) -> Path:
+    """The folder, resolved, when it lies inside an allowed root; symlinks and '..' are resolved
+    first so nothing outside the roots can be named."""
+    if not roots:
+        raise PermissionDenied(
+            "image_folder: this server allows no image folders (the operator sets --image-root)"
+        )
+    resolved = Path(os.path.realpath(folder))
+    for root in roots:
+        real_root = Path(os.path.realpath(root))
+        if resolved == real_root or resolved.is_relative_to(real_root):
+            if not resolved.is_dir():
+                raise NotFound(f"image_folder: {folder!r} is not a folder")
+            return resolved
+    raise PermissionDenied(f"image_folder: {folder!r} is outside the server's allowed image roots")
+
+
+def list_images(folder: Path) -> list[tuple[str, Path]]:
+    """(relative path, file) of every image under folder, sorted by relative path (the order
+    shards split); files whose real location leaves the folder (symlinks) are skipped."""
+    real = Path(os.path.realpath(folder))
+    found = []
+    for path in folder.rglob("*"):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        if not Path(os.path.realpath(path)).is_relative_to(real):
+            continue
+        found.append((path.relative_to(folder).as_posix(), path))
+    return sorted(found)
+
+
+def file_items(files: Sequence[tuple[str, Path]], start: int) -> list[ScanItem]:
+    """Scan items of files[i] numbered from start; the bytes are read here, batch by batch."""
+    return [
+        ScanItem(start + offset, name, ImageInput(encoded=path.read_bytes()))
+        for offset, (name, path) in enumerate(files)
+    ]

@@ -1,0 +1,171 @@
+"""protobuf <-> core types for OptimizeFeatures and TopActivatingImages."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from vitscope import tensors as wire
+from vitscope.v1 import features_pb2 as fpb
+from vitscope_server.core.features import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    PARAMETERISATION,
+    SCHEDULE,
+    FeatureSpec,
+    Objective,
+    OptimizationParams,
+    OptimizationResult,
+    Progress,
+)
+from vitscope_server.core.top_images import ScanQuery, ScanResult
+from vitscope_server.transport.convert import _enum, _tensor, provenance
+
+_OBJECTIVES: dict[int, object] = {
+    fpb.FEATURE_OBJECTIVE_UNSPECIFIED: Objective.PATCH_MEAN,
+    fpb.FEATURE_OBJECTIVE_PATCH_MEAN: Objective.PATCH_MEAN,
+    fpb.FEATURE_OBJECTIVE_TOKEN: Objective.TOKEN,
+    fpb.FEATURE_OBJECTIVE_CLS: Objective.CLS,
+    fpb.FEATURE_OBJECTIVE_DIRECTION: Objective.DIRECTION,
+    fpb.FEATURE_OBJECTIVE_CLASS_LOGIT: Objective.CLASS_LOGIT,
+}
+_OBJECTIVES_BACK = {
+    Objective.PATCH_MEAN: fpb.FEATURE_OBJECTIVE_PATCH_MEAN,
+    Objective.TOKEN: fpb.FEATURE_OBJECTIVE_TOKEN,
+    Objective.CLS: fpb.FEATURE_OBJECTIVE_CLS,
+    Objective.DIRECTION: fpb.FEATURE_OBJECTIVE_DIRECTION,
+    Objective.CLASS_LOGIT: fpb.FEATURE_OBJECTIVE_CLASS_LOGIT,
+}
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def feature_specs(request: fpb.OptimizeFeaturesRequest) -> list[FeatureSpec]:
+    specs = []
+    for index, feature in enumerate(request.features):
+        field = f"features[{index}]"
+        direction = (
+            tuple(float(v) for v in _tensor(feature.direction, f"{field}.direction").reshape(-1))
+            if feature.HasField("direction")
+            else ()
+        )
+        specs.append(
+            FeatureSpec(
+                site=feature.site,
+                channel=feature.channel,
+                objective=_enum(  # type: ignore[arg-type]
+                    _OBJECTIVES, feature.objective, f"{field}.objective", fpb.FeatureObjective
+                ),
+                token_index=feature.token_index,
+                direction=direction,
+                class_index=feature.class_index,
+            )
+        )
+    return specs
+
+
+def optimization_params(request: fpb.OptimizeFeaturesRequest) -> OptimizationParams:
+    p = request.parameters
+    return OptimizationParams(
+        steps=p.steps if p.HasField("steps") else None,
+        learning_rate=p.learning_rate if p.HasField("learning_rate") else None,
+        tv=p.tv if p.HasField("tv") else None,
+        copies=p.copies if p.HasField("copies") else None,
+        jitter=p.jitter if p.HasField("jitter") else None,
+        image_size=p.image_size if p.HasField("image_size") else None,
+        seed=request.seed,
+        progress_every=request.progress_every,
+        preview=request.preview,
+    )
+
+
+def _feature(spec: FeatureSpec) -> fpb.Feature:
+    message = fpb.Feature(
+        site=spec.site,
+        channel=spec.channel,
+        objective=_OBJECTIVES_BACK[spec.objective],
+        token_index=spec.token_index,
+        class_index=spec.class_index,
+    )
+    if spec.direction:
+        message.direction.CopyFrom(wire.to_proto(np.asarray(spec.direction, dtype=np.float32)))
+    return message
+
+
+def optimization_response(event: Progress | OptimizationResult) -> fpb.OptimizeFeaturesResponse:
+    if isinstance(event, Progress):
+        return fpb.OptimizeFeaturesResponse(
+            progress=fpb.OptimizationProgress(
+                step=event.step,
+                loss=event.loss,
+                objective=event.objectives,
+                preview_png=[png(i) for i in event.images] if event.images is not None else [],
+            )
+        )
+    p = event.params
+    return fpb.OptimizeFeaturesResponse(
+        result=fpb.OptimizationResult(
+            provenance=provenance(event.provenance),
+            parameters=fpb.EffectiveOptimizationParameters(
+                steps=p.steps,
+                learning_rate=p.learning_rate,
+                tv=p.tv,
+                tv_weight=p.tv_weight,
+                copies=p.copies,
+                jitter=p.jitter,
+                image_size=p.image_size,
+                adam_beta1=ADAM_BETAS[0],
+                adam_beta2=ADAM_BETAS[1],
+                adam_eps=ADAM_EPS,
+                parameterisation=PARAMETERISATION,
+                schedule=SCHEDULE,
+                progress_every=p.progress_every,
+                preview=p.preview,
+                features=[_feature(f.feature) for f in event.features],
+            ),
+            features=[
+                fpb.OptimizedFeature(
+                    feature=_feature(f.feature),
+                    png=png(f.image),
+                    objective=f.objective,
+                    patch_map=wire.to_proto(f.patch_map) if f.patch_map is not None else None,
+                )
+                for f in event.features
+            ],
+        )
+    )
+
+
+def scan_query(request: fpb.TopActivatingImagesRequest) -> ScanQuery:
+    return ScanQuery(request.site, tuple(request.channels), request.top_k)
+
+
+def top_images_response(result: ScanResult) -> fpb.TopActivatingImagesResponse:
+    return fpb.TopActivatingImagesResponse(
+        provenance=provenance(result.provenance),
+        site=result.query.site,
+        top_k=result.query.top_k,
+        images_scanned=result.scanned,
+        channels=[
+            fpb.ChannelTopImages(
+                channel=channel,
+                top=[
+                    fpb.TopImage(
+                        index=hit.index,
+                        path=hit.path,
+                        score=hit.score,
+                        patch_map=wire.to_proto(hit.patch_map),
+                    )
+                    for hit in hits
+                ],
+            )
+            for channel, hits in result.tops.items()
+        ],
+    )

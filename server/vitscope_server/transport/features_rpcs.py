@@ -1,0 +1,98 @@
+"""OptimizeFeatures and TopActivatingImages: convert, call the core, convert back."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+
+from vitscope.v1 import features_pb2 as fpb
+from vitscope_server.core.activations import ActivationLimits
+from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.features import optimize_features, prepare_optimization
+from vitscope_server.core.registry import ModelRegistry
+from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.core.top_images import (
+    ScanItem,
+    TopImageScan,
+    allowed_folder,
+    file_items,
+    list_images,
+)
+from vitscope_server.transport import convert, convert_features
+from vitscope_server.transport.metrics import Metrics
+
+
+class FeatureRpcs:
+    """Mixed into the Inspector servicer, which provides these attributes."""
+
+    _registry: ModelRegistry
+    _slots: ComputeSlots
+    _metrics: Metrics
+    _limits: ActivationLimits
+    _image_roots: Sequence[Path]
+
+    def OptimizeFeatures(
+        self, request: fpb.OptimizeFeaturesRequest, context: grpc.ServicerContext
+    ) -> Iterator[fpb.OptimizeFeaturesResponse]:
+        from vitscope_server.transport.servicer import cancel_token
+
+        loaded = self._registry.get(request.model)
+        prepared = prepare_optimization(
+            loaded,
+            convert_features.feature_specs(request),
+            convert_features.optimization_params(request),
+            self._limits.max_batch,
+            self._limits.max_pixels,
+        )
+        cancel = cancel_token(context)
+        labels = ("OptimizeFeatures", loaded.spec.name)
+        steps = self._metrics.optimization_steps.labels(*labels)
+        with self._slots.acquire(cancel) as waited:
+            self._metrics.queue_wait.labels(*labels).observe(waited)
+            with self._metrics.compute.labels(*labels).time():
+                for event in optimize_features(prepared, cancel, steps.inc):
+                    yield convert_features.optimization_response(event)
+
+    def TopActivatingImages(
+        self, requests: Iterator[fpb.TopActivatingImagesRequest], context: grpc.ServicerContext
+    ) -> fpb.TopActivatingImagesResponse:
+        from vitscope_server.transport.servicer import cancel_token
+
+        first = next(requests, None)
+        if first is None:
+            raise InvalidArgument("the request stream is empty; the first message names the site")
+        loaded = self._registry.get(first.model)
+        scan = TopImageScan(loaded, convert_features.scan_query(first))
+        cancel = cancel_token(context)
+        labels = ("TopActivatingImages", loaded.spec.name)
+
+        def score(items: list[ScanItem]) -> None:
+            with self._slots.acquire(cancel) as waited:
+                self._metrics.queue_wait.labels(*labels).observe(waited)
+                with self._metrics.compute.labels(*labels).time():
+                    scan.add_items(items, self._limits.max_pixels, cancel)
+
+        batch = self._limits.max_batch
+        if first.image_folder:
+            if first.images:
+                raise InvalidArgument("requests[0].images: not allowed together with image_folder")
+            files = list_images(allowed_folder(first.image_folder, self._image_roots))
+            for start in range(0, len(files), batch):
+                score(file_items(files[start : start + batch], start))
+        index = 0
+        for number, request in enumerate(itertools.chain([first], requests)):
+            if request.images and first.image_folder:
+                raise InvalidArgument(
+                    f"requests[{number}].images: not allowed together with image_folder"
+                )
+            images = convert.image_inputs(list(request.images))
+            for start in range(0, len(images), batch):
+                part = images[start : start + batch]
+                score([ScanItem(index + i, "", image) for i, image in enumerate(part)])
+                index += len(part)
+        if scan.scanned == 0:
+            raise InvalidArgument("images: no images were streamed and no image_folder was named")
+        return convert_features.top_images_response(scan.result())

@@ -1,0 +1,322 @@
+"""TopActivatingImages and the sharded `vitscope scan` against plain hooks, on a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import start
+from features_reference import as_input, build_digits_model, hidden, normalise
+from PIL import Image
+from reference import reference_sites
+
+from vitscope import Client, InvalidArgumentError, NotFoundError
+from vitscope.cli import main
+from vitscope.errors import PermissionDeniedError
+from vitscope_server.train_classifier import digits_split
+from vitscope_server.transport.app import RunningServer
+
+DIGITS = "vitscope-digits"
+SITE = "blocks.3.mlp.hidden"
+CHANNELS = [0, 32, 100]
+COUNT = 30
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    return digits_split()[2][:COUNT]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory, digits: np.ndarray) -> Path:
+    """An allowed image root holding the digits as PNGs in two subfolders, plus a secret outside."""
+    base = tmp_path_factory.mktemp("images")
+    allowed = base / "allowed"
+    for index, digit in enumerate(digits):
+        folder = allowed / "digits" / ("a" if index < COUNT // 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digit).save(folder / f"{index:03d}.png")
+    (base / "secret").mkdir()
+    Image.fromarray(digits[0]).save(base / "secret" / "outside.png")
+    os.symlink(base / "secret" / "outside.png", allowed / "digits" / "b" / "zz-link.png")
+    return allowed
+
+
+@pytest.fixture(scope="module")
+def folder_server(tmp_path_factory: pytest.TempPathFactory, root: Path) -> Iterator[RunningServer]:
+    running = start(tmp_path_factory.mktemp("top"), image_roots=[root])
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture(scope="module")
+def tclient(folder_server: RunningServer) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{folder_server.port}", timeout=120) as c:
+        yield c
+
+
+def reference_top(digits: np.ndarray, k: int) -> dict[int, list[tuple[int, float, np.ndarray]]]:
+    """Top-k per channel by mean over patch tokens, from a hand-built model and a plain hook."""
+    with torch.no_grad():
+        units = hidden(build_digits_model(), 3, normalise(as_input(digits)))[:, 1:]
+    tops = {}
+    for channel in CHANNELS:
+        scores = units[:, :, channel].mean(1).numpy()
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+        tops[channel] = [
+            (i, float(scores[i]), units[i, :, channel].reshape(7, 7).numpy()) for i in order
+        ]
+    return tops
+
+
+def test_streamed_images_match_hooks(
+    tclient: Client, folder_server: RunningServer, digits: np.ndarray
+) -> None:
+    result = tclient.top_activating_images(
+        SITE, CHANNELS, images=list(digits), top_k=4, model=DIGITS, batch=7
+    )
+    labels = {"method": "TopActivatingImages", "model": DIGITS, "code": "OK"}
+    assert folder_server.metrics.registry.get_sample_value("vitscope_requests_total", labels)
+    assert result.images_scanned == COUNT and result.top_k == 4 and result.site == SITE
+    assert result.provenance["model"] == DIGITS
+    for channel, expected in reference_top(digits, 4).items():
+        got = result.channels[channel]
+        assert [t.index for t in got] == [i for i, _, _ in expected]
+        assert [t.score for t in got] == pytest.approx([s for _, s, _ in expected], abs=1e-5)
+        for hit, (_, _, patch_map) in zip(got, expected, strict=True):
+            np.testing.assert_allclose(hit.patch_map, patch_map, atol=1e-5)
+
+
+def test_server_folder_matches_streaming(tclient: Client, root: Path, digits: np.ndarray) -> None:
+    """Files in sorted order: a/000..014 then b/015..029; the symlink out of the root is skipped."""
+    result = tclient.top_activating_images(
+        SITE, CHANNELS, image_folder=str(root / "digits"), top_k=4, model=DIGITS
+    )
+    assert result.images_scanned == COUNT
+    for channel, expected in reference_top(digits, 4).items():
+        got = result.channels[channel]
+        assert [t.index for t in got] == [i for i, _, _ in expected]
+        assert [t.path for t in got] == [
+            f"{'a' if i < COUNT // 2 else 'b'}/{i:03d}.png" for i, _, _ in expected
+        ]
+        assert [t.score for t in got] == pytest.approx([s for _, s, _ in expected], abs=1e-5)
+
+
+def test_open_clip_tower(tclient: Client) -> None:
+    images = np.random.default_rng(0).normal(size=(6, 3, 64, 64)).astype(np.float32)
+    result = tclient.top_activating_images(
+        "blocks.1.mlp.hidden", [3, 9], images=list(images), top_k=2, model="clip"
+    )
+    units = reference_sites("clip", torch.from_numpy(images))["blocks.1.mlp.hidden"][:, 1:]
+    for channel in (3, 9):
+        scores = units[:, :, channel].mean(1)
+        order = np.argsort(-scores, kind="stable")[:2]
+        assert [t.index for t in result.channels[channel]] == order.tolist()
+        assert [t.score for t in result.channels[channel]] == pytest.approx(
+            scores[order].tolist(), abs=1e-5
+        )
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        ({"top_k": 0}, InvalidArgumentError, ["top_k", "1..1000"]),
+        ({"channels": [256]}, InvalidArgumentError, ["channels", "256", "0..255"]),
+        ({"channels": []}, InvalidArgumentError, ["channels"]),
+        ({"site": "blocks.3.nope"}, NotFoundError, ["site"]),
+        ({"site": "blocks.3.attn.probs"}, InvalidArgumentError, ["site", "channels"]),
+        ({"images": []}, InvalidArgumentError, ["no images"]),
+        ({"images": [b"not an image"]}, InvalidArgumentError, ["images[0].encoded"]),
+        ({"model": "nope"}, NotFoundError, ["nope"]),
+        ({"image_folder": "/etc"}, PermissionDeniedError, ["outside", "image roots"]),
+        ({"image_folder": "{root}/../secret"}, PermissionDeniedError, ["outside"]),
+        ({"image_folder": "{root}/missing"}, NotFoundError, ["not a folder"]),
+        ({"image_folder": "{root}/digits", "images": [b"x"]}, InvalidArgumentError, ["together"]),
+    ],
+)
+def test_bad_requests(
+    tclient: Client,
+    root: Path,
+    digits: np.ndarray,
+    options: dict[str, object],
+    error: type[Exception],
+    words: list[str],
+) -> None:
+    kwargs: dict[str, object] = {
+        "site": SITE,
+        "channels": [1],
+        "images": list(digits[:2]),
+        "model": DIGITS,
+        "top_k": 2,
+        **options,
+    }
+    if "image_folder" in options and "images" not in options:
+        kwargs["images"] = []
+    if isinstance(kwargs.get("image_folder"), str):
+        kwargs["image_folder"] = str(kwargs["image_folder"]).format(root=root)
+    site, channels = kwargs.pop("site"), kwargs.pop("channels")
+    with pytest.raises(error) as caught:
+        tclient.top_activating_images(site, channels, **kwargs)
+    for word in words:
+        assert word in str(caught.value)
+    assert tclient.top_activating_images(SITE, [1], images=list(digits[:2]), model=DIGITS)
+
+
+def test_server_without_roots_refuses_folders(client: Client) -> None:
+    with pytest.raises(PermissionDeniedError, match="--image-root"):
+        client.top_activating_images("blocks.0.mlp.hidden", [1], image_folder="/tmp")
+
+
+def scan(root: Path, out: Path, shard: str, *extra: str) -> dict[str, object]:
+    main(
+        [
+            "scan",
+            "--model",
+            DIGITS,
+            "--data",
+            str(root / "digits"),
+            "--site",
+            SITE,
+            "--channel",
+            *map(str, CHANNELS),
+            "--top-k",
+            "4",
+            "--shard",
+            shard,
+            "--batch",
+            "8",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+    document: dict[str, object] = json.loads(out.read_text())
+    return document
+
+
+def test_sharded_scan_merges_to_the_unsharded_top_k(
+    tclient: Client, root: Path, tmp_path: Path
+) -> None:
+    whole = scan(root, tmp_path / "whole.json", "0/1")
+    parts = [scan(root, tmp_path / f"part{i}.json", f"{i}/3") for i in range(3)]
+    assert [p["scanned"] for p in parts] == [10, 10, 10]
+    main(
+        [
+            "scan-merge",
+            *(str(tmp_path / f"part{i}.json") for i in (2, 0, 1)),
+            "--out",
+            str(tmp_path / "merged.json"),
+        ]
+    )
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["complete"] and merged["scanned"] == COUNT
+    assert merged["shards"] == [[0, 3], [1, 3], [2, 3]]
+    rpc = tclient.top_activating_images(
+        SITE, CHANNELS, image_folder=str(root / "digits"), top_k=4, model=DIGITS
+    )
+    for got, expected in zip(merged["top"], whole["top"], strict=True):
+        assert got["channel"] == expected["channel"]
+        assert [(h["index"], h["path"]) for h in got["top"]] == [
+            (h["index"], h["path"]) for h in expected["top"]
+        ]
+        assert [h["score"] for h in got["top"]] == pytest.approx(
+            [h["score"] for h in expected["top"]], abs=1e-6
+        )
+        assert [h["index"] for h in got["top"]] == [t.index for t in rpc.channels[got["channel"]]]
+        np.testing.assert_allclose(
+            np.array([h["patch_map"] for h in got["top"]]),
+            np.stack([t.patch_map for t in rpc.channels[got["channel"]]]),
+            atol=1e-5,
+        )
+
+
+def test_merge_refuses_mismatched_parts(root: Path, tmp_path: Path) -> None:
+    scan(root, tmp_path / "a.json", "0/2")
+    other = scan(root, tmp_path / "b.json", "1/2")
+    other["top_k"] = 3
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="top_k"):
+        main(
+            [
+                "scan-merge",
+                str(tmp_path / "a.json"),
+                str(tmp_path / "b.json"),
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+    with pytest.raises(SystemExit, match="given twice"):
+        main(
+            [
+                "scan-merge",
+                str(tmp_path / "a.json"),
+                str(tmp_path / "a.json"),
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+    with pytest.raises(SystemExit, match="0 <= I < N"):
+        scan(root, tmp_path / "c.json", "3/2")
+
+
+def test_scan_builtin_digits_shard(tmp_path: Path) -> None:
+    out = tmp_path / "digits.json"
+    main(
+        [
+            "scan",
+            "--model",
+            DIGITS,
+            "--data",
+            "builtin-digits",
+            "--site",
+            SITE,
+            "--channel",
+            "5",
+            "--top-k",
+            "2",
+            "--shard",
+            "7/50",
+            "--out",
+            str(out),
+        ]
+    )
+    part = json.loads(out.read_text())
+    assert part["num_items"] == 1000 and part["scanned"] == 20 and part["shards"] == [[7, 50]]
+    assert all(140 <= h["index"] < 160 for h in part["top"][0]["top"])
+    assert part["weights_identity"].startswith("sha256:")
+
+
+def test_visualize_command(folder_server: RunningServer, tmp_path: Path) -> None:
+    out = tmp_path / "viz"
+    main(
+        [
+            "--target",
+            f"127.0.0.1:{folder_server.port}",
+            "visualize",
+            "--model",
+            DIGITS,
+            "--site",
+            SITE,
+            "--channel",
+            "0",
+            "32",
+            "--steps",
+            "6",
+            "--out",
+            str(out),
+            "--dataset",
+            "samples",
+            "--top-k",
+            "3",
+        ]
+    )
+    for channel in (0, 32):
+        assert Image.open(out / f"{SITE}-ch{channel}.png").size == (28, 28)
+    figure = Image.open(out / "grid.png")
+    assert figure.size == (5 * 112, 2 * (112 + 14))
+    assert json.loads((out / "parameters.json").read_text())["parameters"]["steps"] == 6
