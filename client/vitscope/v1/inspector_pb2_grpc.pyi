@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from vitscope.v1 import inspector_pb2 as _inspector_pb2
+from vitscope.v1 import projection_pb2 as _projection_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -41,6 +42,12 @@ class InspectorStub:
     """Activations at sites for a batch of images. The first message is a header;
     the tensors follow as chunks that the client reassembles.
     """
+    ProjectToClassSpace: _grpc.UnaryStreamMultiCallable[_projection_pb2.ProjectToClassSpaceRequest, _projection_pb2.ProjectToClassSpaceResponse]
+    """Tokens projected to class space per block: a header, one message per
+    image, then dataset-level aggregates.
+    """
+    ProjectMemories: _grpc.UnaryUnaryMultiCallable[_projection_pb2.ProjectMemoriesRequest, _projection_pb2.ProjectMemoriesResponse]
+    """A block's key-value memories projected to class space."""
 
 @_typing.type_check_only
 class InspectorAsyncStub(InspectorStub):
@@ -55,6 +62,12 @@ class InspectorAsyncStub(InspectorStub):
     """Activations at sites for a batch of images. The first message is a header;
     the tensors follow as chunks that the client reassembles.
     """
+    ProjectToClassSpace: _aio.UnaryStreamMultiCallable[_projection_pb2.ProjectToClassSpaceRequest, _projection_pb2.ProjectToClassSpaceResponse]  # type: ignore[assignment]
+    """Tokens projected to class space per block: a header, one message per
+    image, then dataset-level aggregates.
+    """
+    ProjectMemories: _aio.UnaryUnaryMultiCallable[_projection_pb2.ProjectMemoriesRequest, _projection_pb2.ProjectMemoriesResponse]  # type: ignore[assignment]
+    """A block's key-value memories projected to class space."""
 
 class InspectorServicer(metaclass=_abc_1.ABCMeta):
     """Looks inside vision transformers served by this process."""
@@ -84,5 +97,23 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         """Activations at sites for a batch of images. The first message is a header;
         the tensors follow as chunks that the client reassembles.
         """
+
+    @_abc_1.abstractmethod
+    def ProjectToClassSpace(
+        self,
+        request: _projection_pb2.ProjectToClassSpaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_projection_pb2.ProjectToClassSpaceResponse], _abc.AsyncIterator[_projection_pb2.ProjectToClassSpaceResponse]]:
+        """Tokens projected to class space per block: a header, one message per
+        image, then dataset-level aggregates.
+        """
+
+    @_abc_1.abstractmethod
+    def ProjectMemories(
+        self,
+        request: _projection_pb2.ProjectMemoriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_projection_pb2.ProjectMemoriesResponse, _abc.Awaitable[_projection_pb2.ProjectMemoriesResponse]]:
+        """A block's key-value memories projected to class space."""
 
 def add_InspectorServicer_to_server(servicer: InspectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
