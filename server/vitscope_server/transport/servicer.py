@@ -19,6 +19,7 @@ from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.projection_rpcs import ProjectionRpcs
 
 
 def cancel_token(context: grpc.ServicerContext) -> CancelToken:
@@ -29,7 +30,7 @@ def cancel_token(context: grpc.ServicerContext) -> CancelToken:
     return token
 
 
-class InspectorServicer(pb_grpc.InspectorServicer):
+class InspectorServicer(ProjectionRpcs, pb_grpc.InspectorServicer):
     def __init__(
         self,
         registry: ModelRegistry,

@@ -133,7 +133,7 @@ class TimmViTAdapter(TimmAdapter):
     # (norm1 for attention, norm2 for the MLP), as Vilas et al. did. A distilled DeiT's
     # tokens are all projected with `head` (its class-token classifier), not `head_dist`.
 
-    def _block(self, block: int) -> nn.Module:
+    def _block(self, block: int) -> Any:
         return self.root.get_submodule(self.blocks[block].path)
 
     def class_projection_unsupported(self) -> str | None:
@@ -147,27 +147,30 @@ class TimmViTAdapter(TimmAdapter):
             return f"model {self.spec.name}: token pooling without a class token"
         if not isinstance(getattr(self.root, "head", None), nn.Linear):
             return f"model {self.spec.name}: no linear classifier head"
-        if any(getattr(self._block(i).attn, "gate", None) is not None for i in range(len(self.blocks))):
+        if any(
+            getattr(self._block(i).attn, "gate", None) is not None for i in range(len(self.blocks))
+        ):
             return f"model {self.spec.name}: gated attention is not supported"
         return None
 
     def projection_norm(self, tokens: torch.Tensor, block: int, part: str) -> torch.Tensor:
-        if part != "out" and self.root.global_pool in _AVERAGE_POOLS:  # type: ignore[operator]
+        model: Any = self.root
+        if part != "out" and model.global_pool in _AVERAGE_POOLS:
             pre_norm = self._block(block).norm1 if part == "attn.out" else self._block(block).norm2
             tokens = pre_norm(tokens)
-        normed: torch.Tensor = self.root.fc_norm(self.root.norm(tokens))  # type: ignore[operator]
+        normed: torch.Tensor = model.fc_norm(model.norm(tokens))
         return normed
 
     def classifier_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        head = self.root.head
-        return head.weight, head.bias  # type: ignore[return-value]
+        head: Any = self.root.head
+        return head.weight, head.bias
 
     def attention_values(self, block: int, block_input: torch.Tensor) -> torch.Tensor:
         module = self._block(block)
         attention = module.attn
         batch, tokens, _ = block_input.shape
         qkv = attention.qkv(module.norm1(block_input))
-        qkv = qkv.reshape(batch, tokens, 3, attention.num_heads, -1)  # type: ignore[arg-type]
+        qkv = qkv.reshape(batch, tokens, 3, attention.num_heads, -1)
         return qkv[:, :, 2].transpose(1, 2)
 
     def attention_output(
@@ -175,19 +178,19 @@ class TimmViTAdapter(TimmAdapter):
     ) -> torch.Tensor:
         module = self._block(block)
         attention = module.attn
-        mixed = attention.norm(self.mixed_values(probs, values))  # type: ignore[operator]
-        output: torch.Tensor = module.ls1(attention.proj(mixed))  # type: ignore[operator]
+        mixed = attention.norm(self.mixed_values(probs, values))
+        output: torch.Tensor = module.ls1(attention.proj(mixed))
         return output
 
     def mlp_fc1_path(self, block: int) -> str:
         return f"{self.blocks[block].path}.mlp.fc1"
 
     def mlp_value_matrix(self, block: int) -> torch.Tensor:
-        weight: torch.Tensor = self._block(block).mlp.fc2.weight  # type: ignore[union-attr, assignment]
+        weight: torch.Tensor = self._block(block).mlp.fc2.weight
         return weight
 
     def attention_value_matrix(self, block: int) -> torch.Tensor:
-        weight: torch.Tensor = self._block(block).attn.proj.weight  # type: ignore[union-attr, assignment]
+        weight: torch.Tensor = self._block(block).attn.proj.weight
         return weight
 
 
