@@ -25,6 +25,7 @@ from reference_projection import (
 )
 
 from vitscope import Client, FailedPreconditionError, InvalidArgumentError
+from vitscope.cli import main
 from vitscope.projection import ClassProjection
 from vitscope_server.settings import ServerSettings
 from vitscope_server.train_classifier import digits_split
@@ -437,10 +438,8 @@ def test_digits_identifiability_rises_with_depth_and_beats_the_random_twin(pc: C
 
 
 def test_cli_project_writes_table_plot_and_overlay(
-    pc: Client, projection_server: RunningServer, tmp_path: Path
+    projection_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from vitscope.cli import main
-
     image = tmp_path / "input.png"
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(
         image
@@ -460,5 +459,7 @@ def test_cli_project_writes_table_plot_and_overlay(
             str(out),
         ]
     )
-    assert (out / "identifiability.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "ident%" in printed and "gap:" in printed and printed.count("\n    5 ") == 2
+    assert Image.open(out / "identifiability.png").size == (600, 400)
     assert Image.open(out / "importance.png").size == (160, 160)

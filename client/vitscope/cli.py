@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vitscope import cli_projection
 from vitscope.client import DEFAULT_TARGET, Client
 from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--model", default="", help="model to show (default: the server's default)")
+    cli_projection.add_commands(commands)
     return parser
 
 
@@ -248,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 _activations(client, args)
             elif args.command == "demo":
                 print(f"wrote {run_demo(client, args.out, args.model)}")
+            else:
+                cli_projection.run(client, args)
     except (VitscopeError, TensorDecodeError) as exc:
         print(f"vitscope: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
