@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitscope.overlay import heatmap_overlay
-from vitscope_server.core.activations import TokenMode, _token_indices
+from vitscope_server.core.activations import TokenMode, _select_tokens, _token_indices
 from vitscope_server.core.adapters import ModelAdapter, SiteDef
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import capture_sites
@@ -243,16 +243,23 @@ def _project(
 @dataclass(frozen=True)
 class _Ranked:
     target_scores: torch.Tensor  # [blocks, B, T]
-    ranks: torch.Tensor  # [blocks, B, T]
-    top1: torch.Tensor  # [blocks, B, T]
+    ranks: torch.Tensor  # int32 [blocks, B, T]
+    top_scores: torch.Tensor  # [blocks, B, T, k]
+    top_classes: torch.Tensor  # [blocks, B, T, k]
+
+    @property
+    def top1(self) -> torch.Tensor:
+        return self.top_classes[..., 0]
 
 
-def _rank(scores: torch.Tensor, targets: torch.Tensor) -> _Ranked:
-    """0-based rank of each image's target: how many classes score strictly higher."""
+def _rank(scores: torch.Tensor, targets: torch.Tensor, top_k: int) -> _Ranked:
+    """0-based rank of each image's target (how many classes score strictly higher), and the
+    top-k; one pass each over the scores."""
     index = targets.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
     target_scores = scores.gather(-1, index)
-    ranks = (scores > target_scores).sum(dim=-1)
-    return _Ranked(target_scores.squeeze(-1), ranks, scores.argmax(dim=-1))
+    ranks = (scores > target_scores).sum(dim=-1, dtype=torch.int32)
+    top = scores.topk(top_k, dim=-1)
+    return _Ranked(target_scores.squeeze(-1), ranks, top.values, top.indices)
 
 
 def _importance(
@@ -381,7 +388,8 @@ def project_to_class_space(
     pixels = prepared.pixels.to(loaded.device)
     blocks = query.blocks
     cancel.raise_if_cancelled()
-    with torch.no_grad():
+    # Importance maps differentiate captured tensors, which inference mode would forbid.
+    with torch.no_grad() if query.importance_maps else torch.inference_mode():
         forward = _forward(adapter, space, pixels, blocks, query.importance_maps, cancel)
         predicted = forward.final_scores.argmax(dim=-1)
         targets = predicted.clone()
@@ -394,7 +402,7 @@ def project_to_class_space(
             "attention": _project(adapter, space, forward.attention, "attn.out", list(blocks)),
             "mlp": _project(adapter, space, forward.mlp, "mlp.out", list(blocks)),
         }
-        ranked = {name: _rank(scores, targets) for name, scores in projected.items()}
+        ranked = {name: _rank(scores, targets, query.top_k) for name, scores in projected.items()}
         cancel.raise_if_cancelled()
         summaries = _summaries(
             blocks,
@@ -404,23 +412,24 @@ def project_to_class_space(
             ranked["mlp"],
             adapter.num_prefix_tokens,
         ).cpu()
-        token_index = torch.tensor(prepared.token_indices, device=pixels.device)
-        selected_residual = torch.tensor(
-            [residual_order.index(b) for b in blocks], device=pixels.device
-        )
+        selected_residual = [residual_order.index(b) for b in blocks]
         per_token: dict[str, tuple[torch.Tensor, ...]] = {}
         for name in query.representations:
-            scores = projected[name]
-            ranks = ranked[name].ranks
+            # Views where the selection is contiguous (all tokens, all blocks): no copies.
+            r = ranked[name]
+            top_classes, top_scores, ranks = (
+                _select_tokens(t, 2, prepared.token_indices)
+                for t in (r.top_classes, r.top_scores, r.ranks)
+            )
             if name == "residual":
-                scores = scores.index_select(0, selected_residual)
-                ranks = ranks.index_select(0, selected_residual)
-            scores = scores.index_select(2, token_index)
-            ranks = ranks.index_select(2, token_index)
-            top = scores.topk(query.top_k, dim=-1)
+                top_classes, top_scores, ranks = (
+                    _select_tokens(t, 0, selected_residual)
+                    for t in (top_classes, top_scores, ranks)
+                )
             identifiability = 1.0 - ranks.float() / space.num_classes
             per_token[name] = tuple(
-                t.transpose(0, 1).cpu() for t in (top.indices, top.values, ranks, identifiability)
+                t.transpose(0, 1).cpu()
+                for t in (top_classes, top_scores, ranks.long(), identifiability)
             )
         probabilities = (forward.final_scores.float() * space.logit_scale).softmax(dim=-1)
     importance = (

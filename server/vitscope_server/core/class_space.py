@@ -57,8 +57,7 @@ class ClassSpace:
         embedded = normed @ self.projection if self.projection is not None else normed
         if self.cosine:
             embedded = F.normalize(embedded, dim=-1)
-        scores = embedded @ self.weight.T
-        return scores + self.bias if self.bias is not None else scores
+        return F.linear(embedded, self.weight, self.bias)
 
     def token_weight(self) -> torch.Tensor:
         """[C, D]: the class matrix over normed tokens (head.weight, or text @ proj^T)."""
