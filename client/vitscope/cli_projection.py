@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from vitscope.client import Client
+from vitscope.plot_projection import plot_identifiability
 from vitscope.projection import ClassProjection
-from vitscope.projection_plot import plot_identifiability
 
 _COLUMNS = (
     ("identifiable_patch_percent", "ident%"),
