@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,12 @@ from reference_projection import (
     timm_scores,
 )
 
-from vitscope import Client, FailedPreconditionError, InvalidArgumentError
+from vitscope import (
+    Client,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+)
 from vitscope.cli import main
 from vitscope.projection import ClassProjection
 from vitscope_server.settings import ServerSettings
@@ -377,6 +383,7 @@ def test_memories_are_direct_matrix_products(pc: Client) -> None:
         ({"model": "vit", "top_k": 1001}, InvalidArgumentError, "top_k"),
         ({"model": "vit", "class_names": ["a"]}, InvalidArgumentError, "open_clip"),
         ({"model": "clip", "class_names": []}, InvalidArgumentError, "empty"),
+        ({"model": "clip", "templates": ["a {}"]}, InvalidArgumentError, "empty"),
         ({"model": "clip", "class_names": ["a", "a"]}, InvalidArgumentError, "once"),
         (
             {"model": "clip", "class_names": ["a"], "templates": ["no slot"]},
@@ -463,3 +470,21 @@ def test_cli_project_writes_table_plot_and_overlay(
     assert "ident%" in printed and "gap:" in printed and printed.count("\n    5 ") == 2
     assert Image.open(out / "identifiability.png").size == (600, 400)
     assert Image.open(out / "importance.png").size == (160, 160)
+
+
+def test_deadline_stops_the_work_and_frees_the_slot(pc: Client) -> None:
+    """Encoding 1,000 names x 60 new templates takes many seconds; the deadline stops it and the
+    single compute slot is free again for the next call."""
+    templates = [f"picture {i} of a {{}}." for i in range(60)]
+    image = list(pixels_for(pc, "clip", batch=1).numpy())
+    with pytest.raises(DeadlineExceededError):
+        pc.project(
+            image,
+            model="clip",
+            class_names=list(dict.fromkeys(open_clip.IMAGENET_CLASSNAMES)),
+            templates=templates,
+            timeout=1.0,
+        )
+    started = time.perf_counter()
+    assert pc.project(image, model="clip", class_names=NAMES, blocks=[0], timeout=10).images
+    assert time.perf_counter() - started < 5

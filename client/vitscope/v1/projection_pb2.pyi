@@ -141,7 +141,9 @@ class LabelSet(_message.Message):
     CLASS_NAMES_FIELD_NUMBER: _builtins.int
     TEMPLATES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At least one; each non-blank and distinct."""
+
     @_builtins.property
     def templates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Each contains "{}" where the class name goes; empty: open_clip's
