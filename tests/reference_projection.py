@@ -127,3 +127,32 @@ def timm_importance(model: nn.Module, pixels: torch.Tensor, targets: torch.Tenso
     for block in model.blocks:
         block.attn.fused_attn = True
     return torch.stack(maps, dim=1).numpy()
+
+
+def clip_importance(
+    model: nn.Module, pixels: torch.Tensor, targets: torch.Tensor, text: torch.Tensor
+) -> np.ndarray:
+    """[B, blocks, heads, patches] for an open_clip tower: attention recomputed by hand from each
+    block's input (ls_1 is Identity here), probabilities as leaves, scores scaled by logit_scale."""
+    visual = model.visual
+    parts = clip_parts(model, pixels)
+    maps = []
+    with torch.enable_grad():
+        for i, block in enumerate(visual.transformer.resblocks):
+            x = block.ln_1(parts[f"in.{i}"])
+            batch, tokens, _ = x.shape
+            q, k, v = (
+                t.reshape(batch, tokens, block.attn.num_heads, -1).transpose(1, 2)
+                for t in F.linear(x, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(
+                    3, -1
+                )
+            )
+            probs = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1).detach()
+            probs.requires_grad_(True)
+            out = block.attn.out_proj((probs @ v).transpose(1, 2).reshape(batch, tokens, -1))
+            embedded = F.normalize(visual.ln_post(out[:, 0]) @ visual.proj, dim=-1)
+            scores = embedded @ text.T * model.logit_scale.exp()
+            loss = F.cross_entropy(scores, targets, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, probs)
+            maps.append(-grad[:, :, 0, 1:])
+    return torch.stack(maps, dim=1).detach().numpy()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 from reference_projection import (
+    clip_importance,
     clip_parts,
     clip_scores,
     clip_text,
@@ -303,30 +304,69 @@ def test_clip_default_labels_are_imagenet(pc: Client) -> None:
     assert len(result.parameters["templates"]) == len(open_clip.OPENAI_IMAGENET_TEMPLATES)
 
 
-def test_importance_maps_match_autograd(pc: Client) -> None:
-    model = build("vit")
-    pixels = pixels_for(pc, "vit")
-    result = pc.project(list(pixels.numpy()), model="vit", targets=[5, None], importance_maps=True)
-    targets = torch.tensor([i.target_index for i in result.images])
-    expected = timm_importance(model, pixels, targets)  # [B, blocks, heads, patches]
+def check_importance(result: ClassProjection, expected: np.ndarray, grid: int, size: int) -> None:
+    blocks, heads = expected.shape[1:3]
     for i, image in enumerate(result.images):
         maps = image.importance
         assert maps is not None
         np.testing.assert_allclose(
-            maps.per_head, expected[i].reshape(6, 2, 10, 10), atol=1e-6, rtol=1e-4
+            maps.per_head, expected[i].reshape(blocks, heads, grid, grid), atol=1e-6, rtol=1e-4
         )
-        summed = expected[i].sum(axis=(0, 1)).reshape(10, 10)
+        summed = expected[i].sum(axis=(0, 1)).reshape(grid, grid)
         unit = (summed - summed.min()) / (summed.max() - summed.min())
         np.testing.assert_allclose(maps.summed, unit, atol=1e-5)
         upsampled = F.interpolate(
             torch.from_numpy(unit)[None, None],
-            size=(160, 160),
+            size=(size, size),
             mode="bilinear",
             align_corners=False,
         )[0, 0].numpy()
         np.testing.assert_allclose(maps.upsampled, upsampled, atol=1e-5)
-        overlay = Image.open(io.BytesIO(maps.overlay_png))
-        assert overlay.size == (160, 160)
+        assert Image.open(io.BytesIO(maps.overlay_png)).size == (size, size)
+
+
+@pytest.mark.parametrize(("name", "grid", "size"), [("vit", 10, 160), ("deit", 4, 64)])
+def test_importance_maps_match_autograd(pc: Client, name: str, grid: int, size: int) -> None:
+    model = build(name)
+    pixels = pixels_for(pc, name)
+    result = pc.project(list(pixels.numpy()), model=name, targets=[5, None], importance_maps=True)
+    targets = torch.tensor([i.target_index for i in result.images])
+    check_importance(result, timm_importance(model, pixels, targets), grid, size)
+
+
+def test_clip_importance_maps_match_autograd(pc: Client) -> None:
+    model = build("clip")
+    pixels = pixels_for(pc, "clip")
+    result = pc.project(
+        list(pixels.numpy()),
+        model="clip",
+        targets=["dog", None],
+        class_names=NAMES,
+        templates=TEMPLATES,
+        importance_maps=True,
+    )
+    targets = torch.tensor([i.target_index for i in result.images])
+    text = clip_text(model, "ViT-B-32", NAMES, TEMPLATES)
+    check_importance(result, clip_importance(model, pixels, targets, text), 4, 32)
+
+
+def test_clip_memories_use_text_embeddings_through_proj(pc: Client) -> None:
+    model = build("clip")
+    result = pc.project_memories(1, model="clip", class_names=NAMES, templates=TEMPLATES, top_k=3)
+    text = clip_text(model, "ViT-B-32", NAMES, TEMPLATES)
+    classes = text @ model.visual.proj.detach().T
+    block = model.visual.transformer.resblocks[1]
+    for kind, values in (
+        ("mlp", block.mlp.c_proj.weight),
+        ("attention", block.attn.out_proj.weight),
+    ):
+        matrix = (classes @ values.detach()).numpy()
+        np.testing.assert_array_equal(
+            result.memories[kind].top_memories, np.argsort(-matrix, -1)[:, :3]
+        )
+        np.testing.assert_array_equal(
+            result.memories[kind].top_classes, np.argsort(-matrix.T, -1)[:, :3]
+        )
 
 
 def test_memories_are_direct_matrix_products(pc: Client) -> None:

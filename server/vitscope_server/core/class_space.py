@@ -97,7 +97,8 @@ class _TextEmbeddings:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         encoder = loaded.adapter.encode_class_names  # type: ignore[attr-defined]
-        with torch.inference_mode():
+        # Not inference mode: importance maps differentiate through these embeddings.
+        with torch.no_grad():
             chunks = []
             for start in range(0, len(labels.class_names), 16):
                 cancel.raise_if_cancelled()
