@@ -277,12 +277,13 @@ def _importance(
     with torch.enable_grad():
         for b in blocks:
             cancel.raise_if_cancelled()
-            probs = forward.probs[b].detach().clone().requires_grad_(True)
+            # Only the class token's query row: the output is read at the class token alone.
+            cls_row = forward.probs[b][:, :, :1].detach().clone().requires_grad_(True)
             values = adapter.attention_values(b, forward.residual[b - 1]).detach()
-            output = adapter.attention_output(b, probs, values)[:, :1]
+            output = adapter.attention_output(b, cls_row, values)
             scores = space.scores(adapter.projection_norm(output, b, "attn.out"))[:, 0]
             loss = F.cross_entropy(scores * space.logit_scale, targets, reduction="sum")
-            (gradient,) = torch.autograd.grad(loss, probs)
+            (gradient,) = torch.autograd.grad(loss, cls_row)
             maps.append(-gradient[:, :, 0, prefix:])
     return torch.stack(maps, dim=1)
 

@@ -233,14 +233,15 @@ class ModelAdapter(ABC):
     def attention_output(
         self, block: int, probs: torch.Tensor, values: torch.Tensor
     ) -> torch.Tensor:
-        """The attention sublayer's output [B, T, D] (before the residual add) from its
+        """The attention sublayer's output [B, queries, D] (before the residual add) from its
         probabilities and values, so gradients can flow to the probabilities."""
         raise NotImplementedError
 
     def mixed_values(self, probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Per-head attention-weighted values, heads concatenated: the output projection's input."""
-        batch, heads, tokens, head_dim = values.shape
-        return (probs @ values).transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        mixed = probs @ values  # [B, heads, queries, head_dim]
+        batch, heads, queries, head_dim = mixed.shape
+        return mixed.transpose(1, 2).reshape(batch, queries, heads * head_dim)
 
     def mlp_fc1_path(self, block: int) -> str:
         """Module whose output holds the MLP's pre-activation hidden values (its keys' scores)."""
