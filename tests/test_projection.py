@@ -14,6 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import start
 from PIL import Image
 from reference_projection import (
     clip_importance,
@@ -31,6 +32,7 @@ from vitscope import (
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
+    ResourceExhaustedError,
 )
 from vitscope.cli import main
 from vitscope.projection import ClassProjection
@@ -528,3 +530,15 @@ def test_deadline_stops_the_work_and_frees_the_slot(pc: Client) -> None:
     started = time.perf_counter()
     assert pc.project(image, model="clip", class_names=NAMES, blocks=[0], timeout=10).images
     assert time.perf_counter() - started < 5
+
+
+def test_a_projection_over_the_message_limit_is_refused(tmp_path: Path) -> None:
+    running = start(tmp_path, max_message_bytes=1 << 16, builtin_models=False)
+    try:
+        with Client(f"127.0.0.1:{running.port}", timeout=60) as client:
+            image = [np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)]
+            with pytest.raises(ResourceExhaustedError, match="fewer blocks, tokens"):
+                client.project(image, model="vit")
+            assert client.project(image, model="vit", blocks=[5], tokens="prefix").images
+    finally:
+        running.stop(0)
