@@ -494,10 +494,10 @@ def test_cli_project_writes_table_plot_and_overlay(
         image
     )
     out = tmp_path / "out"
+    target = ["--target", f"127.0.0.1:{projection_server.port}"]
     main(
         [
-            "--target",
-            f"127.0.0.1:{projection_server.port}",
+            *target,
             "project",
             str(image),
             "--model",
@@ -512,6 +512,21 @@ def test_cli_project_writes_table_plot_and_overlay(
     assert "ident%" in printed and "gap:" in printed and printed.count("\n    5 ") == 2
     assert Image.open(out / "identifiability.png").size == (600, 400)
     assert Image.open(out / "importance.png").size == (160, 160)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                *target,
+                "project",
+                str(image),
+                "--model",
+                "vit",
+                "--target",
+                "nope",
+                "--out",
+                str(out),
+            ]
+        )
+    assert "unknown class name 'nope'" in capsys.readouterr().err
 
 
 def test_deadline_stops_the_work_and_frees_the_slot(pc: Client) -> None:
