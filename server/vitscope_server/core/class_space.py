@@ -11,7 +11,6 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
@@ -20,19 +19,28 @@ from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
 from vitscope_server.core.loading import LoadedModel
 
-DEFAULT_TEMPLATES: tuple[str, ...] = tuple(
-    template("{}") for template in open_clip.OPENAI_IMAGENET_TEMPLATES
-)
-DEFAULT_CLASS_NAMES: tuple[str, ...] = tuple(open_clip.IMAGENET_CLASSNAMES)
 _CACHE_ENTRIES = 8
 
 
 @dataclass(frozen=True)
 class LabelSet:
-    """Class names and prompt templates for an open_clip tower; None fields take the defaults."""
+    """Class names and prompt templates for an open_clip tower; no templates: the defaults."""
 
-    class_names: tuple[str, ...] | None = None
-    templates: tuple[str, ...] | None = None
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...] = ()
+
+
+def _imagenet_templates() -> tuple[str, ...]:
+    """open_clip's 80 ImageNet zero-shot templates (open_clip is imported only when needed)."""
+    import open_clip
+
+    return tuple(template("{}") for template in open_clip.OPENAI_IMAGENET_TEMPLATES)
+
+
+def _imagenet_labels() -> LabelSet:
+    import open_clip
+
+    return LabelSet(tuple(open_clip.IMAGENET_CLASSNAMES), _imagenet_templates())
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,6 @@ class _TextEmbeddings:
         self._cache: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
 
     def get(self, loaded: LoadedModel, labels: LabelSet, cancel: CancelToken) -> torch.Tensor:
-        assert labels.class_names is not None and labels.templates is not None
         key = (loaded.spec.name, loaded.weights_identity, labels.class_names, labels.templates)
         with self._lock:
             if key in self._cache:
@@ -117,9 +124,9 @@ TEXT_EMBEDDINGS = _TextEmbeddings(_CACHE_ENTRIES)
 
 def _checked_labels(labels: LabelSet | None) -> LabelSet:
     if labels is None:
-        return LabelSet(DEFAULT_CLASS_NAMES, DEFAULT_TEMPLATES)
-    names = labels.class_names if labels.class_names is not None else DEFAULT_CLASS_NAMES
-    templates = labels.templates or DEFAULT_TEMPLATES
+        return _imagenet_labels()
+    names = labels.class_names
+    templates = labels.templates or _imagenet_templates()
     if not names:
         raise InvalidArgument("labels.class_names: the label set is empty; give at least one name")
     blank = [i for i, name in enumerate(names) if not name.strip()]
@@ -133,7 +140,7 @@ def _checked_labels(labels: LabelSet | None) -> LabelSet:
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise InvalidArgument(f"labels.templates: {bad[:3]} lack '{{}}' where the class name goes")
-    return LabelSet(tuple(names), tuple(templates))
+    return LabelSet(names, templates)
 
 
 def class_space_of(loaded: LoadedModel, labels: LabelSet | None, cancel: CancelToken) -> ClassSpace:
@@ -151,7 +158,6 @@ def class_space_of(loaded: LoadedModel, labels: LabelSet | None, cancel: CancelT
         weight, bias = adapter.classifier_head()
         return ClassSpace(list(adapter.class_names), weight, bias, None, False, 1.0)
     checked = _checked_labels(labels)
-    assert checked.class_names is not None and checked.templates is not None
     text = TEXT_EMBEDDINGS.get(loaded, checked, cancel)
     return ClassSpace(
         list(checked.class_names),

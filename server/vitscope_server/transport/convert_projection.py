@@ -62,7 +62,7 @@ def _targets(refs: list[pb.ClassRef]) -> tuple[ClassRef, ...]:
 def _labels(has_labels: bool, labels: pb.LabelSet) -> LabelSet | None:
     if not has_labels:
         return None
-    return LabelSet(tuple(labels.class_names), tuple(labels.templates) or None)
+    return LabelSet(tuple(labels.class_names), tuple(labels.templates))
 
 
 def projection_query(request: pb.ProjectToClassSpaceRequest) -> ProjectionQuery:
