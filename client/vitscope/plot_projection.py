@@ -9,7 +9,7 @@ from vitscope.projection import ClassProjection
 
 def identifiability_curves(result: ClassProjection) -> tuple[list[int], list[float], list[float]]:
     """Blocks, % identifiable patch tokens (mean over images) and the class token's mean r (%)."""
-    blocks = [int(b.get("block", 0)) for b in result.dataset]
+    blocks = [int(b["block"]) for b in result.dataset]
     patches = [float(b["mean_identifiable_patch_percent"]) for b in result.dataset]
     classes = len(result.class_names)
     cls = []
