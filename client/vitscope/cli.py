@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitscope import cli_features
+from vitscope import cli_features, cli_projection
 from vitscope.client import DEFAULT_TARGET, Client
 from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
@@ -80,6 +80,10 @@ def _position(text: str) -> tuple[int, int]:
         return int(row), int(col)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not ROW,COL") from None
+
+
+# Each RPC family's subcommands: add_commands(subparsers) and run(client, args) -> handled.
+FAMILY_COMMANDS = (cli_features, cli_projection)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--model", default="", help="model to show (default: the server's default)")
-    cli_features.add_commands(commands)
+    for family in FAMILY_COMMANDS:
+        family.add_commands(commands)
     return parser
 
 
@@ -260,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             elif args.command == "demo":
                 print(f"wrote {run_demo(client, args.out, args.model)}")
             else:
-                cli_features.run(client, args)
+                for family in FAMILY_COMMANDS:
+                    if family.run(client, args):
+                        break
     except (VitscopeError, TensorDecodeError) as exc:
         print(f"vitscope: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

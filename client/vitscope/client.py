@@ -14,6 +14,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from vitscope import projection
 from vitscope import tensors as wire
 from vitscope.errors import from_rpc_error
 from vitscope.features import (
@@ -25,7 +26,7 @@ from vitscope.features import (
     parse_result,
     parse_top_images,
 )
-from vitscope.v1 import common_pb2, tensor_pb2
+from vitscope.v1 import common_pb2, projection_pb2, tensor_pb2
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
@@ -477,3 +478,71 @@ class Client:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return parse_top_images(response)
+
+    # Class-embedding projection (Vilas et al. 2023).
+
+    def project(
+        self,
+        images: Sequence[ImageLike],
+        *,
+        model: str = "",
+        targets: Sequence[projection.ClassLike] = (),
+        representations: Sequence[str] = (),
+        blocks: Sequence[int] = (),
+        tokens: str | None = None,
+        indices: Sequence[int] = (),
+        positions: Sequence[tuple[int, int]] = (),
+        top_k: int = 0,
+        importance_maps: bool = False,
+        class_names: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> projection.ClassProjection:
+        """Tokens projected to class space, per block.
+
+        targets: none, or one per image (class index, class name or None for the model's
+        prediction). representations: residual | attention | mlp (default all).
+        tokens: all (default) | prefix | patches | indices | positions.
+        class_names / templates: an open_clip tower's label set (default: ImageNet).
+        """
+        request = projection_pb2.ProjectToClassSpaceRequest(
+            model=model,
+            images=[image_message(i) for i in images],
+            targets=[projection.class_ref(t) for t in targets],
+            representations=[projection.REPRESENTATIONS[r] for r in representations],
+            blocks=list(blocks),
+            tokens=projection.token_selection(tokens, indices, positions),
+            top_k=top_k,
+            importance_maps=importance_maps,
+            labels=projection.label_set(class_names, templates),
+        )
+        return projection.collect_projection(
+            self._stream(self._stub.ProjectToClassSpace, request, timeout)
+        )
+
+    def project_memories(
+        self,
+        block: int,
+        *,
+        model: str = "",
+        kinds: Sequence[str] = (),
+        top_k: int = 0,
+        cosine: bool = False,
+        images: Sequence[ImageLike] = (),
+        targets: Sequence[projection.ClassLike] = (),
+        class_names: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> projection.Memories:
+        """A block's key-value memories in class space; kinds: mlp | attention (default both)."""
+        request = projection_pb2.ProjectMemoriesRequest(
+            model=model,
+            block=block,
+            kinds=[projection.MEMORY_KINDS[k] for k in kinds],
+            top_k=top_k,
+            cosine=cosine,
+            images=[image_message(i) for i in images],
+            targets=[projection.class_ref(t) for t in targets],
+            labels=projection.label_set(class_names, templates),
+        )
+        return projection.parse_memories(self._call(self._stub.ProjectMemories, request, timeout))

@@ -117,6 +117,9 @@ def run_demo(client: Client, out: Path, model: str = "", digits: int = 6) -> Pat
     from vitscope.demo_features import feature_visualisations  # it builds on this module
 
     figures += feature_visualisations(client, model, out)
+    from vitscope.demo_projection import projection_figures  # it imports Figure from here
+
+    figures += projection_figures(client, model, out, chosen)
     for figure in figures:
         if np.asarray(Image.open(out / figure.file)).std() == 0:
             raise RuntimeError(f"{figure.file} came out blank")

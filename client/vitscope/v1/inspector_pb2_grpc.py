@@ -5,6 +5,7 @@ import warnings
 
 from vitscope.v1 import features_pb2 as vitscope_dot_v1_dot_features__pb2
 from vitscope.v1 import inspector_pb2 as vitscope_dot_v1_dot_inspector__pb2
+from vitscope.v1 import projection_pb2 as vitscope_dot_v1_dot_projection__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -61,6 +62,16 @@ class InspectorStub:
                 request_serializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesRequest.SerializeToString,
                 response_deserializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesResponse.FromString,
                 _registered_method=True)
+        self.ProjectToClassSpace = channel.unary_stream(
+                '/vitscope.v1.Inspector/ProjectToClassSpace',
+                request_serializer=vitscope_dot_v1_dot_projection__pb2.ProjectToClassSpaceRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_projection__pb2.ProjectToClassSpaceResponse.FromString,
+                _registered_method=True)
+        self.ProjectMemories = channel.unary_unary(
+                '/vitscope.v1.Inspector/ProjectMemories',
+                request_serializer=vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesResponse.FromString,
+                _registered_method=True)
 
 
 class InspectorServicer:
@@ -103,6 +114,21 @@ class InspectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProjectToClassSpace(self, request, context):
+        """Tokens projected to class space per block: a header, one message per
+        image, then dataset-level aggregates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProjectMemories(self, request, context):
+        """A block's key-value memories projected to class space.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InspectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +156,16 @@ def add_InspectorServicer_to_server(servicer, server):
                     servicer.TopActivatingImages,
                     request_deserializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesRequest.FromString,
                     response_serializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesResponse.SerializeToString,
+            ),
+            'ProjectToClassSpace': grpc.unary_stream_rpc_method_handler(
+                    servicer.ProjectToClassSpace,
+                    request_deserializer=vitscope_dot_v1_dot_projection__pb2.ProjectToClassSpaceRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_projection__pb2.ProjectToClassSpaceResponse.SerializeToString,
+            ),
+            'ProjectMemories': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProjectMemories,
+                    request_deserializer=vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +304,60 @@ class Inspector:
             '/vitscope.v1.Inspector/TopActivatingImages',
             vitscope_dot_v1_dot_features__pb2.TopActivatingImagesRequest.SerializeToString,
             vitscope_dot_v1_dot_features__pb2.TopActivatingImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProjectToClassSpace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vitscope.v1.Inspector/ProjectToClassSpace',
+            vitscope_dot_v1_dot_projection__pb2.ProjectToClassSpaceRequest.SerializeToString,
+            vitscope_dot_v1_dot_projection__pb2.ProjectToClassSpaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProjectMemories(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitscope.v1.Inspector/ProjectMemories',
+            vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesRequest.SerializeToString,
+            vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 from vitscope.v1 import features_pb2 as _features_pb2
 from vitscope.v1 import inspector_pb2 as _inspector_pb2
+from vitscope.v1 import projection_pb2 as _projection_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -46,6 +47,12 @@ class InspectorStub:
     """Feature visualisation: progress messages, then the optimised images."""
     TopActivatingImages: _grpc.StreamUnaryMultiCallable[_features_pb2.TopActivatingImagesRequest, _features_pb2.TopActivatingImagesResponse]
     """Streamed images (or an allowed server folder) in, the top-k per channel out."""
+    ProjectToClassSpace: _grpc.UnaryStreamMultiCallable[_projection_pb2.ProjectToClassSpaceRequest, _projection_pb2.ProjectToClassSpaceResponse]
+    """Tokens projected to class space per block: a header, one message per
+    image, then dataset-level aggregates.
+    """
+    ProjectMemories: _grpc.UnaryUnaryMultiCallable[_projection_pb2.ProjectMemoriesRequest, _projection_pb2.ProjectMemoriesResponse]
+    """A block's key-value memories projected to class space."""
 
 @_typing.type_check_only
 class InspectorAsyncStub(InspectorStub):
@@ -64,6 +71,12 @@ class InspectorAsyncStub(InspectorStub):
     """Feature visualisation: progress messages, then the optimised images."""
     TopActivatingImages: _aio.StreamUnaryMultiCallable[_features_pb2.TopActivatingImagesRequest, _features_pb2.TopActivatingImagesResponse]  # type: ignore[assignment]
     """Streamed images (or an allowed server folder) in, the top-k per channel out."""
+    ProjectToClassSpace: _aio.UnaryStreamMultiCallable[_projection_pb2.ProjectToClassSpaceRequest, _projection_pb2.ProjectToClassSpaceResponse]  # type: ignore[assignment]
+    """Tokens projected to class space per block: a header, one message per
+    image, then dataset-level aggregates.
+    """
+    ProjectMemories: _aio.UnaryUnaryMultiCallable[_projection_pb2.ProjectMemoriesRequest, _projection_pb2.ProjectMemoriesResponse]  # type: ignore[assignment]
+    """A block's key-value memories projected to class space."""
 
 class InspectorServicer(metaclass=_abc_1.ABCMeta):
     """Looks inside vision transformers served by this process."""
@@ -109,5 +122,23 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_features_pb2.TopActivatingImagesResponse, _abc.Awaitable[_features_pb2.TopActivatingImagesResponse]]:
         """Streamed images (or an allowed server folder) in, the top-k per channel out."""
+
+    @_abc_1.abstractmethod
+    def ProjectToClassSpace(
+        self,
+        request: _projection_pb2.ProjectToClassSpaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_projection_pb2.ProjectToClassSpaceResponse], _abc.AsyncIterator[_projection_pb2.ProjectToClassSpaceResponse]]:
+        """Tokens projected to class space per block: a header, one message per
+        image, then dataset-level aggregates.
+        """
+
+    @_abc_1.abstractmethod
+    def ProjectMemories(
+        self,
+        request: _projection_pb2.ProjectMemoriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_projection_pb2.ProjectMemoriesResponse, _abc.Awaitable[_projection_pb2.ProjectMemoriesResponse]]:
+        """A block's key-value memories projected to class space."""
 
 def add_InspectorServicer_to_server(servicer: InspectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

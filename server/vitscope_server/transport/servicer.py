@@ -21,6 +21,7 @@ from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert
 from vitscope_server.transport.features_rpcs import FeatureRpcs
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.projection_rpcs import ProjectionRpcs
 
 
 def cancel_token(context: grpc.ServicerContext) -> CancelToken:
@@ -31,7 +32,7 @@ def cancel_token(context: grpc.ServicerContext) -> CancelToken:
     return token
 
 
-class InspectorServicer(FeatureRpcs, pb_grpc.InspectorServicer):
+class InspectorServicer(FeatureRpcs, ProjectionRpcs, pb_grpc.InspectorServicer):
     def __init__(
         self,
         registry: ModelRegistry,

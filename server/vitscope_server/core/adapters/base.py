@@ -211,3 +211,50 @@ class ModelAdapter(ABC):
             SiteDef("final", self.final_norm_path, Layout.TOKENS, last.grid, last.num_prefix_tokens)
         )
         return sites
+
+    # Class-space anatomy: what class-embedding projection and key-value memories read.
+
+    def class_projection_unsupported(self) -> str | None:
+        """Why this model's tokens cannot be projected to its class space, or None when they can."""
+        return (
+            f"model {self.spec.name}: class-space projection supports timm ViT-like models "
+            "(class token or average pooling) and open_clip ViT towers with token pooling"
+        )
+
+    def projection_norm(self, tokens: torch.Tensor, block: int, part: str) -> torch.Tensor:
+        """The model's own final norm(s) applied per token to a representation of `part`
+        ("out", "attn.out" or "mlp.out") of `block`."""
+        raise NotImplementedError
+
+    def attention_values(self, block: int, block_input: torch.Tensor) -> torch.Tensor:
+        """The value vectors [B, heads, T, head_dim] that block's attention mixes."""
+        raise NotImplementedError
+
+    def attention_output(
+        self, block: int, probs: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """The attention sublayer's output [B, queries, D] (before the residual add) from its
+        probabilities and values, so gradients can flow to the probabilities."""
+        raise NotImplementedError
+
+    def mixed_values(self, probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Per-head attention-weighted values, heads concatenated: the output projection's input."""
+        mixed = probs @ values  # [B, heads, queries, head_dim]
+        batch, heads, queries, head_dim = mixed.shape
+        return mixed.transpose(1, 2).reshape(batch, queries, heads * head_dim)
+
+    def mlp_fc1_path(self, block: int) -> str:
+        """Module whose output holds the MLP's pre-activation hidden values (its keys' scores)."""
+        raise NotImplementedError
+
+    def mlp_value_matrix(self, block: int) -> torch.Tensor:
+        """fc2.weight [D, hidden]: each column is one MLP value vector."""
+        raise NotImplementedError
+
+    def attention_value_matrix(self, block: int) -> torch.Tensor:
+        """The output projection's weight [D, D]: each column is one attention value vector."""
+        raise NotImplementedError
+
+    def classifier_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The classifier's weight [C, D] and bias [C] over normed tokens."""
+        raise NotImplementedError

@@ -110,6 +110,82 @@ class OpenClipTowerAdapter(ModelAdapter):
     def _restore_attention(self, block: int) -> None:
         self._hooks.pop(block).remove()
 
+    # Class-space anatomy: tokens go through ln_post then proj; classes are text embeddings.
+
+    def _block(self, block: int) -> Any:
+        return self.root.get_submodule(self.blocks[block].path)
+
+    def class_projection_unsupported(self) -> str | None:
+        visual = self.root
+        if getattr(visual, "attn_pool", None) is not None or visual.proj is None:
+            return f"model {self.spec.name}: towers with attention pooling or no proj are not supported"
+        if getattr(visual, "pool_type", "tok") != "tok" or self.num_prefix_tokens == 0:
+            return (
+                f"model {self.spec.name}: class-space projection needs class-token pooling "
+                f"(pool_type 'tok'), got {getattr(visual, 'pool_type', None)!r}"
+            )
+        return None
+
+    def projection_norm(self, tokens: torch.Tensor, block: int, part: str) -> torch.Tensor:
+        visual: Any = self.root
+        normed: torch.Tensor = visual.ln_post(tokens)
+        return normed
+
+    def image_projection(self) -> torch.Tensor:
+        """visual.proj [D, E]: normed tokens -> the shared image-text embedding space."""
+        visual: Any = self.root
+        proj: torch.Tensor = visual.proj
+        return proj
+
+    def logit_scale(self) -> float:
+        clip: Any = self.clip
+        return float(clip.logit_scale.exp())
+
+    def encode_class_names(self, names: list[str], templates: list[str]) -> torch.Tensor:
+        """Unit text embeddings [C, E]: per name, the mean of its unit template embeddings,
+        renormalised (open_clip's zero-shot prompt ensemble)."""
+        clip: Any = self.clip
+        tokenizer = open_clip.get_tokenizer(
+            self.spec.architecture, context_length=int(clip.context_length)
+        )
+        device = self.image_projection().device
+        embeddings = []
+        for name in names:
+            texts = tokenizer([template.format(name) for template in templates]).to(device)
+            per_template = torch.nn.functional.normalize(clip.encode_text(texts), dim=-1)
+            embeddings.append(torch.nn.functional.normalize(per_template.mean(dim=0), dim=-1))
+        return torch.stack(embeddings)
+
+    def attention_values(self, block: int, block_input: torch.Tensor) -> torch.Tensor:
+        module = self._block(block)
+        attention = module.attn
+        batch, tokens, width = block_input.shape
+        qkv = torch.nn.functional.linear(
+            module.ln_1(block_input),
+            attention.in_proj_weight,
+            attention.in_proj_bias,
+        )
+        values = qkv[..., 2 * width :].reshape(batch, tokens, attention.num_heads, -1)
+        return values.transpose(1, 2)
+
+    def attention_output(
+        self, block: int, probs: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        module = self._block(block)
+        output: torch.Tensor = module.ls_1(module.attn.out_proj(self.mixed_values(probs, values)))
+        return output
+
+    def mlp_fc1_path(self, block: int) -> str:
+        return f"{self.blocks[block].path}.mlp.c_fc"
+
+    def mlp_value_matrix(self, block: int) -> torch.Tensor:
+        weight: torch.Tensor = self._block(block).mlp.c_proj.weight
+        return weight
+
+    def attention_value_matrix(self, block: int) -> torch.Tensor:
+        weight: torch.Tensor = self._block(block).attn.out_proj.weight
+        return weight
+
 
 def build_open_clip(spec: ModelSpec, pretrained: str | None) -> nn.Module:
     preprocess_overrides = {

@@ -14,6 +14,8 @@ from vitscope_server.core.adapters.base import BlockAnatomy, DataConfig, ModelAd
 from vitscope_server.core.errors import FailedPrecondition
 from vitscope_server.core.specs import ModelSpec
 
+_AVERAGE_POOLS = ("avg", "avgmax", "max")
+
 
 def _data_config(spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
     config = dict(resolve_model_data_config(model))
@@ -124,6 +126,72 @@ class TimmViTAdapter(TimmAdapter):
     @property
     def final_norm_path(self) -> str:
         return "norm"
+
+    # Class-space anatomy: head(fc_norm(norm(h))), one of the two norms Identity. Models
+    # that pool by average have `norm` Identity and `fc_norm` acting on the pooled vector;
+    # here fc_norm acts per token, after the block's own pre-norm for sublayer outputs
+    # (norm1 for attention, norm2 for the MLP), as Vilas et al. did. A distilled DeiT's
+    # tokens are all projected with `head` (its class-token classifier), not `head_dist`.
+
+    def _block(self, block: int) -> Any:
+        return self.root.get_submodule(self.blocks[block].path)
+
+    def class_projection_unsupported(self) -> str | None:
+        pool = getattr(self.root, "global_pool", "")
+        if pool != "token" and pool not in _AVERAGE_POOLS:
+            return (
+                f"model {self.spec.name}: global_pool {pool!r} is not supported for class-space "
+                f"projection; supported: 'token' (class token) and {_AVERAGE_POOLS}"
+            )
+        if pool == "token" and self.num_prefix_tokens == 0:
+            return f"model {self.spec.name}: token pooling without a class token"
+        if not isinstance(getattr(self.root, "head", None), nn.Linear):
+            return f"model {self.spec.name}: no linear classifier head"
+        if any(
+            getattr(self._block(i).attn, "gate", None) is not None for i in range(len(self.blocks))
+        ):
+            return f"model {self.spec.name}: gated attention is not supported"
+        return None
+
+    def projection_norm(self, tokens: torch.Tensor, block: int, part: str) -> torch.Tensor:
+        model: Any = self.root
+        if part != "out" and model.global_pool in _AVERAGE_POOLS:
+            pre_norm = self._block(block).norm1 if part == "attn.out" else self._block(block).norm2
+            tokens = pre_norm(tokens)
+        normed: torch.Tensor = model.fc_norm(model.norm(tokens))
+        return normed
+
+    def classifier_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head: Any = self.root.head
+        return head.weight, head.bias
+
+    def attention_values(self, block: int, block_input: torch.Tensor) -> torch.Tensor:
+        module = self._block(block)
+        attention = module.attn
+        batch, tokens, _ = block_input.shape
+        qkv = attention.qkv(module.norm1(block_input))
+        qkv = qkv.reshape(batch, tokens, 3, attention.num_heads, -1)
+        return qkv[:, :, 2].transpose(1, 2)
+
+    def attention_output(
+        self, block: int, probs: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        module = self._block(block)
+        attention = module.attn
+        mixed = attention.norm(self.mixed_values(probs, values))
+        output: torch.Tensor = module.ls1(attention.proj(mixed))
+        return output
+
+    def mlp_fc1_path(self, block: int) -> str:
+        return f"{self.blocks[block].path}.mlp.fc1"
+
+    def mlp_value_matrix(self, block: int) -> torch.Tensor:
+        weight: torch.Tensor = self._block(block).mlp.fc2.weight
+        return weight
+
+    def attention_value_matrix(self, block: int) -> torch.Tensor:
+        weight: torch.Tensor = self._block(block).attn.proj.weight
+        return weight
 
 
 class TimmSwinAdapter(TimmAdapter):

@@ -1,0 +1,506 @@
+"""ProjectToClassSpace: token representations read through the model's own final norm(s)
+and classifier, block by block (Vilas, Schaumlöffel, Roig 2023).
+
+Each representation is projected for every requested block and token in one batched
+matrix product; ranks come from comparing with the target's score (no sort); top-k from
+torch.topk. Everything stays on the model's device until the small results are copied back.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vitscope.overlay import heatmap_overlay
+from vitscope_server.core.activations import TokenMode, _select_tokens, _token_indices
+from vitscope_server.core.adapters import ModelAdapter, SiteDef
+from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.capture import capture_sites
+from vitscope_server.core.class_space import ClassSpace, LabelSet, class_space_of
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
+from vitscope_server.core.images import ImageInput, prepare_batch
+from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.provenance import Provenance, provenance_of
+from vitscope_server.core.sites import resolve_site
+
+# Representation -> the canonical block site it is read from.
+REPRESENTATIONS = {"residual": "out", "attention": "attn.out", "mlp": "mlp.out"}
+DEFAULT_TOP_K = 5
+
+ClassRef = int | str | None
+
+
+@dataclass(frozen=True)
+class ProjectionQuery:
+    targets: tuple[ClassRef, ...] = ()
+    representations: tuple[str, ...] = ()
+    blocks: tuple[int, ...] = ()
+    token_mode: TokenMode = TokenMode.UNSPECIFIED
+    token_indices: tuple[int, ...] = ()
+    positions: tuple[tuple[int, int], ...] = ()
+    top_k: int = 0
+    importance_maps: bool = False
+    labels: LabelSet | None = None
+
+
+@dataclass(frozen=True)
+class ProjectionLimits:
+    max_batch: int
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class TokenProjection:
+    """One representation of one image over the requested blocks and tokens."""
+
+    representation: str
+    top_classes: np.ndarray  # int64 [blocks, tokens, k]
+    top_scores: np.ndarray  # float32 [blocks, tokens, k]
+    target_ranks: np.ndarray  # int64 [blocks, tokens]
+    identifiability: np.ndarray  # float32 [blocks, tokens]
+
+
+@dataclass(frozen=True)
+class BlockSummary:
+    block: int
+    identifiable_patch_percent: float
+    cls_rank: int
+    block_change_rate: float
+    attention_change_rate: float
+    mlp_change_rate: float
+    composition_input: float
+    composition_attention: float
+    composition_mlp: float
+    composition_none: float
+
+
+@dataclass(frozen=True)
+class ImportanceMaps:
+    per_head: np.ndarray  # [blocks, heads, grid_h, grid_w]
+    summed: np.ndarray  # [grid_h, grid_w], min-max normalised
+    upsampled: np.ndarray  # [height, width]
+    overlay_png: bytes
+
+
+@dataclass(frozen=True)
+class ImageProjection:
+    image_index: int
+    target_index: int
+    target_name: str
+    target_is_prediction: bool
+    predicted_index: int
+    predicted_score: float
+    predicted_probability: float
+    tokens: list[TokenProjection]
+    blocks: list[BlockSummary]
+    importance: ImportanceMaps | None
+
+
+@dataclass(frozen=True)
+class DatasetBlockSummary:
+    block: int
+    mean_identifiable_patch_percent: float
+    mean_identifiability: float
+    images_with_identifiable_percent: float
+
+
+@dataclass(frozen=True)
+class ProjectionHeader:
+    provenance: Provenance
+    query: ProjectionQuery
+    token_indices: list[int]
+    class_space: ClassSpace
+    batch_size: int
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PreparedProjection:
+    loaded: LoadedModel
+    query: ProjectionQuery
+    token_indices: list[int]
+    pixels: torch.Tensor
+
+
+def _check_blocks(blocks: tuple[int, ...], count: int, field: str) -> tuple[int, ...]:
+    if not blocks:
+        return tuple(range(count))
+    bad = [b for b in blocks if not 0 <= b < count]
+    if bad:
+        raise InvalidArgument(f"{field}: blocks {bad[:5]} do not exist; allowed 0..{count - 1}")
+    if len(set(blocks)) != len(blocks):
+        raise InvalidArgument(f"{field}: each block may appear once, got {list(blocks)}")
+    return tuple(sorted(blocks))
+
+
+def check_targets(targets: tuple[ClassRef, ...], batch: int, field: str = "targets") -> None:
+    if targets and len(targets) != batch:
+        raise InvalidArgument(
+            f"{field}: give none or one per image; got {len(targets)} for {batch} images"
+        )
+
+
+def prepare_projection(
+    loaded: LoadedModel, images: list[ImageInput], query: ProjectionQuery, limits: ProjectionLimits
+) -> PreparedProjection:
+    """Validation, decoding and preprocessing: everything that needs no compute slot."""
+    adapter = loaded.adapter
+    reason = adapter.class_projection_unsupported()
+    if reason is not None:
+        raise FailedPrecondition(reason)
+    unknown = [r for r in query.representations if r not in REPRESENTATIONS]
+    if unknown:
+        raise InvalidArgument(
+            f"representations: {unknown} not allowed; allowed: {list(REPRESENTATIONS)}"
+        )
+    if len(set(query.representations)) != len(query.representations):
+        raise InvalidArgument("representations: each may appear once")
+    blocks = _check_blocks(query.blocks, len(adapter.blocks), "blocks")
+    top_k = query.top_k or DEFAULT_TOP_K
+    if top_k < 0:
+        raise InvalidArgument(f"top_k: must be >= 1, got {query.top_k}")
+    if query.importance_maps and adapter.num_prefix_tokens == 0:
+        raise FailedPrecondition(
+            f"importance_maps: model {loaded.spec.name} has no class token; the method reads "
+            "the class token's attention"
+        )
+    mode = TokenMode.ALL if query.token_mode is TokenMode.UNSPECIFIED else query.token_mode
+    effective = replace(
+        query,
+        representations=query.representations or tuple(REPRESENTATIONS),
+        blocks=blocks,
+        token_mode=mode,
+        top_k=top_k,
+    )
+    site = adapter.block_site(0, "out")
+    tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
+    indices = _token_indices(effective, site, tokens)  # type: ignore[arg-type]
+    pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels)
+    check_targets(query.targets, pixels.shape[0])
+    return PreparedProjection(loaded, effective, indices, pixels)
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """Captured representations and the model's own scores for a batch."""
+
+    residual: dict[int, torch.Tensor]  # block -> [B, T, D]; -1 is the embedding
+    attention: dict[int, torch.Tensor]
+    mlp: dict[int, torch.Tensor]
+    probs: dict[int, torch.Tensor]
+    final_scores: torch.Tensor  # [B, C]
+
+
+def _forward(
+    adapter: ModelAdapter,
+    space: ClassSpace,
+    pixels: torch.Tensor,
+    blocks: tuple[int, ...],
+    with_probs: bool,
+    cancel: CancelToken,
+) -> _Forward:
+    residual_blocks = sorted(set(blocks) | {b - 1 for b in blocks})
+    sites: list[SiteDef] = [
+        resolve_site(adapter, "embed" if b < 0 else f"blocks.{b}.out") for b in residual_blocks
+    ]
+    for b in blocks:
+        sites += [adapter.block_site(b, "attn.out"), adapter.block_site(b, "mlp.out")]
+        if with_probs:
+            sites.append(adapter.block_site(b, "attn.probs"))
+    with capture_sites(adapter, sites, pixels.shape[0], cancel) as captured:
+        output = adapter.forward(pixels)
+    if space.projection is None:
+        final_scores = output
+    else:
+        final_scores = F.normalize(output, dim=-1) @ space.weight.T
+    return _Forward(
+        {b: captured["embed" if b < 0 else f"blocks.{b}.out"] for b in residual_blocks},
+        {b: captured[f"blocks.{b}.attn.out"] for b in blocks},
+        {b: captured[f"blocks.{b}.mlp.out"] for b in blocks},
+        {b: captured[f"blocks.{b}.attn.probs"] for b in blocks} if with_probs else {},
+        final_scores,
+    )
+
+
+def _project(
+    adapter: ModelAdapter,
+    space: ClassSpace,
+    tensors: dict[int, torch.Tensor],
+    part: str,
+    blocks: list[int],
+) -> torch.Tensor:
+    """[len(blocks), B, T, C] scores: norms per block, then one matrix product for all."""
+    normed = torch.stack([adapter.projection_norm(tensors[b], max(b, 0), part) for b in blocks])
+    return space.scores(normed)
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    target_scores: torch.Tensor  # [blocks, B, T]
+    ranks: torch.Tensor  # int32 [blocks, B, T]
+    top_scores: torch.Tensor  # [blocks, B, T, k]
+    top_classes: torch.Tensor  # [blocks, B, T, k]
+
+    @property
+    def top1(self) -> torch.Tensor:
+        return self.top_classes[..., 0]
+
+
+def _rank(scores: torch.Tensor, targets: torch.Tensor, top_k: int) -> _Ranked:
+    """0-based rank of each image's target (how many classes score strictly higher), and the
+    top-k; one pass each over the scores."""
+    index = targets.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    target_scores = scores.gather(-1, index)
+    ranks = (scores > target_scores).sum(dim=-1, dtype=torch.int32)
+    top = scores.topk(top_k, dim=-1)
+    return _Ranked(target_scores.squeeze(-1), ranks, top.values, top.indices)
+
+
+def _importance(
+    adapter: ModelAdapter,
+    space: ClassSpace,
+    forward: _Forward,
+    blocks: tuple[int, ...],
+    targets: torch.Tensor,
+    cancel: CancelToken,
+) -> torch.Tensor:
+    """[B, blocks, heads, patches]: minus d CE(class token's projected attention output) / d probs,
+    class-token query row, prefix columns dropped; one backward per block."""
+    prefix = adapter.num_prefix_tokens
+    maps = []
+    with torch.enable_grad():
+        for b in blocks:
+            cancel.raise_if_cancelled()
+            # Only the class token's query row: the output is read at the class token alone.
+            cls_row = forward.probs[b][:, :, :1].detach().clone().requires_grad_(True)
+            values = adapter.attention_values(b, forward.residual[b - 1]).detach()
+            output = adapter.attention_output(b, cls_row, values)
+            scores = space.scores(adapter.projection_norm(output, b, "attn.out"))[:, 0]
+            loss = F.cross_entropy(scores * space.logit_scale, targets, reduction="sum")
+            (gradient,) = torch.autograd.grad(loss, cls_row)
+            maps.append(-gradient[:, :, 0, prefix:])
+    return torch.stack(maps, dim=1)
+
+
+def _overlay_png(pixels: torch.Tensor, upsampled: np.ndarray, adapter: ModelAdapter) -> bytes:
+    config = adapter.data_config
+    mean = torch.tensor(config.mean).view(3, 1, 1)
+    std = torch.tensor(config.std).view(3, 1, 1)
+    image = ((pixels.cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    base = Image.fromarray(image.permute(1, 2, 0).numpy())
+    buffer = io.BytesIO()
+    heatmap_overlay(base, upsampled).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _importance_maps(
+    adapter: ModelAdapter, raw: torch.Tensor, pixels: torch.Tensor
+) -> list[ImportanceMaps]:
+    height, width = adapter.grid
+    batch, blocks, heads, _ = raw.shape
+    per_head = raw.reshape(batch, blocks, heads, height, width)
+    summed = per_head.sum(dim=(1, 2))
+    low = summed.amin(dim=(1, 2), keepdim=True)
+    high = summed.amax(dim=(1, 2), keepdim=True)
+    normalised = torch.where(high > low, (summed - low) / (high - low), torch.zeros_like(summed))
+    upsampled = F.interpolate(
+        normalised[:, None], size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False
+    )[:, 0]
+    results = []
+    for i in range(batch):
+        up = upsampled[i].float().cpu().numpy()
+        results.append(
+            ImportanceMaps(
+                per_head[i].float().cpu().numpy(),
+                normalised[i].float().cpu().numpy(),
+                up,
+                _overlay_png(pixels[i], up, adapter),
+            )
+        )
+    return results
+
+
+def _summaries(
+    blocks: tuple[int, ...],
+    residual: _Ranked,
+    residual_order: list[int],
+    attention: _Ranked,
+    mlp: _Ranked,
+    prefix: int,
+) -> torch.Tensor:
+    """[B, blocks, 9] per-block numbers over patch tokens, in the order of BlockSummary's fields after block."""
+    position = {b: i for i, b in enumerate(residual_order)}
+    rows = []
+    for j, b in enumerate(blocks):
+        out, before = position[b], position[b - 1]
+        patches = slice(prefix, None)
+        ranks = residual.ranks[out, :, patches]
+        scores_out = residual.target_scores[out, :, patches]
+        scores_in = residual.target_scores[before, :, patches]
+        top1 = residual.top1[out, :, patches]
+        from_input = top1 == residual.top1[before, :, patches]
+        from_attention = top1 == attention.top1[j, :, patches]
+        from_mlp = top1 == mlp.top1[j, :, patches]
+        cls_rank = (
+            residual.ranks[out, :, 0].float() if prefix else torch.full_like(scores_out[:, 0], -1.0)
+        )
+        rows.append(
+            torch.stack(
+                [
+                    (ranks == 0).float().mean(dim=1) * 100.0,
+                    cls_rank,
+                    (scores_out > scores_in).float().mean(dim=1),
+                    (attention.target_scores[j, :, patches] > scores_in).float().mean(dim=1),
+                    (mlp.target_scores[j, :, patches] > scores_in).float().mean(dim=1),
+                    from_input.float().mean(dim=1),
+                    from_attention.float().mean(dim=1),
+                    from_mlp.float().mean(dim=1),
+                    (~(from_input | from_attention | from_mlp)).float().mean(dim=1),
+                ],
+                dim=1,
+            )
+        )
+    return torch.stack(rows, dim=1)
+
+
+def _block_summary(block: int, values: list[float]) -> BlockSummary:
+    percent, cls_rank, *rates = values
+    return BlockSummary(block, percent, int(cls_rank), *rates)
+
+
+def project_to_class_space(
+    prepared: PreparedProjection, cancel: CancelToken
+) -> tuple[ProjectionHeader, list[ImageProjection], list[DatasetBlockSummary]]:
+    """The forward with its sites captured, then every projection on the device."""
+    loaded, query = prepared.loaded, prepared.query
+    adapter = loaded.adapter
+    space = class_space_of(loaded, query.labels, cancel)
+    given = [space.resolve(t, f"targets[{i}]") for i, t in enumerate(query.targets)]
+    if query.top_k > space.num_classes:
+        raise InvalidArgument(
+            f"top_k: {query.top_k} exceeds the {space.num_classes} classes; allowed 1..{space.num_classes}"
+        )
+    pixels = prepared.pixels.to(loaded.device)
+    blocks = query.blocks
+    cancel.raise_if_cancelled()
+    # Importance maps differentiate captured tensors, which inference mode would forbid.
+    with torch.no_grad() if query.importance_maps else torch.inference_mode():
+        forward = _forward(adapter, space, pixels, blocks, query.importance_maps, cancel)
+        predicted = forward.final_scores.argmax(dim=-1)
+        targets = predicted.clone()
+        for i, target in enumerate(given):
+            if target is not None:
+                targets[i] = target
+        residual_order = sorted(forward.residual)
+        projected = {
+            "residual": _project(adapter, space, forward.residual, "out", residual_order),
+            "attention": _project(adapter, space, forward.attention, "attn.out", list(blocks)),
+            "mlp": _project(adapter, space, forward.mlp, "mlp.out", list(blocks)),
+        }
+        ranked = {name: _rank(scores, targets, query.top_k) for name, scores in projected.items()}
+        cancel.raise_if_cancelled()
+        summaries = _summaries(
+            blocks,
+            ranked["residual"],
+            residual_order,
+            ranked["attention"],
+            ranked["mlp"],
+            adapter.num_prefix_tokens,
+        ).cpu()
+        selected_residual = [residual_order.index(b) for b in blocks]
+        per_token: dict[str, tuple[torch.Tensor, ...]] = {}
+        for name in query.representations:
+            # Views where the selection is contiguous (all tokens, all blocks): no copies.
+            r = ranked[name]
+            top_classes, top_scores, ranks = (
+                _select_tokens(t, 2, prepared.token_indices)
+                for t in (r.top_classes, r.top_scores, r.ranks)
+            )
+            if name == "residual":
+                top_classes, top_scores, ranks = (
+                    _select_tokens(t, 0, selected_residual)
+                    for t in (top_classes, top_scores, ranks)
+                )
+            identifiability = 1.0 - ranks.float() / space.num_classes
+            per_token[name] = tuple(
+                t.transpose(0, 1).cpu()
+                for t in (top_classes, top_scores, ranks.long(), identifiability)
+            )
+        probabilities = (forward.final_scores.float() * space.logit_scale).softmax(dim=-1)
+    importance = (
+        _importance_maps(
+            adapter, _importance(adapter, space, forward, blocks, targets, cancel), pixels
+        )
+        if query.importance_maps
+        else None
+    )
+    images = []
+    for i in range(pixels.shape[0]):
+        target = int(targets[i])
+        images.append(
+            ImageProjection(
+                image_index=i,
+                target_index=target,
+                target_name=space.names[target],
+                target_is_prediction=not given or given[i] is None,
+                predicted_index=int(predicted[i]),
+                predicted_score=float(forward.final_scores[i, predicted[i]]),
+                predicted_probability=float(probabilities[i, predicted[i]]),
+                tokens=[
+                    TokenProjection(
+                        name,
+                        per_token[name][0][i].numpy(),
+                        per_token[name][1][i].float().numpy(),
+                        per_token[name][2][i].numpy(),
+                        per_token[name][3][i].numpy(),
+                    )
+                    for name in query.representations
+                ],
+                blocks=[_block_summary(b, summaries[i, j].tolist()) for j, b in enumerate(blocks)],
+                importance=importance[i] if importance is not None else None,
+            )
+        )
+    header = ProjectionHeader(
+        provenance_of(loaded),
+        query,
+        prepared.token_indices,
+        space,
+        int(pixels.shape[0]),
+        adapter.num_prefix_tokens,
+        adapter.grid,
+    )
+    return (
+        header,
+        images,
+        _dataset_summary(blocks, ranked["residual"], residual_order, adapter, space),
+    )
+
+
+def _dataset_summary(
+    blocks: tuple[int, ...],
+    residual: _Ranked,
+    residual_order: list[int],
+    adapter: ModelAdapter,
+    space: ClassSpace,
+) -> list[DatasetBlockSummary]:
+    """Per block over the whole batch: mean rate, mean r, and images with an identifiable patch."""
+    prefix = adapter.num_prefix_tokens
+    result = []
+    for b in blocks:
+        ranks = residual.ranks[residual_order.index(b), :, prefix:]
+        identifiable = ranks == 0
+        result.append(
+            DatasetBlockSummary(
+                b,
+                float(identifiable.float().mean(dim=1).mean() * 100.0),
+                float((1.0 - ranks.float() / space.num_classes).mean()),
+                float(identifiable.any(dim=1).float().mean() * 100.0),
+            )
+        )
+    return result

@@ -1,0 +1,170 @@
+"""A model's class space: scores of normed token representations against its classes.
+
+timm: the classifier's weight and bias. open_clip: the image projection, then cosine
+similarity with unit text embeddings of caller-chosen class names, cached per
+(model, label set).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vitscope_server.core.adapters import ModelAdapter
+from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
+from vitscope_server.core.loading import LoadedModel
+
+_CACHE_ENTRIES = 8
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Class names and prompt templates for an open_clip tower; no templates: the defaults."""
+
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...] = ()
+
+
+def _imagenet_templates() -> tuple[str, ...]:
+    """open_clip's 80 ImageNet zero-shot templates (open_clip is imported only when needed)."""
+    import open_clip
+
+    return tuple(template("{}") for template in open_clip.OPENAI_IMAGENET_TEMPLATES)
+
+
+def _imagenet_labels() -> LabelSet:
+    import open_clip
+
+    return LabelSet(tuple(open_clip.IMAGENET_CLASSNAMES), _imagenet_templates())
+
+
+@dataclass(frozen=True)
+class ClassSpace:
+    """scores(z) = W @ (z @ proj) + bias, with z @ proj unit-normalised when cosine."""
+
+    names: list[str]
+    weight: torch.Tensor  # [C, E]
+    bias: torch.Tensor | None
+    projection: torch.Tensor | None  # [D, E], open_clip's visual.proj
+    cosine: bool
+    # Multiplies scores inside a cross-entropy (open_clip's learned temperature).
+    logit_scale: float
+    templates: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def scores(self, normed: torch.Tensor) -> torch.Tensor:
+        """[..., D] normed tokens -> [..., C] class scores, one matrix product."""
+        embedded = normed @ self.projection if self.projection is not None else normed
+        if self.cosine:
+            embedded = F.normalize(embedded, dim=-1)
+        return F.linear(embedded, self.weight, self.bias)
+
+    def token_weight(self) -> torch.Tensor:
+        """[C, D]: the class matrix over normed tokens (head.weight, or text @ proj^T)."""
+        return self.weight @ self.projection.T if self.projection is not None else self.weight
+
+    def resolve(self, ref: int | str | None, field: str) -> int | None:
+        """A class index from an index or a name; None stays None (the prediction)."""
+        if ref is None:
+            return None
+        if isinstance(ref, str):
+            if ref not in self.names:
+                shown = ", ".join(repr(n) for n in self.names[:10])
+                raise InvalidArgument(
+                    f"{field}: unknown class name {ref!r}; the {self.num_classes} classes begin {shown}"
+                )
+            return self.names.index(ref)
+        if not 0 <= ref < self.num_classes:
+            raise InvalidArgument(
+                f"{field}: class index {ref} out of range; allowed 0..{self.num_classes - 1}"
+            )
+        return ref
+
+
+class _TextEmbeddings:
+    """A small LRU of unit class-name embeddings per (model, weights, names, templates)."""
+
+    def __init__(self, entries: int) -> None:
+        self._entries = entries
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+
+    def get(self, loaded: LoadedModel, labels: LabelSet, cancel: CancelToken) -> torch.Tensor:
+        key = (loaded.spec.name, loaded.weights_identity, labels.class_names, labels.templates)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        encoder = loaded.adapter.encode_class_names  # type: ignore[attr-defined]
+        # Not inference mode: importance maps differentiate through these embeddings.
+        with torch.no_grad():
+            chunks = []
+            for start in range(0, len(labels.class_names), 16):
+                cancel.raise_if_cancelled()
+                names = list(labels.class_names[start : start + 16])
+                chunks.append(encoder(names, list(labels.templates)))
+            embeddings = torch.cat(chunks)
+        with self._lock:
+            self._cache[key] = embeddings
+            while len(self._cache) > self._entries:
+                self._cache.popitem(last=False)
+        return embeddings
+
+
+TEXT_EMBEDDINGS = _TextEmbeddings(_CACHE_ENTRIES)
+
+
+def _checked_labels(labels: LabelSet | None) -> LabelSet:
+    if labels is None:
+        return _imagenet_labels()
+    names = labels.class_names
+    templates = labels.templates or _imagenet_templates()
+    if not names:
+        raise InvalidArgument("labels.class_names: the label set is empty; give at least one name")
+    blank = [i for i, name in enumerate(names) if not name.strip()]
+    if blank:
+        raise InvalidArgument(f"labels.class_names: names at {blank[:5]} are blank")
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise InvalidArgument(
+            f"labels.class_names: each name may appear once; repeated {repeated[:5]}"
+        )
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise InvalidArgument(f"labels.templates: {bad[:3]} lack '{{}}' where the class name goes")
+    return LabelSet(names, templates)
+
+
+def class_space_of(loaded: LoadedModel, labels: LabelSet | None, cancel: CancelToken) -> ClassSpace:
+    """The class space requests on this model project into; validates the label set."""
+    adapter: ModelAdapter = loaded.adapter
+    reason = adapter.class_projection_unsupported()
+    if reason is not None:
+        raise FailedPrecondition(reason)
+    if adapter.family != "open_clip":
+        if labels is not None:
+            raise InvalidArgument(
+                f"labels: model {loaded.spec.name} has its own classifier; a label set is only "
+                "for open_clip towers"
+            )
+        weight, bias = adapter.classifier_head()
+        return ClassSpace(list(adapter.class_names), weight, bias, None, False, 1.0)
+    checked = _checked_labels(labels)
+    text = TEXT_EMBEDDINGS.get(loaded, checked, cancel)
+    return ClassSpace(
+        list(checked.class_names),
+        text,
+        None,
+        adapter.image_projection(),  # type: ignore[attr-defined]
+        True,
+        adapter.logit_scale(),  # type: ignore[attr-defined]
+        checked.templates,
+    )

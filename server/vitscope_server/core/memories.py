@@ -1,0 +1,202 @@
+"""ProjectMemories: a block's key-value memories read in class space (Vilas et al. 2023).
+
+MLP memories are the columns of fc2.weight, their coefficients fc1's pre-activation
+outputs; attention memories are the columns of the output projection, their coefficients
+the per-head attention-weighted values. The value-to-class matrix is the classifier's
+weight times the values (cosine: unit class rows and unit value columns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitscope_server.core.adapters import ModelAdapter
+from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.capture import capture_sites
+from vitscope_server.core.class_projection import (
+    DEFAULT_TOP_K,
+    ClassRef,
+    ProjectionLimits,
+    check_targets,
+)
+from vitscope_server.core.class_space import ClassSpace, LabelSet, class_space_of
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
+from vitscope_server.core.images import ImageInput, prepare_batch
+from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.provenance import Provenance, provenance_of
+from vitscope_server.core.sites import resolve_site
+
+MEMORY_KINDS = ("mlp", "attention")
+# The agreement rate compares the 5 strongest keys with the 5 strongest values, as the authors did.
+AGREEMENT_TOP = 5
+
+
+@dataclass(frozen=True)
+class MemoryQuery:
+    block: int
+    kinds: tuple[str, ...] = ()
+    top_k: int = 0
+    cosine: bool = False
+    targets: tuple[ClassRef, ...] = ()
+    labels: LabelSet | None = None
+
+
+@dataclass(frozen=True)
+class ImageMemories:
+    image_index: int
+    target_index: int
+    top_memories: np.ndarray  # int64 [tokens, k]
+    top_coefficients: np.ndarray  # float32 [tokens, k]
+    agreement_rate: float
+
+
+@dataclass(frozen=True)
+class MemorySet:
+    kind: str
+    num_memories: int
+    top_classes: np.ndarray  # int64 [memories, k]
+    top_class_scores: np.ndarray
+    top_memories: np.ndarray  # int64 [classes, k]
+    top_memory_scores: np.ndarray
+    images: list[ImageMemories]
+
+
+@dataclass(frozen=True)
+class MemoryResult:
+    provenance: Provenance
+    query: MemoryQuery
+    class_space: ClassSpace
+    batch_size: int
+    memories: list[MemorySet]
+
+
+@dataclass(frozen=True)
+class PreparedMemories:
+    loaded: LoadedModel
+    query: MemoryQuery
+    pixels: torch.Tensor | None
+
+
+def prepare_memories(
+    loaded: LoadedModel, images: list[ImageInput], query: MemoryQuery, limits: ProjectionLimits
+) -> PreparedMemories:
+    """Validation, decoding and preprocessing: everything that needs no compute slot."""
+    adapter = loaded.adapter
+    reason = adapter.class_projection_unsupported()
+    if reason is not None:
+        raise FailedPrecondition(reason)
+    count = len(adapter.blocks)
+    if not 0 <= query.block < count:
+        raise InvalidArgument(f"block: {query.block} does not exist; allowed 0..{count - 1}")
+    unknown = [k for k in query.kinds if k not in MEMORY_KINDS]
+    if unknown or len(set(query.kinds)) != len(query.kinds):
+        raise InvalidArgument(
+            f"kinds: {list(query.kinds)} not allowed; each of {list(MEMORY_KINDS)} at most once"
+        )
+    if query.top_k < 0:
+        raise InvalidArgument(f"top_k: must be >= 1, got {query.top_k}")
+    pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels) if images else None
+    check_targets(query.targets, 0 if pixels is None else pixels.shape[0])
+    effective = replace(
+        query, kinds=query.kinds or MEMORY_KINDS, top_k=query.top_k or DEFAULT_TOP_K
+    )
+    return PreparedMemories(loaded, effective, pixels)
+
+
+def _values(adapter: ModelAdapter, block: int, kind: str) -> torch.Tensor:
+    if kind == "mlp":
+        return adapter.mlp_value_matrix(block)
+    return adapter.attention_value_matrix(block)
+
+
+def _coefficients(
+    adapter: ModelAdapter, space: ClassSpace, pixels: torch.Tensor, block: int, cancel: CancelToken
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-token coefficients of each kind [B, T, memories], and the model's predictions."""
+    input_site = resolve_site(adapter, "embed" if block == 0 else f"blocks.{block - 1}.out")
+    fc1_site = resolve_site(adapter, adapter.mlp_fc1_path(block))
+    probs_site = adapter.block_site(block, "attn.probs")
+    with capture_sites(
+        adapter, [input_site, fc1_site, probs_site], pixels.shape[0], cancel
+    ) as captured:
+        output = adapter.forward(pixels)
+    scores = output if space.projection is None else F.normalize(output, dim=-1) @ space.weight.T
+    values = adapter.attention_values(block, captured[input_site.name])
+    mixed = adapter.mixed_values(captured[probs_site.name], values)
+    return {"mlp": captured[fc1_site.name], "attention": mixed}, scores.argmax(dim=-1)
+
+
+def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryResult:
+    loaded, query = prepared.loaded, prepared.query
+    adapter = loaded.adapter
+    space = class_space_of(loaded, query.labels, cancel)
+    given = [space.resolve(t, f"targets[{i}]") for i, t in enumerate(query.targets)]
+    cancel.raise_if_cancelled()
+    with torch.no_grad():
+        classes = space.token_weight()
+        coefficients: dict[str, torch.Tensor] = {}
+        targets = torch.zeros(0, dtype=torch.long)
+        if prepared.pixels is not None:
+            coefficients, targets = _coefficients(
+                adapter, space, prepared.pixels.to(loaded.device), query.block, cancel
+            )
+            for i, target in enumerate(given):
+                if target is not None:
+                    targets[i] = target
+        sets = []
+        for kind in query.kinds:
+            values = _values(adapter, query.block, kind)
+            limit = min(space.num_classes, values.shape[1])
+            if query.top_k > limit:
+                raise InvalidArgument(
+                    f"top_k: {query.top_k} exceeds the {space.num_classes} classes or "
+                    f"{values.shape[1]} {kind} memories; allowed 1..{limit}"
+                )
+            if query.cosine:
+                matrix = F.normalize(classes, dim=1) @ F.normalize(values, dim=0)
+            else:
+                matrix = classes @ values
+            per_memory = matrix.T.topk(query.top_k, dim=1)
+            per_class = matrix.topk(query.top_k, dim=1)
+            images = []
+            if kind in coefficients:
+                images = _image_memories(coefficients[kind], matrix, targets, query.top_k)
+            sets.append(
+                MemorySet(
+                    kind,
+                    int(values.shape[1]),
+                    per_memory.indices.cpu().numpy(),
+                    per_memory.values.float().cpu().numpy(),
+                    per_class.indices.cpu().numpy(),
+                    per_class.values.float().cpu().numpy(),
+                    images,
+                )
+            )
+    batch = 0 if prepared.pixels is None else int(prepared.pixels.shape[0])
+    return MemoryResult(provenance_of(loaded), query, space, batch, sets)
+
+
+def _image_memories(
+    coefficients: torch.Tensor, matrix: torch.Tensor, targets: torch.Tensor, top_k: int
+) -> list[ImageMemories]:
+    """Top memories per token, and the share of tokens whose 5 strongest keys meet the
+    target class's 5 strongest values."""
+    top = coefficients.topk(top_k, dim=-1)
+    strongest = coefficients.topk(AGREEMENT_TOP, dim=-1).indices  # [B, T, 5]
+    class_values = matrix.index_select(0, targets).topk(AGREEMENT_TOP, dim=1).indices  # [B, 5]
+    agrees = (strongest[..., :, None] == class_values[:, None, None, :]).any(-1).any(-1)
+    rates = agrees.float().mean(dim=1)
+    return [
+        ImageMemories(
+            i,
+            int(targets[i]),
+            top.indices[i].cpu().numpy(),
+            top.values[i].float().cpu().numpy(),
+            float(rates[i]),
+        )
+        for i in range(coefficients.shape[0])
+    ]

@@ -1,0 +1,231 @@
+"""protobuf <-> core types for ProjectToClassSpace and ProjectMemories. No logic beyond the mapping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitscope import tensors as wire
+from vitscope.v1 import common_pb2
+from vitscope.v1 import projection_pb2 as pb
+from vitscope_server.core.activations import TokenMode
+from vitscope_server.core.class_projection import (
+    ClassRef,
+    ImageProjection,
+    ProjectionHeader,
+    ProjectionQuery,
+)
+from vitscope_server.core.class_projection import (
+    DatasetBlockSummary as CoreDatasetBlock,
+)
+from vitscope_server.core.class_space import LabelSet
+from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
+from vitscope_server.core.memories import MemoryQuery, MemoryResult
+from vitscope_server.transport.convert import provenance
+
+_REPRESENTATIONS = {
+    pb.REPRESENTATION_RESIDUAL: "residual",
+    pb.REPRESENTATION_ATTENTION: "attention",
+    pb.REPRESENTATION_MLP: "mlp",
+}
+_REPRESENTATIONS_BACK = {v: k for k, v in _REPRESENTATIONS.items()}
+_TOKEN_MODES = {
+    pb.PROJECTION_TOKEN_MODE_UNSPECIFIED: TokenMode.UNSPECIFIED,
+    pb.PROJECTION_TOKEN_MODE_ALL: TokenMode.ALL,
+    pb.PROJECTION_TOKEN_MODE_PREFIX: TokenMode.PREFIX,
+    pb.PROJECTION_TOKEN_MODE_PATCHES: TokenMode.PATCHES,
+    pb.PROJECTION_TOKEN_MODE_INDICES: TokenMode.INDICES,
+    pb.PROJECTION_TOKEN_MODE_POSITIONS: TokenMode.POSITIONS,
+}
+_TOKEN_MODES_BACK = {v: k for k, v in _TOKEN_MODES.items()}
+_MEMORY_KINDS = {pb.MEMORY_KIND_MLP: "mlp", pb.MEMORY_KIND_ATTENTION: "attention"}
+_MEMORY_KINDS_BACK = {v: k for k, v in _MEMORY_KINDS.items()}
+
+
+def _mapped(
+    mapping: dict[Any, str], values: list[int], field: str, enum_type: object
+) -> tuple[str, ...]:
+    bad = [v for v in values if v not in mapping]
+    if bad:
+        allowed = ", ".join(enum_type.Name(v) for v in mapping)  # type: ignore[attr-defined]
+        raise InvalidArgument(f"{field}: values {bad} not allowed; allowed: {allowed}")
+    return tuple(mapping[v] for v in values)
+
+
+def _targets(refs: list[pb.ClassRef]) -> tuple[ClassRef, ...]:
+    targets: list[ClassRef] = []
+    for ref in refs:
+        which = ref.WhichOneof("ref")
+        targets.append(ref.index if which == "index" else ref.name if which == "name" else None)
+    return tuple(targets)
+
+
+def _labels(has_labels: bool, labels: pb.LabelSet) -> LabelSet | None:
+    if not has_labels:
+        return None
+    return LabelSet(tuple(labels.class_names), tuple(labels.templates))
+
+
+def projection_query(request: pb.ProjectToClassSpaceRequest) -> ProjectionQuery:
+    mode = _TOKEN_MODES.get(request.tokens.mode)
+    if mode is None:
+        allowed = ", ".join(pb.ProjectionTokenMode.Name(v) for v in _TOKEN_MODES)
+        raise InvalidArgument(
+            f"tokens.mode: value {request.tokens.mode} not allowed; allowed: {allowed}"
+        )
+    return ProjectionQuery(
+        targets=_targets(list(request.targets)),
+        representations=_mapped(
+            _REPRESENTATIONS, list(request.representations), "representations", pb.Representation
+        ),
+        blocks=tuple(request.blocks),
+        token_mode=mode,
+        token_indices=tuple(request.tokens.indices),
+        positions=tuple((p.row, p.col) for p in request.tokens.positions),
+        top_k=request.top_k,
+        importance_maps=request.importance_maps,
+        labels=_labels(request.HasField("labels"), request.labels),
+    )
+
+
+def memory_query(request: pb.ProjectMemoriesRequest) -> MemoryQuery:
+    return MemoryQuery(
+        block=request.block,
+        kinds=_mapped(_MEMORY_KINDS, list(request.kinds), "kinds", pb.MemoryKind),
+        top_k=request.top_k,
+        cosine=request.cosine,
+        targets=_targets(list(request.targets)),
+        labels=_labels(request.HasField("labels"), request.labels),
+    )
+
+
+def _header(header: ProjectionHeader) -> pb.ProjectionHeader:
+    q = header.query
+    space = header.class_space
+    return pb.ProjectionHeader(
+        provenance=provenance(header.provenance),
+        parameters=pb.ProjectionParameters(
+            representations=[_REPRESENTATIONS_BACK[r] for r in q.representations],
+            blocks=list(q.blocks),
+            token_mode=_TOKEN_MODES_BACK[q.token_mode],
+            token_indices=header.token_indices,
+            top_k=q.top_k,
+            importance_maps=q.importance_maps,
+            num_classes=space.num_classes,
+            templates=list(space.templates),
+            cosine=space.cosine,
+            batch_size=header.batch_size,
+        ),
+        class_names=space.names,
+        num_prefix_tokens=header.num_prefix_tokens,
+        grid_height=header.grid[0],
+        grid_width=header.grid[1],
+    )
+
+
+def _image(image: ImageProjection, names: list[str]) -> pb.ImageProjection:
+    message = pb.ImageProjection(
+        image_index=image.image_index,
+        target_index=image.target_index,
+        target_name=image.target_name,
+        target_is_prediction=image.target_is_prediction,
+        prediction=common_pb2.Prediction(
+            class_index=image.predicted_index,
+            class_name=names[image.predicted_index],
+            probability=image.predicted_probability,
+            logit=image.predicted_score,
+        ),
+        representations=[
+            pb.RepresentationTokens(
+                representation=_REPRESENTATIONS_BACK[t.representation],
+                top_classes=wire.to_proto(t.top_classes),
+                top_scores=wire.to_proto(t.top_scores),
+                target_ranks=wire.to_proto(t.target_ranks),
+                identifiability=wire.to_proto(t.identifiability),
+            )
+            for t in image.tokens
+        ],
+        blocks=[pb.BlockSummary(**vars(b)) for b in image.blocks],
+    )
+    if image.importance is not None:
+        maps = image.importance
+        message.importance.CopyFrom(
+            pb.ImportanceMaps(
+                per_head=wire.to_proto(maps.per_head),
+                summed=wire.to_proto(maps.summed),
+                upsampled=wire.to_proto(maps.upsampled),
+                overlay_png=maps.overlay_png,
+            )
+        )
+    return message
+
+
+def projection_responses(
+    header: ProjectionHeader,
+    images: list[ImageProjection],
+    dataset: list[CoreDatasetBlock],
+    max_bytes: int,
+) -> list[pb.ProjectToClassSpaceResponse]:
+    """Every message, built (and size-checked) before the first is sent."""
+    responses = [pb.ProjectToClassSpaceResponse(header=_header(header))]
+    names = header.class_space.names
+    responses += [pb.ProjectToClassSpaceResponse(image=_image(i, names)) for i in images]
+    responses.append(
+        pb.ProjectToClassSpaceResponse(
+            dataset=pb.DatasetSummary(
+                num_images=len(images),
+                blocks=[pb.DatasetBlockSummary(**vars(b)) for b in dataset],
+            )
+        )
+    )
+    largest = max(r.ByteSize() for r in responses)
+    if largest > max_bytes:
+        raise ResourceExhausted(
+            f"one image's projection takes {largest} bytes, over the {max_bytes}-byte message "
+            "limit; ask for fewer blocks, tokens, representations or a smaller top_k"
+        )
+    return responses
+
+
+def memories_response(result: MemoryResult, max_bytes: int) -> pb.ProjectMemoriesResponse:
+    q = result.query
+    space = result.class_space
+    response = pb.ProjectMemoriesResponse(
+        provenance=provenance(result.provenance),
+        parameters=pb.ProjectMemoriesParameters(
+            block=q.block,
+            kinds=[_MEMORY_KINDS_BACK[k] for k in q.kinds],
+            top_k=q.top_k,
+            cosine=q.cosine,
+            num_classes=space.num_classes,
+            templates=list(space.templates),
+            batch_size=result.batch_size,
+        ),
+        class_names=space.names,
+        memories=[
+            pb.MemorySet(
+                kind=_MEMORY_KINDS_BACK[m.kind],
+                num_memories=m.num_memories,
+                top_classes=wire.to_proto(m.top_classes),
+                top_class_scores=wire.to_proto(m.top_class_scores),
+                top_memories=wire.to_proto(m.top_memories),
+                top_memory_scores=wire.to_proto(m.top_memory_scores),
+                images=[
+                    pb.ImageMemories(
+                        image_index=i.image_index,
+                        target_index=i.target_index,
+                        top_memories=wire.to_proto(i.top_memories),
+                        top_coefficients=wire.to_proto(i.top_coefficients),
+                        agreement_rate=i.agreement_rate,
+                    )
+                    for i in m.images
+                ],
+            )
+            for m in result.memories
+        ],
+    )
+    if response.ByteSize() > max_bytes:
+        raise ResourceExhausted(
+            f"the memories response takes {response.ByteSize()} bytes, over the {max_bytes}-byte "
+            "message limit; ask for fewer images or a smaller top_k"
+        )
+    return response

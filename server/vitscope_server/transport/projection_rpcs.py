@@ -1,0 +1,75 @@
+"""ProjectToClassSpace and ProjectMemories: convert, call the core in a compute slot, convert back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from vitscope.v1 import projection_pb2 as pb
+from vitscope_server.core.activations import ActivationLimits
+from vitscope_server.core.class_projection import (
+    ProjectionLimits,
+    prepare_projection,
+    project_to_class_space,
+)
+from vitscope_server.core.memories import prepare_memories, project_memories
+from vitscope_server.core.registry import ModelRegistry
+from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.transport import convert, convert_projection
+from vitscope_server.transport.metrics import Metrics
+
+
+class ProjectionRpcs:
+    """Mixed into InspectorServicer, which provides the registry, slots, metrics and limits."""
+
+    _registry: ModelRegistry
+    _slots: ComputeSlots
+    _metrics: Metrics
+    _limits: ActivationLimits
+    _chunk_bytes: int
+
+    def _projection_limits(self) -> ProjectionLimits:
+        return ProjectionLimits(self._limits.max_batch, self._limits.max_pixels)
+
+    def ProjectToClassSpace(
+        self, request: pb.ProjectToClassSpaceRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ProjectToClassSpaceResponse]:
+        from vitscope_server.transport.servicer import cancel_token  # servicer imports this mixin
+
+        loaded = self._registry.get(request.model)
+        prepared = prepare_projection(
+            loaded,
+            convert.image_inputs(list(request.images)),
+            convert_projection.projection_query(request),
+            self._projection_limits(),
+        )
+        cancel = cancel_token(context)
+        labels = ("ProjectToClassSpace", loaded.spec.name)
+        with self._slots.acquire(cancel) as waited:
+            self._metrics.queue_wait.labels(*labels).observe(waited)
+            with self._metrics.compute.labels(*labels).time():
+                header, images, dataset = project_to_class_space(prepared, cancel)
+        yield from convert_projection.projection_responses(
+            header, images, dataset, self._chunk_bytes
+        )
+
+    def ProjectMemories(
+        self, request: pb.ProjectMemoriesRequest, context: grpc.ServicerContext
+    ) -> pb.ProjectMemoriesResponse:
+        from vitscope_server.transport.servicer import cancel_token  # servicer imports this mixin
+
+        loaded = self._registry.get(request.model)
+        prepared = prepare_memories(
+            loaded,
+            convert.image_inputs(list(request.images)),
+            convert_projection.memory_query(request),
+            self._projection_limits(),
+        )
+        cancel = cancel_token(context)
+        labels = ("ProjectMemories", loaded.spec.name)
+        with self._slots.acquire(cancel) as waited:
+            self._metrics.queue_wait.labels(*labels).observe(waited)
+            with self._metrics.compute.labels(*labels).time():
+                result = project_memories(prepared, cancel)
+        return convert_projection.memories_response(result, self._chunk_bytes)

@@ -1,0 +1,559 @@
+"""ProjectToClassSpace and ProjectMemories over a real channel, against independent computations."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import start
+from PIL import Image
+from reference_projection import (
+    clip_importance,
+    clip_parts,
+    clip_scores,
+    clip_text,
+    ranks_by_sorting,
+    timm_importance,
+    timm_parts,
+    timm_scores,
+)
+
+from vitscope import (
+    Client,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
+from vitscope.cli import main
+from vitscope.projection import ClassProjection
+from vitscope_server.settings import ServerSettings
+from vitscope_server.train_classifier import digits_split
+from vitscope_server.transport.app import RunningServer, create_server
+
+CLIP_TEXT = {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+MODELS: list[dict[str, object]] = [
+    {"name": "vit", "family": "timm", "architecture": "test_vit", "seed": 1},
+    {
+        "name": "gap",
+        "family": "timm",
+        "architecture": "test_vit",
+        "seed": 6,
+        "kwargs": {"global_pool": "avg", "class_token": False, "num_classes": 30},
+    },
+    {
+        "name": "deit",
+        "family": "timm",
+        "architecture": "deit_tiny_distilled_patch16_224",
+        "seed": 2,
+        "kwargs": {"img_size": 64, "depth": 2, "embed_dim": 48, "num_heads": 3, "num_classes": 7},
+    },
+    {
+        "name": "swin",
+        "family": "timm",
+        "architecture": "swin_tiny_patch4_window7_224",
+        "seed": 3,
+        "kwargs": {
+            "img_size": 64,
+            "window_size": 4,
+            "embed_dim": 32,
+            "depths": [2, 2],
+            "num_heads": [2, 4],
+            "num_classes": 5,
+        },
+    },
+    {
+        "name": "clip",
+        "family": "open_clip",
+        "architecture": "ViT-B-32",
+        "seed": 4,
+        "kwargs": {
+            "embed_dim": 16,
+            "vision_cfg": {
+                "image_size": 32,
+                "layers": 2,
+                "width": 32,
+                "patch_size": 8,
+                "head_width": 16,
+            },
+            "text_cfg": CLIP_TEXT,
+        },
+    },
+]
+REPRESENTATION_PARTS = {"residual": "out", "attention": "attn", "mlp": "mlp"}
+NAMES = ["cat", "dog", "tabby cat", "goldfish", "fire truck", "teapot"]
+TEMPLATES = ["a photo of a {}.", "a drawing of the {}."]
+
+
+def build(name: str) -> torch.nn.Module:
+    s = next(m for m in MODELS if m["name"] == name)
+    torch.manual_seed(int(s["seed"]))  # type: ignore[call-overload]
+    kwargs = dict(s.get("kwargs", {}))  # type: ignore[call-overload]
+    if s["family"] == "timm":
+        return timm.create_model(str(s["architecture"]), pretrained=False, **kwargs).eval()
+    return open_clip.create_model(str(s["architecture"]), pretrained=None, **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def projection_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    folder = tmp_path_factory.mktemp("projection")
+    models_file = folder / "models.yaml"
+    models_file.write_text(yaml.safe_dump({"models": MODELS}))
+    settings = ServerSettings(
+        host="127.0.0.1", port=0, metrics_port=0, models_file=models_file, default_model="vit"
+    )
+    running = create_server(settings)
+    assert running.registry.wait_until_settled(timeout=120)
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture(scope="module")
+def pc(projection_server: RunningServer) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{projection_server.port}", timeout=120) as c:
+        yield c
+
+
+def pixels_for(client: Client, name: str, batch: int = 2, seed: int = 7) -> torch.Tensor:
+    size = client.describe(name).input_size
+    return torch.randn((batch, *size), generator=torch.Generator().manual_seed(seed))
+
+
+def check_tokens(
+    result: ClassProjection, expected: dict[str, list[np.ndarray]], targets: np.ndarray
+) -> None:
+    """Per representation, expected[rep][block] is [B, T, C] scores from the reference."""
+    num_classes = len(result.class_names)
+    for rep, per_block in expected.items():
+        scores = np.stack(per_block, axis=1)  # [B, blocks, T, C]
+        for i, image in enumerate(result.images):
+            got = image.representations[rep]
+            ranks = ranks_by_sorting(scores[i], np.full(scores.shape[1], targets[i]))
+            np.testing.assert_array_equal(got.target_ranks, ranks, err_msg=rep)
+            np.testing.assert_allclose(got.identifiability, 1 - ranks / num_classes, atol=1e-6)
+            order = np.argsort(-scores[i], axis=-1)[..., :5]
+            np.testing.assert_array_equal(got.top_classes, order, err_msg=rep)
+            np.testing.assert_allclose(
+                got.top_scores, np.take_along_axis(scores[i], order, -1), atol=2e-5, rtol=1e-5
+            )
+
+
+def check_summaries(
+    result: ClassProjection,
+    residual: list[np.ndarray],
+    attention: list[np.ndarray],
+    mlp: list[np.ndarray],
+    targets: np.ndarray,
+    prefix: int,
+) -> None:
+    """residual[0] is the embedding's scores, residual[b + 1] block b's; all [B, T, C]."""
+    batch = len(targets)
+    rows = np.arange(batch)
+    identifiable_any = []
+    for b in range(len(attention)):
+        before, after = residual[b][:, prefix:], residual[b + 1][:, prefix:]
+        a, m = attention[b][:, prefix:], mlp[b][:, prefix:]
+        t_before, t_after = before[rows, :, targets], after[rows, :, targets]
+        ranks = (after > after[rows, :, targets][..., None]).sum(-1)
+        top_after = after.argmax(-1)
+        from_input = top_after == before.argmax(-1)
+        from_attention = top_after == a.argmax(-1)
+        from_mlp = top_after == m.argmax(-1)
+        for i, image in enumerate(result.images):
+            got = image.blocks[b]
+            assert got["block"] == b
+            assert got["identifiable_patch_percent"] == pytest.approx(
+                100 * (ranks[i] == 0).mean(), abs=1e-4
+            )
+            if prefix:
+                cls = residual[b + 1][i, 0]
+                assert got["cls_rank"] == int((cls > cls[targets[i]]).sum())
+            else:
+                assert got["cls_rank"] == -1
+            assert got["block_change_rate"] == pytest.approx(
+                (t_after[i] > t_before[i]).mean(), abs=1e-6
+            )
+            assert got["attention_change_rate"] == pytest.approx(
+                (a[i, :, targets[i]] > t_before[i]).mean(), abs=1e-6
+            )
+            assert got["mlp_change_rate"] == pytest.approx(
+                (m[i, :, targets[i]] > t_before[i]).mean(), abs=1e-6
+            )
+            assert got["composition_input"] == pytest.approx(from_input[i].mean(), abs=1e-6)
+            assert got["composition_attention"] == pytest.approx(from_attention[i].mean(), abs=1e-6)
+            assert got["composition_mlp"] == pytest.approx(from_mlp[i].mean(), abs=1e-6)
+            none = ~(from_input[i] | from_attention[i] | from_mlp[i])
+            assert got["composition_none"] == pytest.approx(none.mean(), abs=1e-6)
+        dataset = result.dataset[b]
+        assert dataset["mean_identifiable_patch_percent"] == pytest.approx(
+            100 * (ranks == 0).mean(), abs=1e-4
+        )
+        assert dataset["mean_identifiability"] == pytest.approx(
+            (1 - ranks / after.shape[-1]).mean(), abs=1e-5
+        )
+        identifiable_any.append(100 * (ranks == 0).any(axis=1).mean())
+        assert dataset["images_with_identifiable_percent"] == pytest.approx(identifiable_any[-1])
+
+
+@pytest.mark.parametrize("name", ["vit", "gap", "deit"])
+def test_timm_projection_matches_head_of_norm(pc: Client, name: str) -> None:
+    pixels = pixels_for(pc, name)
+    model = build(name)
+    parts = timm_parts(model, pixels)
+    predicted = parts["logits"].argmax(-1).numpy()
+    targets = np.array([3, predicted[1]])
+    result = pc.project(list(pixels.numpy()), model=name, targets=[3, None])
+    assert [i.target_index for i in result.images] == list(targets)
+    assert [i.target_is_prediction for i in result.images] == [False, True]
+    assert result.images[1].prediction["class_index"] == predicted[1]
+    blocks = range(len(model.blocks))
+    scores = {
+        rep: [timm_scores(model, parts, part, b) for b in blocks]
+        for rep, part in REPRESENTATION_PARTS.items()
+    }
+    check_tokens(result, scores, targets)
+    with torch.no_grad():
+        embed = model.head(model.fc_norm(model.norm(parts["in.0"]))).numpy()
+    prefix = model.num_prefix_tokens
+    check_summaries(
+        result, [embed, *scores["residual"]], scores["attention"], scores["mlp"], targets, prefix
+    )
+    assert result.parameters["blocks"] == list(blocks)
+    assert result.provenance["model"] == name
+
+
+def test_distilled_deit_projects_every_token_with_head(pc: Client) -> None:
+    """Both prefix tokens (class and distillation) go through `head`, not `head_dist`."""
+    model = build("deit")
+    pixels = pixels_for(pc, "deit", batch=1)
+    parts = timm_parts(model, pixels)
+    result = pc.project(list(pixels.numpy()), model="deit", tokens="prefix", blocks=[1], top_k=7)
+    with torch.no_grad():
+        logits = model.head(model.norm(parts["out.1"][:, :2]))
+    got = result.images[0].representations["residual"]
+    order = logits.argsort(dim=-1, descending=True)
+    np.testing.assert_array_equal(got.top_classes[0], order[0].numpy())
+    assert result.num_prefix_tokens == 2
+
+
+def test_token_and_block_selection(pc: Client) -> None:
+    model = build("vit")
+    pixels = pixels_for(pc, "vit", batch=1)
+    parts = timm_parts(model, pixels)
+    result = pc.project(
+        list(pixels.numpy()),
+        model="vit",
+        blocks=[4, 1],
+        representations=["mlp"],
+        tokens="positions",
+        positions=[(0, 0), (9, 9)],
+        top_k=3,
+    )
+    image = result.images[0]
+    assert list(image.representations) == ["mlp"]
+    assert result.parameters["blocks"] == [1, 4]
+    assert result.parameters["token_indices"] == [1, 100]
+    expected = np.stack([timm_scores(model, parts, "mlp", b)[0, [1, 100]] for b in (1, 4)])
+    np.testing.assert_array_equal(
+        image.representations["mlp"].top_classes, np.argsort(-expected, -1)[..., :3]
+    )
+    assert [b["block"] for b in image.blocks] == [1, 4]
+
+
+def test_clip_projection_uses_ln_post_proj_and_text_embeddings(pc: Client) -> None:
+    model = build("clip")
+    pixels = pixels_for(pc, "clip")
+    parts = clip_parts(model, pixels)
+    text = clip_text(model, "ViT-B-32", NAMES, TEMPLATES)
+    predicted = (F.normalize(parts["embedding"], dim=-1) @ text.T).argmax(-1).numpy()
+    result = pc.project(
+        list(pixels.numpy()),
+        model="clip",
+        targets=["teapot", None],
+        class_names=NAMES,
+        templates=TEMPLATES,
+    )
+    targets = np.array([NAMES.index("teapot"), predicted[1]])
+    assert result.class_names == NAMES
+    assert result.parameters["cosine"] is True
+    blocks = range(2)
+    scores = {
+        rep: [clip_scores(model, text, parts[f"{part}.{b}"]) for b in blocks]
+        for rep, part in REPRESENTATION_PARTS.items()
+    }
+    check_tokens(result, scores, targets)
+    embed = clip_scores(model, text, parts["in.0"])
+    check_summaries(
+        result, [embed, *scores["residual"]], scores["attention"], scores["mlp"], targets, 1
+    )
+
+
+def test_clip_default_labels_are_imagenet(pc: Client) -> None:
+    result = pc.project(
+        list(pixels_for(pc, "clip", batch=1).numpy()), model="clip", blocks=[1], top_k=1
+    )
+    assert len(result.class_names) == 1000
+    assert result.class_names[0] == open_clip.IMAGENET_CLASSNAMES[0]
+    assert len(result.parameters["templates"]) == len(open_clip.OPENAI_IMAGENET_TEMPLATES)
+
+
+def check_importance(result: ClassProjection, expected: np.ndarray, grid: int, size: int) -> None:
+    blocks, heads = expected.shape[1:3]
+    for i, image in enumerate(result.images):
+        maps = image.importance
+        assert maps is not None
+        np.testing.assert_allclose(
+            maps.per_head, expected[i].reshape(blocks, heads, grid, grid), atol=1e-6, rtol=1e-4
+        )
+        summed = expected[i].sum(axis=(0, 1)).reshape(grid, grid)
+        unit = (summed - summed.min()) / (summed.max() - summed.min())
+        np.testing.assert_allclose(maps.summed, unit, atol=1e-5)
+        upsampled = F.interpolate(
+            torch.from_numpy(unit)[None, None],
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
+        )[0, 0].numpy()
+        np.testing.assert_allclose(maps.upsampled, upsampled, atol=1e-5)
+        assert Image.open(io.BytesIO(maps.overlay_png)).size == (size, size)
+
+
+@pytest.mark.parametrize(("name", "grid", "size"), [("vit", 10, 160), ("deit", 4, 64)])
+def test_importance_maps_match_autograd(pc: Client, name: str, grid: int, size: int) -> None:
+    model = build(name)
+    pixels = pixels_for(pc, name)
+    result = pc.project(list(pixels.numpy()), model=name, targets=[5, None], importance_maps=True)
+    targets = torch.tensor([i.target_index for i in result.images])
+    check_importance(result, timm_importance(model, pixels, targets), grid, size)
+
+
+def test_clip_importance_maps_match_autograd(pc: Client) -> None:
+    model = build("clip")
+    pixels = pixels_for(pc, "clip")
+    result = pc.project(
+        list(pixels.numpy()),
+        model="clip",
+        targets=["dog", None],
+        class_names=NAMES,
+        templates=TEMPLATES,
+        importance_maps=True,
+    )
+    targets = torch.tensor([i.target_index for i in result.images])
+    text = clip_text(model, "ViT-B-32", NAMES, TEMPLATES)
+    check_importance(result, clip_importance(model, pixels, targets, text), 4, 32)
+
+
+def test_clip_memories_use_text_embeddings_through_proj(pc: Client) -> None:
+    model = build("clip")
+    result = pc.project_memories(1, model="clip", class_names=NAMES, templates=TEMPLATES, top_k=3)
+    text = clip_text(model, "ViT-B-32", NAMES, TEMPLATES)
+    classes = text @ model.visual.proj.detach().T
+    block = model.visual.transformer.resblocks[1]
+    for kind, values in (
+        ("mlp", block.mlp.c_proj.weight),
+        ("attention", block.attn.out_proj.weight),
+    ):
+        matrix = (classes @ values.detach()).numpy()
+        np.testing.assert_array_equal(
+            result.memories[kind].top_memories, np.argsort(-matrix, -1)[:, :3]
+        )
+        np.testing.assert_array_equal(
+            result.memories[kind].top_classes, np.argsort(-matrix.T, -1)[:, :3]
+        )
+
+
+def test_memories_are_direct_matrix_products(pc: Client) -> None:
+    model = build("vit")
+    pixels = pixels_for(pc, "vit")
+    block = 3
+    result = pc.project_memories(block, model="vit", images=list(pixels.numpy()), targets=[2, None])
+    parts = timm_parts(model, pixels)
+    head = model.head.weight.detach()
+    values = {
+        "mlp": model.blocks[block].mlp.fc2.weight.detach(),
+        "attention": model.blocks[block].attn.proj.weight.detach(),
+    }
+    coefficients = {"mlp": parts[f"fc1.{block}"], "attention": parts[f"proj_in.{block}"]}
+    targets = [2, int(parts["logits"][1].argmax())]
+    for kind, value in values.items():
+        matrix = (head @ value).numpy()
+        got = result.memories[kind]
+        assert got.num_memories == value.shape[1]
+        np.testing.assert_array_equal(got.top_classes, np.argsort(-matrix.T, -1)[:, :5])
+        np.testing.assert_array_equal(got.top_memories, np.argsort(-matrix, -1)[:, :5])
+        np.testing.assert_allclose(
+            got.top_memory_scores, -np.sort(-matrix, -1)[:, :5], rtol=1e-5, atol=1e-5
+        )
+        for i, image in enumerate(got.images):
+            c = coefficients[kind][i].numpy()
+            assert image.target_index == targets[i]
+            np.testing.assert_array_equal(image.top_memories, np.argsort(-c, -1)[:, :5])
+            np.testing.assert_allclose(
+                image.top_coefficients, -np.sort(-c, -1)[:, :5], rtol=1e-5, atol=1e-5
+            )
+            class_top = set(np.argsort(-matrix[targets[i]])[:5].tolist())
+            agree = [bool(set(row.tolist()) & class_top) for row in np.argsort(-c, -1)[:, :5]]
+            assert image.agreement_rate == pytest.approx(np.mean(agree), abs=1e-6)
+    cosine = pc.project_memories(block, model="vit", kinds=["mlp"], cosine=True, top_k=3)
+    unit = (F.normalize(head, dim=1) @ F.normalize(values["mlp"], dim=0)).numpy()
+    np.testing.assert_array_equal(
+        cosine.memories["mlp"].top_classes, np.argsort(-unit.T, -1)[:, :3]
+    )
+    assert list(cosine.memories) == ["mlp"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"model": "vit", "targets": ["no such class", None]},
+            InvalidArgumentError,
+            "unknown class name",
+        ),
+        ({"model": "vit", "targets": [1000, None]}, InvalidArgumentError, "out of range"),
+        ({"model": "vit", "targets": [1]}, InvalidArgumentError, "one per image"),
+        ({"model": "vit", "blocks": [6]}, InvalidArgumentError, "allowed 0..5"),
+        ({"model": "vit", "top_k": 1001}, InvalidArgumentError, "top_k"),
+        ({"model": "vit", "class_names": ["a"]}, InvalidArgumentError, "open_clip"),
+        ({"model": "clip", "class_names": []}, InvalidArgumentError, "empty"),
+        ({"model": "clip", "templates": ["a {}"]}, InvalidArgumentError, "empty"),
+        ({"model": "clip", "class_names": ["a", "a"]}, InvalidArgumentError, "once"),
+        (
+            {"model": "clip", "class_names": ["a"], "templates": ["no slot"]},
+            InvalidArgumentError,
+            "{}",
+        ),
+        (
+            {"model": "clip", "class_names": ["a", "b"], "targets": ["c", None]},
+            InvalidArgumentError,
+            "unknown",
+        ),
+        ({"model": "swin"}, FailedPreconditionError, "supports timm ViT-like"),
+        ({"model": "gap", "importance_maps": True}, FailedPreconditionError, "class token"),
+    ],
+)
+def test_bad_projection_requests(
+    pc: Client, kwargs: dict[str, object], error: type, message: str
+) -> None:
+    name = str(kwargs["model"])
+    with pytest.raises(error, match=message):
+        pc.project(list(pixels_for(pc, name).numpy()), **kwargs)  # type: ignore[arg-type]
+    assert pc.project(list(pixels_for(pc, "vit", batch=1).numpy()), model="vit", blocks=[0]).images
+
+
+def test_bad_memory_requests(pc: Client) -> None:
+    with pytest.raises(InvalidArgumentError, match="block: 9"):
+        pc.project_memories(9, model="vit")
+    with pytest.raises(InvalidArgumentError, match="one per image"):
+        pc.project_memories(0, model="vit", targets=[1])
+    with pytest.raises(FailedPreconditionError):
+        pc.project_memories(0, model="swin")
+    assert (
+        pc.project_memories(0, model="vit", kinds=["attention"]).memories["attention"].num_memories
+        == 64
+    )
+
+
+def test_digits_identifiability_rises_with_depth_and_beats_the_random_twin(pc: Client) -> None:
+    """Held-out digits, true labels as targets. Chance (top-1 of 10 classes) is 10%: the random
+    twin stays there in every block; the trained model's patch tokens become identifiable in
+    its last blocks (about 16% of them here; a 6-block model routes most class evidence to the
+    class token, which ranks the true class first in every image)."""
+    _, _, images, labels = digits_split()
+    chosen = np.concatenate([np.flatnonzero(labels == d)[:3] for d in range(10)])
+    digits = [images[i] for i in chosen]
+    targets = [int(labels[i]) for i in chosen]
+    rates, cls_first = {}, {}
+    for model in ("vitscope-digits", "vitscope-digits-random"):
+        result = pc.project(
+            digits, model=model, targets=targets, representations=["residual"], top_k=1
+        )
+        rates[model] = [b["mean_identifiable_patch_percent"] for b in result.dataset]
+        cls_first[model] = np.mean([image.blocks[-1]["cls_rank"] == 0 for image in result.images])
+    trained, random = rates["vitscope-digits"], rates["vitscope-digits-random"]
+    assert all(abs(rate - 10) < 2.5 for rate in random)
+    assert trained[-1] > random[-1] + 4
+    assert trained[-1] > max(trained[:4]) + 3
+    assert cls_first["vitscope-digits"] >= 0.9 and cls_first["vitscope-digits-random"] <= 0.3
+
+
+def test_cli_project_writes_table_plot_and_overlay(
+    projection_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "input.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(
+        image
+    )
+    out = tmp_path / "out"
+    target = ["--target", f"127.0.0.1:{projection_server.port}"]
+    main(
+        [
+            *target,
+            "project",
+            str(image),
+            "--model",
+            "vit",
+            "--compare",
+            "gap",
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "ident%" in printed and "gap:" in printed and printed.count("\n    5 ") == 2
+    assert Image.open(out / "identifiability.png").size == (600, 400)
+    assert Image.open(out / "importance.png").size == (160, 160)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                *target,
+                "project",
+                str(image),
+                "--model",
+                "vit",
+                "--target",
+                "nope",
+                "--out",
+                str(out),
+            ]
+        )
+    assert "unknown class name 'nope'" in capsys.readouterr().err
+
+
+def test_deadline_stops_the_work_and_frees_the_slot(pc: Client) -> None:
+    """Encoding 1,000 names x 60 new templates takes many seconds; the deadline stops it and the
+    single compute slot is free again for the next call."""
+    templates = [f"picture {i} of a {{}}." for i in range(60)]
+    image = list(pixels_for(pc, "clip", batch=1).numpy())
+    with pytest.raises(DeadlineExceededError):
+        pc.project(
+            image,
+            model="clip",
+            class_names=list(dict.fromkeys(open_clip.IMAGENET_CLASSNAMES)),
+            templates=templates,
+            timeout=1.0,
+        )
+    started = time.perf_counter()
+    assert pc.project(image, model="clip", class_names=NAMES, blocks=[0], timeout=10).images
+    assert time.perf_counter() - started < 5
+
+
+def test_a_projection_over_the_message_limit_is_refused(tmp_path: Path) -> None:
+    running = start(tmp_path, max_message_bytes=1 << 16, builtin_models=False)
+    try:
+        with Client(f"127.0.0.1:{running.port}", timeout=60) as client:
+            image = [np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)]
+            with pytest.raises(ResourceExhaustedError, match="fewer blocks, tokens"):
+                client.project(image, model="vit")
+            assert client.project(image, model="vit", blocks=[5], tokens="prefix").images
+    finally:
+        running.stop(0)
