@@ -61,6 +61,9 @@ def add_commands(commands: Any) -> None:
     )
     merge.add_argument("parts", type=Path, nargs="+")
     merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument(
+        "--partial", action="store_true", help="write the merge even when shards are missing"
+    )
 
 
 def run(client: Client, args: argparse.Namespace) -> bool:
@@ -193,8 +196,15 @@ def _merge(args: argparse.Namespace) -> None:
 
     try:
         merged = merge_parts([json.loads(p.read_text()) for p in args.parts])
+    except OSError as exc:
+        raise SystemExit(f"vitscope scan-merge: cannot read a part: {exc}") from None
     except VitscopeError as exc:
         raise SystemExit(f"vitscope scan-merge: {exc}") from None
+    if not merged["complete"] and not args.partial:
+        raise SystemExit(
+            f"vitscope scan-merge: shards {merged['shards']} do not cover the data; "
+            "pass --partial to merge them anyway"
+        )
     write_json(merged, args.out)
-    state = "complete" if merged["complete"] else "INCOMPLETE (shards missing)"
+    state = "complete" if merged["complete"] else "partial"
     print(f"wrote {args.out}: {len(merged['shards'])} shards, {state}")

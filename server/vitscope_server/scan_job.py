@@ -188,5 +188,8 @@ def merge_parts(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_json(document: dict[str, Any], out: Path) -> None:
+    """Written beside `out` and renamed, so a retried or killed job never leaves half a part."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document))
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(json.dumps(document))
+    partial.replace(out)
