@@ -102,6 +102,8 @@ def test_metrics_endpoint(server: RunningServer, client: Client) -> None:
         client.describe("not-served-7")
     with pytest.raises(InvalidArgumentError):
         client.activations([b"junk"], ["embed"], model="vit")
+    # Bad images fail before queueing; a good call records queue wait and compute time.
+    client.activations([np.zeros((8, 8, 3), np.uint8)], ["embed"], model="vit")
     body = (
         urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10)
         .read()
