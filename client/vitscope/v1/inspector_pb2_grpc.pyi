@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from vitscope.v1 import inspector_pb2 as _inspector_pb2
+from vitscope.v1 import inversion_pb2 as _inversion_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -41,6 +42,12 @@ class InspectorStub:
     """Activations at sites for a batch of images. The first message is a header;
     the tensors follow as chunks that the client reassembles.
     """
+    Invert: _grpc.UnaryStreamMultiCallable[_inversion_pb2.InvertRequest, _inversion_pb2.InvertResponse]
+    """Images back from a representation at one or more depths: learned inverse modules or
+    optimisation. A header, then progress and one reconstruction per depth and image.
+    """
+    ListInverters: _grpc.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]
+    """Trained inverters per served model, with their card data."""
 
 @_typing.type_check_only
 class InspectorAsyncStub(InspectorStub):
@@ -55,6 +62,12 @@ class InspectorAsyncStub(InspectorStub):
     """Activations at sites for a batch of images. The first message is a header;
     the tensors follow as chunks that the client reassembles.
     """
+    Invert: _aio.UnaryStreamMultiCallable[_inversion_pb2.InvertRequest, _inversion_pb2.InvertResponse]  # type: ignore[assignment]
+    """Images back from a representation at one or more depths: learned inverse modules or
+    optimisation. A header, then progress and one reconstruction per depth and image.
+    """
+    ListInverters: _aio.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]  # type: ignore[assignment]
+    """Trained inverters per served model, with their card data."""
 
 class InspectorServicer(metaclass=_abc_1.ABCMeta):
     """Looks inside vision transformers served by this process."""
@@ -84,5 +97,23 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         """Activations at sites for a batch of images. The first message is a header;
         the tensors follow as chunks that the client reassembles.
         """
+
+    @_abc_1.abstractmethod
+    def Invert(
+        self,
+        request: _inversion_pb2.InvertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inversion_pb2.InvertResponse], _abc.AsyncIterator[_inversion_pb2.InvertResponse]]:
+        """Images back from a representation at one or more depths: learned inverse modules or
+        optimisation. A header, then progress and one reconstruction per depth and image.
+        """
+
+    @_abc_1.abstractmethod
+    def ListInverters(
+        self,
+        request: _inversion_pb2.ListInvertersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inversion_pb2.ListInvertersResponse, _abc.Awaitable[_inversion_pb2.ListInvertersResponse]]:
+        """Trained inverters per served model, with their card data."""
 
 def add_InspectorServicer_to_server(servicer: InspectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
