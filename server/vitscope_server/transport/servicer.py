@@ -14,10 +14,12 @@ from vitscope_server.core.activations import (
     prepare_activations,
 )
 from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.provenance import provenance_of
 from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert
+from vitscope_server.transport.inversion_rpcs import InversionRpcs
 from vitscope_server.transport.metrics import Metrics
 
 
@@ -29,7 +31,7 @@ def cancel_token(context: grpc.ServicerContext) -> CancelToken:
     return token
 
 
-class InspectorServicer(pb_grpc.InspectorServicer):
+class InspectorServicer(InversionRpcs, pb_grpc.InspectorServicer):
     def __init__(
         self,
         registry: ModelRegistry,
@@ -37,12 +39,14 @@ class InspectorServicer(pb_grpc.InspectorServicer):
         metrics: Metrics,
         limits: ActivationLimits,
         chunk_bytes: int,
+        inverters: InverterCatalog,
     ) -> None:
         self._registry = registry
         self._slots = slots
         self._metrics = metrics
         self._limits = limits
         self._chunk_bytes = chunk_bytes
+        self._inverters = inverters
 
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
