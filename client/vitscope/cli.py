@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vitscope import cli_inversion
 from vitscope.client import DEFAULT_TARGET, Client
 from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
@@ -34,6 +35,7 @@ _SERVE_FLAGS: list[tuple[str, dict[str, object]]] = [
     ),
     ("--default-model", {"help": "model used when a request names none"}),
     ("--no-builtin-models", {"dest": "builtin_models", "action": "store_false", "default": None}),
+    ("--inverters-dir", {"type": Path, "help": "folder of trained inverter stores to offer"}),
     ("--device", {"help": "auto, cpu, cuda or cuda:N (default auto)"}),
     ("--torch-threads", {"type": int}),
     ("--max-message-bytes", {"type": int}),
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--model", default="", help="model to show (default: the server's default)")
+    cli_inversion.add_commands(commands)
     return parser
 
 
@@ -230,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         with _client(args) as client:
+            if cli_inversion.run(client, args):
+                return
             if args.command == "models":
                 for m in client.list_models():
                     mark = "*" if m.is_default else " "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +14,11 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from vitscope import inversion
 from vitscope import tensors as wire
 from vitscope.errors import from_rpc_error
-from vitscope.v1 import common_pb2, tensor_pb2
+from vitscope.inversion import Inversion, InversionProgress, Inverter
+from vitscope.v1 import common_pb2, inversion_pb2, tensor_pb2
 from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 
@@ -366,3 +368,49 @@ class Client:
             provenance=_message_dict(header.provenance),
             parameters=_message_dict(header.parameters),
         )
+
+    def invert(
+        self,
+        images: Sequence[ImageLike] = (),
+        depths: Sequence[int] = (),
+        *,
+        method: str = "learned",
+        representation: np.ndarray | None = None,
+        representation_depth: int = 0,
+        model: str = "",
+        steps: int = 0,
+        learning_rate: float = 0.0,
+        tv_weight: float | None = None,
+        seed: int = 0,
+        progress_every: int = 0,
+        on_progress: Callable[[InversionProgress], None] | None = None,
+        timeout: float | None = None,
+    ) -> Inversion:
+        """Images back from representations at `depths` (0 = embed, k = blocks.{k-1}.out).
+
+        Either `images` and `depths` (the server computes the representations), or a
+        `representation` [batch, tokens, width] at `representation_depth`, with `images`
+        as optional originals to score against. method: learned | optimization; the
+        optimisation settings left at 0/None take the server's defaults.
+        """
+        request = inversion_pb2.InvertRequest(
+            model=model,
+            method=inversion.METHODS[method],
+            images=[image_message(i) for i in images],
+            depths=list(depths),
+            optimization=inversion.optimization_message(
+                steps, learning_rate, tv_weight, seed, progress_every
+            ),
+        )
+        if representation is not None:
+            request.representation.CopyFrom(
+                inversion.representation_message(representation, representation_depth)
+            )
+        return inversion.collect(self._stream(self._stub.Invert, request, timeout), on_progress)
+
+    def list_inverters(self, model: str = "", timeout: float | None = None) -> list[Inverter]:
+        """Trained inverters per served model (empty model: all models)."""
+        response = self._call(
+            self._stub.ListInverters, inversion_pb2.ListInvertersRequest(model=model), timeout
+        )
+        return [inversion.inverter(i) for i in response.inverters]
