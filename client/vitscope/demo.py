@@ -114,6 +114,9 @@ def run_demo(client: Client, out: Path, model: str = "", digits: int = 6) -> Pat
     model = model or next(m.name for m in client.list_models() if m.is_default)
     chosen = sample_digits()[:digits]
     figures = activation_maps(client, model, out, chosen)
+    from vitscope.demo_inversion import inversion_figures  # imports Figure from this module
+
+    figures += inversion_figures(client, model, out, chosen)
     for figure in figures:
         if np.asarray(Image.open(out / figure.file)).std() == 0:
             raise RuntimeError(f"{figure.file} came out blank")

@@ -113,6 +113,38 @@ def training_pairs(
         return reps[block + 1], reps[block]
 
 
+# Pairs of one module are kept in memory up to this size instead of recomputed every epoch.
+PAIR_CACHE_BYTES = 2 << 30
+
+
+class Pairs:
+    """A module's training pairs for a set of model inputs.
+
+    The frozen model is deterministic and there is no augmentation, so every epoch would
+    recompute the same tensors: they are computed once when they fit in PAIR_CACHE_BYTES,
+    else per batch.
+    """
+
+    def __init__(self, loaded: LoadedModel, name: str, inputs: torch.Tensor, batch: int) -> None:
+        self.loaded, self.name, self.inputs = loaded, name, inputs
+        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        source, target = training_pairs(loaded, name, inputs[:1])
+        if (source.numel() + target.numel()) * 4 * len(inputs) <= PAIR_CACHE_BYTES:
+            parts = [
+                training_pairs(loaded, name, inputs[start : start + batch])
+                for start in range(0, len(inputs), batch)
+            ]
+            self.cached = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def take(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cached is not None:
+            return self.cached[0][indices], self.cached[1][indices]
+        return training_pairs(self.loaded, self.name, self.inputs[indices])
+
+
 def fit_linear_embed(loaded: LoadedModel, module: LinearInverseEmbed) -> None:
     """The pseudo-inverse of the patch projection, after subtracting bias + position embedding.
 
@@ -149,14 +181,12 @@ def _split(count: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.
     return order[held:], order[:held]
 
 
-def _evaluate(
-    loaded: LoadedModel, name: str, module: torch.nn.Module, inputs: torch.Tensor, batch: int
-) -> float:
+def _evaluate(module: torch.nn.Module, pairs: Pairs, batch: int) -> float:
     module.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(inputs), batch):
-            source, target = training_pairs(loaded, name, inputs[start : start + batch])
+        for start in range(0, len(pairs), batch):
+            source, target = pairs.take(torch.arange(start, min(start + batch, len(pairs))))
             total += float(((module(source) - target) ** 2).sum())
             count += target.numel()
     return total / max(count, 1)
@@ -178,7 +208,7 @@ def train_module(
 ) -> dict[str, Any]:
     """Trains module `index` (0 = embed, i = blocks.{i-1}) into `store`; returns its metadata."""
     name = module_name(index)
-    if index > len(loaded.adapter.blocks):
+    if not 0 <= index <= len(loaded.adapter.blocks):
         raise InvalidArgument(
             f"--module-index {index}: allowed 0..{len(loaded.adapter.blocks)} "
             "(0 = embed, i = blocks.{i-1})"
@@ -194,7 +224,8 @@ def train_module(
     torch.manual_seed(config.seed + index)
     module = build_module(name, kind, geometry).to(loaded.device)
     fit_idx, val_idx = _split(len(inputs), config.val_fraction, config.seed)
-    train_x, val_x = inputs[fit_idx], inputs[val_idx]
+    train_pairs = Pairs(loaded, name, inputs[fit_idx], config.batch_size)
+    val_pairs = Pairs(loaded, name, inputs[val_idx], config.batch_size)
     started = time.perf_counter()
     history: list[float] = []
     best_state: dict[str, torch.Tensor] = copy.deepcopy(module.state_dict())
@@ -203,7 +234,7 @@ def train_module(
     if kind == "linear":
         assert isinstance(module, LinearInverseEmbed)
         fit_linear_embed(loaded, module)
-        best_val = _evaluate(loaded, name, module, val_x, config.batch_size)
+        best_val = _evaluate(module, val_pairs, config.batch_size)
         history, best_state, first_epoch = [best_val], module.state_dict(), config.epochs + 1
     elif resume and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
@@ -216,20 +247,18 @@ def train_module(
     for epoch in range(first_epoch, config.epochs + 1):
         assert optimizer is not None
         generator.manual_seed(config.seed + index * 1000 + epoch)
-        order = torch.randperm(len(train_x), generator=generator)
+        order = torch.randperm(len(train_pairs), generator=generator)
         module.train()
         batches = range(0, len(order), config.batch_size)
         bar = tqdm(batches, desc=f"{name} {epoch}/{config.epochs}", file=sys.stderr, leave=False)
         for start in bar:
-            source, target = training_pairs(
-                loaded, name, train_x[order[start : start + config.batch_size]]
-            )
+            source, target = train_pairs.take(order[start : start + config.batch_size])
             loss = ((module(source) - target) ** 2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             bar.set_postfix(mse=f"{loss.item():.5f}")
-        val = _evaluate(loaded, name, module, val_x, config.batch_size)
+        val = _evaluate(module, val_pairs, config.batch_size)
         history.append(val)
         if val < best_val:
             best_val, best_epoch = val, epoch
@@ -256,8 +285,8 @@ def train_module(
         "weights_identity": loaded.weights_identity,
         "geometry": geometry.as_json(),
         "data": data_label,
-        "train_images": len(train_x),
-        "val_images": len(val_x),
+        "train_images": len(train_pairs),
+        "val_images": len(val_pairs),
         "recipe": asdict(config),
         "val_mse_history": history,
         "best_val_mse": best_val,
