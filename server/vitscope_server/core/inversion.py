@@ -23,7 +23,7 @@ from vitscope_server.core.errors import InvalidArgument, NotFound
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.inversion_modules import chain_names, depth_site
-from vitscope_server.core.inversion_store import Manifest, load_modules
+from vitscope_server.core.inversion_store import Manifest
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
@@ -94,6 +94,8 @@ class PreparedInversion:
     # A caller-sent representation at query.depths[0], instead of computing it.
     representation: torch.Tensor | None
     inverter: Manifest | None
+    # LEARNED: every module the deepest requested depth's chain needs, by name.
+    modules: dict[str, torch.nn.Module]
 
 
 def to_unit_pixels(normalised: torch.Tensor, adapter: ModelAdapter) -> torch.Tensor:
@@ -216,7 +218,7 @@ def prepare_inversion(
         raise InvalidArgument(
             f"images: {pixels.shape[0]} originals for a representation of batch {tensor.shape[0]}"
         )
-    inverter = None
+    inverter, modules = None, {}
     if query.method is Method.LEARNED:
         inverter = catalog.for_model(loaded)
         deepest = max(query.depths)
@@ -225,7 +227,8 @@ def prepare_inversion(
                 f"depths: the inverter of {loaded.spec.name} reaches depth {inverter.max_depth}, "
                 f"asked for {deepest}"
             )
-    return PreparedInversion(loaded, query, pixels, tensor, inverter)
+        modules = catalog.modules(inverter, chain_names(deepest), loaded.device)
+    return PreparedInversion(loaded, query, pixels, tensor, inverter, modules)
 
 
 def _score(
@@ -322,8 +325,7 @@ def invert(prepared: PreparedInversion, cancel: CancelToken) -> Iterator[Event]:
         cancel.raise_if_cancelled()
         target = targets[depth]
         if query.method is Method.LEARNED:
-            assert prepared.inverter is not None
-            modules = load_modules(prepared.inverter, chain_names(depth), device)
+            modules = [prepared.modules[name] for name in chain_names(depth)]
             with torch.no_grad():
                 images = chain(modules, target)
                 again = representations(adapter, to_model_input(images, adapter), [depth], cancel)

@@ -7,10 +7,13 @@ identity all match the loaded model; anything else is logged once and left out.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
+import torch
+
 from vitscope_server.core.errors import NotFound
-from vitscope_server.core.inversion_store import Manifest, read_manifest
+from vitscope_server.core.inversion_store import Manifest, load_modules, read_manifest
 from vitscope_server.core.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class InverterCatalog:
                 manifest.max_depth,
             )
         self._reported: set[tuple[Path, str]] = set()
+        self._lock = threading.Lock()
+        self._modules: dict[tuple[Path, str, str], torch.nn.Module] = {}
 
     def _matches(self, manifest: Manifest, loaded: LoadedModel) -> bool:
         if manifest.model != loaded.spec.name:
@@ -82,3 +87,13 @@ class InverterCatalog:
                 "`vitscope train-inverter` or use method OPTIMIZATION"
             )
         return max(stores, key=lambda m: m.max_depth)
+
+    def modules(
+        self, manifest: Manifest, names: list[str], device: torch.device
+    ) -> dict[str, torch.nn.Module]:
+        """The named modules, frozen on `device`; read from disk once, then shared by calls."""
+        with self._lock:
+            wanted = [n for n in names if (manifest.path, n, str(device)) not in self._modules]
+            for name, module in zip(wanted, load_modules(manifest, wanted, device), strict=True):
+                self._modules[(manifest.path, name, str(device))] = module
+            return {n: self._modules[(manifest.path, n, str(device))] for n in names}
