@@ -363,3 +363,13 @@ def test_cli_invert_writes_a_strip_with_psnr(
     assert "depth 0 (embed): PSNR dB" in printed and "depth 3 (blocks.2.out)" in printed
     cli([*target, "inverters", "--model", DIGITS])
     assert "depth 0..6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["deit", "swin", "clip"])
+def test_optimisation_runs_on_every_family(client: Client, name: str) -> None:
+    size = client.describe(name).input_size
+    picture = np.random.default_rng(0).integers(0, 256, (size[1], size[2], 3), dtype=np.uint8)
+    result = client.invert([picture], [1], model=name, method="optimization", steps=8)
+    assert result[1].images[0].size == (size[2], size[1])
+    assert 0 < result[1].representation_distance[0] < 1.5
+    assert result[1].psnr is not None and np.isfinite(result[1].psnr[0])

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TEST_MODELS
 from PIL import Image
+from skimage import data as skdata
 
 from vitscope import Client
 from vitscope.cli import main as cli
@@ -178,3 +180,22 @@ def test_linear_embedding_inverse_is_exact(setup: tuple[Path, Path], tmp_path: P
     # Pixels come back exactly, up to float32 rounding and the transform's clamp to [0, 1].
     assert meta["best_val_mse"] < 1e-10
     assert np.isfinite(meta["best_val_mse"])
+
+
+def test_open_clip_towers_train_and_swin_is_refused(tmp_path: Path) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump({"models": TEST_MODELS}))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera"):
+        Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((64, 64)).save(
+            folder / f"{name}.png"
+        )
+    common = ["--models-file", str(models), "--data", str(folder), "--epochs", "1"]
+    store = tmp_path / "clip"
+    cli(["train-inverter", "--model", "clip", "--out", str(store), "--batch-size", "4", *common])
+    manifest = read_manifest(store)
+    assert manifest is not None and manifest.max_depth == 2
+    assert manifest.geometry.grid == (4, 4) and manifest.geometry.image_size == (64, 64)
+    with pytest.raises(SystemExit, match="Swin-like"):
+        cli(["train-inverter", "--model", "swin", "--out", str(tmp_path / "swin"), *common])

@@ -55,7 +55,13 @@ class TrainConfig:
 
 
 def geometry_of(loaded: LoadedModel) -> Geometry:
+    """What the inverse modules need to know; only for models with one token grid and width."""
     adapter = loaded.adapter
+    if any(block.windowed for block in adapter.blocks):
+        raise InvalidArgument(
+            f"--model {loaded.spec.name}: windowed-attention (Swin-like) models change grid and "
+            "width between stages and have no modular inverter; use OPTIMIZATION inversion"
+        )
     config = adapter.data_config
     tokens = loaded.site_shapes["embed"]
     width = int(tokens[-1])
