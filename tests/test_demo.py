@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from vitscope.cli import main
-from vitscope.demo import sample_digits
+from vitscope.figures import sample_digits
 from vitscope_server.builtin import builtin_default_name
 from vitscope_server.transport.app import RunningServer
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitscope import cli_features, cli_projection
+from vitscope import cli_features, cli_inversion, cli_projection
 from vitscope.client import DEFAULT_TARGET, Client
 from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
@@ -35,6 +35,7 @@ _SERVE_FLAGS: list[tuple[str, dict[str, object]]] = [
     ),
     ("--default-model", {"help": "model used when a request names none"}),
     ("--no-builtin-models", {"dest": "builtin_models", "action": "store_false", "default": None}),
+    ("--inverters-dir", {"type": Path, "help": "folder of trained inverter stores to offer"}),
     ("--device", {"help": "auto, cpu, cuda or cuda:N (default auto)"}),
     ("--torch-threads", {"type": int}),
     ("--max-message-bytes", {"type": int}),
@@ -83,7 +84,7 @@ def _position(text: str) -> tuple[int, int]:
 
 
 # Each RPC family's subcommands: add_commands(subparsers) and run(client, args) -> handled.
-FAMILY_COMMANDS = (cli_features, cli_projection)
+FAMILY_COMMANDS = (cli_features, cli_projection, cli_inversion)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,7 +81,7 @@ def run(client: Client, args: argparse.Namespace) -> bool:
 
 def dataset_images(dataset: str) -> list[tuple[str, Image.Image]]:
     if dataset == SAMPLES:
-        from vitscope.demo import sample_digits
+        from vitscope.figures import sample_digits
 
         return sample_digits()
     files = sorted(

@@ -14,7 +14,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from vitscope import projection
+from vitscope import inversion, projection
 from vitscope import tensors as wire
 from vitscope.errors import from_rpc_error
 from vitscope.features import (
@@ -26,7 +26,8 @@ from vitscope.features import (
     parse_result,
     parse_top_images,
 )
-from vitscope.v1 import common_pb2, projection_pb2, tensor_pb2
+from vitscope.inversion import Inversion, InversionProgress, Inverter
+from vitscope.v1 import common_pb2, inversion_pb2, projection_pb2, tensor_pb2
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
@@ -546,3 +547,49 @@ class Client:
             labels=projection.label_set(class_names, templates),
         )
         return projection.parse_memories(self._call(self._stub.ProjectMemories, request, timeout))
+
+    def invert(
+        self,
+        images: Sequence[ImageLike] = (),
+        depths: Sequence[int] = (),
+        *,
+        method: str = "learned",
+        representation: np.ndarray | None = None,
+        representation_depth: int = 0,
+        model: str = "",
+        steps: int = 0,
+        learning_rate: float = 0.0,
+        tv_weight: float | None = None,
+        seed: int = 0,
+        progress_every: int = 0,
+        on_progress: Callable[[InversionProgress], None] | None = None,
+        timeout: float | None = None,
+    ) -> Inversion:
+        """Images back from representations at `depths` (0 = embed, k = blocks.{k-1}.out).
+
+        Either `images` and `depths` (the server computes the representations), or a
+        `representation` [batch, tokens, width] at `representation_depth`, with `images`
+        as optional originals to score against. method: learned | optimization; the
+        optimisation settings left at 0/None take the server's defaults.
+        """
+        request = inversion_pb2.InvertRequest(
+            model=model,
+            method=inversion.METHODS[method],
+            images=[image_message(i) for i in images],
+            depths=list(depths),
+            optimization=inversion.optimization_message(
+                steps, learning_rate, tv_weight, seed, progress_every
+            ),
+        )
+        if representation is not None:
+            request.representation.CopyFrom(
+                inversion.representation_message(representation, representation_depth)
+            )
+        return inversion.collect(self._stream(self._stub.Invert, request, timeout), on_progress)
+
+    def list_inverters(self, model: str = "", timeout: float | None = None) -> list[Inverter]:
+        """Trained inverters per served model (empty model: all models)."""
+        response = self._call(
+            self._stub.ListInverters, inversion_pb2.ListInvertersRequest(model=model), timeout
+        )
+        return [inversion.inverter(i) for i in response.inverters]

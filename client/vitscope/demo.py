@@ -6,34 +6,17 @@ Each inspection method adds its own figures here; the page lists them with one-l
 from __future__ import annotations
 
 import html
-import io
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from vitscope.client import Client
+from vitscope.demo_features import feature_visualisations
+from vitscope.demo_inversion import inversion_figures
+from vitscope.demo_projection import projection_figures
+from vitscope.figures import Figure, sample_digits
 from vitscope.overlay import grid, heatmap_overlay
-
-SAMPLE_PACKAGE = "vitscope.samples"
-
-
-@dataclass(frozen=True)
-class Figure:
-    file: str
-    caption: str
-
-
-def sample_digits() -> list[tuple[str, Image.Image]]:
-    """Held-out MNIST test digits shipped with the client, named like '7-0042.png'."""
-    folder = resources.files(SAMPLE_PACKAGE)
-    names = sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".png"))
-    return [
-        (name, Image.open(io.BytesIO(folder.joinpath(name).read_bytes())).convert("RGB"))
-        for name in names
-    ]
 
 
 def _strongest_channels(
@@ -114,12 +97,9 @@ def run_demo(client: Client, out: Path, model: str = "", digits: int = 6) -> Pat
     model = model or next(m.name for m in client.list_models() if m.is_default)
     chosen = sample_digits()[:digits]
     figures = activation_maps(client, model, out, chosen)
-    from vitscope.demo_features import feature_visualisations  # it builds on this module
-
     figures += feature_visualisations(client, model, out)
-    from vitscope.demo_projection import projection_figures  # it imports Figure from here
-
     figures += projection_figures(client, model, out, chosen)
+    figures += inversion_figures(client, model, out, chosen)
     for figure in figures:
         if np.asarray(Image.open(out / figure.file)).std() == 0:
             raise RuntimeError(f"{figure.file} came out blank")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vitscope.cli_features import feature_grid
 from vitscope.client import Client
-from vitscope.demo import Figure, sample_digits
+from vitscope.figures import Figure, sample_digits
 
 FEATURES = 4
 TOP_K = 3

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from vitscope.client import Client
-from vitscope.demo import Figure
+from vitscope.figures import Figure
 from vitscope.overlay import grid
 from vitscope.plot_projection import plot_identifiability
 

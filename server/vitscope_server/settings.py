@@ -27,6 +27,8 @@ class ServerSettings(BaseSettings):
     models: list[str] = Field(default_factory=list)
     default_model: str | None = None
     builtin_models: bool = True
+    # A folder of trained inverter stores (one per subfolder), offered beside the built-in ones.
+    inverters_dir: Path | None = None
     device: str = "auto"
     torch_threads: int | None = Field(None, ge=1)
     max_message_bytes: int = Field(64 << 20, ge=1 << 16)

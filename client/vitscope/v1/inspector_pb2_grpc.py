@@ -5,6 +5,7 @@ import warnings
 
 from vitscope.v1 import features_pb2 as vitscope_dot_v1_dot_features__pb2
 from vitscope.v1 import inspector_pb2 as vitscope_dot_v1_dot_inspector__pb2
+from vitscope.v1 import inversion_pb2 as vitscope_dot_v1_dot_inversion__pb2
 from vitscope.v1 import projection_pb2 as vitscope_dot_v1_dot_projection__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -72,6 +73,16 @@ class InspectorStub:
                 request_serializer=vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesRequest.SerializeToString,
                 response_deserializer=vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesResponse.FromString,
                 _registered_method=True)
+        self.Invert = channel.unary_stream(
+                '/vitscope.v1.Inspector/Invert',
+                request_serializer=vitscope_dot_v1_dot_inversion__pb2.InvertRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_inversion__pb2.InvertResponse.FromString,
+                _registered_method=True)
+        self.ListInverters = channel.unary_unary(
+                '/vitscope.v1.Inspector/ListInverters',
+                request_serializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.FromString,
+                _registered_method=True)
 
 
 class InspectorServicer:
@@ -129,6 +140,21 @@ class InspectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Invert(self, request, context):
+        """Images back from a representation at one or more depths: learned inverse modules or
+        optimisation. A header, then progress and one reconstruction per depth and image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInverters(self, request, context):
+        """Trained inverters per served model, with their card data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InspectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +192,16 @@ def add_InspectorServicer_to_server(servicer, server):
                     servicer.ProjectMemories,
                     request_deserializer=vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesRequest.FromString,
                     response_serializer=vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesResponse.SerializeToString,
+            ),
+            'Invert': grpc.unary_stream_rpc_method_handler(
+                    servicer.Invert,
+                    request_deserializer=vitscope_dot_v1_dot_inversion__pb2.InvertRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_inversion__pb2.InvertResponse.SerializeToString,
+            ),
+            'ListInverters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInverters,
+                    request_deserializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +394,60 @@ class Inspector:
             '/vitscope.v1.Inspector/ProjectMemories',
             vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesRequest.SerializeToString,
             vitscope_dot_v1_dot_projection__pb2.ProjectMemoriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Invert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vitscope.v1.Inspector/Invert',
+            vitscope_dot_v1_dot_inversion__pb2.InvertRequest.SerializeToString,
+            vitscope_dot_v1_dot_inversion__pb2.InvertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInverters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitscope.v1.Inspector/ListInverters',
+            vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.SerializeToString,
+            vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 from vitscope.v1 import features_pb2 as _features_pb2
 from vitscope.v1 import inspector_pb2 as _inspector_pb2
+from vitscope.v1 import inversion_pb2 as _inversion_pb2
 from vitscope.v1 import projection_pb2 as _projection_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -53,6 +54,12 @@ class InspectorStub:
     """
     ProjectMemories: _grpc.UnaryUnaryMultiCallable[_projection_pb2.ProjectMemoriesRequest, _projection_pb2.ProjectMemoriesResponse]
     """A block's key-value memories projected to class space."""
+    Invert: _grpc.UnaryStreamMultiCallable[_inversion_pb2.InvertRequest, _inversion_pb2.InvertResponse]
+    """Images back from a representation at one or more depths: learned inverse modules or
+    optimisation. A header, then progress and one reconstruction per depth and image.
+    """
+    ListInverters: _grpc.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]
+    """Trained inverters per served model, with their card data."""
 
 @_typing.type_check_only
 class InspectorAsyncStub(InspectorStub):
@@ -77,6 +84,12 @@ class InspectorAsyncStub(InspectorStub):
     """
     ProjectMemories: _aio.UnaryUnaryMultiCallable[_projection_pb2.ProjectMemoriesRequest, _projection_pb2.ProjectMemoriesResponse]  # type: ignore[assignment]
     """A block's key-value memories projected to class space."""
+    Invert: _aio.UnaryStreamMultiCallable[_inversion_pb2.InvertRequest, _inversion_pb2.InvertResponse]  # type: ignore[assignment]
+    """Images back from a representation at one or more depths: learned inverse modules or
+    optimisation. A header, then progress and one reconstruction per depth and image.
+    """
+    ListInverters: _aio.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]  # type: ignore[assignment]
+    """Trained inverters per served model, with their card data."""
 
 class InspectorServicer(metaclass=_abc_1.ABCMeta):
     """Looks inside vision transformers served by this process."""
@@ -140,5 +153,23 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_projection_pb2.ProjectMemoriesResponse, _abc.Awaitable[_projection_pb2.ProjectMemoriesResponse]]:
         """A block's key-value memories projected to class space."""
+
+    @_abc_1.abstractmethod
+    def Invert(
+        self,
+        request: _inversion_pb2.InvertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inversion_pb2.InvertResponse], _abc.AsyncIterator[_inversion_pb2.InvertResponse]]:
+        """Images back from a representation at one or more depths: learned inverse modules or
+        optimisation. A header, then progress and one reconstruction per depth and image.
+        """
+
+    @_abc_1.abstractmethod
+    def ListInverters(
+        self,
+        request: _inversion_pb2.ListInvertersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inversion_pb2.ListInvertersResponse, _abc.Awaitable[_inversion_pb2.ListInvertersResponse]]:
+        """Trained inverters per served model, with their card data."""
 
 def add_InspectorServicer_to_server(servicer: InspectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,6 +12,8 @@ from vitscope_server.core.specs import ModelSpec
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 DIGITS_WEIGHTS = BUILTIN_DIR / "vitscope-digits.safetensors"
+# Trained inverter stores of the built-in models, one folder per model.
+BUILTIN_INVERTERS = BUILTIN_DIR / "inverters"
 DIGITS_NAME = "vitscope-digits"
 DIGITS_RANDOM_NAME = "vitscope-digits-random"
 

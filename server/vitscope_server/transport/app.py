@@ -18,9 +18,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from vitscope.v1 import inspector_pb2, inspector_pb2_grpc
-from vitscope_server.builtin import builtin_default_name, builtin_specs
+from vitscope_server.builtin import BUILTIN_INVERTERS, builtin_default_name, builtin_specs
 from vitscope_server.core.activations import ActivationLimits
 from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.core.specs import ModelSpec, load_models_file, parse_model_flag
@@ -149,12 +150,16 @@ def create_server(settings: ServerSettings) -> RunningServer:
     )
     slots = ComputeSlots(settings.max_running, settings.max_queue)
     metrics.queued.set_function(lambda: float(slots.waiting))
+    inverter_roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
+    if settings.inverters_dir is not None:
+        inverter_roots.append(settings.inverters_dir)
     servicer = InspectorServicer(
         registry,
         slots,
         metrics,
         ActivationLimits(settings.max_batch, settings.max_image_pixels, settings.max_result_bytes),
         settings.effective_chunk_bytes,
+        InverterCatalog(inverter_roots),
         settings.image_roots,
     )
     inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)

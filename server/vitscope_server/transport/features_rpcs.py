@@ -22,6 +22,7 @@ from vitscope_server.core.top_images import (
     list_images,
 )
 from vitscope_server.transport import convert, convert_features
+from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.metrics import Metrics
 
 
@@ -37,8 +38,6 @@ class FeatureRpcs:
     def OptimizeFeatures(
         self, request: fpb.OptimizeFeaturesRequest, context: grpc.ServicerContext
     ) -> Iterator[fpb.OptimizeFeaturesResponse]:
-        from vitscope_server.transport.servicer import cancel_token
-
         loaded = self._registry.get(request.model)
         prepared = prepare_optimization(
             loaded,
@@ -59,8 +58,6 @@ class FeatureRpcs:
     def TopActivatingImages(
         self, requests: Iterator[fpb.TopActivatingImagesRequest], context: grpc.ServicerContext
     ) -> fpb.TopActivatingImagesResponse:
-        from vitscope_server.transport.servicer import cancel_token
-
         first = next(requests, None)
         if first is None:
             raise InvalidArgument("the request stream is empty; the first message names the site")

@@ -17,6 +17,7 @@ from vitscope_server.core.memories import prepare_memories, project_memories
 from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_projection
+from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.metrics import Metrics
 
 
@@ -35,8 +36,6 @@ class ProjectionRpcs:
     def ProjectToClassSpace(
         self, request: pb.ProjectToClassSpaceRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ProjectToClassSpaceResponse]:
-        from vitscope_server.transport.servicer import cancel_token  # servicer imports this mixin
-
         loaded = self._registry.get(request.model)
         prepared = prepare_projection(
             loaded,
@@ -57,8 +56,6 @@ class ProjectionRpcs:
     def ProjectMemories(
         self, request: pb.ProjectMemoriesRequest, context: grpc.ServicerContext
     ) -> pb.ProjectMemoriesResponse:
-        from vitscope_server.transport.servicer import cancel_token  # servicer imports this mixin
-
         loaded = self._registry.get(request.model)
         prepared = prepare_memories(
             loaded,

@@ -14,25 +14,19 @@ from vitscope_server.core.activations import (
     get_activations,
     prepare_activations,
 )
-from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.provenance import provenance_of
 from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert
+from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.features_rpcs import FeatureRpcs
+from vitscope_server.transport.inversion_rpcs import InversionRpcs
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.projection_rpcs import ProjectionRpcs
 
 
-def cancel_token(context: grpc.ServicerContext) -> CancelToken:
-    """A token set when the RPC ends early: client cancel, deadline, or server shutdown."""
-    token = CancelToken()
-    if not context.add_callback(token.cancel):
-        token.cancel()
-    return token
-
-
-class InspectorServicer(FeatureRpcs, ProjectionRpcs, pb_grpc.InspectorServicer):
+class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.InspectorServicer):
     def __init__(
         self,
         registry: ModelRegistry,
@@ -40,6 +34,7 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, pb_grpc.InspectorServicer):
         metrics: Metrics,
         limits: ActivationLimits,
         chunk_bytes: int,
+        inverters: InverterCatalog,
         image_roots: Sequence[Path] = (),
     ) -> None:
         self._registry = registry
@@ -48,6 +43,7 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, pb_grpc.InspectorServicer):
         self._limits = limits
         self._chunk_bytes = chunk_bytes
         self._image_roots = tuple(image_roots)
+        self._inverters = inverters
 
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext

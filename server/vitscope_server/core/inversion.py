@@ -1,0 +1,346 @@
+"""Invert: representations at a depth back to images, learned (modular inverses) or by optimisation.
+
+Depth convention (see inversion_modules): depth 0 = `embed`, depth k = `blocks.{k-1}.out`.
+Reconstructions and the originals they are scored against are [0, 1] RGB pixels at the
+model's input size; the original is the caller's image after the model's own transform.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import numpy as np
+import torch
+
+from vitscope_server.core.adapters import ModelAdapter
+from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.capture import ForwardStopped, capture_sites
+from vitscope_server.core.errors import InvalidArgument, NotFound
+from vitscope_server.core.images import ImageInput, prepare_batch
+from vitscope_server.core.inversion_catalog import InverterCatalog
+from vitscope_server.core.inversion_modules import chain_names, depth_site
+from vitscope_server.core.inversion_store import Manifest
+from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.provenance import Provenance, provenance_of
+from vitscope_server.core.sites import resolve_site
+
+
+class Method(Enum):
+    LEARNED = "learned"
+    OPTIMIZATION = "optimization"
+
+
+@dataclass(frozen=True)
+class OptimizationParams:
+    """Mahendran & Vedaldi style: Adam on [0, 1] pixels, relative MSE + total variation."""
+
+    steps: int = 200
+    learning_rate: float = 0.05
+    tv_weight: float = 0.01
+    seed: int = 0
+    progress_every: int = 10
+
+
+@dataclass(frozen=True)
+class InvertQuery:
+    method: Method
+    depths: tuple[int, ...] = ()
+    optimization: OptimizationParams = field(default_factory=OptimizationParams)
+
+
+@dataclass(frozen=True)
+class Progress:
+    depth: int
+    step: int
+    total_steps: int
+    loss: float
+    representation_distance: float
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """One depth's reconstructions [B, 3, H, W] in [0, 1], scored when the originals are known."""
+
+    depth: int
+    site: str
+    images: np.ndarray
+    mse: list[float] | None
+    psnr: list[float] | None
+    representation_distance: list[float]
+
+
+@dataclass(frozen=True)
+class InvertHeader:
+    provenance: Provenance
+    query: InvertQuery
+    batch_size: int
+    inverter: Manifest | None
+    from_representation: bool
+
+
+Event = InvertHeader | Progress | Reconstruction
+
+
+@dataclass(frozen=True)
+class PreparedInversion:
+    loaded: LoadedModel
+    query: InvertQuery
+    # Normalised model inputs of the originals, when known.
+    pixels: torch.Tensor | None
+    # A caller-sent representation at query.depths[0], instead of computing it.
+    representation: torch.Tensor | None
+    inverter: Manifest | None
+    # LEARNED: every module the deepest requested depth's chain needs, by name.
+    modules: dict[str, torch.nn.Module]
+
+
+def to_unit_pixels(normalised: torch.Tensor, adapter: ModelAdapter) -> torch.Tensor:
+    config = adapter.data_config
+    mean = torch.tensor(config.mean, device=normalised.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, device=normalised.device).view(1, 3, 1, 1)
+    return normalised * std + mean
+
+
+def to_model_input(pixels: torch.Tensor, adapter: ModelAdapter) -> torch.Tensor:
+    config = adapter.data_config
+    mean = torch.tensor(config.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def representations(
+    adapter: ModelAdapter, inputs: torch.Tensor, depths: list[int], cancel: CancelToken
+) -> dict[int, torch.Tensor]:
+    """Canonical [B, T, D] tokens at each depth, from one forward stopped after the deepest.
+
+    Gradients flow when the caller has them enabled (optimisation needs them).
+    """
+    sites = [resolve_site(adapter, depth_site(d)) for d in sorted(set(depths))]
+    deepest = max(depths)
+    stop = deepest - 1 if deepest > 0 else 0
+    with (
+        capture_sites(adapter, sites, inputs.shape[0], cancel, stop) as captured,
+        contextlib.suppress(ForwardStopped),
+    ):
+        adapter.forward(inputs)
+    return {d: captured[depth_site(d)] for d in depths}
+
+
+def representation_shape(loaded: LoadedModel, depth: int) -> tuple[int, ...]:
+    """[tokens, width] of one image's representation at depth."""
+    return tuple(loaded.site_shapes[depth_site(depth)][1:])
+
+
+def _check_depths(loaded: LoadedModel, depths: tuple[int, ...], field_name: str) -> None:
+    num_blocks = len(loaded.adapter.blocks)
+    bad = [d for d in depths if not 0 <= d <= num_blocks]
+    if bad:
+        raise InvalidArgument(
+            f"{field_name}: depths {bad} out of range; allowed 0..{num_blocks} "
+            f"(0 = embed, k = blocks.{{k-1}}.out)"
+        )
+    if len(set(depths)) != len(depths):
+        raise InvalidArgument(f"{field_name}: each depth may appear once, got {list(depths)}")
+
+
+def _check_optimization(params: OptimizationParams) -> None:
+    if not 1 <= params.steps <= 10_000:
+        raise InvalidArgument(f"optimization.steps: {params.steps} not in 1..10000")
+    if not (math.isfinite(params.learning_rate) and params.learning_rate > 0):
+        raise InvalidArgument(
+            f"optimization.learning_rate: must be > 0, got {params.learning_rate}"
+        )
+    if not (math.isfinite(params.tv_weight) and params.tv_weight >= 0):
+        raise InvalidArgument(f"optimization.tv_weight: must be >= 0, got {params.tv_weight}")
+    if params.progress_every < 1:
+        raise InvalidArgument(
+            f"optimization.progress_every: must be >= 1, got {params.progress_every}"
+        )
+
+
+def _representation_tensor(
+    loaded: LoadedModel, array: np.ndarray, depth: int, max_batch: int
+) -> torch.Tensor:
+    expected = representation_shape(loaded, depth)
+    allowed = f"[batch, {', '.join(map(str, expected))}] of float32, float16 or bfloat16"
+    if array.dtype not in (np.float32, np.float16):
+        raise InvalidArgument(
+            f"representation.values: dtype {array.dtype} not allowed; expected {allowed}"
+        )
+    if array.ndim != 3 or tuple(array.shape[1:]) != expected or array.shape[0] < 1:
+        raise InvalidArgument(
+            f"representation.values: shape {list(array.shape)} does not fit depth {depth} "
+            f"({depth_site(depth)}) of {loaded.spec.name}; expected {allowed}"
+        )
+    if array.shape[0] > max_batch:
+        raise InvalidArgument(
+            f"representation.values: batch {array.shape[0]} exceeds the limit of {max_batch}"
+        )
+    if not np.isfinite(array).all():
+        raise InvalidArgument("representation.values: contains NaN or infinity")
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+def prepare_inversion(
+    loaded: LoadedModel,
+    catalog: InverterCatalog,
+    images: list[ImageInput],
+    query: InvertQuery,
+    representation: tuple[np.ndarray, int] | None,
+    max_batch: int,
+    max_pixels: int,
+) -> PreparedInversion:
+    """Validation, decoding and inverter lookup: everything that needs no compute slot."""
+    if query.method is Method.OPTIMIZATION:
+        _check_optimization(query.optimization)
+    tensor = None
+    if representation is not None:
+        values, depth = representation
+        if query.depths:
+            raise InvalidArgument(
+                "depths: leave empty when a representation is sent; its depth is representation.depth"
+            )
+        query = replace(query, depths=(depth,))
+        _check_depths(loaded, query.depths, "representation.depth")
+        tensor = _representation_tensor(loaded, values, depth, max_batch)
+    else:
+        if not query.depths:
+            raise InvalidArgument("depths: at least one depth is required with images")
+        _check_depths(loaded, query.depths, "depths")
+    pixels = None
+    if images or representation is None:
+        pixels = prepare_batch(loaded.adapter, images, max_batch, max_pixels)
+    if tensor is not None and pixels is not None and pixels.shape[0] != tensor.shape[0]:
+        raise InvalidArgument(
+            f"images: {pixels.shape[0]} originals for a representation of batch {tensor.shape[0]}"
+        )
+    inverter, modules = None, {}
+    if query.method is Method.LEARNED:
+        inverter = catalog.for_model(loaded)
+        deepest = max(query.depths)
+        if deepest > inverter.max_depth:
+            raise NotFound(
+                f"depths: the inverter of {loaded.spec.name} reaches depth {inverter.max_depth}, "
+                f"asked for {deepest}"
+            )
+        modules = catalog.modules(inverter, chain_names(deepest), loaded.device)
+    return PreparedInversion(loaded, query, pixels, tensor, inverter, modules)
+
+
+def _score(
+    reconstruction: torch.Tensor, original: torch.Tensor | None
+) -> tuple[list[float] | None, list[float] | None]:
+    if original is None:
+        return None, None
+    mse = ((reconstruction - original) ** 2).flatten(1).mean(1).double()
+    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+    return mse.tolist(), psnr.tolist()
+
+
+def relative_distance(got: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per image ||got - target||^2 / ||target||^2."""
+    error = ((got - target) ** 2).flatten(1).sum(1)
+    return error / (target**2).flatten(1).sum(1).clamp_min(1e-12)
+
+
+def chain(modules: list[torch.nn.Module], tokens: torch.Tensor) -> torch.Tensor:
+    for module in modules:
+        tokens = module(tokens)
+    return tokens
+
+
+def total_variation(pixels: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of neighbouring pixels, horizontally and vertically."""
+    dx = (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().mean()
+    dy = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().mean()
+    return dx + dy
+
+
+def optimise(
+    adapter: ModelAdapter,
+    target: torch.Tensor,
+    depth: int,
+    params: OptimizationParams,
+    cancel: CancelToken,
+) -> Generator[Progress, None, tuple[torch.Tensor, torch.Tensor]]:
+    """Pixels whose representation at `depth` matches `target`; yields progress as it goes and
+    returns (pixels, relative distance per image).
+
+    Starts from mid-grey plus small seeded noise; clamps to [0, 1] after every step; checks
+    the cancel token every step (and inside the forward, between blocks).
+    """
+    generator = torch.Generator().manual_seed(params.seed)
+    shape = (target.shape[0], *adapter.data_config.input_size)
+    start = 0.5 + 0.05 * torch.randn(shape, generator=generator)
+    pixels = start.to(target.device).requires_grad_(True)
+    optimizer = torch.optim.Adam([pixels], lr=params.learning_rate)
+    distance = torch.full((target.shape[0],), float("nan"))
+    for step in range(1, params.steps + 1):
+        cancel.raise_if_cancelled()
+        got = representations(adapter, to_model_input(pixels, adapter), [depth], cancel)[depth]
+        per_image = relative_distance(got, target)
+        loss = per_image.mean() + params.tv_weight * total_variation(pixels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            pixels.clamp_(0.0, 1.0)
+        distance = per_image.detach()
+        if step % params.progress_every == 0 or step == params.steps:
+            yield Progress(depth, step, params.steps, loss.item(), float(distance.mean()))
+    with torch.no_grad():
+        final = relative_distance(
+            representations(adapter, to_model_input(pixels, adapter), [depth], cancel)[depth],
+            target,
+        )
+    return pixels.detach(), final
+
+
+def invert(prepared: PreparedInversion, cancel: CancelToken) -> Iterator[Event]:
+    """Yields the header, progress (optimisation) and one Reconstruction per depth."""
+    loaded, query = prepared.loaded, prepared.query
+    adapter, device = loaded.adapter, loaded.device
+    inputs = prepared.pixels.to(device) if prepared.pixels is not None else None
+    originals = to_unit_pixels(inputs, adapter) if inputs is not None else None
+    batch = prepared.representation.shape[0] if prepared.representation is not None else 0
+    seed = query.optimization.seed if query.method is Method.OPTIMIZATION else 0
+    yield InvertHeader(
+        provenance_of(loaded, seed),
+        query,
+        batch or (inputs.shape[0] if inputs is not None else 0),
+        prepared.inverter,
+        prepared.representation is not None,
+    )
+    with torch.no_grad():
+        if prepared.representation is not None:
+            targets = {query.depths[0]: prepared.representation.to(device)}
+        else:
+            assert inputs is not None
+            targets = representations(adapter, inputs, list(query.depths), cancel)
+    for depth in query.depths:
+        cancel.raise_if_cancelled()
+        target = targets[depth]
+        if query.method is Method.LEARNED:
+            modules = [prepared.modules[name] for name in chain_names(depth)]
+            with torch.no_grad():
+                images = chain(modules, target)
+                again = representations(adapter, to_model_input(images, adapter), [depth], cancel)
+                distance = relative_distance(again[depth], target)
+        else:
+            with torch.enable_grad():
+                images, distance = yield from optimise(
+                    adapter, target, depth, query.optimization, cancel
+                )
+        mse, psnr = _score(images, originals)
+        yield Reconstruction(
+            depth,
+            depth_site(depth),
+            images.clamp(0, 1).cpu().numpy(),
+            mse,
+            psnr,
+            distance.tolist(),
+        )

@@ -1,0 +1,139 @@
+"""protobuf <-> core types for Invert and ListInverters. No logic beyond the mapping."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from vitscope.v1 import inversion_pb2 as pb
+from vitscope_server.core.inversion import (
+    Event,
+    InvertHeader,
+    InvertQuery,
+    Method,
+    OptimizationParams,
+    Progress,
+    Reconstruction,
+)
+from vitscope_server.core.inversion_modules import depth_site
+from vitscope_server.core.inversion_store import Manifest
+from vitscope_server.transport.convert import _enum, _tensor, provenance
+
+_METHODS = {
+    pb.INVERSION_METHOD_LEARNED: Method.LEARNED,
+    pb.INVERSION_METHOD_OPTIMIZATION: Method.OPTIMIZATION,
+}
+_METHODS_BACK = {v: k for k, v in _METHODS.items()}
+_DEFAULTS = OptimizationParams()
+
+
+def invert_query(request: pb.InvertRequest) -> InvertQuery:
+    o = request.optimization
+    return InvertQuery(
+        method=_enum(_METHODS, request.method, "method", pb.InversionMethod),  # type: ignore[arg-type]
+        depths=tuple(request.depths),
+        optimization=OptimizationParams(
+            steps=o.steps or _DEFAULTS.steps,
+            learning_rate=o.learning_rate or _DEFAULTS.learning_rate,
+            tv_weight=o.tv_weight if o.HasField("tv_weight") else _DEFAULTS.tv_weight,
+            seed=o.seed,
+            progress_every=o.progress_every or _DEFAULTS.progress_every,
+        ),
+    )
+
+
+def representation(request: pb.InvertRequest) -> tuple[np.ndarray, int] | None:
+    if not request.HasField("representation"):
+        return None
+    r = request.representation
+    return _tensor(r.values, "representation.values"), r.depth
+
+
+def inverter_info(manifest: Manifest) -> pb.InverterInfo:
+    return pb.InverterInfo(
+        model=manifest.model,
+        architecture=manifest.architecture,
+        weights_identity=manifest.weights_identity,
+        store=manifest.path.name,
+        data=manifest.data,
+        max_depth=manifest.max_depth,
+        modules=[
+            pb.InverterModuleInfo(
+                name=record.name,
+                kind=record.kind,
+                best_val_mse=record.best_val_mse,
+                best_epoch=int(record.meta.get("best_epoch", 0)),
+                epochs=int(record.meta.get("recipe", {}).get("epochs", 0)),
+                parameters=int(record.meta.get("parameters", 0)),
+            )
+            for _, record in sorted(manifest.modules.items())
+        ],
+    )
+
+
+def _png(image: np.ndarray) -> bytes:
+    pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8).transpose(1, 2, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _header(header: InvertHeader) -> pb.InvertResponse:
+    q = header.query
+    o = q.optimization
+    parameters = pb.EffectiveInversionParameters(
+        method=_METHODS_BACK[q.method],
+        depths=list(q.depths),
+        sites=[depth_site(d) for d in q.depths],
+        batch_size=header.batch_size,
+        from_representation=header.from_representation,
+    )
+    if q.method is Method.OPTIMIZATION:
+        parameters.optimization.CopyFrom(
+            pb.InversionOptimization(
+                steps=o.steps,
+                learning_rate=o.learning_rate,
+                tv_weight=o.tv_weight,
+                seed=o.seed,
+                progress_every=o.progress_every,
+            )
+        )
+    if header.inverter is not None:
+        parameters.inverter.CopyFrom(inverter_info(header.inverter))
+    return pb.InvertResponse(
+        header=pb.InvertHeader(provenance=provenance(header.provenance), parameters=parameters)
+    )
+
+
+def invert_responses(event: Event) -> list[pb.InvertResponse]:
+    if isinstance(event, InvertHeader):
+        return [_header(event)]
+    if isinstance(event, Progress):
+        return [
+            pb.InvertResponse(
+                progress=pb.InversionProgress(
+                    depth=event.depth,
+                    step=event.step,
+                    total_steps=event.total_steps,
+                    loss=event.loss,
+                    representation_distance=event.representation_distance,
+                )
+            )
+        ]
+    return [_reconstruction(event, index) for index in range(len(event.images))]
+
+
+def _reconstruction(event: Reconstruction, index: int) -> pb.InvertResponse:
+    message = pb.Reconstruction(
+        depth=event.depth,
+        site=event.site,
+        image_index=index,
+        png=_png(event.images[index]),
+        representation_distance=event.representation_distance[index],
+    )
+    if event.mse is not None and event.psnr is not None:
+        message.mse = event.mse[index]
+        message.psnr = event.psnr[index]
+    return pb.InvertResponse(reconstruction=message)
