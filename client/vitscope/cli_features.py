@@ -171,8 +171,8 @@ def _visualize(client: Client, args: argparse.Namespace) -> None:
 def _scan(args: argparse.Namespace) -> None:
     from vitscope_server.core.errors import VitscopeError
     from vitscope_server.core.top_images import ScanQuery
-    from vitscope_server.scan_job import parse_shard, scan_shard, select_spec, write_json
-    from vitscope_server.transport.app import resolve_device
+    from vitscope_server.model_selection import resolve_device, select_spec
+    from vitscope_server.scan_job import parse_shard, scan_shard, write_json
 
     try:
         spec = select_spec(args.model, args.models_file, args.model_spec)

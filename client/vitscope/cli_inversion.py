@@ -70,7 +70,7 @@ def add_commands(commands: Any) -> None:
     train.add_argument("--val-fraction", type=float, default=0.1)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from checkpoints")
-    train.add_argument("--device", default="cpu")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--threads", type=int, help="torch CPU threads")
 
 
@@ -111,20 +111,20 @@ def _train(args: argparse.Namespace) -> None:
     from vitscope_server.core.inversion_store import read_manifest
     from vitscope_server.core.inversion_train import TrainConfig, train_inverter
     from vitscope_server.core.loading import load_model
-    from vitscope_server.settings import ServerSettings
-    from vitscope_server.transport.app import model_specs
+    from vitscope_server.model_selection import resolve_device, select_spec
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        given: dict[str, Any] = {"models_file": args.models_file, "models": args.model_spec}
-        specs, _ = model_specs(ServerSettings(**given))
-        spec = next((s for s in specs if s.name == args.model), None)
-        if spec is None:
-            raise SystemExit(f"--model {args.model}: not among {[s.name for s in specs]}")
-        loaded = load_model(spec, torch.device(args.device))
+        spec = select_spec(args.model, args.models_file, args.model_spec)
+        loaded = load_model(spec, resolve_device(args.device))
         count = len(loaded.adapter.blocks) + 1
         if args.module_index is not None:
+            if not 0 <= args.module_index < count:
+                raise SystemExit(
+                    f"--module-index {args.module_index}: allowed 0..{count - 1} "
+                    "(0 = the patch embedding, i = block i-1)"
+                )
             indices = [args.module_index]
         elif args.modules:
             names = ["embed", *(f"blocks.{i}" for i in range(count - 1))]

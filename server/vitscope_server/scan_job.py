@@ -78,21 +78,6 @@ def dataset(data: str) -> tuple[list[str], Callable[[int], ImageInput]]:
     return [name for name, _ in files], lambda i: ImageInput(encoded=files[i][1].read_bytes())
 
 
-def select_spec(name: str, models_file: Path | None, model_flags: Sequence[str]) -> ModelSpec:
-    """The model named `name` among those `vitscope serve` would serve with the same flags."""
-    from vitscope_server.settings import ServerSettings
-    from vitscope_server.transport.app import model_specs
-
-    settings = ServerSettings.model_validate(
-        {"models_file": models_file, "models": list(model_flags)}
-    )
-    specs, _ = model_specs(settings)
-    for spec in specs:
-        if spec.name == name:
-            return spec
-    raise NotFound(f"--model: {name!r} is not among {sorted(s.name for s in specs)}")
-
-
 def scan_shard(
     spec: ModelSpec,
     data: str,

@@ -18,13 +18,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from vitscope.v1 import inspector_pb2, inspector_pb2_grpc
-from vitscope_server.builtin import BUILTIN_INVERTERS, builtin_default_name, builtin_specs
+from vitscope_server.builtin import BUILTIN_INVERTERS
 from vitscope_server.core.activations import ActivationLimits
-from vitscope_server.core.errors import InvalidArgument
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.slots import ComputeSlots
-from vitscope_server.core.specs import ModelSpec, load_models_file, parse_model_flag
+from vitscope_server.model_selection import model_specs, resolve_device
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.interceptors import ServiceInterceptor
 from vitscope_server.transport.metrics import Metrics
@@ -35,34 +34,6 @@ log = logging.getLogger(__name__)
 _LOAD_WAIT_SECONDS = 5.0
 
 SERVICE_NAME = inspector_pb2.DESCRIPTOR.services_by_name["Inspector"].full_name
-
-
-def model_specs(settings: ServerSettings) -> tuple[list[ModelSpec], str]:
-    """Built-ins, then the models file, then --model flags; a later name replaces an earlier one."""
-    specs: dict[str, ModelSpec] = {}
-    default = builtin_default_name() if settings.builtin_models else None
-    if settings.builtin_models:
-        specs.update({s.name: s for s in builtin_specs()})
-    if settings.models_file is not None:
-        parsed = load_models_file(settings.models_file)
-        specs.update({s.name: s for s in parsed.models})
-        default = parsed.default or default or parsed.models[0].name
-    for flag in settings.models:
-        spec = parse_model_flag(flag)
-        specs[spec.name] = spec
-        default = default or spec.name
-    default = settings.default_model or default
-    if not specs or default is None:
-        raise InvalidArgument(
-            "no models to serve: enable the built-ins, give --models-file or --model"
-        )
-    return list(specs.values()), default
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:

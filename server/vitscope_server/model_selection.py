@@ -1,0 +1,54 @@
+"""Which models a process serves and on which device: shared by `vitscope serve` and the
+batch commands (scan, train-inverter), so a Job names models exactly as the server does."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vitscope_server.builtin import builtin_default_name, builtin_specs
+from vitscope_server.core.errors import InvalidArgument, NotFound
+from vitscope_server.core.specs import ModelSpec, load_models_file, parse_model_flag
+from vitscope_server.settings import ServerSettings
+
+
+def model_specs(settings: ServerSettings) -> tuple[list[ModelSpec], str]:
+    """Built-ins, then the models file, then --model flags; a later name replaces an earlier one."""
+    specs: dict[str, ModelSpec] = {}
+    default = builtin_default_name() if settings.builtin_models else None
+    if settings.builtin_models:
+        specs.update({s.name: s for s in builtin_specs()})
+    if settings.models_file is not None:
+        parsed = load_models_file(settings.models_file)
+        specs.update({s.name: s for s in parsed.models})
+        default = parsed.default or default or parsed.models[0].name
+    for flag in settings.models:
+        spec = parse_model_flag(flag)
+        specs[spec.name] = spec
+        default = default or spec.name
+    default = settings.default_model or default
+    if not specs or default is None:
+        raise InvalidArgument(
+            "no models to serve: enable the built-ins, give --models-file or --model"
+        )
+    return list(specs.values()), default
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def select_spec(name: str, models_file: Path | None, model_flags: Sequence[str]) -> ModelSpec:
+    """The model named `name` among those `vitscope serve` would serve with the same flags."""
+    settings = ServerSettings.model_validate(
+        {"models_file": models_file, "models": list(model_flags)}
+    )
+    specs, _ = model_specs(settings)
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise NotFound(f"--model: {name!r} is not among {sorted(s.name for s in specs)}")
