@@ -56,6 +56,9 @@ MONITORING_API = "monitoring.coreos.com/v1"
 CONTAINER = "vitscope"
 IMAGE_UID = 10001
 MIN_STARTUP_SECONDS = 120
+# Folders on the shared volume (PersistentVolumeClaim) that the server reads.
+PVC_ROOT = PurePosixPath("/var/lib/vitscope")
+VOLUME_FOLDER_FLAGS = {"--inverters-dir", "--image-root"}
 SERVING_TIMEOUT = 60.0
 
 
@@ -573,7 +576,11 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
     replaced = {"--port": str(grpc_port), "--metrics-port": str(metrics_port)}
     files = {}
     for flag, value in split_flags(container["args"]):
-        if value is not None and value.startswith("/") and flag != "--device":
+        if flag in VOLUME_FOLDER_FLAGS:
+            # A new claim is empty: the server must start without these folders.
+            assert value is not None and PurePosixPath(value).is_relative_to(PVC_ROOT)
+            replaced[flag] = str(tmp_path / "volume" / PurePosixPath(value).relative_to(PVC_ROOT))
+        elif value is not None and value.startswith("/") and flag != "--device":
             local = tmp_path / PurePosixPath(value).name
             local.write_text(file_from(docs, value))
             files[flag] = local
@@ -615,7 +622,9 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
             anonymous.list_models()
         with Client(target, token=token, timeout=10) as client:
             listed = {m.name: m.state for m in client.list_models()}
+            offered = {found.model for found in client.list_inverters()}
         assert listed == dict.fromkeys(models, "ready")
+        assert "vitscope-digits" in offered, "the built-in inverter is offered without a volume"
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             metrics = r.read().decode()
         assert 'vitscope_model_ready{model="test-vit"} 1.0' in metrics
@@ -638,3 +647,189 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# ---------------------------------------------------------------- batch Jobs
+
+JOBS = K8S / "jobs"
+# Job kustomization -> the Job it renders and the device its pods use.
+JOB_KUSTOMIZATIONS = {
+    "train-inverter": ("vitscope-train-inverter", "cpu"),
+    "train-inverter-gpu": ("vitscope-train-inverter", "cuda"),
+    "scan": ("vitscope-scan", "cpu"),
+    "scan-merge": ("vitscope-scan-merge", "cpu"),
+}
+ENV_REFERENCE = re.compile(r"\$\((\w+)\)")
+
+
+def render_job(kustomization: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(rendered_job_text(kustomization)) if d]
+    job = only(docs, "Job", JOB_KUSTOMIZATIONS[kustomization][0])
+    assert len(docs) == 1, "a Job kustomization renders its Job only"
+    containers = job["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return job, containers[0]
+
+
+@cache
+def rendered_job_text(kustomization: str) -> str:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(JOBS / kustomization)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize jobs/{kustomization}:\n{result.stderr}"
+    return result.stdout
+
+
+def job_argv(container: dict[str, Any], **env: str) -> list[str]:
+    """The CLI argv (after `vitscope`) with $(VAR) references expanded as the kubelet does."""
+    assert container["command"] == ["vitscope"], "batch Jobs run the vitscope CLI"
+    declared = {item["name"] for item in container.get("env", [])}
+    argv = []
+    for arg in container["args"]:
+        for name in ENV_REFERENCE.findall(arg):
+            assert name in declared, f"{arg} refers to undeclared ${name}"
+        argv.append(ENV_REFERENCE.sub(lambda m: env[m.group(1)], arg))
+    return argv
+
+
+def completion_index_variable(container: dict[str, Any]) -> str:
+    found = [
+        item["name"]
+        for item in container.get("env", [])
+        if item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    ]
+    assert len(found) == 1, "an Indexed Job passes its completion index in one variable"
+    return found[0]
+
+
+def local_argv(argv: list[str], data: Path) -> list[str]:
+    """argv with the shared volume's paths moved under a local folder."""
+    return [arg.replace(str(PVC_ROOT), str(data)) for arg in argv]
+
+
+def test_every_job_kustomization_is_covered() -> None:
+    found = {p.parent.name for p in JOBS.glob("*/kustomization.yaml")}
+    assert found == set(JOB_KUSTOMIZATIONS)
+
+
+def test_jobs_validate_strictly(tmp_path: Path) -> None:
+    manifest = tmp_path / "jobs.yaml"
+    manifest.write_text("---\n".join(rendered_job_text(k) for k in sorted(JOB_KUSTOMIZATIONS)))
+    command = [sys.executable, "-m", "kubernetes_validate", "--strict"]
+    for version in KUBERNETES_VERSIONS:
+        command += ["-k", version]
+    result = subprocess.run(
+        [*command, str(manifest)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    passed = [line for line in result.stdout.splitlines() if " passed " in line]
+    assert len(passed) == len(JOB_KUSTOMIZATIONS) * len(KUBERNETES_VERSIONS), result.stdout
+
+
+@pytest.mark.parametrize("kustomization", sorted(JOB_KUSTOMIZATIONS))
+def test_job_runs_the_servers_image_locked_down(kustomization: str) -> None:
+    job, container = render_job(kustomization)
+    device = JOB_KUSTOMIZATIONS[kustomization][1]
+    server = container_of(render("gpu" if device == "cuda" else "cpu"))
+    assert container["image"] == server["image"]
+    assert (
+        job["metadata"]["namespace"] == only(render("cpu"), "Deployment")["metadata"]["namespace"]
+    )
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsUser"] == IMAGE_UID
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod.get("automountServiceAccountToken") is False
+    assert container["securityContext"] == server["securityContext"]
+    assert job["spec"].get("ttlSecondsAfterFinished", 0) > 0
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    data = mounts[str(PVC_ROOT)]
+    assert not data.get("readOnly"), "Jobs write their results to the shared volume"
+    claim = volumes[data["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim == only(render("cpu"), "PersistentVolumeClaim")["metadata"]["name"]
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    args = build_parser().parse_args(job_argv(container, MODULE_INDEX="0", SHARD_INDEX="0"))
+    assert getattr(args, "device", "auto") in ({"cuda"} if device == "cuda" else {"auto", "cpu"})
+    limits = container["resources"]["limits"]
+    assert ("nvidia.com/gpu" in limits) == (device == "cuda")
+    if device == "cuda":
+        assert pod["nodeSelector"] and pod["tolerations"]
+
+
+def test_train_inverter_job_trains_every_module_once() -> None:
+    job, container = render_job("train-inverter")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["backoffLimitPerIndex"] >= 1, "a failed module retries on its own"
+    index = completion_index_variable(container)
+    args = build_parser().parse_args(job_argv(container, **{index: "0"}))
+    assert args.command == "train-inverter" and args.resume
+    model = next(s for s in builtin_specs() if s.name == args.model)
+    depth = int(model.kwargs["depth"])  # type: ignore[call-overload]
+    # Index 0: the patch-embedding inverse; index i: the inverse of block i-1.
+    assert spec["completions"] == depth + 1
+    # The servers offer what the Job trains.
+    served = settings_from(container_of(render("cpu"))).inverters_dir
+    assert PurePosixPath(args.out).parent == PurePosixPath(str(served))
+
+
+def test_scan_shards_and_merge_agree() -> None:
+    scan_job, scan = render_job("scan")
+    _, merge = render_job("scan-merge")
+    spec = scan_job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    index = completion_index_variable(scan)
+    shards = spec["completions"]
+    parts = []
+    for i in range(shards):
+        args = build_parser().parse_args(job_argv(scan, **{index: str(i)}))
+        assert args.command == "scan"
+        assert args.shard == f"{i}/{shards}"
+        parts.append(args.out)
+    assert len(set(parts)) == shards, "each shard writes its own part"
+    merged = build_parser().parse_args(job_argv(merge))
+    assert merged.command == "scan-merge"
+    assert [str(p) for p in merged.parts] == [str(p) for p in parts]
+    assert PurePosixPath(merged.out).parent == PurePosixPath(parts[0]).parent
+
+
+def test_scan_jobs_run_and_merge_to_the_unsharded_top_k(tmp_path: Path) -> None:
+    """Runs every shard's command line and the merge's, then the same scan unsharded."""
+    from vitscope.cli import main
+
+    scan_job, scan = render_job("scan")
+    _, merge = render_job("scan-merge")
+    index = completion_index_variable(scan)
+    for i in range(scan_job["spec"]["completions"]):
+        main(local_argv(job_argv(scan, **{index: str(i)}), tmp_path))
+    main(local_argv(job_argv(merge), tmp_path))
+    merged_path = Path(
+        local_argv([str(build_parser().parse_args(job_argv(merge)).out)], tmp_path)[0]
+    )
+    whole = tmp_path / "whole.json"
+    unsharded = [
+        a for a in job_argv(scan, **{index: "0"}) if not a.startswith(("--shard", "--out"))
+    ]
+    main(local_argv([*unsharded, "--shard=0/1", f"--out={whole}"], tmp_path))
+    merged, single = json.loads(merged_path.read_text()), json.loads(whole.read_text())
+    assert merged["top"] == single["top"]
+
+
+def test_train_inverter_job_command_trains_its_module(tmp_path: Path) -> None:
+    """Index 1's command line (block 0's inverse), cut to one epoch, writes its module."""
+    from vitscope.cli import main
+
+    _, container = render_job("train-inverter")
+    index = completion_index_variable(container)
+    argv = local_argv(job_argv(container, **{index: "1"}), tmp_path)
+    main([*argv, "--epochs=1", "--threads=1"])
+    args = build_parser().parse_args(argv)
+    written = sorted(p.name for p in Path(args.out).iterdir() if not p.name.startswith("."))
+    assert any(name.startswith("blocks.0") and name.endswith(".safetensors") for name in written)
+    assert not any(name.startswith("embed") for name in written), "one module per index"
