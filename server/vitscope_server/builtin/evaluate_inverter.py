@@ -17,10 +17,11 @@ from PIL import Image
 from vitscope.overlay import grid
 from vitscope_server.builtin import BUILTIN_INVERTERS, DIGITS_NAME, builtin_specs
 from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.inversion import chain, representations, to_unit_pixels
+from vitscope_server.core.inversion import chain, representations
 from vitscope_server.core.inversion_modules import chain_names, depth_site
 from vitscope_server.core.inversion_store import load_modules, read_manifest
 from vitscope_server.core.loading import load_model
+from vitscope_server.core.pixels import denormalise
 from vitscope_server.train_classifier import digits_split
 
 STORE = BUILTIN_INVERTERS / DIGITS_NAME
@@ -42,7 +43,7 @@ def evaluate(figure: Path) -> list[tuple[int, str, float, float]]:
     rows: list[tuple[int, str, float, float]] = []
     tiles: list[list[Image.Image]] = [[Image.fromarray(test_images[i])] for i in shown]
     with torch.no_grad():
-        originals = to_unit_pixels(inputs, adapter)
+        originals = denormalise(inputs, adapter.data_config)
         reps = representations(adapter, inputs, depths, NEVER_CANCELLED)
         for depth in depths:
             images = chain(load_modules(manifest, chain_names(depth), loaded.device), reps[depth])

@@ -24,6 +24,7 @@ from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites, last_block_needed
 from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.pixels import normalise, to_uint8
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
@@ -288,8 +289,7 @@ class FeatureForward:
         adapter = prepared.loaded.adapter
         config = adapter.data_config
         device = prepared.loaded.device
-        self.mean = torch.tensor(config.mean, device=device)[None, :, None, None]
-        self.std = torch.tensor(config.std, device=device)[None, :, None, None]
+        self.normalisation = config
         self.native = (config.input_size[1], config.input_size[2])
         unique: dict[str, SiteDef] = {s.name: s for s in prepared.sites if s is not None}
         self.sites = list(unique.values())
@@ -305,7 +305,7 @@ class FeatureForward:
     def model_input(self, batch: torch.Tensor) -> torch.Tensor:
         if tuple(batch.shape[-2:]) != self.native:
             batch = F.interpolate(batch, size=self.native, mode="bilinear", align_corners=False)
-        return (batch - self.mean) / self.std
+        return normalise(batch, self.normalisation)
 
     def run(
         self, batch: torch.Tensor, copies: int, captured: dict[str, torch.Tensor]
@@ -364,12 +364,6 @@ def step_loss(
     return (-means + params.tv_weight * tv).sum(), means
 
 
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[K, 3, S, S] in [0, 1] -> uint8 [K, S, S, 3]."""
-    scaled = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
-    return scaled.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def optimize_features(
     prepared: PreparedOptimization,
     cancel: CancelToken,
@@ -411,7 +405,7 @@ def optimize_features(
                     done,
                     float(loss.detach()),
                     means.detach().cpu().tolist(),
-                    _to_uint8(pixels) if params.preview else None,
+                    to_uint8(pixels) if params.preview else None,
                 )
     cancel.raise_if_cancelled()
     # Objective and maps are read from the image as delivered (8-bit), so they can be reproduced.
@@ -421,7 +415,7 @@ def optimize_features(
         capture_sites(adapter, forward.sites, count, cancel, forward.stop_after) as captured,
     ):
         objectives, patches = forward.run(final, 1, captured)
-    images = _to_uint8(final)
+    images = to_uint8(final)
     results = []
     for k, feature in enumerate(prepared.features):
         site = prepared.sites[k]

@@ -25,6 +25,7 @@ from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.inversion_modules import chain_names, depth_site
 from vitscope_server.core.inversion_store import Manifest
 from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.pixels import denormalise, normalise
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
@@ -96,20 +97,6 @@ class PreparedInversion:
     inverter: Manifest | None
     # LEARNED: every module the deepest requested depth's chain needs, by name.
     modules: dict[str, torch.nn.Module]
-
-
-def to_unit_pixels(normalised: torch.Tensor, adapter: ModelAdapter) -> torch.Tensor:
-    config = adapter.data_config
-    mean = torch.tensor(config.mean, device=normalised.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, device=normalised.device).view(1, 3, 1, 1)
-    return normalised * std + mean
-
-
-def to_model_input(pixels: torch.Tensor, adapter: ModelAdapter) -> torch.Tensor:
-    config = adapter.data_config
-    mean = torch.tensor(config.mean, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels - mean) / std
 
 
 def representations(
@@ -281,7 +268,9 @@ def optimise(
     distance = torch.full((target.shape[0],), float("nan"))
     for step in range(1, params.steps + 1):
         cancel.raise_if_cancelled()
-        got = representations(adapter, to_model_input(pixels, adapter), [depth], cancel)[depth]
+        got = representations(adapter, normalise(pixels, adapter.data_config), [depth], cancel)[
+            depth
+        ]
         per_image = relative_distance(got, target)
         loss = per_image.mean() + params.tv_weight * total_variation(pixels)
         optimizer.zero_grad(set_to_none=True)
@@ -294,7 +283,9 @@ def optimise(
             yield Progress(depth, step, params.steps, loss.item(), float(distance.mean()))
     with torch.no_grad():
         final = relative_distance(
-            representations(adapter, to_model_input(pixels, adapter), [depth], cancel)[depth],
+            representations(adapter, normalise(pixels, adapter.data_config), [depth], cancel)[
+                depth
+            ],
             target,
         )
     return pixels.detach(), final
@@ -305,7 +296,7 @@ def invert(prepared: PreparedInversion, cancel: CancelToken) -> Iterator[Event]:
     loaded, query = prepared.loaded, prepared.query
     adapter, device = loaded.adapter, loaded.device
     inputs = prepared.pixels.to(device) if prepared.pixels is not None else None
-    originals = to_unit_pixels(inputs, adapter) if inputs is not None else None
+    originals = denormalise(inputs, adapter.data_config) if inputs is not None else None
     batch = prepared.representation.shape[0] if prepared.representation is not None else 0
     seed = query.optimization.seed if query.method is Method.OPTIMIZATION else 0
     yield InvertHeader(
@@ -328,7 +319,9 @@ def invert(prepared: PreparedInversion, cancel: CancelToken) -> Iterator[Event]:
             modules = [prepared.modules[name] for name in chain_names(depth)]
             with torch.no_grad():
                 images = chain(modules, target)
-                again = representations(adapter, to_model_input(images, adapter), [depth], cancel)
+                again = representations(
+                    adapter, normalise(images, adapter.data_config), [depth], cancel
+                )
                 distance = relative_distance(again[depth], target)
         else:
             with torch.enable_grad():

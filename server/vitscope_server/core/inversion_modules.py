@@ -19,6 +19,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.pixels import denormalise
 
 EMBED = "embed"
 EMBED_KINDS = ("conv", "linear")
@@ -65,12 +66,6 @@ class Geometry:
             mean=tuple(data["mean"]),  # type: ignore[arg-type]
             std=tuple(data["std"]),  # type: ignore[arg-type]
         )
-
-
-def _pixels_from_normalised(x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    mean = torch.tensor(geometry.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(geometry.std, device=x.device).view(1, 3, 1, 1)
-    return x * std + mean
 
 
 class ConvInverseEmbed(nn.Module):
@@ -141,7 +136,7 @@ class LinearInverseEmbed(nn.Module):
         batch, p = tokens.shape[0], self.patch
         image = patches.reshape(batch, rows, cols, 3, p, p).permute(0, 3, 1, 4, 2, 5)
         normalised = image.reshape(batch, 3, rows * p, cols * p)
-        return _pixels_from_normalised(normalised, g).clamp(0.0, 1.0)
+        return denormalise(normalised, g).clamp(0.0, 1.0)
 
 
 class InverseBlock(nn.Module):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.errors import InvalidArgument
-from vitscope_server.core.inversion import representations, to_unit_pixels
+from vitscope_server.core.inversion import representations
 from vitscope_server.core.inversion_modules import (
     EMBED,
     Geometry,
@@ -37,6 +37,7 @@ from vitscope_server.core.inversion_modules import (
 )
 from vitscope_server.core.inversion_store import save_module, write_atomically
 from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.pixels import denormalise
 from vitscope_server.core.provenance import library_versions
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -113,7 +114,7 @@ def training_pairs(
     with torch.no_grad():
         if name == EMBED:
             tokens = representations(adapter, inputs, [0], NEVER_CANCELLED)[0]
-            return tokens, to_unit_pixels(inputs, adapter)
+            return tokens, denormalise(inputs, adapter.data_config)
         block = int(name.removeprefix("blocks."))
         reps = representations(adapter, inputs, [block, block + 1], NEVER_CANCELLED)
         return reps[block + 1], reps[block]

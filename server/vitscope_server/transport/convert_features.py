@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image
 
 from vitscope import tensors as wire
 from vitscope.v1 import features_pb2 as fpb
@@ -22,6 +19,7 @@ from vitscope_server.core.features import (
 )
 from vitscope_server.core.top_images import ScanQuery, ScanResult
 from vitscope_server.transport.convert import _enum, _tensor, provenance
+from vitscope_server.transport.png import png
 
 _OBJECTIVES: dict[int, object] = {
     fpb.FEATURE_OBJECTIVE_UNSPECIFIED: Objective.PATCH_MEAN,
@@ -38,13 +36,6 @@ _OBJECTIVES_BACK = {
     Objective.DIRECTION: fpb.FEATURE_OBJECTIVE_DIRECTION,
     Objective.CLASS_LOGIT: fpb.FEATURE_OBJECTIVE_CLASS_LOGIT,
 }
-
-
-def png(pixels: np.ndarray) -> bytes:
-    """uint8 [H, W, 3] -> PNG bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def feature_specs(request: fpb.OptimizeFeaturesRequest) -> list[FeatureSpec]:
