@@ -22,8 +22,13 @@ serve: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/activations.py
+BENCHMARKS := activations feature_viz class_projection inversion
+
+# Every benchmark in turn; each prints its JSON object last. One: make bench-inversion.
+bench: $(addprefix bench-,$(BENCHMARKS))
+
+bench-%: install
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/$*.py
 
 proto: install
 	$(BIN)/python proto/generate.py
