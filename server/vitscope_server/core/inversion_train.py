@@ -30,9 +30,9 @@ from vitscope_server.core.errors import InvalidArgument
 from vitscope_server.core.inversion import representations
 from vitscope_server.core.inversion_modules import (
     EMBED,
-    Geometry,
     LinearInverseEmbed,
     build_module,
+    geometry_of,
     module_name,
 )
 from vitscope_server.core.inversion_store import save_module, write_atomically
@@ -53,35 +53,6 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     embed_kind: str = "conv"
-
-
-def geometry_of(loaded: LoadedModel) -> Geometry:
-    """What the inverse modules need to know; only for models with one token grid and width."""
-    adapter = loaded.adapter
-    if any(block.windowed for block in adapter.blocks):
-        raise InvalidArgument(
-            f"--model {loaded.spec.name}: windowed-attention (Swin-like) models change grid and "
-            "width between stages and have no modular inverter; use OPTIMIZATION inversion"
-        )
-    config = adapter.data_config
-    tokens = loaded.site_shapes["embed"]
-    width = int(tokens[-1])
-    return Geometry(
-        width=width,
-        num_heads=_num_heads(loaded),
-        num_prefix_tokens=adapter.num_prefix_tokens,
-        grid=adapter.grid,
-        image_size=(config.input_size[1], config.input_size[2]),
-        mean=config.mean,
-        std=config.std,
-    )
-
-
-def _num_heads(loaded: LoadedModel) -> int:
-    attention = loaded.adapter.root.get_submodule(
-        loaded.adapter.blocks[0].attn_probs_path.removesuffix(".attn_drop")
-    )
-    return int(getattr(attention, "num_heads", 1))
 
 
 def load_training_images(loaded: LoadedModel, data: str) -> torch.Tensor:
