@@ -100,8 +100,8 @@ def test_learned_scores_match_the_returned_pictures(learned_all_depths) -> None:
         reconstruction = result[depth]
         assert reconstruction.site == site(depth)
         mine = ((reconstruction.pixels() - original) ** 2).reshape(len(digits), -1).mean(1)
-        # The server scores the float reconstruction; the PNG rounds it to 1/255 steps.
-        np.testing.assert_allclose(reconstruction.mse, mine, rtol=0.05, atol=2e-5)
+        # The server scores the 8-bit image it sends, so the PNG gives the same numbers.
+        np.testing.assert_allclose(reconstruction.mse, mine, rtol=1e-5, atol=1e-9)
         np.testing.assert_allclose(
             reconstruction.psnr, 10 * np.log10(1 / np.asarray(reconstruction.mse)), rtol=1e-6
         )
@@ -200,7 +200,8 @@ def test_optimisation_cuts_the_representation_distance_by_90_percent(client: Cli
     assert [p.step for p in progress] == [20, 40, 60, 80, 100, 120]
     assert progress[-1].representation_distance < progress[0].representation_distance
     assert result.parameters["optimization"]["steps"] == 120
-    assert result[2].representation_distance[0] == pytest.approx(final, rel=0.3, abs=1e-3)
+    # The reported distance is that of the returned PNG, not of the float pixels before it.
+    assert result[2].representation_distance[0] == pytest.approx(final, rel=1e-4)
 
 
 def _representation(batch: int, tokens: int, width: int, dtype: type = np.float32) -> np.ndarray:

@@ -293,14 +293,14 @@ class Reconstruction(_message.Message):
     site: _builtins.str
     image_index: _builtins.int
     png: _builtins.bytes
-    """RGB PNG at the model's input size."""
+    """8-bit RGB PNG at the model's input size. Every score below is of this image exactly."""
     mse: _builtins.float
-    """Against the original after the model's own transform, in [0, 1] pixels; set when the
-    original is known.
+    """Against the original after the model's own transform, in [0, 1] pixels (the PNG's
+    values / 255); set when the original is known.
     """
     psnr: _builtins.float
     representation_distance: _builtins.float
-    """||r(reconstruction) - target||^2 / ||target||^2 at this depth."""
+    """||r(png) - target||^2 / ||target||^2 at this depth."""
     def __init__(
         self,
         *,

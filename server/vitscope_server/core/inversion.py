@@ -1,8 +1,10 @@
 """Invert: representations at a depth back to images, learned (modular inverses) or by optimisation.
 
 Depth convention (see inversion_modules): depth 0 = `embed`, depth k = `blocks.{k-1}.out`.
-Reconstructions and the originals they are scored against are [0, 1] RGB pixels at the
-model's input size; the original is the caller's image after the model's own transform.
+Reconstructions are 8-bit RGB images at the model's input size, exactly what the caller
+receives; every score (MSE and PSNR against the original, representation distance) is of
+that 8-bit image. The original is the caller's image after the model's own transform, in
+[0, 1] pixels.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.inversion_modules import chain_names, depth_site
 from vitscope_server.core.inversion_store import Manifest
 from vitscope_server.core.loading import LoadedModel
-from vitscope_server.core.pixels import denormalise, normalise
+from vitscope_server.core.pixels import denormalise, normalise, to_uint8
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
@@ -64,7 +66,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """One depth's reconstructions [B, 3, H, W] in [0, 1], scored when the originals are known."""
+    """One depth's reconstructions, uint8 [B, H, W, 3]; mse/psnr when the originals are known."""
 
     depth: int
     site: str
@@ -221,6 +223,7 @@ def prepare_inversion(
 def _score(
     reconstruction: torch.Tensor, original: torch.Tensor | None
 ) -> tuple[list[float] | None, list[float] | None]:
+    """Per image MSE and PSNR (peak 1) in [0, 1] pixels, or None without originals."""
     if original is None:
         return None, None
     mse = ((reconstruction - original) ** 2).flatten(1).mean(1).double()
@@ -253,9 +256,9 @@ def optimise(
     depth: int,
     params: OptimizationParams,
     cancel: CancelToken,
-) -> Generator[Progress, None, tuple[torch.Tensor, torch.Tensor]]:
-    """Pixels whose representation at `depth` matches `target`; yields progress as it goes and
-    returns (pixels, relative distance per image).
+) -> Generator[Progress, None, torch.Tensor]:
+    """Pixels [B, 3, H, W] in [0, 1] whose representation at `depth` matches `target`; yields
+    progress as it goes and returns the pixels.
 
     Starts from mid-grey plus small seeded noise; clamps to [0, 1] after every step; checks
     the cancel token every step (and inside the forward, between blocks).
@@ -265,7 +268,6 @@ def optimise(
     start = 0.5 + 0.05 * torch.randn(shape, generator=generator)
     pixels = start.to(target.device).requires_grad_(True)
     optimizer = torch.optim.Adam([pixels], lr=params.learning_rate)
-    distance = torch.full((target.shape[0],), float("nan"))
     for step in range(1, params.steps + 1):
         cancel.raise_if_cancelled()
         got = representations(adapter, normalise(pixels, adapter.data_config), [depth], cancel)[
@@ -278,17 +280,9 @@ def optimise(
         optimizer.step()
         with torch.no_grad():
             pixels.clamp_(0.0, 1.0)
-        distance = per_image.detach()
         if step % params.progress_every == 0 or step == params.steps:
-            yield Progress(depth, step, params.steps, loss.item(), float(distance.mean()))
-    with torch.no_grad():
-        final = relative_distance(
-            representations(adapter, normalise(pixels, adapter.data_config), [depth], cancel)[
-                depth
-            ],
-            target,
-        )
-    return pixels.detach(), final
+            yield Progress(depth, step, params.steps, loss.item(), float(per_image.detach().mean()))
+    return pixels.detach()
 
 
 def invert(prepared: PreparedInversion, cancel: CancelToken) -> Iterator[Event]:
@@ -318,22 +312,22 @@ def invert(prepared: PreparedInversion, cancel: CancelToken) -> Iterator[Event]:
         if query.method is Method.LEARNED:
             modules = [prepared.modules[name] for name in chain_names(depth)]
             with torch.no_grad():
-                images = chain(modules, target)
-                again = representations(
-                    adapter, normalise(images, adapter.data_config), [depth], cancel
-                )
-                distance = relative_distance(again[depth], target)
+                pixels = chain(modules, target)
         else:
             with torch.enable_grad():
-                images, distance = yield from optimise(
-                    adapter, target, depth, query.optimization, cancel
-                )
-        mse, psnr = _score(images, originals)
+                pixels = yield from optimise(adapter, target, depth, query.optimization, cancel)
+        images = to_uint8(pixels)
+        delivered = torch.from_numpy(images).to(device).movedim(-1, -3).float() / 255
+        with torch.no_grad():
+            again = representations(
+                adapter, normalise(delivered, adapter.data_config), [depth], cancel
+            )
+        mse, psnr = _score(delivered, originals)
         yield Reconstruction(
             depth,
             depth_site(depth),
-            images.clamp(0, 1).cpu().numpy(),
+            images,
             mse,
             psnr,
-            distance.tolist(),
+            relative_distance(again[depth], target).tolist(),
         )

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image
 
 from vitscope.v1 import inversion_pb2 as pb
 from vitscope_server.core.inversion import (
@@ -20,6 +17,7 @@ from vitscope_server.core.inversion import (
 from vitscope_server.core.inversion_modules import depth_site
 from vitscope_server.core.inversion_store import Manifest
 from vitscope_server.transport.convert import _enum, _tensor, provenance
+from vitscope_server.transport.png import png
 
 _METHODS = {
     pb.INVERSION_METHOD_LEARNED: Method.LEARNED,
@@ -73,13 +71,6 @@ def inverter_info(manifest: Manifest) -> pb.InverterInfo:
     )
 
 
-def _png(image: np.ndarray) -> bytes:
-    pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8).transpose(1, 2, 0)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _header(header: InvertHeader) -> pb.InvertResponse:
     q = header.query
     o = q.optimization
@@ -130,7 +121,7 @@ def _reconstruction(event: Reconstruction, index: int) -> pb.InvertResponse:
         depth=event.depth,
         site=event.site,
         image_index=index,
-        png=_png(event.images[index]),
+        png=png(event.images[index]),
         representation_distance=event.representation_distance[index],
     )
     if event.mse is not None and event.psnr is not None:
