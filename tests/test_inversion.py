@@ -160,6 +160,19 @@ def test_a_sent_representation_inverts_like_the_image(client: Client) -> None:
     assert unscored[depth].mse is None and len(unscored[depth].images) == 3
 
 
+def test_unset_optimisation_settings_take_the_defaults(client: Client) -> None:
+    result = client.invert(
+        request_images(), [0], model=DIGITS, method="optimization", steps=2, seed=4
+    )
+    assert result.parameters["optimization"] == {
+        "steps": 2,
+        "learning_rate": pytest.approx(0.05),
+        "tv_weight": pytest.approx(0.01),
+        "seed": "4",
+        "progress_every": 10,
+    }
+
+
 def _vit_distance(model: torch.nn.Module, picture: np.ndarray, target: np.ndarray) -> float:
     """Relative squared distance at blocks.1.out of test_vit for a [H, W, 3] uint8 picture."""
     config = timm.data.resolve_model_data_config(model)
@@ -242,6 +255,23 @@ BAD = [
         "negative tv weight",
         {"images": "digit", "depths": [0], "method": "optimization", "tv_weight": -1.0},
         ["optimization.tv_weight"],
+    ),
+    *(
+        (
+            f"{name} {value}",
+            {"images": "digit", "depths": [0], "method": "optimization", name: value},
+            [f"optimization.{name}", allowed],
+        )
+        for name, value, allowed in [
+            ("steps", 0, "1..10000"),
+            ("learning_rate", 0.0, "> 0"),
+            ("learning_rate", -0.1, "> 0"),
+            ("learning_rate", float("nan"), "finite"),
+            ("learning_rate", float("inf"), "finite"),
+            ("tv_weight", float("nan"), "finite"),
+            ("progress_every", 0, ">= 1"),
+            ("progress_every", -2, ">= 1"),
+        ]
     ),
 ]
 

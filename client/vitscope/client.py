@@ -557,11 +557,11 @@ class Client:
         representation: np.ndarray | None = None,
         representation_depth: int = 0,
         model: str = "",
-        steps: int = 0,
-        learning_rate: float = 0.0,
+        steps: int | None = None,
+        learning_rate: float | None = None,
         tv_weight: float | None = None,
         seed: int = 0,
-        progress_every: int = 0,
+        progress_every: int | None = None,
         on_progress: Callable[[InversionProgress], None] | None = None,
         timeout: float | None = None,
     ) -> Inversion:
@@ -570,7 +570,7 @@ class Client:
         Either `images` and `depths` (the server computes the representations), or a
         `representation` [batch, tokens, width] at `representation_depth`, with `images`
         as optional originals to score against. method: learned | optimization; the
-        optimisation settings left at 0/None take the server's defaults.
+        optimisation settings left at None take the server's defaults.
         """
         request = inversion_pb2.InvertRequest(
             model=model,

@@ -138,16 +138,19 @@ def _check_depths(loaded: LoadedModel, depths: tuple[int, ...], field_name: str)
 
 def _check_optimization(params: OptimizationParams) -> None:
     if not 1 <= params.steps <= 10_000:
-        raise InvalidArgument(f"optimization.steps: {params.steps} not in 1..10000")
+        raise InvalidArgument(f"optimization.steps: {params.steps} not allowed; allowed 1..10000")
     if not (math.isfinite(params.learning_rate) and params.learning_rate > 0):
         raise InvalidArgument(
-            f"optimization.learning_rate: must be > 0, got {params.learning_rate}"
+            f"optimization.learning_rate: {params.learning_rate} not allowed; "
+            "allowed: finite and > 0"
         )
     if not (math.isfinite(params.tv_weight) and params.tv_weight >= 0):
-        raise InvalidArgument(f"optimization.tv_weight: must be >= 0, got {params.tv_weight}")
+        raise InvalidArgument(
+            f"optimization.tv_weight: {params.tv_weight} not allowed; allowed: finite and >= 0"
+        )
     if params.progress_every < 1:
         raise InvalidArgument(
-            f"optimization.progress_every: must be >= 1, got {params.progress_every}"
+            f"optimization.progress_every: {params.progress_every} not allowed; allowed >= 1"
         )
 
 

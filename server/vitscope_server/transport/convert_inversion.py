@@ -28,16 +28,21 @@ _DEFAULTS = OptimizationParams()
 
 
 def invert_query(request: pb.InvertRequest) -> InvertQuery:
+    """Unset optimisation fields take the defaults; set ones are kept for the core to check."""
     o = request.optimization
     return InvertQuery(
         method=_enum(_METHODS, request.method, "method", pb.InversionMethod),  # type: ignore[arg-type]
         depths=tuple(request.depths),
         optimization=OptimizationParams(
-            steps=o.steps or _DEFAULTS.steps,
-            learning_rate=o.learning_rate or _DEFAULTS.learning_rate,
+            steps=o.steps if o.HasField("steps") else _DEFAULTS.steps,
+            learning_rate=(
+                o.learning_rate if o.HasField("learning_rate") else _DEFAULTS.learning_rate
+            ),
             tv_weight=o.tv_weight if o.HasField("tv_weight") else _DEFAULTS.tv_weight,
             seed=o.seed,
-            progress_every=o.progress_every or _DEFAULTS.progress_every,
+            progress_every=(
+                o.progress_every if o.HasField("progress_every") else _DEFAULTS.progress_every
+            ),
         ),
     )
 
