@@ -33,6 +33,7 @@ from vitscope_server.builtin import (
     DIGITS_WEIGHTS,
 )
 from vitscope_server.core.inversion_modules import Geometry, build_module
+from vitscope_server.settings import ServerSettings
 from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer
 
@@ -292,6 +293,20 @@ def test_bad_invert_requests(
 
 def request_images() -> list[Image.Image]:
     return [Image.fromarray(held_out_digits(1)[0])]
+
+
+def test_batches_over_the_limit_are_resource_exhausted(client: Client) -> None:
+    limit = ServerSettings.model_fields["max_batch"].default  # the session server keeps it
+    too_many = [
+        {"representation": _representation(limit + 1, 50, 64)},
+        {"images": request_images() * (limit + 1), "depths": [0]},
+    ]
+    for kwargs in too_many:
+        with pytest.raises(VitscopeError) as caught:
+            client.invert(model=DIGITS, **kwargs)
+        assert caught.value.code == "RESOURCE_EXHAUSTED"
+        assert f"exceeds the limit of {limit}" in caught.value.details
+    assert client.invert(request_images(), [0], model=DIGITS)[0].psnr is not None
 
 
 def test_unknown_model_and_missing_inverter_are_not_found(client: Client) -> None:

@@ -21,7 +21,7 @@ import torch
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites
-from vitscope_server.core.errors import InvalidArgument, NotFound
+from vitscope_server.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.inversion_modules import chain_names, depth_site
@@ -169,8 +169,9 @@ def _representation_tensor(
             f"({depth_site(depth)}) of {loaded.spec.name}; expected {allowed}"
         )
     if array.shape[0] > max_batch:
-        raise InvalidArgument(
-            f"representation.values: batch {array.shape[0]} exceeds the limit of {max_batch}"
+        raise ResourceExhausted(
+            f"representation.values: batch {array.shape[0]} exceeds the limit of {max_batch} "
+            "per request"
         )
     if not np.isfinite(array).all():
         raise InvalidArgument("representation.values: contains NaN or infinity")
