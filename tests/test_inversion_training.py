@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -159,6 +160,26 @@ def test_one_epoch_writes_a_complete_store(
             assert again[0].images[0].size == (32, 32)
     finally:
         running.stop(0)
+
+
+def test_training_folders_are_read_as_the_server_reads_images(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    models, _ = setup
+    digit = Image.fromarray(digits_split()[0][0])
+    only_bitmaps = tmp_path / "bitmaps"
+    only_bitmaps.mkdir()
+    digit.save(only_bitmaps / "digit.bmp")
+    disguised = tmp_path / "disguised"
+    disguised.mkdir()
+    digit.save(disguised / "a.png")
+    digit.save(disguised / "b.png", format="BMP")
+    store = tmp_path / "store"
+    with pytest.raises(SystemExit, match=re.escape("no images (PNG, JPEG, WEBP) found")):
+        cli(train_args((models, only_bitmaps), store, "--epochs", "1"))
+    with pytest.raises(SystemExit, match=r"b\.png: .*format BMP not allowed"):
+        cli(train_args((models, disguised), store, "--epochs", "1"))
+    assert not store.exists()
 
 
 def test_parallel_module_processes_share_one_store(

@@ -39,7 +39,8 @@ class Method(Enum):
 
 @dataclass(frozen=True)
 class OptimizationParams:
-    """Mahendran & Vedaldi style: Adam on [0, 1] pixels, relative MSE + total variation."""
+    """Mahendran & Vedaldi style: Adam on [0, 1] pixels, relative squared representation
+    distance + tv_weight * anisotropic_tv_l1."""
 
     steps: int = 200
     learning_rate: float = 0.05
@@ -247,8 +248,18 @@ def chain(modules: list[torch.nn.Module], tokens: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def total_variation(pixels: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference of neighbouring pixels, horizontally and vertically."""
+def anisotropic_tv_l1(pixels: torch.Tensor) -> torch.Tensor:
+    """Total-variation prior of OPTIMIZATION inversion: mean |horizontal neighbour difference|
+    plus mean |vertical neighbour difference|.
+
+    Mahendran & Vedaldi (2015) regularise inversions with TV^beta, the sum over pixels of
+    ((dx)^2 + (dy)^2)^(beta/2). This is the anisotropic beta = 1 form: like classic TV it
+    favours piecewise-constant images over noise; abs has a defined (zero) gradient where
+    neighbours are equal, where the square root of the isotropic form has none; and as a
+    mean it does not grow with the input size, so one default weight suits every model.
+    Feature visualisation uses another TV (four directions, L2 per difference map), in
+    core/features.py.
+    """
     dx = (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().mean()
     dy = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().mean()
     return dx + dy
@@ -278,7 +289,7 @@ def optimise(
             depth
         ]
         per_image = relative_distance(got, target)
-        loss = per_image.mean() + params.tv_weight * total_variation(pixels)
+        loss = per_image.mean() + params.tv_weight * anisotropic_tv_l1(pixels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

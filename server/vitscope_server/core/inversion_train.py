@@ -26,7 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.errors import InvalidArgument, VitscopeError
+from vitscope_server.core.images import ALLOWED_FORMATS, ImageInput, prepare_batch
 from vitscope_server.core.inversion import representations
 from vitscope_server.core.inversion_modules import (
     EMBED,
@@ -39,8 +40,10 @@ from vitscope_server.core.inversion_store import save_module, write_atomically
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.pixels import denormalise
 from vitscope_server.core.provenance import library_versions
+from vitscope_server.core.top_images import list_images
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+# Training reads the operator's own files: only PIL's decompression-bomb limit bounds them.
+TRAINING_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or sys.maxsize
 
 
 @dataclass(frozen=True)
@@ -57,24 +60,25 @@ class TrainConfig:
 
 def load_training_images(loaded: LoadedModel, data: str) -> torch.Tensor:
     """Model inputs [N, 3, H, W] through the model's own transform: `builtin` is the built-in
-    digits' training split (never its test split); anything else is a folder of images."""
+    digits' training split (never its test split); anything else is a folder of images, read
+    as the server reads a scan folder (same file types, same decoding and format checks)."""
     adapter = loaded.adapter
     if data == "builtin":
         from vitscope_server.train_classifier import digits_split
 
-        train_images = digits_split()[0]
-        pictures = [Image.fromarray(image).convert("RGB") for image in train_images]
-    else:
-        files = sorted(
-            p for p in Path(data).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        )
-        if not files:
-            raise InvalidArgument(f"--data {data}: no images ({sorted(IMAGE_SUFFIXES)}) found")
-        pictures = []
-        for path in files:
-            with Image.open(path) as image:
-                pictures.append(image.convert("RGB"))
-    return torch.stack([adapter.preprocess(p) for p in pictures])
+        digits = [ImageInput(pixels=image) for image in digits_split()[0]]
+        return prepare_batch(adapter, digits, len(digits), TRAINING_MAX_PIXELS)
+    files = list_images(Path(data))
+    if not files:
+        raise InvalidArgument(f"--data {data}: no images ({', '.join(ALLOWED_FORMATS)}) found")
+    inputs = []
+    for name, path in files:
+        try:
+            image = ImageInput(encoded=path.read_bytes())
+            inputs.append(prepare_batch(adapter, [image], 1, TRAINING_MAX_PIXELS)[0])
+        except VitscopeError as exc:
+            raise InvalidArgument(f"--data {data}: {name}: {exc}") from None
+    return torch.stack(inputs)
 
 
 def training_pairs(
