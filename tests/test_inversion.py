@@ -161,6 +161,23 @@ def test_a_sent_representation_inverts_like_the_image(client: Client) -> None:
     assert unscored[depth].mse is None and len(unscored[depth].images) == 3
 
 
+def test_optimisation_steps_are_counted_in_the_metrics(
+    server: RunningServer, client: Client
+) -> None:
+    def counted() -> float:
+        labels = {"method": "Invert", "model": DIGITS}
+        value = server.metrics.registry.get_sample_value(
+            "vitscope_optimization_steps_total", labels
+        )
+        return value or 0.0
+
+    before = counted()
+    client.invert(request_images(), [0, 2], model=DIGITS, method="optimization", steps=3)
+    assert counted() == before + 6
+    client.invert(request_images(), [0, 2], model=DIGITS, method="learned")
+    assert counted() == before + 6
+
+
 def test_unset_optimisation_settings_take_the_defaults(client: Client) -> None:
     result = client.invert(
         request_images(), [0], model=DIGITS, method="optimization", steps=2, seed=4

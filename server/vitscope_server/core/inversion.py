@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -271,9 +271,10 @@ def optimise(
     depth: int,
     params: OptimizationParams,
     cancel: CancelToken,
+    on_step: Callable[[], object],
 ) -> Generator[Progress, None, torch.Tensor]:
     """Pixels [B, 3, H, W] in [0, 1] whose representation at `depth` matches `target`; yields
-    progress as it goes and returns the pixels.
+    progress as it goes and returns the pixels. on_step is called after every step taken.
 
     Starts from mid-grey plus small seeded noise; clamps to [0, 1] after every step; checks
     the cancel token every step (and inside the forward, between blocks).
@@ -295,13 +296,19 @@ def optimise(
         optimizer.step()
         with torch.no_grad():
             pixels.clamp_(0.0, 1.0)
+        on_step()
         if step % params.progress_every == 0 or step == params.steps:
             yield Progress(depth, step, params.steps, loss.item(), float(per_image.detach().mean()))
     return pixels.detach()
 
 
-def invert(prepared: PreparedInversion, cancel: CancelToken) -> Iterator[Event]:
-    """Yields the header, progress (optimisation) and one Reconstruction per depth."""
+def invert(
+    prepared: PreparedInversion,
+    cancel: CancelToken,
+    on_step: Callable[[], object] = lambda: None,
+) -> Iterator[Event]:
+    """Yields the header, progress (optimisation) and one Reconstruction per depth; on_step is
+    called after every optimisation step (for the steps metric)."""
     loaded, query = prepared.loaded, prepared.query
     adapter, device = loaded.adapter, loaded.device
     inputs = prepared.pixels.to(device) if prepared.pixels is not None else None
@@ -330,7 +337,9 @@ def invert(prepared: PreparedInversion, cancel: CancelToken) -> Iterator[Event]:
                 pixels = chain(modules, target)
         else:
             with torch.enable_grad():
-                pixels = yield from optimise(adapter, target, depth, query.optimization, cancel)
+                pixels = yield from optimise(
+                    adapter, target, depth, query.optimization, cancel, on_step
+                )
         images = to_uint8(pixels)
         delivered = torch.from_numpy(images).to(device).movedim(-1, -3).float() / 255
         with torch.no_grad():

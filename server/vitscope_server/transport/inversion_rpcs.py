@@ -41,10 +41,11 @@ class InversionRpcs:
         )
         cancel = cancel_token(context)
         labels = ("Invert", loaded.spec.name)
+        steps = self._metrics.optimization_steps.labels(*labels)
         with self._slots.acquire(cancel) as waited:
             self._metrics.queue_wait.labels(*labels).observe(waited)
             with self._metrics.compute.labels(*labels).time():
-                for event in invert(prepared, cancel):
+                for event in invert(prepared, cancel, steps.inc):
                     yield from convert_inversion.invert_responses(event)
 
     def ListInverters(
