@@ -32,7 +32,10 @@ def add_commands(commands: Any) -> None:
     invert.add_argument("--seed", type=int, default=0)
     invert.add_argument("--out", type=Path, required=True, help="output PNG strip")
 
-    inverters = commands.add_parser("inverters", help="trained inverters per served model")
+    inverters = commands.add_parser(
+        "inverters",
+        help="trained inverters per served model (stores are read when the server starts)",
+    )
     inverters.add_argument("--model", default="")
 
     train = commands.add_parser(

@@ -588,7 +588,8 @@ class Client:
         return inversion.collect(self._stream(self._stub.Invert, request, timeout), on_progress)
 
     def list_inverters(self, model: str = "", timeout: float | None = None) -> list[Inverter]:
-        """Trained inverters per served model (empty model: all models)."""
+        """Trained inverters per served model (empty model: all models), as read when the
+        server started: stores added or retrained since are listed after a restart."""
         response = self._call(
             self._stub.ListInverters, inversion_pb2.ListInvertersRequest(model=model), timeout
         )

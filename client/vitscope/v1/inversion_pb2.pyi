@@ -377,6 +377,10 @@ Global___InvertResponse: _TypeAlias = InvertResponse  # noqa: Y015
 
 @_typing.final
 class ListInvertersRequest(_message.Message):
+    """The stores the server read at start-up that fit each served model (name, architecture,
+    weights identity and geometry); stores added or retrained since need a restart.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int

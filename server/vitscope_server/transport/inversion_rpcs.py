@@ -51,6 +51,7 @@ class InversionRpcs:
     def ListInverters(
         self, request: pb.ListInvertersRequest, context: grpc.ServicerContext
     ) -> pb.ListInvertersResponse:
+        """The stores read at start-up that fit each ready model; the folder is not re-read."""
         entries = (
             [self._registry.entry(request.model)] if request.model else self._registry.entries()
         )
