@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from conftest import TEST_MODELS
 from PIL import Image
 from skimage import data as skdata
 
-from vitscope import Client
+from vitscope import Client, NotFoundError
 from vitscope.cli import main as cli
 from vitscope_server.core.inversion_store import read_manifest
 from vitscope_server.settings import ServerSettings
@@ -132,6 +133,53 @@ def test_one_epoch_writes_a_complete_store(
             assert result[2].psnr is not None and result[2].images[0].size == (16, 16)
     finally:
         running.stop(0)
+
+    # The same name, architecture and seed built at another image size: same weights
+    # identity, other geometry, so the store is stale for it.
+    resized = tmp_path / "resized.yaml"
+    resized.write_text(
+        yaml.safe_dump({"models": [{**TINY, "kwargs": {**TINY["kwargs"], "img_size": 32}}]})
+    )
+    running = create_server(
+        ServerSettings(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            models_file=resized,
+            builtin_models=False,
+            inverters_dir=tmp_path / "stores",
+        )
+    )
+    try:
+        assert running.registry.wait_until_settled(60)
+        with Client(f"127.0.0.1:{running.port}") as client:
+            assert client.list_inverters() == []
+            with pytest.raises(NotFoundError, match="'tiny' has no trained inverter"):
+                client.invert([picture], [0], model="tiny")
+            again = client.invert([picture], [0], model="tiny", method="optimization", steps=1)
+            assert again[0].images[0].size == (32, 32)
+    finally:
+        running.stop(0)
+
+
+def test_training_folders_are_read_as_the_server_reads_images(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    models, _ = setup
+    digit = Image.fromarray(digits_split()[0][0])
+    only_bitmaps = tmp_path / "bitmaps"
+    only_bitmaps.mkdir()
+    digit.save(only_bitmaps / "digit.bmp")
+    disguised = tmp_path / "disguised"
+    disguised.mkdir()
+    digit.save(disguised / "a.png")
+    digit.save(disguised / "b.png", format="BMP")
+    store = tmp_path / "store"
+    with pytest.raises(SystemExit, match=re.escape("no images (PNG, JPEG, WEBP) found")):
+        cli(train_args((models, only_bitmaps), store, "--epochs", "1"))
+    with pytest.raises(SystemExit, match=r"b\.png: .*format BMP not allowed"):
+        cli(train_args((models, disguised), store, "--epochs", "1"))
+    assert not store.exists()
 
 
 def test_parallel_module_processes_share_one_store(

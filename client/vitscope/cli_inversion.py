@@ -27,12 +27,15 @@ def add_commands(commands: Any) -> None:
         help="0 = embed, k = blocks.{k-1}.out",
     )
     invert.add_argument("--method", default="learned", choices=["learned", "optimization"])
-    invert.add_argument("--steps", type=int, default=0, help="optimization steps (default 200)")
+    invert.add_argument("--steps", type=int, help="optimization steps (default 200)")
     invert.add_argument("--tv-weight", type=float, help="optimization TV weight (default 0.01)")
     invert.add_argument("--seed", type=int, default=0)
     invert.add_argument("--out", type=Path, required=True, help="output PNG strip")
 
-    inverters = commands.add_parser("inverters", help="trained inverters per served model")
+    inverters = commands.add_parser(
+        "inverters",
+        help="trained inverters per served model (stores are read when the server starts)",
+    )
     inverters.add_argument("--model", default="")
 
     train = commands.add_parser(

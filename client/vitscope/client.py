@@ -557,11 +557,11 @@ class Client:
         representation: np.ndarray | None = None,
         representation_depth: int = 0,
         model: str = "",
-        steps: int = 0,
-        learning_rate: float = 0.0,
+        steps: int | None = None,
+        learning_rate: float | None = None,
         tv_weight: float | None = None,
         seed: int = 0,
-        progress_every: int = 0,
+        progress_every: int | None = None,
         on_progress: Callable[[InversionProgress], None] | None = None,
         timeout: float | None = None,
     ) -> Inversion:
@@ -570,7 +570,7 @@ class Client:
         Either `images` and `depths` (the server computes the representations), or a
         `representation` [batch, tokens, width] at `representation_depth`, with `images`
         as optional originals to score against. method: learned | optimization; the
-        optimisation settings left at 0/None take the server's defaults.
+        optimisation settings left at None take the server's defaults.
         """
         request = inversion_pb2.InvertRequest(
             model=model,
@@ -588,7 +588,8 @@ class Client:
         return inversion.collect(self._stream(self._stub.Invert, request, timeout), on_progress)
 
     def list_inverters(self, model: str = "", timeout: float | None = None) -> list[Inverter]:
-        """Trained inverters per served model (empty model: all models)."""
+        """Trained inverters per served model (empty model: all models), as read when the
+        server started: stores added or retrained since are listed after a restart."""
         response = self._call(
             self._stub.ListInverters, inversion_pb2.ListInvertersRequest(model=model), timeout
         )

@@ -95,14 +95,20 @@ def inverter(info: pb.InverterInfo) -> Inverter:
 
 
 def optimization_message(
-    steps: int, learning_rate: float, tv_weight: float | None, seed: int, progress_every: int
+    steps: int | None,
+    learning_rate: float | None,
+    tv_weight: float | None,
+    seed: int,
+    progress_every: int | None,
 ) -> pb.InversionOptimization:
-    message = pb.InversionOptimization(
-        steps=steps, learning_rate=learning_rate, seed=seed, progress_every=progress_every
+    """Settings left at None stay unset, so the server applies its defaults."""
+    return pb.InversionOptimization(
+        steps=steps,
+        learning_rate=learning_rate,
+        tv_weight=tv_weight,
+        seed=seed,
+        progress_every=progress_every,
     )
-    if tv_weight is not None:
-        message.tv_weight = tv_weight
-    return message
 
 
 def representation_message(values: np.ndarray, depth: int) -> pb.RepresentationAtDepth:

@@ -84,7 +84,10 @@ Global___RepresentationAtDepth: _TypeAlias = RepresentationAtDepth  # noqa: Y015
 
 @_typing.final
 class InversionOptimization(_message.Message):
-    """Settings of OPTIMIZATION; zero or unset fields take the defaults in brackets."""
+    """Settings of OPTIMIZATION; unset fields take the defaults in brackets. A set field is used
+    as sent: a value outside its range (0 steps, a learning rate of 0, NaN...) is
+    INVALID_ARGUMENT naming the field.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -94,30 +97,43 @@ class InversionOptimization(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     PROGRESS_EVERY_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
-    """Adam steps [200]."""
+    """Adam steps, 1..10000 [200]."""
     learning_rate: _builtins.float
-    """Adam learning rate on [0, 1] pixels [0.05]."""
+    """Adam learning rate on [0, 1] pixels, finite and > 0 [0.05]."""
     tv_weight: _builtins.float
-    """Weight of the total-variation prior [0.01]; set 0 explicitly to turn it off."""
+    """Weight of the total-variation prior, finite and >= 0 [0.01]; 0 turns it off."""
     seed: _builtins.int
     """Seed of the initial noise [0]."""
     progress_every: _builtins.int
-    """A progress message every this many steps [10]."""
+    """A progress message every this many steps, >= 1 [10]."""
     def __init__(
         self,
         *,
-        steps: _builtins.int = ...,
-        learning_rate: _builtins.float = ...,
+        steps: _builtins.int | None = ...,
+        learning_rate: _builtins.float | None = ...,
         tv_weight: _builtins.float | None = ...,
         seed: _builtins.int = ...,
-        progress_every: _builtins.int = ...,
+        progress_every: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_tv_weight", b"_tv_weight", "tv_weight", b"tv_weight"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate", "_progress_every", b"_progress_every", "_steps", b"_steps", "_tv_weight", b"_tv_weight", "learning_rate", b"learning_rate", "progress_every", b"progress_every", "steps", b"steps", "tv_weight", b"tv_weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tv_weight", b"_tv_weight", "learning_rate", b"learning_rate", "progress_every", b"progress_every", "seed", b"seed", "steps", b"steps", "tv_weight", b"tv_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate", "_progress_every", b"_progress_every", "_steps", b"_steps", "_tv_weight", b"_tv_weight", "learning_rate", b"learning_rate", "progress_every", b"progress_every", "seed", b"seed", "steps", b"steps", "tv_weight", b"tv_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__progress_every: _TypeAlias = _typing.Literal["progress_every"]  # noqa: Y015
+    _WhichOneofArgType__progress_every: _TypeAlias = _typing.Literal["_progress_every", b"_progress_every"]  # noqa: Y015
+    _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
+    _WhichOneofArgType__steps: _TypeAlias = _typing.Literal["_steps", b"_steps"]  # noqa: Y015
     _WhichOneofReturnType__tv_weight: _TypeAlias = _typing.Literal["tv_weight"]  # noqa: Y015
     _WhichOneofArgType__tv_weight: _TypeAlias = _typing.Literal["_tv_weight", b"_tv_weight"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__progress_every) -> _WhichOneofReturnType__progress_every | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__steps) -> _WhichOneofReturnType__steps | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__tv_weight) -> _WhichOneofReturnType__tv_weight | None: ...
 
 Global___InversionOptimization: _TypeAlias = InversionOptimization  # noqa: Y015
@@ -293,14 +309,14 @@ class Reconstruction(_message.Message):
     site: _builtins.str
     image_index: _builtins.int
     png: _builtins.bytes
-    """RGB PNG at the model's input size."""
+    """8-bit RGB PNG at the model's input size. Every score below is of this image exactly."""
     mse: _builtins.float
-    """Against the original after the model's own transform, in [0, 1] pixels; set when the
-    original is known.
+    """Against the original after the model's own transform, in [0, 1] pixels (the PNG's
+    values / 255); set when the original is known.
     """
     psnr: _builtins.float
     representation_distance: _builtins.float
-    """||r(reconstruction) - target||^2 / ||target||^2 at this depth."""
+    """||r(png) - target||^2 / ||target||^2 at this depth."""
     def __init__(
         self,
         *,
@@ -361,6 +377,10 @@ Global___InvertResponse: _TypeAlias = InvertResponse  # noqa: Y015
 
 @_typing.final
 class ListInvertersRequest(_message.Message):
+    """The stores the server read at start-up that fit each served model (name, architecture,
+    weights identity and geometry); stores added or retrained since need a restart.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int

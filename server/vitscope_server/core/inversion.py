@@ -1,15 +1,17 @@
 """Invert: representations at a depth back to images, learned (modular inverses) or by optimisation.
 
 Depth convention (see inversion_modules): depth 0 = `embed`, depth k = `blocks.{k-1}.out`.
-Reconstructions and the originals they are scored against are [0, 1] RGB pixels at the
-model's input size; the original is the caller's image after the model's own transform.
+Reconstructions are 8-bit RGB images at the model's input size, exactly what the caller
+receives; every score (MSE and PSNR against the original, representation distance) is of
+that 8-bit image. The original is the caller's image after the model's own transform, in
+[0, 1] pixels.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -19,13 +21,13 @@ import torch
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites
-from vitscope_server.core.errors import InvalidArgument, NotFound
+from vitscope_server.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.inversion_modules import chain_names, depth_site
 from vitscope_server.core.inversion_store import Manifest
 from vitscope_server.core.loading import LoadedModel
-from vitscope_server.core.pixels import denormalise, normalise
+from vitscope_server.core.pixels import denormalise, normalise, to_uint8
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
@@ -37,7 +39,8 @@ class Method(Enum):
 
 @dataclass(frozen=True)
 class OptimizationParams:
-    """Mahendran & Vedaldi style: Adam on [0, 1] pixels, relative MSE + total variation."""
+    """Mahendran & Vedaldi style: Adam on [0, 1] pixels, relative squared representation
+    distance + tv_weight * anisotropic_tv_l1."""
 
     steps: int = 200
     learning_rate: float = 0.05
@@ -64,7 +67,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """One depth's reconstructions [B, 3, H, W] in [0, 1], scored when the originals are known."""
+    """One depth's reconstructions, uint8 [B, H, W, 3]; mse/psnr when the originals are known."""
 
     depth: int
     site: str
@@ -136,16 +139,19 @@ def _check_depths(loaded: LoadedModel, depths: tuple[int, ...], field_name: str)
 
 def _check_optimization(params: OptimizationParams) -> None:
     if not 1 <= params.steps <= 10_000:
-        raise InvalidArgument(f"optimization.steps: {params.steps} not in 1..10000")
+        raise InvalidArgument(f"optimization.steps: {params.steps} not allowed; allowed 1..10000")
     if not (math.isfinite(params.learning_rate) and params.learning_rate > 0):
         raise InvalidArgument(
-            f"optimization.learning_rate: must be > 0, got {params.learning_rate}"
+            f"optimization.learning_rate: {params.learning_rate} not allowed; "
+            "allowed: finite and > 0"
         )
     if not (math.isfinite(params.tv_weight) and params.tv_weight >= 0):
-        raise InvalidArgument(f"optimization.tv_weight: must be >= 0, got {params.tv_weight}")
+        raise InvalidArgument(
+            f"optimization.tv_weight: {params.tv_weight} not allowed; allowed: finite and >= 0"
+        )
     if params.progress_every < 1:
         raise InvalidArgument(
-            f"optimization.progress_every: must be >= 1, got {params.progress_every}"
+            f"optimization.progress_every: {params.progress_every} not allowed; allowed >= 1"
         )
 
 
@@ -164,8 +170,9 @@ def _representation_tensor(
             f"({depth_site(depth)}) of {loaded.spec.name}; expected {allowed}"
         )
     if array.shape[0] > max_batch:
-        raise InvalidArgument(
-            f"representation.values: batch {array.shape[0]} exceeds the limit of {max_batch}"
+        raise ResourceExhausted(
+            f"representation.values: batch {array.shape[0]} exceeds the limit of {max_batch} "
+            "per request"
         )
     if not np.isfinite(array).all():
         raise InvalidArgument("representation.values: contains NaN or infinity")
@@ -221,6 +228,7 @@ def prepare_inversion(
 def _score(
     reconstruction: torch.Tensor, original: torch.Tensor | None
 ) -> tuple[list[float] | None, list[float] | None]:
+    """Per image MSE and PSNR (peak 1) in [0, 1] pixels, or None without originals."""
     if original is None:
         return None, None
     mse = ((reconstruction - original) ** 2).flatten(1).mean(1).double()
@@ -240,8 +248,18 @@ def chain(modules: list[torch.nn.Module], tokens: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def total_variation(pixels: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference of neighbouring pixels, horizontally and vertically."""
+def anisotropic_tv_l1(pixels: torch.Tensor) -> torch.Tensor:
+    """Total-variation prior of OPTIMIZATION inversion: mean |horizontal neighbour difference|
+    plus mean |vertical neighbour difference|.
+
+    Mahendran & Vedaldi (2015) regularise inversions with TV^beta, the sum over pixels of
+    ((dx)^2 + (dy)^2)^(beta/2). This is the anisotropic beta = 1 form: like classic TV it
+    favours piecewise-constant images over noise; abs has a defined (zero) gradient where
+    neighbours are equal, where the square root of the isotropic form has none; and as a
+    mean it does not grow with the input size, so one default weight suits every model.
+    Feature visualisation uses another TV (four directions, L2 per difference map), in
+    core/features.py.
+    """
     dx = (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().mean()
     dy = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().mean()
     return dx + dy
@@ -253,9 +271,10 @@ def optimise(
     depth: int,
     params: OptimizationParams,
     cancel: CancelToken,
-) -> Generator[Progress, None, tuple[torch.Tensor, torch.Tensor]]:
-    """Pixels whose representation at `depth` matches `target`; yields progress as it goes and
-    returns (pixels, relative distance per image).
+    on_step: Callable[[], object],
+) -> Generator[Progress, None, torch.Tensor]:
+    """Pixels [B, 3, H, W] in [0, 1] whose representation at `depth` matches `target`; yields
+    progress as it goes and returns the pixels. on_step is called after every step taken.
 
     Starts from mid-grey plus small seeded noise; clamps to [0, 1] after every step; checks
     the cancel token every step (and inside the forward, between blocks).
@@ -265,34 +284,31 @@ def optimise(
     start = 0.5 + 0.05 * torch.randn(shape, generator=generator)
     pixels = start.to(target.device).requires_grad_(True)
     optimizer = torch.optim.Adam([pixels], lr=params.learning_rate)
-    distance = torch.full((target.shape[0],), float("nan"))
     for step in range(1, params.steps + 1):
         cancel.raise_if_cancelled()
         got = representations(adapter, normalise(pixels, adapter.data_config), [depth], cancel)[
             depth
         ]
         per_image = relative_distance(got, target)
-        loss = per_image.mean() + params.tv_weight * total_variation(pixels)
+        loss = per_image.mean() + params.tv_weight * anisotropic_tv_l1(pixels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             pixels.clamp_(0.0, 1.0)
-        distance = per_image.detach()
+        on_step()
         if step % params.progress_every == 0 or step == params.steps:
-            yield Progress(depth, step, params.steps, loss.item(), float(distance.mean()))
-    with torch.no_grad():
-        final = relative_distance(
-            representations(adapter, normalise(pixels, adapter.data_config), [depth], cancel)[
-                depth
-            ],
-            target,
-        )
-    return pixels.detach(), final
+            yield Progress(depth, step, params.steps, loss.item(), float(per_image.detach().mean()))
+    return pixels.detach()
 
 
-def invert(prepared: PreparedInversion, cancel: CancelToken) -> Iterator[Event]:
-    """Yields the header, progress (optimisation) and one Reconstruction per depth."""
+def invert(
+    prepared: PreparedInversion,
+    cancel: CancelToken,
+    on_step: Callable[[], object] = lambda: None,
+) -> Iterator[Event]:
+    """Yields the header, progress (optimisation) and one Reconstruction per depth; on_step is
+    called after every optimisation step (for the steps metric)."""
     loaded, query = prepared.loaded, prepared.query
     adapter, device = loaded.adapter, loaded.device
     inputs = prepared.pixels.to(device) if prepared.pixels is not None else None
@@ -318,22 +334,24 @@ def invert(prepared: PreparedInversion, cancel: CancelToken) -> Iterator[Event]:
         if query.method is Method.LEARNED:
             modules = [prepared.modules[name] for name in chain_names(depth)]
             with torch.no_grad():
-                images = chain(modules, target)
-                again = representations(
-                    adapter, normalise(images, adapter.data_config), [depth], cancel
-                )
-                distance = relative_distance(again[depth], target)
+                pixels = chain(modules, target)
         else:
             with torch.enable_grad():
-                images, distance = yield from optimise(
-                    adapter, target, depth, query.optimization, cancel
+                pixels = yield from optimise(
+                    adapter, target, depth, query.optimization, cancel, on_step
                 )
-        mse, psnr = _score(images, originals)
+        images = to_uint8(pixels)
+        delivered = torch.from_numpy(images).to(device).movedim(-1, -3).float() / 255
+        with torch.no_grad():
+            again = representations(
+                adapter, normalise(delivered, adapter.data_config), [depth], cancel
+            )
+        mse, psnr = _score(delivered, originals)
         yield Reconstruction(
             depth,
             depth_site(depth),
-            images.clamp(0, 1).cpu().numpy(),
+            images,
             mse,
             psnr,
-            distance.tolist(),
+            relative_distance(again[depth], target).tolist(),
         )

@@ -1,7 +1,9 @@
 """Which trained inverters the server offers: the built-in ones plus an operator's store folder.
 
-A store is offered for a served model only when its model name, architecture and weights
-identity all match the loaded model; anything else is logged once and left out.
+A store is offered for a served model only when its model name, architecture, weights
+identity and geometry (width, heads, token grid, input size, normalisation) all match the
+loaded model; anything else is logged once, with the reason, and left out. A weights identity
+such as `random:seed=0` does not pin the model's constructor arguments, hence the geometry.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from vitscope_server.core.errors import NotFound
+from vitscope_server.core.errors import InvalidArgument, NotFound
+from vitscope_server.core.inversion_modules import geometry_of
 from vitscope_server.core.inversion_store import Manifest, load_modules, read_manifest
 from vitscope_server.core.loading import LoadedModel
 
@@ -59,21 +62,31 @@ class InverterCatalog:
     def _matches(self, manifest: Manifest, loaded: LoadedModel) -> bool:
         if manifest.model != loaded.spec.name:
             return False
-        wanted = (loaded.spec.architecture, loaded.weights_identity)
-        if (manifest.architecture, manifest.weights_identity) == wanted:
+        why = self._mismatch(manifest, loaded)
+        if why is None:
             return True
         key = (manifest.path, loaded.weights_identity)
         if key not in self._reported:
             self._reported.add(key)
             log.warning(
-                "inverter store %s not offered for %s: trained for %s %s, served model is %s %s",
-                manifest.path,
-                loaded.spec.name,
-                manifest.architecture,
-                manifest.weights_identity,
-                *wanted,
+                "inverter store %s not offered for %s: %s", manifest.path, loaded.spec.name, why
             )
         return False
+
+    @staticmethod
+    def _mismatch(manifest: Manifest, loaded: LoadedModel) -> str | None:
+        """Why the store does not fit the served model, or None when it does."""
+        trained = (manifest.architecture, manifest.weights_identity)
+        served = (loaded.spec.architecture, loaded.weights_identity)
+        if trained != served:
+            return "trained for {} {}, served model is {} {}".format(*trained, *served)
+        try:
+            geometry = geometry_of(loaded)
+        except InvalidArgument as exc:
+            return str(exc)
+        if manifest.geometry != geometry:
+            return f"trained for geometry {manifest.geometry}, served model has {geometry}"
+        return None
 
     def stores_for(self, loaded: LoadedModel) -> list[Manifest]:
         return [m for m in self._manifests if self._matches(m, loaded)]

@@ -19,6 +19,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.pixels import denormalise
 
 EMBED = "embed"
@@ -66,6 +67,39 @@ class Geometry:
             mean=tuple(data["mean"]),  # type: ignore[arg-type]
             std=tuple(data["std"]),  # type: ignore[arg-type]
         )
+
+
+def geometry_of(loaded: LoadedModel) -> Geometry:
+    """What the inverse modules need to know of a loaded model (what training records and
+    serving compares); only for models with one token grid and width."""
+    adapter = loaded.adapter
+    if any(block.windowed for block in adapter.blocks):
+        raise InvalidArgument(
+            f"model {loaded.spec.name}: windowed-attention (Swin-like) models change grid and "
+            "width between stages and have no modular inverter; use OPTIMIZATION inversion"
+        )
+    config = adapter.data_config
+    rows, cols = adapter.grid
+    return Geometry(
+        width=int(loaded.site_shapes[EMBED][-1]),
+        num_heads=_num_heads(loaded),
+        num_prefix_tokens=int(adapter.num_prefix_tokens),
+        grid=(int(rows), int(cols)),
+        image_size=(int(config.input_size[1]), int(config.input_size[2])),
+        mean=_three(config.mean),
+        std=_three(config.std),
+    )
+
+
+def _three(values: tuple[float, float, float]) -> tuple[float, float, float]:
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def _num_heads(loaded: LoadedModel) -> int:
+    attention = loaded.adapter.root.get_submodule(
+        loaded.adapter.blocks[0].attn_probs_path.removesuffix(".attn_drop")
+    )
+    return int(getattr(attention, "num_heads", 1))
 
 
 class ConvInverseEmbed(nn.Module):

@@ -26,21 +26,24 @@ from PIL import Image
 from tqdm import tqdm
 
 from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.errors import InvalidArgument, VitscopeError
+from vitscope_server.core.images import ALLOWED_FORMATS, ImageInput, prepare_batch
 from vitscope_server.core.inversion import representations
 from vitscope_server.core.inversion_modules import (
     EMBED,
-    Geometry,
     LinearInverseEmbed,
     build_module,
+    geometry_of,
     module_name,
 )
 from vitscope_server.core.inversion_store import save_module, write_atomically
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.pixels import denormalise
 from vitscope_server.core.provenance import library_versions
+from vitscope_server.core.top_images import list_images
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+# Training reads the operator's own files: only PIL's decompression-bomb limit bounds them.
+TRAINING_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or sys.maxsize
 
 
 @dataclass(frozen=True)
@@ -55,55 +58,27 @@ class TrainConfig:
     embed_kind: str = "conv"
 
 
-def geometry_of(loaded: LoadedModel) -> Geometry:
-    """What the inverse modules need to know; only for models with one token grid and width."""
-    adapter = loaded.adapter
-    if any(block.windowed for block in adapter.blocks):
-        raise InvalidArgument(
-            f"--model {loaded.spec.name}: windowed-attention (Swin-like) models change grid and "
-            "width between stages and have no modular inverter; use OPTIMIZATION inversion"
-        )
-    config = adapter.data_config
-    tokens = loaded.site_shapes["embed"]
-    width = int(tokens[-1])
-    return Geometry(
-        width=width,
-        num_heads=_num_heads(loaded),
-        num_prefix_tokens=adapter.num_prefix_tokens,
-        grid=adapter.grid,
-        image_size=(config.input_size[1], config.input_size[2]),
-        mean=config.mean,
-        std=config.std,
-    )
-
-
-def _num_heads(loaded: LoadedModel) -> int:
-    attention = loaded.adapter.root.get_submodule(
-        loaded.adapter.blocks[0].attn_probs_path.removesuffix(".attn_drop")
-    )
-    return int(getattr(attention, "num_heads", 1))
-
-
 def load_training_images(loaded: LoadedModel, data: str) -> torch.Tensor:
     """Model inputs [N, 3, H, W] through the model's own transform: `builtin` is the built-in
-    digits' training split (never its test split); anything else is a folder of images."""
+    digits' training split (never its test split); anything else is a folder of images, read
+    as the server reads a scan folder (same file types, same decoding and format checks)."""
     adapter = loaded.adapter
     if data == "builtin":
         from vitscope_server.train_classifier import digits_split
 
-        train_images = digits_split()[0]
-        pictures = [Image.fromarray(image).convert("RGB") for image in train_images]
-    else:
-        files = sorted(
-            p for p in Path(data).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        )
-        if not files:
-            raise InvalidArgument(f"--data {data}: no images ({sorted(IMAGE_SUFFIXES)}) found")
-        pictures = []
-        for path in files:
-            with Image.open(path) as image:
-                pictures.append(image.convert("RGB"))
-    return torch.stack([adapter.preprocess(p) for p in pictures])
+        digits = [ImageInput(pixels=image) for image in digits_split()[0]]
+        return prepare_batch(adapter, digits, len(digits), TRAINING_MAX_PIXELS)
+    files = list_images(Path(data))
+    if not files:
+        raise InvalidArgument(f"--data {data}: no images ({', '.join(ALLOWED_FORMATS)}) found")
+    inputs = []
+    for name, path in files:
+        try:
+            image = ImageInput(encoded=path.read_bytes())
+            inputs.append(prepare_batch(adapter, [image], 1, TRAINING_MAX_PIXELS)[0])
+        except VitscopeError as exc:
+            raise InvalidArgument(f"--data {data}: {name}: {exc}") from None
+    return torch.stack(inputs)
 
 
 def training_pairs(

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image
 
 from vitscope.v1 import inversion_pb2 as pb
 from vitscope_server.core.inversion import (
@@ -20,6 +17,7 @@ from vitscope_server.core.inversion import (
 from vitscope_server.core.inversion_modules import depth_site
 from vitscope_server.core.inversion_store import Manifest
 from vitscope_server.transport.convert import _enum, _tensor, provenance
+from vitscope_server.transport.png import png
 
 _METHODS = {
     pb.INVERSION_METHOD_LEARNED: Method.LEARNED,
@@ -30,16 +28,21 @@ _DEFAULTS = OptimizationParams()
 
 
 def invert_query(request: pb.InvertRequest) -> InvertQuery:
+    """Unset optimisation fields take the defaults; set ones are kept for the core to check."""
     o = request.optimization
     return InvertQuery(
         method=_enum(_METHODS, request.method, "method", pb.InversionMethod),  # type: ignore[arg-type]
         depths=tuple(request.depths),
         optimization=OptimizationParams(
-            steps=o.steps or _DEFAULTS.steps,
-            learning_rate=o.learning_rate or _DEFAULTS.learning_rate,
+            steps=o.steps if o.HasField("steps") else _DEFAULTS.steps,
+            learning_rate=(
+                o.learning_rate if o.HasField("learning_rate") else _DEFAULTS.learning_rate
+            ),
             tv_weight=o.tv_weight if o.HasField("tv_weight") else _DEFAULTS.tv_weight,
             seed=o.seed,
-            progress_every=o.progress_every or _DEFAULTS.progress_every,
+            progress_every=(
+                o.progress_every if o.HasField("progress_every") else _DEFAULTS.progress_every
+            ),
         ),
     )
 
@@ -71,13 +74,6 @@ def inverter_info(manifest: Manifest) -> pb.InverterInfo:
             for _, record in sorted(manifest.modules.items())
         ],
     )
-
-
-def _png(image: np.ndarray) -> bytes:
-    pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8).transpose(1, 2, 0)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _header(header: InvertHeader) -> pb.InvertResponse:
@@ -130,7 +126,7 @@ def _reconstruction(event: Reconstruction, index: int) -> pb.InvertResponse:
         depth=event.depth,
         site=event.site,
         image_index=index,
-        png=_png(event.images[index]),
+        png=png(event.images[index]),
         representation_distance=event.representation_distance[index],
     )
     if event.mse is not None and event.psnr is not None:

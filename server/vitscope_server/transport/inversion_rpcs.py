@@ -41,15 +41,17 @@ class InversionRpcs:
         )
         cancel = cancel_token(context)
         labels = ("Invert", loaded.spec.name)
+        steps = self._metrics.optimization_steps.labels(*labels)
         with self._slots.acquire(cancel) as waited:
             self._metrics.queue_wait.labels(*labels).observe(waited)
             with self._metrics.compute.labels(*labels).time():
-                for event in invert(prepared, cancel):
+                for event in invert(prepared, cancel, steps.inc):
                     yield from convert_inversion.invert_responses(event)
 
     def ListInverters(
         self, request: pb.ListInvertersRequest, context: grpc.ServicerContext
     ) -> pb.ListInvertersResponse:
+        """The stores read at start-up that fit each ready model; the folder is not re-read."""
         entries = (
             [self._registry.entry(request.model)] if request.model else self._registry.entries()
         )
