@@ -8,15 +8,12 @@ torch.topk. Everything stays on the model's device until the small results are c
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from vitscope.overlay import heatmap_overlay
 from vitscope_server.core.activations import TokenMode, _select_tokens, _token_indices
 from vitscope_server.core.adapters import ModelAdapter, SiteDef
 from vitscope_server.core.cancel import CancelToken
@@ -25,6 +22,7 @@ from vitscope_server.core.class_space import ClassSpace, LabelSet, class_space_o
 from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.pixels import denormalise, to_uint8
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
@@ -84,7 +82,7 @@ class ImportanceMaps:
     per_head: np.ndarray  # [blocks, heads, grid_h, grid_w]
     summed: np.ndarray  # [grid_h, grid_w], min-max normalised
     upsampled: np.ndarray  # [height, width]
-    overlay_png: bytes
+    image: np.ndarray  # uint8 [height, width, 3]: the input the maps are drawn over
 
 
 @dataclass(frozen=True)
@@ -288,17 +286,6 @@ def _importance(
     return torch.stack(maps, dim=1)
 
 
-def _overlay_png(pixels: torch.Tensor, upsampled: np.ndarray, adapter: ModelAdapter) -> bytes:
-    config = adapter.data_config
-    mean = torch.tensor(config.mean).view(3, 1, 1)
-    std = torch.tensor(config.std).view(3, 1, 1)
-    image = ((pixels.cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-    base = Image.fromarray(image.permute(1, 2, 0).numpy())
-    buffer = io.BytesIO()
-    heatmap_overlay(base, upsampled).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _importance_maps(
     adapter: ModelAdapter, raw: torch.Tensor, pixels: torch.Tensor
 ) -> list[ImportanceMaps]:
@@ -312,18 +299,16 @@ def _importance_maps(
     upsampled = F.interpolate(
         normalised[:, None], size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False
     )[:, 0]
-    results = []
-    for i in range(batch):
-        up = upsampled[i].float().cpu().numpy()
-        results.append(
-            ImportanceMaps(
-                per_head[i].float().cpu().numpy(),
-                normalised[i].float().cpu().numpy(),
-                up,
-                _overlay_png(pixels[i], up, adapter),
-            )
+    images = to_uint8(denormalise(pixels.float(), adapter.data_config))
+    return [
+        ImportanceMaps(
+            per_head[i].float().cpu().numpy(),
+            normalised[i].float().cpu().numpy(),
+            upsampled[i].float().cpu().numpy(),
+            images[i],
         )
-    return results
+        for i in range(batch)
+    ]
 
 
 def _summaries(
