@@ -18,13 +18,14 @@ from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import capture_sites
 from vitscope_server.core.class_projection import (
-    DEFAULT_TOP_K,
     ClassRef,
     ProjectionLimits,
     check_targets,
+    default_top_k,
+    returned_bytes,
 )
-from vitscope_server.core.class_space import ClassSpace, LabelSet, class_space_of
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
+from vitscope_server.core.class_space import ClassSpace, LabelSet, class_count, class_space_of
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance, provenance_of
@@ -81,14 +82,43 @@ class PreparedMemories:
     pixels: torch.Tensor | None
 
 
+def _values(adapter: ModelAdapter, block: int, kind: str) -> torch.Tensor:
+    if kind == "mlp":
+        return adapter.mlp_value_matrix(block)
+    return adapter.attention_value_matrix(block)
+
+
+def _check_sizes(
+    adapter: ModelAdapter, query: MemoryQuery, classes: int, batch: int, limits: ProjectionLimits
+) -> None:
+    """Refuse, before any compute, a response over the message limit or a value-to-class
+    matrix over the server's memory limit."""
+    tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
+    memories = [int(_values(adapter, query.block, kind).shape[1]) for kind in query.kinds]
+    response = sum(returned_bytes(m + classes + batch * tokens, query.top_k) for m in memories)
+    if response > limits.max_message_bytes:
+        raise ResourceExhausted(
+            f"the memories response would take about {response} bytes, over the "
+            f"{limits.max_message_bytes}-byte message limit; ask for fewer images, fewer "
+            "classes or a smaller top_k"
+        )
+    matrix = classes * max(memories) * 4
+    if matrix + response > limits.max_result_bytes:
+        raise ResourceExhausted(
+            f"the {classes} x {max(memories)} value-to-class matrix needs about {matrix} bytes, "
+            f"over the server's {limits.max_result_bytes}-byte limit; ask for fewer classes"
+        )
+
+
 def prepare_memories(
     loaded: LoadedModel, images: list[ImageInput], query: MemoryQuery, limits: ProjectionLimits
 ) -> PreparedMemories:
-    """Validation, decoding and preprocessing: everything that needs no compute slot."""
+    """Validation, decoding, preprocessing and size checks: everything that needs no slot."""
     adapter = loaded.adapter
     reason = adapter.class_projection_unsupported()
     if reason is not None:
         raise FailedPrecondition(reason)
+    classes = class_count(loaded, query.labels)
     count = len(adapter.blocks)
     if not 0 <= query.block < count:
         raise InvalidArgument(f"block: {query.block} does not exist; allowed 0..{count - 1}")
@@ -97,20 +127,19 @@ def prepare_memories(
         raise InvalidArgument(
             f"kinds: {list(query.kinds)} not allowed; each of {list(MEMORY_KINDS)} at most once"
         )
-    if query.top_k < 0:
-        raise InvalidArgument(f"top_k: must be >= 1, got {query.top_k}")
-    pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels) if images else None
-    check_targets(query.targets, 0 if pixels is None else pixels.shape[0])
-    effective = replace(
-        query, kinds=query.kinds or MEMORY_KINDS, top_k=query.top_k or DEFAULT_TOP_K
+    kinds = query.kinds or MEMORY_KINDS
+    memories = min(int(_values(adapter, query.block, kind).shape[1]) for kind in kinds)
+    top_k = default_top_k(
+        query.top_k,
+        min(classes, memories),
+        f"{classes} classes or the {memories} memories of the block",
     )
+    pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels) if images else None
+    batch = 0 if pixels is None else pixels.shape[0]
+    check_targets(query.targets, batch)
+    effective = replace(query, kinds=kinds, top_k=top_k)
+    _check_sizes(adapter, effective, classes, batch, limits)
     return PreparedMemories(loaded, effective, pixels)
-
-
-def _values(adapter: ModelAdapter, block: int, kind: str) -> torch.Tensor:
-    if kind == "mlp":
-        return adapter.mlp_value_matrix(block)
-    return adapter.attention_value_matrix(block)
 
 
 def _coefficients(
@@ -150,12 +179,6 @@ def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryR
         sets = []
         for kind in query.kinds:
             values = _values(adapter, query.block, kind)
-            limit = min(space.num_classes, values.shape[1])
-            if query.top_k > limit:
-                raise InvalidArgument(
-                    f"top_k: {query.top_k} exceeds the {space.num_classes} classes or "
-                    f"{values.shape[1]} {kind} memories; allowed 1..{limit}"
-                )
             if query.cosine:
                 matrix = F.normalize(classes, dim=1) @ F.normalize(values, dim=0)
             else:
