@@ -52,6 +52,13 @@ MODELS: list[dict[str, object]] = [
         "kwargs": {"global_pool": "avg", "class_token": False, "num_classes": 30},
     },
     {
+        "name": "scaled",
+        "family": "timm",
+        "architecture": "test_vit",
+        "seed": 8,
+        "kwargs": {"init_values": 0.5, "scale_attn_norm": True, "num_classes": 20},
+    },
+    {
         "name": "deit",
         "family": "timm",
         "architecture": "deit_tiny_distilled_patch16_224",
@@ -372,16 +379,24 @@ def test_clip_memories_use_text_embeddings_through_proj(pc: Client) -> None:
         )
 
 
-def test_memories_are_direct_matrix_products(pc: Client) -> None:
-    model = build("vit")
-    pixels = pixels_for(pc, "vit")
+@pytest.mark.parametrize("name", ["vit", "scaled"])
+def test_memories_are_direct_matrix_products(pc: Client, name: str) -> None:
+    """'scaled' has LayerScale (gamma 0.5) and a norm before the attention's output
+    projection: value columns reach the residual stream times gamma, and the coefficients
+    are what the projection multiplies."""
+    model = build(name)
+    pixels = pixels_for(pc, name)
     block = 3
-    result = pc.project_memories(block, model="vit", images=list(pixels.numpy()), targets=[2, None])
+    result = pc.project_memories(block, model=name, images=list(pixels.numpy()), targets=[2, None])
     parts = timm_parts(model, pixels)
     head = model.head.weight.detach()
+    layer = model.blocks[block]
+    gammas = {"mlp": torch.ones(64), "attention": torch.ones(64)}
+    if name == "scaled":
+        gammas = {"mlp": layer.ls2.gamma.detach(), "attention": layer.ls1.gamma.detach()}
     values = {
-        "mlp": model.blocks[block].mlp.fc2.weight.detach(),
-        "attention": model.blocks[block].attn.proj.weight.detach(),
+        "mlp": gammas["mlp"][:, None] * layer.mlp.fc2.weight.detach(),
+        "attention": gammas["attention"][:, None] * layer.attn.proj.weight.detach(),
     }
     coefficients = {"mlp": parts[f"fc1.{block}"], "attention": parts[f"proj_in.{block}"]}
     targets = [2, int(parts["logits"][1].argmax())]
@@ -404,7 +419,7 @@ def test_memories_are_direct_matrix_products(pc: Client) -> None:
             class_top = set(np.argsort(-matrix[targets[i]])[:5].tolist())
             agree = [bool(set(row.tolist()) & class_top) for row in np.argsort(-c, -1)[:, :5]]
             assert image.agreement_rate == pytest.approx(np.mean(agree), abs=1e-6)
-    cosine = pc.project_memories(block, model="vit", kinds=["mlp"], cosine=True, top_k=3)
+    cosine = pc.project_memories(block, model=name, kinds=["mlp"], cosine=True, top_k=3)
     unit = (F.normalize(head, dim=1) @ F.normalize(values["mlp"], dim=0)).numpy()
     np.testing.assert_array_equal(
         cosine.memories["mlp"].top_classes, np.argsort(-unit.T, -1)[:, :3]

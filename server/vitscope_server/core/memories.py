@@ -2,8 +2,10 @@
 
 MLP memories are the columns of fc2.weight, their coefficients fc1's pre-activation
 outputs; attention memories are the columns of the output projection, their coefficients
-the per-head attention-weighted values. The value-to-class matrix is the classifier's
-weight times the values (cosine: unit class rows and unit value columns).
+what that projection multiplies (the per-head attention-weighted values, after the
+attention's own norm where it has one). Value columns carry the block's layer scale, as
+they reach the residual stream. The value-to-class matrix is the classifier's weight times
+the values (cosine: unit class rows and unit value columns).
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def _coefficients(
         output = adapter.forward(pixels)
     scores = output if space.projection is None else F.normalize(output, dim=-1) @ space.weight.T
     values = adapter.attention_values(block, captured[input_site.name])
-    mixed = adapter.mixed_values(captured[probs_site.name], values)
+    mixed = adapter.output_projection_input(block, captured[probs_site.name], values)
     return {"mlp": captured[fc1_site.name], "attention": mixed}, scores.argmax(dim=-1)
 
 
