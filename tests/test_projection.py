@@ -520,6 +520,26 @@ def test_sliced_scores_match_the_reference(pc: Client, monkeypatch: pytest.Monke
     check_tokens(result, expected, targets)
 
 
+def test_mlp_memories_keep_the_fused_attention(
+    pc: Client, projection_server: RunningServer
+) -> None:
+    """Attention probabilities (the unfused path) are captured only for attention memories:
+    timm's attention-dropout module runs only on the unfused path."""
+    attention = projection_server.registry.get("vit").adapter.root.blocks[3].attn
+    if not attention.fused_attn:
+        pytest.skip("timm's fused attention is off in this environment")
+    calls: list[int] = []
+    handle = attention.attn_drop.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        images = list(pixels_for(pc, "vit", batch=1).numpy())
+        assert pc.project_memories(3, model="vit", kinds=["mlp"], images=images).memories["mlp"]
+        assert calls == []
+        pc.project_memories(3, model="vit", kinds=["attention"], images=images)
+        assert calls == [1]
+    finally:
+        handle.remove()
+
+
 def test_bad_memory_requests(pc: Client) -> None:
     with pytest.raises(InvalidArgumentError, match="block: 9"):
         pc.project_memories(9, model="vit")

@@ -145,20 +145,33 @@ def prepare_memories(
 
 
 def _coefficients(
-    adapter: ModelAdapter, space: ClassSpace, pixels: torch.Tensor, block: int, cancel: CancelToken
+    adapter: ModelAdapter,
+    space: ClassSpace,
+    pixels: torch.Tensor,
+    block: int,
+    kinds: tuple[str, ...],
+    cancel: CancelToken,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per-token coefficients of each kind [B, T, memories], and the model's predictions."""
-    input_site = resolve_site(adapter, "embed" if block == 0 else f"blocks.{block - 1}.out")
-    fc1_site = resolve_site(adapter, adapter.mlp_fc1_path(block))
-    probs_site = adapter.block_site(block, "attn.probs")
-    with capture_sites(
-        adapter, [input_site, fc1_site, probs_site], pixels.shape[0], cancel
-    ) as captured:
+    """Per-token coefficients of each requested kind [B, T, memories], and the model's
+    predictions. Attention probabilities (which force the unfused attention path) are
+    captured only when attention memories are asked for."""
+    sites = {}
+    if "mlp" in kinds:
+        sites["mlp"] = resolve_site(adapter, adapter.mlp_fc1_path(block))
+    if "attention" in kinds:
+        sites["input"] = resolve_site(adapter, "embed" if block == 0 else f"blocks.{block - 1}.out")
+        sites["probs"] = adapter.block_site(block, "attn.probs")
+    with capture_sites(adapter, list(sites.values()), pixels.shape[0], cancel) as captured:
         output = adapter.forward(pixels)
     scores = output if space.projection is None else F.normalize(output, dim=-1) @ space.weight.T
-    values = adapter.attention_values(block, captured[input_site.name])
-    mixed = adapter.output_projection_input(block, captured[probs_site.name], values)
-    return {"mlp": captured[fc1_site.name], "attention": mixed}, scores.argmax(dim=-1)
+    coefficients = {}
+    if "mlp" in kinds:
+        coefficients["mlp"] = captured[sites["mlp"].name]
+    if "attention" in kinds:
+        values = adapter.attention_values(block, captured[sites["input"].name])
+        probs = captured[sites["probs"].name]
+        coefficients["attention"] = adapter.output_projection_input(block, probs, values)
+    return coefficients, scores.argmax(dim=-1)
 
 
 def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryResult:
@@ -173,7 +186,12 @@ def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryR
         targets = torch.zeros(0, dtype=torch.long)
         if prepared.pixels is not None:
             coefficients, targets = _coefficients(
-                adapter, space, prepared.pixels.to(loaded.device), query.block, cancel
+                adapter,
+                space,
+                prepared.pixels.to(loaded.device),
+                query.block,
+                query.kinds,
+                cancel,
             )
             for i, target in enumerate(given):
                 if target is not None:
