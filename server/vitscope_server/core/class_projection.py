@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitscope_server.core.activations import TokenMode, _select_tokens, _token_indices
+from vitscope_server.core.activations import TokenMode, resolve_token_indices, select_tokens
 from vitscope_server.core.adapters import ModelAdapter, SiteDef
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import capture_sites
@@ -230,7 +230,7 @@ def prepare_projection(
     )
     site = adapter.block_site(0, "out")
     tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
-    indices = _token_indices(effective, site, tokens)  # type: ignore[arg-type]
+    indices = resolve_token_indices(effective, site, tokens)
     pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels)
     check_targets(query.targets, pixels.shape[0])
     _check_sizes(adapter, effective, len(indices), pixels, limits)
@@ -478,13 +478,12 @@ def project_to_class_space(
             # Views where the selection is contiguous (all tokens, all blocks): no copies.
             r = ranked[name]
             top_classes, top_scores, ranks = (
-                _select_tokens(t, 2, prepared.token_indices)
+                select_tokens(t, 2, prepared.token_indices)
                 for t in (r.top_classes, r.top_scores, r.ranks)
             )
             if name == "residual":
                 top_classes, top_scores, ranks = (
-                    _select_tokens(t, 0, selected_residual)
-                    for t in (top_classes, top_scores, ranks)
+                    select_tokens(t, 0, selected_residual) for t in (top_classes, top_scores, ranks)
                 )
             identifiability = 1.0 - ranks.float() / space.num_classes
             per_token[name] = tuple(
