@@ -90,7 +90,10 @@ def main() -> None:
         pixels = torch.stack([adapter.preprocess(p) for p in photos])
         images = [ImageInput(preprocessed=p.numpy()) for p in pixels]
         prepared = prepare_projection(
-            loaded, images, ProjectionQuery(), ProjectionLimits(len(images), 10**8)
+            loaded,
+            images,
+            ProjectionQuery(),
+            ProjectionLimits(len(images), 10**8, settings.max_result_bytes, 1 << 30),
         )
 
         def forward() -> None:

@@ -15,7 +15,8 @@ from torch import nn
 
 
 def timm_parts(model: nn.Module, pixels: torch.Tensor) -> dict[str, Any]:
-    """Block inputs, outputs, attention and MLP outputs of a timm ViT (ls1/ls2 Identity here)."""
+    """Block inputs, outputs, attention and MLP outputs (before any LayerScale) of a timm ViT,
+    fc1's outputs and the attention's output-projection inputs."""
     store: dict[str, torch.Tensor] = {}
     handles = []
     for i, block in enumerate(model.blocks):

@@ -36,6 +36,7 @@ from vitscope import (
 )
 from vitscope.cli import main
 from vitscope.projection import ClassProjection
+from vitscope_server.core import class_projection
 from vitscope_server.settings import ServerSettings
 from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer, create_server
@@ -49,6 +50,13 @@ MODELS: list[dict[str, object]] = [
         "architecture": "test_vit",
         "seed": 6,
         "kwargs": {"global_pool": "avg", "class_token": False, "num_classes": 30},
+    },
+    {
+        "name": "scaled",
+        "family": "timm",
+        "architecture": "test_vit",
+        "seed": 8,
+        "kwargs": {"init_values": 0.5, "scale_attn_norm": True, "num_classes": 20},
     },
     {
         "name": "deit",
@@ -371,16 +379,24 @@ def test_clip_memories_use_text_embeddings_through_proj(pc: Client) -> None:
         )
 
 
-def test_memories_are_direct_matrix_products(pc: Client) -> None:
-    model = build("vit")
-    pixels = pixels_for(pc, "vit")
+@pytest.mark.parametrize("name", ["vit", "scaled"])
+def test_memories_are_direct_matrix_products(pc: Client, name: str) -> None:
+    """'scaled' has LayerScale (gamma 0.5) and a norm before the attention's output
+    projection: value columns reach the residual stream times gamma, and the coefficients
+    are what the projection multiplies."""
+    model = build(name)
+    pixels = pixels_for(pc, name)
     block = 3
-    result = pc.project_memories(block, model="vit", images=list(pixels.numpy()), targets=[2, None])
+    result = pc.project_memories(block, model=name, images=list(pixels.numpy()), targets=[2, None])
     parts = timm_parts(model, pixels)
     head = model.head.weight.detach()
+    layer = model.blocks[block]
+    gammas = {"mlp": torch.ones(64), "attention": torch.ones(64)}
+    if name == "scaled":
+        gammas = {"mlp": layer.ls2.gamma.detach(), "attention": layer.ls1.gamma.detach()}
     values = {
-        "mlp": model.blocks[block].mlp.fc2.weight.detach(),
-        "attention": model.blocks[block].attn.proj.weight.detach(),
+        "mlp": gammas["mlp"][:, None] * layer.mlp.fc2.weight.detach(),
+        "attention": gammas["attention"][:, None] * layer.attn.proj.weight.detach(),
     }
     coefficients = {"mlp": parts[f"fc1.{block}"], "attention": parts[f"proj_in.{block}"]}
     targets = [2, int(parts["logits"][1].argmax())]
@@ -403,7 +419,7 @@ def test_memories_are_direct_matrix_products(pc: Client) -> None:
             class_top = set(np.argsort(-matrix[targets[i]])[:5].tolist())
             agree = [bool(set(row.tolist()) & class_top) for row in np.argsort(-c, -1)[:, :5]]
             assert image.agreement_rate == pytest.approx(np.mean(agree), abs=1e-6)
-    cosine = pc.project_memories(block, model="vit", kinds=["mlp"], cosine=True, top_k=3)
+    cosine = pc.project_memories(block, model=name, kinds=["mlp"], cosine=True, top_k=3)
     unit = (F.normalize(head, dim=1) @ F.normalize(values["mlp"], dim=0)).numpy()
     np.testing.assert_array_equal(
         cosine.memories["mlp"].top_classes, np.argsort(-unit.T, -1)[:, :3]
@@ -428,6 +444,21 @@ def test_memories_are_direct_matrix_products(pc: Client) -> None:
         ({"model": "clip", "templates": ["a {}"]}, InvalidArgumentError, "empty"),
         ({"model": "clip", "class_names": ["a", "a"]}, InvalidArgumentError, "once"),
         (
+            {"model": "clip", "class_names": [f"c{i}" for i in range(10_001)]},
+            InvalidArgumentError,
+            r"labels.class_names: 10001 names; allowed at most 10000",
+        ),
+        (
+            {"model": "clip", "class_names": ["a"], "templates": ["{}"] * 101},
+            InvalidArgumentError,
+            r"labels.templates: 101 templates; allowed at most 100",
+        ),
+        (
+            {"model": "clip", "class_names": ["a", "b"], "top_k": 3},
+            InvalidArgumentError,
+            r"top_k: 3 exceeds the 2 classes; allowed 1..2",
+        ),
+        (
             {"model": "clip", "class_names": ["a"], "templates": ["no slot"]},
             InvalidArgumentError,
             "{}",
@@ -448,6 +479,65 @@ def test_bad_projection_requests(
     with pytest.raises(error, match=message):
         pc.project(list(pixels_for(pc, name).numpy()), **kwargs)  # type: ignore[arg-type]
     assert pc.project(list(pixels_for(pc, "vit", batch=1).numpy()), model="vit", blocks=[0]).images
+
+
+def test_default_top_k_fits_a_small_label_set(pc: Client) -> None:
+    """Unset top_k is 5 or the number of classes (and memories) if fewer; an explicit one
+    that does not fit is refused."""
+    model = build("clip")
+    pixels = pixels_for(pc, "clip", batch=1)
+    names = ["cat", "dog"]
+    result = pc.project(
+        list(pixels.numpy()), model="clip", class_names=names, templates=TEMPLATES, blocks=[1]
+    )
+    assert result.parameters["top_k"] == 2
+    text = clip_text(model, "ViT-B-32", names, TEMPLATES)
+    scores = clip_scores(model, text, clip_parts(model, pixels)["out.1"])
+    np.testing.assert_array_equal(
+        result.images[0].representations["residual"].top_classes[0], np.argsort(-scores[0], -1)
+    )
+    memories = pc.project_memories(
+        0, model="clip", class_names=names, templates=TEMPLATES, images=list(pixels.numpy())
+    )
+    assert memories.parameters["top_k"] == 2
+    assert memories.memories["mlp"].top_memories.shape == (2, 2)
+    with pytest.raises(InvalidArgumentError, match=r"top_k: 3 exceeds the 2 classes"):
+        pc.project_memories(0, model="clip", class_names=names, top_k=3)
+
+
+def test_sliced_scores_match_the_reference(pc: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With room for one image's scores at a time, the batch is projected slice by slice."""
+    monkeypatch.setattr(class_projection, "SCORE_BYTES", 1)
+    model = build("vit")
+    pixels = pixels_for(pc, "vit", batch=3)
+    parts = timm_parts(model, pixels)
+    result = pc.project(list(pixels.numpy()), model="vit", blocks=[0, 4])
+    targets = parts["logits"].argmax(-1).numpy()
+    expected = {
+        rep: [timm_scores(model, parts, part, b) for b in (0, 4)]
+        for rep, part in REPRESENTATION_PARTS.items()
+    }
+    check_tokens(result, expected, targets)
+
+
+def test_mlp_memories_keep_the_fused_attention(
+    pc: Client, projection_server: RunningServer
+) -> None:
+    """Attention probabilities (the unfused path) are captured only for attention memories:
+    timm's attention-dropout module runs only on the unfused path."""
+    attention = projection_server.registry.get("vit").adapter.root.blocks[3].attn
+    if not attention.fused_attn:
+        pytest.skip("timm's fused attention is off in this environment")
+    calls: list[int] = []
+    handle = attention.attn_drop.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        images = list(pixels_for(pc, "vit", batch=1).numpy())
+        assert pc.project_memories(3, model="vit", kinds=["mlp"], images=images).memories["mlp"]
+        assert calls == []
+        pc.project_memories(3, model="vit", kinds=["attention"], images=images)
+        assert calls == [1]
+    finally:
+        handle.remove()
 
 
 def test_bad_memory_requests(pc: Client) -> None:
@@ -547,13 +637,22 @@ def test_deadline_stops_the_work_and_frees_the_slot(pc: Client) -> None:
     assert time.perf_counter() - started < 5
 
 
-def test_a_projection_over_the_message_limit_is_refused(tmp_path: Path) -> None:
-    running = start(tmp_path, max_message_bytes=1 << 16, builtin_models=False)
+def test_projections_over_the_limits_are_refused_before_compute(tmp_path: Path) -> None:
+    """The estimates refuse before the compute slot: the message limit per image, the
+    server's result limit for captured activations and results of the whole request."""
+    running = start(
+        tmp_path, max_message_bytes=1 << 16, max_result_bytes=1 << 20, builtin_models=False
+    )
     try:
         with Client(f"127.0.0.1:{running.port}", timeout=60) as client:
-            image = [np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)]
-            with pytest.raises(ResourceExhaustedError, match="fewer blocks, tokens"):
+            rng = np.random.default_rng(0)
+            image = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)]
+            with pytest.raises(ResourceExhaustedError, match=r"would take about .* fewer blocks"):
                 client.project(image, model="vit")
+            with pytest.raises(ResourceExhaustedError, match=r"needs about .* fewer images"):
+                client.project(image * 8, model="vit", tokens="prefix")
+            with pytest.raises(ResourceExhaustedError, match="memories response would take"):
+                client.project_memories(0, model="vit", top_k=64)
             assert client.project(image, model="vit", blocks=[5], tokens="prefix").images
     finally:
         running.stop(0)

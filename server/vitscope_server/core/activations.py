@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -138,7 +139,21 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
     )
 
 
-def _token_indices(query: ActivationQuery, site: SiteDef, num_tokens: int) -> list[int]:
+class TokenSelection(Protocol):
+    """What a request says about its tokens (ActivationQuery, ProjectionQuery)."""
+
+    @property
+    def token_mode(self) -> TokenMode: ...
+
+    @property
+    def token_indices(self) -> tuple[int, ...]: ...
+
+    @property
+    def positions(self) -> tuple[tuple[int, int], ...]: ...
+
+
+def resolve_token_indices(query: TokenSelection, site: SiteDef, num_tokens: int) -> list[int]:
+    """The token indices a request selects at a site, validated against its grid."""
     prefix = site.num_prefix_tokens
     height, width = site.grid
     mode = query.token_mode
@@ -170,7 +185,7 @@ def _token_indices(query: ActivationQuery, site: SiteDef, num_tokens: int) -> li
     return [prefix + r * width + c for r, c in query.positions]
 
 
-def _select_tokens(tensor: torch.Tensor, axis: int, indices: list[int]) -> torch.Tensor:
+def select_tokens(tensor: torch.Tensor, axis: int, indices: list[int]) -> torch.Tensor:
     """A contiguous range is a view (all tokens cost nothing); scattered indices copy."""
     start = indices[0]
     if indices == list(range(start, start + len(indices))):
@@ -223,8 +238,8 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
             )
         return SiteOutput(site, [], [], [_to_output("values", tensor, query.output_dtype)])
     token_axis = 2 if site.layout is Layout.ATTENTION else 1
-    indices = _token_indices(query, site, tensor.shape[token_axis])
-    selected = _select_tokens(tensor, token_axis, indices)
+    indices = resolve_token_indices(query, site, tensor.shape[token_axis])
+    selected = select_tokens(tensor, token_axis, indices)
     if reduction is Reduction.NONE:
         values = selected
     elif reduction is Reduction.MEAN:

@@ -1,36 +1,38 @@
 """ProjectToClassSpace: token representations read through the model's own final norm(s)
 and classifier, block by block (Vilas, Schaumlöffel, Roig 2023).
 
-Each representation is projected for every requested block and token in one batched
-matrix product; ranks come from comparing with the target's score (no sort); top-k from
-torch.topk. Everything stays on the model's device until the small results are copied back.
+Each representation is projected one block and one slice of the batch at a time (a bounded
+score tensor whatever the number of blocks, images and classes) and reduced at once: ranks
+come from comparing with the target's score (no sort), top-k from torch.topk. Everything
+stays on the model's device until the small results are copied back.
 """
 
 from __future__ import annotations
 
-import io
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from vitscope.overlay import heatmap_overlay
-from vitscope_server.core.activations import TokenMode, _select_tokens, _token_indices
+from vitscope_server.core.activations import TokenMode, resolve_token_indices, select_tokens
 from vitscope_server.core.adapters import ModelAdapter, SiteDef
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import capture_sites
-from vitscope_server.core.class_space import ClassSpace, LabelSet, class_space_of
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
+from vitscope_server.core.class_space import ClassSpace, LabelSet, class_count, class_space_of
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.pixels import denormalise, to_uint8
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
 # Representation -> the canonical block site it is read from.
 REPRESENTATIONS = {"residual": "out", "attention": "attn.out", "mlp": "mlp.out"}
 DEFAULT_TOP_K = 5
+# The most class scores held at once (float32 bytes); the batch is sliced to stay under it.
+SCORE_BYTES = 64 << 20
 
 ClassRef = int | str | None
 
@@ -52,6 +54,8 @@ class ProjectionQuery:
 class ProjectionLimits:
     max_batch: int
     max_pixels: int
+    max_result_bytes: int  # one request's results and captured activations
+    max_message_bytes: int  # one streamed message: one image's results
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class ImportanceMaps:
     per_head: np.ndarray  # [blocks, heads, grid_h, grid_w]
     summed: np.ndarray  # [grid_h, grid_w], min-max normalised
     upsampled: np.ndarray  # [height, width]
-    overlay_png: bytes
+    image: np.ndarray  # uint8 [height, width, 3]: the input the maps are drawn over
 
 
 @dataclass(frozen=True)
@@ -146,14 +150,62 @@ def check_targets(targets: tuple[ClassRef, ...], batch: int, field: str = "targe
         )
 
 
+def default_top_k(top_k: int, limit: int, what: str) -> int:
+    """An explicit top_k must fit `limit`; an unset one is the default, or `limit` if smaller."""
+    if top_k < 0:
+        raise InvalidArgument(f"top_k: must be >= 1, got {top_k}")
+    if top_k > limit:
+        raise InvalidArgument(f"top_k: {top_k} exceeds the {what}; allowed 1..{limit}")
+    return top_k or min(DEFAULT_TOP_K, limit)
+
+
+def returned_bytes(rows: int, top_k: int) -> int:
+    """Bytes of `rows` returned top-k rows: an int64 index and a float32 score per entry."""
+    return rows * top_k * 12
+
+
+def _check_sizes(
+    adapter: ModelAdapter,
+    query: ProjectionQuery,
+    tokens: int,
+    pixels: torch.Tensor,
+    limits: ProjectionLimits,
+) -> None:
+    """Refuse, before any compute, what would not fit a message or the server's memory."""
+    batch, height, width = pixels.shape[0], pixels.shape[-2], pixels.shape[-1]
+    blocks = len(query.blocks)
+    rows = len(query.representations) * blocks * tokens
+    # Per row the top-k, the target's rank (int64) and its identifiability (float32).
+    per_image = returned_bytes(rows, query.top_k) + rows * 12
+    if query.importance_maps:
+        per_image += height * width * (4 + 3)  # the float32 upsampled map and its RGB overlay
+    if per_image > limits.max_message_bytes:
+        raise ResourceExhausted(
+            f"one image's projection would take about {per_image} bytes, over the "
+            f"{limits.max_message_bytes}-byte message limit; ask for fewer blocks, tokens, "
+            "representations or a smaller top_k"
+        )
+    all_tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
+    residual = len(set(query.blocks) | {b - 1 for b in query.blocks})
+    captured = (residual + 2 * blocks) * batch * all_tokens * adapter.embed_dim * 4
+    needed = captured + batch * per_image
+    if needed > limits.max_result_bytes:
+        raise ResourceExhausted(
+            f"projecting {batch} images over {blocks} blocks needs about {needed} bytes of "
+            f"captured activations and results, over the server's {limits.max_result_bytes}-byte "
+            "limit; ask for fewer images or blocks"
+        )
+
+
 def prepare_projection(
     loaded: LoadedModel, images: list[ImageInput], query: ProjectionQuery, limits: ProjectionLimits
 ) -> PreparedProjection:
-    """Validation, decoding and preprocessing: everything that needs no compute slot."""
+    """Validation, decoding, preprocessing and size checks: everything that needs no slot."""
     adapter = loaded.adapter
     reason = adapter.class_projection_unsupported()
     if reason is not None:
         raise FailedPrecondition(reason)
+    classes = class_count(loaded, query.labels)
     unknown = [r for r in query.representations if r not in REPRESENTATIONS]
     if unknown:
         raise InvalidArgument(
@@ -162,9 +214,7 @@ def prepare_projection(
     if len(set(query.representations)) != len(query.representations):
         raise InvalidArgument("representations: each may appear once")
     blocks = _check_blocks(query.blocks, len(adapter.blocks), "blocks")
-    top_k = query.top_k or DEFAULT_TOP_K
-    if top_k < 0:
-        raise InvalidArgument(f"top_k: must be >= 1, got {query.top_k}")
+    top_k = default_top_k(query.top_k, classes, f"{classes} classes")
     if query.importance_maps and adapter.num_prefix_tokens == 0:
         raise FailedPrecondition(
             f"importance_maps: model {loaded.spec.name} has no class token; the method reads "
@@ -180,9 +230,10 @@ def prepare_projection(
     )
     site = adapter.block_site(0, "out")
     tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
-    indices = _token_indices(effective, site, tokens)  # type: ignore[arg-type]
+    indices = resolve_token_indices(effective, site, tokens)
     pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels)
     check_targets(query.targets, pixels.shape[0])
+    _check_sizes(adapter, effective, len(indices), pixels, limits)
     return PreparedProjection(loaded, effective, indices, pixels)
 
 
@@ -228,18 +279,6 @@ def _forward(
     )
 
 
-def _project(
-    adapter: ModelAdapter,
-    space: ClassSpace,
-    tensors: dict[int, torch.Tensor],
-    part: str,
-    blocks: list[int],
-) -> torch.Tensor:
-    """[len(blocks), B, T, C] scores: norms per block, then one matrix product for all."""
-    normed = torch.stack([adapter.projection_norm(tensors[b], max(b, 0), part) for b in blocks])
-    return space.scores(normed)
-
-
 @dataclass(frozen=True)
 class _Ranked:
     target_scores: torch.Tensor  # [blocks, B, T]
@@ -253,13 +292,48 @@ class _Ranked:
 
 
 def _rank(scores: torch.Tensor, targets: torch.Tensor, top_k: int) -> _Ranked:
-    """0-based rank of each image's target (how many classes score strictly higher), and the
-    top-k; one pass each over the scores."""
-    index = targets.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    """Scores [B, T, C] -> 0-based rank of each image's target (how many classes score
+    strictly higher) and the top-k, each [B, T, ...]; one pass each over the scores."""
+    index = targets.view(-1, 1, 1).expand(*scores.shape[:2], 1)
     target_scores = scores.gather(-1, index)
     ranks = (scores > target_scores).sum(dim=-1, dtype=torch.int32)
     top = scores.topk(top_k, dim=-1)
     return _Ranked(target_scores.squeeze(-1), ranks, top.values, top.indices)
+
+
+def _joined(parts: list[_Ranked], join: Callable[[list[torch.Tensor]], torch.Tensor]) -> _Ranked:
+    """Slices of the batch (torch.cat) or blocks (torch.stack) as one result."""
+    return _Ranked(
+        join([p.target_scores for p in parts]),
+        join([p.ranks for p in parts]),
+        join([p.top_scores for p in parts]),
+        join([p.top_classes for p in parts]),
+    )
+
+
+def _projected(
+    adapter: ModelAdapter,
+    space: ClassSpace,
+    tensors: dict[int, torch.Tensor],
+    part: str,
+    blocks: list[int],
+    targets: torch.Tensor,
+    top_k: int,
+    cancel: CancelToken,
+) -> _Ranked:
+    """Norms, class scores, ranks and top-k per block and slice of the batch: at most
+    SCORE_BYTES of scores exist at once."""
+    batch, tokens = tensors[blocks[0]].shape[:2]
+    rows = max(1, SCORE_BYTES // (tokens * space.num_classes * 4))
+    per_block = []
+    for b in blocks:
+        cancel.raise_if_cancelled()
+        slices = []
+        for start in range(0, batch, rows):
+            normed = adapter.projection_norm(tensors[b][start : start + rows], max(b, 0), part)
+            slices.append(_rank(space.scores(normed), targets[start : start + rows], top_k))
+        per_block.append(_joined(slices, torch.cat))
+    return _joined(per_block, torch.stack)
 
 
 def _importance(
@@ -288,17 +362,6 @@ def _importance(
     return torch.stack(maps, dim=1)
 
 
-def _overlay_png(pixels: torch.Tensor, upsampled: np.ndarray, adapter: ModelAdapter) -> bytes:
-    config = adapter.data_config
-    mean = torch.tensor(config.mean).view(3, 1, 1)
-    std = torch.tensor(config.std).view(3, 1, 1)
-    image = ((pixels.cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-    base = Image.fromarray(image.permute(1, 2, 0).numpy())
-    buffer = io.BytesIO()
-    heatmap_overlay(base, upsampled).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _importance_maps(
     adapter: ModelAdapter, raw: torch.Tensor, pixels: torch.Tensor
 ) -> list[ImportanceMaps]:
@@ -312,18 +375,16 @@ def _importance_maps(
     upsampled = F.interpolate(
         normalised[:, None], size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False
     )[:, 0]
-    results = []
-    for i in range(batch):
-        up = upsampled[i].float().cpu().numpy()
-        results.append(
-            ImportanceMaps(
-                per_head[i].float().cpu().numpy(),
-                normalised[i].float().cpu().numpy(),
-                up,
-                _overlay_png(pixels[i], up, adapter),
-            )
+    images = to_uint8(denormalise(pixels.float(), adapter.data_config))
+    return [
+        ImportanceMaps(
+            per_head[i].float().cpu().numpy(),
+            normalised[i].float().cpu().numpy(),
+            upsampled[i].float().cpu().numpy(),
+            images[i],
         )
-    return results
+        for i in range(batch)
+    ]
 
 
 def _summaries(
@@ -382,10 +443,6 @@ def project_to_class_space(
     adapter = loaded.adapter
     space = class_space_of(loaded, query.labels, cancel)
     given = [space.resolve(t, f"targets[{i}]") for i, t in enumerate(query.targets)]
-    if query.top_k > space.num_classes:
-        raise InvalidArgument(
-            f"top_k: {query.top_k} exceeds the {space.num_classes} classes; allowed 1..{space.num_classes}"
-        )
     pixels = prepared.pixels.to(loaded.device)
     blocks = query.blocks
     cancel.raise_if_cancelled()
@@ -398,12 +455,14 @@ def project_to_class_space(
             if target is not None:
                 targets[i] = target
         residual_order = sorted(forward.residual)
-        projected = {
-            "residual": _project(adapter, space, forward.residual, "out", residual_order),
-            "attention": _project(adapter, space, forward.attention, "attn.out", list(blocks)),
-            "mlp": _project(adapter, space, forward.mlp, "mlp.out", list(blocks)),
+        ranked = {
+            name: _projected(adapter, space, tensors, part, order, targets, query.top_k, cancel)
+            for name, tensors, part, order in (
+                ("residual", forward.residual, "out", residual_order),
+                ("attention", forward.attention, "attn.out", list(blocks)),
+                ("mlp", forward.mlp, "mlp.out", list(blocks)),
+            )
         }
-        ranked = {name: _rank(scores, targets, query.top_k) for name, scores in projected.items()}
         cancel.raise_if_cancelled()
         summaries = _summaries(
             blocks,
@@ -419,13 +478,12 @@ def project_to_class_space(
             # Views where the selection is contiguous (all tokens, all blocks): no copies.
             r = ranked[name]
             top_classes, top_scores, ranks = (
-                _select_tokens(t, 2, prepared.token_indices)
+                select_tokens(t, 2, prepared.token_indices)
                 for t in (r.top_classes, r.top_scores, r.ranks)
             )
             if name == "residual":
                 top_classes, top_scores, ranks = (
-                    _select_tokens(t, 0, selected_residual)
-                    for t in (top_classes, top_scores, ranks)
+                    select_tokens(t, 0, selected_residual) for t in (top_classes, top_scores, ranks)
                 )
             identifiability = 1.0 - ranks.float() / space.num_classes
             per_token[name] = tuple(

@@ -8,7 +8,7 @@ similarity with unit text embeddings of caller-chosen class names, cached per
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,9 @@ from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
 from vitscope_server.core.loading import LoadedModel
 
 _CACHE_ENTRIES = 8
+# Every name is encoded once per template before any projection: bound that work.
+MAX_CLASS_NAMES = 10_000
+MAX_TEMPLATES = 100
 
 
 @dataclass(frozen=True)
@@ -129,11 +132,19 @@ def _checked_labels(labels: LabelSet | None) -> LabelSet:
     templates = labels.templates or _imagenet_templates()
     if not names:
         raise InvalidArgument("labels.class_names: the label set is empty; give at least one name")
+    if len(names) > MAX_CLASS_NAMES:
+        raise InvalidArgument(
+            f"labels.class_names: {len(names)} names; allowed at most {MAX_CLASS_NAMES}"
+        )
+    if len(labels.templates) > MAX_TEMPLATES:
+        raise InvalidArgument(
+            f"labels.templates: {len(labels.templates)} templates; allowed at most {MAX_TEMPLATES}"
+        )
     blank = [i for i, name in enumerate(names) if not name.strip()]
     if blank:
         raise InvalidArgument(f"labels.class_names: names at {blank[:5]} are blank")
     if len(set(names)) != len(names):
-        repeated = sorted({n for n in names if names.count(n) > 1})
+        repeated = sorted(n for n, count in Counter(names).items() if count > 1)
         raise InvalidArgument(
             f"labels.class_names: each name may appear once; repeated {repeated[:5]}"
         )
@@ -143,18 +154,34 @@ def _checked_labels(labels: LabelSet | None) -> LabelSet:
     return LabelSet(names, templates)
 
 
-def class_space_of(loaded: LoadedModel, labels: LabelSet | None, cancel: CancelToken) -> ClassSpace:
-    """The class space requests on this model project into; validates the label set."""
+def _own_classifier(loaded: LoadedModel, labels: LabelSet | None) -> bool:
+    """Whether the model brings its classifier (timm) rather than taking a label set."""
     adapter: ModelAdapter = loaded.adapter
     reason = adapter.class_projection_unsupported()
     if reason is not None:
         raise FailedPrecondition(reason)
-    if adapter.family != "open_clip":
-        if labels is not None:
-            raise InvalidArgument(
-                f"labels: model {loaded.spec.name} has its own classifier; a label set is only "
-                "for open_clip towers"
-            )
+    if adapter.family == "open_clip":
+        return False
+    if labels is not None:
+        raise InvalidArgument(
+            f"labels: model {loaded.spec.name} has its own classifier; a label set is only "
+            "for open_clip towers"
+        )
+    return True
+
+
+def class_count(loaded: LoadedModel, labels: LabelSet | None) -> int:
+    """The number of classes a request will project into, known (and the label set validated)
+    before any compute: sizes and defaults are settled from it."""
+    if _own_classifier(loaded, labels):
+        return int(loaded.adapter.classifier_head()[0].shape[0])
+    return len(_checked_labels(labels).class_names)
+
+
+def class_space_of(loaded: LoadedModel, labels: LabelSet | None, cancel: CancelToken) -> ClassSpace:
+    """The class space requests on this model project into; validates the label set."""
+    adapter: ModelAdapter = loaded.adapter
+    if _own_classifier(loaded, labels):
         weight, bias = adapter.classifier_head()
         return ClassSpace(list(adapter.class_names), weight, bias, None, False, 1.0)
     checked = _checked_labels(labels)

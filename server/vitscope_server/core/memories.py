@@ -2,8 +2,10 @@
 
 MLP memories are the columns of fc2.weight, their coefficients fc1's pre-activation
 outputs; attention memories are the columns of the output projection, their coefficients
-the per-head attention-weighted values. The value-to-class matrix is the classifier's
-weight times the values (cosine: unit class rows and unit value columns).
+what that projection multiplies (the per-head attention-weighted values, after the
+attention's own norm where it has one). Value columns carry the block's layer scale, as
+they reach the residual stream. The value-to-class matrix is the classifier's weight times
+the values (cosine: unit class rows and unit value columns).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import capture_sites
 from vitscope_server.core.class_projection import (
-    DEFAULT_TOP_K,
     ClassRef,
     ProjectionLimits,
     check_targets,
+    default_top_k,
+    returned_bytes,
 )
-from vitscope_server.core.class_space import ClassSpace, LabelSet, class_space_of
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
+from vitscope_server.core.class_space import ClassSpace, LabelSet, class_count, class_space_of
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance, provenance_of
@@ -81,14 +84,43 @@ class PreparedMemories:
     pixels: torch.Tensor | None
 
 
+def _values(adapter: ModelAdapter, block: int, kind: str) -> torch.Tensor:
+    if kind == "mlp":
+        return adapter.mlp_value_matrix(block)
+    return adapter.attention_value_matrix(block)
+
+
+def _check_sizes(
+    adapter: ModelAdapter, query: MemoryQuery, classes: int, batch: int, limits: ProjectionLimits
+) -> None:
+    """Refuse, before any compute, a response over the message limit or a value-to-class
+    matrix over the server's memory limit."""
+    tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
+    memories = [int(_values(adapter, query.block, kind).shape[1]) for kind in query.kinds]
+    response = sum(returned_bytes(m + classes + batch * tokens, query.top_k) for m in memories)
+    if response > limits.max_message_bytes:
+        raise ResourceExhausted(
+            f"the memories response would take about {response} bytes, over the "
+            f"{limits.max_message_bytes}-byte message limit; ask for fewer images, fewer "
+            "classes or a smaller top_k"
+        )
+    matrix = classes * max(memories) * 4
+    if matrix + response > limits.max_result_bytes:
+        raise ResourceExhausted(
+            f"the {classes} x {max(memories)} value-to-class matrix needs about {matrix} bytes, "
+            f"over the server's {limits.max_result_bytes}-byte limit; ask for fewer classes"
+        )
+
+
 def prepare_memories(
     loaded: LoadedModel, images: list[ImageInput], query: MemoryQuery, limits: ProjectionLimits
 ) -> PreparedMemories:
-    """Validation, decoding and preprocessing: everything that needs no compute slot."""
+    """Validation, decoding, preprocessing and size checks: everything that needs no slot."""
     adapter = loaded.adapter
     reason = adapter.class_projection_unsupported()
     if reason is not None:
         raise FailedPrecondition(reason)
+    classes = class_count(loaded, query.labels)
     count = len(adapter.blocks)
     if not 0 <= query.block < count:
         raise InvalidArgument(f"block: {query.block} does not exist; allowed 0..{count - 1}")
@@ -97,37 +129,49 @@ def prepare_memories(
         raise InvalidArgument(
             f"kinds: {list(query.kinds)} not allowed; each of {list(MEMORY_KINDS)} at most once"
         )
-    if query.top_k < 0:
-        raise InvalidArgument(f"top_k: must be >= 1, got {query.top_k}")
-    pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels) if images else None
-    check_targets(query.targets, 0 if pixels is None else pixels.shape[0])
-    effective = replace(
-        query, kinds=query.kinds or MEMORY_KINDS, top_k=query.top_k or DEFAULT_TOP_K
+    kinds = query.kinds or MEMORY_KINDS
+    memories = min(int(_values(adapter, query.block, kind).shape[1]) for kind in kinds)
+    top_k = default_top_k(
+        query.top_k,
+        min(classes, memories),
+        f"{classes} classes or the {memories} memories of the block",
     )
+    pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels) if images else None
+    batch = 0 if pixels is None else pixels.shape[0]
+    check_targets(query.targets, batch)
+    effective = replace(query, kinds=kinds, top_k=top_k)
+    _check_sizes(adapter, effective, classes, batch, limits)
     return PreparedMemories(loaded, effective, pixels)
 
 
-def _values(adapter: ModelAdapter, block: int, kind: str) -> torch.Tensor:
-    if kind == "mlp":
-        return adapter.mlp_value_matrix(block)
-    return adapter.attention_value_matrix(block)
-
-
 def _coefficients(
-    adapter: ModelAdapter, space: ClassSpace, pixels: torch.Tensor, block: int, cancel: CancelToken
+    adapter: ModelAdapter,
+    space: ClassSpace,
+    pixels: torch.Tensor,
+    block: int,
+    kinds: tuple[str, ...],
+    cancel: CancelToken,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per-token coefficients of each kind [B, T, memories], and the model's predictions."""
-    input_site = resolve_site(adapter, "embed" if block == 0 else f"blocks.{block - 1}.out")
-    fc1_site = resolve_site(adapter, adapter.mlp_fc1_path(block))
-    probs_site = adapter.block_site(block, "attn.probs")
-    with capture_sites(
-        adapter, [input_site, fc1_site, probs_site], pixels.shape[0], cancel
-    ) as captured:
+    """Per-token coefficients of each requested kind [B, T, memories], and the model's
+    predictions. Attention probabilities (which force the unfused attention path) are
+    captured only when attention memories are asked for."""
+    sites = {}
+    if "mlp" in kinds:
+        sites["mlp"] = resolve_site(adapter, adapter.mlp_fc1_path(block))
+    if "attention" in kinds:
+        sites["input"] = resolve_site(adapter, "embed" if block == 0 else f"blocks.{block - 1}.out")
+        sites["probs"] = adapter.block_site(block, "attn.probs")
+    with capture_sites(adapter, list(sites.values()), pixels.shape[0], cancel) as captured:
         output = adapter.forward(pixels)
     scores = output if space.projection is None else F.normalize(output, dim=-1) @ space.weight.T
-    values = adapter.attention_values(block, captured[input_site.name])
-    mixed = adapter.mixed_values(captured[probs_site.name], values)
-    return {"mlp": captured[fc1_site.name], "attention": mixed}, scores.argmax(dim=-1)
+    coefficients = {}
+    if "mlp" in kinds:
+        coefficients["mlp"] = captured[sites["mlp"].name]
+    if "attention" in kinds:
+        values = adapter.attention_values(block, captured[sites["input"].name])
+        probs = captured[sites["probs"].name]
+        coefficients["attention"] = adapter.output_projection_input(block, probs, values)
+    return coefficients, scores.argmax(dim=-1)
 
 
 def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryResult:
@@ -142,7 +186,12 @@ def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryR
         targets = torch.zeros(0, dtype=torch.long)
         if prepared.pixels is not None:
             coefficients, targets = _coefficients(
-                adapter, space, prepared.pixels.to(loaded.device), query.block, cancel
+                adapter,
+                space,
+                prepared.pixels.to(loaded.device),
+                query.block,
+                query.kinds,
+                cancel,
             )
             for i, target in enumerate(given):
                 if target is not None:
@@ -150,12 +199,6 @@ def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryR
         sets = []
         for kind in query.kinds:
             values = _values(adapter, query.block, kind)
-            limit = min(space.num_classes, values.shape[1])
-            if query.top_k > limit:
-                raise InvalidArgument(
-                    f"top_k: {query.top_k} exceeds the {space.num_classes} classes or "
-                    f"{values.shape[1]} {kind} memories; allowed 1..{limit}"
-                )
             if query.cosine:
                 matrix = F.normalize(classes, dim=1) @ F.normalize(values, dim=0)
             else:

@@ -1,16 +1,22 @@
-"""protobuf <-> core types for ProjectToClassSpace and ProjectMemories. No logic beyond the mapping."""
+"""protobuf <-> core types for ProjectToClassSpace and ProjectMemories, and the importance
+overlay drawn as PNG (images leave the service here, never from the core)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from vitscope import tensors as wire
+from vitscope.overlay import heatmap_overlay
 from vitscope.v1 import common_pb2
 from vitscope.v1 import projection_pb2 as pb
 from vitscope_server.core.activations import TokenMode
 from vitscope_server.core.class_projection import (
     ClassRef,
     ImageProjection,
+    ImportanceMaps,
     ProjectionHeader,
     ProjectionQuery,
 )
@@ -21,6 +27,7 @@ from vitscope_server.core.class_space import LabelSet
 from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
 from vitscope_server.core.memories import MemoryQuery, MemoryResult
 from vitscope_server.transport.convert import provenance
+from vitscope_server.transport.png import png
 
 _REPRESENTATIONS = {
     pb.REPRESENTATION_RESIDUAL: "residual",
@@ -122,6 +129,11 @@ def _header(header: ProjectionHeader) -> pb.ProjectionHeader:
     )
 
 
+def _overlay_png(maps: ImportanceMaps) -> bytes:
+    """The upsampled map drawn over the model's input, as the client's own overlays are."""
+    return png(np.asarray(heatmap_overlay(Image.fromarray(maps.image), maps.upsampled)))
+
+
 def _image(image: ImageProjection, names: list[str]) -> pb.ImageProjection:
     message = pb.ImageProjection(
         image_index=image.image_index,
@@ -153,7 +165,7 @@ def _image(image: ImageProjection, names: list[str]) -> pb.ImageProjection:
                 per_head=wire.to_proto(maps.per_head),
                 summed=wire.to_proto(maps.summed),
                 upsampled=wire.to_proto(maps.upsampled),
-                overlay_png=maps.overlay_png,
+                overlay_png=_overlay_png(maps),
             )
         )
     return message

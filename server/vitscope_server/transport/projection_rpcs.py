@@ -31,7 +31,12 @@ class ProjectionRpcs:
     _chunk_bytes: int
 
     def _projection_limits(self) -> ProjectionLimits:
-        return ProjectionLimits(self._limits.max_batch, self._limits.max_pixels)
+        return ProjectionLimits(
+            self._limits.max_batch,
+            self._limits.max_pixels,
+            self._limits.max_result_bytes,
+            self._chunk_bytes,
+        )
 
     def ProjectToClassSpace(
         self, request: pb.ProjectToClassSpaceRequest, context: grpc.ServicerContext

@@ -42,6 +42,12 @@ class BlockAnatomy:
     windowed: bool = False
 
 
+def layer_scaled(weight: torch.Tensor, layer_scale: nn.Module) -> torch.Tensor:
+    """weight [D, n] with row d times a LayerScale's gamma[d]; an Identity leaves it as is."""
+    gamma = getattr(layer_scale, "gamma", None)
+    return weight if gamma is None else gamma[:, None] * weight
+
+
 def rgb_triple(values: Sequence[float]) -> tuple[float, float, float]:
     """Per-channel statistics; a single value applies to all three channels."""
     if len(values) == 1:
@@ -238,21 +244,30 @@ class ModelAdapter(ABC):
         raise NotImplementedError
 
     def mixed_values(self, probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Per-head attention-weighted values, heads concatenated: the output projection's input."""
+        """Per-head attention-weighted values, heads concatenated."""
         mixed = probs @ values  # [B, heads, queries, head_dim]
         batch, heads, queries, head_dim = mixed.shape
         return mixed.transpose(1, 2).reshape(batch, queries, heads * head_dim)
+
+    def output_projection_input(
+        self, block: int, probs: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """What the attention's output projection multiplies [B, queries, D]: the mixed values,
+        after any norm the attention applies to them (the attention memories' coefficients)."""
+        return self.mixed_values(probs, values)
 
     def mlp_fc1_path(self, block: int) -> str:
         """Module whose output holds the MLP's pre-activation hidden values (its keys' scores)."""
         raise NotImplementedError
 
     def mlp_value_matrix(self, block: int) -> torch.Tensor:
-        """fc2.weight [D, hidden]: each column is one MLP value vector."""
+        """fc2.weight [D, hidden] times the block's layer scale, if any: each column is what one
+        MLP memory adds to the residual stream per unit of its coefficient."""
         raise NotImplementedError
 
     def attention_value_matrix(self, block: int) -> torch.Tensor:
-        """The output projection's weight [D, D]: each column is one attention value vector."""
+        """The output projection's weight [D, D] times the block's layer scale, if any: each
+        column is one attention value vector as it reaches the residual stream."""
         raise NotImplementedError
 
     def classifier_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -10,7 +10,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vitscope_server.core.adapters.base import BlockAnatomy, DataConfig, ModelAdapter, rgb_triple
+from vitscope_server.core.adapters.base import (
+    BlockAnatomy,
+    DataConfig,
+    ModelAdapter,
+    layer_scaled,
+    rgb_triple,
+)
 from vitscope_server.core.errors import FailedPrecondition
 from vitscope_server.core.specs import ModelSpec
 
@@ -179,12 +185,12 @@ class OpenClipTowerAdapter(ModelAdapter):
         return f"{self.blocks[block].path}.mlp.c_fc"
 
     def mlp_value_matrix(self, block: int) -> torch.Tensor:
-        weight: torch.Tensor = self._block(block).mlp.c_proj.weight
-        return weight
+        module = self._block(block)
+        return layer_scaled(module.mlp.c_proj.weight, module.ls_2)
 
     def attention_value_matrix(self, block: int) -> torch.Tensor:
-        weight: torch.Tensor = self._block(block).attn.out_proj.weight
-        return weight
+        module = self._block(block)
+        return layer_scaled(module.attn.out_proj.weight, module.ls_1)
 
 
 def build_open_clip(spec: ModelSpec, pretrained: str | None) -> nn.Module:

@@ -10,7 +10,13 @@ from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 
-from vitscope_server.core.adapters.base import BlockAnatomy, DataConfig, ModelAdapter, rgb_triple
+from vitscope_server.core.adapters.base import (
+    BlockAnatomy,
+    DataConfig,
+    ModelAdapter,
+    layer_scaled,
+    rgb_triple,
+)
 from vitscope_server.core.errors import FailedPrecondition
 from vitscope_server.core.specs import ModelSpec
 
@@ -173,25 +179,30 @@ class TimmViTAdapter(TimmAdapter):
         qkv = qkv.reshape(batch, tokens, 3, attention.num_heads, -1)
         return qkv[:, :, 2].transpose(1, 2)
 
+    def output_projection_input(
+        self, block: int, probs: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        normed: torch.Tensor = self._block(block).attn.norm(self.mixed_values(probs, values))
+        return normed
+
     def attention_output(
         self, block: int, probs: torch.Tensor, values: torch.Tensor
     ) -> torch.Tensor:
         module = self._block(block)
-        attention = module.attn
-        mixed = attention.norm(self.mixed_values(probs, values))
-        output: torch.Tensor = module.ls1(attention.proj(mixed))
+        projected = module.attn.proj(self.output_projection_input(block, probs, values))
+        output: torch.Tensor = module.ls1(projected)
         return output
 
     def mlp_fc1_path(self, block: int) -> str:
         return f"{self.blocks[block].path}.mlp.fc1"
 
     def mlp_value_matrix(self, block: int) -> torch.Tensor:
-        weight: torch.Tensor = self._block(block).mlp.fc2.weight
-        return weight
+        module = self._block(block)
+        return layer_scaled(module.mlp.fc2.weight, module.ls2)
 
     def attention_value_matrix(self, block: int) -> torch.Tensor:
-        weight: torch.Tensor = self._block(block).attn.proj.weight
-        return weight
+        module = self._block(block)
+        return layer_scaled(module.attn.proj.weight, module.ls1)
 
 
 class TimmSwinAdapter(TimmAdapter):
