@@ -18,6 +18,9 @@ from reference import reference_sites
 from vitscope import Client, InvalidArgumentError, NotFoundError
 from vitscope.cli import main
 from vitscope.errors import PermissionDeniedError
+from vitscope_server.core.cancel import NEVER_CANCELLED
+from vitscope_server.core.images import ImageInput
+from vitscope_server.core.top_images import ScanItem, ScanQuery, TopImageScan
 from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer
 
@@ -105,6 +108,14 @@ def test_server_folder_matches_streaming(tclient: Client, root: Path, digits: np
             f"{'a' if i < COUNT // 2 else 'b'}/{i:03d}.png" for i, _, _ in expected
         ]
         assert [t.score for t in got] == pytest.approx([s for _, s, _ in expected], abs=1e-5)
+
+
+def test_kept_maps_do_not_hold_their_batch(folder_server: RunningServer, digits: np.ndarray) -> None:
+    scan = TopImageScan(folder_server.registry.get(DIGITS), ScanQuery(SITE, (0, 32), 2))
+    items = [ScanItem(i, "", ImageInput(pixels=d)) for i, d in enumerate(digits[:6])]
+    scan.add_items(items, 10_000, NEVER_CANCELLED)
+    for hits in scan.tops.values():
+        assert all(hit.patch_map.base is None and hit.patch_map.shape == (7, 7) for hit in hits)
 
 
 def test_open_clip_tower(tclient: Client) -> None:

@@ -122,8 +122,9 @@ class TopImageScan:
             )
             maps_np = maps.cpu().numpy()
         for column, channel in enumerate(self.query.channels):
+            # Each map is copied out of the batch so a kept hit does not keep the whole batch.
             fresh = [
-                Hit(int(index), path, float(scores[row, column]), maps_np[row, column])
+                Hit(int(index), path, float(scores[row, column]), maps_np[row, column].copy())
                 for row, (index, path) in enumerate(zip(indices, paths, strict=True))
             ]
             self.tops[channel] = best([*self.tops[channel], *fresh], self.query.top_k)
