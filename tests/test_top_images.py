@@ -15,7 +15,7 @@ from features_reference import as_input, build_digits_model, hidden, normalise
 from PIL import Image
 from reference import reference_sites
 
-from vitscope import Client, InvalidArgumentError, NotFoundError
+from vitscope import Client, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from vitscope.cli import main
 from vitscope.errors import PermissionDeniedError
 from vitscope_server.core.cancel import NEVER_CANCELLED
@@ -110,7 +110,9 @@ def test_server_folder_matches_streaming(tclient: Client, root: Path, digits: np
         assert [t.score for t in got] == pytest.approx([s for _, s, _ in expected], abs=1e-5)
 
 
-def test_kept_maps_do_not_hold_their_batch(folder_server: RunningServer, digits: np.ndarray) -> None:
+def test_kept_maps_do_not_hold_their_batch(
+    folder_server: RunningServer, digits: np.ndarray
+) -> None:
     scan = TopImageScan(folder_server.registry.get(DIGITS), ScanQuery(SITE, (0, 32), 2))
     items = [ScanItem(i, "", ImageInput(pixels=d)) for i, d in enumerate(digits[:6])]
     scan.add_items(items, 10_000, NEVER_CANCELLED)
@@ -137,6 +139,17 @@ def test_open_clip_tower(tclient: Client) -> None:
     ("options", "error", "words"),
     [
         ({"top_k": 0}, InvalidArgumentError, ["top_k", "1..1000"]),
+        (
+            # 192 x 1000 maps of 10x10 float32 exceed the 64 MiB message less its headroom.
+            {
+                "model": "vit",
+                "site": "blocks.1.mlp.hidden",
+                "channels": list(range(192)),
+                "top_k": 1000,
+            },
+            ResourceExhaustedError,
+            ["192 channels", "top_k 1000", str((64 << 20) - (16 << 10))],
+        ),
         ({"channels": [256]}, InvalidArgumentError, ["channels", "256", "0..255"]),
         ({"channels": []}, InvalidArgumentError, ["channels"]),
         ({"site": "blocks.3.nope"}, NotFoundError, ["site"]),

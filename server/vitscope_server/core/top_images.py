@@ -9,6 +9,7 @@ top-k of one scan over everything.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,13 +22,20 @@ from vitscope_server.core.activations import as_site_layout
 from vitscope_server.core.adapters import Layout, SiteDef
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites, last_block_needed
-from vitscope_server.core.errors import InvalidArgument, NotFound, PermissionDenied
+from vitscope_server.core.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
 MAX_TOP_K = 1000
+# What one hit takes in a result beside its float32 map and its path: index, score, framing.
+HIT_FRAMING_BYTES = 64
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -96,6 +104,18 @@ class TopImageScan:
         self.site: SiteDef = site
         self.scanned = 0
         self.tops: dict[int, list[Hit]] = {c: [] for c in query.channels}
+
+    def require_result_within(self, max_bytes: int, path_bytes: int = 0) -> None:
+        """Refuses, before any image is scored, a scan whose full result (every channel's
+        top_k hits, paths up to path_bytes long) would exceed max_bytes."""
+        count, top_k = len(self.query.channels), self.query.top_k
+        per_hit = math.prod(self.site.grid) * 4 + HIT_FRAMING_BYTES + path_bytes
+        if count * top_k * per_hit > max_bytes:
+            raise ResourceExhausted(
+                f"channels, top_k: {count} channels x top_k {top_k} x {per_hit} bytes per hit "
+                f"exceeds the result limit of {max_bytes} bytes; ask for fewer channels or a "
+                "smaller top_k"
+            )
 
     def add(
         self,
