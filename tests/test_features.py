@@ -32,6 +32,7 @@ from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.capture import capture_sites
+from vitscope_server.core.errors import ResourceExhausted
 from vitscope_server.core.features import (
     FeatureForward,
     FeatureSpec,
@@ -346,6 +347,8 @@ BAD = [
         ["no classifier"],
     ),
     ({}, [("blocks.1.out", 1)] * 65, ResourceExhaustedError, ["features", "64"]),
+    # Nine features of eight copies forward 72 images per step, over the batch limit of 64.
+    ({}, [("blocks.1.out", 1)] * 9, ResourceExhaustedError, ["features x copies", "72", "64"]),
     ({"copies": 64, "image_size": 1024}, None, ResourceExhaustedError, ["pixels"]),
 ]
 
@@ -366,6 +369,17 @@ def test_bad_requests(
         )
     for word in words:
         assert word in str(caught.value)
+
+
+def test_small_images_count_pixels_at_the_native_size(busy_server: RunningServer) -> None:
+    """8 px images are resized to the model's 160 px for every forward: 8 copies are 204800
+    pixels per step, not 512."""
+    loaded = busy_server.registry.get("vit")
+    assert tuple(loaded.adapter.data_config.input_size) == (3, 160, 160)
+    params = OptimizationParams(image_size=8, copies=8)
+    with pytest.raises(ResourceExhausted, match="204800 pixels exceeds 200000"):
+        prepare_optimization(loaded, [FeatureSpec("blocks.1.out", 1)], params, 64, 200_000)
+    assert prepare_optimization(loaded, [FeatureSpec("blocks.1.out", 1)], params, 64, 204_800)
 
 
 def test_unknown_objective_value(busy_server: RunningServer, fclient: Client) -> None:

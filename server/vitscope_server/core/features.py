@@ -218,21 +218,32 @@ def prepare_optimization(
     loaded: LoadedModel,
     features: list[FeatureSpec],
     params: OptimizationParams,
-    max_features: int,
+    max_batch: int,
     max_pixels: int,
 ) -> PreparedOptimization:
-    """Validation and defaults; needs no compute slot."""
+    """Validation and defaults; needs no compute slot.
+
+    Every step forwards and backpropagates features x copies images at the model's native
+    size (or the image size, when larger), so that batch is held to the server's batch and
+    pixel limits.
+    """
     if not features:
         raise InvalidArgument("features: at least one feature is required")
-    if len(features) > max_features:
-        raise ResourceExhausted(f"features: {len(features)} exceeds the limit of {max_features}")
     effective = effective_params(params, loaded.adapter)
+    batch = len(features) * effective.copies
+    if batch > max_batch:
+        raise ResourceExhausted(
+            f"features x copies = {len(features)} x {effective.copies} = {batch} images per step "
+            f"exceeds the server's batch limit of {max_batch}; ask for fewer features or copies"
+        )
     sites = [_feature_site(loaded, f, f"features[{i}]") for i, f in enumerate(features)]
-    batch_pixels = len(features) * effective.copies * effective.image_size**2
+    _, native_height, native_width = loaded.adapter.data_config.input_size
+    size = effective.image_size
+    batch_pixels = batch * max(size, native_height) * max(size, native_width)
     if batch_pixels > max_pixels:
         raise ResourceExhausted(
-            f"features x copies x image_size^2 = {batch_pixels} pixels exceeds {max_pixels}; "
-            "ask for fewer features, copies or a smaller image"
+            f"features x copies x max(image_size, native size)^2 = {batch_pixels} pixels "
+            f"exceeds {max_pixels}; ask for fewer features, copies or a smaller image"
         )
     return PreparedOptimization(loaded, features, sites, effective)
 
