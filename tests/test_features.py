@@ -38,6 +38,7 @@ from vitscope_server.core.features import (
     FeatureSpec,
     OptimizationParams,
     draw_augmentation,
+    encoded_image_bound,
     prepare_optimization,
     step_loss,
 )
@@ -128,6 +129,7 @@ def test_core_first_step_matches_reference(
         [FeatureSpec("blocks.3.mlp.hidden", c) for c in channels],
         OptimizationParams(seed=seed),
         64,
+        10**8,
         10**8,
     )
     forward = FeatureForward(prepared)
@@ -350,6 +352,13 @@ BAD = [
     # Nine features of eight copies forward 72 images per step, over the batch limit of 64.
     ({}, [("blocks.1.out", 1)] * 9, ResourceExhaustedError, ["features x copies", "72", "64"]),
     ({"copies": 64, "image_size": 1024}, None, ResourceExhaustedError, ["pixels"]),
+    # 22 PNGs of 1024 px take up to 69 MB, over the 64 MiB message less its headroom.
+    (
+        {"copies": 1, "image_size": 1024},
+        [("blocks.1.out", 1)] * 22,
+        ResourceExhaustedError,
+        ["features", "1024x1024", str((64 << 20) - (16 << 10))],
+    ),
 ]
 
 
@@ -378,8 +387,18 @@ def test_small_images_count_pixels_at_the_native_size(busy_server: RunningServer
     assert tuple(loaded.adapter.data_config.input_size) == (3, 160, 160)
     params = OptimizationParams(image_size=8, copies=8)
     with pytest.raises(ResourceExhausted, match="204800 pixels exceeds 200000"):
-        prepare_optimization(loaded, [FeatureSpec("blocks.1.out", 1)], params, 64, 200_000)
-    assert prepare_optimization(loaded, [FeatureSpec("blocks.1.out", 1)], params, 64, 204_800)
+        prepare_optimization(loaded, [FeatureSpec("blocks.1.out", 1)], params, 64, 200_000, 10**8)
+    assert prepare_optimization(
+        loaded, [FeatureSpec("blocks.1.out", 1)], params, 64, 204_800, 10**8
+    )
+
+
+def test_response_bound_covers_the_worst_png() -> None:
+    """Noise does not compress: its PNG is the largest an image of that size gets."""
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(noise).save(encoded, format="PNG")
+    assert 300 * 300 * 3 < len(encoded.getvalue()) <= encoded_image_bound(300)
 
 
 def test_unknown_objective_value(busy_server: RunningServer, fclient: Client) -> None:

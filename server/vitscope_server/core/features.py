@@ -44,6 +44,8 @@ MIN_IMAGE_SIZE = 8
 MAX_IMAGE_SIZE = 1024
 PARAMETERISATION = "pixels, uniform [0, 1] init, clamped to [0, 1] after each step"
 SCHEDULE = "Adam, cosine annealing to 0"
+# What one feature takes in a response beside its image, map and direction: names, framing.
+FEATURE_FRAMING_BYTES = 1024
 
 
 class Objective(Enum):
@@ -214,18 +216,40 @@ def _feature_site(loaded: LoadedModel, feature: FeatureSpec, field: str) -> Site
     return site
 
 
+def encoded_image_bound(size: int) -> int:
+    """The most bytes an 8-bit RGB PNG of size x size takes: its raw rows with a filter byte
+    each, plus stored-block and chunk framing per 64 KiB, plus the header."""
+    raw = size * (3 * size + 1)
+    return raw + 32 * (raw // 65535 + 1) + 1024
+
+
+def response_bytes_bound(
+    features: list[FeatureSpec], sites: list[SiteDef | None], image_size: int
+) -> int:
+    """The most bytes the final result (the largest response) takes: every feature's image,
+    patch map and direction, the direction twice (the request's echo and the result)."""
+    total = 0
+    for feature, site in zip(features, sites, strict=True):
+        patch_map = math.prod(site.grid) * 4 if site is not None else 0
+        total += encoded_image_bound(image_size) + patch_map + 2 * 4 * len(feature.direction)
+        total += FEATURE_FRAMING_BYTES
+    return total
+
+
 def prepare_optimization(
     loaded: LoadedModel,
     features: list[FeatureSpec],
     params: OptimizationParams,
     max_batch: int,
     max_pixels: int,
+    max_response_bytes: int,
 ) -> PreparedOptimization:
     """Validation and defaults; needs no compute slot.
 
     Every step forwards and backpropagates features x copies images at the model's native
     size (or the image size, when larger), so that batch is held to the server's batch and
-    pixel limits.
+    pixel limits. The result goes out in one message, so it is held to max_response_bytes
+    before any step is run.
     """
     if not features:
         raise InvalidArgument("features: at least one feature is required")
@@ -244,6 +268,13 @@ def prepare_optimization(
         raise ResourceExhausted(
             f"features x copies x max(image_size, native size)^2 = {batch_pixels} pixels "
             f"exceeds {max_pixels}; ask for fewer features, copies or a smaller image"
+        )
+    response_bytes = response_bytes_bound(features, sites, size)
+    if response_bytes > max_response_bytes:
+        raise ResourceExhausted(
+            f"features, parameters.image_size: {len(features)} images of {size}x{size} take up to "
+            f"{response_bytes} bytes, over the response limit of {max_response_bytes} bytes; "
+            "ask for fewer features or a smaller image"
         )
     return PreparedOptimization(loaded, features, sites, effective)
 

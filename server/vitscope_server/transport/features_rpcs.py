@@ -54,6 +54,7 @@ class FeatureRpcs:
             convert_features.optimization_params(request),
             self._limits.max_batch,
             self._limits.max_pixels,
+            self._response_budget(),
         )
         cancel = cancel_token(context)
         labels = ("OptimizeFeatures", loaded.spec.name)
