@@ -17,10 +17,12 @@ from reference import reference_sites
 
 from vitscope import Client, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from vitscope.cli import main
+from vitscope.client import ImageLike
 from vitscope.errors import PermissionDeniedError
 from vitscope_server.core.cancel import NEVER_CANCELLED
+from vitscope_server.core.errors import InvalidArgument
 from vitscope_server.core.images import ImageInput
-from vitscope_server.core.top_images import ScanItem, ScanQuery, TopImageScan
+from vitscope_server.core.top_images import ScanItem, ScanQuery, TopImageScan, file_items
 from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer
 
@@ -115,7 +117,7 @@ def test_kept_maps_do_not_hold_their_batch(
 ) -> None:
     scan = TopImageScan(folder_server.registry.get(DIGITS), ScanQuery(SITE, (0, 32), 2))
     items = [ScanItem(i, "", ImageInput(pixels=d)) for i, d in enumerate(digits[:6])]
-    scan.add_items(items, 10_000, NEVER_CANCELLED)
+    scan.add(scan.prepare(items, 10_000), items, NEVER_CANCELLED)
     for hits in scan.tops.values():
         assert all(hit.patch_map.base is None and hit.patch_map.shape == (7, 7) for hit in hits)
 
@@ -189,6 +191,32 @@ def test_bad_requests(
     for word in words:
         assert word in str(caught.value)
     assert tclient.top_activating_images(SITE, [1], images=list(digits[:2]), model=DIGITS)
+
+
+def test_bad_file_in_a_folder_is_named_by_its_path(
+    tclient: Client, root: Path, digits: np.ndarray
+) -> None:
+    broken = root / "broken"
+    broken.mkdir()
+    Image.fromarray(digits[0]).save(broken / "a.png")
+    (broken / "b.png").write_bytes(b"not an image")
+    with pytest.raises(InvalidArgumentError, match=r"'b\.png'"):
+        tclient.top_activating_images(SITE, [1], image_folder=str(broken), model=DIGITS)
+    assert tclient.top_activating_images(SITE, [1], images=list(digits[:2]), model=DIGITS)
+
+
+def test_bad_streamed_image_is_named_by_its_stream_index(
+    tclient: Client, digits: np.ndarray
+) -> None:
+    """The ninth image arrives first in the third message of four; it is images[8]."""
+    images: list[ImageLike] = [*digits[:8], b"not an image"]
+    with pytest.raises(InvalidArgumentError, match=r"images\[8\]"):
+        tclient.top_activating_images(SITE, [1], images=images, model=DIGITS, batch=4)
+
+
+def test_vanished_file_is_named_by_its_path(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"'a/gone\.png': cannot be read"):
+        file_items([("a/gone.png", tmp_path / "a" / "gone.png")], 0)
 
 
 def test_server_without_roots_refuses_folders(client: Client) -> None:

@@ -62,6 +62,11 @@ class ScanItem:
     path: str
     image: ImageInput
 
+    @property
+    def field(self) -> str:
+        """How errors name the image: by its path when it has one, else its stream index."""
+        return f"image_folder file {self.path!r}" if self.path else f"images[{self.index}]"
+
 
 @dataclass(frozen=True)
 class ScanResult:
@@ -117,14 +122,19 @@ class TopImageScan:
                 "smaller top_k"
             )
 
-    def add(
-        self,
-        pixels: torch.Tensor,
-        indices: Sequence[int],
-        paths: Sequence[str],
-        cancel: CancelToken,
-    ) -> None:
-        """Scores one preprocessed batch [B, 3, H, W]; indices and paths name its images."""
+    def prepare(self, items: Sequence[ScanItem], max_pixels: int) -> torch.Tensor:
+        """Decodes and preprocesses the items with the model's own transform; needs no
+        compute slot. Errors name each item by its path or stream index."""
+        return prepare_batch(
+            self.loaded.adapter,
+            [i.image for i in items],
+            len(items),
+            max_pixels,
+            [i.field for i in items],
+        )
+
+    def add(self, pixels: torch.Tensor, items: Sequence[ScanItem], cancel: CancelToken) -> None:
+        """Scores one prepared batch [B, 3, H, W] of the items."""
         adapter, site = self.loaded.adapter, self.site
         batch = pixels.to(self.loaded.device)
         stop_after = last_block_needed(adapter, [site])
@@ -144,18 +154,11 @@ class TopImageScan:
         for column, channel in enumerate(self.query.channels):
             # Each map is copied out of the batch so a kept hit does not keep the whole batch.
             fresh = [
-                Hit(int(index), path, float(scores[row, column]), maps_np[row, column].copy())
-                for row, (index, path) in enumerate(zip(indices, paths, strict=True))
+                Hit(item.index, item.path, float(scores[row, column]), maps_np[row, column].copy())
+                for row, item in enumerate(items)
             ]
             self.tops[channel] = best([*self.tops[channel], *fresh], self.query.top_k)
         self.scanned += batch.shape[0]
-
-    def add_items(self, items: Sequence[ScanItem], max_pixels: int, cancel: CancelToken) -> None:
-        """Decodes and preprocesses the items with the model's own transform, then scores them."""
-        pixels = prepare_batch(
-            self.loaded.adapter, [i.image for i in items], len(items), max_pixels
-        )
-        self.add(pixels, [i.index for i in items], [i.path for i in items], cancel)
 
     def result(self) -> ScanResult:
         return ScanResult(provenance_of(self.loaded), self.query, self.scanned, dict(self.tops))
@@ -192,9 +195,20 @@ def list_images(folder: Path) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
+def read_image(name: str, path: Path) -> ImageInput:
+    """The file's bytes; a file that vanished or cannot be read is the caller's error,
+    named by its path in the folder."""
+    try:
+        return ImageInput(encoded=path.read_bytes())
+    except OSError as exc:
+        raise InvalidArgument(
+            f"image_folder file {name!r}: cannot be read ({exc.strerror or exc})"
+        ) from None
+
+
 def file_items(files: Sequence[tuple[str, Path]], start: int) -> list[ScanItem]:
     """Scan items of files[i] numbered from start; the bytes are read here, batch by batch."""
     return [
-        ScanItem(start + offset, name, ImageInput(encoded=path.read_bytes()))
+        ScanItem(start + offset, name, read_image(name, path))
         for offset, (name, path) in enumerate(files)
     ]

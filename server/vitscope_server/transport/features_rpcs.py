@@ -79,10 +79,11 @@ class FeatureRpcs:
         labels = ("TopActivatingImages", loaded.spec.name)
 
         def score(items: list[ScanItem]) -> None:
+            pixels = scan.prepare(items, self._limits.max_pixels)
             with self._slots.acquire(cancel) as waited:
                 self._metrics.queue_wait.labels(*labels).observe(waited)
                 with self._metrics.compute.labels(*labels).time():
-                    scan.add_items(items, self._limits.max_pixels, cancel)
+                    scan.add(pixels, items, cancel)
 
         batch = self._limits.max_batch
         if first.image_folder:
