@@ -28,11 +28,12 @@ from vitscope import (
     ResourceExhaustedError,
 )
 from vitscope.features import Feature
+from vitscope.tensors import to_proto
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.capture import capture_sites
-from vitscope_server.core.errors import ResourceExhausted
+from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
 from vitscope_server.core.features import (
     FeatureForward,
     FeatureSpec,
@@ -44,6 +45,7 @@ from vitscope_server.core.features import (
 )
 from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer
+from vitscope_server.transport.convert_features import feature_specs
 
 DIGITS = "vitscope-digits"
 STEPS_METRIC = "vitscope_optimization_steps_total"
@@ -399,6 +401,25 @@ def test_response_bound_covers_the_worst_png() -> None:
     encoded = io.BytesIO()
     Image.fromarray(noise).save(encoded, format="PNG")
     assert 300 * 300 * 3 < len(encoded.getvalue()) <= encoded_image_bound(300)
+
+
+def test_direction_is_checked_before_it_is_converted(busy_server: RunningServer) -> None:
+    """A million float16 values stay one decoded array until the length check refuses them."""
+    request = fpb.OptimizeFeaturesRequest(
+        features=[
+            fpb.Feature(
+                site="blocks.1.out",
+                objective=fpb.FEATURE_OBJECTIVE_DIRECTION,
+                direction=to_proto(np.ones(1_000_000, dtype=np.float16)),
+            )
+        ]
+    )
+    spec = feature_specs(request)[0]
+    assert isinstance(spec.direction, np.ndarray) and spec.direction.dtype == np.float16
+    with pytest.raises(InvalidArgument, match=r"needs 64 values for 'blocks\.1\.out', got 1000000"):
+        prepare_optimization(
+            busy_server.registry.get(DIGITS), [spec], OptimizationParams(), 64, 10**8, 10**8
+        )
 
 
 def test_unknown_objective_value(busy_server: RunningServer, fclient: Client) -> None:

@@ -62,7 +62,8 @@ class FeatureSpec:
     channel: int = 0
     objective: Objective = Objective.PATCH_MEAN
     token_index: int = 0
-    direction: tuple[float, ...] = ()
+    # As decoded from the wire, any numeric dtype; its length is checked before any use.
+    direction: np.ndarray | None = None
     class_index: int = 0
 
 
@@ -201,11 +202,12 @@ def _feature_site(loaded: LoadedModel, feature: FeatureSpec, field: str) -> Site
     channels = shape[-1]
     tokens = shape[1]
     if feature.objective is Objective.DIRECTION:
-        if len(feature.direction) != channels:
+        given = 0 if feature.direction is None else feature.direction.size
+        if feature.direction is None or given != channels:
             raise InvalidArgument(
-                f"{field}.direction: needs {channels} values for {site.name!r}, got {len(feature.direction)}"
+                f"{field}.direction: needs {channels} values for {site.name!r}, got {given}"
             )
-        if not all(math.isfinite(v) for v in feature.direction):
+        if not np.isfinite(feature.direction).all():
             raise InvalidArgument(f"{field}.direction: contains NaN or infinity")
     else:
         _in_range(feature.channel, f"{field}.channel", 0, channels - 1)
@@ -231,7 +233,8 @@ def response_bytes_bound(
     total = 0
     for feature, site in zip(features, sites, strict=True):
         patch_map = math.prod(site.grid) * 4 if site is not None else 0
-        total += encoded_image_bound(image_size) + patch_map + 2 * 4 * len(feature.direction)
+        direction = 4 * feature.direction.size if feature.direction is not None else 0
+        total += encoded_image_bound(image_size) + patch_map + 2 * direction
         total += FEATURE_FRAMING_BYTES
     return total
 
@@ -338,8 +341,8 @@ class FeatureForward:
         needs_logits = any(s is None for s in prepared.sites)
         self.stop_after = None if needs_logits else last_block_needed(adapter, self.sites)
         self.directions = [
-            torch.tensor(f.direction, dtype=torch.float32, device=device)
-            if f.objective is Objective.DIRECTION
+            torch.from_numpy(f.direction.reshape(-1).astype(np.float32)).to(device)
+            if f.objective is Objective.DIRECTION and f.direction is not None
             else None
             for f in prepared.features
         ]
