@@ -22,7 +22,13 @@ from vitscope.errors import PermissionDeniedError
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.errors import InvalidArgument
 from vitscope_server.core.images import ImageInput
-from vitscope_server.core.top_images import ScanItem, ScanQuery, TopImageScan, file_items
+from vitscope_server.core.top_images import (
+    ScanItem,
+    ScanQuery,
+    TopImageScan,
+    file_items,
+    list_images,
+)
 from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer
 
@@ -217,6 +223,12 @@ def test_bad_streamed_image_is_named_by_its_stream_index(
 def test_vanished_file_is_named_by_its_path(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match=r"'a/gone\.png': cannot be read"):
         file_items([("a/gone.png", tmp_path / "a" / "gone.png")], 0)
+
+
+def test_symlinks_leading_out_of_the_folder_are_skipped(root: Path) -> None:
+    names = [name for name, _ in list_images(root / "digits")]
+    assert len(names) == COUNT and "b/zz-link.png" not in names
+    assert (root / "digits" / "b" / "zz-link.png").is_file()
 
 
 def test_server_without_roots_refuses_folders(client: Client) -> None:
