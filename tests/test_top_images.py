@@ -21,8 +21,9 @@ from vitscope.client import ImageLike
 from vitscope.errors import PermissionDeniedError
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.errors import InvalidArgument
-from vitscope_server.core.images import ImageInput
+from vitscope_server.core.images import ALLOWED_FORMATS, ImageInput
 from vitscope_server.core.top_images import (
+    IMAGE_SUFFIXES,
     ScanItem,
     ScanQuery,
     TopImageScan,
@@ -229,6 +230,11 @@ def test_symlinks_leading_out_of_the_folder_are_skipped(root: Path) -> None:
     names = [name for name, _ in list_images(root / "digits")]
     assert len(names) == COUNT and "b/zz-link.png" not in names
     assert (root / "digits" / "b" / "zz-link.png").is_file()
+
+
+def test_folder_suffixes_are_the_decodable_formats() -> None:
+    formats = {Image.registered_extensions()[suffix] for suffix in IMAGE_SUFFIXES}
+    assert formats == set(ALLOWED_FORMATS)
 
 
 def test_server_without_roots_refuses_folders(client: Client) -> None:

@@ -36,6 +36,8 @@ from vitscope_server.core.sites import resolve_site
 MAX_TOP_K = 1000
 # What one hit takes in a result beside its float32 map and its path: index, score, framing.
 HIT_FRAMING_BYTES = 64
+# The file suffixes every folder of images is listed by (scans, and anything else that reads
+# a folder through list_images): exactly the formats images.ALLOWED_FORMATS decodes.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -182,8 +184,9 @@ def allowed_folder(folder: str, roots: Sequence[Path]) -> Path:
 
 
 def list_images(folder: Path) -> list[tuple[str, Path]]:
-    """(relative path, file) of every image under folder, sorted by relative path (the order
-    shards split); files whose real location leaves the folder (symlinks) are skipped."""
+    """(relative path, file) of every file under folder with one of IMAGE_SUFFIXES (any case),
+    sorted by relative path (the order shards split); files whose real location leaves the
+    folder (symlinks) are skipped."""
     real = Path(os.path.realpath(folder))
     found = []
     for path in folder.rglob("*"):
