@@ -28,20 +28,24 @@ from vitscope import (
     ResourceExhaustedError,
 )
 from vitscope.features import Feature
+from vitscope.tensors import to_proto
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.capture import capture_sites
+from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
 from vitscope_server.core.features import (
     FeatureForward,
     FeatureSpec,
     OptimizationParams,
     draw_augmentation,
+    encoded_image_bound,
     prepare_optimization,
     step_loss,
 )
 from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer
+from vitscope_server.transport.convert_features import feature_specs
 
 DIGITS = "vitscope-digits"
 STEPS_METRIC = "vitscope_optimization_steps_total"
@@ -127,6 +131,7 @@ def test_core_first_step_matches_reference(
         [FeatureSpec("blocks.3.mlp.hidden", c) for c in channels],
         OptimizationParams(seed=seed),
         64,
+        10**8,
         10**8,
     )
     forward = FeatureForward(prepared)
@@ -346,7 +351,16 @@ BAD = [
         ["no classifier"],
     ),
     ({}, [("blocks.1.out", 1)] * 65, ResourceExhaustedError, ["features", "64"]),
+    # Nine features of eight copies forward 72 images per step, over the batch limit of 64.
+    ({}, [("blocks.1.out", 1)] * 9, ResourceExhaustedError, ["features x copies", "72", "64"]),
     ({"copies": 64, "image_size": 1024}, None, ResourceExhaustedError, ["pixels"]),
+    # 22 PNGs of 1024 px take up to 69 MB, over the 64 MiB message less its headroom.
+    (
+        {"copies": 1, "image_size": 1024},
+        [("blocks.1.out", 1)] * 22,
+        ResourceExhaustedError,
+        ["features", "1024x1024", str((64 << 20) - (16 << 10))],
+    ),
 ]
 
 
@@ -366,6 +380,46 @@ def test_bad_requests(
         )
     for word in words:
         assert word in str(caught.value)
+
+
+def test_small_images_count_pixels_at_the_native_size(busy_server: RunningServer) -> None:
+    """8 px images are resized to the model's 160 px for every forward: 8 copies are 204800
+    pixels per step, not 512."""
+    loaded = busy_server.registry.get("vit")
+    assert tuple(loaded.adapter.data_config.input_size) == (3, 160, 160)
+    params = OptimizationParams(image_size=8, copies=8)
+    with pytest.raises(ResourceExhausted, match="204800 pixels exceeds 200000"):
+        prepare_optimization(loaded, [FeatureSpec("blocks.1.out", 1)], params, 64, 200_000, 10**8)
+    assert prepare_optimization(
+        loaded, [FeatureSpec("blocks.1.out", 1)], params, 64, 204_800, 10**8
+    )
+
+
+def test_response_bound_covers_the_worst_png() -> None:
+    """Noise does not compress: its PNG is the largest an image of that size gets."""
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(noise).save(encoded, format="PNG")
+    assert 300 * 300 * 3 < len(encoded.getvalue()) <= encoded_image_bound(300)
+
+
+def test_direction_is_checked_before_it_is_converted(busy_server: RunningServer) -> None:
+    """A million float16 values stay one decoded array until the length check refuses them."""
+    request = fpb.OptimizeFeaturesRequest(
+        features=[
+            fpb.Feature(
+                site="blocks.1.out",
+                objective=fpb.FEATURE_OBJECTIVE_DIRECTION,
+                direction=to_proto(np.ones(1_000_000, dtype=np.float16)),
+            )
+        ]
+    )
+    spec = feature_specs(request)[0]
+    assert isinstance(spec.direction, np.ndarray) and spec.direction.dtype == np.float16
+    with pytest.raises(InvalidArgument, match=r"needs 64 values for 'blocks\.1\.out', got 1000000"):
+        prepare_optimization(
+            busy_server.registry.get(DIGITS), [spec], OptimizationParams(), 64, 10**8, 10**8
+        )
 
 
 def test_unknown_objective_value(busy_server: RunningServer, fclient: Client) -> None:

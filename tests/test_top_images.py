@@ -15,9 +15,21 @@ from features_reference import as_input, build_digits_model, hidden, normalise
 from PIL import Image
 from reference import reference_sites
 
-from vitscope import Client, InvalidArgumentError, NotFoundError
+from vitscope import Client, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from vitscope.cli import main
+from vitscope.client import ImageLike
 from vitscope.errors import PermissionDeniedError
+from vitscope_server.core.cancel import NEVER_CANCELLED
+from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.images import ALLOWED_FORMATS, ImageInput
+from vitscope_server.core.top_images import (
+    IMAGE_SUFFIXES,
+    ScanItem,
+    ScanQuery,
+    TopImageScan,
+    file_items,
+    list_images,
+)
 from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer
 
@@ -107,6 +119,16 @@ def test_server_folder_matches_streaming(tclient: Client, root: Path, digits: np
         assert [t.score for t in got] == pytest.approx([s for _, s, _ in expected], abs=1e-5)
 
 
+def test_kept_maps_do_not_hold_their_batch(
+    folder_server: RunningServer, digits: np.ndarray
+) -> None:
+    scan = TopImageScan(folder_server.registry.get(DIGITS), ScanQuery(SITE, (0, 32), 2))
+    items = [ScanItem(i, "", ImageInput(pixels=d)) for i, d in enumerate(digits[:6])]
+    scan.add(scan.prepare(items, 10_000), items, NEVER_CANCELLED)
+    for hits in scan.tops.values():
+        assert all(hit.patch_map.base is None and hit.patch_map.shape == (7, 7) for hit in hits)
+
+
 def test_open_clip_tower(tclient: Client) -> None:
     images = np.random.default_rng(0).normal(size=(6, 3, 64, 64)).astype(np.float32)
     result = tclient.top_activating_images(
@@ -126,6 +148,17 @@ def test_open_clip_tower(tclient: Client) -> None:
     ("options", "error", "words"),
     [
         ({"top_k": 0}, InvalidArgumentError, ["top_k", "1..1000"]),
+        (
+            # 192 x 1000 maps of 10x10 float32 exceed the 64 MiB message less its headroom.
+            {
+                "model": "vit",
+                "site": "blocks.1.mlp.hidden",
+                "channels": list(range(192)),
+                "top_k": 1000,
+            },
+            ResourceExhaustedError,
+            ["192 channels", "top_k 1000", str((64 << 20) - (16 << 10))],
+        ),
         ({"channels": [256]}, InvalidArgumentError, ["channels", "256", "0..255"]),
         ({"channels": []}, InvalidArgumentError, ["channels"]),
         ({"site": "blocks.3.nope"}, NotFoundError, ["site"]),
@@ -165,6 +198,43 @@ def test_bad_requests(
     for word in words:
         assert word in str(caught.value)
     assert tclient.top_activating_images(SITE, [1], images=list(digits[:2]), model=DIGITS)
+
+
+def test_bad_file_in_a_folder_is_named_by_its_path(
+    tclient: Client, root: Path, digits: np.ndarray
+) -> None:
+    broken = root / "broken"
+    broken.mkdir()
+    Image.fromarray(digits[0]).save(broken / "a.png")
+    (broken / "b.png").write_bytes(b"not an image")
+    with pytest.raises(InvalidArgumentError, match=r"'b\.png'"):
+        tclient.top_activating_images(SITE, [1], image_folder=str(broken), model=DIGITS)
+    assert tclient.top_activating_images(SITE, [1], images=list(digits[:2]), model=DIGITS)
+
+
+def test_bad_streamed_image_is_named_by_its_stream_index(
+    tclient: Client, digits: np.ndarray
+) -> None:
+    """The ninth image arrives first in the third message of four; it is images[8]."""
+    images: list[ImageLike] = [*digits[:8], b"not an image"]
+    with pytest.raises(InvalidArgumentError, match=r"images\[8\]"):
+        tclient.top_activating_images(SITE, [1], images=images, model=DIGITS, batch=4)
+
+
+def test_vanished_file_is_named_by_its_path(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"'a/gone\.png': cannot be read"):
+        file_items([("a/gone.png", tmp_path / "a" / "gone.png")], 0)
+
+
+def test_symlinks_leading_out_of_the_folder_are_skipped(root: Path) -> None:
+    names = [name for name, _ in list_images(root / "digits")]
+    assert len(names) == COUNT and "b/zz-link.png" not in names
+    assert (root / "digits" / "b" / "zz-link.png").is_file()
+
+
+def test_folder_suffixes_are_the_decodable_formats() -> None:
+    formats = {Image.registered_extensions()[suffix] for suffix in IMAGE_SUFFIXES}
+    assert formats == set(ALLOWED_FORMATS)
 
 
 def test_server_without_roots_refuses_folders(client: Client) -> None:

@@ -31,6 +31,7 @@ from vitscope_server.core.top_images import (
     TopImageScan,
     best,
     list_images,
+    read_image,
 )
 
 PART_FORMAT = "vitscope-scan/1"
@@ -75,7 +76,7 @@ def dataset(data: str) -> tuple[list[str], Callable[[int], ImageInput]]:
     if not folder.is_dir():
         raise NotFound(f"--data: {data!r} is neither a folder nor {BUILTIN_DIGITS!r}")
     files = list_images(folder)
-    return [name for name, _ in files], lambda i: ImageInput(encoded=files[i][1].read_bytes())
+    return [name for name, _ in files], lambda i: read_image(*files[i])
 
 
 def scan_shard(
@@ -94,7 +95,8 @@ def scan_shard(
     indices = shard_range(len(names), shard)
     for start in range(indices.start, indices.stop, batch):
         chunk = range(start, min(start + batch, indices.stop))
-        scan.add_items([ScanItem(i, names[i], load(i)) for i in chunk], max_pixels, NEVER_CANCELLED)
+        items = [ScanItem(i, names[i], load(i)) for i in chunk]
+        scan.add(scan.prepare(items, max_pixels), items, NEVER_CANCELLED)
     result = scan.result()
     return {
         "format": PART_FORMAT,

@@ -44,6 +44,8 @@ MIN_IMAGE_SIZE = 8
 MAX_IMAGE_SIZE = 1024
 PARAMETERISATION = "pixels, uniform [0, 1] init, clamped to [0, 1] after each step"
 SCHEDULE = "Adam, cosine annealing to 0"
+# What one feature takes in a response beside its image, map and direction: names, framing.
+FEATURE_FRAMING_BYTES = 1024
 
 
 class Objective(Enum):
@@ -60,7 +62,8 @@ class FeatureSpec:
     channel: int = 0
     objective: Objective = Objective.PATCH_MEAN
     token_index: int = 0
-    direction: tuple[float, ...] = ()
+    # As decoded from the wire, any numeric dtype; its length is checked before any use.
+    direction: np.ndarray | None = None
     class_index: int = 0
 
 
@@ -199,11 +202,12 @@ def _feature_site(loaded: LoadedModel, feature: FeatureSpec, field: str) -> Site
     channels = shape[-1]
     tokens = shape[1]
     if feature.objective is Objective.DIRECTION:
-        if len(feature.direction) != channels:
+        given = 0 if feature.direction is None else feature.direction.size
+        if feature.direction is None or given != channels:
             raise InvalidArgument(
-                f"{field}.direction: needs {channels} values for {site.name!r}, got {len(feature.direction)}"
+                f"{field}.direction: needs {channels} values for {site.name!r}, got {given}"
             )
-        if not all(math.isfinite(v) for v in feature.direction):
+        if not np.isfinite(feature.direction).all():
             raise InvalidArgument(f"{field}.direction: contains NaN or infinity")
     else:
         _in_range(feature.channel, f"{field}.channel", 0, channels - 1)
@@ -214,25 +218,66 @@ def _feature_site(loaded: LoadedModel, feature: FeatureSpec, field: str) -> Site
     return site
 
 
+def encoded_image_bound(size: int) -> int:
+    """The most bytes an 8-bit RGB PNG of size x size takes: its raw rows with a filter byte
+    each, plus stored-block and chunk framing per 64 KiB, plus the header."""
+    raw = size * (3 * size + 1)
+    return raw + 32 * (raw // 65535 + 1) + 1024
+
+
+def response_bytes_bound(
+    features: list[FeatureSpec], sites: list[SiteDef | None], image_size: int
+) -> int:
+    """The most bytes the final result (the largest response) takes: every feature's image,
+    patch map and direction, the direction twice (the request's echo and the result)."""
+    total = 0
+    for feature, site in zip(features, sites, strict=True):
+        patch_map = math.prod(site.grid) * 4 if site is not None else 0
+        direction = 4 * feature.direction.size if feature.direction is not None else 0
+        total += encoded_image_bound(image_size) + patch_map + 2 * direction
+        total += FEATURE_FRAMING_BYTES
+    return total
+
+
 def prepare_optimization(
     loaded: LoadedModel,
     features: list[FeatureSpec],
     params: OptimizationParams,
-    max_features: int,
+    max_batch: int,
     max_pixels: int,
+    max_response_bytes: int,
 ) -> PreparedOptimization:
-    """Validation and defaults; needs no compute slot."""
+    """Validation and defaults; needs no compute slot.
+
+    Every step forwards and backpropagates features x copies images at the model's native
+    size (or the image size, when larger), so that batch is held to the server's batch and
+    pixel limits. The result goes out in one message, so it is held to max_response_bytes
+    before any step is run.
+    """
     if not features:
         raise InvalidArgument("features: at least one feature is required")
-    if len(features) > max_features:
-        raise ResourceExhausted(f"features: {len(features)} exceeds the limit of {max_features}")
     effective = effective_params(params, loaded.adapter)
+    batch = len(features) * effective.copies
+    if batch > max_batch:
+        raise ResourceExhausted(
+            f"features x copies = {len(features)} x {effective.copies} = {batch} images per step "
+            f"exceeds the server's batch limit of {max_batch}; ask for fewer features or copies"
+        )
     sites = [_feature_site(loaded, f, f"features[{i}]") for i, f in enumerate(features)]
-    batch_pixels = len(features) * effective.copies * effective.image_size**2
+    _, native_height, native_width = loaded.adapter.data_config.input_size
+    size = effective.image_size
+    batch_pixels = batch * max(size, native_height) * max(size, native_width)
     if batch_pixels > max_pixels:
         raise ResourceExhausted(
-            f"features x copies x image_size^2 = {batch_pixels} pixels exceeds {max_pixels}; "
-            "ask for fewer features, copies or a smaller image"
+            f"features x copies x max(image_size, native size)^2 = {batch_pixels} pixels "
+            f"exceeds {max_pixels}; ask for fewer features, copies or a smaller image"
+        )
+    response_bytes = response_bytes_bound(features, sites, size)
+    if response_bytes > max_response_bytes:
+        raise ResourceExhausted(
+            f"features, parameters.image_size: {len(features)} images of {size}x{size} take up to "
+            f"{response_bytes} bytes, over the response limit of {max_response_bytes} bytes; "
+            "ask for fewer features or a smaller image"
         )
     return PreparedOptimization(loaded, features, sites, effective)
 
@@ -296,8 +341,8 @@ class FeatureForward:
         needs_logits = any(s is None for s in prepared.sites)
         self.stop_after = None if needs_logits else last_block_needed(adapter, self.sites)
         self.directions = [
-            torch.tensor(f.direction, dtype=torch.float32, device=device)
-            if f.objective is Objective.DIRECTION
+            torch.from_numpy(f.direction.reshape(-1).astype(np.float32)).to(device)
+            if f.objective is Objective.DIRECTION and f.direction is not None
             else None
             for f in prepared.features
         ]

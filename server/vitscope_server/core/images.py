@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,18 +80,24 @@ def _from_preprocessed(array: np.ndarray, field: str, adapter: ModelAdapter) -> 
 
 
 def prepare_batch(
-    adapter: ModelAdapter, images: list[ImageInput], max_batch: int, max_pixels: int
+    adapter: ModelAdapter,
+    images: list[ImageInput],
+    max_batch: int,
+    max_pixels: int,
+    fields: Sequence[str] | None = None,
 ) -> torch.Tensor:
-    """Applies the model's own transform to each image and stacks them."""
+    """Applies the model's own transform to each image and stacks them. Errors name image i
+    as fields[i] (by default images[i]), so callers feeding parts of a larger whole can name
+    the file or the position in that whole."""
     if not images:
         raise InvalidArgument("images: at least one image is required")
     if len(images) > max_batch:
         raise ResourceExhausted(
             f"images: {len(images)} images exceeds the limit of {max_batch} per request"
         )
+    names = fields if fields is not None else [f"images[{i}]" for i in range(len(images))]
     tensors = []
-    for index, image in enumerate(images):
-        field = f"images[{index}]"
+    for image, field in zip(images, names, strict=True):
         if image.preprocessed is not None:
             tensors.append(_from_preprocessed(image.preprocessed, f"{field}.preprocessed", adapter))
         elif image.pixels is not None:

@@ -9,6 +9,7 @@ top-k of one scan over everything.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,13 +22,22 @@ from vitscope_server.core.activations import as_site_layout
 from vitscope_server.core.adapters import Layout, SiteDef
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites, last_block_needed
-from vitscope_server.core.errors import InvalidArgument, NotFound, PermissionDenied
+from vitscope_server.core.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
 MAX_TOP_K = 1000
+# What one hit takes in a result beside its float32 map and its path: index, score, framing.
+HIT_FRAMING_BYTES = 64
+# The file suffixes every folder of images is listed by (scans, and anything else that reads
+# a folder through list_images): exactly the formats images.ALLOWED_FORMATS decodes.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -53,6 +63,11 @@ class ScanItem:
     index: int
     path: str
     image: ImageInput
+
+    @property
+    def field(self) -> str:
+        """How errors name the image: by its path when it has one, else its stream index."""
+        return f"image_folder file {self.path!r}" if self.path else f"images[{self.index}]"
 
 
 @dataclass(frozen=True)
@@ -97,14 +112,31 @@ class TopImageScan:
         self.scanned = 0
         self.tops: dict[int, list[Hit]] = {c: [] for c in query.channels}
 
-    def add(
-        self,
-        pixels: torch.Tensor,
-        indices: Sequence[int],
-        paths: Sequence[str],
-        cancel: CancelToken,
-    ) -> None:
-        """Scores one preprocessed batch [B, 3, H, W]; indices and paths name its images."""
+    def require_result_within(self, max_bytes: int, path_bytes: int = 0) -> None:
+        """Refuses, before any image is scored, a scan whose full result (every channel's
+        top_k hits, paths up to path_bytes long) would exceed max_bytes."""
+        count, top_k = len(self.query.channels), self.query.top_k
+        per_hit = math.prod(self.site.grid) * 4 + HIT_FRAMING_BYTES + path_bytes
+        if count * top_k * per_hit > max_bytes:
+            raise ResourceExhausted(
+                f"channels, top_k: {count} channels x top_k {top_k} x {per_hit} bytes per hit "
+                f"exceeds the result limit of {max_bytes} bytes; ask for fewer channels or a "
+                "smaller top_k"
+            )
+
+    def prepare(self, items: Sequence[ScanItem], max_pixels: int) -> torch.Tensor:
+        """Decodes and preprocesses the items with the model's own transform; needs no
+        compute slot. Errors name each item by its path or stream index."""
+        return prepare_batch(
+            self.loaded.adapter,
+            [i.image for i in items],
+            len(items),
+            max_pixels,
+            [i.field for i in items],
+        )
+
+    def add(self, pixels: torch.Tensor, items: Sequence[ScanItem], cancel: CancelToken) -> None:
+        """Scores one prepared batch [B, 3, H, W] of the items."""
         adapter, site = self.loaded.adapter, self.site
         batch = pixels.to(self.loaded.device)
         stop_after = last_block_needed(adapter, [site])
@@ -122,19 +154,13 @@ class TopImageScan:
             )
             maps_np = maps.cpu().numpy()
         for column, channel in enumerate(self.query.channels):
+            # Each map is copied out of the batch so a kept hit does not keep the whole batch.
             fresh = [
-                Hit(int(index), path, float(scores[row, column]), maps_np[row, column])
-                for row, (index, path) in enumerate(zip(indices, paths, strict=True))
+                Hit(item.index, item.path, float(scores[row, column]), maps_np[row, column].copy())
+                for row, item in enumerate(items)
             ]
             self.tops[channel] = best([*self.tops[channel], *fresh], self.query.top_k)
         self.scanned += batch.shape[0]
-
-    def add_items(self, items: Sequence[ScanItem], max_pixels: int, cancel: CancelToken) -> None:
-        """Decodes and preprocesses the items with the model's own transform, then scores them."""
-        pixels = prepare_batch(
-            self.loaded.adapter, [i.image for i in items], len(items), max_pixels
-        )
-        self.add(pixels, [i.index for i in items], [i.path for i in items], cancel)
 
     def result(self) -> ScanResult:
         return ScanResult(provenance_of(self.loaded), self.query, self.scanned, dict(self.tops))
@@ -158,8 +184,9 @@ def allowed_folder(folder: str, roots: Sequence[Path]) -> Path:
 
 
 def list_images(folder: Path) -> list[tuple[str, Path]]:
-    """(relative path, file) of every image under folder, sorted by relative path (the order
-    shards split); files whose real location leaves the folder (symlinks) are skipped."""
+    """(relative path, file) of every file under folder with one of IMAGE_SUFFIXES (any case),
+    sorted by relative path (the order shards split); files whose real location leaves the
+    folder (symlinks) are skipped."""
     real = Path(os.path.realpath(folder))
     found = []
     for path in folder.rglob("*"):
@@ -171,9 +198,20 @@ def list_images(folder: Path) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
+def read_image(name: str, path: Path) -> ImageInput:
+    """The file's bytes; a file that vanished or cannot be read is the caller's error,
+    named by its path in the folder."""
+    try:
+        return ImageInput(encoded=path.read_bytes())
+    except OSError as exc:
+        raise InvalidArgument(
+            f"image_folder file {name!r}: cannot be read ({exc.strerror or exc})"
+        ) from None
+
+
 def file_items(files: Sequence[tuple[str, Path]], start: int) -> list[ScanItem]:
     """Scan items of files[i] numbered from start; the bytes are read here, batch by batch."""
     return [
-        ScanItem(start + offset, name, ImageInput(encoded=path.read_bytes()))
+        ScanItem(start + offset, name, read_image(name, path))
         for offset, (name, path) in enumerate(files)
     ]

@@ -132,6 +132,7 @@ def create_server(settings: ServerSettings) -> RunningServer:
         settings.effective_chunk_bytes,
         InverterCatalog(inverter_roots),
         settings.image_roots,
+        max_message_bytes=settings.max_message_bytes,
     )
     inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -42,10 +42,11 @@ def feature_specs(request: fpb.OptimizeFeaturesRequest) -> list[FeatureSpec]:
     specs = []
     for index, feature in enumerate(request.features):
         field = f"features[{index}]"
+        # Kept as decoded: the core checks its length against the site before converting it.
         direction = (
-            tuple(float(v) for v in _tensor(feature.direction, f"{field}.direction").reshape(-1))
+            _tensor(feature.direction, f"{field}.direction")
             if feature.HasField("direction")
-            else ()
+            else None
         )
         specs.append(
             FeatureSpec(
@@ -85,8 +86,9 @@ def _feature(spec: FeatureSpec) -> fpb.Feature:
         token_index=spec.token_index,
         class_index=spec.class_index,
     )
-    if spec.direction:
-        message.direction.CopyFrom(wire.to_proto(np.asarray(spec.direction, dtype=np.float32)))
+    if spec.direction is not None:
+        direction = np.asarray(spec.direction, dtype=np.float32).reshape(-1)
+        message.direction.CopyFrom(wire.to_proto(direction))
     return message
 
 

@@ -25,6 +25,9 @@ from vitscope_server.transport import convert, convert_features
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.metrics import Metrics
 
+# Room in a response for what is not counted up front: provenance, names, framing.
+RESPONSE_HEADROOM_BYTES = 16 << 10
+
 
 class FeatureRpcs:
     """Mixed into the Inspector servicer, which provides these attributes."""
@@ -34,6 +37,12 @@ class FeatureRpcs:
     _metrics: Metrics
     _limits: ActivationLimits
     _image_roots: Sequence[Path]
+    _max_message_bytes: int
+
+    def _response_budget(self) -> int:
+        """The bytes one unary response may carry: under the max message size and the
+        server's result limit."""
+        return min(self._max_message_bytes - RESPONSE_HEADROOM_BYTES, self._limits.max_result_bytes)
 
     def OptimizeFeatures(
         self, request: fpb.OptimizeFeaturesRequest, context: grpc.ServicerContext
@@ -45,6 +54,7 @@ class FeatureRpcs:
             convert_features.optimization_params(request),
             self._limits.max_batch,
             self._limits.max_pixels,
+            self._response_budget(),
         )
         cancel = cancel_token(context)
         labels = ("OptimizeFeatures", loaded.spec.name)
@@ -63,20 +73,25 @@ class FeatureRpcs:
             raise InvalidArgument("the request stream is empty; the first message names the site")
         loaded = self._registry.get(first.model)
         scan = TopImageScan(loaded, convert_features.scan_query(first))
+        if not first.image_folder:
+            scan.require_result_within(self._response_budget())
         cancel = cancel_token(context)
         labels = ("TopActivatingImages", loaded.spec.name)
 
         def score(items: list[ScanItem]) -> None:
+            pixels = scan.prepare(items, self._limits.max_pixels)
             with self._slots.acquire(cancel) as waited:
                 self._metrics.queue_wait.labels(*labels).observe(waited)
                 with self._metrics.compute.labels(*labels).time():
-                    scan.add_items(items, self._limits.max_pixels, cancel)
+                    scan.add(pixels, items, cancel)
 
         batch = self._limits.max_batch
         if first.image_folder:
             if first.images:
                 raise InvalidArgument("requests[0].images: not allowed together with image_folder")
             files = list_images(allowed_folder(first.image_folder, self._image_roots))
+            longest = max((len(name.encode()) for name, _ in files), default=0)
+            scan.require_result_within(self._response_budget(), longest)
             for start in range(0, len(files), batch):
                 score(file_items(files[start : start + batch], start))
         index = 0

@@ -36,6 +36,8 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
         chunk_bytes: int,
         inverters: InverterCatalog,
         image_roots: Sequence[Path] = (),
+        *,
+        max_message_bytes: int,
     ) -> None:
         self._registry = registry
         self._slots = slots
@@ -44,6 +46,7 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
         self._chunk_bytes = chunk_bytes
         self._image_roots = tuple(image_roots)
         self._inverters = inverters
+        self._max_message_bytes = max_message_bytes
 
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
