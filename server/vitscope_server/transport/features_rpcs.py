@@ -23,6 +23,7 @@ from vitscope_server.core.top_images import (
 )
 from vitscope_server.transport import convert, convert_features
 from vitscope_server.transport.cancellation import cancel_token
+from vitscope_server.transport.compute import computing
 from vitscope_server.transport.metrics import Metrics
 
 # Room in a response for what is not counted up front: provenance, names, framing.
@@ -59,11 +60,9 @@ class FeatureRpcs:
         cancel = cancel_token(context)
         labels = ("OptimizeFeatures", loaded.spec.name)
         steps = self._metrics.optimization_steps.labels(*labels)
-        with self._slots.acquire(cancel) as waited:
-            self._metrics.queue_wait.labels(*labels).observe(waited)
-            with self._metrics.compute.labels(*labels).time():
-                for event in optimize_features(prepared, cancel, steps.inc):
-                    yield convert_features.optimization_response(event)
+        with computing(self._slots, self._metrics, cancel, *labels):
+            for event in optimize_features(prepared, cancel, steps.inc):
+                yield convert_features.optimization_response(event)
 
     def TopActivatingImages(
         self, requests: Iterator[fpb.TopActivatingImagesRequest], context: grpc.ServicerContext
@@ -80,10 +79,8 @@ class FeatureRpcs:
 
         def score(items: list[ScanItem]) -> None:
             pixels = scan.prepare(items, self._limits.max_pixels)
-            with self._slots.acquire(cancel) as waited:
-                self._metrics.queue_wait.labels(*labels).observe(waited)
-                with self._metrics.compute.labels(*labels).time():
-                    scan.add(pixels, items, cancel)
+            with computing(self._slots, self._metrics, cancel, *labels):
+                scan.add(pixels, items, cancel)
 
         batch = self._limits.max_batch
         if first.image_folder:

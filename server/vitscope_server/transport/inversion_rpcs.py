@@ -14,6 +14,7 @@ from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_inversion
 from vitscope_server.transport.cancellation import cancel_token
+from vitscope_server.transport.compute import computing
 from vitscope_server.transport.metrics import Metrics
 
 
@@ -42,11 +43,9 @@ class InversionRpcs:
         cancel = cancel_token(context)
         labels = ("Invert", loaded.spec.name)
         steps = self._metrics.optimization_steps.labels(*labels)
-        with self._slots.acquire(cancel) as waited:
-            self._metrics.queue_wait.labels(*labels).observe(waited)
-            with self._metrics.compute.labels(*labels).time():
-                for event in invert(prepared, cancel, steps.inc):
-                    yield from convert_inversion.invert_responses(event)
+        with computing(self._slots, self._metrics, cancel, *labels):
+            for event in invert(prepared, cancel, steps.inc):
+                yield from convert_inversion.invert_responses(event)
 
     def ListInverters(
         self, request: pb.ListInvertersRequest, context: grpc.ServicerContext

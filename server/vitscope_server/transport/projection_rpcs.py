@@ -18,6 +18,7 @@ from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_projection
 from vitscope_server.transport.cancellation import cancel_token
+from vitscope_server.transport.compute import computing
 from vitscope_server.transport.metrics import Metrics
 
 
@@ -50,10 +51,8 @@ class ProjectionRpcs:
         )
         cancel = cancel_token(context)
         labels = ("ProjectToClassSpace", loaded.spec.name)
-        with self._slots.acquire(cancel) as waited:
-            self._metrics.queue_wait.labels(*labels).observe(waited)
-            with self._metrics.compute.labels(*labels).time():
-                header, images, dataset = project_to_class_space(prepared, cancel)
+        with computing(self._slots, self._metrics, cancel, *labels):
+            header, images, dataset = project_to_class_space(prepared, cancel)
         yield from convert_projection.projection_responses(
             header, images, dataset, self._chunk_bytes
         )
@@ -70,8 +69,6 @@ class ProjectionRpcs:
         )
         cancel = cancel_token(context)
         labels = ("ProjectMemories", loaded.spec.name)
-        with self._slots.acquire(cancel) as waited:
-            self._metrics.queue_wait.labels(*labels).observe(waited)
-            with self._metrics.compute.labels(*labels).time():
-                result = project_memories(prepared, cancel)
+        with computing(self._slots, self._metrics, cancel, *labels):
+            result = project_memories(prepared, cancel)
         return convert_projection.memories_response(result, self._chunk_bytes)

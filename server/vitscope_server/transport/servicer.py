@@ -20,6 +20,7 @@ from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert
 from vitscope_server.transport.cancellation import cancel_token
+from vitscope_server.transport.compute import computing
 from vitscope_server.transport.features_rpcs import FeatureRpcs
 from vitscope_server.transport.inversion_rpcs import InversionRpcs
 from vitscope_server.transport.metrics import Metrics
@@ -73,8 +74,6 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
         )
         cancel = cancel_token(context)
         labels = ("GetActivations", loaded.spec.name)
-        with self._slots.acquire(cancel) as waited:
-            self._metrics.queue_wait.labels(*labels).observe(waited)
-            with self._metrics.compute.labels(*labels).time():
-                result = get_activations(prepared, cancel, self._limits)
+        with computing(self._slots, self._metrics, cancel, *labels):
+            result = get_activations(prepared, cancel, self._limits)
         yield from convert.activation_responses(result, self._chunk_bytes)
