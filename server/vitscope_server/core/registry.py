@@ -91,8 +91,16 @@ class ModelRegistry:
     def _load(self, name: str) -> None:
         entry = self._entries[name]
         started = time.perf_counter()
+        spec = entry.spec
+        log.info(
+            "loading model %s (%s:%s, weights %s)",
+            name,
+            spec.family,
+            spec.architecture,
+            spec.weights,
+        )
         try:
-            loaded = load_model(entry.spec, self.device)
+            loaded = load_model(spec, self.device)
         except VitscopeError as exc:
             self._settle(entry, ModelState.FAILED, None, str(exc), started)
         except Exception as exc:
