@@ -8,7 +8,7 @@ from typing import Any
 
 from vitscope.client import Client
 from vitscope.plot_projection import plot_identifiability
-from vitscope.projection import ClassProjection
+from vitscope.projection import ClassProjection, ImportanceEvaluation
 
 _COLUMNS = (
     ("identifiable_patch_percent", "ident%"),
@@ -39,6 +39,11 @@ def add_commands(commands: Any) -> None:
         "--compare", default="", help="a second model drawn alongside, e.g. a random twin"
     )
     project.add_argument("--out", type=Path, required=True, help="folder for the pictures")
+    project.add_argument(
+        "--evaluate-maps",
+        action="store_true",
+        help="accuracy keeping the top-n patch tokens by importance (and at random), with its AUC",
+    )
 
 
 def _target(text: str | None) -> int | str | None:
@@ -64,6 +69,21 @@ def table(result: ClassProjection) -> str:
     return "\n".join(lines)
 
 
+def evaluation_table(evaluation: ImportanceEvaluation) -> str:
+    """Accuracy per number of kept patch tokens, by importance and at random, with the AUCs."""
+    rows = [
+        ("n", [f"{n:>5d}" for n in evaluation.keep_counts], ""),
+        *(
+            (label, [f"{a:>5.2f}" for a in curve.accuracy], f"  AUC {curve.normalised_auc:.3f}")
+            for label, curve in (
+                ("importance", evaluation.importance_order),
+                ("random", evaluation.random_order),
+            )
+        ),
+    ]
+    return "\n".join(f"{label:>10} " + " ".join(cells) + auc for label, cells, auc in rows)
+
+
 def run(client: Client, args: argparse.Namespace) -> bool:
     if args.command != "project":
         return False
@@ -71,10 +91,17 @@ def run(client: Client, args: argparse.Namespace) -> bool:
     targets = [_target(args.class_target)]
     has_class_token = client.describe(args.model).num_prefix_tokens > 0
     result = client.project(
-        [args.image], model=args.model, targets=targets, importance_maps=has_class_token
+        [args.image],
+        model=args.model,
+        targets=targets,
+        importance_maps=has_class_token or args.evaluate_maps,
+        evaluate_importance=args.evaluate_maps,
     )
     name = args.model or result.provenance.get("model", "model")
     print(table(result))
+    if result.importance_evaluation is not None:
+        print("\nkeeping the top-n patch tokens (and the prefix tokens):")
+        print(evaluation_table(result.importance_evaluation))
     results = {name: result}
     if args.compare:
         target = result.images[0].target_name

@@ -497,6 +497,9 @@ class Client:
         importance_maps: bool = False,
         class_names: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
+        evaluate_importance: bool = False,
+        keep_counts: Sequence[int] = (),
+        evaluation_seed: int = 0,
         timeout: float | None = None,
     ) -> projection.ClassProjection:
         """Tokens projected to class space, per block.
@@ -505,6 +508,9 @@ class Client:
         prediction). representations: residual | attention | mlp (default all).
         tokens: all (default) | prefix | patches | indices | positions.
         class_names / templates: an open_clip tower's label set (default: ImageNet).
+        evaluate_importance (with importance_maps): accuracy when keeping the prefix tokens
+        plus the top-n patch tokens, n in keep_counts (default 0, 1, 2, 4, ..., all), by
+        importance and in a random order seeded with evaluation_seed.
         """
         request = projection_pb2.ProjectToClassSpaceRequest(
             model=model,
@@ -516,6 +522,9 @@ class Client:
             top_k=top_k,
             importance_maps=importance_maps,
             labels=projection.label_set(class_names, templates),
+            evaluate_importance=evaluate_importance,
+            keep_counts=list(keep_counts),
+            evaluation_seed=evaluation_seed,
         )
         return projection.collect_projection(
             self._stream(self._stub.ProjectToClassSpace, request, timeout)

@@ -92,6 +92,24 @@ class ImageProjection:
 
 
 @dataclass(frozen=True)
+class KeepCurve:
+    """Accuracy (share of images predicting their target) per keep count, and its AUC."""
+
+    accuracy: list[float]
+    normalised_auc: float
+
+
+@dataclass(frozen=True)
+class ImportanceEvaluation:
+    """The model run on its prefix tokens plus the top-n patch tokens (n = keep_counts) by
+    importance, and in a seeded random order for comparison."""
+
+    keep_counts: list[int]
+    importance_order: KeepCurve
+    random_order: KeepCurve
+
+
+@dataclass(frozen=True)
 class ClassProjection:
     images: list[ImageProjection]
     # One dict per block: mean_identifiable_patch_percent, mean_identifiability,
@@ -102,6 +120,8 @@ class ClassProjection:
     grid: tuple[int, int]
     provenance: dict[str, Any]
     parameters: dict[str, Any]
+    # Set when the request asked for evaluate_importance.
+    importance_evaluation: ImportanceEvaluation | None = None
 
 
 def _dict(message: Any) -> dict[str, Any]:
@@ -140,10 +160,26 @@ def _image(message: pb.ImageProjection) -> ImageProjection:
     )
 
 
+def _curve(message: pb.TokenKeepCurve) -> KeepCurve:
+    return KeepCurve(list(message.accuracy), message.normalised_auc)
+
+
+def _evaluation(message: pb.DatasetSummary) -> ImportanceEvaluation | None:
+    if not message.HasField("importance_evaluation"):
+        return None
+    evaluation = message.importance_evaluation
+    return ImportanceEvaluation(
+        list(evaluation.keep_counts),
+        _curve(evaluation.importance_order),
+        _curve(evaluation.random_order),
+    )
+
+
 def collect_projection(responses: Iterable[pb.ProjectToClassSpaceResponse]) -> ClassProjection:
     header: pb.ProjectionHeader | None = None
     images: list[ImageProjection] = []
     dataset: list[dict[str, float]] = []
+    evaluation: ImportanceEvaluation | None = None
     for response in responses:
         which = response.WhichOneof("payload")
         if which == "header":
@@ -152,6 +188,7 @@ def collect_projection(responses: Iterable[pb.ProjectToClassSpaceResponse]) -> C
             images.append(_image(response.image))
         elif which == "dataset":
             dataset = [_dict(b) for b in response.dataset.blocks]
+            evaluation = _evaluation(response.dataset)
     if header is None:
         raise wire.TensorDecodeError("the stream ended without a header")
     return ClassProjection(
@@ -162,6 +199,7 @@ def collect_projection(responses: Iterable[pb.ProjectToClassSpaceResponse]) -> C
         grid=(header.grid_height, header.grid_width),
         provenance=_dict(header.provenance),
         parameters=_dict(header.parameters),
+        importance_evaluation=evaluation,
     )
 
 

@@ -204,12 +204,23 @@ class ProjectToClassSpaceRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     IMPORTANCE_MAPS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    EVALUATE_IMPORTANCE_FIELD_NUMBER: _builtins.int
+    KEEP_COUNTS_FIELD_NUMBER: _builtins.int
+    EVALUATION_SEED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Empty means the server's default model."""
     top_k: _builtins.int
     """Classes listed per token; 0 means 5."""
     importance_maps: _builtins.bool
     """Attention-gradient importance maps (needs a class token)."""
+    evaluate_importance: _builtins.bool
+    """Evaluate the importance maps (needs importance_maps and a model that
+    reads its prediction at the class token): keep the prefix tokens and the
+    top-n patch tokens by the summed map, run the model on them, and measure
+    accuracy against the targets as n grows; a seeded random order alongside.
+    """
+    evaluation_seed: _builtins.int
+    """Seeds the random order's permutations."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]: ...
     @_builtins.property
@@ -232,6 +243,12 @@ class ProjectToClassSpaceRequest(_message.Message):
 
     @_builtins.property
     def labels(self) -> Global___LabelSet: ...
+    @_builtins.property
+    def keep_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Patch tokens kept, each 0..patches and distinct, at most 64; empty means
+        0, 1, 2, 4, ... below the number of patches, then all of them.
+        """
+
     def __init__(
         self,
         *,
@@ -244,10 +261,13 @@ class ProjectToClassSpaceRequest(_message.Message):
         top_k: _builtins.int = ...,
         importance_maps: _builtins.bool = ...,
         labels: Global___LabelSet | None = ...,
+        evaluate_importance: _builtins.bool = ...,
+        keep_counts: _abc.Iterable[_builtins.int] | None = ...,
+        evaluation_seed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "images", b"images", "importance_maps", b"importance_maps", "labels", b"labels", "model", b"model", "representations", b"representations", "targets", b"targets", "tokens", b"tokens", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "evaluate_importance", b"evaluate_importance", "evaluation_seed", b"evaluation_seed", "images", b"images", "importance_maps", b"importance_maps", "keep_counts", b"keep_counts", "labels", b"labels", "model", b"model", "representations", b"representations", "targets", b"targets", "tokens", b"tokens", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -269,6 +289,9 @@ class ProjectionParameters(_message.Message):
     TEMPLATES_FIELD_NUMBER: _builtins.int
     COSINE_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    EVALUATE_IMPORTANCE_FIELD_NUMBER: _builtins.int
+    KEEP_COUNTS_FIELD_NUMBER: _builtins.int
+    EVALUATION_SEED_FIELD_NUMBER: _builtins.int
     token_mode: Global___ProjectionTokenMode.ValueType
     top_k: _builtins.int
     importance_maps: _builtins.bool
@@ -276,6 +299,8 @@ class ProjectionParameters(_message.Message):
     cosine: _builtins.bool
     """Scores are cosine similarities (open_clip) rather than classifier logits."""
     batch_size: _builtins.int
+    evaluate_importance: _builtins.bool
+    evaluation_seed: _builtins.int
     @_builtins.property
     def representations(self) -> _containers.RepeatedScalarFieldContainer[Global___Representation.ValueType]: ...
     @_builtins.property
@@ -284,6 +309,10 @@ class ProjectionParameters(_message.Message):
     def token_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def templates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def keep_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ascending; empty when evaluate_importance is off."""
+
     def __init__(
         self,
         *,
@@ -297,10 +326,13 @@ class ProjectionParameters(_message.Message):
         templates: _abc.Iterable[_builtins.str] | None = ...,
         cosine: _builtins.bool = ...,
         batch_size: _builtins.int = ...,
+        evaluate_importance: _builtins.bool = ...,
+        keep_counts: _abc.Iterable[_builtins.int] | None = ...,
+        evaluation_seed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "blocks", b"blocks", "cosine", b"cosine", "importance_maps", b"importance_maps", "num_classes", b"num_classes", "representations", b"representations", "templates", b"templates", "token_indices", b"token_indices", "token_mode", b"token_mode", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "blocks", b"blocks", "cosine", b"cosine", "evaluate_importance", b"evaluate_importance", "evaluation_seed", b"evaluation_seed", "importance_maps", b"importance_maps", "keep_counts", b"keep_counts", "num_classes", b"num_classes", "representations", b"representations", "templates", b"templates", "token_indices", b"token_indices", "token_mode", b"token_mode", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -561,23 +593,91 @@ class DatasetBlockSummary(_message.Message):
 Global___DatasetBlockSummary: _TypeAlias = DatasetBlockSummary  # noqa: Y015
 
 @_typing.final
+class TokenKeepCurve(_message.Message):
+    """Accuracy of the model run on the prefix tokens plus n patch tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    NORMALISED_AUC_FIELD_NUMBER: _builtins.int
+    normalised_auc: _builtins.float
+    """sum(accuracy) / (max(accuracy) x number of keep counts); 0 when every
+    accuracy is 0.
+    """
+    @_builtins.property
+    def accuracy(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per keep count: the share (0..1) of images whose prediction is their target."""
+
+    def __init__(
+        self,
+        *,
+        accuracy: _abc.Iterable[_builtins.float] | None = ...,
+        normalised_auc: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "normalised_auc", b"normalised_auc"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenKeepCurve: _TypeAlias = TokenKeepCurve  # noqa: Y015
+
+@_typing.final
+class ImportanceEvaluation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEEP_COUNTS_FIELD_NUMBER: _builtins.int
+    IMPORTANCE_ORDER_FIELD_NUMBER: _builtins.int
+    RANDOM_ORDER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keep_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def importance_order(self) -> Global___TokenKeepCurve:
+        """Patch tokens taken in descending order of the summed importance map."""
+
+    @_builtins.property
+    def random_order(self) -> Global___TokenKeepCurve:
+        """Patch tokens taken in a seeded random order, one permutation per image."""
+
+    def __init__(
+        self,
+        *,
+        keep_counts: _abc.Iterable[_builtins.int] | None = ...,
+        importance_order: Global___TokenKeepCurve | None = ...,
+        random_order: Global___TokenKeepCurve | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["importance_order", b"importance_order", "random_order", b"random_order"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["importance_order", b"importance_order", "keep_counts", b"keep_counts", "random_order", b"random_order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportanceEvaluation: _TypeAlias = ImportanceEvaluation  # noqa: Y015
+
+@_typing.final
 class DatasetSummary(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NUM_IMAGES_FIELD_NUMBER: _builtins.int
     BLOCKS_FIELD_NUMBER: _builtins.int
+    IMPORTANCE_EVALUATION_FIELD_NUMBER: _builtins.int
     num_images: _builtins.int
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetBlockSummary]: ...
+    @_builtins.property
+    def importance_evaluation(self) -> Global___ImportanceEvaluation:
+        """Set when the request asked for evaluate_importance."""
+
     def __init__(
         self,
         *,
         num_images: _builtins.int = ...,
         blocks: _abc.Iterable[Global___DatasetBlockSummary] | None = ...,
+        importance_evaluation: Global___ImportanceEvaluation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["importance_evaluation", b"importance_evaluation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "num_images", b"num_images"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "importance_evaluation", b"importance_evaluation", "num_images", b"num_images"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

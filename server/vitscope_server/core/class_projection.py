@@ -31,6 +31,8 @@ from vitscope_server.core.sites import resolve_site
 # Representation -> the canonical block site it is read from.
 REPRESENTATIONS = {"residual": "out", "attention": "attn.out", "mlp": "mlp.out"}
 DEFAULT_TOP_K = 5
+# Each keep count is one forward of the batch per token order: bound that work.
+MAX_KEEP_COUNTS = 64
 # The most class scores held at once (float32 bytes); the batch is sliced to stay under it.
 SCORE_BYTES = 64 << 20
 
@@ -48,6 +50,9 @@ class ProjectionQuery:
     top_k: int = 0
     importance_maps: bool = False
     labels: LabelSet | None = None
+    evaluate_importance: bool = False
+    keep_counts: tuple[int, ...] = ()
+    evaluation_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,27 @@ class DatasetBlockSummary:
 
 
 @dataclass(frozen=True)
+class KeepCurve:
+    """Accuracy of the model run on the prefix tokens plus n patch tokens, per keep count."""
+
+    accuracy: list[float]
+    normalised_auc: float
+
+
+@dataclass(frozen=True)
+class ImportanceEvaluation:
+    keep_counts: tuple[int, ...]
+    importance_order: KeepCurve
+    random_order: KeepCurve
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    blocks: list[DatasetBlockSummary]
+    importance_evaluation: ImportanceEvaluation | None
+
+
+@dataclass(frozen=True)
 class ProjectionHeader:
     provenance: Provenance
     query: ProjectionQuery
@@ -159,6 +185,46 @@ def default_top_k(top_k: int, limit: int, what: str) -> int:
     return top_k or min(DEFAULT_TOP_K, limit)
 
 
+def default_keep_counts(patches: int) -> tuple[int, ...]:
+    """0, 1, 2, 4, ... below the number of patches, then all of them."""
+    counts = [0]
+    n = 1
+    while n < patches:
+        counts.append(n)
+        n *= 2
+    return (*counts, patches)
+
+
+def _check_evaluation(adapter: ModelAdapter, query: ProjectionQuery, name: str) -> tuple[int, ...]:
+    """The effective keep counts (ascending), or () when evaluation is off."""
+    if not query.evaluate_importance:
+        if query.keep_counts:
+            raise InvalidArgument("keep_counts: given without evaluate_importance")
+        return ()
+    if not query.importance_maps:
+        raise InvalidArgument(
+            "evaluate_importance: needs importance_maps, whose summed map orders the tokens"
+        )
+    if not adapter.reads_class_token():
+        raise FailedPrecondition(
+            f"evaluate_importance: model {name} does not read its prediction at the class "
+            "token, so it cannot be run on a subset of patch tokens"
+        )
+    patches = adapter.grid[0] * adapter.grid[1]
+    if not query.keep_counts:
+        return default_keep_counts(patches)
+    if len(query.keep_counts) > MAX_KEEP_COUNTS:
+        raise InvalidArgument(
+            f"keep_counts: {len(query.keep_counts)} given; allowed at most {MAX_KEEP_COUNTS}"
+        )
+    bad = [n for n in query.keep_counts if not 0 <= n <= patches]
+    if bad:
+        raise InvalidArgument(f"keep_counts: {bad[:5]} out of range; allowed 0..{patches}")
+    if len(set(query.keep_counts)) != len(query.keep_counts):
+        raise InvalidArgument(f"keep_counts: each may appear once, got {list(query.keep_counts)}")
+    return tuple(sorted(query.keep_counts))
+
+
 def returned_bytes(rows: int, top_k: int) -> int:
     """Bytes of `rows` returned top-k rows: an int64 index and a float32 score per entry."""
     return rows * top_k * 12
@@ -186,7 +252,8 @@ def _check_sizes(
             "representations or a smaller top_k"
         )
     all_tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
-    residual = len(set(query.blocks) | {b - 1 for b in query.blocks})
+    embedding = {-1} if query.evaluate_importance else set()
+    residual = len(set(query.blocks) | {b - 1 for b in query.blocks} | embedding)
     captured = (residual + 2 * blocks) * batch * all_tokens * adapter.embed_dim * 4
     needed = captured + batch * per_image
     if needed > limits.max_result_bytes:
@@ -220,6 +287,7 @@ def prepare_projection(
             f"importance_maps: model {loaded.spec.name} has no class token; the method reads "
             "the class token's attention"
         )
+    keep_counts = _check_evaluation(adapter, query, loaded.spec.name)
     mode = TokenMode.ALL if query.token_mode is TokenMode.UNSPECIFIED else query.token_mode
     effective = replace(
         query,
@@ -227,6 +295,7 @@ def prepare_projection(
         blocks=blocks,
         token_mode=mode,
         top_k=top_k,
+        keep_counts=keep_counts,
     )
     site = adapter.block_site(0, "out")
     tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
@@ -254,9 +323,11 @@ def _forward(
     pixels: torch.Tensor,
     blocks: tuple[int, ...],
     with_probs: bool,
+    with_embedding: bool,
     cancel: CancelToken,
 ) -> _Forward:
-    residual_blocks = sorted(set(blocks) | {b - 1 for b in blocks})
+    embedding = {-1} if with_embedding else set()
+    residual_blocks = sorted(set(blocks) | {b - 1 for b in blocks} | embedding)
     sites: list[SiteDef] = [
         resolve_site(adapter, "embed" if b < 0 else f"blocks.{b}.out") for b in residual_blocks
     ]
@@ -266,17 +337,19 @@ def _forward(
             sites.append(adapter.block_site(b, "attn.probs"))
     with capture_sites(adapter, sites, pixels.shape[0], cancel) as captured:
         output = adapter.forward(pixels)
-    if space.projection is None:
-        final_scores = output
-    else:
-        final_scores = F.normalize(output, dim=-1) @ space.weight.T
     return _Forward(
         {b: captured["embed" if b < 0 else f"blocks.{b}.out"] for b in residual_blocks},
         {b: captured[f"blocks.{b}.attn.out"] for b in blocks},
         {b: captured[f"blocks.{b}.mlp.out"] for b in blocks},
         {b: captured[f"blocks.{b}.attn.probs"] for b in blocks} if with_probs else {},
-        final_scores,
+        _output_scores(space, output),
     )
+
+
+def _output_scores(space: ClassSpace, output: torch.Tensor) -> torch.Tensor:
+    """The model's own class scores from forward()'s output: its logits, or the cosine of its
+    embedding with the class embeddings (open_clip)."""
+    return output if space.projection is None else F.normalize(output, dim=-1) @ space.weight.T
 
 
 @dataclass(frozen=True)
@@ -430,6 +503,65 @@ def _summaries(
     return torch.stack(rows, dim=1)
 
 
+def _keep_curve(
+    adapter: ModelAdapter,
+    space: ClassSpace,
+    embedded: torch.Tensor,
+    order: torch.Tensor,
+    keep_counts: tuple[int, ...],
+    targets: torch.Tensor,
+    cancel: CancelToken,
+) -> KeepCurve:
+    """The model run on the prefix tokens plus the first n patches of `order` [B, patches]
+    (kept in sequence order; position embeddings are already in the tokens)."""
+    batch, _, width = embedded.shape
+    prefix = adapter.num_prefix_tokens
+    prefix_index = torch.arange(prefix, device=embedded.device).expand(batch, prefix)
+    accuracy = []
+    for n in keep_counts:
+        cancel.raise_if_cancelled()
+        kept = order[:, :n].sort(dim=1).values + prefix
+        index = torch.cat([prefix_index, kept], dim=1)
+        subset = embedded.gather(1, index[..., None].expand(-1, -1, width))
+        scores = _output_scores(space, adapter.forward_from_embedded(subset))
+        accuracy.append(float((scores.argmax(dim=-1) == targets).float().mean()))
+    best = max(accuracy)
+    auc = sum(accuracy) / (best * len(accuracy)) if best > 0 else 0.0
+    return KeepCurve(accuracy, auc)
+
+
+def _evaluate_importance(
+    adapter: ModelAdapter,
+    space: ClassSpace,
+    embedded: torch.Tensor,
+    maps: list[ImportanceMaps],
+    query: ProjectionQuery,
+    targets: torch.Tensor,
+    cancel: CancelToken,
+) -> ImportanceEvaluation:
+    """Accuracy as patch tokens are kept in descending order of the returned summed map (ties
+    by position), and in a random order: one torch.randperm per image from a generator seeded
+    with evaluation_seed."""
+    summed = torch.from_numpy(np.stack([m.summed.reshape(-1) for m in maps]))
+    by_importance = summed.argsort(dim=1, descending=True, stable=True)
+    generator = torch.Generator().manual_seed(query.evaluation_seed)
+    patches = summed.shape[1]
+    at_random = torch.stack([torch.randperm(patches, generator=generator) for _ in maps])
+    curves = [
+        _keep_curve(
+            adapter,
+            space,
+            embedded,
+            order.to(embedded.device),
+            query.keep_counts,
+            targets,
+            cancel,
+        )
+        for order in (by_importance, at_random)
+    ]
+    return ImportanceEvaluation(query.keep_counts, *curves)
+
+
 def _block_summary(block: int, values: list[float]) -> BlockSummary:
     percent, cls_rank, *rates = values
     return BlockSummary(block, percent, int(cls_rank), *rates)
@@ -437,7 +569,7 @@ def _block_summary(block: int, values: list[float]) -> BlockSummary:
 
 def project_to_class_space(
     prepared: PreparedProjection, cancel: CancelToken
-) -> tuple[ProjectionHeader, list[ImageProjection], list[DatasetBlockSummary]]:
+) -> tuple[ProjectionHeader, list[ImageProjection], DatasetSummary]:
     """The forward with its sites captured, then every projection on the device."""
     loaded, query = prepared.loaded, prepared.query
     adapter = loaded.adapter
@@ -448,7 +580,9 @@ def project_to_class_space(
     cancel.raise_if_cancelled()
     # Importance maps differentiate captured tensors, which inference mode would forbid.
     with torch.no_grad() if query.importance_maps else torch.inference_mode():
-        forward = _forward(adapter, space, pixels, blocks, query.importance_maps, cancel)
+        forward = _forward(
+            adapter, space, pixels, blocks, query.importance_maps, query.evaluate_importance, cancel
+        )
         predicted = forward.final_scores.argmax(dim=-1)
         targets = predicted.clone()
         for i, target in enumerate(given):
@@ -498,6 +632,12 @@ def project_to_class_space(
         if query.importance_maps
         else None
     )
+    evaluation = None
+    if query.evaluate_importance and importance is not None:
+        with torch.inference_mode():
+            evaluation = _evaluate_importance(
+                adapter, space, forward.residual[-1], importance, query, targets, cancel
+            )
     images = []
     for i in range(pixels.shape[0]):
         target = int(targets[i])
@@ -525,7 +665,7 @@ def project_to_class_space(
             )
         )
     header = ProjectionHeader(
-        provenance_of(loaded),
+        provenance_of(loaded, query.evaluation_seed),
         query,
         prepared.token_indices,
         space,
@@ -536,7 +676,10 @@ def project_to_class_space(
     return (
         header,
         images,
-        _dataset_summary(blocks, ranked["residual"], residual_order, adapter, space),
+        DatasetSummary(
+            _dataset_summary(blocks, ranked["residual"], residual_order, adapter, space),
+            evaluation,
+        ),
     )
 
 

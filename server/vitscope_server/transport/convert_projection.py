@@ -15,13 +15,13 @@ from vitscope.v1 import projection_pb2 as pb
 from vitscope_server.core.activations import TokenMode
 from vitscope_server.core.class_projection import (
     ClassRef,
+    DatasetSummary,
     ImageProjection,
+    ImportanceEvaluation,
     ImportanceMaps,
+    KeepCurve,
     ProjectionHeader,
     ProjectionQuery,
-)
-from vitscope_server.core.class_projection import (
-    DatasetBlockSummary as CoreDatasetBlock,
 )
 from vitscope_server.core.class_space import LabelSet
 from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
@@ -91,6 +91,9 @@ def projection_query(request: pb.ProjectToClassSpaceRequest) -> ProjectionQuery:
         top_k=request.top_k,
         importance_maps=request.importance_maps,
         labels=_labels(request.HasField("labels"), request.labels),
+        evaluate_importance=request.evaluate_importance,
+        keep_counts=tuple(request.keep_counts),
+        evaluation_seed=request.evaluation_seed,
     )
 
 
@@ -121,6 +124,9 @@ def _header(header: ProjectionHeader) -> pb.ProjectionHeader:
             templates=list(space.templates),
             cosine=space.cosine,
             batch_size=header.batch_size,
+            evaluate_importance=q.evaluate_importance,
+            keep_counts=list(q.keep_counts),
+            evaluation_seed=q.evaluation_seed,
         ),
         class_names=space.names,
         num_prefix_tokens=header.num_prefix_tokens,
@@ -171,24 +177,37 @@ def _image(image: ImageProjection, names: list[str]) -> pb.ImageProjection:
     return message
 
 
+def _curve(curve: KeepCurve) -> pb.TokenKeepCurve:
+    return pb.TokenKeepCurve(accuracy=curve.accuracy, normalised_auc=curve.normalised_auc)
+
+
+def _dataset(dataset: DatasetSummary, num_images: int) -> pb.DatasetSummary:
+    message = pb.DatasetSummary(
+        num_images=num_images, blocks=[pb.DatasetBlockSummary(**vars(b)) for b in dataset.blocks]
+    )
+    evaluation: ImportanceEvaluation | None = dataset.importance_evaluation
+    if evaluation is not None:
+        message.importance_evaluation.CopyFrom(
+            pb.ImportanceEvaluation(
+                keep_counts=list(evaluation.keep_counts),
+                importance_order=_curve(evaluation.importance_order),
+                random_order=_curve(evaluation.random_order),
+            )
+        )
+    return message
+
+
 def projection_responses(
     header: ProjectionHeader,
     images: list[ImageProjection],
-    dataset: list[CoreDatasetBlock],
+    dataset: DatasetSummary,
     max_bytes: int,
 ) -> list[pb.ProjectToClassSpaceResponse]:
     """Every message, built (and size-checked) before the first is sent."""
     responses = [pb.ProjectToClassSpaceResponse(header=_header(header))]
     names = header.class_space.names
     responses += [pb.ProjectToClassSpaceResponse(image=_image(i, names)) for i in images]
-    responses.append(
-        pb.ProjectToClassSpaceResponse(
-            dataset=pb.DatasetSummary(
-                num_images=len(images),
-                blocks=[pb.DatasetBlockSummary(**vars(b)) for b in dataset],
-            )
-        )
-    )
+    responses.append(pb.ProjectToClassSpaceResponse(dataset=_dataset(dataset, len(images))))
     largest = max(r.ByteSize() for r in responses)
     if largest > max_bytes:
         raise ResourceExhausted(

@@ -273,3 +273,13 @@ class ModelAdapter(ABC):
     def classifier_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The classifier's weight [C, D] and bias [C] over normed tokens."""
         raise NotImplementedError
+
+    def reads_class_token(self) -> bool:
+        """Whether the model's output is read at the class token alone (not pooled over
+        patches), so it can be run on any subset of patch tokens."""
+        return False
+
+    def forward_from_embedded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """forward() from the tokens entering block 0 [B, T', D] (the `embed` site, position
+        embeddings added): blocks, final norm, pooling and head or projection."""
+        raise NotImplementedError

@@ -192,6 +192,15 @@ class OpenClipTowerAdapter(ModelAdapter):
         module = self._block(block)
         return layer_scaled(module.attn.out_proj.weight, module.ls_1)
 
+    def reads_class_token(self) -> bool:
+        return self.class_projection_unsupported() is None
+
+    def forward_from_embedded(self, tokens: torch.Tensor) -> torch.Tensor:
+        visual: Any = self.root
+        # ln_post per token then the class token equals open_clip's pooling for pool_type "tok".
+        final = visual.transformer(tokens)[:, 0]
+        return self.projection_norm(final, len(self.blocks) - 1, "out") @ self.image_projection()
+
 
 def build_open_clip(spec: ModelSpec, pretrained: str | None) -> nn.Module:
     preprocess_overrides = {

@@ -204,6 +204,14 @@ class TimmViTAdapter(TimmAdapter):
         module = self._block(block)
         return layer_scaled(module.attn.proj.weight, module.ls1)
 
+    def reads_class_token(self) -> bool:
+        return getattr(self.root, "global_pool", "") == "token" and self.num_prefix_tokens > 0
+
+    def forward_from_embedded(self, tokens: torch.Tensor) -> torch.Tensor:
+        model: Any = self.root
+        output: torch.Tensor = model.forward_head(model.norm(model.blocks(tokens)))
+        return output
+
 
 class TimmSwinAdapter(TimmAdapter):
     """Swin: stages of windowed-attention blocks, numbered globally as blocks.0 .. blocks.N-1."""
