@@ -14,7 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import start
+from conftest import TEST_MODELS, start
 from PIL import Image
 from reference_projection import (
     clip_importance,
@@ -43,7 +43,8 @@ from vitscope_server.transport.app import RunningServer, create_server
 
 CLIP_TEXT = {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 MODELS: list[dict[str, object]] = [
-    {"name": "vit", "family": "timm", "architecture": "test_vit", "seed": 1},
+    # The shared test models, and the variants projection needs besides.
+    *(m for m in TEST_MODELS if m["name"] in ("vit", "deit", "swin")),
     {
         "name": "gap",
         "family": "timm",
@@ -64,27 +65,6 @@ MODELS: list[dict[str, object]] = [
         "architecture": "test_vit",
         "seed": 8,
         "kwargs": {"init_values": 0.5, "scale_attn_norm": True, "num_classes": 20},
-    },
-    {
-        "name": "deit",
-        "family": "timm",
-        "architecture": "deit_tiny_distilled_patch16_224",
-        "seed": 2,
-        "kwargs": {"img_size": 64, "depth": 2, "embed_dim": 48, "num_heads": 3, "num_classes": 7},
-    },
-    {
-        "name": "swin",
-        "family": "timm",
-        "architecture": "swin_tiny_patch4_window7_224",
-        "seed": 3,
-        "kwargs": {
-            "img_size": 64,
-            "window_size": 4,
-            "embed_dim": 32,
-            "depths": [2, 2],
-            "num_heads": [2, 4],
-            "num_classes": 5,
-        },
     },
     {
         "name": "clip",
