@@ -35,10 +35,9 @@ from typing import Any
 
 import grpc
 import numpy as np
-import skimage.data
 import timm
 import torch
-from PIL import Image
+from photos import NAMES, photos
 from torch import nn
 
 from vitscope.client import DEFAULT_MAX_MESSAGE_BYTES, Client
@@ -50,16 +49,6 @@ ARCHITECTURE = "vit_base_patch16_224"
 MODEL = "vitb"
 NUM_BLOCKS = 12
 ONE_SITE_BLOCK = 11
-PHOTOS = (
-    "astronaut",
-    "coffee",
-    "chelsea",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-    "camera",
-)
 ECHO_METHOD = "/vitscope.bench.Echo/Stream"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 TARGETS = {"ratio_one_site": 1.05, "ratio_all_sites_fp32": 1.15, "transfer_over_echo": 0.7}
@@ -137,8 +126,7 @@ def load_images(running: RunningServer) -> list[np.ndarray]:
     """Real photos through the served model's own preprocessing, as float32 [3, 224, 224]."""
     adapter = running.registry.get(MODEL).adapter
     images = []
-    for name in PHOTOS:
-        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    for photo in photos():
         images.append(adapter.preprocess(photo).numpy().astype(np.float32))
     return images
 
@@ -378,7 +366,7 @@ def build_report(m: Measurements, args: argparse.Namespace) -> dict[str, Any]:
         },
         "echo_stream_seconds": round(m.echo.median, 4),
         "transfer_bytes": nbytes,
-        "images": f"{len(PHOTOS)} skimage photos sent preprocessed as float32 [3,224,224]",
+        "images": f"{len(NAMES)} skimage photos sent preprocessed as float32 [3,224,224]",
         "torch_threads": args.threads,
         "reps": args.reps,
     }

@@ -23,9 +23,8 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import skimage.data
 import torch
-from PIL import Image
+from photos import NAMES, photos
 
 from vitscope.client import Client
 from vitscope_server.core.cancel import NEVER_CANCELLED
@@ -42,16 +41,6 @@ from vitscope_server.transport.app import create_server
 
 ARCHITECTURE = "vit_base_patch16_224"
 MODEL = "vitb"
-PHOTOS = (
-    "astronaut",
-    "coffee",
-    "chelsea",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-    "camera",
-)
 TARGET_RATIO = 1.5
 
 
@@ -86,8 +75,7 @@ def main() -> None:
             include={"architecture", "seed"}
         )
         adapter = loaded.adapter
-        photos = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in PHOTOS]
-        pixels = torch.stack([adapter.preprocess(p) for p in photos])
+        pixels = torch.stack([adapter.preprocess(p) for p in photos()])
         images = [ImageInput(preprocessed=p.numpy()) for p in pixels]
         prepared = prepare_projection(
             loaded,
@@ -130,13 +118,13 @@ def main() -> None:
     result = {
         "benchmark": "class_projection",
         "model": ARCHITECTURE,
-        "batch": len(PHOTOS),
+        "batch": len(NAMES),
         "threads": args.threads,
         "rounds": args.rounds,
         "ratio_vs_forward": round(ratios["core"], 3),
         "ratio_rpc_vs_forward": round(ratios["rpc"], 3),
-        "images_per_s": round(len(PHOTOS) / medians["core"], 2),
-        "images_per_s_rpc": round(len(PHOTOS) / medians["rpc"], 2),
+        "images_per_s": round(len(NAMES) / medians["core"], 2),
+        "images_per_s_rpc": round(len(NAMES) / medians["rpc"], 2),
         "seconds": {name: round(value, 3) for name, value in medians.items()},
         "target_ratio": TARGET_RATIO,
         "meets_target": ratios["core"] <= TARGET_RATIO,
