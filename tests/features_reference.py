@@ -47,3 +47,43 @@ def as_input(pixels: np.ndarray) -> torch.Tensor:
     if pixels.shape[-1] != 3:
         pixels = np.repeat(pixels[..., None], 3, axis=-1)
     return torch.tensor(pixels.reshape(-1, *pixels.shape[-3:])).permute(0, 3, 1, 2) / 255.0
+
+
+# The square root of ImageNet's colour correlation, as published with Olah et al. 2017.
+COLOUR_SQRT = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+
+
+def fourier_pixels(spectrum: torch.Tensor) -> torch.Tensor:
+    """[K, 3, S, S//2+1, 2] real/imaginary coefficients -> pixels [K, 3, S, S] in (0, 1).
+
+    The inverse real FFT written as the explicit sum x[h, w] = 1/S^2 sum_{v, u} c_u
+    Re(X[v, u] exp(2 pi i (v h + u w) / S)), c_u = 2 for the columns whose mirror images the
+    half spectrum leaves out, else 1; X scaled by S / max(f, 1/S); then / 4, the normalised
+    colour matrix, a sigmoid.
+    """
+    size, half = spectrum.shape[2], spectrum.shape[3]
+    v = np.arange(size)
+    u = np.arange(half)
+    fy = np.minimum(v, size - v) / size
+    frequency = np.maximum(np.hypot(fy[:, None], u[None, :] / size), 1.0 / size)
+    scale = torch.tensor(size / frequency, dtype=torch.float64)
+    weight = np.where((u == 0) | (2 * u == size), 1.0, 2.0)
+    theta = (
+        2
+        * np.pi
+        * (
+            v[:, None, None, None] * v[None, None, :, None]
+            + u[None, :, None, None] * v[None, None, None, :]
+        )
+        / size
+    )  # [v, u, h, w]
+    cos = torch.tensor(weight[None, :, None, None] * np.cos(theta))
+    sin = torch.tensor(weight[None, :, None, None] * np.sin(theta))
+    real = spectrum[..., 0].double() * scale
+    imag = spectrum[..., 1].double() * scale
+    image = (
+        torch.einsum("kcvu,vuhw->kchw", real, cos) - torch.einsum("kcvu,vuhw->kchw", imag, sin)
+    ) / size**2
+    colours = COLOUR_SQRT / np.linalg.norm(COLOUR_SQRT, axis=0).max()
+    rgb = torch.einsum("cd,kdhw->kchw", torch.tensor(colours), image / 4)
+    return torch.sigmoid(rgb).float()

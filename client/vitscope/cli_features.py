@@ -10,7 +10,13 @@ from typing import Any
 from PIL import Image
 
 from vitscope.client import Client
-from vitscope.features import OptimizationProgress, TopImages
+from vitscope.features import (
+    OPTIMIZERS,
+    PARAMETERISATIONS,
+    SCHEDULES,
+    OptimizationProgress,
+    TopImages,
+)
 from vitscope.overlay import grid, heatmap_overlay
 
 DEFAULT_STEPS = 400
@@ -31,6 +37,15 @@ def add_commands(commands: Any) -> None:
     visualize.add_argument("--copies", type=int, help="augmented copies (default 8)")
     visualize.add_argument("--seed", type=int, default=0)
     visualize.add_argument("--size", type=int, help="image size (default: the model's)")
+    visualize.add_argument(
+        "--parameterisation",
+        choices=list(PARAMETERISATIONS),
+        help="pixel (default, the paper's) or fourier (decorrelated-colour spectrum)",
+    )
+    visualize.add_argument(
+        "--schedule", choices=list(SCHEDULES), help="learning rate: cosine (default) or constant"
+    )
+    visualize.add_argument("--optimizer", choices=list(OPTIMIZERS), help="adam (default) or adamax")
     visualize.add_argument(
         "--dataset", help=f"folder of images, or {SAMPLES!r} (digits shipped with the client)"
     )
@@ -132,6 +147,9 @@ def _visualize(client: Client, args: argparse.Namespace) -> None:
             tv=args.tv,
             copies=args.copies,
             image_size=args.size,
+            parameterisation=args.parameterisation,
+            schedule=args.schedule,
+            optimizer=args.optimizer,
             seed=args.seed,
             progress_every=max(1, steps // 100),
             on_progress=on_progress,

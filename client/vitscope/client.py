@@ -18,10 +18,14 @@ from vitscope import inversion, projection
 from vitscope import tensors as wire
 from vitscope.errors import from_rpc_error
 from vitscope.features import (
+    OPTIMIZERS,
+    PARAMETERISATIONS,
+    SCHEDULES,
     Feature,
     OptimizationProgress,
     OptimizationResult,
     TopImages,
+    choice,
     parse_progress,
     parse_result,
     parse_top_images,
@@ -390,6 +394,9 @@ class Client:
         copies: int | None = None,
         jitter: int | None = None,
         image_size: int | None = None,
+        parameterisation: str | None = None,
+        schedule: str | None = None,
+        optimizer: str | None = None,
         seed: int = 0,
         progress_every: int = 0,
         preview: bool = False,
@@ -399,7 +406,9 @@ class Client:
 
         features: Feature objects or (site, channel) pairs, optimised together in one batch.
         Unset hyperparameters take the paper's defaults (400 steps, lr 0.1 for timm ViTs and
-        1.0 for CLIP towers, tv 1.0, 8 copies, jitter 32 px at 224 px, the model's input size).
+        1.0 for CLIP towers, tv 1.0, 8 copies, jitter 32 px at 224 px, the model's input size,
+        parameterisation "pixel" (or "fourier"), schedule "cosine" (or "constant"), optimizer
+        "adam" (or "adamax")).
         """
         request = fpb.OptimizeFeaturesRequest(
             model=model,
@@ -413,6 +422,18 @@ class Client:
                 copies=copies,
                 jitter=jitter,
                 image_size=image_size,
+                parameterisation=choice(
+                    PARAMETERISATIONS,
+                    parameterisation,
+                    "parameterisation",
+                    fpb.IMAGE_PARAMETERISATION_UNSPECIFIED,
+                ),
+                schedule=choice(
+                    SCHEDULES, schedule, "schedule", fpb.LEARNING_RATE_SCHEDULE_UNSPECIFIED
+                ),
+                optimizer=choice(
+                    OPTIMIZERS, optimizer, "optimizer", fpb.FEATURE_OPTIMIZER_UNSPECIFIED
+                ),
             ),
             seed=seed,
             progress_every=progress_every,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf.json_format import MessageToDict
@@ -13,6 +14,8 @@ from PIL import Image
 from vitscope import tensors as wire
 from vitscope.v1 import features_pb2 as fpb
 
+Value = TypeVar("Value")
+
 OBJECTIVES = {
     "patch_mean": fpb.FEATURE_OBJECTIVE_PATCH_MEAN,
     "token": fpb.FEATURE_OBJECTIVE_TOKEN,
@@ -20,6 +23,25 @@ OBJECTIVES = {
     "direction": fpb.FEATURE_OBJECTIVE_DIRECTION,
     "class_logit": fpb.FEATURE_OBJECTIVE_CLASS_LOGIT,
 }
+
+PARAMETERISATIONS = {
+    "pixel": fpb.IMAGE_PARAMETERISATION_PIXEL,
+    "fourier": fpb.IMAGE_PARAMETERISATION_FOURIER,
+}
+SCHEDULES = {
+    "cosine": fpb.LEARNING_RATE_SCHEDULE_COSINE,
+    "constant": fpb.LEARNING_RATE_SCHEDULE_CONSTANT,
+}
+OPTIMIZERS = {"adam": fpb.FEATURE_OPTIMIZER_ADAM, "adamax": fpb.FEATURE_OPTIMIZER_ADAMAX}
+
+
+def choice(options: Mapping[str, Value], name: str | None, field: str, unset: Value) -> Value:
+    """The wire value of a named choice; `unset` (the server's default) for None."""
+    if name is None:
+        return unset
+    if name not in options:
+        raise ValueError(f"{field}: {name!r} is not one of {', '.join(options)}")
+    return options[name]
 
 
 @dataclass(frozen=True)

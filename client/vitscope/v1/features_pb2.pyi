@@ -58,6 +58,84 @@ FEATURE_OBJECTIVE_CLASS_LOGIT: FeatureObjective.ValueType  # 5
 """The model's logit for class_index; the site is not used."""
 Global___FeatureObjective: _TypeAlias = FeatureObjective  # noqa: Y015
 
+class _ImageParameterisation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImageParameterisationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageParameterisation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMAGE_PARAMETERISATION_UNSPECIFIED: _ImageParameterisation.ValueType  # 0
+    """IMAGE_PARAMETERISATION_PIXEL: the paper's."""
+    IMAGE_PARAMETERISATION_PIXEL: _ImageParameterisation.ValueType  # 1
+    """RGB pixels initialised U[0, 1], clamped to [0, 1] after each step."""
+    IMAGE_PARAMETERISATION_FOURIER: _ImageParameterisation.ValueType  # 2
+    """Decorrelated-colour Fourier spectrum (Olah et al. 2017): per image and channel, real and
+    imaginary coefficients N(0, 0.01^2) of the real FFT, scaled by S / max(f, 1/S) (f the
+    frequency in cycles per pixel), inverse real FFT, divided by 4, mixed to RGB by the
+    normalised ImageNet colour-correlation square root, then a sigmoid. No clamp step.
+    """
+
+class ImageParameterisation(_ImageParameterisation, metaclass=_ImageParameterisationEnumTypeWrapper):
+    """How the optimised image is produced from the learnable parameters."""
+
+IMAGE_PARAMETERISATION_UNSPECIFIED: ImageParameterisation.ValueType  # 0
+"""IMAGE_PARAMETERISATION_PIXEL: the paper's."""
+IMAGE_PARAMETERISATION_PIXEL: ImageParameterisation.ValueType  # 1
+"""RGB pixels initialised U[0, 1], clamped to [0, 1] after each step."""
+IMAGE_PARAMETERISATION_FOURIER: ImageParameterisation.ValueType  # 2
+"""Decorrelated-colour Fourier spectrum (Olah et al. 2017): per image and channel, real and
+imaginary coefficients N(0, 0.01^2) of the real FFT, scaled by S / max(f, 1/S) (f the
+frequency in cycles per pixel), inverse real FFT, divided by 4, mixed to RGB by the
+normalised ImageNet colour-correlation square root, then a sigmoid. No clamp step.
+"""
+Global___ImageParameterisation: _TypeAlias = ImageParameterisation  # noqa: Y015
+
+class _LearningRateSchedule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LearningRateScheduleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LearningRateSchedule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEARNING_RATE_SCHEDULE_UNSPECIFIED: _LearningRateSchedule.ValueType  # 0
+    """LEARNING_RATE_SCHEDULE_COSINE: the paper's."""
+    LEARNING_RATE_SCHEDULE_COSINE: _LearningRateSchedule.ValueType  # 1
+    """Cosine annealing from the learning rate to 0 over the steps."""
+    LEARNING_RATE_SCHEDULE_CONSTANT: _LearningRateSchedule.ValueType  # 2
+    """The learning rate at every step."""
+
+class LearningRateSchedule(_LearningRateSchedule, metaclass=_LearningRateScheduleEnumTypeWrapper):
+    """The learning rate over the steps."""
+
+LEARNING_RATE_SCHEDULE_UNSPECIFIED: LearningRateSchedule.ValueType  # 0
+"""LEARNING_RATE_SCHEDULE_COSINE: the paper's."""
+LEARNING_RATE_SCHEDULE_COSINE: LearningRateSchedule.ValueType  # 1
+"""Cosine annealing from the learning rate to 0 over the steps."""
+LEARNING_RATE_SCHEDULE_CONSTANT: LearningRateSchedule.ValueType  # 2
+"""The learning rate at every step."""
+Global___LearningRateSchedule: _TypeAlias = LearningRateSchedule  # noqa: Y015
+
+class _FeatureOptimizer:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeatureOptimizerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeatureOptimizer.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEATURE_OPTIMIZER_UNSPECIFIED: _FeatureOptimizer.ValueType  # 0
+    """FEATURE_OPTIMIZER_ADAM: the paper's."""
+    FEATURE_OPTIMIZER_ADAM: _FeatureOptimizer.ValueType  # 1
+    FEATURE_OPTIMIZER_ADAMAX: _FeatureOptimizer.ValueType  # 2
+    """Adam with the infinity norm (Kingma and Ba 2015, section 7.1)."""
+
+class FeatureOptimizer(_FeatureOptimizer, metaclass=_FeatureOptimizerEnumTypeWrapper):
+    """The optimiser; both use betas (0.5, 0.99) and eps 1e-8."""
+
+FEATURE_OPTIMIZER_UNSPECIFIED: FeatureOptimizer.ValueType  # 0
+"""FEATURE_OPTIMIZER_ADAM: the paper's."""
+FEATURE_OPTIMIZER_ADAM: FeatureOptimizer.ValueType  # 1
+FEATURE_OPTIMIZER_ADAMAX: FeatureOptimizer.ValueType  # 2
+"""Adam with the infinity norm (Kingma and Ba 2015, section 7.1)."""
+Global___FeatureOptimizer: _TypeAlias = FeatureOptimizer  # noqa: Y015
+
 @_typing.final
 class Feature(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -108,6 +186,9 @@ class OptimizationParameters(_message.Message):
     COPIES_FIELD_NUMBER: _builtins.int
     JITTER_FIELD_NUMBER: _builtins.int
     IMAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PARAMETERISATION_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     learning_rate: _builtins.float
     tv: _builtins.float
@@ -117,6 +198,9 @@ class OptimizationParameters(_message.Message):
     """Largest circular shift in pixels (default 32 scaled by image_size / 224)."""
     image_size: _builtins.int
     """Side of the optimised square image (default: the model's input size)."""
+    parameterisation: Global___ImageParameterisation.ValueType
+    schedule: Global___LearningRateSchedule.ValueType
+    optimizer: Global___FeatureOptimizer.ValueType
     def __init__(
         self,
         *,
@@ -126,10 +210,13 @@ class OptimizationParameters(_message.Message):
         copies: _builtins.int | None = ...,
         jitter: _builtins.int | None = ...,
         image_size: _builtins.int | None = ...,
+        parameterisation: Global___ImageParameterisation.ValueType = ...,
+        schedule: Global___LearningRateSchedule.ValueType = ...,
+        optimizer: Global___FeatureOptimizer.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_copies", b"_copies", "_image_size", b"_image_size", "_jitter", b"_jitter", "_learning_rate", b"_learning_rate", "_steps", b"_steps", "_tv", b"_tv", "copies", b"copies", "image_size", b"image_size", "jitter", b"jitter", "learning_rate", b"learning_rate", "steps", b"steps", "tv", b"tv"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_copies", b"_copies", "_image_size", b"_image_size", "_jitter", b"_jitter", "_learning_rate", b"_learning_rate", "_steps", b"_steps", "_tv", b"_tv", "copies", b"copies", "image_size", b"image_size", "jitter", b"jitter", "learning_rate", b"learning_rate", "steps", b"steps", "tv", b"tv"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_copies", b"_copies", "_image_size", b"_image_size", "_jitter", b"_jitter", "_learning_rate", b"_learning_rate", "_steps", b"_steps", "_tv", b"_tv", "copies", b"copies", "image_size", b"image_size", "jitter", b"jitter", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "parameterisation", b"parameterisation", "schedule", b"schedule", "steps", b"steps", "tv", b"tv"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__copies: _TypeAlias = _typing.Literal["copies"]  # noqa: Y015
     _WhichOneofArgType__copies: _TypeAlias = _typing.Literal["_copies", b"_copies"]  # noqa: Y015
@@ -213,11 +300,14 @@ class EffectiveOptimizationParameters(_message.Message):
     ADAM_BETA1_FIELD_NUMBER: _builtins.int
     ADAM_BETA2_FIELD_NUMBER: _builtins.int
     ADAM_EPS_FIELD_NUMBER: _builtins.int
-    PARAMETERISATION_FIELD_NUMBER: _builtins.int
-    SCHEDULE_FIELD_NUMBER: _builtins.int
+    PARAMETERISATION_DETAIL_FIELD_NUMBER: _builtins.int
+    SCHEDULE_DETAIL_FIELD_NUMBER: _builtins.int
     PROGRESS_EVERY_FIELD_NUMBER: _builtins.int
     PREVIEW_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    PARAMETERISATION_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     learning_rate: _builtins.float
     tv: _builtins.float
@@ -226,13 +316,18 @@ class EffectiveOptimizationParameters(_message.Message):
     jitter: _builtins.int
     image_size: _builtins.int
     adam_beta1: _builtins.float
+    """The optimiser's betas and eps (Adam's names, also used by Adamax)."""
     adam_beta2: _builtins.float
     adam_eps: _builtins.float
-    parameterisation: _builtins.str
-    """"pixels U[0,1]", "cosine to 0", "clamp [0,1]"."""
-    schedule: _builtins.str
+    parameterisation_detail: _builtins.str
+    """The parameterisation in words, e.g. "pixels, uniform [0, 1] init, clamped ..."."""
+    schedule_detail: _builtins.str
+    """The schedule in words, e.g. "cosine annealing to 0 over the steps"."""
     progress_every: _builtins.int
     preview: _builtins.bool
+    parameterisation: Global___ImageParameterisation.ValueType
+    schedule: Global___LearningRateSchedule.ValueType
+    optimizer: Global___FeatureOptimizer.ValueType
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___Feature]: ...
     def __init__(
@@ -248,15 +343,18 @@ class EffectiveOptimizationParameters(_message.Message):
         adam_beta1: _builtins.float = ...,
         adam_beta2: _builtins.float = ...,
         adam_eps: _builtins.float = ...,
-        parameterisation: _builtins.str = ...,
-        schedule: _builtins.str = ...,
+        parameterisation_detail: _builtins.str = ...,
+        schedule_detail: _builtins.str = ...,
         progress_every: _builtins.int = ...,
         preview: _builtins.bool = ...,
         features: _abc.Iterable[Global___Feature] | None = ...,
+        parameterisation: Global___ImageParameterisation.ValueType = ...,
+        schedule: Global___LearningRateSchedule.ValueType = ...,
+        optimizer: Global___FeatureOptimizer.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adam_beta1", b"adam_beta1", "adam_beta2", b"adam_beta2", "adam_eps", b"adam_eps", "copies", b"copies", "features", b"features", "image_size", b"image_size", "jitter", b"jitter", "learning_rate", b"learning_rate", "parameterisation", b"parameterisation", "preview", b"preview", "progress_every", b"progress_every", "schedule", b"schedule", "steps", b"steps", "tv", b"tv", "tv_weight", b"tv_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adam_beta1", b"adam_beta1", "adam_beta2", b"adam_beta2", "adam_eps", b"adam_eps", "copies", b"copies", "features", b"features", "image_size", b"image_size", "jitter", b"jitter", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "parameterisation", b"parameterisation", "parameterisation_detail", b"parameterisation_detail", "preview", b"preview", "progress_every", b"progress_every", "schedule", b"schedule", "schedule_detail", b"schedule_detail", "steps", b"steps", "tv", b"tv", "tv_weight", b"tv_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

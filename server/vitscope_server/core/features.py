@@ -1,9 +1,11 @@
-"""Feature optimisation (Ghiasi et al. 2022): pixels optimised so a feature's objective grows.
+"""Feature optimisation (Ghiasi et al. 2022): an image optimised so a feature's objective grows.
 
-The paper's recipe is the default (METHODS.md section 2). Several features run as one
-batch: feature k owns image k and rows k*copies .. (k+1)*copies-1 of the augmented batch,
-and its loss reaches only its own pixels. Every random draw comes from one CPU
-torch.Generator seeded by the caller, in a fixed order (see `draw_augmentation`), so the
+The paper's recipe is the default (METHODS.md section 2); the image parameterisation
+(see feature_images), learning-rate schedule and optimiser can be switched. Several
+features run as one batch: feature k owns image k and rows k*copies .. (k+1)*copies-1 of
+the augmented batch, and its loss reaches only its own image. Every random draw comes from
+one CPU torch.Generator seeded by the caller, in a fixed order (the initial image
+parameters, then each step's `draw_augmentation`), so the
 same seed and parameters give the same images on the same device.
 """
 
@@ -23,6 +25,7 @@ from vitscope_server.core.adapters import Layout, ModelAdapter, SiteDef
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites, last_block_needed
 from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from vitscope_server.core.feature_images import Parameterisation, image_parameters
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.pixels import normalise, to_uint8
 from vitscope_server.core.provenance import Provenance, provenance_of
@@ -42,10 +45,24 @@ MAX_STEPS = 100_000
 MAX_COPIES = 64
 MIN_IMAGE_SIZE = 8
 MAX_IMAGE_SIZE = 1024
-PARAMETERISATION = "pixels, uniform [0, 1] init, clamped to [0, 1] after each step"
-SCHEDULE = "Adam, cosine annealing to 0"
 # What one feature takes in a response beside its image, map and direction: names, framing.
 FEATURE_FRAMING_BYTES = 1024
+
+
+class Schedule(Enum):
+    COSINE = "cosine"
+    CONSTANT = "constant"
+
+
+SCHEDULE_DETAILS = {
+    Schedule.COSINE: "cosine annealing to 0 over the steps",
+    Schedule.CONSTANT: "constant",
+}
+
+
+class Optimizer(Enum):
+    ADAM = "adam"
+    ADAMAX = "adamax"
 
 
 class Objective(Enum):
@@ -80,6 +97,9 @@ class OptimizationParams:
     seed: int = 0
     progress_every: int = 0
     preview: bool = False
+    parameterisation: Parameterisation = Parameterisation.PIXEL
+    schedule: Schedule = Schedule.COSINE
+    optimizer: Optimizer = Optimizer.ADAM
 
 
 @dataclass(frozen=True)
@@ -93,6 +113,9 @@ class EffectiveParams:
     seed: int
     progress_every: int
     preview: bool
+    parameterisation: Parameterisation
+    schedule: Schedule
+    optimizer: Optimizer
 
     @property
     def tv_weight(self) -> float:
@@ -178,6 +201,9 @@ def effective_params(params: OptimizationParams, adapter: ModelAdapter) -> Effec
         seed=_in_range(params.seed, "seed", 0, 2**64 - 1),
         progress_every=_in_range(params.progress_every, "progress_every", 0, MAX_STEPS),
         preview=params.preview,
+        parameterisation=params.parameterisation,
+        schedule=params.schedule,
+        optimizer=params.optimizer,
     )
 
 
@@ -409,6 +435,19 @@ def step_loss(
     return (-means + params.tv_weight * tv).sum(), means
 
 
+def make_optimizer(
+    params: EffectiveParams, tensor: torch.Tensor
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The optimiser over the image parameters and its schedule (None: constant rate)."""
+    kinds = {Optimizer.ADAM: torch.optim.Adam, Optimizer.ADAMAX: torch.optim.Adamax}
+    optimizer = kinds[params.optimizer](
+        [tensor], lr=params.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS
+    )
+    if params.schedule is Schedule.CONSTANT:
+        return optimizer, None
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.steps)
+
+
 def optimize_features(
     prepared: PreparedOptimization,
     cancel: CancelToken,
@@ -424,9 +463,8 @@ def optimize_features(
     device = loaded.device
     count, copies, size = len(prepared.features), params.copies, params.image_size
     generator = torch.Generator().manual_seed(params.seed)
-    pixels = torch.rand(count, 3, size, size, generator=generator).to(device).requires_grad_()
-    optimizer = torch.optim.Adam([pixels], lr=params.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.steps)
+    image = image_parameters(params.parameterisation, count, size, generator, device)
+    optimizer, schedule = make_optimizer(params, image.tensor)
     forward = FeatureForward(prepared)
     with capture_sites(
         adapter, forward.sites, count * copies, cancel, forward.stop_after
@@ -434,13 +472,13 @@ def optimize_features(
         for step in range(params.steps):
             cancel.raise_if_cancelled()
             draw = draw_augmentation(generator, count * copies, params.jitter)
-            loss, means = step_loss(forward, pixels, draw, step, captured)
+            loss, means = step_loss(forward, image.pixels(), draw, step, captured)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                pixels.clamp_(0, 1)
+            if schedule is not None:
+                schedule.step()
+            image.constrain()
             on_step()
             done = step + 1
             if params.progress_every and (
@@ -450,11 +488,12 @@ def optimize_features(
                     done,
                     float(loss.detach()),
                     means.detach().cpu().tolist(),
-                    to_uint8(pixels) if params.preview else None,
+                    to_uint8(image.pixels()) if params.preview else None,
                 )
     cancel.raise_if_cancelled()
     # Objective and maps are read from the image as delivered (8-bit), so they can be reproduced.
-    final = (pixels.detach().clamp(0, 1) * 255).round() / 255
+    with torch.no_grad():
+        final = (image.pixels().clamp(0, 1) * 255).round() / 255
     with (
         torch.no_grad(),
         capture_sites(adapter, forward.sites, count, cancel, forward.stop_after) as captured,

@@ -6,16 +6,18 @@ import numpy as np
 
 from vitscope import tensors as wire
 from vitscope.v1 import features_pb2 as fpb
+from vitscope_server.core.feature_images import DETAILS, Parameterisation
 from vitscope_server.core.features import (
     ADAM_BETAS,
     ADAM_EPS,
-    PARAMETERISATION,
-    SCHEDULE,
+    SCHEDULE_DETAILS,
     FeatureSpec,
     Objective,
     OptimizationParams,
     OptimizationResult,
+    Optimizer,
     Progress,
+    Schedule,
 )
 from vitscope_server.core.top_images import ScanQuery, ScanResult
 from vitscope_server.transport.convert import _enum, _tensor, provenance
@@ -35,6 +37,34 @@ _OBJECTIVES_BACK = {
     Objective.CLS: fpb.FEATURE_OBJECTIVE_CLS,
     Objective.DIRECTION: fpb.FEATURE_OBJECTIVE_DIRECTION,
     Objective.CLASS_LOGIT: fpb.FEATURE_OBJECTIVE_CLASS_LOGIT,
+}
+
+_PARAMETERISATIONS: dict[int, object] = {
+    fpb.IMAGE_PARAMETERISATION_UNSPECIFIED: Parameterisation.PIXEL,
+    fpb.IMAGE_PARAMETERISATION_PIXEL: Parameterisation.PIXEL,
+    fpb.IMAGE_PARAMETERISATION_FOURIER: Parameterisation.FOURIER,
+}
+_PARAMETERISATIONS_BACK = {
+    Parameterisation.PIXEL: fpb.IMAGE_PARAMETERISATION_PIXEL,
+    Parameterisation.FOURIER: fpb.IMAGE_PARAMETERISATION_FOURIER,
+}
+_SCHEDULES: dict[int, object] = {
+    fpb.LEARNING_RATE_SCHEDULE_UNSPECIFIED: Schedule.COSINE,
+    fpb.LEARNING_RATE_SCHEDULE_COSINE: Schedule.COSINE,
+    fpb.LEARNING_RATE_SCHEDULE_CONSTANT: Schedule.CONSTANT,
+}
+_SCHEDULES_BACK = {
+    Schedule.COSINE: fpb.LEARNING_RATE_SCHEDULE_COSINE,
+    Schedule.CONSTANT: fpb.LEARNING_RATE_SCHEDULE_CONSTANT,
+}
+_OPTIMIZERS: dict[int, object] = {
+    fpb.FEATURE_OPTIMIZER_UNSPECIFIED: Optimizer.ADAM,
+    fpb.FEATURE_OPTIMIZER_ADAM: Optimizer.ADAM,
+    fpb.FEATURE_OPTIMIZER_ADAMAX: Optimizer.ADAMAX,
+}
+_OPTIMIZERS_BACK = {
+    Optimizer.ADAM: fpb.FEATURE_OPTIMIZER_ADAM,
+    Optimizer.ADAMAX: fpb.FEATURE_OPTIMIZER_ADAMAX,
 }
 
 
@@ -75,6 +105,18 @@ def optimization_params(request: fpb.OptimizeFeaturesRequest) -> OptimizationPar
         seed=request.seed,
         progress_every=request.progress_every,
         preview=request.preview,
+        parameterisation=_enum(  # type: ignore[arg-type]
+            _PARAMETERISATIONS,
+            p.parameterisation,
+            "parameters.parameterisation",
+            fpb.ImageParameterisation,
+        ),
+        schedule=_enum(  # type: ignore[arg-type]
+            _SCHEDULES, p.schedule, "parameters.schedule", fpb.LearningRateSchedule
+        ),
+        optimizer=_enum(  # type: ignore[arg-type]
+            _OPTIMIZERS, p.optimizer, "parameters.optimizer", fpb.FeatureOptimizer
+        ),
     )
 
 
@@ -117,8 +159,11 @@ def optimization_response(event: Progress | OptimizationResult) -> fpb.OptimizeF
                 adam_beta1=ADAM_BETAS[0],
                 adam_beta2=ADAM_BETAS[1],
                 adam_eps=ADAM_EPS,
-                parameterisation=PARAMETERISATION,
-                schedule=SCHEDULE,
+                parameterisation_detail=DETAILS[p.parameterisation],
+                schedule_detail=SCHEDULE_DETAILS[p.schedule],
+                parameterisation=_PARAMETERISATIONS_BACK[p.parameterisation],
+                schedule=_SCHEDULES_BACK[p.schedule],
+                optimizer=_OPTIMIZERS_BACK[p.optimizer],
                 progress_every=p.progress_every,
                 preview=p.preview,
                 features=[_feature(f.feature) for f in event.features],
