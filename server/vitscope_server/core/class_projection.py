@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vitscope_server.core.activations import TokenMode, resolve_token_indices, select_tokens
 from vitscope_server.core.adapters import ModelAdapter, SiteDef
@@ -23,16 +22,21 @@ from vitscope_server.core.capture import capture_sites
 from vitscope_server.core.class_space import ClassSpace, LabelSet, class_count, class_space_of
 from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from vitscope_server.core.images import ImageInput, prepare_batch
+from vitscope_server.core.importance import (
+    ImportanceEvaluation,
+    ImportanceMaps,
+    effective_keep_counts,
+    evaluate_importance,
+    importance_gradients,
+    importance_maps,
+)
 from vitscope_server.core.loading import LoadedModel
-from vitscope_server.core.pixels import denormalise, to_uint8
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
 # Representation -> the canonical block site it is read from.
 REPRESENTATIONS = {"residual": "out", "attention": "attn.out", "mlp": "mlp.out"}
 DEFAULT_TOP_K = 5
-# Each keep count is one forward of the batch per token order: bound that work.
-MAX_KEEP_COUNTS = 64
 # The most class scores held at once (float32 bytes); the batch is sliced to stay under it.
 SCORE_BYTES = 64 << 20
 
@@ -89,14 +93,6 @@ class BlockSummary:
 
 
 @dataclass(frozen=True)
-class ImportanceMaps:
-    per_head: np.ndarray  # [blocks, heads, grid_h, grid_w]
-    summed: np.ndarray  # [grid_h, grid_w], min-max normalised
-    upsampled: np.ndarray  # [height, width]
-    image: np.ndarray  # uint8 [height, width, 3]: the input the maps are drawn over
-
-
-@dataclass(frozen=True)
 class ImageProjection:
     image_index: int
     target_index: int
@@ -116,21 +112,6 @@ class DatasetBlockSummary:
     mean_identifiable_patch_percent: float
     mean_identifiability: float
     images_with_identifiable_percent: float
-
-
-@dataclass(frozen=True)
-class KeepCurve:
-    """Accuracy of the model run on the prefix tokens plus n patch tokens, per keep count."""
-
-    accuracy: list[float]
-    normalised_auc: float
-
-
-@dataclass(frozen=True)
-class ImportanceEvaluation:
-    keep_counts: tuple[int, ...]
-    importance_order: KeepCurve
-    random_order: KeepCurve
 
 
 @dataclass(frozen=True)
@@ -183,46 +164,6 @@ def default_top_k(top_k: int, limit: int, what: str) -> int:
     if top_k > limit:
         raise InvalidArgument(f"top_k: {top_k} exceeds the {what}; allowed 1..{limit}")
     return top_k or min(DEFAULT_TOP_K, limit)
-
-
-def default_keep_counts(patches: int) -> tuple[int, ...]:
-    """0, 1, 2, 4, ... below the number of patches, then all of them."""
-    counts = [0]
-    n = 1
-    while n < patches:
-        counts.append(n)
-        n *= 2
-    return (*counts, patches)
-
-
-def _check_evaluation(adapter: ModelAdapter, query: ProjectionQuery, name: str) -> tuple[int, ...]:
-    """The effective keep counts (ascending), or () when evaluation is off."""
-    if not query.evaluate_importance:
-        if query.keep_counts:
-            raise InvalidArgument("keep_counts: given without evaluate_importance")
-        return ()
-    if not query.importance_maps:
-        raise InvalidArgument(
-            "evaluate_importance: needs importance_maps, whose summed map orders the tokens"
-        )
-    if not adapter.reads_class_token():
-        raise FailedPrecondition(
-            f"evaluate_importance: model {name} does not read its prediction at the class "
-            "token, so it cannot be run on a subset of patch tokens"
-        )
-    patches = adapter.grid[0] * adapter.grid[1]
-    if not query.keep_counts:
-        return default_keep_counts(patches)
-    if len(query.keep_counts) > MAX_KEEP_COUNTS:
-        raise InvalidArgument(
-            f"keep_counts: {len(query.keep_counts)} given; allowed at most {MAX_KEEP_COUNTS}"
-        )
-    bad = [n for n in query.keep_counts if not 0 <= n <= patches]
-    if bad:
-        raise InvalidArgument(f"keep_counts: {bad[:5]} out of range; allowed 0..{patches}")
-    if len(set(query.keep_counts)) != len(query.keep_counts):
-        raise InvalidArgument(f"keep_counts: each may appear once, got {list(query.keep_counts)}")
-    return tuple(sorted(query.keep_counts))
 
 
 def returned_bytes(rows: int, top_k: int) -> int:
@@ -287,7 +228,13 @@ def prepare_projection(
             f"importance_maps: model {loaded.spec.name} has no class token; the method reads "
             "the class token's attention"
         )
-    keep_counts = _check_evaluation(adapter, query, loaded.spec.name)
+    keep_counts = effective_keep_counts(
+        adapter,
+        query.evaluate_importance,
+        query.importance_maps,
+        query.keep_counts,
+        loaded.spec.name,
+    )
     mode = TokenMode.ALL if query.token_mode is TokenMode.UNSPECIFIED else query.token_mode
     effective = replace(
         query,
@@ -342,14 +289,8 @@ def _forward(
         {b: captured[f"blocks.{b}.attn.out"] for b in blocks},
         {b: captured[f"blocks.{b}.mlp.out"] for b in blocks},
         {b: captured[f"blocks.{b}.attn.probs"] for b in blocks} if with_probs else {},
-        _output_scores(space, output),
+        space.output_scores(output),
     )
-
-
-def _output_scores(space: ClassSpace, output: torch.Tensor) -> torch.Tensor:
-    """The model's own class scores from forward()'s output: its logits, or the cosine of its
-    embedding with the class embeddings (open_clip)."""
-    return output if space.projection is None else F.normalize(output, dim=-1) @ space.weight.T
 
 
 @dataclass(frozen=True)
@@ -409,57 +350,6 @@ def _projected(
     return _joined(per_block, torch.stack)
 
 
-def _importance(
-    adapter: ModelAdapter,
-    space: ClassSpace,
-    forward: _Forward,
-    blocks: tuple[int, ...],
-    targets: torch.Tensor,
-    cancel: CancelToken,
-) -> torch.Tensor:
-    """[B, blocks, heads, patches]: minus d CE(class token's projected attention output) / d probs,
-    class-token query row, prefix columns dropped; one backward per block."""
-    prefix = adapter.num_prefix_tokens
-    maps = []
-    with torch.enable_grad():
-        for b in blocks:
-            cancel.raise_if_cancelled()
-            # Only the class token's query row: the output is read at the class token alone.
-            cls_row = forward.probs[b][:, :, :1].detach().clone().requires_grad_(True)
-            values = adapter.attention_values(b, forward.residual[b - 1]).detach()
-            output = adapter.attention_output(b, cls_row, values)
-            scores = space.scores(adapter.projection_norm(output, b, "attn.out"))[:, 0]
-            loss = F.cross_entropy(scores * space.logit_scale, targets, reduction="sum")
-            (gradient,) = torch.autograd.grad(loss, cls_row)
-            maps.append(-gradient[:, :, 0, prefix:])
-    return torch.stack(maps, dim=1)
-
-
-def _importance_maps(
-    adapter: ModelAdapter, raw: torch.Tensor, pixels: torch.Tensor
-) -> list[ImportanceMaps]:
-    height, width = adapter.grid
-    batch, blocks, heads, _ = raw.shape
-    per_head = raw.reshape(batch, blocks, heads, height, width)
-    summed = per_head.sum(dim=(1, 2))
-    low = summed.amin(dim=(1, 2), keepdim=True)
-    high = summed.amax(dim=(1, 2), keepdim=True)
-    normalised = torch.where(high > low, (summed - low) / (high - low), torch.zeros_like(summed))
-    upsampled = F.interpolate(
-        normalised[:, None], size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False
-    )[:, 0]
-    images = to_uint8(denormalise(pixels.float(), adapter.data_config))
-    return [
-        ImportanceMaps(
-            per_head[i].float().cpu().numpy(),
-            normalised[i].float().cpu().numpy(),
-            upsampled[i].float().cpu().numpy(),
-            images[i],
-        )
-        for i in range(batch)
-    ]
-
-
 def _summaries(
     blocks: tuple[int, ...],
     residual: _Ranked,
@@ -501,65 +391,6 @@ def _summaries(
             )
         )
     return torch.stack(rows, dim=1)
-
-
-def _keep_curve(
-    adapter: ModelAdapter,
-    space: ClassSpace,
-    embedded: torch.Tensor,
-    order: torch.Tensor,
-    keep_counts: tuple[int, ...],
-    targets: torch.Tensor,
-    cancel: CancelToken,
-) -> KeepCurve:
-    """The model run on the prefix tokens plus the first n patches of `order` [B, patches]
-    (kept in sequence order; position embeddings are already in the tokens)."""
-    batch, _, width = embedded.shape
-    prefix = adapter.num_prefix_tokens
-    prefix_index = torch.arange(prefix, device=embedded.device).expand(batch, prefix)
-    accuracy = []
-    for n in keep_counts:
-        cancel.raise_if_cancelled()
-        kept = order[:, :n].sort(dim=1).values + prefix
-        index = torch.cat([prefix_index, kept], dim=1)
-        subset = embedded.gather(1, index[..., None].expand(-1, -1, width))
-        scores = _output_scores(space, adapter.forward_from_embedded(subset))
-        accuracy.append(float((scores.argmax(dim=-1) == targets).float().mean()))
-    best = max(accuracy)
-    auc = sum(accuracy) / (best * len(accuracy)) if best > 0 else 0.0
-    return KeepCurve(accuracy, auc)
-
-
-def _evaluate_importance(
-    adapter: ModelAdapter,
-    space: ClassSpace,
-    embedded: torch.Tensor,
-    maps: list[ImportanceMaps],
-    query: ProjectionQuery,
-    targets: torch.Tensor,
-    cancel: CancelToken,
-) -> ImportanceEvaluation:
-    """Accuracy as patch tokens are kept in descending order of the returned summed map (ties
-    by position), and in a random order: one torch.randperm per image from a generator seeded
-    with evaluation_seed."""
-    summed = torch.from_numpy(np.stack([m.summed.reshape(-1) for m in maps]))
-    by_importance = summed.argsort(dim=1, descending=True, stable=True)
-    generator = torch.Generator().manual_seed(query.evaluation_seed)
-    patches = summed.shape[1]
-    at_random = torch.stack([torch.randperm(patches, generator=generator) for _ in maps])
-    curves = [
-        _keep_curve(
-            adapter,
-            space,
-            embedded,
-            order.to(embedded.device),
-            query.keep_counts,
-            targets,
-            cancel,
-        )
-        for order in (by_importance, at_random)
-    ]
-    return ImportanceEvaluation(query.keep_counts, *curves)
 
 
 def _block_summary(block: int, values: list[float]) -> BlockSummary:
@@ -626,8 +457,12 @@ def project_to_class_space(
             )
         probabilities = (forward.final_scores.float() * space.logit_scale).softmax(dim=-1)
     importance = (
-        _importance_maps(
-            adapter, _importance(adapter, space, forward, blocks, targets, cancel), pixels
+        importance_maps(
+            adapter,
+            importance_gradients(
+                adapter, space, forward.probs, forward.residual, blocks, targets, cancel
+            ),
+            pixels,
         )
         if query.importance_maps
         else None
@@ -635,8 +470,15 @@ def project_to_class_space(
     evaluation = None
     if query.evaluate_importance and importance is not None:
         with torch.inference_mode():
-            evaluation = _evaluate_importance(
-                adapter, space, forward.residual[-1], importance, query, targets, cancel
+            evaluation = evaluate_importance(
+                adapter,
+                space,
+                forward.residual[-1],
+                importance,
+                query.keep_counts,
+                query.evaluation_seed,
+                targets,
+                cancel,
             )
     images = []
     for i in range(pixels.shape[0]):

@@ -70,6 +70,11 @@ class ClassSpace:
             embedded = F.normalize(embedded, dim=-1)
         return F.linear(embedded, self.weight, self.bias)
 
+    def output_scores(self, output: torch.Tensor) -> torch.Tensor:
+        """The model's own class scores from its forward output: its logits, or the cosine of
+        its embedding with the class embeddings (open_clip)."""
+        return output if self.projection is None else F.normalize(output, dim=-1) @ self.weight.T
+
     def token_weight(self) -> torch.Tensor:
         """[C, D]: the class matrix over normed tokens (head.weight, or text @ proj^T)."""
         return self.weight @ self.projection.T if self.projection is not None else self.weight

@@ -17,14 +17,12 @@ from vitscope_server.core.class_projection import (
     ClassRef,
     DatasetSummary,
     ImageProjection,
-    ImportanceEvaluation,
-    ImportanceMaps,
-    KeepCurve,
     ProjectionHeader,
     ProjectionQuery,
 )
 from vitscope_server.core.class_space import LabelSet
 from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
+from vitscope_server.core.importance import ImportanceEvaluation, ImportanceMaps, KeepCurve
 from vitscope_server.core.memories import MemoryQuery, MemoryResult
 from vitscope_server.transport.convert import provenance
 from vitscope_server.transport.png import png
