@@ -760,6 +760,30 @@ def test_job_runs_the_servers_image_locked_down(kustomization: str) -> None:
     assert ("nvidia.com/gpu" in limits) == (device == "cuda")
     if device == "cuda":
         assert pod["nodeSelector"] and pod["tolerations"]
+    if args.command != "scan-merge":
+        # torch sizes its thread pool from OMP_NUM_THREADS: the limit's cores, not the node's.
+        threads = {e["name"]: e.get("valueFrom", {}) for e in container["env"]}["OMP_NUM_THREADS"]
+        assert threads["resourceFieldRef"]["resource"] == "limits.cpu"
+
+
+def test_gpu_component_inside_a_jobs_own_kustomization(tmp_path: Path) -> None:
+    """Listed in jobs/scan itself (not wrapping it), the component still swaps in the GPU image."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    kustomization = copy / "jobs" / "scan" / "kustomization.yaml"
+    with kustomization.open("a") as handle:
+        handle.write("components:\n  - ../../components/gpu-jobs\n")
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(kustomization.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    job = only([d for d in yaml.safe_load_all(result.stdout) if d], "Job", "vitscope-scan")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == container_of(render("gpu"))["image"]
+    assert "--device=cuda" in container["args"]
 
 
 def test_train_inverter_job_trains_every_module_once() -> None:

@@ -25,6 +25,7 @@ from vitscope_server.core.loading import load_model
 from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.specs import ModelSpec, load_models_file, parse_model_flag
 from vitscope_server.core.weights import file_digest
+from vitscope_server.model_selection import select_spec
 from vitscope_server.settings import ServerSettings
 
 CPU = torch.device("cpu")
@@ -163,3 +164,13 @@ def test_models_file_and_flags(tmp_path: Path) -> None:
     path.write_text("models:\n  - {name: a, architecture: test_vit, weights: 'ftp://x'}\n")
     with pytest.raises(InvalidArgument, match="weights must be"):
         load_models_file(path)
+
+
+def test_batch_commands_see_the_models_serve_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Job configured through VITSCOPE_* finds the same models as `vitscope serve`."""
+    monkeypatch.setenv("VITSCOPE_MODELS", '["envvit=timm:test_vit@random"]')
+    assert select_spec("envvit", None, []).architecture == "test_vit"
+    flagged = select_spec("flagged", None, ["flagged=timm:test_vit@random"])
+    assert flagged.name == "flagged"
+    with pytest.raises(NotFound, match="envvit"):
+        select_spec("envvit", None, ["flagged=timm:test_vit@random"])

@@ -37,6 +37,8 @@ from vitscope import (
 from vitscope.cli import main
 from vitscope.projection import ClassProjection
 from vitscope_server.core import class_projection
+from vitscope_server.core.loading import load_model
+from vitscope_server.core.specs import ModelSpec
 from vitscope_server.settings import ServerSettings
 from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer, create_server
@@ -830,3 +832,28 @@ def test_digits_importance_order_beats_random_order(pc: Client) -> None:
     assert np.mean(evaluation.importance_order.accuracy[few]) >= np.mean(
         evaluation.random_order.accuracy[few]
     )
+
+
+@pytest.mark.parametrize(
+    ("architecture", "kwargs", "runs_on_subsets"),
+    [
+        ("test_vit", {}, True),
+        ("deit_tiny_distilled_patch16_224", {"img_size": 32, "depth": 1}, True),
+        # Eva-style blocks need their rotary positions: a token subset cannot run through them.
+        (
+            "eva02_tiny_patch14_224",
+            {"img_size": 28, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2},
+            False,
+        ),
+    ],
+)
+def test_only_plain_vits_are_evaluated_on_token_subsets(
+    architecture: str, kwargs: dict[str, object], runs_on_subsets: bool
+) -> None:
+    spec = ModelSpec(
+        name="m",
+        family="timm",
+        architecture=architecture,
+        kwargs={**kwargs, "global_pool": "token", "num_classes": 5},
+    )
+    assert load_model(spec, torch.device("cpu")).adapter.reads_class_token() is runs_on_subsets

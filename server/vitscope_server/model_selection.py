@@ -43,10 +43,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def select_spec(name: str, models_file: Path | None, model_flags: Sequence[str]) -> ModelSpec:
-    """The model named `name` among those `vitscope serve` would serve with the same flags."""
-    settings = ServerSettings.model_validate(
-        {"models_file": models_file, "models": list(model_flags)}
-    )
+    """The model named `name` among those `vitscope serve` would serve with the same flags
+    (and the same VITSCOPE_* environment, which a flag left out does not override)."""
+    given: dict[str, object] = {}
+    if models_file is not None:
+        given["models_file"] = models_file
+    if model_flags:
+        given["models"] = list(model_flags)
+    settings = ServerSettings.model_validate(given)
     specs, _ = model_specs(settings)
     for spec in specs:
         if spec.name == name:

@@ -8,6 +8,7 @@ import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitscope_server.core.adapters.base import (
@@ -205,7 +206,14 @@ class TimmViTAdapter(TimmAdapter):
         return layer_scaled(module.attn.proj.weight, module.ls1)
 
     def reads_class_token(self) -> bool:
-        return getattr(self.root, "global_pool", "") == "token" and self.num_prefix_tokens > 0
+        """Only the plain ViT family (DeiT included) runs as blocks -> norm -> head on any token
+        subset: Eva-style blocks need their RoPE positions, CaiT adds its class token late."""
+        return (
+            isinstance(self.root, VisionTransformer)
+            and isinstance(self.root.blocks, nn.Sequential)
+            and self.root.global_pool == "token"
+            and self.num_prefix_tokens > 0
+        )
 
     def forward_from_embedded(self, tokens: torch.Tensor) -> torch.Tensor:
         model: Any = self.root
