@@ -1,16 +1,24 @@
-"""The built-in digits model: its committed weights reach the card's accuracy through the RPC."""
+"""The built-in digits models: their committed weights reach the card's accuracy through the RPC."""
 
 from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from vitscope import Client
-from vitscope_server.builtin import DIGITS_NAME, DIGITS_RANDOM_NAME, DIGITS_WEIGHTS
+from vitscope_server.builtin import (
+    DIGITS_GAP_NAME,
+    DIGITS_GAP_RANDOM_NAME,
+    DIGITS_GAP_WEIGHTS,
+    DIGITS_NAME,
+    DIGITS_RANDOM_NAME,
+    DIGITS_WEIGHTS,
+)
 from vitscope_server.train_classifier import digits_split
 
 BATCH = 64
@@ -33,12 +41,6 @@ def _accuracy(client: Client, model: str) -> float:
     return correct / len(images)
 
 
-@pytest.fixture(scope="module")
-def card_accuracy() -> float:
-    metrics = json.loads(DIGITS_WEIGHTS.with_suffix(".json").read_text())
-    return float(metrics["test_accuracy"])
-
-
 def test_served_by_default_with_its_anatomy(client: Client) -> None:
     described = client.describe(DIGITS_NAME)
     assert described.class_names == [str(d) for d in range(10)]
@@ -50,13 +52,23 @@ def test_served_by_default_with_its_anatomy(client: Client) -> None:
     assert described.info.weights_identity.startswith("sha256:")
 
 
+@pytest.mark.parametrize(
+    ("model", "weights"), [(DIGITS_NAME, DIGITS_WEIGHTS), (DIGITS_GAP_NAME, DIGITS_GAP_WEIGHTS)]
+)
 def test_committed_weights_reach_the_card_accuracy_through_the_rpc(
-    client: Client, card_accuracy: float
+    client: Client, model: str, weights: Path
 ) -> None:
-    accuracy = _accuracy(client, DIGITS_NAME)
+    card_accuracy = float(json.loads(weights.with_suffix(".json").read_text())["test_accuracy"])
+    accuracy = _accuracy(client, model)
     assert accuracy >= 0.97
     assert accuracy == pytest.approx(card_accuracy, abs=0.001)
 
 
-def test_random_twin_is_at_chance(client: Client) -> None:
-    assert _accuracy(client, DIGITS_RANDOM_NAME) < 0.3
+def test_the_gap_twin_pools_patches_without_a_class_token(client: Client) -> None:
+    described = client.describe(DIGITS_GAP_NAME)
+    assert described.num_prefix_tokens == 0 and described.grid == (7, 7)
+
+
+@pytest.mark.parametrize("model", [DIGITS_RANDOM_NAME, DIGITS_GAP_RANDOM_NAME])
+def test_random_twins_are_at_chance(client: Client, model: str) -> None:
+    assert _accuracy(client, model) < 0.3

