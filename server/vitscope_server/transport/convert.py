@@ -22,6 +22,7 @@ from vitscope_server.core.images import ImageInput
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance
 from vitscope_server.core.registry import ModelEntry, ModelState
+from vitscope_server.transport.enums import enum_value
 
 _RESPONSE_CHUNK_FIELD = pb.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number
 
@@ -66,15 +67,7 @@ _STATES = {
 }
 
 
-def _enum(mapping: dict[int, object], value: int, field: str, enum_type: object) -> object:
-    try:
-        return mapping[value]
-    except KeyError:
-        allowed = ", ".join(enum_type.Name(v) for v in mapping)  # type: ignore[attr-defined]
-        raise InvalidArgument(f"{field}: value {value} not allowed; allowed: {allowed}") from None
-
-
-def _tensor(proto: tensor_pb2.Tensor, field: str) -> wire.np.ndarray:
+def tensor_array(proto: tensor_pb2.Tensor, field: str) -> wire.np.ndarray:
     try:
         return wire.from_proto(proto)
     except wire.TensorDecodeError as exc:
@@ -89,9 +82,9 @@ def image_inputs(images: list[common_pb2.Image]) -> list[ImageInput]:
         if source == "encoded":
             inputs.append(ImageInput(encoded=image.encoded))
         elif source == "pixels":
-            inputs.append(ImageInput(pixels=_tensor(image.pixels, field)))
+            inputs.append(ImageInput(pixels=tensor_array(image.pixels, field)))
         elif source == "preprocessed":
-            inputs.append(ImageInput(preprocessed=_tensor(image.preprocessed, field)))
+            inputs.append(ImageInput(preprocessed=tensor_array(image.preprocessed, field)))
         else:
             inputs.append(ImageInput())
     return inputs
@@ -100,13 +93,17 @@ def image_inputs(images: list[common_pb2.Image]) -> list[ImageInput]:
 def activation_query(request: pb.GetActivationsRequest) -> ActivationQuery:
     return ActivationQuery(
         sites=tuple(request.sites),
-        token_mode=_enum(_TOKEN_MODES, request.tokens.mode, "tokens.mode", pb.TokenSelectionMode),  # type: ignore[arg-type]
+        token_mode=enum_value(
+            _TOKEN_MODES, request.tokens.mode, "tokens.mode", pb.TokenSelectionMode
+        ),
         token_indices=tuple(request.tokens.indices),
         positions=tuple((p.row, p.col) for p in request.tokens.positions),
-        reduction=_enum(_REDUCTIONS, request.reduction, "reduction", pb.Reduction),  # type: ignore[arg-type]
+        reduction=enum_value(_REDUCTIONS, request.reduction, "reduction", pb.Reduction),
         channels=tuple(request.channels),
         top_k=request.top_k,
-        output_dtype=_enum(_OUTPUT_DTYPES, request.output_dtype, "output_dtype", tensor_pb2.DType),  # type: ignore[arg-type]
+        output_dtype=enum_value(
+            _OUTPUT_DTYPES, request.output_dtype, "output_dtype", tensor_pb2.DType
+        ),
         top_predictions=request.top_predictions,
     )
 

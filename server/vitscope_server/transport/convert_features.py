@@ -20,10 +20,11 @@ from vitscope_server.core.features import (
     Schedule,
 )
 from vitscope_server.core.top_images import ScanQuery, ScanResult
-from vitscope_server.transport.convert import _enum, _tensor, provenance
+from vitscope_server.transport.convert import provenance, tensor_array
+from vitscope_server.transport.enums import enum_value, named_back
 from vitscope_server.transport.png import png
 
-_OBJECTIVES: dict[int, object] = {
+_OBJECTIVES: dict[int, Objective] = {
     fpb.FEATURE_OBJECTIVE_UNSPECIFIED: Objective.PATCH_MEAN,
     fpb.FEATURE_OBJECTIVE_PATCH_MEAN: Objective.PATCH_MEAN,
     fpb.FEATURE_OBJECTIVE_TOKEN: Objective.TOKEN,
@@ -31,41 +32,26 @@ _OBJECTIVES: dict[int, object] = {
     fpb.FEATURE_OBJECTIVE_DIRECTION: Objective.DIRECTION,
     fpb.FEATURE_OBJECTIVE_CLASS_LOGIT: Objective.CLASS_LOGIT,
 }
-_OBJECTIVES_BACK = {
-    Objective.PATCH_MEAN: fpb.FEATURE_OBJECTIVE_PATCH_MEAN,
-    Objective.TOKEN: fpb.FEATURE_OBJECTIVE_TOKEN,
-    Objective.CLS: fpb.FEATURE_OBJECTIVE_CLS,
-    Objective.DIRECTION: fpb.FEATURE_OBJECTIVE_DIRECTION,
-    Objective.CLASS_LOGIT: fpb.FEATURE_OBJECTIVE_CLASS_LOGIT,
-}
+_OBJECTIVES_BACK = named_back(_OBJECTIVES)
 
-_PARAMETERISATIONS: dict[int, object] = {
+_PARAMETERISATIONS: dict[int, Parameterisation] = {
     fpb.IMAGE_PARAMETERISATION_UNSPECIFIED: Parameterisation.PIXEL,
     fpb.IMAGE_PARAMETERISATION_PIXEL: Parameterisation.PIXEL,
     fpb.IMAGE_PARAMETERISATION_FOURIER: Parameterisation.FOURIER,
 }
-_PARAMETERISATIONS_BACK = {
-    Parameterisation.PIXEL: fpb.IMAGE_PARAMETERISATION_PIXEL,
-    Parameterisation.FOURIER: fpb.IMAGE_PARAMETERISATION_FOURIER,
-}
-_SCHEDULES: dict[int, object] = {
+_PARAMETERISATIONS_BACK = named_back(_PARAMETERISATIONS)
+_SCHEDULES: dict[int, Schedule] = {
     fpb.LEARNING_RATE_SCHEDULE_UNSPECIFIED: Schedule.COSINE,
     fpb.LEARNING_RATE_SCHEDULE_COSINE: Schedule.COSINE,
     fpb.LEARNING_RATE_SCHEDULE_CONSTANT: Schedule.CONSTANT,
 }
-_SCHEDULES_BACK = {
-    Schedule.COSINE: fpb.LEARNING_RATE_SCHEDULE_COSINE,
-    Schedule.CONSTANT: fpb.LEARNING_RATE_SCHEDULE_CONSTANT,
-}
-_OPTIMIZERS: dict[int, object] = {
+_SCHEDULES_BACK = named_back(_SCHEDULES)
+_OPTIMIZERS: dict[int, Optimizer] = {
     fpb.FEATURE_OPTIMIZER_UNSPECIFIED: Optimizer.ADAM,
     fpb.FEATURE_OPTIMIZER_ADAM: Optimizer.ADAM,
     fpb.FEATURE_OPTIMIZER_ADAMAX: Optimizer.ADAMAX,
 }
-_OPTIMIZERS_BACK = {
-    Optimizer.ADAM: fpb.FEATURE_OPTIMIZER_ADAM,
-    Optimizer.ADAMAX: fpb.FEATURE_OPTIMIZER_ADAMAX,
-}
+_OPTIMIZERS_BACK = named_back(_OPTIMIZERS)
 
 
 def feature_specs(request: fpb.OptimizeFeaturesRequest) -> list[FeatureSpec]:
@@ -74,7 +60,7 @@ def feature_specs(request: fpb.OptimizeFeaturesRequest) -> list[FeatureSpec]:
         field = f"features[{index}]"
         # Kept as decoded: the core checks its length against the site before converting it.
         direction = (
-            _tensor(feature.direction, f"{field}.direction")
+            tensor_array(feature.direction, f"{field}.direction")
             if feature.HasField("direction")
             else None
         )
@@ -82,7 +68,7 @@ def feature_specs(request: fpb.OptimizeFeaturesRequest) -> list[FeatureSpec]:
             FeatureSpec(
                 site=feature.site,
                 channel=feature.channel,
-                objective=_enum(  # type: ignore[arg-type]
+                objective=enum_value(
                     _OBJECTIVES, feature.objective, f"{field}.objective", fpb.FeatureObjective
                 ),
                 token_index=feature.token_index,
@@ -105,16 +91,16 @@ def optimization_params(request: fpb.OptimizeFeaturesRequest) -> OptimizationPar
         seed=request.seed,
         progress_every=request.progress_every,
         preview=request.preview,
-        parameterisation=_enum(  # type: ignore[arg-type]
+        parameterisation=enum_value(
             _PARAMETERISATIONS,
             p.parameterisation,
             "parameters.parameterisation",
             fpb.ImageParameterisation,
         ),
-        schedule=_enum(  # type: ignore[arg-type]
+        schedule=enum_value(
             _SCHEDULES, p.schedule, "parameters.schedule", fpb.LearningRateSchedule
         ),
-        optimizer=_enum(  # type: ignore[arg-type]
+        optimizer=enum_value(
             _OPTIMIZERS, p.optimizer, "parameters.optimizer", fpb.FeatureOptimizer
         ),
     )

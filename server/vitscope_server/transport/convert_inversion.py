@@ -16,7 +16,8 @@ from vitscope_server.core.inversion import (
 )
 from vitscope_server.core.inversion_modules import depth_site
 from vitscope_server.core.inversion_store import Manifest
-from vitscope_server.transport.convert import _enum, _tensor, provenance
+from vitscope_server.transport.convert import provenance, tensor_array
+from vitscope_server.transport.enums import enum_value
 from vitscope_server.transport.png import png
 
 _METHODS = {
@@ -31,7 +32,7 @@ def invert_query(request: pb.InvertRequest) -> InvertQuery:
     """Unset optimisation fields take the defaults; set ones are kept for the core to check."""
     o = request.optimization
     return InvertQuery(
-        method=_enum(_METHODS, request.method, "method", pb.InversionMethod),  # type: ignore[arg-type]
+        method=enum_value(_METHODS, request.method, "method", pb.InversionMethod),
         depths=tuple(request.depths),
         optimization=OptimizationParams(
             steps=o.steps if o.HasField("steps") else _DEFAULTS.steps,
@@ -51,7 +52,7 @@ def representation(request: pb.InvertRequest) -> tuple[np.ndarray, int] | None:
     if not request.HasField("representation"):
         return None
     r = request.representation
-    return _tensor(r.values, "representation.values"), r.depth
+    return tensor_array(r.values, "representation.values"), r.depth
 
 
 def inverter_info(manifest: Manifest) -> pb.InverterInfo:

@@ -3,8 +3,6 @@ overlay drawn as PNG (images leave the service here, never from the core)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from PIL import Image
 
@@ -21,10 +19,11 @@ from vitscope_server.core.class_projection import (
     ProjectionQuery,
 )
 from vitscope_server.core.class_space import LabelSet
-from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
+from vitscope_server.core.errors import ResourceExhausted
 from vitscope_server.core.importance import ImportanceEvaluation, ImportanceMaps, KeepCurve
 from vitscope_server.core.memories import MemoryQuery, MemoryResult
 from vitscope_server.transport.convert import provenance
+from vitscope_server.transport.enums import enum_value, enum_values
 from vitscope_server.transport.png import png
 
 _REPRESENTATIONS = {
@@ -46,16 +45,6 @@ _MEMORY_KINDS = {pb.MEMORY_KIND_MLP: "mlp", pb.MEMORY_KIND_ATTENTION: "attention
 _MEMORY_KINDS_BACK = {v: k for k, v in _MEMORY_KINDS.items()}
 
 
-def _mapped(
-    mapping: dict[Any, str], values: list[int], field: str, enum_type: object
-) -> tuple[str, ...]:
-    bad = [v for v in values if v not in mapping]
-    if bad:
-        allowed = ", ".join(enum_type.Name(v) for v in mapping)  # type: ignore[attr-defined]
-        raise InvalidArgument(f"{field}: values {bad} not allowed; allowed: {allowed}")
-    return tuple(mapping[v] for v in values)
-
-
 def _targets(refs: list[pb.ClassRef]) -> tuple[ClassRef, ...]:
     targets: list[ClassRef] = []
     for ref in refs:
@@ -71,15 +60,10 @@ def _labels(has_labels: bool, labels: pb.LabelSet) -> LabelSet | None:
 
 
 def projection_query(request: pb.ProjectToClassSpaceRequest) -> ProjectionQuery:
-    mode = _TOKEN_MODES.get(request.tokens.mode)
-    if mode is None:
-        allowed = ", ".join(pb.ProjectionTokenMode.Name(v) for v in _TOKEN_MODES)
-        raise InvalidArgument(
-            f"tokens.mode: value {request.tokens.mode} not allowed; allowed: {allowed}"
-        )
+    mode = enum_value(_TOKEN_MODES, request.tokens.mode, "tokens.mode", pb.ProjectionTokenMode)
     return ProjectionQuery(
         targets=_targets(list(request.targets)),
-        representations=_mapped(
+        representations=enum_values(
             _REPRESENTATIONS, list(request.representations), "representations", pb.Representation
         ),
         blocks=tuple(request.blocks),
@@ -98,7 +82,7 @@ def projection_query(request: pb.ProjectToClassSpaceRequest) -> ProjectionQuery:
 def memory_query(request: pb.ProjectMemoriesRequest) -> MemoryQuery:
     return MemoryQuery(
         block=request.block,
-        kinds=_mapped(_MEMORY_KINDS, list(request.kinds), "kinds", pb.MemoryKind),
+        kinds=enum_values(_MEMORY_KINDS, list(request.kinds), "kinds", pb.MemoryKind),
         top_k=request.top_k,
         cosine=request.cosine,
         targets=_targets(list(request.targets)),
