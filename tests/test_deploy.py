@@ -73,16 +73,20 @@ def kubectl() -> str:
 
 
 @cache
-def rendered_text(overlay: str) -> str:
+def kustomize(folder: Path) -> str:
     result = subprocess.run(
-        [kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
+        [kubectl(), "kustomize", str(folder)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
+    assert result.returncode == 0, f"kubectl kustomize {folder} failed:\n{result.stderr}"
     return result.stdout
+
+
+def rendered_text(overlay: str) -> str:
+    return kustomize(K8S / "overlays" / overlay)
 
 
 def render(overlay: str) -> list[dict[str, Any]]:
@@ -671,17 +675,8 @@ def render_job(kustomization: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return job, containers[0]
 
 
-@cache
 def rendered_job_text(kustomization: str) -> str:
-    result = subprocess.run(
-        [kubectl(), "kustomize", str(JOBS / kustomization)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, f"kubectl kustomize jobs/{kustomization}:\n{result.stderr}"
-    return result.stdout
+    return kustomize(JOBS / kustomization)
 
 
 def job_argv(container: dict[str, Any], **env: str) -> list[str]:
@@ -773,14 +768,8 @@ def test_gpu_component_inside_a_jobs_own_kustomization(tmp_path: Path) -> None:
     kustomization = copy / "jobs" / "scan" / "kustomization.yaml"
     with kustomization.open("a") as handle:
         handle.write("components:\n  - ../../components/gpu-jobs\n")
-    result = subprocess.run(
-        [kubectl(), "kustomize", str(kustomization.parent)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    job = only([d for d in yaml.safe_load_all(result.stdout) if d], "Job", "vitscope-scan")
+    rendered = kustomize(kustomization.parent)
+    job = only([d for d in yaml.safe_load_all(rendered) if d], "Job", "vitscope-scan")
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == container_of(render("gpu"))["image"]
     assert "--device=cuda" in container["args"]

