@@ -48,6 +48,23 @@ class ServerSettings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Memory admission: every request's bytes (decoded images, what the model's resize builds,
+    # activations, results) are estimated before anything is allocated. A request over
+    # request_memory_bytes is refused with RESOURCE_EXHAUSTED; requests together are held to
+    # server_memory_bytes (unset: half the container's memory limit, RLIMIT_AS or the RAM,
+    # whichever is least), later ones waiting in the bounded queue (max_queue) for room.
+    request_memory_bytes: int = Field(1 << 30, ge=1 << 20)
+    server_memory_bytes: int | None = Field(None, ge=1 << 20)
+    # Server streams: progress messages beyond this many coalesce (the latest wins) while the
+    # reader is behind; results are never dropped.
+    stream_buffer_messages: int = Field(8, ge=1)
+    # A reader that takes no message for this long while messages wait is cut off
+    # (RESOURCE_EXHAUSTED), so a stalled client holds neither compute nor memory.
+    slow_reader_seconds: float = Field(30.0, gt=0)
+    # On SIGTERM health turns NOT_SERVING at once, but calls are still accepted for this long
+    # so that probes and load balancers see it; then new calls are refused and in-flight ones
+    # get grace_seconds to finish.
+    drain_delay_seconds: float = Field(5.0, ge=0)
     grace_seconds: float = Field(10.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -25,41 +25,68 @@ class ImageInput:
     preprocessed: np.ndarray | None = None
 
 
-def _decode(data: bytes, field: str, max_pixels: int) -> Image.Image:
-    """Reads the header first: the pixel limit is checked before any pixel is decoded."""
+def _undecodable(field: str, exc: Exception) -> InvalidArgument:
+    return InvalidArgument(
+        f"{field}: cannot decode image ({str(exc)[:200]}); allowed formats: {ALLOWED_FORMATS}"
+    )
+
+
+def open_header(data: bytes, field: str) -> Image.Image:
+    """The image with only its header read (size, mode, format); no pixel is decoded yet."""
     try:
         image = Image.open(io.BytesIO(data))
-        if image.format not in ALLOWED_FORMATS:
-            raise InvalidArgument(
-                f"{field}: format {image.format} not allowed; allowed: {ALLOWED_FORMATS}"
-            )
-        if image.width * image.height > max_pixels:
-            raise ResourceExhausted(
-                f"{field}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels} pixels"
-            )
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidArgument(
-            f"{field}: cannot decode image ({exc}); allowed formats: {ALLOWED_FORMATS}"
-        ) from None
     except Image.DecompressionBombError as exc:
         raise ResourceExhausted(f"{field}: image too large to decode ({exc})") from None
-    return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise _undecodable(field, exc) from None
+    if image.format not in ALLOWED_FORMATS:
+        raise InvalidArgument(
+            f"{field}: format {image.format} not allowed; allowed: {ALLOWED_FORMATS}"
+        )
+    return image
 
 
-def _from_pixels(pixels: np.ndarray, field: str, max_pixels: int) -> Image.Image:
+def check_size(adapter: ModelAdapter, width: int, height: int, field: str, max_pixels: int) -> None:
+    """Both the image and what the model's resize makes of it stay within max_pixels."""
+    if width * height > max_pixels:
+        raise ResourceExhausted(
+            f"{field}: {width}x{height} pixels exceeds the limit of {max_pixels} pixels "
+            "(max_image_pixels)"
+        )
+    if width == 0 or height == 0:
+        raise InvalidArgument(f"{field}: the image is {width}x{height}, empty")
+    resized = adapter.preprocess_peak_pixels(width, height)
+    if resized > max_pixels:
+        raise ResourceExhausted(
+            f"{field}: the model's resize would turn this {width}x{height} image into "
+            f"{resized} pixels, over the limit of {max_pixels} (max_image_pixels); "
+            "send an image with a less extreme aspect ratio"
+        )
+
+
+def _decode(adapter: ModelAdapter, data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """Reads the header first: the limits are checked before any pixel is decoded."""
+    image = open_header(data, field)
+    check_size(adapter, image.width, image.height, field, max_pixels)
+    try:
+        image.load()
+        return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ResourceExhausted(f"{field}: image too large to decode ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise _undecodable(field, exc) from None
+
+
+def _from_pixels(
+    adapter: ModelAdapter, pixels: np.ndarray, field: str, max_pixels: int
+) -> Image.Image:
     if pixels.dtype != np.uint8:
         raise InvalidArgument(f"{field}: pixels must be uint8, got {pixels.dtype}")
     if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3)):
         raise InvalidArgument(
             f"{field}: pixels shape {list(pixels.shape)}; allowed: [H, W], [H, W, 1], [H, W, 3]"
         )
-    if pixels.shape[0] * pixels.shape[1] > max_pixels:
-        raise ResourceExhausted(
-            f"{field}: {pixels.shape[0]}x{pixels.shape[1]} pixels exceeds {max_pixels}"
-        )
-    if pixels.shape[0] == 0 or pixels.shape[1] == 0:
-        raise InvalidArgument(f"{field}: pixels shape {list(pixels.shape)} is empty")
+    check_size(adapter, pixels.shape[1], pixels.shape[0], field, max_pixels)
     squeezed = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
     return Image.fromarray(np.ascontiguousarray(squeezed)).convert("RGB")
 
@@ -102,11 +129,13 @@ def prepare_batch(
             tensors.append(_from_preprocessed(image.preprocessed, f"{field}.preprocessed", adapter))
         elif image.pixels is not None:
             tensors.append(
-                adapter.preprocess(_from_pixels(image.pixels, f"{field}.pixels", max_pixels))
+                adapter.preprocess(
+                    _from_pixels(adapter, image.pixels, f"{field}.pixels", max_pixels)
+                )
             )
         elif image.encoded is not None:
             tensors.append(
-                adapter.preprocess(_decode(image.encoded, f"{field}.encoded", max_pixels))
+                adapter.preprocess(_decode(adapter, image.encoded, f"{field}.encoded", max_pixels))
             )
         else:
             raise InvalidArgument(f"{field}: no source set; set encoded, pixels or preprocessed")

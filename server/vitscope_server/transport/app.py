@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 from vitscope.v1 import inspector_pb2, inspector_pb2_grpc
 from vitscope_server.builtin import BUILTIN_INVERTERS
 from vitscope_server.core.activations import ActivationLimits
+from vitscope_server.core.budget import MemoryBudget, memory_limit_bytes
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.slots import ComputeSlots
@@ -27,6 +28,7 @@ from vitscope_server.model_selection import model_specs, resolve_device
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.interceptors import ServiceInterceptor
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.progress import StreamPolicy
 from vitscope_server.transport.servicer import InspectorServicer
 
 log = logging.getLogger(__name__)
@@ -59,11 +61,16 @@ class RunningServer:
     metrics: Metrics
     _metrics_http: Any
 
-    def stop(self, grace: float) -> bool:
-        """Health NOT_SERVING first, then stop accepting; in-flight calls get `grace` seconds.
+    def stop(self, grace: float, drain_delay: float = 0.0) -> bool:
+        """Health NOT_SERVING first; calls are still accepted for `drain_delay` seconds so
+        that health pollers and load balancers see it; then new calls are refused and
+        in-flight ones get `grace` seconds.
 
         Returns False when a model load is still running (it cannot be interrupted)."""
         self.health.enter_graceful_shutdown()
+        if drain_delay > 0:
+            log.info("health NOT_SERVING; still accepting calls for %.1f s", drain_delay)
+            threading.Event().wait(drain_delay)
         self.grpc_server.stop(grace).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -86,6 +93,17 @@ def _health_updater(
                 servicer.set(overall, serving if ready else not_serving)
 
     return on_state
+
+
+def _memory_budget(settings: ServerSettings) -> MemoryBudget:
+    """The server's budget defaults to half of what the process may use."""
+    total = settings.server_memory_bytes or memory_limit_bytes() // 2
+    log.info(
+        "memory budget: %d MiB per request, %d MiB in all",
+        settings.request_memory_bytes >> 20,
+        total >> 20,
+    )
+    return MemoryBudget(settings.request_memory_bytes, total, settings.max_queue)
 
 
 def create_server(settings: ServerSettings) -> RunningServer:
@@ -116,11 +134,20 @@ def create_server(settings: ServerSettings) -> RunningServer:
     threads = settings.max_running + settings.max_queue + settings.max_workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-        interceptors=[ServiceInterceptor(metrics, registry.label, settings.token())],
+        interceptors=[
+            ServiceInterceptor(
+                metrics,
+                registry.label,
+                settings.token(),
+                StreamPolicy(settings.stream_buffer_messages, settings.slow_reader_seconds),
+            )
+        ],
         options=options,
     )
     slots = ComputeSlots(settings.max_running, settings.max_queue)
     metrics.queued.set_function(lambda: float(slots.waiting))
+    budget = _memory_budget(settings)
+    metrics.memory_reserved.set_function(lambda: float(budget.reserved))
     inverter_roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
     if settings.inverters_dir is not None:
         inverter_roots.append(settings.inverters_dir)
@@ -133,6 +160,7 @@ def create_server(settings: ServerSettings) -> RunningServer:
         InverterCatalog(inverter_roots),
         settings.image_roots,
         max_message_bytes=settings.max_message_bytes,
+        budget=budget,
     )
     inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -180,8 +208,9 @@ def serve(settings: ServerSettings) -> None:
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info(
-            "signal %s: draining for up to %.1f s",
+            "signal %s: NOT_SERVING, accepting for %.1f s more, then draining for up to %.1f s",
             signal.Signals(signum).name,
+            settings.drain_delay_seconds,
             settings.grace_seconds,
         )
         stopping.set()
@@ -189,7 +218,7 @@ def serve(settings: ServerSettings) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stopping.wait()
-    if running.stop(settings.grace_seconds):
+    if running.stop(settings.grace_seconds, settings.drain_delay_seconds):
         log.info("stopped")
         return
     # A load in progress would keep torch busy while the interpreter finalises,

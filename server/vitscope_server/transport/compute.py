@@ -8,14 +8,16 @@ from contextlib import contextmanager
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.progress import holding_compute
 
 
 @contextmanager
 def computing(
     slots: ComputeSlots, metrics: Metrics, cancel: CancelToken, method: str, model: str
 ) -> Iterator[None]:
-    """Waits for a compute slot (or the cancel token), then holds it for the block."""
-    with slots.acquire(cancel) as waited:
+    """Waits for a compute slot (or the cancel token), then holds it for the block; streamed
+    responses sent meanwhile never wait for the reader."""
+    with slots.acquire(cancel) as waited, holding_compute():
         metrics.queue_wait.labels(method, model).observe(waited)
         with metrics.compute.labels(method, model).time():
             yield

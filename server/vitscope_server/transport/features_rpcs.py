@@ -10,6 +10,7 @@ import grpc
 
 from vitscope.v1 import features_pb2 as fpb
 from vitscope_server.core.activations import ActivationLimits
+from vitscope_server.core.budget import MemoryBudget, backward_bytes, forward_bytes, images_bytes
 from vitscope_server.core.errors import InvalidArgument
 from vitscope_server.core.features import optimize_features, prepare_optimization
 from vitscope_server.core.registry import ModelRegistry
@@ -25,6 +26,7 @@ from vitscope_server.transport import convert, convert_features
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import computing
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.progress import Progress
 
 # Room in a response for what is not counted up front: provenance, names, framing.
 RESPONSE_HEADROOM_BYTES = 16 << 10
@@ -39,6 +41,7 @@ class FeatureRpcs:
     _limits: ActivationLimits
     _image_roots: Sequence[Path]
     _max_message_bytes: int
+    _budget: MemoryBudget
 
     def _response_budget(self) -> int:
         """The bytes one unary response may carry: under the max message size and the
@@ -47,7 +50,7 @@ class FeatureRpcs:
 
     def OptimizeFeatures(
         self, request: fpb.OptimizeFeaturesRequest, context: grpc.ServicerContext
-    ) -> Iterator[fpb.OptimizeFeaturesResponse]:
+    ) -> Iterator[fpb.OptimizeFeaturesResponse | Progress]:
         loaded = self._registry.get(request.model)
         prepared = prepare_optimization(
             loaded,
@@ -60,9 +63,16 @@ class FeatureRpcs:
         cancel = cancel_token(context)
         labels = ("OptimizeFeatures", loaded.spec.name)
         steps = self._metrics.optimization_steps.labels(*labels)
-        with computing(self._slots, self._metrics, cancel, *labels):
+        params = prepared.params
+        batch = len(prepared.features) * params.copies
+        need = backward_bytes(loaded.adapter, batch, params.image_size**2)
+        with (
+            self._budget.reserve(need, cancel),
+            computing(self._slots, self._metrics, cancel, *labels),
+        ):
             for event in optimize_features(prepared, cancel, steps.inc):
-                yield convert_features.optimization_response(event)
+                response = convert_features.optimization_response(event)
+                yield Progress(response) if response.HasField("progress") else response
 
     def TopActivatingImages(
         self, requests: Iterator[fpb.TopActivatingImagesRequest], context: grpc.ServicerContext
@@ -78,9 +88,14 @@ class FeatureRpcs:
         labels = ("TopActivatingImages", loaded.spec.name)
 
         def score(items: list[ScanItem]) -> None:
-            pixels = scan.prepare(items, self._limits.max_pixels)
-            with computing(self._slots, self._metrics, cancel, *labels):
-                scan.add(pixels, items, cancel)
+            images = [item.image for item in items]
+            adapter = loaded.adapter
+            fields = [item.field for item in items]
+            need = images_bytes(adapter, images, fields) + forward_bytes(adapter, len(items), 1)
+            with self._budget.reserve(need, cancel):
+                pixels = scan.prepare(items, self._limits.max_pixels)
+                with computing(self._slots, self._metrics, cancel, *labels):
+                    scan.add(pixels, items, cancel)
 
         batch = self._limits.max_batch
         if first.image_folder:

@@ -18,6 +18,7 @@ import grpc
 
 from vitscope_server.core import errors
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.progress import StreamPolicy, buffered
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,16 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     """Wraps every Inspector method; health and reflection pass untouched."""
 
     def __init__(
-        self, metrics: Metrics, model_label: Callable[[str], str], token: str | None
+        self,
+        metrics: Metrics,
+        model_label: Callable[[str], str],
+        token: str | None,
+        streams: StreamPolicy | None = None,
     ) -> None:
-        """model_label maps a requested model name to a bounded label (unknown names share one)."""
+        """model_label maps a requested model name to a bounded label (unknown names share one);
+        streams bounds every server stream's buffer and how long its reader may stall."""
         self._metrics = metrics
+        self._streams = streams or StreamPolicy()
         self._model_label_of = model_label
         self._token = token
 
@@ -188,7 +195,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                         code, "missing or invalid bearer token in 'authorization' metadata"
                     )
                 try:
-                    for response in behaviour(request, context):
+                    for response in buffered(behaviour(request, context), context, self._streams):
                         call.sent += _message_size(response)
                         yield response
                 except Exception as exc:

@@ -8,6 +8,8 @@ import grpc
 
 from vitscope.v1 import inversion_pb2 as pb
 from vitscope_server.core.activations import ActivationLimits
+from vitscope_server.core.budget import MemoryBudget
+from vitscope_server.core.estimates import inversion_bytes
 from vitscope_server.core.inversion import invert, prepare_inversion
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.registry import ModelRegistry, ModelState
@@ -16,6 +18,7 @@ from vitscope_server.transport import convert, convert_inversion
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import computing
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.progress import Progress
 
 
 class InversionRpcs:
@@ -26,26 +29,33 @@ class InversionRpcs:
     _metrics: Metrics
     _limits: ActivationLimits
     _inverters: InverterCatalog
+    _budget: MemoryBudget
 
     def Invert(
         self, request: pb.InvertRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.InvertResponse]:
+    ) -> Iterator[pb.InvertResponse | Progress]:
         loaded = self._registry.get(request.model)
-        prepared = prepare_inversion(
-            loaded,
-            self._inverters,
-            convert.image_inputs(list(request.images)),
-            convert_inversion.invert_query(request),
-            convert_inversion.representation(request),
-            self._limits.max_batch,
-            self._limits.max_pixels,
-        )
+        images = convert.image_inputs(list(request.images))
+        query = convert_inversion.invert_query(request)
+        representation = convert_inversion.representation(request)
         cancel = cancel_token(context)
         labels = ("Invert", loaded.spec.name)
         steps = self._metrics.optimization_steps.labels(*labels)
-        with computing(self._slots, self._metrics, cancel, *labels):
-            for event in invert(prepared, cancel, steps.inc):
-                yield from convert_inversion.invert_responses(event)
+        need = inversion_bytes(loaded.adapter, images, query, representation)
+        with self._budget.reserve(need, cancel):
+            prepared = prepare_inversion(
+                loaded,
+                self._inverters,
+                images,
+                query,
+                representation,
+                self._limits.max_batch,
+                self._limits.max_pixels,
+            )
+            with computing(self._slots, self._metrics, cancel, *labels):
+                for event in invert(prepared, cancel, steps.inc):
+                    for response in convert_inversion.invert_responses(event):
+                        yield Progress(response) if response.HasField("progress") else response
 
     def ListInverters(
         self, request: pb.ListInvertersRequest, context: grpc.ServicerContext

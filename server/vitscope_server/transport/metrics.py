@@ -82,6 +82,11 @@ class Metrics:
         self.queued = Gauge(
             "vitscope_queued_requests", "Requests waiting for a compute slot.", registry=r
         )
+        self.memory_reserved = Gauge(
+            "vitscope_memory_reserved_bytes",
+            "Estimated bytes held by admitted requests (the server memory budget in use).",
+            registry=r,
+        )
 
     def watch_gpu_memory(self) -> None:
         """Exports allocated CUDA memory when a GPU is in use."""

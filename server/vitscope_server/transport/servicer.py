@@ -14,6 +14,7 @@ from vitscope_server.core.activations import (
     get_activations,
     prepare_activations,
 )
+from vitscope_server.core.budget import MemoryBudget, forward_bytes, images_bytes
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.provenance import provenance_of
 from vitscope_server.core.registry import ModelRegistry
@@ -27,7 +28,10 @@ from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.projection_rpcs import ProjectionRpcs
 
 
-class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.InspectorServicer):
+# Streams may yield Progress-wrapped messages, which the interceptor unwraps.
+class InspectorServicer(  # type: ignore[misc]
+    FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.InspectorServicer
+):
     def __init__(
         self,
         registry: ModelRegistry,
@@ -39,6 +43,7 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
         image_roots: Sequence[Path] = (),
         *,
         max_message_bytes: int,
+        budget: MemoryBudget,
     ) -> None:
         self._registry = registry
         self._slots = slots
@@ -48,6 +53,7 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
         self._image_roots = tuple(image_roots)
         self._inverters = inverters
         self._max_message_bytes = max_message_bytes
+        self._budget = budget
 
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
@@ -69,11 +75,13 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
     ) -> Iterator[pb.GetActivationsResponse | bytes]:
         loaded = self._registry.get(request.model)
         images = convert.image_inputs(list(request.images))
-        prepared = prepare_activations(
-            loaded, images, convert.activation_query(request), self._limits
-        )
+        query = convert.activation_query(request)
+        adapter = loaded.adapter
+        need = images_bytes(adapter, images) + forward_bytes(adapter, len(images), len(query.sites))
         cancel = cancel_token(context)
         labels = ("GetActivations", loaded.spec.name)
-        with computing(self._slots, self._metrics, cancel, *labels):
-            result = get_activations(prepared, cancel, self._limits)
-        yield from convert.activation_responses(result, self._chunk_bytes)
+        with self._budget.reserve(need, cancel):
+            prepared = prepare_activations(loaded, images, query, self._limits)
+            with computing(self._slots, self._metrics, cancel, *labels):
+                result = get_activations(prepared, cancel, self._limits)
+            yield from convert.activation_responses(result, self._chunk_bytes)

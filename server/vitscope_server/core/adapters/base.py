@@ -8,11 +8,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
 from torch import nn
 
+from vitscope_server.core.resize_size import peak_pixels
 from vitscope_server.core.specs import ModelSpec
 
 
@@ -131,6 +133,15 @@ class ModelAdapter(ABC):
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The model's own evaluation transform: PIL RGB image -> [3, H, W] float tensor."""
+
+    def preprocess_peak_pixels(self, width: int, height: int) -> int:
+        """The most pixels `preprocess` holds for a width x height image (its resize, say),
+        known before decoding. Adapters without a torchvision-style `_transform` are assumed
+        to resize the shortest side to the input size, the common and costliest case."""
+        transform = getattr(self, "_transform", None)
+        if transform is None:
+            transform = SimpleNamespace(size=max(self.data_config.input_size[1:]))
+        return peak_pixels(transform, width, height)
 
     @abstractmethod
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

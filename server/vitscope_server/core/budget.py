@@ -1,0 +1,188 @@
+"""Memory admission: a request's bytes are estimated before anything is allocated for it.
+
+Each request is held to a per-request budget, and all admitted requests together to a
+process-wide one. A request that would never fit is refused at once; one that fits later
+waits in a bounded queue (honouring its cancel token), like a compute slot.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitscope_server.core.adapters import ModelAdapter
+from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.errors import ResourceExhausted
+from vitscope_server.core.images import ImageInput, open_header
+
+_POLL_SECONDS = 0.05
+_FLOAT = 4
+# A transformer block's live tensors per token during a forward, in units of the width:
+# the residual, qkv (3), the attention output and the MLP hidden (4), with slack.
+_FORWARD_WIDTHS = 12
+# What autograd keeps per block and token for a backward pass, in units of the width.
+_BACKWARD_WIDTHS = 16
+_HEAD_WIDTH = 64
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
+class RequestTooLarge(ResourceExhausted):
+    """The request alone needs more than the per-request budget."""
+
+
+class ServerBudgetExceeded(ResourceExhausted):
+    """The request cannot be admitted next to what is already running."""
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """Bytes one image costs in a model, from its token grid and width."""
+
+    input_bytes: int
+    forward_bytes: int
+    site_bytes: int
+    backward_bytes: int
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter) -> ModelFootprint:
+        channels, height, width = adapter.data_config.input_size
+        tokens = adapter.num_prefix_tokens + math.prod(adapter.grid)
+        embed = adapter.embed_dim
+        attention = max(1, embed // _HEAD_WIDTH) * tokens * tokens * _FLOAT
+        per_token = tokens * embed * _FLOAT
+        blocks = max(1, len(adapter.blocks))
+        return cls(
+            input_bytes=channels * height * width * _FLOAT,
+            forward_bytes=_FORWARD_WIDTHS * per_token + 2 * attention,
+            site_bytes=max(4 * per_token, attention),
+            backward_bytes=blocks * (_BACKWARD_WIDTHS * per_token + 2 * attention),
+        )
+
+
+def image_bytes(adapter: ModelAdapter, image: ImageInput, field: str) -> int:
+    """Decoded pixels, their RGB copy and the largest image the model's transform builds."""
+    if image.preprocessed is not None:
+        return int(image.preprocessed.size) * _FLOAT
+    if image.pixels is not None and image.pixels.ndim >= 2:
+        width, height, bands = image.pixels.shape[1], image.pixels.shape[0], 4
+    elif image.encoded is not None:
+        header = open_header(image.encoded, f"{field}.encoded")
+        width, height = header.size
+        bands = len(header.getbands()) * (4 if header.mode in ("I", "F") else 2)
+    else:
+        return 0
+    return width * height * (bands + 3) + 3 * adapter.preprocess_peak_pixels(width, height)
+
+
+def images_bytes(
+    adapter: ModelAdapter, images: Sequence[ImageInput], fields: Sequence[str] | None = None
+) -> int:
+    """All images of a request, decoded and preprocessed; errors name images[i] or fields[i]."""
+    footprint = ModelFootprint.of(adapter)
+    names = fields if fields is not None else [f"images[{i}]" for i in range(len(images))]
+    return sum(
+        image_bytes(adapter, image, field) + footprint.input_bytes
+        for image, field in zip(images, names, strict=True)
+    )
+
+
+def forward_bytes(adapter: ModelAdapter, batch: int, sites: int) -> int:
+    """A forward of `batch` images with `sites` tensors captured and kept for the result."""
+    footprint = ModelFootprint.of(adapter)
+    return batch * (footprint.forward_bytes + sites * footprint.site_bytes)
+
+
+def backward_bytes(adapter: ModelAdapter, batch: int, pixels_per_image: int) -> int:
+    """Forward and backward of `batch` images of `pixels_per_image` (optimisation)."""
+    footprint = ModelFootprint.of(adapter)
+    _, height, width = adapter.data_config.input_size
+    scale = max(1.0, pixels_per_image / (height * width))
+    return int(batch * scale * (footprint.backward_bytes + 4 * footprint.input_bytes))
+
+
+_CGROUP_LIMITS = (
+    Path("/sys/fs/cgroup/memory.max"),
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+)
+
+
+def memory_limit_bytes() -> int:
+    """The memory this process may use: its container's cgroup limit, RLIMIT_AS, or the RAM."""
+    limits = [os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")]
+    for path in _CGROUP_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    return min(limits)
+
+
+class MemoryBudget:
+    """Bytes admitted requests may hold: `request_bytes` each, `server_bytes` in all."""
+
+    def __init__(self, request_bytes: int, server_bytes: int, max_waiting: int) -> None:
+        self.request_bytes = request_bytes
+        self.server_bytes = server_bytes
+        self.max_waiting = max_waiting
+        self._cond = threading.Condition()
+        self._reserved = 0
+        self._waiting = 0
+
+    @property
+    def reserved(self) -> int:
+        return self._reserved
+
+    def _check(self, nbytes: int) -> None:
+        if nbytes > self.request_bytes:
+            raise RequestTooLarge(
+                f"the request needs about {_mib(nbytes)}, over the per-request memory budget of "
+                f"{_mib(self.request_bytes)} (request_memory_bytes); send fewer or smaller "
+                "images, fewer sites or a smaller batch"
+            )
+        if nbytes > self.server_bytes:
+            raise ServerBudgetExceeded(
+                f"the request needs about {_mib(nbytes)}, over the server's memory budget of "
+                f"{_mib(self.server_bytes)} (server_memory_bytes)"
+            )
+
+    @contextmanager
+    def reserve(self, nbytes: int, cancel: CancelToken) -> Iterator[None]:
+        """Holds nbytes of the server's budget for the block, waiting (bounded) for room."""
+        self._check(nbytes)
+        with self._cond:
+            if self._reserved + nbytes > self.server_bytes:
+                if self._waiting >= self.max_waiting:
+                    raise ServerBudgetExceeded(
+                        f"server memory budget full: {_mib(self._reserved)} of "
+                        f"{_mib(self.server_bytes)} (server_memory_bytes) in use and "
+                        f"{self._waiting} requests waiting; retry later"
+                    )
+                self._waiting += 1
+                try:
+                    while self._reserved + nbytes > self.server_bytes:
+                        self._cond.wait(_POLL_SECONDS)
+                        cancel.raise_if_cancelled()
+                finally:
+                    self._waiting -= 1
+            cancel.raise_if_cancelled()
+            self._reserved += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._reserved -= nbytes
+                self._cond.notify_all()

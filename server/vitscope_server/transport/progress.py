@@ -1,0 +1,186 @@
+"""Streaming responses leave the computing thread through a small buffer, so that compute never
+waits on the network.
+
+Every server-streaming RPC runs its body in a producer thread; the RPC thread only sends what
+the buffer holds. Progress messages (wrapped in `Progress`) coalesce when the reader is slow:
+the latest progress wins. Other messages are never dropped; a producer that holds a compute
+slot never waits for room, one that does not waits while the buffer is full. A reader that has
+taken nothing for `slow_reader_seconds` while messages wait is cut off with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from vitscope_server.core.errors import Cancelled, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+_WAKE_SECONDS = 0.1
+_holding = threading.local()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A response that a later one supersedes; dropped when the reader is behind."""
+
+    message: Any
+
+
+@dataclass(frozen=True)
+class StreamPolicy:
+    """How much a stream may buffer and how long its reader may stall."""
+
+    buffer_messages: int = 8
+    slow_reader_seconds: float = 30.0
+
+
+class SlowReader(ResourceExhausted):
+    """The reader took nothing for longer than the policy allows."""
+
+
+@contextmanager
+def holding_compute() -> Iterator[None]:
+    """Marks this thread as holding a compute slot: its messages never wait for the reader."""
+    _holding.active = True
+    try:
+        yield
+    finally:
+        _holding.active = False
+
+
+def _may_wait() -> bool:
+    return not getattr(_holding, "active", False)
+
+
+class ResponseBuffer:
+    """Messages between one producer and one reader; bounded except for what is never dropped."""
+
+    def __init__(self, policy: StreamPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._items: deque[tuple[Any, bool]] = deque()
+        self._finished = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._waiting_since: float | None = None
+        self.dropped = 0
+
+    def _check_reader(self) -> None:
+        if self._closed:
+            raise Cancelled("the call ended before its responses were sent")
+        since = self._waiting_since
+        limit = self._policy.slow_reader_seconds
+        if since is not None and self._clock() - since > limit:
+            raise SlowReader(
+                f"the reader took no response for over {limit:g} s "
+                "(slow_reader_seconds); read the stream as it arrives"
+            )
+
+    def put(self, message: Any) -> None:
+        """Adds a response; progress coalesces, others wait for room unless compute is held."""
+        droppable = isinstance(message, Progress)
+        with self._cond:
+            self._check_reader()
+            if droppable:
+                message = message.message
+                progress = [i for i, (_, drop) in enumerate(self._items) if drop]
+                if len(progress) >= self._policy.buffer_messages:
+                    del self._items[progress[0]]
+                    self.dropped += 1
+            elif _may_wait():
+                while len(self._items) >= self._policy.buffer_messages:
+                    self._cond.wait(_WAKE_SECONDS)
+                    self._check_reader()
+            if not self._items:
+                self._waiting_since = self._clock()
+            self._items.append((message, droppable))
+            self._cond.notify_all()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._finished, self._error = True, error
+            self._cond.notify_all()
+
+    def wait_drained(self) -> None:
+        """Returns once the reader has taken everything; raises SlowReader if it stalls."""
+        with self._cond:
+            while self._items and not self._closed:
+                self._cond.wait(_WAKE_SECONDS)
+                self._check_reader()
+
+    def close(self) -> None:
+        """The reader is gone: the producer's next put raises Cancelled."""
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._cond.notify_all()
+
+    def take(self) -> Iterator[Any]:
+        """The reader's side: every response in order, then the producer's error if any."""
+        while True:
+            with self._cond:
+                while not self._items and not self._finished:
+                    self._cond.wait()
+                if not self._items:
+                    if self._error is not None:
+                        raise self._error
+                    return
+                message, _ = self._items.popleft()
+                self._waiting_since = self._clock() if self._items else None
+                self._cond.notify_all()
+            yield message
+
+
+def _cut_off(context: grpc.ServicerContext, reason: SlowReader) -> None:
+    """Ends the call with a status even while its thread is blocked sending."""
+    log.warning("cutting off a slow reader: %s", reason)
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        call.cancel(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], str(reason))  # type: ignore[union-attr]
+    except (AttributeError, TypeError):
+        context.cancel()
+
+
+def _produce(
+    responses: Iterator[Any], buffer: ResponseBuffer, context: grpc.ServicerContext
+) -> None:
+    try:
+        for message in responses:
+            buffer.put(message)
+        buffer.finish()
+        buffer.wait_drained()
+    except SlowReader as slow:
+        buffer.finish(slow)
+        _cut_off(context, slow)
+    except BaseException as exc:
+        buffer.finish(exc)
+    finally:
+        close = getattr(responses, "close", None)
+        if close is not None:
+            close()
+
+
+def buffered(
+    responses: Iterator[Any], context: grpc.ServicerContext, policy: StreamPolicy
+) -> Iterator[Any]:
+    """Runs `responses` (a servicer's stream) in a producer thread; yields what it sends."""
+    buffer = ResponseBuffer(policy)
+    producer = threading.Thread(
+        target=_produce, args=(responses, buffer, context), name="stream-producer", daemon=True
+    )
+    producer.start()
+    try:
+        yield from buffer.take()
+    finally:
+        buffer.close()
