@@ -155,9 +155,7 @@ def test_a_stalled_reader_blocks_nobody_and_is_cut_off(strict: RunningServer, me
                     [np.zeros((160, 160, 3), np.uint8)], ["blocks.0.out"], model=MODEL
                 )
                 assert served.sites["blocks.0.out"].values.shape[0] == 1
-        _wait_for(
-            lambda: _sample(strict, IN_FLIGHT, {"method": method}) == 0, f"{method} cut off"
-        )
+        _wait_for(lambda: _sample(strict, IN_FLIGHT, {"method": method}) == 0, f"{method} cut off")
         with pytest.raises(grpc.RpcError) as caught:
             for _ in call:
                 pass

@@ -19,7 +19,7 @@ from pathlib import Path
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.errors import ResourceExhausted
-from vitscope_server.core.images import ImageInput, open_header
+from vitscope_server.core.images import ImageInput, check_size, open_header
 
 _POLL_SECONDS = 0.05
 _FLOAT = 4
@@ -68,29 +68,36 @@ class ModelFootprint:
         )
 
 
-def image_bytes(adapter: ModelAdapter, image: ImageInput, field: str) -> int:
-    """Decoded pixels, their RGB copy and the largest image the model's transform builds."""
+def image_bytes(adapter: ModelAdapter, image: ImageInput, field: str, max_pixels: int) -> int:
+    """Decoded pixels, their RGB copy and the largest image the model's transform builds;
+    an image over the pixel limit, before or after the resize, is refused here by name."""
     if image.preprocessed is not None:
         return int(image.preprocessed.size) * _FLOAT
     if image.pixels is not None and image.pixels.ndim >= 2:
         width, height, bands = image.pixels.shape[1], image.pixels.shape[0], 4
+        field = f"{field}.pixels"
     elif image.encoded is not None:
-        header = open_header(image.encoded, f"{field}.encoded")
+        field = f"{field}.encoded"
+        header = open_header(image.encoded, field)
         width, height = header.size
         bands = len(header.getbands()) * (4 if header.mode in ("I", "F") else 2)
     else:
         return 0
+    check_size(adapter, width, height, field, max_pixels)
     return width * height * (bands + 3) + 3 * adapter.preprocess_peak_pixels(width, height)
 
 
 def images_bytes(
-    adapter: ModelAdapter, images: Sequence[ImageInput], fields: Sequence[str] | None = None
+    adapter: ModelAdapter,
+    images: Sequence[ImageInput],
+    max_pixels: int,
+    fields: Sequence[str] | None = None,
 ) -> int:
     """All images of a request, decoded and preprocessed; errors name images[i] or fields[i]."""
     footprint = ModelFootprint.of(adapter)
     names = fields if fields is not None else [f"images[{i}]" for i in range(len(images))]
     return sum(
-        image_bytes(adapter, image, field) + footprint.input_bytes
+        image_bytes(adapter, image, field, max_pixels) + footprint.input_bytes
         for image, field in zip(images, names, strict=True)
     )
 
@@ -145,6 +152,10 @@ class MemoryBudget:
     @property
     def reserved(self) -> int:
         return self._reserved
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
 
     def _check(self, nbytes: int) -> None:
         if nbytes > self.request_bytes:

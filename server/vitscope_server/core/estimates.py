@@ -15,6 +15,7 @@ def inversion_bytes(
     images: list[ImageInput],
     query: InvertQuery,
     representation: tuple[np.ndarray, int] | None,
+    max_pixels: int,
 ) -> int:
     """Originals, the representation, and a forward per depth or an optimisation."""
     sent = 0 if representation is None else 2 * int(representation[0].size) * 4
@@ -26,4 +27,4 @@ def inversion_bytes(
         if query.method is Method.OPTIMIZATION
         else forward_bytes(adapter, batch, max(1, len(query.depths)))
     )
-    return images_bytes(adapter, images) + sent + work
+    return images_bytes(adapter, images, max_pixels) + sent + work

@@ -91,7 +91,9 @@ class FeatureRpcs:
             images = [item.image for item in items]
             adapter = loaded.adapter
             fields = [item.field for item in items]
-            need = images_bytes(adapter, images, fields) + forward_bytes(adapter, len(items), 1)
+            need = images_bytes(adapter, images, self._limits.max_pixels, fields) + forward_bytes(
+                adapter, len(items), 1
+            )
             with self._budget.reserve(need, cancel):
                 pixels = scan.prepare(items, self._limits.max_pixels)
                 with computing(self._slots, self._metrics, cancel, *labels):

@@ -41,7 +41,9 @@ class InversionRpcs:
         cancel = cancel_token(context)
         labels = ("Invert", loaded.spec.name)
         steps = self._metrics.optimization_steps.labels(*labels)
-        need = inversion_bytes(loaded.adapter, images, query, representation)
+        need = inversion_bytes(
+            loaded.adapter, images, query, representation, self._limits.max_pixels
+        )
         with self._budget.reserve(need, cancel):
             prepared = prepare_inversion(
                 loaded,

@@ -49,7 +49,9 @@ class ProjectionRpcs:
         query = convert_projection.projection_query(request)
         adapter = loaded.adapter
         blocks = len(query.blocks) or len(adapter.blocks)
-        need = images_bytes(adapter, inputs) + forward_bytes(adapter, len(inputs), blocks)
+        need = images_bytes(adapter, inputs, self._limits.max_pixels) + forward_bytes(
+            adapter, len(inputs), blocks
+        )
         cancel = cancel_token(context)
         labels = ("ProjectToClassSpace", loaded.spec.name)
         with self._budget.reserve(need, cancel):
@@ -65,7 +67,9 @@ class ProjectionRpcs:
     ) -> pb.ProjectMemoriesResponse:
         loaded = self._registry.get(request.model)
         images = convert.image_inputs(list(request.images))
-        need = images_bytes(loaded.adapter, images) + forward_bytes(loaded.adapter, len(images), 1)
+        need = images_bytes(loaded.adapter, images, self._limits.max_pixels) + forward_bytes(
+            loaded.adapter, len(images), 1
+        )
         cancel = cancel_token(context)
         labels = ("ProjectMemories", loaded.spec.name)
         with self._budget.reserve(need, cancel):

@@ -77,7 +77,9 @@ class InspectorServicer(  # type: ignore[misc]
         images = convert.image_inputs(list(request.images))
         query = convert.activation_query(request)
         adapter = loaded.adapter
-        need = images_bytes(adapter, images) + forward_bytes(adapter, len(images), len(query.sites))
+        need = images_bytes(adapter, images, self._limits.max_pixels) + forward_bytes(
+            adapter, len(images), len(query.sites)
+        )
         cancel = cancel_token(context)
         labels = ("GetActivations", loaded.spec.name)
         with self._budget.reserve(need, cancel):
