@@ -460,8 +460,12 @@ def test_shutdown_fits_the_grace_period(overlay: str) -> None:
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep" and len(command) == 2
     sleep = float(command[1])
-    grace = settings_from(container).grace_seconds
-    assert pod["terminationGracePeriodSeconds"] > grace + sleep + 5
+    settings = settings_from(container)
+    readiness = container["readinessProbe"]
+    # Health turns NOT_SERVING at SIGTERM; a readiness probe must see it before calls stop.
+    assert settings.drain_delay_seconds >= readiness["periodSeconds"]
+    drain = settings.drain_delay_seconds + settings.grace_seconds
+    assert pod["terminationGracePeriodSeconds"] > sleep + drain + 5
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
@@ -643,9 +647,15 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
 
         process.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        returncode = process.wait(timeout=settings.grace_seconds)
+        # Health pollers are answered NOT_SERVING during the drain delay, not refused.
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        while health_status(target, "") != not_serving:
+            assert time.monotonic() - started < settings.drain_delay_seconds, log_path.read_text()
+            time.sleep(0.05)
+        limit = settings.drain_delay_seconds + settings.grace_seconds
+        returncode = process.wait(timeout=limit)
         assert returncode == 0, log_path.read_text()
-        assert time.monotonic() - started < settings.grace_seconds
+        assert time.monotonic() - started < limit
         assert "SIGTERM" in log_path.read_text()
     finally:
         if process.poll() is None:
