@@ -30,6 +30,7 @@ _DTYPE_BY_NUMPY: dict[np.dtype, tensor_pb2.DType.ValueType] = {
 
 
 MAX_DIMENSIONS = 8
+MAX_ELEMENTS = 1 << 40
 
 
 class TensorDecodeError(ValueError):
@@ -70,9 +71,15 @@ def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
 
 
 def expected_nbytes(dtype: tensor_pb2.DType.ValueType, shape: list[int] | tuple[int, ...]) -> int:
-    if len(shape) > MAX_DIMENSIONS or any(d < 0 for d in shape):
+    """Also bounds the shape itself: numpy refuses [0, 2**62] although it holds no bytes."""
+    if (
+        len(shape) > MAX_DIMENSIONS
+        or any(d < 0 for d in shape)
+        or math.prod(d for d in shape if d) > MAX_ELEMENTS
+    ):
         raise TensorDecodeError(
-            f"shape {list(shape)}: at most {MAX_DIMENSIONS} dimensions, none negative"
+            f"shape {list(shape)[:MAX_DIMENSIONS + 1]}: at most {MAX_DIMENSIONS} dimensions, "
+            f"none negative, their non-zero product at most {MAX_ELEMENTS}"
         )
     return math.prod(shape) * wire_numpy_dtype(dtype).itemsize
 
