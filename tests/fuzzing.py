@@ -106,7 +106,9 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
             return st.sampled_from(SITES)
         if name == "image_folder":
             return st.sampled_from(["", "nope", "../..", "/", "\x00"])
-        return st.one_of(st.text(max_size=20), st.sampled_from(["cat", "a photo of a {}", "x" * 5000]))
+        return st.one_of(
+            st.text(max_size=20), st.sampled_from(["cat", "a photo of a {}", "x" * 5000])
+        )
     if kind == FieldDescriptor.TYPE_BYTES:
         return st.one_of(st.sampled_from(IMAGES), st.binary(max_size=64))
     if kind == FieldDescriptor.TYPE_BOOL:

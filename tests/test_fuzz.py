@@ -17,12 +17,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from fuzzing import SERVICE, message
 from google.protobuf.descriptor import MethodDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from fuzzing import SERVICE, message
 from server_process import ServerProcess, server_process
+
 from vitscope import Client
 
 EXAMPLES = int(os.environ.get("VITSCOPE_FUZZ_EXAMPLES", "15"))
