@@ -9,7 +9,7 @@ BUF := $(VENV)/npm/node_modules/.bin/buf
 
 DEMO_PORT ?= 50061
 
-.PHONY: install serve test bench proto lint format demo
+.PHONY: install serve test fuzz bench proto lint format demo
 
 install: $(STAMP)
 
@@ -26,7 +26,14 @@ serve: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-BENCHMARKS := activations feature_viz class_projection inversion
+# The long fuzz run; `make test` runs a short one. Bounded in examples per RPC and in time.
+FUZZ_EXAMPLES ?= 2000
+FUZZ_SECONDS ?= 1800
+fuzz: install
+	HF_HUB_OFFLINE=1 VITSCOPE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) VITSCOPE_FUZZ_SECONDS=$(FUZZ_SECONDS) \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+
+BENCHMARKS := activations feature_viz class_projection inversion load
 
 # Every benchmark in turn; each prints its JSON object last. One: make bench-inversion.
 bench: $(addprefix bench-,$(BENCHMARKS))

@@ -39,7 +39,8 @@ FUZZ_SETTINGS = settings(
     suppress_health_check=list(HealthCheck),
 )
 
-_started = time.monotonic()
+# Each generated and each raw test gets an equal share of the time.
+SHARE = SECONDS / (2 * len(SERVICE.methods))
 _answers: dict[str, Any] = {}
 
 
@@ -59,8 +60,8 @@ def _known_answer(target: str) -> dict[str, np.ndarray]:
     return {site: result.sites[site].values for site in ("blocks.0.out", "blocks.1.attn.probs")}
 
 
-def _out_of_time() -> bool:
-    return time.monotonic() - _started > SECONDS
+def _out_of_time(started: float) -> bool:
+    return time.monotonic() - started > SHARE
 
 
 def _call(channel: grpc.Channel, method: MethodDescriptor, requests: list[Any]) -> None:
@@ -93,15 +94,17 @@ def test_a_known_request_before(fuzzed: ServerProcess) -> None:
     _answers["before"] = _known_answer(fuzzed.target)
 
 
+@pytest.mark.timeout(SHARE + 120)
 @pytest.mark.parametrize("method", list(SERVICE.methods), ids=lambda m: m.name)
 def test_generated_requests(fuzzed: ServerProcess, method: MethodDescriptor) -> None:
     count = (1, 3) if method.client_streaming else (1, 1)
     requests = st.lists(message(method.input_type), min_size=count[0], max_size=count[1])
+    started = time.monotonic()
 
     @FUZZ_SETTINGS
     @given(requests)
     def check(drawn: list[Any]) -> None:
-        if _out_of_time():
+        if _out_of_time(started):
             return
         with grpc.insecure_channel(fuzzed.target) as channel:
             _call(channel, method, drawn)
@@ -110,12 +113,15 @@ def test_generated_requests(fuzzed: ServerProcess, method: MethodDescriptor) -> 
     check()
 
 
+@pytest.mark.timeout(SHARE + 120)
 @pytest.mark.parametrize("method", list(SERVICE.methods), ids=lambda m: m.name)
 def test_raw_bytes(fuzzed: ServerProcess, method: MethodDescriptor) -> None:
+    started = time.monotonic()
+
     @FUZZ_SETTINGS
     @given(st.lists(st.binary(max_size=200), min_size=1, max_size=2))
     def check(drawn: list[bytes]) -> None:
-        if _out_of_time():
+        if _out_of_time(started):
             return
         with grpc.insecure_channel(fuzzed.target) as channel:
             _call(channel, method, list(drawn))
