@@ -165,6 +165,12 @@ def resolve_token_indices(query: TokenSelection, site: SiteDef, num_tokens: int)
         return list(range(prefix))
     if mode is TokenMode.PATCHES:
         return list(range(prefix, num_tokens))
+    if mode is TokenMode.INDICES and not query.token_indices:
+        raise InvalidArgument("tokens.indices: at least one index is required with mode INDICES")
+    if mode is TokenMode.POSITIONS and not query.positions:
+        raise InvalidArgument(
+            "tokens.positions: at least one position is required with mode POSITIONS"
+        )
     if len(query.token_indices) > num_tokens or len(query.positions) > num_tokens:
         raise InvalidArgument(
             f"tokens: at most {num_tokens} indices or positions for site {site.name!r}"

@@ -27,7 +27,7 @@ from vitscope_server.core.capture import ForwardStopped, capture_sites, last_blo
 from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from vitscope_server.core.feature_images import Parameterization, image_parameters
 from vitscope_server.core.loading import LoadedModel
-from vitscope_server.core.pixels import normalise, to_uint8
+from vitscope_server.core.pixels import MAX_LEARNING_RATE, normalise, to_uint8
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
@@ -151,11 +151,14 @@ class OptimizationResult:
     features: list[OptimizedFeature]
 
 
-def _finite(value: float, field: str, low: float, low_inclusive: bool) -> float:
+def _finite(
+    value: float, field: str, low: float, low_inclusive: bool, high: float = math.inf
+) -> float:
     ok = math.isfinite(value) and (value >= low if low_inclusive else value > low)
-    if not ok:
+    if not ok or value > high:
         bound = f">= {low}" if low_inclusive else f"> {low}"
-        raise InvalidArgument(f"{field}: must be a finite number {bound}, got {value}")
+        upper = f" and <= {high:g}" if math.isfinite(high) else ""
+        raise InvalidArgument(f"{field}: must be a finite number {bound}{upper}, got {value}")
     return value
 
 
@@ -184,6 +187,7 @@ def effective_params(params: OptimizationParams, adapter: ModelAdapter) -> Effec
             "parameters.learning_rate",
             0.0,
             low_inclusive=False,
+            high=MAX_LEARNING_RATE,
         ),
         tv_weight=_finite(
             params.tv_weight if params.tv_weight is not None else DEFAULT_TV_WEIGHT,

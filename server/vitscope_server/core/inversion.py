@@ -27,7 +27,7 @@ from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.inversion_modules import chain_names, depth_site
 from vitscope_server.core.inversion_store import Manifest
 from vitscope_server.core.loading import LoadedModel
-from vitscope_server.core.pixels import denormalise, normalise, to_uint8
+from vitscope_server.core.pixels import MAX_LEARNING_RATE, denormalise, normalise, to_uint8
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
@@ -140,10 +140,10 @@ def _check_depths(loaded: LoadedModel, depths: tuple[int, ...], field_name: str)
 def _check_optimization(params: OptimizationParams) -> None:
     if not 1 <= params.steps <= 10_000:
         raise InvalidArgument(f"optimization.steps: {params.steps} not allowed; allowed 1..10000")
-    if not (math.isfinite(params.learning_rate) and params.learning_rate > 0):
+    if not (math.isfinite(params.learning_rate) and 0 < params.learning_rate <= MAX_LEARNING_RATE):
         raise InvalidArgument(
             f"optimization.learning_rate: {params.learning_rate} not allowed; "
-            "allowed: finite and > 0"
+            f"allowed: > 0 and <= {MAX_LEARNING_RATE:g}"
         )
     if not (math.isfinite(params.tv_weight) and params.tv_weight >= 0):
         raise InvalidArgument(
