@@ -2,6 +2,9 @@
 
 Values lean towards what reaches deep into the server: real model and site names, valid
 images and tensors, enum values just outside their range, extreme and non-finite numbers.
+Besides wholly generated messages, `requests` mutates a valid request of each method in a
+few fields, so that most of the request passes validation and the odd field reaches the
+code behind it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 from PIL import Image
 
+from vitscope.v1 import activations_pb2 as apb
+from vitscope.v1 import common_pb2
+from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import inversion_pb2 as ipb
+from vitscope.v1 import models_pb2 as mpb
+from vitscope.v1 import projection_pb2 as ppb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inspector"]
 MAX_DEPTH = 4
@@ -165,3 +174,85 @@ def _message(draw: st.DrawFn, descriptor: Descriptor, depth: int) -> Message:
 def message(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
     """Any message of this type, down to MAX_DEPTH levels of nesting."""
     return _message(descriptor, depth)
+
+
+def _seeds() -> dict[str, list[Message]]:
+    """Valid requests of every method, on the fuzzed server's models."""
+    image = common_pb2.Image(encoded=_png(28, 28))
+    return {
+        "ListModels": [mpb.ListModelsRequest()],
+        "DescribeModel": [mpb.DescribeModelRequest(model="tiny")],
+        "ListInverters": [ipb.ListInvertersRequest()],
+        "GetActivations": [
+            apb.GetActivationsRequest(model="tiny", images=[image], sites=["blocks.0.out"])
+        ],
+        "OptimizeFeatures": [
+            fpb.OptimizeFeaturesRequest(
+                model="tiny",
+                features=[fpb.Feature(site="blocks.1.out", channel=1)],
+                parameters=fpb.OptimizationParameters(steps=2, copies=1, image_size=64),
+                progress_every=1,
+            )
+        ],
+        "TopActivatingImages": [
+            fpb.TopActivatingImagesRequest(
+                model="tiny", site="blocks.0.out", channels=[1], top_k=2, images=[image]
+            )
+        ],
+        "ProjectToClassSpace": [ppb.ProjectToClassSpaceRequest(images=[image], top_k=2)],
+        "ProjectMemories": [ppb.ProjectMemoriesRequest(block=0, top_k=2)],
+        "Invert": [
+            ipb.InvertRequest(images=[image], depths=[1], method=ipb.INVERSION_METHOD_LEARNED),
+            ipb.InvertRequest(
+                images=[image],
+                depths=[2],
+                method=ipb.INVERSION_METHOD_OPTIMIZATION,
+                optimization=ipb.InversionOptimization(steps=2, progress_every=1),
+            ),
+        ],
+    }
+
+
+SEEDS = _seeds()
+
+
+@st.composite
+def _mutation(draw: st.DrawFn, seed: Message) -> Message:
+    """The seed with one to three fields, at any depth, replaced or cleared."""
+    result = type(seed)()
+    result.CopyFrom(seed)
+    if not seed.DESCRIPTOR.fields:
+        return result
+    for _ in range(draw(st.integers(1, 3))):
+        target: Any = result
+        while True:
+            field = draw(st.sampled_from(list(target.DESCRIPTOR.fields)))
+            nested = field.type == FieldDescriptor.TYPE_MESSAGE and bool(field.message_type.fields)
+            if nested and not field.is_repeated and draw(st.booleans()):
+                target = getattr(target, field.name)
+                continue
+            values = getattr(target, field.name) if field.is_repeated else None
+            if nested and values and draw(st.booleans()):
+                target = values[draw(st.integers(0, len(values) - 1))]
+                continue
+            break
+        if draw(st.integers(0, 4)) == 0:
+            target.ClearField(field.name)
+        elif field.is_repeated:
+            extra = [draw(_value(field, 1)) for _ in range(draw(st.integers(0, 3)))]
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                for value in extra:
+                    getattr(target, field.name).add().CopyFrom(value)
+            else:
+                getattr(target, field.name).extend(extra)
+        elif nested:
+            getattr(target, field.name).CopyFrom(draw(_value(field, 1)))
+        else:
+            setattr(target, field.name, draw(_value(field, 1)))
+    return result
+
+
+def requests(method: Any) -> st.SearchStrategy[Message]:
+    """Mostly mutated valid requests of the method, sometimes wholly generated ones."""
+    mutated = st.sampled_from(SEEDS[method.name]).flatmap(_mutation)
+    return st.one_of(mutated, mutated, mutated, message(method.input_type))

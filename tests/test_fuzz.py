@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fuzzing import SERVICE, message
+from fuzzing import SERVICE, requests
 from google.protobuf.descriptor import MethodDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -42,6 +43,8 @@ FUZZ_SETTINGS = settings(
 # Each generated and each raw test gets an equal share of the time.
 SHARE = SECONDS / (2 * len(SERVICE.methods))
 _answers: dict[str, Any] = {}
+# (method, code) -> calls, printed at the end (pytest -s) to show how deep the fuzz reached.
+_codes: Counter[tuple[str, str]] = Counter()
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,7 @@ def _call(channel: grpc.Channel, method: MethodDescriptor, requests: list[Any]) 
     except grpc.RpcError as error:
         code, details = error.code(), str(error.details())
     elapsed = time.monotonic() - started
+    _codes[(method.name, code.name)] += 1
     assert code not in FORBIDDEN, f"{method.name}: {code.name}: {details}"
     assert elapsed < CALL_TIMEOUT + MARGIN, f"{method.name}: answered after {elapsed:.1f} s"
 
@@ -98,11 +102,11 @@ def test_a_known_request_before(fuzzed: ServerProcess) -> None:
 @pytest.mark.parametrize("method", list(SERVICE.methods), ids=lambda m: m.name)
 def test_generated_requests(fuzzed: ServerProcess, method: MethodDescriptor) -> None:
     count = (1, 3) if method.client_streaming else (1, 1)
-    requests = st.lists(message(method.input_type), min_size=count[0], max_size=count[1])
+    drawn_requests = st.lists(requests(method), min_size=count[0], max_size=count[1])
     started = time.monotonic()
 
     @FUZZ_SETTINGS
-    @given(requests)
+    @given(drawn_requests)
     def check(drawn: list[Any]) -> None:
         if _out_of_time(started):
             return
@@ -132,6 +136,8 @@ def test_raw_bytes(fuzzed: ServerProcess, method: MethodDescriptor) -> None:
 
 def test_a_known_request_after(fuzzed: ServerProcess, tmp_path: Path) -> None:
     assert fuzzed.alive(), fuzzed.log()
+    for (method, code), calls in sorted(_codes.items()):
+        print(f"{method:<22}{code:<22}{calls:>6}")
     after = _known_answer(fuzzed.target)
     for site, values in _answers["before"].items():
         np.testing.assert_array_equal(after[site], values, err_msg=site)
