@@ -31,6 +31,10 @@ OUTPUT_PARAMETERS = {
     "channels": 'comma-separated channels, e.g. "3,17" (with reduction=patch_map)',
     "datatype": "FP32 | FP16 | BF16 (default: FP32)",
 }
+# Request-level keys of the protocol and its clients that carry no output parameter.
+REQUEST_KEYS = frozenset(
+    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
+)
 _TOKEN_MODES = {mode.value: mode for mode in TokenMode if mode is not TokenMode.UNSPECIFIED}
 _REDUCTIONS = {r.value: r for r in (Reduction.NONE, Reduction.MEAN, Reduction.PATCH_MAP)}
 _OUTPUT_DTYPES = {"FP32": "float32", "FP16": "float16", "BF16": "bfloat16"}
@@ -104,16 +108,29 @@ def _choice(text: str, allowed: Mapping[str, _Choice], field: str) -> _Choice:
     return allowed[text]
 
 
+def _defaults(parameters: Mapping[str, oip.InferParameter]) -> dict[str, oip.InferParameter]:
+    """Request-level parameters that apply to every requested output (for clients that
+    cannot set parameters per output); the protocol's own request keys pass through."""
+    unknown = sorted(set(parameters) - set(OUTPUT_PARAMETERS) - REQUEST_KEYS)
+    if unknown:
+        raise InvalidArgument(
+            f"parameters: {_quote(unknown[0])} unknown; allowed: {sorted(OUTPUT_PARAMETERS)}"
+        )
+    return {key: value for key, value in parameters.items() if key in OUTPUT_PARAMETERS}
+
+
 def _site_query(
-    output: oip.ModelInferRequest.InferRequestedOutputTensor, field: str
+    output: oip.ModelInferRequest.InferRequestedOutputTensor,
+    defaults: Mapping[str, oip.InferParameter],
+    field: str,
 ) -> ActivationQuery:
     """The query an output's parameters ask for, without its site (outputs group by it)."""
-    parameters = output.parameters
-    unknown = sorted(set(parameters) - set(OUTPUT_PARAMETERS))
+    unknown = sorted(set(output.parameters) - set(OUTPUT_PARAMETERS))
     if unknown:
         raise InvalidArgument(
             f"{field}.parameters: {_quote(unknown[0])} unknown; allowed: {sorted(OUTPUT_PARAMETERS)}"
         )
+    parameters = {**defaults, **output.parameters}
     tokens = _parameter(parameters, "tokens", f"{field}.parameters").lower()
     reduction = _parameter(parameters, "reduction", f"{field}.parameters").lower() or "none"
     datatype = _parameter(parameters, "datatype", f"{field}.parameters").upper() or "FP32"
@@ -139,12 +156,12 @@ def _site_query(
     )
 
 
-def output_groups(
-    outputs: Sequence[oip.ModelInferRequest.InferRequestedOutputTensor], has_classifier: bool
-) -> list[OutputGroup]:
+def output_groups(request: oip.ModelInferRequest, has_classifier: bool) -> list[OutputGroup]:
     """Requested outputs grouped by their parameters, so that each group is one query.
 
     No requested outputs means `logits`, the protocol's usual answer for a classifier."""
+    outputs = request.outputs
+    defaults = _defaults(request.parameters)
     names = [o.name for o in outputs]
     if len(set(names)) != len(names):
         raise InvalidArgument(f"outputs: each output may be requested once; got {len(names)} names")
@@ -162,7 +179,7 @@ def output_groups(
                 raise InvalidArgument(f"outputs[{index}].parameters: logits take no parameters")
             wants_logits = True
             continue
-        query = _site_query(output, f"outputs[{index}]")
+        query = _site_query(output, defaults, f"outputs[{index}]")
         groups.setdefault(query, []).append(output.name)
     result = [
         OutputGroup(tuple(sites), replace(query, sites=tuple(sites)))

@@ -99,7 +99,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     ) -> oip.ModelInferResponse:
         loaded = self._model(request.model_name, request.model_version)
         images = image_inputs(request, self._max_message_bytes)
-        groups = output_groups(list(request.outputs), loaded.adapter.has_classifier)
+        groups = output_groups(request, loaded.adapter.has_classifier)
         prepared = [prepare_activations(loaded, images, g.query, self._limits) for g in groups]
         cancel = cancel_token(context)
         with computing(self._slots, self._metrics, cancel, "ModelInfer", loaded.spec.name):
