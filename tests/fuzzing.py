@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 from PIL import Image
 
+from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope.v1 import activations_pb2 as apb
 from vitscope.v1 import common_pb2
 from vitscope.v1 import features_pb2 as fpb
@@ -28,7 +29,10 @@ from vitscope.v1 import inversion_pb2 as ipb
 from vitscope.v1 import models_pb2 as mpb
 from vitscope.v1 import projection_pb2 as ppb
 
-SERVICE = pb.DESCRIPTOR.services_by_name["Inspector"]
+SERVICES = [
+    pb.DESCRIPTOR.services_by_name["Inspector"],
+    oip.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+]
 MAX_DEPTH = 4
 INT32_EDGES = [0, -1, 1, 2, 3, 7, 64, 2**31 - 1, -(2**31), 65_536]
 FLOAT_EDGES = [0.0, -0.0, 1e-45, 1e30, 3.4e38, 1e300, -1e300, float("inf"), float("nan")]
@@ -44,6 +48,10 @@ SITES = [
     "",
     "s" * 300,
 ]
+
+# Keys of parameter maps (the inference protocol's): known ones, unknown ones, long ones.
+MAP_KEYS = ["tokens", "reduction", "channels", "datatype", "token_indices", "positions"]
+MAP_KEYS += ["binary_data_output", "timeout", "nope", "k" * 300]
 
 
 def _png(width: int, height: int, mode: str = "RGB") -> bytes:
@@ -147,6 +155,27 @@ def _value(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     return _scalar(field)
 
 
+def _extend(draw: st.DrawFn, container: Any, field: FieldDescriptor, depth: int, size: int) -> None:
+    """Adds `size` drawn entries to a repeated or map field."""
+    entry = field.message_type
+    if entry is not None and entry.GetOptions().map_entry:
+        key, value = entry.fields_by_name["key"], entry.fields_by_name["value"]
+        keys = st.one_of(st.sampled_from(MAP_KEYS), _scalar(key))
+        for _ in range(size):
+            name, drawn = draw(keys), draw(_value(value, depth))
+            if value.type == FieldDescriptor.TYPE_MESSAGE:
+                container[name].CopyFrom(drawn)
+            else:
+                container[name] = drawn
+        return
+    values = [draw(_value(field, depth)) for _ in range(size)]
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        for drawn in values:
+            container.add().CopyFrom(drawn)
+    else:
+        container.extend(values)
+
+
 @st.composite
 def _message(draw: st.DrawFn, descriptor: Descriptor, depth: int) -> Message:
     result = descriptor._concrete_class()
@@ -157,13 +186,7 @@ def _message(draw: st.DrawFn, descriptor: Descriptor, depth: int) -> Message:
             continue
         if field.is_repeated:
             size = draw(st.one_of(st.integers(0, 3), st.sampled_from([0, 8, 70])))
-            values = [draw(_value(field, depth)) for _ in range(size)]
-            target = getattr(result, field.name)
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
-                for value in values:
-                    target.add().CopyFrom(value)
-            else:
-                target.extend(values)
+            _extend(draw, getattr(result, field.name), field, depth, size)
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
             getattr(result, field.name).CopyFrom(draw(_value(field, depth)))
         else:
@@ -201,6 +224,20 @@ def _seeds() -> dict[str, list[Message]]:
         ],
         "ProjectToClassSpace": [ppb.ProjectToClassSpaceRequest(images=[image], top_k=2)],
         "ProjectMemories": [ppb.ProjectMemoriesRequest(block=0, top_k=2)],
+        "ModelInfer": [
+            oip.ModelInferRequest(
+                model_name="tiny",
+                inputs=[
+                    oip.ModelInferRequest.InferInputTensor(
+                        name="IMAGE",
+                        datatype="BYTES",
+                        shape=[1],
+                        contents=oip.InferTensorContents(bytes_contents=[image.encoded]),
+                    )
+                ],
+                outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(name="blocks.0.out")],
+            )
+        ],
         "Invert": [
             ipb.InvertRequest(images=[image], depths=[1], method=ipb.INVERSION_METHOD_LEARNED),
             ipb.InvertRequest(
@@ -232,19 +269,15 @@ def _mutation(draw: st.DrawFn, seed: Message) -> Message:
                 target = getattr(target, field.name)
                 continue
             values = getattr(target, field.name) if field.is_repeated else None
-            if nested and values and draw(st.booleans()):
+            is_map = nested and field.message_type.GetOptions().map_entry
+            if nested and values and not is_map and draw(st.booleans()):
                 target = values[draw(st.integers(0, len(values) - 1))]
                 continue
             break
         if draw(st.integers(0, 4)) == 0:
             target.ClearField(field.name)
         elif field.is_repeated:
-            extra = [draw(_value(field, 1)) for _ in range(draw(st.integers(0, 3)))]
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
-                for value in extra:
-                    getattr(target, field.name).add().CopyFrom(value)
-            else:
-                getattr(target, field.name).extend(extra)
+            _extend(draw, getattr(target, field.name), field, 1, draw(st.integers(0, 3)))
         elif nested:
             getattr(target, field.name).CopyFrom(draw(_value(field, 1)))
         else:
@@ -254,5 +287,8 @@ def _mutation(draw: st.DrawFn, seed: Message) -> Message:
 
 def requests(method: Any) -> st.SearchStrategy[Message]:
     """Mostly mutated valid requests of the method, sometimes wholly generated ones."""
+    generated = message(method.input_type)
+    if method.name not in SEEDS:
+        return generated
     mutated = st.sampled_from(SEEDS[method.name]).flatmap(_mutation)
-    return st.one_of(mutated, mutated, mutated, message(method.input_type))
+    return st.one_of(mutated, mutated, mutated, generated)

@@ -1,4 +1,5 @@
-"""The server's own fuzz test: generated requests of every Inspector RPC, and raw bytes.
+"""The server's own fuzz test: generated requests of every RPC it serves (the Inspector and
+the Open Inference Protocol), and raw bytes.
 
 No call may end INTERNAL or UNKNOWN, run past its deadline plus a margin, or kill the
 server, and a known request is answered identically before and after. `make test` runs a
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fuzzing import SERVICE, requests
+from fuzzing import SERVICES, requests
 from google.protobuf.descriptor import MethodDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,7 +42,8 @@ FUZZ_SETTINGS = settings(
 )
 
 # Each generated and each raw test gets an equal share of the time.
-SHARE = SECONDS / (2 * len(SERVICE.methods))
+METHODS = [method for service in SERVICES for method in service.methods]
+SHARE = SECONDS / (2 * len(METHODS))
 _answers: dict[str, Any] = {}
 # (method, code) -> calls, printed at the end (pytest -s) to show how deep the fuzz reached.
 _codes: Counter[tuple[str, str]] = Counter()
@@ -69,7 +71,7 @@ def _out_of_time(started: float) -> bool:
 
 def _call(channel: grpc.Channel, method: MethodDescriptor, requests: list[Any]) -> None:
     """One call; raw bytes pass unserialized. Fails on a forbidden code or a late answer."""
-    path = f"/{SERVICE.full_name}/{method.name}"
+    path = f"/{method.containing_service.full_name}/{method.name}"
 
     def serialize(m: Any) -> bytes:
         return m if isinstance(m, bytes) else m.SerializeToString()
@@ -99,7 +101,7 @@ def test_a_known_request_before(fuzzed: ServerProcess) -> None:
 
 
 @pytest.mark.timeout(SHARE + 120)
-@pytest.mark.parametrize("method", list(SERVICE.methods), ids=lambda m: m.name)
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 def test_generated_requests(fuzzed: ServerProcess, method: MethodDescriptor) -> None:
     count = (1, 3) if method.client_streaming else (1, 1)
     drawn_requests = st.lists(requests(method), min_size=count[0], max_size=count[1])
@@ -118,7 +120,7 @@ def test_generated_requests(fuzzed: ServerProcess, method: MethodDescriptor) -> 
 
 
 @pytest.mark.timeout(SHARE + 120)
-@pytest.mark.parametrize("method", list(SERVICE.methods), ids=lambda m: m.name)
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 def test_raw_bytes(fuzzed: ServerProcess, method: MethodDescriptor) -> None:
     started = time.monotonic()
 
