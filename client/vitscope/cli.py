@@ -187,7 +187,7 @@ def _client(args: argparse.Namespace) -> Client:
         client_cert=args.client_cert,
         client_key=args.client_key,
         timeout=args.timeout,
-        load_balancing="round_robin" if args.round_robin else None,
+        load_balancing="round_robin" if args.round_robin else "pick_first",
     )
 
 
@@ -269,7 +269,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for family in FAMILY_COMMANDS:
                     if family.run(client, args):
                         break
-    except (VitscopeError, TensorDecodeError) as exc:
+    except VitscopeError as exc:
+        print(f"vitscope: {exc.describe()}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except TensorDecodeError as exc:
         print(f"vitscope: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

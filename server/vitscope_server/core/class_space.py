@@ -16,7 +16,13 @@ import torch.nn.functional as F
 
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, Reason
+from vitscope_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Reason,
+    quote,
+    quote_all,
+)
 from vitscope_server.core.loading import LoadedModel
 
 _CACHE_ENTRIES = 8
@@ -85,10 +91,9 @@ class ClassSpace:
             return None
         if isinstance(ref, str):
             if ref not in self.names:
-                shown = ", ".join(repr(n) for n in self.names[:10])
                 raise InvalidArgument(
                     field,
-                    f"unknown class name {ref!r}; the {self.num_classes} classes begin {shown}",
+                    f"unknown class name {quote(ref)}; the classes are {quote_all(self.names, 10)}",
                 )
             return self.names.index(ref)
         if not 0 <= ref < self.num_classes:
@@ -157,12 +162,12 @@ def _checked_labels(labels: LabelSet | None) -> LabelSet:
     if len(set(names)) != len(names):
         repeated = sorted(n for n, count in Counter(names).items() if count > 1)
         raise InvalidArgument(
-            "labels.class_names", f"each name may appear once; repeated {repeated[:5]}"
+            "labels.class_names", f"each name may appear once; repeated {quote_all(repeated)}"
         )
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise InvalidArgument(
-            "labels.templates", f"{bad[:3]} lack '{{}}' where the class name goes"
+            "labels.templates", f"{quote_all(bad, 3)} lack '{{}}' where the class name goes"
         )
     return LabelSet(names, templates)
 

@@ -59,7 +59,7 @@ class Reason(str, Enum):
 
 RETRY_AFTER_SECONDS: dict[Reason, float] = {
     Reason.QUEUE_FULL: 1.0,
-    Reason.MODEL_LOADING: 2.0,
+    Reason.MODEL_LOADING: 5.0,
 }
 """Reasons worth retrying unchanged, with the delay the server suggests."""
 
