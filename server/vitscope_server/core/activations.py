@@ -117,18 +117,6 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
     mode = query.token_mode
     if mode is TokenMode.UNSPECIFIED:
         mode = TokenMode.ALL if query.reduction is Reduction.NONE else TokenMode.PATCHES
-    if mode is TokenMode.INDICES and not query.token_indices:
-        raise InvalidArgument(
-            "tokens.indices",
-            "required with TOKEN_SELECTION_MODE_INDICES",
-            reason=Reason.FIELD_REQUIRED,
-        )
-    if mode is TokenMode.POSITIONS and not query.positions:
-        raise InvalidArgument(
-            "tokens.positions",
-            "required with TOKEN_SELECTION_MODE_POSITIONS",
-            reason=Reason.FIELD_REQUIRED,
-        )
     if query.reduction is Reduction.PATCH_MAP:
         if not query.channels:
             raise InvalidArgument(
@@ -195,23 +183,34 @@ def resolve_token_indices(query: TokenSelection, site: SiteDef, num_tokens: int)
         return list(range(prefix))
     if mode is TokenMode.PATCHES:
         return list(range(prefix, num_tokens))
+    if mode is TokenMode.INDICES and not query.token_indices:
+        raise InvalidArgument(
+            "tokens.indices", "required with token mode INDICES", reason=Reason.FIELD_REQUIRED
+        )
+    if mode is TokenMode.POSITIONS and not query.positions:
+        raise InvalidArgument(
+            "tokens.positions", "required with token mode POSITIONS", reason=Reason.FIELD_REQUIRED
+        )
     if len(query.token_indices) > num_tokens or len(query.positions) > num_tokens:
         raise InvalidArgument(
             "tokens", f"at most {num_tokens} indices or positions for site {site.name!r}"
         )
     if mode is TokenMode.INDICES:
-        bad = [i for i in query.token_indices if not 0 <= i < num_tokens]
+        bad = [n for n, i in enumerate(query.token_indices) if not 0 <= i < num_tokens]
         if bad:
             raise InvalidArgument(
-                "tokens.indices",
-                f"{bad[:5]} out of range for site {site.name!r}; allowed 0..{num_tokens - 1}",
+                f"tokens.indices[{bad[0]}]",
+                f"{query.token_indices[bad[0]]} out of range for site {site.name!r}; "
+                f"allowed 0..{num_tokens - 1}",
             )
         return list(query.token_indices)
-    bad_positions = [(r, c) for r, c in query.positions if not (0 <= r < height and 0 <= c < width)]
-    if bad_positions:
+    bad = [
+        n for n, (r, c) in enumerate(query.positions) if not (0 <= r < height and 0 <= c < width)
+    ]
+    if bad:
         raise InvalidArgument(
-            "tokens.positions",
-            f"{bad_positions[:5]} outside the {height}x{width} grid of site {site.name!r}; "
+            f"tokens.positions[{bad[0]}]",
+            f"{query.positions[bad[0]]} outside the {height}x{width} grid of site {site.name!r}; "
             f"rows 0..{height - 1}, cols 0..{width - 1}",
         )
     return [prefix + r * width + c for r, c in query.positions]

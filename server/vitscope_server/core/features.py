@@ -24,6 +24,7 @@ from vitscope_server.core.activations import as_site_layout
 from vitscope_server.core.adapters import Layout, ModelAdapter, SiteDef
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites, last_block_needed
+from vitscope_server.core.divergence import MAX_LEARNING_RATE, MAX_TV_WEIGHT, require_converging
 from vitscope_server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -160,11 +161,11 @@ class OptimizationResult:
     features: list[OptimizedFeature]
 
 
-def _finite(value: float, field: str, low: float, low_inclusive: bool) -> float:
+def _finite(value: float, field: str, low: float, low_inclusive: bool, high: float) -> float:
     ok = math.isfinite(value) and (value >= low if low_inclusive else value > low)
-    if not ok:
+    if not ok or value > high:
         bound = f">= {low}" if low_inclusive else f"> {low}"
-        raise InvalidArgument(field, f"must be a finite number {bound}, got {value}")
+        raise InvalidArgument(field, f"must be a finite number {bound} and <= {high}, got {value}")
     return value
 
 
@@ -193,8 +194,15 @@ def effective_params(params: OptimizationParams, adapter: ModelAdapter) -> Effec
             "parameters.learning_rate",
             0.0,
             low_inclusive=False,
+            high=MAX_LEARNING_RATE,
         ),
-        tv=_finite(params.tv if params.tv is not None else DEFAULT_TV, "parameters.tv", 0.0, True),
+        tv=_finite(
+            params.tv if params.tv is not None else DEFAULT_TV,
+            "parameters.tv",
+            0.0,
+            low_inclusive=True,
+            high=MAX_TV_WEIGHT,
+        ),
         copies=_in_range(
             params.copies if params.copies is not None else DEFAULT_COPIES,
             "parameters.copies",
@@ -498,12 +506,14 @@ def optimize_features(
             if params.progress_every and (
                 done % params.progress_every == 0 or done == params.steps
             ):
+                require_converging(loss, "parameters.learning_rate", done)
                 yield Progress(
                     done,
                     float(loss.detach()),
                     means.detach().cpu().tolist(),
                     to_uint8(image.pixels()) if params.preview else None,
                 )
+    require_converging(loss, "parameters.learning_rate", params.steps)
     cancel.raise_if_cancelled()
     # Objective and maps are read from the image as delivered (8-bit), so they can be reproduced.
     with torch.no_grad():

@@ -21,6 +21,7 @@ import torch
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites
+from vitscope_server.core.divergence import MAX_LEARNING_RATE, MAX_TV_WEIGHT, require_converging
 from vitscope_server.core.errors import InvalidArgument, NotFound, Reason, ResourceExhausted
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.inversion_catalog import InverterCatalog
@@ -141,14 +142,15 @@ def _check_depths(loaded: LoadedModel, depths: tuple[int, ...], field_name: str)
 def _check_optimization(params: OptimizationParams) -> None:
     if not 1 <= params.steps <= 10_000:
         raise InvalidArgument("optimization.steps", f"{params.steps} not allowed; allowed 1..10000")
-    if not (math.isfinite(params.learning_rate) and params.learning_rate > 0):
+    if not (math.isfinite(params.learning_rate) and 0 < params.learning_rate <= MAX_LEARNING_RATE):
         raise InvalidArgument(
             "optimization.learning_rate",
-            f"{params.learning_rate} not allowed; allowed: finite and > 0",
+            f"{params.learning_rate} not allowed; allowed: > 0 and <= {MAX_LEARNING_RATE}",
         )
-    if not (math.isfinite(params.tv_weight) and params.tv_weight >= 0):
+    if not (math.isfinite(params.tv_weight) and 0 <= params.tv_weight <= MAX_TV_WEIGHT):
         raise InvalidArgument(
-            "optimization.tv_weight", f"{params.tv_weight} not allowed; allowed: finite and >= 0"
+            "optimization.tv_weight",
+            f"{params.tv_weight} not allowed; allowed: >= 0 and <= {MAX_TV_WEIGHT}",
         )
     if params.progress_every < 1:
         raise InvalidArgument(
@@ -309,6 +311,7 @@ def optimise(
             pixels.clamp_(0.0, 1.0)
         on_step()
         if step % params.progress_every == 0 or step == params.steps:
+            require_converging(loss, "optimization.learning_rate", step)
             yield Progress(depth, step, params.steps, loss.item(), float(per_image.detach().mean()))
     return pixels.detach()
 
