@@ -16,6 +16,7 @@ from vitscope import cli_features, cli_inversion, cli_projection
 from vitscope.client import DEFAULT_TARGET, Client
 from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
+from vitscope.handshake import describe as describe_server
 from vitscope.overlay import grid, heatmap_overlay
 from vitscope.tensors import TensorDecodeError
 
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, **options)  # type: ignore[arg-type]
 
     commands.add_parser("models", help="list served models and their state")
+    commands.add_parser(
+        "info", help="the server's protocol and versions, models, methods and limits"
+    )
     commands.add_parser(
         "health", help="overall health, or one model's with --service"
     ).add_argument("--service", default="")
@@ -253,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(
                         f"{mark} {m.name:28} {m.state:8} {m.family}:{m.architecture} {m.weights_identity} {m.error}"
                     )
+            elif args.command == "info":
+                print(describe_server(client.check_compatible()))
             elif args.command == "health":
                 status = client.health(args.service)
                 print(status)

@@ -30,6 +30,12 @@ from vitscope.features import (
     parse_result,
     parse_top_images,
 )
+from vitscope.handshake import (
+    ServerInfo,
+    parse_server_info,
+    predates_handshake,
+    require_compatible,
+)
 from vitscope.inversion import Inversion, InversionProgress, Inverter
 from vitscope.v1 import common_pb2, inversion_pb2, projection_pb2, tensor_pb2
 from vitscope.v1 import features_pb2 as fpb
@@ -277,6 +283,23 @@ class Client:
             self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout
         )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def server_info(self, timeout: float | None = None) -> ServerInfo:
+        """The server's protocol and package versions, models, methods and limits."""
+        try:
+            response = self._stub.GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise predates_handshake() from None
+            raise from_rpc_error(exc) from None
+        return parse_server_info(response)
+
+    def check_compatible(self, timeout: float | None = None) -> ServerInfo:
+        """server_info, raising IncompatibleServerError (naming both versions) when this
+        client cannot use the server."""
+        return require_compatible(self.server_info(timeout))
 
     def list_models(self, timeout: float | None = None) -> list[ModelInfo]:
         response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)

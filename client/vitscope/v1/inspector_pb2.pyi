@@ -623,3 +623,138 @@ class GetActivationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___GetActivationsResponse: _TypeAlias = GetActivationsResponse  # noqa: Y015
+
+@_typing.final
+class GetServerInfoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoRequest: _TypeAlias = GetServerInfoRequest  # noqa: Y015
+
+@_typing.final
+class ServerLimits(_message.Message):
+    """Bounds every request must stay within; each is a server setting."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
+    MAX_RESULT_BYTES_FIELD_NUMBER: _builtins.int
+    CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_FIELD_NUMBER: _builtins.int
+    max_message_bytes: _builtins.int
+    """Largest request or response message, in bytes."""
+    max_batch: _builtins.int
+    """Images per request; also features x copies per optimisation step."""
+    max_image_pixels: _builtins.int
+    """Pixels of one decoded image."""
+    max_result_bytes: _builtins.int
+    """Bytes of one request's results held by the server."""
+    chunk_bytes: _builtins.int
+    """Payload bytes per tensor chunk of GetActivations."""
+    max_running: _builtins.int
+    """Requests computing at once."""
+    max_queue: _builtins.int
+    """Requests waiting for compute before the server answers RESOURCE_EXHAUSTED (QUEUE_FULL)."""
+    def __init__(
+        self,
+        *,
+        max_message_bytes: _builtins.int = ...,
+        max_batch: _builtins.int = ...,
+        max_image_pixels: _builtins.int = ...,
+        max_result_bytes: _builtins.int = ...,
+        chunk_bytes: _builtins.int = ...,
+        max_running: _builtins.int = ...,
+        max_queue: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "max_batch", b"max_batch", "max_image_pixels", b"max_image_pixels", "max_message_bytes", b"max_message_bytes", "max_queue", b"max_queue", "max_result_bytes", b"max_result_bytes", "max_running", b"max_running"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerLimits: _TypeAlias = ServerLimits  # noqa: Y015
+
+@_typing.final
+class GetServerInfoResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LibraryVersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    PROTOCOL_REVISION_FIELD_NUMBER: _builtins.int
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    LIBRARY_VERSIONS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    METHODS_FIELD_NUMBER: _builtins.int
+    METHOD_FAMILIES_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    protocol: _builtins.str
+    """The protocol package, "vitscope.v1"."""
+    protocol_revision: _builtins.int
+    """Grows by one with each backward-compatible addition to the protocol."""
+    server_version: _builtins.str
+    """The server package's version."""
+    @_builtins.property
+    def library_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Versions of the libraries that compute results (torch, timm, open_clip_torch, numpy)."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelSummary]: ...
+    @_builtins.property
+    def methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Full names of the methods offered, e.g. "vitscope.v1.Inspector/Invert"."""
+
+    @_builtins.property
+    def method_families(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The method families: "models", "activations", "features", "projection", "inversion", "server"."""
+
+    @_builtins.property
+    def limits(self) -> Global___ServerLimits: ...
+    def __init__(
+        self,
+        *,
+        protocol: _builtins.str = ...,
+        protocol_revision: _builtins.int = ...,
+        server_version: _builtins.str = ...,
+        library_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        models: _abc.Iterable[Global___ModelSummary] | None = ...,
+        methods: _abc.Iterable[_builtins.str] | None = ...,
+        method_families: _abc.Iterable[_builtins.str] | None = ...,
+        limits: Global___ServerLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["library_versions", b"library_versions", "limits", b"limits", "method_families", b"method_families", "methods", b"methods", "models", b"models", "protocol", b"protocol", "protocol_revision", b"protocol_revision", "server_version", b"server_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015

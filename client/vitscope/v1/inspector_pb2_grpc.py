@@ -83,6 +83,11 @@ class InspectorStub:
                 request_serializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.SerializeToString,
                 response_deserializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/vitscope.v1.Inspector/GetServerInfo',
+                request_serializer=vitscope_dot_v1_dot_inspector__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_inspector__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class InspectorServicer:
@@ -155,6 +160,15 @@ class InspectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """What this server speaks and offers: protocol and package versions, models,
+        methods and limits. A client calls it before sending work, to fail clearly
+        on a server it cannot use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InspectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +216,11 @@ def add_InspectorServicer_to_server(servicer, server):
                     servicer.ListInverters,
                     request_deserializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.FromString,
                     response_serializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=vitscope_dot_v1_dot_inspector__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_inspector__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,6 +467,33 @@ class Inspector:
             '/vitscope.v1.Inspector/ListInverters',
             vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.SerializeToString,
             vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitscope.v1.Inspector/GetServerInfo',
+            vitscope_dot_v1_dot_inspector__pb2.GetServerInfoRequest.SerializeToString,
+            vitscope_dot_v1_dot_inspector__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,11 @@ class InspectorStub:
     """
     ListInverters: _grpc.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]
     """Trained inverters per served model, with their card data."""
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_inspector_pb2.GetServerInfoRequest, _inspector_pb2.GetServerInfoResponse]
+    """What this server speaks and offers: protocol and package versions, models,
+    methods and limits. A client calls it before sending work, to fail clearly
+    on a server it cannot use.
+    """
 
 @_typing.type_check_only
 class InspectorAsyncStub(InspectorStub):
@@ -90,6 +95,11 @@ class InspectorAsyncStub(InspectorStub):
     """
     ListInverters: _aio.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]  # type: ignore[assignment]
     """Trained inverters per served model, with their card data."""
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_inspector_pb2.GetServerInfoRequest, _inspector_pb2.GetServerInfoResponse]  # type: ignore[assignment]
+    """What this server speaks and offers: protocol and package versions, models,
+    methods and limits. A client calls it before sending work, to fail clearly
+    on a server it cannot use.
+    """
 
 class InspectorServicer(metaclass=_abc_1.ABCMeta):
     """Looks inside vision transformers served by this process."""
@@ -171,5 +181,16 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inversion_pb2.ListInvertersResponse, _abc.Awaitable[_inversion_pb2.ListInvertersResponse]]:
         """Trained inverters per served model, with their card data."""
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _inspector_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inspector_pb2.GetServerInfoResponse, _abc.Awaitable[_inspector_pb2.GetServerInfoResponse]]:
+        """What this server speaks and offers: protocol and package versions, models,
+        methods and limits. A client calls it before sending work, to fail clearly
+        on a server it cannot use.
+        """
 
 def add_InspectorServicer_to_server(servicer: InspectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -215,10 +215,17 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             raise request.error("")
 
     @staticmethod
-    def _status(exc: Exception, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, Any]:
+    def _status(
+        exc: Exception, request: Any, context: grpc.ServicerContext
+    ) -> tuple[grpc.StatusCode, errors.VitscopeError]:
+        """The code and error to report; the error's metadata names the requested model."""
         if isinstance(exc, _Unauthenticated):
             return grpc.StatusCode.UNAUTHENTICATED, exc
-        return classify(exc, context)
+        code, error = classify(exc, context)
+        model = getattr(request, "model", "")
+        if model and isinstance(model, str):
+            error.metadata.setdefault("model", errors.short(model))
+        return code, error
 
     def _unary(
         self, behaviour: Callable[..., Any], method: str, refusal: _Unauthenticated | None
@@ -231,7 +238,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                     self._admit(request, refusal)
                     response = behaviour(request, context)
                 except Exception as exc:
-                    code, error = self._status(exc, context)
+                    code, error = self._status(exc, request, context)
                     _abort(context, code, error)
                 call.sent = response.ByteSize()
                 return response
@@ -266,7 +273,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                         call.sent += _message_size(response)
                         yield response
                 except Exception as exc:
-                    code, error = self._status(exc, context)
+                    code, error = self._status(exc, request, context)
                     _abort(context, code, error)
                 if not context.is_active():
                     code = grpc.StatusCode.CANCELLED
