@@ -145,12 +145,12 @@ def _check_optimization(params: OptimizationParams) -> None:
     if not (math.isfinite(params.learning_rate) and 0 < params.learning_rate <= MAX_LEARNING_RATE):
         raise InvalidArgument(
             "optimization.learning_rate",
-            f"{params.learning_rate} not allowed; allowed: > 0 and <= {MAX_LEARNING_RATE}",
+            f"{params.learning_rate} not allowed; allowed: finite, > 0 and <= {MAX_LEARNING_RATE}",
         )
     if not (math.isfinite(params.tv_weight) and 0 <= params.tv_weight <= MAX_TV_WEIGHT):
         raise InvalidArgument(
             "optimization.tv_weight",
-            f"{params.tv_weight} not allowed; allowed: >= 0 and <= {MAX_TV_WEIGHT}",
+            f"{params.tv_weight} not allowed; allowed: finite, >= 0 and <= {MAX_TV_WEIGHT}",
         )
     if params.progress_every < 1:
         raise InvalidArgument(
