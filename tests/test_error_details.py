@@ -35,8 +35,8 @@ from vitscope.cli import main
 from vitscope.errors import from_rpc_error
 from vitscope.handshake import require_compatible
 from vitscope.protocol import PROTOCOL, PROTOCOL_REVISION
+from vitscope.v1 import activations_pb2, models_pb2
 from vitscope.v1 import features_pb2 as fpb
-from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.core.divergence import require_converging
 from vitscope_server.core.errors import QUOTE_LIMIT, InvalidArgument, Reason
@@ -98,12 +98,14 @@ def test_details_of_each_kind(server: RunningServer) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.InspectorStub(channel)
         with pytest.raises(grpc.RpcError) as missing:
-            stub.DescribeModel(pb.DescribeModelRequest(model="nope"), timeout=30)
+            stub.DescribeModel(models_pb2.DescribeModelRequest(model="nope"), timeout=30)
         with pytest.raises(grpc.RpcError) as bad:
-            request = pb.GetActivationsRequest(model="vit", sites=["embed"], top_predictions=-1)
+            request = activations_pb2.GetActivationsRequest(
+                model="vit", sites=["embed"], top_predictions=-1
+            )
             list(stub.GetActivations(request, timeout=30))
         with pytest.raises(grpc.RpcError) as unmet:
-            request = pb.GetActivationsRequest(model="clip", top_predictions=1)
+            request = activations_pb2.GetActivationsRequest(model="clip", top_predictions=1)
             list(stub.GetActivations(request, timeout=30))
     details = _rich(missing.value)
     info = details["ErrorInfo"]
@@ -204,7 +206,7 @@ def test_projection_token_mode_with_nothing_listed(client: Client, tokens: str) 
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("learning_rate", 1e30), ("learning_rate", 1e300), ("tv", 1e30)],
+    [("learning_rate", 1e30), ("learning_rate", 1e300), ("tv_weight", 1e30)],
 )
 def test_huge_optimisation_numbers(client: Client, option: str, value: float) -> None:
     with pytest.raises(InvalidArgumentError) as caught:
@@ -266,10 +268,10 @@ def test_duplicate_credentials_are_refused(guarded: RunningServer) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{guarded.port}") as channel:
         stub = pb_grpc.InspectorStub(channel)
         good = ("authorization", f"Bearer {TOKEN}")
-        assert stub.ListModels(pb.ListModelsRequest(), metadata=[good], timeout=30).models
+        assert stub.ListModels(models_pb2.ListModelsRequest(), metadata=[good], timeout=30).models
         for metadata in ([("authorization", "Bearer wrong"), good], [good, good]):
             with pytest.raises(grpc.RpcError) as caught:
-                stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30)
+                stub.ListModels(models_pb2.ListModelsRequest(), metadata=metadata, timeout=30)
             error = from_rpc_error(caught.value)
             assert isinstance(error, UnauthenticatedError)
             assert error.reason == "CREDENTIALS_DUPLICATED"

@@ -16,8 +16,7 @@ from vitscope import (
     VitscopeError,
 )
 from vitscope.errors import from_rpc_error
-from vitscope.v1 import common_pb2, tensor_pb2
-from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import activations_pb2, common_pb2, tensor_pb2
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.transport.app import RunningServer
 
@@ -218,7 +217,9 @@ def test_bad_activation_requests(
     assert client.activations([good_image(client)], ["embed"], model="vit")["embed"].shape[0] == 1
 
 
-def _raw_call(server: RunningServer, request: pb.GetActivationsRequest) -> VitscopeError:
+def _raw_call(
+    server: RunningServer, request: activations_pb2.GetActivationsRequest
+) -> VitscopeError:
     """The typed error of a request sent as built, past the client's own checks."""
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.InspectorStub(channel)
@@ -233,8 +234,8 @@ def _field(error: VitscopeError) -> str:
     return violation.field
 
 
-def _with_tensor(**image: tensor_pb2.Tensor) -> pb.GetActivationsRequest:
-    return pb.GetActivationsRequest(
+def _with_tensor(**image: tensor_pb2.Tensor) -> activations_pb2.GetActivationsRequest:
+    return activations_pb2.GetActivationsRequest(
         model="vit", sites=["embed"], images=[common_pb2.Image(**image)]
     )
 
@@ -268,17 +269,24 @@ def test_unsupported_tensor_dtype(server: RunningServer) -> None:
 
 def test_unknown_enum_values(server: RunningServer) -> None:
     image = common_pb2.Image(encoded=b"x")
-    request = pb.GetActivationsRequest(model="vit", sites=["embed"], images=[image], reduction=42)
+    request = activations_pb2.GetActivationsRequest(
+        model="vit", sites=["embed"], images=[image], reduction=42
+    )
     error = _raw_call(server, request)
     assert error.reason == "INVALID_FIELD" and _field(error) == "reduction"
     assert "REDUCTION_MEAN" in error.field_violations[0].description  # says what is allowed
-    request = pb.GetActivationsRequest(model="vit", sites=["embed"], images=[image], output_dtype=9)
+    request = activations_pb2.GetActivationsRequest(
+        model="vit", sites=["embed"], images=[image], output_dtype=9
+    )
     assert _field(_raw_call(server, request)) == "output_dtype"
 
 
 def test_image_without_a_source(server: RunningServer) -> None:
     error = _raw_call(
-        server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[common_pb2.Image()])
+        server,
+        activations_pb2.GetActivationsRequest(
+            model="vit", sites=["embed"], images=[common_pb2.Image()]
+        ),
     )
     assert error.reason == "FIELD_REQUIRED" and _field(error) == "images[0]"
 
@@ -293,7 +301,9 @@ def test_request_over_the_max_message_size(server: RunningServer) -> None:
     ):
         list(
             pb_grpc.InspectorStub(channel).GetActivations(
-                pb.GetActivationsRequest(model="vit", sites=["embed"], images=[oversized]),
+                activations_pb2.GetActivationsRequest(
+                    model="vit", sites=["embed"], images=[oversized]
+                ),
                 timeout=60,
             )
         )

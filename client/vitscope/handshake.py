@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from vitscope.errors import IncompatibleServerError
 from vitscope.protocol import PROTOCOL, REQUIRED_REVISION
-from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import models_pb2, server_info_pb2
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def client_version() -> str:
         return "unknown"
 
 
-def parse_server_info(response: pb.GetServerInfoResponse) -> ServerInfo:
+def parse_server_info(response: server_info_pb2.GetServerInfoResponse) -> ServerInfo:
     limits = response.limits
     return ServerInfo(
         protocol=response.protocol,
@@ -66,7 +66,7 @@ def parse_server_info(response: pb.GetServerInfoResponse) -> ServerInfo:
             max_queue=limits.max_queue,
         ),
         model_states={
-            m.name: pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
+            m.name: models_pb2.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
             for m in response.models
         },
     )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 from vitscope.protocol import PROTOCOL, PROTOCOL_REVISION
-from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import inspector_pb2, server_info_pb2
 from vitscope_server.core.provenance import library_versions
 from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.transport import convert
@@ -23,7 +23,7 @@ _FAMILIES = {
     "ListInverters": "inversion",
     "GetServerInfo": "server",
 }
-SERVICE = pb.DESCRIPTOR.services_by_name["Inspector"]
+SERVICE = inspector_pb2.DESCRIPTOR.services_by_name["Inspector"]
 
 
 def method_family(name: str) -> str:
@@ -42,11 +42,11 @@ def _package_version() -> str:
 class ServerInfo:
     """Everything GetServerInfo reports that does not change while the server runs."""
 
-    limits: pb.ServerLimits
+    limits: server_info_pb2.ServerLimits
 
-    def response(self, registry: ModelRegistry) -> pb.GetServerInfoResponse:
+    def response(self, registry: ModelRegistry) -> server_info_pb2.GetServerInfoResponse:
         families = dict.fromkeys(method_family(m.name) for m in SERVICE.methods)
-        return pb.GetServerInfoResponse(
+        return server_info_pb2.GetServerInfoResponse(
             protocol=PROTOCOL,
             protocol_revision=PROTOCOL_REVISION,
             server_version=_package_version(),
