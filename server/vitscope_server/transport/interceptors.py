@@ -22,6 +22,7 @@ import torch
 from vitscope_server.core import errors
 from vitscope_server.core.errors import Reason
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.parsing import Unparseable, parsed, tolerant
 from vitscope_server.transport.status import rich_status
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ def classify(
             return code, exc
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         log.warning("out of memory: %s", str(exc)[:200])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give back what the failed call's tensors held
         oom = errors.out_of_memory("out of memory for this request; send a smaller one")
         return grpc.StatusCode.RESOURCE_EXHAUSTED, oom
     error_id = uuid.uuid4().hex[:12]
@@ -74,44 +77,6 @@ def _abort(
     context: grpc.ServicerContext, code: grpc.StatusCode, error: errors.VitscopeError
 ) -> None:
     context.abort_with_status(rich_status(code, error))
-
-
-class _Unparseable:
-    """Stands in for request bytes that did not parse, so that the token is checked
-    before the call is refused (grpcio would answer INTERNAL and log a traceback)."""
-
-    def __init__(self, type_name: str) -> None:
-        self.type_name = type_name
-
-    def error(self, field: str) -> errors.InvalidArgument:
-        return errors.InvalidArgument(
-            field,
-            f"the request bytes do not parse as {self.type_name}",
-            reason=Reason.REQUEST_UNPARSEABLE,
-        )
-
-
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
-    type_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
-    name = type_name.full_name if type_name is not None else "the request message"
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception:  # any parse failure: DecodeError, recursion limits, bad UTF-8
-            return _Unparseable(name)
-
-    return deserialize
-
-
-def _parsed(requests: Iterator[Any]) -> Iterator[Any]:
-    """The second and later messages of a client stream, refusing one that did not parse."""
-    for number, request in enumerate(requests, start=1):
-        if isinstance(request, _Unparseable):
-            raise request.error(f"requests[{number}]")
-        yield request
 
 
 def _passing_bytes_through(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
@@ -182,7 +147,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             return handler
         method = details.method.removeprefix(SERVICE_PREFIX)
         refusal = self._refusal(details)
-        deserializer = _tolerant(handler.request_deserializer)
+        deserializer = tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method, refusal),
@@ -211,7 +176,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         """Credentials first, then whether the request parsed."""
         if refusal is not None:
             raise refusal
-        if isinstance(request, _Unparseable):
+        if isinstance(request, Unparseable):
             raise request.error("")
 
     @staticmethod
@@ -254,7 +219,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
         def wrapped(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             first = next(requests, None)
-            everything = itertools.chain([] if first is None else [first], _parsed(requests))
+            everything = itertools.chain([] if first is None else [first], parsed(requests))
             unary = self._unary(lambda _first, ctx: behaviour(everything, ctx), method, refusal)
             return unary(first, context)
 
