@@ -332,9 +332,12 @@ def test_server_info(client: Client, server: RunningServer) -> None:
     assert (info.protocol, info.protocol_revision) == (PROTOCOL, PROTOCOL_REVISION)
     assert {"torch", "timm", "numpy"} <= set(info.library_versions)
     assert info.default_model == "vit" and {"vit", "clip", DIGITS} <= set(info.models)
-    assert info.methods == [f"vitscope.v1.Inspector/{m.name}" for m in SERVICE.methods]
+    inspector = [f"vitscope.v1.Inspector/{m.name}" for m in SERVICE.methods]
+    assert info.methods[: len(inspector)] == inspector
+    assert "inference.GRPCInferenceService/ModelInfer" in info.methods
     assert "other" not in [method_family(m.name) for m in SERVICE.methods]
-    assert {"activations", "features", "projection", "inversion"} <= set(info.method_families)
+    expected = {"activations", "features", "projection", "inversion", "inference"}
+    assert expected <= set(info.method_families)
     assert info.limits.max_batch == 64 and info.limits.max_running == 3
     assert info.limits.max_message_bytes == 64 << 20 and info.limits.max_image_pixels > 0
 

@@ -126,11 +126,15 @@ class GetServerInfoResponse(_message.Message):
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_models_pb2.ModelSummary]: ...
     @_builtins.property
     def methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Full names of the methods offered, e.g. "vitscope.v1.Inspector/Invert"."""
+        """Full names of the methods offered, e.g. "vitscope.v1.Inspector/Invert", including
+        the Open Inference Protocol's ("inference.GRPCInferenceService/ModelInfer").
+        """
 
     @_builtins.property
     def method_families(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The method families: "models", "activations", "features", "projection", "inversion", "server"."""
+        """The method families: "models", "activations", "features", "projection", "inversion",
+        "server", and "inference" (the Open Inference Protocol).
+        """
 
     @_builtins.property
     def limits(self) -> Global___ServerLimits: ...

@@ -27,7 +27,11 @@ from vitscope_server.transport.status import rich_status
 
 log = logging.getLogger(__name__)
 
-SERVICE_PREFIX = "/vitscope.v1.Inspector/"
+# The services whose calls are authenticated, counted and mapped here.
+SERVICE_PREFIXES = ("/vitscope.v1.Inspector/", "/inference.GRPCInferenceService/")
+# Where a request names its model: the Inspector's model, the inference protocol's
+# model_name (ModelInfer) or name (ModelReady, ModelMetadata).
+_MODEL_FIELDS = ("model", "model_name", "name")
 
 _CODES: list[tuple[type[errors.VitscopeError], grpc.StatusCode]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -143,9 +147,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails
     ) -> Any:
         handler = continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+        if handler is None or not details.method.startswith(SERVICE_PREFIXES):
             return handler
-        method = details.method.removeprefix(SERVICE_PREFIX)
+        method = details.method.rpartition("/")[2]
         refusal = self._refusal(details)
         deserializer = tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
@@ -169,7 +173,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         return handler
 
     def _model_label(self, request: Any) -> str:
-        return self._model_label_of(str(getattr(request, "model", "")))
+        name = next((getattr(request, f) for f in _MODEL_FIELDS if hasattr(request, f)), "")
+        return self._model_label_of(str(name))
 
     @staticmethod
     def _admit(request: Any, refusal: _Unauthenticated | None) -> None:
@@ -187,7 +192,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         if isinstance(exc, _Unauthenticated):
             return grpc.StatusCode.UNAUTHENTICATED, exc
         code, error = classify(exc, context)
-        model = getattr(request, "model", "")
+        model = next((getattr(request, f) for f in _MODEL_FIELDS if hasattr(request, f)), "")
         if model and isinstance(model, str):
             error.metadata.setdefault("model", errors.short(model))
         return code, error
