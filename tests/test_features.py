@@ -721,8 +721,12 @@ def test_cancel_stops_within_a_step_and_frees_the_slot(
     with grpc.insecure_channel(f"127.0.0.1:{busy_server.port}") as channel:
         call = pb_grpc.InspectorStub(channel).OptimizeFeatures(long_request(), timeout=60)
         next(call)
-        with pytest.raises(ResourceExhaustedError, match="server busy"):
-            fclient.optimize_features([("blocks.1.out", 1)], model=DIGITS, steps=1)
+        with (
+            Client(f"127.0.0.1:{busy_server.port}", retries=1) as once,
+            pytest.raises(ResourceExhaustedError) as caught,
+        ):
+            once.optimize_features([("blocks.1.out", 1)], model=DIGITS, steps=1)
+        assert caught.value.reason == "QUEUE_FULL" and caught.value.retry_after == 1.0
         call.cancel()
         stopped = wait_until_still(busy_server, "vit")
     time.sleep(0.3)

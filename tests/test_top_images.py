@@ -207,8 +207,10 @@ def test_bad_file_in_a_folder_is_named_by_its_path(
     broken.mkdir()
     Image.fromarray(digits[0]).save(broken / "a.png")
     (broken / "b.png").write_bytes(b"not an image")
-    with pytest.raises(InvalidArgumentError, match=r"'b\.png'"):
+    with pytest.raises(InvalidArgumentError) as caught:
         tclient.top_activating_images(SITE, [1], image_folder=str(broken), model=DIGITS)
+    assert caught.value.reason == "IMAGE_UNDECODABLE"
+    assert [v.field for v in caught.value.field_violations] == ["image_folder['b.png'].encoded"]
     assert tclient.top_activating_images(SITE, [1], images=list(digits[:2]), model=DIGITS)
 
 
@@ -217,8 +219,9 @@ def test_bad_streamed_image_is_named_by_its_stream_index(
 ) -> None:
     """The ninth image arrives first in the third message of four; it is images[8]."""
     images: list[ImageLike] = [*digits[:8], b"not an image"]
-    with pytest.raises(InvalidArgumentError, match=r"images\[8\]"):
+    with pytest.raises(InvalidArgumentError) as caught:
         tclient.top_activating_images(SITE, [1], images=images, model=DIGITS, batch=4)
+    assert [v.field for v in caught.value.field_violations] == ["images[8].encoded"]
 
 
 def test_vanished_file_is_named_by_its_path(tmp_path: Path) -> None:
@@ -239,8 +242,9 @@ def test_folder_suffixes_are_the_decodable_formats() -> None:
 
 
 def test_server_without_roots_refuses_folders(client: Client) -> None:
-    with pytest.raises(PermissionDeniedError, match="--image-root"):
+    with pytest.raises(PermissionDeniedError) as caught:
         client.top_activating_images("blocks.0.mlp.hidden", [1], image_folder="/tmp")
+    assert caught.value.reason == "FOLDER_NOT_ALLOWED"
 
 
 def scan(root: Path, out: Path, shard: str, *extra: str) -> dict[str, object]:

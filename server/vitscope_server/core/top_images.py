@@ -69,7 +69,7 @@ class ScanItem:
     @property
     def field(self) -> str:
         """How errors name the image: by its path when it has one, else its stream index."""
-        return f"image_folder file {self.path!r}" if self.path else f"images[{self.index}]"
+        return f"image_folder[{self.path!r}]" if self.path else f"images[{self.index}]"
 
 
 @dataclass(frozen=True)
