@@ -425,7 +425,8 @@ def test_memories_are_direct_matrix_products(pc: Client, name: str) -> None:
         ({"model": "vit", "targets": ["no such class", None]}, InvalidArgumentError, "targets[0]"),
         ({"model": "vit", "targets": [1000, None]}, InvalidArgumentError, "targets[0]"),
         ({"model": "vit", "targets": [1]}, InvalidArgumentError, "targets"),
-        ({"model": "vit", "blocks": [6]}, InvalidArgumentError, "blocks"),
+        ({"model": "vit", "blocks": [0, 6]}, InvalidArgumentError, "blocks[1]"),
+        ({"model": "vit", "blocks": [2, 2]}, InvalidArgumentError, "blocks[1]"),
         ({"model": "vit", "top_k": 1001}, InvalidArgumentError, "top_k"),
         ({"model": "vit", "class_names": ["a"]}, InvalidArgumentError, "labels"),
         ({"model": "clip", "class_names": []}, InvalidArgumentError, "labels.class_names"),
@@ -463,10 +464,14 @@ def test_memories_are_direct_matrix_products(pc: Client, name: str) -> None:
         (
             {**EVALUATE, "model": "vit", "keep_counts": [0, 101]},
             InvalidArgumentError,
-            "keep_counts",
+            "keep_counts[1]",
         ),
-        ({**EVALUATE, "model": "vit", "keep_counts": [-1]}, InvalidArgumentError, "keep_counts"),
-        ({**EVALUATE, "model": "vit", "keep_counts": [4, 4]}, InvalidArgumentError, "keep_counts"),
+        ({**EVALUATE, "model": "vit", "keep_counts": [-1]}, InvalidArgumentError, "keep_counts[0]"),
+        (
+            {**EVALUATE, "model": "vit", "keep_counts": [4, 4]},
+            InvalidArgumentError,
+            "keep_counts[1]",
+        ),
         (
             {**EVALUATE, "model": "vit", "keep_counts": list(range(65))},
             InvalidArgumentError,
