@@ -311,8 +311,10 @@ def test_queue_full_carries_retry_info_and_is_retried(guarded: RunningServer) ->
         before = _requests(guarded, "GetActivations", "RESOURCE_EXHAUSTED")
         target = f"127.0.0.1:{guarded.port}"
         with Client(target, token=TOKEN, retries=3, timeout=60) as c:
+            # A megabyte of pixels: more than gRPC keeps for retrying unless told otherwise.
+            large = np.zeros((600, 600, 3), dtype=np.uint8)
             with pytest.raises(ResourceExhaustedError) as caught:
-                c.activations([DIGIT], ["embed"], model=DIGITS)
+                c.activations([large], ["embed"], model=DIGITS)
             assert caught.value.reason == "QUEUE_FULL" and caught.value.retry_after == 1.0
             assert _requests(guarded, "GetActivations", "RESOURCE_EXHAUSTED") == before + 3
             with pytest.raises(ResourceExhaustedError) as too_many:
