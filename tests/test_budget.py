@@ -76,8 +76,11 @@ def test_extreme_aspect_png_is_refused_from_its_header(
 ) -> None:
     data = _png(*size)
     assert len(data) < 10_000
-    with pytest.raises(ResourceExhaustedError, match=r"images\[0\]\.encoded: the model's resize"):
+    with pytest.raises(
+        ResourceExhaustedError, match=r"images\[0\]\.encoded: the model's resize"
+    ) as caught:
         client.activations([data], ["blocks.0.out"])
+    assert caught.value.reason == "IMAGE_TOO_LARGE"
     assert client.activations([_png(64, 64)], ["blocks.0.out"]).sites["blocks.0.out"].values.size
 
 
@@ -90,11 +93,13 @@ def test_extreme_aspect_pixels_are_refused(client: Client) -> None:
 def test_request_over_its_budget_is_refused(tight: RunningServer) -> None:
     with Client(f"127.0.0.1:{tight.port}", timeout=60) as c:
         # 4000 x 4000 decodes to 16 M pixels: far over 64 MiB once decoded and converted.
-        with pytest.raises(ResourceExhaustedError, match="request_memory_bytes"):
+        with pytest.raises(ResourceExhaustedError, match="request_memory_bytes") as caught:
             c.activations([_png(4000, 4000)], ["blocks.0.out"], model=MODEL)
+        assert caught.value.reason == "REQUEST_BUDGET_EXCEEDED"
         # Under the request budget but over the server's.
-        with pytest.raises(ResourceExhaustedError, match="server_memory_bytes"):
+        with pytest.raises(ResourceExhaustedError, match="server_memory_bytes") as caught:
             c.activations([_png(2200, 2200)], ["blocks.0.out"], model=MODEL)
+        assert caught.value.reason == "REQUEST_BUDGET_EXCEEDED"
         small = c.activations([_png(160, 160)], ["blocks.0.out"], model=MODEL)
     assert small.sites["blocks.0.out"].values.shape[0] == 1
     assert tight.metrics.registry.get_sample_value("vitscope_memory_reserved_bytes") == 0
@@ -119,8 +124,9 @@ def test_budget_queues_refuses_and_honours_cancel() -> None:
         while budget.waiting == 0:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        with pytest.raises(ServerBudgetExceeded, match="1 requests waiting"):
+        with pytest.raises(ServerBudgetExceeded, match="1 requests waiting") as full:
             budget.reserve(50, cancel).__enter__()
+        assert full.value.retry_after == 1.0
         assert not admitted.is_set()
     waiter.join(10)
     assert admitted.is_set() and budget.reserved == 0

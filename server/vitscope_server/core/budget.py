@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.errors import ResourceExhausted
+from vitscope_server.core.errors import Reason, ResourceExhausted
 from vitscope_server.core.images import ImageInput, check_size, open_header
 
 _POLL_SECONDS = 0.05
@@ -36,11 +36,15 @@ def _mib(nbytes: int) -> str:
 
 
 class RequestTooLarge(ResourceExhausted):
-    """The request alone needs more than the per-request budget."""
+    """The request alone needs more than a budget allows; it never fits."""
+
+    default_reason = Reason.REQUEST_BUDGET_EXCEEDED
 
 
 class ServerBudgetExceeded(ResourceExhausted):
-    """The request cannot be admitted next to what is already running."""
+    """The request cannot be admitted next to what is already admitted; later it may."""
+
+    default_reason = Reason.SERVER_BUDGET_EXCEEDED
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ class MemoryBudget:
                 "images, fewer sites or a smaller batch"
             )
         if nbytes > self.server_bytes:
-            raise ServerBudgetExceeded(
+            raise RequestTooLarge(
                 f"the request needs about {_mib(nbytes)}, over the server's memory budget of "
                 f"{_mib(self.server_bytes)} (server_memory_bytes)"
             )

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vitscope_server.core.adapters import ModelAdapter
-from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
+from vitscope_server.core.errors import InvalidArgument, Reason, ResourceExhausted
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -27,8 +27,14 @@ class ImageInput:
 
 def _undecodable(field: str, exc: Exception) -> InvalidArgument:
     return InvalidArgument(
-        f"{field}: cannot decode image ({str(exc)[:200]}); allowed formats: {ALLOWED_FORMATS}"
+        field,
+        f"cannot decode image ({str(exc)[:200]}); allowed formats: {ALLOWED_FORMATS}",
+        reason=Reason.IMAGE_UNDECODABLE,
     )
+
+
+def _too_large(field: str, message: str) -> ResourceExhausted:
+    return ResourceExhausted(f"{field}: {message}", reason=Reason.IMAGE_TOO_LARGE, field=field)
 
 
 def open_header(data: bytes, field: str) -> Image.Image:
@@ -36,12 +42,12 @@ def open_header(data: bytes, field: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ResourceExhausted(f"{field}: image too large to decode ({exc})") from None
+        raise _too_large(field, f"image too large to decode ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise _undecodable(field, exc) from None
     if image.format not in ALLOWED_FORMATS:
         raise InvalidArgument(
-            f"{field}: format {image.format} not allowed; allowed: {ALLOWED_FORMATS}"
+            field, f"format {image.format} not allowed; allowed: {ALLOWED_FORMATS}"
         )
     return image
 
@@ -49,18 +55,19 @@ def open_header(data: bytes, field: str) -> Image.Image:
 def check_size(adapter: ModelAdapter, width: int, height: int, field: str, max_pixels: int) -> None:
     """Both the image and what the model's resize makes of it stay within max_pixels."""
     if width * height > max_pixels:
-        raise ResourceExhausted(
-            f"{field}: {width}x{height} pixels exceeds the limit of {max_pixels} pixels "
-            "(max_image_pixels)"
+        raise _too_large(
+            field,
+            f"{width}x{height} pixels exceeds the limit of {max_pixels} pixels (max_image_pixels)",
         )
     if width == 0 or height == 0:
-        raise InvalidArgument(f"{field}: the image is {width}x{height}, empty")
+        raise InvalidArgument(field, f"the image is {width}x{height}, empty")
     resized = adapter.preprocess_peak_pixels(width, height)
     if resized > max_pixels:
-        raise ResourceExhausted(
-            f"{field}: the model's resize would turn this {width}x{height} image into "
-            f"{resized} pixels, over the limit of {max_pixels} (max_image_pixels); "
-            "send an image with a less extreme aspect ratio"
+        raise _too_large(
+            field,
+            f"the model's resize would turn this {width}x{height} image into {resized} pixels, "
+            f"over the limit of {max_pixels} (max_image_pixels); send an image with a less "
+            "extreme aspect ratio",
         )
 
 
@@ -72,7 +79,7 @@ def _decode(adapter: ModelAdapter, data: bytes, field: str, max_pixels: int) -> 
         image.load()
         return image.convert("RGB")
     except Image.DecompressionBombError as exc:
-        raise ResourceExhausted(f"{field}: image too large to decode ({exc})") from None
+        raise _too_large(field, f"image too large to decode ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise _undecodable(field, exc) from None
 
@@ -81,10 +88,10 @@ def _from_pixels(
     adapter: ModelAdapter, pixels: np.ndarray, field: str, max_pixels: int
 ) -> Image.Image:
     if pixels.dtype != np.uint8:
-        raise InvalidArgument(f"{field}: pixels must be uint8, got {pixels.dtype}")
+        raise InvalidArgument(field, f"pixels must be uint8, got {pixels.dtype}")
     if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3)):
         raise InvalidArgument(
-            f"{field}: pixels shape {list(pixels.shape)}; allowed: [H, W], [H, W, 1], [H, W, 3]"
+            field, f"pixels shape {list(pixels.shape)}; allowed: [H, W], [H, W, 1], [H, W, 3]"
         )
     check_size(adapter, pixels.shape[1], pixels.shape[0], field, max_pixels)
     squeezed = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
@@ -95,14 +102,14 @@ def _from_preprocessed(array: np.ndarray, field: str, adapter: ModelAdapter) -> 
     expected = list(adapter.data_config.input_size)
     if array.dtype not in (np.float32, np.float16):
         raise InvalidArgument(
-            f"{field}: preprocessed tensor must be float32 or float16, got {array.dtype}"
+            field, f"preprocessed tensor must be float32 or float16, got {array.dtype}"
         )
     if list(array.shape) != expected:
         raise InvalidArgument(
-            f"{field}: preprocessed shape {list(array.shape)}; model expects {expected}"
+            field, f"preprocessed shape {list(array.shape)}; model expects {expected}"
         )
     if not np.isfinite(array).all():
-        raise InvalidArgument(f"{field}: preprocessed tensor contains NaN or infinity")
+        raise InvalidArgument(field, "preprocessed tensor contains NaN or infinity")
     return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
@@ -117,10 +124,14 @@ def prepare_batch(
     as fields[i] (by default images[i]), so callers feeding parts of a larger whole can name
     the file or the position in that whole."""
     if not images:
-        raise InvalidArgument("images: at least one image is required")
+        raise InvalidArgument(
+            "images", "at least one image is required", reason=Reason.FIELD_REQUIRED
+        )
     if len(images) > max_batch:
         raise ResourceExhausted(
-            f"images: {len(images)} images exceeds the limit of {max_batch} per request"
+            f"images: {len(images)} images exceeds the limit of {max_batch} per request",
+            reason=Reason.BATCH_TOO_LARGE,
+            field="images",
         )
     names = fields if fields is not None else [f"images[{i}]" for i in range(len(images))]
     tensors = []
@@ -138,5 +149,9 @@ def prepare_batch(
                 adapter.preprocess(_decode(adapter, image.encoded, f"{field}.encoded", max_pixels))
             )
         else:
-            raise InvalidArgument(f"{field}: no source set; set encoded, pixels or preprocessed")
+            raise InvalidArgument(
+                field,
+                "no source set; set encoded, pixels or preprocessed",
+                reason=Reason.FIELD_REQUIRED,
+            )
     return torch.stack(tensors)

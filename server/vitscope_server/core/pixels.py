@@ -8,10 +8,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-# Optimisers over images step at most this far: pixels live in [0, 1], so a larger rate only
-# saturates, and rates near float32's range overflow inside the optimiser.
-MAX_LEARNING_RATE = 1000.0
-
 
 class Normalisation(Protocol):
     """Anything with the model's per-channel mean and std (DataConfig, an inverter's geometry)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from vitscope_server.core.errors import Cancelled, ResourceExhausted
+from vitscope_server.core.errors import Cancelled, Reason, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class StreamPolicy:
 
 class SlowReader(ResourceExhausted):
     """The reader took nothing for longer than the policy allows."""
+
+    default_reason = Reason.SLOW_READER
 
 
 @contextmanager
