@@ -33,7 +33,7 @@ from vitscope_server.core.inversion_modules import build_module, chain_names, ge
 from vitscope_server.core.inversion_store import load_modules, read_manifest
 from vitscope_server.core.inversion_train import training_pairs
 from vitscope_server.core.loading import load_model
-from vitscope_server.train_classifier import digits_split
+from vitscope_server.builtin.digits_data import digits_split
 
 
 def main() -> None:

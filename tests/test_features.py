@@ -46,7 +46,7 @@ from vitscope_server.core.features import (
     prepare_optimization,
     step_loss,
 )
-from vitscope_server.train_classifier import digits_split
+from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.transport.app import RunningServer
 from vitscope_server.transport.convert_features import feature_specs
 

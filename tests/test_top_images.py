@@ -30,7 +30,7 @@ from vitscope_server.core.top_images import (
     file_items,
     list_images,
 )
-from vitscope_server.train_classifier import digits_split
+from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.transport.app import RunningServer
 
 DIGITS = "vitscope-digits"
