@@ -6,13 +6,15 @@ would in the image."""
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
 import os
 import re
+import subprocess
 import sys
-import tomllib
 from functools import cache
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -20,17 +22,25 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = (ROOT / "deploy" / "Dockerfile.cpu", ROOT / "deploy" / "Dockerfile.gpu")
 _INSTALL = re.compile(r'pip install "\.\[([a-z0-9_,-]+)\]"')
 
+# Every finder answers "not found" for a blocked module, as in an image without it: imports
+# raise ModuleNotFoundError and importlib.util.find_spec returns None.
 SITECUSTOMIZE = """
-import importlib.abc, sys
+import sys
 BLOCKED = frozenset({blocked!r})
 
-class _NotInImage(importlib.abc.MetaPathFinder):
+class _NotInImage:
+    def __init__(self, finder):
+        self._finder = finder
+
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"{{name}} is not installed in the image", name=name)
-        return None
+            return None
+        return self._finder.find_spec(name, path, target)
 
-sys.meta_path.insert(0, _NotInImage())
+    def __getattr__(self, attribute):
+        return getattr(self._finder, attribute)
+
+sys.meta_path[:] = [_NotInImage(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
 """
 
 
@@ -84,6 +94,14 @@ def blocked_modules() -> frozenset[str]:
     return frozenset(blocked - set(sys.stdlib_module_names) - {"vitscope", "vitscope_server"})
 
 
+def console_script(name: str) -> list[str]:
+    """The argv prefix that runs pyproject's console script `name` from this checkout."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts[name].partition(":")
+    assert function == "main", scripts[name]
+    return [sys.executable, "-m", module]
+
+
 def image_environment(folder: Path) -> dict[str, str]:
     """os.environ for a subprocess that sees only the image's packages (plus this checkout)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -94,9 +112,29 @@ def image_environment(folder: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "HF_HUB_OFFLINE": "1"}
 
 
-def console_script(name: str) -> list[str]:
-    """The argv that runs pyproject's console script `name` from this checkout."""
+RUNNER = """
+import importlib, json, sys
+module, function, argvs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+main = getattr(importlib.import_module(module), function)
+for argv in argvs:
+    main(argv)
+"""
+
+
+def run_in_image(
+    script: str, argvs: list[list[str]], folder: Path, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Runs console script `script` once per argv, in one process that sees only the image's
+    packages; fails the test with its output when it fails."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    module, _, function = scripts[name].partition(":")
-    assert function == "main", scripts[name]
-    return [sys.executable, "-m", module]
+    module, _, function = scripts[script].partition(":")
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, module, function, json.dumps(argvs)],
+        env=image_environment(folder / "image-site"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, f"{script} {argvs} failed:\n{result.stdout}\n{result.stderr}"
+    return result

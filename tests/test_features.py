@@ -33,6 +33,7 @@ from vitscope.features import Feature
 from vitscope.tensors import to_proto
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
+from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.capture import capture_sites
 from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
@@ -46,7 +47,6 @@ from vitscope_server.core.features import (
     prepare_optimization,
     step_loss,
 )
-from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.transport.app import RunningServer
 from vitscope_server.transport.convert_features import feature_specs
 

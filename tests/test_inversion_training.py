@@ -22,9 +22,9 @@ from skimage import data as skdata
 
 from vitscope import Client, NotFoundError
 from vitscope.cli import main as cli
+from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.core.inversion_store import read_manifest
 from vitscope_server.settings import ServerSettings
-from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.transport.app import create_server
 
 # 3 * 4 * 4 == 48: the patch projection is square, so the linear inverse is exact.

@@ -127,19 +127,6 @@ def test_metrics_endpoint(server: RunningServer, client: Client) -> None:
         assert name in body, name
 
 
-def test_client_imports_without_torch() -> None:
-    code = (
-        "import sys; sys.modules['torch'] = None\n"
-        "import vitscope, vitscope.cli, vitscope.overlay\n"
-        "assert 'timm' not in sys.modules and 'open_clip' not in sys.modules\n"
-        "vitscope.cli.build_parser().parse_args(['models'])\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-
-
 def test_stubs_match_the_protos(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(tmp_path)],

@@ -36,11 +36,11 @@ from vitscope import (
 )
 from vitscope.cli import main
 from vitscope.projection import ClassProjection
+from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.core import class_projection
 from vitscope_server.core.loading import load_model
 from vitscope_server.core.specs import ModelSpec
 from vitscope_server.settings import ServerSettings
-from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.transport.app import RunningServer, create_server
 
 CLIP_TEXT = {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}

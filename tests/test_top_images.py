@@ -19,6 +19,7 @@ from vitscope import Client, InvalidArgumentError, NotFoundError, ResourceExhaus
 from vitscope.cli import main
 from vitscope.client import ImageLike
 from vitscope.errors import PermissionDeniedError
+from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.errors import InvalidArgument
 from vitscope_server.core.images import ALLOWED_FORMATS, ImageInput
@@ -30,7 +31,6 @@ from vitscope_server.core.top_images import (
     file_items,
     list_images,
 )
-from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.transport.app import RunningServer
 
 DIGITS = "vitscope-digits"

@@ -29,10 +29,8 @@ This page is generated from the settings model (`make docs`); do not edit it by 
 
 
 def _default(field: FieldInfo) -> str:
-    if field.default_factory is not None:
-        value = field.default_factory()  # type: ignore[call-arg]
-    else:
-        value = field.default
+    factory = field.default_factory
+    value = factory() if factory is not None else field.default  # type: ignore[call-arg]
     if value is None:
         return "unset"
     if value == []:

@@ -28,7 +28,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """The settings from parsed flags, then VITSCOPE_* variables, then defaults."""
-    source = CliSettingsSource(
+    source: CliSettingsSource[ServerSettings] = CliSettingsSource(
         ServerSettings, root_parser=argparse.ArgumentParser(add_help=False), **_CLI_OPTIONS
     )
     return ServerSettings(_cli_settings_source=source(parsed_args=args))  # type: ignore[call-arg]

@@ -26,4 +26,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    write_atomically(path, lambda temp: temp.write_text(text))
+    def write(temp: Path) -> None:
+        temp.write_text(text)
+
+    write_atomically(path, write)

@@ -76,7 +76,7 @@ def folder_images(loaded: LoadedModel, folder: Path) -> torch.Tensor:
     return torch.stack(inputs)
 
 
-def array_images(loaded: LoadedModel, images: Sequence[np.ndarray]) -> torch.Tensor:
+def array_images(loaded: LoadedModel, images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
     """Model inputs [N, 3, H, W] of decoded uint8 images, through the model's transform."""
     inputs = [ImageInput(pixels=image) for image in images]
     return prepare_batch(loaded.adapter, inputs, len(inputs), TRAINING_MAX_PIXELS)

@@ -13,6 +13,7 @@ from vitscope_server.core.activations import (
     ActivationQuery,
     ActivationResult,
     Reduction,
+    TensorDType,
     TokenMode,
     as_site_layout,
 )
@@ -43,16 +44,16 @@ _REDUCTIONS = {
 }
 _REDUCTIONS_BACK = {v: k for k, v in _REDUCTIONS.items()}
 _OUTPUT_DTYPES = {
-    tensor_pb2.DTYPE_UNSPECIFIED: "float32",
-    tensor_pb2.DTYPE_FLOAT32: "float32",
-    tensor_pb2.DTYPE_FLOAT16: "float16",
-    tensor_pb2.DTYPE_BFLOAT16: "bfloat16",
+    tensor_pb2.DTYPE_UNSPECIFIED: TensorDType.FLOAT32,
+    tensor_pb2.DTYPE_FLOAT32: TensorDType.FLOAT32,
+    tensor_pb2.DTYPE_FLOAT16: TensorDType.FLOAT16,
+    tensor_pb2.DTYPE_BFLOAT16: TensorDType.BFLOAT16,
 }
 _WIRE_DTYPES = {
-    "float32": tensor_pb2.DTYPE_FLOAT32,
-    "float16": tensor_pb2.DTYPE_FLOAT16,
-    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
-    "int64": tensor_pb2.DTYPE_INT64,
+    TensorDType.FLOAT32: tensor_pb2.DTYPE_FLOAT32,
+    TensorDType.FLOAT16: tensor_pb2.DTYPE_FLOAT16,
+    TensorDType.BFLOAT16: tensor_pb2.DTYPE_BFLOAT16,
+    TensorDType.INT64: tensor_pb2.DTYPE_INT64,
 }
 _LAYOUTS = {
     Layout.TOKENS: pb.SITE_LAYOUT_TOKENS,
