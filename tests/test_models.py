@@ -186,7 +186,7 @@ def test_models_file_and_flags(tmp_path: Path) -> None:
 
 
 def test_batch_commands_see_the_models_serve_would(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Job configured through VITSCOPE_* finds the same models as `vitscope serve`."""
+    """A Job configured through VITSCOPE_* finds the same models as `vitscope-server serve`."""
     monkeypatch.setenv("VITSCOPE_MODELS", '["envvit=timm:test_vit@random"]')
     assert select_spec("envvit", None, []).architecture == "test_vit"
     flagged = select_spec("flagged", None, ["flagged=timm:test_vit@random"])

@@ -1,4 +1,4 @@
-"""TopActivatingImages and the sharded `vitscope scan` against plain hooks, on a real server."""
+"""TopActivatingImages and the sharded `vitscope-server scan` against plain hooks, on a real server."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from vitscope.cli import main
 from vitscope.client import ImageLike
 from vitscope.errors import PermissionDeniedError
 from vitscope_server.builtin.digits_data import digits_split
+from vitscope_server.cli import main as server_main
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.errors import InvalidArgument
 from vitscope_server.core.images import ALLOWED_FORMATS, ImageInput
@@ -238,12 +239,12 @@ def test_folder_suffixes_are_the_decodable_formats() -> None:
 
 
 def test_server_without_roots_refuses_folders(client: Client) -> None:
-    with pytest.raises(PermissionDeniedError, match="--image-root"):
+    with pytest.raises(PermissionDeniedError, match="--image-roots"):
         client.top_activating_images("blocks.0.mlp.hidden", [1], image_folder="/tmp")
 
 
 def scan(root: Path, out: Path, shard: str, *extra: str) -> dict[str, object]:
-    main(
+    server_main(
         [
             "scan",
             "--model",
@@ -275,7 +276,7 @@ def test_sharded_scan_merges_to_the_unsharded_top_k(
     whole = scan(root, tmp_path / "whole.json", "0/1")
     parts = [scan(root, tmp_path / f"part{i}.json", f"{i}/3") for i in range(3)]
     assert [p["scanned"] for p in parts] == [10, 10, 10]
-    main(
+    server_main(
         [
             "scan-merge",
             *(str(tmp_path / f"part{i}.json") for i in (2, 0, 1)),
@@ -311,7 +312,7 @@ def test_merge_refuses_mismatched_parts(root: Path, tmp_path: Path) -> None:
     other["top_k"] = 3
     (tmp_path / "b.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="top_k"):
-        main(
+        server_main(
             [
                 "scan-merge",
                 str(tmp_path / "a.json"),
@@ -321,7 +322,7 @@ def test_merge_refuses_mismatched_parts(root: Path, tmp_path: Path) -> None:
             ]
         )
     with pytest.raises(SystemExit, match="given twice"):
-        main(
+        server_main(
             [
                 "scan-merge",
                 str(tmp_path / "a.json"),
@@ -336,7 +337,7 @@ def test_merge_refuses_mismatched_parts(root: Path, tmp_path: Path) -> None:
 
 def test_scan_builtin_digits_shard(tmp_path: Path) -> None:
     out = tmp_path / "digits.json"
-    main(
+    server_main(
         [
             "scan",
             "--model",

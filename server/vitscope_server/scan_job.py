@@ -1,4 +1,4 @@
-"""Sharded top-activating-image scans for batch jobs (`vitscope scan`, `vitscope scan-merge`).
+"""Sharded top-activating-image scans for batch jobs (`vitscope-server scan`, `vitscope-server scan-merge`).
 
 A dataset too large for one machine is split by its sorted item list into n contiguous
 shards; shard i is scanned with the same core code as TopActivatingImages and written as

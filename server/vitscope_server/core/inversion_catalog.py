@@ -97,7 +97,7 @@ class InverterCatalog:
         if not stores:
             raise NotFound(
                 f"model {loaded.spec.name!r} has no trained inverter; train one with "
-                "`vitscope train-inverter` or use method OPTIMIZATION"
+                "`vitscope-server train-inverter` or use method OPTIMIZATION"
             )
         return max(stores, key=lambda m: m.max_depth)
 

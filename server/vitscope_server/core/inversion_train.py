@@ -247,6 +247,65 @@ def _train_epoch(
         bar.set_postfix(mse=f"{loss.item():.5f}")
 
 
+def _run_epochs(
+    progress: _Progress,
+    name: str,
+    index: int,
+    pairs: tuple[Pairs, Pairs],
+    config: TrainConfig,
+    checkpoint: Path,
+    log: Callable[[str], None],
+) -> None:
+    """Epochs from progress.first_epoch on, each seeded, validated and checkpointed."""
+    train_pairs, val_pairs = pairs
+    generator = torch.Generator()
+    for epoch in range(progress.first_epoch, config.epochs + 1):
+        generator.manual_seed(config.seed + index * 1000 + epoch)
+        order = torch.randperm(len(train_pairs), generator=generator)
+        desc = f"{name} {epoch}/{config.epochs}"
+        _train_epoch(progress, train_pairs, order, desc, config.batch_size)
+        val = _evaluate(progress.module, val_pairs, config.batch_size)
+        progress.history.append(val)
+        if val < progress.best_val:
+            progress.best_val, progress.best_epoch = val, epoch
+            progress.best_state = copy.deepcopy(progress.module.state_dict())
+        log(
+            f"{name}: epoch {epoch}/{config.epochs} val_mse {val:.6f} (best {progress.best_val:.6f})"
+        )
+        _save_checkpoint(checkpoint, progress.checkpoint(epoch))
+
+
+def _metadata(
+    loaded: LoadedModel,
+    name: str,
+    kind: str,
+    data_label: str,
+    pairs: tuple[Pairs, Pairs],
+    config: TrainConfig,
+    progress: _Progress,
+    seconds: float,
+) -> dict[str, Any]:
+    """What the store records beside a module's weights."""
+    return {
+        "module": name,
+        "kind": kind,
+        "model": loaded.spec.name,
+        "architecture": loaded.spec.architecture,
+        "weights_identity": loaded.weights_identity,
+        "geometry": geometry_of(loaded).as_json(),
+        "data": data_label,
+        "train_images": len(pairs[0]),
+        "val_images": len(pairs[1]),
+        "recipe": asdict(config),
+        "val_mse_history": progress.history,
+        "best_val_mse": progress.best_val,
+        "best_epoch": progress.best_epoch,
+        "parameters": sum(p.numel() for p in progress.module.parameters()),
+        "seconds": round(seconds, 1),
+        "libraries": library_versions(),
+    }
+
+
 def train_module(
     loaded: LoadedModel,
     index: int,
@@ -270,53 +329,23 @@ def train_module(
         log(f"{name}: already trained in {store}; kept")
         meta: dict[str, Any] = json.loads(finished.read_text())
         return meta
-    geometry = geometry_of(loaded)
     kind = config.embed_kind if name == EMBED else "block"
     torch.manual_seed(config.seed + index)
-    module = build_module(name, kind, geometry).to(loaded.device)
+    module = build_module(name, kind, geometry_of(loaded)).to(loaded.device)
     fit_idx, val_idx = _split(len(inputs), config.val_fraction, config.seed)
-    train_pairs = Pairs(loaded, name, inputs[fit_idx], config.batch_size)
-    val_pairs = Pairs(loaded, name, inputs[val_idx], config.batch_size)
+    pairs = (
+        Pairs(loaded, name, inputs[fit_idx], config.batch_size),
+        Pairs(loaded, name, inputs[val_idx], config.batch_size),
+    )
     started = time.perf_counter()
     restore = checkpoint if resume and checkpoint.exists() else None
-    progress = _start(loaded, module, kind, config, restore, val_pairs)
+    progress = _start(loaded, module, kind, config, restore, pairs[1])
     if restore is not None and kind != "linear":
         log(f"{name}: resuming after epoch {progress.first_epoch - 1}")
-    generator = torch.Generator()
-    for epoch in range(progress.first_epoch, config.epochs + 1):
-        generator.manual_seed(config.seed + index * 1000 + epoch)
-        order = torch.randperm(len(train_pairs), generator=generator)
-        _train_epoch(
-            progress, train_pairs, order, f"{name} {epoch}/{config.epochs}", config.batch_size
-        )
-        val = _evaluate(module, val_pairs, config.batch_size)
-        progress.history.append(val)
-        if val < progress.best_val:
-            progress.best_val, progress.best_epoch = val, epoch
-            progress.best_state = copy.deepcopy(module.state_dict())
-        log(
-            f"{name}: epoch {epoch}/{config.epochs} val_mse {val:.6f} (best {progress.best_val:.6f})"
-        )
-        _save_checkpoint(checkpoint, progress.checkpoint(epoch))
+    _run_epochs(progress, name, index, pairs, config, checkpoint, log)
     module.load_state_dict(progress.best_state)
-    meta = {
-        "module": name,
-        "kind": kind,
-        "model": loaded.spec.name,
-        "architecture": loaded.spec.architecture,
-        "weights_identity": loaded.weights_identity,
-        "geometry": geometry.as_json(),
-        "data": data_label,
-        "train_images": len(train_pairs),
-        "val_images": len(val_pairs),
-        "recipe": asdict(config),
-        "val_mse_history": progress.history,
-        "best_val_mse": progress.best_val,
-        "best_epoch": progress.best_epoch,
-        "parameters": sum(p.numel() for p in module.parameters()),
-        "seconds": round(time.perf_counter() - started, 1),
-        "libraries": library_versions(),
-    }
+    seconds = time.perf_counter() - started
+    meta = _metadata(loaded, name, kind, data_label, pairs, config, progress, seconds)
     save_module(store, name, module, meta)
     checkpoint.unlink(missing_ok=True)
     return meta

@@ -180,11 +180,31 @@ def activation_responses(
     Chunks come already serialized (GetActivationsResponse wire bytes), which the
     server's serializer passes through untouched.
     """
-    q = result.query
     num_chunks = sum(
         wire.chunk_count(t.array.nbytes, chunk_bytes) for s in result.sites for t in s.tensors
     )
-    header = pb.ActivationsHeader(
+    response = pb.GetActivationsResponse(header=_activations_header(result, num_chunks))
+    if response.ByteSize() > chunk_bytes:
+        raise ResourceExhausted(
+            f"the response header ({response.ByteSize()} bytes: token indices, predictions) exceeds "
+            f"the message limit; ask for fewer tokens, predictions or images"
+        )
+    yield response
+    for site in result.sites:
+        for tensor in site.tensors:
+            payload = memoryview(tensor.array.reshape(-1).view(np.uint8).data)
+            dtype = _WIRE_DTYPES[tensor.dtype]
+            for span in wire.chunk_spans(len(payload), chunk_bytes):
+                chunk = wire.encode_chunk(
+                    site.site.name, tensor.role, dtype, tensor.array.shape, payload, span
+                )
+                size = sum(len(part) for part in chunk)
+                yield b"".join([wire.length_delimited_field(_RESPONSE_CHUNK_FIELD, size), *chunk])
+
+
+def _activations_header(result: ActivationResult, num_chunks: int) -> pb.ActivationsHeader:
+    q = result.query
+    return pb.ActivationsHeader(
         provenance=provenance(result.provenance),
         parameters=pb.EffectiveActivationParameters(
             sites=list(q.sites),
@@ -225,20 +245,3 @@ def activation_responses(
         ],
         num_chunks=num_chunks,
     )
-    response = pb.GetActivationsResponse(header=header)
-    if response.ByteSize() > chunk_bytes:
-        raise ResourceExhausted(
-            f"the response header ({response.ByteSize()} bytes: token indices, predictions) exceeds "
-            f"the message limit; ask for fewer tokens, predictions or images"
-        )
-    yield response
-    for site in result.sites:
-        for tensor in site.tensors:
-            payload = memoryview(tensor.array.reshape(-1).view(np.uint8).data)
-            dtype = _WIRE_DTYPES[tensor.dtype]
-            for span in wire.chunk_spans(len(payload), chunk_bytes):
-                chunk = wire.encode_chunk(
-                    site.site.name, tensor.role, dtype, tensor.array.shape, payload, span
-                )
-                size = sum(len(part) for part in chunk)
-                yield b"".join([wire.length_delimited_field(_RESPONSE_CHUNK_FIELD, size), *chunk])
