@@ -1,4 +1,5 @@
-"""The core never imports grpc, directly or through the client package."""
+"""Layers: the core never imports grpc or the client; the server never imports the client's
+plotting, commands or demo (only its stubs and the wire codec)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,36 @@ def test_core_modules_import_neither_grpc_nor_the_client() -> None:
         check=True,
     )
     assert result.stdout.strip() == ""
+
+
+SERVER_PROBE = """
+import importlib, pkgutil, sys
+import vitscope_server as server
+for module in pkgutil.walk_packages(server.__path__, server.__name__ + "."):
+    importlib.import_module(module.name)
+client = sorted(m for m in sys.modules if m.startswith("vitscope.") and not m.startswith("vitscope.v1"))
+print(",".join(client))
+"""
+# The client's presentation: plotting, figures, commands and the demo.
+CLIENT_PRESENTATION = (
+    "vitscope.overlay",
+    "vitscope.figures",
+    "vitscope.plot_",
+    "vitscope.cli",
+    "vitscope.demo",
+)
+
+
+def test_server_never_imports_the_clients_plotting_or_commands() -> None:
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, "-c", SERVER_PROBE],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+        check=True,
+    )
+    imported = set(filter(None, result.stdout.strip().split(",")))
+    assert "vitscope.tensors" in imported, "the server encodes tensors with the shared codec"
+    assert not [m for m in imported if m.startswith(CLIENT_PRESENTATION)]

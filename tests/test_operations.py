@@ -221,6 +221,7 @@ def test_mutual_tls(tmp_path: Path) -> None:
         max_workers=4,
     )
     try:
+        assert running.registry.wait_until_settled(60)
         target = f"localhost:{running.port}"
         with Client(
             target,

@@ -1,6 +1,6 @@
 """Scores the built-in inverter on the 1,000 held-out test digits, per depth, for its card.
 
-Run `python -m vitscope_server.builtin.evaluate_inverter` after retraining: it prints the
+Run `python bench/evaluate_inverter.py` after retraining: it prints the
 card's table (mean MSE and PSNR in [0, 1] pixels, learned chain from every depth) and writes
 the card's figure (the first test digit of each class, reconstructed from every depth).
 """
