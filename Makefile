@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# buf (proto lint and breaking-change checks) from npm, kept beside the virtualenv.
+BUF_VERSION := 1.75.0
+BUF := $(VENV)/npm/node_modules/.bin/buf
 
 DEMO_PORT ?= 50061
 
@@ -14,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e ".[server,demo,dev]"
+	npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/npm @bufbuild/buf@$(BUF_VERSION)
 	touch $(STAMP)
 
 serve: install
@@ -38,6 +42,7 @@ docs: install
 	$(BIN)/python -m vitscope_server.settings_docs docs/configuration.md
 
 lint: install
+	$(BUF) lint
 	$(BIN)/ruff check server client tests bench proto
 	$(BIN)/ruff format --check server client tests bench proto
 	$(BIN)/mypy
