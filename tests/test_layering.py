@@ -3,10 +3,12 @@ plotting, commands or demo (only its stubs and the wire codec)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 PROBE = """
 import importlib, pkgutil, sys
@@ -56,3 +58,18 @@ def test_server_never_imports_the_clients_plotting_or_commands() -> None:
     imported = set(filter(None, result.stdout.strip().split(",")))
     assert "vitscope.tensors" in imported, "the server encodes tensors with the shared codec"
     assert not [m for m in imported if CLIENT_PRESENTATION.match(m)]
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_server_function_is_longer_than_a_screen() -> None:
+    server = Path(__file__).resolve().parents[1] / "server"
+    long = []
+    for path in sorted(server.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(server)}:{node.lineno} {node.name} ({lines})")
+    assert not long, long
