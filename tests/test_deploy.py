@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -34,6 +33,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from image_env import console_script, image_environment, image_extras, run_in_image
 from kubernetes_validate.utils import latest_version
+from waiting import wait_until
 
 from vitscope import Client
 from vitscope.errors import UnauthenticatedError
@@ -61,7 +61,7 @@ MIN_STARTUP_SECONDS = 120
 # Folders on the shared volume (PersistentVolumeClaim) that the server reads.
 PVC_ROOT = PurePosixPath("/var/lib/vitscope")
 VOLUME_FOLDER_FLAGS = {"--inverters-dir", "--image-roots"}
-SERVING_TIMEOUT = 60.0
+SERVING_TIMEOUT = 180.0
 
 
 # ---------------------------------------------------------------- rendering
@@ -614,14 +614,14 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + SERVING_TIMEOUT
         pending = {"", *models}
-        while pending and time.monotonic() < deadline:
+
+        def all_serving() -> bool:
             assert process.poll() is None, f"server exited:\n{log_path.read_text()}"
-            pending = {s for s in pending if health_status(target, s) != serving}
-            if pending:
-                time.sleep(0.25)
-        assert not pending, f"not SERVING: {pending}\n{log_path.read_text()}"
+            pending.difference_update({s for s in pending if health_status(target, s) == serving})
+            return not pending
+
+        wait_until(all_serving, "every model to be SERVING", SERVING_TIMEOUT)
 
         with Client(target, timeout=10) as anonymous, pytest.raises(UnauthenticatedError):
             anonymous.list_models()
@@ -643,10 +643,9 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
             ), metrics
 
         process.send_signal(signal.SIGTERM)
-        started = time.monotonic()
+        # Exits within its grace period (wait raises TimeoutExpired otherwise).
         returncode = process.wait(timeout=settings.grace_seconds)
         assert returncode == 0, log_path.read_text()
-        assert time.monotonic() - started < settings.grace_seconds
         assert "SIGTERM" in log_path.read_text()
     finally:
         if process.poll() is None:
