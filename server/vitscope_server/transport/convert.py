@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
-
 from vitscope import tensors as wire
 from vitscope.v1 import activations_pb2, common_pb2, models_pb2, tensor_pb2
 from vitscope_server.core.activations import (
@@ -201,14 +199,14 @@ def activation_responses(
     yield response
     for site in result.sites:
         for tensor in site.tensors:
-            payload = memoryview(tensor.array.reshape(-1).view(np.uint8).data)
-            dtype = _WIRE_DTYPES[tensor.dtype]
-            for span in wire.chunk_spans(len(payload), chunk_bytes):
-                chunk = wire.encode_chunk(
-                    site.site.name, tensor.role, dtype, tensor.array.shape, payload, span
-                )
-                size = sum(len(part) for part in chunk)
-                yield b"".join([wire.length_delimited_field(_RESPONSE_CHUNK_FIELD, size), *chunk])
+            yield from wire.encode_tensor_messages(
+                _RESPONSE_CHUNK_FIELD,
+                site.site.name,
+                tensor.role,
+                _WIRE_DTYPES[tensor.dtype],
+                tensor.array,
+                chunk_bytes,
+            )
 
 
 def _activations_header(
