@@ -10,7 +10,7 @@ committed inverter:
   ratio is the median of per-round ratios.
 - train_images_per_s: images per second through one training step of the inverse of the
   last block (frozen forward to get the pair, inverse forward, backward, Adam step), the
-  work `vitscope train-inverter` repeats, batch 128.
+  work `vitscope-server train-inverter` repeats, batch 128.
 
 The last line printed is one JSON object.
 """
