@@ -28,7 +28,12 @@ from vitscope_server.core.class_projection import (
     returned_bytes,
 )
 from vitscope_server.core.class_space import ClassSpace, LabelSet, class_count, class_space_of
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from vitscope_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Reason,
+    ResourceExhausted,
+)
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance, provenance_of
@@ -111,13 +116,15 @@ def _check_sizes(
         raise ResourceExhausted(
             f"the memories response would take about {response} bytes, over the "
             f"{limits.max_message_bytes}-byte message limit; ask for fewer images, fewer "
-            "classes or a smaller top_k"
+            "classes or a smaller top_k",
+            reason=Reason.RESULT_TOO_LARGE,
         )
     matrix = classes * max(memories) * 4
     if matrix + response > limits.max_result_bytes:
         raise ResourceExhausted(
             f"the {classes} x {max(memories)} value-to-class matrix needs about {matrix} bytes, "
-            f"over the server's {limits.max_result_bytes}-byte limit; ask for fewer classes"
+            f"over the server's {limits.max_result_bytes}-byte limit; ask for fewer classes",
+            reason=Reason.RESULT_TOO_LARGE,
         )
 
 
@@ -128,15 +135,15 @@ def prepare_memories(
     adapter = loaded.adapter
     reason = adapter.class_projection_unsupported()
     if reason is not None:
-        raise FailedPrecondition(reason)
+        raise FailedPrecondition(reason, subject=loaded.spec.name)
     classes = class_count(loaded, query.labels)
     count = len(adapter.blocks)
     if not 0 <= query.block < count:
-        raise InvalidArgument(f"block: {query.block} does not exist; allowed 0..{count - 1}")
+        raise InvalidArgument("block", f"{query.block} does not exist; allowed 0..{count - 1}")
     if len(set(query.kinds)) != len(query.kinds):
         given = [k.value for k in query.kinds]
         allowed = [k.value for k in MEMORY_KINDS]
-        raise InvalidArgument(f"kinds: {given} not allowed; each of {allowed} at most once")
+        raise InvalidArgument("kinds", f"{given} not allowed; each of {allowed} at most once")
     kinds = query.kinds or MEMORY_KINDS
     memories = min(int(_values(adapter, query.block, kind).shape[1]) for kind in kinds)
     top_k = default_top_k(
