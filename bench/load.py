@@ -1,7 +1,7 @@
 """Sustained load: N clients call every RPC in a realistic mix on the built-in model.
 
 Run as `HF_HUB_OFFLINE=1 .venv/bin/python bench/load.py [--clients 16] [--seconds 300]`.
-It starts `vitscope serve` on a free loopback port in its own process (its RSS is what is
+It starts `vitscope-server serve` on a free loopback port in its own process (its RSS is what is
 measured), waits for the built-in `vitscope-digits` model, then runs --clients threads, each
 with its own channel, for --seconds. Each picks the next call by weight (GetActivations most,
 optimisations least, every RPC some) with held-out digits as images.
@@ -115,7 +115,7 @@ def _rss(pid: int) -> int:
 
 
 def _start_server(port: int, threads: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "vitscope.cli", "serve", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "vitscope_server.cli", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--metrics-port", "-1", "--log-level", "WARNING"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VITSCOPE_TORCH_THREADS": str(threads)}
     process = subprocess.Popen(command, env=env)

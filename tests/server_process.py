@@ -8,13 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from waiting import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 START_SECONDS = 180
@@ -66,7 +66,7 @@ def server_process(
 ) -> Iterator[ServerProcess]:
     """`vitscope serve` on a free loopback port with these models; settings from VITSCOPE_*."""
     port = free_port()
-    command = [sys.executable, "-m", "vitscope.cli", "serve", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "vitscope_server.cli", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--metrics-port", "-1"]
     for model in models:
         command += ["--model", model]
@@ -81,13 +81,14 @@ def server_process(
             preexec_fn=preexec_fn,
         )
     running = ServerProcess(process, f"127.0.0.1:{port}", log_path)
+    names = ["", *(model.split("=")[0] for model in models)]
+
+    def serving() -> bool:
+        assert running.alive(), f"server exited:\n{running.log()}"
+        return all(health(running.target, name) == SERVING for name in names)
+
     try:
-        deadline = time.monotonic() + START_SECONDS
-        names = ["", *(model.split("=")[0] for model in models)]
-        while any(health(running.target, name) != SERVING for name in names):
-            assert running.alive(), f"server exited:\n{running.log()}"
-            assert time.monotonic() < deadline, f"server not SERVING:\n{running.log()}"
-            time.sleep(0.2)
+        wait_until(serving, "the server and its models to be SERVING", START_SECONDS)
         yield running
     finally:
         if running.alive():

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
+from waiting import wait_until
 
 from vitscope import Client, ResourceExhaustedError
 from vitscope_server.core.budget import MemoryBudget, RequestTooLarge, ServerBudgetExceeded
@@ -120,10 +120,7 @@ def test_budget_queues_refuses_and_honours_cancel() -> None:
 
         waiter = threading.Thread(target=second)
         waiter.start()
-        deadline = time.monotonic() + 30
-        while budget.waiting == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: budget.waiting == 1, "the second request to queue")
         with pytest.raises(ServerBudgetExceeded, match="1 requests waiting") as full:
             budget.reserve(50, cancel).__enter__()
         assert full.value.retry_after == 1.0

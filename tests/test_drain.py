@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import threading
-import time
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+from server_process import health
+from waiting import wait_until
 
 from vitscope import Client, UnavailableError
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import create_server
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def _health(target: str) -> int | None:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=2
-            )
-        except grpc.RpcError:
-            return None
-    return int(response.status)
 
 
 def test_health_says_not_serving_while_calls_are_still_accepted() -> None:
@@ -45,10 +34,7 @@ def test_health_says_not_serving_while_calls_are_still_accepted() -> None:
         stopped.set()
 
     threading.Thread(target=stop).start()
-    deadline = time.monotonic() + 8
-    while _health(target) != NOT_SERVING:
-        assert time.monotonic() < deadline, "health never said NOT_SERVING"
-        time.sleep(0.02)
+    wait_until(lambda: health(target) == NOT_SERVING, "health to say NOT_SERVING", 8)
     assert not stopped.is_set()
     with Client(target, timeout=5) as c:
         assert [m.name for m in c.list_models()] == ["tiny"]

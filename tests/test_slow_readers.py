@@ -3,13 +3,13 @@ results are never dropped, and a reader stalled too long is cut off."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from waiting import sample, wait_until
 
 from vitscope import Client
 from vitscope.client import image_message
@@ -62,17 +62,6 @@ def strict() -> Iterator[RunningServer]:
     running = _server(2.0)
     yield running
     running.stop(0)
-
-
-def _sample(server: RunningServer, name: str, labels: dict[str, str]) -> float:
-    return server.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _optimize(steps: int) -> fpb.OptimizeFeaturesRequest:
@@ -128,11 +117,11 @@ def test_buffer_raises_for_a_stalled_reader_and_after_close() -> None:
 def test_unread_progress_coalesces_and_the_result_arrives(patient: RunningServer) -> None:
     steps = 30
     labels = {"method": "OptimizeFeatures", "model": MODEL}
-    before = _sample(patient, STEPS_METRIC, labels)
+    before = sample(patient, STEPS_METRIC, **labels)
     with grpc.insecure_channel(f"127.0.0.1:{patient.port}") as channel:
         call = pb_grpc.InspectorStub(channel).OptimizeFeatures(_optimize(steps), timeout=300)
         # Nothing is read until every step has run: compute never waited for this reader.
-        _wait_for(lambda: _sample(patient, STEPS_METRIC, labels) >= before + steps, "all steps")
+        wait_until(lambda: sample(patient, STEPS_METRIC, **labels) >= before + steps, "all steps")
         responses = list(call)
     progress = [r.progress.step for r in responses if r.HasField("progress")]
     assert responses[-1].HasField("result")
@@ -155,7 +144,7 @@ def test_a_stalled_reader_blocks_nobody_and_is_cut_off(strict: RunningServer, me
                     [np.zeros((160, 160, 3), np.uint8)], ["blocks.0.out"], model=MODEL
                 )
                 assert served.sites["blocks.0.out"].values.shape[0] == 1
-        _wait_for(lambda: _sample(strict, IN_FLIGHT, {"method": method}) == 0, f"{method} cut off")
+        wait_until(lambda: sample(strict, IN_FLIGHT, method=method) == 0, f"{method} cut off")
         with pytest.raises(grpc.RpcError) as caught:
             for _ in call:
                 pass

@@ -45,7 +45,16 @@ class Reduction(Enum):
     TOP_CHANNELS = "top_channels"
 
 
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+class TensorDType(Enum):
+    """Element types of result tensors; bfloat16 results hold their bit patterns as uint16."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    INT64 = "int64"
+
+
+OUTPUT_DTYPES = (TensorDType.FLOAT32, TensorDType.FLOAT16, TensorDType.BFLOAT16)
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ class ActivationQuery:
     reduction: Reduction = Reduction.NONE
     channels: tuple[int, ...] = ()
     top_k: int = 0
-    output_dtype: str = "float32"
+    output_dtype: TensorDType = TensorDType.FLOAT32
     top_predictions: int = 0
     # The classifier's logits for every image, float32 [batch, classes].
     logits: bool = False
@@ -68,7 +77,7 @@ class OutputTensor:
     """A result tensor; bfloat16 arrays hold bit patterns as uint16."""
 
     role: str
-    dtype: str
+    dtype: TensorDType
     array: np.ndarray
 
 
@@ -116,7 +125,8 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
         )
     if query.output_dtype not in OUTPUT_DTYPES:
         raise InvalidArgument(
-            "output_dtype", f"{query.output_dtype!r} not allowed; allowed: {OUTPUT_DTYPES}"
+            "output_dtype",
+            f"{query.output_dtype.value} not allowed; allowed: {[d.value for d in OUTPUT_DTYPES]}",
         )
     mode = query.token_mode
     if mode is TokenMode.UNSPECIFIED:
@@ -247,15 +257,15 @@ def as_site_layout(site: SiteDef, shape: tuple[int, ...]) -> SiteDef:
     return site
 
 
-def _to_output(role: str, tensor: torch.Tensor, dtype: str) -> OutputTensor:
+def _to_output(role: str, tensor: torch.Tensor, dtype: TensorDType) -> OutputTensor:
     if tensor.dtype == torch.int64:
-        return OutputTensor(role, "int64", tensor.contiguous().cpu().numpy())
-    if dtype == "bfloat16":
+        return OutputTensor(role, TensorDType.INT64, tensor.contiguous().cpu().numpy())
+    if dtype is TensorDType.BFLOAT16:
         bits = (
             tensor.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
         )
         return OutputTensor(role, dtype, bits)
-    target = torch.float16 if dtype == "float16" else torch.float32
+    target = torch.float16 if dtype is TensorDType.FLOAT16 else torch.float32
     return OutputTensor(role, dtype, tensor.to(target).contiguous().cpu().numpy())
 
 
@@ -309,7 +319,7 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
             [],
             [
                 _to_output("values", top.values, query.output_dtype),
-                _to_output("channel_indices", top.indices, ""),
+                _to_output("channel_indices", top.indices, TensorDType.INT64),
             ],
         )
     return SiteOutput(site, indices, [], [_to_output("values", values, query.output_dtype)])
