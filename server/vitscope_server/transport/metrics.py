@@ -79,6 +79,10 @@ class Metrics:
             ["method", "model"],
             registry=r,
         )
+        self._admission_gauges(r)
+
+    def _admission_gauges(self, r: CollectorRegistry) -> None:
+        """What waits for compute and what the admitted requests hold."""
         self.queued = Gauge(
             "vitscope_queued_requests", "Requests waiting for a compute slot.", registry=r
         )
