@@ -69,7 +69,7 @@ def server_process(
     command = [sys.executable, "-m", "vitscope_server.cli", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--metrics-port", "-1"]
     for model in models:
-        command += ["--model", model]
+        command += ["--models", model]
     base = {k: v for k, v in os.environ.items() if not k.startswith("VITSCOPE_")}
     log_path = log_dir / f"server-{port}.log"
     with log_path.open("wb") as log_file:
