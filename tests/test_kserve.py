@@ -100,9 +100,10 @@ def test_probes_security_and_shutdown_match_the_deployment(overlay: str) -> None
     pod = only(deployment_docs, "Deployment", "vitscope")["spec"]["template"]["spec"]
     predictor = only(docs, "InferenceService", "vitscope")["spec"]["predictor"]
     assert predictor["securityContext"] == pod["securityContext"]
-    grace = settings_from(container).grace_seconds
+    settings = settings_from(container)
+    drain = settings.drain_delay_seconds + settings.grace_seconds
     sleep = float(container["lifecycle"]["preStop"]["exec"]["command"][1])
     assert predictor["terminationGracePeriodSeconds"] == pod["terminationGracePeriodSeconds"]
-    assert predictor["terminationGracePeriodSeconds"] > grace + sleep
+    assert predictor["terminationGracePeriodSeconds"] > drain + sleep
     annotations = only(docs, "InferenceService", "vitscope")["metadata"]["annotations"]
     assert annotations["prometheus.kserve.io/port"] == str(settings_from(container).metrics_port)
