@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from vitscope.v1 import activations_pb2 as _activations_pb2
+from vitscope.v1 import explain_pb2 as _explain_pb2
 from vitscope.v1 import features_pb2 as _features_pb2
 from vitscope.v1 import inversion_pb2 as _inversion_pb2
 from vitscope.v1 import models_pb2 as _models_pb2
@@ -61,6 +62,11 @@ class InspectorStub:
     """
     ListInverters: _grpc.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]
     """Trained inverters per served model, with their card data."""
+    Explain: _grpc.UnaryStreamMultiCallable[_explain_pb2.ExplainRequest, _explain_pb2.ExplainResponse]
+    """Attribution maps for each image's prediction (or a chosen target) by one or more
+    methods, with optional deletion and insertion curves. A header, progress while
+    integrated gradients run, one message per image, then a summary.
+    """
 
 @_typing.type_check_only
 class InspectorAsyncStub(InspectorStub):
@@ -91,6 +97,11 @@ class InspectorAsyncStub(InspectorStub):
     """
     ListInverters: _aio.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]  # type: ignore[assignment]
     """Trained inverters per served model, with their card data."""
+    Explain: _aio.UnaryStreamMultiCallable[_explain_pb2.ExplainRequest, _explain_pb2.ExplainResponse]  # type: ignore[assignment]
+    """Attribution maps for each image's prediction (or a chosen target) by one or more
+    methods, with optional deletion and insertion curves. A header, progress while
+    integrated gradients run, one message per image, then a summary.
+    """
 
 class InspectorServicer(metaclass=_abc_1.ABCMeta):
     """Looks inside vision transformers served by this process."""
@@ -172,5 +183,16 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inversion_pb2.ListInvertersResponse, _abc.Awaitable[_inversion_pb2.ListInvertersResponse]]:
         """Trained inverters per served model, with their card data."""
+
+    @_abc_1.abstractmethod
+    def Explain(
+        self,
+        request: _explain_pb2.ExplainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_explain_pb2.ExplainResponse], _abc.AsyncIterator[_explain_pb2.ExplainResponse]]:
+        """Attribution maps for each image's prediction (or a chosen target) by one or more
+        methods, with optional deletion and insertion curves. A header, progress while
+        integrated gradients run, one message per image, then a summary.
+        """
 
 def add_InspectorServicer_to_server(servicer: InspectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
