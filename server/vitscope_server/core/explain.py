@@ -205,7 +205,8 @@ def explain(prepared: PreparedExplanation, cancel: CancelToken) -> Iterator[Even
     pairs: list[list[CurvePair]] | None = None
     if query.faithfulness is not None and space is not None:
         pairs = _curves(prepared, space, pixels, targets, [c.maps for c in computed], cancel)
-    shown = [display_maps(c.maps.to(pixels.device), tuple(pixels.shape[-2:])) for c in computed]
+    size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+    shown = [display_maps(c.maps.to(pixels.device), size) for c in computed]
     images = to_uint8(denormalise(pixels.float(), adapter.data_config))
     per_image = [
         _image(i, query.methods, computed, shown, pairs, images[i], space, logits, targets)

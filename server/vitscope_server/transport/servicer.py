@@ -21,13 +21,16 @@ from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import computing
+from vitscope_server.transport.explain_rpcs import ExplainRpcs
 from vitscope_server.transport.features_rpcs import FeatureRpcs
 from vitscope_server.transport.inversion_rpcs import InversionRpcs
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.projection_rpcs import ProjectionRpcs
 
 
-class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.InspectorServicer):
+class InspectorServicer(
+    FeatureRpcs, ProjectionRpcs, InversionRpcs, ExplainRpcs, pb_grpc.InspectorServicer
+):
     def __init__(
         self,
         registry: ModelRegistry,
