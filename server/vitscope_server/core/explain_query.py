@@ -205,8 +205,10 @@ def _effective_method(
 
 def _effective_faithfulness(spec: FaithfulnessSpec, adapter: ModelAdapter) -> FaithfulnessSpec:
     patches = adapter.grid[0] * adapter.grid[1]
-    per_step = spec.patches_per_step or default_patches_per_step(patches)
-    if spec.patches_per_step is not None and not 1 <= per_step <= patches:
+    per_step = spec.patches_per_step
+    if per_step is None:
+        per_step = default_patches_per_step(patches)
+    elif not 1 <= per_step <= patches:
         raise InvalidArgument(
             f"faithfulness.patches_per_step: {per_step} not allowed; allowed 1..{patches}"
         )
