@@ -320,6 +320,25 @@ def test_feature_map_is_the_patch_activation_map(ec: Client) -> None:
     assert explained.methods["feature_map"]["channel"] == -1
 
 
+def test_windowed_attention_still_has_gradients_and_feature_maps(ec: Client) -> None:
+    """Swin has no rollout or relevancy, but integrated gradients, feature maps (by default
+    from the deepest block on the first stage's grid) and their curves apply."""
+    result = ec.explain(
+        list(inputs(ec, "swin").numpy()),
+        [IG, "feature_map"],
+        model="swin",
+        options={IG: MethodOptions(steps=2)},
+        faithfulness=True,
+        patches_per_step=64,
+    )
+    assert result.methods["feature_map"]["site"] == "blocks.1.mlp.hidden"
+    assert result.patch_counts == [0, 64, 128, 192, 256]
+    for image in result.images:
+        assert image.maps[IG].grid_map.shape == (16, 16)
+        assert image.maps["feature_map"].grid_map.shape == (16, 16)
+        assert image.maps[IG].faithfulness is not None
+
+
 def test_clip_explains_a_prompt_and_a_class_name(ec: Client) -> None:
     """A free-text prompt is scored as one more class after the label set; the scores are
     the scaled cosine with text embeddings computed here."""

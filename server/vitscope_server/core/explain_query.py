@@ -138,7 +138,10 @@ def _gradient_batch(
 
 def _feature_site(spec: MethodSpec, loaded: LoadedModel, field: str) -> str:
     adapter = loaded.adapter
-    name = spec.site or f"blocks.{len(adapter.blocks) - 1}.mlp.hidden"
+    # By default the deepest block on the model's patch grid (a hierarchical model's later
+    # stages have coarser grids).
+    on_grid = [i for i, block in enumerate(adapter.blocks) if block.grid == adapter.grid]
+    name = spec.site or f"blocks.{on_grid[-1]}.mlp.hidden"
     site = resolve_site(adapter, name, f"{field}.site")
     shape = loaded.site_shapes.get(site.name, ())
     tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
