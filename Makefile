@@ -26,7 +26,7 @@ serve: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-BENCHMARKS := activations feature_viz class_projection inversion explain
+BENCHMARKS := activations feature_viz class_projection inversion oip explain
 
 # Every benchmark in turn; each prints its JSON object last. One: make bench-inversion.
 bench: $(addprefix bench-,$(BENCHMARKS))
