@@ -2,10 +2,11 @@
 against an in-process implementation of the same methods written here.
 
 Run as `HF_HUB_OFFLINE=1 .venv/bin/python bench/explain.py [--rounds N] [--threads T]
-[--steps S]`. Everything runs on CPU: vit_base_patch16_224 (random init, seed 0), a batch of
-8 skimage photos preprocessed once with the model's own transform.
+[--steps S] [--warmup-rounds W]`. Everything runs on CPU: vit_base_patch16_224 (random init,
+seed 0), a batch of 8 skimage photos preprocessed once with the model's own transform.
 
-Sides, alternating round by round after one warm-up round:
+Sides, alternating round by round after `--warmup-rounds` untimed rounds (default 1; a
+plain forward and a one-image call warm up in any case):
 - forward: the served model's plain forward (inference mode), the unit of cost;
 - service: Explain through a real server on a loopback port and the real client, one call per
   method: rollout, relevancy, integrated gradients (`--steps` points, black baseline, in the
@@ -13,7 +14,7 @@ Sides, alternating round by round after one warm-up round:
 - in-process: the same three methods written plainly here on the same model object: hooks
   on timm's attention dropout with fused attention off, a float matrix product for rollout,
   retained gradients for relevancy, interpolated batches of the same size for integrated
-  gradients.
+  gradients (with the prediction's forward and S(x') for completeness, as the service).
 Per method, *_vs_forward is the median over rounds of service time / forward time;
 ratio_vs_inprocess is the median of (the three service times summed) / (the three
 in-process times summed).
@@ -121,6 +122,8 @@ def integrated_gradients(
             model(inputs).gather(1, targets[index][:, None]).sum().backward()
         assert inputs.grad is not None
         total.index_add_(0, index, inputs.grad)
+    with torch.no_grad():  # S(x') for the completeness check, as the service reports it
+        model(reference)
     return (pixels - reference) * total / steps
 
 
@@ -129,6 +132,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=50, help="integrated gradients' points")
+    parser.add_argument(
+        "--warmup-rounds", type=int, default=1, help="untimed rounds before the timed ones"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -140,6 +146,8 @@ def main() -> None:
         models=[f"{MODEL}=timm:{ARCHITECTURE}@random"],
         default_model=MODEL,
         torch_threads=args.threads,
+        # A loaded machine's integrated-gradients call can outlast the default connection age.
+        max_connection_age_seconds=86400,
     )
     server = create_server(settings)
     try:
@@ -170,14 +178,14 @@ def main() -> None:
             with torch.inference_mode():
                 sides["forward"]()
             seconds: dict[str, list[float]] = {name: [] for name in sides}
-            for round_index in range(args.rounds + 1):
+            for round_index in range(args.warmup_rounds + args.rounds):
                 for name, call in sides.items():
                     if name == "forward":
                         with torch.inference_mode():
                             elapsed = timed(call)
                     else:
                         elapsed = timed(call)
-                    if round_index:
+                    if round_index >= args.warmup_rounds:
                         seconds[name].append(elapsed)
                     print(f"round {round_index} {name:26} {elapsed:.3f} s", flush=True)
     finally:

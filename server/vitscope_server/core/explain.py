@@ -18,7 +18,7 @@ import torch
 from vitscope_server.core.blur import gaussian_blur
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.errors import FailedPrecondition
-from vitscope_server.core.explain_attention import relevancy, rollout
+from vitscope_server.core.explain_attention import attention_forward, relevancy, rollout
 from vitscope_server.core.explain_faithfulness import (
     CurveInputs,
     CurvePair,
@@ -104,23 +104,75 @@ class _Computed:
     channels: list[int] | None = None
 
 
+@dataclass(frozen=True)
+class _Predicted:
+    """The first forward's results: scores, targets, and the attention maps it served."""
+
+    logits: torch.Tensor  # [B, C] float, detached; [B, 1] zeros for a model without classes
+    targets: torch.Tensor  # [B]; -1 without classes
+    is_prediction: list[bool]
+    attention_maps: dict[Method, torch.Tensor]
+
+    def target_scores(self) -> torch.Tensor:
+        return self.logits.gather(1, self.targets[:, None])[:, 0]
+
+
+def _predict(
+    prepared: PreparedExplanation,
+    space: TargetSpace | None,
+    pixels: torch.Tensor,
+    cancel: CancelToken,
+) -> _Predicted:
+    """One forward for the predictions. When rollout or relevancy is asked for, the same
+    forward captures the attention they read (keeping the graph for relevancy)."""
+    adapter = prepared.loaded.adapter
+    specs = {spec.method: spec for spec in prepared.query.methods}
+    wanted = specs.keys() & {Method.ROLLOUT, Method.RELEVANCY}
+    batch = pixels.shape[0]
+    probs: list[torch.Tensor] = []
+    output = None
+    if wanted:
+        differentiable = Method.RELEVANCY in wanted
+        output, probs = attention_forward(adapter, pixels, cancel, differentiable)
+    elif space is not None:
+        with torch.no_grad():
+            output = adapter.forward(pixels)
+    targets = torch.full((batch,), -1, dtype=torch.long, device=pixels.device)
+    predicted = _Predicted(
+        torch.zeros(batch, 1, device=pixels.device), targets, [False] * batch, {}
+    )
+    if space is not None and output is not None:
+        scores = space.logits(output)
+        logits = scores.detach().float()
+        targets, is_prediction = resolve_targets(
+            space, prepared.query.targets, space.predictions(logits)
+        )
+        predicted = _Predicted(logits, targets, is_prediction, {})
+        if Method.RELEVANCY in wanted:
+            score = scores.gather(1, targets[:, None]).sum()
+            predicted.attention_maps[Method.RELEVANCY] = relevancy(score, probs, adapter)
+    if Method.ROLLOUT in wanted:
+        fusion = specs[Method.ROLLOUT].head_fusion
+        predicted.attention_maps[Method.ROLLOUT] = rollout(probs, fusion, adapter)
+    return predicted
+
+
 def _method_maps(
     spec: MethodSpec,
     prepared: PreparedExplanation,
     space: TargetSpace | None,
     pixels: torch.Tensor,
-    targets: torch.Tensor,
+    predicted: _Predicted,
     cancel: CancelToken,
 ) -> Generator[ExplainProgress, None, _Computed]:
     adapter = prepared.loaded.adapter
-    if spec.method is Method.ROLLOUT:
-        return _Computed(rollout(adapter, pixels, spec.head_fusion, cancel))
+    if spec.method in predicted.attention_maps:
+        return _Computed(predicted.attention_maps[spec.method])
     if spec.method is Method.FEATURE_MAP:
         maps, channels = feature_maps(adapter, spec.site, spec.channel, pixels, cancel)
         return _Computed(maps, channels=channels)
     assert space is not None
-    if spec.method is Method.RELEVANCY:
-        return _Computed(relevancy(adapter, space.logits, pixels, targets, cancel))
+    targets = predicted.targets
     if spec.method is Method.CLASS_EMBEDDING:
         if space.class_space is None:
             raise FailedPrecondition(f"class_embedding does not apply: {space.class_space_missing}")
@@ -128,7 +180,15 @@ def _method_maps(
     assert spec.steps is not None and spec.batch_size is not None and spec.blur_sigma is not None
     reference = baseline_images(adapter, pixels, spec.baseline, spec.blur_sigma, spec.seed)
     run = integrated_gradients(
-        adapter, space.logits, pixels, reference, targets, spec.steps, spec.batch_size, cancel
+        adapter,
+        space.logits,
+        pixels,
+        reference,
+        targets,
+        predicted.target_scores(),
+        spec.steps,
+        spec.batch_size,
+        cancel,
     )
     while True:
         try:
@@ -189,19 +249,14 @@ def explain(prepared: PreparedExplanation, cancel: CancelToken) -> Iterator[Even
     prompts = list(dict.fromkeys(t.text for t in query.targets if isinstance(t, Prompt)))
     space = target_space(loaded, query.labels, prompts, cancel)
     cancel.raise_if_cancelled()
-    targets = torch.full((batch,), -1, dtype=torch.long, device=pixels.device)
-    is_prediction = [False] * batch
-    logits = torch.zeros(batch, 1, device=pixels.device)
-    if space is not None:
-        with torch.no_grad():
-            logits = space.logits(adapter.forward(pixels)).float()
-        targets, is_prediction = resolve_targets(space, query.targets, space.predictions(logits))
+    predicted = _predict(prepared, space, pixels, cancel)
+    logits, targets = predicted.logits, predicted.targets
     names = space.names if space is not None else []
     yield ExplanationHeader(provenance_of(loaded), prepared, names, bool(space and space.cosine))
     computed = []
     for spec in query.methods:
         cancel.raise_if_cancelled()
-        computed.append((yield from _method_maps(spec, prepared, space, pixels, targets, cancel)))
+        computed.append((yield from _method_maps(spec, prepared, space, pixels, predicted, cancel)))
     pairs: list[list[CurvePair]] | None = None
     if query.faithfulness is not None and space is not None:
         pairs = _curves(prepared, space, pixels, targets, [c.maps for c in computed], cancel)
@@ -212,7 +267,7 @@ def explain(prepared: PreparedExplanation, cancel: CancelToken) -> Iterator[Even
         _image(i, query.methods, computed, shown, pairs, images[i], space, logits, targets)
         for i in range(batch)
     ]
-    for image, prediction in zip(per_image, is_prediction, strict=True):
+    for image, prediction in zip(per_image, predicted.is_prediction, strict=True):
         yield replace(image, target_is_prediction=prediction)
     yield _summary([s.method for s in query.methods], per_image)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from enum import Enum
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.capture import ForwardStopped, capture_sites
+from vitscope_server.core.capture import capture_sites
 from vitscope_server.core.errors import FailedPrecondition
 
 
@@ -60,9 +60,35 @@ def _probs_sites(adapter: ModelAdapter) -> list[Any]:
     return [adapter.block_site(b, "attn.probs") for b in range(len(adapter.blocks))]
 
 
-def rollout(
-    adapter: ModelAdapter, pixels: torch.Tensor, fusion: HeadFusion, cancel: CancelToken
-) -> torch.Tensor:
+def attention_forward(
+    adapter: ModelAdapter, pixels: torch.Tensor, cancel: CancelToken, differentiable: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's forward output and every block's attention probabilities [B, heads, T, T].
+
+    Differentiable: the graph from the output to every block's probabilities is kept, with
+    each attention output recomputed from them (see _recomputing_hook)."""
+    blocks = range(len(adapter.blocks))
+    probs_sites = _probs_sites(adapter)
+    if not differentiable:
+        with torch.no_grad(), capture_sites(adapter, probs_sites, pixels.shape[0], cancel) as got:
+            output = adapter.forward(pixels)
+        return output, [got[site.name] for site in probs_sites]
+    sites = [adapter.canonical_sites()[0], *(adapter.block_site(b, "out") for b in blocks)]
+    owner = threading.get_ident()
+    with ExitStack() as stack, torch.enable_grad():
+        captured = stack.enter_context(
+            capture_sites(adapter, sites + probs_sites, pixels.shape[0], cancel)
+        )
+        for b in blocks:
+            module = adapter.root.get_submodule(adapter.blocks[b].attn_out_path)
+            hook = _recomputing_hook(adapter, b, captured, owner)
+            stack.callback(module.register_forward_hook(hook).remove)
+        # The input carries a gradient only so that the graph to every probability is built.
+        output = adapter.forward(pixels.detach().requires_grad_(True))
+    return output, [captured[site.name] for site in probs_sites]
+
+
+def rollout(probs: list[torch.Tensor], fusion: HeadFusion, adapter: ModelAdapter) -> torch.Tensor:
     """Per block: heads fused, 0.5 A + 0.5 I, rows renormalised; the product of the blocks'
     matrices from the first block to the last (later blocks multiply on the left)."""
     fuse: Callable[[torch.Tensor], torch.Tensor] = {
@@ -70,21 +96,16 @@ def rollout(
         HeadFusion.MAX: lambda a: a.amax(dim=1),
         HeadFusion.MIN: lambda a: a.amin(dim=1),
     }[fusion]
-    last = len(adapter.blocks) - 1
-    sites = _probs_sites(adapter)
-    with torch.inference_mode():
-        capture = capture_sites(adapter, sites, pixels.shape[0], cancel, last)
-        with capture as captured, suppress(ForwardStopped):
-            adapter.forward(pixels)
+    with torch.no_grad():
         joint: torch.Tensor | None = None
-        for site in sites:
-            fused = fuse(captured[site.name].float())
+        for attention in probs:
+            fused = fuse(attention.float())
             eye = torch.eye(fused.shape[-1], device=fused.device)
             mixed = 0.5 * fused + 0.5 * eye
             mixed = mixed / mixed.sum(dim=-1, keepdim=True)
             joint = mixed if joint is None else mixed @ joint
         assert joint is not None
-        return _reading_row(joint, adapter.num_prefix_tokens, adapter.grid).clone()
+        return _reading_row(joint, adapter.num_prefix_tokens, adapter.grid)
 
 
 def _recomputing_hook(
@@ -117,32 +138,14 @@ def _recomputing_hook(
 
 
 def relevancy(
-    adapter: ModelAdapter,
-    logits_of: Callable[[torch.Tensor], torch.Tensor],
-    pixels: torch.Tensor,
-    targets: torch.Tensor,
-    cancel: CancelToken,
+    score: torch.Tensor, probs: list[torch.Tensor], adapter: ModelAdapter
 ) -> torch.Tensor:
-    """R = I; per block R <- R + mean over heads of (dS/dA * A)+ @ R, S the target's score."""
-    blocks = range(len(adapter.blocks))
-    sites = [adapter.canonical_sites()[0], *(adapter.block_site(b, "out") for b in blocks)]
-    sites += _probs_sites(adapter)
-    owner = threading.get_ident()
-    with ExitStack() as stack, torch.enable_grad():
-        captured = stack.enter_context(capture_sites(adapter, sites, pixels.shape[0], cancel))
-        for b in blocks:
-            module = adapter.root.get_submodule(adapter.blocks[b].attn_out_path)
-            hook = _recomputing_hook(adapter, b, captured, owner)
-            stack.callback(module.register_forward_hook(hook).remove)
-        # The input carries a gradient only so that the graph to every probability is built.
-        logits = logits_of(adapter.forward(pixels.detach().requires_grad_(True)))
-        score = logits.gather(1, targets[:, None]).sum()
-        probs = [captured[f"blocks.{b}.attn.probs"] for b in blocks]
-        grads = torch.autograd.grad(score, probs)
-    cancel.raise_if_cancelled()
+    """R = I; per block R <- R + mean over heads of (dS/dA * A)+ @ R, S the summed targets'
+    scores of a differentiable attention_forward."""
+    grads = torch.autograd.grad(score, probs)
     with torch.no_grad():
-        tokens = probs[0].shape[-1]
-        joint = torch.eye(tokens, device=pixels.device).expand(pixels.shape[0], -1, -1)
+        batch, tokens = probs[0].shape[0], probs[0].shape[-1]
+        joint = torch.eye(tokens, device=score.device).expand(batch, -1, -1)
         for attention, grad in zip(probs, grads, strict=True):
             weighted = (grad * attention).clamp(min=0).mean(dim=1).float()
             joint = joint + weighted @ joint

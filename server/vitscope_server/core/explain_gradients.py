@@ -94,11 +94,13 @@ def integrated_gradients(
     pixels: torch.Tensor,
     reference: torch.Tensor,
     targets: torch.Tensor,
+    image_scores: torch.Tensor,
     steps: int,
     batch_size: int,
     cancel: CancelToken,
 ) -> Generator[GradientProgress, None, IntegratedGradients]:
-    """Yields progress after each batch of interpolated images; returns the maps."""
+    """Yields progress after each batch of interpolated images; returns the maps.
+    image_scores [B]: the targets' scores on the images, S(x), known from the prediction."""
     batch = pixels.shape[0]
     total = batch * steps
     delta = pixels - reference
@@ -117,9 +119,7 @@ def integrated_gradients(
         yield GradientProgress(int(points[-1]) + 1, total)
     attributions = delta * gradient_sum / steps
     with torch.no_grad():
-        difference = _target_scores(logits_of, adapter, pixels, targets) - _target_scores(
-            logits_of, adapter, reference, targets
-        )
+        difference = image_scores - _target_scores(logits_of, adapter, reference, targets)
     sums = attributions.sum(dim=(1, 2, 3))
     completeness = [
         Completeness(float(s), float(d))
