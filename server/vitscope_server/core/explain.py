@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -250,7 +250,6 @@ def explain(prepared: PreparedExplanation, cancel: CancelToken) -> Iterator[Even
     space = target_space(loaded, query.labels, prompts, cancel)
     cancel.raise_if_cancelled()
     predicted = _predict(prepared, space, pixels, cancel)
-    logits, targets = predicted.logits, predicted.targets
     names = space.names if space is not None else []
     yield ExplanationHeader(provenance_of(loaded), prepared, names, bool(space and space.cosine))
     computed = []
@@ -259,16 +258,16 @@ def explain(prepared: PreparedExplanation, cancel: CancelToken) -> Iterator[Even
         computed.append((yield from _method_maps(spec, prepared, space, pixels, predicted, cancel)))
     pairs: list[list[CurvePair]] | None = None
     if query.faithfulness is not None and space is not None:
-        pairs = _curves(prepared, space, pixels, targets, [c.maps for c in computed], cancel)
+        maps = [c.maps for c in computed]
+        pairs = _curves(prepared, space, pixels, predicted.targets, maps, cancel)
     size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
     shown = [display_maps(c.maps.to(pixels.device), size) for c in computed]
     images = to_uint8(denormalise(pixels.float(), adapter.data_config))
     per_image = [
-        _image(i, query.methods, computed, shown, pairs, images[i], space, logits, targets)
+        _image(i, query.methods, computed, shown, pairs, images[i], space, predicted)
         for i in range(batch)
     ]
-    for image, prediction in zip(per_image, predicted.is_prediction, strict=True):
-        yield replace(image, target_is_prediction=prediction)
+    yield from per_image
     yield _summary([s.method for s in query.methods], per_image)
 
 
@@ -280,8 +279,7 @@ def _image(
     pairs: list[list[CurvePair]] | None,
     image: np.ndarray,
     space: TargetSpace | None,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
+    predicted: _Predicted,
 ) -> ImageExplanation:
     """One image's results, copied back from the device."""
     maps = [
@@ -295,17 +293,18 @@ def _image(
         )
         for j, (spec, c, s) in enumerate(zip(methods, computed, shown, strict=True))
     ]
-    target = int(targets[i])
+    logits = predicted.logits
+    target = int(predicted.targets[i])
     probabilities = logits[i].softmax(dim=-1)
-    predicted = int(space.predictions(logits[i : i + 1])[0]) if space is not None else -1
+    top = int(space.predictions(logits[i : i + 1])[0]) if space is not None else -1
     return ImageExplanation(
         image_index=i,
         target_index=target,
         target_name=space.names[target] if space is not None else "",
-        target_is_prediction=False,
-        predicted_index=predicted,
-        predicted_logit=float(logits[i, predicted]) if space is not None else 0.0,
-        predicted_probability=float(probabilities[predicted]) if space is not None else 0.0,
+        target_is_prediction=predicted.is_prediction[i],
+        predicted_index=top,
+        predicted_logit=float(logits[i, top]) if space is not None else 0.0,
+        predicted_probability=float(probabilities[top]) if space is not None else 0.0,
         target_probability=float(probabilities[target]) if space is not None else 0.0,
         image=image,
         maps=maps,
