@@ -17,7 +17,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import TEST_MODELS
+from conftest import TEST_MODELS, start
 from PIL import Image
 from reference_explain import (
     curve,
@@ -31,7 +31,7 @@ from reference_projection import clip_text
 from safetensors.torch import load_file
 from torchvision.transforms.functional import gaussian_blur
 
-from vitscope import Client, DeadlineExceededError
+from vitscope import Client, DeadlineExceededError, ResourceExhaustedError
 from vitscope.cli import main
 from vitscope.explain import MethodOptions, Prompt
 from vitscope.v1 import common_pb2, projection_pb2
@@ -589,3 +589,21 @@ def test_cli_writes_overlays_and_curves(
     assert written == ["digit-explained.png"]
     picture = np.asarray(Image.open(out / "digit-explained.png"))
     assert picture.std() > 10
+
+
+def test_backward_memory_is_bounded_before_compute(tmp_path: Path) -> None:
+    """With a 20 MB result limit, about 3 MB of saved activations per image of the test ViT:
+    integrated gradients default to 6 images a pass, and 8 are refused, as is relevancy
+    over 8 images, before any compute."""
+    running = start(tmp_path, max_result_bytes=20 << 20, builtin_models=False)
+    try:
+        with Client(f"127.0.0.1:{running.port}", timeout=60) as client:
+            pixels = list(torch.randn((8, 3, 160, 160)).numpy())
+            result = client.explain(pixels[:1], [IG], options={IG: MethodOptions(steps=1)})
+            assert result.methods[IG]["batch_size"] == 6
+            with pytest.raises(ResourceExhaustedError, match="batch_size: 8 interpolated images"):
+                client.explain(pixels[:1], [IG], options={IG: MethodOptions(batch_size=8)})
+            with pytest.raises(ResourceExhaustedError, match="images: relevancy over 8 images"):
+                client.explain(pixels, ["relevancy"])
+    finally:
+        running.stop(0)

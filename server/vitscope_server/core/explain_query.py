@@ -242,13 +242,14 @@ def _check_cost(prepared: PreparedExplanation) -> None:
             f"limit of {MAX_PASSES}; ask for fewer images, integrated_gradients.steps, or a larger "
             "faithfulness.patches_per_step"
         )
-    if any(s.method in (Method.RELEVANCY, Method.CLASS_EMBEDDING) for s in query.methods):
-        needed = batch * backward_bytes_per_image(loaded)
-        if needed > limits.max_result_bytes:
-            raise ResourceExhausted(
-                f"images: relevancy over {batch} images needs about {needed} bytes for its "
-                f"backward pass, over the server's {limits.max_result_bytes}-byte limit"
-            )
+    whole = [s.method.value for s in query.methods]
+    whole = [m for m in whole if m in (Method.RELEVANCY.value, Method.CLASS_EMBEDDING.value)]
+    needed = batch * backward_bytes_per_image(loaded)
+    if whole and needed > limits.max_result_bytes:
+        raise ResourceExhausted(
+            f"images: {whole[0]} over {batch} images needs about {needed} bytes for its "
+            f"backward pass, over the server's {limits.max_result_bytes}-byte limit; send fewer"
+        )
     points = len(query.faithfulness.counts) if query.faithfulness else 0
     # Per map: the grid map, the float32 upsampled map, its PNG (at most raw RGB) and curves.
     grid = loaded.adapter.grid[0] * loaded.adapter.grid[1]
