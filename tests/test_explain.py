@@ -33,6 +33,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from vitscope import Client, DeadlineExceededError, ResourceExhaustedError
 from vitscope.cli import main
+from vitscope.errors import from_rpc_error
 from vitscope.explain import MethodOptions, Prompt
 from vitscope.v1 import common_pb2, projection_pb2
 from vitscope.v1 import explain_pb2 as pb
@@ -424,6 +425,10 @@ def _target(**fields: object) -> list[pb.ExplanationTarget]:
 
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+REASONS = {
+    grpc.StatusCode.FAILED_PRECONDITION: "MODEL_UNSUPPORTED",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "LIMIT_EXCEEDED",
+}
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 ROLLOUT = pb.EXPLANATION_METHOD_ROLLOUT
 RELEVANCY = pb.EXPLANATION_METHOD_RELEVANCY
@@ -431,11 +436,23 @@ BAD_REQUESTS = [
     ({"methods": []}, INVALID, "methods: at least one method"),
     ({"methods": _method(0)}, INVALID, "methods[0].method: value 0 not allowed"),
     ({"methods": _method(99)}, INVALID, "methods[0].method: value 99 not allowed"),
-    ({"methods": _method(ROLLOUT) * 2}, INVALID, "each method may appear once"),
+    ({"methods": _method(ROLLOUT) * 2}, INVALID, "methods: each method may appear once"),
     ({"methods": _ig(steps=0)}, INVALID, "methods[0].integrated_gradients.steps: 0 not allowed"),
-    ({"methods": _ig(batch_size=65)}, INVALID, "integrated_gradients.batch_size: 65 not allowed"),
-    ({"methods": _ig(blur_sigma=-1)}, INVALID, "integrated_gradients.blur_sigma: -1.0 not allowed"),
-    ({"methods": _ig(baseline=9)}, INVALID, "integrated_gradients.baseline: value 9 not allowed"),
+    (
+        {"methods": _ig(batch_size=65)},
+        INVALID,
+        "methods[0].integrated_gradients.batch_size: 65 not allowed",
+    ),
+    (
+        {"methods": _ig(blur_sigma=-1)},
+        INVALID,
+        "methods[0].integrated_gradients.blur_sigma: -1.0 not allowed",
+    ),
+    (
+        {"methods": _ig(baseline=9)},
+        INVALID,
+        "methods[0].integrated_gradients.baseline: value 9 not allowed",
+    ),
     (
         {"methods": _method(ROLLOUT, rollout=pb.RolloutParameters(head_fusion=7))},
         INVALID,
@@ -529,10 +546,21 @@ BAD_REQUESTS = [
 def test_bad_requests_name_the_field(
     stub: pb_grpc.InspectorStub, fields: dict[str, object], code: grpc.StatusCode, message: str
 ) -> None:
+    """INVALID_ARGUMENT carries one field violation naming the field (the message's prefix);
+    the others their reason; the server answers the next call."""
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.Explain(_request(**fields), timeout=60))  # type: ignore[arg-type]
+    error = from_rpc_error(caught.value)
     assert caught.value.code() == code  # type: ignore[attr-defined]
-    assert message in caught.value.details()  # type: ignore[attr-defined]
+    assert message in error.details
+    if code == INVALID:
+        field = message.split(":")[0]
+        assert [v.field for v in error.field_violations] == [field]
+        assert error.reason == (
+            "FIELD_REQUIRED" if field == "methods" and "at least" in message else "INVALID_FIELD"
+        )
+    else:
+        assert error.reason == REASONS[code]
     assert [r.WhichOneof("payload") for r in stub.Explain(_request(), timeout=60)] == [
         "header",
         "image",

@@ -11,6 +11,7 @@ from vitscope.v1 import features_pb2 as _features_pb2
 from vitscope.v1 import inversion_pb2 as _inversion_pb2
 from vitscope.v1 import models_pb2 as _models_pb2
 from vitscope.v1 import projection_pb2 as _projection_pb2
+from vitscope.v1 import server_info_pb2 as _server_info_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -67,6 +68,11 @@ class InspectorStub:
     methods, with optional deletion and insertion curves. A header, progress while
     integrated gradients run, one message per image, then a summary.
     """
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_server_info_pb2.GetServerInfoRequest, _server_info_pb2.GetServerInfoResponse]
+    """What this server speaks and offers: protocol and package versions, models,
+    methods and limits. A client calls it before sending work, to fail clearly
+    on a server it cannot use.
+    """
 
 @_typing.type_check_only
 class InspectorAsyncStub(InspectorStub):
@@ -101,6 +107,11 @@ class InspectorAsyncStub(InspectorStub):
     """Attribution maps for each image's prediction (or a chosen target) by one or more
     methods, with optional deletion and insertion curves. A header, progress while
     integrated gradients run, one message per image, then a summary.
+    """
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_server_info_pb2.GetServerInfoRequest, _server_info_pb2.GetServerInfoResponse]  # type: ignore[assignment]
+    """What this server speaks and offers: protocol and package versions, models,
+    methods and limits. A client calls it before sending work, to fail clearly
+    on a server it cannot use.
     """
 
 class InspectorServicer(metaclass=_abc_1.ABCMeta):
@@ -193,6 +204,17 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         """Attribution maps for each image's prediction (or a chosen target) by one or more
         methods, with optional deletion and insertion curves. A header, progress while
         integrated gradients run, one message per image, then a summary.
+        """
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _server_info_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_server_info_pb2.GetServerInfoResponse, _abc.Awaitable[_server_info_pb2.GetServerInfoResponse]]:
+        """What this server speaks and offers: protocol and package versions, models,
+        methods and limits. A client calls it before sending work, to fail clearly
+        on a server it cannot use.
         """
 
 def add_InspectorServicer_to_server(servicer: InspectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

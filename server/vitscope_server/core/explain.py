@@ -175,7 +175,10 @@ def _method_maps(
     targets = predicted.targets
     if spec.method is Method.CLASS_EMBEDDING:
         if space.class_space is None:
-            raise FailedPrecondition(f"class_embedding does not apply: {space.class_space_missing}")
+            raise FailedPrecondition(
+                f"class_embedding does not apply: {space.class_space_missing}",
+                subject=prepared.loaded.spec.name,
+            )
         return _Computed(class_embedding_maps(adapter, space.class_space, pixels, targets, cancel))
     assert spec.steps is not None and spec.batch_size is not None and spec.blur_sigma is not None
     reference = baseline_images(adapter, pixels, spec.baseline, spec.blur_sigma, spec.seed)

@@ -130,7 +130,8 @@ def _recomputing_hook(
         if not isinstance(output, torch.Tensor) or replaced.shape != output.shape:
             raise FailedPrecondition(
                 f"model {adapter.spec.name}: block {block}'s attention output cannot be "
-                "recomputed in its own layout, which relevancy needs"
+                "recomputed in its own layout, which relevancy needs",
+                subject=adapter.spec.name,
             )
         return replaced
 

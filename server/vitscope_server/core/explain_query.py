@@ -11,7 +11,13 @@ import torch
 
 from vitscope_server.core.adapters import Layout, ModelAdapter
 from vitscope_server.core.class_space import LabelSet
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from vitscope_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Reason,
+    ResourceExhausted,
+    quote,
+)
 from vitscope_server.core.explain_attention import HeadFusion, relevancy_reason, windowed_reason
 from vitscope_server.core.explain_faithfulness import default_patches_per_step, patch_counts
 from vitscope_server.core.explain_gradients import Baseline
@@ -113,7 +119,7 @@ def _positive(value: float | None, default: float, field: str) -> float:
     if value is None:
         return default
     if not value > 0 or not math.isfinite(value):
-        raise InvalidArgument(f"{field}: {value} not allowed; allowed > 0")
+        raise InvalidArgument(field, f"{value} not allowed; allowed > 0")
     return value
 
 
@@ -125,13 +131,15 @@ def _gradient_batch(
         return min(limits.max_batch, fits)
     if not 1 <= spec.batch_size <= limits.max_batch:
         raise InvalidArgument(
-            f"{field}.batch_size: {spec.batch_size} not allowed; allowed 1..{limits.max_batch}"
+            f"{field}.batch_size", f"{spec.batch_size} not allowed; allowed 1..{limits.max_batch}"
         )
     if spec.batch_size > fits:
         raise ResourceExhausted(
             f"{field}.batch_size: {spec.batch_size} interpolated images need about "
             f"{spec.batch_size * backward_bytes_per_image(loaded)} bytes for their backward "
-            f"pass, over the server's {limits.max_result_bytes}-byte limit; allowed up to {fits}"
+            f"pass, over the server's {limits.max_result_bytes}-byte limit; allowed up to {fits}",
+            reason=Reason.LIMIT_EXCEEDED,
+            field=f"{field}.batch_size",
         )
     return spec.batch_size
 
@@ -147,13 +155,14 @@ def _feature_site(spec: MethodSpec, loaded: LoadedModel, field: str) -> str:
     tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
     if site.layout is not Layout.TOKENS or len(shape) != 3 or shape[1] != tokens:
         raise InvalidArgument(
-            f"{field}.site: {name!r} holds no per-token features on the model's patch grid; "
-            "use a token site such as blocks.{i}.mlp.hidden or blocks.{i}.out"
+            f"{field}.site",
+            f"{quote(name)} holds no per-token features on the model's patch grid; "
+            "use a token site such as blocks.{i}.mlp.hidden or blocks.{i}.out",
         )
     if spec.channel is not None and not 0 <= spec.channel < shape[2]:
         raise InvalidArgument(
-            f"{field}.channel: {spec.channel} out of range for site {name!r}; "
-            f"allowed 0..{shape[2] - 1}"
+            f"{field}.channel",
+            f"{spec.channel} out of range for site {quote(name)}; allowed 0..{shape[2] - 1}",
         )
     return site.name
 
@@ -188,16 +197,22 @@ def _effective_method(
     stray = spec.parameters - _PARAMETERS.get(spec.method, set())
     if stray:
         raise InvalidArgument(
-            f"{field}.{sorted(stray)[0]}: not allowed with method {spec.method.value}"
+            f"{field}.{sorted(stray)[0]}", f"not allowed with method {spec.method.value}"
         )
     reason = _method_reason(spec.method, loaded)
     if reason is not None:
-        raise FailedPrecondition(f"{field}: {spec.method.value} does not apply: {reason}")
+        classless = spec.method in _TARGETED and _classes_reason(loaded) is not None
+        raise FailedPrecondition(
+            f"{field}: {spec.method.value} does not apply: {reason}",
+            reason=Reason.NO_CLASSIFIER if classless else Reason.MODEL_UNSUPPORTED,
+            subject=loaded.spec.name,
+            field=f"{field}.method",
+        )
     if spec.method is Method.INTEGRATED_GRADIENTS:
         name = f"{field}.integrated_gradients"
         steps = DEFAULT_STEPS if spec.steps is None else spec.steps
         if not 1 <= steps <= MAX_STEPS:
-            raise InvalidArgument(f"{name}.steps: {steps} not allowed; allowed 1..{MAX_STEPS}")
+            raise InvalidArgument(f"{name}.steps", f"{steps} not allowed; allowed 1..{MAX_STEPS}")
         sigma = _positive(spec.blur_sigma, default_blur_sigma(loaded.adapter), f"{name}.blur_sigma")
         batch = _gradient_batch(spec, loaded, limits, name)
         return replace(spec, steps=steps, blur_sigma=sigma, batch_size=batch)
@@ -213,7 +228,7 @@ def _effective_faithfulness(spec: FaithfulnessSpec, adapter: ModelAdapter) -> Fa
         per_step = default_patches_per_step(patches)
     elif not 1 <= per_step <= patches:
         raise InvalidArgument(
-            f"faithfulness.patches_per_step: {per_step} not allowed; allowed 1..{patches}"
+            "faithfulness.patches_per_step", f"{per_step} not allowed; allowed 1..{patches}"
         )
     sigma = _positive(spec.blur_sigma, default_blur_sigma(adapter), "faithfulness.blur_sigma")
     return replace(
@@ -240,7 +255,8 @@ def _check_cost(prepared: PreparedExplanation) -> None:
         raise ResourceExhausted(
             f"methods: about {passes} forward passes of up to {limits.max_batch} images, over the "
             f"limit of {MAX_PASSES}; ask for fewer images, integrated_gradients.steps, or a larger "
-            "faithfulness.patches_per_step"
+            "faithfulness.patches_per_step",
+            reason=Reason.LIMIT_EXCEEDED,
         )
     whole = [s.method.value for s in query.methods]
     whole = [m for m in whole if m in (Method.RELEVANCY.value, Method.CLASS_EMBEDDING.value)]
@@ -248,7 +264,9 @@ def _check_cost(prepared: PreparedExplanation) -> None:
     if whole and needed > limits.max_result_bytes:
         raise ResourceExhausted(
             f"images: {whole[0]} over {batch} images needs about {needed} bytes for its "
-            f"backward pass, over the server's {limits.max_result_bytes}-byte limit; send fewer"
+            f"backward pass, over the server's {limits.max_result_bytes}-byte limit; send fewer",
+            reason=Reason.LIMIT_EXCEEDED,
+            field="images",
         )
     points = len(query.faithfulness.counts) if query.faithfulness else 0
     # Per map: the grid map, the float32 upsampled map, its PNG (at most raw RGB) and curves.
@@ -258,7 +276,9 @@ def _check_cost(prepared: PreparedExplanation) -> None:
     if per_image > limits.max_message_bytes or batch * per_image > limits.max_result_bytes:
         raise ResourceExhausted(
             f"methods: one image's maps take about {per_image} bytes, over the "
-            f"{limits.max_message_bytes}-byte message limit; ask for fewer methods"
+            f"{limits.max_message_bytes}-byte message limit; ask for fewer methods",
+            reason=Reason.RESULT_TOO_LARGE,
+            field="methods",
         )
 
 
@@ -267,11 +287,13 @@ def prepare_explanation(
 ) -> PreparedExplanation:
     """Validation, defaults, decoding and cost checks: everything that needs no compute slot."""
     if not query.methods:
-        raise InvalidArgument("methods: at least one method is required")
+        raise InvalidArgument(
+            "methods", "at least one method is required", reason=Reason.FIELD_REQUIRED
+        )
     seen = [spec.method for spec in query.methods]
     repeated = sorted({m.value for m in seen if seen.count(m) > 1})
     if repeated:
-        raise InvalidArgument(f"methods: each method may appear once; repeated {repeated}")
+        raise InvalidArgument("methods", f"each method may appear once; repeated {repeated}")
     methods = tuple(
         _effective_method(spec, loaded, limits, f"methods[{i}]")
         for i, spec in enumerate(query.methods)
@@ -280,7 +302,12 @@ def prepare_explanation(
     if query.faithfulness is not None:
         reason = _classes_reason(loaded)
         if reason is not None:
-            raise FailedPrecondition(f"faithfulness: needs the target's probability: {reason}")
+            raise FailedPrecondition(
+                f"faithfulness: needs the target's probability: {reason}",
+                reason=Reason.NO_CLASSIFIER,
+                subject=loaded.spec.name,
+                field="faithfulness",
+            )
         faithfulness = _effective_faithfulness(query.faithfulness, loaded.adapter)
     pixels = prepare_batch(loaded.adapter, images, limits.max_batch, limits.max_pixels)
     check_targets(loaded, query.targets, pixels.shape[0])

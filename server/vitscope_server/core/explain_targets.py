@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.class_space import ClassSpace, LabelSet, class_space_of
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, quote, quote_all
 from vitscope_server.core.loading import LoadedModel
 
 
@@ -59,18 +59,19 @@ def check_targets(loaded: LoadedModel, targets: tuple[Target, ...], batch: int) 
     """Shape and kind of the targets, before any compute (names are resolved later)."""
     if targets and len(targets) != batch:
         raise InvalidArgument(
-            f"targets: give none or one per image; got {len(targets)} for {batch} images"
+            "targets", f"give none or one per image; got {len(targets)} for {batch} images"
         )
     for i, target in enumerate(targets):
         if not isinstance(target, Prompt):
             continue
         if loaded.adapter.family != "open_clip":
             raise InvalidArgument(
-                f"targets[{i}].prompt: free-text prompts are for open_clip towers; model "
-                f"{loaded.spec.name} is a classifier, give a class index or name"
+                f"targets[{i}].prompt",
+                f"free-text prompts are for open_clip towers; model {loaded.spec.name} is a "
+                "classifier, give a class index or name",
             )
         if not target.text.strip():
-            raise InvalidArgument(f"targets[{i}].prompt: the prompt is blank")
+            raise InvalidArgument(f"targets[{i}].prompt", "the prompt is blank")
 
 
 def _prompt_embeddings(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
@@ -92,8 +93,9 @@ def target_space(
     if adapter.family != "open_clip":
         if labels is not None:
             raise InvalidArgument(
-                f"labels: model {loaded.spec.name} has its own classifier; a label set is only "
-                "for open_clip towers"
+                "labels",
+                f"model {loaded.spec.name} has its own classifier; a label set is only for "
+                "open_clip towers",
             )
         if not adapter.has_classifier:
             return None
@@ -101,7 +103,7 @@ def target_space(
         names = list(adapter.class_names)
         return TargetSpace(names, len(names), None, 1.0, space, missing)
     if missing:
-        raise FailedPrecondition(missing)
+        raise FailedPrecondition(missing, subject=loaded.spec.name)
     space = class_space_of(loaded, labels, cancel)
     label_count = space.num_classes
     if prompts:
@@ -125,16 +127,16 @@ def resolve_targets(
             resolved[i] = space.names.index(target.text, label_count)
         elif isinstance(target, str):
             if target not in space.names[:label_count]:
-                shown = ", ".join(repr(n) for n in space.names[:10])
+                shown = quote_all(space.names[:label_count])
                 raise InvalidArgument(
-                    f"targets[{i}].class_ref.name: unknown class name {target!r}; the "
-                    f"{label_count} classes begin {shown}"
+                    f"targets[{i}].class_ref.name",
+                    f"unknown class name {quote(target)}; the {label_count} classes begin {shown}",
                 )
             resolved[i] = space.names.index(target)
         elif not 0 <= target < label_count:
             raise InvalidArgument(
-                f"targets[{i}].class_ref.index: class index {target} out of range; allowed "
-                f"0..{label_count - 1}"
+                f"targets[{i}].class_ref.index",
+                f"class index {target} out of range; allowed 0..{label_count - 1}",
             )
         else:
             resolved[i] = target

@@ -11,7 +11,7 @@ from vitscope import tensors as wire
 from vitscope.overlay import heatmap_overlay
 from vitscope.v1 import common_pb2
 from vitscope.v1 import explain_pb2 as pb
-from vitscope_server.core.errors import ResourceExhausted
+from vitscope_server.core.errors import Reason, ResourceExhausted
 from vitscope_server.core.explain import (
     Event,
     ExplainProgress,
@@ -248,6 +248,7 @@ def explain_response(event: Event, names: list[str], max_bytes: int) -> pb.Expla
     if response.ByteSize() > max_bytes:
         raise ResourceExhausted(
             f"one image's explanation takes {response.ByteSize()} bytes, over the {max_bytes}-byte "
-            "message limit; ask for fewer methods"
+            "message limit; ask for fewer methods",
+            reason=Reason.RESULT_TOO_LARGE,
         )
     return response
