@@ -114,21 +114,7 @@ def image_message(image: ImageLike) -> common_pb2.Image:
 
 
 _GET_ACTIVATIONS = "/vitscope.v1.Inspector/GetActivations"
-_CHUNK_KEY = (
-    activations_pb2.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
-)
-
-
-def _chunk_of(raw: bytes) -> tuple[tensor_pb2.TensorChunk, memoryview] | None:
-    """A chunk response's fields and a view of its data, without copying the data;
-    None for anything else (the header), which protobuf parses."""
-    view = memoryview(raw)
-    if not view or view[0] != _CHUNK_KEY:
-        return None
-    length, start = wire.read_varint(view, 1)
-    if start + length != len(view):
-        return None
-    return wire.split_chunk(view[start:])
+_CHUNK_FIELD = activations_pb2.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number
 
 
 @dataclass(frozen=True)
@@ -240,6 +226,8 @@ class Client:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.enable_retries", 1),
+            # gRPC keeps a request for retrying only up to this size (256 KiB by default).
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
             ("grpc.service_config", service_config(retries, load_balancing)),
             ("grpc.service_config_disable_resolution", 1),
         ]
@@ -370,7 +358,7 @@ class Client:
         header: activations_pb2.ActivationHeader | None = None
         assembler = wire.ChunkAssembler()
         for raw in responses:
-            chunk = _chunk_of(raw)
+            chunk = wire.decode_tensor_message(_CHUNK_FIELD, raw)
             if chunk is not None:
                 assembler.add(*chunk)
                 continue

@@ -21,6 +21,7 @@ from vitscope_server.core.errors import (
     InvalidArgument,
     Reason,
     ResourceExhausted,
+    require_in_range,
 )
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
@@ -44,7 +45,16 @@ class Reduction(Enum):
     TOP_CHANNELS = "top_channels"
 
 
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+class TensorDType(Enum):
+    """Element types of result tensors; bfloat16 results hold their bit patterns as uint16."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    INT64 = "int64"
+
+
+OUTPUT_DTYPES = (TensorDType.FLOAT32, TensorDType.FLOAT16, TensorDType.BFLOAT16)
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,7 @@ class ActivationQuery:
     reduction: Reduction = Reduction.NONE
     channels: tuple[int, ...] = ()
     top_k: int = 0
-    output_dtype: str = "float32"
+    output_dtype: TensorDType = TensorDType.FLOAT32
     top_predictions: int = 0
     # The classifier's logits for every image, float32 [batch, classes].
     logits: bool = False
@@ -67,7 +77,7 @@ class OutputTensor:
     """A result tensor; bfloat16 arrays hold bit patterns as uint16."""
 
     role: str
-    dtype: str
+    dtype: TensorDType
     array: np.ndarray
 
 
@@ -115,7 +125,8 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
         )
     if query.output_dtype not in OUTPUT_DTYPES:
         raise InvalidArgument(
-            "output_dtype", f"{query.output_dtype!r} not allowed; allowed: {OUTPUT_DTYPES}"
+            "output_dtype",
+            f"{query.output_dtype.value} not allowed; allowed: {[d.value for d in OUTPUT_DTYPES]}",
         )
     mode = query.token_mode
     if mode is TokenMode.UNSPECIFIED:
@@ -246,27 +257,22 @@ def as_site_layout(site: SiteDef, shape: tuple[int, ...]) -> SiteDef:
     return site
 
 
-def _to_output(role: str, tensor: torch.Tensor, dtype: str) -> OutputTensor:
+def _to_output(role: str, tensor: torch.Tensor, dtype: TensorDType) -> OutputTensor:
     if tensor.dtype == torch.int64:
-        return OutputTensor(role, "int64", tensor.contiguous().cpu().numpy())
-    if dtype == "bfloat16":
+        return OutputTensor(role, TensorDType.INT64, tensor.contiguous().cpu().numpy())
+    if dtype is TensorDType.BFLOAT16:
         bits = (
             tensor.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
         )
         return OutputTensor(role, dtype, bits)
-    target = torch.float16 if dtype == "float16" else torch.float32
+    target = torch.float16 if dtype is TensorDType.FLOAT16 else torch.float32
     return OutputTensor(role, dtype, tensor.to(target).contiguous().cpu().numpy())
 
 
 def _check_channels(channels: tuple[int, ...], site: SiteDef, num_channels: int) -> None:
     if len(channels) > num_channels:
         raise InvalidArgument("channels", f"at most {num_channels} for site {site.name!r}")
-    bad = [c for c in channels if not 0 <= c < num_channels]
-    if bad:
-        raise InvalidArgument(
-            "channels",
-            f"{bad[:5]} out of range for site {site.name!r}; allowed 0..{num_channels - 1}",
-        )
+    require_in_range("channels", channels, 0, num_channels - 1, f" for site {site.name!r}")
 
 
 def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> SiteOutput:
@@ -313,7 +319,7 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
             [],
             [
                 _to_output("values", top.values, query.output_dtype),
-                _to_output("channel_indices", top.indices, ""),
+                _to_output("channel_indices", top.indices, TensorDType.INT64),
             ],
         )
     return SiteOutput(site, indices, [], [_to_output("values", values, query.output_dtype)])
