@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 
 from vitscope import tensors as wire
-from vitscope.overlay import heatmap_overlay
 from vitscope.v1 import common_pb2
 from vitscope.v1 import explain_pb2 as pb
 from vitscope_server.core.errors import Reason, ResourceExhausted
@@ -33,7 +31,7 @@ from vitscope_server.core.explain_targets import Prompt, Target
 from vitscope_server.transport.convert import provenance
 from vitscope_server.transport.convert_projection import label_set
 from vitscope_server.transport.enums import enum_value, named_back
-from vitscope_server.transport.png import png
+from vitscope_server.transport.png import heatmap_png
 
 _METHODS = {
     pb.EXPLANATION_METHOD_ROLLOUT: Method.ROLLOUT,
@@ -165,13 +163,12 @@ def _faithfulness(pair: CurvePair) -> pb.Faithfulness:
     return pb.Faithfulness(deletion=_curve(pair.deletion), insertion=_curve(pair.insertion))
 
 
-def _map(result: MethodMap, image: Image.Image) -> pb.ExplanationMap:
-    overlay = np.asarray(heatmap_overlay(image, result.upsampled))
+def _map(result: MethodMap, image: np.ndarray) -> pb.ExplanationMap:
     message = pb.ExplanationMap(
         method=_METHODS_BACK[result.method],
         grid_map=wire.to_proto(result.grid_map),
         upsampled=wire.to_proto(result.upsampled),
-        overlay_png=png(overlay),
+        overlay_png=heatmap_png(image, result.upsampled),
         channel=result.channel,
     )
     if result.faithfulness is not None:
@@ -190,14 +187,13 @@ def _map(result: MethodMap, image: Image.Image) -> pb.ExplanationMap:
 
 
 def _image(image: ImageExplanation, names: list[str]) -> pb.ImageExplanation:
-    picture = Image.fromarray(image.image)
     message = pb.ImageExplanation(
         image_index=image.image_index,
         target_index=image.target_index,
         target_name=image.target_name,
         target_is_prediction=image.target_is_prediction,
         target_probability=image.target_probability,
-        maps=[_map(m, picture) for m in image.maps],
+        maps=[_map(m, image.image) for m in image.maps],
     )
     if image.predicted_index >= 0:
         message.prediction.CopyFrom(
