@@ -208,6 +208,8 @@ class Client:
         options: list[tuple[str, str | int]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            # Streams are read on the calling thread: no helper thread started per call.
+            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
         ]
         if load_balancing:
             options.append(("grpc.lb_policy_name", load_balancing))
@@ -318,6 +320,7 @@ class Client:
         top_k: int = 0,
         dtype: str = "float32",
         top_predictions: int = 0,
+        compute_dtype: str = "float32",
         timeout: float | None = None,
     ) -> Activations:
         """Activations at `sites` for `images`.
@@ -325,6 +328,7 @@ class Client:
         tokens: all | prefix | patches | indices | positions (default: all without a
         reduction, patches with one). reduction: none | mean | patch_map | top_channels.
         dtype: float32 | float16 | bfloat16 (bfloat16 arrives as float32 values).
+        compute_dtype: the forward's precision, float32 | float16 | bfloat16 (autocast).
         """
         request = pb.GetActivationsRequest(
             model=model,
@@ -340,6 +344,7 @@ class Client:
             top_k=top_k,
             output_dtype=_DTYPES[dtype],
             top_predictions=top_predictions,
+            compute_dtype=_DTYPES[compute_dtype],
         )
         return self._collect(self._stream(self._activations_raw, request, timeout))
 

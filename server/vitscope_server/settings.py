@@ -39,6 +39,11 @@ class ServerSettings(BaseSettings):
     max_workers: int = Field(8, ge=2)
     max_connection_age_seconds: float = Field(300.0, gt=0)
     max_batch: int = Field(64, ge=1)
+    # GetActivations requests for one model that arrive together share a forward of at most
+    # batch_max_images images; a batch waits up to batch_delay_ms for requests still being
+    # decoded (never when none is). 0 images turns batching off.
+    batch_max_images: int = Field(32, ge=0)
+    batch_delay_ms: float = Field(2.0, ge=0, le=1000)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_result_bytes: int = Field(4 << 30, ge=1)
     # Folders whose images TopActivatingImages may scan by name; none by default.

@@ -25,6 +25,7 @@ from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.model_selection import model_specs, resolve_device
 from vitscope_server.settings import ServerSettings
+from vitscope_server.transport.batchers import activation_batcher
 from vitscope_server.transport.interceptors import ServiceInterceptor
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.servicer import InspectorServicer
@@ -120,7 +121,11 @@ def create_server(settings: ServerSettings) -> RunningServer:
         options=options,
     )
     slots = ComputeSlots(settings.max_running, settings.max_queue)
-    metrics.queued.set_function(lambda: float(slots.waiting))
+    limits = ActivationLimits(
+        settings.max_batch, settings.max_image_pixels, settings.max_result_bytes
+    )
+    activations = activation_batcher(settings, slots, limits, metrics)
+    metrics.queued.set_function(lambda: float(slots.waiting + activations.waiting))
     inverter_roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
     if settings.inverters_dir is not None:
         inverter_roots.append(settings.inverters_dir)
@@ -128,11 +133,12 @@ def create_server(settings: ServerSettings) -> RunningServer:
         registry,
         slots,
         metrics,
-        ActivationLimits(settings.max_batch, settings.max_image_pixels, settings.max_result_bytes),
+        limits,
         settings.effective_chunk_bytes,
         InverterCatalog(inverter_roots),
         settings.image_roots,
         max_message_bytes=settings.max_message_bytes,
+        activations=activations,
     )
     inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

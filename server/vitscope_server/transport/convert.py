@@ -105,6 +105,9 @@ def activation_query(request: pb.GetActivationsRequest) -> ActivationQuery:
             _OUTPUT_DTYPES, request.output_dtype, "output_dtype", tensor_pb2.DType
         ),
         top_predictions=request.top_predictions,
+        compute_dtype=enum_value(
+            _OUTPUT_DTYPES, request.compute_dtype, "compute_dtype", tensor_pb2.DType
+        ),
     )
 
 
@@ -194,6 +197,7 @@ def activation_responses(
             output_dtype=_WIRE_DTYPES[q.output_dtype],
             top_predictions=q.top_predictions,
             batch_size=result.batch_size,
+            compute_dtype=_WIRE_DTYPES[q.compute_dtype],
         ),
         sites=[
             pb.SiteResult(
