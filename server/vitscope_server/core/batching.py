@@ -159,12 +159,12 @@ class Batcher(Generic[Item, Result]):
         self, group: str, key: Hashable, member: _Member[Item, Result]
     ) -> _Queue[Item, Result]:
         with self._changed:
-            if self._waiting >= self._slots.max_waiting + self._slots.max_running:
+            queue = self._queues.setdefault((group, key), _Queue(group, (group, key)))
+            if queue.leader is not None and self._waiting >= self._slots.max_waiting:
                 raise ResourceExhausted(
                     f"server busy: {self._waiting} requests waiting for a batch "
                     f"(max_queue={self._slots.max_waiting}); retry later"
                 )
-            queue = self._queues.setdefault((group, key), _Queue(group, (group, key)))
             queue.pending.append(member)
             self._waiting += 1
             if queue.leader is None:
@@ -242,7 +242,7 @@ class Batcher(Generic[Item, Result]):
         """Forms and runs one batch on the calling thread."""
         delay = self._wait_for_arrivals(queue)
         try:
-            with self._slots.acquire(NEVER_CANCELLED):
+            with self._slots.acquire(NEVER_CANCELLED, queued=False):
                 batch = self._take(queue)
                 if batch:
                     self._run_batch(queue.group, batch, delay)

@@ -32,17 +32,17 @@ class ComputeSlots:
         with self._changed:
             self._changed.notify_all()
 
-    def _take(self, cancel: CancelToken) -> None:
+    def _take(self, cancel: CancelToken, queued: bool) -> None:
         with self._changed:
             if self._free > 0:
                 self._free -= 1
                 return
-            if self._waiting >= self.max_waiting:
+            if queued and self._waiting >= self.max_waiting:
                 raise ResourceExhausted(
                     f"server busy: {self.max_running} jobs running and {self._waiting} waiting "
                     f"(max_queue={self.max_waiting}); retry later"
                 )
-            self._waiting += 1
+            self._waiting += queued
         unsubscribe = cancel.on_cancel(self._wake)
         try:
             with self._changed:
@@ -53,13 +53,16 @@ class ComputeSlots:
         finally:
             unsubscribe()
             with self._changed:
-                self._waiting -= 1
+                self._waiting -= queued
 
     @contextmanager
-    def acquire(self, cancel: CancelToken) -> Iterator[float]:
-        """Holds a slot for the body; yields the seconds spent waiting for it."""
+    def acquire(self, cancel: CancelToken, *, queued: bool = True) -> Iterator[float]:
+        """Holds a slot for the body; yields the seconds spent waiting for it.
+
+        queued=False: the caller is already counted (and admitted) by its own queue,
+        as a batch's leader is."""
         started = time.perf_counter()
-        self._take(cancel)
+        self._take(cancel, queued)
         try:
             cancel.raise_if_cancelled()
             yield time.perf_counter() - started
