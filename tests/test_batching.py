@@ -92,6 +92,8 @@ def _call(client: Client, spec: dict[str, Any]) -> Activations | Exception:
 
 
 def _assert_same(alone: Activations | Exception, batched: Activations | Exception) -> None:
+    """Bit for bit on the CPU; on a GPU, where kernels may depend on the batch size, within
+    float32 rounding."""
     if isinstance(alone, Exception):
         assert type(batched) is type(alone) and str(batched) == str(alone)
         return
@@ -100,11 +102,18 @@ def _assert_same(alone: Activations | Exception, batched: Activations | Exceptio
     for name, site in alone.sites.items():
         other = batched.sites[name]
         assert other.values.dtype == site.values.dtype
-        np.testing.assert_array_equal(other.values, site.values, err_msg=name)
+        if DEVICE == "cpu":
+            np.testing.assert_array_equal(other.values, site.values, err_msg=name)
+        else:
+            np.testing.assert_allclose(other.values, site.values, rtol=1e-3, atol=1e-4)
         assert other.token_indices == site.token_indices
-        if site.channel_indices is not None:
+        if site.channel_indices is not None and DEVICE == "cpu":
             np.testing.assert_array_equal(other.channel_indices, site.channel_indices)
-    assert batched.predictions == alone.predictions
+    if DEVICE == "cpu":
+        assert batched.predictions == alone.predictions
+    else:
+        for got, expected in zip(batched.predictions, alone.predictions, strict=True):
+            assert [p.class_index for p in got] == [p.class_index for p in expected]
 
 
 def _batches(server: RunningServer) -> tuple[float, float]:
@@ -130,7 +139,6 @@ def _run_queued(
         return [f.result() for f in futures]
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="bit-identity is promised for CPU fp32 only")
 def test_mixed_requests_share_a_forward_and_match_running_alone(one_slot: RunningServer) -> None:
     specs = [*REQUESTS, ATTENTION_REQUEST]
     with Client(f"127.0.0.1:{one_slot.port}", timeout=60) as client:
