@@ -16,8 +16,8 @@ from skimage import data as skdata
 
 from vitscope import Client, InvalidArgumentError
 from vitscope.client import Activations, image_message
+from vitscope.v1 import activations_pb2 as pb
 from vitscope.v1 import features_pb2, inspector_pb2_grpc, tensor_pb2
-from vitscope.v1 import inspector_pb2 as pb
 from vitscope_server.transport.app import RunningServer
 
 PHOTOS = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]

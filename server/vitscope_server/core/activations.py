@@ -56,6 +56,8 @@ class ActivationQuery:
     top_k: int = 0
     output_dtype: str = "float32"
     top_predictions: int = 0
+    # The classifier's logits for every image, float32 [batch, classes].
+    logits: bool = False
     # The forward's precision: float32, or float16/bfloat16 under autocast.
     compute_dtype: str = "float32"
 
@@ -92,6 +94,7 @@ class ActivationResult:
     batch_size: int
     sites: list[SiteOutput]
     predictions: list[list[Prediction]] = field(default_factory=list)
+    logits: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class ActivationLimits:
 
 
 def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery:
-    if not query.sites and not query.top_predictions:
+    if not query.sites and not query.top_predictions and not query.logits:
         raise InvalidArgument("sites: at least one site is required (or top_predictions > 0)")
     if query.output_dtype not in OUTPUT_DTYPES:
         raise InvalidArgument(
@@ -134,6 +137,8 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
         raise InvalidArgument(f"top_predictions: must be >= 0, got {query.top_predictions}")
     if query.top_predictions and not adapter.has_classifier:
         raise FailedPrecondition(f"top_predictions: model {adapter.spec.name} has no classifier")
+    if query.logits and not adapter.has_classifier:
+        raise FailedPrecondition(f"logits: model {adapter.spec.name} has no classifier")
     if query.top_predictions > len(adapter.class_names):
         raise InvalidArgument(
             f"top_predictions: {query.top_predictions} exceeds the {len(adapter.class_names)} classes"
@@ -350,7 +355,7 @@ def _stop_after(items: Sequence[PreparedActivations]) -> int | None:
     """The last block any request needs, or None when the whole forward must run."""
     deepest = 0
     for item in items:
-        if item.query.top_predictions:
+        if item.query.top_predictions or item.query.logits:
             return None
         last = last_block_needed(item.loaded.adapter, item.sites)
         if last is None:
@@ -422,12 +427,22 @@ def _split(
                 f"sites: the result exceeds {limits.max_result_bytes} bytes; "
                 "ask for fewer sites, tokens or images, a reduction, or float16"
             )
-    predictions = []
-    if features is not None and effective.top_predictions:
+    logits = None
+    if features is not None and (effective.top_predictions or effective.logits):
         logits = adapter.forward_head(features[rows])
-        predictions = _predictions(adapter, logits, effective.top_predictions)
+    predictions = (
+        _predictions(adapter, logits, effective.top_predictions)
+        if logits is not None and effective.top_predictions
+        else []
+    )
+    logits_array = logits.float().cpu().numpy() if logits is not None and effective.logits else None
     return ActivationResult(
-        provenance_of(item.loaded), effective, rows.stop - rows.start, outputs, predictions
+        provenance_of(item.loaded),
+        effective,
+        rows.stop - rows.start,
+        outputs,
+        predictions,
+        logits_array,
     )
 
 
