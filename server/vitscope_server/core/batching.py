@@ -70,8 +70,11 @@ class _Queue(Generic[Item, Result]):
     leader: _Member[Item, Result] | None = None
 
 
-def _all_cancelled(members: Sequence[_Member[Item, Result]]) -> CancelToken:
-    """A token that is cancelled once every member's own token is."""
+def _all_cancelled(
+    members: Sequence[_Member[Item, Result]],
+) -> tuple[CancelToken, Callable[[], None]]:
+    """A token that is cancelled once every member's own token is, and a function that
+    unsubscribes it from theirs."""
     token = CancelToken()
     remaining = [len(members)]
     lock = threading.Lock()
@@ -83,9 +86,13 @@ def _all_cancelled(members: Sequence[_Member[Item, Result]]) -> CancelToken:
         if last:
             token.cancel()
 
-    for member in members:
-        member.cancel.on_cancel(one_left)
-    return token
+    unsubscribers = [member.cancel.on_cancel(one_left) for member in members]
+
+    def unsubscribe() -> None:
+        for forget in unsubscribers:
+            forget()
+
+    return token, unsubscribe
 
 
 class Batcher(Generic[Item, Result]):
@@ -241,23 +248,22 @@ class Batcher(Generic[Item, Result]):
     def _lead(self, queue: _Queue[Item, Result]) -> None:
         """Forms and runs one batch on the calling thread."""
         delay = self._wait_for_arrivals(queue)
-        try:
-            with self._slots.acquire(NEVER_CANCELLED, queued=False):
-                batch = self._take(queue)
-                if batch:
-                    self._run_batch(queue.group, batch, delay)
-        except ResourceExhausted as exc:
-            for member in self._take(queue):
-                with self._changed:
-                    self._finish(member, None, exc)
+        # Admitted by this queue already. It waits even when every caller has left meanwhile:
+        # the slot is then released at once.
+        with self._slots.acquire(NEVER_CANCELLED, queued=False):
+            batch = self._take(queue)
+            if batch:
+                self._run_batch(queue.group, batch, delay)
 
     def _run_batch(self, group: str, batch: list[_Member[Item, Result]], delay: float) -> None:
         started = time.perf_counter()
-        cancel = _all_cancelled(batch)
+        cancel, unsubscribe = _all_cancelled(batch)
         try:
             outcomes: Sequence[Result | BaseException] = self._run([m.item for m in batch], cancel)
         except Exception as exc:  # one failure (e.g. out of memory) reaches every caller
             outcomes = [exc] * len(batch)
+        finally:
+            unsubscribe()
         computed = time.perf_counter() - started
         images = sum(m.images for m in batch)
         if self._on_batch is not None:
