@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from vitscope_server.core.cancel import NEVER_CANCELLED, CancelToken
-from vitscope_server.core.errors import Cancelled, ResourceExhausted
+from vitscope_server.core.errors import Cancelled, Reason, ResourceExhausted
 from vitscope_server.core.slots import ComputeSlots
 
 Item = TypeVar("Item")
@@ -170,7 +170,8 @@ class Batcher(Generic[Item, Result]):
             if queue.leader is not None and self._waiting >= self._slots.max_waiting:
                 raise ResourceExhausted(
                     f"server busy: {self._waiting} requests waiting for a batch "
-                    f"(max_queue={self._slots.max_waiting}); retry later"
+                    f"(max_queue={self._slots.max_waiting}); retry later",
+                    reason=Reason.QUEUE_FULL,
                 )
             queue.pending.append(member)
             self._waiting += 1

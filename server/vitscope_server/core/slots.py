@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.errors import ResourceExhausted
+from vitscope_server.core.errors import Reason, ResourceExhausted
 
 
 class ComputeSlots:
@@ -40,7 +40,8 @@ class ComputeSlots:
             if queued and self._waiting >= self.max_waiting:
                 raise ResourceExhausted(
                     f"server busy: {self.max_running} jobs running and {self._waiting} waiting "
-                    f"(max_queue={self.max_waiting}); retry later"
+                    f"(max_queue={self.max_waiting}); retry later",
+                    reason=Reason.QUEUE_FULL,
                 )
             self._waiting += queued
         unsubscribe = cancel.on_cancel(self._wake)
