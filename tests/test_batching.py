@@ -4,14 +4,13 @@ compute slot run as one forward, and each caller gets exactly what it gets alone
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-import torch
 from conftest import DEVICE, start
 from skimage import data as skdata
 
@@ -19,9 +18,6 @@ from vitscope import Client, InvalidArgumentError
 from vitscope.client import Activations, image_message
 from vitscope.v1 import activations_pb2 as pb
 from vitscope.v1 import features_pb2, inspector_pb2_grpc, tensor_pb2
-from vitscope_server.core.batching import Batcher
-from vitscope_server.core.cancel import NEVER_CANCELLED, CancelToken
-from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport.app import RunningServer
 
 PHOTOS = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
@@ -213,32 +209,3 @@ def test_compute_dtype_must_be_a_float_type(client: Client) -> None:
         list(stub.GetActivations(request))
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "compute_dtype" in str(caught.value.details())
-
-
-def test_a_failed_forward_reaches_each_of_its_requests_and_the_next_batch_runs() -> None:
-    """An error of the shared forward (CUDA out of memory here) is every member's error;
-    the batcher then serves the next batch as before."""
-    slots = ComputeSlots(max_running=1, max_waiting=8)
-    failures = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")]
-    sizes: list[int] = []
-
-    def run(items: Sequence[int], cancel: CancelToken) -> list[int | BaseException]:
-        sizes.append(len(items))
-        if failures:
-            raise failures.pop()
-        return [2 * item for item in items]
-
-    batcher: Batcher[int, int] = Batcher(run, slots, max_images=8, max_delay=0.0)
-    with ThreadPoolExecutor(2) as pool:
-        with slots.acquire(NEVER_CANCELLED):
-            futures = [pool.submit(batcher.submit, "m", "k", i, 1, CancelToken()) for i in (1, 2)]
-            deadline = time.monotonic() + 30
-            while batcher.waiting < 2:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-        for future in futures:
-            with pytest.raises(torch.OutOfMemoryError):
-                future.result()
-    result, info = batcher.submit("m", "k", 3, 1, CancelToken())
-    assert (result, info.images, info.requests) == (6, 1, 1)
-    assert sizes == [2, 1]

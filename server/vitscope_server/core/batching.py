@@ -48,6 +48,14 @@ class BatchInfo:
 
 
 @dataclass(eq=False)
+class Arrival:
+    """A request on its way to a group's queue (see Batcher.arriving)."""
+
+    group: str
+    landed: bool = False
+
+
+@dataclass(eq=False)
 class _Member(Generic[Item, Result]):
     item: Item
     images: int
@@ -122,25 +130,43 @@ class Batcher(Generic[Item, Result]):
         """Requests queued for a batch that has not started."""
         return self._waiting
 
+    def arrivals(self, group: str) -> int:
+        """Requests of `group` on their way (decoding) and not yet queued."""
+        return self._arriving.get(group, 0)
+
     @contextmanager
-    def arriving(self, group: str) -> Iterator[None]:
+    def arriving(self, group: str) -> Iterator[Arrival]:
         """Marks a request of `group` (a model) as on its way, e.g. while its images decode,
-        so that a leader of that group waits for it (up to the delay) rather than leave."""
+        so that a leader of that group waits for it (up to the delay) rather than leave.
+        Pass the arrival to submit: it lands in the queue in the same step."""
+        arrival = Arrival(group)
         with self._changed:
             self._arriving[group] = self._arriving.get(group, 0) + 1
         try:
-            yield
+            yield arrival
         finally:
             with self._changed:
-                self._arriving[group] -= 1
-                self._changed.notify_all()
+                self._land(arrival)
+
+    def _land(self, arrival: Arrival) -> None:
+        """Called with the lock held."""
+        if not arrival.landed:
+            arrival.landed = True
+            self._arriving[arrival.group] -= 1
+            self._changed.notify_all()
 
     def submit(
-        self, group: str, key: Hashable, item: Item, images: int, cancel: CancelToken
+        self,
+        arrival: Arrival,
+        key: Hashable,
+        item: Item,
+        images: int,
+        cancel: CancelToken,
     ) -> tuple[Result, BatchInfo]:
-        """Runs item in a batch with other items of the same key; blocks until its result."""
+        """Runs item in a batch with other items of the same group and key; blocks until its
+        result."""
         member: _Member[Item, Result] = _Member(item, images, cancel)
-        queue = self._enqueue(group, key, member)
+        queue = self._enqueue(arrival, key, member)
         unsubscribe = cancel.on_cancel(lambda: self._leave(queue, member))
         try:
             while True:
@@ -163,9 +189,11 @@ class Batcher(Generic[Item, Result]):
         return member.result, member.info  # type: ignore[return-value]
 
     def _enqueue(
-        self, group: str, key: Hashable, member: _Member[Item, Result]
+        self, arrival: Arrival, key: Hashable, member: _Member[Item, Result]
     ) -> _Queue[Item, Result]:
+        group = arrival.group
         with self._changed:
+            self._land(arrival)
             queue = self._queues.setdefault((group, key), _Queue(group, (group, key)))
             if queue.leader is not None and self._waiting >= self._slots.max_waiting:
                 raise ResourceExhausted(

@@ -91,15 +91,15 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
     ) -> Iterator[activations_pb2.GetActivationsResponse | bytes]:
         loaded = self._registry.get(request.model)
         model = loaded.spec.name
-        with self._activations.arriving(model):
+        with self._activations.arriving(model) as arrival:
             prepared = prepare_activations(
                 loaded,
                 convert.image_inputs(list(request.images)),
                 convert.activation_query(request),
                 self._limits,
             )
-        result, info = self._activations.submit(
-            model, batch_key(prepared), prepared, len(prepared.pixels), cancel_token(context)
-        )
+            result, info = self._activations.submit(
+                arrival, batch_key(prepared), prepared, len(prepared.pixels), cancel_token(context)
+            )
         record_batched(self._metrics, "GetActivations", model, info)
         yield from convert.activation_responses(result, self._chunk_bytes)
