@@ -43,6 +43,7 @@ from vitscope.client import Client
 from vitscope_server.builtin import DIGITS_NAME, builtin_specs
 from vitscope_server.core.loading import load_model
 from vitscope_server.core.specs import parse_model_flag
+from vitscope_server.model_selection import resolve_device
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import create_server
 
@@ -107,7 +108,7 @@ def hooked(model: nn.Module, path: str) -> Callable[[torch.Tensor], np.ndarray]:
 
 def single_call(args: argparse.Namespace, target: str) -> dict[str, Any]:
     spec = next(s for s in builtin_specs() if s.name == DIGITS_NAME)
-    loaded = load_model(spec, torch.device(args.device))
+    loaded = load_model(spec, resolve_device(args.device))  # float32 exactly as the server
     capture = hooked(loaded.adapter.root, SINGLE_SITE.removesuffix(".out"))
     image = np.random.default_rng(0).standard_normal((3, 28, 28)).astype(np.float32)
     pixels = torch.from_numpy(image[None]).to(args.device)
@@ -183,7 +184,7 @@ def concurrent(args: argparse.Namespace, target: str, metrics_port: int) -> dict
     """Latency per client count; at 16 clients, rounds alternate with the in-process batch
     so that each round's ratio compares neighbours in time (machine load drifts)."""
     loaded = load_model(
-        parse_model_flag(f"c=timm:{args.concurrent_model}@random"), torch.device(args.device)
+        parse_model_flag(f"c=timm:{args.concurrent_model}@random"), resolve_device(args.device)
     )
     size = loaded.adapter.data_config.input_size
     rng = np.random.default_rng(1)
