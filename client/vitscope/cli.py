@@ -56,6 +56,14 @@ _SERVE_FLAGS: list[tuple[str, dict[str, object]]] = [
     ),
     ("--max-batch", {"type": int}),
     (
+        "--batch-max-images",
+        {"type": int, "help": "images per batched forward of concurrent requests (0: off)"},
+    ),
+    (
+        "--batch-delay-ms",
+        {"type": float, "help": "longest wait for requests still arriving (default 2)"},
+    ),
+    (
         "--image-root",
         {
             "dest": "image_roots",
