@@ -29,13 +29,14 @@ from vitscope import (
     ResourceExhaustedError,
 )
 from vitscope.cli import main
+from vitscope.errors import from_rpc_error
 from vitscope.features import Feature
 from vitscope.tensors import to_proto
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.capture import capture_sites
-from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
+from vitscope_server.core.errors import InvalidArgument, Reason, ResourceExhausted
 from vitscope_server.core.feature_images import Parameterization, image_parameters
 from vitscope_server.core.features import (
     FeatureForward,
@@ -590,8 +591,9 @@ def test_small_images_count_pixels_at_the_native_size(busy_server: RunningServer
     loaded = busy_server.registry.get("vit")
     assert tuple(loaded.adapter.data_config.input_size) == (3, 160, 160)
     params = OptimizationParams(image_size=8, copies=8)
-    with pytest.raises(ResourceExhausted, match="204800 pixels exceeds 200000"):
+    with pytest.raises(ResourceExhausted, match="204800 pixels") as caught:
         prepare_optimization(loaded, [FeatureSpec("blocks.1.out", 1)], params, 64, 200_000, 10**8)
+    assert caught.value.reason is Reason.BATCH_TOO_LARGE
     assert prepare_optimization(
         loaded, [FeatureSpec("blocks.1.out", 1)], params, 64, 204_800, 10**8
     )
@@ -618,10 +620,11 @@ def test_direction_is_checked_before_it_is_converted(busy_server: RunningServer)
     )
     spec = feature_specs(request)[0]
     assert isinstance(spec.direction, np.ndarray) and spec.direction.dtype == np.float16
-    with pytest.raises(InvalidArgument, match=r"needs 64 values for 'blocks\.1\.out', got 1000000"):
+    with pytest.raises(InvalidArgument, match="got 1000000") as caught:
         prepare_optimization(
             busy_server.registry.get(DIGITS), [spec], OptimizationParams(), 64, 10**8, 10**8
         )
+    assert caught.value.field == "features[0].direction"
 
 
 def test_unknown_objective_value(busy_server: RunningServer, fclient: Client) -> None:
@@ -633,8 +636,9 @@ def test_unknown_objective_value(busy_server: RunningServer, fclient: Client) ->
         )
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.OptimizeFeatures(request, timeout=30))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "features[0].objective" in caught.value.details()
+    error = from_rpc_error(caught.value)
+    assert isinstance(error, InvalidArgumentError)
+    assert [v.field for v in error.field_violations] == ["features[0].objective"]
     assert fclient.optimize_features([("blocks.1.out", 1)], model=DIGITS, steps=1).features
 
 
@@ -649,8 +653,9 @@ def test_unknown_choice_value(busy_server: RunningServer, fclient: Client, field
         )
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.OptimizeFeatures(request, timeout=30))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"parameters.{field}: value 99 not allowed" in caught.value.details()
+    error = from_rpc_error(caught.value)
+    assert isinstance(error, InvalidArgumentError)
+    assert [v.field for v in error.field_violations] == [f"parameters.{field}"]
     with pytest.raises(ValueError, match=f"{field}: 'nope' is not one of"):
         fclient.optimize_features([("blocks.1.out", 1)], model=DIGITS, **{field: "nope"})
     assert fclient.optimize_features([("blocks.1.out", 1)], model=DIGITS, steps=1).features
@@ -721,8 +726,12 @@ def test_cancel_stops_within_a_step_and_frees_the_slot(
     with grpc.insecure_channel(f"127.0.0.1:{busy_server.port}") as channel:
         call = pb_grpc.InspectorStub(channel).OptimizeFeatures(long_request(), timeout=60)
         next(call)
-        with pytest.raises(ResourceExhaustedError, match="server busy"):
-            fclient.optimize_features([("blocks.1.out", 1)], model=DIGITS, steps=1)
+        with (
+            Client(f"127.0.0.1:{busy_server.port}", retries=1) as once,
+            pytest.raises(ResourceExhaustedError) as caught,
+        ):
+            once.optimize_features([("blocks.1.out", 1)], model=DIGITS, steps=1)
+        assert caught.value.reason == "QUEUE_FULL" and caught.value.retry_after == 1.0
         call.cancel()
         stopped = wait_until_still(busy_server, "vit")
     time.sleep(0.3)

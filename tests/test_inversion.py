@@ -82,8 +82,9 @@ def test_list_inverters_shows_the_committed_inverter(client: Client) -> None:
     assert all(m.best_val_mse > 0 and m.parameters > 0 for m in inverter.modules)
     assert "training split" in inverter.data
     assert client.list_inverters("vit") == []
-    with pytest.raises(NotFoundError, match="no-such-model"):
+    with pytest.raises(NotFoundError) as caught:
         client.list_inverters("no-such-model")
+    assert caught.value.resource == ("model", "no-such-model")
 
 
 @pytest.fixture(scope="module")
@@ -328,10 +329,13 @@ def test_batches_over_the_limit_are_resource_exhausted(client: Client) -> None:
 
 
 def test_unknown_model_and_missing_inverter_are_not_found(client: Client) -> None:
-    with pytest.raises(NotFoundError, match="no-such-model"):
+    with pytest.raises(NotFoundError) as model:
         client.invert(request_images(), [0], model="no-such-model")
-    with pytest.raises(NotFoundError, match="'vit' has no trained inverter"):
+    assert model.value.reason == "MODEL_NOT_FOUND"
+    with pytest.raises(NotFoundError) as inverter:
         client.invert([np.zeros((8, 8, 3), np.uint8)], [0], model="vit")
+    assert inverter.value.reason == "INVERTER_NOT_FOUND"
+    assert inverter.value.resource == ("inverter", "vit")
     assert client.invert(request_images(), [1], model=DIGITS)[1].psnr is not None
 
 

@@ -238,6 +238,8 @@ class Client:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.enable_retries", 1),
+            # gRPC keeps a request for retrying only up to this size (256 KiB by default).
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
             ("grpc.service_config", service_config(retries, load_balancing)),
             ("grpc.service_config_disable_resolution", 1),
             # Streams are read on the calling thread: no helper thread started per call.

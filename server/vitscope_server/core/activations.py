@@ -23,6 +23,7 @@ from vitscope_server.core.errors import (
     InvalidArgument,
     Reason,
     ResourceExhausted,
+    require_in_range,
 )
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
@@ -271,12 +272,7 @@ def _to_output(role: str, tensor: torch.Tensor, dtype: str) -> OutputTensor:
 def _check_channels(channels: tuple[int, ...], site: SiteDef, num_channels: int) -> None:
     if len(channels) > num_channels:
         raise InvalidArgument("channels", f"at most {num_channels} for site {site.name!r}")
-    bad = [c for c in channels if not 0 <= c < num_channels]
-    if bad:
-        raise InvalidArgument(
-            "channels",
-            f"{bad[:5]} out of range for site {site.name!r}; allowed 0..{num_channels - 1}",
-        )
+    require_in_range("channels", channels, 0, num_channels - 1, f" for site {site.name!r}")
 
 
 def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> SiteOutput:

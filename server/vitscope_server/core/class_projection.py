@@ -25,6 +25,8 @@ from vitscope_server.core.errors import (
     InvalidArgument,
     Reason,
     ResourceExhausted,
+    require_in_range,
+    require_unique,
 )
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.importance import (
@@ -147,11 +149,8 @@ class PreparedProjection:
 def _check_blocks(blocks: tuple[int, ...], count: int, field: str) -> tuple[int, ...]:
     if not blocks:
         return tuple(range(count))
-    bad = [b for b in blocks if not 0 <= b < count]
-    if bad:
-        raise InvalidArgument(field, f"blocks {bad[:5]} do not exist; allowed 0..{count - 1}")
-    if len(set(blocks)) != len(blocks):
-        raise InvalidArgument(field, f"each block may appear once, got {list(blocks)}")
+    require_in_range(field, blocks, 0, count - 1)
+    require_unique(field, blocks)
     return tuple(sorted(blocks))
 
 
