@@ -194,13 +194,16 @@ class Batcher(Generic[Item, Result]):
         group = arrival.group
         with self._changed:
             self._land(arrival)
-            queue = self._queues.setdefault((group, key), _Queue(group, (group, key)))
-            if queue.leader is not None and self._waiting >= self._slots.max_waiting:
+            queue = self._queues.get((group, key))
+            runs_now = (queue is None or queue.leader is None) and self._slots.free > 0
+            waiting = self._waiting + self._slots.waiting
+            if not runs_now and waiting >= self._slots.max_waiting:
                 raise ResourceExhausted(
-                    f"server busy: {self._waiting} requests waiting for a batch "
+                    f"server busy: {waiting} requests waiting for compute "
                     f"(max_queue={self._slots.max_waiting}); retry later",
                     reason=Reason.QUEUE_FULL,
                 )
+            queue = self._queues.setdefault((group, key), _Queue(group, (group, key)))
             queue.pending.append(member)
             self._waiting += 1
             if queue.leader is None:

@@ -28,6 +28,11 @@ class ComputeSlots:
     def waiting(self) -> int:
         return self._waiting
 
+    @property
+    def free(self) -> int:
+        """Slots free now (a hint: another thread may take one next)."""
+        return self._free
+
     def _wake(self) -> None:
         with self._changed:
             self._changed.notify_all()
