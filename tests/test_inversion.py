@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import time
 
 import grpc
 import numpy as np
@@ -18,6 +17,7 @@ from conftest import start
 from PIL import Image
 from reference import build, vit_sites
 from safetensors.torch import load_file
+from waiting import sample, wait_until
 
 from vitscope import Client, InvalidArgumentError, NotFoundError, VitscopeError
 from vitscope.cli import main as cli
@@ -32,9 +32,9 @@ from vitscope_server.builtin import (
     DIGITS_STD,
     DIGITS_WEIGHTS,
 )
+from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.core.inversion_modules import Geometry, build_module
 from vitscope_server.settings import ServerSettings
-from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer
 
 DIGITS = DIGITS_NAME
@@ -359,18 +359,24 @@ def _png(digit: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+LONG_STEPS = 10_000
+
+
 def _invert_once_the_slot_is_free(client: Client) -> None:
-    """With one slot and no queue, a call is refused until the stopped run lets go of it;
-    a run that kept computing for 10,000 steps would hold it far longer than 10 s."""
-    deadline = time.monotonic() + 10
-    while True:
+    """With one slot and no queue, a call is refused until the stopped run lets go of it."""
+
+    def served() -> bool:
         try:
-            assert client.invert(request_images(), [0], model=DIGITS)[0].psnr is not None
-            return
+            return client.invert(request_images(), [0], model=DIGITS)[0].psnr is not None
         except VitscopeError as exc:
             assert exc.code == "RESOURCE_EXHAUSTED"
-            assert time.monotonic() < deadline, "the stopped run kept its slot"
-            time.sleep(0.05)
+            return False
+
+    wait_until(served, "the stopped inversion to release its compute slot")
+
+
+def _steps(server: RunningServer, model: str) -> float:
+    return sample(server, "vitscope_optimization_steps_total", method="Invert", model=model)
 
 
 def test_cancelling_an_optimisation_frees_its_slot(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -380,7 +386,7 @@ def test_cancelling_an_optimisation_frees_its_slot(tmp_path) -> None:  # type: i
             model="vit",
             method=pb.INVERSION_METHOD_OPTIMIZATION,
             depths=[6],
-            optimization=pb.InversionOptimization(steps=10_000, progress_every=1),
+            optimization=pb.InversionOptimization(steps=LONG_STEPS, progress_every=1),
         )
         request.images.add().encoded = _png(np.zeros((160, 160), np.uint8))
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -390,17 +396,20 @@ def test_cancelling_an_optimisation_frees_its_slot(tmp_path) -> None:  # type: i
             call.cancel()
         with Client(f"127.0.0.1:{running.port}", timeout=30) as client:
             _invert_once_the_slot_is_free(client)
+            # Steps run only while the slot is held: the counts are final.
+            assert 1 <= _steps(running, "vit") < LONG_STEPS
             with pytest.raises(VitscopeError) as caught:
                 client.invert(
                     request_images(),
                     [6],
                     model=DIGITS,
                     method="optimization",
-                    steps=10_000,
+                    steps=LONG_STEPS,
                     timeout=1.0,
                 )
             assert caught.value.code == "DEADLINE_EXCEEDED"
             _invert_once_the_slot_is_free(client)
+            assert _steps(running, DIGITS) < LONG_STEPS
     finally:
         running.stop(0)
 

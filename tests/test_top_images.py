@@ -1,4 +1,4 @@
-"""TopActivatingImages and the sharded `vitscope scan` against plain hooks, on a real server."""
+"""TopActivatingImages and the sharded `vitscope-server scan` against plain hooks, on a real server."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from vitscope import Client, InvalidArgumentError, NotFoundError, ResourceExhaus
 from vitscope.cli import main
 from vitscope.client import ImageLike
 from vitscope.errors import PermissionDeniedError, VitscopeError
+from vitscope_server.builtin.digits_data import digits_split
+from vitscope_server.cli import main as server_main
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.errors import InvalidArgument
 from vitscope_server.core.images import ALLOWED_FORMATS, ImageInput
@@ -30,7 +32,6 @@ from vitscope_server.core.top_images import (
     file_items,
     list_images,
 )
-from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer
 
 DIGITS = "vitscope-digits"
@@ -268,7 +269,7 @@ def test_server_without_roots_refuses_folders(client: Client) -> None:
 
 
 def scan(root: Path, out: Path, shard: str, *extra: str) -> dict[str, object]:
-    main(
+    server_main(
         [
             "scan",
             "--model",
@@ -300,7 +301,7 @@ def test_sharded_scan_merges_to_the_unsharded_top_k(
     whole = scan(root, tmp_path / "whole.json", "0/1")
     parts = [scan(root, tmp_path / f"part{i}.json", f"{i}/3") for i in range(3)]
     assert [p["scanned"] for p in parts] == [10, 10, 10]
-    main(
+    server_main(
         [
             "scan-merge",
             *(str(tmp_path / f"part{i}.json") for i in (2, 0, 1)),
@@ -336,7 +337,7 @@ def test_merge_refuses_mismatched_parts(root: Path, tmp_path: Path) -> None:
     other["top_k"] = 3
     (tmp_path / "b.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="top_k"):
-        main(
+        server_main(
             [
                 "scan-merge",
                 str(tmp_path / "a.json"),
@@ -346,7 +347,7 @@ def test_merge_refuses_mismatched_parts(root: Path, tmp_path: Path) -> None:
             ]
         )
     with pytest.raises(SystemExit, match="given twice"):
-        main(
+        server_main(
             [
                 "scan-merge",
                 str(tmp_path / "a.json"),
@@ -361,7 +362,7 @@ def test_merge_refuses_mismatched_parts(root: Path, tmp_path: Path) -> None:
 
 def test_scan_builtin_digits_shard(tmp_path: Path) -> None:
     out = tmp_path / "digits.json"
-    main(
+    server_main(
         [
             "scan",
             "--model",

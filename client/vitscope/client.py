@@ -112,21 +112,7 @@ def image_message(image: ImageLike) -> common_pb2.Image:
 
 
 _GET_ACTIVATIONS = "/vitscope.v1.Inspector/GetActivations"
-_CHUNK_KEY = (
-    activations_pb2.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
-)
-
-
-def _chunk_of(raw: bytes) -> tuple[tensor_pb2.TensorChunk, memoryview] | None:
-    """A chunk response's fields and a view of its data, without copying the data;
-    None for anything else (the header), which protobuf parses."""
-    view = memoryview(raw)
-    if not view or view[0] != _CHUNK_KEY:
-        return None
-    length, start = wire.read_varint(view, 1)
-    if start + length != len(view):
-        return None
-    return wire.split_chunk(view[start:])
+_CHUNK_FIELD = activations_pb2.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number
 
 
 @dataclass(frozen=True)
@@ -375,7 +361,7 @@ class Client:
         header: activations_pb2.ActivationHeader | None = None
         assembler = wire.ChunkAssembler()
         for raw in responses:
-            chunk = _chunk_of(raw)
+            chunk = wire.decode_tensor_message(_CHUNK_FIELD, raw)
             if chunk is not None:
                 assembler.add(*chunk)
                 continue

@@ -1,4 +1,4 @@
-"""Which models a process serves and on which device: shared by `vitscope serve` and the
+"""Which models a process serves and on which device: shared by `vitscope-server serve` and the
 batch commands (scan, train-inverter), so a Job names models exactly as the server does."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def select_spec(name: str, models_file: Path | None, model_flags: Sequence[str]) -> ModelSpec:
-    """The model named `name` among those `vitscope serve` would serve with the same flags
+    """The model named `name` among those `vitscope-server serve` would serve with the same flags
     (and the same VITSCOPE_* environment, which a flag left out does not override)."""
     given: dict[str, object] = {}
     if models_file is not None:

@@ -47,8 +47,21 @@ class Reduction(Enum):
     TOP_CHANNELS = "top_channels"
 
 
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
-COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+class TensorDType(Enum):
+    """Element types of result tensors; bfloat16 results hold their bit patterns as uint16."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    INT64 = "int64"
+
+
+OUTPUT_DTYPES = (TensorDType.FLOAT32, TensorDType.FLOAT16, TensorDType.BFLOAT16)
+COMPUTE_DTYPES = {
+    TensorDType.FLOAT32: torch.float32,
+    TensorDType.FLOAT16: torch.float16,
+    TensorDType.BFLOAT16: torch.bfloat16,
+}
 
 
 @dataclass(frozen=True)
@@ -60,12 +73,12 @@ class ActivationQuery:
     reduction: Reduction = Reduction.NONE
     channels: tuple[int, ...] = ()
     top_k: int = 0
-    output_dtype: str = "float32"
+    output_dtype: TensorDType = TensorDType.FLOAT32
     top_predictions: int = 0
     # The classifier's logits for every image, float32 [batch, classes].
     logits: bool = False
     # The forward's precision: float32, or float16/bfloat16 under autocast.
-    compute_dtype: str = "float32"
+    compute_dtype: TensorDType = TensorDType.FLOAT32
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,7 @@ class OutputTensor:
     """A result tensor; bfloat16 arrays hold bit patterns as uint16."""
 
     role: str
-    dtype: str
+    dtype: TensorDType
     array: np.ndarray
 
 
@@ -121,12 +134,13 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
         )
     if query.output_dtype not in OUTPUT_DTYPES:
         raise InvalidArgument(
-            "output_dtype", f"{query.output_dtype!r} not allowed; allowed: {OUTPUT_DTYPES}"
+            "output_dtype",
+            f"{query.output_dtype.value} not allowed; allowed: {[d.value for d in OUTPUT_DTYPES]}",
         )
     if query.compute_dtype not in COMPUTE_DTYPES:
         raise InvalidArgument(
             "compute_dtype",
-            f"{query.compute_dtype!r} not allowed; allowed: {tuple(COMPUTE_DTYPES)}",
+            f"{query.compute_dtype.value} not allowed; allowed: {[d.value for d in COMPUTE_DTYPES]}",
         )
     mode = query.token_mode
     if mode is TokenMode.UNSPECIFIED:
@@ -257,15 +271,15 @@ def as_site_layout(site: SiteDef, shape: tuple[int, ...]) -> SiteDef:
     return site
 
 
-def _to_output(role: str, tensor: torch.Tensor, dtype: str) -> OutputTensor:
+def _to_output(role: str, tensor: torch.Tensor, dtype: TensorDType) -> OutputTensor:
     if tensor.dtype == torch.int64:
-        return OutputTensor(role, "int64", tensor.contiguous().cpu().numpy())
-    if dtype == "bfloat16":
+        return OutputTensor(role, TensorDType.INT64, tensor.contiguous().cpu().numpy())
+    if dtype is TensorDType.BFLOAT16:
         bits = (
             tensor.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
         )
         return OutputTensor(role, dtype, bits)
-    target = torch.float16 if dtype == "float16" else torch.float32
+    target = torch.float16 if dtype is TensorDType.FLOAT16 else torch.float32
     return OutputTensor(role, dtype, tensor.to(target).contiguous().cpu().numpy())
 
 
@@ -319,7 +333,7 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
             [],
             [
                 _to_output("values", top.values, query.output_dtype),
-                _to_output("channel_indices", top.indices, ""),
+                _to_output("channel_indices", top.indices, TensorDType.INT64),
             ],
         )
     return SiteOutput(site, indices, [], [_to_output("values", values, query.output_dtype)])
@@ -399,8 +413,8 @@ def _stop_after(items: Sequence[PreparedActivations]) -> int | None:
     return deepest
 
 
-def _autocast(device: torch.device, dtype: str) -> AbstractContextManager[object]:
-    if dtype == "float32":
+def _autocast(device: torch.device, dtype: TensorDType) -> AbstractContextManager[object]:
+    if dtype is TensorDType.FLOAT32:
         return nullcontext()
     return torch.autocast(device.type, dtype=COMPUTE_DTYPES[dtype])
 

@@ -174,7 +174,7 @@ def allowed_folder(folder: str, roots: Sequence[Path]) -> Path:
     first so nothing outside the roots can be named."""
     if not roots:
         raise PermissionDenied(
-            "image_folder: this server allows no image folders (the operator sets --image-root)",
+            "image_folder: this server allows no image folders (the operator sets --image-roots)",
             field="image_folder",
         )
     resolved = Path(os.path.realpath(folder))

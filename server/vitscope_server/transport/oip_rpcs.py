@@ -14,6 +14,7 @@ from vitscope.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from vitscope_server.core.activations import (
     ActivationLimits,
     ActivationResult,
+    TensorDType,
     get_activations,
     prepare_activations,
 )
@@ -118,14 +119,14 @@ def _infer_response(
     results: list[ActivationResult],
 ) -> oip.ModelInferResponse:
     """Outputs in the order they were requested (logits alone when none was)."""
-    arrays: dict[str, tuple[np.ndarray, str]] = {}
+    arrays: dict[str, tuple[np.ndarray, TensorDType]] = {}
     for group, result in zip(groups, results, strict=True):
         sites = [name for name in group.names if name != LOGITS]
         for name, site in zip(sites, result.sites, strict=True):
             values = site.tensors[0]
             arrays[name] = (values.array, values.dtype)
         if result.logits is not None:
-            arrays[LOGITS] = (result.logits, "float32")
+            arrays[LOGITS] = (result.logits, TensorDType.FLOAT32)
     response = oip.ModelInferResponse(
         model_name=loaded.spec.name, model_version=loaded.weights_identity, id=request.id
     )
