@@ -125,13 +125,7 @@ class ActivationLimits:
     max_result_bytes: int
 
 
-def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery:
-    if not query.sites and not query.top_predictions and not query.logits:
-        raise InvalidArgument(
-            "sites",
-            "at least one site is required (or top_predictions > 0)",
-            reason=Reason.FIELD_REQUIRED,
-        )
+def _check_dtypes(query: ActivationQuery) -> None:
     if query.output_dtype not in OUTPUT_DTYPES:
         raise InvalidArgument(
             "output_dtype",
@@ -142,6 +136,16 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
             "compute_dtype",
             f"{query.compute_dtype.value} not allowed; allowed: {[d.value for d in COMPUTE_DTYPES]}",
         )
+
+
+def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery:
+    if not query.sites and not query.top_predictions and not query.logits:
+        raise InvalidArgument(
+            "sites",
+            "at least one site is required (or top_predictions > 0)",
+            reason=Reason.FIELD_REQUIRED,
+        )
+    _check_dtypes(query)
     mode = query.token_mode
     if mode is TokenMode.UNSPECIFIED:
         mode = TokenMode.ALL if query.reduction is Reduction.NONE else TokenMode.PATCHES

@@ -143,6 +143,14 @@ def _start_metrics(settings: ServerSettings, metrics: Metrics) -> tuple[Any, int
     return http, int(http.server_port)
 
 
+def _inverter_catalog(settings: ServerSettings) -> InverterCatalog:
+    """The built-in inverters (with the built-in models) and those of inverters_dir."""
+    roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
+    if settings.inverters_dir is not None:
+        roots.append(settings.inverters_dir)
+    return InverterCatalog(roots)
+
+
 def create_server(settings: ServerSettings) -> RunningServer:
     """Builds and starts everything; models keep loading in the background."""
     if settings.torch_threads:
@@ -167,19 +175,13 @@ def create_server(settings: ServerSettings) -> RunningServer:
     )
     activations = activation_batcher(settings, slots, limits, metrics)
     metrics.queued.set_function(lambda: float(slots.waiting + activations.waiting))
-    inverter_roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
-    if settings.inverters_dir is not None:
-        inverter_roots.append(settings.inverters_dir)
-    limits = ActivationLimits(
-        settings.max_batch, settings.max_image_pixels, settings.max_result_bytes
-    )
     servicer = InspectorServicer(
         registry,
         slots,
         metrics,
         limits,
         settings.effective_chunk_bytes,
-        InverterCatalog(inverter_roots),
+        _inverter_catalog(settings),
         settings.image_roots,
         max_message_bytes=settings.max_message_bytes,
         activations=activations,
