@@ -230,6 +230,8 @@ class Client:
             ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
             ("grpc.service_config", service_config(retries, load_balancing)),
             ("grpc.service_config_disable_resolution", 1),
+            # Streams are read on the calling thread: no helper thread started per call.
+            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
         ]
         if tls or ca_cert or client_cert:
             credentials = grpc.ssl_channel_credentials(
@@ -332,6 +334,7 @@ class Client:
         top_k: int = 0,
         dtype: str = "float32",
         top_predictions: int = 0,
+        compute_dtype: str = "float32",
         timeout: float | None = None,
     ) -> Activations:
         """Activations at `sites` for `images`.
@@ -339,6 +342,7 @@ class Client:
         tokens: all | prefix | patches | indices | positions (default: all without a
         reduction, patches with one). reduction: none | mean | patch_map | top_channels.
         dtype: float32 | float16 | bfloat16 (bfloat16 arrives as float32 values).
+        compute_dtype: the forward's precision, float32 | float16 | bfloat16 (autocast).
         """
         request = activations_pb2.GetActivationsRequest(
             model=model,
@@ -350,6 +354,7 @@ class Client:
             top_k=top_k,
             output_dtype=_DTYPES[dtype],
             top_predictions=top_predictions,
+            compute_dtype=_DTYPES[compute_dtype],
         )
         return self._collect(self._stream(self._activations_raw, request, timeout))
 
