@@ -55,6 +55,7 @@ BENCHMARKS: list[tuple[str, str, list[str], int]] = [
     ),
     ("class_projection", "class_projection", ["--rounds", "3"], 40),
     ("inversion", "inversion", ["--rounds", "20", "--batch", "256"], 40),
+    ("oip", "oip", ["--reps", "10"], 40),
 ]
 TEST_SECONDS = 210
 
