@@ -27,6 +27,7 @@ from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.model_selection import model_specs, resolve_device
 from vitscope_server.settings import ServerSettings
+from vitscope_server.transport.batchers import activation_batcher
 from vitscope_server.transport.interceptors import ServiceInterceptor
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.oip_rpcs import SERVICE_NAME as INFERENCE_SERVICE_NAME
@@ -98,17 +99,6 @@ def _health_updater(
     return on_state
 
 
-def _memory_budget(settings: ServerSettings) -> MemoryBudget:
-    """The server's budget defaults to half of what the process may use."""
-    total = settings.server_memory_bytes or memory_limit_bytes() // 2
-    log.info(
-        "memory budget: %d MiB per request, %d MiB in all",
-        settings.request_memory_bytes >> 20,
-        total >> 20,
-    )
-    return MemoryBudget(settings.request_memory_bytes, total, settings.max_queue)
-
-
 def _channel_options(settings: ServerSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -160,6 +150,27 @@ def _start_metrics(settings: ServerSettings, metrics: Metrics) -> tuple[Any, int
     return http, int(http.server_port)
 
 
+def _inverter_catalog(settings: ServerSettings) -> InverterCatalog:
+    """The built-in inverters (with the built-in models) and those of inverters_dir."""
+    roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
+    if settings.inverters_dir is not None:
+        roots.append(settings.inverters_dir)
+    return InverterCatalog(roots)
+
+
+def _memory_budget(settings: ServerSettings, metrics: Metrics) -> MemoryBudget:
+    """The server's budget defaults to half of what the process may use."""
+    total = settings.server_memory_bytes or memory_limit_bytes() // 2
+    log.info(
+        "memory budget: %d MiB per request, %d MiB in all",
+        settings.request_memory_bytes >> 20,
+        total >> 20,
+    )
+    budget = MemoryBudget(settings.request_memory_bytes, total, settings.max_queue)
+    metrics.memory_reserved.set_function(lambda: float(budget.reserved))
+    return budget
+
+
 def _grpc_server(
     settings: ServerSettings, metrics: Metrics, registry: ModelRegistry
 ) -> grpc.Server:
@@ -188,33 +199,31 @@ def _add_services(
     metrics: Metrics,
     health_servicer: health.HealthServicer,
 ) -> None:
-    """The Inspector and the inference protocol, sharing compute slots and the memory
-    budget; health and reflection beside them."""
+    """The Inspector and the inference protocol, sharing compute slots, the activation
+    batcher and the memory budget; health and reflection beside them."""
     slots = ComputeSlots(settings.max_running, settings.max_queue)
-    metrics.queued.set_function(lambda: float(slots.waiting))
-    budget = _memory_budget(settings)
-    metrics.memory_reserved.set_function(lambda: float(budget.reserved))
-    inverter_roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
-    if settings.inverters_dir is not None:
-        inverter_roots.append(settings.inverters_dir)
     limits = ActivationLimits(
         settings.max_batch, settings.max_image_pixels, settings.max_result_bytes
     )
+    activations = activation_batcher(settings, slots, limits, metrics)
+    metrics.queued.set_function(lambda: float(slots.waiting + activations.waiting))
+    budget = _memory_budget(settings, metrics)
     servicer = InspectorServicer(
         registry,
         slots,
         metrics,
         limits,
         settings.effective_chunk_bytes,
-        InverterCatalog(inverter_roots),
+        _inverter_catalog(settings),
         settings.image_roots,
         max_message_bytes=settings.max_message_bytes,
+        activations=activations,
         budget=budget,
     )
     inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(
-            registry, slots, metrics, limits, settings.max_message_bytes, budget=budget
+            registry, activations, metrics, limits, settings.max_message_bytes, budget=budget
         ),
         server,
     )
@@ -254,7 +263,8 @@ def create_server(settings: ServerSettings) -> RunningServer:
 
 
 def serve(settings: ServerSettings) -> None:
-    """Runs until SIGTERM or SIGINT, then drains within settings.grace_seconds."""
+    """Runs until SIGTERM or SIGINT, then drains: settings.drain_delay_seconds still
+    accepting while health says NOT_SERVING, then settings.grace_seconds for calls in flight."""
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

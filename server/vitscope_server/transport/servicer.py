@@ -11,9 +11,12 @@ from vitscope.v1 import activations_pb2, models_pb2, server_info_pb2
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.core.activations import (
     ActivationLimits,
-    get_activations,
+    ActivationResult,
+    PreparedActivations,
+    batch_key,
     prepare_activations,
 )
+from vitscope_server.core.batching import Batcher
 from vitscope_server.core.budget import MemoryBudget, forward_bytes, images_bytes
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.provenance import provenance_of
@@ -21,7 +24,8 @@ from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert
 from vitscope_server.transport.cancellation import cancel_token
-from vitscope_server.transport.compute import computing
+from vitscope_server.transport.compute import record_batched
+from vitscope_server.transport.explain_rpcs import ExplainRpcs
 from vitscope_server.transport.features_rpcs import FeatureRpcs
 from vitscope_server.transport.inversion_rpcs import InversionRpcs
 from vitscope_server.transport.metrics import Metrics
@@ -31,7 +35,7 @@ from vitscope_server.transport.server_info import ServerInfo
 
 # Streams may yield Progress-wrapped messages, which the interceptor unwraps.
 class InspectorServicer(  # type: ignore[misc]
-    FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.InspectorServicer
+    FeatureRpcs, ProjectionRpcs, InversionRpcs, ExplainRpcs, pb_grpc.InspectorServicer
 ):
     def __init__(
         self,
@@ -44,6 +48,7 @@ class InspectorServicer(  # type: ignore[misc]
         image_roots: Sequence[Path] = (),
         *,
         max_message_bytes: int,
+        activations: Batcher[PreparedActivations, ActivationResult],
         budget: MemoryBudget,
     ) -> None:
         self._info = ServerInfo(
@@ -58,6 +63,8 @@ class InspectorServicer(  # type: ignore[misc]
             )
         )
         self._registry = registry
+        self._activations = activations
+        self._budget = budget
         self._slots = slots
         self._metrics = metrics
         self._limits = limits
@@ -65,7 +72,6 @@ class InspectorServicer(  # type: ignore[misc]
         self._image_roots = tuple(image_roots)
         self._inverters = inverters
         self._max_message_bytes = max_message_bytes
-        self._budget = budget
 
     def ListModels(
         self, request: models_pb2.ListModelsRequest, context: grpc.ServicerContext
@@ -91,16 +97,17 @@ class InspectorServicer(  # type: ignore[misc]
         self, request: activations_pb2.GetActivationsRequest, context: grpc.ServicerContext
     ) -> Iterator[activations_pb2.GetActivationsResponse | bytes]:
         loaded = self._registry.get(request.model)
+        model, adapter = loaded.spec.name, loaded.adapter
         images = convert.image_inputs(list(request.images))
         query = convert.activation_query(request)
-        adapter = loaded.adapter
-        need = images_bytes(adapter, images, self._limits.max_pixels) + forward_bytes(
-            adapter, len(images), len(query.sites)
-        )
+        need = images_bytes(adapter, images, self._limits.max_pixels)
+        need += forward_bytes(adapter, len(images), len(query.sites))
         cancel = cancel_token(context)
-        labels = ("GetActivations", loaded.spec.name)
         with self._budget.reserve(need, cancel):
-            prepared = prepare_activations(loaded, images, query, self._limits)
-            with computing(self._slots, self._metrics, cancel, *labels):
-                result = get_activations(prepared, cancel, self._limits)
+            with self._activations.arriving(model) as arrival:
+                prepared = prepare_activations(loaded, images, query, self._limits)
+                result, info = self._activations.submit(
+                    arrival, batch_key(prepared), prepared, len(prepared.pixels), cancel
+                )
+            record_batched(self._metrics, "GetActivations", model, info)
             yield from convert.activation_responses(result, self._chunk_bytes)
