@@ -22,6 +22,19 @@ _LATENCY_BUCKETS = (
 )
 
 
+def _admission_gauges(registry: CollectorRegistry) -> tuple[Gauge, Gauge]:
+    """Requests waiting for compute, and the bytes admitted requests hold."""
+    queued = Gauge(
+        "vitscope_queued_requests", "Requests waiting for a compute slot.", registry=registry
+    )
+    reserved = Gauge(
+        "vitscope_memory_reserved_bytes",
+        "Estimated bytes held by admitted requests (the server memory budget in use).",
+        registry=registry,
+    )
+    return queued, reserved
+
+
 def _batch_histograms(registry: CollectorRegistry) -> tuple[Histogram, Histogram]:
     """Images per batched forward, and how long a batch waited for arriving requests."""
     images = Histogram(
@@ -99,14 +112,7 @@ class Metrics:
             registry=r,
         )
         self.batch_images, self.batch_delay = _batch_histograms(r)
-        self.queued = Gauge(
-            "vitscope_queued_requests", "Requests waiting for a compute slot.", registry=r
-        )
-        self.memory_reserved = Gauge(
-            "vitscope_memory_reserved_bytes",
-            "Estimated bytes held by admitted requests (the server memory budget in use).",
-            registry=r,
-        )
+        self.queued, self.memory_reserved = _admission_gauges(r)
 
     def watch_gpu_memory(self) -> None:
         """Exports allocated CUDA memory when a GPU is in use."""
