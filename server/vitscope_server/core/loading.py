@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vitscope_server.core.adapters import ModelAdapter
+from vitscope_server.core.anatomy import settle_anatomy
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.capture import capture_sites
 from vitscope_server.core.errors import FailedPrecondition, VitscopeError
@@ -99,4 +100,10 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
             f"model {spec.name}: {spec.family} cannot build {spec.architecture}: {exc}"
         ) from exc
     adapter.module.to(device).eval().requires_grad_(False)
+    settle_anatomy(adapter, device, adapter.prefix_hint)
+    if not adapter.blocks:
+        reasons = "; ".join(f"{n.site}: {n.reason}" for n in adapter.notes[:3])
+        raise FailedPrecondition(
+            f"model {spec.name}: no block passed the load-time probe ({reasons})"
+        )
     return LoadedModel(spec, adapter, identity, device, probe_site_shapes(adapter, device))

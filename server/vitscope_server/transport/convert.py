@@ -168,6 +168,9 @@ def describe(
         class_names=adapter.class_names,
         num_classes=len(adapter.class_names),
         provenance=provenance(p),
+        unavailable_sites=[
+            pb.UnavailableSite(site=u.site, reason=u.reason) for u in adapter.unavailable_sites
+        ],
     )
 
 
