@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from vitscope_server.core.specs import ModelSpec
 from vitscope_server.core.weights import (
     file_digest,
     hub_failure,
+    hub_identity,
     load_state_dict_strictly,
     read_state_dict,
     require_hub,
@@ -40,6 +42,31 @@ def probe_site_shapes(adapter: ModelAdapter, device: torch.device) -> dict[str, 
     return {site.name: tuple(captured[site.name].shape) for site in sites if site.name in captured}
 
 
+def _timm_hub_identity(spec: ModelSpec, model: torch.nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    tag = f"{spec.architecture}.{cfg.get('tag') or spec.hub_tag}".rstrip(".")
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        return f"hub:{tag}"
+    named = cfg.get("hf_hub_filename")
+    files = (named,) if named else ("model.safetensors", "pytorch_model.bin")
+    return hub_identity(str(repo).partition("@")[0], files, f"hub:{tag}")
+
+
+def _open_clip_hub_identity(spec: ModelSpec) -> str:
+    """open_clip reads `hf_hub` as "org/repo/[file]", preferring a .safetensors alternative."""
+    import open_clip
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+    fallback = f"hub:{spec.architecture}/{spec.hub_tag}"
+    hub = (open_clip.get_pretrained_cfg(spec.architecture, spec.hub_tag or "") or {}).get("hf_hub")
+    if not hub:
+        return fallback
+    repo, filename = posixpath.split(str(hub))
+    filename = filename or HF_WEIGHTS_NAME
+    return hub_identity(repo, (*_get_safe_alternatives(filename), filename), fallback)
+
+
 def _build_timm(spec: ModelSpec) -> tuple[ModelAdapter, str]:
     from vitscope_server.core.adapters.timm_models import build_timm, timm_adapter
 
@@ -51,9 +78,7 @@ def _build_timm(spec: ModelSpec) -> tuple[ModelAdapter, str]:
             raise
         except Exception as exc:
             raise hub_failure(spec, exc) from exc
-        return timm_adapter(
-            spec, model
-        ), f"hub:{spec.architecture}{'.' + spec.hub_tag if spec.hub_tag else ''}"
+        return timm_adapter(spec, model), _timm_hub_identity(spec, model)
     model = build_timm(spec, None)
     weights_file = spec.weights_file
     if weights_file is None:
@@ -84,7 +109,7 @@ def _build_open_clip(spec: ModelSpec) -> tuple[ModelAdapter, str]:
             raise
         except Exception as exc:
             raise hub_failure(spec, exc) from exc
-        return OpenClipTowerAdapter(spec, model), f"hub:{spec.architecture}/{spec.hub_tag}"
+        return OpenClipTowerAdapter(spec, model), _open_clip_hub_identity(spec)
     return OpenClipTowerAdapter(spec, build_open_clip(spec, None)), f"random:seed={spec.seed}"
 
 
