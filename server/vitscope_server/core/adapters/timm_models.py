@@ -146,7 +146,11 @@ class TimmAdapter(ModelAdapter):
     def class_projection_unsupported(self) -> str | None:
         model = self.root
         if not isinstance(model, VisionTransformer) or not self.uniform:
-            return super().class_projection_unsupported()
+            return (
+                f"{super().class_projection_unsupported()}; {type(model).__name__}"
+                f"{'' if self.uniform else ' (blocks of several grids or widths)'} is not "
+                "supported for class-space methods"
+            )
         pool = getattr(model, "global_pool", "")
         if pool != "token" and pool not in _AVERAGE_POOLS:
             return (
