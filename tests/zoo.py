@@ -4,9 +4,9 @@ by anatomy, one small random-init representative per group served through every 
     python tests/zoo.py            # rerun the sweep, rewrite the table in docs/models.md
     python tests/zoo.py --groups   # also regroup timm's models (instantiates every one, slow)
 
-Grouping timm's models needs every model built (on the meta device), so the groups are
-kept in tests/zoo_timm_groups.json; the sweep test checks they still cover
-timm.list_models(). open_clip's groups come from its configs, which cost nothing to read.
+Grouping timm's models needs every model built (on the meta device), so the groups and
+their representatives are kept in tests/zoo_groups.json; the sweep test checks that they
+still cover timm.list_models() and open_clip.list_models().
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from vitscope import Client, FailedPreconditionError
 from vitscope.errors import VitscopeError
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS_FILE = Path(__file__).resolve().parent / "zoo_timm_groups.json"
+GROUPS_FILE = Path(__file__).resolve().parent / "zoo_groups.json"
 DOCS = ROOT / "docs" / "models.md"
 BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
 
@@ -70,6 +70,7 @@ TIMM_MODULES = (
 )
 # Small configurations tried in turn for a timm representative: the first that builds is kept.
 SMALL_KWARGS: tuple[dict[str, Any], ...] = (
+    {"img_size": 64, "depth": 2, "embed_dim": 64, "num_heads": 2, "num_classes": 5},
     {"img_size": 64, "depth": 2, "num_classes": 5},
     {"img_size": 64, "num_classes": 5},
     {"depth": 2, "num_classes": 5},
@@ -131,28 +132,24 @@ def _on_meta(name: str) -> torch.nn.Module:
 
 
 def group_timm_models() -> dict[str, Any]:
-    """Every model of TIMM_MODULES built on the meta device and grouped by anatomy; the
-    smallest member that builds small represents its group."""
+    """Every model of TIMM_MODULES built on the meta device and grouped by anatomy."""
     groups: dict[str, list[tuple[int, str]]] = {}
     for name in timm_models():
         model = _on_meta(name)
         size = sum(p.numel() for p in model.parameters())
         groups.setdefault(timm_anatomy(model), []).append((size, name))
-    result = {}
-    for key, members in sorted(groups.items()):
-        for _, name in sorted(members)[:3]:
-            kwargs = _builds_small(name)
-            if kwargs is not None:
-                break
-        else:
-            name, kwargs = sorted(members)[0][1], {}
-        result[key] = {"example": name, "kwargs": kwargs, "members": sorted(m for _, m in members)}
-    return result
+    return {key: pick_timm_representative(members) for key, members in sorted(groups.items())}
 
 
-def load_timm_groups() -> dict[str, Any]:
-    groups: dict[str, Any] = json.loads(GROUPS_FILE.read_text())
-    return groups
+def pick_timm_representative(members: list[tuple[int, str]]) -> dict[str, Any]:
+    """The smallest of the group's smallest members that builds small, with its kwargs."""
+    for _, name in sorted(members)[:3]:
+        kwargs = _builds_small(name)
+        if kwargs is not None:
+            break
+    else:
+        name, kwargs = sorted(members)[0][1], {}
+    return {"example": name, "kwargs": kwargs, "members": sorted(m for _, m in members)}
 
 
 def _clip_tower_kind(vision: dict[str, Any]) -> str:
@@ -181,64 +178,87 @@ def _clip_tower_kind(vision: dict[str, Any]) -> str:
     return " ".join(["VisionTransformer", pool, *flags, *scale])
 
 
-def open_clip_groups() -> dict[str, Any]:
-    """open_clip configs that build offline (no Hugging Face text tower), grouped by tower
-    anatomy; the narrowest config represents each group, shrunk to a few small layers."""
+def open_clip_configs() -> list[str]:
+    """open_clip configs that build offline: every one without a Hugging Face text tower."""
+    return sorted(
+        name
+        for name in open_clip.list_models()
+        if not (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("hf_model_name")
+    )
+
+
+def _smallest_timm(name: str, timm_groups: dict[str, Any]) -> str:
+    """A small trunk of the same timm anatomy group (or module) as `name`, for towers built
+    on timm: open_clip passes no depth to its trunk, so a giant trunk stays giant."""
+    for group in timm_groups.values():
+        if name in group["members"] and not group["kwargs"].get("depth"):
+            return str(group["example"])
+    module = _model_to_module.get(name)
+    same = [m for m in timm.list_models() if _model_to_module.get(m) == module] or [name]
+    return min(same, key=lambda m: sum(p.numel() for p in _on_meta(m).parameters()))
+
+
+def group_open_clip(timm_groups: dict[str, Any]) -> dict[str, Any]:
+    """Offline-buildable configs grouped by tower anatomy; the narrowest config represents
+    each group, shrunk to a few small layers (towers on timm get a small trunk)."""
     groups: dict[str, list[tuple[int, str]]] = {}
-    for name in open_clip.list_models():
-        config = open_clip.get_model_config(name) or {}
-        vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
-        if text.get("hf_model_name"):
-            continue
-        width = int(vision.get("width", 0) or 0) * int(
-            vision.get("layers", 0) if isinstance(vision.get("layers"), int) else 4
-        )
+    for name in open_clip_configs():
+        vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+        layers = vision.get("layers", 4)
+        width = int(vision.get("width", 0) or 0) * (layers if isinstance(layers, int) else 4)
         groups.setdefault(_clip_tower_kind(vision), []).append((width, name))
-    return {
-        key: {"example": min(members)[1], "members": sorted(m for _, m in members)}
-        for key, members in sorted(groups.items())
-    }
+    result = {}
+    for key, members in sorted(groups.items()):
+        example = min(members)[1]
+        result[key] = {
+            "example": example,
+            "kwargs": _shrunk_clip_kwargs(example, timm_groups),
+            "members": sorted(m for _, m in members),
+        }
+    return result
 
 
-def _shrunk_clip_kwargs(name: str) -> dict[str, Any]:
+def _shrunk_clip_kwargs(name: str, timm_groups: dict[str, Any]) -> dict[str, Any]:
     config = open_clip.get_model_config(name)
     vision = dict(config["vision_cfg"])
     if vision.get("timm_model_name"):
-        vision.update(image_size=64)
+        trunk = _smallest_timm(str(vision["timm_model_name"]), timm_groups)
+        vision.update(timm_model_name=trunk, image_size=64)
     elif isinstance(vision.get("layers"), (list, tuple)):
         vision.update(image_size=64, layers=[1, 1, 1, 1], width=16)
     else:
         vision.update(image_size=32, layers=2, width=64, head_width=32, patch_size=16)
-        vision.pop("attn_pooler_heads", None)
     text = dict(config["text_cfg"])
     text.update(context_length=16, width=64, heads=2, layers=1)
     return {"embed_dim": 32, "vision_cfg": vision, "text_cfg": text}
 
 
+def load_groups() -> dict[str, Any]:
+    groups: dict[str, Any] = json.loads(GROUPS_FILE.read_text())
+    return groups
+
+
 def representatives() -> list[dict[str, Any]]:
     """The model specs the sweep serves: one per timm group and per open_clip group."""
     specs: list[dict[str, Any]] = []
-    for i, (key, group) in enumerate(load_timm_groups().items()):
-        specs.append(
-            {
-                "name": f"timm-{i:02d}",
-                "family": "timm",
-                "architecture": group["example"],
-                "kwargs": group["kwargs"],
-                "group": key,
-            }
-        )
-    for i, (key, group) in enumerate(open_clip_groups().items()):
-        specs.append(
-            {
-                "name": f"clip-{i:02d}",
-                "family": "open_clip",
-                "architecture": group["example"],
-                "kwargs": _shrunk_clip_kwargs(group["example"]),
-                "group": key,
-            }
-        )
+    for family, prefix in (("timm", "timm"), ("open_clip", "clip")):
+        for i, (key, group) in enumerate(load_groups()[family].items()):
+            specs.append(
+                {
+                    "name": f"{prefix}-{i:02d}",
+                    "family": family,
+                    "architecture": group["example"],
+                    "kwargs": group["kwargs"],
+                    "group": key,
+                }
+            )
     return specs
+
+
+def _reason(message: str) -> str:
+    """The first clause of a refusal, without the status and model name, for a table cell."""
+    reason = re.sub(r"^(FAILED_PRECONDITION: )?(model \S+?: )?", "", message)
+    return reason.split(";")[0].strip().replace("|", "/")[:90]
 
 
 def _outcome(call: Callable[[], object]) -> str:
@@ -246,9 +266,7 @@ def _outcome(call: Callable[[], object]) -> str:
     try:
         call()
     except FailedPreconditionError as exc:
-        reason = re.sub(r"^FAILED_PRECONDITION: (model \S+?: )?", "", str(exc))
-        reason = re.split(r"[;(]", reason)[0].strip().replace("|", "/")
-        return f"refused: {reason[:70]}"
+        return f"refused: {_reason(str(exc))}"
     except VitscopeError as exc:
         return f"ERROR {exc}"
     return "ok"
@@ -266,11 +284,8 @@ def sweep_model(client: Client, spec: dict[str, Any]) -> dict[str, str]:
     try:
         description = client.describe(name)
     except FailedPreconditionError as exc:
-        reason = re.sub(
-            r"^FAILED_PRECONDITION: model '\S+' failed to load: (model \S+: )?", "", str(exc)
-        )
-        reason = re.split(r"[;(]", reason)[0].strip().replace("|", "/")
-        return {"Describe": f"not loaded: {reason[:70]}"} | dict.fromkeys(RPCS[1:], "-")
+        reason = _reason(str(exc).partition(" failed to load: ")[2])
+        return {"Describe": f"not loaded: {reason}"} | dict.fromkeys(RPCS[1:], "-")
     size = tuple(description.input_size)
     pixels = list(np.random.default_rng(0).standard_normal((2, *size)).astype(np.float32))
     site = _feature_site(description)
@@ -344,7 +359,9 @@ def main(argv: list[str]) -> None:
     import tempfile
 
     if "--groups" in argv:
-        GROUPS_FILE.write_text(json.dumps(group_timm_models(), indent=1, sort_keys=True) + "\n")
+        timm_groups = group_timm_models()
+        groups = {"timm": timm_groups, "open_clip": group_open_clip(timm_groups)}
+        GROUPS_FILE.write_text(json.dumps(groups, indent=1, sort_keys=True) + "\n")
     specs = representatives()
     with tempfile.TemporaryDirectory() as folder, served(specs, Path(folder)) as client:
         outcomes = [sweep_model(client, spec) for spec in specs]

@@ -211,6 +211,12 @@ def _settle_block(
     out = plain.tensors.get(_key(index, "out"))
     if not isinstance(out, torch.Tensor):
         return "the block's output is not one tensor"
+    given = plain.tensors.get(_key(index, "in"))
+    if given is not None and _tokens(given).shape[:-1] != _tokens(out).shape[:-1]:
+        return (
+            f"it maps input {list(given.shape)} to output {list(out.shape)}, not tokens to "
+            "tokens (a class-attention or resampling block)"
+        )
     layout = _layout_of_tokens(
         out, _output_width(adapter.root, block.taps.get("mlp.hidden")), image, hint
     )

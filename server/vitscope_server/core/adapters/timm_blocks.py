@@ -129,17 +129,8 @@ def block_parts(path: str, block: nn.Module) -> BlockParts:
 
 
 def find_blocks(model: nn.Module) -> tuple[list[BlockParts], list[UnavailableSite]]:
-    """Proposed parts of every residual block, and notes on modules that are not served."""
-    parts = [block_parts(path, module) for path, module in _candidates(model)]
-    notes = [
-        UnavailableSite(
-            name,
-            f"{type(module).__name__} blocks after the canonical ones are served by module path only",
-        )
-        for name, module in model.named_children()
-        if name == "blocks_token_only"
-    ]
-    return parts, notes
+    """Proposed parts of every residual block (the probe drops those it cannot serve)."""
+    return [block_parts(path, module) for path, module in _candidates(model)], []
 
 
 def prefix_hint(model: nn.Module) -> int:

@@ -146,10 +146,11 @@ class TimmAdapter(ModelAdapter):
     def class_projection_unsupported(self) -> str | None:
         model = self.root
         if not isinstance(model, VisionTransformer) or not self.uniform:
+            generic = str(super().class_projection_unsupported()).partition(": ")[2]
+            shape = "" if self.uniform else " (blocks of several grids or widths)"
             return (
-                f"{super().class_projection_unsupported()}; {type(model).__name__}"
-                f"{'' if self.uniform else ' (blocks of several grids or widths)'} is not "
-                "supported for class-space methods"
+                f"model {self.spec.name}: {type(model).__name__}{shape} is not supported for "
+                f"class-space methods; {generic}"
             )
         pool = getattr(model, "global_pool", "")
         if pool != "token" and pool not in _AVERAGE_POOLS:
