@@ -62,7 +62,7 @@ def served(family_client: Client) -> dict[str, dict[str, Any]]:
 def test_every_served_site_equals_a_plain_hook(served: dict[str, Any], name: str) -> None:
     family = served[name]
     description, got, reference = family["description"], family["got"], family["reference"]
-    blocks = description.num_blocks
+    blocks = description.block_count
     assert blocks == sum(1 for key in reference if re.fullmatch(r"blocks\.\d+\.out", key))
     expected_sites = {"embed", "final"} | {
         f"blocks.{i}.{part}"
@@ -80,7 +80,7 @@ def test_every_served_site_equals_a_plain_hook(served: dict[str, Any], name: str
 @pytest.mark.parametrize("name", FAMILIES)
 def test_block_output_is_its_input_plus_both_sublayers(served: dict[str, Any], name: str) -> None:
     got, reference = served[name]["got"], served[name]["reference"]
-    for i in range(served[name]["description"].num_blocks):
+    for i in range(served[name]["description"].block_count):
         total = (
             reference[f"residual.{i}"] + got[f"blocks.{i}.attn.out"] + got[f"blocks.{i}.mlp.out"]
         )
@@ -97,7 +97,7 @@ def test_grids_and_prefix_tokens_are_per_site(served: dict[str, Any], name: str)
     for site, info in description.sites.items():
         if not site.startswith("blocks."):
             continue
-        tokens = info.get("num_prefix_tokens", 0) + info["grid_height"] * info["grid_width"]
+        tokens = info.get("prefix_token_count", 0) + info["grid_height"] * info["grid_width"]
         axis = 2 if site.endswith("attn.probs") else 1
         if info["layout"] != "SITE_LAYOUT_WINDOW_ATTENTION":
             assert got[site].shape[axis] == tokens, site
@@ -108,14 +108,14 @@ def test_prefix_tokens_and_grids_follow_the_model(served: dict[str, Any]) -> Non
 
     def per_block(name: str, key: str) -> list[Any]:
         sites = served[name]["description"].sites
-        blocks = served[name]["description"].num_blocks
+        blocks = served[name]["description"].block_count
         return [sites[f"blocks.{i}.out"].get(key, 0) for i in range(blocks)]
 
-    assert per_block("convit", "num_prefix_tokens") == [0, 0, 1]
+    assert per_block("convit", "prefix_token_count") == [0, 0, 1]
     assert per_block("pit", "grid_height") == [7, 4, 4, 2]
-    assert per_block("pit", "num_prefix_tokens") == [1, 1, 1, 1]
+    assert per_block("pit", "prefix_token_count") == [1, 1, 1, 1]
     assert per_block("coat", "grid_height") == [16, 8, 4, 2]
-    assert per_block("twins", "num_prefix_tokens") == [0] * 6
+    assert per_block("twins", "prefix_token_count") == [0] * 6
 
 
 def test_unavailable_sites_say_why(served: dict[str, Any]) -> None:
@@ -139,10 +139,10 @@ def test_patch_maps_are_on_the_sites_own_grid(
     family_client: Client, served: dict[str, Any], name: str
 ) -> None:
     family = served[name]
-    last = family["description"].num_blocks - 1
+    last = family["description"].block_count - 1
     site = f"blocks.{last}.mlp.hidden"
     info = family["description"].sites[site]
-    rows, cols, prefix = info["grid_height"], info["grid_width"], info.get("num_prefix_tokens", 0)
+    rows, cols, prefix = info["grid_height"], info["grid_width"], info.get("prefix_token_count", 0)
     result = family_client.activations(
         list(family["pixels"].numpy()), [site], model=name, reduction="patch_map", channels=[0, 5]
     )
@@ -156,7 +156,7 @@ def test_feature_images_and_top_images_on_mlp_hidden(
     family_client: Client, served: dict[str, Any], name: str
 ) -> None:
     family = served[name]
-    last = family["description"].num_blocks - 1
+    last = family["description"].block_count - 1
     site = f"blocks.{last}.mlp.hidden"
     optimised = family_client.optimize_features([(site, 1)], model=name, steps=2, copies=2, seed=1)
     (feature,) = optimised.features
@@ -165,7 +165,7 @@ def test_feature_images_and_top_images_on_mlp_hidden(
     top = family_client.top_activating_images(
         site, [1, 2], images=list(family["pixels"].numpy()), top_k=1, model=name
     )
-    prefix = family["description"].sites[site].get("num_prefix_tokens", 0)
+    prefix = family["description"].sites[site].get("prefix_token_count", 0)
     scores = family["reference"][site][:, prefix:].mean(axis=1)
     for channel in (1, 2):
         (hit,) = top.channels[channel]

@@ -104,7 +104,7 @@ def test_sites_keep_their_meaning(variant_client: Client, name: str) -> None:
     result = variant_client.activations(list(pixels.numpy()), list(description.sites), model=name)
     previous = result["embed"]
     hidden = _mlp_reference(_build(name), pixels)
-    for i in range(description.num_blocks):
+    for i in range(description.block_count):
         total = previous + result[f"blocks.{i}.attn.out"] + result[f"blocks.{i}.mlp.out"]
         np.testing.assert_allclose(result[f"blocks.{i}.out"], total, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(result[f"blocks.{i}.mlp.hidden"], hidden[i], atol=2e-5)

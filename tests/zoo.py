@@ -68,13 +68,13 @@ TIMM_MODULES = (
     "naflexvit",
     "nextvit",
 )
-# Small configurations tried in turn for a timm representative: the first that builds is kept.
-SMALL_KWARGS: tuple[dict[str, Any], ...] = (
-    {"img_size": 64, "depth": 2, "embed_dim": 64, "num_heads": 2, "num_classes": 5},
-    {"img_size": 64, "depth": 2, "num_classes": 5},
-    {"img_size": 64, "num_classes": 5},
-    {"depth": 2, "num_classes": 5},
-    {"num_classes": 5},
+# Small configurations tried in turn for a timm representative: the first that builds and
+# runs is kept (image sizes a window or stride constraint allows, then the native one).
+_SHRINKS: tuple[dict[str, Any], ...] = ({"depth": 2, "embed_dim": 64, "num_heads": 2}, {"depth": 2}, {})
+SMALL_KWARGS: tuple[dict[str, Any], ...] = tuple(
+    {**shrink, **({"img_size": size} if size else {}), "num_classes": 5}
+    for shrink in _SHRINKS
+    for size in (64, 96, 128, 0)
 )
 RPCS = ("Describe", "Activations", "Optimize", "TopImages", "Project", "Memories", "Invert")
 CLIP_LABELS = {"class_names": ["cat", "dog"], "templates": ["a photo of a {}."]}
@@ -223,7 +223,9 @@ def _shrunk_clip_kwargs(name: str, timm_groups: dict[str, Any]) -> dict[str, Any
     vision = dict(config["vision_cfg"])
     if vision.get("timm_model_name"):
         trunk = _smallest_timm(str(vision["timm_model_name"]), timm_groups)
-        vision.update(timm_model_name=trunk, image_size=64)
+        # open_clip passes no img_size to its trunk: the tower runs at the trunk's own size.
+        size = timm.models.get_pretrained_cfg(trunk).input_size[-1]
+        vision.update(timm_model_name=trunk, image_size=size)
     elif isinstance(vision.get("layers"), (list, tuple)):
         vision.update(image_size=64, layers=[1, 1, 1, 1], width=16)
     else:
@@ -273,7 +275,7 @@ def _outcome(call: Callable[[], object]) -> str:
 
 
 def _feature_site(description: Any) -> str:
-    last = description.num_blocks - 1
+    last = description.block_count - 1
     hidden = f"blocks.{last}.mlp.hidden"
     return hidden if hidden in description.sites else f"blocks.{last}.out"
 

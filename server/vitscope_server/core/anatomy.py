@@ -249,8 +249,11 @@ def _settle_block(
     )
 
 
-def settle_anatomy(adapter: ModelAdapter, device: torch.device, prefix_hint: int) -> None:
-    """Probes the adapter's proposed blocks on `device` and settles its anatomy."""
+def settle_anatomy(
+    adapter: ModelAdapter, device: torch.device, prefix_hint: int
+) -> dict[str, tuple[int, ...]]:
+    """Probes the adapter's proposed blocks on `device`, settles its anatomy, and returns
+    the shape of every canonical site for a batch of one."""
     input_size = adapter.data_config.input_size
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn((1, *input_size), generator=generator).to(device)
@@ -262,6 +265,7 @@ def settle_anatomy(adapter: ModelAdapter, device: torch.device, prefix_hint: int
     exposed = _run(adapter, probs_sites, pixels) if probs_sites else _Probe({})
     image = (int(input_size[1]), int(input_size[2]))
     blocks: list[BlockAnatomy] = []
+    kept: list[int] = []  # the proposed index of each settled block
     notes = (
         [UnavailableSite("forward", f"the model's forward fails: {plain.error}")]
         if plain.error
@@ -273,7 +277,27 @@ def settle_anatomy(adapter: ModelAdapter, device: torch.device, prefix_hint: int
             notes.append(UnavailableSite(block.path, f"not served as a canonical block: {settled}"))
         else:
             blocks.append(settled)
+            kept.append(index)
     final_ok = "final" in plain.tensors
     if adapter.final_norm_path is not None and not final_ok:
         notes.append(UnavailableSite("final", f"module {adapter.final_norm_path} did not run"))
     adapter.settle(blocks, notes, final_ok)
+    return _site_shapes(adapter, kept, {**plain.tensors, **exposed.tensors})
+
+
+def _site_shapes(
+    adapter: ModelAdapter, kept: list[int], tensors: dict[str, torch.Tensor]
+) -> dict[str, tuple[int, ...]]:
+    """Shape of every canonical site for a batch of one, read from the probe's tensors."""
+    keys = {"final": "final"}
+    if kept:
+        keys["embed"] = _key(kept[0], "in")
+    for i, index in enumerate(kept):
+        for part in ("out", "attn.out", "attn.probs", "mlp.hidden", "mlp.out"):
+            keys[f"blocks.{i}.{part}"] = _key(index, part)
+    shapes = {}
+    for site in adapter.canonical_sites():
+        tensor = tensors.get(keys.get(site.name, ""))
+        if tensor is not None:
+            shapes[site.name] = tuple(adapter.to_canonical(tensor, site, 1).shape)
+    return shapes

@@ -9,8 +9,6 @@ import torch
 
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.anatomy import settle_anatomy
-from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.capture import capture_sites
 from vitscope_server.core.errors import FailedPrecondition, VitscopeError
 from vitscope_server.core.specs import ModelSpec
 from vitscope_server.core.weights import (
@@ -31,15 +29,6 @@ class LoadedModel:
     device: torch.device
     # Shape of every canonical site for a batch of one, from a probe forward at load.
     site_shapes: dict[str, tuple[int, ...]]
-
-
-def probe_site_shapes(adapter: ModelAdapter, device: torch.device) -> dict[str, tuple[int, ...]]:
-    """One forward on a blank image, reading every canonical site: shapes, and proof the model runs."""
-    sites = adapter.canonical_sites()
-    blank = torch.zeros((1, *adapter.data_config.input_size), device=device)
-    with torch.inference_mode(), capture_sites(adapter, sites, 1, NEVER_CANCELLED) as captured:
-        adapter.forward(blank)
-    return {site.name: tuple(captured[site.name].shape) for site in sites if site.name in captured}
 
 
 def _timm_hub_identity(spec: ModelSpec, model: torch.nn.Module) -> str:
@@ -125,10 +114,10 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
             f"model {spec.name}: {spec.family} cannot build {spec.architecture}: {exc}"
         ) from exc
     adapter.module.to(device).eval().requires_grad_(False)
-    settle_anatomy(adapter, device, adapter.prefix_hint)
+    shapes = settle_anatomy(adapter, device, adapter.prefix_hint)
     if not adapter.blocks:
         reasons = "; ".join(f"{n.site}: {n.reason}" for n in adapter.notes[:3])
         raise FailedPrecondition(
             f"model {spec.name}: no block passed the load-time probe ({reasons})"
         )
-    return LoadedModel(spec, adapter, identity, device, probe_site_shapes(adapter, device))
+    return LoadedModel(spec, adapter, identity, device, shapes)
