@@ -286,7 +286,9 @@ def sweep_model(client: Client, spec: dict[str, Any]) -> dict[str, str]:
     try:
         description = client.describe(name)
     except FailedPreconditionError as exc:
-        reason = _reason(str(exc).partition(" failed to load: ")[2])
+        reason = _reason(str(exc).partition(" failed to load: ")[2]).split(" (")[0]
+        if re.match(r"^\w+(Error|Exception): ", reason):  # an exception, not a refusal
+            return {"Describe": f"ERROR load crashed: {reason}"} | dict.fromkeys(RPCS[1:], "-")
         return {"Describe": f"not loaded: {reason}"} | dict.fromkeys(RPCS[1:], "-")
     size = tuple(description.input_size)
     pixels = list(np.random.default_rng(0).standard_normal((2, *size)).astype(np.float32))

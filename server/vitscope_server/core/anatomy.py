@@ -289,6 +289,8 @@ def _site_shapes(
     adapter: ModelAdapter, kept: list[int], tensors: dict[str, torch.Tensor]
 ) -> dict[str, tuple[int, ...]]:
     """Shape of every canonical site for a batch of one, read from the probe's tensors."""
+    if not kept:
+        return {}
     keys = {"final": "final"}
     if kept:
         keys["embed"] = _key(kept[0], "in")
