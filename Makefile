@@ -1,4 +1,4 @@
-# One virtualenv (.venv) holds the client, the server extra and the dev tools.
+# One virtualenv (.venv) holds the client, the server and demo extras and the dev tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,19 +9,19 @@ BUF := $(VENV)/npm/node_modules/.bin/buf
 
 DEMO_PORT ?= 50061
 
-.PHONY: install serve test bench proto lint format demo
+.PHONY: install serve test bench proto lint format demo docs
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[server,dev]"
+	$(BIN)/python -m pip install -e ".[server,demo,dev]"
 	npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/npm @bufbuild/buf@$(BUF_VERSION)
 	touch $(STAMP)
 
 serve: install
-	$(BIN)/vitscope serve
+	$(BIN)/vitscope-server serve
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
@@ -37,6 +37,10 @@ bench-%: install
 proto: install
 	$(BIN)/python proto/generate.py
 
+# Pages generated from the code (tests fail while they are stale).
+docs: install
+	$(BIN)/python -m vitscope_server.settings_docs docs/configuration.md
+
 lint: install
 	$(BUF) lint
 	$(BIN)/ruff check server client tests bench proto
@@ -49,7 +53,7 @@ format: install
 
 # Starts a server on DEMO_PORT, writes the demo into demo-out/, stops the server.
 demo: install
-	@$(BIN)/vitscope serve --port $(DEMO_PORT) --metrics-port -1 & pid=$$!; \
+	@$(BIN)/vitscope-server serve --port=$(DEMO_PORT) --metrics-port=-1 & pid=$$!; \
 	trap "kill $$pid" EXIT; \
 	for i in $$(seq 120); do $(BIN)/vitscope --target localhost:$(DEMO_PORT) health 2>/dev/null | grep -qx SERVING && break; sleep 1; done; \
 	$(BIN)/vitscope --target localhost:$(DEMO_PORT) demo --out demo-out

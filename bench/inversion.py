@@ -10,7 +10,7 @@ committed inverter:
   ratio is the median of per-round ratios.
 - train_images_per_s: images per second through one training step of the inverse of the
   last block (frozen forward to get the pair, inverse forward, backward, Adam step), the
-  work `vitscope train-inverter` repeats, batch 128.
+  work `vitscope-server train-inverter` repeats, batch 128.
 
 The last line printed is one JSON object.
 """
@@ -27,13 +27,13 @@ import torch
 from PIL import Image
 
 from vitscope_server.builtin import BUILTIN_INVERTERS, DIGITS_NAME, builtin_specs
+from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.inversion import chain, representations
 from vitscope_server.core.inversion_modules import build_module, chain_names, geometry_of
 from vitscope_server.core.inversion_store import load_modules, read_manifest
 from vitscope_server.core.inversion_train import training_pairs
 from vitscope_server.core.loading import load_model
-from vitscope_server.train_classifier import digits_split
 
 
 def main() -> None:

@@ -70,7 +70,11 @@ TIMM_MODULES = (
 )
 # Small configurations tried in turn for a timm representative: the first that builds and
 # runs is kept (image sizes a window or stride constraint allows, then the native one).
-_SHRINKS: tuple[dict[str, Any], ...] = ({"depth": 2, "embed_dim": 64, "num_heads": 2}, {"depth": 2}, {})
+_SHRINKS: tuple[dict[str, Any], ...] = (
+    {"depth": 2, "embed_dim": 64, "num_heads": 2},
+    {"depth": 2},
+    {},
+)
 SMALL_KWARGS: tuple[dict[str, Any], ...] = tuple(
     {**shrink, **({"img_size": size} if size else {}), "num_classes": 5}
     for shrink in _SHRINKS

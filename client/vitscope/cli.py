@@ -1,4 +1,4 @@
-"""The `vitscope` command: run the server, or call one."""
+"""The `vitscope` command: calls a server (`vitscope-server` runs one)."""
 
 from __future__ import annotations
 
@@ -16,63 +16,9 @@ from vitscope import cli_features, cli_inversion, cli_projection
 from vitscope.client import DEFAULT_TARGET, Client
 from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
+from vitscope.handshake import describe as describe_server
 from vitscope.overlay import grid, heatmap_overlay
 from vitscope.tensors import TensorDecodeError
-
-# serve flag -> (ServerSettings field, argparse options)
-_SERVE_FLAGS: list[tuple[str, dict[str, object]]] = [
-    ("--host", {"help": "address to bind (default 0.0.0.0)"}),
-    ("--port", {"type": int, "help": "gRPC port (default 50051; 0 picks a free one)"}),
-    ("--metrics-port", {"type": int, "help": "Prometheus port (default 8000; -1 turns it off)"}),
-    ("--models-file", {"type": Path, "help": "YAML file listing the models to serve"}),
-    (
-        "--model",
-        {
-            "dest": "models",
-            "action": "append",
-            "help": "extra model NAME=FAMILY:ARCH[@WEIGHTS], repeatable",
-        },
-    ),
-    ("--default-model", {"help": "model used when a request names none"}),
-    ("--no-builtin-models", {"dest": "builtin_models", "action": "store_false", "default": None}),
-    ("--inverters-dir", {"type": Path, "help": "folder of trained inverter stores to offer"}),
-    ("--device", {"help": "auto, cpu, cuda or cuda:N (default auto)"}),
-    ("--torch-threads", {"type": int}),
-    ("--max-message-bytes", {"type": int}),
-    ("--chunk-bytes", {"type": int}),
-    ("--max-running", {"type": int, "help": "requests computing at once"}),
-    (
-        "--max-queue",
-        {"type": int, "help": "requests waiting for compute before RESOURCE_EXHAUSTED"},
-    ),
-    (
-        "--max-workers",
-        {"type": int, "help": "threads beyond running + queued jobs (health, cheap calls)"},
-    ),
-    (
-        "--max-connection-age-seconds",
-        {"type": float, "help": "recycle connections so callers rebalance"},
-    ),
-    ("--max-batch", {"type": int}),
-    (
-        "--image-root",
-        {
-            "dest": "image_roots",
-            "action": "append",
-            "type": Path,
-            "help": "folder TopActivatingImages may scan by name, repeatable",
-        },
-    ),
-    (
-        "--auth-token-file",
-        {"type": Path, "help": "file holding the bearer token callers must send"},
-    ),
-    ("--tls-cert", {"type": Path}),
-    ("--tls-key", {"type": Path}),
-    ("--tls-client-ca", {"type": Path, "help": "CA of client certificates (turns on mTLS)"}),
-    ("--grace-seconds", {"type": float, "help": "drain time after SIGTERM"}),
-    ("--log-level", {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]}),
-]
 
 
 def _position(text: str) -> tuple[int, int]:
@@ -111,11 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the server (needs the [server] extra)")
-    for flag, options in _SERVE_FLAGS:
-        serve.add_argument(flag, **options)  # type: ignore[arg-type]
-
     commands.add_parser("models", help="list served models and their state")
+    commands.add_parser(
+        "info", help="the server's protocol and versions, models, methods and limits"
+    )
     commands.add_parser(
         "health", help="overall health, or one model's with --service"
     ).add_argument("--service", default="")
@@ -165,19 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(args: argparse.Namespace) -> None:
-    from vitscope_server.settings import ServerSettings
-    from vitscope_server.transport.app import serve
-
-    given = {}
-    for flag, options in _SERVE_FLAGS:
-        key = str(options.get("dest", flag.removeprefix("--").replace("-", "_")))
-        value = getattr(args, key)
-        if value is not None:
-            given[key] = value
-    serve(ServerSettings(**given))
-
-
 def _client(args: argparse.Namespace) -> Client:
     return Client(
         args.target,
@@ -187,7 +119,7 @@ def _client(args: argparse.Namespace) -> Client:
         client_cert=args.client_cert,
         client_key=args.client_key,
         timeout=args.timeout,
-        load_balancing="round_robin" if args.round_robin else None,
+        load_balancing="round_robin" if args.round_robin else "pick_first",
     )
 
 
@@ -242,9 +174,6 @@ def _activations(client: Client, args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        _serve(args)
-        return
     try:
         with _client(args) as client:
             if args.command == "models":
@@ -253,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(
                         f"{mark} {m.name:28} {m.state:8} {m.family}:{m.architecture} {m.weights_identity} {m.error}"
                     )
+            elif args.command == "info":
+                print(describe_server(client.check_compatible()))
             elif args.command == "health":
                 status = client.health(args.service)
                 print(status)
@@ -269,7 +200,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for family in FAMILY_COMMANDS:
                     if family.run(client, args):
                         break
-    except (VitscopeError, TensorDecodeError) as exc:
+    except VitscopeError as exc:
+        print(f"vitscope: {exc.describe()}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except TensorDecodeError as exc:
         print(f"vitscope: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

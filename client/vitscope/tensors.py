@@ -30,6 +30,8 @@ _DTYPE_BY_NUMPY: dict[np.dtype, tensor_pb2.Dtype.ValueType] = {
 
 
 MAX_DIMENSIONS = 8
+MAX_ELEMENTS = 1 << 40
+"""No real tensor is larger; the product of the non-zero dimensions is held to it."""
 
 
 class TensorDecodeError(ValueError):
@@ -70,9 +72,16 @@ def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
 
 
 def expected_nbytes(dtype: tensor_pb2.Dtype.ValueType, shape: list[int] | tuple[int, ...]) -> int:
-    if len(shape) > MAX_DIMENSIONS or any(d < 0 for d in shape):
+    """Bytes of a tensor of this shape; refuses shapes no array can have, including an
+    empty one whose other dimensions alone would overflow (numpy checks them too)."""
+    if (
+        len(shape) > MAX_DIMENSIONS
+        or any(d < 0 for d in shape)
+        or math.prod(d for d in shape if d) > MAX_ELEMENTS
+    ):
         raise TensorDecodeError(
-            f"shape {list(shape)}: at most {MAX_DIMENSIONS} dimensions, none negative"
+            f"shape {list(shape[: MAX_DIMENSIONS + 1])}: at most {MAX_DIMENSIONS} dimensions, "
+            f"none negative, at most {MAX_ELEMENTS} elements"
         )
     return math.prod(shape) * wire_numpy_dtype(dtype).itemsize
 
@@ -194,6 +203,40 @@ def split_chunk(serialized: memoryview) -> tuple[tensor_pb2.TensorChunk, memoryv
     if position != len(serialized):
         raise TensorDecodeError("truncated tensor chunk")
     return tensor_pb2.TensorChunk.FromString(b"".join(head)), data
+
+
+def encode_tensor_messages(
+    field: int,
+    name: str,
+    role: str,
+    dtype: tensor_pb2.Dtype.ValueType,
+    array: np.ndarray,
+    chunk_bytes: int,
+) -> Iterator[bytes]:
+    """Serialized messages each holding one TensorChunk of `array` in field number `field`
+    (a response's `chunk`), framed by hand so the tensor's bytes are copied once."""
+    payload = memoryview(array.reshape(-1).view(np.uint8).data)
+    for span in chunk_spans(len(payload), chunk_bytes):
+        chunk = encode_chunk(name, role, dtype, array.shape, payload, span)
+        size = sum(len(part) for part in chunk)
+        yield b"".join([length_delimited_field(field, size), *chunk])
+
+
+def decode_tensor_message(
+    field: int, serialized: bytes
+) -> tuple[tensor_pb2.TensorChunk, memoryview] | None:
+    """The TensorChunk of a message holding only field number `field`, and a view of its data
+    (no copy); None for any other message, which protobuf parses as usual."""
+    view = memoryview(serialized)
+    if not view:
+        return None
+    key, start = read_varint(view, 0)
+    if key != field << 3 | _LENGTH_DELIMITED:
+        return None
+    length, start = read_varint(view, start)
+    if start + length != len(view):
+        return None
+    return split_chunk(view[start:])
 
 
 def chunk_count(total_bytes: int, chunk_bytes: int) -> int:

@@ -1,4 +1,4 @@
-"""Which models a process serves and on which device: shared by `vitscope serve` and the
+"""Which models a process serves and on which device: shared by `vitscope-server serve` and the
 batch commands (scan, train-inverter), so a Job names models exactly as the server does."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vitscope_server.builtin import builtin_default_name, builtin_specs
-from vitscope_server.core.errors import InvalidArgument, NotFound
+from vitscope_server.core.errors import InvalidArgument, NotFound, Reason
 from vitscope_server.core.specs import ModelSpec, load_models_file, parse_model_flag
 from vitscope_server.settings import ServerSettings
 
@@ -31,7 +31,7 @@ def model_specs(settings: ServerSettings) -> tuple[list[ModelSpec], str]:
     default = settings.default_model or default
     if not specs or default is None:
         raise InvalidArgument(
-            "no models to serve: enable the built-ins, give --models-file or --model"
+            "models", "no models to serve: enable the built-ins, give --models-file or --model"
         )
     return list(specs.values()), default
 
@@ -43,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def select_spec(name: str, models_file: Path | None, model_flags: Sequence[str]) -> ModelSpec:
-    """The model named `name` among those `vitscope serve` would serve with the same flags
+    """The model named `name` among those `vitscope-server serve` would serve with the same flags
     (and the same VITSCOPE_* environment, which a flag left out does not override)."""
     given: dict[str, object] = {}
     if models_file is not None:
@@ -55,4 +55,9 @@ def select_spec(name: str, models_file: Path | None, model_flags: Sequence[str])
     for spec in specs:
         if spec.name == name:
             return spec
-    raise NotFound(f"--model: {name!r} is not among {sorted(s.name for s in specs)}")
+    raise NotFound(
+        Reason.MODEL_NOT_FOUND,
+        name,
+        f"--model: {name!r} is not among {sorted(s.name for s in specs)}",
+        field="--model",
+    )

@@ -77,7 +77,9 @@ def geometry_of(loaded: LoadedModel) -> Geometry:
         raise FailedPrecondition(
             f"model {loaded.spec.name}: learned inversion needs one token grid, width and global "
             "attention in every block; hierarchical or windowed-attention (Swin-like) models "
-            "have no modular inverter; use OPTIMIZATION inversion"
+            "have no modular inverter; use OPTIMIZATION inversion",
+            subject=loaded.spec.name,
+            field="method",
         )
     config = adapter.data_config
     rows, cols = adapter.grid
@@ -192,7 +194,7 @@ def build_module(name: str, kind: str, geometry: Geometry) -> nn.Module:
             return ConvInverseEmbed(geometry)
         if kind == "linear":
             return LinearInverseEmbed(geometry)
-        raise InvalidArgument(f"embed kind {kind!r} not allowed; allowed: {EMBED_KINDS}")
+        raise InvalidArgument("embed.kind", f"{kind!r} not allowed; allowed: {EMBED_KINDS}")
     if kind != "block":
-        raise InvalidArgument(f"module {name}: kind {kind!r} not allowed; allowed: block")
+        raise InvalidArgument(f"{name}.kind", f"{kind!r} not allowed; allowed: block")
     return InverseBlock(geometry)

@@ -11,6 +11,7 @@ the values (cosine: unit class rows and unit value columns).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import Enum
 
 import numpy as np
 import torch
@@ -27,13 +28,26 @@ from vitscope_server.core.class_projection import (
     returned_bytes,
 )
 from vitscope_server.core.class_space import ClassSpace, LabelSet, class_count, class_space_of
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from vitscope_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Reason,
+    ResourceExhausted,
+)
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
-MEMORY_KINDS = ("mlp", "attention")
+
+class MemoryKind(Enum):
+    """Whose value vectors are the memories: the MLP's second layer or attention's output."""
+
+    MLP = "mlp"
+    ATTENTION = "attention"
+
+
+MEMORY_KINDS = (MemoryKind.MLP, MemoryKind.ATTENTION)
 # The agreement rate compares the 5 strongest keys with the 5 strongest values, as the authors did.
 AGREEMENT_TOP = 5
 
@@ -41,7 +55,7 @@ AGREEMENT_TOP = 5
 @dataclass(frozen=True)
 class MemoryQuery:
     block: int
-    kinds: tuple[str, ...] = ()
+    kinds: tuple[MemoryKind, ...] = ()
     top_k: int = 0
     cosine: bool = False
     targets: tuple[ClassRef, ...] = ()
@@ -59,7 +73,7 @@ class ImageMemories:
 
 @dataclass(frozen=True)
 class MemorySet:
-    kind: str
+    kind: MemoryKind
     num_memories: int
     top_classes: np.ndarray  # int64 [memories, k]
     top_class_scores: np.ndarray
@@ -84,8 +98,8 @@ class PreparedMemories:
     pixels: torch.Tensor | None
 
 
-def _values(adapter: ModelAdapter, block: int, kind: str) -> torch.Tensor:
-    if kind == "mlp":
+def _values(adapter: ModelAdapter, block: int, kind: MemoryKind) -> torch.Tensor:
+    if kind is MemoryKind.MLP:
         return adapter.mlp_value_matrix(block)
     return adapter.attention_value_matrix(block)
 
@@ -102,13 +116,15 @@ def _check_sizes(
         raise ResourceExhausted(
             f"the memories response would take about {response} bytes, over the "
             f"{limits.max_message_bytes}-byte message limit; ask for fewer images, fewer "
-            "classes or a smaller top_k"
+            "classes or a smaller top_k",
+            reason=Reason.RESULT_TOO_LARGE,
         )
     matrix = classes * max(memories) * 4
     if matrix + response > limits.max_result_bytes:
         raise ResourceExhausted(
             f"the {classes} x {max(memories)} value-to-class matrix needs about {matrix} bytes, "
-            f"over the server's {limits.max_result_bytes}-byte limit; ask for fewer classes"
+            f"over the server's {limits.max_result_bytes}-byte limit; ask for fewer classes",
+            reason=Reason.RESULT_TOO_LARGE,
         )
 
 
@@ -119,16 +135,15 @@ def prepare_memories(
     adapter = loaded.adapter
     reason = adapter.class_projection_unsupported()
     if reason is not None:
-        raise FailedPrecondition(reason)
+        raise FailedPrecondition(reason, subject=loaded.spec.name)
     classes = class_count(loaded, query.labels)
     count = len(adapter.blocks)
     if not 0 <= query.block < count:
-        raise InvalidArgument(f"block: {query.block} does not exist; allowed 0..{count - 1}")
-    unknown = [k for k in query.kinds if k not in MEMORY_KINDS]
-    if unknown or len(set(query.kinds)) != len(query.kinds):
-        raise InvalidArgument(
-            f"kinds: {list(query.kinds)} not allowed; each of {list(MEMORY_KINDS)} at most once"
-        )
+        raise InvalidArgument("block", f"{query.block} does not exist; allowed 0..{count - 1}")
+    if len(set(query.kinds)) != len(query.kinds):
+        given = [k.value for k in query.kinds]
+        allowed = [k.value for k in MEMORY_KINDS]
+        raise InvalidArgument("kinds", f"{given} not allowed; each of {allowed} at most once")
     kinds = query.kinds or MEMORY_KINDS
     memories = min(int(_values(adapter, query.block, kind).shape[1]) for kind in kinds)
     top_k = default_top_k(
@@ -149,28 +164,28 @@ def _coefficients(
     space: ClassSpace,
     pixels: torch.Tensor,
     block: int,
-    kinds: tuple[str, ...],
+    kinds: tuple[MemoryKind, ...],
     cancel: CancelToken,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[MemoryKind, torch.Tensor], torch.Tensor]:
     """Per-token coefficients of each requested kind [B, T, memories], and the model's
     predictions. Attention probabilities (which force the unfused attention path) are
     captured only when attention memories are asked for."""
     sites = {}
-    if "mlp" in kinds:
+    if MemoryKind.MLP in kinds:
         sites["mlp"] = resolve_site(adapter, adapter.mlp_fc1_path(block))
-    if "attention" in kinds:
+    if MemoryKind.ATTENTION in kinds:
         sites["input"] = resolve_site(adapter, "embed" if block == 0 else f"blocks.{block - 1}.out")
         sites["probs"] = adapter.block_site(block, "attn.probs")
     with capture_sites(adapter, list(sites.values()), pixels.shape[0], cancel) as captured:
         output = adapter.forward(pixels)
     scores = output if space.projection is None else F.normalize(output, dim=-1) @ space.weight.T
     coefficients = {}
-    if "mlp" in kinds:
-        coefficients["mlp"] = captured[sites["mlp"].name]
-    if "attention" in kinds:
+    if MemoryKind.MLP in kinds:
+        coefficients[MemoryKind.MLP] = captured[sites["mlp"].name]
+    if MemoryKind.ATTENTION in kinds:
         values = adapter.attention_values(block, captured[sites["input"].name])
         probs = captured[sites["probs"].name]
-        coefficients["attention"] = adapter.output_projection_input(block, probs, values)
+        coefficients[MemoryKind.ATTENTION] = adapter.output_projection_input(block, probs, values)
     return coefficients, scores.argmax(dim=-1)
 
 
@@ -182,7 +197,7 @@ def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryR
     cancel.raise_if_cancelled()
     with torch.no_grad():
         classes = space.token_weight()
-        coefficients: dict[str, torch.Tensor] = {}
+        coefficients: dict[MemoryKind, torch.Tensor] = {}
         targets = torch.zeros(0, dtype=torch.long)
         if prepared.pixels is not None:
             coefficients, targets = _coefficients(

@@ -7,17 +7,17 @@ retrying for most of a minute.
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
+from huggingface_hub import constants as hub_constants
 
-from vitscope_server.core.errors import FailedPrecondition
+from vitscope_server.core.errors import FailedPrecondition, Reason
 from vitscope_server.core.specs import ModelSpec
 
-HUB_HOST = "huggingface.co"
 _PROBE_TIMEOUT_SECONDS = 2.0
 _SAFE_SUFFIXES = (".safetensors",)
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -34,7 +34,9 @@ def file_digest(path: Path) -> str:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Reads safetensors, or a torch checkpoint with weights_only=True (never arbitrary pickles)."""
     if not path.is_file():
-        raise FailedPrecondition(f"weights file {path} does not exist")
+        raise FailedPrecondition(
+            f"weights file {path} does not exist", reason=Reason.WEIGHTS_UNUSABLE
+        )
     if path.suffix in _SAFE_SUFFIXES:
         from safetensors.torch import load_file
 
@@ -42,19 +44,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix not in _TORCH_SUFFIXES:
         allowed = ", ".join(_SAFE_SUFFIXES + _TORCH_SUFFIXES)
         raise FailedPrecondition(
-            f"weights file {path} has suffix {path.suffix!r}; allowed: {allowed}"
+            f"weights file {path} has suffix {path.suffix!r}; allowed: {allowed}",
+            reason=Reason.WEIGHTS_UNUSABLE,
         )
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise FailedPrecondition(
-            f"weights file {path} cannot be read with weights_only=True: {exc}"
+            f"weights file {path} cannot be read with weights_only=True: {exc}",
+            reason=Reason.WEIGHTS_UNUSABLE,
         ) from exc
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
             loaded = loaded[wrapper]
     if not isinstance(loaded, Mapping):
-        raise FailedPrecondition(f"weights file {path} holds no state dict")
+        raise FailedPrecondition(
+            f"weights file {path} holds no state dict", reason=Reason.WEIGHTS_UNUSABLE
+        )
     return {key.removeprefix("module."): value for key, value in loaded.items()}
 
 
@@ -67,7 +73,8 @@ def load_state_dict_strictly(
         mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         raise FailedPrecondition(
             f"weights file {source} does not fit the architecture: {len(mismatches)} shape mismatches "
-            f"(e.g. {mismatches[:2]})"
+            f"(e.g. {mismatches[:2]})",
+            reason=Reason.WEIGHTS_UNUSABLE,
         ) from None
     problems = []
     if result.missing_keys:
@@ -78,24 +85,30 @@ def load_state_dict_strictly(
         )
     if problems:
         raise FailedPrecondition(
-            f"weights file {source} does not fit the architecture: {'; '.join(problems)}"
+            f"weights file {source} does not fit the architecture: {'; '.join(problems)}",
+            reason=Reason.WEIGHTS_UNUSABLE,
         )
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+def hub_address() -> tuple[str, int]:
+    """Host and port of the hub endpoint huggingface_hub uses (HF_ENDPOINT, or its default)."""
+    url = urlsplit(hub_constants.ENDPOINT)
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
 
 
 def require_hub(spec: ModelSpec) -> None:
-    """Fails fast when the hub cannot be reached and no offline cache is in use."""
-    if hub_offline():
+    """Fails fast when the hub cannot be reached and the hub library is not offline
+    (HF_HUB_OFFLINE, as huggingface_hub itself reads it)."""
+    if hub_constants.HF_HUB_OFFLINE:
         return
+    host, port = hub_address()
     try:
-        socket.create_connection((HUB_HOST, 443), timeout=_PROBE_TIMEOUT_SECONDS).close()
+        socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_SECONDS).close()
     except OSError as exc:
         raise FailedPrecondition(
-            f"model {spec.name}: weights {spec.weights!r} need {HUB_HOST}, which is unreachable ({exc}); "
-            "use weights: file:PATH, or set HF_HUB_OFFLINE=1 to read the local hub cache"
+            f"model {spec.name}: weights {spec.weights!r} need {host}, which is unreachable ({exc}); "
+            "use weights: file:PATH, or set HF_HUB_OFFLINE=1 to read the local hub cache",
+            reason=Reason.WEIGHTS_UNUSABLE,
         ) from exc
 
 

@@ -3,11 +3,7 @@ overlay drawn as PNG (images leave the service here, never from the core)."""
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image
-
 from vitscope import tensors as wire
-from vitscope.overlay import heatmap_overlay
 from vitscope.v1 import common_pb2
 from vitscope.v1 import projection_pb2 as pb
 from vitscope_server.core.class_projection import (
@@ -16,22 +12,23 @@ from vitscope_server.core.class_projection import (
     ImageProjection,
     ProjectionHeader,
     ProjectionQuery,
+    Representation,
 )
 from vitscope_server.core.class_space import LabelSet
-from vitscope_server.core.errors import ResourceExhausted
-from vitscope_server.core.importance import ImportanceEvaluation, ImportanceMaps, KeepCurve
-from vitscope_server.core.memories import MemoryQuery, MemoryResult
+from vitscope_server.core.errors import Reason, ResourceExhausted
+from vitscope_server.core.importance import ImportanceEvaluation, KeepCurve
+from vitscope_server.core.memories import MemoryKind, MemoryQuery, MemoryResult
 from vitscope_server.transport.convert import TOKEN_MODES_BACK, provenance, token_mode
 from vitscope_server.transport.enums import enum_values
-from vitscope_server.transport.png import png
+from vitscope_server.transport.png import heatmap_png
 
 _REPRESENTATIONS = {
-    pb.REPRESENTATION_RESIDUAL: "residual",
-    pb.REPRESENTATION_ATTENTION: "attention",
-    pb.REPRESENTATION_MLP: "mlp",
+    pb.REPRESENTATION_RESIDUAL: Representation.RESIDUAL,
+    pb.REPRESENTATION_ATTENTION: Representation.ATTENTION,
+    pb.REPRESENTATION_MLP: Representation.MLP,
 }
 _REPRESENTATIONS_BACK = {v: k for k, v in _REPRESENTATIONS.items()}
-_MEMORY_KINDS = {pb.MEMORY_KIND_MLP: "mlp", pb.MEMORY_KIND_ATTENTION: "attention"}
+_MEMORY_KINDS = {pb.MEMORY_KIND_MLP: MemoryKind.MLP, pb.MEMORY_KIND_ATTENTION: MemoryKind.ATTENTION}
 _MEMORY_KINDS_BACK = {v: k for k, v in _MEMORY_KINDS.items()}
 
 
@@ -106,11 +103,6 @@ def _header(header: ProjectionHeader) -> pb.ProjectionHeader:
     )
 
 
-def _overlay_png(maps: ImportanceMaps) -> bytes:
-    """The upsampled map drawn over the model's input, as the client's own overlays are."""
-    return png(np.asarray(heatmap_overlay(Image.fromarray(maps.image), maps.upsampled)))
-
-
 def _image(image: ImageProjection, names: list[str]) -> pb.ImageProjection:
     message = pb.ImageProjection(
         image_index=image.image_index,
@@ -142,7 +134,7 @@ def _image(image: ImageProjection, names: list[str]) -> pb.ImageProjection:
                 per_head=wire.to_proto(maps.per_head),
                 summed=wire.to_proto(maps.summed),
                 upsampled=wire.to_proto(maps.upsampled),
-                overlay_png=_overlay_png(maps),
+                overlay_png=heatmap_png(maps.image, maps.upsampled),
             )
         )
     return message
@@ -183,7 +175,8 @@ def projection_responses(
     if largest > max_bytes:
         raise ResourceExhausted(
             f"one image's projection takes {largest} bytes, over the {max_bytes}-byte message "
-            "limit; ask for fewer blocks, tokens, representations or a smaller top_k"
+            "limit; ask for fewer blocks, tokens, representations or a smaller top_k",
+            reason=Reason.RESULT_TOO_LARGE,
         )
     return responses
 
@@ -228,6 +221,7 @@ def memories_response(result: MemoryResult, max_bytes: int) -> pb.ProjectMemorie
     if response.ByteSize() > max_bytes:
         raise ResourceExhausted(
             f"the memories response takes {response.ByteSize()} bytes, over the {max_bytes}-byte "
-            "message limit; ask for fewer images or a smaller top_k"
+            "message limit; ask for fewer images or a smaller top_k",
+            reason=Reason.RESULT_TOO_LARGE,
         )
     return response

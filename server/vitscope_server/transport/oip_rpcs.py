@@ -14,10 +14,11 @@ from vitscope.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from vitscope_server.core.activations import (
     ActivationLimits,
     ActivationResult,
+    TensorDType,
     get_activations,
     prepare_activations,
 )
-from vitscope_server.core.errors import NotFound
+from vitscope_server.core.errors import NotFound, Reason, quote
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import library_versions
 from vitscope_server.core.registry import ModelRegistry, ModelState
@@ -58,8 +59,12 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         loaded = self._registry.get(name)
         if version and version != loaded.weights_identity:
             raise NotFound(
-                f"model {loaded.spec.name!r} has no version {version[:64]!r}; "
-                f"its version is {loaded.weights_identity!r} (or leave version empty)"
+                Reason.MODEL_NOT_FOUND,
+                f"{loaded.spec.name} version {version}",
+                f"model {loaded.spec.name!r} has no version {quote(version)}; "
+                f"its version is {loaded.weights_identity!r} (or leave version empty)",
+                field="model_version",
+                metadata={"model": loaded.spec.name},
             )
         return loaded
 
@@ -114,14 +119,14 @@ def _infer_response(
     results: list[ActivationResult],
 ) -> oip.ModelInferResponse:
     """Outputs in the order they were requested (logits alone when none was)."""
-    arrays: dict[str, tuple[np.ndarray, str]] = {}
+    arrays: dict[str, tuple[np.ndarray, TensorDType]] = {}
     for group, result in zip(groups, results, strict=True):
         sites = [name for name in group.names if name != LOGITS]
         for name, site in zip(sites, result.sites, strict=True):
             values = site.tensors[0]
             arrays[name] = (values.array, values.dtype)
         if result.logits is not None:
-            arrays[LOGITS] = (result.logits, "float32")
+            arrays[LOGITS] = (result.logits, TensorDType.FLOAT32)
     response = oip.ModelInferResponse(
         model_name=loaded.spec.name, model_version=loaded.weights_identity, id=request.id
     )
