@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import zoo
 
 REGENERATE = "regenerate with `python tests/zoo.py --groups`"
@@ -19,6 +20,8 @@ def test_groups_cover_every_model_of_the_installed_libraries() -> None:
     assert clip_members == set(zoo.open_clip_configs()), REGENERATE
 
 
+# About two minutes of CPU: some 60 models loaded and called through every RPC.
+@pytest.mark.timeout(900)
 def test_every_representative_serves_or_refuses_cleanly(tmp_path: Path) -> None:
     specs = zoo.representatives()
     with zoo.served(specs, tmp_path) as client:
