@@ -9,7 +9,7 @@ BUF := $(VENV)/npm/node_modules/.bin/buf
 
 DEMO_PORT ?= 50061
 
-.PHONY: install serve test bench proto lint format demo docs
+.PHONY: install serve test bench proto lint format demo docs gpu-check
 
 install: $(STAMP)
 
@@ -23,16 +23,25 @@ $(STAMP): pyproject.toml
 serve: install
 	$(BIN)/vitscope-server serve
 
+# VITSCOPE_TEST_DEVICE=cuda make test: the test servers compute on the GPU; -rs says what
+# was skipped and why.
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs
 
-BENCHMARKS := activations feature_viz class_projection inversion oip
+BENCHMARKS := activations feature_viz class_projection inversion oip explain serving
 
 # Every benchmark in turn; each prints its JSON object last. One: make bench-inversion.
 bench: $(addprefix bench-,$(BENCHMARKS))
 
 bench-%: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/$*.py
+
+# The CUDA tests and every benchmark on the GPU, JSON summary last. Needs no virtualenv:
+# `make gpu-check PY=python3` runs with any interpreter that has the dependencies.
+PY ?= $(BIN)/python
+gpu-check:
+	PYTHONPATH=$(CURDIR)/client:$(CURDIR)/server$${PYTHONPATH:+:$$PYTHONPATH} HF_HUB_OFFLINE=1 \
+		$(PY) bench/gpu_check.py
 
 proto: install
 	$(BIN)/python proto/generate.py

@@ -75,6 +75,19 @@ class ServerSettings(BaseSettings):
         300.0, gt=0, description="Connections are recycled after this age, so callers rebalance."
     )
     max_batch: int = Field(64, ge=1, description="Most images in one request.")
+    batch_max_images: int = Field(
+        32,
+        ge=0,
+        description="Most images in one forward shared by concurrent GetActivations requests "
+        "for a model; 0 turns batching off.",
+    )
+    batch_delay_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Longest wait of a batch for requests still being decoded (never when "
+        "none is).",
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="Most pixels in one decoded image.")
     max_result_bytes: int = Field(
         4 << 30, ge=1, description="Most bytes of activations one request may produce."

@@ -26,6 +26,7 @@ from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.model_selection import model_specs, resolve_device
 from vitscope_server.settings import ServerSettings
+from vitscope_server.transport.batchers import activation_batcher
 from vitscope_server.transport.interceptors import ServiceInterceptor
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.oip_rpcs import SERVICE_NAME as INFERENCE_SERVICE_NAME
@@ -142,6 +143,14 @@ def _start_metrics(settings: ServerSettings, metrics: Metrics) -> tuple[Any, int
     return http, int(http.server_port)
 
 
+def _inverter_catalog(settings: ServerSettings) -> InverterCatalog:
+    """The built-in inverters (with the built-in models) and those of inverters_dir."""
+    roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
+    if settings.inverters_dir is not None:
+        roots.append(settings.inverters_dir)
+    return InverterCatalog(roots)
+
+
 def create_server(settings: ServerSettings) -> RunningServer:
     """Builds and starts everything; models keep loading in the background."""
     if settings.torch_threads:
@@ -161,26 +170,26 @@ def create_server(settings: ServerSettings) -> RunningServer:
         options=_channel_options(settings),
     )
     slots = ComputeSlots(settings.max_running, settings.max_queue)
-    metrics.queued.set_function(lambda: float(slots.waiting))
-    inverter_roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
-    if settings.inverters_dir is not None:
-        inverter_roots.append(settings.inverters_dir)
     limits = ActivationLimits(
         settings.max_batch, settings.max_image_pixels, settings.max_result_bytes
     )
+    activations = activation_batcher(settings, slots, limits, metrics)
+    metrics.queued.set_function(lambda: float(slots.waiting + activations.waiting))
     servicer = InspectorServicer(
         registry,
         slots,
         metrics,
         limits,
         settings.effective_chunk_bytes,
-        InverterCatalog(inverter_roots),
+        _inverter_catalog(settings),
         settings.image_roots,
         max_message_bytes=settings.max_message_bytes,
+        activations=activations,
     )
     inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(registry, slots, metrics, limits, settings.max_message_bytes), server
+        InferenceServicer(registry, activations, metrics, limits, settings.max_message_bytes),
+        server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -111,6 +111,9 @@ def activation_query(request: activations_pb2.GetActivationsRequest) -> Activati
             _OUTPUT_DTYPES, request.output_dtype, "output_dtype", tensor_pb2.Dtype
         ),
         top_predictions=request.top_predictions,
+        compute_dtype=enum_value(
+            _OUTPUT_DTYPES, request.compute_dtype, "compute_dtype", tensor_pb2.Dtype
+        ),
     )
 
 
@@ -229,6 +232,7 @@ def _activations_header(
             output_dtype=_WIRE_DTYPES[q.output_dtype],
             top_predictions=q.top_predictions,
             batch_size=result.batch_size,
+            compute_dtype=_WIRE_DTYPES[q.compute_dtype],
         ),
         sites=[
             activations_pb2.SiteResult(

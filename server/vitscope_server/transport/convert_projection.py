@@ -40,7 +40,7 @@ def _targets(refs: list[common_pb2.ClassRef]) -> tuple[ClassRef, ...]:
     return tuple(targets)
 
 
-def _labels(has_labels: bool, labels: pb.LabelSet) -> LabelSet | None:
+def label_set(has_labels: bool, labels: pb.LabelSet) -> LabelSet | None:
     if not has_labels:
         return None
     return LabelSet(tuple(labels.class_names), tuple(labels.templates))
@@ -58,7 +58,7 @@ def projection_query(request: pb.ProjectToClassSpaceRequest) -> ProjectionQuery:
         positions=tuple((p.row, p.col) for p in request.tokens.positions),
         top_k=request.top_k,
         importance_maps=request.importance_maps,
-        labels=_labels(request.HasField("labels"), request.labels),
+        labels=label_set(request.HasField("labels"), request.labels),
         evaluate_importance=request.evaluate_importance,
         keep_counts=tuple(request.keep_counts),
         evaluation_seed=request.evaluation_seed,
@@ -72,7 +72,7 @@ def memory_query(request: pb.ProjectMemoriesRequest) -> MemoryQuery:
         top_k=request.top_k,
         cosine=request.cosine,
         targets=_targets(list(request.targets)),
-        labels=_labels(request.HasField("labels"), request.labels),
+        labels=label_set(request.HasField("labels"), request.labels),
     )
 
 

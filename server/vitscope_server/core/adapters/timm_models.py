@@ -128,6 +128,14 @@ class TimmAdapter(ModelAdapter):
         output: torch.Tensor = self.root(pixels)
         return output
 
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        features: torch.Tensor = self.root.forward_features(pixels)  # type: ignore[operator]
+        return features
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.root.forward_head(features)  # type: ignore[operator]
+        return logits
+
     def _expose_attention_probs(self, attention_path: str) -> None:
         unfuse(self.root.get_submodule(attention_path), attention_path, self._fused_defaults)
 
