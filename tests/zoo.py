@@ -80,7 +80,17 @@ SMALL_KWARGS: tuple[dict[str, Any], ...] = tuple(
     for shrink in _SHRINKS
     for size in (64, 96, 128, 0)
 )
-RPCS = ("Describe", "Activations", "Optimize", "TopImages", "Project", "Memories", "Invert")
+RPCS = (
+    "Describe",
+    "Activations",
+    "Optimize",
+    "TopImages",
+    "Project",
+    "Memories",
+    "Invert",
+    "Rollout",
+    "Relevancy",
+)
 CLIP_LABELS = {"class_names": ["cat", "dog"], "templates": ["a photo of a {}."]}
 
 
@@ -311,6 +321,8 @@ def sweep_model(client: Client, spec: dict[str, Any]) -> dict[str, str]:
         "Invert": lambda: client.invert(
             pixels[:1], [1], model=name, method="optimization", steps=1
         ),
+        "Rollout": lambda: client.explain(pixels[:1], ["rollout"], model=name, **labels),
+        "Relevancy": lambda: client.explain(pixels[:1], ["relevancy"], model=name, **labels),
     }
     return {"Describe": "ok"} | {rpc: _outcome(call) for rpc, call in calls.items()}
 
