@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 DEMO_PORT ?= 50061
 
-.PHONY: install serve test bench proto lint format demo
+.PHONY: install serve test bench proto docs lint format demo
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ bench-%: install
 
 proto: install
 	$(BIN)/python proto/generate.py
+
+# docs/api.md from the protos and their comments.
+docs: install
+	$(BIN)/python proto/docgen.py
 
 lint: install
 	$(BIN)/ruff check server client tests bench proto
