@@ -38,19 +38,21 @@ provenance and the parameters in effect after defaults. Errors are described in
 
 ## Compatibility
 
-`v1` only grows: fields, messages, enum values and RPCs may be added, and nothing a
-released client relies on is renamed, renumbered or removed. A change that must break
-goes into a new package (`vitscope.v2`) served beside `v1`.
+Once released, `v1` changes only by addition: new fields, messages, enum values and RPCs.
+Nothing a released client relies on is renamed, renumbered or removed; a change that must
+break goes into a new package (`vitscope.v2`) served beside `v1`.
 
-The protos are linted with [buf](https://buf.build) (`buf lint`, configured by `buf.yaml`
-at the repository root); `make lint` runs it. Before changing a proto, check the change
-against the last release:
+The protos are linted with [buf](https://buf.build): `buf lint`, configured by `buf.yaml`
+at the repository root, runs in `make lint`. Before changing a proto, check the change
+against the last release tag with `buf breaking`, from the repository root:
 
 ```bash
-npx buf breaking proto --against '.git#tag=v0.1.0,subdir=proto'
+npx @bufbuild/buf breaking proto --against '.git#tag=v0.1.0,subdir=proto'
+# before the first tag, against the main branch:
+npx @bufbuild/buf breaking proto --against '.git#branch=main,subdir=proto'
 ```
 
-and regenerate the stubs (`make proto`) and this page (`make docs`).
+Then regenerate the stubs (`make proto`) and this page (`make docs`).
 """
 
 SCALARS = {
