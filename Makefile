@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# buf (proto lint and breaking-change checks) from npm, kept beside the virtualenv.
+BUF_VERSION := 1.75.0
+BUF := $(VENV)/npm/node_modules/.bin/buf
 
 DEMO_PORT ?= 50061
 
@@ -14,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e ".[server,dev]"
+	npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/npm @bufbuild/buf@$(BUF_VERSION)
 	touch $(STAMP)
 
 serve: install
@@ -22,7 +26,7 @@ serve: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-BENCHMARKS := activations feature_viz class_projection inversion
+BENCHMARKS := activations feature_viz class_projection inversion oip
 
 # Every benchmark in turn; each prints its JSON object last. One: make bench-inversion.
 bench: $(addprefix bench-,$(BENCHMARKS))
@@ -38,6 +42,7 @@ docs: install
 	$(BIN)/python proto/docgen.py
 
 lint: install
+	$(BUF) lint
 	$(BIN)/ruff check server client tests bench proto
 	$(BIN)/ruff format --check server client tests bench proto
 	$(BIN)/mypy

@@ -1,4 +1,5 @@
-"""Regenerates the Python stubs for proto/vitscope/v1 into client/vitscope/v1.
+"""Regenerates the Python stubs for proto/vitscope (v1 and the Open Inference Protocol) into
+client/vitscope.
 
 The stubs are committed; tests regenerate into a scratch folder and fail when
 the committed copies drift from the protos.
@@ -19,18 +20,19 @@ DEFAULT_OUT = REPO_ROOT / "client"
 
 
 def proto_files() -> list[Path]:
-    return sorted((PROTO_ROOT / "vitscope" / "v1").glob("*.proto"))
+    return sorted((PROTO_ROOT / "vitscope").glob("*/*.proto"))
 
 
 def generate(out_dir: Path) -> None:
-    """Writes *_pb2.py, *_pb2_grpc.py and their .pyi files under out_dir/vitscope/v1."""
+    """Writes *_pb2.py, *_pb2_grpc.py and their .pyi files under out_dir/vitscope/<folder>."""
     mypy_plugin = shutil.which("protoc-gen-mypy") or str(
         Path(sys.executable).parent / "protoc-gen-mypy"
     )
     mypy_grpc_plugin = shutil.which("protoc-gen-mypy_grpc") or str(
         Path(sys.executable).parent / "protoc-gen-mypy_grpc"
     )
-    (out_dir / "vitscope" / "v1").mkdir(parents=True, exist_ok=True)
+    for proto in proto_files():
+        (out_dir / proto.parent.relative_to(PROTO_ROOT)).mkdir(parents=True, exist_ok=True)
     grpc_include = Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",

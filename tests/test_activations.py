@@ -21,7 +21,7 @@ BLOCK_PARTS = ("out", "attn.out", "attn.probs", "mlp.hidden", "mlp.out")
 
 def canonical_sites(client: Client, name: str) -> list[str]:
     sites = ["embed", "final"]
-    for i in range(client.describe(name).num_blocks):
+    for i in range(client.describe(name).block_count):
         sites += [f"blocks.{i}.{part}" for part in BLOCK_PARTS]
     return sites
 

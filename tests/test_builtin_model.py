@@ -48,7 +48,7 @@ def test_served_by_default_with_its_anatomy(client: Client) -> None:
     assert described.mean == pytest.approx((0.1307,) * 3) and described.std == pytest.approx(
         (0.3081,) * 3
     )
-    assert described.num_blocks >= 4 and described.num_prefix_tokens == 1
+    assert described.block_count >= 4 and described.prefix_token_count == 1
     assert described.info.weights_identity.startswith("sha256:")
 
 
@@ -66,7 +66,7 @@ def test_committed_weights_reach_the_card_accuracy_through_the_rpc(
 
 def test_the_gap_twin_pools_patches_without_a_class_token(client: Client) -> None:
     described = client.describe(DIGITS_GAP_NAME)
-    assert described.num_prefix_tokens == 0 and described.grid == (7, 7)
+    assert described.prefix_token_count == 0 and described.grid == (7, 7)
 
 
 @pytest.mark.parametrize("model", [DIGITS_RANDOM_NAME, DIGITS_GAP_RANDOM_NAME])

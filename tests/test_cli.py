@@ -29,7 +29,7 @@ def test_models_and_describe(server: RunningServer, capsys: pytest.CaptureFixtur
     assert "* vit" in listing and "ready" in listing and "swin" in listing
     main([*target, "describe", "deit"])
     described = json.loads(capsys.readouterr().out)
-    assert described["num_prefix_tokens"] == 2 and described["num_blocks"] == 2
+    assert described["prefix_token_count"] == 2 and described["block_count"] == 2
     main([*target, "health"])
     assert capsys.readouterr().out.strip() == "SERVING"
 

@@ -13,8 +13,7 @@ from vitscope import (
     ResourceExhaustedError,
     VitscopeError,
 )
-from vitscope.v1 import common_pb2, tensor_pb2
-from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import activations_pb2, common_pb2, tensor_pb2
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.transport.app import RunningServer
 
@@ -138,7 +137,9 @@ def test_bad_activation_requests(
     assert client.activations([good_image(client)], ["embed"], model="vit")["embed"].shape[0] == 1
 
 
-def _raw_call(server: RunningServer, request: pb.GetActivationsRequest) -> grpc.RpcError:
+def _raw_call(
+    server: RunningServer, request: activations_pb2.GetActivationsRequest
+) -> grpc.RpcError:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.InspectorStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
@@ -150,7 +151,7 @@ def test_tensor_bytes_that_do_not_fit_the_shape(server: RunningServer) -> None:
     tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 160, 160], data=b"\0" * 12)
     error = _raw_call(
         server,
-        pb.GetActivationsRequest(
+        activations_pb2.GetActivationsRequest(
             model="vit", sites=["embed"], images=[common_pb2.Image(preprocessed=tensor)]
         ),
     )
@@ -160,7 +161,7 @@ def test_tensor_bytes_that_do_not_fit_the_shape(server: RunningServer) -> None:
 
 def test_tensor_shape_whose_size_overflows(server: RunningServer) -> None:
     tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=[2**32, 2**32], data=b"")
-    request = pb.GetActivationsRequest(
+    request = activations_pb2.GetActivationsRequest(
         model="vit", sites=["embed"], images=[common_pb2.Image(pixels=tensor)]
     )
     error = _raw_call(server, request)
@@ -174,7 +175,7 @@ def test_unsupported_tensor_dtype(server: RunningServer) -> None:
     )
     error = _raw_call(
         server,
-        pb.GetActivationsRequest(
+        activations_pb2.GetActivationsRequest(
             model="vit", sites=["embed"], images=[common_pb2.Image(preprocessed=tensor)]
         ),
     )
@@ -185,20 +186,28 @@ def test_unsupported_tensor_dtype(server: RunningServer) -> None:
 def test_unknown_enum_values(server: RunningServer) -> None:
     image = common_pb2.Image(encoded=b"x")
     error = _raw_call(
-        server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[image], reduction=42)
+        server,
+        activations_pb2.GetActivationsRequest(
+            model="vit", sites=["embed"], images=[image], reduction=42
+        ),
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "reduction" in error.details() and "REDUCTION_MEAN" in error.details()
     error = _raw_call(
         server,
-        pb.GetActivationsRequest(model="vit", sites=["embed"], images=[image], output_dtype=9),
+        activations_pb2.GetActivationsRequest(
+            model="vit", sites=["embed"], images=[image], output_dtype=9
+        ),
     )
     assert "output_dtype" in error.details() and "DTYPE_FLOAT16" in error.details()
 
 
 def test_image_without_a_source(server: RunningServer) -> None:
     error = _raw_call(
-        server, pb.GetActivationsRequest(model="vit", sites=["embed"], images=[common_pb2.Image()])
+        server,
+        activations_pb2.GetActivationsRequest(
+            model="vit", sites=["embed"], images=[common_pb2.Image()]
+        ),
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "images[0]" in error.details() and "encoded, pixels or preprocessed" in error.details()
@@ -214,7 +223,9 @@ def test_request_over_the_max_message_size(server: RunningServer) -> None:
     ):
         list(
             pb_grpc.InspectorStub(channel).GetActivations(
-                pb.GetActivationsRequest(model="vit", sites=["embed"], images=[oversized]),
+                activations_pb2.GetActivationsRequest(
+                    model="vit", sites=["embed"], images=[oversized]
+                ),
                 timeout=60,
             )
         )

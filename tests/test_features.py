@@ -36,7 +36,7 @@ from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.capture import capture_sites
 from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
-from vitscope_server.core.feature_images import Parameterisation, image_parameters
+from vitscope_server.core.feature_images import Parameterization, image_parameters
 from vitscope_server.core.features import (
     FeatureForward,
     FeatureSpec,
@@ -210,13 +210,13 @@ def test_core_fourier_first_step_matches_reference(
     """The Fourier image of the seeded spectrum, and step 1's loss and spectrum gradient."""
     channels, seed = [5, 40], 3
     loaded = busy_server.registry.get(DIGITS)
-    params = OptimizationParams(seed=seed, parameterisation=Parameterisation.FOURIER)
+    params = OptimizationParams(seed=seed, parameterization=Parameterization.FOURIER)
     prepared = prepare_optimization(
         loaded, [FeatureSpec("blocks.3.mlp.hidden", c) for c in channels], params, 64, 10**8, 10**8
     )
     forward = FeatureForward(prepared)
     generator = torch.Generator().manual_seed(seed)
-    image = image_parameters(Parameterisation.FOURIER, 2, 28, generator, torch.device("cpu"))
+    image = image_parameters(Parameterization.FOURIER, 2, 28, generator, torch.device("cpu"))
     draw = draw_augmentation(generator, 2 * 8, prepared.params.jitter)
     with capture_sites(loaded.adapter, forward.sites, 16, NEVER_CANCELLED) as captured:
         loss, _ = step_loss(forward, image.pixels(), draw, 0, captured)
@@ -243,12 +243,12 @@ def test_rpc_fourier_first_step_matches_reference(fclient: Client, digits_model:
         model=DIGITS,
         steps=1,
         seed=seed,
-        parameterisation="fourier",
+        parameterization="fourier",
         progress_every=1,
         on_progress=progress.append,
     )
-    assert result.parameters["parameterisation"] == "IMAGE_PARAMETERISATION_FOURIER"
-    assert "sigmoid" in result.parameters["parameterisation_detail"]
+    assert result.parameters["parameterization"] == "IMAGE_PARAMETERIZATION_FOURIER"
+    assert "sigmoid" in result.parameters["parameterization_detail"]
     ref_loss, ref_grad, ref_spectrum = reference_first_step(
         digits_model, 3, channels, seed, steps=1, fourier=True
     )
@@ -328,10 +328,10 @@ def test_schedule_and_optimizer_over_two_steps(
 
 def test_default_choices_are_reported(fclient: Client) -> None:
     result = fclient.optimize_features([("blocks.1.out", 1)], model=DIGITS, steps=1)
-    assert result.parameters["parameterisation"] == "IMAGE_PARAMETERISATION_PIXEL"
+    assert result.parameters["parameterization"] == "IMAGE_PARAMETERIZATION_PIXEL"
     assert result.parameters["schedule"] == "LEARNING_RATE_SCHEDULE_COSINE"
     assert result.parameters["optimizer"] == "FEATURE_OPTIMIZER_ADAM"
-    assert "clamped" in result.parameters["parameterisation_detail"]
+    assert "clamped" in result.parameters["parameterization_detail"]
 
 
 def test_fourier_optimisation_raises_the_objective(
@@ -346,7 +346,7 @@ def test_fourier_optimisation_raises_the_objective(
         model=DIGITS,
         steps=100,
         seed=seed,
-        parameterisation="fourier",
+        parameterization="fourier",
     )
     spectrum = torch.randn((1, 3, 28, 15, 2), generator=torch.Generator().manual_seed(seed))
     start = fourier_pixels(spectrum * 0.01)
@@ -365,7 +365,7 @@ def test_same_seed_same_fourier_image(fclient: Client) -> None:
             model=DIGITS,
             steps=4,
             seed=seed,
-            parameterisation="fourier",
+            parameterization="fourier",
         )
         return [f.png for f in result.features]
 
@@ -515,7 +515,7 @@ BAD = [
     ),
     ({"learning_rate": math.inf}, None, InvalidArgumentError, ["parameters.learning_rate"]),
     ({"learning_rate": -0.1}, None, InvalidArgumentError, ["parameters.learning_rate"]),
-    ({"tv": math.nan}, None, InvalidArgumentError, ["parameters.tv"]),
+    ({"tv_weight": math.nan}, None, InvalidArgumentError, ["parameters.tv_weight"]),
     ({"image_size": 100_000}, None, InvalidArgumentError, ["parameters.image_size", "8..1024"]),
     ({"image_size": 0}, None, InvalidArgumentError, ["parameters.image_size"]),
     ({"copies": 0}, None, InvalidArgumentError, ["parameters.copies"]),
@@ -638,7 +638,7 @@ def test_unknown_objective_value(busy_server: RunningServer, fclient: Client) ->
     assert fclient.optimize_features([("blocks.1.out", 1)], model=DIGITS, steps=1).features
 
 
-@pytest.mark.parametrize("field", ["parameterisation", "schedule", "optimizer"])
+@pytest.mark.parametrize("field", ["parameterization", "schedule", "optimizer"])
 def test_unknown_choice_value(busy_server: RunningServer, fclient: Client, field: str) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{busy_server.port}") as channel:
         stub = pb_grpc.InspectorStub(channel)
@@ -671,7 +671,7 @@ def test_visualize_command_passes_the_choices(busy_server: RunningServer, tmp_pa
             "3",
             "--steps",
             "2",
-            "--parameterisation",
+            "--parameterization",
             "fourier",
             "--schedule",
             "constant",
@@ -682,7 +682,7 @@ def test_visualize_command_passes_the_choices(busy_server: RunningServer, tmp_pa
         ]
     )
     parameters = json.loads((out / "parameters.json").read_text())["parameters"]
-    assert parameters["parameterisation"] == "IMAGE_PARAMETERISATION_FOURIER"
+    assert parameters["parameterization"] == "IMAGE_PARAMETERIZATION_FOURIER"
     assert parameters["schedule"] == "LEARNING_RATE_SCHEDULE_CONSTANT"
     assert parameters["optimizer"] == "FEATURE_OPTIMIZER_ADAMAX"
 

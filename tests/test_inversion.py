@@ -380,7 +380,7 @@ def test_cancelling_an_optimisation_frees_its_slot(tmp_path) -> None:  # type: i
         request.images.add().encoded = _png(np.zeros((160, 160), np.uint8))
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             call = pb_grpc.InspectorStub(channel).Invert(request, timeout=120)
-            kinds = [next(call).WhichOneof("event"), next(call).WhichOneof("event")]
+            kinds = [next(call).WhichOneof("payload"), next(call).WhichOneof("payload")]
             assert kinds == ["header", "progress"]
             call.cancel()
         with Client(f"127.0.0.1:{running.port}", timeout=30) as client:

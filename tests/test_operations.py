@@ -32,8 +32,7 @@ from vitscope import (
     UnauthenticatedError,
     UnavailableError,
 )
-from vitscope.v1 import common_pb2, tensor_pb2
-from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import activations_pb2, common_pb2, tensor_pb2
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer, create_server
@@ -59,14 +58,14 @@ def test_list_and_describe(client: Client) -> None:
     assert {"vit", "deit", "swin", "clip", "vitscope-digits-random"} <= set(models)
     assert models["vit"].is_default and models["vit"].state == "ready"
     deit = client.describe("deit")
-    assert deit.num_prefix_tokens == 2 and deit.grid == (4, 4) and deit.num_blocks == 2
+    assert deit.prefix_token_count == 2 and deit.grid == (4, 4) and deit.block_count == 2
     assert deit.input_size == (3, 64, 64) and len(deit.class_names) == 7
     assert deit.sites["blocks.1.mlp.hidden"]["shape"] == ["1", "18", "192"]
     assert deit.sites["blocks.0.attn.probs"]["layout"] == "SITE_LAYOUT_ATTENTION"
     swin = client.describe("swin")
-    assert swin.num_prefix_tokens == 0 and swin.sites["blocks.2.out"]["grid_height"] == 8
+    assert swin.prefix_token_count == 0 and swin.sites["blocks.2.out"]["grid_height"] == 8
     clip = client.describe("clip")
-    assert clip.class_names == [] and clip.num_prefix_tokens == 1
+    assert clip.class_names == [] and clip.prefix_token_count == 1
     assert clip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
 
 
@@ -146,13 +145,11 @@ def test_stubs_match_the_protos(tmp_path: Path) -> None:
         check=True,
         timeout=120,
     )
-    committed = REPO / "client" / "vitscope" / "v1"
-    generated = sorted((tmp_path / "vitscope" / "v1").glob("*_pb2*"))
-    assert generated
+    generated = sorted((tmp_path / "vitscope").glob("*/*_pb2*"))
+    assert {path.parent.name for path in generated} == {"v1", "oip"}
     for path in generated:
-        assert path.read_bytes() == (committed / path.name).read_bytes(), (
-            f"{path.name} drifted: run make proto"
-        )
+        committed = REPO / "client" / path.relative_to(tmp_path)
+        assert path.read_bytes() == committed.read_bytes(), f"{path.name} drifted: run make proto"
 
 
 # --- auth and TLS -----------------------------------------------------------------
@@ -276,7 +273,7 @@ def _preprocessed(batch: int, size: int = 224) -> list[np.ndarray]:
     ]
 
 
-def _slow_request(batch: int = 24) -> pb.GetActivationsRequest:
+def _slow_request(batch: int = 24) -> activations_pb2.GetActivationsRequest:
     images = [
         common_pb2.Image(
             preprocessed=tensor_pb2.Tensor(
@@ -285,8 +282,11 @@ def _slow_request(batch: int = 24) -> pb.GetActivationsRequest:
         )
         for a in _preprocessed(batch)
     ]
-    return pb.GetActivationsRequest(
-        model="base", sites=["blocks.11.out"], images=images, reduction=pb.REDUCTION_MEAN
+    return activations_pb2.GetActivationsRequest(
+        model="base",
+        sites=["blocks.11.out"],
+        images=images,
+        reduction=activations_pb2.REDUCTION_MEAN,
     )
 
 
@@ -446,7 +446,7 @@ def test_client_retries_while_a_model_loads() -> None:
     )
     try:
         with Client(f"127.0.0.1:{running.port}", retries=8, timeout=60) as c:
-            assert c.describe("base").num_blocks == 12
+            assert c.describe("base").block_count == 12
         counts = {
             sample.labels["code"]: sample.value
             for metric in running.metrics.requests.collect()

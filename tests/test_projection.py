@@ -240,7 +240,7 @@ def test_distilled_deit_projects_every_token_with_head(pc: Client) -> None:
     got = result.images[0].representations["residual"]
     order = logits.argsort(dim=-1, descending=True)
     np.testing.assert_array_equal(got.top_classes[0], order[0].numpy())
-    assert result.num_prefix_tokens == 2
+    assert result.prefix_token_count == 2
 
 
 def test_token_and_block_selection(pc: Client) -> None:
@@ -393,7 +393,7 @@ def test_memories_are_direct_matrix_products(pc: Client, name: str) -> None:
     for kind, value in values.items():
         matrix = (head @ value).numpy()
         got = result.memories[kind]
-        assert got.num_memories == value.shape[1]
+        assert got.memory_count == value.shape[1]
         np.testing.assert_array_equal(got.top_classes, np.argsort(-matrix.T, -1)[:, :5])
         np.testing.assert_array_equal(got.top_memories, np.argsort(-matrix, -1)[:, :5])
         np.testing.assert_allclose(
@@ -574,7 +574,7 @@ def test_bad_memory_requests(pc: Client) -> None:
     with pytest.raises(FailedPreconditionError):
         pc.project_memories(0, model="swin")
     assert (
-        pc.project_memories(0, model="vit", kinds=["attention"]).memories["attention"].num_memories
+        pc.project_memories(0, model="vit", kinds=["attention"]).memories["attention"].memory_count
         == 64
     )
 
@@ -759,7 +759,7 @@ def check_evaluation(
     ):
         accuracy, auc = reference_keep_curve(run, embedded, orders, counts, prefix, targets)
         assert curve.accuracy == pytest.approx(accuracy, abs=1e-6)
-        assert curve.normalised_auc == pytest.approx(auc, abs=1e-6)
+        assert curve.normalized_auc == pytest.approx(auc, abs=1e-6)
 
 
 @pytest.mark.parametrize(

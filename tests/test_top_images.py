@@ -94,7 +94,7 @@ def test_streamed_images_match_hooks(
     )
     labels = {"method": "TopActivatingImages", "model": DIGITS, "code": "OK"}
     assert folder_server.metrics.registry.get_sample_value("vitscope_requests_total", labels)
-    assert result.images_scanned == COUNT and result.top_k == 4 and result.site == SITE
+    assert result.scanned_image_count == COUNT and result.top_k == 4 and result.site == SITE
     assert result.provenance["model"] == DIGITS
     for channel, expected in reference_top(digits, 4).items():
         got = result.channels[channel]
@@ -109,7 +109,7 @@ def test_server_folder_matches_streaming(tclient: Client, root: Path, digits: np
     result = tclient.top_activating_images(
         SITE, CHANNELS, image_folder=str(root / "digits"), top_k=4, model=DIGITS
     )
-    assert result.images_scanned == COUNT
+    assert result.scanned_image_count == COUNT
     for channel, expected in reference_top(digits, 4).items():
         got = result.channels[channel]
         assert [t.index for t in got] == [i for i, _, _ in expected]

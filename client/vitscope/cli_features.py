@@ -12,7 +12,7 @@ from PIL import Image
 from vitscope.client import Client
 from vitscope.features import (
     OPTIMIZERS,
-    PARAMETERISATIONS,
+    PARAMETERIZATIONS,
     SCHEDULES,
     OptimizationProgress,
     TopImages,
@@ -33,13 +33,15 @@ def add_commands(commands: Any) -> None:
     visualize.add_argument("--out", type=Path, required=True, help="output folder")
     visualize.add_argument("--steps", type=int, help="default 400")
     visualize.add_argument("--lr", type=float, help="default 0.1 (timm) or 1.0 (open_clip)")
-    visualize.add_argument("--tv", type=float, help="TV multiplier, weight 0.0005 x tv (default 1)")
+    visualize.add_argument(
+        "--tv-weight", type=float, help="total-variation weight (default 0.0005, the paper's)"
+    )
     visualize.add_argument("--copies", type=int, help="augmented copies (default 8)")
     visualize.add_argument("--seed", type=int, default=0)
     visualize.add_argument("--size", type=int, help="image size (default: the model's)")
     visualize.add_argument(
-        "--parameterisation",
-        choices=list(PARAMETERISATIONS),
+        "--parameterization",
+        choices=list(PARAMETERIZATIONS),
         help="pixel (default, the paper's) or fourier (decorrelated-colour spectrum)",
     )
     visualize.add_argument(
@@ -144,10 +146,10 @@ def _visualize(client: Client, args: argparse.Namespace) -> None:
             model=args.model,
             steps=args.steps,
             learning_rate=args.lr,
-            tv=args.tv,
+            tv_weight=args.tv_weight,
             copies=args.copies,
             image_size=args.size,
-            parameterisation=args.parameterisation,
+            parameterization=args.parameterization,
             schedule=args.schedule,
             optimizer=args.optimizer,
             seed=args.seed,

@@ -74,7 +74,7 @@ def evaluation_table(evaluation: ImportanceEvaluation) -> str:
     rows = [
         ("n", [f"{n:>5d}" for n in evaluation.keep_counts], ""),
         *(
-            (label, [f"{a:>5.2f}" for a in curve.accuracy], f"  AUC {curve.normalised_auc:.3f}")
+            (label, [f"{a:>5.2f}" for a in curve.accuracy], f"  AUC {curve.normalized_auc:.3f}")
             for label, curve in (
                 ("importance", evaluation.importance_order),
                 ("random", evaluation.random_order),
@@ -89,7 +89,7 @@ def run(client: Client, args: argparse.Namespace) -> bool:
         return False
     args.out.mkdir(parents=True, exist_ok=True)
     targets = [_target(args.class_target)]
-    has_class_token = client.describe(args.model).num_prefix_tokens > 0
+    has_class_token = client.describe(args.model).prefix_token_count > 0
     result = client.project(
         [args.image],
         model=args.model,

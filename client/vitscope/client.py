@@ -19,7 +19,7 @@ from vitscope import tensors as wire
 from vitscope.errors import from_rpc_error
 from vitscope.features import (
     OPTIMIZERS,
-    PARAMETERISATIONS,
+    PARAMETERIZATIONS,
     SCHEDULES,
     Feature,
     OptimizationProgress,
@@ -31,9 +31,16 @@ from vitscope.features import (
     parse_top_images,
 )
 from vitscope.inversion import Inversion, InversionProgress, Inverter
-from vitscope.v1 import common_pb2, inversion_pb2, projection_pb2, tensor_pb2
+from vitscope.selection import ClassLike, class_ref, token_selection
+from vitscope.v1 import (
+    activations_pb2,
+    common_pb2,
+    inversion_pb2,
+    models_pb2,
+    projection_pb2,
+    tensor_pb2,
+)
 from vitscope.v1 import features_pb2 as fpb
-from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
@@ -41,18 +48,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
-_TOKEN_MODES = {
-    "all": pb.TOKEN_SELECTION_MODE_ALL,
-    "prefix": pb.TOKEN_SELECTION_MODE_PREFIX,
-    "patches": pb.TOKEN_SELECTION_MODE_PATCHES,
-    "indices": pb.TOKEN_SELECTION_MODE_INDICES,
-    "positions": pb.TOKEN_SELECTION_MODE_POSITIONS,
-}
 _REDUCTIONS = {
-    "none": pb.REDUCTION_NONE,
-    "mean": pb.REDUCTION_MEAN,
-    "patch_map": pb.REDUCTION_PATCH_MAP,
-    "top_channels": pb.REDUCTION_TOP_CHANNELS,
+    "none": activations_pb2.REDUCTION_NONE,
+    "mean": activations_pb2.REDUCTION_MEAN,
+    "patch_map": activations_pb2.REDUCTION_PATCH_MAP,
+    "top_channels": activations_pb2.REDUCTION_TOP_CHANNELS,
 }
 _DTYPES = {
     "float32": tensor_pb2.DTYPE_FLOAT32,
@@ -82,7 +82,9 @@ def image_message(image: ImageLike) -> common_pb2.Image:
 
 
 _GET_ACTIVATIONS = "/vitscope.v1.Inspector/GetActivations"
-_CHUNK_KEY = pb.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
+_CHUNK_KEY = (
+    activations_pb2.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
+)
 
 
 def _chunk_of(raw: bytes) -> tuple[tensor_pb2.TensorChunk, memoryview] | None:
@@ -148,9 +150,9 @@ class ModelInfo:
 @dataclass(frozen=True)
 class ModelDescription:
     info: ModelInfo
-    num_blocks: int
+    block_count: int
     embed_dim: int
-    num_prefix_tokens: int
+    prefix_token_count: int
     grid: tuple[int, int]
     input_size: tuple[int, ...]
     mean: tuple[float, ...]
@@ -165,12 +167,12 @@ def _message_dict(message: Any) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _model_info(summary: pb.ModelSummary) -> ModelInfo:
+def _model_info(summary: models_pb2.ModelSummary) -> ModelInfo:
     return ModelInfo(
         name=summary.name,
         family=summary.family,
         architecture=summary.architecture,
-        state=pb.ModelState.Name(summary.state).removeprefix("MODEL_STATE_").lower(),
+        state=models_pb2.ModelState.Name(summary.state).removeprefix("MODEL_STATE_").lower(),
         error=summary.error,
         weights_identity=summary.weights_identity,
         is_default=summary.is_default,
@@ -223,7 +225,8 @@ class Client:
         self._stub = pb_grpc.InspectorStub(self._channel)
         # GetActivations responses are decoded by hand (see _chunk_of), so they arrive raw.
         self._activations_raw = self._channel.unary_stream(
-            _GET_ACTIVATIONS, request_serializer=pb.GetActivationsRequest.SerializeToString
+            _GET_ACTIVATIONS,
+            request_serializer=activations_pb2.GetActivationsRequest.SerializeToString,
         )
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -286,16 +289,18 @@ class Client:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def list_models(self, timeout: float | None = None) -> list[ModelInfo]:
-        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        response = self._call(self._stub.ListModels, models_pb2.ListModelsRequest(), timeout)
         return [_model_info(m) for m in response.models]
 
     def describe(self, model: str = "", timeout: float | None = None) -> ModelDescription:
-        r = self._call(self._stub.DescribeModel, pb.DescribeModelRequest(model=model), timeout)
+        r = self._call(
+            self._stub.DescribeModel, models_pb2.DescribeModelRequest(model=model), timeout
+        )
         return ModelDescription(
             info=_model_info(r.summary),
-            num_blocks=r.num_blocks,
+            block_count=r.block_count,
             embed_dim=r.embed_dim,
-            num_prefix_tokens=r.num_prefix_tokens,
+            prefix_token_count=r.prefix_token_count,
             grid=(r.grid_height, r.grid_width),
             input_size=tuple(r.preprocessing.input_size),
             mean=tuple(r.preprocessing.mean),
@@ -326,15 +331,11 @@ class Client:
         reduction, patches with one). reduction: none | mean | patch_map | top_channels.
         dtype: float32 | float16 | bfloat16 (bfloat16 arrives as float32 values).
         """
-        request = pb.GetActivationsRequest(
+        request = activations_pb2.GetActivationsRequest(
             model=model,
             images=[image_message(i) for i in images],
             sites=list(sites),
-            tokens=pb.TokenSelection(
-                mode=_TOKEN_MODES[tokens] if tokens else pb.TOKEN_SELECTION_MODE_UNSPECIFIED,
-                indices=list(indices),
-                positions=[common_pb2.PatchPosition(row=r, col=c) for r, c in positions],
-            ),
+            tokens=token_selection(tokens, indices, positions),
             reduction=_REDUCTIONS[reduction],
             channels=list(channels),
             top_k=top_k,
@@ -345,14 +346,14 @@ class Client:
 
     @staticmethod
     def _collect(responses: Iterator[bytes]) -> Activations:
-        header: pb.ActivationsHeader | None = None
+        header: activations_pb2.ActivationHeader | None = None
         assembler = wire.ChunkAssembler()
         for raw in responses:
             chunk = _chunk_of(raw)
             if chunk is not None:
                 assembler.add(*chunk)
                 continue
-            response = pb.GetActivationsResponse.FromString(raw)
+            response = activations_pb2.GetActivationsResponse.FromString(raw)
             if response.HasField("header"):
                 header = response.header
             else:
@@ -365,7 +366,7 @@ class Client:
             sites[s.site] = SiteActivations(
                 site=s.site,
                 module_path=s.module_path,
-                layout=pb.SiteLayout.Name(s.layout).removeprefix("SITE_LAYOUT_").lower(),
+                layout=models_pb2.SiteLayout.Name(s.layout).removeprefix("SITE_LAYOUT_").lower(),
                 values=tensors[(s.site, "values")],
                 token_indices=list(s.token_indices),
                 grid=(s.grid_height, s.grid_width),
@@ -373,7 +374,10 @@ class Client:
                 channel_indices=tensors.get((s.site, "channel_indices")),
             )
         predictions = [
-            [Prediction(p.class_index, p.class_name, p.probability, p.logit) for p in image.top]
+            [
+                Prediction(p.class_index, p.class_name, p.probability, p.logit)
+                for p in image.predictions
+            ]
             for image in header.predictions
         ]
         return Activations(
@@ -390,11 +394,11 @@ class Client:
         model: str = "",
         steps: int | None = None,
         learning_rate: float | None = None,
-        tv: float | None = None,
+        tv_weight: float | None = None,
         copies: int | None = None,
         jitter: int | None = None,
         image_size: int | None = None,
-        parameterisation: str | None = None,
+        parameterization: str | None = None,
         schedule: str | None = None,
         optimizer: str | None = None,
         seed: int = 0,
@@ -406,8 +410,8 @@ class Client:
 
         features: Feature objects or (site, channel) pairs, optimised together in one batch.
         Unset hyperparameters take the paper's defaults (400 steps, lr 0.1 for timm ViTs and
-        1.0 for CLIP towers, tv 1.0, 8 copies, jitter 32 px at 224 px, the model's input size,
-        parameterisation "pixel" (or "fourier"), schedule "cosine" (or "constant"), optimizer
+        1.0 for CLIP towers, TV weight 0.0005, 8 copies, jitter 32 px at 224 px, the model's input size,
+        parameterization "pixel" (or "fourier"), schedule "cosine" (or "constant"), optimizer
         "adam" (or "adamax")).
         """
         request = fpb.OptimizeFeaturesRequest(
@@ -418,15 +422,15 @@ class Client:
             parameters=fpb.OptimizationParameters(
                 steps=steps,
                 learning_rate=learning_rate,
-                tv=tv,
+                tv_weight=tv_weight,
                 copies=copies,
                 jitter=jitter,
                 image_size=image_size,
-                parameterisation=choice(
-                    PARAMETERISATIONS,
-                    parameterisation,
-                    "parameterisation",
-                    fpb.IMAGE_PARAMETERISATION_UNSPECIFIED,
+                parameterization=choice(
+                    PARAMETERIZATIONS,
+                    parameterization,
+                    "parameterization",
+                    fpb.IMAGE_PARAMETERIZATION_UNSPECIFIED,
                 ),
                 schedule=choice(
                     SCHEDULES, schedule, "schedule", fpb.LEARNING_RATE_SCHEDULE_UNSPECIFIED
@@ -508,7 +512,7 @@ class Client:
         images: Sequence[ImageLike],
         *,
         model: str = "",
-        targets: Sequence[projection.ClassLike] = (),
+        targets: Sequence[ClassLike] = (),
         representations: Sequence[str] = (),
         blocks: Sequence[int] = (),
         tokens: str | None = None,
@@ -536,10 +540,10 @@ class Client:
         request = projection_pb2.ProjectToClassSpaceRequest(
             model=model,
             images=[image_message(i) for i in images],
-            targets=[projection.class_ref(t) for t in targets],
+            targets=[class_ref(t) for t in targets],
             representations=[projection.REPRESENTATIONS[r] for r in representations],
             blocks=list(blocks),
-            tokens=projection.token_selection(tokens, indices, positions),
+            tokens=token_selection(tokens, indices, positions),
             top_k=top_k,
             importance_maps=importance_maps,
             labels=projection.label_set(class_names, templates),
@@ -560,7 +564,7 @@ class Client:
         top_k: int = 0,
         cosine: bool = False,
         images: Sequence[ImageLike] = (),
-        targets: Sequence[projection.ClassLike] = (),
+        targets: Sequence[ClassLike] = (),
         class_names: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
         timeout: float | None = None,
@@ -573,7 +577,7 @@ class Client:
             top_k=top_k,
             cosine=cosine,
             images=[image_message(i) for i in images],
-            targets=[projection.class_ref(t) for t in targets],
+            targets=[class_ref(t) for t in targets],
             labels=projection.label_set(class_names, templates),
         )
         return projection.parse_memories(self._call(self._stub.ProjectMemories, request, timeout))

@@ -43,7 +43,7 @@ def activation_maps(
     described = client.describe(model)
     images = [image for _, image in digits]
     figures = []
-    last = described.num_blocks - 1
+    last = described.block_count - 1
     for block in sorted({min(1, last), max(0, last - 1)}):
         site = f"blocks.{block}.mlp.hidden"
         channels = _strongest_channels(client, model, images, site, count=4)

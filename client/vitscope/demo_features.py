@@ -18,7 +18,7 @@ def feature_visualisations(client: Client, model: str, out: Path) -> list[Figure
     digits = sample_digits()
     images = [image for _, image in digits]
     described = client.describe(model)
-    block = described.num_blocks // 2
+    block = described.block_count // 2
     site = f"blocks.{block}.mlp.hidden"
     # Evenly spaced units: picking those the digits excite most would favour the digits.
     width = int(described.sites[site]["shape"][-1])

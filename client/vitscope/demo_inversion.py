@@ -53,7 +53,7 @@ def _colour_variants() -> list[tuple[str, Image.Image]]:
 def inversion_figures(
     client: Client, model: str, out: Path, digits: list[tuple[str, Image.Image]]
 ) -> list[Figure]:
-    depths = list(range(client.describe(model).num_blocks + 1))
+    depths = list(range(client.describe(model).block_count + 1))
     chosen = [(name[:1], image) for name, image in digits[:4]]
     images = [image for _, image in chosen]
     figures = []

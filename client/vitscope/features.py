@@ -24,9 +24,9 @@ OBJECTIVES = {
     "class_logit": fpb.FEATURE_OBJECTIVE_CLASS_LOGIT,
 }
 
-PARAMETERISATIONS = {
-    "pixel": fpb.IMAGE_PARAMETERISATION_PIXEL,
-    "fourier": fpb.IMAGE_PARAMETERISATION_FOURIER,
+PARAMETERIZATIONS = {
+    "pixel": fpb.IMAGE_PARAMETERIZATION_PIXEL,
+    "fourier": fpb.IMAGE_PARAMETERIZATION_FOURIER,
 }
 SCHEDULES = {
     "cosine": fpb.LEARNING_RATE_SCHEDULE_COSINE,
@@ -110,7 +110,7 @@ class TopImage:
 class TopImages:
     site: str
     top_k: int
-    images_scanned: int
+    scanned_image_count: int
     channels: dict[int, list[TopImage]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -119,8 +119,8 @@ def parse_progress(message: fpb.OptimizationProgress) -> OptimizationProgress:
     return OptimizationProgress(
         step=message.step,
         loss=message.loss,
-        objectives=list(message.objective),
-        previews=[_image(p) for p in message.preview_png],
+        objectives=list(message.objectives),
+        previews=[_image(p) for p in message.preview_pngs],
     )
 
 
@@ -151,10 +151,10 @@ def parse_top_images(message: fpb.TopActivatingImagesResponse) -> TopImages:
     return TopImages(
         site=message.site,
         top_k=message.top_k,
-        images_scanned=message.images_scanned,
+        scanned_image_count=message.scanned_image_count,
         channels={
             c.channel: [
-                TopImage(t.index, t.path, t.score, wire.from_proto(t.patch_map)) for t in c.top
+                TopImage(t.index, t.path, t.score, wire.from_proto(t.patch_map)) for t in c.images
             ]
             for c in message.channels
         },

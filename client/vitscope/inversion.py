@@ -88,7 +88,9 @@ def inverter(info: pb.InverterInfo) -> Inverter:
         data=info.data,
         max_depth=info.max_depth,
         modules=[
-            InverterModule(m.name, m.kind, m.best_val_mse, m.best_epoch, m.epochs, m.parameters)
+            InverterModule(
+                m.name, m.kind, m.best_val_mse, m.best_epoch, m.epochs, m.parameter_count
+            )
             for m in info.modules
         ],
     )
@@ -120,11 +122,11 @@ def collect(
     on_progress: Callable[[InversionProgress], None] | None = None,
 ) -> Inversion:
     """Gathers a stream into one result; progress also goes to on_progress as it arrives."""
-    header: pb.InvertHeader | None = None
+    header: pb.InversionHeader | None = None
     progress: list[InversionProgress] = []
     parts: dict[int, dict[int, pb.Reconstruction]] = {}
     for response in responses:
-        kind = response.WhichOneof("event")
+        kind = response.WhichOneof("payload")
         if kind == "header":
             header = response.header
         elif kind == "progress":

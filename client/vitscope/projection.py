@@ -10,7 +10,6 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from vitscope import tensors as wire
-from vitscope.v1 import common_pb2
 from vitscope.v1 import projection_pb2 as pb
 
 REPRESENTATIONS = {
@@ -19,26 +18,8 @@ REPRESENTATIONS = {
     "mlp": pb.REPRESENTATION_MLP,
 }
 _REPRESENTATION_NAMES = {v: k for k, v in REPRESENTATIONS.items()}
-TOKEN_MODES = {
-    "all": pb.PROJECTION_TOKEN_MODE_ALL,
-    "prefix": pb.PROJECTION_TOKEN_MODE_PREFIX,
-    "patches": pb.PROJECTION_TOKEN_MODE_PATCHES,
-    "indices": pb.PROJECTION_TOKEN_MODE_INDICES,
-    "positions": pb.PROJECTION_TOKEN_MODE_POSITIONS,
-}
 MEMORY_KINDS = {"mlp": pb.MEMORY_KIND_MLP, "attention": pb.MEMORY_KIND_ATTENTION}
 _MEMORY_KIND_NAMES = {v: k for k, v in MEMORY_KINDS.items()}
-
-# A class by index or name; None: the model's own prediction.
-ClassLike = int | str | None
-
-
-def class_ref(target: ClassLike) -> pb.ClassRef:
-    if target is None:
-        return pb.ClassRef()
-    if isinstance(target, str):
-        return pb.ClassRef(name=target)
-    return pb.ClassRef(index=int(target))
 
 
 def label_set(
@@ -48,16 +29,6 @@ def label_set(
     if class_names is None and templates is None:
         return None
     return pb.LabelSet(class_names=list(class_names or ()), templates=list(templates or ()))
-
-
-def token_selection(
-    tokens: str | None, indices: Sequence[int], positions: Sequence[tuple[int, int]]
-) -> pb.ProjectionTokens:
-    return pb.ProjectionTokens(
-        mode=TOKEN_MODES[tokens] if tokens else pb.PROJECTION_TOKEN_MODE_UNSPECIFIED,
-        indices=list(indices),
-        positions=[common_pb2.PatchPosition(row=r, col=c) for r, c in positions],
-    )
 
 
 @dataclass(frozen=True)
@@ -96,7 +67,7 @@ class KeepCurve:
     """Accuracy (share of images predicting their target) per keep count, and its AUC."""
 
     accuracy: list[float]
-    normalised_auc: float
+    normalized_auc: float
 
 
 @dataclass(frozen=True)
@@ -116,7 +87,7 @@ class ClassProjection:
     # images_with_identifiable_percent.
     dataset: list[dict[str, float]]
     class_names: list[str]
-    num_prefix_tokens: int
+    prefix_token_count: int
     grid: tuple[int, int]
     provenance: dict[str, Any]
     parameters: dict[str, Any]
@@ -161,7 +132,7 @@ def _image(message: pb.ImageProjection) -> ImageProjection:
 
 
 def _curve(message: pb.TokenKeepCurve) -> KeepCurve:
-    return KeepCurve(list(message.accuracy), message.normalised_auc)
+    return KeepCurve(list(message.accuracy), message.normalized_auc)
 
 
 def _evaluation(message: pb.DatasetSummary) -> ImportanceEvaluation | None:
@@ -195,7 +166,7 @@ def collect_projection(responses: Iterable[pb.ProjectToClassSpaceResponse]) -> C
         images=images,
         dataset=dataset,
         class_names=list(header.class_names),
-        num_prefix_tokens=header.num_prefix_tokens,
+        prefix_token_count=header.prefix_token_count,
         grid=(header.grid_height, header.grid_width),
         provenance=_dict(header.provenance),
         parameters=_dict(header.parameters),
@@ -215,7 +186,7 @@ class ImageMemories:
 @dataclass(frozen=True)
 class MemorySet:
     kind: str
-    num_memories: int
+    memory_count: int
     top_classes: np.ndarray  # [memories, k]
     top_class_scores: np.ndarray
     top_memories: np.ndarray  # [classes, k]
@@ -236,7 +207,7 @@ def parse_memories(response: pb.ProjectMemoriesResponse) -> Memories:
         memories={
             _MEMORY_KIND_NAMES[m.kind]: MemorySet(
                 kind=_MEMORY_KIND_NAMES[m.kind],
-                num_memories=m.num_memories,
+                memory_count=m.memory_count,
                 top_classes=wire.from_proto(m.top_classes),
                 top_class_scores=wire.from_proto(m.top_class_scores),
                 top_memories=wire.from_proto(m.top_memories),

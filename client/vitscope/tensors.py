@@ -14,14 +14,14 @@ import numpy as np
 
 from vitscope.v1 import tensor_pb2
 
-_NUMPY_BY_DTYPE: dict[tensor_pb2.DType.ValueType, np.dtype] = {
+_NUMPY_BY_DTYPE: dict[tensor_pb2.Dtype.ValueType, np.dtype] = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
     tensor_pb2.DTYPE_BFLOAT16: np.dtype("<u2"),
     tensor_pb2.DTYPE_UINT8: np.dtype("u1"),
     tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
 }
-_DTYPE_BY_NUMPY: dict[np.dtype, tensor_pb2.DType.ValueType] = {
+_DTYPE_BY_NUMPY: dict[np.dtype, tensor_pb2.Dtype.ValueType] = {
     np.dtype("<f4"): tensor_pb2.DTYPE_FLOAT32,
     np.dtype("<f2"): tensor_pb2.DTYPE_FLOAT16,
     np.dtype("u1"): tensor_pb2.DTYPE_UINT8,
@@ -36,11 +36,11 @@ class TensorDecodeError(ValueError):
     """The bytes do not match the declared dtype and shape."""
 
 
-def dtype_name(dtype: tensor_pb2.DType.ValueType) -> str:
-    return str(tensor_pb2.DType.Name(dtype)).removeprefix("DTYPE_").lower()
+def dtype_name(dtype: tensor_pb2.Dtype.ValueType) -> str:
+    return str(tensor_pb2.Dtype.Name(dtype)).removeprefix("DTYPE_").lower()
 
 
-def wire_numpy_dtype(dtype: tensor_pb2.DType.ValueType) -> np.dtype:
+def wire_numpy_dtype(dtype: tensor_pb2.Dtype.ValueType) -> np.dtype:
     """The numpy dtype whose bytes match the wire layout of `dtype`."""
     try:
         return _NUMPY_BY_DTYPE[dtype]
@@ -69,7 +69,7 @@ def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=dtype, shape=list(contiguous.shape), data=contiguous.tobytes())
 
 
-def expected_nbytes(dtype: tensor_pb2.DType.ValueType, shape: list[int] | tuple[int, ...]) -> int:
+def expected_nbytes(dtype: tensor_pb2.Dtype.ValueType, shape: list[int] | tuple[int, ...]) -> int:
     if len(shape) > MAX_DIMENSIONS or any(d < 0 for d in shape):
         raise TensorDecodeError(
             f"shape {list(shape)}: at most {MAX_DIMENSIONS} dimensions, none negative"
@@ -83,7 +83,7 @@ def from_proto(tensor: tensor_pb2.Tensor, decode_bfloat16: bool = True) -> np.nd
 
 
 def _from_buffer(
-    dtype: tensor_pb2.DType.ValueType,
+    dtype: tensor_pb2.Dtype.ValueType,
     shape: list[int],
     data: bytes | np.ndarray,
     decode_bfloat16: bool,
@@ -134,7 +134,7 @@ def length_delimited_field(number: int, length: int) -> bytes:
 def encode_chunk(
     name: str,
     role: str,
-    dtype: tensor_pb2.DType.ValueType,
+    dtype: tensor_pb2.Dtype.ValueType,
     shape: tuple[int, ...],
     payload: memoryview,
     span: tuple[int, int],
@@ -202,7 +202,7 @@ def chunk_count(total_bytes: int, chunk_bytes: int) -> int:
 
 @dataclass
 class _PartialTensor:
-    dtype: tensor_pb2.DType.ValueType
+    dtype: tensor_pb2.Dtype.ValueType
     shape: list[int]
     # np.empty leaves pages untouched until the chunks are copied in: one pass, not two.
     buffer: np.ndarray

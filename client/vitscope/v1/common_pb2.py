@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from vitscope.v1 import tensor_pb2 as vitscope_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vitscope/v1/common.proto\x12\x0bvitscope.v1\x1a\x18vitscope/v1/tensor.proto\"\xd3\x01\n\nProvenance\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10weights_identity\x18\x02 \x01(\t\x12\x46\n\x10library_versions\x18\x03 \x03(\x0b\x32,.vitscope.v1.Provenance.LibraryVersionsEntry\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"x\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x06pixels\x18\x02 \x01(\x0b\x32\x13.vitscope.v1.TensorH\x00\x12+\n\x0cpreprocessed\x18\x03 \x01(\x0b\x32\x13.vitscope.v1.TensorH\x00\x42\x08\n\x06source\")\n\rPatchPosition\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x0b\n\x03\x63ol\x18\x02 \x01(\x05\"Y\n\nPrediction\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\r\n\x05logit\x18\x04 \x01(\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vitscope/v1/common.proto\x12\x0bvitscope.v1\x1a\x18vitscope/v1/tensor.proto\"\xd3\x01\n\nProvenance\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10weights_identity\x18\x02 \x01(\t\x12\x46\n\x10library_versions\x18\x03 \x03(\x0b\x32,.vitscope.v1.Provenance.LibraryVersionsEntry\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"x\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x06pixels\x18\x02 \x01(\x0b\x32\x13.vitscope.v1.TensorH\x00\x12+\n\x0cpreprocessed\x18\x03 \x01(\x0b\x32\x13.vitscope.v1.TensorH\x00\x42\x08\n\x06source\")\n\rPatchPosition\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x0b\n\x03\x63ol\x18\x02 \x01(\x05\"Y\n\nPrediction\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\r\n\x05logit\x18\x04 \x01(\x02\"2\n\x08\x43lassRef\x12\x0f\n\x05index\x18\x01 \x01(\x05H\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x42\x05\n\x03ref\"\x7f\n\x0eTokenSelection\x12-\n\x04mode\x18\x01 \x01(\x0e\x32\x1f.vitscope.v1.TokenSelectionMode\x12\x0f\n\x07indices\x18\x02 \x03(\x05\x12-\n\tpositions\x18\x03 \x03(\x0b\x32\x1a.vitscope.v1.PatchPosition*\xe1\x01\n\x12TokenSelectionMode\x12$\n TOKEN_SELECTION_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18TOKEN_SELECTION_MODE_ALL\x10\x01\x12\x1f\n\x1bTOKEN_SELECTION_MODE_PREFIX\x10\x02\x12 \n\x1cTOKEN_SELECTION_MODE_PATCHES\x10\x03\x12 \n\x1cTOKEN_SELECTION_MODE_INDICES\x10\x04\x12\"\n\x1eTOKEN_SELECTION_MODE_POSITIONS\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROVENANCE_LIBRARYVERSIONSENTRY']._loaded_options = None
   _globals['_PROVENANCE_LIBRARYVERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_TOKENSELECTIONMODE']._serialized_start=719
+  _globals['_TOKENSELECTIONMODE']._serialized_end=944
   _globals['_PROVENANCE']._serialized_start=68
   _globals['_PROVENANCE']._serialized_end=279
   _globals['_PROVENANCE_LIBRARYVERSIONSENTRY']._serialized_start=225
@@ -44,4 +46,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PATCHPOSITION']._serialized_end=444
   _globals['_PREDICTION']._serialized_start=446
   _globals['_PREDICTION']._serialized_end=535
+  _globals['_CLASSREF']._serialized_start=537
+  _globals['_CLASSREF']._serialized_end=587
+  _globals['_TOKENSELECTION']._serialized_start=589
+  _globals['_TOKENSELECTION']._serialized_end=716
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from vitscope.v1 import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _TokenSelectionMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TokenSelectionModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TokenSelectionMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOKEN_SELECTION_MODE_UNSPECIFIED: _TokenSelectionMode.ValueType  # 0
+    """The request's default: every token, except that a reduction over tokens
+    (a mean, a patch map, top channels) reads the patch tokens.
+    """
+    TOKEN_SELECTION_MODE_ALL: _TokenSelectionMode.ValueType  # 1
+    """Every token: prefix tokens first, then patches row-major."""
+    TOKEN_SELECTION_MODE_PREFIX: _TokenSelectionMode.ValueType  # 2
+    """The prefix tokens (class, distillation, register tokens)."""
+    TOKEN_SELECTION_MODE_PATCHES: _TokenSelectionMode.ValueType  # 3
+    """The patch tokens."""
+    TOKEN_SELECTION_MODE_INDICES: _TokenSelectionMode.ValueType  # 4
+    """Token indices into the full sequence (prefix tokens included); see indices."""
+    TOKEN_SELECTION_MODE_POSITIONS: _TokenSelectionMode.ValueType  # 5
+    """Patch grid positions; see positions."""
+
+class TokenSelectionMode(_TokenSelectionMode, metaclass=_TokenSelectionModeEnumTypeWrapper):
+    """Which tokens of a site a request reads."""
+
+TOKEN_SELECTION_MODE_UNSPECIFIED: TokenSelectionMode.ValueType  # 0
+"""The request's default: every token, except that a reduction over tokens
+(a mean, a patch map, top channels) reads the patch tokens.
+"""
+TOKEN_SELECTION_MODE_ALL: TokenSelectionMode.ValueType  # 1
+"""Every token: prefix tokens first, then patches row-major."""
+TOKEN_SELECTION_MODE_PREFIX: TokenSelectionMode.ValueType  # 2
+"""The prefix tokens (class, distillation, register tokens)."""
+TOKEN_SELECTION_MODE_PATCHES: TokenSelectionMode.ValueType  # 3
+"""The patch tokens."""
+TOKEN_SELECTION_MODE_INDICES: TokenSelectionMode.ValueType  # 4
+"""Token indices into the full sequence (prefix tokens included); see indices."""
+TOKEN_SELECTION_MODE_POSITIONS: TokenSelectionMode.ValueType  # 5
+"""Patch grid positions; see positions."""
+Global___TokenSelectionMode: _TypeAlias = TokenSelectionMode  # noqa: Y015
 
 @_typing.final
 class Provenance(_message.Message):
@@ -98,7 +139,7 @@ class Image(_message.Message):
 
     @_builtins.property
     def preprocessed(self) -> _tensor_pb2.Tensor:
-        """float tensor [3, height, width] already resized and normalised for the
+        """float tensor [3, height, width] already resized and normalized for the
         model; used as is.
         """
 
@@ -121,6 +162,8 @@ Global___Image: _TypeAlias = Image  # noqa: Y015
 
 @_typing.final
 class PatchPosition(_message.Message):
+    """A patch on the model's grid: row and column from the top left, 0-based."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ROW_FIELD_NUMBER: _builtins.int
@@ -143,6 +186,8 @@ Global___PatchPosition: _TypeAlias = PatchPosition  # noqa: Y015
 
 @_typing.final
 class Prediction(_message.Message):
+    """One of the model's top predictions for an image."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CLASS_INDEX_FIELD_NUMBER: _builtins.int
@@ -168,3 +213,62 @@ class Prediction(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Prediction: _TypeAlias = Prediction  # noqa: Y015
+
+@_typing.final
+class ClassRef(_message.Message):
+    """A class by index or by name; unset means the model's own prediction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "name", b"name", "ref", b"ref"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "name", b"name", "ref", b"ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_ref: _TypeAlias = _typing.Literal["index", "name"]  # noqa: Y015
+    _WhichOneofArgType_ref: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_ref) -> _WhichOneofReturnType_ref | None: ...
+
+Global___ClassRef: _TypeAlias = ClassRef  # noqa: Y015
+
+@_typing.final
+class TokenSelection(_message.Message):
+    """Token selection, the same in every RPC that selects tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    INDICES_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    mode: Global___TokenSelectionMode.ValueType
+    @_builtins.property
+    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """TOKEN_SELECTION_MODE_INDICES: at least one, each in [0, tokens), distinct."""
+
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PatchPosition]:
+        """TOKEN_SELECTION_MODE_POSITIONS: at least one, each on the grid, distinct."""
+
+    def __init__(
+        self,
+        *,
+        mode: Global___TokenSelectionMode.ValueType = ...,
+        indices: _abc.Iterable[_builtins.int] | None = ...,
+        positions: _abc.Iterable[Global___PatchPosition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices", "mode", b"mode", "positions", b"positions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenSelection: _TypeAlias = TokenSelection  # noqa: Y015

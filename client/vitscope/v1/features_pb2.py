@@ -26,43 +26,43 @@ from vitscope.v1 import common_pb2 as vitscope_dot_v1_dot_common__pb2
 from vitscope.v1 import tensor_pb2 as vitscope_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1avitscope/v1/features.proto\x12\x0bvitscope.v1\x1a\x18vitscope/v1/common.proto\x1a\x18vitscope/v1/tensor.proto\"\xac\x01\n\x07\x46\x65\x61ture\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\x05\x12\x30\n\tobjective\x18\x03 \x01(\x0e\x32\x1d.vitscope.v1.FeatureObjective\x12\x13\n\x0btoken_index\x18\x04 \x01(\x05\x12&\n\tdirection\x18\x05 \x01(\x0b\x32\x13.vitscope.v1.Tensor\x12\x13\n\x0b\x63lass_index\x18\x06 \x01(\x05\"\x89\x03\n\x16OptimizationParameters\x12\x12\n\x05steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x02tv\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x13\n\x06\x63opies\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x13\n\x06jitter\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x17\n\nimage_size\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12<\n\x10parameterisation\x18\x07 \x01(\x0e\x32\".vitscope.v1.ImageParameterisation\x12\x33\n\x08schedule\x18\x08 \x01(\x0e\x32!.vitscope.v1.LearningRateSchedule\x12\x30\n\toptimizer\x18\t \x01(\x0e\x32\x1d.vitscope.v1.FeatureOptimizerB\x08\n\x06_stepsB\x10\n\x0e_learning_rateB\x05\n\x03_tvB\t\n\x07_copiesB\t\n\x07_jitterB\r\n\x0b_image_size\"\xc0\x01\n\x17OptimizeFeaturesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x14.vitscope.v1.Feature\x12\x37\n\nparameters\x18\x03 \x01(\x0b\x32#.vitscope.v1.OptimizationParameters\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x16\n\x0eprogress_every\x18\x05 \x01(\x05\x12\x0f\n\x07preview\x18\x06 \x01(\x08\"\x84\x04\n\x1f\x45\x66\x66\x65\x63tiveOptimizationParameters\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\n\n\x02tv\x18\x03 \x01(\x01\x12\x11\n\ttv_weight\x18\x04 \x01(\x01\x12\x0e\n\x06\x63opies\x18\x05 \x01(\x05\x12\x0e\n\x06jitter\x18\x06 \x01(\x05\x12\x12\n\nimage_size\x18\x07 \x01(\x05\x12\x12\n\nadam_beta1\x18\x08 \x01(\x01\x12\x12\n\nadam_beta2\x18\t \x01(\x01\x12\x10\n\x08\x61\x64\x61m_eps\x18\n \x01(\x01\x12\x1f\n\x17parameterisation_detail\x18\x0b \x01(\t\x12\x17\n\x0fschedule_detail\x18\x0c \x01(\t\x12\x16\n\x0eprogress_every\x18\r \x01(\x05\x12\x0f\n\x07preview\x18\x0e \x01(\x08\x12&\n\x08\x66\x65\x61tures\x18\x0f \x03(\x0b\x32\x14.vitscope.v1.Feature\x12<\n\x10parameterisation\x18\x10 \x01(\x0e\x32\".vitscope.v1.ImageParameterisation\x12\x33\n\x08schedule\x18\x11 \x01(\x0e\x32!.vitscope.v1.LearningRateSchedule\x12\x30\n\toptimizer\x18\x12 \x01(\x0e\x32\x1d.vitscope.v1.FeatureOptimizer\"Z\n\x14OptimizationProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x11\n\tobjective\x18\x03 \x03(\x01\x12\x13\n\x0bpreview_png\x18\x04 \x03(\x0c\"\x81\x01\n\x10OptimizedFeature\x12%\n\x07\x66\x65\x61ture\x18\x01 \x01(\x0b\x32\x14.vitscope.v1.Feature\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x11\n\tobjective\x18\x03 \x01(\x01\x12&\n\tpatch_map\x18\x04 \x01(\x0b\x32\x13.vitscope.v1.Tensor\"\xb4\x01\n\x12OptimizationResult\x12+\n\nprovenance\x18\x01 \x01(\x0b\x32\x17.vitscope.v1.Provenance\x12@\n\nparameters\x18\x02 \x01(\x0b\x32,.vitscope.v1.EffectiveOptimizationParameters\x12/\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\x1d.vitscope.v1.OptimizedFeature\"\x8f\x01\n\x18OptimizeFeaturesResponse\x12\x35\n\x08progress\x18\x01 \x01(\x0b\x32!.vitscope.v1.OptimizationProgressH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.vitscope.v1.OptimizationResultH\x00\x42\t\n\x07payload\"\x94\x01\n\x1aTopActivatingImagesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x10\n\x08\x63hannels\x18\x03 \x03(\x05\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x14\n\x0cimage_folder\x18\x05 \x01(\t\x12\"\n\x06images\x18\x06 \x03(\x0b\x32\x12.vitscope.v1.Image\"^\n\x08TopImage\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12&\n\tpatch_map\x18\x04 \x01(\x0b\x32\x13.vitscope.v1.Tensor\"G\n\x10\x43hannelTopImages\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\x05\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.vitscope.v1.TopImage\"\xb0\x01\n\x1bTopActivatingImagesResponse\x12+\n\nprovenance\x18\x01 \x01(\x0b\x32\x17.vitscope.v1.Provenance\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0eimages_scanned\x18\x04 \x01(\x03\x12/\n\x08\x63hannels\x18\x05 \x03(\x0b\x32\x1d.vitscope.v1.ChannelTopImages*\xd3\x01\n\x10\x46\x65\x61tureObjective\x12!\n\x1d\x46\x45\x41TURE_OBJECTIVE_UNSPECIFIED\x10\x00\x12 \n\x1c\x46\x45\x41TURE_OBJECTIVE_PATCH_MEAN\x10\x01\x12\x1b\n\x17\x46\x45\x41TURE_OBJECTIVE_TOKEN\x10\x02\x12\x19\n\x15\x46\x45\x41TURE_OBJECTIVE_CLS\x10\x03\x12\x1f\n\x1b\x46\x45\x41TURE_OBJECTIVE_DIRECTION\x10\x04\x12!\n\x1d\x46\x45\x41TURE_OBJECTIVE_CLASS_LOGIT\x10\x05*\x85\x01\n\x15ImageParameterisation\x12&\n\"IMAGE_PARAMETERISATION_UNSPECIFIED\x10\x00\x12 \n\x1cIMAGE_PARAMETERISATION_PIXEL\x10\x01\x12\"\n\x1eIMAGE_PARAMETERISATION_FOURIER\x10\x02*\x86\x01\n\x14LearningRateSchedule\x12&\n\"LEARNING_RATE_SCHEDULE_UNSPECIFIED\x10\x00\x12!\n\x1dLEARNING_RATE_SCHEDULE_COSINE\x10\x01\x12#\n\x1fLEARNING_RATE_SCHEDULE_CONSTANT\x10\x02*o\n\x10\x46\x65\x61tureOptimizer\x12!\n\x1d\x46\x45\x41TURE_OPTIMIZER_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x45\x41TURE_OPTIMIZER_ADAM\x10\x01\x12\x1c\n\x18\x46\x45\x41TURE_OPTIMIZER_ADAMAX\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1avitscope/v1/features.proto\x12\x0bvitscope.v1\x1a\x18vitscope/v1/common.proto\x1a\x18vitscope/v1/tensor.proto\"\xac\x01\n\x07\x46\x65\x61ture\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\x05\x12\x30\n\tobjective\x18\x03 \x01(\x0e\x32\x1d.vitscope.v1.FeatureObjective\x12\x13\n\x0btoken_index\x18\x04 \x01(\x05\x12&\n\tdirection\x18\x05 \x01(\x0b\x32\x13.vitscope.v1.Tensor\x12\x13\n\x0b\x63lass_index\x18\x06 \x01(\x05\"\xa1\x03\n\x16OptimizationParameters\x12\x12\n\x05steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\ttv_weight\x18\n \x01(\x01H\x02\x88\x01\x01\x12\x13\n\x06\x63opies\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x13\n\x06jitter\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x17\n\nimage_size\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12<\n\x10parameterization\x18\x07 \x01(\x0e\x32\".vitscope.v1.ImageParameterization\x12\x33\n\x08schedule\x18\x08 \x01(\x0e\x32!.vitscope.v1.LearningRateSchedule\x12\x30\n\toptimizer\x18\t \x01(\x0e\x32\x1d.vitscope.v1.FeatureOptimizerB\x08\n\x06_stepsB\x10\n\x0e_learning_rateB\x0c\n\n_tv_weightB\t\n\x07_copiesB\t\n\x07_jitterB\r\n\x0b_image_sizeJ\x04\x08\x03\x10\x04R\x02tv\"\xc0\x01\n\x17OptimizeFeaturesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x14.vitscope.v1.Feature\x12\x37\n\nparameters\x18\x03 \x01(\x0b\x32#.vitscope.v1.OptimizationParameters\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x16\n\x0eprogress_every\x18\x05 \x01(\x05\x12\x0f\n\x07preview\x18\x06 \x01(\x08\"\x82\x04\n\x1f\x45\x66\x66\x65\x63tiveOptimizationParameters\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x11\n\ttv_weight\x18\x04 \x01(\x01\x12\x0e\n\x06\x63opies\x18\x05 \x01(\x05\x12\x0e\n\x06jitter\x18\x06 \x01(\x05\x12\x12\n\nimage_size\x18\x07 \x01(\x05\x12\x12\n\nadam_beta1\x18\x08 \x01(\x01\x12\x12\n\nadam_beta2\x18\t \x01(\x01\x12\x10\n\x08\x61\x64\x61m_eps\x18\n \x01(\x01\x12\x1f\n\x17parameterization_detail\x18\x0b \x01(\t\x12\x17\n\x0fschedule_detail\x18\x0c \x01(\t\x12\x16\n\x0eprogress_every\x18\r \x01(\x05\x12\x0f\n\x07preview\x18\x0e \x01(\x08\x12&\n\x08\x66\x65\x61tures\x18\x0f \x03(\x0b\x32\x14.vitscope.v1.Feature\x12<\n\x10parameterization\x18\x10 \x01(\x0e\x32\".vitscope.v1.ImageParameterization\x12\x33\n\x08schedule\x18\x11 \x01(\x0e\x32!.vitscope.v1.LearningRateSchedule\x12\x30\n\toptimizer\x18\x12 \x01(\x0e\x32\x1d.vitscope.v1.FeatureOptimizerJ\x04\x08\x03\x10\x04R\x02tv\"\\\n\x14OptimizationProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x12\n\nobjectives\x18\x03 \x03(\x01\x12\x14\n\x0cpreview_pngs\x18\x04 \x03(\x0c\"\x81\x01\n\x10OptimizedFeature\x12%\n\x07\x66\x65\x61ture\x18\x01 \x01(\x0b\x32\x14.vitscope.v1.Feature\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x11\n\tobjective\x18\x03 \x01(\x01\x12&\n\tpatch_map\x18\x04 \x01(\x0b\x32\x13.vitscope.v1.Tensor\"\xb4\x01\n\x12OptimizationResult\x12+\n\nprovenance\x18\x01 \x01(\x0b\x32\x17.vitscope.v1.Provenance\x12@\n\nparameters\x18\x02 \x01(\x0b\x32,.vitscope.v1.EffectiveOptimizationParameters\x12/\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32\x1d.vitscope.v1.OptimizedFeature\"\x8f\x01\n\x18OptimizeFeaturesResponse\x12\x35\n\x08progress\x18\x01 \x01(\x0b\x32!.vitscope.v1.OptimizationProgressH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.vitscope.v1.OptimizationResultH\x00\x42\t\n\x07payload\"\x94\x01\n\x1aTopActivatingImagesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x10\n\x08\x63hannels\x18\x03 \x03(\x05\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x14\n\x0cimage_folder\x18\x05 \x01(\t\x12\"\n\x06images\x18\x06 \x03(\x0b\x32\x12.vitscope.v1.Image\"^\n\x08TopImage\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12&\n\tpatch_map\x18\x04 \x01(\x0b\x32\x13.vitscope.v1.Tensor\"J\n\x10\x43hannelTopImages\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\x05\x12%\n\x06images\x18\x02 \x03(\x0b\x32\x15.vitscope.v1.TopImage\"\xb5\x01\n\x1bTopActivatingImagesResponse\x12+\n\nprovenance\x18\x01 \x01(\x0b\x32\x17.vitscope.v1.Provenance\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1b\n\x13scanned_image_count\x18\x04 \x01(\x03\x12/\n\x08\x63hannels\x18\x05 \x03(\x0b\x32\x1d.vitscope.v1.ChannelTopImages*\xd3\x01\n\x10\x46\x65\x61tureObjective\x12!\n\x1d\x46\x45\x41TURE_OBJECTIVE_UNSPECIFIED\x10\x00\x12 \n\x1c\x46\x45\x41TURE_OBJECTIVE_PATCH_MEAN\x10\x01\x12\x1b\n\x17\x46\x45\x41TURE_OBJECTIVE_TOKEN\x10\x02\x12\x19\n\x15\x46\x45\x41TURE_OBJECTIVE_CLS\x10\x03\x12\x1f\n\x1b\x46\x45\x41TURE_OBJECTIVE_DIRECTION\x10\x04\x12!\n\x1d\x46\x45\x41TURE_OBJECTIVE_CLASS_LOGIT\x10\x05*\x85\x01\n\x15ImageParameterization\x12&\n\"IMAGE_PARAMETERIZATION_UNSPECIFIED\x10\x00\x12 \n\x1cIMAGE_PARAMETERIZATION_PIXEL\x10\x01\x12\"\n\x1eIMAGE_PARAMETERIZATION_FOURIER\x10\x02*\x86\x01\n\x14LearningRateSchedule\x12&\n\"LEARNING_RATE_SCHEDULE_UNSPECIFIED\x10\x00\x12!\n\x1dLEARNING_RATE_SCHEDULE_COSINE\x10\x01\x12#\n\x1fLEARNING_RATE_SCHEDULE_CONSTANT\x10\x02*o\n\x10\x46\x65\x61tureOptimizer\x12!\n\x1d\x46\x45\x41TURE_OPTIMIZER_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x45\x41TURE_OPTIMIZER_ADAM\x10\x01\x12\x1c\n\x18\x46\x45\x41TURE_OPTIMIZER_ADAMAX\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vitscope.v1.features_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FEATUREOBJECTIVE']._serialized_start=2433
-  _globals['_FEATUREOBJECTIVE']._serialized_end=2644
-  _globals['_IMAGEPARAMETERISATION']._serialized_start=2647
-  _globals['_IMAGEPARAMETERISATION']._serialized_end=2780
-  _globals['_LEARNINGRATESCHEDULE']._serialized_start=2783
-  _globals['_LEARNINGRATESCHEDULE']._serialized_end=2917
-  _globals['_FEATUREOPTIMIZER']._serialized_start=2919
-  _globals['_FEATUREOPTIMIZER']._serialized_end=3030
+  _globals['_FEATUREOBJECTIVE']._serialized_start=2465
+  _globals['_FEATUREOBJECTIVE']._serialized_end=2676
+  _globals['_IMAGEPARAMETERIZATION']._serialized_start=2679
+  _globals['_IMAGEPARAMETERIZATION']._serialized_end=2812
+  _globals['_LEARNINGRATESCHEDULE']._serialized_start=2815
+  _globals['_LEARNINGRATESCHEDULE']._serialized_end=2949
+  _globals['_FEATUREOPTIMIZER']._serialized_start=2951
+  _globals['_FEATUREOPTIMIZER']._serialized_end=3062
   _globals['_FEATURE']._serialized_start=96
   _globals['_FEATURE']._serialized_end=268
   _globals['_OPTIMIZATIONPARAMETERS']._serialized_start=271
-  _globals['_OPTIMIZATIONPARAMETERS']._serialized_end=664
-  _globals['_OPTIMIZEFEATURESREQUEST']._serialized_start=667
-  _globals['_OPTIMIZEFEATURESREQUEST']._serialized_end=859
-  _globals['_EFFECTIVEOPTIMIZATIONPARAMETERS']._serialized_start=862
-  _globals['_EFFECTIVEOPTIMIZATIONPARAMETERS']._serialized_end=1378
-  _globals['_OPTIMIZATIONPROGRESS']._serialized_start=1380
-  _globals['_OPTIMIZATIONPROGRESS']._serialized_end=1470
-  _globals['_OPTIMIZEDFEATURE']._serialized_start=1473
-  _globals['_OPTIMIZEDFEATURE']._serialized_end=1602
-  _globals['_OPTIMIZATIONRESULT']._serialized_start=1605
-  _globals['_OPTIMIZATIONRESULT']._serialized_end=1785
-  _globals['_OPTIMIZEFEATURESRESPONSE']._serialized_start=1788
-  _globals['_OPTIMIZEFEATURESRESPONSE']._serialized_end=1931
-  _globals['_TOPACTIVATINGIMAGESREQUEST']._serialized_start=1934
-  _globals['_TOPACTIVATINGIMAGESREQUEST']._serialized_end=2082
-  _globals['_TOPIMAGE']._serialized_start=2084
-  _globals['_TOPIMAGE']._serialized_end=2178
-  _globals['_CHANNELTOPIMAGES']._serialized_start=2180
-  _globals['_CHANNELTOPIMAGES']._serialized_end=2251
-  _globals['_TOPACTIVATINGIMAGESRESPONSE']._serialized_start=2254
-  _globals['_TOPACTIVATINGIMAGESRESPONSE']._serialized_end=2430
+  _globals['_OPTIMIZATIONPARAMETERS']._serialized_end=688
+  _globals['_OPTIMIZEFEATURESREQUEST']._serialized_start=691
+  _globals['_OPTIMIZEFEATURESREQUEST']._serialized_end=883
+  _globals['_EFFECTIVEOPTIMIZATIONPARAMETERS']._serialized_start=886
+  _globals['_EFFECTIVEOPTIMIZATIONPARAMETERS']._serialized_end=1400
+  _globals['_OPTIMIZATIONPROGRESS']._serialized_start=1402
+  _globals['_OPTIMIZATIONPROGRESS']._serialized_end=1494
+  _globals['_OPTIMIZEDFEATURE']._serialized_start=1497
+  _globals['_OPTIMIZEDFEATURE']._serialized_end=1626
+  _globals['_OPTIMIZATIONRESULT']._serialized_start=1629
+  _globals['_OPTIMIZATIONRESULT']._serialized_end=1809
+  _globals['_OPTIMIZEFEATURESRESPONSE']._serialized_start=1812
+  _globals['_OPTIMIZEFEATURESRESPONSE']._serialized_end=1955
+  _globals['_TOPACTIVATINGIMAGESREQUEST']._serialized_start=1958
+  _globals['_TOPACTIVATINGIMAGESREQUEST']._serialized_end=2106
+  _globals['_TOPIMAGE']._serialized_start=2108
+  _globals['_TOPIMAGE']._serialized_end=2202
+  _globals['_CHANNELTOPIMAGES']._serialized_start=2204
+  _globals['_CHANNELTOPIMAGES']._serialized_end=2278
+  _globals['_TOPACTIVATINGIMAGESRESPONSE']._serialized_start=2281
+  _globals['_TOPACTIVATINGIMAGESRESPONSE']._serialized_end=2462
 # @@protoc_insertion_point(module_scope)

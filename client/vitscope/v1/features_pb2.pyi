@@ -40,7 +40,7 @@ class _FeatureObjectiveEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Feat
     """The model's logit for class_index; the site is not used."""
 
 class FeatureObjective(_FeatureObjective, metaclass=_FeatureObjectiveEnumTypeWrapper):
-    """Feature visualisation (Ghiasi et al. 2022): OptimizeFeatures and TopActivatingImages.
+    """Feature visualization (Ghiasi et al. 2022): OptimizeFeatures and TopActivatingImages.
 
     What a feature's scalar objective reads from its site.
     """
@@ -58,37 +58,37 @@ FEATURE_OBJECTIVE_CLASS_LOGIT: FeatureObjective.ValueType  # 5
 """The model's logit for class_index; the site is not used."""
 Global___FeatureObjective: _TypeAlias = FeatureObjective  # noqa: Y015
 
-class _ImageParameterisation:
+class _ImageParameterization:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _ImageParameterisationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageParameterisation.ValueType], _builtins.type):
+class _ImageParameterizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageParameterization.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    IMAGE_PARAMETERISATION_UNSPECIFIED: _ImageParameterisation.ValueType  # 0
-    """IMAGE_PARAMETERISATION_PIXEL: the paper's."""
-    IMAGE_PARAMETERISATION_PIXEL: _ImageParameterisation.ValueType  # 1
-    """RGB pixels initialised U[0, 1], clamped to [0, 1] after each step."""
-    IMAGE_PARAMETERISATION_FOURIER: _ImageParameterisation.ValueType  # 2
-    """Decorrelated-colour Fourier spectrum (Olah et al. 2017): per image and channel, real and
+    IMAGE_PARAMETERIZATION_UNSPECIFIED: _ImageParameterization.ValueType  # 0
+    """IMAGE_PARAMETERIZATION_PIXEL: the paper's."""
+    IMAGE_PARAMETERIZATION_PIXEL: _ImageParameterization.ValueType  # 1
+    """RGB pixels initialized U[0, 1], clamped to [0, 1] after each step."""
+    IMAGE_PARAMETERIZATION_FOURIER: _ImageParameterization.ValueType  # 2
+    """Decorrelated-color Fourier spectrum (Olah et al. 2017): per image and channel, real and
     imaginary coefficients N(0, 0.01^2) of the real FFT, scaled by S / max(f, 1/S) (f the
     frequency in cycles per pixel), inverse real FFT, divided by 4, mixed to RGB by the
-    normalised ImageNet colour-correlation square root, then a sigmoid. No clamp step.
+    normalized ImageNet color-correlation square root, then a sigmoid. No clamp step.
     """
 
-class ImageParameterisation(_ImageParameterisation, metaclass=_ImageParameterisationEnumTypeWrapper):
-    """How the optimised image is produced from the learnable parameters."""
+class ImageParameterization(_ImageParameterization, metaclass=_ImageParameterizationEnumTypeWrapper):
+    """How the optimized image is produced from the learnable parameters."""
 
-IMAGE_PARAMETERISATION_UNSPECIFIED: ImageParameterisation.ValueType  # 0
-"""IMAGE_PARAMETERISATION_PIXEL: the paper's."""
-IMAGE_PARAMETERISATION_PIXEL: ImageParameterisation.ValueType  # 1
-"""RGB pixels initialised U[0, 1], clamped to [0, 1] after each step."""
-IMAGE_PARAMETERISATION_FOURIER: ImageParameterisation.ValueType  # 2
-"""Decorrelated-colour Fourier spectrum (Olah et al. 2017): per image and channel, real and
+IMAGE_PARAMETERIZATION_UNSPECIFIED: ImageParameterization.ValueType  # 0
+"""IMAGE_PARAMETERIZATION_PIXEL: the paper's."""
+IMAGE_PARAMETERIZATION_PIXEL: ImageParameterization.ValueType  # 1
+"""RGB pixels initialized U[0, 1], clamped to [0, 1] after each step."""
+IMAGE_PARAMETERIZATION_FOURIER: ImageParameterization.ValueType  # 2
+"""Decorrelated-color Fourier spectrum (Olah et al. 2017): per image and channel, real and
 imaginary coefficients N(0, 0.01^2) of the real FFT, scaled by S / max(f, 1/S) (f the
 frequency in cycles per pixel), inverse real FFT, divided by 4, mixed to RGB by the
-normalised ImageNet colour-correlation square root, then a sigmoid. No clamp step.
+normalized ImageNet color-correlation square root, then a sigmoid. No clamp step.
 """
-Global___ImageParameterisation: _TypeAlias = ImageParameterisation  # noqa: Y015
+Global___ImageParameterization: _TypeAlias = ImageParameterization  # noqa: Y015
 
 class _LearningRateSchedule:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -127,7 +127,7 @@ class _FeatureOptimizerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Feat
     """Adam with the infinity norm (Kingma and Ba 2015, section 7.1)."""
 
 class FeatureOptimizer(_FeatureOptimizer, metaclass=_FeatureOptimizerEnumTypeWrapper):
-    """The optimiser; both use betas (0.5, 0.99) and eps 1e-8."""
+    """The optimizer; both use betas (0.5, 0.99) and eps 1e-8."""
 
 FEATURE_OPTIMIZER_UNSPECIFIED: FeatureOptimizer.ValueType  # 0
 """FEATURE_OPTIMIZER_ADAM: the paper's."""
@@ -182,23 +182,23 @@ class OptimizationParameters(_message.Message):
 
     STEPS_FIELD_NUMBER: _builtins.int
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
-    TV_FIELD_NUMBER: _builtins.int
+    TV_WEIGHT_FIELD_NUMBER: _builtins.int
     COPIES_FIELD_NUMBER: _builtins.int
     JITTER_FIELD_NUMBER: _builtins.int
     IMAGE_SIZE_FIELD_NUMBER: _builtins.int
-    PARAMETERISATION_FIELD_NUMBER: _builtins.int
+    PARAMETERIZATION_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     learning_rate: _builtins.float
-    tv: _builtins.float
-    """TV weight multiplier: the regulariser weight is 0.0005 x tv."""
+    tv_weight: _builtins.float
+    """Weight of the total-variation regularizer [0.0005]; 0 turns it off."""
     copies: _builtins.int
     jitter: _builtins.int
     """Largest circular shift in pixels (default 32 scaled by image_size / 224)."""
     image_size: _builtins.int
-    """Side of the optimised square image (default: the model's input size)."""
-    parameterisation: Global___ImageParameterisation.ValueType
+    """Side of the optimized square image (default: the model's input size)."""
+    parameterization: Global___ImageParameterization.ValueType
     schedule: Global___LearningRateSchedule.ValueType
     optimizer: Global___FeatureOptimizer.ValueType
     def __init__(
@@ -206,17 +206,17 @@ class OptimizationParameters(_message.Message):
         *,
         steps: _builtins.int | None = ...,
         learning_rate: _builtins.float | None = ...,
-        tv: _builtins.float | None = ...,
+        tv_weight: _builtins.float | None = ...,
         copies: _builtins.int | None = ...,
         jitter: _builtins.int | None = ...,
         image_size: _builtins.int | None = ...,
-        parameterisation: Global___ImageParameterisation.ValueType = ...,
+        parameterization: Global___ImageParameterization.ValueType = ...,
         schedule: Global___LearningRateSchedule.ValueType = ...,
         optimizer: Global___FeatureOptimizer.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_copies", b"_copies", "_image_size", b"_image_size", "_jitter", b"_jitter", "_learning_rate", b"_learning_rate", "_steps", b"_steps", "_tv", b"_tv", "copies", b"copies", "image_size", b"image_size", "jitter", b"jitter", "learning_rate", b"learning_rate", "steps", b"steps", "tv", b"tv"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_copies", b"_copies", "_image_size", b"_image_size", "_jitter", b"_jitter", "_learning_rate", b"_learning_rate", "_steps", b"_steps", "_tv_weight", b"_tv_weight", "copies", b"copies", "image_size", b"image_size", "jitter", b"jitter", "learning_rate", b"learning_rate", "steps", b"steps", "tv_weight", b"tv_weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_copies", b"_copies", "_image_size", b"_image_size", "_jitter", b"_jitter", "_learning_rate", b"_learning_rate", "_steps", b"_steps", "_tv", b"_tv", "copies", b"copies", "image_size", b"image_size", "jitter", b"jitter", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "parameterisation", b"parameterisation", "schedule", b"schedule", "steps", b"steps", "tv", b"tv"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_copies", b"_copies", "_image_size", b"_image_size", "_jitter", b"_jitter", "_learning_rate", b"_learning_rate", "_steps", b"_steps", "_tv_weight", b"_tv_weight", "copies", b"copies", "image_size", b"image_size", "jitter", b"jitter", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "parameterization", b"parameterization", "schedule", b"schedule", "steps", b"steps", "tv_weight", b"tv_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__copies: _TypeAlias = _typing.Literal["copies"]  # noqa: Y015
     _WhichOneofArgType__copies: _TypeAlias = _typing.Literal["_copies", b"_copies"]  # noqa: Y015
@@ -228,8 +228,8 @@ class OptimizationParameters(_message.Message):
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
     _WhichOneofArgType__steps: _TypeAlias = _typing.Literal["_steps", b"_steps"]  # noqa: Y015
-    _WhichOneofReturnType__tv: _TypeAlias = _typing.Literal["tv"]  # noqa: Y015
-    _WhichOneofArgType__tv: _TypeAlias = _typing.Literal["_tv", b"_tv"]  # noqa: Y015
+    _WhichOneofReturnType__tv_weight: _TypeAlias = _typing.Literal["tv_weight"]  # noqa: Y015
+    _WhichOneofArgType__tv_weight: _TypeAlias = _typing.Literal["_tv_weight", b"_tv_weight"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__copies) -> _WhichOneofReturnType__copies | None: ...
     @_typing.overload
@@ -241,7 +241,7 @@ class OptimizationParameters(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__steps) -> _WhichOneofReturnType__steps | None: ...
     @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__tv) -> _WhichOneofReturnType__tv | None: ...
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tv_weight) -> _WhichOneofReturnType__tv_weight | None: ...
 
 Global___OptimizationParameters: _TypeAlias = OptimizationParameters  # noqa: Y015
 
@@ -264,7 +264,7 @@ class OptimizeFeaturesRequest(_message.Message):
     """Progress messages carry a PNG of each feature's current image."""
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___Feature]:
-        """Optimised together in one batched forward/backward, each with its own image."""
+        """Optimized together in one batched forward/backward, each with its own image."""
 
     @_builtins.property
     def parameters(self) -> Global___OptimizationParameters: ...
@@ -292,7 +292,6 @@ class EffectiveOptimizationParameters(_message.Message):
 
     STEPS_FIELD_NUMBER: _builtins.int
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
-    TV_FIELD_NUMBER: _builtins.int
     TV_WEIGHT_FIELD_NUMBER: _builtins.int
     COPIES_FIELD_NUMBER: _builtins.int
     JITTER_FIELD_NUMBER: _builtins.int
@@ -300,32 +299,31 @@ class EffectiveOptimizationParameters(_message.Message):
     ADAM_BETA1_FIELD_NUMBER: _builtins.int
     ADAM_BETA2_FIELD_NUMBER: _builtins.int
     ADAM_EPS_FIELD_NUMBER: _builtins.int
-    PARAMETERISATION_DETAIL_FIELD_NUMBER: _builtins.int
+    PARAMETERIZATION_DETAIL_FIELD_NUMBER: _builtins.int
     SCHEDULE_DETAIL_FIELD_NUMBER: _builtins.int
     PROGRESS_EVERY_FIELD_NUMBER: _builtins.int
     PREVIEW_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
-    PARAMETERISATION_FIELD_NUMBER: _builtins.int
+    PARAMETERIZATION_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     learning_rate: _builtins.float
-    tv: _builtins.float
     tv_weight: _builtins.float
     copies: _builtins.int
     jitter: _builtins.int
     image_size: _builtins.int
     adam_beta1: _builtins.float
-    """The optimiser's betas and eps (Adam's names, also used by Adamax)."""
+    """The optimizer's betas and eps (Adam's names, also used by Adamax)."""
     adam_beta2: _builtins.float
     adam_eps: _builtins.float
-    parameterisation_detail: _builtins.str
-    """The parameterisation in words, e.g. "pixels, uniform [0, 1] init, clamped ..."."""
+    parameterization_detail: _builtins.str
+    """The parameterization in words, e.g. "pixels, uniform [0, 1] init, clamped ..."."""
     schedule_detail: _builtins.str
     """The schedule in words, e.g. "cosine annealing to 0 over the steps"."""
     progress_every: _builtins.int
     preview: _builtins.bool
-    parameterisation: Global___ImageParameterisation.ValueType
+    parameterization: Global___ImageParameterization.ValueType
     schedule: Global___LearningRateSchedule.ValueType
     optimizer: Global___FeatureOptimizer.ValueType
     @_builtins.property
@@ -335,7 +333,6 @@ class EffectiveOptimizationParameters(_message.Message):
         *,
         steps: _builtins.int = ...,
         learning_rate: _builtins.float = ...,
-        tv: _builtins.float = ...,
         tv_weight: _builtins.float = ...,
         copies: _builtins.int = ...,
         jitter: _builtins.int = ...,
@@ -343,18 +340,18 @@ class EffectiveOptimizationParameters(_message.Message):
         adam_beta1: _builtins.float = ...,
         adam_beta2: _builtins.float = ...,
         adam_eps: _builtins.float = ...,
-        parameterisation_detail: _builtins.str = ...,
+        parameterization_detail: _builtins.str = ...,
         schedule_detail: _builtins.str = ...,
         progress_every: _builtins.int = ...,
         preview: _builtins.bool = ...,
         features: _abc.Iterable[Global___Feature] | None = ...,
-        parameterisation: Global___ImageParameterisation.ValueType = ...,
+        parameterization: Global___ImageParameterization.ValueType = ...,
         schedule: Global___LearningRateSchedule.ValueType = ...,
         optimizer: Global___FeatureOptimizer.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adam_beta1", b"adam_beta1", "adam_beta2", b"adam_beta2", "adam_eps", b"adam_eps", "copies", b"copies", "features", b"features", "image_size", b"image_size", "jitter", b"jitter", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "parameterisation", b"parameterisation", "parameterisation_detail", b"parameterisation_detail", "preview", b"preview", "progress_every", b"progress_every", "schedule", b"schedule", "schedule_detail", b"schedule_detail", "steps", b"steps", "tv", b"tv", "tv_weight", b"tv_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adam_beta1", b"adam_beta1", "adam_beta2", b"adam_beta2", "adam_eps", b"adam_eps", "copies", b"copies", "features", b"features", "image_size", b"image_size", "jitter", b"jitter", "learning_rate", b"learning_rate", "optimizer", b"optimizer", "parameterization", b"parameterization", "parameterization_detail", b"parameterization_detail", "preview", b"preview", "progress_every", b"progress_every", "schedule", b"schedule", "schedule_detail", b"schedule_detail", "steps", b"steps", "tv_weight", b"tv_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -366,17 +363,17 @@ class OptimizationProgress(_message.Message):
 
     STEP_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
-    OBJECTIVE_FIELD_NUMBER: _builtins.int
-    PREVIEW_PNG_FIELD_NUMBER: _builtins.int
+    OBJECTIVES_FIELD_NUMBER: _builtins.int
+    PREVIEW_PNGS_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     loss: _builtins.float
     """Total loss of the step (summed over features)."""
     @_builtins.property
-    def objective(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+    def objectives(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Per feature, objective averaged over the augmented copies."""
 
     @_builtins.property
-    def preview_png(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+    def preview_pngs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Per feature, PNG bytes when preview was asked for."""
 
     def __init__(
@@ -384,12 +381,12 @@ class OptimizationProgress(_message.Message):
         *,
         step: _builtins.int = ...,
         loss: _builtins.float = ...,
-        objective: _abc.Iterable[_builtins.float] | None = ...,
-        preview_png: _abc.Iterable[_builtins.bytes] | None = ...,
+        objectives: _abc.Iterable[_builtins.float] | None = ...,
+        preview_pngs: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "objective", b"objective", "preview_png", b"preview_png", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "objectives", b"objectives", "preview_pngs", b"preview_pngs", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -562,19 +559,21 @@ class ChannelTopImages(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHANNEL_FIELD_NUMBER: _builtins.int
-    TOP_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
     channel: _builtins.int
     @_builtins.property
-    def top(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopImage]: ...
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopImage]:
+        """Best first."""
+
     def __init__(
         self,
         *,
         channel: _builtins.int = ...,
-        top: _abc.Iterable[Global___TopImage] | None = ...,
+        images: _abc.Iterable[Global___TopImage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "top", b"top"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "images", b"images"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -587,11 +586,11 @@ class TopActivatingImagesResponse(_message.Message):
     PROVENANCE_FIELD_NUMBER: _builtins.int
     SITE_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
-    IMAGES_SCANNED_FIELD_NUMBER: _builtins.int
+    SCANNED_IMAGE_COUNT_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
     site: _builtins.str
     top_k: _builtins.int
-    images_scanned: _builtins.int
+    scanned_image_count: _builtins.int
     @_builtins.property
     def provenance(self) -> _common_pb2.Provenance: ...
     @_builtins.property
@@ -602,12 +601,12 @@ class TopActivatingImagesResponse(_message.Message):
         provenance: _common_pb2.Provenance | None = ...,
         site: _builtins.str = ...,
         top_k: _builtins.int = ...,
-        images_scanned: _builtins.int = ...,
+        scanned_image_count: _builtins.int = ...,
         channels: _abc.Iterable[Global___ChannelTopImages] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "images_scanned", b"images_scanned", "provenance", b"provenance", "site", b"site", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "provenance", b"provenance", "scanned_image_count", b"scanned_image_count", "site", b"site", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,56 +22,20 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from vitscope.v1 import common_pb2 as vitscope_dot_v1_dot_common__pb2
+from vitscope.v1 import activations_pb2 as vitscope_dot_v1_dot_activations__pb2
 from vitscope.v1 import features_pb2 as vitscope_dot_v1_dot_features__pb2
 from vitscope.v1 import inversion_pb2 as vitscope_dot_v1_dot_inversion__pb2
-from vitscope.v1 import tensor_pb2 as vitscope_dot_v1_dot_tensor__pb2
+from vitscope.v1 import models_pb2 as vitscope_dot_v1_dot_models__pb2
 from vitscope.v1 import projection_pb2 as vitscope_dot_v1_dot_projection__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvitscope/v1/inspector.proto\x12\x0bvitscope.v1\x1a\x18vitscope/v1/common.proto\x1a\x1avitscope/v1/features.proto\x1a\x1bvitscope/v1/inversion.proto\x1a\x18vitscope/v1/tensor.proto\x1a\x1cvitscope/v1/projection.proto\"\x13\n\x11ListModelsRequest\"\xbd\x01\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.vitscope.v1.ModelState\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x18\n\x10weights_identity\x18\x06 \x01(\t\x12\x12\n\nis_default\x18\x07 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x08 \x01(\x01\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.vitscope.v1.ModelSummary\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa9\x01\n\x08SiteInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmodule_path\x18\x02 \x01(\t\x12\'\n\x06layout\x18\x03 \x01(\x0e\x32\x17.vitscope.v1.SiteLayout\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x19\n\x11num_prefix_tokens\x18\x05 \x01(\x05\x12\x13\n\x0bgrid_height\x18\x06 \x01(\x05\x12\x12\n\ngrid_width\x18\x07 \x01(\x05\"g\n\rPreprocessing\x12\x12\n\ninput_size\x18\x01 \x03(\x03\x12\x0c\n\x04mean\x18\x02 \x03(\x02\x12\x0b\n\x03std\x18\x03 \x03(\x02\x12\x15\n\rinterpolation\x18\x04 \x01(\t\x12\x10\n\x08\x63rop_pct\x18\x05 \x01(\x02\"\xde\x02\n\x15\x44\x65scribeModelResponse\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.vitscope.v1.ModelSummary\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x11\n\tembed_dim\x18\x03 \x01(\x05\x12\x19\n\x11num_prefix_tokens\x18\x04 \x01(\x05\x12\x13\n\x0bgrid_height\x18\x05 \x01(\x05\x12\x12\n\ngrid_width\x18\x06 \x01(\x05\x12\x31\n\rpreprocessing\x18\x07 \x01(\x0b\x32\x1a.vitscope.v1.Preprocessing\x12$\n\x05sites\x18\x08 \x03(\x0b\x32\x15.vitscope.v1.SiteInfo\x12\x13\n\x0b\x63lass_names\x18\t \x03(\t\x12\x13\n\x0bnum_classes\x18\n \x01(\x05\x12+\n\nprovenance\x18\x0b \x01(\x0b\x32\x17.vitscope.v1.Provenance\"\x7f\n\x0eTokenSelection\x12-\n\x04mode\x18\x01 \x01(\x0e\x32\x1f.vitscope.v1.TokenSelectionMode\x12\x0f\n\x07indices\x18\x02 \x03(\x05\x12-\n\tpositions\x18\x03 \x03(\x0b\x32\x1a.vitscope.v1.PatchPosition\"\x95\x02\n\x15GetActivationsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.vitscope.v1.Image\x12\r\n\x05sites\x18\x03 \x03(\t\x12+\n\x06tokens\x18\x04 \x01(\x0b\x32\x1b.vitscope.v1.TokenSelection\x12)\n\treduction\x18\x05 \x01(\x0e\x32\x16.vitscope.v1.Reduction\x12\x10\n\x08\x63hannels\x18\x06 \x03(\x05\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12(\n\x0coutput_dtype\x18\x08 \x01(\x0e\x32\x12.vitscope.v1.DType\x12\x17\n\x0ftop_predictions\x18\t \x01(\x05\"\xb9\x01\n\nSiteResult\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x13\n\x0bmodule_path\x18\x02 \x01(\t\x12\'\n\x06layout\x18\x03 \x01(\x0e\x32\x17.vitscope.v1.SiteLayout\x12\x15\n\rtoken_indices\x18\x04 \x03(\x05\x12\x13\n\x0bgrid_height\x18\x05 \x01(\x05\x12\x12\n\ngrid_width\x18\x06 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x07 \x03(\x05\x12\r\n\x05roles\x18\x08 \x03(\t\"8\n\x10ImagePredictions\x12$\n\x03top\x18\x01 \x03(\x0b\x32\x17.vitscope.v1.Prediction\"\x86\x02\n\x1d\x45\x66\x66\x65\x63tiveActivationParameters\x12\r\n\x05sites\x18\x01 \x03(\t\x12\x33\n\ntoken_mode\x18\x02 \x01(\x0e\x32\x1f.vitscope.v1.TokenSelectionMode\x12)\n\treduction\x18\x03 \x01(\x0e\x32\x16.vitscope.v1.Reduction\x12\x10\n\x08\x63hannels\x18\x04 \x03(\x05\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12(\n\x0coutput_dtype\x18\x06 \x01(\x0e\x32\x12.vitscope.v1.DType\x12\x17\n\x0ftop_predictions\x18\x07 \x01(\x05\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\"\xf0\x01\n\x11\x41\x63tivationsHeader\x12+\n\nprovenance\x18\x01 \x01(\x0b\x32\x17.vitscope.v1.Provenance\x12>\n\nparameters\x18\x02 \x01(\x0b\x32*.vitscope.v1.EffectiveActivationParameters\x12&\n\x05sites\x18\x03 \x03(\x0b\x32\x17.vitscope.v1.SiteResult\x12\x32\n\x0bpredictions\x18\x04 \x03(\x0b\x32\x1d.vitscope.v1.ImagePredictions\x12\x12\n\nnum_chunks\x18\x05 \x01(\x03\"\x80\x01\n\x16GetActivationsResponse\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.vitscope.v1.ActivationsHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.vitscope.v1.TensorChunkH\x00\x42\t\n\x07payload*q\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03*\x93\x01\n\nSiteLayout\x12\x1b\n\x17SITE_LAYOUT_UNSPECIFIED\x10\x00\x12\x16\n\x12SITE_LAYOUT_TOKENS\x10\x01\x12\x19\n\x15SITE_LAYOUT_ATTENTION\x10\x02\x12 \n\x1cSITE_LAYOUT_WINDOW_ATTENTION\x10\x03\x12\x13\n\x0fSITE_LAYOUT_RAW\x10\x04*\xe1\x01\n\x12TokenSelectionMode\x12$\n TOKEN_SELECTION_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18TOKEN_SELECTION_MODE_ALL\x10\x01\x12\x1f\n\x1bTOKEN_SELECTION_MODE_PREFIX\x10\x02\x12 \n\x1cTOKEN_SELECTION_MODE_PATCHES\x10\x03\x12 \n\x1cTOKEN_SELECTION_MODE_INDICES\x10\x04\x12\"\n\x1eTOKEN_SELECTION_MODE_POSITIONS\x10\x05*h\n\tReduction\x12\x12\n\x0eREDUCTION_NONE\x10\x00\x12\x12\n\x0eREDUCTION_MEAN\x10\x01\x12\x17\n\x13REDUCTION_PATCH_MAP\x10\x02\x12\x1a\n\x16REDUCTION_TOP_CHANNELS\x10\x03\x32\xc5\x06\n\tInspector\x12M\n\nListModels\x12\x1e.vitscope.v1.ListModelsRequest\x1a\x1f.vitscope.v1.ListModelsResponse\x12V\n\rDescribeModel\x12!.vitscope.v1.DescribeModelRequest\x1a\".vitscope.v1.DescribeModelResponse\x12[\n\x0eGetActivations\x12\".vitscope.v1.GetActivationsRequest\x1a#.vitscope.v1.GetActivationsResponse0\x01\x12\x61\n\x10OptimizeFeatures\x12$.vitscope.v1.OptimizeFeaturesRequest\x1a%.vitscope.v1.OptimizeFeaturesResponse0\x01\x12j\n\x13TopActivatingImages\x12\'.vitscope.v1.TopActivatingImagesRequest\x1a(.vitscope.v1.TopActivatingImagesResponse(\x01\x12j\n\x13ProjectToClassSpace\x12\'.vitscope.v1.ProjectToClassSpaceRequest\x1a(.vitscope.v1.ProjectToClassSpaceResponse0\x01\x12\\\n\x0fProjectMemories\x12#.vitscope.v1.ProjectMemoriesRequest\x1a$.vitscope.v1.ProjectMemoriesResponse\x12\x43\n\x06Invert\x12\x1a.vitscope.v1.InvertRequest\x1a\x1b.vitscope.v1.InvertResponse0\x01\x12V\n\rListInverters\x12!.vitscope.v1.ListInvertersRequest\x1a\".vitscope.v1.ListInvertersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvitscope/v1/inspector.proto\x12\x0bvitscope.v1\x1a\x1dvitscope/v1/activations.proto\x1a\x1avitscope/v1/features.proto\x1a\x1bvitscope/v1/inversion.proto\x1a\x18vitscope/v1/models.proto\x1a\x1cvitscope/v1/projection.proto2\xc5\x06\n\tInspector\x12M\n\nListModels\x12\x1e.vitscope.v1.ListModelsRequest\x1a\x1f.vitscope.v1.ListModelsResponse\x12V\n\rDescribeModel\x12!.vitscope.v1.DescribeModelRequest\x1a\".vitscope.v1.DescribeModelResponse\x12[\n\x0eGetActivations\x12\".vitscope.v1.GetActivationsRequest\x1a#.vitscope.v1.GetActivationsResponse0\x01\x12\x61\n\x10OptimizeFeatures\x12$.vitscope.v1.OptimizeFeaturesRequest\x1a%.vitscope.v1.OptimizeFeaturesResponse0\x01\x12j\n\x13TopActivatingImages\x12\'.vitscope.v1.TopActivatingImagesRequest\x1a(.vitscope.v1.TopActivatingImagesResponse(\x01\x12j\n\x13ProjectToClassSpace\x12\'.vitscope.v1.ProjectToClassSpaceRequest\x1a(.vitscope.v1.ProjectToClassSpaceResponse0\x01\x12\\\n\x0fProjectMemories\x12#.vitscope.v1.ProjectMemoriesRequest\x1a$.vitscope.v1.ProjectMemoriesResponse\x12\x43\n\x06Invert\x12\x1a.vitscope.v1.InvertRequest\x1a\x1b.vitscope.v1.InvertResponse0\x01\x12V\n\rListInverters\x12!.vitscope.v1.ListInvertersRequest\x1a\".vitscope.v1.ListInvertersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vitscope.v1.inspector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=2424
-  _globals['_MODELSTATE']._serialized_end=2537
-  _globals['_SITELAYOUT']._serialized_start=2540
-  _globals['_SITELAYOUT']._serialized_end=2687
-  _globals['_TOKENSELECTIONMODE']._serialized_start=2690
-  _globals['_TOKENSELECTIONMODE']._serialized_end=2915
-  _globals['_REDUCTION']._serialized_start=2917
-  _globals['_REDUCTION']._serialized_end=3021
-  _globals['_LISTMODELSREQUEST']._serialized_start=183
-  _globals['_LISTMODELSREQUEST']._serialized_end=202
-  _globals['_MODELSUMMARY']._serialized_start=205
-  _globals['_MODELSUMMARY']._serialized_end=394
-  _globals['_LISTMODELSRESPONSE']._serialized_start=396
-  _globals['_LISTMODELSRESPONSE']._serialized_end=459
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=461
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=498
-  _globals['_SITEINFO']._serialized_start=501
-  _globals['_SITEINFO']._serialized_end=670
-  _globals['_PREPROCESSING']._serialized_start=672
-  _globals['_PREPROCESSING']._serialized_end=775
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=778
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1128
-  _globals['_TOKENSELECTION']._serialized_start=1130
-  _globals['_TOKENSELECTION']._serialized_end=1257
-  _globals['_GETACTIVATIONSREQUEST']._serialized_start=1260
-  _globals['_GETACTIVATIONSREQUEST']._serialized_end=1537
-  _globals['_SITERESULT']._serialized_start=1540
-  _globals['_SITERESULT']._serialized_end=1725
-  _globals['_IMAGEPREDICTIONS']._serialized_start=1727
-  _globals['_IMAGEPREDICTIONS']._serialized_end=1783
-  _globals['_EFFECTIVEACTIVATIONPARAMETERS']._serialized_start=1786
-  _globals['_EFFECTIVEACTIVATIONPARAMETERS']._serialized_end=2048
-  _globals['_ACTIVATIONSHEADER']._serialized_start=2051
-  _globals['_ACTIVATIONSHEADER']._serialized_end=2291
-  _globals['_GETACTIVATIONSRESPONSE']._serialized_start=2294
-  _globals['_GETACTIVATIONSRESPONSE']._serialized_end=2422
-  _globals['_INSPECTOR']._serialized_start=3024
-  _globals['_INSPECTOR']._serialized_end=3861
+  _globals['_INSPECTOR']._serialized_start=189
+  _globals['_INSPECTOR']._serialized_end=1026
 # @@protoc_insertion_point(module_scope)

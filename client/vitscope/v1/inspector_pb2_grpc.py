@@ -3,9 +3,10 @@
 import grpc
 import warnings
 
+from vitscope.v1 import activations_pb2 as vitscope_dot_v1_dot_activations__pb2
 from vitscope.v1 import features_pb2 as vitscope_dot_v1_dot_features__pb2
-from vitscope.v1 import inspector_pb2 as vitscope_dot_v1_dot_inspector__pb2
 from vitscope.v1 import inversion_pb2 as vitscope_dot_v1_dot_inversion__pb2
+from vitscope.v1 import models_pb2 as vitscope_dot_v1_dot_models__pb2
 from vitscope.v1 import projection_pb2 as vitscope_dot_v1_dot_projection__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -40,18 +41,18 @@ class InspectorStub:
         """
         self.ListModels = channel.unary_unary(
                 '/vitscope.v1.Inspector/ListModels',
-                request_serializer=vitscope_dot_v1_dot_inspector__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=vitscope_dot_v1_dot_inspector__pb2.ListModelsResponse.FromString,
+                request_serializer=vitscope_dot_v1_dot_models__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_models__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.DescribeModel = channel.unary_unary(
                 '/vitscope.v1.Inspector/DescribeModel',
-                request_serializer=vitscope_dot_v1_dot_inspector__pb2.DescribeModelRequest.SerializeToString,
-                response_deserializer=vitscope_dot_v1_dot_inspector__pb2.DescribeModelResponse.FromString,
+                request_serializer=vitscope_dot_v1_dot_models__pb2.DescribeModelRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_models__pb2.DescribeModelResponse.FromString,
                 _registered_method=True)
         self.GetActivations = channel.unary_stream(
                 '/vitscope.v1.Inspector/GetActivations',
-                request_serializer=vitscope_dot_v1_dot_inspector__pb2.GetActivationsRequest.SerializeToString,
-                response_deserializer=vitscope_dot_v1_dot_inspector__pb2.GetActivationsResponse.FromString,
+                request_serializer=vitscope_dot_v1_dot_activations__pb2.GetActivationsRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_activations__pb2.GetActivationsResponse.FromString,
                 _registered_method=True)
         self.OptimizeFeatures = channel.unary_stream(
                 '/vitscope.v1.Inspector/OptimizeFeatures',
@@ -112,7 +113,7 @@ class InspectorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def OptimizeFeatures(self, request, context):
-        """Feature visualisation: progress messages, then the optimised images.
+        """Feature visualization: progress messages, then the optimized images.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,7 +143,7 @@ class InspectorServicer:
 
     def Invert(self, request, context):
         """Images back from a representation at one or more depths: learned inverse modules or
-        optimisation. A header, then progress and one reconstruction per depth and image.
+        optimization. A header, then progress and one reconstruction per depth and image.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,18 +161,18 @@ def add_InspectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=vitscope_dot_v1_dot_inspector__pb2.ListModelsRequest.FromString,
-                    response_serializer=vitscope_dot_v1_dot_inspector__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=vitscope_dot_v1_dot_models__pb2.ListModelsRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_models__pb2.ListModelsResponse.SerializeToString,
             ),
             'DescribeModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeModel,
-                    request_deserializer=vitscope_dot_v1_dot_inspector__pb2.DescribeModelRequest.FromString,
-                    response_serializer=vitscope_dot_v1_dot_inspector__pb2.DescribeModelResponse.SerializeToString,
+                    request_deserializer=vitscope_dot_v1_dot_models__pb2.DescribeModelRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_models__pb2.DescribeModelResponse.SerializeToString,
             ),
             'GetActivations': grpc.unary_stream_rpc_method_handler(
                     servicer.GetActivations,
-                    request_deserializer=vitscope_dot_v1_dot_inspector__pb2.GetActivationsRequest.FromString,
-                    response_serializer=vitscope_dot_v1_dot_inspector__pb2.GetActivationsResponse.SerializeToString,
+                    request_deserializer=vitscope_dot_v1_dot_activations__pb2.GetActivationsRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_activations__pb2.GetActivationsResponse.SerializeToString,
             ),
             'OptimizeFeatures': grpc.unary_stream_rpc_method_handler(
                     servicer.OptimizeFeatures,
@@ -230,8 +231,8 @@ class Inspector:
             request,
             target,
             '/vitscope.v1.Inspector/ListModels',
-            vitscope_dot_v1_dot_inspector__pb2.ListModelsRequest.SerializeToString,
-            vitscope_dot_v1_dot_inspector__pb2.ListModelsResponse.FromString,
+            vitscope_dot_v1_dot_models__pb2.ListModelsRequest.SerializeToString,
+            vitscope_dot_v1_dot_models__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,8 +258,8 @@ class Inspector:
             request,
             target,
             '/vitscope.v1.Inspector/DescribeModel',
-            vitscope_dot_v1_dot_inspector__pb2.DescribeModelRequest.SerializeToString,
-            vitscope_dot_v1_dot_inspector__pb2.DescribeModelResponse.FromString,
+            vitscope_dot_v1_dot_models__pb2.DescribeModelRequest.SerializeToString,
+            vitscope_dot_v1_dot_models__pb2.DescribeModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -284,8 +285,8 @@ class Inspector:
             request,
             target,
             '/vitscope.v1.Inspector/GetActivations',
-            vitscope_dot_v1_dot_inspector__pb2.GetActivationsRequest.SerializeToString,
-            vitscope_dot_v1_dot_inspector__pb2.GetActivationsResponse.FromString,
+            vitscope_dot_v1_dot_activations__pb2.GetActivationsRequest.SerializeToString,
+            vitscope_dot_v1_dot_activations__pb2.GetActivationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

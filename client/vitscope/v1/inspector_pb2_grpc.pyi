@@ -5,9 +5,10 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from vitscope.v1 import activations_pb2 as _activations_pb2
 from vitscope.v1 import features_pb2 as _features_pb2
-from vitscope.v1 import inspector_pb2 as _inspector_pb2
 from vitscope.v1 import inversion_pb2 as _inversion_pb2
+from vitscope.v1 import models_pb2 as _models_pb2
 from vitscope.v1 import projection_pb2 as _projection_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -36,16 +37,16 @@ class InspectorStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> InspectorAsyncStub: ...
-    ListModels: _grpc.UnaryUnaryMultiCallable[_inspector_pb2.ListModelsRequest, _inspector_pb2.ListModelsResponse]
+    ListModels: _grpc.UnaryUnaryMultiCallable[_models_pb2.ListModelsRequest, _models_pb2.ListModelsResponse]
     """Models this server knows and whether each is ready."""
-    DescribeModel: _grpc.UnaryUnaryMultiCallable[_inspector_pb2.DescribeModelRequest, _inspector_pb2.DescribeModelResponse]
+    DescribeModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.DescribeModelRequest, _models_pb2.DescribeModelResponse]
     """A model's anatomy: blocks, sites and their shapes, tokens, preprocessing."""
-    GetActivations: _grpc.UnaryStreamMultiCallable[_inspector_pb2.GetActivationsRequest, _inspector_pb2.GetActivationsResponse]
+    GetActivations: _grpc.UnaryStreamMultiCallable[_activations_pb2.GetActivationsRequest, _activations_pb2.GetActivationsResponse]
     """Activations at sites for a batch of images. The first message is a header;
     the tensors follow as chunks that the client reassembles.
     """
     OptimizeFeatures: _grpc.UnaryStreamMultiCallable[_features_pb2.OptimizeFeaturesRequest, _features_pb2.OptimizeFeaturesResponse]
-    """Feature visualisation: progress messages, then the optimised images."""
+    """Feature visualization: progress messages, then the optimized images."""
     TopActivatingImages: _grpc.StreamUnaryMultiCallable[_features_pb2.TopActivatingImagesRequest, _features_pb2.TopActivatingImagesResponse]
     """Streamed images (or an allowed server folder) in, the top-k per channel out."""
     ProjectToClassSpace: _grpc.UnaryStreamMultiCallable[_projection_pb2.ProjectToClassSpaceRequest, _projection_pb2.ProjectToClassSpaceResponse]
@@ -56,7 +57,7 @@ class InspectorStub:
     """A block's key-value memories projected to class space."""
     Invert: _grpc.UnaryStreamMultiCallable[_inversion_pb2.InvertRequest, _inversion_pb2.InvertResponse]
     """Images back from a representation at one or more depths: learned inverse modules or
-    optimisation. A header, then progress and one reconstruction per depth and image.
+    optimization. A header, then progress and one reconstruction per depth and image.
     """
     ListInverters: _grpc.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]
     """Trained inverters per served model, with their card data."""
@@ -66,16 +67,16 @@ class InspectorAsyncStub(InspectorStub):
     """Looks inside vision transformers served by this process."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    ListModels: _aio.UnaryUnaryMultiCallable[_inspector_pb2.ListModelsRequest, _inspector_pb2.ListModelsResponse]  # type: ignore[assignment]
+    ListModels: _aio.UnaryUnaryMultiCallable[_models_pb2.ListModelsRequest, _models_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Models this server knows and whether each is ready."""
-    DescribeModel: _aio.UnaryUnaryMultiCallable[_inspector_pb2.DescribeModelRequest, _inspector_pb2.DescribeModelResponse]  # type: ignore[assignment]
+    DescribeModel: _aio.UnaryUnaryMultiCallable[_models_pb2.DescribeModelRequest, _models_pb2.DescribeModelResponse]  # type: ignore[assignment]
     """A model's anatomy: blocks, sites and their shapes, tokens, preprocessing."""
-    GetActivations: _aio.UnaryStreamMultiCallable[_inspector_pb2.GetActivationsRequest, _inspector_pb2.GetActivationsResponse]  # type: ignore[assignment]
+    GetActivations: _aio.UnaryStreamMultiCallable[_activations_pb2.GetActivationsRequest, _activations_pb2.GetActivationsResponse]  # type: ignore[assignment]
     """Activations at sites for a batch of images. The first message is a header;
     the tensors follow as chunks that the client reassembles.
     """
     OptimizeFeatures: _aio.UnaryStreamMultiCallable[_features_pb2.OptimizeFeaturesRequest, _features_pb2.OptimizeFeaturesResponse]  # type: ignore[assignment]
-    """Feature visualisation: progress messages, then the optimised images."""
+    """Feature visualization: progress messages, then the optimized images."""
     TopActivatingImages: _aio.StreamUnaryMultiCallable[_features_pb2.TopActivatingImagesRequest, _features_pb2.TopActivatingImagesResponse]  # type: ignore[assignment]
     """Streamed images (or an allowed server folder) in, the top-k per channel out."""
     ProjectToClassSpace: _aio.UnaryStreamMultiCallable[_projection_pb2.ProjectToClassSpaceRequest, _projection_pb2.ProjectToClassSpaceResponse]  # type: ignore[assignment]
@@ -86,7 +87,7 @@ class InspectorAsyncStub(InspectorStub):
     """A block's key-value memories projected to class space."""
     Invert: _aio.UnaryStreamMultiCallable[_inversion_pb2.InvertRequest, _inversion_pb2.InvertResponse]  # type: ignore[assignment]
     """Images back from a representation at one or more depths: learned inverse modules or
-    optimisation. A header, then progress and one reconstruction per depth and image.
+    optimization. A header, then progress and one reconstruction per depth and image.
     """
     ListInverters: _aio.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]  # type: ignore[assignment]
     """Trained inverters per served model, with their card data."""
@@ -97,25 +98,25 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def ListModels(
         self,
-        request: _inspector_pb2.ListModelsRequest,
+        request: _models_pb2.ListModelsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_inspector_pb2.ListModelsResponse, _abc.Awaitable[_inspector_pb2.ListModelsResponse]]:
+    ) -> _typing.Union[_models_pb2.ListModelsResponse, _abc.Awaitable[_models_pb2.ListModelsResponse]]:
         """Models this server knows and whether each is ready."""
 
     @_abc_1.abstractmethod
     def DescribeModel(
         self,
-        request: _inspector_pb2.DescribeModelRequest,
+        request: _models_pb2.DescribeModelRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_inspector_pb2.DescribeModelResponse, _abc.Awaitable[_inspector_pb2.DescribeModelResponse]]:
+    ) -> _typing.Union[_models_pb2.DescribeModelResponse, _abc.Awaitable[_models_pb2.DescribeModelResponse]]:
         """A model's anatomy: blocks, sites and their shapes, tokens, preprocessing."""
 
     @_abc_1.abstractmethod
     def GetActivations(
         self,
-        request: _inspector_pb2.GetActivationsRequest,
+        request: _activations_pb2.GetActivationsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_inspector_pb2.GetActivationsResponse], _abc.AsyncIterator[_inspector_pb2.GetActivationsResponse]]:
+    ) -> _typing.Union[_abc.Iterator[_activations_pb2.GetActivationsResponse], _abc.AsyncIterator[_activations_pb2.GetActivationsResponse]]:
         """Activations at sites for a batch of images. The first message is a header;
         the tensors follow as chunks that the client reassembles.
         """
@@ -126,7 +127,7 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         request: _features_pb2.OptimizeFeaturesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_features_pb2.OptimizeFeaturesResponse], _abc.AsyncIterator[_features_pb2.OptimizeFeaturesResponse]]:
-        """Feature visualisation: progress messages, then the optimised images."""
+        """Feature visualization: progress messages, then the optimized images."""
 
     @_abc_1.abstractmethod
     def TopActivatingImages(
@@ -161,7 +162,7 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inversion_pb2.InvertResponse], _abc.AsyncIterator[_inversion_pb2.InvertResponse]]:
         """Images back from a representation at one or more depths: learned inverse modules or
-        optimisation. A header, then progress and one reconstruction per depth and image.
+        optimization. A header, then progress and one reconstruction per depth and image.
         """
 
     @_abc_1.abstractmethod

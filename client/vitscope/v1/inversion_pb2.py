@@ -26,37 +26,37 @@ from vitscope.v1 import common_pb2 as vitscope_dot_v1_dot_common__pb2
 from vitscope.v1 import tensor_pb2 as vitscope_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvitscope/v1/inversion.proto\x12\x0bvitscope.v1\x1a\x18vitscope/v1/common.proto\x1a\x18vitscope/v1/tensor.proto\"K\n\x15RepresentationAtDepth\x12#\n\x06values\x18\x01 \x01(\x0b\x32\x13.vitscope.v1.Tensor\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\x05\"\xc7\x01\n\x15InversionOptimization\x12\x12\n\x05steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\ttv_weight\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x1b\n\x0eprogress_every\x18\x05 \x01(\x05H\x03\x88\x01\x01\x42\x08\n\x06_stepsB\x10\n\x0e_learning_rateB\x0c\n\n_tv_weightB\x11\n\x0f_progress_every\"\xf6\x01\n\rInvertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x06method\x18\x02 \x01(\x0e\x32\x1c.vitscope.v1.InversionMethod\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.vitscope.v1.Image\x12\x0e\n\x06\x64\x65pths\x18\x04 \x03(\x05\x12:\n\x0erepresentation\x18\x05 \x01(\x0b\x32\".vitscope.v1.RepresentationAtDepth\x12\x38\n\x0coptimization\x18\x06 \x01(\x0b\x32\".vitscope.v1.InversionOptimization\"\x83\x02\n\x1c\x45\x66\x66\x65\x63tiveInversionParameters\x12,\n\x06method\x18\x01 \x01(\x0e\x32\x1c.vitscope.v1.InversionMethod\x12\x0e\n\x06\x64\x65pths\x18\x02 \x03(\x05\x12\r\n\x05sites\x18\x03 \x03(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x38\n\x0coptimization\x18\x05 \x01(\x0b\x32\".vitscope.v1.InversionOptimization\x12+\n\x08inverter\x18\x06 \x01(\x0b\x32\x19.vitscope.v1.InverterInfo\x12\x1b\n\x13\x66rom_representation\x18\x07 \x01(\x08\"z\n\x0cInvertHeader\x12+\n\nprovenance\x18\x01 \x01(\x0b\x32\x17.vitscope.v1.Provenance\x12=\n\nparameters\x18\x02 \x01(\x0b\x32).vitscope.v1.EffectiveInversionParameters\"t\n\x11InversionProgress\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\x12\x0c\n\x04loss\x18\x04 \x01(\x02\x12\x1f\n\x17representation_distance\x18\x05 \x01(\x02\"\xa6\x01\n\x0eReconstruction\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x13\n\x0bimage_index\x18\x03 \x01(\x05\x12\x0b\n\x03png\x18\x04 \x01(\x0c\x12\x10\n\x03mse\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04psnr\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x1f\n\x17representation_distance\x18\x07 \x01(\x01\x42\x06\n\x04_mseB\x07\n\x05_psnr\"\xb1\x01\n\x0eInvertResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.vitscope.v1.InvertHeaderH\x00\x12\x32\n\x08progress\x18\x02 \x01(\x0b\x32\x1e.vitscope.v1.InversionProgressH\x00\x12\x35\n\x0ereconstruction\x18\x03 \x01(\x0b\x32\x1b.vitscope.v1.ReconstructionH\x00\x42\x07\n\x05\x65vent\"%\n\x14ListInvertersRequest\x12\r\n\x05model\x18\x01 \x01(\t\"~\n\x12InverterModuleInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x65st_val_mse\x18\x03 \x01(\x01\x12\x12\n\nbest_epoch\x18\x04 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x12\n\nparameters\x18\x06 \x01(\x03\"\xaf\x01\n\x0cInverterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x18\n\x10weights_identity\x18\x03 \x01(\t\x12\r\n\x05store\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\t\x12\x11\n\tmax_depth\x18\x06 \x01(\x05\x12\x30\n\x07modules\x18\x07 \x03(\x0b\x32\x1f.vitscope.v1.InverterModuleInfo\"E\n\x15ListInvertersResponse\x12,\n\tinverters\x18\x01 \x03(\x0b\x32\x19.vitscope.v1.InverterInfo*t\n\x0fInversionMethod\x12 \n\x1cINVERSION_METHOD_UNSPECIFIED\x10\x00\x12\x1c\n\x18INVERSION_METHOD_LEARNED\x10\x01\x12!\n\x1dINVERSION_METHOD_OPTIMIZATION\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvitscope/v1/inversion.proto\x12\x0bvitscope.v1\x1a\x18vitscope/v1/common.proto\x1a\x18vitscope/v1/tensor.proto\"K\n\x15RepresentationAtDepth\x12#\n\x06values\x18\x01 \x01(\x0b\x32\x13.vitscope.v1.Tensor\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\x05\"\xd3\x01\n\x15InversionOptimization\x12\x12\n\x05steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\ttv_weight\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x1b\n\x0eprogress_every\x18\x05 \x01(\x05H\x03\x88\x01\x01\x42\x08\n\x06_stepsB\x10\n\x0e_learning_rateB\x0c\n\n_tv_weightB\x11\n\x0f_progress_everyJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04\"\xf6\x01\n\rInvertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x06method\x18\x02 \x01(\x0e\x32\x1c.vitscope.v1.InversionMethod\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.vitscope.v1.Image\x12\x0e\n\x06\x64\x65pths\x18\x04 \x03(\x05\x12:\n\x0erepresentation\x18\x05 \x01(\x0b\x32\".vitscope.v1.RepresentationAtDepth\x12\x38\n\x0coptimization\x18\x06 \x01(\x0b\x32\".vitscope.v1.InversionOptimization\"\x83\x02\n\x1c\x45\x66\x66\x65\x63tiveInversionParameters\x12,\n\x06method\x18\x01 \x01(\x0e\x32\x1c.vitscope.v1.InversionMethod\x12\x0e\n\x06\x64\x65pths\x18\x02 \x03(\x05\x12\r\n\x05sites\x18\x03 \x03(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x38\n\x0coptimization\x18\x05 \x01(\x0b\x32\".vitscope.v1.InversionOptimization\x12+\n\x08inverter\x18\x06 \x01(\x0b\x32\x19.vitscope.v1.InverterInfo\x12\x1b\n\x13\x66rom_representation\x18\x07 \x01(\x08\"}\n\x0fInversionHeader\x12+\n\nprovenance\x18\x01 \x01(\x0b\x32\x17.vitscope.v1.Provenance\x12=\n\nparameters\x18\x02 \x01(\x0b\x32).vitscope.v1.EffectiveInversionParameters\"t\n\x11InversionProgress\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\x12\x0c\n\x04loss\x18\x04 \x01(\x02\x12\x1f\n\x17representation_distance\x18\x05 \x01(\x02\"\xa6\x01\n\x0eReconstruction\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x13\n\x0bimage_index\x18\x03 \x01(\x05\x12\x0b\n\x03png\x18\x04 \x01(\x0c\x12\x10\n\x03mse\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04psnr\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x1f\n\x17representation_distance\x18\x07 \x01(\x01\x42\x06\n\x04_mseB\x07\n\x05_psnr\"\xb6\x01\n\x0eInvertResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.vitscope.v1.InversionHeaderH\x00\x12\x32\n\x08progress\x18\x02 \x01(\x0b\x32\x1e.vitscope.v1.InversionProgressH\x00\x12\x35\n\x0ereconstruction\x18\x03 \x01(\x0b\x32\x1b.vitscope.v1.ReconstructionH\x00\x42\t\n\x07payload\"%\n\x14ListInvertersRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x83\x01\n\x12InverterModuleInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x65st_val_mse\x18\x03 \x01(\x01\x12\x12\n\nbest_epoch\x18\x04 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x03\"\xaf\x01\n\x0cInverterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x18\n\x10weights_identity\x18\x03 \x01(\t\x12\r\n\x05store\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\t\x12\x11\n\tmax_depth\x18\x06 \x01(\x05\x12\x30\n\x07modules\x18\x07 \x03(\x0b\x32\x1f.vitscope.v1.InverterModuleInfo\"E\n\x15ListInvertersResponse\x12,\n\tinverters\x18\x01 \x03(\x0b\x32\x19.vitscope.v1.InverterInfo*t\n\x0fInversionMethod\x12 \n\x1cINVERSION_METHOD_UNSPECIFIED\x10\x00\x12\x1c\n\x18INVERSION_METHOD_LEARNED\x10\x01\x12!\n\x1dINVERSION_METHOD_OPTIMIZATION\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vitscope.v1.inversion_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INVERSIONMETHOD']._serialized_start=1893
-  _globals['_INVERSIONMETHOD']._serialized_end=2009
+  _globals['_INVERSIONMETHOD']._serialized_start=1919
+  _globals['_INVERSIONMETHOD']._serialized_end=2035
   _globals['_REPRESENTATIONATDEPTH']._serialized_start=96
   _globals['_REPRESENTATIONATDEPTH']._serialized_end=171
   _globals['_INVERSIONOPTIMIZATION']._serialized_start=174
-  _globals['_INVERSIONOPTIMIZATION']._serialized_end=373
-  _globals['_INVERTREQUEST']._serialized_start=376
-  _globals['_INVERTREQUEST']._serialized_end=622
-  _globals['_EFFECTIVEINVERSIONPARAMETERS']._serialized_start=625
-  _globals['_EFFECTIVEINVERSIONPARAMETERS']._serialized_end=884
-  _globals['_INVERTHEADER']._serialized_start=886
-  _globals['_INVERTHEADER']._serialized_end=1008
-  _globals['_INVERSIONPROGRESS']._serialized_start=1010
-  _globals['_INVERSIONPROGRESS']._serialized_end=1126
-  _globals['_RECONSTRUCTION']._serialized_start=1129
-  _globals['_RECONSTRUCTION']._serialized_end=1295
-  _globals['_INVERTRESPONSE']._serialized_start=1298
-  _globals['_INVERTRESPONSE']._serialized_end=1475
-  _globals['_LISTINVERTERSREQUEST']._serialized_start=1477
-  _globals['_LISTINVERTERSREQUEST']._serialized_end=1514
-  _globals['_INVERTERMODULEINFO']._serialized_start=1516
-  _globals['_INVERTERMODULEINFO']._serialized_end=1642
-  _globals['_INVERTERINFO']._serialized_start=1645
-  _globals['_INVERTERINFO']._serialized_end=1820
-  _globals['_LISTINVERTERSRESPONSE']._serialized_start=1822
-  _globals['_LISTINVERTERSRESPONSE']._serialized_end=1891
+  _globals['_INVERSIONOPTIMIZATION']._serialized_end=385
+  _globals['_INVERTREQUEST']._serialized_start=388
+  _globals['_INVERTREQUEST']._serialized_end=634
+  _globals['_EFFECTIVEINVERSIONPARAMETERS']._serialized_start=637
+  _globals['_EFFECTIVEINVERSIONPARAMETERS']._serialized_end=896
+  _globals['_INVERSIONHEADER']._serialized_start=898
+  _globals['_INVERSIONHEADER']._serialized_end=1023
+  _globals['_INVERSIONPROGRESS']._serialized_start=1025
+  _globals['_INVERSIONPROGRESS']._serialized_end=1141
+  _globals['_RECONSTRUCTION']._serialized_start=1144
+  _globals['_RECONSTRUCTION']._serialized_end=1310
+  _globals['_INVERTRESPONSE']._serialized_start=1313
+  _globals['_INVERTRESPONSE']._serialized_end=1495
+  _globals['_LISTINVERTERSREQUEST']._serialized_start=1497
+  _globals['_LISTINVERTERSREQUEST']._serialized_end=1534
+  _globals['_INVERTERMODULEINFO']._serialized_start=1537
+  _globals['_INVERTERMODULEINFO']._serialized_end=1668
+  _globals['_INVERTERINFO']._serialized_start=1671
+  _globals['_INVERTERINFO']._serialized_end=1846
+  _globals['_LISTINVERTERSRESPONSE']._serialized_start=1848
+  _globals['_LISTINVERTERSRESPONSE']._serialized_end=1917
 # @@protoc_insertion_point(module_scope)

@@ -33,7 +33,7 @@ class _InversionMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Inver
     has no trained inverter).
     """
     INVERSION_METHOD_OPTIMIZATION: _InversionMethod.ValueType  # 2
-    """Training-free: pixels optimised so that their representation matches, with a TV prior."""
+    """Training-free: pixels optimized so that their representation matches, with a TV prior."""
 
 class InversionMethod(_InversionMethod, metaclass=_InversionMethodEnumTypeWrapper):
     """Inversion (Rathjens et al. 2024): images back from a model's representation.
@@ -50,7 +50,7 @@ INVERSION_METHOD_LEARNED: InversionMethod.ValueType  # 1
 has no trained inverter).
 """
 INVERSION_METHOD_OPTIMIZATION: InversionMethod.ValueType  # 2
-"""Training-free: pixels optimised so that their representation matches, with a TV prior."""
+"""Training-free: pixels optimized so that their representation matches, with a TV prior."""
 Global___InversionMethod: _TypeAlias = InversionMethod  # noqa: Y015
 
 @_typing.final
@@ -234,7 +234,7 @@ class EffectiveInversionParameters(_message.Message):
 Global___EffectiveInversionParameters: _TypeAlias = EffectiveInversionParameters  # noqa: Y015
 
 @_typing.final
-class InvertHeader(_message.Message):
+class InversionHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROVENANCE_FIELD_NUMBER: _builtins.int
@@ -255,7 +255,7 @@ class InvertHeader(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___InvertHeader: _TypeAlias = InvertHeader  # noqa: Y015
+Global___InversionHeader: _TypeAlias = InversionHeader  # noqa: Y015
 
 @_typing.final
 class InversionProgress(_message.Message):
@@ -353,7 +353,7 @@ class InvertResponse(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     RECONSTRUCTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def header(self) -> Global___InvertHeader: ...
+    def header(self) -> Global___InversionHeader: ...
     @_builtins.property
     def progress(self) -> Global___InversionProgress: ...
     @_builtins.property
@@ -361,17 +361,17 @@ class InvertResponse(_message.Message):
     def __init__(
         self,
         *,
-        header: Global___InvertHeader | None = ...,
+        header: Global___InversionHeader | None = ...,
         progress: Global___InversionProgress | None = ...,
         reconstruction: Global___Reconstruction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "header", b"header", "progress", b"progress", "reconstruction", b"reconstruction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "payload", b"payload", "progress", b"progress", "reconstruction", b"reconstruction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "header", b"header", "progress", b"progress", "reconstruction", b"reconstruction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "payload", b"payload", "progress", b"progress", "reconstruction", b"reconstruction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["header", "progress", "reconstruction"]  # noqa: Y015
-    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "progress", "reconstruction"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___InvertResponse: _TypeAlias = InvertResponse  # noqa: Y015
 
@@ -408,7 +408,7 @@ class InverterModuleInfo(_message.Message):
     BEST_VAL_MSE_FIELD_NUMBER: _builtins.int
     BEST_EPOCH_FIELD_NUMBER: _builtins.int
     EPOCHS_FIELD_NUMBER: _builtins.int
-    PARAMETERS_FIELD_NUMBER: _builtins.int
+    PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"embed" (depth 0 -> pixels) or "blocks.{i}" (depth i+1 -> depth i)."""
     kind: _builtins.str
@@ -416,7 +416,7 @@ class InverterModuleInfo(_message.Message):
     best_val_mse: _builtins.float
     best_epoch: _builtins.int
     epochs: _builtins.int
-    parameters: _builtins.int
+    parameter_count: _builtins.int
     def __init__(
         self,
         *,
@@ -425,11 +425,11 @@ class InverterModuleInfo(_message.Message):
         best_val_mse: _builtins.float = ...,
         best_epoch: _builtins.int = ...,
         epochs: _builtins.int = ...,
-        parameters: _builtins.int = ...,
+        parameter_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_epoch", b"best_epoch", "best_val_mse", b"best_val_mse", "epochs", b"epochs", "kind", b"kind", "name", b"name", "parameters", b"parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_epoch", b"best_epoch", "best_val_mse", b"best_val_mse", "epochs", b"epochs", "kind", b"kind", "name", b"name", "parameter_count", b"parameter_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

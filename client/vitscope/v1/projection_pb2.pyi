@@ -51,33 +51,6 @@ REPRESENTATION_MLP: Representation.ValueType  # 3
 """The MLP sublayer's output, before the residual add."""
 Global___Representation: _TypeAlias = Representation  # noqa: Y015
 
-class _ProjectionTokenMode:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _ProjectionTokenModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProjectionTokenMode.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    PROJECTION_TOKEN_MODE_UNSPECIFIED: _ProjectionTokenMode.ValueType  # 0
-    """All tokens."""
-    PROJECTION_TOKEN_MODE_ALL: _ProjectionTokenMode.ValueType  # 1
-    PROJECTION_TOKEN_MODE_PREFIX: _ProjectionTokenMode.ValueType  # 2
-    PROJECTION_TOKEN_MODE_PATCHES: _ProjectionTokenMode.ValueType  # 3
-    PROJECTION_TOKEN_MODE_INDICES: _ProjectionTokenMode.ValueType  # 4
-    """Token indices into the full sequence (prefix tokens included)."""
-    PROJECTION_TOKEN_MODE_POSITIONS: _ProjectionTokenMode.ValueType  # 5
-
-class ProjectionTokenMode(_ProjectionTokenMode, metaclass=_ProjectionTokenModeEnumTypeWrapper): ...
-
-PROJECTION_TOKEN_MODE_UNSPECIFIED: ProjectionTokenMode.ValueType  # 0
-"""All tokens."""
-PROJECTION_TOKEN_MODE_ALL: ProjectionTokenMode.ValueType  # 1
-PROJECTION_TOKEN_MODE_PREFIX: ProjectionTokenMode.ValueType  # 2
-PROJECTION_TOKEN_MODE_PATCHES: ProjectionTokenMode.ValueType  # 3
-PROJECTION_TOKEN_MODE_INDICES: ProjectionTokenMode.ValueType  # 4
-"""Token indices into the full sequence (prefix tokens included)."""
-PROJECTION_TOKEN_MODE_POSITIONS: ProjectionTokenMode.ValueType  # 5
-Global___ProjectionTokenMode: _TypeAlias = ProjectionTokenMode  # noqa: Y015
-
 class _MemoryKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -102,32 +75,6 @@ MEMORY_KIND_ATTENTION: MemoryKind.ValueType  # 2
 per-head attention-weighted values.
 """
 Global___MemoryKind: _TypeAlias = MemoryKind  # noqa: Y015
-
-@_typing.final
-class ClassRef(_message.Message):
-    """A class by index or by name; unset means the model's own prediction."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    INDEX_FIELD_NUMBER: _builtins.int
-    NAME_FIELD_NUMBER: _builtins.int
-    index: _builtins.int
-    name: _builtins.str
-    def __init__(
-        self,
-        *,
-        index: _builtins.int = ...,
-        name: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "name", b"name", "ref", b"ref"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "name", b"name", "ref", b"ref"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_ref: _TypeAlias = _typing.Literal["index", "name"]  # noqa: Y015
-    _WhichOneofArgType_ref: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_ref) -> _WhichOneofReturnType_ref | None: ...
-
-Global___ClassRef: _TypeAlias = ClassRef  # noqa: Y015
 
 @_typing.final
 class LabelSet(_message.Message):
@@ -165,33 +112,6 @@ class LabelSet(_message.Message):
 Global___LabelSet: _TypeAlias = LabelSet  # noqa: Y015
 
 @_typing.final
-class ProjectionTokens(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MODE_FIELD_NUMBER: _builtins.int
-    INDICES_FIELD_NUMBER: _builtins.int
-    POSITIONS_FIELD_NUMBER: _builtins.int
-    mode: Global___ProjectionTokenMode.ValueType
-    @_builtins.property
-    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    @_builtins.property
-    def positions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PatchPosition]: ...
-    def __init__(
-        self,
-        *,
-        mode: Global___ProjectionTokenMode.ValueType = ...,
-        indices: _abc.Iterable[_builtins.int] | None = ...,
-        positions: _abc.Iterable[_common_pb2.PatchPosition] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices", "mode", b"mode", "positions", b"positions"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ProjectionTokens: _TypeAlias = ProjectionTokens  # noqa: Y015
-
-@_typing.final
 class ProjectToClassSpaceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -224,7 +144,7 @@ class ProjectToClassSpaceRequest(_message.Message):
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]: ...
     @_builtins.property
-    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassRef]:
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ClassRef]:
         """Empty, or one per image."""
 
     @_builtins.property
@@ -238,7 +158,7 @@ class ProjectToClassSpaceRequest(_message.Message):
         """Block indices; empty means every block."""
 
     @_builtins.property
-    def tokens(self) -> Global___ProjectionTokens:
+    def tokens(self) -> _common_pb2.TokenSelection:
         """Tokens of the per-token results; summaries cover all patch tokens."""
 
     @_builtins.property
@@ -254,10 +174,10 @@ class ProjectToClassSpaceRequest(_message.Message):
         *,
         model: _builtins.str = ...,
         images: _abc.Iterable[_common_pb2.Image] | None = ...,
-        targets: _abc.Iterable[Global___ClassRef] | None = ...,
+        targets: _abc.Iterable[_common_pb2.ClassRef] | None = ...,
         representations: _abc.Iterable[Global___Representation.ValueType] | None = ...,
         blocks: _abc.Iterable[_builtins.int] | None = ...,
-        tokens: Global___ProjectionTokens | None = ...,
+        tokens: _common_pb2.TokenSelection | None = ...,
         top_k: _builtins.int = ...,
         importance_maps: _builtins.bool = ...,
         labels: Global___LabelSet | None = ...,
@@ -274,7 +194,7 @@ class ProjectToClassSpaceRequest(_message.Message):
 Global___ProjectToClassSpaceRequest: _TypeAlias = ProjectToClassSpaceRequest  # noqa: Y015
 
 @_typing.final
-class ProjectionParameters(_message.Message):
+class EffectiveProjectionParameters(_message.Message):
     """What the request resolved to after defaults."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -285,17 +205,17 @@ class ProjectionParameters(_message.Message):
     TOKEN_INDICES_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     IMPORTANCE_MAPS_FIELD_NUMBER: _builtins.int
-    NUM_CLASSES_FIELD_NUMBER: _builtins.int
+    CLASS_COUNT_FIELD_NUMBER: _builtins.int
     TEMPLATES_FIELD_NUMBER: _builtins.int
     COSINE_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     EVALUATE_IMPORTANCE_FIELD_NUMBER: _builtins.int
     KEEP_COUNTS_FIELD_NUMBER: _builtins.int
     EVALUATION_SEED_FIELD_NUMBER: _builtins.int
-    token_mode: Global___ProjectionTokenMode.ValueType
+    token_mode: _common_pb2.TokenSelectionMode.ValueType
     top_k: _builtins.int
     importance_maps: _builtins.bool
-    num_classes: _builtins.int
+    class_count: _builtins.int
     cosine: _builtins.bool
     """Scores are cosine similarities (open_clip) rather than classifier logits."""
     batch_size: _builtins.int
@@ -318,11 +238,11 @@ class ProjectionParameters(_message.Message):
         *,
         representations: _abc.Iterable[Global___Representation.ValueType] | None = ...,
         blocks: _abc.Iterable[_builtins.int] | None = ...,
-        token_mode: Global___ProjectionTokenMode.ValueType = ...,
+        token_mode: _common_pb2.TokenSelectionMode.ValueType = ...,
         token_indices: _abc.Iterable[_builtins.int] | None = ...,
         top_k: _builtins.int = ...,
         importance_maps: _builtins.bool = ...,
-        num_classes: _builtins.int = ...,
+        class_count: _builtins.int = ...,
         templates: _abc.Iterable[_builtins.str] | None = ...,
         cosine: _builtins.bool = ...,
         batch_size: _builtins.int = ...,
@@ -332,11 +252,11 @@ class ProjectionParameters(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "blocks", b"blocks", "cosine", b"cosine", "evaluate_importance", b"evaluate_importance", "evaluation_seed", b"evaluation_seed", "importance_maps", b"importance_maps", "keep_counts", b"keep_counts", "num_classes", b"num_classes", "representations", b"representations", "templates", b"templates", "token_indices", b"token_indices", "token_mode", b"token_mode", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "blocks", b"blocks", "class_count", b"class_count", "cosine", b"cosine", "evaluate_importance", b"evaluate_importance", "evaluation_seed", b"evaluation_seed", "importance_maps", b"importance_maps", "keep_counts", b"keep_counts", "representations", b"representations", "templates", b"templates", "token_indices", b"token_indices", "token_mode", b"token_mode", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ProjectionParameters: _TypeAlias = ProjectionParameters  # noqa: Y015
+Global___EffectiveProjectionParameters: _TypeAlias = EffectiveProjectionParameters  # noqa: Y015
 
 @_typing.final
 class ProjectionHeader(_message.Message):
@@ -345,31 +265,31 @@ class ProjectionHeader(_message.Message):
     PROVENANCE_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     CLASS_NAMES_FIELD_NUMBER: _builtins.int
-    NUM_PREFIX_TOKENS_FIELD_NUMBER: _builtins.int
+    PREFIX_TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     GRID_HEIGHT_FIELD_NUMBER: _builtins.int
     GRID_WIDTH_FIELD_NUMBER: _builtins.int
-    num_prefix_tokens: _builtins.int
+    prefix_token_count: _builtins.int
     grid_height: _builtins.int
     grid_width: _builtins.int
     @_builtins.property
     def provenance(self) -> _common_pb2.Provenance: ...
     @_builtins.property
-    def parameters(self) -> Global___ProjectionParameters: ...
+    def parameters(self) -> Global___EffectiveProjectionParameters: ...
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         provenance: _common_pb2.Provenance | None = ...,
-        parameters: Global___ProjectionParameters | None = ...,
+        parameters: Global___EffectiveProjectionParameters | None = ...,
         class_names: _abc.Iterable[_builtins.str] | None = ...,
-        num_prefix_tokens: _builtins.int = ...,
+        prefix_token_count: _builtins.int = ...,
         grid_height: _builtins.int = ...,
         grid_width: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "grid_height", b"grid_height", "grid_width", b"grid_width", "num_prefix_tokens", b"num_prefix_tokens", "parameters", b"parameters", "provenance", b"provenance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "grid_height", b"grid_height", "grid_width", b"grid_width", "parameters", b"parameters", "prefix_token_count", b"prefix_token_count", "provenance", b"provenance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -494,7 +414,7 @@ class ImportanceMaps(_message.Message):
 
     @_builtins.property
     def summed(self) -> _tensor_pb2.Tensor:
-        """float32 [grid_height, grid_width]: summed over heads and blocks, min-max normalised."""
+        """float32 [grid_height, grid_width]: summed over heads and blocks, min-max normalized."""
 
     @_builtins.property
     def upsampled(self) -> _tensor_pb2.Tensor:
@@ -599,8 +519,8 @@ class TokenKeepCurve(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCURACY_FIELD_NUMBER: _builtins.int
-    NORMALISED_AUC_FIELD_NUMBER: _builtins.int
-    normalised_auc: _builtins.float
+    NORMALIZED_AUC_FIELD_NUMBER: _builtins.int
+    normalized_auc: _builtins.float
     """sum(accuracy) / (max(accuracy) x number of keep counts); 0 when every
     accuracy is 0.
     """
@@ -612,11 +532,11 @@ class TokenKeepCurve(_message.Message):
         self,
         *,
         accuracy: _abc.Iterable[_builtins.float] | None = ...,
-        normalised_auc: _builtins.float = ...,
+        normalized_auc: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "normalised_auc", b"normalised_auc"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "normalized_auc", b"normalized_auc"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -658,10 +578,10 @@ Global___ImportanceEvaluation: _TypeAlias = ImportanceEvaluation  # noqa: Y015
 class DatasetSummary(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    NUM_IMAGES_FIELD_NUMBER: _builtins.int
+    IMAGE_COUNT_FIELD_NUMBER: _builtins.int
     BLOCKS_FIELD_NUMBER: _builtins.int
     IMPORTANCE_EVALUATION_FIELD_NUMBER: _builtins.int
-    num_images: _builtins.int
+    image_count: _builtins.int
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetBlockSummary]: ...
     @_builtins.property
@@ -671,13 +591,13 @@ class DatasetSummary(_message.Message):
     def __init__(
         self,
         *,
-        num_images: _builtins.int = ...,
+        image_count: _builtins.int = ...,
         blocks: _abc.Iterable[Global___DatasetBlockSummary] | None = ...,
         importance_evaluation: Global___ImportanceEvaluation | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["importance_evaluation", b"importance_evaluation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "importance_evaluation", b"importance_evaluation", "num_images", b"num_images"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "image_count", b"image_count", "importance_evaluation", b"importance_evaluation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -732,7 +652,7 @@ class ProjectMemoriesRequest(_message.Message):
     top_k: _builtins.int
     """Classes per memory, memories per class and per token; 0 means 5."""
     cosine: _builtins.bool
-    """Unit-normalise class rows and value columns (to compare models)."""
+    """Unit-normalize class rows and value columns (to compare models)."""
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___MemoryKind.ValueType]:
         """Empty means both."""
@@ -742,7 +662,7 @@ class ProjectMemoriesRequest(_message.Message):
         """Optional images: top-activated memories per token and the key-value agreement rate."""
 
     @_builtins.property
-    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassRef]:
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ClassRef]:
         """Empty, or one per image; unset: the model's prediction."""
 
     @_builtins.property
@@ -756,7 +676,7 @@ class ProjectMemoriesRequest(_message.Message):
         top_k: _builtins.int = ...,
         cosine: _builtins.bool = ...,
         images: _abc.Iterable[_common_pb2.Image] | None = ...,
-        targets: _abc.Iterable[Global___ClassRef] | None = ...,
+        targets: _abc.Iterable[_common_pb2.ClassRef] | None = ...,
         labels: Global___LabelSet | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
@@ -812,14 +732,14 @@ class MemorySet(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KIND_FIELD_NUMBER: _builtins.int
-    NUM_MEMORIES_FIELD_NUMBER: _builtins.int
+    MEMORY_COUNT_FIELD_NUMBER: _builtins.int
     TOP_CLASSES_FIELD_NUMBER: _builtins.int
     TOP_CLASS_SCORES_FIELD_NUMBER: _builtins.int
     TOP_MEMORIES_FIELD_NUMBER: _builtins.int
     TOP_MEMORY_SCORES_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
     kind: Global___MemoryKind.ValueType
-    num_memories: _builtins.int
+    memory_count: _builtins.int
     @_builtins.property
     def top_classes(self) -> _tensor_pb2.Tensor:
         """int64 [memories, top_k] and float32 scores: classes each memory promotes most."""
@@ -838,7 +758,7 @@ class MemorySet(_message.Message):
         self,
         *,
         kind: Global___MemoryKind.ValueType = ...,
-        num_memories: _builtins.int = ...,
+        memory_count: _builtins.int = ...,
         top_classes: _tensor_pb2.Tensor | None = ...,
         top_class_scores: _tensor_pb2.Tensor | None = ...,
         top_memories: _tensor_pb2.Tensor | None = ...,
@@ -847,27 +767,27 @@ class MemorySet(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["top_class_scores", b"top_class_scores", "top_classes", b"top_classes", "top_memories", b"top_memories", "top_memory_scores", b"top_memory_scores"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "kind", b"kind", "num_memories", b"num_memories", "top_class_scores", b"top_class_scores", "top_classes", b"top_classes", "top_memories", b"top_memories", "top_memory_scores", b"top_memory_scores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "kind", b"kind", "memory_count", b"memory_count", "top_class_scores", b"top_class_scores", "top_classes", b"top_classes", "top_memories", b"top_memories", "top_memory_scores", b"top_memory_scores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MemorySet: _TypeAlias = MemorySet  # noqa: Y015
 
 @_typing.final
-class ProjectMemoriesParameters(_message.Message):
+class EffectiveMemoryParameters(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOCK_FIELD_NUMBER: _builtins.int
     KINDS_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     COSINE_FIELD_NUMBER: _builtins.int
-    NUM_CLASSES_FIELD_NUMBER: _builtins.int
+    CLASS_COUNT_FIELD_NUMBER: _builtins.int
     TEMPLATES_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     block: _builtins.int
     top_k: _builtins.int
     cosine: _builtins.bool
-    num_classes: _builtins.int
+    class_count: _builtins.int
     batch_size: _builtins.int
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___MemoryKind.ValueType]: ...
@@ -880,17 +800,17 @@ class ProjectMemoriesParameters(_message.Message):
         kinds: _abc.Iterable[Global___MemoryKind.ValueType] | None = ...,
         top_k: _builtins.int = ...,
         cosine: _builtins.bool = ...,
-        num_classes: _builtins.int = ...,
+        class_count: _builtins.int = ...,
         templates: _abc.Iterable[_builtins.str] | None = ...,
         batch_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "block", b"block", "cosine", b"cosine", "kinds", b"kinds", "num_classes", b"num_classes", "templates", b"templates", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "block", b"block", "class_count", b"class_count", "cosine", b"cosine", "kinds", b"kinds", "templates", b"templates", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ProjectMemoriesParameters: _TypeAlias = ProjectMemoriesParameters  # noqa: Y015
+Global___EffectiveMemoryParameters: _TypeAlias = EffectiveMemoryParameters  # noqa: Y015
 
 @_typing.final
 class ProjectMemoriesResponse(_message.Message):
@@ -903,7 +823,7 @@ class ProjectMemoriesResponse(_message.Message):
     @_builtins.property
     def provenance(self) -> _common_pb2.Provenance: ...
     @_builtins.property
-    def parameters(self) -> Global___ProjectMemoriesParameters: ...
+    def parameters(self) -> Global___EffectiveMemoryParameters: ...
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -912,7 +832,7 @@ class ProjectMemoriesResponse(_message.Message):
         self,
         *,
         provenance: _common_pb2.Provenance | None = ...,
-        parameters: Global___ProjectMemoriesParameters | None = ...,
+        parameters: Global___EffectiveMemoryParameters | None = ...,
         class_names: _abc.Iterable[_builtins.str] | None = ...,
         memories: _abc.Iterable[Global___MemorySet] | None = ...,
     ) -> None: ...

@@ -53,6 +53,8 @@ class ActivationQuery:
     top_k: int = 0
     output_dtype: str = "float32"
     top_predictions: int = 0
+    # The classifier's logits for every image, float32 [batch, classes].
+    logits: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class ActivationResult:
     batch_size: int
     sites: list[SiteOutput]
     predictions: list[list[Prediction]] = field(default_factory=list)
+    logits: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class ActivationLimits:
 
 
 def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery:
-    if not query.sites and not query.top_predictions:
+    if not query.sites and not query.top_predictions and not query.logits:
         raise InvalidArgument("sites: at least one site is required (or top_predictions > 0)")
     if query.output_dtype not in OUTPUT_DTYPES:
         raise InvalidArgument(
@@ -125,6 +128,8 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
         raise InvalidArgument(f"top_predictions: must be >= 0, got {query.top_predictions}")
     if query.top_predictions and not adapter.has_classifier:
         raise FailedPrecondition(f"top_predictions: model {adapter.spec.name} has no classifier")
+    if query.logits and not adapter.has_classifier:
+        raise FailedPrecondition(f"logits: model {adapter.spec.name} has no classifier")
     if query.top_predictions > len(adapter.class_names):
         raise InvalidArgument(
             f"top_predictions: {query.top_predictions} exceeds the {len(adapter.class_names)} classes"
@@ -323,7 +328,8 @@ def get_activations(
     adapter = loaded.adapter
     batch = prepared.pixels.to(loaded.device)
     cancel.raise_if_cancelled()
-    stop_after = None if effective.top_predictions else last_block_needed(adapter, sites)
+    needs_head = effective.top_predictions or effective.logits
+    stop_after = None if needs_head else last_block_needed(adapter, sites)
     with torch.inference_mode():
         with capture_sites(adapter, sites, batch.shape[0], cancel, stop_after) as captured:
             try:
@@ -351,6 +357,9 @@ def get_activations(
             if logits is not None and effective.top_predictions
             else []
         )
+        logits_array = (
+            logits.float().cpu().numpy() if logits is not None and effective.logits else None
+        )
     return ActivationResult(
-        provenance_of(loaded), effective, int(batch.shape[0]), outputs, predictions
+        provenance_of(loaded), effective, int(batch.shape[0]), outputs, predictions, logits_array
     )

@@ -14,7 +14,7 @@ from enum import Enum
 import torch
 
 
-class Parameterisation(Enum):
+class Parameterization(Enum):
     PIXEL = "pixel"
     FOURIER = "fourier"
 
@@ -33,8 +33,8 @@ FOURIER_INIT_STD = 0.01
 FOURIER_DIVISOR = 4.0
 
 DETAILS = {
-    Parameterisation.PIXEL: "pixels, uniform [0, 1] init, clamped to [0, 1] after each step",
-    Parameterisation.FOURIER: (
+    Parameterization.PIXEL: "pixels, uniform [0, 1] init, clamped to [0, 1] after each step",
+    Parameterization.FOURIER: (
         f"real-FFT spectrum, N(0, {FOURIER_INIT_STD}^2) init, scaled by S / max(f, 1/S)^"
         f"{FOURIER_DECAY:g}, inverse real FFT / {FOURIER_DIVISOR:g}, ImageNet colour "
         "decorrelation, sigmoid; no clamp"
@@ -103,12 +103,12 @@ class FourierImage(ImageParameters):
 
 
 def image_parameters(
-    kind: Parameterisation,
+    kind: Parameterization,
     count: int,
     size: int,
     generator: torch.Generator,
     device: torch.device,
 ) -> ImageParameters:
     """The initial parameters, drawn from the generator (first in the run's draw order)."""
-    images = {Parameterisation.PIXEL: PixelImage, Parameterisation.FOURIER: FourierImage}
+    images = {Parameterization.PIXEL: PixelImage, Parameterization.FOURIER: FourierImage}
     return images[kind](count, size, generator, device)

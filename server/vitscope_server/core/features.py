@@ -1,6 +1,6 @@
 """Feature optimisation (Ghiasi et al. 2022): an image optimised so a feature's objective grows.
 
-The paper's recipe is the default (docs/methods.md section 2); the image parameterisation
+The paper's recipe is the default (docs/methods.md section 2); the image parameterization
 (see feature_images), learning-rate schedule and optimiser can be switched. Several
 features run as one batch: feature k owns image k and rows k*copies .. (k+1)*copies-1 of
 the augmented batch, and its loss reaches only its own image. Every random draw comes from
@@ -25,7 +25,7 @@ from vitscope_server.core.adapters import Layout, ModelAdapter, SiteDef
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites, last_block_needed
 from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from vitscope_server.core.feature_images import Parameterisation, image_parameters
+from vitscope_server.core.feature_images import Parameterization, image_parameters
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.pixels import normalise, to_uint8
 from vitscope_server.core.provenance import Provenance, provenance_of
@@ -34,8 +34,8 @@ from vitscope_server.core.sites import resolve_site
 ADAM_BETAS = (0.5, 0.99)
 ADAM_EPS = 1e-8
 DEFAULT_STEPS = 400
-DEFAULT_TV = 1.0
-TV_SCALE = 0.0005
+# The paper's TV weight: 0.0005 x a multiplier of 1.
+DEFAULT_TV_WEIGHT = 0.0005
 DEFAULT_COPIES = 8
 # Jitter of 32 px at 224 px, scaled with the image size.
 JITTER_AT_224 = 32
@@ -90,14 +90,14 @@ class OptimizationParams:
 
     steps: int | None = None
     learning_rate: float | None = None
-    tv: float | None = None
+    tv_weight: float | None = None
     copies: int | None = None
     jitter: int | None = None
     image_size: int | None = None
     seed: int = 0
     progress_every: int = 0
     preview: bool = False
-    parameterisation: Parameterisation = Parameterisation.PIXEL
+    parameterization: Parameterization = Parameterization.PIXEL
     schedule: Schedule = Schedule.COSINE
     optimizer: Optimizer = Optimizer.ADAM
 
@@ -106,20 +106,16 @@ class OptimizationParams:
 class EffectiveParams:
     steps: int
     learning_rate: float
-    tv: float
+    tv_weight: float
     copies: int
     jitter: int
     image_size: int
     seed: int
     progress_every: int
     preview: bool
-    parameterisation: Parameterisation
+    parameterization: Parameterization
     schedule: Schedule
     optimizer: Optimizer
-
-    @property
-    def tv_weight(self) -> float:
-        return TV_SCALE * self.tv
 
 
 @dataclass(frozen=True)
@@ -189,7 +185,12 @@ def effective_params(params: OptimizationParams, adapter: ModelAdapter) -> Effec
             0.0,
             low_inclusive=False,
         ),
-        tv=_finite(params.tv if params.tv is not None else DEFAULT_TV, "parameters.tv", 0.0, True),
+        tv_weight=_finite(
+            params.tv_weight if params.tv_weight is not None else DEFAULT_TV_WEIGHT,
+            "parameters.tv_weight",
+            0.0,
+            True,
+        ),
         copies=_in_range(
             params.copies if params.copies is not None else DEFAULT_COPIES,
             "parameters.copies",
@@ -201,7 +202,7 @@ def effective_params(params: OptimizationParams, adapter: ModelAdapter) -> Effec
         seed=_in_range(params.seed, "seed", 0, 2**64 - 1),
         progress_every=_in_range(params.progress_every, "progress_every", 0, MAX_STEPS),
         preview=params.preview,
-        parameterisation=params.parameterisation,
+        parameterization=params.parameterization,
         schedule=params.schedule,
         optimizer=params.optimizer,
     )
@@ -463,7 +464,7 @@ def optimize_features(
     device = loaded.device
     count, copies, size = len(prepared.features), params.copies, params.image_size
     generator = torch.Generator().manual_seed(params.seed)
-    image = image_parameters(params.parameterisation, count, size, generator, device)
+    image = image_parameters(params.parameterization, count, size, generator, device)
     optimizer, schedule = make_optimizer(params, image.tensor)
     forward = FeatureForward(prepared)
     with capture_sites(

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from vitscope.oip import grpc_predict_v2_pb2_grpc
 from vitscope.v1 import inspector_pb2, inspector_pb2_grpc
 from vitscope_server.builtin import BUILTIN_INVERTERS
 from vitscope_server.core.activations import ActivationLimits
@@ -27,6 +28,8 @@ from vitscope_server.model_selection import model_specs, resolve_device
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.interceptors import ServiceInterceptor
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.oip_rpcs import SERVICE_NAME as INFERENCE_SERVICE_NAME
+from vitscope_server.transport.oip_rpcs import InferenceServicer
 from vitscope_server.transport.servicer import InspectorServicer
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,7 @@ def _health_updater(
         metrics.model_ready.labels(name).set(1.0 if ready else 0.0)
         metrics.model_load.labels(name).set(registry.entry(name).load_seconds)
         if name == registry.default:
-            for overall in ("", SERVICE_NAME):
+            for overall in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME):
                 servicer.set(overall, serving if ready else not_serving)
 
     return on_state
@@ -97,7 +100,7 @@ def create_server(settings: ServerSettings) -> RunningServer:
     metrics = Metrics()
     metrics.watch_gpu_memory()
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    for name in ("", SERVICE_NAME, *(s.name for s in specs)):
+    for name in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME, *(s.name for s in specs)):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     for spec in specs:
         metrics.model_ready.labels(spec.name).set(0.0)
@@ -124,21 +127,28 @@ def create_server(settings: ServerSettings) -> RunningServer:
     inverter_roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
     if settings.inverters_dir is not None:
         inverter_roots.append(settings.inverters_dir)
+    limits = ActivationLimits(
+        settings.max_batch, settings.max_image_pixels, settings.max_result_bytes
+    )
     servicer = InspectorServicer(
         registry,
         slots,
         metrics,
-        ActivationLimits(settings.max_batch, settings.max_image_pixels, settings.max_result_bytes),
+        limits,
         settings.effective_chunk_bytes,
         InverterCatalog(inverter_roots),
         settings.image_roots,
         max_message_bytes=settings.max_message_bytes,
     )
     inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(registry, slots, metrics, limits, settings.max_message_bytes), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            INFERENCE_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -7,8 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from vitscope import tensors as wire
-from vitscope.v1 import common_pb2, tensor_pb2
-from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import activations_pb2, common_pb2, models_pb2, tensor_pb2
 from vitscope_server.core.activations import (
     ActivationQuery,
     ActivationResult,
@@ -24,24 +23,28 @@ from vitscope_server.core.provenance import Provenance
 from vitscope_server.core.registry import ModelEntry, ModelState
 from vitscope_server.transport.enums import enum_value
 
-_RESPONSE_CHUNK_FIELD = pb.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number
+_RESPONSE_CHUNK_FIELD = activations_pb2.GetActivationsResponse.DESCRIPTOR.fields_by_name[
+    "chunk"
+].number
 
-_TOKEN_MODES = {
-    pb.TOKEN_SELECTION_MODE_UNSPECIFIED: TokenMode.UNSPECIFIED,
-    pb.TOKEN_SELECTION_MODE_ALL: TokenMode.ALL,
-    pb.TOKEN_SELECTION_MODE_PREFIX: TokenMode.PREFIX,
-    pb.TOKEN_SELECTION_MODE_PATCHES: TokenMode.PATCHES,
-    pb.TOKEN_SELECTION_MODE_INDICES: TokenMode.INDICES,
-    pb.TOKEN_SELECTION_MODE_POSITIONS: TokenMode.POSITIONS,
+# One token selection for every RPC that selects tokens.
+TOKEN_MODES = {
+    common_pb2.TOKEN_SELECTION_MODE_UNSPECIFIED: TokenMode.UNSPECIFIED,
+    common_pb2.TOKEN_SELECTION_MODE_ALL: TokenMode.ALL,
+    common_pb2.TOKEN_SELECTION_MODE_PREFIX: TokenMode.PREFIX,
+    common_pb2.TOKEN_SELECTION_MODE_PATCHES: TokenMode.PATCHES,
+    common_pb2.TOKEN_SELECTION_MODE_INDICES: TokenMode.INDICES,
+    common_pb2.TOKEN_SELECTION_MODE_POSITIONS: TokenMode.POSITIONS,
 }
-_TOKEN_MODES_BACK = {v: k for k, v in _TOKEN_MODES.items()}
+TOKEN_MODES_BACK = {v: k for k, v in TOKEN_MODES.items()}
 _REDUCTIONS = {
-    pb.REDUCTION_NONE: Reduction.NONE,
-    pb.REDUCTION_MEAN: Reduction.MEAN,
-    pb.REDUCTION_PATCH_MAP: Reduction.PATCH_MAP,
-    pb.REDUCTION_TOP_CHANNELS: Reduction.TOP_CHANNELS,
+    activations_pb2.REDUCTION_UNSPECIFIED: Reduction.NONE,
+    activations_pb2.REDUCTION_NONE: Reduction.NONE,
+    activations_pb2.REDUCTION_MEAN: Reduction.MEAN,
+    activations_pb2.REDUCTION_PATCH_MAP: Reduction.PATCH_MAP,
+    activations_pb2.REDUCTION_TOP_CHANNELS: Reduction.TOP_CHANNELS,
 }
-_REDUCTIONS_BACK = {v: k for k, v in _REDUCTIONS.items()}
+_REDUCTIONS_BACK = {v: k for k, v in _REDUCTIONS.items() if k}
 _OUTPUT_DTYPES = {
     tensor_pb2.DTYPE_UNSPECIFIED: "float32",
     tensor_pb2.DTYPE_FLOAT32: "float32",
@@ -55,15 +58,15 @@ _WIRE_DTYPES = {
     "int64": tensor_pb2.DTYPE_INT64,
 }
 _LAYOUTS = {
-    Layout.TOKENS: pb.SITE_LAYOUT_TOKENS,
-    Layout.ATTENTION: pb.SITE_LAYOUT_ATTENTION,
-    Layout.WINDOW_ATTENTION: pb.SITE_LAYOUT_WINDOW_ATTENTION,
-    Layout.RAW: pb.SITE_LAYOUT_RAW,
+    Layout.TOKENS: models_pb2.SITE_LAYOUT_TOKENS,
+    Layout.ATTENTION: models_pb2.SITE_LAYOUT_ATTENTION,
+    Layout.WINDOW_ATTENTION: models_pb2.SITE_LAYOUT_WINDOW_ATTENTION,
+    Layout.RAW: models_pb2.SITE_LAYOUT_RAW,
 }
 _STATES = {
-    ModelState.LOADING: pb.MODEL_STATE_LOADING,
-    ModelState.READY: pb.MODEL_STATE_READY,
-    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+    ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,
+    ModelState.READY: models_pb2.MODEL_STATE_READY,
+    ModelState.FAILED: models_pb2.MODEL_STATE_FAILED,
 }
 
 
@@ -90,19 +93,23 @@ def image_inputs(images: list[common_pb2.Image]) -> list[ImageInput]:
     return inputs
 
 
-def activation_query(request: pb.GetActivationsRequest) -> ActivationQuery:
+def token_mode(tokens: common_pb2.TokenSelection) -> TokenMode:
+    return enum_value(TOKEN_MODES, tokens.mode, "tokens.mode", common_pb2.TokenSelectionMode)
+
+
+def activation_query(request: activations_pb2.GetActivationsRequest) -> ActivationQuery:
     return ActivationQuery(
         sites=tuple(request.sites),
-        token_mode=enum_value(
-            _TOKEN_MODES, request.tokens.mode, "tokens.mode", pb.TokenSelectionMode
-        ),
+        token_mode=token_mode(request.tokens),
         token_indices=tuple(request.tokens.indices),
         positions=tuple((p.row, p.col) for p in request.tokens.positions),
-        reduction=enum_value(_REDUCTIONS, request.reduction, "reduction", pb.Reduction),
+        reduction=enum_value(
+            _REDUCTIONS, request.reduction, "reduction", activations_pb2.Reduction
+        ),
         channels=tuple(request.channels),
         top_k=request.top_k,
         output_dtype=enum_value(
-            _OUTPUT_DTYPES, request.output_dtype, "output_dtype", tensor_pb2.DType
+            _OUTPUT_DTYPES, request.output_dtype, "output_dtype", tensor_pb2.Dtype
         ),
         top_predictions=request.top_predictions,
     )
@@ -118,8 +125,8 @@ def provenance(p: Provenance) -> common_pb2.Provenance:
     )
 
 
-def model_summary(entry: ModelEntry, default: str) -> pb.ModelSummary:
-    return pb.ModelSummary(
+def model_summary(entry: ModelEntry, default: str) -> models_pb2.ModelSummary:
+    return models_pb2.ModelSummary(
         name=entry.spec.name,
         family=entry.spec.family,
         architecture=entry.spec.architecture,
@@ -133,31 +140,31 @@ def model_summary(entry: ModelEntry, default: str) -> pb.ModelSummary:
 
 def describe(
     entry: ModelEntry, loaded: LoadedModel, default: str, p: Provenance
-) -> pb.DescribeModelResponse:
+) -> models_pb2.DescribeModelResponse:
     adapter = loaded.adapter
     config = adapter.data_config
     sites = []
     for site in adapter.canonical_sites():
         shape = loaded.site_shapes.get(site.name, ())
         sites.append(
-            pb.SiteInfo(
+            models_pb2.SiteInfo(
                 name=site.name,
                 module_path=site.module_path,
                 layout=_LAYOUTS[as_site_layout(site, shape).layout],
                 shape=list(shape),
-                num_prefix_tokens=site.num_prefix_tokens,
+                prefix_token_count=site.num_prefix_tokens,
                 grid_height=site.grid[0],
                 grid_width=site.grid[1],
             )
         )
-    return pb.DescribeModelResponse(
+    return models_pb2.DescribeModelResponse(
         summary=model_summary(entry, default),
-        num_blocks=len(adapter.blocks),
+        block_count=len(adapter.blocks),
         embed_dim=adapter.embed_dim,
-        num_prefix_tokens=adapter.num_prefix_tokens,
+        prefix_token_count=adapter.num_prefix_tokens,
         grid_height=adapter.grid[0],
         grid_width=adapter.grid[1],
-        preprocessing=pb.Preprocessing(
+        preprocessing=models_pb2.Preprocessing(
             input_size=list(config.input_size),
             mean=list(config.mean),
             std=list(config.std),
@@ -166,14 +173,14 @@ def describe(
         ),
         sites=sites,
         class_names=adapter.class_names,
-        num_classes=len(adapter.class_names),
+        class_count=len(adapter.class_names),
         provenance=provenance(p),
     )
 
 
 def activation_responses(
     result: ActivationResult, chunk_bytes: int
-) -> Iterator[pb.GetActivationsResponse | bytes]:
+) -> Iterator[activations_pb2.GetActivationsResponse | bytes]:
     """The header, then every tensor in chunks of at most chunk_bytes.
 
     Chunks come already serialized (GetActivationsResponse wire bytes), which the
@@ -183,11 +190,11 @@ def activation_responses(
     num_chunks = sum(
         wire.chunk_count(t.array.nbytes, chunk_bytes) for s in result.sites for t in s.tensors
     )
-    header = pb.ActivationsHeader(
+    header = activations_pb2.ActivationHeader(
         provenance=provenance(result.provenance),
-        parameters=pb.EffectiveActivationParameters(
+        parameters=activations_pb2.EffectiveActivationParameters(
             sites=list(q.sites),
-            token_mode=_TOKEN_MODES_BACK[q.token_mode],
+            token_mode=TOKEN_MODES_BACK[q.token_mode],
             reduction=_REDUCTIONS_BACK[q.reduction],
             channels=list(q.channels),
             top_k=q.top_k,
@@ -196,7 +203,7 @@ def activation_responses(
             batch_size=result.batch_size,
         ),
         sites=[
-            pb.SiteResult(
+            activations_pb2.SiteResult(
                 site=s.site.name,
                 module_path=s.site.module_path,
                 layout=_LAYOUTS[s.site.layout],
@@ -209,8 +216,8 @@ def activation_responses(
             for s in result.sites
         ],
         predictions=[
-            pb.ImagePredictions(
-                top=[
+            activations_pb2.ImagePredictions(
+                predictions=[
                     common_pb2.Prediction(
                         class_index=p.class_index,
                         class_name=p.class_name,
@@ -222,9 +229,9 @@ def activation_responses(
             )
             for image in result.predictions
         ],
-        num_chunks=num_chunks,
+        chunk_count=num_chunks,
     )
-    response = pb.GetActivationsResponse(header=header)
+    response = activations_pb2.GetActivationsResponse(header=header)
     if response.ByteSize() > chunk_bytes:
         raise ResourceExhausted(
             f"the response header ({response.ByteSize()} bytes: token indices, predictions) exceeds "

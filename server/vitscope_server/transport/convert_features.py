@@ -6,7 +6,7 @@ import numpy as np
 
 from vitscope import tensors as wire
 from vitscope.v1 import features_pb2 as fpb
-from vitscope_server.core.feature_images import DETAILS, Parameterisation
+from vitscope_server.core.feature_images import DETAILS, Parameterization
 from vitscope_server.core.features import (
     ADAM_BETAS,
     ADAM_EPS,
@@ -34,12 +34,12 @@ _OBJECTIVES: dict[int, Objective] = {
 }
 _OBJECTIVES_BACK = named_back(_OBJECTIVES)
 
-_PARAMETERISATIONS: dict[int, Parameterisation] = {
-    fpb.IMAGE_PARAMETERISATION_UNSPECIFIED: Parameterisation.PIXEL,
-    fpb.IMAGE_PARAMETERISATION_PIXEL: Parameterisation.PIXEL,
-    fpb.IMAGE_PARAMETERISATION_FOURIER: Parameterisation.FOURIER,
+_PARAMETERIZATIONS: dict[int, Parameterization] = {
+    fpb.IMAGE_PARAMETERIZATION_UNSPECIFIED: Parameterization.PIXEL,
+    fpb.IMAGE_PARAMETERIZATION_PIXEL: Parameterization.PIXEL,
+    fpb.IMAGE_PARAMETERIZATION_FOURIER: Parameterization.FOURIER,
 }
-_PARAMETERISATIONS_BACK = named_back(_PARAMETERISATIONS)
+_PARAMETERIZATIONS_BACK = named_back(_PARAMETERIZATIONS)
 _SCHEDULES: dict[int, Schedule] = {
     fpb.LEARNING_RATE_SCHEDULE_UNSPECIFIED: Schedule.COSINE,
     fpb.LEARNING_RATE_SCHEDULE_COSINE: Schedule.COSINE,
@@ -84,18 +84,18 @@ def optimization_params(request: fpb.OptimizeFeaturesRequest) -> OptimizationPar
     return OptimizationParams(
         steps=p.steps if p.HasField("steps") else None,
         learning_rate=p.learning_rate if p.HasField("learning_rate") else None,
-        tv=p.tv if p.HasField("tv") else None,
+        tv_weight=p.tv_weight if p.HasField("tv_weight") else None,
         copies=p.copies if p.HasField("copies") else None,
         jitter=p.jitter if p.HasField("jitter") else None,
         image_size=p.image_size if p.HasField("image_size") else None,
         seed=request.seed,
         progress_every=request.progress_every,
         preview=request.preview,
-        parameterisation=enum_value(
-            _PARAMETERISATIONS,
-            p.parameterisation,
-            "parameters.parameterisation",
-            fpb.ImageParameterisation,
+        parameterization=enum_value(
+            _PARAMETERIZATIONS,
+            p.parameterization,
+            "parameters.parameterization",
+            fpb.ImageParameterization,
         ),
         schedule=enum_value(
             _SCHEDULES, p.schedule, "parameters.schedule", fpb.LearningRateSchedule
@@ -126,8 +126,8 @@ def optimization_response(event: Progress | OptimizationResult) -> fpb.OptimizeF
             progress=fpb.OptimizationProgress(
                 step=event.step,
                 loss=event.loss,
-                objective=event.objectives,
-                preview_png=[png(i) for i in event.images] if event.images is not None else [],
+                objectives=event.objectives,
+                preview_pngs=[png(i) for i in event.images] if event.images is not None else [],
             )
         )
     p = event.params
@@ -137,7 +137,6 @@ def optimization_response(event: Progress | OptimizationResult) -> fpb.OptimizeF
             parameters=fpb.EffectiveOptimizationParameters(
                 steps=p.steps,
                 learning_rate=p.learning_rate,
-                tv=p.tv,
                 tv_weight=p.tv_weight,
                 copies=p.copies,
                 jitter=p.jitter,
@@ -145,9 +144,9 @@ def optimization_response(event: Progress | OptimizationResult) -> fpb.OptimizeF
                 adam_beta1=ADAM_BETAS[0],
                 adam_beta2=ADAM_BETAS[1],
                 adam_eps=ADAM_EPS,
-                parameterisation_detail=DETAILS[p.parameterisation],
+                parameterization_detail=DETAILS[p.parameterization],
                 schedule_detail=SCHEDULE_DETAILS[p.schedule],
-                parameterisation=_PARAMETERISATIONS_BACK[p.parameterisation],
+                parameterization=_PARAMETERIZATIONS_BACK[p.parameterization],
                 schedule=_SCHEDULES_BACK[p.schedule],
                 optimizer=_OPTIMIZERS_BACK[p.optimizer],
                 progress_every=p.progress_every,
@@ -176,11 +175,11 @@ def top_images_response(result: ScanResult) -> fpb.TopActivatingImagesResponse:
         provenance=provenance(result.provenance),
         site=result.query.site,
         top_k=result.query.top_k,
-        images_scanned=result.scanned,
+        scanned_image_count=result.scanned,
         channels=[
             fpb.ChannelTopImages(
                 channel=channel,
-                top=[
+                images=[
                     fpb.TopImage(
                         index=hit.index,
                         path=hit.path,

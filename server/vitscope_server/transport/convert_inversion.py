@@ -70,7 +70,7 @@ def inverter_info(manifest: Manifest) -> pb.InverterInfo:
                 best_val_mse=record.best_val_mse,
                 best_epoch=int(record.meta.get("best_epoch", 0)),
                 epochs=int(record.meta.get("recipe", {}).get("epochs", 0)),
-                parameters=int(record.meta.get("parameters", 0)),
+                parameter_count=int(record.meta.get("parameters", 0)),
             )
             for _, record in sorted(manifest.modules.items())
         ],
@@ -100,7 +100,7 @@ def _header(header: InvertHeader) -> pb.InvertResponse:
     if header.inverter is not None:
         parameters.inverter.CopyFrom(inverter_info(header.inverter))
     return pb.InvertResponse(
-        header=pb.InvertHeader(provenance=provenance(header.provenance), parameters=parameters)
+        header=pb.InversionHeader(provenance=provenance(header.provenance), parameters=parameters)
     )
 
 

@@ -10,7 +10,6 @@ from vitscope import tensors as wire
 from vitscope.overlay import heatmap_overlay
 from vitscope.v1 import common_pb2
 from vitscope.v1 import projection_pb2 as pb
-from vitscope_server.core.activations import TokenMode
 from vitscope_server.core.class_projection import (
     ClassRef,
     DatasetSummary,
@@ -22,8 +21,8 @@ from vitscope_server.core.class_space import LabelSet
 from vitscope_server.core.errors import ResourceExhausted
 from vitscope_server.core.importance import ImportanceEvaluation, ImportanceMaps, KeepCurve
 from vitscope_server.core.memories import MemoryQuery, MemoryResult
-from vitscope_server.transport.convert import provenance
-from vitscope_server.transport.enums import enum_value, enum_values
+from vitscope_server.transport.convert import TOKEN_MODES_BACK, provenance, token_mode
+from vitscope_server.transport.enums import enum_values
 from vitscope_server.transport.png import png
 
 _REPRESENTATIONS = {
@@ -32,20 +31,11 @@ _REPRESENTATIONS = {
     pb.REPRESENTATION_MLP: "mlp",
 }
 _REPRESENTATIONS_BACK = {v: k for k, v in _REPRESENTATIONS.items()}
-_TOKEN_MODES = {
-    pb.PROJECTION_TOKEN_MODE_UNSPECIFIED: TokenMode.UNSPECIFIED,
-    pb.PROJECTION_TOKEN_MODE_ALL: TokenMode.ALL,
-    pb.PROJECTION_TOKEN_MODE_PREFIX: TokenMode.PREFIX,
-    pb.PROJECTION_TOKEN_MODE_PATCHES: TokenMode.PATCHES,
-    pb.PROJECTION_TOKEN_MODE_INDICES: TokenMode.INDICES,
-    pb.PROJECTION_TOKEN_MODE_POSITIONS: TokenMode.POSITIONS,
-}
-_TOKEN_MODES_BACK = {v: k for k, v in _TOKEN_MODES.items()}
 _MEMORY_KINDS = {pb.MEMORY_KIND_MLP: "mlp", pb.MEMORY_KIND_ATTENTION: "attention"}
 _MEMORY_KINDS_BACK = {v: k for k, v in _MEMORY_KINDS.items()}
 
 
-def _targets(refs: list[pb.ClassRef]) -> tuple[ClassRef, ...]:
+def _targets(refs: list[common_pb2.ClassRef]) -> tuple[ClassRef, ...]:
     targets: list[ClassRef] = []
     for ref in refs:
         which = ref.WhichOneof("ref")
@@ -60,14 +50,13 @@ def _labels(has_labels: bool, labels: pb.LabelSet) -> LabelSet | None:
 
 
 def projection_query(request: pb.ProjectToClassSpaceRequest) -> ProjectionQuery:
-    mode = enum_value(_TOKEN_MODES, request.tokens.mode, "tokens.mode", pb.ProjectionTokenMode)
     return ProjectionQuery(
         targets=_targets(list(request.targets)),
         representations=enum_values(
             _REPRESENTATIONS, list(request.representations), "representations", pb.Representation
         ),
         blocks=tuple(request.blocks),
-        token_mode=mode,
+        token_mode=token_mode(request.tokens),
         token_indices=tuple(request.tokens.indices),
         positions=tuple((p.row, p.col) for p in request.tokens.positions),
         top_k=request.top_k,
@@ -95,14 +84,14 @@ def _header(header: ProjectionHeader) -> pb.ProjectionHeader:
     space = header.class_space
     return pb.ProjectionHeader(
         provenance=provenance(header.provenance),
-        parameters=pb.ProjectionParameters(
+        parameters=pb.EffectiveProjectionParameters(
             representations=[_REPRESENTATIONS_BACK[r] for r in q.representations],
             blocks=list(q.blocks),
-            token_mode=_TOKEN_MODES_BACK[q.token_mode],
+            token_mode=TOKEN_MODES_BACK[q.token_mode],
             token_indices=header.token_indices,
             top_k=q.top_k,
             importance_maps=q.importance_maps,
-            num_classes=space.num_classes,
+            class_count=space.num_classes,
             templates=list(space.templates),
             cosine=space.cosine,
             batch_size=header.batch_size,
@@ -111,7 +100,7 @@ def _header(header: ProjectionHeader) -> pb.ProjectionHeader:
             evaluation_seed=q.evaluation_seed,
         ),
         class_names=space.names,
-        num_prefix_tokens=header.num_prefix_tokens,
+        prefix_token_count=header.num_prefix_tokens,
         grid_height=header.grid[0],
         grid_width=header.grid[1],
     )
@@ -160,12 +149,12 @@ def _image(image: ImageProjection, names: list[str]) -> pb.ImageProjection:
 
 
 def _curve(curve: KeepCurve) -> pb.TokenKeepCurve:
-    return pb.TokenKeepCurve(accuracy=curve.accuracy, normalised_auc=curve.normalised_auc)
+    return pb.TokenKeepCurve(accuracy=curve.accuracy, normalized_auc=curve.normalised_auc)
 
 
 def _dataset(dataset: DatasetSummary, num_images: int) -> pb.DatasetSummary:
     message = pb.DatasetSummary(
-        num_images=num_images, blocks=[pb.DatasetBlockSummary(**vars(b)) for b in dataset.blocks]
+        image_count=num_images, blocks=[pb.DatasetBlockSummary(**vars(b)) for b in dataset.blocks]
     )
     evaluation: ImportanceEvaluation | None = dataset.importance_evaluation
     if evaluation is not None:
@@ -204,12 +193,12 @@ def memories_response(result: MemoryResult, max_bytes: int) -> pb.ProjectMemorie
     space = result.class_space
     response = pb.ProjectMemoriesResponse(
         provenance=provenance(result.provenance),
-        parameters=pb.ProjectMemoriesParameters(
+        parameters=pb.EffectiveMemoryParameters(
             block=q.block,
             kinds=[_MEMORY_KINDS_BACK[k] for k in q.kinds],
             top_k=q.top_k,
             cosine=q.cosine,
-            num_classes=space.num_classes,
+            class_count=space.num_classes,
             templates=list(space.templates),
             batch_size=result.batch_size,
         ),
@@ -217,7 +206,7 @@ def memories_response(result: MemoryResult, max_bytes: int) -> pb.ProjectMemorie
         memories=[
             pb.MemorySet(
                 kind=_MEMORY_KINDS_BACK[m.kind],
-                num_memories=m.num_memories,
+                memory_count=m.num_memories,
                 top_classes=wire.to_proto(m.top_classes),
                 top_class_scores=wire.to_proto(m.top_class_scores),
                 top_memories=wire.to_proto(m.top_memories),

@@ -21,7 +21,11 @@ from vitscope_server.transport.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-SERVICE_PREFIX = "/vitscope.v1.Inspector/"
+# The services whose calls are authenticated, counted and mapped here.
+SERVICE_PREFIXES = ("/vitscope.v1.Inspector/", "/inference.GRPCInferenceService/")
+# Where a request names its model: the Inspector's model, the inference protocol's
+# model_name (ModelInfer) or name (ModelReady, ModelMetadata).
+_MODEL_FIELDS = ("model", "model_name", "name")
 
 _CODES: list[tuple[type[errors.VitscopeError], grpc.StatusCode]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -111,9 +115,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails
     ) -> Any:
         handler = continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+        if handler is None or not details.method.startswith(SERVICE_PREFIXES):
             return handler
-        method = details.method.removeprefix(SERVICE_PREFIX)
+        method = details.method.rpartition("/")[2]
         authorized = self._authorized(details)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -136,7 +140,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         return handler
 
     def _model_label(self, request: Any) -> str:
-        return self._model_label_of(str(getattr(request, "model", "")))
+        name = next((getattr(request, f) for f in _MODEL_FIELDS if hasattr(request, f)), "")
+        return self._model_label_of(str(name))
 
     def _unary(
         self, behaviour: Callable[..., Any], method: str, authorized: bool

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import activations_pb2, models_pb2
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.core.activations import (
     ActivationLimits,
@@ -50,23 +50,23 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
         self._max_message_bytes = max_message_bytes
 
     def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
-    ) -> pb.ListModelsResponse:
+        self, request: models_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> models_pb2.ListModelsResponse:
         default = self._registry.default
-        return pb.ListModelsResponse(
+        return models_pb2.ListModelsResponse(
             models=[convert.model_summary(e, default) for e in self._registry.entries()]
         )
 
     def DescribeModel(
-        self, request: pb.DescribeModelRequest, context: grpc.ServicerContext
-    ) -> pb.DescribeModelResponse:
+        self, request: models_pb2.DescribeModelRequest, context: grpc.ServicerContext
+    ) -> models_pb2.DescribeModelResponse:
         loaded = self._registry.get(request.model)
         entry = self._registry.entry(request.model)
         return convert.describe(entry, loaded, self._registry.default, provenance_of(loaded))
 
     def GetActivations(  # type: ignore[override]  # chunks are yielded pre-serialized
-        self, request: pb.GetActivationsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GetActivationsResponse | bytes]:
+        self, request: activations_pb2.GetActivationsRequest, context: grpc.ServicerContext
+    ) -> Iterator[activations_pb2.GetActivationsResponse | bytes]:
         loaded = self._registry.get(request.model)
         images = convert.image_inputs(list(request.images))
         prepared = prepare_activations(

@@ -1,0 +1,322 @@
+"""Open Inference Protocol tensors and parameters <-> core types.
+
+Inputs: IMAGE (BYTES [N], encoded PNG/JPEG/WebP), PIXELS (UINT8 [N, H, W, 3], the model's
+own transform applied) or INPUT (FP32 [N, 3, H, W], already preprocessed), as raw contents
+or typed contents. Outputs: `logits` and any site GetActivations reads, each shaped by the
+parameters of its requested output (see OUTPUT_PARAMETERS).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import numpy as np
+
+from vitscope.oip import grpc_predict_v2_pb2 as oip
+from vitscope_server.core.activations import ActivationQuery, Reduction, TokenMode
+from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.images import ImageInput
+from vitscope_server.core.loading import LoadedModel
+
+LOGITS = "logits"
+# Requested-output parameters and what each accepts.
+OUTPUT_PARAMETERS = {
+    "tokens": "all | prefix | patches | indices | positions (default: all; patches under a reduction)",
+    "token_indices": 'comma-separated token indices, e.g. "0,5,9" (with tokens=indices)',
+    "positions": 'comma-separated row:col patch positions, e.g. "0:0,3:2" (with tokens=positions)',
+    "reduction": "none | mean | patch_map (default: none)",
+    "channels": 'comma-separated channels, e.g. "3,17" (with reduction=patch_map)',
+    "datatype": "FP32 | FP16 | BF16 (default: FP32)",
+}
+# Request-level keys of the protocol and its clients that carry no output parameter.
+REQUEST_KEYS = frozenset(
+    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
+)
+_TOKEN_MODES = {mode.value: mode for mode in TokenMode if mode is not TokenMode.UNSPECIFIED}
+_REDUCTIONS = {r.value: r for r in (Reduction.NONE, Reduction.MEAN, Reduction.PATCH_MAP)}
+_OUTPUT_DTYPES = {"FP32": "float32", "FP16": "float16", "BF16": "bfloat16"}
+WIRE_DATATYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int64": "INT64"}
+# Input name -> (datatype, rank, what it holds).
+INPUTS = {
+    "IMAGE": ("BYTES", 1, "encoded PNG, JPEG or WebP images, shape [N]"),
+    "PIXELS": ("UINT8", 4, "uint8 RGB pixels [N, H, W, 3], the model's own transform applied"),
+    "INPUT": ("FP32", 4, "float32 [N, 3, H, W], already resized and normalized"),
+}
+_NUMPY: dict[str, np.dtype] = {"UINT8": np.dtype("<u1"), "FP32": np.dtype("<f4")}
+_TYPED_FIELD = {"BYTES": "bytes_contents", "UINT8": "uint_contents", "FP32": "fp32_contents"}
+_LENGTH = struct.Struct("<I")
+_Choice = TypeVar("_Choice")
+# Longest caller string quoted back in a message.
+_QUOTE = 64
+
+
+def _quote(text: str) -> str:
+    return repr(text if len(text) <= _QUOTE else text[:_QUOTE] + "...")
+
+
+@dataclass(frozen=True)
+class OutputGroup:
+    """Requested outputs that share parameters, read from one query."""
+
+    names: tuple[str, ...]
+    query: ActivationQuery
+
+
+def _parameter(parameters: Mapping[str, oip.InferParameter], key: str, field: str) -> str:
+    if key not in parameters:
+        return ""
+    value = parameters[key]
+    kind = value.WhichOneof("parameter_choice")
+    if kind == "string_param":
+        return value.string_param.strip()
+    if kind in ("int64_param", "uint64_param"):
+        return str(getattr(value, kind))
+    raise InvalidArgument(f"{field}.{key}: expected a string or an integer parameter")
+
+
+def _integers(text: str, field: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InvalidArgument(
+            f"{field}: {_quote(text)} is not a comma-separated list of integers"
+        ) from None
+
+
+def _positions(text: str, field: str) -> tuple[tuple[int, int], ...]:
+    positions = []
+    for part in (p.strip() for p in text.split(",")):
+        row, colon, col = part.partition(":")
+        if not part:
+            continue
+        if (
+            not colon
+            or not row.strip().lstrip("-").isdigit()
+            or not col.strip().lstrip("-").isdigit()
+        ):
+            raise InvalidArgument(f"{field}: {_quote(part)} is not row:col")
+        positions.append((int(row), int(col)))
+    return tuple(positions)
+
+
+def _choice(text: str, allowed: Mapping[str, _Choice], field: str) -> _Choice:
+    if text not in allowed:
+        raise InvalidArgument(f"{field}: {_quote(text)} not allowed; allowed: {sorted(allowed)}")
+    return allowed[text]
+
+
+def _defaults(parameters: Mapping[str, oip.InferParameter]) -> dict[str, oip.InferParameter]:
+    """Request-level parameters that apply to every requested output (for clients that
+    cannot set parameters per output); the protocol's own request keys pass through."""
+    unknown = sorted(set(parameters) - set(OUTPUT_PARAMETERS) - REQUEST_KEYS)
+    if unknown:
+        raise InvalidArgument(
+            f"parameters: {_quote(unknown[0])} unknown; allowed: {sorted(OUTPUT_PARAMETERS)}"
+        )
+    return {key: value for key, value in parameters.items() if key in OUTPUT_PARAMETERS}
+
+
+def _site_query(
+    output: oip.ModelInferRequest.InferRequestedOutputTensor,
+    defaults: Mapping[str, oip.InferParameter],
+    field: str,
+) -> ActivationQuery:
+    """The query an output's parameters ask for, without its site (outputs group by it)."""
+    unknown = sorted(set(output.parameters) - set(OUTPUT_PARAMETERS))
+    if unknown:
+        raise InvalidArgument(
+            f"{field}.parameters: {_quote(unknown[0])} unknown; allowed: {sorted(OUTPUT_PARAMETERS)}"
+        )
+    parameters = {**defaults, **output.parameters}
+    tokens = _parameter(parameters, "tokens", f"{field}.parameters").lower()
+    reduction = _parameter(parameters, "reduction", f"{field}.parameters").lower() or "none"
+    datatype = _parameter(parameters, "datatype", f"{field}.parameters").upper() or "FP32"
+    return ActivationQuery(
+        sites=(),
+        token_mode=TokenMode.UNSPECIFIED
+        if not tokens
+        else _choice(tokens, _TOKEN_MODES, f"{field}.parameters.tokens"),
+        token_indices=_integers(
+            _parameter(parameters, "token_indices", f"{field}.parameters"),
+            f"{field}.parameters.token_indices",
+        ),
+        positions=_positions(
+            _parameter(parameters, "positions", f"{field}.parameters"),
+            f"{field}.parameters.positions",
+        ),
+        reduction=_choice(reduction, _REDUCTIONS, f"{field}.parameters.reduction"),
+        channels=_integers(
+            _parameter(parameters, "channels", f"{field}.parameters"),
+            f"{field}.parameters.channels",
+        ),
+        output_dtype=_choice(datatype, _OUTPUT_DTYPES, f"{field}.parameters.datatype"),
+    )
+
+
+def output_groups(request: oip.ModelInferRequest, has_classifier: bool) -> list[OutputGroup]:
+    """Requested outputs grouped by their parameters, so that each group is one query.
+
+    No requested outputs means `logits`, the protocol's usual answer for a classifier."""
+    outputs = request.outputs
+    defaults = _defaults(request.parameters)
+    names = [o.name for o in outputs]
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"outputs: each output may be requested once; got {len(names)} names")
+    if not outputs:
+        if not has_classifier:
+            raise InvalidArgument(
+                "outputs: this model has no classifier, so name the sites to return"
+            )
+        return [OutputGroup((LOGITS,), ActivationQuery(sites=(), logits=True))]
+    groups: dict[ActivationQuery, list[str]] = {}
+    wants_logits = False
+    for index, output in enumerate(outputs):
+        if output.name == LOGITS:
+            if output.parameters:
+                raise InvalidArgument(f"outputs[{index}].parameters: logits take no parameters")
+            wants_logits = True
+            continue
+        query = _site_query(output, defaults, f"outputs[{index}]")
+        groups.setdefault(query, []).append(output.name)
+    result = [
+        OutputGroup(tuple(sites), replace(query, sites=tuple(sites)))
+        for query, sites in groups.items()
+    ]
+    if wants_logits:
+        if result:
+            first = result[0]
+            result[0] = OutputGroup((*first.names, LOGITS), replace(first.query, logits=True))
+        else:
+            result.append(OutputGroup((LOGITS,), ActivationQuery(sites=(), logits=True)))
+    return result
+
+
+def _check_shape(shape: Sequence[int], rank: int, field: str, max_elements: int) -> int:
+    if len(shape) != rank:
+        raise InvalidArgument(f"{field}.shape: {list(shape)[:8]} must have {rank} dimensions")
+    if any(d <= 0 for d in shape):
+        raise InvalidArgument(f"{field}.shape: every dimension must be positive, got {list(shape)}")
+    elements = 1
+    for dimension in shape:
+        elements *= dimension
+        if elements > max_elements:
+            raise InvalidArgument(
+                f"{field}.shape: {list(shape)} holds more than the {max_elements} elements a "
+                "request may carry"
+            )
+    return elements
+
+
+def _split_bytes(raw: bytes, count: int, field: str) -> list[bytes]:
+    items, position = [], 0
+    for _ in range(count):
+        if position + _LENGTH.size > len(raw):
+            raise InvalidArgument(f"{field}: BYTES elements must each be a 4-byte length and data")
+        (length,) = _LENGTH.unpack_from(raw, position)
+        position += _LENGTH.size
+        if position + length > len(raw):
+            raise InvalidArgument(f"{field}: a BYTES element runs past the end of the contents")
+        items.append(raw[position : position + length])
+        position += length
+    if position != len(raw):
+        raise InvalidArgument(f"{field}: {len(raw) - position} bytes after the last element")
+    return items
+
+
+def image_inputs(request: oip.ModelInferRequest, max_request_bytes: int) -> list[ImageInput]:
+    """The one input tensor of a request as core image inputs."""
+    if len(request.inputs) != 1:
+        raise InvalidArgument(
+            f"inputs: exactly one input is required (one of {sorted(INPUTS)}); got {len(request.inputs)}"
+        )
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != 1:
+        raise InvalidArgument("raw_input_contents: one entry per input is required")
+    tensor = request.inputs[0]
+    if tensor.name not in INPUTS:
+        raise InvalidArgument(
+            f"inputs[0].name: {_quote(tensor.name)} unknown; allowed: {sorted(INPUTS)}"
+        )
+    datatype, rank, _ = INPUTS[tensor.name]
+    if tensor.datatype != datatype:
+        raise InvalidArgument(
+            f"inputs[0].datatype: {tensor.name} is {datatype}, got {_quote(tensor.datatype)}"
+        )
+    count = _check_shape(tensor.shape, rank, "inputs[0]", max_request_bytes)
+    typed = getattr(tensor.contents, _TYPED_FIELD[datatype])
+    if raw and len(typed):
+        raise InvalidArgument("inputs[0].contents: send raw_input_contents or contents, not both")
+    if datatype == "BYTES":
+        items = _split_bytes(raw[0], count, "raw_input_contents[0]") if raw else list(typed)
+        if len(items) != count:
+            raise InvalidArgument(
+                f"inputs[0].contents: {len(items)} elements for shape {list(tensor.shape)}"
+            )
+        return [ImageInput(encoded=item) for item in items]
+    array = _numeric(datatype, tensor.shape, count, raw[0] if raw else None, typed)
+    if tensor.name == "PIXELS":
+        return [ImageInput(pixels=image) for image in array]
+    return [ImageInput(preprocessed=image) for image in array]
+
+
+def _numeric(
+    datatype: str, shape: Sequence[int], count: int, raw: bytes | None, typed: Sequence[float]
+) -> np.ndarray:
+    dtype = _NUMPY[datatype]
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidArgument(
+                f"raw_input_contents[0]: {len(raw)} bytes; shape {list(shape)} of {datatype} needs "
+                f"{count * dtype.itemsize}"
+            )
+        array = np.frombuffer(raw, dtype=dtype)
+    else:
+        if len(typed) != count:
+            raise InvalidArgument(
+                f"inputs[0].contents: {len(typed)} elements for shape {list(shape)}"
+            )
+        values = np.asarray(typed)
+        if datatype == "UINT8" and values.size and (values.min() < 0 or values.max() > 255):
+            raise InvalidArgument("inputs[0].contents.uint_contents: UINT8 values must be 0..255")
+        array = values.astype(dtype)
+    return array.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(shape))
+
+
+def output_tensor(
+    name: str, array: np.ndarray, dtype: str
+) -> tuple[oip.ModelInferResponse.InferOutputTensor, bytes]:
+    """A result array as an output tensor and its raw little-endian bytes."""
+    wire = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    tensor = oip.ModelInferResponse.InferOutputTensor(
+        name=name, datatype=WIRE_DATATYPES[dtype], shape=list(array.shape)
+    )
+    return tensor, np.ascontiguousarray(wire).tobytes()
+
+
+def model_metadata(loaded: LoadedModel) -> oip.ModelMetadataResponse:
+    """The inputs, and every output ModelInfer can return with its shape for any batch (-1)."""
+    adapter = loaded.adapter
+    channels, height, width = adapter.data_config.input_size
+    meta = oip.ModelMetadataResponse.TensorMetadata
+    inputs = [
+        meta(name="IMAGE", datatype="BYTES", shape=[-1]),
+        meta(name="PIXELS", datatype="UINT8", shape=[-1, -1, -1, 3]),
+        meta(name="INPUT", datatype="FP32", shape=[-1, channels, height, width]),
+    ]
+    outputs = []
+    if adapter.has_classifier:
+        outputs.append(meta(name=LOGITS, datatype="FP32", shape=[-1, len(adapter.class_names)]))
+    for site in adapter.canonical_sites():
+        shape = loaded.site_shapes.get(site.name)
+        if shape:
+            outputs.append(meta(name=site.name, datatype="FP32", shape=[-1, *shape[1:]]))
+    return oip.ModelMetadataResponse(
+        name=loaded.spec.name,
+        versions=[loaded.weights_identity],
+        platform=f"vitscope_{loaded.spec.family}",
+        inputs=inputs,
+        outputs=outputs,
+    )

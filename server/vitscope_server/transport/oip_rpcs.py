@@ -1,0 +1,133 @@
+"""inference.GRPCInferenceService: the Open Inference Protocol beside vitscope.v1.Inspector.
+
+Each served model is a protocol model; ModelInfer runs the same core path as
+GetActivations, so its outputs equal GetActivations' bit for bit.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from vitscope.oip import grpc_predict_v2_pb2 as oip
+from vitscope.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from vitscope_server.core.activations import (
+    ActivationLimits,
+    ActivationResult,
+    get_activations,
+    prepare_activations,
+)
+from vitscope_server.core.errors import NotFound
+from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.provenance import library_versions
+from vitscope_server.core.registry import ModelRegistry, ModelState
+from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.transport.cancellation import cancel_token
+from vitscope_server.transport.compute import computing
+from vitscope_server.transport.convert_oip import (
+    LOGITS,
+    OutputGroup,
+    image_inputs,
+    model_metadata,
+    output_groups,
+    output_tensor,
+)
+from vitscope_server.transport.metrics import Metrics
+
+SERVER_NAME = "vitscope"
+SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        slots: ComputeSlots,
+        metrics: Metrics,
+        limits: ActivationLimits,
+        max_message_bytes: int,
+    ) -> None:
+        self._registry = registry
+        self._slots = slots
+        self._metrics = metrics
+        self._limits = limits
+        self._max_message_bytes = max_message_bytes
+
+    def _model(self, name: str, version: str) -> LoadedModel:
+        """The ready model; a version, when given, must be its weights identity."""
+        loaded = self._registry.get(name)
+        if version and version != loaded.weights_identity:
+            raise NotFound(
+                f"model {loaded.spec.name!r} has no version {version[:64]!r}; "
+                f"its version is {loaded.weights_identity!r} (or leave version empty)"
+            )
+        return loaded
+
+    def ServerLive(
+        self, request: oip.ServerLiveRequest, context: grpc.ServicerContext
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    def ServerReady(
+        self, request: oip.ServerReadyRequest, context: grpc.ServicerContext
+    ) -> oip.ServerReadyResponse:
+        default = self._registry.entry("")
+        return oip.ServerReadyResponse(ready=default.state is ModelState.READY)
+
+    def ModelReady(
+        self, request: oip.ModelReadyRequest, context: grpc.ServicerContext
+    ) -> oip.ModelReadyResponse:
+        entry = self._registry.entry(request.name)
+        ready = entry.state is ModelState.READY and entry.loaded is not None
+        if ready and request.version and entry.loaded is not None:
+            ready = request.version == entry.loaded.weights_identity
+        return oip.ModelReadyResponse(ready=ready)
+
+    def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> oip.ServerMetadataResponse:
+        version = library_versions().get("vitscope", "")
+        return oip.ServerMetadataResponse(name=SERVER_NAME, version=version, extensions=[])
+
+    def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: grpc.ServicerContext
+    ) -> oip.ModelMetadataResponse:
+        return model_metadata(self._model(request.name, request.version))
+
+    def ModelInfer(
+        self, request: oip.ModelInferRequest, context: grpc.ServicerContext
+    ) -> oip.ModelInferResponse:
+        loaded = self._model(request.model_name, request.model_version)
+        images = image_inputs(request, self._max_message_bytes)
+        groups = output_groups(request, loaded.adapter.has_classifier)
+        prepared = [prepare_activations(loaded, images, g.query, self._limits) for g in groups]
+        cancel = cancel_token(context)
+        with computing(self._slots, self._metrics, cancel, "ModelInfer", loaded.spec.name):
+            results = [get_activations(p, cancel, self._limits) for p in prepared]
+        return _infer_response(request, loaded, groups, results)
+
+
+def _infer_response(
+    request: oip.ModelInferRequest,
+    loaded: LoadedModel,
+    groups: list[OutputGroup],
+    results: list[ActivationResult],
+) -> oip.ModelInferResponse:
+    """Outputs in the order they were requested (logits alone when none was)."""
+    arrays: dict[str, tuple[np.ndarray, str]] = {}
+    for group, result in zip(groups, results, strict=True):
+        sites = [name for name in group.names if name != LOGITS]
+        for name, site in zip(sites, result.sites, strict=True):
+            values = site.tensors[0]
+            arrays[name] = (values.array, values.dtype)
+        if result.logits is not None:
+            arrays[LOGITS] = (result.logits, "float32")
+    response = oip.ModelInferResponse(
+        model_name=loaded.spec.name, model_version=loaded.weights_identity, id=request.id
+    )
+    for name in [o.name for o in request.outputs] or [LOGITS]:
+        array, dtype = arrays[name]
+        tensor, raw = output_tensor(name, array, dtype)
+        response.outputs.append(tensor)
+        response.raw_output_contents.append(raw)
+    return response
