@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +35,9 @@ this page. A test fails when the page no longer matches the protos.
 Conventions: tensors travel as little-endian, row-major bytes with a dtype and a shape;
 large results stream in chunks that the client reassembles; every response carries its
 provenance and the parameters in effect after defaults. Errors are described in
-[errors.md](errors.md); the method definitions in [methods.md](methods.md).
+[errors.md](errors.md); the method definitions in [methods.md](methods.md). Beside
+`vitscope.v1.Inspector`, the same port serves the Open Inference Protocol (package
+`inference`, described in [oip.md](oip.md)); its messages come last.
 
 ## Compatibility
 
@@ -141,37 +144,41 @@ def anchor(title: str) -> str:
     return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
 
 
-def short(type_name: str, package: str) -> str:
-    return type_name.removeprefix(f".{package}.").lstrip(".")
+class Types:
+    """Every message and enum of the set by full name (".package.Name"), with the title of
+    its section: the name within its package, qualified only when another package uses it."""
 
+    def __init__(self, files: d.FileDescriptorSet) -> None:
+        self.maps: dict[str, d.DescriptorProto] = {}
+        names: dict[str, str] = {}
+        for file in files.file:
+            for name, message, _ in walk_messages(list(file.message_type), (FILE_MESSAGE,)):
+                if message.options.map_entry:
+                    self.maps[f".{file.package}.{name}"] = message
+                else:
+                    names[f".{file.package}.{name}"] = name
+            names.update({f".{file.package}.{name}": name for name, _, _ in walk_enums(file)})
+        counts = Counter(names.values())
+        self.titles = {
+            full: name if counts[name] == 1 else full[1:] for full, name in names.items()
+        }
 
-def type_link(type_name: str, package: str, local: set[str]) -> str:
-    name = short(type_name, package)
-    return f"[{name}](#{anchor(name)})" if name in local else f"`{name}`"
+    def link(self, full_name: str) -> str:
+        title = self.titles.get(full_name)
+        return f"[{title}](#{anchor(title)})" if title else f"`{full_name.lstrip('.')}`"
 
-
-def field_type(
-    field: d.FieldDescriptorProto,
-    package: str,
-    local: set[str],
-    maps: dict[str, d.DescriptorProto],
-) -> str:
-    if field.type_name and short(field.type_name, package) in maps:
-        entry = maps[short(field.type_name, package)]
-        key, value = entry.field
-        key_type = field_type(key, package, local, maps)
-        value_type = field_type(value, package, local, maps)
-        return f"map&lt;{key_type}, {value_type}&gt;"
-    base = (
-        type_link(field.type_name, package, local)
-        if field.type_name
-        else f"`{SCALARS[field.type]}`"
-    )
-    if field.label == d.FieldDescriptorProto.LABEL_REPEATED:
-        return f"repeated {base}"
-    if field.proto3_optional:
-        return f"optional {base}"
-    return base
+    def of_field(self, field: d.FieldDescriptorProto) -> str:
+        """The field's type as the .proto spells it, linked to its section."""
+        entry = self.maps.get(field.type_name)
+        if entry is not None:
+            key, value = entry.field
+            return f"map&lt;{self.of_field(key)}, {self.of_field(value)}&gt;"
+        base = self.link(field.type_name) if field.type_name else f"`{SCALARS[field.type]}`"
+        if field.label == d.FieldDescriptorProto.LABEL_REPEATED:
+            return f"repeated {base}"
+        if field.proto3_optional:
+            return f"optional {base}"
+        return base
 
 
 def walk_messages(
@@ -200,15 +207,15 @@ def render_service(
     path: tuple[int, ...],
     comments: Comments,
     package: str,
-    local: set[str],
+    types: Types,
 ) -> list[str]:
     out = [f"### {package}.{service.name}", ""]
     if text := comments.of(path):
         out += [text, ""]
     out += ["| RPC | Request | Response | Description |", "|---|---|---|---|"]
     for i, method in enumerate(service.method):
-        request = type_link(method.input_type, package, local)
-        response = type_link(method.output_type, package, local)
+        request = types.link(method.input_type)
+        response = types.link(method.output_type)
         if method.client_streaming:
             request = f"stream {request}"
         if method.server_streaming:
@@ -219,15 +226,13 @@ def render_service(
 
 
 def render_message(
-    name: str,
+    title: str,
     message: d.DescriptorProto,
     path: tuple[int, ...],
     comments: Comments,
-    package: str,
-    local: set[str],
-    maps: dict[str, d.DescriptorProto],
+    types: Types,
 ) -> list[str]:
-    out = [f"### {name}", ""]
+    out = [f"### {title}", ""]
     if text := comments.of(path):
         out += [text, ""]
     if not message.field:
@@ -237,15 +242,15 @@ def render_message(
         text = comments.of((*path, MESSAGE_FIELD, i))
         if field.HasField("oneof_index") and not field.proto3_optional:
             text = f"One of `{message.oneof_decl[field.oneof_index].name}`. {text}"
-        kind = field_type(field, package, local, maps)
+        kind = types.of_field(field)
         out.append(f"| `{field.name}` | {field.number} | {kind} | {cell(text)} |")
     return [*out, ""]
 
 
 def render_enum(
-    name: str, enum: d.EnumDescriptorProto, path: tuple[int, ...], comments: Comments
+    title: str, enum: d.EnumDescriptorProto, path: tuple[int, ...], comments: Comments
 ) -> list[str]:
-    out = [f"### {name}", ""]
+    out = [f"### {title}", ""]
     if text := comments.of(path):
         out += [text, ""]
     out += ["| Value | Number | Description |", "|---|---|---|"]
@@ -255,37 +260,38 @@ def render_enum(
     return [*out, ""]
 
 
+def render_file(file: d.FileDescriptorProto, comments: Comments, types: Types) -> list[str]:
+    """A file's messages and enums in source order, after the comments that open the file."""
+    blocks: list[tuple[tuple[int, ...], list[str]]] = []
+    for name, message, path in walk_messages(list(file.message_type), (FILE_MESSAGE,)):
+        full = f".{file.package}.{name}"
+        if full not in types.maps:
+            lines = render_message(types.titles[full], message, path, comments, types)
+            blocks.append((comments.order(path), lines))
+    for name, enum, path in walk_enums(file):
+        title = types.titles[f".{file.package}.{name}"]
+        blocks.append((comments.order(path), render_enum(title, enum, path, comments)))
+    if not blocks:
+        return []
+    out = [f"## {file.name}", ""]
+    for note in comments.file_notes:
+        out += [note, ""]
+    for _, lines in sorted(blocks, key=lambda block: block[0]):
+        out += lines
+    return out
+
+
 def render(files: d.FileDescriptorSet) -> str:
-    """The whole page: header, services, then each file's messages and enums in source order."""
-    local: set[str] = set()
-    maps: dict[str, d.DescriptorProto] = {}
-    for file in files.file:
-        for name, message, _ in walk_messages(list(file.message_type), (FILE_MESSAGE,)):
-            if message.options.map_entry:
-                maps[name] = message
-            else:
-                local.add(name)
-        local.update(name for name, _, _ in walk_enums(file))
+    """The whole page: header, services, then each file (vitscope.v1 first)."""
+    types = Types(files)
     services: list[str] = ["## Services", ""]
     sections: list[str] = []
-    for file in sorted(files.file, key=lambda f: f.name):
+    for file in sorted(files.file, key=lambda f: (f.package != "vitscope.v1", f.name)):
         comments = Comments(file)
-        package = file.package
         for i, service in enumerate(file.service):
-            services += render_service(service, (FILE_SERVICE, i), comments, package, local)
-        blocks: list[tuple[tuple[int, ...], list[str]]] = []
-        for name, message, path in walk_messages(list(file.message_type), (FILE_MESSAGE,)):
-            if name not in maps:
-                lines = render_message(name, message, path, comments, package, local, maps)
-                blocks.append((comments.order(path), lines))
-        for name, enum, path in walk_enums(file):
-            blocks.append((comments.order(path), render_enum(name, enum, path, comments)))
-        if blocks:
-            sections += [f"## {file.name}", ""]
-            for note in comments.file_notes:
-                sections += [note, ""]
-            for _, lines in sorted(blocks, key=lambda block: block[0]):
-                sections += lines
+            path = (FILE_SERVICE, i)
+            services += render_service(service, path, comments, file.package, types)
+        sections += render_file(file, comments, types)
     return "\n".join([HEADER, *services, *sections]).rstrip("\n") + "\n"
 
 
