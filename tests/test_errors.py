@@ -1,4 +1,5 @@
-"""Every bad input gets the right status and a message naming the field; the server keeps serving."""
+"""Every bad input gets the right status and reason, a field violation naming the field, and
+the server keeps serving."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import pytest
 
 from vitscope import (
     Client,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     VitscopeError,
 )
+from vitscope.errors import from_rpc_error
 from vitscope.v1 import activations_pb2, common_pb2, tensor_pb2
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.transport.app import RunningServer
@@ -25,101 +28,176 @@ def good_image(client: Client) -> np.ndarray:
 
 
 CASES = [
-    # (description, kwargs for client.activations, expected error, words the message must contain)
+    # (description, kwargs for client.activations, error, reason, field at fault)
     (
         "undecodable image",
         {"images": [b"not an image"]},
         InvalidArgumentError,
-        ["images[0].encoded", "PNG"],
+        "IMAGE_UNDECODABLE",
+        "images[0].encoded",
     ),
-    ("unknown model", {"model": "nope"}, NotFoundError, ["nope", "served models"]),
+    ("unknown model", {"model": "nope"}, NotFoundError, "MODEL_NOT_FOUND", "model"),
     (
         "unknown site",
         {"sites": ["blocks.1.nothing"]},
         NotFoundError,
-        ["sites[0]", "blocks.{i}.mlp.hidden"],
+        "SITE_NOT_FOUND",
+        "sites[0]",
     ),
-    ("block out of range", {"sites": ["blocks.99.out"]}, NotFoundError, ["block 99", "blocks 0.."]),
-    ("no sites", {"sites": []}, InvalidArgumentError, ["sites"]),
-    ("repeated site", {"sites": ["embed", "embed"]}, InvalidArgumentError, ["sites"]),
+    (
+        "block out of range",
+        {"sites": ["blocks.99.out"]},
+        NotFoundError,
+        "SITE_NOT_FOUND",
+        "sites[0]",
+    ),
+    ("no sites", {"sites": []}, InvalidArgumentError, "FIELD_REQUIRED", "sites"),
+    (
+        "repeated site",
+        {"sites": ["embed", "embed"]},
+        InvalidArgumentError,
+        "INVALID_FIELD",
+        "sites",
+    ),
     (
         "one site under two spellings",
         {"sites": ["blocks.1.out", "blocks.01.out"]},
         InvalidArgumentError,
-        ["each site may appear once"],
+        "INVALID_FIELD",
+        "sites",
     ),
     (
         "more indices than tokens",
         {"tokens": "indices", "indices": [0] * 5000},
         InvalidArgumentError,
-        ["tokens", "at most"],
+        "INVALID_FIELD",
+        "tokens",
+    ),
+    (
+        "indices mode with no indices",
+        {"tokens": "indices"},
+        InvalidArgumentError,
+        "FIELD_REQUIRED",
+        "tokens.indices",
+    ),
+    (
+        "positions mode with no positions",
+        {"tokens": "positions"},
+        InvalidArgumentError,
+        "FIELD_REQUIRED",
+        "tokens.positions",
     ),
     (
         "empty pixels",
         {"images": [np.zeros((0, 0), dtype=np.uint8)]},
         InvalidArgumentError,
-        ["images[0].pixels", "empty"],
+        "INVALID_FIELD",
+        "images[0].pixels",
     ),
     (
         "token index out of range",
         {"tokens": "indices", "indices": [0, 4000]},
         InvalidArgumentError,
-        ["tokens.indices", "4000", "allowed 0.."],
+        "INVALID_FIELD",
+        "tokens.indices[1]",
     ),
     (
         "position outside the grid",
-        {"tokens": "positions", "positions": [(0, 99)]},
+        {"tokens": "positions", "positions": [(0, 0), (1, 1), (0, 99)]},
         InvalidArgumentError,
-        ["tokens.positions", "cols 0.."],
+        "INVALID_FIELD",
+        "tokens.positions[2]",
     ),
     (
         "channel out of range",
         {"reduction": "patch_map", "channels": [1, 999]},
         InvalidArgumentError,
-        ["channels", "999", "allowed 0.."],
+        "INVALID_FIELD",
+        "channels",
     ),
-    ("patch map without channels", {"reduction": "patch_map"}, InvalidArgumentError, ["channels"]),
-    ("top_k missing", {"reduction": "top_channels"}, InvalidArgumentError, ["top_k", ">= 1"]),
+    (
+        "patch map without channels",
+        {"reduction": "patch_map"},
+        InvalidArgumentError,
+        "FIELD_REQUIRED",
+        "channels",
+    ),
+    (
+        "top_k missing",
+        {"reduction": "top_channels"},
+        InvalidArgumentError,
+        "INVALID_FIELD",
+        "top_k",
+    ),
     (
         "top_k too large",
         {"reduction": "top_channels", "top_k": 10_000},
         InvalidArgumentError,
-        ["top_k"],
+        "INVALID_FIELD",
+        "top_k",
     ),
-    ("too many predictions", {"top_predictions": 5000}, InvalidArgumentError, ["top_predictions"]),
+    (
+        "too many predictions",
+        {"top_predictions": 5000},
+        InvalidArgumentError,
+        "INVALID_FIELD",
+        "top_predictions",
+    ),
+    (
+        "predictions of a model without a classifier",
+        {"model": "clip", "top_predictions": 1},
+        FailedPreconditionError,
+        "NO_CLASSIFIER",
+        "top_predictions",
+    ),
     (
         "patch map of attention",
         {"sites": ["blocks.0.attn.probs"], "reduction": "patch_map", "channels": [0]},
         InvalidArgumentError,
-        ["reduction", "attention"],
+        "INVALID_FIELD",
+        "reduction",
     ),
     (
         "preprocessed tensor of the wrong shape",
         {"images": [np.zeros((3, 10, 10), dtype=np.float32)]},
         InvalidArgumentError,
-        ["images[0].preprocessed", "[3, 10, 10]", "expects"],
+        "INVALID_FIELD",
+        "images[0].preprocessed",
     ),
     (
         "pixels of the wrong shape",
         {"images": [np.zeros((4, 4, 5), dtype=np.uint8)]},
         InvalidArgumentError,
-        ["images[0].pixels", "allowed"],
+        "INVALID_FIELD",
+        "images[0].pixels",
     ),
     (
         "non-finite preprocessed tensor",
         {"images": [np.full((3, 160, 160), np.nan, dtype=np.float32)]},
         InvalidArgumentError,
-        ["NaN"],
+        "INVALID_FIELD",
+        "images[0].preprocessed",
     ),
-    ("too many images", {"images": [DIGIT] * 65}, ResourceExhaustedError, ["images", "64"]),
+    (
+        "too many images",
+        {"images": [DIGIT] * 65},
+        ResourceExhaustedError,
+        "BATCH_TOO_LARGE",
+        "images",
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("description", "kwargs", "error", "words"), CASES, ids=[c[0] for c in CASES]
+    ("description", "kwargs", "error", "reason", "field"), CASES, ids=[c[0] for c in CASES]
 )
 def test_bad_activation_requests(
-    client: Client, description: str, kwargs: dict, error: type[VitscopeError], words: list[str]
+    client: Client,
+    description: str,
+    kwargs: dict,
+    error: type[VitscopeError],
+    reason: str,
+    field: str,
 ) -> None:
     request = {
         "images": [good_image(client)],
@@ -130,76 +208,77 @@ def test_bad_activation_requests(
     images, sites = request.pop("images"), request.pop("sites")
     with pytest.raises(error) as caught:
         client.activations(images, sites, **request)
-    for word in words:
-        assert word in caught.value.details, (
-            f"{description}: {word!r} not in {caught.value.details!r}"
-        )
+    assert caught.value.reason == reason, caught.value.details
+    assert caught.value.metadata["field"] == field
+    assert caught.value.metadata["model"] == request["model"]
+    if error is InvalidArgumentError:
+        assert [v.field for v in caught.value.field_violations] == [field]
+        assert caught.value.field_violations[0].description
     assert client.activations([good_image(client)], ["embed"], model="vit")["embed"].shape[0] == 1
 
 
 def _raw_call(
     server: RunningServer, request: activations_pb2.GetActivationsRequest
-) -> grpc.RpcError:
+) -> VitscopeError:
+    """The typed error of a request sent as built, past the client's own checks."""
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.InspectorStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.GetActivations(request, timeout=30))
-    return caught.value
+    return from_rpc_error(caught.value)
+
+
+def _field(error: VitscopeError) -> str:
+    assert isinstance(error, InvalidArgumentError), error
+    (violation,) = error.field_violations
+    return violation.field
+
+
+def _with_tensor(**image: tensor_pb2.Tensor) -> activations_pb2.GetActivationsRequest:
+    return activations_pb2.GetActivationsRequest(
+        model="vit", sites=["embed"], images=[common_pb2.Image(**image)]
+    )
 
 
 def test_tensor_bytes_that_do_not_fit_the_shape(server: RunningServer) -> None:
     tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 160, 160], data=b"\0" * 12)
-    error = _raw_call(
-        server,
-        activations_pb2.GetActivationsRequest(
-            model="vit", sites=["embed"], images=[common_pb2.Image(preprocessed=tensor)]
-        ),
-    )
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "images[0].preprocessed" in error.details() and "12 bytes" in error.details()
+    error = _raw_call(server, _with_tensor(preprocessed=tensor))
+    assert error.reason == "INVALID_FIELD" and _field(error) == "images[0].preprocessed"
 
 
-def test_tensor_shape_whose_size_overflows(server: RunningServer) -> None:
-    tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=[2**32, 2**32], data=b"")
-    request = activations_pb2.GetActivationsRequest(
-        model="vit", sites=["embed"], images=[common_pb2.Image(pixels=tensor)]
-    )
-    error = _raw_call(server, request)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "images[0].pixels" in error.details()
+@pytest.mark.parametrize(
+    "shape",
+    [[2**32, 2**32], [0, 2**62], [2**62, 0, 2**62], [0, 2**40, 3], [1] * 9],
+    ids=["overflowing", "empty-and-huge", "huge-around-empty", "empty-image", "too-many-dims"],
+)
+def test_tensor_shapes_no_array_can_have(server: RunningServer, shape: list[int]) -> None:
+    tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UINT8, shape=shape, data=b"")
+    error = _raw_call(server, _with_tensor(pixels=tensor))
+    assert error.reason == "INVALID_FIELD" and _field(error) == "images[0].pixels"
+    error = _raw_call(server, _with_tensor(preprocessed=tensor))
+    assert error.reason == "INVALID_FIELD" and _field(error) == "images[0].preprocessed"
 
 
 def test_unsupported_tensor_dtype(server: RunningServer) -> None:
     tensor = tensor_pb2.Tensor(
         dtype=tensor_pb2.DTYPE_INT64, shape=[3, 160, 160], data=b"\0" * (8 * 3 * 160 * 160)
     )
-    error = _raw_call(
-        server,
-        activations_pb2.GetActivationsRequest(
-            model="vit", sites=["embed"], images=[common_pb2.Image(preprocessed=tensor)]
-        ),
-    )
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "float32 or float16" in error.details()
+    error = _raw_call(server, _with_tensor(preprocessed=tensor))
+    assert error.reason == "INVALID_FIELD" and _field(error) == "images[0].preprocessed"
 
 
 def test_unknown_enum_values(server: RunningServer) -> None:
     image = common_pb2.Image(encoded=b"x")
-    error = _raw_call(
-        server,
-        activations_pb2.GetActivationsRequest(
-            model="vit", sites=["embed"], images=[image], reduction=42
-        ),
+    request = activations_pb2.GetActivationsRequest(
+        model="vit", sites=["embed"], images=[image], reduction=42
     )
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "reduction" in error.details() and "REDUCTION_MEAN" in error.details()
-    error = _raw_call(
-        server,
-        activations_pb2.GetActivationsRequest(
-            model="vit", sites=["embed"], images=[image], output_dtype=9
-        ),
+    error = _raw_call(server, request)
+    assert error.reason == "INVALID_FIELD" and _field(error) == "reduction"
+    assert "REDUCTION_MEAN" in error.field_violations[0].description  # says what is allowed
+    request = activations_pb2.GetActivationsRequest(
+        model="vit", sites=["embed"], images=[image], output_dtype=9
     )
-    assert "output_dtype" in error.details() and "DTYPE_FLOAT16" in error.details()
+    assert _field(_raw_call(server, request)) == "output_dtype"
 
 
 def test_image_without_a_source(server: RunningServer) -> None:
@@ -209,8 +288,7 @@ def test_image_without_a_source(server: RunningServer) -> None:
             model="vit", sites=["embed"], images=[common_pb2.Image()]
         ),
     )
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "images[0]" in error.details() and "encoded, pixels or preprocessed" in error.details()
+    assert error.reason == "FIELD_REQUIRED" and _field(error) == "images[0]"
 
 
 def test_request_over_the_max_message_size(server: RunningServer) -> None:
@@ -233,5 +311,7 @@ def test_request_over_the_max_message_size(server: RunningServer) -> None:
 
 
 def test_describe_unknown_model(client: Client) -> None:
-    with pytest.raises(NotFoundError, match="served models"):
+    with pytest.raises(NotFoundError) as caught:
         client.describe("missing-model")
+    assert caught.value.reason == "MODEL_NOT_FOUND"
+    assert caught.value.resource == ("model", "missing-model")

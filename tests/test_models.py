@@ -142,10 +142,12 @@ def test_registry_states() -> None:
 
 def test_registry_rejects_duplicate_or_unknown_default() -> None:
     spec = ModelSpec(name="x", architecture="test_vit")
-    with pytest.raises(InvalidArgument, match="unique"):
+    with pytest.raises(InvalidArgument) as caught:
         ModelRegistry([spec, spec], "x", CPU)
-    with pytest.raises(InvalidArgument, match="default model"):
+    assert caught.value.field == "models"
+    with pytest.raises(InvalidArgument) as caught:
         ModelRegistry([spec], "y", CPU)
+    assert caught.value.field == "default_model"
 
 
 def test_models_file_and_flags(tmp_path: Path) -> None:

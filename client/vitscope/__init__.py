@@ -12,6 +12,8 @@ from vitscope.errors import (
     CancelledError,
     DeadlineExceededError,
     FailedPreconditionError,
+    FieldViolation,
+    IncompatibleServerError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
@@ -20,6 +22,7 @@ from vitscope.errors import (
     UnavailableError,
     VitscopeError,
 )
+from vitscope.handshake import ServerInfo, ServerLimits
 
 __all__ = [
     "Activations",
@@ -27,6 +30,8 @@ __all__ = [
     "Client",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "FieldViolation",
+    "IncompatibleServerError",
     "InternalError",
     "InvalidArgumentError",
     "ModelDescription",
@@ -34,6 +39,8 @@ __all__ = [
     "NotFoundError",
     "Prediction",
     "ResourceExhaustedError",
+    "ServerInfo",
+    "ServerLimits",
     "SiteActivations",
     "UnauthenticatedError",
     "UnavailableError",

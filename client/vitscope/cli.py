@@ -16,6 +16,7 @@ from vitscope import cli_features, cli_inversion, cli_projection
 from vitscope.client import DEFAULT_TARGET, Client
 from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
+from vitscope.handshake import describe as describe_server
 from vitscope.overlay import grid, heatmap_overlay
 from vitscope.tensors import TensorDecodeError
 
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("models", help="list served models and their state")
     commands.add_parser(
+        "info", help="the server's protocol and versions, models, methods and limits"
+    )
+    commands.add_parser(
         "health", help="overall health, or one model's with --service"
     ).add_argument("--service", default="")
     describe = commands.add_parser("describe", help="a model's anatomy")
@@ -187,7 +191,7 @@ def _client(args: argparse.Namespace) -> Client:
         client_cert=args.client_cert,
         client_key=args.client_key,
         timeout=args.timeout,
-        load_balancing="round_robin" if args.round_robin else None,
+        load_balancing="round_robin" if args.round_robin else "pick_first",
     )
 
 
@@ -253,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(
                         f"{mark} {m.name:28} {m.state:8} {m.family}:{m.architecture} {m.weights_identity} {m.error}"
                     )
+            elif args.command == "info":
+                print(describe_server(client.check_compatible()))
             elif args.command == "health":
                 status = client.health(args.service)
                 print(status)
@@ -269,7 +275,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for family in FAMILY_COMMANDS:
                     if family.run(client, args):
                         break
-    except (VitscopeError, TensorDecodeError) as exc:
+    except VitscopeError as exc:
+        print(f"vitscope: {exc.describe()}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except TensorDecodeError as exc:
         print(f"vitscope: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-import time
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,12 @@ from vitscope.features import (
     parse_result,
     parse_top_images,
 )
+from vitscope.handshake import (
+    ServerInfo,
+    parse_server_info,
+    predates_handshake,
+    require_compatible,
+)
 from vitscope.inversion import Inversion, InversionProgress, Inverter
 from vitscope.selection import ClassLike, class_ref, token_selection
 from vitscope.v1 import (
@@ -38,6 +44,7 @@ from vitscope.v1 import (
     inversion_pb2,
     models_pb2,
     projection_pb2,
+    server_info_pb2,
     tensor_pb2,
 )
 from vitscope.v1 import features_pb2 as fpb
@@ -61,8 +68,31 @@ _DTYPES = {
 }
 
 
-_FIRST_BACKOFF_SECONDS = 0.25
-_MAX_BACKOFF_SECONDS = 5.0
+_MAX_ATTEMPTS = 5  # gRPC's ceiling for a retry policy
+_RETRIED_SERVICES = ("vitscope.v1.Inspector", "grpc.health.v1.Health")
+
+
+def service_config(retries: int, load_balancing: str) -> str:
+    """gRPC service config: the load-balancing policy, and a retry policy for
+    UNAVAILABLE and RESOURCE_EXHAUSTED before any response arrived. The server's
+    retry pushback decides: it names the delay for QUEUE_FULL and MODEL_LOADING and
+    forbids retrying what cannot succeed (an image too large)."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    attempts = min(max(1, retries), _MAX_ATTEMPTS)
+    if attempts > 1:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": service} for service in _RETRIED_SERVICES],
+                "retryPolicy": {
+                    "maxAttempts": attempts,
+                    "initialBackoff": "0.25s",
+                    "maxBackoff": "5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+                },
+            }
+        ]
+    return json.dumps(config)
 
 
 def image_message(image: ImageLike) -> common_pb2.Image:
@@ -97,10 +127,6 @@ def _chunk_of(raw: bytes) -> tuple[tensor_pb2.TensorChunk, memoryview] | None:
     if start + length != len(view):
         return None
     return wire.split_chunk(view[start:])
-
-
-def _retryable(error: grpc.RpcError) -> bool:
-    return isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -187,10 +213,11 @@ class Client:
         token: bearer token sent as 'authorization' metadata.
         tls: use TLS; with ca_cert (PEM path) for a private CA, and client_cert/client_key for mTLS.
         timeout: default deadline in seconds for each call.
-        load_balancing: a gRPC policy such as "round_robin", to spread calls over every
-            address a target like "dns:///vitscope-headless:50051" resolves to.
-        retries: attempts for calls that fail with UNAVAILABLE before any response
-            (exponential backoff from 0.25 s, within the call's timeout).
+        load_balancing: the gRPC policy; "round_robin" spreads calls over every address a
+            target like "dns:///vitscope-headless:50051" resolves to.
+        retries: attempts (at most 5) for calls that fail with UNAVAILABLE, or
+            RESOURCE_EXHAUSTED the server says to retry, before any response; gRPC's retry
+            policy backs off from 0.25 s within the call's timeout.
     """
 
     def __init__(
@@ -205,14 +232,15 @@ class Client:
         timeout: float = 120.0,
         retries: int = 4,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        load_balancing: str | None = None,
+        load_balancing: str = "round_robin",
     ) -> None:
         options: list[tuple[str, str | int]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(retries, load_balancing)),
+            ("grpc.service_config_disable_resolution", 1),
         ]
-        if load_balancing:
-            options.append(("grpc.lb_policy_name", load_balancing))
         if tls or ca_cert or client_cert:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=Path(ca_cert).read_bytes() if ca_cert else None,
@@ -231,7 +259,6 @@ class Client:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
-        self.retries = retries
 
     def close(self) -> None:
         self._channel.close()
@@ -242,44 +269,17 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _attempts(self, timeout: float | None) -> Iterator[float]:
-        """Yields the time left for each attempt; UNAVAILABLE is retried with exponential backoff
-        while attempts and the overall deadline last."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        backoff = _FIRST_BACKOFF_SECONDS
-        for attempt in range(max(1, self.retries)):
-            if attempt:
-                time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
-                backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
-            yield max(0.001, deadline - time.monotonic())
-
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        error: grpc.RpcError | None = None
-        for left in self._attempts(timeout):
-            try:
-                return method(request, timeout=left, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                error = exc
-                if not _retryable(exc):
-                    break
-        assert error is not None
-        raise from_rpc_error(error) from None
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     def _stream(self, method: Any, request: Any, timeout: float | None) -> Iterator[Any]:
-        error: grpc.RpcError | None = None
-        for left in self._attempts(timeout):
-            received = False
-            try:
-                for response in method(request, timeout=left, metadata=self._metadata):
-                    received = True
-                    yield response
-                return
-            except grpc.RpcError as exc:
-                error = exc
-                if received or not _retryable(exc):
-                    break
-        assert error is not None
-        raise from_rpc_error(error) from None
+        try:
+            yield from method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """SERVING or NOT_SERVING for the server ("") or one model (its name)."""
@@ -287,6 +287,25 @@ class Client:
             self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout
         )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def server_info(self, timeout: float | None = None) -> ServerInfo:
+        """The server's protocol and package versions, models, methods and limits."""
+        try:
+            response = self._stub.GetServerInfo(
+                server_info_pb2.GetServerInfoRequest(),
+                timeout=timeout or self.timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise predates_handshake() from None
+            raise from_rpc_error(exc) from None
+        return parse_server_info(response)
+
+    def check_compatible(self, timeout: float | None = None) -> ServerInfo:
+        """server_info, raising IncompatibleServerError (naming both versions) when this
+        client cannot use the server."""
+        return require_compatible(self.server_info(timeout))
 
     def list_models(self, timeout: float | None = None) -> list[ModelInfo]:
         response = self._call(self._stub.ListModels, models_pb2.ListModelsRequest(), timeout)

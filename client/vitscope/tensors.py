@@ -30,6 +30,8 @@ _DTYPE_BY_NUMPY: dict[np.dtype, tensor_pb2.Dtype.ValueType] = {
 
 
 MAX_DIMENSIONS = 8
+MAX_ELEMENTS = 1 << 40
+"""No real tensor is larger; the product of the non-zero dimensions is held to it."""
 
 
 class TensorDecodeError(ValueError):
@@ -70,9 +72,16 @@ def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
 
 
 def expected_nbytes(dtype: tensor_pb2.Dtype.ValueType, shape: list[int] | tuple[int, ...]) -> int:
-    if len(shape) > MAX_DIMENSIONS or any(d < 0 for d in shape):
+    """Bytes of a tensor of this shape; refuses shapes no array can have, including an
+    empty one whose other dimensions alone would overflow (numpy checks them too)."""
+    if (
+        len(shape) > MAX_DIMENSIONS
+        or any(d < 0 for d in shape)
+        or math.prod(d for d in shape if d) > MAX_ELEMENTS
+    ):
         raise TensorDecodeError(
-            f"shape {list(shape)}: at most {MAX_DIMENSIONS} dimensions, none negative"
+            f"shape {list(shape[: MAX_DIMENSIONS + 1])}: at most {MAX_DIMENSIONS} dimensions, "
+            f"none negative, at most {MAX_ELEMENTS} elements"
         )
     return math.prod(shape) * wire_numpy_dtype(dtype).itemsize
 

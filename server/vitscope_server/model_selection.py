@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vitscope_server.builtin import builtin_default_name, builtin_specs
-from vitscope_server.core.errors import InvalidArgument, NotFound
+from vitscope_server.core.errors import InvalidArgument, NotFound, Reason
 from vitscope_server.core.specs import ModelSpec, load_models_file, parse_model_flag
 from vitscope_server.settings import ServerSettings
 
@@ -31,7 +31,7 @@ def model_specs(settings: ServerSettings) -> tuple[list[ModelSpec], str]:
     default = settings.default_model or default
     if not specs or default is None:
         raise InvalidArgument(
-            "no models to serve: enable the built-ins, give --models-file or --model"
+            "models", "no models to serve: enable the built-ins, give --models-file or --model"
         )
     return list(specs.values()), default
 
@@ -55,4 +55,9 @@ def select_spec(name: str, models_file: Path | None, model_flags: Sequence[str])
     for spec in specs:
         if spec.name == name:
             return spec
-    raise NotFound(f"--model: {name!r} is not among {sorted(s.name for s in specs)}")
+    raise NotFound(
+        Reason.MODEL_NOT_FOUND,
+        name,
+        f"--model: {name!r} is not among {sorted(s.name for s in specs)}",
+        field="--model",
+    )

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.errors import InvalidArgument, NotFound
+from vitscope_server.core.errors import InvalidArgument, NotFound, Reason
 from vitscope_server.core.images import ImageInput
 from vitscope_server.core.loading import load_model
 from vitscope_server.core.provenance import library_versions
@@ -52,9 +52,9 @@ def parse_shard(text: str) -> Shard:
     try:
         shard = Shard(int(index), int(count))
     except ValueError:
-        raise InvalidArgument(f"--shard: {text!r} is not I/N") from None
+        raise InvalidArgument("--shard", f"{text!r} is not I/N") from None
     if not 0 <= shard.index < shard.count:
-        raise InvalidArgument(f"--shard: {text!r} needs 0 <= I < N")
+        raise InvalidArgument("--shard", f"{text!r} needs 0 <= I < N")
     return shard
 
 
@@ -74,7 +74,12 @@ def dataset(data: str) -> tuple[list[str], Callable[[int], ImageInput]]:
         return names, lambda i: ImageInput(pixels=images[i])
     folder = Path(data)
     if not folder.is_dir():
-        raise NotFound(f"--data: {data!r} is neither a folder nor {BUILTIN_DIGITS!r}")
+        raise NotFound(
+            Reason.DATA_NOT_FOUND,
+            data,
+            f"--data: {data!r} is neither a folder nor {BUILTIN_DIGITS!r}",
+            field="--data",
+        )
     files = list_images(folder)
     return [name for name, _ in files], lambda i: read_image(*files[i])
 
@@ -141,23 +146,23 @@ def merge_parts(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One part holding the best k per channel of all parts; refuses parts of other scans or
     shards given twice. `complete` says whether every shard is in."""
     if not parts:
-        raise InvalidArgument("scan-merge: no parts given")
+        raise InvalidArgument("parts", "no parts given", reason=Reason.FIELD_REQUIRED)
     first = parts[0]
     for number, part in enumerate(parts):
         if part.get("format") != PART_FORMAT:
-            raise InvalidArgument(f"part {number}: not a {PART_FORMAT} file")
+            raise InvalidArgument(f"parts[{number}]", f"not a {PART_FORMAT} file")
         different = [key for key in IDENTITY if part.get(key) != first.get(key)]
         if different:
             raise InvalidArgument(
-                f"part {number}: differs from part 0 in {different}; parts of different scans "
-                "cannot be merged"
+                f"parts[{number}]",
+                f"differs from part 0 in {different}; parts of different scans cannot be merged",
             )
     shards = [tuple(s) for part in parts for s in part["shards"]]
     counts = {count for _, count in shards}
     if len(counts) != 1:
-        raise InvalidArgument(f"scan-merge: parts split the data differently: {sorted(counts)}")
+        raise InvalidArgument("parts", f"parts split the data differently: {sorted(counts)}")
     if len(set(shards)) != len(shards):
-        raise InvalidArgument(f"scan-merge: a shard is given twice: {sorted(shards)}")
+        raise InvalidArgument("parts", f"a shard is given twice: {sorted(shards)}")
     count = counts.pop()
     top = []
     for column, channel in enumerate(first["channels"]):

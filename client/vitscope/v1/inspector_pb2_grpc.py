@@ -8,6 +8,7 @@ from vitscope.v1 import features_pb2 as vitscope_dot_v1_dot_features__pb2
 from vitscope.v1 import inversion_pb2 as vitscope_dot_v1_dot_inversion__pb2
 from vitscope.v1 import models_pb2 as vitscope_dot_v1_dot_models__pb2
 from vitscope.v1 import projection_pb2 as vitscope_dot_v1_dot_projection__pb2
+from vitscope.v1 import server_info_pb2 as vitscope_dot_v1_dot_server__info__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -84,6 +85,11 @@ class InspectorStub:
                 request_serializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.SerializeToString,
                 response_deserializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/vitscope.v1.Inspector/GetServerInfo',
+                request_serializer=vitscope_dot_v1_dot_server__info__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_server__info__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class InspectorServicer:
@@ -156,6 +162,15 @@ class InspectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """What this server speaks and offers: protocol and package versions, models,
+        methods and limits. A client calls it before sending work, to fail clearly
+        on a server it cannot use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InspectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +218,11 @@ def add_InspectorServicer_to_server(servicer, server):
                     servicer.ListInverters,
                     request_deserializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.FromString,
                     response_serializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=vitscope_dot_v1_dot_server__info__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_server__info__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +469,33 @@ class Inspector:
             '/vitscope.v1.Inspector/ListInverters',
             vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.SerializeToString,
             vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitscope.v1.Inspector/GetServerInfo',
+            vitscope_dot_v1_dot_server__info__pb2.GetServerInfoRequest.SerializeToString,
+            vitscope_dot_v1_dot_server__info__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,7 @@ from vitscope.v1 import features_pb2 as _features_pb2
 from vitscope.v1 import inversion_pb2 as _inversion_pb2
 from vitscope.v1 import models_pb2 as _models_pb2
 from vitscope.v1 import projection_pb2 as _projection_pb2
+from vitscope.v1 import server_info_pb2 as _server_info_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -61,6 +62,11 @@ class InspectorStub:
     """
     ListInverters: _grpc.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]
     """Trained inverters per served model, with their card data."""
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_server_info_pb2.GetServerInfoRequest, _server_info_pb2.GetServerInfoResponse]
+    """What this server speaks and offers: protocol and package versions, models,
+    methods and limits. A client calls it before sending work, to fail clearly
+    on a server it cannot use.
+    """
 
 @_typing.type_check_only
 class InspectorAsyncStub(InspectorStub):
@@ -91,6 +97,11 @@ class InspectorAsyncStub(InspectorStub):
     """
     ListInverters: _aio.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]  # type: ignore[assignment]
     """Trained inverters per served model, with their card data."""
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_server_info_pb2.GetServerInfoRequest, _server_info_pb2.GetServerInfoResponse]  # type: ignore[assignment]
+    """What this server speaks and offers: protocol and package versions, models,
+    methods and limits. A client calls it before sending work, to fail clearly
+    on a server it cannot use.
+    """
 
 class InspectorServicer(metaclass=_abc_1.ABCMeta):
     """Looks inside vision transformers served by this process."""
@@ -172,5 +183,16 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inversion_pb2.ListInvertersResponse, _abc.Awaitable[_inversion_pb2.ListInvertersResponse]]:
         """Trained inverters per served model, with their card data."""
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _server_info_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_server_info_pb2.GetServerInfoResponse, _abc.Awaitable[_server_info_pb2.GetServerInfoResponse]]:
+        """What this server speaks and offers: protocol and package versions, models,
+        methods and limits. A client calls it before sending work, to fail clearly
+        on a server it cannot use.
+        """
 
 def add_InspectorServicer_to_server(servicer: InspectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

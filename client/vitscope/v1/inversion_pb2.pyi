@@ -99,9 +99,11 @@ class InversionOptimization(_message.Message):
     steps: _builtins.int
     """Adam steps, 1..10000 [200]."""
     learning_rate: _builtins.float
-    """Adam learning rate on [0, 1] pixels, finite and > 0 [0.05]."""
+    """Adam learning rate on [0, 1] pixels, > 0 and <= 1000 [0.05]. A loss that stops
+    being finite ends the call with INVALID_ARGUMENT (OPTIMIZATION_DIVERGED).
+    """
     tv_weight: _builtins.float
-    """Weight of the total-variation prior, finite and >= 0 [0.01]; 0 turns it off."""
+    """Weight of the total-variation prior, >= 0 and <= 1e6 [0.01]; 0 turns it off."""
     seed: _builtins.int
     """Seed of the initial noise [0]."""
     progress_every: _builtins.int

@@ -16,7 +16,12 @@ import torch
 from vitscope_server.core.adapters import Layout, ModelAdapter, SiteDef
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites, last_block_needed
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from vitscope_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Reason,
+    ResourceExhausted,
+)
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance, provenance_of
@@ -103,36 +108,54 @@ class ActivationLimits:
 
 def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery:
     if not query.sites and not query.top_predictions and not query.logits:
-        raise InvalidArgument("sites: at least one site is required (or top_predictions > 0)")
+        raise InvalidArgument(
+            "sites",
+            "at least one site is required (or top_predictions > 0)",
+            reason=Reason.FIELD_REQUIRED,
+        )
     if query.output_dtype not in OUTPUT_DTYPES:
         raise InvalidArgument(
-            f"output_dtype: {query.output_dtype!r} not allowed; allowed: {OUTPUT_DTYPES}"
+            "output_dtype", f"{query.output_dtype!r} not allowed; allowed: {OUTPUT_DTYPES}"
         )
     mode = query.token_mode
     if mode is TokenMode.UNSPECIFIED:
         mode = TokenMode.ALL if query.reduction is Reduction.NONE else TokenMode.PATCHES
-    if mode is TokenMode.INDICES and not query.token_indices:
-        raise InvalidArgument("tokens.indices: required with TOKEN_SELECTION_MODE_INDICES")
-    if mode is TokenMode.POSITIONS and not query.positions:
-        raise InvalidArgument("tokens.positions: required with TOKEN_SELECTION_MODE_POSITIONS")
     if query.reduction is Reduction.PATCH_MAP:
         if not query.channels:
-            raise InvalidArgument("channels: REDUCTION_PATCH_MAP needs at least one channel")
+            raise InvalidArgument(
+                "channels",
+                "REDUCTION_PATCH_MAP needs at least one channel",
+                reason=Reason.FIELD_REQUIRED,
+            )
         if mode is not TokenMode.PATCHES:
             raise InvalidArgument(
-                "tokens.mode: REDUCTION_PATCH_MAP covers the patch grid; use PATCHES or leave unset"
+                "tokens.mode",
+                "REDUCTION_PATCH_MAP covers the patch grid; use PATCHES or leave unset",
             )
     if query.reduction is Reduction.TOP_CHANNELS and query.top_k <= 0:
-        raise InvalidArgument(f"top_k: REDUCTION_TOP_CHANNELS needs top_k >= 1, got {query.top_k}")
+        raise InvalidArgument(
+            "top_k", f"REDUCTION_TOP_CHANNELS needs top_k >= 1, got {query.top_k}"
+        )
     if query.top_predictions < 0:
-        raise InvalidArgument(f"top_predictions: must be >= 0, got {query.top_predictions}")
+        raise InvalidArgument("top_predictions", f"must be >= 0, got {query.top_predictions}")
     if query.top_predictions and not adapter.has_classifier:
-        raise FailedPrecondition(f"top_predictions: model {adapter.spec.name} has no classifier")
+        raise FailedPrecondition(
+            f"top_predictions: model {adapter.spec.name} has no classifier",
+            reason=Reason.NO_CLASSIFIER,
+            subject=adapter.spec.name,
+            field="top_predictions",
+        )
     if query.logits and not adapter.has_classifier:
-        raise FailedPrecondition(f"logits: model {adapter.spec.name} has no classifier")
+        raise FailedPrecondition(
+            f"logits: model {adapter.spec.name} has no classifier",
+            reason=Reason.NO_CLASSIFIER,
+            subject=adapter.spec.name,
+            field="logits",
+        )
     if query.top_predictions > len(adapter.class_names):
         raise InvalidArgument(
-            f"top_predictions: {query.top_predictions} exceeds the {len(adapter.class_names)} classes"
+            "top_predictions",
+            f"{query.top_predictions} exceeds the {len(adapter.class_names)} classes",
         )
     return replace(
         query,
@@ -166,26 +189,39 @@ def resolve_token_indices(query: TokenSelection, site: SiteDef, num_tokens: int)
         return list(range(num_tokens))
     if mode is TokenMode.PREFIX:
         if prefix == 0:
-            raise InvalidArgument(f"tokens.mode: site {site.name!r} has no prefix tokens")
+            raise InvalidArgument("tokens.mode", f"site {site.name!r} has no prefix tokens")
         return list(range(prefix))
     if mode is TokenMode.PATCHES:
         return list(range(prefix, num_tokens))
+    if mode is TokenMode.INDICES and not query.token_indices:
+        raise InvalidArgument(
+            "tokens.indices", "required with token mode INDICES", reason=Reason.FIELD_REQUIRED
+        )
+    if mode is TokenMode.POSITIONS and not query.positions:
+        raise InvalidArgument(
+            "tokens.positions", "required with token mode POSITIONS", reason=Reason.FIELD_REQUIRED
+        )
     if len(query.token_indices) > num_tokens or len(query.positions) > num_tokens:
         raise InvalidArgument(
-            f"tokens: at most {num_tokens} indices or positions for site {site.name!r}"
+            "tokens", f"at most {num_tokens} indices or positions for site {site.name!r}"
         )
     if mode is TokenMode.INDICES:
-        bad = [i for i in query.token_indices if not 0 <= i < num_tokens]
+        bad = [n for n, i in enumerate(query.token_indices) if not 0 <= i < num_tokens]
         if bad:
             raise InvalidArgument(
-                f"tokens.indices: {bad[:5]} out of range for site {site.name!r}; allowed 0..{num_tokens - 1}"
+                f"tokens.indices[{bad[0]}]",
+                f"{query.token_indices[bad[0]]} out of range for site {site.name!r}; "
+                f"allowed 0..{num_tokens - 1}",
             )
         return list(query.token_indices)
-    bad_positions = [(r, c) for r, c in query.positions if not (0 <= r < height and 0 <= c < width)]
-    if bad_positions:
+    bad = [
+        n for n, (r, c) in enumerate(query.positions) if not (0 <= r < height and 0 <= c < width)
+    ]
+    if bad:
         raise InvalidArgument(
-            f"tokens.positions: {bad_positions[:5]} outside the {height}x{width} grid of site {site.name!r}; "
-            f"rows 0..{height - 1}, cols 0..{width - 1}"
+            f"tokens.positions[{bad[0]}]",
+            f"{query.positions[bad[0]]} outside the {height}x{width} grid of site {site.name!r}; "
+            f"rows 0..{height - 1}, cols 0..{width - 1}",
         )
     return [prefix + r * width + c for r, c in query.positions]
 
@@ -224,11 +260,12 @@ def _to_output(role: str, tensor: torch.Tensor, dtype: str) -> OutputTensor:
 
 def _check_channels(channels: tuple[int, ...], site: SiteDef, num_channels: int) -> None:
     if len(channels) > num_channels:
-        raise InvalidArgument(f"channels: at most {num_channels} for site {site.name!r}")
+        raise InvalidArgument("channels", f"at most {num_channels} for site {site.name!r}")
     bad = [c for c in channels if not 0 <= c < num_channels]
     if bad:
         raise InvalidArgument(
-            f"channels: {bad[:5]} out of range for site {site.name!r}; allowed 0..{num_channels - 1}"
+            "channels",
+            f"{bad[:5]} out of range for site {site.name!r}; allowed 0..{num_channels - 1}",
         )
 
 
@@ -238,8 +275,9 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
     if site.layout in (Layout.WINDOW_ATTENTION, Layout.RAW):
         if reduction is not Reduction.NONE or query.token_mode is not TokenMode.ALL:
             raise InvalidArgument(
-                f"sites: {site.name!r} has {site.layout.value} layout {list(tensor.shape)}; "
-                "it allows only REDUCTION_NONE with all tokens"
+                "sites",
+                f"{site.name!r} has {site.layout.value} layout {list(tensor.shape)}; "
+                "it allows only REDUCTION_NONE with all tokens",
             )
         return SiteOutput(site, [], [], [_to_output("values", tensor, query.output_dtype)])
     token_axis = 2 if site.layout is Layout.ATTENTION else 1
@@ -251,7 +289,7 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
         values = selected.mean(dim=token_axis)
     elif site.layout is Layout.ATTENTION:
         raise InvalidArgument(
-            f"reduction: site {site.name!r} holds attention probabilities; allowed: NONE, MEAN"
+            "reduction", f"site {site.name!r} holds attention probabilities; allowed: NONE, MEAN"
         )
     elif reduction is Reduction.PATCH_MAP:
         _check_channels(query.channels, site, tensor.shape[-1])
@@ -266,7 +304,7 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
         num_channels = tensor.shape[-1]
         if query.top_k > num_channels:
             raise InvalidArgument(
-                f"top_k: {query.top_k} exceeds the {num_channels} channels of {site.name!r}"
+                "top_k", f"{query.top_k} exceeds the {num_channels} channels of {site.name!r}"
             )
         top = selected.mean(dim=1).topk(query.top_k, dim=-1)
         return SiteOutput(
@@ -315,7 +353,7 @@ def prepare_activations(
     sites = [resolve_site(adapter, name, f"sites[{i}]") for i, name in enumerate(effective.sites)]
     names = [site.name for site in sites]
     if len(set(names)) != len(names):
-        raise InvalidArgument(f"sites: each site may appear once; {effective.sites} name {names}")
+        raise InvalidArgument("sites", f"each site may appear once; {effective.sites} name {names}")
     pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels)
     return PreparedActivations(loaded, replace(effective, sites=tuple(names)), sites, pixels)
 
@@ -343,14 +381,16 @@ def get_activations(
             tensor = captured.get(site.name)
             if tensor is None:
                 raise InvalidArgument(
-                    f"sites: {site.name!r} ({site.module_path}) is not reached by the forward pass"
+                    "sites",
+                    f"{site.name!r} ({site.module_path}) is not reached by the forward pass",
                 )
             outputs.append(_reduce(effective, as_site_layout(site, tuple(tensor.shape)), tensor))
             result_bytes += sum(t.array.nbytes for t in outputs[-1].tensors)
             if result_bytes > limits.max_result_bytes:
                 raise ResourceExhausted(
                     f"sites: the result exceeds {limits.max_result_bytes} bytes; "
-                    "ask for fewer sites, tokens or images, a reduction, or float16"
+                    "ask for fewer sites, tokens or images, a reduction, or float16",
+                    reason=Reason.RESULT_TOO_LARGE,
                 )
         predictions = (
             _predictions(adapter, logits, effective.top_predictions)

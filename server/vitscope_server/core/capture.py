@@ -24,7 +24,7 @@ def _pick_tensor(value: Any, site: SiteDef) -> torch.Tensor:
         value = value[site.output_index] if len(value) > site.output_index else None
     if not isinstance(value, torch.Tensor):
         raise InvalidArgument(
-            f"sites: module {site.module_path!r} of site {site.name!r} yields no tensor"
+            "sites", f"module {site.module_path!r} of site {site.name!r} yields no tensor"
         )
     return value
 

@@ -20,7 +20,12 @@ from vitscope_server.core.adapters import ModelAdapter, SiteDef
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import capture_sites
 from vitscope_server.core.class_space import ClassSpace, LabelSet, class_count, class_space_of
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from vitscope_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Reason,
+    ResourceExhausted,
+)
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.importance import (
     ImportanceEvaluation,
@@ -144,25 +149,25 @@ def _check_blocks(blocks: tuple[int, ...], count: int, field: str) -> tuple[int,
         return tuple(range(count))
     bad = [b for b in blocks if not 0 <= b < count]
     if bad:
-        raise InvalidArgument(f"{field}: blocks {bad[:5]} do not exist; allowed 0..{count - 1}")
+        raise InvalidArgument(field, f"blocks {bad[:5]} do not exist; allowed 0..{count - 1}")
     if len(set(blocks)) != len(blocks):
-        raise InvalidArgument(f"{field}: each block may appear once, got {list(blocks)}")
+        raise InvalidArgument(field, f"each block may appear once, got {list(blocks)}")
     return tuple(sorted(blocks))
 
 
 def check_targets(targets: tuple[ClassRef, ...], batch: int, field: str = "targets") -> None:
     if targets and len(targets) != batch:
         raise InvalidArgument(
-            f"{field}: give none or one per image; got {len(targets)} for {batch} images"
+            field, f"give none or one per image; got {len(targets)} for {batch} images"
         )
 
 
 def default_top_k(top_k: int, limit: int, what: str) -> int:
     """An explicit top_k must fit `limit`; an unset one is the default, or `limit` if smaller."""
     if top_k < 0:
-        raise InvalidArgument(f"top_k: must be >= 1, got {top_k}")
+        raise InvalidArgument("top_k", f"must be >= 1, got {top_k}")
     if top_k > limit:
-        raise InvalidArgument(f"top_k: {top_k} exceeds the {what}; allowed 1..{limit}")
+        raise InvalidArgument("top_k", f"{top_k} exceeds the {what}; allowed 1..{limit}")
     return top_k or min(DEFAULT_TOP_K, limit)
 
 
@@ -190,7 +195,8 @@ def _check_sizes(
         raise ResourceExhausted(
             f"one image's projection would take about {per_image} bytes, over the "
             f"{limits.max_message_bytes}-byte message limit; ask for fewer blocks, tokens, "
-            "representations or a smaller top_k"
+            "representations or a smaller top_k",
+            reason=Reason.RESULT_TOO_LARGE,
         )
     all_tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
     embedding = {-1} if query.evaluate_importance else set()
@@ -201,7 +207,8 @@ def _check_sizes(
         raise ResourceExhausted(
             f"projecting {batch} images over {blocks} blocks needs about {needed} bytes of "
             f"captured activations and results, over the server's {limits.max_result_bytes}-byte "
-            "limit; ask for fewer images or blocks"
+            "limit; ask for fewer images or blocks",
+            reason=Reason.RESULT_TOO_LARGE,
         )
 
 
@@ -212,21 +219,23 @@ def prepare_projection(
     adapter = loaded.adapter
     reason = adapter.class_projection_unsupported()
     if reason is not None:
-        raise FailedPrecondition(reason)
+        raise FailedPrecondition(reason, subject=loaded.spec.name)
     classes = class_count(loaded, query.labels)
     unknown = [r for r in query.representations if r not in REPRESENTATIONS]
     if unknown:
         raise InvalidArgument(
-            f"representations: {unknown} not allowed; allowed: {list(REPRESENTATIONS)}"
+            "representations", f"{unknown} not allowed; allowed: {list(REPRESENTATIONS)}"
         )
     if len(set(query.representations)) != len(query.representations):
-        raise InvalidArgument("representations: each may appear once")
+        raise InvalidArgument("representations", "each may appear once")
     blocks = _check_blocks(query.blocks, len(adapter.blocks), "blocks")
     top_k = default_top_k(query.top_k, classes, f"{classes} classes")
     if query.importance_maps and adapter.num_prefix_tokens == 0:
         raise FailedPrecondition(
             f"importance_maps: model {loaded.spec.name} has no class token; the method reads "
-            "the class token's attention"
+            "the class token's attention",
+            subject=loaded.spec.name,
+            field="importance_maps",
         )
     keep_counts = effective_keep_counts(
         adapter,

@@ -16,7 +16,13 @@ import torch.nn.functional as F
 
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
+from vitscope_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Reason,
+    quote,
+    quote_all,
+)
 from vitscope_server.core.loading import LoadedModel
 
 _CACHE_ENTRIES = 8
@@ -85,14 +91,14 @@ class ClassSpace:
             return None
         if isinstance(ref, str):
             if ref not in self.names:
-                shown = ", ".join(repr(n) for n in self.names[:10])
                 raise InvalidArgument(
-                    f"{field}: unknown class name {ref!r}; the {self.num_classes} classes begin {shown}"
+                    field,
+                    f"unknown class name {quote(ref)}; the classes are {quote_all(self.names, 10)}",
                 )
             return self.names.index(ref)
         if not 0 <= ref < self.num_classes:
             raise InvalidArgument(
-                f"{field}: class index {ref} out of range; allowed 0..{self.num_classes - 1}"
+                field, f"class index {ref} out of range; allowed 0..{self.num_classes - 1}"
             )
         return ref
 
@@ -136,26 +142,33 @@ def _checked_labels(labels: LabelSet | None) -> LabelSet:
     names = labels.class_names
     templates = labels.templates or _imagenet_templates()
     if not names:
-        raise InvalidArgument("labels.class_names: the label set is empty; give at least one name")
+        raise InvalidArgument(
+            "labels.class_names",
+            "the label set is empty; give at least one name",
+            reason=Reason.FIELD_REQUIRED,
+        )
     if len(names) > MAX_CLASS_NAMES:
         raise InvalidArgument(
-            f"labels.class_names: {len(names)} names; allowed at most {MAX_CLASS_NAMES}"
+            "labels.class_names", f"{len(names)} names; allowed at most {MAX_CLASS_NAMES}"
         )
     if len(labels.templates) > MAX_TEMPLATES:
         raise InvalidArgument(
-            f"labels.templates: {len(labels.templates)} templates; allowed at most {MAX_TEMPLATES}"
+            "labels.templates",
+            f"{len(labels.templates)} templates; allowed at most {MAX_TEMPLATES}",
         )
     blank = [i for i, name in enumerate(names) if not name.strip()]
     if blank:
-        raise InvalidArgument(f"labels.class_names: names at {blank[:5]} are blank")
+        raise InvalidArgument("labels.class_names", f"names at {blank[:5]} are blank")
     if len(set(names)) != len(names):
         repeated = sorted(n for n, count in Counter(names).items() if count > 1)
         raise InvalidArgument(
-            f"labels.class_names: each name may appear once; repeated {repeated[:5]}"
+            "labels.class_names", f"each name may appear once; repeated {quote_all(repeated)}"
         )
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise InvalidArgument(f"labels.templates: {bad[:3]} lack '{{}}' where the class name goes")
+        raise InvalidArgument(
+            "labels.templates", f"{quote_all(bad, 3)} lack '{{}}' where the class name goes"
+        )
     return LabelSet(names, templates)
 
 
@@ -164,13 +177,14 @@ def _own_classifier(loaded: LoadedModel, labels: LabelSet | None) -> bool:
     adapter: ModelAdapter = loaded.adapter
     reason = adapter.class_projection_unsupported()
     if reason is not None:
-        raise FailedPrecondition(reason)
+        raise FailedPrecondition(reason, subject=loaded.spec.name)
     if adapter.family == "open_clip":
         return False
     if labels is not None:
         raise InvalidArgument(
-            f"labels: model {loaded.spec.name} has its own classifier; a label set is only "
-            "for open_clip towers"
+            "labels",
+            f"model {loaded.spec.name} has its own classifier; a label set is only "
+            "for open_clip towers",
         )
     return True
 

@@ -24,7 +24,13 @@ from vitscope_server.core.activations import as_site_layout
 from vitscope_server.core.adapters import Layout, ModelAdapter, SiteDef
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites, last_block_needed
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from vitscope_server.core.divergence import MAX_LEARNING_RATE, MAX_TV_WEIGHT, require_converging
+from vitscope_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Reason,
+    ResourceExhausted,
+)
 from vitscope_server.core.feature_images import Parameterization, image_parameters
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.pixels import normalise, to_uint8
@@ -151,17 +157,17 @@ class OptimizationResult:
     features: list[OptimizedFeature]
 
 
-def _finite(value: float, field: str, low: float, low_inclusive: bool) -> float:
+def _finite(value: float, field: str, low: float, low_inclusive: bool, high: float) -> float:
     ok = math.isfinite(value) and (value >= low if low_inclusive else value > low)
-    if not ok:
+    if not ok or value > high:
         bound = f">= {low}" if low_inclusive else f"> {low}"
-        raise InvalidArgument(f"{field}: must be a finite number {bound}, got {value}")
+        raise InvalidArgument(field, f"must be a finite number {bound} and <= {high}, got {value}")
     return value
 
 
 def _in_range(value: int, field: str, low: int, high: int) -> int:
     if not low <= value <= high:
-        raise InvalidArgument(f"{field}: must be in {low}..{high}, got {value}")
+        raise InvalidArgument(field, f"must be in {low}..{high}, got {value}")
     return value
 
 
@@ -184,12 +190,14 @@ def effective_params(params: OptimizationParams, adapter: ModelAdapter) -> Effec
             "parameters.learning_rate",
             0.0,
             low_inclusive=False,
+            high=MAX_LEARNING_RATE,
         ),
         tv_weight=_finite(
             params.tv_weight if params.tv_weight is not None else DEFAULT_TV_WEIGHT,
             "parameters.tv_weight",
             0.0,
-            True,
+            low_inclusive=True,
+            high=MAX_TV_WEIGHT,
         ),
         copies=_in_range(
             params.copies if params.copies is not None else DEFAULT_COPIES,
@@ -213,7 +221,10 @@ def _feature_site(loaded: LoadedModel, feature: FeatureSpec, field: str) -> Site
     if feature.objective is Objective.CLASS_LOGIT:
         if not adapter.has_classifier:
             raise FailedPrecondition(
-                f"{field}.objective: model {adapter.spec.name} has no classifier"
+                f"{field}.objective: model {adapter.spec.name} has no classifier",
+                reason=Reason.NO_CLASSIFIER,
+                subject=adapter.spec.name,
+                field=f"{field}.objective",
             )
         _in_range(feature.class_index, f"{field}.class_index", 0, len(adapter.class_names) - 1)
         return None
@@ -223,8 +234,9 @@ def _feature_site(loaded: LoadedModel, feature: FeatureSpec, field: str) -> Site
         site = as_site_layout(site, shape)
     if site.layout is not Layout.TOKENS or shape is None:
         raise InvalidArgument(
-            f"{field}.site: {site.name!r} has no [tokens, channels] layout; use a token site "
-            "such as blocks.{i}.mlp.hidden, blocks.{i}.out or final"
+            f"{field}.site",
+            f"{site.name!r} has no [tokens, channels] layout; use a token site "
+            "such as blocks.{i}.mlp.hidden, blocks.{i}.out or final",
         )
     channels = shape[-1]
     tokens = shape[1]
@@ -232,16 +244,16 @@ def _feature_site(loaded: LoadedModel, feature: FeatureSpec, field: str) -> Site
         given = 0 if feature.direction is None else feature.direction.size
         if feature.direction is None or given != channels:
             raise InvalidArgument(
-                f"{field}.direction: needs {channels} values for {site.name!r}, got {given}"
+                f"{field}.direction", f"needs {channels} values for {site.name!r}, got {given}"
             )
         if not np.isfinite(feature.direction).all():
-            raise InvalidArgument(f"{field}.direction: contains NaN or infinity")
+            raise InvalidArgument(f"{field}.direction", "contains NaN or infinity")
     else:
         _in_range(feature.channel, f"{field}.channel", 0, channels - 1)
     if feature.objective is Objective.TOKEN:
         _in_range(feature.token_index, f"{field}.token_index", 0, tokens - 1)
     if feature.objective is Objective.CLS and site.num_prefix_tokens == 0:
-        raise InvalidArgument(f"{field}.objective: {site.name!r} has no prefix (CLS) token")
+        raise InvalidArgument(f"{field}.objective", f"{site.name!r} has no prefix (CLS) token")
     return site
 
 
@@ -282,13 +294,16 @@ def prepare_optimization(
     before any step is run.
     """
     if not features:
-        raise InvalidArgument("features: at least one feature is required")
+        raise InvalidArgument(
+            "features", "at least one feature is required", reason=Reason.FIELD_REQUIRED
+        )
     effective = effective_params(params, loaded.adapter)
     batch = len(features) * effective.copies
     if batch > max_batch:
         raise ResourceExhausted(
             f"features x copies = {len(features)} x {effective.copies} = {batch} images per step "
-            f"exceeds the server's batch limit of {max_batch}; ask for fewer features or copies"
+            f"exceeds the server's batch limit of {max_batch}; ask for fewer features or copies",
+            reason=Reason.BATCH_TOO_LARGE,
         )
     sites = [_feature_site(loaded, f, f"features[{i}]") for i, f in enumerate(features)]
     _, native_height, native_width = loaded.adapter.data_config.input_size
@@ -297,14 +312,16 @@ def prepare_optimization(
     if batch_pixels > max_pixels:
         raise ResourceExhausted(
             f"features x copies x max(image_size, native size)^2 = {batch_pixels} pixels "
-            f"exceeds {max_pixels}; ask for fewer features, copies or a smaller image"
+            f"exceeds {max_pixels}; ask for fewer features, copies or a smaller image",
+            reason=Reason.BATCH_TOO_LARGE,
         )
     response_bytes = response_bytes_bound(features, sites, size)
     if response_bytes > max_response_bytes:
         raise ResourceExhausted(
             f"features, parameters.image_size: {len(features)} images of {size}x{size} take up to "
             f"{response_bytes} bytes, over the response limit of {max_response_bytes} bytes; "
-            "ask for fewer features or a smaller image"
+            "ask for fewer features or a smaller image",
+            reason=Reason.RESULT_TOO_LARGE,
         )
     return PreparedOptimization(loaded, features, sites, effective)
 
@@ -485,12 +502,14 @@ def optimize_features(
             if params.progress_every and (
                 done % params.progress_every == 0 or done == params.steps
             ):
+                require_converging(loss, "parameters.learning_rate", done)
                 yield Progress(
                     done,
                     float(loss.detach()),
                     means.detach().cpu().tolist(),
                     to_uint8(image.pixels()) if params.preview else None,
                 )
+    require_converging(loss, "parameters.learning_rate", params.steps)
     cancel.raise_if_cancelled()
     # Objective and maps are read from the image as delivered (8-bit), so they can be reproduced.
     with torch.no_grad():

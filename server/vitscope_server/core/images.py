@@ -11,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vitscope_server.core.adapters import ModelAdapter
-from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
+from vitscope_server.core.errors import InvalidArgument, Reason, ResourceExhausted
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -31,35 +31,45 @@ def _decode(data: bytes, field: str, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         if image.format not in ALLOWED_FORMATS:
             raise InvalidArgument(
-                f"{field}: format {image.format} not allowed; allowed: {ALLOWED_FORMATS}"
+                field, f"format {image.format} not allowed; allowed: {ALLOWED_FORMATS}"
             )
         if image.width * image.height > max_pixels:
             raise ResourceExhausted(
-                f"{field}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels} pixels"
+                f"{field}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels} pixels",
+                reason=Reason.IMAGE_TOO_LARGE,
+                field=field,
             )
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidArgument(
-            f"{field}: cannot decode image ({exc}); allowed formats: {ALLOWED_FORMATS}"
+            field,
+            f"cannot decode image ({exc}); allowed formats: {ALLOWED_FORMATS}",
+            reason=Reason.IMAGE_UNDECODABLE,
         ) from None
     except Image.DecompressionBombError as exc:
-        raise ResourceExhausted(f"{field}: image too large to decode ({exc})") from None
+        raise ResourceExhausted(
+            f"{field}: image too large to decode ({exc})",
+            reason=Reason.IMAGE_TOO_LARGE,
+            field=field,
+        ) from None
     return image.convert("RGB")
 
 
 def _from_pixels(pixels: np.ndarray, field: str, max_pixels: int) -> Image.Image:
     if pixels.dtype != np.uint8:
-        raise InvalidArgument(f"{field}: pixels must be uint8, got {pixels.dtype}")
+        raise InvalidArgument(field, f"pixels must be uint8, got {pixels.dtype}")
     if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3)):
         raise InvalidArgument(
-            f"{field}: pixels shape {list(pixels.shape)}; allowed: [H, W], [H, W, 1], [H, W, 3]"
+            field, f"pixels shape {list(pixels.shape)}; allowed: [H, W], [H, W, 1], [H, W, 3]"
         )
     if pixels.shape[0] * pixels.shape[1] > max_pixels:
         raise ResourceExhausted(
-            f"{field}: {pixels.shape[0]}x{pixels.shape[1]} pixels exceeds {max_pixels}"
+            f"{field}: {pixels.shape[0]}x{pixels.shape[1]} pixels exceeds {max_pixels}",
+            reason=Reason.IMAGE_TOO_LARGE,
+            field=field,
         )
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
-        raise InvalidArgument(f"{field}: pixels shape {list(pixels.shape)} is empty")
+        raise InvalidArgument(field, f"pixels shape {list(pixels.shape)} is empty")
     squeezed = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
     return Image.fromarray(np.ascontiguousarray(squeezed)).convert("RGB")
 
@@ -68,14 +78,14 @@ def _from_preprocessed(array: np.ndarray, field: str, adapter: ModelAdapter) -> 
     expected = list(adapter.data_config.input_size)
     if array.dtype not in (np.float32, np.float16):
         raise InvalidArgument(
-            f"{field}: preprocessed tensor must be float32 or float16, got {array.dtype}"
+            field, f"preprocessed tensor must be float32 or float16, got {array.dtype}"
         )
     if list(array.shape) != expected:
         raise InvalidArgument(
-            f"{field}: preprocessed shape {list(array.shape)}; model expects {expected}"
+            field, f"preprocessed shape {list(array.shape)}; model expects {expected}"
         )
     if not np.isfinite(array).all():
-        raise InvalidArgument(f"{field}: preprocessed tensor contains NaN or infinity")
+        raise InvalidArgument(field, "preprocessed tensor contains NaN or infinity")
     return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
@@ -90,10 +100,14 @@ def prepare_batch(
     as fields[i] (by default images[i]), so callers feeding parts of a larger whole can name
     the file or the position in that whole."""
     if not images:
-        raise InvalidArgument("images: at least one image is required")
+        raise InvalidArgument(
+            "images", "at least one image is required", reason=Reason.FIELD_REQUIRED
+        )
     if len(images) > max_batch:
         raise ResourceExhausted(
-            f"images: {len(images)} images exceeds the limit of {max_batch} per request"
+            f"images: {len(images)} images exceeds the limit of {max_batch} per request",
+            reason=Reason.BATCH_TOO_LARGE,
+            field="images",
         )
     names = fields if fields is not None else [f"images[{i}]" for i in range(len(images))]
     tensors = []
@@ -109,5 +123,9 @@ def prepare_batch(
                 adapter.preprocess(_decode(image.encoded, f"{field}.encoded", max_pixels))
             )
         else:
-            raise InvalidArgument(f"{field}: no source set; set encoded, pixels or preprocessed")
+            raise InvalidArgument(
+                field,
+                "no source set; set encoded, pixels or preprocessed",
+                reason=Reason.FIELD_REQUIRED,
+            )
     return torch.stack(tensors)

@@ -68,29 +68,31 @@ def effective_keep_counts(
     """The effective keep counts (ascending), or () when evaluation is off."""
     if not evaluate:
         if keep_counts:
-            raise InvalidArgument("keep_counts: given without evaluate_importance")
+            raise InvalidArgument("keep_counts", "given without evaluate_importance")
         return ()
     if not importance_maps:
         raise InvalidArgument(
-            "evaluate_importance: needs importance_maps, whose summed map orders the tokens"
+            "evaluate_importance", "needs importance_maps, whose summed map orders the tokens"
         )
     if not adapter.reads_class_token():
         raise FailedPrecondition(
             f"evaluate_importance: model {name} does not read its prediction at the class "
-            "token, so it cannot be run on a subset of patch tokens"
+            "token, so it cannot be run on a subset of patch tokens",
+            subject=name,
+            field="evaluate_importance",
         )
     patches = adapter.grid[0] * adapter.grid[1]
     if not keep_counts:
         return default_keep_counts(patches)
     if len(keep_counts) > MAX_KEEP_COUNTS:
         raise InvalidArgument(
-            f"keep_counts: {len(keep_counts)} given; allowed at most {MAX_KEEP_COUNTS}"
+            "keep_counts", f"{len(keep_counts)} given; allowed at most {MAX_KEEP_COUNTS}"
         )
     bad = [n for n in keep_counts if not 0 <= n <= patches]
     if bad:
-        raise InvalidArgument(f"keep_counts: {bad[:5]} out of range; allowed 0..{patches}")
+        raise InvalidArgument("keep_counts", f"{bad[:5]} out of range; allowed 0..{patches}")
     if len(set(keep_counts)) != len(keep_counts):
-        raise InvalidArgument(f"keep_counts: each may appear once, got {list(keep_counts)}")
+        raise InvalidArgument("keep_counts", f"each may appear once, got {list(keep_counts)}")
     return tuple(sorted(keep_counts))
 
 

@@ -21,7 +21,8 @@ import torch
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites
-from vitscope_server.core.errors import InvalidArgument, NotFound, ResourceExhausted
+from vitscope_server.core.divergence import MAX_LEARNING_RATE, MAX_TV_WEIGHT, require_converging
+from vitscope_server.core.errors import InvalidArgument, NotFound, Reason, ResourceExhausted
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.inversion_modules import chain_names, depth_site
@@ -130,28 +131,30 @@ def _check_depths(loaded: LoadedModel, depths: tuple[int, ...], field_name: str)
     bad = [d for d in depths if not 0 <= d <= num_blocks]
     if bad:
         raise InvalidArgument(
-            f"{field_name}: depths {bad} out of range; allowed 0..{num_blocks} "
-            f"(0 = embed, k = blocks.{{k-1}}.out)"
+            field_name,
+            f"depths {bad} out of range; allowed 0..{num_blocks} "
+            f"(0 = embed, k = blocks.{{k-1}}.out)",
         )
     if len(set(depths)) != len(depths):
-        raise InvalidArgument(f"{field_name}: each depth may appear once, got {list(depths)}")
+        raise InvalidArgument(field_name, f"each depth may appear once, got {list(depths)}")
 
 
 def _check_optimization(params: OptimizationParams) -> None:
     if not 1 <= params.steps <= 10_000:
-        raise InvalidArgument(f"optimization.steps: {params.steps} not allowed; allowed 1..10000")
-    if not (math.isfinite(params.learning_rate) and params.learning_rate > 0):
+        raise InvalidArgument("optimization.steps", f"{params.steps} not allowed; allowed 1..10000")
+    if not (math.isfinite(params.learning_rate) and 0 < params.learning_rate <= MAX_LEARNING_RATE):
         raise InvalidArgument(
-            f"optimization.learning_rate: {params.learning_rate} not allowed; "
-            "allowed: finite and > 0"
+            "optimization.learning_rate",
+            f"{params.learning_rate} not allowed; allowed: finite, > 0 and <= {MAX_LEARNING_RATE}",
         )
-    if not (math.isfinite(params.tv_weight) and params.tv_weight >= 0):
+    if not (math.isfinite(params.tv_weight) and 0 <= params.tv_weight <= MAX_TV_WEIGHT):
         raise InvalidArgument(
-            f"optimization.tv_weight: {params.tv_weight} not allowed; allowed: finite and >= 0"
+            "optimization.tv_weight",
+            f"{params.tv_weight} not allowed; allowed: finite, >= 0 and <= {MAX_TV_WEIGHT}",
         )
     if params.progress_every < 1:
         raise InvalidArgument(
-            f"optimization.progress_every: {params.progress_every} not allowed; allowed >= 1"
+            "optimization.progress_every", f"{params.progress_every} not allowed; allowed >= 1"
         )
 
 
@@ -162,20 +165,23 @@ def _representation_tensor(
     allowed = f"[batch, {', '.join(map(str, expected))}] of float32, float16 or bfloat16"
     if array.dtype not in (np.float32, np.float16):
         raise InvalidArgument(
-            f"representation.values: dtype {array.dtype} not allowed; expected {allowed}"
+            "representation.values", f"dtype {array.dtype} not allowed; expected {allowed}"
         )
     if array.ndim != 3 or tuple(array.shape[1:]) != expected or array.shape[0] < 1:
         raise InvalidArgument(
-            f"representation.values: shape {list(array.shape)} does not fit depth {depth} "
-            f"({depth_site(depth)}) of {loaded.spec.name}; expected {allowed}"
+            "representation.values",
+            f"shape {list(array.shape)} does not fit depth {depth} "
+            f"({depth_site(depth)}) of {loaded.spec.name}; expected {allowed}",
         )
     if array.shape[0] > max_batch:
         raise ResourceExhausted(
             f"representation.values: batch {array.shape[0]} exceeds the limit of {max_batch} "
-            "per request"
+            "per request",
+            reason=Reason.BATCH_TOO_LARGE,
+            field="representation.values",
         )
     if not np.isfinite(array).all():
-        raise InvalidArgument("representation.values: contains NaN or infinity")
+        raise InvalidArgument("representation.values", "contains NaN or infinity")
     return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
@@ -196,21 +202,24 @@ def prepare_inversion(
         values, depth = representation
         if query.depths:
             raise InvalidArgument(
-                "depths: leave empty when a representation is sent; its depth is representation.depth"
+                "depths",
+                "leave empty when a representation is sent; its depth is representation.depth",
             )
         query = replace(query, depths=(depth,))
         _check_depths(loaded, query.depths, "representation.depth")
         tensor = _representation_tensor(loaded, values, depth, max_batch)
     else:
         if not query.depths:
-            raise InvalidArgument("depths: at least one depth is required with images")
+            raise InvalidArgument(
+                "depths", "at least one depth is required with images", reason=Reason.FIELD_REQUIRED
+            )
         _check_depths(loaded, query.depths, "depths")
     pixels = None
     if images or representation is None:
         pixels = prepare_batch(loaded.adapter, images, max_batch, max_pixels)
     if tensor is not None and pixels is not None and pixels.shape[0] != tensor.shape[0]:
         raise InvalidArgument(
-            f"images: {pixels.shape[0]} originals for a representation of batch {tensor.shape[0]}"
+            "images", f"{pixels.shape[0]} originals for a representation of batch {tensor.shape[0]}"
         )
     inverter, modules = None, {}
     if query.method is Method.LEARNED:
@@ -218,8 +227,12 @@ def prepare_inversion(
         deepest = max(query.depths)
         if deepest > inverter.max_depth:
             raise NotFound(
+                Reason.INVERTER_NOT_FOUND,
+                f"{loaded.spec.name} depth {deepest}",
                 f"depths: the inverter of {loaded.spec.name} reaches depth {inverter.max_depth}, "
-                f"asked for {deepest}"
+                f"asked for {deepest}",
+                field="depths",
+                metadata={"model": loaded.spec.name},
             )
         modules = catalog.modules(inverter, chain_names(deepest), loaded.device)
     return PreparedInversion(loaded, query, pixels, tensor, inverter, modules)
@@ -298,6 +311,7 @@ def optimise(
             pixels.clamp_(0.0, 1.0)
         on_step()
         if step % params.progress_every == 0 or step == params.steps:
+            require_converging(loss, "optimization.learning_rate", step)
             yield Progress(depth, step, params.steps, loss.item(), float(per_image.detach().mean()))
     return pixels.detach()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitscope_server.core.errors import InvalidArgument, NotFound
+from vitscope_server.core.errors import InvalidArgument, NotFound, Reason
 from vitscope_server.core.inversion_modules import geometry_of
 from vitscope_server.core.inversion_store import Manifest, load_modules, read_manifest
 from vitscope_server.core.loading import LoadedModel
@@ -96,8 +96,12 @@ class InverterCatalog:
         stores = self.stores_for(loaded)
         if not stores:
             raise NotFound(
+                Reason.INVERTER_NOT_FOUND,
+                loaded.spec.name,
                 f"model {loaded.spec.name!r} has no trained inverter; train one with "
-                "`vitscope train-inverter` or use method OPTIMIZATION"
+                "`vitscope train-inverter` or use method OPTIMIZATION",
+                field="method",
+                metadata={"model": loaded.spec.name},
             )
         return max(stores, key=lambda m: m.max_depth)
 

@@ -75,8 +75,9 @@ def geometry_of(loaded: LoadedModel) -> Geometry:
     adapter = loaded.adapter
     if any(block.windowed for block in adapter.blocks):
         raise InvalidArgument(
+            "method",
             f"model {loaded.spec.name}: windowed-attention (Swin-like) models change grid and "
-            "width between stages and have no modular inverter; use OPTIMIZATION inversion"
+            "width between stages and have no modular inverter; use OPTIMIZATION inversion",
         )
     config = adapter.data_config
     rows, cols = adapter.grid
@@ -192,7 +193,7 @@ def build_module(name: str, kind: str, geometry: Geometry) -> nn.Module:
             return ConvInverseEmbed(geometry)
         if kind == "linear":
             return LinearInverseEmbed(geometry)
-        raise InvalidArgument(f"embed kind {kind!r} not allowed; allowed: {EMBED_KINDS}")
+        raise InvalidArgument("embed.kind", f"{kind!r} not allowed; allowed: {EMBED_KINDS}")
     if kind != "block":
-        raise InvalidArgument(f"module {name}: kind {kind!r} not allowed; allowed: block")
+        raise InvalidArgument(f"{name}.kind", f"{kind!r} not allowed; allowed: block")
     return InverseBlock(geometry)

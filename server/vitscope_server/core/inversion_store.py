@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vitscope_server.core.errors import NotFound
+from vitscope_server.core.errors import NotFound, Reason
 from vitscope_server.core.inversion_modules import EMBED, Geometry, build_module, chain_names
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,11 @@ def load_modules(
     missing = [n for n in names if n not in manifest.modules]
     if missing:
         raise NotFound(
-            f"inverter of {manifest.model} lacks modules {missing}; it reaches depth {manifest.max_depth}"
+            Reason.INVERTER_NOT_FOUND,
+            f"{manifest.model} {missing[0]}",
+            f"inverter of {manifest.model} lacks modules {missing}; "
+            f"it reaches depth {manifest.max_depth}",
+            metadata={"model": manifest.model},
         )
     modules = []
     for name in names:

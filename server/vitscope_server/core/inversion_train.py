@@ -70,14 +70,14 @@ def load_training_images(loaded: LoadedModel, data: str) -> torch.Tensor:
         return prepare_batch(adapter, digits, len(digits), TRAINING_MAX_PIXELS)
     files = list_images(Path(data))
     if not files:
-        raise InvalidArgument(f"--data {data}: no images ({', '.join(ALLOWED_FORMATS)}) found")
+        raise InvalidArgument("--data", f"{data}: no images ({', '.join(ALLOWED_FORMATS)}) found")
     inputs = []
     for name, path in files:
         try:
             image = ImageInput(encoded=path.read_bytes())
             inputs.append(prepare_batch(adapter, [image], 1, TRAINING_MAX_PIXELS)[0])
         except VitscopeError as exc:
-            raise InvalidArgument(f"--data {data}: {name}: {exc}") from None
+            raise InvalidArgument("--data", f"{data}: {name}: {exc}") from None
     return torch.stack(inputs)
 
 
@@ -142,15 +142,17 @@ def fit_linear_embed(loaded: LoadedModel, module: LinearInverseEmbed) -> None:
     )
     if not affine:
         raise InvalidArgument(
-            f"--embed-kind linear: {loaded.spec.name} has no affine patch embedding "
-            "(it needs a timm ViT without patch or pre-block norms); use conv"
+            "--embed-kind",
+            f"linear: {loaded.spec.name} has no affine patch embedding "
+            "(it needs a timm ViT without patch or pre-block norms); use conv",
         )
     weight = patch_embed.proj.weight.detach().cpu()  # type: ignore[union-attr]
     projection = weight.reshape(weight.shape[0], -1)
     if projection.shape[1] > projection.shape[0]:
         raise InvalidArgument(
-            f"--embed-kind linear: 3*P*P = {projection.shape[1]} exceeds width "
-            f"{projection.shape[0]}; the projection has no exact inverse; use conv"
+            "--embed-kind",
+            f"linear: 3*P*P = {projection.shape[1]} exceeds width "
+            f"{projection.shape[0]}; the projection has no exact inverse; use conv",
         )
     blank = torch.zeros((1, *loaded.adapter.data_config.input_size), device=loaded.device)
     tokens = representations(loaded.adapter, blank, [0], NEVER_CANCELLED)[0]
@@ -192,8 +194,9 @@ def train_module(
     name = module_name(index)
     if not 0 <= index <= len(loaded.adapter.blocks):
         raise InvalidArgument(
-            f"--module-index {index}: allowed 0..{len(loaded.adapter.blocks)} "
-            "(0 = embed, i = blocks.{i-1})"
+            "--module-index",
+            f"{index} not allowed; allowed 0..{len(loaded.adapter.blocks)} "
+            "(0 = embed, i = blocks.{i-1})",
         )
     checkpoint = store / f"{name}.ckpt"
     finished = store / f"{name}.json"

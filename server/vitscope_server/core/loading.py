@@ -9,7 +9,7 @@ import torch
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.capture import capture_sites
-from vitscope_server.core.errors import FailedPrecondition, VitscopeError
+from vitscope_server.core.errors import FailedPrecondition, Reason, VitscopeError
 from vitscope_server.core.specs import ModelSpec
 from vitscope_server.core.weights import (
     file_digest,
@@ -67,14 +67,17 @@ def _build_open_clip(spec: ModelSpec) -> tuple[ModelAdapter, str]:
     weights_file = spec.weights_file
     if weights_file is not None:
         if not weights_file.is_file():
-            raise FailedPrecondition(f"weights file {weights_file} does not exist")
+            raise FailedPrecondition(
+                f"weights file {weights_file} does not exist", reason=Reason.WEIGHTS_UNUSABLE
+            )
         model = build_open_clip(spec, None)
         load_state_dict_strictly(model, read_state_dict(weights_file), weights_file)
         return OpenClipTowerAdapter(spec, model), file_digest(weights_file)
     if spec.hub_tag is not None:
         if not spec.hub_tag:
             raise FailedPrecondition(
-                f"model {spec.name}: open_clip needs a pretrained tag, e.g. hub:openai"
+                f"model {spec.name}: open_clip needs a pretrained tag, e.g. hub:openai",
+                reason=Reason.WEIGHTS_UNUSABLE,
             )
         require_hub(spec)
         try:

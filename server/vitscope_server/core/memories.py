@@ -27,7 +27,12 @@ from vitscope_server.core.class_projection import (
     returned_bytes,
 )
 from vitscope_server.core.class_space import ClassSpace, LabelSet, class_count, class_space_of
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from vitscope_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Reason,
+    ResourceExhausted,
+)
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance, provenance_of
@@ -102,13 +107,15 @@ def _check_sizes(
         raise ResourceExhausted(
             f"the memories response would take about {response} bytes, over the "
             f"{limits.max_message_bytes}-byte message limit; ask for fewer images, fewer "
-            "classes or a smaller top_k"
+            "classes or a smaller top_k",
+            reason=Reason.RESULT_TOO_LARGE,
         )
     matrix = classes * max(memories) * 4
     if matrix + response > limits.max_result_bytes:
         raise ResourceExhausted(
             f"the {classes} x {max(memories)} value-to-class matrix needs about {matrix} bytes, "
-            f"over the server's {limits.max_result_bytes}-byte limit; ask for fewer classes"
+            f"over the server's {limits.max_result_bytes}-byte limit; ask for fewer classes",
+            reason=Reason.RESULT_TOO_LARGE,
         )
 
 
@@ -119,15 +126,15 @@ def prepare_memories(
     adapter = loaded.adapter
     reason = adapter.class_projection_unsupported()
     if reason is not None:
-        raise FailedPrecondition(reason)
+        raise FailedPrecondition(reason, subject=loaded.spec.name)
     classes = class_count(loaded, query.labels)
     count = len(adapter.blocks)
     if not 0 <= query.block < count:
-        raise InvalidArgument(f"block: {query.block} does not exist; allowed 0..{count - 1}")
+        raise InvalidArgument("block", f"{query.block} does not exist; allowed 0..{count - 1}")
     unknown = [k for k in query.kinds if k not in MEMORY_KINDS]
     if unknown or len(set(query.kinds)) != len(query.kinds):
         raise InvalidArgument(
-            f"kinds: {list(query.kinds)} not allowed; each of {list(MEMORY_KINDS)} at most once"
+            "kinds", f"{list(query.kinds)} not allowed; each of {list(MEMORY_KINDS)} at most once"
         )
     kinds = query.kinds or MEMORY_KINDS
     memories = min(int(_values(adapter, query.block, kind).shape[1]) for kind in kinds)

@@ -15,8 +15,10 @@ from vitscope_server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Reason,
     Unavailable,
     VitscopeError,
+    quote,
 )
 from vitscope_server.core.loading import LoadedModel, load_model
 from vitscope_server.core.specs import ModelSpec
@@ -49,10 +51,10 @@ class ModelRegistry:
         names = [spec.name for spec in specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise InvalidArgument(f"model names must be unique; repeated: {duplicates}")
+            raise InvalidArgument("models", f"model names must be unique; repeated: {duplicates}")
         if default not in names:
             raise InvalidArgument(
-                f"default model {default!r} is not among the configured models {names}"
+                "default_model", f"{default!r} is not among the configured models {names}"
             )
         self.default = default
         self.device = device
@@ -143,7 +145,10 @@ class ModelRegistry:
         entry = self._entries.get(resolved)
         if entry is None:
             raise NotFound(
-                f"model {resolved!r} is not served; served models: {sorted(self._entries)}"
+                Reason.MODEL_NOT_FOUND,
+                resolved,
+                f"model {quote(resolved)} is not served; served models: {sorted(self._entries)}",
+                field="model",
             )
         return entry
 
@@ -151,9 +156,18 @@ class ModelRegistry:
         """The ready model called `name` (empty: the default)."""
         entry = self.entry(name)
         if entry.state is ModelState.LOADING:
-            raise Unavailable(f"model {entry.spec.name!r} is still loading; retry shortly")
+            raise Unavailable(
+                f"model {entry.spec.name!r} is still loading; retry shortly",
+                reason=Reason.MODEL_LOADING,
+                metadata={"model": entry.spec.name},
+            )
         if entry.state is ModelState.FAILED or entry.loaded is None:
-            raise FailedPrecondition(f"model {entry.spec.name!r} failed to load: {entry.error}")
+            raise FailedPrecondition(
+                f"model {entry.spec.name!r} failed to load: {entry.error}",
+                reason=Reason.MODEL_LOAD_FAILED,
+                subject=entry.spec.name,
+                metadata={"model": entry.spec.name},
+            )
         return entry.loaded
 
     def shutdown(self, wait_seconds: float = 0.0) -> bool:

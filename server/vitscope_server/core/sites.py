@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from vitscope_server.core.adapters import Layout, ModelAdapter, SiteDef
-from vitscope_server.core.errors import InvalidArgument, NotFound
+from vitscope_server.core.errors import InvalidArgument, NotFound, Reason, quote
 
 _BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(out|attn\.out|attn\.probs|mlp\.hidden|mlp\.out)$")
 CANONICAL_FORMS = (
@@ -16,7 +16,7 @@ CANONICAL_FORMS = (
 
 def resolve_site(adapter: ModelAdapter, name: str, field: str = "sites") -> SiteDef:
     if not name:
-        raise InvalidArgument(f"{field}: empty site name; use {CANONICAL_FORMS}")
+        raise InvalidArgument(field, f"empty site name; use {CANONICAL_FORMS}")
     if name == "embed":
         return adapter.canonical_sites()[0]
     if name == "final":
@@ -26,15 +26,23 @@ def resolve_site(adapter: ModelAdapter, name: str, field: str = "sites") -> Site
         index = int(match.group(1))
         if index >= len(adapter.blocks):
             raise NotFound(
-                f"{field}: site {name!r}: block {index} does not exist; "
-                f"model {adapter.spec.name} has blocks 0..{len(adapter.blocks) - 1}"
+                Reason.SITE_NOT_FOUND,
+                name,
+                f"{field}: site {quote(name)}: block {index} does not exist; "
+                f"model {adapter.spec.name} has blocks 0..{len(adapter.blocks) - 1}",
+                field=field,
+                metadata={"model": adapter.spec.name},
             )
         return adapter.block_site(index, match.group(2))
     try:
         adapter.root.get_submodule(name)
     except AttributeError:
         raise NotFound(
-            f"{field}: site {name!r} is neither a canonical site nor a module of {adapter.spec.name}; "
-            f"use {CANONICAL_FORMS}"
+            Reason.SITE_NOT_FOUND,
+            name,
+            f"{field}: site {quote(name)} is neither a canonical site nor a module of "
+            f"{adapter.spec.name}; use {CANONICAL_FORMS}",
+            field=field,
+            metadata={"model": adapter.spec.name},
         ) from None
     return SiteDef(name, name, Layout.RAW, adapter.grid, adapter.num_prefix_tokens)

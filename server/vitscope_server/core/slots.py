@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.errors import ResourceExhausted
+from vitscope_server.core.errors import Reason, ResourceExhausted
 
 _POLL_SECONDS = 0.05
 
@@ -36,7 +36,8 @@ class ComputeSlots:
                 if self._waiting >= self.max_waiting:
                     raise ResourceExhausted(
                         f"server busy: {self.max_running} jobs running and {self._waiting} waiting "
-                        f"(max_queue={self.max_waiting}); retry later"
+                        f"(max_queue={self.max_waiting}); retry later",
+                        reason=Reason.QUEUE_FULL,
                     )
                 self._waiting += 1
             try:

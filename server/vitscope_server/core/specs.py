@@ -70,13 +70,13 @@ def load_models_file(path: Path) -> ModelsFile:
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise InvalidArgument(f"models file {path} cannot be read: {exc.strerror}") from exc
+        raise InvalidArgument("models_file", f"{path} cannot be read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise InvalidArgument(f"models file {path} is not valid YAML: {exc}") from exc
+        raise InvalidArgument("models_file", f"{path} is not valid YAML: {exc}") from exc
     try:
         parsed = ModelsFile.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidArgument(f"models file {path} is invalid: {exc}") from exc
+        raise InvalidArgument("models_file", f"{path} is invalid: {exc}") from exc
     resolved = []
     for spec in parsed.models:
         weights_file = spec.weights_file
@@ -93,7 +93,7 @@ def parse_model_flag(value: str) -> ModelSpec:
     name, sep, rest = value.partition("=")
     family, sep2, arch_weights = rest.partition(":")
     if not sep or not sep2:
-        raise InvalidArgument(f"--model {value!r}: expected NAME=FAMILY:ARCHITECTURE[@WEIGHTS]")
+        raise InvalidArgument("--model", f"{value!r}: expected NAME=FAMILY:ARCHITECTURE[@WEIGHTS]")
     architecture, _, weights = arch_weights.partition("@")
     try:
         return ModelSpec.model_validate(
@@ -105,4 +105,4 @@ def parse_model_flag(value: str) -> ModelSpec:
             }
         )
     except ValidationError as exc:
-        raise InvalidArgument(f"--model {value!r}: {exc}") from exc
+        raise InvalidArgument("--model", f"{value!r}: {exc}") from exc

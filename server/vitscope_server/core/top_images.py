@@ -26,7 +26,9 @@ from vitscope_server.core.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Reason,
     ResourceExhausted,
+    quote,
 )
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
@@ -92,20 +94,24 @@ class TopImageScan:
         shape = loaded.site_shapes.get(site.name)
         if shape is None or as_site_layout(site, shape).layout is not Layout.TOKENS:
             raise InvalidArgument(
-                f"site: {site.name!r} has no [tokens, channels] layout; use a token site "
-                "such as blocks.{i}.mlp.hidden"
+                "site",
+                f"{site.name!r} has no [tokens, channels] layout; use a token site "
+                "such as blocks.{i}.mlp.hidden",
             )
         if not query.channels:
-            raise InvalidArgument("channels: at least one channel is required")
+            raise InvalidArgument(
+                "channels", "at least one channel is required", reason=Reason.FIELD_REQUIRED
+            )
         bad = [c for c in query.channels if not 0 <= c < shape[-1]]
         if bad:
             raise InvalidArgument(
-                f"channels: {bad[:5]} out of range for site {site.name!r}; allowed 0..{shape[-1] - 1}"
+                "channels",
+                f"{bad[:5]} out of range for site {site.name!r}; allowed 0..{shape[-1] - 1}",
             )
         if len(set(query.channels)) != len(query.channels):
-            raise InvalidArgument(f"channels: each channel may appear once, got {query.channels}")
+            raise InvalidArgument("channels", f"each channel may appear once, got {query.channels}")
         if not 1 <= query.top_k <= MAX_TOP_K:
-            raise InvalidArgument(f"top_k: must be in 1..{MAX_TOP_K}, got {query.top_k}")
+            raise InvalidArgument("top_k", f"must be in 1..{MAX_TOP_K}, got {query.top_k}")
         self.loaded = loaded
         self.query = ScanQuery(site.name, tuple(query.channels), query.top_k)
         self.site: SiteDef = site
@@ -121,7 +127,8 @@ class TopImageScan:
             raise ResourceExhausted(
                 f"channels, top_k: {count} channels x top_k {top_k} x {per_hit} bytes per hit "
                 f"exceeds the result limit of {max_bytes} bytes; ask for fewer channels or a "
-                "smaller top_k"
+                "smaller top_k",
+                reason=Reason.RESULT_TOO_LARGE,
             )
 
     def prepare(self, items: Sequence[ScanItem], max_pixels: int) -> torch.Tensor:
@@ -171,16 +178,25 @@ def allowed_folder(folder: str, roots: Sequence[Path]) -> Path:
     first so nothing outside the roots can be named."""
     if not roots:
         raise PermissionDenied(
-            "image_folder: this server allows no image folders (the operator sets --image-root)"
+            "image_folder: this server allows no image folders (the operator sets --image-root)",
+            field="image_folder",
         )
     resolved = Path(os.path.realpath(folder))
     for root in roots:
         real_root = Path(os.path.realpath(root))
         if resolved == real_root or resolved.is_relative_to(real_root):
             if not resolved.is_dir():
-                raise NotFound(f"image_folder: {folder!r} is not a folder")
+                raise NotFound(
+                    Reason.FOLDER_NOT_FOUND,
+                    folder,
+                    f"image_folder: {quote(folder)} is not a folder",
+                    field="image_folder",
+                )
             return resolved
-    raise PermissionDenied(f"image_folder: {folder!r} is outside the server's allowed image roots")
+    raise PermissionDenied(
+        f"image_folder: {quote(folder)} is outside the server's allowed image roots",
+        field="image_folder",
+    )
 
 
 def list_images(folder: Path) -> list[tuple[str, Path]]:
@@ -205,7 +221,7 @@ def read_image(name: str, path: Path) -> ImageInput:
         return ImageInput(encoded=path.read_bytes())
     except OSError as exc:
         raise InvalidArgument(
-            f"image_folder file {name!r}: cannot be read ({exc.strerror or exc})"
+            "image_folder", f"file {name!r} cannot be read ({exc.strerror or exc})"
         ) from None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitscope_server.core.errors import FailedPrecondition
+from vitscope_server.core.errors import FailedPrecondition, Reason
 from vitscope_server.core.specs import ModelSpec
 
 HUB_HOST = "huggingface.co"
@@ -34,7 +34,9 @@ def file_digest(path: Path) -> str:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Reads safetensors, or a torch checkpoint with weights_only=True (never arbitrary pickles)."""
     if not path.is_file():
-        raise FailedPrecondition(f"weights file {path} does not exist")
+        raise FailedPrecondition(
+            f"weights file {path} does not exist", reason=Reason.WEIGHTS_UNUSABLE
+        )
     if path.suffix in _SAFE_SUFFIXES:
         from safetensors.torch import load_file
 
@@ -42,19 +44,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix not in _TORCH_SUFFIXES:
         allowed = ", ".join(_SAFE_SUFFIXES + _TORCH_SUFFIXES)
         raise FailedPrecondition(
-            f"weights file {path} has suffix {path.suffix!r}; allowed: {allowed}"
+            f"weights file {path} has suffix {path.suffix!r}; allowed: {allowed}",
+            reason=Reason.WEIGHTS_UNUSABLE,
         )
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise FailedPrecondition(
-            f"weights file {path} cannot be read with weights_only=True: {exc}"
+            f"weights file {path} cannot be read with weights_only=True: {exc}",
+            reason=Reason.WEIGHTS_UNUSABLE,
         ) from exc
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
             loaded = loaded[wrapper]
     if not isinstance(loaded, Mapping):
-        raise FailedPrecondition(f"weights file {path} holds no state dict")
+        raise FailedPrecondition(
+            f"weights file {path} holds no state dict", reason=Reason.WEIGHTS_UNUSABLE
+        )
     return {key.removeprefix("module."): value for key, value in loaded.items()}
 
 
@@ -67,7 +73,8 @@ def load_state_dict_strictly(
         mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         raise FailedPrecondition(
             f"weights file {source} does not fit the architecture: {len(mismatches)} shape mismatches "
-            f"(e.g. {mismatches[:2]})"
+            f"(e.g. {mismatches[:2]})",
+            reason=Reason.WEIGHTS_UNUSABLE,
         ) from None
     problems = []
     if result.missing_keys:
@@ -78,7 +85,8 @@ def load_state_dict_strictly(
         )
     if problems:
         raise FailedPrecondition(
-            f"weights file {source} does not fit the architecture: {'; '.join(problems)}"
+            f"weights file {source} does not fit the architecture: {'; '.join(problems)}",
+            reason=Reason.WEIGHTS_UNUSABLE,
         )
 
 
@@ -95,7 +103,8 @@ def require_hub(spec: ModelSpec) -> None:
     except OSError as exc:
         raise FailedPrecondition(
             f"model {spec.name}: weights {spec.weights!r} need {HUB_HOST}, which is unreachable ({exc}); "
-            "use weights: file:PATH, or set HF_HUB_OFFLINE=1 to read the local hub cache"
+            "use weights: file:PATH, or set HF_HUB_OFFLINE=1 to read the local hub cache",
+            reason=Reason.WEIGHTS_UNUSABLE,
         ) from exc
 
 

@@ -16,7 +16,7 @@ from vitscope_server.core.activations import (
     as_site_layout,
 )
 from vitscope_server.core.adapters import Layout
-from vitscope_server.core.errors import InvalidArgument, ResourceExhausted
+from vitscope_server.core.errors import InvalidArgument, Reason, ResourceExhausted
 from vitscope_server.core.images import ImageInput
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance
@@ -74,7 +74,7 @@ def tensor_array(proto: tensor_pb2.Tensor, field: str) -> wire.np.ndarray:
     try:
         return wire.from_proto(proto)
     except wire.TensorDecodeError as exc:
-        raise InvalidArgument(f"{field}: {exc}") from None
+        raise InvalidArgument(field, str(exc)) from None
 
 
 def image_inputs(images: list[common_pb2.Image]) -> list[ImageInput]:
@@ -235,7 +235,8 @@ def activation_responses(
     if response.ByteSize() > chunk_bytes:
         raise ResourceExhausted(
             f"the response header ({response.ByteSize()} bytes: token indices, predictions) exceeds "
-            f"the message limit; ask for fewer tokens, predictions or images"
+            "the message limit; ask for fewer tokens, predictions or images",
+            reason=Reason.RESULT_TOO_LARGE,
         )
     yield response
     for site in result.sites:

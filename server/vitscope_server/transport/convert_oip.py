@@ -17,7 +17,7 @@ import numpy as np
 
 from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope_server.core.activations import ActivationQuery, Reduction, TokenMode
-from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.errors import InvalidArgument, quote
 from vitscope_server.core.images import ImageInput
 from vitscope_server.core.loading import LoadedModel
 
@@ -49,12 +49,6 @@ _NUMPY: dict[str, np.dtype] = {"UINT8": np.dtype("<u1"), "FP32": np.dtype("<f4")
 _TYPED_FIELD = {"BYTES": "bytes_contents", "UINT8": "uint_contents", "FP32": "fp32_contents"}
 _LENGTH = struct.Struct("<I")
 _Choice = TypeVar("_Choice")
-# Longest caller string quoted back in a message.
-_QUOTE = 64
-
-
-def _quote(text: str) -> str:
-    return repr(text if len(text) <= _QUOTE else text[:_QUOTE] + "...")
 
 
 @dataclass(frozen=True)
@@ -74,7 +68,7 @@ def _parameter(parameters: Mapping[str, oip.InferParameter], key: str, field: st
         return value.string_param.strip()
     if kind in ("int64_param", "uint64_param"):
         return str(getattr(value, kind))
-    raise InvalidArgument(f"{field}.{key}: expected a string or an integer parameter")
+    raise InvalidArgument(f"{field}.{key}", "expected a string or an integer parameter")
 
 
 def _integers(text: str, field: str) -> tuple[int, ...]:
@@ -82,7 +76,7 @@ def _integers(text: str, field: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise InvalidArgument(
-            f"{field}: {_quote(text)} is not a comma-separated list of integers"
+            field, f"{quote(text)} is not a comma-separated list of integers"
         ) from None
 
 
@@ -97,14 +91,14 @@ def _positions(text: str, field: str) -> tuple[tuple[int, int], ...]:
             or not row.strip().lstrip("-").isdigit()
             or not col.strip().lstrip("-").isdigit()
         ):
-            raise InvalidArgument(f"{field}: {_quote(part)} is not row:col")
+            raise InvalidArgument(field, f"{quote(part)} is not row:col")
         positions.append((int(row), int(col)))
     return tuple(positions)
 
 
 def _choice(text: str, allowed: Mapping[str, _Choice], field: str) -> _Choice:
     if text not in allowed:
-        raise InvalidArgument(f"{field}: {_quote(text)} not allowed; allowed: {sorted(allowed)}")
+        raise InvalidArgument(field, f"{quote(text)} not allowed; allowed: {sorted(allowed)}")
     return allowed[text]
 
 
@@ -114,7 +108,7 @@ def _defaults(parameters: Mapping[str, oip.InferParameter]) -> dict[str, oip.Inf
     unknown = sorted(set(parameters) - set(OUTPUT_PARAMETERS) - REQUEST_KEYS)
     if unknown:
         raise InvalidArgument(
-            f"parameters: {_quote(unknown[0])} unknown; allowed: {sorted(OUTPUT_PARAMETERS)}"
+            "parameters", f"{quote(unknown[0])} unknown; allowed: {sorted(OUTPUT_PARAMETERS)}"
         )
     return {key: value for key, value in parameters.items() if key in OUTPUT_PARAMETERS}
 
@@ -128,7 +122,8 @@ def _site_query(
     unknown = sorted(set(output.parameters) - set(OUTPUT_PARAMETERS))
     if unknown:
         raise InvalidArgument(
-            f"{field}.parameters: {_quote(unknown[0])} unknown; allowed: {sorted(OUTPUT_PARAMETERS)}"
+            f"{field}.parameters",
+            f"{quote(unknown[0])} unknown; allowed: {sorted(OUTPUT_PARAMETERS)}",
         )
     parameters = {**defaults, **output.parameters}
     tokens = _parameter(parameters, "tokens", f"{field}.parameters").lower()
@@ -164,11 +159,13 @@ def output_groups(request: oip.ModelInferRequest, has_classifier: bool) -> list[
     defaults = _defaults(request.parameters)
     names = [o.name for o in outputs]
     if len(set(names)) != len(names):
-        raise InvalidArgument(f"outputs: each output may be requested once; got {len(names)} names")
+        raise InvalidArgument(
+            "outputs", f"each output may be requested once; got {len(names)} names"
+        )
     if not outputs:
         if not has_classifier:
             raise InvalidArgument(
-                "outputs: this model has no classifier, so name the sites to return"
+                "outputs", "this model has no classifier, so name the sites to return"
             )
         return [OutputGroup((LOGITS,), ActivationQuery(sites=(), logits=True))]
     groups: dict[ActivationQuery, list[str]] = {}
@@ -176,7 +173,7 @@ def output_groups(request: oip.ModelInferRequest, has_classifier: bool) -> list[
     for index, output in enumerate(outputs):
         if output.name == LOGITS:
             if output.parameters:
-                raise InvalidArgument(f"outputs[{index}].parameters: logits take no parameters")
+                raise InvalidArgument(f"outputs[{index}].parameters", "logits take no parameters")
             wants_logits = True
             continue
         query = _site_query(output, defaults, f"outputs[{index}]")
@@ -196,16 +193,18 @@ def output_groups(request: oip.ModelInferRequest, has_classifier: bool) -> list[
 
 def _check_shape(shape: Sequence[int], rank: int, field: str, max_elements: int) -> int:
     if len(shape) != rank:
-        raise InvalidArgument(f"{field}.shape: {list(shape)[:8]} must have {rank} dimensions")
+        raise InvalidArgument(f"{field}.shape", f"{list(shape)[:8]} must have {rank} dimensions")
     if any(d <= 0 for d in shape):
-        raise InvalidArgument(f"{field}.shape: every dimension must be positive, got {list(shape)}")
+        raise InvalidArgument(
+            f"{field}.shape", f"every dimension must be positive, got {list(shape)}"
+        )
     elements = 1
     for dimension in shape:
         elements *= dimension
         if elements > max_elements:
             raise InvalidArgument(
-                f"{field}.shape: {list(shape)} holds more than the {max_elements} elements a "
-                "request may carry"
+                f"{field}.shape",
+                f"{list(shape)} holds more than the {max_elements} elements a request may carry",
             )
     return elements
 
@@ -214,15 +213,15 @@ def _split_bytes(raw: bytes, count: int, field: str) -> list[bytes]:
     items, position = [], 0
     for _ in range(count):
         if position + _LENGTH.size > len(raw):
-            raise InvalidArgument(f"{field}: BYTES elements must each be a 4-byte length and data")
+            raise InvalidArgument(field, "BYTES elements must each be a 4-byte length and data")
         (length,) = _LENGTH.unpack_from(raw, position)
         position += _LENGTH.size
         if position + length > len(raw):
-            raise InvalidArgument(f"{field}: a BYTES element runs past the end of the contents")
+            raise InvalidArgument(field, "a BYTES element runs past the end of the contents")
         items.append(raw[position : position + length])
         position += length
     if position != len(raw):
-        raise InvalidArgument(f"{field}: {len(raw) - position} bytes after the last element")
+        raise InvalidArgument(field, f"{len(raw) - position} bytes after the last element")
     return items
 
 
@@ -230,30 +229,31 @@ def image_inputs(request: oip.ModelInferRequest, max_request_bytes: int) -> list
     """The one input tensor of a request as core image inputs."""
     if len(request.inputs) != 1:
         raise InvalidArgument(
-            f"inputs: exactly one input is required (one of {sorted(INPUTS)}); got {len(request.inputs)}"
+            "inputs",
+            f"exactly one input is required (one of {sorted(INPUTS)}); got {len(request.inputs)}",
         )
     raw = list(request.raw_input_contents)
     if raw and len(raw) != 1:
-        raise InvalidArgument("raw_input_contents: one entry per input is required")
+        raise InvalidArgument("raw_input_contents", "one entry per input is required")
     tensor = request.inputs[0]
     if tensor.name not in INPUTS:
         raise InvalidArgument(
-            f"inputs[0].name: {_quote(tensor.name)} unknown; allowed: {sorted(INPUTS)}"
+            "inputs[0].name", f"{quote(tensor.name)} unknown; allowed: {sorted(INPUTS)}"
         )
     datatype, rank, _ = INPUTS[tensor.name]
     if tensor.datatype != datatype:
         raise InvalidArgument(
-            f"inputs[0].datatype: {tensor.name} is {datatype}, got {_quote(tensor.datatype)}"
+            "inputs[0].datatype", f"{tensor.name} is {datatype}, got {quote(tensor.datatype)}"
         )
     count = _check_shape(tensor.shape, rank, "inputs[0]", max_request_bytes)
     typed = getattr(tensor.contents, _TYPED_FIELD[datatype])
     if raw and len(typed):
-        raise InvalidArgument("inputs[0].contents: send raw_input_contents or contents, not both")
+        raise InvalidArgument("inputs[0].contents", "send raw_input_contents or contents, not both")
     if datatype == "BYTES":
         items = _split_bytes(raw[0], count, "raw_input_contents[0]") if raw else list(typed)
         if len(items) != count:
             raise InvalidArgument(
-                f"inputs[0].contents: {len(items)} elements for shape {list(tensor.shape)}"
+                "inputs[0].contents", f"{len(items)} elements for shape {list(tensor.shape)}"
             )
         return [ImageInput(encoded=item) for item in items]
     array = _numeric(datatype, tensor.shape, count, raw[0] if raw else None, typed)
@@ -269,18 +269,19 @@ def _numeric(
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(
-                f"raw_input_contents[0]: {len(raw)} bytes; shape {list(shape)} of {datatype} needs "
-                f"{count * dtype.itemsize}"
+                "raw_input_contents[0]",
+                f"{len(raw)} bytes; shape {list(shape)} of {datatype} needs "
+                f"{count * dtype.itemsize}",
             )
         array = np.frombuffer(raw, dtype=dtype)
     else:
         if len(typed) != count:
             raise InvalidArgument(
-                f"inputs[0].contents: {len(typed)} elements for shape {list(shape)}"
+                "inputs[0].contents", f"{len(typed)} elements for shape {list(shape)}"
             )
         values = np.asarray(typed)
         if datatype == "UINT8" and values.size and (values.min() < 0 or values.max() > 255):
-            raise InvalidArgument("inputs[0].contents.uint_contents: UINT8 values must be 0..255")
+            raise InvalidArgument("inputs[0].contents.uint_contents", "UINT8 values must be 0..255")
         array = values.astype(dtype)
     return array.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(shape))
 

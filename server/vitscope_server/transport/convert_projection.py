@@ -18,7 +18,7 @@ from vitscope_server.core.class_projection import (
     ProjectionQuery,
 )
 from vitscope_server.core.class_space import LabelSet
-from vitscope_server.core.errors import ResourceExhausted
+from vitscope_server.core.errors import Reason, ResourceExhausted
 from vitscope_server.core.importance import ImportanceEvaluation, ImportanceMaps, KeepCurve
 from vitscope_server.core.memories import MemoryQuery, MemoryResult
 from vitscope_server.transport.convert import TOKEN_MODES_BACK, provenance, token_mode
@@ -183,7 +183,8 @@ def projection_responses(
     if largest > max_bytes:
         raise ResourceExhausted(
             f"one image's projection takes {largest} bytes, over the {max_bytes}-byte message "
-            "limit; ask for fewer blocks, tokens, representations or a smaller top_k"
+            "limit; ask for fewer blocks, tokens, representations or a smaller top_k",
+            reason=Reason.RESULT_TOO_LARGE,
         )
     return responses
 
@@ -228,6 +229,7 @@ def memories_response(result: MemoryResult, max_bytes: int) -> pb.ProjectMemorie
     if response.ByteSize() > max_bytes:
         raise ResourceExhausted(
             f"the memories response takes {response.ByteSize()} bytes, over the {max_bytes}-byte "
-            "message limit; ask for fewer images or a smaller top_k"
+            "message limit; ask for fewer images or a smaller top_k",
+            reason=Reason.RESULT_TOO_LARGE,
         )
     return response

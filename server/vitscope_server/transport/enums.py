@@ -16,7 +16,7 @@ def enum_value(mapping: Mapping[Any, T], value: int, field: str, enum_type: Any)
         return mapping[value]
     except KeyError:
         allowed = ", ".join(enum_type.Name(v) for v in mapping)
-        raise InvalidArgument(f"{field}: value {value} not allowed; allowed: {allowed}") from None
+        raise InvalidArgument(field, f"value {value} not allowed; allowed: {allowed}") from None
 
 
 def enum_values(

@@ -10,7 +10,7 @@ import grpc
 
 from vitscope.v1 import features_pb2 as fpb
 from vitscope_server.core.activations import ActivationLimits
-from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.errors import InvalidArgument, Reason
 from vitscope_server.core.features import optimize_features, prepare_optimization
 from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
@@ -69,7 +69,11 @@ class FeatureRpcs:
     ) -> fpb.TopActivatingImagesResponse:
         first = next(requests, None)
         if first is None:
-            raise InvalidArgument("the request stream is empty; the first message names the site")
+            raise InvalidArgument(
+                "requests",
+                "the request stream is empty; the first message names the site",
+                reason=Reason.FIELD_REQUIRED,
+            )
         loaded = self._registry.get(first.model)
         scan = TopImageScan(loaded, convert_features.scan_query(first))
         if not first.image_folder:
@@ -85,7 +89,9 @@ class FeatureRpcs:
         batch = self._limits.max_batch
         if first.image_folder:
             if first.images:
-                raise InvalidArgument("requests[0].images: not allowed together with image_folder")
+                raise InvalidArgument(
+                    "requests[0].images", "not allowed together with image_folder"
+                )
             files = list_images(allowed_folder(first.image_folder, self._image_roots))
             longest = max((len(name.encode()) for name, _ in files), default=0)
             scan.require_result_within(self._response_budget(), longest)
@@ -95,7 +101,7 @@ class FeatureRpcs:
         for number, request in enumerate(itertools.chain([first], requests)):
             if request.images and first.image_folder:
                 raise InvalidArgument(
-                    f"requests[{number}].images: not allowed together with image_folder"
+                    f"requests[{number}].images", "not allowed together with image_folder"
                 )
             images = convert.image_inputs(list(request.images))
             for start in range(0, len(images), batch):
@@ -103,5 +109,9 @@ class FeatureRpcs:
                 score([ScanItem(index + i, "", image) for i, image in enumerate(part)])
                 index += len(part)
         if scan.scanned == 0:
-            raise InvalidArgument("images: no images were streamed and no image_folder was named")
+            raise InvalidArgument(
+                "images",
+                "no images were streamed and no image_folder was named",
+                reason=Reason.FIELD_REQUIRED,
+            )
         return convert_features.top_images_response(scan.result())

@@ -1,7 +1,9 @@
-"""Cross-cutting RPC behaviour: bearer-token auth, error mapping, metrics.
+"""Cross-cutting RPC behaviour: bearer-token auth, request parsing, error mapping, metrics.
 
 Core errors are plain exceptions; this is the one place that turns them into
-status codes. Unexpected exceptions become INTERNAL with an id that is logged.
+statuses with error details (transport/status.py). Allocation failures become
+RESOURCE_EXHAUSTED; any other unexpected exception is a bug and becomes
+INTERNAL with an id that is logged.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import torch
 
 from vitscope_server.core import errors
+from vitscope_server.core.errors import Reason
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.parsing import Unparseable, parsed, tolerant
+from vitscope_server.transport.status import rich_status
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +44,43 @@ _CODES: list[tuple[type[errors.VitscopeError], grpc.StatusCode]] = [
 ]
 
 
-def status_for(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str]:
-    if (
-        isinstance(exc, errors.Cancelled)
-        and context.time_remaining() is not None
-        and context.time_remaining() <= 0
-    ):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; work stopped"
+class _Unauthenticated(errors.VitscopeError):
+    default_reason = Reason.TOKEN_INVALID
+
+
+class _Internal(errors.VitscopeError):
+    default_reason = Reason.INTERNAL_ERROR
+
+
+def classify(
+    exc: BaseException, context: grpc.ServicerContext
+) -> tuple[grpc.StatusCode, errors.VitscopeError]:
+    """The status code and the domain error to report for an exception a method raised."""
+    if isinstance(exc, errors.Cancelled):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            message = "deadline exceeded; work stopped"
+            deadline = errors.Cancelled(message, reason=Reason.DEADLINE_EXCEEDED)
+            return grpc.StatusCode.DEADLINE_EXCEEDED, deadline
     for error_type, code in _CODES:
         if isinstance(exc, error_type):
-            return code, str(exc)
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory; send a smaller request"
+            return code, exc
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        log.warning("out of memory: %s", str(exc)[:200])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give back what the failed call's tensors held
+        oom = errors.out_of_memory("out of memory for this request; send a smaller one")
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, oom
     error_id = uuid.uuid4().hex[:12]
     log.error("internal error %s", error_id, exc_info=exc)
-    return (
-        grpc.StatusCode.INTERNAL,
-        f"internal error (id {error_id}); the server log has the details",
-    )
+    message = f"internal error (id {error_id}); the server log has the details"
+    return grpc.StatusCode.INTERNAL, _Internal(message, metadata={"error_id": error_id})
+
+
+def _abort(
+    context: grpc.ServicerContext, code: grpc.StatusCode, error: errors.VitscopeError
+) -> None:
+    context.abort_with_status(rich_status(code, error))
 
 
 def _passing_bytes_through(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
@@ -101,15 +126,22 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self._model_label_of = model_label
         self._token = token
 
-    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+    def _refusal(self, details: grpc.HandlerCallDetails) -> _Unauthenticated | None:
+        """Why the call's credentials are refused; None when they are accepted."""
         if self._token is None:
-            return True
-        metadata = dict(details.invocation_metadata or ())
-        value = metadata.get("authorization", "")
-        scheme, _, presented = str(value).partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
+            return None
+        values = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+        if len(values) > 1:
+            return _Unauthenticated(
+                f"{len(values)} 'authorization' entries; send exactly one bearer token",
+                reason=Reason.CREDENTIALS_DUPLICATED,
+            )
+        scheme, _, presented = str(values[0] if values else "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
             presented.encode(), self._token.encode()
-        )
+        ):
+            return None
+        return _Unauthenticated("missing or invalid bearer token in 'authorization' metadata")
 
     def intercept_service(
         self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails
@@ -118,23 +150,24 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         if handler is None or not details.method.startswith(SERVICE_PREFIXES):
             return handler
         method = details.method.rpartition("/")[2]
-        authorized = self._authorized(details)
+        refusal = self._refusal(details)
+        deserializer = tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method, authorized),
-                request_deserializer=handler.request_deserializer,
+                self._unary(handler.unary_unary, method, refusal),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method, authorized),
-                request_deserializer=handler.request_deserializer,
+                self._stream(handler.unary_stream, method, refusal),
+                request_deserializer=deserializer,
                 response_serializer=_passing_bytes_through(handler.response_serializer),
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._client_stream(handler.stream_unary, method, authorized),
-                request_deserializer=handler.request_deserializer,
+                self._client_stream(handler.stream_unary, method, refusal),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -143,23 +176,40 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         name = next((getattr(request, f) for f in _MODEL_FIELDS if hasattr(request, f)), "")
         return self._model_label_of(str(name))
 
+    @staticmethod
+    def _admit(request: Any, refusal: _Unauthenticated | None) -> None:
+        """Credentials first, then whether the request parsed."""
+        if refusal is not None:
+            raise refusal
+        if isinstance(request, Unparseable):
+            raise request.error("")
+
+    @staticmethod
+    def _status(
+        exc: Exception, request: Any, context: grpc.ServicerContext
+    ) -> tuple[grpc.StatusCode, errors.VitscopeError]:
+        """The code and error to report; the error's metadata names the requested model."""
+        if isinstance(exc, _Unauthenticated):
+            return grpc.StatusCode.UNAUTHENTICATED, exc
+        code, error = classify(exc, context)
+        model = next((getattr(request, f) for f in _MODEL_FIELDS if hasattr(request, f)), "")
+        if model and isinstance(model, str):
+            error.metadata.setdefault("model", errors.short(model))
+        return code, error
+
     def _unary(
-        self, behaviour: Callable[..., Any], method: str, authorized: bool
+        self, behaviour: Callable[..., Any], method: str, refusal: _Unauthenticated | None
     ) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(self._metrics, method, self._model_label(request))
             code = grpc.StatusCode.OK
             try:
-                if not authorized:
-                    code = grpc.StatusCode.UNAUTHENTICATED
-                    context.abort(
-                        code, "missing or invalid bearer token in 'authorization' metadata"
-                    )
                 try:
+                    self._admit(request, refusal)
                     response = behaviour(request, context)
                 except Exception as exc:
-                    code, message = status_for(exc, context)
-                    context.abort(code, message)
+                    code, error = self._status(exc, request, context)
+                    _abort(context, code, error)
                 call.sent = response.ByteSize()
                 return response
             finally:
@@ -168,37 +218,33 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         return wrapped
 
     def _client_stream(
-        self, behaviour: Callable[..., Any], method: str, authorized: bool
+        self, behaviour: Callable[..., Any], method: str, refusal: _Unauthenticated | None
     ) -> Callable[..., Any]:
         """Client-streaming calls are handled as unary ones labelled by their first request."""
 
         def wrapped(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             first = next(requests, None)
-            everything = itertools.chain([] if first is None else [first], requests)
-            unary = self._unary(lambda _first, ctx: behaviour(everything, ctx), method, authorized)
+            everything = itertools.chain([] if first is None else [first], parsed(requests))
+            unary = self._unary(lambda _first, ctx: behaviour(everything, ctx), method, refusal)
             return unary(first, context)
 
         return wrapped
 
     def _stream(
-        self, behaviour: Callable[..., Any], method: str, authorized: bool
+        self, behaviour: Callable[..., Any], method: str, refusal: _Unauthenticated | None
     ) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Call(self._metrics, method, self._model_label(request))
             code = grpc.StatusCode.OK
             try:
-                if not authorized:
-                    code = grpc.StatusCode.UNAUTHENTICATED
-                    context.abort(
-                        code, "missing or invalid bearer token in 'authorization' metadata"
-                    )
                 try:
+                    self._admit(request, refusal)
                     for response in behaviour(request, context):
                         call.sent += _message_size(response)
                         yield response
                 except Exception as exc:
-                    code, message = status_for(exc, context)
-                    context.abort(code, message)
+                    code, error = self._status(exc, request, context)
+                    _abort(context, code, error)
                 if not context.is_active():
                     code = grpc.StatusCode.CANCELLED
             except GeneratorExit:

@@ -17,7 +17,7 @@ from vitscope_server.core.activations import (
     get_activations,
     prepare_activations,
 )
-from vitscope_server.core.errors import NotFound
+from vitscope_server.core.errors import NotFound, Reason, quote
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import library_versions
 from vitscope_server.core.registry import ModelRegistry, ModelState
@@ -58,8 +58,12 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         loaded = self._registry.get(name)
         if version and version != loaded.weights_identity:
             raise NotFound(
-                f"model {loaded.spec.name!r} has no version {version[:64]!r}; "
-                f"its version is {loaded.weights_identity!r} (or leave version empty)"
+                Reason.MODEL_NOT_FOUND,
+                f"{loaded.spec.name} version {version}",
+                f"model {loaded.spec.name!r} has no version {quote(version)}; "
+                f"its version is {loaded.weights_identity!r} (or leave version empty)",
+                field="model_version",
+                metadata={"model": loaded.spec.name},
             )
         return loaded
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from vitscope.v1 import activations_pb2, models_pb2
+from vitscope.v1 import activations_pb2, models_pb2, server_info_pb2
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.core.activations import (
     ActivationLimits,
@@ -25,6 +25,7 @@ from vitscope_server.transport.features_rpcs import FeatureRpcs
 from vitscope_server.transport.inversion_rpcs import InversionRpcs
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.projection_rpcs import ProjectionRpcs
+from vitscope_server.transport.server_info import ServerInfo
 
 
 class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.InspectorServicer):
@@ -40,6 +41,17 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
         *,
         max_message_bytes: int,
     ) -> None:
+        self._info = ServerInfo(
+            server_info_pb2.ServerLimits(
+                max_message_bytes=max_message_bytes,
+                max_batch=limits.max_batch,
+                max_image_pixels=limits.max_pixels,
+                max_result_bytes=limits.max_result_bytes,
+                chunk_bytes=chunk_bytes,
+                max_running=slots.max_running,
+                max_queue=slots.max_waiting,
+            )
+        )
         self._registry = registry
         self._slots = slots
         self._metrics = metrics
@@ -56,6 +68,11 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
         return models_pb2.ListModelsResponse(
             models=[convert.model_summary(e, default) for e in self._registry.entries()]
         )
+
+    def GetServerInfo(
+        self, request: server_info_pb2.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> server_info_pb2.GetServerInfoResponse:
+        return self._info.response(self._registry)
 
     def DescribeModel(
         self, request: models_pb2.DescribeModelRequest, context: grpc.ServicerContext
