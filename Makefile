@@ -1,4 +1,4 @@
-# One virtualenv (.venv) holds the client, the server extra and the dev tools.
+# One virtualenv (.venv) holds the client, the server and demo extras and the dev tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,24 +9,26 @@ BUF := $(VENV)/npm/node_modules/.bin/buf
 
 DEMO_PORT ?= 50061
 
-.PHONY: install serve test bench proto docs lint format demo
+.PHONY: install serve test bench proto lint format demo docs gpu-check
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[server,dev]"
+	$(BIN)/python -m pip install -e ".[server,demo,dev]"
 	npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/npm @bufbuild/buf@$(BUF_VERSION)
 	touch $(STAMP)
 
 serve: install
-	$(BIN)/vitscope serve
+	$(BIN)/vitscope-server serve
 
+# VITSCOPE_TEST_DEVICE=cuda make test: the test servers compute on the GPU; -rs says what
+# was skipped and why.
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs
 
-BENCHMARKS := activations feature_viz class_projection inversion oip
+BENCHMARKS := activations feature_viz class_projection inversion oip explain serving
 
 # Every benchmark in turn; each prints its JSON object last. One: make bench-inversion.
 bench: $(addprefix bench-,$(BENCHMARKS))
@@ -34,12 +36,21 @@ bench: $(addprefix bench-,$(BENCHMARKS))
 bench-%: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/$*.py
 
+# The CUDA tests and every benchmark on the GPU, JSON summary last. Needs no virtualenv:
+# `make gpu-check PY=python3` runs with any interpreter that has the dependencies.
+PY ?= $(BIN)/python
+gpu-check:
+	PYTHONPATH=$(CURDIR)/client:$(CURDIR)/server$${PYTHONPATH:+:$$PYTHONPATH} HF_HUB_OFFLINE=1 \
+		$(PY) bench/gpu_check.py
+
 proto: install
 	$(BIN)/python proto/generate.py
 
-# docs/api.md from the protos and their comments.
+# Pages generated from the code (tests fail while they are stale): the API reference from the
+# protos and their comments, the configuration from the settings.
 docs: install
 	$(BIN)/python proto/docgen.py
+	$(BIN)/python -m vitscope_server.settings_docs docs/configuration.md
 
 lint: install
 	$(BUF) lint
@@ -53,7 +64,7 @@ format: install
 
 # Starts a server on DEMO_PORT, writes the demo into demo-out/, stops the server.
 demo: install
-	@$(BIN)/vitscope serve --port $(DEMO_PORT) --metrics-port -1 & pid=$$!; \
+	@$(BIN)/vitscope-server serve --port=$(DEMO_PORT) --metrics-port=-1 & pid=$$!; \
 	trap "kill $$pid" EXIT; \
 	for i in $$(seq 120); do $(BIN)/vitscope --target localhost:$(DEMO_PORT) health 2>/dev/null | grep -qx SERVING && break; sleep 1; done; \
 	$(BIN)/vitscope --target localhost:$(DEMO_PORT) demo --out demo-out

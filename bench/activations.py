@@ -94,7 +94,7 @@ class RpcSamples:
     stream: Samples = field(default_factory=Samples)
 
 
-def start_server(threads: int) -> tuple[RunningServer, ServerSettings]:
+def start_server(threads: int, device: str) -> tuple[RunningServer, ServerSettings]:
     """The service as deployed, minus metrics HTTP and the built-in models."""
     settings = ServerSettings(
         host="127.0.0.1",
@@ -103,7 +103,7 @@ def start_server(threads: int) -> tuple[RunningServer, ServerSettings]:
         builtin_models=False,
         models=[f"{MODEL}=timm:{ARCHITECTURE}@random"],
         default_model=MODEL,
-        device="cpu",
+        device=device,
         torch_threads=threads,
         log_level="WARNING",
     )
@@ -115,11 +115,11 @@ def start_server(threads: int) -> tuple[RunningServer, ServerSettings]:
     return running, settings
 
 
-def build_inprocess_model() -> nn.Module:
+def build_inprocess_model(device: str) -> nn.Module:
     """Built exactly as the server's loader does (seed 0, random init, eval, no grad)."""
     torch.manual_seed(0)
     model: nn.Module = timm.create_model(ARCHITECTURE, pretrained=False)
-    return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def load_images(running: RunningServer) -> list[np.ndarray]:
@@ -179,8 +179,8 @@ def inprocess_call(
     handles = [m.register_forward_hook(hook_for(b)) for m, b in zip(modules, blocks, strict=True)]
     try:
         with torch.inference_mode():
-            model(torch.from_numpy(np.stack(images)))
-            arrays = [captured[b].to(TORCH_DTYPES[dtype]).numpy() for b in blocks]
+            model(torch.from_numpy(np.stack(images)).to(next(model.parameters()).device))
+            arrays = [captured[b].to(TORCH_DTYPES[dtype]).cpu().numpy() for b in blocks]
     finally:
         for handle in handles:
             handle.remove()
@@ -247,6 +247,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="GetActivations vs in-process capture and echo.")
     parser.add_argument("--reps", type=int, default=5, help="measured rounds per comparison")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, both sides")
     return parser.parse_args()
 
 
@@ -301,7 +302,7 @@ class Measurements:
 
 def measure(reps: int, running: RunningServer, settings: ServerSettings) -> Measurements:
     """Per case: a checked warm-up round, then `reps` rounds of RPC, in-process (and echo)."""
-    model = build_inprocess_model()
+    model = build_inprocess_model(settings.device)
     images = load_images(running)
     client = TimedClient(f"127.0.0.1:{running.port}", max_message_bytes=settings.max_message_bytes)
     blocks, _ = CASES[TRANSFER_CASE]
@@ -368,6 +369,7 @@ def build_report(m: Measurements, args: argparse.Namespace) -> dict[str, Any]:
         "transfer_bytes": nbytes,
         "images": f"{len(NAMES)} skimage photos sent preprocessed as float32 [3,224,224]",
         "torch_threads": args.threads,
+        "device": args.device,
         "reps": args.reps,
     }
 
@@ -376,7 +378,7 @@ def main() -> None:
     args = parse_args()
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    running, settings = start_server(args.threads)
+    running, settings = start_server(args.threads, args.device)
     try:
         measurements = measure(args.reps, running, settings)
     finally:

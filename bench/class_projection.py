@@ -50,10 +50,17 @@ def timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for queued GPU work, so that a side's time includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -66,6 +73,7 @@ def main() -> None:
         models=[f"{MODEL}=timm:{ARCHITECTURE}@random"],
         default_model=MODEL,
         torch_threads=args.threads,
+        device=args.device,
     )
     server = create_server(settings)
     try:
@@ -76,6 +84,7 @@ def main() -> None:
         )
         adapter = loaded.adapter
         pixels = torch.stack([adapter.preprocess(p) for p in photos()])
+        on_device = pixels.to(loaded.device)
         images = [ImageInput(preprocessed=p.numpy()) for p in pixels]
         prepared = prepare_projection(
             loaded,
@@ -86,10 +95,12 @@ def main() -> None:
 
         def forward() -> None:
             with torch.inference_mode():
-                adapter.forward(pixels)
+                adapter.forward(on_device)
+                synchronize(loaded.device)
 
         def core() -> None:
             project_to_class_space(prepared, NEVER_CANCELLED)
+            synchronize(loaded.device)
 
         with Client(f"127.0.0.1:{server.port}", timeout=600) as client:
             arrays = [p.numpy() for p in pixels]

@@ -57,7 +57,8 @@ def inprocess_loop(
 ) -> np.ndarray:
     """The paper's recipe for one feature as a plain loop; returns the uint8 image."""
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(1, 3, SIZE, SIZE, generator=generator).requires_grad_()
+    device = mean.device
+    pixels = torch.rand(1, 3, SIZE, SIZE, generator=generator).to(device).requires_grad_()
     optimizer = torch.optim.Adam([pixels], lr=LEARNING_RATE, betas=(0.5, 0.99), eps=1e-8)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     jitter = round(32 * SIZE / 224)
@@ -67,9 +68,9 @@ def inprocess_loop(
     )
     try:
         for step in range(steps):
-            subtract = torch.rand(COPIES, 3, generator=generator) * 2 - 1
-            divide = torch.rand(COPIES, 3, generator=generator) * 2 - 1
-            offset = torch.randn(COPIES, 3, generator=generator)
+            subtract = (torch.rand(COPIES, 3, generator=generator) * 2 - 1).to(device)
+            divide = (torch.rand(COPIES, 3, generator=generator) * 2 - 1).to(device)
+            offset = torch.randn(COPIES, 3, generator=generator).to(device)
             shift = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
             batch = pixels.expand(COPIES, -1, -1, -1)
             batch = (batch - subtract[:, :, None, None]) / divide.exp()[:, :, None, None]
@@ -94,7 +95,7 @@ def inprocess_loop(
     finally:
         handle.remove()
     image = (pixels.detach()[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
-    return image.numpy()
+    return image.cpu().numpy()
 
 
 def timed(run: object) -> tuple[float, object]:
@@ -110,6 +111,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--features", type=int, default=8, help="K")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, both sides")
+    parser.add_argument("--architecture", default=ARCHITECTURE, help="a timm ViT at 224 px")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -117,7 +120,7 @@ def main() -> None:
         models_file = Path(tmp) / "models.yaml"
         models_file.write_text(
             yaml.safe_dump(
-                {"models": [{"name": MODEL, "family": "timm", "architecture": ARCHITECTURE}]}
+                {"models": [{"name": MODEL, "family": "timm", "architecture": args.architecture}]}
             )
         )
         settings = ServerSettings.model_validate(
@@ -128,15 +131,17 @@ def main() -> None:
                 "models_file": models_file,
                 "builtin_models": False,
                 "torch_threads": args.threads,
+                "device": args.device,
             }
         )
         running = create_server(settings)
         assert running.registry.wait_until_settled(timeout=300)
         torch.manual_seed(0)
-        model = timm.create_model(ARCHITECTURE, pretrained=False).eval().requires_grad_(False)
+        model = timm.create_model(args.architecture, pretrained=False)
+        model = model.to(args.device).eval().requires_grad_(False)
         config = model.pretrained_cfg
-        mean = torch.tensor(config["mean"])[None, :, None, None]
-        std = torch.tensor(config["std"])[None, :, None, None]
+        mean = torch.tensor(config["mean"], device=args.device)[None, :, None, None]
+        std = torch.tensor(config["std"], device=args.device)[None, :, None, None]
         try:
             with Client(f"127.0.0.1:{running.port}", timeout=3600) as client:
                 results = measure(client, model, mean, std, args)
@@ -204,6 +209,9 @@ def measure(
         "features": args.features,
         "rounds": args.rounds,
         "threads": args.threads,
+        "device": args.device,
+        "architecture": args.architecture,
+        "service_seconds_single_feature": round(statistics.median(service_seconds), 3),
         "targets": TARGETS,
     }
     print(

@@ -10,7 +10,7 @@ committed inverter:
   ratio is the median of per-round ratios.
 - train_images_per_s: images per second through one training step of the inverse of the
   last block (frozen forward to get the pair, inverse forward, backward, Adam step), the
-  work `vitscope train-inverter` repeats, batch 128.
+  work `vitscope-server train-inverter` repeats, batch 128.
 
 The last line printed is one JSON object.
 """
@@ -27,13 +27,13 @@ import torch
 from PIL import Image
 
 from vitscope_server.builtin import BUILTIN_INVERTERS, DIGITS_NAME, builtin_specs
+from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.inversion import chain, representations
 from vitscope_server.core.inversion_modules import build_module, chain_names, geometry_of
 from vitscope_server.core.inversion_store import load_modules, read_manifest
 from vitscope_server.core.inversion_train import training_pairs
 from vitscope_server.core.loading import load_model
-from vitscope_server.train_classifier import digits_split
 
 
 def main() -> None:
@@ -42,11 +42,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     spec = next(s for s in builtin_specs() if s.name == DIGITS_NAME)
-    loaded = load_model(spec, torch.device("cpu"))
+    loaded = load_model(spec, torch.device(args.device))
     adapter = loaded.adapter
     manifest = read_manifest(BUILTIN_INVERTERS / DIGITS_NAME)
     assert manifest is not None
@@ -55,7 +56,7 @@ def main() -> None:
     test_digits = digits_split()[2][: args.batch]
     inputs = torch.stack(
         [adapter.preprocess(Image.fromarray(d).convert("RGB")) for d in test_digits]
-    )
+    ).to(loaded.device)
     with torch.no_grad():
         tokens = representations(adapter, inputs, [depth], NEVER_CANCELLED)[depth]
 
@@ -63,6 +64,8 @@ def main() -> None:
         started = time.perf_counter()
         with torch.no_grad():
             work()
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize(loaded.device)
         return time.perf_counter() - started
 
     def invert() -> None:
@@ -82,7 +85,7 @@ def main() -> None:
 
     name = f"blocks.{depth - 1}"
     torch.manual_seed(0)
-    block = build_module(name, "block", geometry_of(loaded)).train()
+    block = build_module(name, "block", geometry_of(loaded)).to(loaded.device).train()
     optimizer = torch.optim.Adam(block.parameters(), lr=1e-3)
     train_inputs = torch.cat([inputs, inputs])[:128]
 
@@ -97,6 +100,8 @@ def main() -> None:
     started = time.perf_counter()
     for _ in range(args.train_steps):
         step()
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)
     train_rate = args.train_steps * len(train_inputs) / (time.perf_counter() - started)
 
     result = {
@@ -108,6 +113,7 @@ def main() -> None:
         "batch": len(inputs),
         "depth": depth,
         "threads": args.threads,
+        "device": args.device,
     }
     print(
         f"invert from depth {depth}: {result['invert_ms']} ms, forward {result['forward_ms']} ms "

@@ -2,7 +2,7 @@
 
 Run as `HF_HUB_OFFLINE=1 .venv/bin/python bench/oip.py [--reps N] [--threads T]` (or
 `make bench-oip`). One real server on a loopback port serves vit_base_patch16_224 (random
-init, CPU); a batch of 8 skimage photos, preprocessed once with the model's own transform,
+init, CPU unless --device says otherwise); a batch of 8 skimage photos, preprocessed once with the model's own transform,
 goes as float32 to both: GetActivations through the project's client, ModelInfer through the
 protocol's generated stub with INPUT (FP32) as raw contents, both asking for
 blocks.11.mlp.hidden. The two alternate call by call after a checked warm-up; the ratio is the
@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=12, help="timed rounds (default 12)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     return parser.parse_args()
 
 
@@ -68,7 +69,7 @@ def main() -> None:
             builtin_models=False,
             models=[f"{MODEL}=timm:{ARCHITECTURE}@random"],
             default_model=MODEL,
-            device="cpu",
+            device=args.device,
             torch_threads=args.threads,
             log_level="WARNING",
         )

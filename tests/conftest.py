@@ -19,6 +19,14 @@ from vitscope_server.transport.app import RunningServer, create_server
 
 torch.set_num_threads(2)
 
+# The device every test server computes on: VITSCOPE_TEST_DEVICE=cuda runs them on a GPU.
+DEVICE = os.environ.get("VITSCOPE_TEST_DEVICE", "cpu")
+
+
+def pytest_report_header() -> str:
+    return f"vitscope test device: {DEVICE}"
+
+
 # Small real architectures: a ViT, a distilled DeiT (two prefix tokens), a Swin and an open_clip tower.
 TEST_MODELS: list[dict[str, object]] = [
     {"name": "vit", "family": "timm", "architecture": "test_vit", "seed": 1},
@@ -99,6 +107,8 @@ TEST_MODELS.append(
 
 
 def start(tmp_dir: Path, **overrides: object) -> RunningServer:
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("VITSCOPE_TEST_DEVICE=cuda but torch finds no CUDA device")
     models_file = tmp_dir / "models.yaml"
     models_file.write_text(yaml.safe_dump({"models": TEST_MODELS}))
     settings = ServerSettings(
@@ -106,7 +116,7 @@ def start(tmp_dir: Path, **overrides: object) -> RunningServer:
         port=0,
         metrics_port=0,
         models_file=models_file,
-        **overrides,  # type: ignore[arg-type]
+        **{"device": DEVICE, **overrides},  # type: ignore[arg-type]
     )
     running = create_server(settings)
     assert running.registry.wait_until_settled(timeout=120)

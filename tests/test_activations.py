@@ -221,8 +221,9 @@ def test_a_pooled_final_site_is_served_raw(client: Client) -> None:
     assert described.sites["blocks.0.out"]["layout"] == "SITE_LAYOUT_TOKENS"
     images = list(input_batch(client, "clip-pooled").numpy())
     assert client.activations(images, ["final"], model="clip-pooled")["final"].shape == (2, 32)
-    with pytest.raises(InvalidArgumentError, match="raw layout"):
+    with pytest.raises(InvalidArgumentError) as caught:
         client.activations(images, ["final"], model="clip-pooled", reduction="mean")
+    assert [v.field for v in caught.value.field_violations] == ["sites"]
 
 
 def test_concurrent_requests_on_one_model_do_not_mix(client: Client) -> None:

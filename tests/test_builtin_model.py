@@ -19,7 +19,7 @@ from vitscope_server.builtin import (
     DIGITS_RANDOM_NAME,
     DIGITS_WEIGHTS,
 )
-from vitscope_server.train_classifier import digits_split
+from vitscope_server.builtin.digits_data import digits_split
 
 BATCH = 64
 

@@ -1,8 +1,11 @@
-"""The vitscope command against a real server."""
+"""The vitscope command against a real server; it stays a torch-free client."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from vitscope import Client
-from vitscope.cli import main
+from vitscope.cli import build_parser, main
 from vitscope_server.transport.app import RunningServer
 
 
@@ -98,3 +101,35 @@ def test_errors_exit_nonzero_with_the_message(
         )
     assert exited.value.code == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+# Imported by none of the client's modules: the client runs where none of them is installed.
+SERVER_ONLY = ("torch", "timm", "open_clip", "pydantic", "pydantic_settings", "vitscope_server")
+PROBE = f"""
+import importlib, pkgutil, sys
+for name in {SERVER_ONLY!r}:
+    sys.modules[name] = None
+import vitscope
+for module in pkgutil.walk_packages(vitscope.__path__, "vitscope."):
+    importlib.import_module(module.name)
+import vitscope.cli
+vitscope.cli.build_parser().parse_args(["models"])
+"""
+
+
+def test_client_imports_without_the_server_side() -> None:
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_client_cli_has_no_server_commands() -> None:
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert not set(commands) & {"serve", "scan", "scan-merge", "train-inverter", "train-classifier"}

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -32,14 +31,17 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from image_env import console_script, image_environment, image_extras, run_in_image
 from kubernetes_validate.utils import latest_version
+from waiting import wait_until
 
 from vitscope import Client
-from vitscope.cli import build_parser
 from vitscope.errors import UnauthenticatedError
 from vitscope_server.builtin import builtin_specs
+from vitscope_server.cli import build_parser
 from vitscope_server.core.specs import load_models_file
 from vitscope_server.settings import DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT, ServerSettings
+from vitscope_server.settings_flags import settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -58,8 +60,8 @@ IMAGE_UID = 10001
 MIN_STARTUP_SECONDS = 120
 # Folders on the shared volume (PersistentVolumeClaim) that the server reads.
 PVC_ROOT = PurePosixPath("/var/lib/vitscope")
-VOLUME_FOLDER_FLAGS = {"--inverters-dir", "--image-root"}
-SERVING_TIMEOUT = 60.0
+VOLUME_FOLDER_FLAGS = {"--inverters-dir", "--image-roots"}
+SERVING_TIMEOUT = 180.0
 
 
 # ---------------------------------------------------------------- rendering
@@ -138,14 +140,12 @@ def split_flags(args: list[str]) -> list[tuple[str, str | None]]:
 
 
 def settings_from(container: dict[str, Any]) -> ServerSettings:
-    """ServerSettings as `vitscope serve` builds them in the pod, from its args and env."""
+    """ServerSettings as `vitscope-server serve` builds them in the pod, from its args and env."""
     args = build_parser().parse_args(["serve", *container.get("args", [])])
     assert args.command == "serve"
-    given = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
-    given = {k: v for k, v in given.items() if v is not None}
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITSCOPE_")}
     with mock.patch.dict(os.environ, {**env, **container_env(container)}, clear=True):
-        return ServerSettings(**given)
+        return settings_from_args(args)
 
 
 def cpu_limit(container: dict[str, Any]) -> int:
@@ -308,7 +308,7 @@ def test_servicemonitor_only_where_included(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 def test_args_are_real_serve_flags(overlay: str) -> None:
     container = container_of(render(overlay))
-    assert container.get("command") is None, "the image's ENTRYPOINT is `vitscope serve`"
+    assert container.get("command") is None, "the image's ENTRYPOINT is `vitscope-server serve`"
     flags = [flag for flag, _ in split_flags(container["args"])]
     assert len(flags) == len(set(flags)), f"repeated flags: {flags}"
     for name in container_env(container):
@@ -529,8 +529,9 @@ def test_dockerfile(flavour: str) -> None:
     assert re.search(r"\bAS builder$", builder[0][1])
     runs = [args for i, args in builder if i == "RUN"]
     torch_install = next(n for n, r in enumerate(runs) if "--index-url" in r)
-    server_install = next(n for n, r in enumerate(runs) if '".[server]"' in r)
+    server_install = next(n for n, r in enumerate(runs) if 'pip install ".[' in r)
     assert torch_install < server_install, "torch from the PyTorch index before .[server]"
+    assert "server" in image_extras()
     if flavour == "cpu":
         assert any(i == "ARG" and "download.pytorch.org/whl/cpu" in a for i, a in builder)
         assert builder[0][1].startswith("python:")
@@ -546,7 +547,7 @@ def test_dockerfile(flavour: str) -> None:
     users = [a for i, a in final if i == "USER"]
     assert users == [f"{IMAGE_UID}:{IMAGE_UID}"], "a fixed, numeric non-root user"
     entrypoints = [a for i, a in final if i == "ENTRYPOINT"]
-    assert [json.loads(a) for a in entrypoints] == [["vitscope", "serve"]]
+    assert [json.loads(a) for a in entrypoints] == [["vitscope-server", "serve"]]
     exposed = {int(p) for i, a in final if i == "EXPOSE" for p in a.split()}
     assert exposed == {DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT}
     env = " ".join(a for i, a in final if i == "ENV")
@@ -606,21 +607,21 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "vitscope.cli", "serve", *args],
+            [*console_script("vitscope-server"), "serve", *args],
             cwd=tmp_path,
-            env=env,
+            env={**image_environment(tmp_path / "image-site"), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + SERVING_TIMEOUT
         pending = {"", *models}
-        while pending and time.monotonic() < deadline:
+
+        def all_serving() -> bool:
             assert process.poll() is None, f"server exited:\n{log_path.read_text()}"
-            pending = {s for s in pending if health_status(target, s) != serving}
-            if pending:
-                time.sleep(0.25)
-        assert not pending, f"not SERVING: {pending}\n{log_path.read_text()}"
+            pending.difference_update({s for s in pending if health_status(target, s) == serving})
+            return not pending
+
+        wait_until(all_serving, "every model to be SERVING", SERVING_TIMEOUT)
 
         with Client(target, timeout=10) as anonymous, pytest.raises(UnauthenticatedError):
             anonymous.list_models()
@@ -642,10 +643,9 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
             ), metrics
 
         process.send_signal(signal.SIGTERM)
-        started = time.monotonic()
+        # Exits within its grace period (wait raises TimeoutExpired otherwise).
         returncode = process.wait(timeout=settings.grace_seconds)
         assert returncode == 0, log_path.read_text()
-        assert time.monotonic() - started < settings.grace_seconds
         assert "SIGTERM" in log_path.read_text()
     finally:
         if process.poll() is None:
@@ -680,8 +680,8 @@ def rendered_job_text(kustomization: str) -> str:
 
 
 def job_argv(container: dict[str, Any], **env: str) -> list[str]:
-    """The CLI argv (after `vitscope`) with $(VAR) references expanded as the kubelet does."""
-    assert container["command"] == ["vitscope"], "batch Jobs run the vitscope CLI"
+    """The argv (after `vitscope-server`) with $(VAR) references expanded as the kubelet does."""
+    assert container["command"] == ["vitscope-server"], "batch Jobs run vitscope-server"
     declared = {item["name"] for item in container.get("env", [])}
     argv = []
     for arg in container["args"]:
@@ -813,15 +813,16 @@ def test_scan_shards_and_merge_agree() -> None:
 
 
 def test_scan_jobs_run_and_merge_to_the_unsharded_top_k(tmp_path: Path) -> None:
-    """Runs every shard's command line and the merge's, then the same scan unsharded."""
-    from vitscope.cli import main
-
+    """Runs every shard's command line and the merge's, then the same scan unsharded, with only
+    the image's packages importable."""
     scan_job, scan = render_job("scan")
     _, merge = render_job("scan-merge")
     index = completion_index_variable(scan)
-    for i in range(scan_job["spec"]["completions"]):
-        main(local_argv(job_argv(scan, **{index: str(i)}), tmp_path))
-    main(local_argv(job_argv(merge), tmp_path))
+    argvs = [
+        local_argv(job_argv(scan, **{index: str(i)}), tmp_path)
+        for i in range(scan_job["spec"]["completions"])
+    ]
+    argvs.append(local_argv(job_argv(merge), tmp_path))
     merged_path = Path(
         local_argv([str(build_parser().parse_args(job_argv(merge)).out)], tmp_path)[0]
     )
@@ -829,19 +830,19 @@ def test_scan_jobs_run_and_merge_to_the_unsharded_top_k(tmp_path: Path) -> None:
     unsharded = [
         a for a in job_argv(scan, **{index: "0"}) if not a.startswith(("--shard", "--out"))
     ]
-    main(local_argv([*unsharded, "--shard=0/1", f"--out={whole}"], tmp_path))
+    argvs.append(local_argv([*unsharded, "--shard=0/1", f"--out={whole}"], tmp_path))
+    run_in_image("vitscope-server", argvs, tmp_path)
     merged, single = json.loads(merged_path.read_text()), json.loads(whole.read_text())
     assert merged["top"] == single["top"]
 
 
 def test_train_inverter_job_command_trains_its_module(tmp_path: Path) -> None:
-    """Index 1's command line (block 0's inverse), cut to one epoch, writes its module."""
-    from vitscope.cli import main
-
+    """Index 1's command line (block 0's inverse), cut to one epoch, writes its module; only
+    the image's packages are importable."""
     _, container = render_job("train-inverter")
     index = completion_index_variable(container)
     argv = local_argv(job_argv(container, **{index: "1"}), tmp_path)
-    main([*argv, "--epochs=1", "--threads=1"])
+    run_in_image("vitscope-server", [[*argv, "--epochs=1", "--threads=1"]], tmp_path)
     args = build_parser().parse_args(argv)
     written = sorted(p.name for p in Path(args.out).iterdir() if not p.name.startswith("."))
     assert any(name.startswith("blocks.0") and name.endswith(".safetensors") for name in written)

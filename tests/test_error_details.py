@@ -3,6 +3,7 @@ retries driven by the server's pushback, hostile requests, and the version hands
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 import shutil
@@ -89,6 +90,22 @@ def _rich(error: grpc.RpcError) -> dict[str, object]:
 def test_every_reason_is_documented() -> None:
     documented = set(re.findall(r"^\| `([A-Z_]+)` \|", DOCS.read_text(), flags=re.MULTILINE))
     assert {r.value for r in Reason} == documented
+
+
+def test_every_invalid_argument_names_a_field() -> None:
+    """Each InvalidArgument the server raises names its field (the BadRequest violation)."""
+    server = Path(__file__).resolve().parent.parent / "server"
+    raised, unnamed = 0, []
+    for path in server.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = node.func if isinstance(node, ast.Call) else None
+            name = getattr(called, "id", getattr(called, "attr", ""))
+            if name == "InvalidArgument" and isinstance(node, ast.Call):
+                raised += 1
+                first = node.args[0] if node.args else None
+                if first is None or (isinstance(first, ast.Constant) and not first.value):
+                    unnamed.append(f"{path.name}:{node.lineno}")
+    assert raised > 100 and unnamed == []
 
 
 # --- details on the wire ---------------------------------------------------------------
@@ -311,8 +328,10 @@ def test_queue_full_carries_retry_info_and_is_retried(guarded: RunningServer) ->
         before = _requests(guarded, "GetActivations", "RESOURCE_EXHAUSTED")
         target = f"127.0.0.1:{guarded.port}"
         with Client(target, token=TOKEN, retries=3, timeout=60) as c:
+            # A megabyte of pixels: more than gRPC keeps for retrying unless told otherwise.
+            large = np.zeros((600, 600, 3), dtype=np.uint8)
             with pytest.raises(ResourceExhaustedError) as caught:
-                c.activations([DIGIT], ["embed"], model=DIGITS)
+                c.activations([large], ["embed"], model=DIGITS)
             assert caught.value.reason == "QUEUE_FULL" and caught.value.retry_after == 1.0
             assert _requests(guarded, "GetActivations", "RESOURCE_EXHAUSTED") == before + 3
             with pytest.raises(ResourceExhaustedError) as too_many:

@@ -113,7 +113,7 @@ CASES = [
         {"reduction": "patch_map", "channels": [1, 999]},
         InvalidArgumentError,
         "INVALID_FIELD",
-        "channels",
+        "channels[1]",
     ),
     (
         "patch map without channels",

@@ -1,4 +1,4 @@
-"""`vitscope train-inverter` end to end on a tiny ViT: one epoch, parallel module processes
+"""`vitscope-server train-inverter` end to end on a tiny ViT: one epoch, parallel module processes
 writing one store, resume after a kill, the exact linear embedding inverse, and serving the
 result (a store for other weights is not offered)."""
 
@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +18,13 @@ import yaml
 from conftest import TEST_MODELS
 from PIL import Image
 from skimage import data as skdata
+from waiting import wait_until
 
 from vitscope import Client, NotFoundError
-from vitscope.cli import main as cli
+from vitscope_server.builtin.digits_data import digits_split
+from vitscope_server.cli import main as cli
 from vitscope_server.core.inversion_store import read_manifest
 from vitscope_server.settings import ServerSettings
-from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import create_server
 
 # 3 * 4 * 4 == 48: the patch projection is square, so the linear inverse is exact.
@@ -77,7 +77,7 @@ def train_args(setup: tuple[Path, Path], store: Path, *extra: str) -> list[str]:
 
 def _cli_process(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "vitscope.cli", *args],
+        [sys.executable, "-m", "vitscope_server.cli", *args],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -205,10 +205,12 @@ def test_resume_continues_after_a_kill(setup: tuple[Path, Path], tmp_path: Path)
     store = tmp_path / "store"
     checkpoint = store / "blocks.0.ckpt"
     process = _cli_process(train_args(setup, store, "--epochs", "100000", "--module", "blocks.0"))
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists():
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+
+    def saved_an_epoch() -> bool:
+        assert process.poll() is None, "training ended before its first checkpoint"
+        return checkpoint.exists()
+
+    wait_until(saved_an_epoch, "the first epoch's checkpoint")
     process.kill()
     process.wait()
     saved = torch.load(checkpoint, weights_only=True)

@@ -1,10 +1,14 @@
-"""The core never imports grpc, directly or through the client package."""
+"""Layers: the core never imports grpc or the client; the server never imports the client's
+plotting, commands or demo (only its stubs and the wire codec)."""
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 PROBE = """
 import importlib, pkgutil, sys
@@ -27,3 +31,45 @@ def test_core_modules_import_neither_grpc_nor_the_client() -> None:
         check=True,
     )
     assert result.stdout.strip() == ""
+
+
+SERVER_PROBE = """
+import importlib, pkgutil, sys
+import vitscope_server as server
+for module in pkgutil.walk_packages(server.__path__, server.__name__ + "."):
+    importlib.import_module(module.name)
+client = sorted(m for m in sys.modules if m.startswith("vitscope.") and not m.startswith("vitscope.v1"))
+print(",".join(client))
+"""
+# The client's presentation: plotting, figures, commands and the demo.
+CLIENT_PRESENTATION = re.compile(r"vitscope\.(overlay|figures|plot_\w+|cli(_\w+)?|demo(_\w+)?)$")
+
+
+def test_server_never_imports_the_clients_plotting_or_commands() -> None:
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, "-c", SERVER_PROBE],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+        check=True,
+    )
+    imported = set(filter(None, result.stdout.strip().split(",")))
+    assert "vitscope.tensors" in imported, "the server encodes tensors with the shared codec"
+    assert not [m for m in imported if CLIENT_PRESENTATION.match(m)]
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_server_function_is_longer_than_a_screen() -> None:
+    server = Path(__file__).resolve().parents[1] / "server"
+    long = []
+    for path in sorted(server.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(server)}:{node.lineno} {node.name} ({lines})")
+    assert not long, long

@@ -9,7 +9,7 @@ from conftest import start
 
 from vitscope import Client
 from vitscope import tensors as wire
-from vitscope.v1 import tensor_pb2
+from vitscope.v1 import activations_pb2, tensor_pb2
 from vitscope_server.transport.app import RunningServer
 
 
@@ -142,3 +142,24 @@ def test_result_larger_than_the_max_message_streams_in_chunks(
             assert chunked[site].tobytes() == whole[site].tobytes(), site
     finally:
         small.stop(0)
+
+
+def test_tensor_messages_round_trip_through_the_response_framing() -> None:
+    """What the server frames as GetActivationsResponse.chunk, protobuf and the client's
+    zero-copy reader both read back bit-exactly."""
+    field = activations_pb2.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number
+    array = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
+    messages = list(
+        wire.encode_tensor_messages(field, "site", "values", tensor_pb2.DTYPE_FLOAT32, array, 64)
+    )
+    assert len(messages) == wire.chunk_count(array.nbytes, 64)
+    by_protobuf, by_view = wire.ChunkAssembler(), wire.ChunkAssembler()
+    for message in messages:
+        by_protobuf.add(activations_pb2.GetActivationsResponse.FromString(message).chunk)
+        decoded = wire.decode_tensor_message(field, message)
+        assert decoded is not None
+        by_view.add(*decoded)
+    for assembler in (by_protobuf, by_view):
+        np.testing.assert_array_equal(assembler.result()[("site", "values")], array)
+    header = activations_pb2.GetActivationsResponse(header=activations_pb2.ActivationHeader())
+    assert wire.decode_tensor_message(field, header.SerializeToString()) is None

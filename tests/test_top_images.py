@@ -1,4 +1,4 @@
-"""TopActivatingImages and the sharded `vitscope scan` against plain hooks, on a real server."""
+"""TopActivatingImages and the sharded `vitscope-server scan` against plain hooks, on a real server."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from reference import reference_sites
 from vitscope import Client, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from vitscope.cli import main
 from vitscope.client import ImageLike
-from vitscope.errors import PermissionDeniedError
+from vitscope.errors import PermissionDeniedError, VitscopeError
+from vitscope_server.builtin.digits_data import digits_split
+from vitscope_server.cli import main as server_main
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.errors import InvalidArgument
 from vitscope_server.core.images import ALLOWED_FORMATS, ImageInput
@@ -30,7 +32,6 @@ from vitscope_server.core.top_images import (
     file_items,
     list_images,
 )
-from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer
 
 DIGITS = "vitscope-digits"
@@ -145,9 +146,9 @@ def test_open_clip_tower(tclient: Client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("options", "error", "words"),
+    ("options", "error", "reason", "field"),
     [
-        ({"top_k": 0}, InvalidArgumentError, ["top_k", "1..1000"]),
+        ({"top_k": 0}, InvalidArgumentError, "INVALID_FIELD", "top_k"),
         (
             # 192 x 1000 maps of 10x10 float32 exceed the 64 MiB message less its headroom.
             {
@@ -157,19 +158,36 @@ def test_open_clip_tower(tclient: Client) -> None:
                 "top_k": 1000,
             },
             ResourceExhaustedError,
-            ["192 channels", "top_k 1000", str((64 << 20) - (16 << 10))],
+            "RESULT_TOO_LARGE",
+            None,
         ),
-        ({"channels": [256]}, InvalidArgumentError, ["channels", "256", "0..255"]),
-        ({"channels": []}, InvalidArgumentError, ["channels"]),
-        ({"site": "blocks.3.nope"}, NotFoundError, ["site"]),
-        ({"site": "blocks.3.attn.probs"}, InvalidArgumentError, ["site", "channels"]),
-        ({"images": []}, InvalidArgumentError, ["no images"]),
-        ({"images": [b"not an image"]}, InvalidArgumentError, ["images[0].encoded"]),
-        ({"model": "nope"}, NotFoundError, ["nope"]),
-        ({"image_folder": "/etc"}, PermissionDeniedError, ["outside", "image roots"]),
-        ({"image_folder": "{root}/../secret"}, PermissionDeniedError, ["outside"]),
-        ({"image_folder": "{root}/missing"}, NotFoundError, ["not a folder"]),
-        ({"image_folder": "{root}/digits", "images": [b"x"]}, InvalidArgumentError, ["together"]),
+        ({"channels": [1, 256]}, InvalidArgumentError, "INVALID_FIELD", "channels[1]"),
+        ({"channels": [1, 2, 1]}, InvalidArgumentError, "INVALID_FIELD", "channels[2]"),
+        ({"channels": []}, InvalidArgumentError, "FIELD_REQUIRED", "channels"),
+        ({"site": "blocks.3.nope"}, NotFoundError, "SITE_NOT_FOUND", "site"),
+        ({"site": "blocks.3.attn.probs"}, InvalidArgumentError, "INVALID_FIELD", "site"),
+        ({"images": []}, InvalidArgumentError, "FIELD_REQUIRED", "images"),
+        (
+            {"images": [b"not an image"]},
+            InvalidArgumentError,
+            "IMAGE_UNDECODABLE",
+            "images[0].encoded",
+        ),
+        ({"model": "nope"}, NotFoundError, "MODEL_NOT_FOUND", "model"),
+        ({"image_folder": "/etc"}, PermissionDeniedError, "FOLDER_NOT_ALLOWED", "image_folder"),
+        (
+            {"image_folder": "{root}/../secret"},
+            PermissionDeniedError,
+            "FOLDER_NOT_ALLOWED",
+            "image_folder",
+        ),
+        ({"image_folder": "{root}/missing"}, NotFoundError, "FOLDER_NOT_FOUND", "image_folder"),
+        (
+            {"image_folder": "{root}/digits", "images": [b"x"]},
+            InvalidArgumentError,
+            "INVALID_FIELD",
+            "requests[1].images",
+        ),
     ],
 )
 def test_bad_requests(
@@ -177,8 +195,9 @@ def test_bad_requests(
     root: Path,
     digits: np.ndarray,
     options: dict[str, object],
-    error: type[Exception],
-    words: list[str],
+    error: type[VitscopeError],
+    reason: str,
+    field: str | None,
 ) -> None:
     kwargs: dict[str, object] = {
         "site": SITE,
@@ -195,8 +214,10 @@ def test_bad_requests(
     site, channels = kwargs.pop("site"), kwargs.pop("channels")
     with pytest.raises(error) as caught:
         tclient.top_activating_images(site, channels, **kwargs)
-    for word in words:
-        assert word in str(caught.value)
+    assert caught.value.reason == reason, caught.value
+    assert caught.value.metadata.get("field") == field, caught.value
+    if error is InvalidArgumentError:
+        assert [v.field for v in caught.value.field_violations] == [field]
     assert tclient.top_activating_images(SITE, [1], images=list(digits[:2]), model=DIGITS)
 
 
@@ -207,8 +228,10 @@ def test_bad_file_in_a_folder_is_named_by_its_path(
     broken.mkdir()
     Image.fromarray(digits[0]).save(broken / "a.png")
     (broken / "b.png").write_bytes(b"not an image")
-    with pytest.raises(InvalidArgumentError, match=r"'b\.png'"):
+    with pytest.raises(InvalidArgumentError) as caught:
         tclient.top_activating_images(SITE, [1], image_folder=str(broken), model=DIGITS)
+    assert caught.value.reason == "IMAGE_UNDECODABLE"
+    assert [v.field for v in caught.value.field_violations] == ["image_folder['b.png'].encoded"]
     assert tclient.top_activating_images(SITE, [1], images=list(digits[:2]), model=DIGITS)
 
 
@@ -217,8 +240,9 @@ def test_bad_streamed_image_is_named_by_its_stream_index(
 ) -> None:
     """The ninth image arrives first in the third message of four; it is images[8]."""
     images: list[ImageLike] = [*digits[:8], b"not an image"]
-    with pytest.raises(InvalidArgumentError, match=r"images\[8\]"):
+    with pytest.raises(InvalidArgumentError) as caught:
         tclient.top_activating_images(SITE, [1], images=images, model=DIGITS, batch=4)
+    assert [v.field for v in caught.value.field_violations] == ["images[8].encoded"]
 
 
 def test_vanished_file_is_named_by_its_path(tmp_path: Path) -> None:
@@ -239,12 +263,13 @@ def test_folder_suffixes_are_the_decodable_formats() -> None:
 
 
 def test_server_without_roots_refuses_folders(client: Client) -> None:
-    with pytest.raises(PermissionDeniedError, match="--image-root"):
+    with pytest.raises(PermissionDeniedError) as caught:
         client.top_activating_images("blocks.0.mlp.hidden", [1], image_folder="/tmp")
+    assert caught.value.reason == "FOLDER_NOT_ALLOWED"
 
 
 def scan(root: Path, out: Path, shard: str, *extra: str) -> dict[str, object]:
-    main(
+    server_main(
         [
             "scan",
             "--model",
@@ -276,7 +301,7 @@ def test_sharded_scan_merges_to_the_unsharded_top_k(
     whole = scan(root, tmp_path / "whole.json", "0/1")
     parts = [scan(root, tmp_path / f"part{i}.json", f"{i}/3") for i in range(3)]
     assert [p["scanned"] for p in parts] == [10, 10, 10]
-    main(
+    server_main(
         [
             "scan-merge",
             *(str(tmp_path / f"part{i}.json") for i in (2, 0, 1)),
@@ -312,7 +337,7 @@ def test_merge_refuses_mismatched_parts(root: Path, tmp_path: Path) -> None:
     other["top_k"] = 3
     (tmp_path / "b.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="top_k"):
-        main(
+        server_main(
             [
                 "scan-merge",
                 str(tmp_path / "a.json"),
@@ -322,7 +347,7 @@ def test_merge_refuses_mismatched_parts(root: Path, tmp_path: Path) -> None:
             ]
         )
     with pytest.raises(SystemExit, match="given twice"):
-        main(
+        server_main(
             [
                 "scan-merge",
                 str(tmp_path / "a.json"),
@@ -337,7 +362,7 @@ def test_merge_refuses_mismatched_parts(root: Path, tmp_path: Path) -> None:
 
 def test_scan_builtin_digits_shard(tmp_path: Path) -> None:
     out = tmp_path / "digits.json"
-    main(
+    server_main(
         [
             "scan",
             "--model",

@@ -24,7 +24,8 @@ from vitscope_server.builtin import (
     DIGITS_STD,
     DIGITS_WEIGHTS,
 )
-from vitscope_server.train_classifier import digits_split, digits_split_indices, load_image, main
+from vitscope_server.builtin.digits_data import digits_split, digits_split_indices
+from vitscope_server.train_classifier import load_image, main
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The `vitscope` command: run the server, or call one."""
+"""The `vitscope` command: calls a server (`vitscope-server` runs one)."""
 
 from __future__ import annotations
 
@@ -12,68 +12,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitscope import cli_features, cli_inversion, cli_projection
+from vitscope import cli_explain, cli_features, cli_inversion, cli_projection
 from vitscope.client import DEFAULT_TARGET, Client
 from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
 from vitscope.handshake import describe as describe_server
 from vitscope.overlay import grid, heatmap_overlay
 from vitscope.tensors import TensorDecodeError
-
-# serve flag -> (ServerSettings field, argparse options)
-_SERVE_FLAGS: list[tuple[str, dict[str, object]]] = [
-    ("--host", {"help": "address to bind (default 0.0.0.0)"}),
-    ("--port", {"type": int, "help": "gRPC port (default 50051; 0 picks a free one)"}),
-    ("--metrics-port", {"type": int, "help": "Prometheus port (default 8000; -1 turns it off)"}),
-    ("--models-file", {"type": Path, "help": "YAML file listing the models to serve"}),
-    (
-        "--model",
-        {
-            "dest": "models",
-            "action": "append",
-            "help": "extra model NAME=FAMILY:ARCH[@WEIGHTS], repeatable",
-        },
-    ),
-    ("--default-model", {"help": "model used when a request names none"}),
-    ("--no-builtin-models", {"dest": "builtin_models", "action": "store_false", "default": None}),
-    ("--inverters-dir", {"type": Path, "help": "folder of trained inverter stores to offer"}),
-    ("--device", {"help": "auto, cpu, cuda or cuda:N (default auto)"}),
-    ("--torch-threads", {"type": int}),
-    ("--max-message-bytes", {"type": int}),
-    ("--chunk-bytes", {"type": int}),
-    ("--max-running", {"type": int, "help": "requests computing at once"}),
-    (
-        "--max-queue",
-        {"type": int, "help": "requests waiting for compute before RESOURCE_EXHAUSTED"},
-    ),
-    (
-        "--max-workers",
-        {"type": int, "help": "threads beyond running + queued jobs (health, cheap calls)"},
-    ),
-    (
-        "--max-connection-age-seconds",
-        {"type": float, "help": "recycle connections so callers rebalance"},
-    ),
-    ("--max-batch", {"type": int}),
-    (
-        "--image-root",
-        {
-            "dest": "image_roots",
-            "action": "append",
-            "type": Path,
-            "help": "folder TopActivatingImages may scan by name, repeatable",
-        },
-    ),
-    (
-        "--auth-token-file",
-        {"type": Path, "help": "file holding the bearer token callers must send"},
-    ),
-    ("--tls-cert", {"type": Path}),
-    ("--tls-key", {"type": Path}),
-    ("--tls-client-ca", {"type": Path, "help": "CA of client certificates (turns on mTLS)"}),
-    ("--grace-seconds", {"type": float, "help": "drain time after SIGTERM"}),
-    ("--log-level", {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]}),
-]
 
 
 def _position(text: str) -> tuple[int, int]:
@@ -85,7 +30,7 @@ def _position(text: str) -> tuple[int, int]:
 
 
 # Each RPC family's subcommands: add_commands(subparsers) and run(client, args) -> handled.
-FAMILY_COMMANDS = (cli_features, cli_projection, cli_inversion)
+FAMILY_COMMANDS = (cli_features, cli_projection, cli_inversion, cli_explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,10 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="balance over every address of the target (dns:///...)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="run the server (needs the [server] extra)")
-    for flag, options in _SERVE_FLAGS:
-        serve.add_argument(flag, **options)  # type: ignore[arg-type]
 
     commands.add_parser("models", help="list served models and their state")
     commands.add_parser(
@@ -167,19 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     for family in FAMILY_COMMANDS:
         family.add_commands(commands)
     return parser
-
-
-def _serve(args: argparse.Namespace) -> None:
-    from vitscope_server.settings import ServerSettings
-    from vitscope_server.transport.app import serve
-
-    given = {}
-    for flag, options in _SERVE_FLAGS:
-        key = str(options.get("dest", flag.removeprefix("--").replace("-", "_")))
-        value = getattr(args, key)
-        if value is not None:
-            given[key] = value
-    serve(ServerSettings(**given))
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -246,9 +174,6 @@ def _activations(client: Client, args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        _serve(args)
-        return
     try:
         with _client(args) as client:
             if args.command == "models":

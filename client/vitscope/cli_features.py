@@ -1,4 +1,4 @@
-"""`vitscope visualize`, `vitscope scan` and `vitscope scan-merge`."""
+"""`vitscope visualize`: optimised feature images with their top activating images."""
 
 from __future__ import annotations
 
@@ -53,44 +53,11 @@ def add_commands(commands: Any) -> None:
     )
     visualize.add_argument("--top-k", type=int, default=4)
 
-    scan = commands.add_parser(
-        "scan", help="top activating images of one dataset shard, in-process (needs [server])"
-    )
-    scan.add_argument("--model", required=True)
-    scan.add_argument("--models-file", type=Path)
-    scan.add_argument(
-        "--model-spec",
-        action="append",
-        default=[],
-        help="NAME=FAMILY:ARCH[@WEIGHTS] as for serve --model, repeatable",
-    )
-    scan.add_argument("--data", required=True, help="image folder, or builtin-digits")
-    scan.add_argument("--site", required=True)
-    scan.add_argument("--channel", type=int, nargs="+", required=True)
-    scan.add_argument("--top-k", type=int, required=True)
-    scan.add_argument("--shard", default="0/1", help="I/N: the I-th of N shards (0-based)")
-    scan.add_argument("--batch", type=int, default=64)
-    scan.add_argument("--device", default="auto")
-    scan.add_argument("--out", type=Path, required=True, help="part file (.json)")
-
-    merge = commands.add_parser(
-        "scan-merge", help="merge scan parts into one top-k (needs [server])"
-    )
-    merge.add_argument("parts", type=Path, nargs="+")
-    merge.add_argument("--out", type=Path, required=True)
-    merge.add_argument(
-        "--partial", action="store_true", help="write the merge even when shards are missing"
-    )
-
 
 def run(client: Client, args: argparse.Namespace) -> bool:
     """Handles this module's commands; False for anyone else's."""
     if args.command == "visualize":
         _visualize(client, args)
-    elif args.command == "scan":
-        _scan(args)
-    elif args.command == "scan-merge":
-        _merge(args)
     else:
         return False
     return True
@@ -186,45 +153,3 @@ def _visualize(client: Client, args: argparse.Namespace) -> None:
         json.dumps({"parameters": result.parameters, "provenance": result.provenance}, indent=2)
     )
     print(f"wrote {args.out / 'grid.png'}")
-
-
-def _scan(args: argparse.Namespace) -> None:
-    from vitscope_server.core.errors import VitscopeError
-    from vitscope_server.core.top_images import ScanQuery
-    from vitscope_server.model_selection import resolve_device, select_spec
-    from vitscope_server.scan_job import parse_shard, scan_shard, write_json
-
-    try:
-        spec = select_spec(args.model, args.models_file, args.model_spec)
-        part = scan_shard(
-            spec,
-            args.data,
-            ScanQuery(args.site, tuple(args.channel), args.top_k),
-            parse_shard(args.shard),
-            batch=args.batch,
-            device=str(resolve_device(args.device)),
-        )
-    except VitscopeError as exc:
-        raise SystemExit(f"vitscope scan: {exc}") from None
-    write_json(part, args.out)
-    print(f"wrote {args.out}: shard {args.shard}, {part['scanned']} of {part['num_items']} items")
-
-
-def _merge(args: argparse.Namespace) -> None:
-    from vitscope_server.core.errors import VitscopeError
-    from vitscope_server.scan_job import merge_parts, write_json
-
-    try:
-        merged = merge_parts([json.loads(p.read_text()) for p in args.parts])
-    except OSError as exc:
-        raise SystemExit(f"vitscope scan-merge: cannot read a part: {exc}") from None
-    except VitscopeError as exc:
-        raise SystemExit(f"vitscope scan-merge: {exc}") from None
-    if not merged["complete"] and not args.partial:
-        raise SystemExit(
-            f"vitscope scan-merge: shards {merged['shards']} do not cover the data; "
-            "pass --partial to merge them anyway"
-        )
-    write_json(merged, args.out)
-    state = "complete" if merged["complete"] else "partial"
-    print(f"wrote {args.out}: {len(merged['shards'])} shards, {state}")

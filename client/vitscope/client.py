@@ -14,6 +14,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from vitscope import explain as explaining
 from vitscope import inversion, projection
 from vitscope import tensors as wire
 from vitscope.errors import from_rpc_error
@@ -41,6 +42,7 @@ from vitscope.selection import ClassLike, class_ref, token_selection
 from vitscope.v1 import (
     activations_pb2,
     common_pb2,
+    explain_pb2,
     inversion_pb2,
     models_pb2,
     projection_pb2,
@@ -112,21 +114,7 @@ def image_message(image: ImageLike) -> common_pb2.Image:
 
 
 _GET_ACTIVATIONS = "/vitscope.v1.Inspector/GetActivations"
-_CHUNK_KEY = (
-    activations_pb2.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2
-)
-
-
-def _chunk_of(raw: bytes) -> tuple[tensor_pb2.TensorChunk, memoryview] | None:
-    """A chunk response's fields and a view of its data, without copying the data;
-    None for anything else (the header), which protobuf parses."""
-    view = memoryview(raw)
-    if not view or view[0] != _CHUNK_KEY:
-        return None
-    length, start = wire.read_varint(view, 1)
-    if start + length != len(view):
-        return None
-    return wire.split_chunk(view[start:])
+_CHUNK_FIELD = activations_pb2.GetActivationsResponse.DESCRIPTOR.fields_by_name["chunk"].number
 
 
 @dataclass(frozen=True)
@@ -238,8 +226,12 @@ class Client:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.enable_retries", 1),
+            # gRPC keeps a request for retrying only up to this size (256 KiB by default).
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
             ("grpc.service_config", service_config(retries, load_balancing)),
             ("grpc.service_config_disable_resolution", 1),
+            # Streams are read on the calling thread: no helper thread started per call.
+            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
         ]
         if tls or ca_cert or client_cert:
             credentials = grpc.ssl_channel_credentials(
@@ -342,6 +334,7 @@ class Client:
         top_k: int = 0,
         dtype: str = "float32",
         top_predictions: int = 0,
+        compute_dtype: str = "float32",
         timeout: float | None = None,
     ) -> Activations:
         """Activations at `sites` for `images`.
@@ -349,6 +342,7 @@ class Client:
         tokens: all | prefix | patches | indices | positions (default: all without a
         reduction, patches with one). reduction: none | mean | patch_map | top_channels.
         dtype: float32 | float16 | bfloat16 (bfloat16 arrives as float32 values).
+        compute_dtype: the forward's precision, float32 | float16 | bfloat16 (autocast).
         """
         request = activations_pb2.GetActivationsRequest(
             model=model,
@@ -360,6 +354,7 @@ class Client:
             top_k=top_k,
             output_dtype=_DTYPES[dtype],
             top_predictions=top_predictions,
+            compute_dtype=_DTYPES[compute_dtype],
         )
         return self._collect(self._stream(self._activations_raw, request, timeout))
 
@@ -368,7 +363,7 @@ class Client:
         header: activations_pb2.ActivationHeader | None = None
         assembler = wire.ChunkAssembler()
         for raw in responses:
-            chunk = _chunk_of(raw)
+            chunk = wire.decode_tensor_message(_CHUNK_FIELD, raw)
             if chunk is not None:
                 assembler.add(*chunk)
                 continue
@@ -647,3 +642,45 @@ class Client:
             self._stub.ListInverters, inversion_pb2.ListInvertersRequest(model=model), timeout
         )
         return [inversion.inverter(i) for i in response.inverters]
+
+    # Explanations: attribution maps with their faithfulness (METHODS.md §5).
+
+    def explain(
+        self,
+        images: Sequence[ImageLike],
+        methods: Sequence[str] = ("rollout", "relevancy", "integrated_gradients"),
+        *,
+        model: str = "",
+        targets: Sequence[ClassLike | explaining.Prompt] = (),
+        options: dict[str, explaining.MethodOptions] | None = None,
+        class_names: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+        faithfulness: bool = False,
+        patches_per_step: int | None = None,
+        blur_sigma: float | None = None,
+        seed: int = 0,
+        on_progress: Callable[[explaining.ExplainProgress], object] | None = None,
+        timeout: float | None = None,
+    ) -> explaining.Explanation:
+        """Attribution maps of each image's target by each method.
+
+        methods: rollout | relevancy | integrated_gradients (ig) | class_embedding |
+        feature_map. targets: none, or one per image (class index, class name, None for the
+        prediction, or Prompt(text) for an open_clip tower). options: per method name, its
+        parameters (MethodOptions). class_names / templates: an open_clip label set.
+        faithfulness: deletion and insertion curves per map and for a random order seeded
+        with `seed`, `patches_per_step` patches a step, insertion starting from the image
+        blurred with `blur_sigma` (None: the server's defaults).
+        """
+        request = explain_pb2.ExplainRequest(
+            model=model,
+            images=[image_message(i) for i in images],
+            targets=[explaining.target_message(t) for t in targets],
+            methods=explaining.method_requests(methods, options or {}),
+            labels=projection.label_set(class_names, templates),
+        )
+        if faithfulness:
+            request.faithfulness.CopyFrom(
+                explaining.faithfulness_message(patches_per_step, blur_sigma, seed)
+            )
+        return explaining.collect(self._stream(self._stub.Explain, request, timeout), on_progress)

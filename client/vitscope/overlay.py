@@ -1,24 +1,13 @@
-"""Heatmap overlays of patch-wise activation maps (numpy + PIL, no torch)."""
+"""Heatmap overlays of patch-wise activation maps (numpy, PIL and a matplotlib colour map)."""
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Anchors of a perceptually ordered dark-to-bright colour ramp.
-_RAMP = np.array(
-    [
-        [0, 0, 4],
-        [40, 11, 84],
-        [101, 21, 110],
-        [159, 42, 99],
-        [212, 72, 66],
-        [245, 125, 21],
-        [250, 193, 39],
-        [252, 255, 164],
-    ],
-    dtype=np.float32,
-)
+# Perceptually ordered, dark to bright; the server draws its overlays with the same map.
+COLOUR_MAP = "inferno"
 
 
 def normalise(values: np.ndarray) -> np.ndarray:
@@ -30,11 +19,7 @@ def normalise(values: np.ndarray) -> np.ndarray:
 
 def colorize(unit: np.ndarray) -> np.ndarray:
     """[H, W] in [0, 1] -> [H, W, 3] uint8."""
-    position = np.clip(unit, 0.0, 1.0) * (len(_RAMP) - 1)
-    low = np.floor(position).astype(int)
-    high = np.minimum(low + 1, len(_RAMP) - 1)
-    weight = (position - low)[..., None]
-    return (_RAMP[low] * (1 - weight) + _RAMP[high] * weight).astype(np.uint8)
+    return matplotlib.colormaps[COLOUR_MAP](np.clip(unit, 0.0, 1.0), bytes=True)[..., :3]
 
 
 def heatmap_overlay(image: Image.Image, patch_map: np.ndarray, alpha: float = 0.55) -> Image.Image:

@@ -205,6 +205,40 @@ def split_chunk(serialized: memoryview) -> tuple[tensor_pb2.TensorChunk, memoryv
     return tensor_pb2.TensorChunk.FromString(b"".join(head)), data
 
 
+def encode_tensor_messages(
+    field: int,
+    name: str,
+    role: str,
+    dtype: tensor_pb2.Dtype.ValueType,
+    array: np.ndarray,
+    chunk_bytes: int,
+) -> Iterator[bytes]:
+    """Serialized messages each holding one TensorChunk of `array` in field number `field`
+    (a response's `chunk`), framed by hand so the tensor's bytes are copied once."""
+    payload = memoryview(array.reshape(-1).view(np.uint8).data)
+    for span in chunk_spans(len(payload), chunk_bytes):
+        chunk = encode_chunk(name, role, dtype, array.shape, payload, span)
+        size = sum(len(part) for part in chunk)
+        yield b"".join([length_delimited_field(field, size), *chunk])
+
+
+def decode_tensor_message(
+    field: int, serialized: bytes
+) -> tuple[tensor_pb2.TensorChunk, memoryview] | None:
+    """The TensorChunk of a message holding only field number `field`, and a view of its data
+    (no copy); None for any other message, which protobuf parses as usual."""
+    view = memoryview(serialized)
+    if not view:
+        return None
+    key, start = read_varint(view, 0)
+    if key != field << 3 | _LENGTH_DELIMITED:
+        return None
+    length, start = read_varint(view, start)
+    if start + length != len(view):
+        return None
+    return split_chunk(view[start:])
+
+
 def chunk_count(total_bytes: int, chunk_bytes: int) -> int:
     return max(1, -(-total_bytes // chunk_bytes))
 

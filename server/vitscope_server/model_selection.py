@@ -1,4 +1,4 @@
-"""Which models a process serves and on which device: shared by `vitscope serve` and the
+"""Which models a process serves and on which device: shared by `vitscope-server serve` and the
 batch commands (scan, train-inverter), so a Job names models exactly as the server does."""
 
 from __future__ import annotations
@@ -37,13 +37,20 @@ def model_specs(settings: ServerSettings) -> tuple[list[ModelSpec], str]:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device to compute on. On CUDA, TF32 is turned off for matmuls and convolutions:
+    float32 results then match the CPU's within float32 rounding, and reduced precision is
+    what a request asks for explicitly (compute_dtype)."""
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    )
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
 
 
 def select_spec(name: str, models_file: Path | None, model_flags: Sequence[str]) -> ModelSpec:
-    """The model named `name` among those `vitscope serve` would serve with the same flags
+    """The model named `name` among those `vitscope-server serve` would serve with the same flags
     (and the same VITSCOPE_* environment, which a flag left out does not override)."""
     given: dict[str, object] = {}
     if models_file is not None:

@@ -1,4 +1,4 @@
-"""Sharded top-activating-image scans for batch jobs (`vitscope scan`, `vitscope scan-merge`).
+"""Sharded top-activating-image scans for batch jobs (`vitscope-server scan`, `vitscope-server scan-merge`).
 
 A dataset too large for one machine is split by its sorted item list into n contiguous
 shards; shard i is scanned with the same core code as TopActivatingImages and written as
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitscope_server.core.atomic_files import write_text_atomically
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.errors import InvalidArgument, NotFound, Reason
 from vitscope_server.core.images import ImageInput
@@ -67,7 +68,7 @@ def dataset(data: str) -> tuple[list[str], Callable[[int], ImageInput]]:
     """Item names in scan order and a loader by index: the built-in held-out digits, or the
     images under a folder sorted by relative path."""
     if data == BUILTIN_DIGITS:
-        from vitscope_server.train_classifier import digits_split
+        from vitscope_server.builtin.digits_data import digits_split
 
         _, _, images, labels = digits_split()
         names = [f"{int(label)}-{i:04d}" for i, label in enumerate(labels)]
@@ -180,8 +181,5 @@ def merge_parts(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_json(document: dict[str, Any], out: Path) -> None:
-    """Written beside `out` and renamed, so a retried or killed job never leaves half a part."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(json.dumps(document))
-    partial.replace(out)
+    """Written atomically, so a retried or killed job never leaves half a part."""
+    write_text_atomically(out, json.dumps(document))

@@ -1,4 +1,8 @@
-"""Server settings from flags and VITSCOPE_* environment variables."""
+"""Server settings from flags and VITSCOPE_* environment variables.
+
+Each field's description is its `vitscope-server serve --help` text and its row in
+docs/configuration.md; flags and variables are generated from the fields, so they cannot drift.
+"""
 
 from __future__ import annotations
 
@@ -10,46 +14,108 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_METRICS_PORT = 8000
+ENV_PREFIX = "VITSCOPE_"
 
 
 class ServerSettings(BaseSettings):
-    """Everything `vitscope serve` can be told; each field is also VITSCOPE_<FIELD>."""
+    """Everything `vitscope-server serve` can be told; each field is also VITSCOPE_<FIELD>."""
 
-    model_config = SettingsConfigDict(env_prefix="VITSCOPE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
-    # "[::]" binds IPv6 (and IPv4 where the OS maps it).
-    host: str = "0.0.0.0"
-    port: int = Field(DEFAULT_GRPC_PORT, ge=0, le=65535)
-    # -1 turns the metrics endpoint off; 0 picks a free port.
-    metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=-1, le=65535)
-    models_file: Path | None = None
-    # Extra models as NAME=FAMILY:ARCHITECTURE[@WEIGHTS].
-    models: list[str] = Field(default_factory=list)
-    default_model: str | None = None
-    builtin_models: bool = True
-    # A folder of trained inverter stores (one per subfolder), offered beside the built-in ones.
-    inverters_dir: Path | None = None
-    device: str = "auto"
-    torch_threads: int | None = Field(None, ge=1)
-    max_message_bytes: int = Field(64 << 20, ge=1 << 16)
-    chunk_bytes: int = Field(4 << 20, ge=1 << 10)
-    max_running: int = Field(1, ge=1)
-    max_queue: int = Field(32, ge=0)
-    # Threads beyond max_running + max_queue, for health checks, cheap calls and streaming.
-    max_workers: int = Field(8, ge=2)
-    max_connection_age_seconds: float = Field(300.0, gt=0)
-    max_batch: int = Field(64, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    max_result_bytes: int = Field(4 << 30, ge=1)
-    # Folders whose images TopActivatingImages may scan by name; none by default.
-    image_roots: list[Path] = Field(default_factory=list)
-    auth_token: SecretStr | None = None
-    auth_token_file: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    grace_seconds: float = Field(10.0, ge=0)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    host: str = Field(
+        "0.0.0.0", description="Address to bind; [::] binds IPv6 (and IPv4 where the OS maps it)."
+    )
+    port: int = Field(
+        DEFAULT_GRPC_PORT, ge=0, le=65535, description="gRPC port; 0 picks a free one."
+    )
+    metrics_port: int = Field(
+        DEFAULT_METRICS_PORT,
+        ge=-1,
+        le=65535,
+        description="Prometheus /metrics port; -1 turns it off, 0 picks a free one.",
+    )
+    models_file: Path | None = Field(None, description="YAML file listing the models to serve.")
+    models: list[str] = Field(
+        default_factory=list,
+        description="Extra models as NAME=FAMILY:ARCHITECTURE[@WEIGHTS]; repeat the flag for more.",
+    )
+    default_model: str | None = Field(
+        None,
+        description="Model used when a request names none; unset: the built-in or first listed.",
+    )
+    builtin_models: bool = Field(
+        True, description="Serve the built-in digits models and their trained inverters."
+    )
+    inverters_dir: Path | None = Field(
+        None,
+        description="Folder of trained inverter stores (one per subfolder), offered beside the "
+        "built-in ones; read at start.",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; unset: torch's choice, one per core."
+    )
+    max_message_bytes: int = Field(
+        64 << 20, ge=1 << 16, description="Largest gRPC message sent or received, in bytes."
+    )
+    chunk_bytes: int = Field(
+        4 << 20, ge=1 << 10, description="Payload bytes per streamed tensor chunk."
+    )
+    max_running: int = Field(1, ge=1, description="Requests computing at once.")
+    max_queue: int = Field(
+        32, ge=0, description="Requests waiting for compute before RESOURCE_EXHAUSTED."
+    )
+    max_workers: int = Field(
+        8,
+        ge=2,
+        description="Threads beyond max_running + max_queue, for health checks, cheap calls "
+        "and streaming.",
+    )
+    max_connection_age_seconds: float = Field(
+        300.0, gt=0, description="Connections are recycled after this age, so callers rebalance."
+    )
+    max_batch: int = Field(64, ge=1, description="Most images in one request.")
+    batch_max_images: int = Field(
+        32,
+        ge=0,
+        description="Most images in one forward shared by concurrent GetActivations requests "
+        "for a model; 0 turns batching off.",
+    )
+    batch_delay_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Longest wait of a batch for requests still being decoded (never when "
+        "none is).",
+    )
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Most pixels in one decoded image.")
+    max_result_bytes: int = Field(
+        4 << 30, ge=1, description="Most bytes of activations one request may produce."
+    )
+    image_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders whose images TopActivatingImages may scan by name; repeat the flag "
+        "for more. None by default.",
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="Bearer token callers must send. Prefer auth_token_file or the environment: "
+        "a flag shows in the process list.",
+    )
+    auth_token_file: Path | None = Field(
+        None, description="File holding the bearer token callers must send."
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; turns on TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA of client certificates; turns on mutual TLS."
+    )
+    grace_seconds: float = Field(
+        10.0, ge=0, description="After SIGTERM, time in-flight calls get to finish."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Logging threshold: DEBUG, INFO, WARNING or ERROR."
+    )
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> ServerSettings:

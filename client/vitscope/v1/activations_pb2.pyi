@@ -71,6 +71,7 @@ class GetActivationsRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     OUTPUT_DTYPE_FIELD_NUMBER: _builtins.int
     TOP_PREDICTIONS_FIELD_NUMBER: _builtins.int
+    COMPUTE_DTYPE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Empty means the server's default model."""
     reduction: Global___Reduction.ValueType
@@ -80,6 +81,10 @@ class GetActivationsRequest(_message.Message):
     """FLOAT32 (default), FLOAT16 or BFLOAT16."""
     top_predictions: _builtins.int
     """When > 0, the model's own top-k predictions are included."""
+    compute_dtype: _tensor_pb2.Dtype.ValueType
+    """Precision of the forward: FLOAT32 (default), or FLOAT16 / BFLOAT16 under autocast
+    (faster on a GPU; values differ from FLOAT32 by the dtype's rounding).
+    """
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]: ...
     @_builtins.property
@@ -107,10 +112,11 @@ class GetActivationsRequest(_message.Message):
         top_k: _builtins.int = ...,
         output_dtype: _tensor_pb2.Dtype.ValueType = ...,
         top_predictions: _builtins.int = ...,
+        compute_dtype: _tensor_pb2.Dtype.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "images", b"images", "model", b"model", "output_dtype", b"output_dtype", "reduction", b"reduction", "sites", b"sites", "tokens", b"tokens", "top_k", b"top_k", "top_predictions", b"top_predictions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "compute_dtype", b"compute_dtype", "images", b"images", "model", b"model", "output_dtype", b"output_dtype", "reduction", b"reduction", "sites", b"sites", "tokens", b"tokens", "top_k", b"top_k", "top_predictions", b"top_predictions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -201,12 +207,14 @@ class EffectiveActivationParameters(_message.Message):
     OUTPUT_DTYPE_FIELD_NUMBER: _builtins.int
     TOP_PREDICTIONS_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    COMPUTE_DTYPE_FIELD_NUMBER: _builtins.int
     token_mode: _common_pb2.TokenSelectionMode.ValueType
     reduction: Global___Reduction.ValueType
     top_k: _builtins.int
     output_dtype: _tensor_pb2.Dtype.ValueType
     top_predictions: _builtins.int
     batch_size: _builtins.int
+    compute_dtype: _tensor_pb2.Dtype.ValueType
     @_builtins.property
     def sites(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -222,10 +230,11 @@ class EffectiveActivationParameters(_message.Message):
         output_dtype: _tensor_pb2.Dtype.ValueType = ...,
         top_predictions: _builtins.int = ...,
         batch_size: _builtins.int = ...,
+        compute_dtype: _tensor_pb2.Dtype.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "channels", b"channels", "output_dtype", b"output_dtype", "reduction", b"reduction", "sites", b"sites", "token_mode", b"token_mode", "top_k", b"top_k", "top_predictions", b"top_predictions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "channels", b"channels", "compute_dtype", b"compute_dtype", "output_dtype", b"output_dtype", "reduction", b"reduction", "sites", b"sites", "token_mode", b"token_mode", "top_k", b"top_k", "top_predictions", b"top_predictions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

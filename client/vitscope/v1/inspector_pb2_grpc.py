@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from vitscope.v1 import activations_pb2 as vitscope_dot_v1_dot_activations__pb2
+from vitscope.v1 import explain_pb2 as vitscope_dot_v1_dot_explain__pb2
 from vitscope.v1 import features_pb2 as vitscope_dot_v1_dot_features__pb2
 from vitscope.v1 import inversion_pb2 as vitscope_dot_v1_dot_inversion__pb2
 from vitscope.v1 import models_pb2 as vitscope_dot_v1_dot_models__pb2
@@ -85,6 +86,11 @@ class InspectorStub:
                 request_serializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.SerializeToString,
                 response_deserializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_stream(
+                '/vitscope.v1.Inspector/Explain',
+                request_serializer=vitscope_dot_v1_dot_explain__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_explain__pb2.ExplainResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/vitscope.v1.Inspector/GetServerInfo',
                 request_serializer=vitscope_dot_v1_dot_server__info__pb2.GetServerInfoRequest.SerializeToString,
@@ -162,6 +168,15 @@ class InspectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Attribution maps for each image's prediction (or a chosen target) by one or more
+        methods, with optional deletion and insertion curves. A header, progress while
+        integrated gradients run, one message per image, then a summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """What this server speaks and offers: protocol and package versions, models,
         methods and limits. A client calls it before sending work, to fail clearly
@@ -218,6 +233,11 @@ def add_InspectorServicer_to_server(servicer, server):
                     servicer.ListInverters,
                     request_deserializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.FromString,
                     response_serializer=vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_stream_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=vitscope_dot_v1_dot_explain__pb2.ExplainRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_explain__pb2.ExplainResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -469,6 +489,33 @@ class Inspector:
             '/vitscope.v1.Inspector/ListInverters',
             vitscope_dot_v1_dot_inversion__pb2.ListInvertersRequest.SerializeToString,
             vitscope_dot_v1_dot_inversion__pb2.ListInvertersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vitscope.v1.Inspector/Explain',
+            vitscope_dot_v1_dot_explain__pb2.ExplainRequest.SerializeToString,
+            vitscope_dot_v1_dot_explain__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,

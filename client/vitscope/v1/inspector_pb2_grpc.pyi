@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from vitscope.v1 import activations_pb2 as _activations_pb2
+from vitscope.v1 import explain_pb2 as _explain_pb2
 from vitscope.v1 import features_pb2 as _features_pb2
 from vitscope.v1 import inversion_pb2 as _inversion_pb2
 from vitscope.v1 import models_pb2 as _models_pb2
@@ -62,6 +63,11 @@ class InspectorStub:
     """
     ListInverters: _grpc.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]
     """Trained inverters per served model, with their card data."""
+    Explain: _grpc.UnaryStreamMultiCallable[_explain_pb2.ExplainRequest, _explain_pb2.ExplainResponse]
+    """Attribution maps for each image's prediction (or a chosen target) by one or more
+    methods, with optional deletion and insertion curves. A header, progress while
+    integrated gradients run, one message per image, then a summary.
+    """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_server_info_pb2.GetServerInfoRequest, _server_info_pb2.GetServerInfoResponse]
     """What this server speaks and offers: protocol and package versions, models,
     methods and limits. A client calls it before sending work, to fail clearly
@@ -97,6 +103,11 @@ class InspectorAsyncStub(InspectorStub):
     """
     ListInverters: _aio.UnaryUnaryMultiCallable[_inversion_pb2.ListInvertersRequest, _inversion_pb2.ListInvertersResponse]  # type: ignore[assignment]
     """Trained inverters per served model, with their card data."""
+    Explain: _aio.UnaryStreamMultiCallable[_explain_pb2.ExplainRequest, _explain_pb2.ExplainResponse]  # type: ignore[assignment]
+    """Attribution maps for each image's prediction (or a chosen target) by one or more
+    methods, with optional deletion and insertion curves. A header, progress while
+    integrated gradients run, one message per image, then a summary.
+    """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_server_info_pb2.GetServerInfoRequest, _server_info_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """What this server speaks and offers: protocol and package versions, models,
     methods and limits. A client calls it before sending work, to fail clearly
@@ -183,6 +194,17 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inversion_pb2.ListInvertersResponse, _abc.Awaitable[_inversion_pb2.ListInvertersResponse]]:
         """Trained inverters per served model, with their card data."""
+
+    @_abc_1.abstractmethod
+    def Explain(
+        self,
+        request: _explain_pb2.ExplainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_explain_pb2.ExplainResponse], _abc.AsyncIterator[_explain_pb2.ExplainResponse]]:
+        """Attribution maps for each image's prediction (or a chosen target) by one or more
+        methods, with optional deletion and insertion curves. A header, progress while
+        integrated gradients run, one message per image, then a summary.
+        """
 
     @_abc_1.abstractmethod
     def GetServerInfo(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vitscope_server.train_classifier import digits_split
+from vitscope_server.builtin.digits_data import digits_split
 
 DEFAULT_OUT = Path(__file__).resolve().parents[3] / "client" / "vitscope" / "samples"
 

@@ -6,6 +6,8 @@ copied back and sent.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Protocol
@@ -21,6 +23,7 @@ from vitscope_server.core.errors import (
     InvalidArgument,
     Reason,
     ResourceExhausted,
+    require_in_range,
 )
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
@@ -44,7 +47,21 @@ class Reduction(Enum):
     TOP_CHANNELS = "top_channels"
 
 
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+class TensorDType(Enum):
+    """Element types of result tensors; bfloat16 results hold their bit patterns as uint16."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    INT64 = "int64"
+
+
+OUTPUT_DTYPES = (TensorDType.FLOAT32, TensorDType.FLOAT16, TensorDType.BFLOAT16)
+COMPUTE_DTYPES = {
+    TensorDType.FLOAT32: torch.float32,
+    TensorDType.FLOAT16: torch.float16,
+    TensorDType.BFLOAT16: torch.bfloat16,
+}
 
 
 @dataclass(frozen=True)
@@ -56,10 +73,12 @@ class ActivationQuery:
     reduction: Reduction = Reduction.NONE
     channels: tuple[int, ...] = ()
     top_k: int = 0
-    output_dtype: str = "float32"
+    output_dtype: TensorDType = TensorDType.FLOAT32
     top_predictions: int = 0
     # The classifier's logits for every image, float32 [batch, classes].
     logits: bool = False
+    # The forward's precision: float32, or float16/bfloat16 under autocast.
+    compute_dtype: TensorDType = TensorDType.FLOAT32
 
 
 @dataclass(frozen=True)
@@ -67,7 +86,7 @@ class OutputTensor:
     """A result tensor; bfloat16 arrays hold bit patterns as uint16."""
 
     role: str
-    dtype: str
+    dtype: TensorDType
     array: np.ndarray
 
 
@@ -106,6 +125,19 @@ class ActivationLimits:
     max_result_bytes: int
 
 
+def _check_dtypes(query: ActivationQuery) -> None:
+    if query.output_dtype not in OUTPUT_DTYPES:
+        raise InvalidArgument(
+            "output_dtype",
+            f"{query.output_dtype.value} not allowed; allowed: {[d.value for d in OUTPUT_DTYPES]}",
+        )
+    if query.compute_dtype not in COMPUTE_DTYPES:
+        raise InvalidArgument(
+            "compute_dtype",
+            f"{query.compute_dtype.value} not allowed; allowed: {[d.value for d in COMPUTE_DTYPES]}",
+        )
+
+
 def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery:
     if not query.sites and not query.top_predictions and not query.logits:
         raise InvalidArgument(
@@ -113,10 +145,7 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
             "at least one site is required (or top_predictions > 0)",
             reason=Reason.FIELD_REQUIRED,
         )
-    if query.output_dtype not in OUTPUT_DTYPES:
-        raise InvalidArgument(
-            "output_dtype", f"{query.output_dtype!r} not allowed; allowed: {OUTPUT_DTYPES}"
-        )
+    _check_dtypes(query)
     mode = query.token_mode
     if mode is TokenMode.UNSPECIFIED:
         mode = TokenMode.ALL if query.reduction is Reduction.NONE else TokenMode.PATCHES
@@ -246,27 +275,22 @@ def as_site_layout(site: SiteDef, shape: tuple[int, ...]) -> SiteDef:
     return site
 
 
-def _to_output(role: str, tensor: torch.Tensor, dtype: str) -> OutputTensor:
+def _to_output(role: str, tensor: torch.Tensor, dtype: TensorDType) -> OutputTensor:
     if tensor.dtype == torch.int64:
-        return OutputTensor(role, "int64", tensor.contiguous().cpu().numpy())
-    if dtype == "bfloat16":
+        return OutputTensor(role, TensorDType.INT64, tensor.contiguous().cpu().numpy())
+    if dtype is TensorDType.BFLOAT16:
         bits = (
             tensor.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
         )
         return OutputTensor(role, dtype, bits)
-    target = torch.float16 if dtype == "float16" else torch.float32
+    target = torch.float16 if dtype is TensorDType.FLOAT16 else torch.float32
     return OutputTensor(role, dtype, tensor.to(target).contiguous().cpu().numpy())
 
 
 def _check_channels(channels: tuple[int, ...], site: SiteDef, num_channels: int) -> None:
     if len(channels) > num_channels:
         raise InvalidArgument("channels", f"at most {num_channels} for site {site.name!r}")
-    bad = [c for c in channels if not 0 <= c < num_channels]
-    if bad:
-        raise InvalidArgument(
-            "channels",
-            f"{bad[:5]} out of range for site {site.name!r}; allowed 0..{num_channels - 1}",
-        )
+    require_in_range("channels", channels, 0, num_channels - 1, f" for site {site.name!r}")
 
 
 def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> SiteOutput:
@@ -313,7 +337,7 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
             [],
             [
                 _to_output("values", top.values, query.output_dtype),
-                _to_output("channel_indices", top.indices, ""),
+                _to_output("channel_indices", top.indices, TensorDType.INT64),
             ],
         )
     return SiteOutput(site, indices, [], [_to_output("values", values, query.output_dtype)])
@@ -358,48 +382,130 @@ def prepare_activations(
     return PreparedActivations(loaded, replace(effective, sites=tuple(names)), sites, pixels)
 
 
+def batch_key(prepared: PreparedActivations) -> Hashable:
+    """Requests with equal keys share one forward and get exactly what they would alone.
+
+    Kept apart: other compute dtypes, and other attention blocks made explicit (that swaps
+    the kernel for every image in the forward). A raw module outside the blocks (a
+    classifier head) reads rows whose kernel can depend on the batch size, so such a
+    request runs alone."""
+    adapter = prepared.loaded.adapter
+    if any(_outside_blocks(adapter, site) for site in prepared.sites):
+        return object()
+    attention = frozenset(
+        s.attention_block for s in prepared.sites if s.attention_block is not None
+    )
+    return (prepared.query.compute_dtype, attention)
+
+
+def _outside_blocks(adapter: ModelAdapter, site: SiteDef) -> bool:
+    if site.name != site.module_path or site.layout is not Layout.RAW:
+        return False
+    return last_block_needed(adapter, [site]) is None
+
+
+def _stop_after(items: Sequence[PreparedActivations]) -> int | None:
+    """The last block any request needs, or None when the whole forward must run."""
+    deepest = 0
+    for item in items:
+        if item.query.top_predictions or item.query.logits:
+            return None
+        last = last_block_needed(item.loaded.adapter, item.sites)
+        if last is None:
+            return None
+        deepest = max(deepest, last)
+    return deepest
+
+
+def _autocast(device: torch.device, dtype: TensorDType) -> AbstractContextManager[object]:
+    if dtype is TensorDType.FLOAT32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=COMPUTE_DTYPES[dtype])
+
+
+def run_activations(
+    items: Sequence[PreparedActivations], cancel: CancelToken, limits: ActivationLimits
+) -> list[ActivationResult | BaseException]:
+    """One forward over every request's images with the union of their sites captured, then
+    each request's token selection and reductions on its own rows (on the device).
+
+    All items share a batch_key. The result or error of each is returned in order; an error
+    in the forward itself is raised (it concerns them all)."""
+    loaded = items[0].loaded
+    adapter = loaded.adapter
+    sites = list({site.name: site for item in items for site in item.sites}.values())
+    pixels = torch.cat([item.pixels for item in items]) if len(items) > 1 else items[0].pixels
+    batch = pixels.to(loaded.device)
+    cancel.raise_if_cancelled()
+    with torch.inference_mode(), _autocast(loaded.device, items[0].query.compute_dtype):
+        with capture_sites(adapter, sites, batch.shape[0], cancel, _stop_after(items)) as captured:
+            try:
+                features: torch.Tensor | None = adapter.forward_features(batch)
+            except ForwardStopped:
+                features = None
+        outcomes: list[ActivationResult | BaseException] = []
+        start = 0
+        for item in items:
+            rows = slice(start, start + int(item.pixels.shape[0]))
+            start = rows.stop
+            try:
+                outcomes.append(_split(item, captured, features, rows, limits))
+            except Exception as exc:  # this request's own error; the others go on
+                outcomes.append(exc)
+    return outcomes
+
+
+def _split(
+    item: PreparedActivations,
+    captured: dict[str, torch.Tensor],
+    features: torch.Tensor | None,
+    rows: slice,
+    limits: ActivationLimits,
+) -> ActivationResult:
+    """One request's result from its rows of the shared forward."""
+    adapter, effective = item.loaded.adapter, item.query
+    outputs = []
+    result_bytes = 0
+    for site in item.sites:
+        tensor = captured.get(site.name)
+        if tensor is None:
+            raise InvalidArgument(
+                "sites",
+                f"{site.name!r} ({site.module_path}) is not reached by the forward pass",
+            )
+        tensor = tensor[rows]
+        outputs.append(_reduce(effective, as_site_layout(site, tuple(tensor.shape)), tensor))
+        result_bytes += sum(t.array.nbytes for t in outputs[-1].tensors)
+        if result_bytes > limits.max_result_bytes:
+            raise ResourceExhausted(
+                f"sites: the result exceeds {limits.max_result_bytes} bytes; "
+                "ask for fewer sites, tokens or images, a reduction, or float16",
+                reason=Reason.RESULT_TOO_LARGE,
+            )
+    logits = None
+    if features is not None and (effective.top_predictions or effective.logits):
+        logits = adapter.forward_head(features[rows])
+    predictions = (
+        _predictions(adapter, logits, effective.top_predictions)
+        if logits is not None and effective.top_predictions
+        else []
+    )
+    logits_array = logits.float().cpu().numpy() if logits is not None and effective.logits else None
+    return ActivationResult(
+        provenance_of(item.loaded),
+        effective,
+        rows.stop - rows.start,
+        outputs,
+        predictions,
+        logits_array,
+    )
+
+
 def get_activations(
     prepared: PreparedActivations, cancel: CancelToken, limits: ActivationLimits
 ) -> ActivationResult:
-    """The forward with its sites captured, then token selection and reductions on the device."""
-    loaded, effective, sites = prepared.loaded, prepared.query, prepared.sites
-    adapter = loaded.adapter
-    batch = prepared.pixels.to(loaded.device)
-    cancel.raise_if_cancelled()
-    needs_head = effective.top_predictions or effective.logits
-    stop_after = None if needs_head else last_block_needed(adapter, sites)
-    with torch.inference_mode():
-        with capture_sites(adapter, sites, batch.shape[0], cancel, stop_after) as captured:
-            try:
-                logits = adapter.forward(batch)
-            except ForwardStopped:
-                logits = None
-        outputs = []
-        result_bytes = 0
-        for site in sites:
-            cancel.raise_if_cancelled()
-            tensor = captured.get(site.name)
-            if tensor is None:
-                raise InvalidArgument(
-                    "sites",
-                    f"{site.name!r} ({site.module_path}) is not reached by the forward pass",
-                )
-            outputs.append(_reduce(effective, as_site_layout(site, tuple(tensor.shape)), tensor))
-            result_bytes += sum(t.array.nbytes for t in outputs[-1].tensors)
-            if result_bytes > limits.max_result_bytes:
-                raise ResourceExhausted(
-                    f"sites: the result exceeds {limits.max_result_bytes} bytes; "
-                    "ask for fewer sites, tokens or images, a reduction, or float16",
-                    reason=Reason.RESULT_TOO_LARGE,
-                )
-        predictions = (
-            _predictions(adapter, logits, effective.top_predictions)
-            if logits is not None and effective.top_predictions
-            else []
-        )
-        logits_array = (
-            logits.float().cpu().numpy() if logits is not None and effective.logits else None
-        )
-    return ActivationResult(
-        provenance_of(loaded), effective, int(batch.shape[0]), outputs, predictions, logits_array
-    )
+    """One request alone: a batch of one."""
+    (outcome,) = run_activations([prepared], cancel, limits)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome

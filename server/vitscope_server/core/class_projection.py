@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import Enum
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from vitscope_server.core.errors import (
     InvalidArgument,
     Reason,
     ResourceExhausted,
+    require_in_range,
+    require_unique,
 )
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.importance import (
@@ -39,8 +42,20 @@ from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
-# Representation -> the canonical block site it is read from.
-REPRESENTATIONS = {"residual": "out", "attention": "attn.out", "mlp": "mlp.out"}
+
+class Representation(Enum):
+    """What is projected: the residual stream after a block, or one sublayer's output."""
+
+    RESIDUAL = "residual"
+    ATTENTION = "attention"
+    MLP = "mlp"
+
+    @property
+    def part(self) -> str:
+        """The canonical block site it is read from (blocks.{i}.{part})."""
+        return {"residual": "out", "attention": "attn.out", "mlp": "mlp.out"}[self.value]
+
+
 DEFAULT_TOP_K = 5
 # The most class scores held at once (float32 bytes); the batch is sliced to stay under it.
 SCORE_BYTES = 64 << 20
@@ -51,7 +66,7 @@ ClassRef = int | str | None
 @dataclass(frozen=True)
 class ProjectionQuery:
     targets: tuple[ClassRef, ...] = ()
-    representations: tuple[str, ...] = ()
+    representations: tuple[Representation, ...] = ()
     blocks: tuple[int, ...] = ()
     token_mode: TokenMode = TokenMode.UNSPECIFIED
     token_indices: tuple[int, ...] = ()
@@ -76,7 +91,7 @@ class ProjectionLimits:
 class TokenProjection:
     """One representation of one image over the requested blocks and tokens."""
 
-    representation: str
+    representation: Representation
     top_classes: np.ndarray  # int64 [blocks, tokens, k]
     top_scores: np.ndarray  # float32 [blocks, tokens, k]
     target_ranks: np.ndarray  # int64 [blocks, tokens]
@@ -147,11 +162,8 @@ class PreparedProjection:
 def _check_blocks(blocks: tuple[int, ...], count: int, field: str) -> tuple[int, ...]:
     if not blocks:
         return tuple(range(count))
-    bad = [b for b in blocks if not 0 <= b < count]
-    if bad:
-        raise InvalidArgument(field, f"blocks {bad[:5]} do not exist; allowed 0..{count - 1}")
-    if len(set(blocks)) != len(blocks):
-        raise InvalidArgument(field, f"each block may appear once, got {list(blocks)}")
+    require_in_range(field, blocks, 0, count - 1)
+    require_unique(field, blocks)
     return tuple(sorted(blocks))
 
 
@@ -221,11 +233,6 @@ def prepare_projection(
     if reason is not None:
         raise FailedPrecondition(reason, subject=loaded.spec.name)
     classes = class_count(loaded, query.labels)
-    unknown = [r for r in query.representations if r not in REPRESENTATIONS]
-    if unknown:
-        raise InvalidArgument(
-            "representations", f"{unknown} not allowed; allowed: {list(REPRESENTATIONS)}"
-        )
     if len(set(query.representations)) != len(query.representations):
         raise InvalidArgument("representations", "each may appear once")
     blocks = _check_blocks(query.blocks, len(adapter.blocks), "blocks")
@@ -247,7 +254,7 @@ def prepare_projection(
     mode = TokenMode.ALL if query.token_mode is TokenMode.UNSPECIFIED else query.token_mode
     effective = replace(
         query,
-        representations=query.representations or tuple(REPRESENTATIONS),
+        representations=query.representations or tuple(Representation),
         blocks=blocks,
         token_mode=mode,
         top_k=top_k,
@@ -407,6 +414,143 @@ def _block_summary(block: int, values: list[float]) -> BlockSummary:
     return BlockSummary(block, percent, int(cls_rank), *rates)
 
 
+Ranked = dict[Representation, _Ranked]
+
+
+def _targets(predicted: torch.Tensor, given: list[int | None]) -> torch.Tensor:
+    """Each image's given target, or its prediction where none is given."""
+    targets = predicted.clone()
+    for i, target in enumerate(given):
+        if target is not None:
+            targets[i] = target
+    return targets
+
+
+def _rank_all(
+    adapter: ModelAdapter,
+    space: ClassSpace,
+    forward: _Forward,
+    blocks: tuple[int, ...],
+    targets: torch.Tensor,
+    top_k: int,
+    cancel: CancelToken,
+) -> Ranked:
+    """Every representation ranked; the residual also at the blocks' inputs (sorted(residual))."""
+    captured = {
+        Representation.RESIDUAL: (forward.residual, sorted(forward.residual)),
+        Representation.ATTENTION: (forward.attention, list(blocks)),
+        Representation.MLP: (forward.mlp, list(blocks)),
+    }
+    return {
+        r: _projected(adapter, space, tensors, r.part, order, targets, top_k, cancel)
+        for r, (tensors, order) in captured.items()
+    }
+
+
+def _per_token(
+    ranked: Ranked,
+    prepared: PreparedProjection,
+    residual_order: list[int],
+    num_classes: int,
+) -> dict[Representation, tuple[torch.Tensor, ...]]:
+    """(top classes, top scores, ranks, identifiability) per requested representation, each
+    [B, blocks, tokens, ...] on the CPU, for the requested tokens and blocks only."""
+    selected_residual = [residual_order.index(b) for b in prepared.query.blocks]
+    per_token = {}
+    for name in prepared.query.representations:
+        # Views where the selection is contiguous (all tokens, all blocks): no copies.
+        r = ranked[name]
+        top_classes, top_scores, ranks = (
+            select_tokens(t, 2, prepared.token_indices)
+            for t in (r.top_classes, r.top_scores, r.ranks)
+        )
+        if name is Representation.RESIDUAL:
+            top_classes, top_scores, ranks = (
+                select_tokens(t, 0, selected_residual) for t in (top_classes, top_scores, ranks)
+            )
+        identifiability = 1.0 - ranks.float() / num_classes
+        per_token[name] = tuple(
+            t.transpose(0, 1).cpu()
+            for t in (top_classes, top_scores, ranks.long(), identifiability)
+        )
+    return per_token
+
+
+def _importance(
+    prepared: PreparedProjection,
+    space: ClassSpace,
+    forward: _Forward,
+    pixels: torch.Tensor,
+    targets: torch.Tensor,
+    cancel: CancelToken,
+) -> tuple[list[ImportanceMaps] | None, ImportanceEvaluation | None]:
+    """The class token's importance maps and their token-keeping evaluation, when asked."""
+    adapter, query = prepared.loaded.adapter, prepared.query
+    if not query.importance_maps:
+        return None, None
+    gradients = importance_gradients(
+        adapter, space, forward.probs, forward.residual, query.blocks, targets, cancel
+    )
+    importance = importance_maps(adapter, gradients, pixels)
+    if not query.evaluate_importance:
+        return importance, None
+    with torch.inference_mode():
+        evaluation = evaluate_importance(
+            adapter,
+            space,
+            forward.residual[-1],
+            importance,
+            query.keep_counts,
+            query.evaluation_seed,
+            targets,
+            cancel,
+        )
+    return importance, evaluation
+
+
+@dataclass(frozen=True)
+class _Projected:
+    """Everything one image's ImageProjection is read from."""
+
+    space: ClassSpace
+    given: list[int | None]
+    targets: torch.Tensor
+    predicted: torch.Tensor
+    final_scores: torch.Tensor
+    probabilities: torch.Tensor
+    per_token: dict[Representation, tuple[torch.Tensor, ...]]
+    summaries: torch.Tensor
+    importance: list[ImportanceMaps] | None
+
+
+def _image(i: int, projected: _Projected, query: ProjectionQuery) -> ImageProjection:
+    target, predicted = int(projected.targets[i]), int(projected.predicted[i])
+    return ImageProjection(
+        image_index=i,
+        target_index=target,
+        target_name=projected.space.names[target],
+        target_is_prediction=not projected.given or projected.given[i] is None,
+        predicted_index=predicted,
+        predicted_score=float(projected.final_scores[i, predicted]),
+        predicted_probability=float(projected.probabilities[i, predicted]),
+        tokens=[
+            TokenProjection(
+                name,
+                *(
+                    part[i].float().numpy() if n == 1 else part[i].numpy()
+                    for n, part in enumerate(projected.per_token[name])
+                ),
+            )
+            for name in query.representations
+        ],
+        blocks=[
+            _block_summary(b, projected.summaries[i, j].tolist())
+            for j, b in enumerate(query.blocks)
+        ],
+        importance=projected.importance[i] if projected.importance is not None else None,
+    )
+
+
 def project_to_class_space(
     prepared: PreparedProjection, cancel: CancelToken
 ) -> tuple[ProjectionHeader, list[ImageProjection], DatasetSummary]:
@@ -424,97 +568,33 @@ def project_to_class_space(
             adapter, space, pixels, blocks, query.importance_maps, query.evaluate_importance, cancel
         )
         predicted = forward.final_scores.argmax(dim=-1)
-        targets = predicted.clone()
-        for i, target in enumerate(given):
-            if target is not None:
-                targets[i] = target
+        targets = _targets(predicted, given)
+        ranked = _rank_all(adapter, space, forward, blocks, targets, query.top_k, cancel)
         residual_order = sorted(forward.residual)
-        ranked = {
-            name: _projected(adapter, space, tensors, part, order, targets, query.top_k, cancel)
-            for name, tensors, part, order in (
-                ("residual", forward.residual, "out", residual_order),
-                ("attention", forward.attention, "attn.out", list(blocks)),
-                ("mlp", forward.mlp, "mlp.out", list(blocks)),
-            )
-        }
         cancel.raise_if_cancelled()
         summaries = _summaries(
             blocks,
-            ranked["residual"],
+            ranked[Representation.RESIDUAL],
             residual_order,
-            ranked["attention"],
-            ranked["mlp"],
+            ranked[Representation.ATTENTION],
+            ranked[Representation.MLP],
             adapter.num_prefix_tokens,
         ).cpu()
-        selected_residual = [residual_order.index(b) for b in blocks]
-        per_token: dict[str, tuple[torch.Tensor, ...]] = {}
-        for name in query.representations:
-            # Views where the selection is contiguous (all tokens, all blocks): no copies.
-            r = ranked[name]
-            top_classes, top_scores, ranks = (
-                select_tokens(t, 2, prepared.token_indices)
-                for t in (r.top_classes, r.top_scores, r.ranks)
-            )
-            if name == "residual":
-                top_classes, top_scores, ranks = (
-                    select_tokens(t, 0, selected_residual) for t in (top_classes, top_scores, ranks)
-                )
-            identifiability = 1.0 - ranks.float() / space.num_classes
-            per_token[name] = tuple(
-                t.transpose(0, 1).cpu()
-                for t in (top_classes, top_scores, ranks.long(), identifiability)
-            )
+        per_token = _per_token(ranked, prepared, residual_order, space.num_classes)
         probabilities = (forward.final_scores.float() * space.logit_scale).softmax(dim=-1)
-    importance = (
-        importance_maps(
-            adapter,
-            importance_gradients(
-                adapter, space, forward.probs, forward.residual, blocks, targets, cancel
-            ),
-            pixels,
-        )
-        if query.importance_maps
-        else None
+    importance, evaluation = _importance(prepared, space, forward, pixels, targets, cancel)
+    projected = _Projected(
+        space,
+        given,
+        targets,
+        predicted,
+        forward.final_scores,
+        probabilities,
+        per_token,
+        summaries,
+        importance,
     )
-    evaluation = None
-    if query.evaluate_importance and importance is not None:
-        with torch.inference_mode():
-            evaluation = evaluate_importance(
-                adapter,
-                space,
-                forward.residual[-1],
-                importance,
-                query.keep_counts,
-                query.evaluation_seed,
-                targets,
-                cancel,
-            )
-    images = []
-    for i in range(pixels.shape[0]):
-        target = int(targets[i])
-        images.append(
-            ImageProjection(
-                image_index=i,
-                target_index=target,
-                target_name=space.names[target],
-                target_is_prediction=not given or given[i] is None,
-                predicted_index=int(predicted[i]),
-                predicted_score=float(forward.final_scores[i, predicted[i]]),
-                predicted_probability=float(probabilities[i, predicted[i]]),
-                tokens=[
-                    TokenProjection(
-                        name,
-                        per_token[name][0][i].numpy(),
-                        per_token[name][1][i].float().numpy(),
-                        per_token[name][2][i].numpy(),
-                        per_token[name][3][i].numpy(),
-                    )
-                    for name in query.representations
-                ],
-                blocks=[_block_summary(b, summaries[i, j].tolist()) for j, b in enumerate(blocks)],
-                importance=importance[i] if importance is not None else None,
-            )
-        )
+    images = [_image(i, projected, query) for i in range(pixels.shape[0])]
     header = ProjectionHeader(
         provenance_of(loaded, query.evaluation_seed),
         query,
@@ -524,14 +604,9 @@ def project_to_class_space(
         adapter.num_prefix_tokens,
         adapter.grid,
     )
-    return (
-        header,
-        images,
-        DatasetSummary(
-            _dataset_summary(blocks, ranked["residual"], residual_order, adapter, space),
-            evaluation,
-        ),
-    )
+    residual = ranked[Representation.RESIDUAL]
+    dataset = _dataset_summary(blocks, residual, residual_order, adapter, space)
+    return header, images, DatasetSummary(dataset, evaluation)
 
 
 def _dataset_summary(

@@ -132,6 +132,11 @@ class _TextEmbeddings:
                 self._cache.popitem(last=False)
         return embeddings
 
+    def holds(self, class_names: tuple[str, ...], templates: tuple[str, ...]) -> bool:
+        """Whether embeddings of these names and templates are cached (for any model)."""
+        with self._lock:
+            return any(key[2:] == (class_names, templates) for key in self._cache)
+
 
 TEXT_EMBEDDINGS = _TextEmbeddings(_CACHE_ENTRIES)
 

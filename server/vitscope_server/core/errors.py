@@ -9,7 +9,7 @@ short prefix of anything the caller sent (`quote`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 
 QUOTE_LIMIT = 48
@@ -203,6 +203,28 @@ class Cancelled(VitscopeError):
     """The caller went away or its deadline passed; work stopped."""
 
     default_reason = Reason.CANCELLED
+
+
+def require_in_range(
+    field: str, values: Sequence[int], low: int, high: int, context: str = ""
+) -> None:
+    """Refuses the first value outside low..high, naming it by its index (`channels[3]`)."""
+    for index, value in enumerate(values):
+        if not low <= value <= high:
+            raise InvalidArgument(
+                f"{field}[{index}]", f"{value} out of range{context}; allowed {low}..{high}"
+            )
+
+
+def require_unique(field: str, values: Sequence[object]) -> None:
+    """Refuses the first value that repeats an earlier one, naming it by its index."""
+    seen: dict[object, int] = {}
+    for index, value in enumerate(values):
+        if value in seen:
+            raise InvalidArgument(
+                f"{field}[{index}]", f"repeats {field}[{seen[value]}]; each may appear once"
+            )
+        seen[value] = index
 
 
 def out_of_memory(message: str) -> ResourceExhausted:

@@ -511,9 +511,19 @@ def optimize_features(
                 )
     require_converging(loss, "parameters.learning_rate", params.steps)
     cancel.raise_if_cancelled()
-    # Objective and maps are read from the image as delivered (8-bit), so they can be reproduced.
+    yield _result(prepared, forward, image.pixels(), cancel)
+
+
+def _result(
+    prepared: PreparedOptimization,
+    forward: FeatureForward,
+    pixels: torch.Tensor,
+    cancel: CancelToken,
+) -> OptimizationResult:
+    """Objective and maps read from the images as delivered (8-bit), so they can be reproduced."""
     with torch.no_grad():
-        final = (image.pixels().clamp(0, 1) * 255).round() / 255
+        final = (pixels.clamp(0, 1) * 255).round() / 255
+    adapter, count = prepared.loaded.adapter, len(prepared.features)
     with (
         torch.no_grad(),
         capture_sites(adapter, forward.sites, count, cancel, forward.stop_after) as captured,
@@ -530,4 +540,5 @@ def optimize_features(
             else None
         )
         results.append(OptimizedFeature(feature, images[k], float(objectives[k][0]), patch_map))
-    yield OptimizationResult(provenance_of(loaded, params.seed), params, results)
+    params = prepared.params
+    return OptimizationResult(provenance_of(prepared.loaded, params.seed), params, results)

@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from vitscope_server.core.adapters import ModelAdapter
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.class_space import ClassSpace
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
+from vitscope_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    require_in_range,
+    require_unique,
+)
 from vitscope_server.core.pixels import denormalise, to_uint8
 
 # Each keep count is one forward of the batch per token order: bound that work.
@@ -88,11 +93,8 @@ def effective_keep_counts(
         raise InvalidArgument(
             "keep_counts", f"{len(keep_counts)} given; allowed at most {MAX_KEEP_COUNTS}"
         )
-    bad = [n for n in keep_counts if not 0 <= n <= patches]
-    if bad:
-        raise InvalidArgument("keep_counts", f"{bad[:5]} out of range; allowed 0..{patches}")
-    if len(set(keep_counts)) != len(keep_counts):
-        raise InvalidArgument("keep_counts", f"each may appear once, got {list(keep_counts)}")
+    require_in_range("keep_counts", keep_counts, 0, patches)
+    require_unique("keep_counts", keep_counts)
     return tuple(sorted(keep_counts))
 
 

@@ -99,7 +99,7 @@ class InverterCatalog:
                 Reason.INVERTER_NOT_FOUND,
                 loaded.spec.name,
                 f"model {loaded.spec.name!r} has no trained inverter; train one with "
-                "`vitscope train-inverter` or use method OPTIMIZATION",
+                "`vitscope-server train-inverter` or use method OPTIMIZATION",
                 field="method",
                 metadata={"model": loaded.spec.name},
             )

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vitscope_server.core.atomic_files import write_atomically, write_text_atomically
 from vitscope_server.core.errors import NotFound, Reason
 from vitscope_server.core.inversion_modules import EMBED, Geometry, build_module, chain_names
 
@@ -35,25 +33,8 @@ log = logging.getLogger(__name__)
 _IDENTITY_KEYS = ("model", "architecture", "weights_identity")
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls write(temp) on a temporary file beside `path`, then renames it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temp))
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    def write(temp: Path) -> None:
-        temp.write_text(json.dumps(data, indent=2) + "\n")
-
-    write_atomically(path, write)
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_module(store: Path, name: str, module: torch.nn.Module, meta: dict[str, Any]) -> None:

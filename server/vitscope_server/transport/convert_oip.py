@@ -16,7 +16,7 @@ from typing import TypeVar
 import numpy as np
 
 from vitscope.oip import grpc_predict_v2_pb2 as oip
-from vitscope_server.core.activations import ActivationQuery, Reduction, TokenMode
+from vitscope_server.core.activations import ActivationQuery, Reduction, TensorDType, TokenMode
 from vitscope_server.core.errors import InvalidArgument, quote
 from vitscope_server.core.images import ImageInput
 from vitscope_server.core.loading import LoadedModel
@@ -37,8 +37,17 @@ REQUEST_KEYS = frozenset(
 )
 _TOKEN_MODES = {mode.value: mode for mode in TokenMode if mode is not TokenMode.UNSPECIFIED}
 _REDUCTIONS = {r.value: r for r in (Reduction.NONE, Reduction.MEAN, Reduction.PATCH_MAP)}
-_OUTPUT_DTYPES = {"FP32": "float32", "FP16": "float16", "BF16": "bfloat16"}
-WIRE_DATATYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int64": "INT64"}
+_OUTPUT_DTYPES = {
+    "FP32": TensorDType.FLOAT32,
+    "FP16": TensorDType.FLOAT16,
+    "BF16": TensorDType.BFLOAT16,
+}
+WIRE_DATATYPES = {
+    TensorDType.FLOAT32: "FP32",
+    TensorDType.FLOAT16: "FP16",
+    TensorDType.BFLOAT16: "BF16",
+    TensorDType.INT64: "INT64",
+}
 # Input name -> (datatype, rank, what it holds).
 INPUTS = {
     "IMAGE": ("BYTES", 1, "encoded PNG, JPEG or WebP images, shape [N]"),
@@ -287,7 +296,7 @@ def _numeric(
 
 
 def output_tensor(
-    name: str, array: np.ndarray, dtype: str
+    name: str, array: np.ndarray, dtype: TensorDType
 ) -> tuple[oip.ModelInferResponse.InferOutputTensor, bytes]:
     """A result array as an output tensor and its raw little-endian bytes."""
     wire = array.astype(array.dtype.newbyteorder("<"), copy=False)

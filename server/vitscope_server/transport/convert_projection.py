@@ -3,11 +3,7 @@ overlay drawn as PNG (images leave the service here, never from the core)."""
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image
-
 from vitscope import tensors as wire
-from vitscope.overlay import heatmap_overlay
 from vitscope.v1 import common_pb2
 from vitscope.v1 import projection_pb2 as pb
 from vitscope_server.core.class_projection import (
@@ -16,22 +12,23 @@ from vitscope_server.core.class_projection import (
     ImageProjection,
     ProjectionHeader,
     ProjectionQuery,
+    Representation,
 )
 from vitscope_server.core.class_space import LabelSet
 from vitscope_server.core.errors import Reason, ResourceExhausted
-from vitscope_server.core.importance import ImportanceEvaluation, ImportanceMaps, KeepCurve
-from vitscope_server.core.memories import MemoryQuery, MemoryResult
+from vitscope_server.core.importance import ImportanceEvaluation, KeepCurve
+from vitscope_server.core.memories import MemoryKind, MemoryQuery, MemoryResult
 from vitscope_server.transport.convert import TOKEN_MODES_BACK, provenance, token_mode
 from vitscope_server.transport.enums import enum_values
-from vitscope_server.transport.png import png
+from vitscope_server.transport.png import heatmap_png
 
 _REPRESENTATIONS = {
-    pb.REPRESENTATION_RESIDUAL: "residual",
-    pb.REPRESENTATION_ATTENTION: "attention",
-    pb.REPRESENTATION_MLP: "mlp",
+    pb.REPRESENTATION_RESIDUAL: Representation.RESIDUAL,
+    pb.REPRESENTATION_ATTENTION: Representation.ATTENTION,
+    pb.REPRESENTATION_MLP: Representation.MLP,
 }
 _REPRESENTATIONS_BACK = {v: k for k, v in _REPRESENTATIONS.items()}
-_MEMORY_KINDS = {pb.MEMORY_KIND_MLP: "mlp", pb.MEMORY_KIND_ATTENTION: "attention"}
+_MEMORY_KINDS = {pb.MEMORY_KIND_MLP: MemoryKind.MLP, pb.MEMORY_KIND_ATTENTION: MemoryKind.ATTENTION}
 _MEMORY_KINDS_BACK = {v: k for k, v in _MEMORY_KINDS.items()}
 
 
@@ -43,7 +40,7 @@ def _targets(refs: list[common_pb2.ClassRef]) -> tuple[ClassRef, ...]:
     return tuple(targets)
 
 
-def _labels(has_labels: bool, labels: pb.LabelSet) -> LabelSet | None:
+def label_set(has_labels: bool, labels: pb.LabelSet) -> LabelSet | None:
     if not has_labels:
         return None
     return LabelSet(tuple(labels.class_names), tuple(labels.templates))
@@ -61,7 +58,7 @@ def projection_query(request: pb.ProjectToClassSpaceRequest) -> ProjectionQuery:
         positions=tuple((p.row, p.col) for p in request.tokens.positions),
         top_k=request.top_k,
         importance_maps=request.importance_maps,
-        labels=_labels(request.HasField("labels"), request.labels),
+        labels=label_set(request.HasField("labels"), request.labels),
         evaluate_importance=request.evaluate_importance,
         keep_counts=tuple(request.keep_counts),
         evaluation_seed=request.evaluation_seed,
@@ -75,7 +72,7 @@ def memory_query(request: pb.ProjectMemoriesRequest) -> MemoryQuery:
         top_k=request.top_k,
         cosine=request.cosine,
         targets=_targets(list(request.targets)),
-        labels=_labels(request.HasField("labels"), request.labels),
+        labels=label_set(request.HasField("labels"), request.labels),
     )
 
 
@@ -104,11 +101,6 @@ def _header(header: ProjectionHeader) -> pb.ProjectionHeader:
         grid_height=header.grid[0],
         grid_width=header.grid[1],
     )
-
-
-def _overlay_png(maps: ImportanceMaps) -> bytes:
-    """The upsampled map drawn over the model's input, as the client's own overlays are."""
-    return png(np.asarray(heatmap_overlay(Image.fromarray(maps.image), maps.upsampled)))
 
 
 def _image(image: ImageProjection, names: list[str]) -> pb.ImageProjection:
@@ -142,7 +134,7 @@ def _image(image: ImageProjection, names: list[str]) -> pb.ImageProjection:
                 per_head=wire.to_proto(maps.per_head),
                 summed=wire.to_proto(maps.summed),
                 upsampled=wire.to_proto(maps.upsampled),
-                overlay_png=_overlay_png(maps),
+                overlay_png=heatmap_png(maps.image, maps.upsampled),
             )
         )
     return message

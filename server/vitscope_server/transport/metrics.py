@@ -22,6 +22,25 @@ _LATENCY_BUCKETS = (
 )
 
 
+def _batch_histograms(registry: CollectorRegistry) -> tuple[Histogram, Histogram]:
+    """Images per batched forward, and how long a batch waited for arriving requests."""
+    images = Histogram(
+        "vitscope_batch_images",
+        "Images per batched forward (requests for one model that arrived together).",
+        ["method", "model"],
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        registry=registry,
+    )
+    delay = Histogram(
+        "vitscope_batch_delay_seconds",
+        "Time a batch waited for more requests to arrive before it ran.",
+        ["method", "model"],
+        buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05),
+        registry=registry,
+    )
+    return images, delay
+
+
 class Metrics:
     """One set per server, on its own registry so several servers can share a process."""
 
@@ -79,6 +98,7 @@ class Metrics:
             ["method", "model"],
             registry=r,
         )
+        self.batch_images, self.batch_delay = _batch_histograms(r)
         self.queued = Gauge(
             "vitscope_queued_requests", "Requests waiting for a compute slot.", registry=r
         )

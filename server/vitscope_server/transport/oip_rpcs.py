@@ -14,16 +14,18 @@ from vitscope.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from vitscope_server.core.activations import (
     ActivationLimits,
     ActivationResult,
-    get_activations,
+    PreparedActivations,
+    TensorDType,
+    batch_key,
     prepare_activations,
 )
+from vitscope_server.core.batching import Batcher
 from vitscope_server.core.errors import NotFound, Reason, quote
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import library_versions
 from vitscope_server.core.registry import ModelRegistry, ModelState
-from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport.cancellation import cancel_token
-from vitscope_server.transport.compute import computing
+from vitscope_server.transport.compute import record_batched
 from vitscope_server.transport.convert_oip import (
     LOGITS,
     OutputGroup,
@@ -42,13 +44,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         registry: ModelRegistry,
-        slots: ComputeSlots,
+        activations: Batcher[PreparedActivations, ActivationResult],
         metrics: Metrics,
         limits: ActivationLimits,
         max_message_bytes: int,
     ) -> None:
         self._registry = registry
-        self._slots = slots
+        self._activations = activations
         self._metrics = metrics
         self._limits = limits
         self._max_message_bytes = max_message_bytes
@@ -104,10 +106,18 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         loaded = self._model(request.model_name, request.model_version)
         images = image_inputs(request, self._max_message_bytes)
         groups = output_groups(request, loaded.adapter.has_classifier)
-        prepared = [prepare_activations(loaded, images, g.query, self._limits) for g in groups]
+        model = loaded.spec.name
         cancel = cancel_token(context)
-        with computing(self._slots, self._metrics, cancel, "ModelInfer", loaded.spec.name):
-            results = [get_activations(p, cancel, self._limits) for p in prepared]
+        results = []
+        # The same batcher as GetActivations: concurrent calls of either share forwards.
+        with self._activations.arriving(model) as arrival:
+            for group in groups:
+                prepared = prepare_activations(loaded, images, group.query, self._limits)
+                result, info = self._activations.submit(
+                    arrival, batch_key(prepared), prepared, len(prepared.pixels), cancel
+                )
+                record_batched(self._metrics, "ModelInfer", model, info)
+                results.append(result)
         return _infer_response(request, loaded, groups, results)
 
 
@@ -118,14 +128,14 @@ def _infer_response(
     results: list[ActivationResult],
 ) -> oip.ModelInferResponse:
     """Outputs in the order they were requested (logits alone when none was)."""
-    arrays: dict[str, tuple[np.ndarray, str]] = {}
+    arrays: dict[str, tuple[np.ndarray, TensorDType]] = {}
     for group, result in zip(groups, results, strict=True):
         sites = [name for name in group.names if name != LOGITS]
         for name, site in zip(sites, result.sites, strict=True):
             values = site.tensors[0]
             arrays[name] = (values.array, values.dtype)
         if result.logits is not None:
-            arrays[LOGITS] = (result.logits, "float32")
+            arrays[LOGITS] = (result.logits, TensorDType.FLOAT32)
     response = oip.ModelInferResponse(
         model_name=loaded.spec.name, model_version=loaded.weights_identity, id=request.id
     )

@@ -22,6 +22,7 @@ _FAMILIES = {
     "ProjectMemories": "projection",
     "Invert": "inversion",
     "ListInverters": "inversion",
+    "Explain": "explain",
     "GetServerInfo": "server",
 }
 SERVICE = inspector_pb2.DESCRIPTOR.services_by_name["Inspector"]

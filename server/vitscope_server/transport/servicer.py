@@ -11,16 +11,20 @@ from vitscope.v1 import activations_pb2, models_pb2, server_info_pb2
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.core.activations import (
     ActivationLimits,
-    get_activations,
+    ActivationResult,
+    PreparedActivations,
+    batch_key,
     prepare_activations,
 )
+from vitscope_server.core.batching import Batcher
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.provenance import provenance_of
 from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert
 from vitscope_server.transport.cancellation import cancel_token
-from vitscope_server.transport.compute import computing
+from vitscope_server.transport.compute import record_batched
+from vitscope_server.transport.explain_rpcs import ExplainRpcs
 from vitscope_server.transport.features_rpcs import FeatureRpcs
 from vitscope_server.transport.inversion_rpcs import InversionRpcs
 from vitscope_server.transport.metrics import Metrics
@@ -28,7 +32,9 @@ from vitscope_server.transport.projection_rpcs import ProjectionRpcs
 from vitscope_server.transport.server_info import ServerInfo
 
 
-class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.InspectorServicer):
+class InspectorServicer(
+    FeatureRpcs, ProjectionRpcs, InversionRpcs, ExplainRpcs, pb_grpc.InspectorServicer
+):
     def __init__(
         self,
         registry: ModelRegistry,
@@ -40,6 +46,7 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
         image_roots: Sequence[Path] = (),
         *,
         max_message_bytes: int,
+        activations: Batcher[PreparedActivations, ActivationResult],
     ) -> None:
         self._info = ServerInfo(
             server_info_pb2.ServerLimits(
@@ -53,6 +60,7 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
             )
         )
         self._registry = registry
+        self._activations = activations
         self._slots = slots
         self._metrics = metrics
         self._limits = limits
@@ -85,12 +93,16 @@ class InspectorServicer(FeatureRpcs, ProjectionRpcs, InversionRpcs, pb_grpc.Insp
         self, request: activations_pb2.GetActivationsRequest, context: grpc.ServicerContext
     ) -> Iterator[activations_pb2.GetActivationsResponse | bytes]:
         loaded = self._registry.get(request.model)
-        images = convert.image_inputs(list(request.images))
-        prepared = prepare_activations(
-            loaded, images, convert.activation_query(request), self._limits
-        )
-        cancel = cancel_token(context)
-        labels = ("GetActivations", loaded.spec.name)
-        with computing(self._slots, self._metrics, cancel, *labels):
-            result = get_activations(prepared, cancel, self._limits)
+        model = loaded.spec.name
+        with self._activations.arriving(model) as arrival:
+            prepared = prepare_activations(
+                loaded,
+                convert.image_inputs(list(request.images)),
+                convert.activation_query(request),
+                self._limits,
+            )
+            result, info = self._activations.submit(
+                arrival, batch_key(prepared), prepared, len(prepared.pixels), cancel_token(context)
+            )
+        record_batched(self._metrics, "GetActivations", model, info)
         yield from convert.activation_responses(result, self._chunk_bytes)

@@ -47,7 +47,7 @@ def _details(error: errors.VitscopeError, code: grpc.StatusCode) -> list[Message
         error_details_pb2.ErrorInfo(reason=error.reason.value, domain=DOMAIN, metadata=metadata)
     ]
     if code is grpc.StatusCode.INVALID_ARGUMENT:
-        description = getattr(error, "description", error.message)
+        description = cut(getattr(error, "description", error.message))
         field = error_details_pb2.BadRequest.FieldViolation(
             field=error.field, description=description, reason=error.reason.value
         )
@@ -57,12 +57,12 @@ def _details(error: errors.VitscopeError, code: grpc.StatusCode) -> list[Message
             error_details_pb2.ResourceInfo(
                 resource_type=error.resource_type,
                 resource_name=error.resource_name,
-                description=error.message,
+                description=cut(error.message),
             )
         )
     if isinstance(error, errors.FailedPrecondition):
         unmet = error_details_pb2.PreconditionFailure.Violation(
-            type=error.reason.value, subject=error.subject, description=error.message
+            type=error.reason.value, subject=error.subject, description=cut(error.message)
         )
         found.append(error_details_pb2.PreconditionFailure(violations=[unmet]))
     if error.retry_after is not None:
@@ -73,6 +73,7 @@ def _details(error: errors.VitscopeError, code: grpc.StatusCode) -> list[Message
 
 
 def cut(message: str) -> str:
+    """At most MAX_MESSAGE_CHARS of a message, for the status and every detail."""
     return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
 
 

@@ -136,6 +136,16 @@ class ModelAdapter(ABC):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Logits [B, classes] when the model has a classifier, else its embedding."""
 
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The forward up to the head; forward_head(forward_features(x)) is forward(x)."""
+        return self.forward(pixels)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """The head on some images' features. A batched forward applies it per request:
+        a head on one pooled row may use another kernel than on many, so the logits of a
+        request match those it would get alone only when its own rows go through it."""
+        return features
+
     @abstractmethod
     def _expose_attention_probs(self, block: int) -> None:
         """Makes block's attention compute explicit probabilities (not the fused kernel)."""

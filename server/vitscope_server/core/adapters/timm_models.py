@@ -89,6 +89,14 @@ class TimmAdapter(ModelAdapter):
         output: torch.Tensor = self.root(pixels)
         return output
 
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        features: torch.Tensor = self.root.forward_features(pixels)  # type: ignore[operator]
+        return features
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.root.forward_head(features)  # type: ignore[operator]
+        return logits
+
     def _attention(self, block: int) -> nn.Module:
         return self.root.get_submodule(self.blocks[block].attn_probs_path.rsplit(".", 1)[0])
 

@@ -1,6 +1,6 @@
 """Scores the built-in inverter on the 1,000 held-out test digits, per depth, for its card.
 
-Run `python -m vitscope_server.builtin.evaluate_inverter` after retraining: it prints the
+Run `python bench/evaluate_inverter.py` after retraining: it prints the
 card's table (mean MSE and PSNR in [0, 1] pixels, learned chain from every depth) and writes
 the card's figure (the first test digit of each class, reconstructed from every depth).
 """
@@ -16,13 +16,13 @@ from PIL import Image
 
 from vitscope.overlay import grid
 from vitscope_server.builtin import BUILTIN_INVERTERS, DIGITS_NAME, builtin_specs
+from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.core.cancel import NEVER_CANCELLED
 from vitscope_server.core.inversion import chain, representations
 from vitscope_server.core.inversion_modules import chain_names, depth_site
 from vitscope_server.core.inversion_store import load_modules, read_manifest
 from vitscope_server.core.loading import load_model
 from vitscope_server.core.pixels import denormalise
-from vitscope_server.train_classifier import digits_split
 
 STORE = BUILTIN_INVERTERS / DIGITS_NAME
 

@@ -1,0 +1,176 @@
+"""`make gpu-check`: the integration tests on CUDA, then every benchmark on the GPU, each
+bounded in time; prints what each said and one JSON summary on the last line.
+
+Run from the repository root as `python bench/gpu_check.py` with client/ and server/ on
+PYTHONPATH (the Makefile does that). Benchmark sizes are chosen for a datacenter GPU and the
+whole check stays within --budget seconds (default 420); a step that runs out of time is
+reported as such and the rest still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = [
+    "tests/test_activations.py",
+    "tests/test_batching.py",
+    "tests/test_gpu.py",
+    "tests/test_models.py",
+    "tests/test_features.py",
+    "tests/test_projection.py",
+    "tests/test_inversion.py",
+]
+# name, arguments after `python bench/NAME.py`, seconds allowed.
+BENCHMARKS: list[tuple[str, str, list[str], int]] = [
+    ("activations", "activations", ["--reps", "3", "--threads", "4"], 60),
+    (
+        "serving",
+        "serving",
+        ["--seconds", "3", "--pairs", "200", "--concurrent-model", "vit_base_patch16_224"],
+        80,
+    ),
+    (
+        "feature_viz_k8",
+        "feature_viz",
+        ["--steps", "50", "--batched-steps", "50", "--rounds", "2", "--features", "8"],
+        60,
+    ),
+    (
+        "feature_viz_vitb_400_steps",
+        "feature_viz",
+        [
+            *("--architecture", "vit_base_patch16_224", "--steps", "400", "--rounds", "1"),
+            *("--batched-steps", "2", "--features", "2"),
+        ],
+        90,
+    ),
+    ("class_projection", "class_projection", ["--rounds", "3"], 40),
+    ("inversion", "inversion", ["--rounds", "20", "--batch", "256"], 40),
+    ("oip", "oip", ["--reps", "10"], 40),
+]
+TEST_SECONDS = 210
+
+
+def run(command: list[str], seconds: float, env: dict[str, str]) -> tuple[int | None, str]:
+    """Exit code (None when it ran out of time) and the combined output."""
+    try:
+        done = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=max(seconds, 1),
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode()
+        return None, output
+    return done.returncode, done.stdout
+
+
+def test_summary(code: int | None, output: str) -> dict[str, Any]:
+    """Counts from pytest's last line, every skip reason, and the failing tests."""
+    counts = {
+        word: int(number)
+        for number, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)
+    }
+    return {
+        "exit_code": code,
+        "timed_out": code is None,
+        **counts,
+        "skipped_because": sorted(set(re.findall(r"^SKIPPED \[\d+\] (.*)$", output, re.M))),
+        "failures": sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M))),
+    }
+
+
+def last_json(output: str) -> dict[str, Any] | None:
+    for line in reversed(output.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+def headline(benchmarks: dict[str, Any]) -> dict[str, Any]:
+    """The figures a GPU is expected to deliver, pulled out of the benchmarks' results."""
+
+    def figure(name: str, key: str) -> Any:
+        return (benchmarks.get(name, {}).get("result") or {}).get(key)
+
+    return {
+        "feature_viz_k8_one_request_over_8_sequential": figure("feature_viz_k8", "batched_speedup"),
+        "feature_viz_k8_features_per_s": figure("feature_viz_k8", "batched_features_per_s"),
+        "vitb_400_step_visualisation_seconds": figure(
+            "feature_viz_vitb_400_steps", "service_seconds_single_feature"
+        ),
+        "activation_transfer_gbps": figure("activations", "transfer_gbps"),
+        "grpc_echo_gbps": figure("activations", "echo_gbps"),
+        "transfer_over_echo": figure("activations", "transfer_over_echo"),
+        "ratio_single_call": figure("serving", "ratio_single_call"),
+        "ratio_concurrent_vs_batched": figure("serving", "ratio_concurrent_vs_batched"),
+        "mean_batch_size": figure("serving", "mean_batch_size"),
+    }
+
+
+def device_facts() -> dict[str, Any]:
+    import grpc
+    import torch
+
+    facts: dict[str, Any] = {"torch": torch.__version__, "grpcio": grpc.__version__}
+    facts["cuda"] = torch.cuda.is_available()
+    if facts["cuda"]:
+        facts["gpu"] = torch.cuda.get_device_name(0)
+        facts["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30)
+    return facts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds for everything")
+    parser.add_argument("--skip-tests", action="store_true")
+    args = parser.parse_args()
+    ends_at = time.monotonic() + args.budget
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VITSCOPE_TEST_DEVICE": "cuda"}
+    summary: dict[str, Any] = {"device": device_facts(), "benchmarks": {}}
+    if not summary["device"]["cuda"]:
+        print(json.dumps({**summary, "error": "torch finds no CUDA device; nothing was run"}))
+        sys.exit(1)
+    if not args.skip_tests:
+        command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *TESTS]
+        started = time.monotonic()
+        code, output = run(command, min(TEST_SECONDS, ends_at - time.monotonic()), env)
+        print(output[-6000:], flush=True)
+        summary["tests"] = {
+            **test_summary(code, output),
+            "seconds": round(time.monotonic() - started),
+        }
+    for name, script, extra, seconds in BENCHMARKS:
+        command = [sys.executable, f"bench/{script}.py", "--device", "cuda", *extra]
+        started = time.monotonic()
+        code, output = run(command, min(seconds, ends_at - time.monotonic()), env)
+        print(f"--- {name}\n{output[-3000:]}", flush=True)
+        summary["benchmarks"][name] = {
+            "exit_code": code,
+            "timed_out": code is None,
+            "seconds": round(time.monotonic() - started, 1),
+            "result": last_json(output),
+        }
+    summary["expected_on_gpu"] = headline(summary["benchmarks"])
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

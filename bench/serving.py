@@ -1,0 +1,277 @@
+"""What serving many callers costs: one call against the same capture in-process, and many
+concurrent single-image callers against one in-process batch.
+
+Run as `HF_HUB_OFFLINE=1 .venv/bin/python bench/serving.py [--seconds S] [--threads T]`.
+The server runs in a child process, as it would in deployment (clients and server do not
+share a GIL); the clients and the in-process baselines run in this process, on the same
+device and torch thread count as the server.
+
+- ratio_single_call: one GetActivations of one image at one site (the built-in model
+  vitscope-digits, blocks.5.out, image sent preprocessed) / the same capture in-process
+  (a plain forward hook on an identically loaded model, the tensor copied to numpy).
+  Calls alternate with the baseline after a checked warm-up; the ratio is the median of
+  per-pair ratios.
+- ratio_concurrent_vs_batched: images/s reached by 16 threads, each with its own client
+  calling one image at a time, / images/s of the in-process capture of the same 16 images as
+  one batch; --rounds windows of the 16 clients alternate with the in-process batch, and the
+  ratio is the median of per-window ratios. Measured on --concurrent-model (default vit_tiny_patch16_224 at
+  224 px, random init), where the forward, not Python's per-call work, is what is shared.
+- p50/p95 latency at 1, 4 and 16 clients on that model; mean_batch_size is images per
+  forward over the 16-client run, from the server's vitscope_batch_images histogram.
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitscope.client import Client
+from vitscope_server.builtin import DIGITS_NAME, builtin_specs
+from vitscope_server.core.loading import load_model
+from vitscope_server.core.specs import parse_model_flag
+from vitscope_server.model_selection import resolve_device
+from vitscope_server.settings import ServerSettings
+from vitscope_server.transport.app import create_server
+
+SINGLE_SITE = "blocks.5.out"
+CONCURRENT_MODEL = "vit_tiny_patch16_224"
+CONCURRENT_SITE = "blocks.11.out"
+CLIENT_COUNTS = (1, 4, 16)
+BATCH = 16
+TARGETS = {"ratio_single_call": 1.3, "ratio_concurrent_vs_batched": 0.9}
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Child process: a server with the built-ins and the concurrent model; prints its ports."""
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        models=[f"concurrent=timm:{args.concurrent_model}@random"],
+        device=args.device,
+        torch_threads=args.threads,
+        log_level="WARNING",
+        **{
+            key: value
+            for key, value in (
+                ("batch_delay_ms", args.batch_delay_ms),
+                ("batch_max_images", args.batch_max_images),
+            )
+            if value is not None
+        },
+    )
+    running = create_server(settings)
+    running.registry.wait_until_settled()
+    print(json.dumps({"port": running.port, "metrics_port": running.metrics_port}), flush=True)
+    sys.stdin.read()
+    running.stop(0)
+
+
+def start_child(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    command = [sys.executable, __file__, "--serve", *sys.argv[1:]]
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if not line:
+        raise RuntimeError("the server process exited before serving")
+    return child, json.loads(line)
+
+
+def hooked(model: nn.Module, path: str) -> Callable[[torch.Tensor], np.ndarray]:
+    """The in-process capture: a forward hook on the site's module, copied to numpy."""
+    module = model.get_submodule(path)
+    captured: list[torch.Tensor] = []
+    module.register_forward_hook(lambda _m, _a, output: captured.append(output))
+
+    def capture(pixels: torch.Tensor) -> np.ndarray:
+        captured.clear()
+        with torch.inference_mode():
+            model(pixels)
+            return captured[0].float().cpu().numpy()
+
+    return capture
+
+
+def single_call(args: argparse.Namespace, target: str) -> dict[str, Any]:
+    spec = next(s for s in builtin_specs() if s.name == DIGITS_NAME)
+    loaded = load_model(spec, resolve_device(args.device))  # float32 exactly as the server
+    capture = hooked(loaded.adapter.root, SINGLE_SITE.removesuffix(".out"))
+    image = np.random.default_rng(0).standard_normal((3, 28, 28)).astype(np.float32)
+    pixels = torch.from_numpy(image[None]).to(args.device)
+    rpc_s, local_s = [], []
+    with Client(target) as client:
+        remote = client.activations([image], [SINGLE_SITE], model=DIGITS_NAME)[SINGLE_SITE]
+        np.testing.assert_allclose(remote, capture(pixels), rtol=1e-5, atol=1e-6)
+        for index in range(args.pairs + 20):
+            started = time.perf_counter()
+            client.activations([image], [SINGLE_SITE], model=DIGITS_NAME)
+            middle = time.perf_counter()
+            capture(pixels)
+            if index >= 20:
+                rpc_s.append(middle - started)
+                local_s.append(time.perf_counter() - middle)
+    ratios = sorted(a / b for a, b in zip(rpc_s, local_s, strict=True))
+    return {
+        "ratio_single_call": round(statistics.median(ratios), 3),
+        "single_call_ms": {
+            "rpc_p50": round(statistics.median(rpc_s) * 1e3, 3),
+            "inprocess_p50": round(statistics.median(local_s) * 1e3, 3),
+        },
+    }
+
+
+def batch_images_per_forward(metrics_port: int) -> tuple[float, float]:
+    """(sum, count) of the server's vitscope_batch_images for the concurrent model."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    values = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for key in values:
+            if line.startswith(f"vitscope_batch_images_{key}{{") and 'model="concurrent"' in line:
+                values[key] = float(line.rsplit(" ", 1)[1])
+    return values["sum"], values["count"]
+
+
+def run_clients(target: str, images: list[np.ndarray], clients: int, seconds: float) -> list[float]:
+    """Each thread calls one image at a time until the time is up; returns every latency."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    start = threading.Barrier(clients)
+
+    def work(index: int) -> None:
+        with Client(target) as client:
+            image = images[index % len(images)]
+            client.activations([image], [CONCURRENT_SITE], model="concurrent")
+            start.wait()
+            stop_at = time.perf_counter() + seconds
+            while (now := time.perf_counter()) < stop_at:
+                client.activations([image], [CONCURRENT_SITE], model="concurrent")
+                latencies[index].append(time.perf_counter() - now)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [x for per_client in latencies for x in per_client]
+
+
+def inprocess_rate(
+    capture: Callable[[torch.Tensor], np.ndarray], pixels: torch.Tensor, reps: int
+) -> float:
+    """Images/s of the in-process capture of the whole batch (median of reps)."""
+    seconds = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        capture(pixels)
+        seconds.append(time.perf_counter() - started)
+    return len(pixels) / statistics.median(seconds)
+
+
+def concurrent(args: argparse.Namespace, target: str, metrics_port: int) -> dict[str, Any]:
+    """Latency per client count; at 16 clients, rounds alternate with the in-process batch
+    so that each round's ratio compares neighbours in time (machine load drifts)."""
+    loaded = load_model(
+        parse_model_flag(f"c=timm:{args.concurrent_model}@random"), resolve_device(args.device)
+    )
+    size = loaded.adapter.data_config.input_size
+    rng = np.random.default_rng(1)
+    images = [rng.standard_normal(size).astype(np.float32) for _ in range(BATCH)]
+    capture = hooked(loaded.adapter.root, CONCURRENT_SITE.removesuffix(".out"))
+    pixels = torch.from_numpy(np.stack(images)).to(args.device)
+    capture(pixels)
+    report: dict[str, Any] = {"latency_ms": {}, "images_per_s": {}}
+    for clients in CLIENT_COUNTS:
+        rounds = args.rounds if clients == BATCH else 1
+        window = args.seconds / rounds
+        before = batch_images_per_forward(metrics_port)
+        latencies: list[float] = []
+        ratios, local_rates = [], []
+        for _ in range(rounds):
+            local_rates.append(inprocess_rate(capture, pixels, args.batch_rounds))
+            served = run_clients(target, images, clients, window)
+            latencies += served
+            ratios.append(len(served) / window / local_rates[-1])
+        after = batch_images_per_forward(metrics_port)
+        latencies.sort()
+        report["latency_ms"][str(clients)] = {
+            "p50": round(latencies[len(latencies) // 2] * 1e3, 2),
+            "p95": round(latencies[int(len(latencies) * 0.95)] * 1e3, 2),
+        }
+        report["images_per_s"][str(clients)] = round(len(latencies) / args.seconds, 1)
+        if clients == BATCH:
+            forwards = after[1] - before[1]
+            report["mean_batch_size"] = round((after[0] - before[0]) / max(forwards, 1), 2)
+            report["ratio_concurrent_vs_batched"] = round(statistics.median(ratios), 3)
+            report["ratio_concurrent_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+            report["images_per_s"]["inprocess_batch16"] = round(statistics.median(local_rates), 1)
+    return report
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="GetActivations under one and many callers.")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
+    parser.add_argument("--pairs", type=int, default=300, help="single-call pairs measured")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per client count")
+    parser.add_argument("--batch-rounds", type=int, default=5, help="in-process reps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations at 16 clients")
+    parser.add_argument("--concurrent-model", default=CONCURRENT_MODEL)
+    parser.add_argument("--batch-delay-ms", type=float, default=None, help="server setting")
+    parser.add_argument(
+        "--batch-max-images", type=int, default=None, help="server setting; 0: no batching"
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.serve:
+        serve(args)
+        return
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    child, ports = start_child(args)
+    target = f"127.0.0.1:{ports['port']}"
+    try:
+        report = {**single_call(args, target), **concurrent(args, target, ports["metrics_port"])}
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(30)
+    report.update(
+        device=args.device,
+        torch_threads=args.threads,
+        concurrent_model=args.concurrent_model,
+        wall_seconds=round(time.perf_counter() - started, 1),
+    )
+    for key, target_value in TARGETS.items():
+        better = (
+            report[key] <= target_value
+            if key == "ratio_single_call"
+            else report[key] >= target_value
+        )
+        print(f"{key} {report[key]} (target {target_value}: {'met' if better else 'MISSED'})")
+    print(f"latency ms {report['latency_ms']}, images/s {report['images_per_s']}")
+    summary = {
+        k: report[k]
+        for k in ("ratio_single_call", "ratio_concurrent_vs_batched", "mean_batch_size")
+    }
+    print(json.dumps({**summary, **report}))
+
+
+if __name__ == "__main__":
+    main()
