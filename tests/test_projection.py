@@ -13,7 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import TEST_MODELS, start
+from conftest import DEVICE, TEST_MODELS, start
 from PIL import Image
 from reference_projection import (
     clip_importance,
@@ -44,6 +44,10 @@ from vitscope_server.core.loading import load_model
 from vitscope_server.core.specs import ModelSpec
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer, create_server
+
+# Reference scores are computed on the CPU; a GPU's kernels round differently, so on one
+# scores agree to this and classes this close to the target may swap ranks with it.
+SCORE_ATOL = 2e-5 if DEVICE == "cuda" else 0.0
 
 CLIP_TEXT = {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 MODELS: list[dict[str, object]] = [
@@ -109,7 +113,12 @@ def projection_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runn
     models_file = folder / "models.yaml"
     models_file.write_text(yaml.safe_dump({"models": MODELS}))
     settings = ServerSettings(
-        host="127.0.0.1", port=0, metrics_port=0, models_file=models_file, default_model="vit"
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        models_file=models_file,
+        default_model="vit",
+        device=DEVICE,
     )
     running = create_server(settings)
     assert running.registry.wait_until_settled(timeout=120)
@@ -128,6 +137,13 @@ def pixels_for(client: Client, name: str, batch: int = 2, seed: int = 7) -> torc
     return torch.randn((batch, *size), generator=torch.Generator().manual_seed(seed))
 
 
+def near_ties(scores: np.ndarray, target: int) -> np.ndarray:
+    """Per token, the classes whose reference score is within SCORE_ATOL of the target's: on a
+    GPU their order against the target may flip (exactly zero on the CPU)."""
+    own = scores[..., target : target + 1]
+    return (np.abs(scores - own) <= SCORE_ATOL).sum(axis=-1) - 1
+
+
 def check_tokens(
     result: ClassProjection, expected: dict[str, list[np.ndarray]], targets: np.ndarray
 ) -> None:
@@ -138,13 +154,18 @@ def check_tokens(
         for i, image in enumerate(result.images):
             got = image.representations[rep]
             ranks = ranks_by_sorting(scores[i], np.full(scores.shape[1], targets[i]))
-            np.testing.assert_array_equal(got.target_ranks, ranks, err_msg=rep)
-            np.testing.assert_allclose(got.identifiability, 1 - ranks / num_classes, atol=1e-6)
-            order = np.argsort(-scores[i], axis=-1)[..., :5]
-            np.testing.assert_array_equal(got.top_classes, order, err_msg=rep)
+            slack = near_ties(scores[i], int(targets[i]))
+            assert (np.abs(got.target_ranks - ranks) <= slack).all(), rep
             np.testing.assert_allclose(
-                got.top_scores, np.take_along_axis(scores[i], order, -1), atol=2e-5, rtol=1e-5
+                got.identifiability, 1 - got.target_ranks / num_classes, atol=1e-6
             )
+            order = np.argsort(-scores[i], axis=-1)[..., :5]
+            top = np.take_along_axis(scores[i], order, -1)
+            if SCORE_ATOL == 0:
+                np.testing.assert_array_equal(got.top_classes, order, err_msg=rep)
+            chosen = np.take_along_axis(scores[i], got.top_classes.astype(np.int64), -1)
+            np.testing.assert_allclose(chosen, top, atol=max(SCORE_ATOL, 1e-7), err_msg=rep)
+            np.testing.assert_allclose(got.top_scores, top, atol=2e-5, rtol=1e-5)
 
 
 def check_summaries(
@@ -312,7 +333,10 @@ def check_importance(result: ClassProjection, expected: np.ndarray, grid: int, s
         maps = image.importance
         assert maps is not None
         np.testing.assert_allclose(
-            maps.per_head, expected[i].reshape(blocks, heads, grid, grid), atol=1e-6, rtol=1e-4
+            maps.per_head,
+            expected[i].reshape(blocks, heads, grid, grid),
+            atol=max(SCORE_ATOL, 1e-6),
+            rtol=1e-4,
         )
         summed = expected[i].sum(axis=(0, 1)).reshape(grid, grid)
         unit = (summed - summed.min()) / (summed.max() - summed.min())

@@ -173,6 +173,8 @@ class ModelDescription:
     std: tuple[float, ...]
     class_names: list[str]
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Canonical sites (or model parts) the model does not serve -> why.
+    unavailable_sites: dict[str, str] = field(default_factory=dict)
 
 
 def _message_dict(message: Any) -> dict[str, Any]:
@@ -318,6 +320,7 @@ class Client:
             std=tuple(r.preprocessing.std),
             class_names=list(r.class_names),
             sites={s.name: _message_dict(s) for s in r.sites},
+            unavailable_sites={u.site: u.reason for u in r.unavailable_sites},
         )
 
     def activations(

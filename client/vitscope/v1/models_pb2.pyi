@@ -260,6 +260,7 @@ class DescribeModelResponse(_message.Message):
     CLASS_NAMES_FIELD_NUMBER: _builtins.int
     CLASS_COUNT_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_SITES_FIELD_NUMBER: _builtins.int
     block_count: _builtins.int
     embed_dim: _builtins.int
     prefix_token_count: _builtins.int
@@ -278,6 +279,12 @@ class DescribeModelResponse(_message.Message):
 
     @_builtins.property
     def provenance(self) -> _common_pb2.Provenance: ...
+    @_builtins.property
+    def unavailable_sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnavailableSite]:
+        """Canonical sites (or model parts) this model does not serve, each with the reason;
+        their modules can still be read by module path.
+        """
+
     def __init__(
         self,
         *,
@@ -292,11 +299,35 @@ class DescribeModelResponse(_message.Message):
         class_names: _abc.Iterable[_builtins.str] | None = ...,
         class_count: _builtins.int = ...,
         provenance: _common_pb2.Provenance | None = ...,
+        unavailable_sites: _abc.Iterable[Global___UnavailableSite] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing", "provenance", b"provenance", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_count", b"block_count", "class_count", b"class_count", "class_names", b"class_names", "embed_dim", b"embed_dim", "grid_height", b"grid_height", "grid_width", b"grid_width", "prefix_token_count", b"prefix_token_count", "preprocessing", b"preprocessing", "provenance", b"provenance", "sites", b"sites", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_count", b"block_count", "class_count", b"class_count", "class_names", b"class_names", "embed_dim", b"embed_dim", "grid_height", b"grid_height", "grid_width", b"grid_width", "prefix_token_count", b"prefix_token_count", "preprocessing", b"preprocessing", "provenance", b"provenance", "sites", b"sites", "summary", b"summary", "unavailable_sites", b"unavailable_sites"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeModelResponse: _TypeAlias = DescribeModelResponse  # noqa: Y015
+
+@_typing.final
+class UnavailableSite(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    site: _builtins.str
+    """A canonical site name such as "blocks.3.attn.probs", or a module path."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        site: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnavailableSite: _TypeAlias = UnavailableSite  # noqa: Y015

@@ -392,9 +392,7 @@ def batch_key(prepared: PreparedActivations) -> Hashable:
     adapter = prepared.loaded.adapter
     if any(_outside_blocks(adapter, site) for site in prepared.sites):
         return object()
-    attention = frozenset(
-        s.attention_block for s in prepared.sites if s.attention_block is not None
-    )
+    attention = frozenset(s.attention_path for s in prepared.sites if s.attention_path is not None)
     return (prepared.query.compute_dtype, attention)
 
 

@@ -6,6 +6,7 @@ installed it: concurrent requests on one model never see each other's tensors.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -66,19 +67,24 @@ def capture_sites(
     owner = threading.get_ident()
     captured: dict[str, torch.Tensor] = {}
 
-    def output_hook(site: SiteDef) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if threading.get_ident() == owner:
-                captured[site.name] = adapter.to_canonical(_pick_tensor(output, site), site, batch)
+    def recorder(site: SiteDef) -> Any:
+        """Records the site's call of its module (call_index of every `calls` calls)."""
+        count = itertools.count()
 
-        return hook
+        def record(value: Any) -> None:
+            if threading.get_ident() != owner or next(count) % site.calls != site.call_index:
+                return
+            captured[site.name] = adapter.to_canonical(_pick_tensor(value, site), site, batch)
+
+        return record
+
+    def output_hook(site: SiteDef) -> Any:
+        record = recorder(site)
+        return lambda module, args, output: record(output)
 
     def input_hook(site: SiteDef) -> Any:
-        def hook(module: nn.Module, args: Any) -> None:
-            if threading.get_ident() == owner:
-                captured[site.name] = adapter.to_canonical(_pick_tensor(args, site), site, batch)
-
-        return hook
+        record = recorder(site)
+        return lambda module, args: record(args)
 
     def cancel_hook(module: nn.Module, args: Any) -> None:
         if threading.get_ident() == owner:
@@ -88,9 +94,9 @@ def capture_sites(
         if threading.get_ident() == owner:
             raise ForwardStopped
 
-    attention_blocks = {s.attention_block for s in sites if s.attention_block is not None}
+    attention_paths = {s.attention_path for s in sites if s.attention_path is not None}
     with ExitStack() as stack:
-        stack.enter_context(adapter.attention_probs_exposed(attention_blocks))
+        stack.enter_context(adapter.attention_probs_exposed(attention_paths))
         for block in adapter.blocks:
             handle = adapter.root.get_submodule(block.path).register_forward_pre_hook(cancel_hook)
             stack.callback(handle.remove)

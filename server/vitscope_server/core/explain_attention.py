@@ -35,6 +35,18 @@ def windowed_reason(adapter: ModelAdapter, method: str) -> str | None:
             f"model {adapter.spec.name} uses windowed attention, which has no {method}: "
             "the method needs every block's attention over the whole token sequence"
         )
+    for index in range(len(adapter.blocks)):
+        missing = adapter.unavailable_reason(index, "attn.probs")
+        if missing is not None:
+            return (
+                f"model {adapter.spec.name}: block {index} serves no attention probabilities "
+                f"({missing}), which {method} needs in every block"
+            )
+    if not adapter.uniform:
+        return (
+            f"model {adapter.spec.name}: its blocks change token grid or width, and {method} "
+            "needs one token sequence through every block"
+        )
     return None
 
 
@@ -42,7 +54,10 @@ def relevancy_reason(adapter: ModelAdapter) -> str | None:
     """Why relevancy cannot run on this model, or None when it can: it recomputes each
     block's attention output from its probabilities, which the adapter must know how to do."""
     reason = windowed_reason(adapter, "relevancy")
-    if reason is None and type(adapter).attention_output is ModelAdapter.attention_output:
+    if reason is None and (
+        type(adapter).attention_output is ModelAdapter.attention_output
+        or adapter.class_projection_unsupported() is not None
+    ):
         reason = (
             f"model {adapter.spec.name}: its attention cannot be recomputed from its "
             "probabilities, which relevancy differentiates"
@@ -73,14 +88,14 @@ def attention_forward(
         with torch.no_grad(), capture_sites(adapter, probs_sites, pixels.shape[0], cancel) as got:
             output = adapter.forward(pixels)
         return output, [got[site.name] for site in probs_sites]
-    sites = [adapter.canonical_sites()[0], *(adapter.block_site(b, "out") for b in blocks)]
+    sites = [adapter.embed_site(), *(adapter.block_site(b, "out") for b in blocks)]
     owner = threading.get_ident()
     with ExitStack() as stack, torch.enable_grad():
         captured = stack.enter_context(
             capture_sites(adapter, sites + probs_sites, pixels.shape[0], cancel)
         )
         for b in blocks:
-            module = adapter.root.get_submodule(adapter.blocks[b].attn_out_path)
+            module = adapter.root.get_submodule(adapter.blocks[b].taps["attn.out"].module_path)
             hook = _recomputing_hook(adapter, b, captured, owner)
             stack.callback(module.register_forward_hook(hook).remove)
         # The input carries a gradient only so that the graph to every probability is built.

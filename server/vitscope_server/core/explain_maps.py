@@ -27,7 +27,7 @@ def class_embedding_maps(
     """[B, H, W]: the summed, min-max normalised importance map over every block, exactly as
     ProjectToClassSpace returns it."""
     blocks = tuple(range(len(adapter.blocks)))
-    sites = [adapter.canonical_sites()[0]]
+    sites = [adapter.embed_site()]
     sites += [adapter.block_site(b, part) for b in blocks for part in ("out", "attn.probs")]
     # Not inference mode: the importance gradients differentiate the captured tensors.
     with torch.no_grad(), capture_sites(adapter, sites, pixels.shape[0], cancel) as captured:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitscope_server.core.errors import InvalidArgument, NotFound, Reason
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, NotFound, Reason
 from vitscope_server.core.inversion_modules import geometry_of
 from vitscope_server.core.inversion_store import Manifest, load_modules, read_manifest
 from vitscope_server.core.loading import LoadedModel
@@ -82,7 +82,7 @@ class InverterCatalog:
             return "trained for {} {}, served model is {} {}".format(*trained, *served)
         try:
             geometry = geometry_of(loaded)
-        except InvalidArgument as exc:
+        except (InvalidArgument, FailedPrecondition) as exc:
             return str(exc)
         if manifest.geometry != geometry:
             return f"trained for geometry {manifest.geometry}, served model has {geometry}"
@@ -95,6 +95,7 @@ class InverterCatalog:
         """The matching store reaching deepest; NOT_FOUND naming the model when there is none."""
         stores = self.stores_for(loaded)
         if not stores:
+            geometry_of(loaded)  # a model no inverter can fit says why, before "none trained"
             raise NotFound(
                 Reason.INVERTER_NOT_FOUND,
                 loaded.spec.name,

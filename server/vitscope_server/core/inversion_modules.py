@@ -18,7 +18,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.pixels import denormalise
 
@@ -73,11 +73,13 @@ def geometry_of(loaded: LoadedModel) -> Geometry:
     """What the inverse modules need to know of a loaded model (what training records and
     serving compares); only for models with one token grid and width."""
     adapter = loaded.adapter
-    if any(block.windowed for block in adapter.blocks):
-        raise InvalidArgument(
-            "method",
-            f"model {loaded.spec.name}: windowed-attention (Swin-like) models change grid and "
-            "width between stages and have no modular inverter; use OPTIMIZATION inversion",
+    if not adapter.uniform:
+        raise FailedPrecondition(
+            f"model {loaded.spec.name}: learned inversion needs one token grid, width and global "
+            "attention in every block; hierarchical or windowed-attention (Swin-like) models "
+            "have no modular inverter; use OPTIMIZATION inversion",
+            subject=loaded.spec.name,
+            field="method",
         )
     config = adapter.data_config
     rows, cols = adapter.grid
@@ -97,9 +99,8 @@ def _three(values: tuple[float, float, float]) -> tuple[float, float, float]:
 
 
 def _num_heads(loaded: LoadedModel) -> int:
-    attention = loaded.adapter.root.get_submodule(
-        loaded.adapter.blocks[0].attn_probs_path.removesuffix(".attn_drop")
-    )
+    path = loaded.adapter.blocks[0].attention_path
+    attention = loaded.adapter.root.get_submodule(path) if path else None
     return int(getattr(attention, "num_heads", 1))
 
 

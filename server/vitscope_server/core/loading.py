@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 
 import torch
 
 from vitscope_server.core.adapters import ModelAdapter
-from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.capture import capture_sites
+from vitscope_server.core.anatomy import settle_anatomy
 from vitscope_server.core.errors import FailedPrecondition, Reason, VitscopeError
 from vitscope_server.core.specs import ModelSpec
 from vitscope_server.core.weights import (
     file_digest,
     hub_failure,
+    hub_identity,
     load_state_dict_strictly,
     read_state_dict,
     require_hub,
@@ -30,13 +31,29 @@ class LoadedModel:
     site_shapes: dict[str, tuple[int, ...]]
 
 
-def probe_site_shapes(adapter: ModelAdapter, device: torch.device) -> dict[str, tuple[int, ...]]:
-    """One forward on a blank image, reading every canonical site: shapes, and proof the model runs."""
-    sites = adapter.canonical_sites()
-    blank = torch.zeros((1, *adapter.data_config.input_size), device=device)
-    with torch.inference_mode(), capture_sites(adapter, sites, 1, NEVER_CANCELLED) as captured:
-        adapter.forward(blank)
-    return {site.name: tuple(captured[site.name].shape) for site in sites if site.name in captured}
+def _timm_hub_identity(spec: ModelSpec, model: torch.nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    tag = f"{spec.architecture}.{cfg.get('tag') or spec.hub_tag}".rstrip(".")
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        return f"hub:{tag}"
+    named = cfg.get("hf_hub_filename")
+    files = (named,) if named else ("model.safetensors", "pytorch_model.bin")
+    return hub_identity(str(repo).partition("@")[0], files, f"hub:{tag}")
+
+
+def _open_clip_hub_identity(spec: ModelSpec) -> str:
+    """open_clip reads `hf_hub` as "org/repo/[file]", preferring a .safetensors alternative."""
+    import open_clip
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+    fallback = f"hub:{spec.architecture}/{spec.hub_tag}"
+    hub = (open_clip.get_pretrained_cfg(spec.architecture, spec.hub_tag or "") or {}).get("hf_hub")
+    if not hub:
+        return fallback
+    repo, filename = posixpath.split(str(hub))
+    filename = filename or HF_WEIGHTS_NAME
+    return hub_identity(repo, (*_get_safe_alternatives(filename), filename), fallback)
 
 
 def _build_timm(spec: ModelSpec) -> tuple[ModelAdapter, str]:
@@ -50,9 +67,7 @@ def _build_timm(spec: ModelSpec) -> tuple[ModelAdapter, str]:
             raise
         except Exception as exc:
             raise hub_failure(spec, exc) from exc
-        return timm_adapter(
-            spec, model
-        ), f"hub:{spec.architecture}{'.' + spec.hub_tag if spec.hub_tag else ''}"
+        return timm_adapter(spec, model), _timm_hub_identity(spec, model)
     model = build_timm(spec, None)
     weights_file = spec.weights_file
     if weights_file is None:
@@ -86,7 +101,7 @@ def _build_open_clip(spec: ModelSpec) -> tuple[ModelAdapter, str]:
             raise
         except Exception as exc:
             raise hub_failure(spec, exc) from exc
-        return OpenClipTowerAdapter(spec, model), f"hub:{spec.architecture}/{spec.hub_tag}"
+        return OpenClipTowerAdapter(spec, model), _open_clip_hub_identity(spec)
     return OpenClipTowerAdapter(spec, build_open_clip(spec, None)), f"random:seed={spec.seed}"
 
 
@@ -102,4 +117,10 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
             f"model {spec.name}: {spec.family} cannot build {spec.architecture}: {exc}"
         ) from exc
     adapter.module.to(device).eval().requires_grad_(False)
-    return LoadedModel(spec, adapter, identity, device, probe_site_shapes(adapter, device))
+    shapes = settle_anatomy(adapter, device, adapter.prefix_hint)
+    if not adapter.blocks:
+        reasons = "; ".join(f"{n.site}: {n.reason}" for n in adapter.notes[:3])
+        raise FailedPrecondition(
+            f"model {spec.name}: no block passed the load-time probe ({reasons})"
+        )
+    return LoadedModel(spec, adapter, identity, device, shapes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from vitscope_server.core.adapters import Layout, ModelAdapter, SiteDef
-from vitscope_server.core.errors import InvalidArgument, NotFound, Reason, quote
+from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, NotFound, Reason, quote
 
 _BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(out|attn\.out|attn\.probs|mlp\.hidden|mlp\.out)$")
 CANONICAL_FORMS = (
@@ -18,9 +18,16 @@ def resolve_site(adapter: ModelAdapter, name: str, field: str = "sites") -> Site
     if not name:
         raise InvalidArgument(field, f"empty site name; use {CANONICAL_FORMS}")
     if name == "embed":
-        return adapter.canonical_sites()[0]
+        return adapter.embed_site()
     if name == "final":
-        return adapter.canonical_sites()[-1]
+        final = adapter.final_site()
+        if final is None:
+            raise FailedPrecondition(
+                f"{field}: model {adapter.spec.name} has no 'final' site",
+                subject=adapter.spec.name,
+                field=field,
+            )
+        return final
     match = _BLOCK_SITE.match(name)
     if match:
         index = int(match.group(1))
@@ -33,7 +40,16 @@ def resolve_site(adapter: ModelAdapter, name: str, field: str = "sites") -> Site
                 field=field,
                 metadata={"model": adapter.spec.name},
             )
-        return adapter.block_site(index, match.group(2))
+        part = match.group(2)
+        reason = adapter.unavailable_reason(index, part)
+        if reason is not None:
+            raise FailedPrecondition(
+                f"{field}: site {quote(name)} is unavailable on model {adapter.spec.name}: "
+                f"{reason}; its modules can still be read by module path",
+                subject=adapter.spec.name,
+                field=field,
+            )
+        return adapter.block_site(index, part)
     try:
         adapter.root.get_submodule(name)
     except AttributeError:
@@ -45,4 +61,8 @@ def resolve_site(adapter: ModelAdapter, name: str, field: str = "sites") -> Site
             field=field,
             metadata={"model": adapter.spec.name},
         ) from None
-    return SiteDef(name, name, Layout.RAW, adapter.grid, adapter.num_prefix_tokens)
+    block = next(
+        (b for b in adapter.blocks if name == b.path or name.startswith(b.path + ".")),
+        adapter.blocks[0],
+    )
+    return SiteDef(name, name, Layout.RAW, block.grid, block.num_prefix_tokens)

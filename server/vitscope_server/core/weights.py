@@ -116,3 +116,19 @@ def hub_failure(spec: ModelSpec, exc: Exception) -> FailedPrecondition:
     return FailedPrecondition(
         f"model {spec.name}: weights {spec.weights!r} could not be loaded from the hub: {exc}"
     )
+
+
+def hub_identity(repo_id: str, filenames: tuple[str, ...], fallback: str) -> str:
+    """What a hub load read: the repository, the snapshot commit the cache resolved and the
+    file's digest, e.g. "hub:timm/vit_tiny@3f2a.../model.safetensors sha256:...". The first
+    of `filenames` (in the library's order of preference) found in the cache is the one
+    the library loaded; `fallback` when none is cached (weights fetched from a URL)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        cached = try_to_load_from_cache(repo_id, filename)
+        if isinstance(cached, str):
+            path = Path(cached)
+            commit = path.parents[len(Path(filename).parts) - 1].name  # snapshots/<commit>/...
+            return f"hub:{repo_id}@{commit}/{filename} {file_digest(path)}"
+    return fallback

@@ -177,6 +177,10 @@ def describe(
         class_names=adapter.class_names,
         class_count=len(adapter.class_names),
         provenance=provenance(p),
+        unavailable_sites=[
+            models_pb2.UnavailableSite(site=u.site, reason=u.reason)
+            for u in adapter.unavailable_sites
+        ],
     )
 
 

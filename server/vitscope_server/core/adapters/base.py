@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -25,21 +25,52 @@ class Layout(Enum):
     RAW = "raw"
 
 
+BLOCK_PARTS = ("out", "attn.out", "attn.probs", "mlp.hidden", "mlp.out")
+
+
 @dataclass(frozen=True)
-class BlockAnatomy:
-    """Module paths (relative to the adapter's root) of one transformer block's parts."""
+class Tap:
+    """Where a tensor is read: a module's output (or input), and which of its calls per
+    forward when one module runs more than once (a drop-path shared by both sublayers)."""
+
+    module_path: str
+    from_input: bool = False
+    output_index: int = 0
+    call_index: int = 0
+    calls: int = 1
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """One block as an adapter finds it, before the load-time probe checks it."""
 
     path: str
-    attn_out_path: str
-    mlp_hidden_path: str
-    mlp_out_path: str
-    attn_probs_path: str
-    # Which element of the probs module's output holds the probabilities.
-    attn_probs_output_index: int
+    # Part name (BLOCK_PARTS but "out") -> where it is read; parts not found are in `unavailable`.
+    taps: Mapping[str, Tap]
+    unavailable: Mapping[str, str]
+    # The attention module whose probabilities attn.probs reads (unfused while read).
+    attention_path: str | None = None
+    # Where the residual stream entering the attention sublayer can be read, besides the
+    # block's input (a block may first add a position convolution, as CoaT's does).
+    residual_taps: tuple[Tap, ...] = ()
+
+
+@dataclass(frozen=True)
+class BlockAnatomy:
+    """One block as the probe found it: the parts that passed, grid and prefix of its tokens."""
+
+    path: str
+    taps: Mapping[str, Tap]
+    unavailable: Mapping[str, str]
     grid: tuple[int, int]
     num_prefix_tokens: int
     width: int
-    windowed: bool = False
+    attention_path: str | None = None
+    probs_layout: Layout = Layout.ATTENTION
+
+    @property
+    def windowed(self) -> bool:
+        return self.probs_layout is Layout.WINDOW_ATTENTION
 
 
 def layer_scaled(weight: torch.Tensor, layer_scale: nn.Module) -> torch.Tensor:
@@ -76,28 +107,89 @@ class SiteDef:
     # Read the module's input (embed) instead of its output.
     from_input: bool = False
     output_index: int = 0
-    # Block whose attention must expose probabilities, for attn.probs sites.
-    attention_block: int | None = None
+    # Attention module that must compute explicit probabilities, for attn.probs sites.
+    attention_path: str | None = None
+    # Which call of the module per forward holds the site (modules run more than once).
+    call_index: int = 0
+    calls: int = 1
 
 
-CANONICAL_BLOCK_SITES = ("out", "attn.out", "attn.probs", "mlp.hidden", "mlp.out")
+CANONICAL_BLOCK_SITES = BLOCK_PARTS
+
+
+@dataclass(frozen=True)
+class UnavailableSite:
+    """A canonical site (or a part of the model) this model cannot serve, and why."""
+
+    site: str
+    reason: str
+
+
+def tap_site(name: str, tap: Tap, layout: Layout, grid: tuple[int, int], prefix: int) -> SiteDef:
+    return SiteDef(
+        name,
+        tap.module_path,
+        layout,
+        grid,
+        prefix,
+        from_input=tap.from_input,
+        output_index=tap.output_index,
+        call_index=tap.call_index,
+        calls=tap.calls,
+    )
 
 
 class ModelAdapter(ABC):
-    """One loaded model seen through the common anatomy."""
+    """One loaded model seen through the common anatomy.
+
+    An adapter proposes each block's parts (`parts`); the load-time probe
+    (core/anatomy.py) checks them on a real forward and settles `blocks`, the
+    anatomy every method reads. Parts that fail the check become unavailable
+    sites with their reason.
+    """
 
     family: str
 
-    def __init__(self, spec: ModelSpec, root: nn.Module, blocks: list[BlockAnatomy]) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        root: nn.Module,
+        parts: list[BlockParts],
+        notes: Sequence[UnavailableSite] = (),
+    ) -> None:
         self.spec = spec
         self.root = root
-        self.blocks = blocks
+        self.parts = parts
+        self.blocks: list[BlockAnatomy] = []
+        self.notes = list(notes)
         self._unfused_lock = threading.Lock()
-        self._unfused_users: dict[int, int] = {}
+        self._unfused_users: dict[str, int] = {}
+        self._final_ok = False
+        # The declared number of prefix tokens, tried first when reading a block's grid.
+        self.prefix_hint = 0
+
+    def settle(
+        self, blocks: list[BlockAnatomy], notes: Sequence[UnavailableSite], final_ok: bool
+    ) -> None:
+        """Called once by the probe with the anatomy it checked."""
+        self.blocks = blocks
+        self.notes = [*self.notes, *notes]
+        self._final_ok = final_ok
+
+    @property
+    def unavailable_sites(self) -> list[UnavailableSite]:
+        """Model-level notes, then every block part the probe or the adapter ruled out."""
+        per_block = [
+            UnavailableSite(f"blocks.{i}.{part}", reason)
+            for i, block in enumerate(self.blocks)
+            for part, reason in block.unavailable.items()
+        ]
+        return [*self.notes, *per_block]
 
     @property
     @abstractmethod
-    def final_norm_path(self) -> str: ...
+    def final_norm_path(self) -> str | None:
+        """Module whose output is the `final` site, or None when the model has none."""
 
     @property
     @abstractmethod
@@ -125,6 +217,17 @@ class ModelAdapter(ABC):
         return self.blocks[0].width
 
     @property
+    def uniform(self) -> bool:
+        """Whether every block has the same grid, prefix, width and global attention."""
+        first = self.blocks[0]
+        return all(
+            (b.grid, b.num_prefix_tokens, b.width)
+            == (first.grid, first.num_prefix_tokens, first.width)
+            and not b.windowed
+            for b in self.blocks
+        )
+
+    @property
     def has_classifier(self) -> bool:
         return bool(self.class_names)
 
@@ -147,86 +250,82 @@ class ModelAdapter(ABC):
         return features
 
     @abstractmethod
-    def _expose_attention_probs(self, block: int) -> None:
-        """Makes block's attention compute explicit probabilities (not the fused kernel)."""
+    def _expose_attention_probs(self, attention_path: str) -> None:
+        """Makes this attention module compute explicit probabilities (not the fused kernel)."""
 
     @abstractmethod
-    def _restore_attention(self, block: int) -> None:
+    def _restore_attention(self, attention_path: str) -> None:
         """Undoes _expose_attention_probs."""
 
     def to_canonical(self, tensor: torch.Tensor, site: SiteDef, batch: int) -> torch.Tensor:
         """Brings a captured tensor into the layout its site declares."""
         if site.layout is Layout.TOKENS and tensor.dim() == 4:
             return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
-        if site.layout is Layout.WINDOW_ATTENTION:
+        if site.layout is Layout.WINDOW_ATTENTION and tensor.dim() == 4:
             return tensor.reshape(batch, -1, *tensor.shape[1:])
         return tensor
 
     @contextmanager
-    def attention_probs_exposed(self, blocks: set[int]) -> Iterator[None]:
-        """Turns off fused attention for these blocks while any caller needs it."""
+    def attention_probs_exposed(self, attention_paths: set[str]) -> Iterator[None]:
+        """Turns off fused attention for these modules while any caller needs it."""
         with self._unfused_lock:
-            for block in blocks:
-                users = self._unfused_users.get(block, 0)
+            for path in attention_paths:
+                users = self._unfused_users.get(path, 0)
                 if users == 0:
-                    self._expose_attention_probs(block)
-                self._unfused_users[block] = users + 1
+                    self._expose_attention_probs(path)
+                self._unfused_users[path] = users + 1
         try:
             yield
         finally:
             with self._unfused_lock:
-                for block in blocks:
-                    self._unfused_users[block] -= 1
-                    if self._unfused_users[block] == 0:
-                        self._restore_attention(block)
+                for path in attention_paths:
+                    self._unfused_users[path] -= 1
+                    if self._unfused_users[path] == 0:
+                        self._restore_attention(path)
+
+    def unavailable_reason(self, index: int, part: str) -> str | None:
+        """Why block `index` cannot serve `part`, or None when it can."""
+        block = self.blocks[index]
+        if part in block.taps or (part == "out" and "out" not in block.unavailable):
+            return None
+        return block.unavailable.get(part, "not found in the block")
 
     def block_site(self, index: int, part: str) -> SiteDef:
+        """The site of one block part; the caller checks unavailable_reason first."""
         block = self.blocks[index]
         name = f"blocks.{index}.{part}"
         if part == "out":
             return SiteDef(name, block.path, Layout.TOKENS, block.grid, block.num_prefix_tokens)
-        if part == "attn.out":
-            return SiteDef(
-                name, block.attn_out_path, Layout.TOKENS, block.grid, block.num_prefix_tokens
-            )
-        if part == "mlp.hidden":
-            return SiteDef(
-                name, block.mlp_hidden_path, Layout.TOKENS, block.grid, block.num_prefix_tokens
-            )
-        if part == "mlp.out":
-            return SiteDef(
-                name, block.mlp_out_path, Layout.TOKENS, block.grid, block.num_prefix_tokens
-            )
-        layout = Layout.WINDOW_ATTENTION if block.windowed else Layout.ATTENTION
+        tap = block.taps[part]
+        if part != "attn.probs":
+            return tap_site(name, tap, Layout.TOKENS, block.grid, block.num_prefix_tokens)
+        site = tap_site(name, tap, block.probs_layout, block.grid, block.num_prefix_tokens)
+        return replace(site, attention_path=block.attention_path)
+
+    def embed_site(self) -> SiteDef:
+        first = self.blocks[0]
         return SiteDef(
-            name,
-            block.attn_probs_path,
-            layout,
-            block.grid,
-            block.num_prefix_tokens,
-            output_index=block.attn_probs_output_index,
-            attention_block=index,
+            "embed", first.path, Layout.TOKENS, first.grid, first.num_prefix_tokens, from_input=True
         )
 
-    def canonical_sites(self) -> list[SiteDef]:
-        first = self.blocks[0]
+    def final_site(self) -> SiteDef | None:
+        path = self.final_norm_path
+        if path is None or not self._final_ok:
+            return None
         last = self.blocks[-1]
-        sites = [
-            SiteDef(
-                "embed",
-                first.path,
-                Layout.TOKENS,
-                first.grid,
-                first.num_prefix_tokens,
-                from_input=True,
-            )
-        ]
+        return SiteDef("final", path, Layout.TOKENS, last.grid, last.num_prefix_tokens)
+
+    def canonical_sites(self) -> list[SiteDef]:
+        """Every available canonical site, in forward order."""
+        sites = [self.embed_site()]
         for index in range(len(self.blocks)):
-            sites.extend(self.block_site(index, part) for part in CANONICAL_BLOCK_SITES)
-        sites.append(
-            SiteDef("final", self.final_norm_path, Layout.TOKENS, last.grid, last.num_prefix_tokens)
-        )
-        return sites
+            sites.extend(
+                self.block_site(index, part)
+                for part in CANONICAL_BLOCK_SITES
+                if self.unavailable_reason(index, part) is None
+            )
+        final = self.final_site()
+        return sites if final is None else [*sites, final]
 
     # Class-space anatomy: what class-embedding projection and key-value memories read.
 

@@ -1,7 +1,8 @@
-"""open_clip image towers (open_clip.transformer.VisionTransformer inside a CLIP model)."""
+"""open_clip image towers: open_clip's VisionTransformer, or a timm trunk inside a CLIP model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import open_clip
@@ -11,11 +12,20 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vitscope_server.core.adapters.base import (
-    BlockAnatomy,
+    BlockParts,
     DataConfig,
     ModelAdapter,
+    Tap,
+    UnavailableSite,
     layer_scaled,
     rgb_triple,
+)
+from vitscope_server.core.adapters.timm_blocks import (
+    FINAL_NORMS,
+    find_blocks,
+    prefix_hint,
+    restore_fused,
+    unfuse,
 )
 from vitscope_server.core.errors import FailedPrecondition
 from vitscope_server.core.specs import ModelSpec
@@ -27,6 +37,55 @@ def _force_attention_weights(
     return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
 
 
+def _resblock_parts(path: str, block: nn.Module) -> BlockParts:
+    """open_clip's residual blocks: ls_1/ls_2 hold what each sublayer adds (LayerScale or
+    Identity, after the custom block's ln_attn); c_proj's input is the MLP hidden layer."""
+    attention_path = f"{path}.attn"
+    taps = {
+        "attn.out": Tap(f"{path}.ls_1"),
+        "mlp.out": Tap(f"{path}.ls_2"),
+        "mlp.hidden": Tap(f"{path}.mlp.c_proj", from_input=True),
+    }
+    if isinstance(block.get_submodule("attn"), nn.MultiheadAttention):
+        taps["attn.probs"] = Tap(attention_path, output_index=1)
+    else:
+        taps["attn.probs"] = Tap(f"{attention_path}.attn_drop")
+    return BlockParts(path, taps, {}, attention_path)
+
+
+def _tower_parts(
+    spec: ModelSpec, visual: nn.Module
+) -> tuple[list[BlockParts], list[UnavailableSite], int]:
+    """Blocks, notes and the prefix-count hint of an open_clip ViT tower or a timm trunk."""
+    trunk = getattr(visual, "trunk", None)
+    if isinstance(trunk, nn.Module):
+        parts, notes = find_blocks(trunk)
+        prefixed = [
+            BlockParts(
+                f"trunk.{p.path}",
+                {
+                    part: replace(tap, module_path=f"trunk.{tap.module_path}")
+                    for part, tap in p.taps.items()
+                },
+                p.unavailable,
+                f"trunk.{p.attention_path}" if p.attention_path else None,
+                tuple(replace(t, module_path=f"trunk.{t.module_path}") for t in p.residual_taps),
+            )
+            for p in parts
+        ]
+        return prefixed, notes, prefix_hint(trunk)
+    if not hasattr(visual, "transformer") or not hasattr(visual, "ln_post"):
+        raise FailedPrecondition(
+            f"model {spec.name}: {spec.architecture} has no ViT image tower "
+            f"({type(visual).__name__})"
+        )
+    parts = [
+        _resblock_parts(f"transformer.resblocks.{i}", block)
+        for i, block in enumerate(visual.transformer.resblocks)  # type: ignore[union-attr, arg-type]
+    ]
+    return parts, [], 1 if getattr(visual, "class_embedding", None) is not None else 0
+
+
 class OpenClipTowerAdapter(ModelAdapter):
     """Sites are paths inside `model.visual`; the text tower stays loaded for later methods."""
 
@@ -34,37 +93,13 @@ class OpenClipTowerAdapter(ModelAdapter):
 
     def __init__(self, spec: ModelSpec, model: nn.Module) -> None:
         visual = model.visual
-        if not hasattr(visual, "transformer") or not hasattr(visual, "ln_post"):
-            raise FailedPrecondition(
-                f"model {spec.name}: {spec.architecture} has no ViT image tower"
-            )
-        grid = tuple(int(g) for g in visual.grid_size)  # type: ignore[union-attr]
-        prefix = 1 if getattr(visual, "class_embedding", None) is not None else 0
-        width = int(visual.transformer.width)  # type: ignore[union-attr, arg-type]
-        blocks = []
-        for index, block in enumerate(visual.transformer.resblocks):  # type: ignore[union-attr, arg-type]
-            if not isinstance(block.attn, nn.MultiheadAttention):
-                raise FailedPrecondition(
-                    f"model {spec.name}: block {index} uses a custom attention module"
-                )
-            path = f"transformer.resblocks.{index}"
-            blocks.append(
-                BlockAnatomy(
-                    path=path,
-                    attn_out_path=f"{path}.ls_1",
-                    mlp_hidden_path=f"{path}.mlp.gelu",
-                    mlp_out_path=f"{path}.ls_2",
-                    attn_probs_path=f"{path}.attn",
-                    attn_probs_output_index=1,
-                    grid=grid,  # type: ignore[arg-type]
-                    num_prefix_tokens=prefix,
-                    width=width,
-                )
-            )
-        super().__init__(spec, visual, blocks)  # type: ignore[arg-type]
+        parts, notes, hint = _tower_parts(spec, visual)  # type: ignore[arg-type]
+        super().__init__(spec, visual, parts, notes)  # type: ignore[arg-type]
+        self.prefix_hint = hint
         self.clip = model
-        self._batch_first = bool(getattr(visual.transformer, "batch_first", True))
-        self._hooks: dict[int, RemovableHandle] = {}
+        self._batch_first = bool(getattr(getattr(visual, "transformer", None), "batch_first", True))
+        self._hooks: dict[str, RemovableHandle] = {}
+        self._fused_defaults: dict[str, bool] = {}
         preprocess_cfg: dict[str, Any] = getattr(visual, "preprocess_cfg")  # noqa: B009
         cfg = open_clip.transform.PreprocessCfg(**preprocess_cfg)
         self._preprocess_cfg = cfg
@@ -75,8 +110,11 @@ class OpenClipTowerAdapter(ModelAdapter):
         return self.clip
 
     @property
-    def final_norm_path(self) -> str:
-        return "ln_post"
+    def final_norm_path(self) -> str | None:
+        trunk = getattr(self.root, "trunk", None)
+        if trunk is None:
+            return "ln_post"
+        return next((f"trunk.{n}" for n in FINAL_NORMS if hasattr(trunk, n)), None)
 
     @property
     def data_config(self) -> DataConfig:
@@ -107,14 +145,26 @@ class OpenClipTowerAdapter(ModelAdapter):
             tensor = tensor.transpose(0, 1)
         return super().to_canonical(tensor, site, batch)
 
-    def _expose_attention_probs(self, block: int) -> None:
-        attention = self.root.get_submodule(self.blocks[block].attn_probs_path)
-        self._hooks[block] = attention.register_forward_pre_hook(
-            _force_attention_weights, with_kwargs=True
-        )
+    def _expose_attention_probs(self, attention_path: str) -> None:
+        attention = self.root.get_submodule(attention_path)
+        if isinstance(attention, nn.MultiheadAttention):
+            self._hooks[attention_path] = attention.register_forward_pre_hook(
+                _force_attention_weights, with_kwargs=True
+            )
+        elif hasattr(attention, "use_fsdpa"):
+            self._fused_defaults[attention_path] = bool(attention.use_fsdpa)
+            setattr(attention, "use_fsdpa", False)  # noqa: B010
+        else:
+            unfuse(attention, attention_path, self._fused_defaults)
 
-    def _restore_attention(self, block: int) -> None:
-        self._hooks.pop(block).remove()
+    def _restore_attention(self, attention_path: str) -> None:
+        attention = self.root.get_submodule(attention_path)
+        if attention_path in self._hooks:
+            self._hooks.pop(attention_path).remove()
+        elif hasattr(attention, "use_fsdpa"):
+            setattr(attention, "use_fsdpa", self._fused_defaults.pop(attention_path))  # noqa: B010
+        else:
+            restore_fused(attention, attention_path, self._fused_defaults)
 
     # Class-space anatomy: tokens go through ln_post then proj; classes are text embeddings.
 
@@ -123,6 +173,14 @@ class OpenClipTowerAdapter(ModelAdapter):
 
     def class_projection_unsupported(self) -> str | None:
         visual = self.root
+        if not hasattr(visual, "transformer") or not self.uniform:
+            return super().class_projection_unsupported()
+        kinds = {type(visual.get_submodule(b.path)).__name__ for b in self.blocks}
+        if kinds != {"ResidualAttentionBlock"}:
+            return (
+                f"model {self.spec.name}: blocks {sorted(kinds)} are not supported for class-space "
+                "methods; supported: ResidualAttentionBlock (nn.MultiheadAttention)"
+            )
         if getattr(visual, "attn_pool", None) is not None or visual.proj is None:
             return f"model {self.spec.name}: towers with attention pooling or no proj are not supported"
         if getattr(visual, "pool_type", "tok") != "tok" or self.num_prefix_tokens == 0:

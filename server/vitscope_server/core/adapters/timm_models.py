@@ -1,4 +1,4 @@
-"""timm families: ViT-like models (ViT, DeiT, with any prefix tokens) and Swin-like ones."""
+"""timm models of every family: data config, classifier, and the class-space anatomy of ViTs."""
 
 from __future__ import annotations
 
@@ -8,28 +8,56 @@ import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Attention, LayerScale, Mlp
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from vitscope_server.core.adapters.base import (
-    BlockAnatomy,
     DataConfig,
     ModelAdapter,
     layer_scaled,
     rgb_triple,
 )
+from vitscope_server.core.adapters.timm_blocks import (
+    FINAL_NORMS,
+    find_blocks,
+    prefix_hint,
+    restore_fused,
+    unfuse,
+)
 from vitscope_server.core.errors import FailedPrecondition
 from vitscope_server.core.specs import ModelSpec
 
 _AVERAGE_POOLS = ("avg", "avgmax", "max")
+_SUPPORTED_BLOCK = "supported: Block with Attention and Mlp, pre-norm, LayerScale as a module"
+
+
+def _unsupported_block(block: nn.Module) -> str | None:
+    """Why class-space methods cannot read this block's attention and MLP by their weights:
+    only the plain pre-norm ViT block is written out (no rotary or relative position, no
+    GLU, no post-norm, no parameter LayerScale, no gate)."""
+    attention, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    kinds = (type(block), type(attention), type(mlp))
+    if kinds != (Block, Attention, Mlp):
+        names = ", ".join(kind.__name__ for kind in kinds)
+        return f"({names}) is not supported for class-space methods; {_SUPPORTED_BLOCK}"
+    if getattr(attention, "gate", None) is not None:
+        return "has gated attention, which class-space methods do not support"
+    scales = (block.ls1, block.ls2)
+    if not all(isinstance(scale, (LayerScale, nn.Identity)) for scale in scales):
+        return f"has an unknown layer scale; {_SUPPORTED_BLOCK}"
+    return None
 
 
 def _data_config(spec: ModelSpec, model: nn.Module) -> dict[str, Any]:
     config = dict(resolve_model_data_config(model))
+    # kwargs such as img_size change the model but not its pretrained_cfg.
     patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
-        # kwargs such as img_size change the model but not its pretrained_cfg.
-        config["input_size"] = (int(patch_embed.proj.in_channels), *map(int, patch_embed.img_size))
+    size = spec.kwargs.get("img_size") or getattr(patch_embed, "img_size", None)
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        channels = int(spec.kwargs.get("in_chans", config["input_size"][0]))
+        config["input_size"] = (channels, int(height), int(width))
     for key in ("mean", "std", "crop_pct", "interpolation"):
         value = getattr(spec, key)
         if value is not None:
@@ -46,13 +74,20 @@ def _imagenet_class_names(model: nn.Module, num_classes: int) -> list[str]:
 
 
 class TimmAdapter(ModelAdapter):
-    """Shared by timm's families: data config, transform, classifier, class names."""
+    """Every timm family: blocks found through feature_info, parts by the library's names."""
 
     family = "timm"
 
-    def __init__(self, spec: ModelSpec, model: nn.Module, blocks: list[BlockAnatomy]) -> None:
-        super().__init__(spec, model, blocks)
-        self._fused_defaults: dict[int, bool] = {}
+    def __init__(self, spec: ModelSpec, model: nn.Module) -> None:
+        parts, notes = find_blocks(model)
+        if not parts:
+            raise FailedPrecondition(
+                f"model {spec.name}: timm architecture {spec.architecture} "
+                f"({type(model).__name__}) has no transformer blocks to serve"
+            )
+        super().__init__(spec, model, parts, notes)
+        self.prefix_hint = prefix_hint(model)
+        self._fused_defaults: dict[str, bool] = {}
         self._config = _data_config(spec, model)
         self._transform = create_transform(**self._config, is_training=False)
         num_classes = int(getattr(model, "num_classes", 0) or 0)
@@ -65,6 +100,10 @@ class TimmAdapter(ModelAdapter):
             self._class_names = _imagenet_class_names(model, num_classes) or [
                 str(i) for i in range(num_classes)
             ]
+
+    @property
+    def final_norm_path(self) -> str | None:
+        return next((name for name in FINAL_NORMS if hasattr(self.root, name)), None)
 
     @property
     def data_config(self) -> DataConfig:
@@ -97,50 +136,11 @@ class TimmAdapter(ModelAdapter):
         logits: torch.Tensor = self.root.forward_head(features)  # type: ignore[operator]
         return logits
 
-    def _attention(self, block: int) -> nn.Module:
-        return self.root.get_submodule(self.blocks[block].attn_probs_path.rsplit(".", 1)[0])
+    def _expose_attention_probs(self, attention_path: str) -> None:
+        unfuse(self.root.get_submodule(attention_path), attention_path, self._fused_defaults)
 
-    def _expose_attention_probs(self, block: int) -> None:
-        attention = self._attention(block)
-        self._fused_defaults[block] = bool(attention.fused_attn)
-        setattr(attention, "fused_attn", False)  # noqa: B010 - a torch.jit.Final attribute
-
-    def _restore_attention(self, block: int) -> None:
-        setattr(self._attention(block), "fused_attn", self._fused_defaults.pop(block))  # noqa: B010
-
-
-class TimmViTAdapter(TimmAdapter):
-    """VisionTransformer and its relatives (DeiT, distilled DeiT, register tokens)."""
-
-    def __init__(self, spec: ModelSpec, model: nn.Module) -> None:
-        grid = tuple(int(g) for g in model.patch_embed.grid_size)  # type: ignore[union-attr]
-        prefix = int(getattr(model, "num_prefix_tokens", 0))
-        width = int(model.embed_dim)  # type: ignore[arg-type]
-        blocks = []
-        for index, block in enumerate(model.blocks):  # type: ignore[arg-type]
-            path = f"blocks.{index}"
-            if not hasattr(block, "attn") or not hasattr(block.attn, "attn_drop"):
-                raise FailedPrecondition(
-                    f"model {spec.name}: block {index} has no timm Attention module"
-                )
-            blocks.append(
-                BlockAnatomy(
-                    path=path,
-                    attn_out_path=f"{path}.ls1" if hasattr(block, "ls1") else f"{path}.attn",
-                    mlp_hidden_path=f"{path}.mlp.act",
-                    mlp_out_path=f"{path}.ls2" if hasattr(block, "ls2") else f"{path}.mlp",
-                    attn_probs_path=f"{path}.attn.attn_drop",
-                    attn_probs_output_index=0,
-                    grid=grid,  # type: ignore[arg-type]
-                    num_prefix_tokens=prefix,
-                    width=width,
-                )
-            )
-        super().__init__(spec, model, blocks)
-
-    @property
-    def final_norm_path(self) -> str:
-        return "norm"
+    def _restore_attention(self, attention_path: str) -> None:
+        restore_fused(self.root.get_submodule(attention_path), attention_path, self._fused_defaults)
 
     # Class-space anatomy: head(fc_norm(norm(h))), one of the two norms Identity. Models
     # that pool by average have `norm` Identity and `fc_norm` acting on the pooled vector;
@@ -152,7 +152,15 @@ class TimmViTAdapter(TimmAdapter):
         return self.root.get_submodule(self.blocks[block].path)
 
     def class_projection_unsupported(self) -> str | None:
-        pool = getattr(self.root, "global_pool", "")
+        model = self.root
+        if not isinstance(model, VisionTransformer) or not self.uniform:
+            generic = str(super().class_projection_unsupported()).partition(": ")[2]
+            shape = "" if self.uniform else " (blocks of several grids or widths)"
+            return (
+                f"model {self.spec.name}: {type(model).__name__}{shape} is not supported for "
+                f"class-space methods; {generic}"
+            )
+        pool = getattr(model, "global_pool", "")
         if pool != "token" and pool not in _AVERAGE_POOLS:
             return (
                 f"model {self.spec.name}: global_pool {pool!r} is not supported for class-space "
@@ -160,12 +168,12 @@ class TimmViTAdapter(TimmAdapter):
             )
         if pool == "token" and self.num_prefix_tokens == 0:
             return f"model {self.spec.name}: token pooling without a class token"
-        if not isinstance(getattr(self.root, "head", None), nn.Linear):
+        if not isinstance(getattr(model, "head", None), nn.Linear):
             return f"model {self.spec.name}: no linear classifier head"
-        if any(
-            getattr(self._block(i).attn, "gate", None) is not None for i in range(len(self.blocks))
-        ):
-            return f"model {self.spec.name}: gated attention is not supported"
+        for index in range(len(self.blocks)):
+            reason = _unsupported_block(self._block(index))
+            if reason is not None:
+                return f"model {self.spec.name}: block {index} {reason}"
         return None
 
     def projection_norm(self, tokens: torch.Tensor, block: int, part: str) -> torch.Tensor:
@@ -217,7 +225,8 @@ class TimmViTAdapter(TimmAdapter):
         """Only the plain ViT family (DeiT included) runs as blocks -> norm -> head on any token
         subset: Eva-style blocks need their RoPE positions, CaiT adds its class token late."""
         return (
-            isinstance(self.root, VisionTransformer)
+            self.class_projection_unsupported() is None
+            and isinstance(self.root, VisionTransformer)
             and isinstance(self.root.blocks, nn.Sequential)
             and self.root.global_pool == "token"
             and self.num_prefix_tokens > 0
@@ -229,35 +238,6 @@ class TimmViTAdapter(TimmAdapter):
         return output
 
 
-class TimmSwinAdapter(TimmAdapter):
-    """Swin: stages of windowed-attention blocks, numbered globally as blocks.0 .. blocks.N-1."""
-
-    def __init__(self, spec: ModelSpec, model: nn.Module) -> None:
-        blocks = []
-        for stage_index, stage in enumerate(model.layers):  # type: ignore[arg-type]
-            for block_index, block in enumerate(stage.blocks):
-                path = f"layers.{stage_index}.blocks.{block_index}"
-                blocks.append(
-                    BlockAnatomy(
-                        path=path,
-                        attn_out_path=f"{path}.drop_path1",
-                        mlp_hidden_path=f"{path}.mlp.act",
-                        mlp_out_path=f"{path}.drop_path2",
-                        attn_probs_path=f"{path}.attn.attn_drop",
-                        attn_probs_output_index=0,
-                        grid=tuple(int(r) for r in block.input_resolution),  # type: ignore[arg-type]
-                        num_prefix_tokens=0,
-                        width=int(block.dim),
-                        windowed=True,
-                    )
-                )
-        super().__init__(spec, model, blocks)
-
-    @property
-    def final_norm_path(self) -> str:
-        return "norm"
-
-
 def build_timm(spec: ModelSpec, pretrained_tag: str | None) -> nn.Module:
     name = spec.architecture
     if pretrained_tag:
@@ -266,10 +246,4 @@ def build_timm(spec: ModelSpec, pretrained_tag: str | None) -> nn.Module:
 
 
 def timm_adapter(spec: ModelSpec, model: nn.Module) -> TimmAdapter:
-    if hasattr(model, "layers") and all(hasattr(s, "blocks") for s in model.layers):  # type: ignore[union-attr]
-        return TimmSwinAdapter(spec, model)
-    if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
-        return TimmViTAdapter(spec, model)
-    raise FailedPrecondition(
-        f"model {spec.name}: timm architecture {spec.architecture} is neither ViT-like nor Swin-like"
-    )
+    return TimmAdapter(spec, model)
