@@ -53,8 +53,10 @@ gpu-check:
 proto: install
 	$(BIN)/python proto/generate.py
 
-# Pages generated from the code (tests fail while they are stale).
+# Pages generated from the code (tests fail while they are stale): the API reference from the
+# protos and their comments, the configuration from the settings.
 docs: install
+	$(BIN)/python proto/docgen.py
 	$(BIN)/python -m vitscope_server.settings_docs docs/configuration.md
 
 lint: install

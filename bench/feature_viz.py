@@ -4,7 +4,7 @@ batching K features into one request buys.
 Run as `HF_HUB_OFFLINE=1 .venv/bin/python bench/feature_viz.py [--steps N] [--rounds R]`.
 Everything runs in this one process on CPU: a real vitscope server on a loopback port serving
 vit_tiny_patch16_224 at 224 px (random init, seed 0) and, for the baseline, an identical timm
-model optimised by a loop written here from METHODS.md section 2 (8 copies, colour shift,
+model optimised by a loop written here from docs/methods.md section 2 (8 copies, colour shift,
 decaying offset, jitter, TV on the augmented batch, Adam (0.5, 0.99), cosine, clamp).
 
 Fairness choices:

@@ -1,4 +1,4 @@
-"""OptimizeFeatures against an independent implementation of METHODS.md section 2, on a real server."""
+"""OptimizeFeatures against an independent implementation of docs/methods.md section 2, on a real server."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def reference_loss(
     copies: int,
     tv: float,
 ) -> torch.Tensor:
-    """METHODS.md section 2's loss at one step; each feature is forwarded on its own here."""
+    """docs/methods.md section 2's loss at one step; each feature is forwarded on its own here."""
     jitter = round(32 * images.shape[-1] / 224)
     subtract, divide, offset, shift = reference_draws(generator, len(channels) * copies, jitter)
     loss = torch.zeros(())

@@ -646,7 +646,7 @@ class Client:
         )
         return [inversion.inverter(i) for i in response.inverters]
 
-    # Explanations: attribution maps with their faithfulness (METHODS.md §5).
+    # Explanations: attribution maps with their faithfulness (docs/methods.md section 5).
 
     def explain(
         self,

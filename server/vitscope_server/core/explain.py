@@ -1,5 +1,5 @@
 """Explain: attribution maps for each image's target by every requested method, optionally
-with deletion and insertion curves against a seeded random order (METHODS.md §5).
+with deletion and insertion curves against a seeded random order (docs/methods.md section 5).
 
 The run is a generator of events: a header, progress while integrated gradients run, one
 result per image, then a summary; everything stays on the model's device until the small

@@ -1,6 +1,6 @@
 """Feature optimisation (Ghiasi et al. 2022): an image optimised so a feature's objective grows.
 
-The paper's recipe is the default (METHODS.md section 2); the image parameterization
+The paper's recipe is the default (docs/methods.md section 2); the image parameterization
 (see feature_images), learning-rate schedule and optimiser can be switched. Several
 features run as one batch: feature k owns image k and rows k*copies .. (k+1)*copies-1 of
 the augmented batch, and its loss reaches only its own image. Every random draw comes from
