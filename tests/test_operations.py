@@ -425,8 +425,10 @@ def test_sigterm_drains_and_exits_cleanly(loading: bool, tmp_path: Path) -> None
     command = [sys.executable, "-m", "vitscope_server.cli", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--metrics-port=-1", "--grace-seconds", "5"]
     if loading:
-        # Takes well over the 5 s the server waits for a running load, even on a fast machine.
+        # Takes well over the 5 s the server waits for a running load, even on a fast machine;
+        # no drain delay, so that SIGTERM reaches the load while it runs.
         command += ["--models", "huge=timm:vit_huge_patch14_224@random"]
+        command += ["--drain-delay-seconds", "0"]
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(

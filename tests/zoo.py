@@ -341,6 +341,9 @@ def served(specs: list[dict[str, Any]], folder: Path) -> Iterator[Client]:
         metrics_port=-1,
         models_file=models_file,
         default_model=specs[0]["name"],
+        # Every site of a model at its native size (up to 1024 px): over the default per-request
+        # budget for the largest grids; the sweep checks answers, tests/test_budget.py budgets.
+        request_memory_bytes=8 << 30,
     )
     running = create_server(settings)
     try:

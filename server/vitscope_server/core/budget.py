@@ -11,12 +11,13 @@ import math
 import os
 import resource
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from vitscope_server.core.adapters import ModelAdapter
+from vitscope_server.core.adapters.base import BlockAnatomy
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.errors import Reason, ResourceExhausted
 from vitscope_server.core.images import ImageInput, check_size, open_header
@@ -29,6 +30,8 @@ _FORWARD_WIDTHS = 12
 # What autograd keeps per block and token for a backward pass, in units of the width.
 _BACKWARD_WIDTHS = 16
 _HEAD_WIDTH = 64
+# Keys per query where attention is windowed or fused and forms no [T, T] matrix.
+_WINDOW_KEYS = 256
 
 
 def _mib(nbytes: int) -> str:
@@ -49,7 +52,8 @@ class ServerBudgetExceeded(ResourceExhausted):
 
 @dataclass(frozen=True)
 class ModelFootprint:
-    """Bytes one image costs in a model, from its token grid and width."""
+    """Bytes one image costs in a model, from each block's own tokens and width as the
+    load-time probe found them (a pooling model's later stages are cheaper)."""
 
     input_bytes: int
     forward_bytes: int
@@ -59,17 +63,43 @@ class ModelFootprint:
     @classmethod
     def of(cls, adapter: ModelAdapter) -> ModelFootprint:
         channels, height, width = adapter.data_config.input_size
-        tokens = adapter.num_prefix_tokens + math.prod(adapter.grid)
-        embed = adapter.embed_dim
-        attention = max(1, embed // _HEAD_WIDTH) * tokens * tokens * _FLOAT
-        per_token = tokens * embed * _FLOAT
-        blocks = max(1, len(adapter.blocks))
+        blocks = [_block_bytes(block) for block in adapter.blocks] or [
+            _block_bytes_of(adapter.num_prefix_tokens + math.prod(adapter.grid), adapter.embed_dim)
+        ]
         return cls(
             input_bytes=channels * height * width * _FLOAT,
-            forward_bytes=_FORWARD_WIDTHS * per_token + 2 * attention,
-            site_bytes=max(4 * per_token, attention),
-            backward_bytes=blocks * (_BACKWARD_WIDTHS * per_token + 2 * attention),
+            forward_bytes=max(b.forward for b in blocks),
+            site_bytes=max(b.site for b in blocks),
+            backward_bytes=sum(b.backward for b in blocks),
         )
+
+
+@dataclass(frozen=True)
+class _BlockBytes:
+    forward: int
+    site: int
+    backward: int
+
+
+def _block_bytes_of(tokens: int, width: int, keys: int | None = None) -> _BlockBytes:
+    """A block over `tokens` tokens of `width`, each query attending to `keys` keys (all tokens
+    when None); the forward's peak is one block's working set."""
+    heads = max(1, width // _HEAD_WIDTH)
+    attention = heads * tokens * (tokens if keys is None else min(keys, tokens)) * _FLOAT
+    per_token = tokens * width * _FLOAT
+    return _BlockBytes(
+        forward=_FORWARD_WIDTHS * per_token + 2 * attention,
+        site=max(4 * per_token, attention),
+        backward=_BACKWARD_WIDTHS * per_token + 2 * attention,
+    )
+
+
+def _block_bytes(block: BlockAnatomy) -> _BlockBytes:
+    """Global attention with explicit probabilities holds [heads, T, T]; windowed attention, or
+    an attention that never forms the matrix (fused kernels), holds about a window's worth."""
+    tokens = block.num_prefix_tokens + math.prod(block.grid)
+    explicit = "attn.probs" in block.taps and not block.windowed
+    return _block_bytes_of(tokens, block.width, None if explicit else _WINDOW_KEYS)
 
 
 def image_bytes(adapter: ModelAdapter, image: ImageInput, field: str, max_pixels: int) -> int:
@@ -110,6 +140,19 @@ def forward_bytes(adapter: ModelAdapter, batch: int, sites: int) -> int:
     """A forward of `batch` images with `sites` tensors captured and kept for the result."""
     footprint = ModelFootprint.of(adapter)
     return batch * (footprint.forward_bytes + sites * footprint.site_bytes)
+
+
+def named_forward_bytes(
+    adapter: ModelAdapter, shapes: Mapping[str, tuple[int, ...]], batch: int, sites: Sequence[str]
+) -> int:
+    """forward_bytes with the named sites at the sizes the load-time probe measured (`shapes`,
+    for a batch of one); a site it did not measure (a raw module path) counts as the largest."""
+    footprint = ModelFootprint.of(adapter)
+    captured = sum(
+        math.prod(shapes[name][1:]) * _FLOAT if name in shapes else footprint.site_bytes
+        for name in sites
+    )
+    return batch * (footprint.forward_bytes + captured)
 
 
 def backward_bytes(adapter: ModelAdapter, batch: int, pixels_per_image: int) -> int:

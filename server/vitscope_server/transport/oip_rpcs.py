@@ -20,7 +20,7 @@ from vitscope_server.core.activations import (
     prepare_activations,
 )
 from vitscope_server.core.batching import Batcher
-from vitscope_server.core.budget import MemoryBudget, forward_bytes, images_bytes
+from vitscope_server.core.budget import MemoryBudget, images_bytes, named_forward_bytes
 from vitscope_server.core.errors import NotFound, Reason, quote
 from vitscope_server.core.loading import LoadedModel
 from vitscope_server.core.provenance import library_versions
@@ -111,7 +111,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         groups = output_groups(request, loaded.adapter.has_classifier)
         model, adapter = loaded.spec.name, loaded.adapter
         need = len(groups) * images_bytes(adapter, images, self._limits.max_pixels)
-        need += forward_bytes(adapter, len(images), sum(len(g.names) for g in groups))
+        sites = [name for group in groups for name in group.names if name != LOGITS]
+        need += named_forward_bytes(adapter, loaded.site_shapes, len(images), sites)
         cancel = cancel_token(context)
         results = []
         # The same batcher as GetActivations: concurrent calls of either share forwards.

@@ -17,7 +17,7 @@ from vitscope_server.core.activations import (
     prepare_activations,
 )
 from vitscope_server.core.batching import Batcher
-from vitscope_server.core.budget import MemoryBudget, forward_bytes, images_bytes
+from vitscope_server.core.budget import MemoryBudget, images_bytes, named_forward_bytes
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.provenance import provenance_of
 from vitscope_server.core.registry import ModelRegistry
@@ -101,7 +101,7 @@ class InspectorServicer(  # type: ignore[misc]
         images = convert.image_inputs(list(request.images))
         query = convert.activation_query(request)
         need = images_bytes(adapter, images, self._limits.max_pixels)
-        need += forward_bytes(adapter, len(images), len(query.sites))
+        need += named_forward_bytes(adapter, loaded.site_shapes, len(images), query.sites)
         cancel = cancel_token(context)
         with self._budget.reserve(need, cancel):
             with self._activations.arriving(model) as arrival:
