@@ -1,6 +1,6 @@
 """The load-time probe: checks each block part an adapter proposes on a real forward.
 
-A part is served only when the forward shows it means what METHODS.md §0 says:
+A part is served only when the forward shows it means what docs/methods.md section 0 says:
 sublayer outputs that, with the block's input, add up to its output; an MLP hidden
 tensor with one vector per token; attention probabilities that are rows of a
 softmax. Each block's grid and prefix-token count are read from its own tokens.
