@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,10 @@ from vitscope_server.core.errors import Cancelled, Reason, ResourceExhausted
 log = logging.getLogger(__name__)
 
 _WAKE_SECONDS = 0.1
+# Producers run on reused threads: a fresh thread per call would make torch set up its
+# per-thread state (an OpenMP team on CPU) every time, milliseconds per call. Streams in
+# flight are bounded by the server's own thread pool, far below this.
+_PRODUCERS = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="stream-producer")
 _holding = threading.local()
 
 
@@ -178,10 +183,7 @@ def buffered(
 ) -> Iterator[Any]:
     """Runs `responses` (a servicer's stream) in a producer thread; yields what it sends."""
     buffer = ResponseBuffer(policy)
-    producer = threading.Thread(
-        target=_produce, args=(responses, buffer, context), name="stream-producer", daemon=True
-    )
-    producer.start()
+    _PRODUCERS.submit(_produce, responses, buffer, context)
     try:
         yield from buffer.take()
     finally:
