@@ -4,12 +4,12 @@ what a failed batch does. (tests/test_batching.py runs it with real models on a 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from waiting import wait_until
 
 from vitscope_server.core.batching import Batcher, BatchInfo
 from vitscope_server.core.cancel import NEVER_CANCELLED, CancelToken
@@ -35,13 +35,6 @@ def _submit(batcher: Batcher[int, int], item: int) -> tuple[int, BatchInfo]:
         return batcher.submit(arrival, "k", item, 1, CancelToken())
 
 
-def _wait_until(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-
-
 def test_a_failed_forward_reaches_each_of_its_requests_and_the_next_batch_runs() -> None:
     """An error of the shared forward (CUDA out of memory here) is every member's error;
     the batcher then serves the next batch as before."""
@@ -54,7 +47,7 @@ def test_a_failed_forward_reaches_each_of_its_requests_and_the_next_batch_runs()
     with ThreadPoolExecutor(2) as pool:
         with slots.acquire(NEVER_CANCELLED):
             futures = [pool.submit(_submit, batcher, i) for i in (1, 2)]
-            _wait_until(lambda: batcher.waiting == 2)
+            wait_until(lambda: batcher.waiting == 2, "two queued requests")
         for future in futures:
             with pytest.raises(torch.OutOfMemoryError):
                 future.result()
@@ -84,9 +77,11 @@ def test_a_leader_waits_for_a_request_still_arriving_but_not_for_nothing() -> No
 
     with ThreadPoolExecutor(2) as pool:
         arriving = pool.submit(late)
-        _wait_until(lambda: batcher.arrivals("m") == 1)
+        wait_until(lambda: batcher.arrivals("m") == 1, "an arriving request")
         first = pool.submit(_submit, batcher, 1)
-        _wait_until(lambda: batcher.waiting == 1)  # the leader waits for the late one
+        wait_until(
+            lambda: batcher.waiting == 1, "the leader queued"
+        )  # the leader waits for the late one
         decoded.set()
         (one, one_info), (seven, seven_info) = first.result(), arriving.result()
     assert (one, seven) == (2, 14)

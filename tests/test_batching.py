@@ -3,7 +3,6 @@ compute slot run as one forward, and each caller gets exactly what it gets alone
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import DEVICE, start
 from skimage import data as skdata
+from waiting import sample, wait_until
 
 from vitscope import Client, InvalidArgumentError
 from vitscope.client import Activations, image_message
@@ -33,16 +33,11 @@ def one_slot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer
     running.stop(0)
 
 
-def _sample(server: RunningServer, name: str, labels: dict[str, str] | None = None) -> float:
-    return server.metrics.registry.get_sample_value(name, labels or {}) or 0.0
-
-
 def _wait_for_queued(server: RunningServer, count: int) -> None:
     """Waits on the server's own queue gauge."""
-    deadline = time.monotonic() + 60
-    while _sample(server, "vitscope_queued_requests") != count:
-        assert time.monotonic() < deadline, f"queue never reached {count}"
-        time.sleep(0.01)
+    wait_until(
+        lambda: sample(server, "vitscope_queued_requests") == count, f"{count} queued requests"
+    )
 
 
 class SlotHolder:
@@ -119,8 +114,8 @@ def _assert_same(alone: Activations | Exception, batched: Activations | Exceptio
 def _batches(server: RunningServer) -> tuple[float, float]:
     labels = {"method": "GetActivations", "model": "vit"}
     return (
-        _sample(server, "vitscope_batch_images_count", labels),
-        _sample(server, "vitscope_batch_images_sum", labels),
+        sample(server, "vitscope_batch_images_count", **labels),
+        sample(server, "vitscope_batch_images_sum", **labels),
     )
 
 
