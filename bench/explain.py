@@ -148,9 +148,6 @@ def main() -> None:
         torch_threads=args.threads,
         # A loaded machine's integrated-gradients call can outlast the default connection age.
         max_connection_age_seconds=86400,
-        # A backward pass of 8 ViT-B/16 images is estimated at about 1.3 GB, over the
-        # default 1 GiB per request.
-        request_memory_bytes=4 << 30,
     )
     server = create_server(settings)
     try:

@@ -110,12 +110,13 @@ class ServerSettings(BaseSettings):
     tls_client_ca: Path | None = Field(
         None, description="PEM CA of client certificates; turns on mutual TLS."
     )
-    request_memory_bytes: int = Field(
-        1 << 30,
+    request_memory_bytes: int | None = Field(
+        None,
         ge=1 << 20,
         description="Memory budget of one request, in bytes: its decoded images, what the "
         "model's resize builds of them, activations and results are estimated before anything "
-        "is allocated; over it is RESOURCE_EXHAUSTED.",
+        "is allocated; over it is RESOURCE_EXHAUSTED. Unset: the server's budget "
+        "(server_memory_bytes), so that one request may use all of it.",
     )
     server_memory_bytes: int | None = Field(
         None,

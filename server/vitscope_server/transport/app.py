@@ -161,12 +161,9 @@ def _inverter_catalog(settings: ServerSettings) -> InverterCatalog:
 def _memory_budget(settings: ServerSettings, metrics: Metrics) -> MemoryBudget:
     """The server's budget defaults to half of what the process may use."""
     total = settings.server_memory_bytes or memory_limit_bytes() // 2
-    log.info(
-        "memory budget: %d MiB per request, %d MiB in all",
-        settings.request_memory_bytes >> 20,
-        total >> 20,
-    )
-    budget = MemoryBudget(settings.request_memory_bytes, total, settings.max_queue)
+    per_request = settings.request_memory_bytes or total
+    log.info("memory budget: %d MiB per request, %d MiB in all", per_request >> 20, total >> 20)
+    budget = MemoryBudget(per_request, total, settings.max_queue)
     metrics.memory_reserved.set_function(lambda: float(budget.reserved))
     return budget
 
