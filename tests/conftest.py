@@ -140,3 +140,30 @@ def client(server: RunningServer) -> Iterator[Client]:
 def loaded(server: RunningServer):  # type: ignore[no-untyped-def]
     """name -> LoadedModel held by the server (for shapes only; references are built independently)."""
     return {e.spec.name: server.registry.get(e.spec.name) for e in server.registry.entries()}
+
+
+# An open_clip tower with a text tower whose vocabulary is open_clip's own tokenizer's, so
+# that class names and prompts embed (class projection, Explain).
+CLIP_WITH_TEXT: dict[str, object] = {
+    "name": "clip",
+    "family": "open_clip",
+    "architecture": "ViT-B-32",
+    "seed": 4,
+    "kwargs": {
+        "embed_dim": 16,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 2,
+            "width": 32,
+            "patch_size": 8,
+            "head_width": 16,
+        },
+        "text_cfg": {
+            "context_length": 24,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+        },
+    },
+}

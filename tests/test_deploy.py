@@ -18,7 +18,6 @@ import math
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -27,12 +26,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from unittest import mock
 
-import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from image_env import console_script, image_environment, image_extras, run_in_image
 from kubernetes_validate.utils import latest_version
+from server_process import free_port, health
 from waiting import wait_until
 
 from vitscope import Client
@@ -210,12 +209,6 @@ def file_from(docs: list[dict[str, Any]], path: str) -> str:
     assert len(secrets) == 1, f"no example Secret {name} for {path}"
     assert key in secret_keys(secrets[0]), f"example Secret {name} has no key {key} for {path}"
     return secret_value(secrets[0], key)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---------------------------------------------------------------- rendering and schemas
@@ -566,17 +559,6 @@ def test_dockerfile(flavour: str) -> None:
 # ---------------------------------------------------------------- end to end
 
 
-def health_status(target: str, service: str) -> int | None:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=2
-            )
-        except grpc.RpcError:
-            return None
-    return int(response.status)
-
-
 def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
     """Runs the cpu overlay's command line with its models file and the example token."""
     docs = render("cpu")
@@ -622,7 +604,7 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
 
         def all_serving() -> bool:
             assert process.poll() is None, f"server exited:\n{log_path.read_text()}"
-            pending.difference_update({s for s in pending if health_status(target, s) == serving})
+            pending.difference_update({s for s in pending if health(target, s) == serving})
             return not pending
 
         wait_until(all_serving, "every model to be SERVING", SERVING_TIMEOUT)
@@ -650,7 +632,7 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
         # Health pollers are answered NOT_SERVING during the drain delay, not refused.
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         wait_until(
-            lambda: health_status(target, "") == not_serving,
+            lambda: health(target, "") == not_serving,
             "NOT_SERVING while draining",
             settings.drain_delay_seconds,
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from server_process import free_port
 from waiting import HANG_SECONDS, sample, wait_until
 
 from vitscope import (
@@ -411,17 +411,11 @@ def test_stop_drains_in_flight_work_within_grace() -> None:
         c.list_models()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("loading", [False, True], ids=["idle", "while-loading"])
 def test_sigterm_drains_and_exits_cleanly(loading: bool, tmp_path: Path) -> None:
     """SIGTERM drains and exits 0, also while a model is still loading (that load cannot be
     interrupted: the process must neither hang nor abort in the interpreter's finalisation)."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "vitscope_server.cli", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--metrics-port=-1", "--grace-seconds", "5"]
     if loading:

@@ -13,7 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import DEVICE, TEST_MODELS, start
+from conftest import CLIP_WITH_TEXT, DEVICE, TEST_MODELS, start
 from PIL import Image
 from reference_projection import (
     clip_importance,
@@ -49,7 +49,6 @@ from vitscope_server.transport.app import RunningServer, create_server
 # scores agree to this and classes this close to the target may swap ranks with it.
 SCORE_ATOL = 2e-5 if DEVICE == "cuda" else 0.0
 
-CLIP_TEXT = {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 MODELS: list[dict[str, object]] = [
     # The shared test models, and the variants projection needs besides.
     *(m for m in TEST_MODELS if m["name"] in ("vit", "deit", "swin")),
@@ -74,23 +73,7 @@ MODELS: list[dict[str, object]] = [
         "seed": 8,
         "kwargs": {"init_values": 0.5, "scale_attn_norm": True, "num_classes": 20},
     },
-    {
-        "name": "clip",
-        "family": "open_clip",
-        "architecture": "ViT-B-32",
-        "seed": 4,
-        "kwargs": {
-            "embed_dim": 16,
-            "vision_cfg": {
-                "image_size": 32,
-                "layers": 2,
-                "width": 32,
-                "patch_size": 8,
-                "head_width": 16,
-            },
-            "text_cfg": CLIP_TEXT,
-        },
-    },
+    CLIP_WITH_TEXT,
 ]
 EVALUATE = {"importance_maps": True, "evaluate_importance": True}
 REPRESENTATION_PARTS = {"residual": "out", "attention": "attn", "mlp": "mlp"}
