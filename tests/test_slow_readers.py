@@ -13,6 +13,7 @@ from waiting import sample, wait_until
 
 from vitscope import Client
 from vitscope.client import image_message
+from vitscope.v1 import activations_pb2 as apb
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope.v1 import inversion_pb2 as ipb
@@ -64,7 +65,7 @@ def strict() -> Iterator[RunningServer]:
     running.stop(0)
 
 
-def _optimize(steps: int) -> fpb.OptimizeFeaturesRequest:
+def _optimize(steps: int = 200) -> fpb.OptimizeFeaturesRequest:
     """Noise-like previews at 320 x 320 do not compress: every progress message is large,
     so an unread stream fills the transport's window within a few steps."""
     return fpb.OptimizeFeaturesRequest(
@@ -86,6 +87,15 @@ def _invert() -> ipb.InvertRequest:
         depths=[1, 2, 3, 4],
         method=ipb.INVERSION_METHOD_OPTIMIZATION,
         optimization=ipb.InversionOptimization(steps=2, progress_every=1),
+    )
+
+
+def _activations() -> Any:
+    """64 images x 3 sites of 101 tokens x 256 channels: about 20 MB nobody reads."""
+    return apb.GetActivationsRequest(
+        model=MODEL,
+        images=[image_message(np.zeros((160, 160, 3), np.uint8))] * 64,
+        sites=[f"blocks.{block}.mlp.hidden" for block in range(3)],
     )
 
 
@@ -130,11 +140,20 @@ def test_unread_progress_coalesces_and_the_result_arrives(patient: RunningServer
     assert len(progress) < steps
 
 
-@pytest.mark.parametrize("method", ["OptimizeFeatures", "Invert"])
+_STALLED_REQUESTS = {
+    "OptimizeFeatures": _optimize,
+    "Invert": _invert,
+    "GetActivations": _activations,
+}
+
+
+@pytest.mark.parametrize("method", sorted(_STALLED_REQUESTS))
 def test_a_stalled_reader_blocks_nobody_and_is_cut_off(strict: RunningServer, method: str) -> None:
-    """One compute slot: while a stalled stream sits unread, other callers are served."""
-    request: Any = _optimize(200) if method == "OptimizeFeatures" else _invert()
-    with grpc.insecure_channel(f"127.0.0.1:{strict.port}") as channel:
+    """One compute slot: while a stalled stream sits unread, other callers are served.
+    GetActivations is sent from the RPC thread (no producer), under the same rule."""
+    request = _STALLED_REQUESTS[method]()
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(f"127.0.0.1:{strict.port}", options) as channel:
         stub = pb_grpc.InspectorStub(channel)
         call = getattr(stub, method)(request)  # no deadline: only the server can end it
         next(call)

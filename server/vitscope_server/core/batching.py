@@ -3,9 +3,9 @@
 There is no batching thread. The first request of a queue leads: it waits up to
 `max_delay` while more requests for the same model are still being decoded, takes
 a compute slot, then takes every compatible request that has queued meanwhile (up
-to `max_images`) and runs them as one job. The others sleep until their result is
-set. A lone request therefore runs at once on its own thread, and under load the
-queue fills while the previous batch computes (continuous batching).
+to `max_images`) and runs them as one job on the slots' compute thread. The others
+sleep until their result is set. A lone request therefore runs at once, and under
+load the queue fills while the previous batch computes (continuous batching).
 
 A cancelled request leaves the queue, or leaves its running batch without waiting
 for it; the batch itself stops only when every one of its requests is cancelled.
@@ -291,7 +291,10 @@ class Batcher(Generic[Item, Result]):
         started = time.perf_counter()
         cancel, unsubscribe = _all_cancelled(batch)
         try:
-            outcomes: Sequence[Result | BaseException] = self._run([m.item for m in batch], cancel)
+            items = [m.item for m in batch]
+            outcomes: Sequence[Result | BaseException] = self._slots.run_on_compute_thread(
+                lambda: self._run(items, cancel)
+            )
         except Exception as exc:  # one failure (e.g. out of memory) reaches every caller
             outcomes = [exc] * len(batch)
         finally:

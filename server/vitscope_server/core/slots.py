@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.errors import Reason, ResourceExhausted
+
+Value = TypeVar("Value")
 
 
 class ComputeSlots:
@@ -20,6 +24,7 @@ class ComputeSlots:
     def __init__(self, max_running: int, max_waiting: int) -> None:
         self.max_running = max_running
         self.max_waiting = max_waiting
+        self._threads = ThreadPoolExecutor(max_running, thread_name_prefix="compute")
         self._free = max_running
         self._changed = threading.Condition()
         self._waiting = 0
@@ -60,6 +65,15 @@ class ComputeSlots:
             unsubscribe()
             with self._changed:
                 self._waiting -= queued
+
+    def run_on_compute_thread(self, work: Callable[[], Value]) -> Value:
+        """Runs `work` on one of the slots' own threads; call it while holding a slot.
+
+        Torch keeps per-thread state: on CPU each calling thread gets its own OpenMP team,
+        whose spinning workers slow every other team's forward. Running every batched
+        forward on the same `max_running` threads keeps one warm team per slot (on two
+        cores a small forward costs 2 ms rather than 3.5 ms)."""
+        return self._threads.submit(work).result()
 
     @contextmanager
     def acquire(self, cancel: CancelToken, *, queued: bool = True) -> Iterator[float]:

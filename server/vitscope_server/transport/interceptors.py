@@ -23,7 +23,7 @@ from vitscope_server.core import errors
 from vitscope_server.core.errors import Reason
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.parsing import Unparseable, parsed, tolerant
-from vitscope_server.transport.progress import StreamPolicy, buffered
+from vitscope_server.transport.progress import StreamPolicy, buffered, sent_directly
 from vitscope_server.transport.status import rich_status
 
 log = logging.getLogger(__name__)
@@ -240,13 +240,15 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def _stream(
         self, behaviour: Callable[..., Any], method: str, refusal: _Unauthenticated | None
     ) -> Callable[..., Any]:
+        sender = sent_directly if getattr(behaviour, "sends_after_compute", False) else buffered
+
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Call(self._metrics, method, self._model_label(request))
             code = grpc.StatusCode.OK
             try:
                 try:
                     self._admit(request, refusal)
-                    for response in buffered(behaviour(request, context), context, self._streams):
+                    for response in sender(behaviour(request, context), context, self._streams):
                         call.sent += _message_size(response)
                         yield response
                 except Exception as exc:

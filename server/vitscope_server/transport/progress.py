@@ -1,15 +1,20 @@
 """Streaming responses leave the computing thread through a small buffer, so that compute never
 waits on the network.
 
-Every server-streaming RPC runs its body in a producer thread; the RPC thread only sends what
+A server-streaming RPC runs its body in a producer thread; the RPC thread only sends what
 the buffer holds. Progress messages (wrapped in `Progress`) coalesce when the reader is slow:
 the latest progress wins. Other messages are never dropped; a producer that holds a compute
 slot never waits for room, one that does not waits while the buffer is full. A reader that has
 taken nothing for `slow_reader_seconds` while messages wait is cut off with RESOURCE_EXHAUSTED.
+
+A stream marked `sends_after_compute` holds no compute slot while it sends, so it needs no
+producer: it runs on the RPC thread, one thread hand-off less per call, and a shared watchdog
+cuts off its reader under the same rule.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -18,7 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -32,6 +37,8 @@ _WAKE_SECONDS = 0.1
 # flight are bounded by the server's own thread pool, far below this.
 _PRODUCERS = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="stream-producer")
 _holding = threading.local()
+
+Method = TypeVar("Method", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,13 @@ class SlowReader(ResourceExhausted):
     """The reader took nothing for longer than the policy allows."""
 
     default_reason = Reason.SLOW_READER
+
+    @classmethod
+    def after(cls, limit: float) -> SlowReader:
+        return cls(
+            f"the reader took no response for over {limit:g} s "
+            "(slow_reader_seconds); read the stream as it arrives"
+        )
 
 
 @contextmanager
@@ -89,10 +103,7 @@ class ResponseBuffer:
         since = self._waiting_since
         limit = self._policy.slow_reader_seconds
         if since is not None and self._clock() - since > limit:
-            raise SlowReader(
-                f"the reader took no response for over {limit:g} s "
-                "(slow_reader_seconds); read the stream as it arrives"
-            )
+            raise SlowReader.after(limit)
 
     def put(self, message: Any) -> None:
         """Adds a response; progress coalesces, others wait for room unless compute is held."""
@@ -188,3 +199,70 @@ def buffered(
         yield from buffer.take()
     finally:
         buffer.close()
+
+
+def sends_after_compute(method: Method) -> Method:
+    """Marks a servicer stream that computes everything before its first message and holds
+    no compute slot while sending: it is sent from the RPC thread (see `sent_directly`)."""
+    method.sends_after_compute = True  # type: ignore[attr-defined]
+    return method
+
+
+class _SendWatchdog:
+    """One thread per process that cuts off directly sent streams whose reader stalls."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._sending: dict[int, tuple[grpc.ServicerContext, float, float]] = {}
+        self._keys = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def sending(self, context: grpc.ServicerContext, limit: float) -> Iterator[None]:
+        """Watches the block (one message handed to gRPC until it asks for the next)."""
+        key = next(self._keys)
+        with self._lock:
+            self._sending[key] = (context, self._clock(), limit)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="send-watchdog")
+                self._thread.daemon = True
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._sending.pop(key, None)
+
+    def _stalled(self) -> tuple[list[tuple[grpc.ServicerContext, float]], float]:
+        """Pops the stalled sends; returns them and how long to wait before the next look."""
+        now = self._clock()
+        stalled, interval = [], 1.0
+        with self._lock:
+            for key, (context, since, limit) in list(self._sending.items()):
+                interval = min(interval, limit / 4)
+                if now - since > limit:
+                    del self._sending[key]
+                    stalled.append((context, limit))
+        return stalled, interval
+
+    def _watch(self) -> None:
+        idle = threading.Event()
+        while True:
+            stalled, interval = self._stalled()
+            for context, limit in stalled:
+                _cut_off(context, SlowReader.after(limit))
+            idle.wait(interval)
+
+
+_WATCHDOG = _SendWatchdog()
+
+
+def sent_directly(
+    responses: Iterator[Any], context: grpc.ServicerContext, policy: StreamPolicy
+) -> Iterator[Any]:
+    """Yields `responses` as they come, on the calling (RPC) thread; a reader that takes none
+    of them for `slow_reader_seconds` is cut off."""
+    for message in responses:
+        with _WATCHDOG.sending(context, policy.slow_reader_seconds):
+            yield message

@@ -29,6 +29,7 @@ from vitscope_server.transport.explain_rpcs import ExplainRpcs
 from vitscope_server.transport.features_rpcs import FeatureRpcs
 from vitscope_server.transport.inversion_rpcs import InversionRpcs
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.progress import sends_after_compute
 from vitscope_server.transport.projection_rpcs import ProjectionRpcs
 from vitscope_server.transport.server_info import ServerInfo
 
@@ -93,6 +94,7 @@ class InspectorServicer(  # type: ignore[misc]
         entry = self._registry.entry(request.model)
         return convert.describe(entry, loaded, self._registry.default, provenance_of(loaded))
 
+    @sends_after_compute
     def GetActivations(  # type: ignore[override]  # chunks are yielded pre-serialized
         self, request: activations_pb2.GetActivationsRequest, context: grpc.ServicerContext
     ) -> Iterator[activations_pb2.GetActivationsResponse | bytes]:
