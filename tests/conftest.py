@@ -106,11 +106,14 @@ TEST_MODELS.append(
 )
 
 
-def start(tmp_dir: Path, **overrides: object) -> RunningServer:
+def start(
+    tmp_dir: Path, models: list[dict[str, object]] | None = None, **overrides: object
+) -> RunningServer:
+    """A server on the test device with `models` (default TEST_MODELS) and the built-ins."""
     if DEVICE == "cuda" and not torch.cuda.is_available():
         pytest.skip("VITSCOPE_TEST_DEVICE=cuda but torch finds no CUDA device")
     models_file = tmp_dir / "models.yaml"
-    models_file.write_text(yaml.safe_dump({"models": TEST_MODELS}))
+    models_file.write_text(yaml.safe_dump({"models": TEST_MODELS if models is None else models}))
     settings = ServerSettings(
         host="127.0.0.1",
         port=0,

@@ -4,20 +4,19 @@ compute slot run as one forward, and each caller gets exactly what it gets alone
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 from conftest import DEVICE, start
+from queueing import batches, run_queued, wait_for_queued
 from skimage import data as skdata
-from waiting import sample, wait_until
 
 from vitscope import Client, InvalidArgumentError
 from vitscope.client import Activations, image_message
 from vitscope.v1 import activations_pb2 as pb
-from vitscope.v1 import features_pb2, inspector_pb2_grpc, tensor_pb2
+from vitscope.v1 import inspector_pb2_grpc, tensor_pb2
 from vitscope_server.transport.app import RunningServer
 
 PHOTOS = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
@@ -31,33 +30,6 @@ def one_slot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer
     )
     yield running
     running.stop(0)
-
-
-def _wait_for_queued(server: RunningServer, count: int) -> None:
-    """Waits on the server's own queue gauge."""
-    wait_until(
-        lambda: sample(server, "vitscope_queued_requests") == count, f"{count} queued requests"
-    )
-
-
-class SlotHolder:
-    """Holds the only compute slot with a long feature optimisation until released."""
-
-    def __init__(self, server: RunningServer) -> None:
-        self._client = Client(f"127.0.0.1:{server.port}")
-        self._stub = inspector_pb2_grpc.InspectorStub(self._client._channel)
-        request = features_pb2.OptimizeFeaturesRequest(
-            model="vit",
-            features=[features_pb2.Feature(site="blocks.1.mlp.hidden", channel=0)],
-            parameters=features_pb2.OptimizationParameters(steps=100_000),
-            progress_every=1,
-        )
-        self._call = self._stub.OptimizeFeatures(request, timeout=120)
-        next(self._call)  # a progress message: the optimisation holds the slot
-
-    def release(self) -> None:
-        self._call.cancel()
-        self._client.close()
 
 
 # Every kind of request: sites, token selections, reductions, output dtypes, predictions,
@@ -111,39 +83,16 @@ def _assert_same(alone: Activations | Exception, batched: Activations | Exceptio
             assert [p.class_index for p in got] == [p.class_index for p in expected]
 
 
-def _batches(server: RunningServer) -> tuple[float, float]:
-    labels = {"method": "GetActivations", "model": "vit"}
-    return (
-        sample(server, "vitscope_batch_images_count", **labels),
-        sample(server, "vitscope_batch_images_sum", **labels),
-    )
-
-
-def _run_queued(
-    server: RunningServer, calls: list[Callable[[], Any]], while_queued: Callable[[], None]
-) -> list[Any]:
-    """Starts every call behind a held slot, runs while_queued once all wait, then releases."""
-    holder = SlotHolder(server)
-    with ThreadPoolExecutor(len(calls)) as pool:
-        try:
-            futures = [pool.submit(call) for call in calls]
-            _wait_for_queued(server, len(calls))
-            while_queued()
-        finally:
-            holder.release()
-        return [f.result() for f in futures]
-
-
 def test_mixed_requests_share_a_forward_and_match_running_alone(one_slot: RunningServer) -> None:
     specs = [*REQUESTS, ATTENTION_REQUEST]
     with Client(f"127.0.0.1:{one_slot.port}", timeout=60) as client:
         alone = [_call(client, spec) for spec in specs]
-        count, images = _batches(one_slot)
-        batched = _run_queued(one_slot, [lambda s=s: _call(client, s) for s in specs], lambda: None)
+        count, images = batches(one_slot, "GetActivations", "vit")
+        batched = run_queued(one_slot, [lambda s=s: _call(client, s) for s in specs], lambda: None)
     for expected, got in zip(alone, batched, strict=True):
         _assert_same(expected, got)
     assert isinstance(alone[-2], InvalidArgumentError)
-    new_count, new_images = _batches(one_slot)
+    new_count, new_images = batches(one_slot, "GetActivations", "vit")
     assert new_count - count == 2  # everything in one forward, the attention request in another
     assert new_images - images == sum(len(s.get("images", [0])) for s in specs)
 
@@ -170,10 +119,10 @@ def test_a_cancelled_request_leaves_the_queue_and_the_others_complete(
 
         def cancel_one() -> None:
             doomed.cancel()
-            _wait_for_queued(one_slot, len(specs))  # it left at once, not when the batch ran
+            wait_for_queued(one_slot, len(specs))  # it left at once, not when the batch ran
 
         calls: list[Callable[[], Any]] = [lambda s=s: _call(client, s) for s in specs]
-        *batched, code = _run_queued(one_slot, [*calls, consume], cancel_one)
+        *batched, code = run_queued(one_slot, [*calls, consume], cancel_one)
     assert code is grpc.StatusCode.CANCELLED
     for expected, got in zip(alone, batched, strict=True):
         _assert_same(expected, got)

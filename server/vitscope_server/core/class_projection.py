@@ -9,7 +9,8 @@ stays on the model's device until the small results are copied back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -271,7 +272,7 @@ def prepare_projection(
 
 @dataclass(frozen=True)
 class _Forward:
-    """Captured representations and the model's own scores for a batch."""
+    """Captured representations and the model's own scores for one request's images."""
 
     residual: dict[int, torch.Tensor]  # block -> [B, T, D]; -1 is the embedding
     attention: dict[int, torch.Tensor]
@@ -280,33 +281,56 @@ class _Forward:
     final_scores: torch.Tensor  # [B, C]
 
 
-def _forward(
-    adapter: ModelAdapter,
-    space: ClassSpace,
-    pixels: torch.Tensor,
-    blocks: tuple[int, ...],
-    with_probs: bool,
-    with_embedding: bool,
-    cancel: CancelToken,
-) -> _Forward:
-    embedding = {-1} if with_embedding else set()
-    residual_blocks = sorted(set(blocks) | {b - 1 for b in blocks} | embedding)
-    sites: list[SiteDef] = [
-        resolve_site(adapter, "embed" if b < 0 else f"blocks.{b}.out") for b in residual_blocks
-    ]
+def _residual_blocks(query: ProjectionQuery) -> list[int]:
+    """The residual stream read: after each block, at its input, and the embedding when the
+    importance evaluation needs it."""
+    embedding = {-1} if query.evaluate_importance else set()
+    return sorted(set(query.blocks) | {b - 1 for b in query.blocks} | embedding)
+
+
+def _residual_name(block: int) -> str:
+    return "embed" if block < 0 else f"blocks.{block}.out"
+
+
+@dataclass(frozen=True)
+class _SharedForward:
+    """One forward over every batched request's images, with the union of their sites."""
+
+    captured: dict[str, torch.Tensor]
+    features: torch.Tensor  # before the head: each request's own rows go through it
+
+    def of(
+        self, adapter: ModelAdapter, space: ClassSpace, query: ProjectionQuery, rows: slice
+    ) -> _Forward:
+        """One request's part, as its own forward would have produced it."""
+        captured = self.captured
+        return _Forward(
+            {b: captured[_residual_name(b)][rows] for b in _residual_blocks(query)},
+            {b: captured[f"blocks.{b}.attn.out"][rows] for b in query.blocks},
+            {b: captured[f"blocks.{b}.mlp.out"][rows] for b in query.blocks},
+            (
+                {b: captured[f"blocks.{b}.attn.probs"][rows] for b in query.blocks}
+                if query.importance_maps
+                else {}
+            ),
+            space.output_scores(adapter.forward_head(self.features[rows])),
+        )
+
+
+def _shared_forward(
+    adapter: ModelAdapter, queries: list[ProjectionQuery], pixels: torch.Tensor, cancel: CancelToken
+) -> _SharedForward:
+    residual_blocks = sorted({b for q in queries for b in _residual_blocks(q)})
+    blocks = sorted({b for q in queries for b in q.blocks})
+    with_probs = any(q.importance_maps for q in queries)
+    sites: list[SiteDef] = [resolve_site(adapter, _residual_name(b)) for b in residual_blocks]
     for b in blocks:
         sites += [adapter.block_site(b, "attn.out"), adapter.block_site(b, "mlp.out")]
         if with_probs:
             sites.append(adapter.block_site(b, "attn.probs"))
     with capture_sites(adapter, sites, pixels.shape[0], cancel) as captured:
-        output = adapter.forward(pixels)
-    return _Forward(
-        {b: captured["embed" if b < 0 else f"blocks.{b}.out"] for b in residual_blocks},
-        {b: captured[f"blocks.{b}.attn.out"] for b in blocks},
-        {b: captured[f"blocks.{b}.mlp.out"] for b in blocks},
-        {b: captured[f"blocks.{b}.attn.probs"] for b in blocks} if with_probs else {},
-        space.output_scores(output),
-    )
+        features = adapter.forward_features(pixels)
+    return _SharedForward(captured, features)
 
 
 @dataclass(frozen=True)
@@ -551,22 +575,62 @@ def _image(i: int, projected: _Projected, query: ProjectionQuery) -> ImageProjec
     )
 
 
-def project_to_class_space(
-    prepared: PreparedProjection, cancel: CancelToken
-) -> tuple[ProjectionHeader, list[ImageProjection], DatasetSummary]:
-    """The forward with its sites captured, then every projection on the device."""
+def projection_batch_key(prepared: PreparedProjection) -> Hashable:
+    """Requests with equal keys share one forward. Importance maps differentiate their
+    captured tensors and expose attention probabilities (another kernel): they run alone."""
+    return object() if prepared.query.importance_maps else "projection"
+
+
+ProjectionResult = tuple[ProjectionHeader, list[ImageProjection], DatasetSummary]
+
+
+def run_projections(
+    items: Sequence[PreparedProjection], cancel: CancelToken
+) -> list[ProjectionResult | BaseException]:
+    """One forward over every request's images with the union of their sites captured, then
+    each request's projections on its own rows (on the device).
+
+    All items share a projection_batch_key. The result or error of each is returned in
+    order; an error in the forward itself is raised (it concerns them all)."""
+    loaded = items[0].loaded
+    pixels = torch.cat([item.pixels for item in items]) if len(items) > 1 else items[0].pixels
+    pixels = pixels.to(loaded.device)
+    queries = [item.query for item in items]
+    cancel.raise_if_cancelled()
+    # Importance maps differentiate captured tensors, which inference mode would forbid.
+    with _grad_mode(items[0].query):
+        shared = _shared_forward(loaded.adapter, queries, pixels, cancel)
+    outcomes: list[ProjectionResult | BaseException] = []
+    start = 0
+    for item in items:
+        rows = slice(start, start + int(item.pixels.shape[0]))
+        start = rows.stop
+        try:
+            outcomes.append(_project(item, shared, pixels[rows], rows, cancel))
+        except Exception as exc:  # this request's own error; the others go on
+            outcomes.append(exc)
+    return outcomes
+
+
+def _grad_mode(query: ProjectionQuery) -> AbstractContextManager[object]:
+    return torch.no_grad() if query.importance_maps else torch.inference_mode()
+
+
+def _project(
+    prepared: PreparedProjection,
+    shared: _SharedForward,
+    pixels: torch.Tensor,
+    rows: slice,
+    cancel: CancelToken,
+) -> ProjectionResult:
+    """Every projection of one request from its rows of the shared forward."""
     loaded, query = prepared.loaded, prepared.query
     adapter = loaded.adapter
     space = class_space_of(loaded, query.labels, cancel)
     given = [space.resolve(t, f"targets[{i}]") for i, t in enumerate(query.targets)]
-    pixels = prepared.pixels.to(loaded.device)
     blocks = query.blocks
-    cancel.raise_if_cancelled()
-    # Importance maps differentiate captured tensors, which inference mode would forbid.
-    with torch.no_grad() if query.importance_maps else torch.inference_mode():
-        forward = _forward(
-            adapter, space, pixels, blocks, query.importance_maps, query.evaluate_importance, cancel
-        )
+    with _grad_mode(query):
+        forward = shared.of(adapter, space, query, rows)
         predicted = forward.final_scores.argmax(dim=-1)
         targets = _targets(predicted, given)
         ranked = _rank_all(adapter, space, forward, blocks, targets, query.top_k, cancel)

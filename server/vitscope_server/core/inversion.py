@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -101,6 +101,13 @@ class PreparedInversion:
     inverter: Manifest | None
     # LEARNED: every module the deepest requested depth's chain needs, by name.
     modules: dict[str, torch.nn.Module]
+
+    @property
+    def batch_size(self) -> int:
+        """Images inverted: the sent representation's batch, else the originals'."""
+        if self.representation is not None:
+            return int(self.representation.shape[0])
+        return int(self.pixels.shape[0]) if self.pixels is not None else 0
 
 
 def representations(
@@ -316,26 +323,58 @@ def optimise(
     return pixels.detach()
 
 
-def invert(
+def header(prepared: PreparedInversion) -> InvertHeader:
+    query = prepared.query
+    seed = query.optimization.seed if query.method is Method.OPTIMIZATION else 0
+    return InvertHeader(
+        provenance_of(prepared.loaded, seed),
+        query,
+        prepared.batch_size,
+        prepared.inverter,
+        prepared.representation is not None,
+    )
+
+
+def scored(
+    adapter: ModelAdapter,
+    depth: int,
+    images: Sequence[np.ndarray],
+    targets: Sequence[torch.Tensor],
+    originals: Sequence[torch.Tensor | None],
+    cancel: CancelToken,
+) -> list[Reconstruction]:
+    """Each request's delivered 8-bit images at `depth`, scored after one forward over all
+    of them (several requests' rows are independent of one another)."""
+    cancel.raise_if_cancelled()
+    device = targets[0].device
+    delivered = [torch.from_numpy(i).to(device).movedim(-1, -3).float() / 255 for i in images]
+    with torch.no_grad():
+        pixels = normalise(torch.cat(delivered), adapter.data_config)
+        again = representations(adapter, pixels, [depth], cancel)[depth]
+    results, start = [], 0
+    for image, pixels_01, target, original in zip(
+        images, delivered, targets, originals, strict=True
+    ):
+        rows = slice(start, start + image.shape[0])
+        start = rows.stop
+        mse, psnr = _score(pixels_01, original)
+        distance = relative_distance(again[rows], target).tolist()
+        results.append(Reconstruction(depth, depth_site(depth), image, mse, psnr, distance))
+    return results
+
+
+def invert_by_optimization(
     prepared: PreparedInversion,
     cancel: CancelToken,
     on_step: Callable[[], object] = lambda: None,
 ) -> Iterator[Event]:
-    """Yields the header, progress (optimisation) and one Reconstruction per depth; on_step is
-    called after every optimisation step (for the steps metric)."""
+    """Yields the header, progress and one Reconstruction per depth; on_step is called after
+    every optimisation step (for the steps metric). Learned inversion is learned_inversion's."""
     loaded, query = prepared.loaded, prepared.query
     adapter, device = loaded.adapter, loaded.device
     inputs = prepared.pixels.to(device) if prepared.pixels is not None else None
     originals = denormalise(inputs, adapter.data_config) if inputs is not None else None
-    batch = prepared.representation.shape[0] if prepared.representation is not None else 0
-    seed = query.optimization.seed if query.method is Method.OPTIMIZATION else 0
-    yield InvertHeader(
-        provenance_of(loaded, seed),
-        query,
-        batch or (inputs.shape[0] if inputs is not None else 0),
-        prepared.inverter,
-        prepared.representation is not None,
-    )
+    yield header(prepared)
     with torch.no_grad():
         if prepared.representation is not None:
             targets = {query.depths[0]: prepared.representation.to(device)}
@@ -345,27 +384,8 @@ def invert(
     for depth in query.depths:
         cancel.raise_if_cancelled()
         target = targets[depth]
-        if query.method is Method.LEARNED:
-            modules = [prepared.modules[name] for name in chain_names(depth)]
-            with torch.no_grad():
-                pixels = chain(modules, target)
-        else:
-            with torch.enable_grad():
-                pixels = yield from optimise(
-                    adapter, target, depth, query.optimization, cancel, on_step
-                )
-        images = to_uint8(pixels)
-        delivered = torch.from_numpy(images).to(device).movedim(-1, -3).float() / 255
-        with torch.no_grad():
-            again = representations(
-                adapter, normalise(delivered, adapter.data_config), [depth], cancel
+        with torch.enable_grad():
+            pixels = yield from optimise(
+                adapter, target, depth, query.optimization, cancel, on_step
             )
-        mse, psnr = _score(delivered, originals)
-        yield Reconstruction(
-            depth,
-            depth_site(depth),
-            images,
-            mse,
-            psnr,
-            relative_distance(again[depth], target).tolist(),
-        )
+        yield scored(adapter, depth, [to_uint8(pixels)], [target], [originals], cancel)[0]

@@ -27,7 +27,7 @@ from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.model_selection import model_specs, resolve_device
 from vitscope_server.settings import ServerSettings
-from vitscope_server.transport.batchers import activation_batcher
+from vitscope_server.transport.batchers import create_batchers
 from vitscope_server.transport.interceptors import ServiceInterceptor
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.oip_rpcs import SERVICE_NAME as INFERENCE_SERVICE_NAME
@@ -196,14 +196,14 @@ def _add_services(
     metrics: Metrics,
     health_servicer: health.HealthServicer,
 ) -> None:
-    """The Inspector and the inference protocol, sharing compute slots, the activation
-    batcher and the memory budget; health and reflection beside them."""
+    """The Inspector and the inference protocol, sharing compute slots, the batchers and
+    the memory budget; health and reflection beside them."""
     slots = ComputeSlots(settings.max_running, settings.max_queue)
     limits = ActivationLimits(
         settings.max_batch, settings.max_image_pixels, settings.max_result_bytes
     )
-    activations = activation_batcher(settings, slots, limits, metrics)
-    metrics.queued.set_function(lambda: float(slots.waiting + activations.waiting))
+    batchers = create_batchers(settings, slots, limits, metrics)
+    metrics.queued.set_function(lambda: float(slots.waiting + batchers.waiting))
     budget = _memory_budget(settings, metrics)
     servicer = InspectorServicer(
         registry,
@@ -214,13 +214,18 @@ def _add_services(
         _inverter_catalog(settings),
         settings.image_roots,
         max_message_bytes=settings.max_message_bytes,
-        activations=activations,
+        batchers=batchers,
         budget=budget,
     )
     inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(
-            registry, activations, metrics, limits, settings.max_message_bytes, budget=budget
+            registry,
+            batchers.activations,
+            metrics,
+            limits,
+            settings.max_message_bytes,
+            budget=budget,
         ),
         server,
     )

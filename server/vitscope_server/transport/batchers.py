@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 from vitscope_server.core.activations import (
     ActivationLimits,
@@ -10,31 +12,65 @@ from vitscope_server.core.activations import (
     PreparedActivations,
     run_activations,
 )
-from vitscope_server.core.batching import Batcher
+from vitscope_server.core.batching import Batcher, RunBatch
 from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.class_projection import (
+    PreparedProjection,
+    ProjectionResult,
+    run_projections,
+)
+from vitscope_server.core.inversion import Event, PreparedInversion
+from vitscope_server.core.learned_inversion import run_learned
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.metrics import Metrics
 
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
-def activation_batcher(
+
+@dataclass(frozen=True)
+class Batchers:
+    """One per RPC whose concurrent requests for a model share forwards; ModelInfer shares
+    GetActivations'. batch_max_images 0 turns batching off: each request runs alone."""
+
+    activations: Batcher[PreparedActivations, ActivationResult]
+    projections: Batcher[PreparedProjection, ProjectionResult]
+    learned_inversions: Batcher[PreparedInversion, list[Event]]
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a batch that has not started, in every batcher."""
+        return sum(b.waiting for b in (self.activations, self.projections, self.learned_inversions))
+
+
+def create_batchers(
     settings: ServerSettings, slots: ComputeSlots, limits: ActivationLimits, metrics: Metrics
-) -> Batcher[PreparedActivations, ActivationResult]:
-    """GetActivations requests for one model share forwards (batch_max_images 0: never)."""
-
-    def run(
+) -> Batchers:
+    def activations(
         items: Sequence[PreparedActivations], cancel: CancelToken
     ) -> list[ActivationResult | BaseException]:
         return run_activations(items, cancel, limits)
 
-    def observe(model: str, images: int, delay: float) -> None:
-        metrics.batch_images.labels("GetActivations", model).observe(images)
-        metrics.batch_delay.labels("GetActivations", model).observe(delay)
+    def batcher(method: str, run: RunBatch[Item, Result]) -> Batcher[Item, Result]:
+        return Batcher(
+            run,
+            slots,
+            max_images=max(settings.batch_max_images, 1),
+            max_delay=settings.batch_delay_ms / 1000 if settings.batch_max_images else 0.0,
+            on_batch=_observer(metrics, method),
+        )
 
-    return Batcher(
-        run,
-        slots,
-        max_images=max(settings.batch_max_images, 1),
-        max_delay=settings.batch_delay_ms / 1000 if settings.batch_max_images else 0.0,
-        on_batch=observe,
+    return Batchers(
+        batcher("GetActivations", activations),
+        batcher("ProjectToClassSpace", run_projections),
+        batcher("Invert", run_learned),
     )
+
+
+def _observer(metrics: Metrics, method: str) -> Callable[[str, int, float], None]:
+    def observe(model: str, images: int, delay: float) -> None:
+        metrics.batch_images.labels(method, model).observe(images)
+        metrics.batch_delay.labels(method, model).observe(delay)
+
+    return observe

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from vitscope.v1 import inversion_pb2 as pb
 from vitscope_server.core.activations import ActivationLimits
 from vitscope_server.core.budget import MemoryBudget
+from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.estimates import inversion_bytes
-from vitscope_server.core.inversion import invert, prepare_inversion
+from vitscope_server.core.inversion import (
+    Event,
+    Method,
+    PreparedInversion,
+    invert_by_optimization,
+    prepare_inversion,
+)
 from vitscope_server.core.inversion_catalog import InverterCatalog
+from vitscope_server.core.learned_inversion import learned_batch_key
 from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_inversion
+from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.cancellation import cancel_token
-from vitscope_server.transport.compute import computing
+from vitscope_server.transport.compute import computing, record_batched
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.progress import Progress
 
@@ -30,6 +40,7 @@ class InversionRpcs:
     _limits: ActivationLimits
     _inverters: InverterCatalog
     _budget: MemoryBudget
+    _batchers: Batchers
 
     def Invert(
         self, request: pb.InvertRequest, context: grpc.ServicerContext
@@ -44,20 +55,40 @@ class InversionRpcs:
         need = inversion_bytes(
             loaded.adapter, images, query, representation, self._limits.max_pixels
         )
+        prepare = functools.partial(
+            prepare_inversion,
+            loaded,
+            self._inverters,
+            images,
+            query,
+            representation,
+            self._limits.max_batch,
+            self._limits.max_pixels,
+        )
         with self._budget.reserve(need, cancel):
-            prepared = prepare_inversion(
-                loaded,
-                self._inverters,
-                images,
-                query,
-                representation,
-                self._limits.max_batch,
-                self._limits.max_pixels,
-            )
+            if query.method is Method.LEARNED:
+                for event in self._learned(loaded.spec.name, prepare, cancel):
+                    yield from convert_inversion.invert_responses(event)
+                return
+            prepared = prepare()
             with computing(self._slots, self._metrics, cancel, *labels):
-                for event in invert(prepared, cancel, steps.inc):
+                for event in invert_by_optimization(prepared, cancel, steps.inc):
                     for response in convert_inversion.invert_responses(event):
                         yield Progress(response) if response.HasField("progress") else response
+
+    def _learned(
+        self, model: str, prepare: Callable[[], PreparedInversion], cancel: CancelToken
+    ) -> list[Event]:
+        """Learned inversions of one model share their forwards (the learned_inversions
+        batcher); they send nothing until their batch is done."""
+        batcher = self._batchers.learned_inversions
+        with batcher.arriving(model) as arrival:
+            prepared = prepare()
+            events, info = batcher.submit(
+                arrival, learned_batch_key(prepared), prepared, prepared.batch_size, cancel
+            )
+        record_batched(self._metrics, "Invert", model, info)
+        return events
 
     def ListInverters(
         self, request: pb.ListInvertersRequest, context: grpc.ServicerContext

@@ -12,15 +12,17 @@ from vitscope_server.core.budget import MemoryBudget, forward_bytes, images_byte
 from vitscope_server.core.class_projection import (
     ProjectionLimits,
     prepare_projection,
-    project_to_class_space,
+    projection_batch_key,
 )
 from vitscope_server.core.memories import prepare_memories, project_memories
 from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_projection
+from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.cancellation import cancel_token
-from vitscope_server.transport.compute import computing
+from vitscope_server.transport.compute import computing, record_batched
 from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.progress import sends_after_compute
 
 
 class ProjectionRpcs:
@@ -32,6 +34,7 @@ class ProjectionRpcs:
     _limits: ActivationLimits
     _chunk_bytes: int
     _budget: MemoryBudget
+    _batchers: Batchers
 
     def _projection_limits(self) -> ProjectionLimits:
         return ProjectionLimits(
@@ -41,23 +44,27 @@ class ProjectionRpcs:
             self._chunk_bytes,
         )
 
+    @sends_after_compute
     def ProjectToClassSpace(
         self, request: pb.ProjectToClassSpaceRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ProjectToClassSpaceResponse]:
         loaded = self._registry.get(request.model)
         inputs = convert.image_inputs(list(request.images))
         query = convert_projection.projection_query(request)
-        adapter = loaded.adapter
+        adapter, model = loaded.adapter, loaded.spec.name
         blocks = len(query.blocks) or len(adapter.blocks)
         need = images_bytes(adapter, inputs, self._limits.max_pixels) + forward_bytes(
             adapter, len(inputs), blocks
         )
         cancel = cancel_token(context)
-        labels = ("ProjectToClassSpace", loaded.spec.name)
+        batcher = self._batchers.projections
         with self._budget.reserve(need, cancel):
-            prepared = prepare_projection(loaded, inputs, query, self._projection_limits())
-            with computing(self._slots, self._metrics, cancel, *labels):
-                header, images, dataset = project_to_class_space(prepared, cancel)
+            with batcher.arriving(model) as arrival:
+                prepared = prepare_projection(loaded, inputs, query, self._projection_limits())
+                (header, images, dataset), info = batcher.submit(
+                    arrival, projection_batch_key(prepared), prepared, len(prepared.pixels), cancel
+                )
+            record_batched(self._metrics, "ProjectToClassSpace", model, info)
             yield from convert_projection.projection_responses(
                 header, images, dataset, self._chunk_bytes
             )

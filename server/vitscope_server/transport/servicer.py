@@ -9,20 +9,14 @@ import grpc
 
 from vitscope.v1 import activations_pb2, models_pb2, server_info_pb2
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
-from vitscope_server.core.activations import (
-    ActivationLimits,
-    ActivationResult,
-    PreparedActivations,
-    batch_key,
-    prepare_activations,
-)
-from vitscope_server.core.batching import Batcher
+from vitscope_server.core.activations import ActivationLimits, batch_key, prepare_activations
 from vitscope_server.core.budget import MemoryBudget, images_bytes, named_forward_bytes
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.provenance import provenance_of
 from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert
+from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import record_batched
 from vitscope_server.transport.explain_rpcs import ExplainRpcs
@@ -49,7 +43,7 @@ class InspectorServicer(  # type: ignore[misc]
         image_roots: Sequence[Path] = (),
         *,
         max_message_bytes: int,
-        activations: Batcher[PreparedActivations, ActivationResult],
+        batchers: Batchers,
         budget: MemoryBudget,
     ) -> None:
         self._info = ServerInfo(
@@ -64,7 +58,7 @@ class InspectorServicer(  # type: ignore[misc]
             )
         )
         self._registry = registry
-        self._activations = activations
+        self._batchers = batchers
         self._budget = budget
         self._slots = slots
         self._metrics = metrics
@@ -106,9 +100,9 @@ class InspectorServicer(  # type: ignore[misc]
         need += named_forward_bytes(adapter, loaded.site_shapes, len(images), query.sites)
         cancel = cancel_token(context)
         with self._budget.reserve(need, cancel):
-            with self._activations.arriving(model) as arrival:
+            with self._batchers.activations.arriving(model) as arrival:
                 prepared = prepare_activations(loaded, images, query, self._limits)
-                result, info = self._activations.submit(
+                result, info = self._batchers.activations.submit(
                     arrival, batch_key(prepared), prepared, len(prepared.pixels), cancel
                 )
             record_batched(self._metrics, "GetActivations", model, info)

@@ -1,0 +1,106 @@
+"""Learned inversion of many requests at once: the forwards are shared, each request's
+inverse networks run on its own rows.
+
+Requests for one model share the forward that reads their targets (stopped after the
+deepest depth any asks for) and, per depth, the forward that scores the delivered 8-bit
+reconstructions. The inverse chain runs per request, so that its kernels see exactly the
+rows they would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.inversion import (
+    Event,
+    PreparedInversion,
+    Reconstruction,
+    chain,
+    header,
+    representations,
+    scored,
+)
+from vitscope_server.core.inversion_modules import chain_names
+from vitscope_server.core.pixels import denormalise, to_uint8
+
+
+@dataclass(eq=False)
+class _Request:
+    """One request's targets and originals, then its images and their scores per depth."""
+
+    prepared: PreparedInversion
+    targets: dict[int, torch.Tensor]
+    originals: torch.Tensor | None
+    images: dict[int, np.ndarray] = field(default_factory=dict)
+    reconstructions: dict[int, Reconstruction] = field(default_factory=dict)
+
+    def events(self) -> list[Event]:
+        depths = self.prepared.query.depths
+        return [header(self.prepared), *(self.reconstructions[d] for d in depths)]
+
+
+def learned_batch_key(prepared: PreparedInversion) -> str:
+    """Every learned inversion of a model may share forwards with the others."""
+    return "learned"
+
+
+def run_learned(
+    items: Sequence[PreparedInversion], cancel: CancelToken
+) -> list[list[Event] | BaseException]:
+    """Each request's header and one Reconstruction per depth, in its order of depths; an
+    error in a shared forward is raised (it concerns them all)."""
+    adapter = items[0].loaded.adapter
+    with torch.no_grad():
+        requests = _targets(items, cancel)
+        failed: dict[int, BaseException] = {}
+        for index, request in enumerate(requests):
+            try:
+                for depth in request.prepared.query.depths:
+                    modules = [request.prepared.modules[name] for name in chain_names(depth)]
+                    request.images[depth] = to_uint8(chain(modules, request.targets[depth]))
+            except Exception as exc:  # this request's own error; the others go on
+                failed[index] = exc
+        live = [r for i, r in enumerate(requests) if i not in failed]
+        for depth in sorted({d for r in live for d in r.images}):
+            asking = [r for r in live if depth in r.images]
+            results = scored(
+                adapter,
+                depth,
+                [r.images[depth] for r in asking],
+                [r.targets[depth] for r in asking],
+                [r.originals for r in asking],
+                cancel,
+            )
+            for request, result in zip(asking, results, strict=True):
+                request.reconstructions[depth] = result
+    return [failed.get(i) or r.events() for i, r in enumerate(requests)]
+
+
+def _targets(items: Sequence[PreparedInversion], cancel: CancelToken) -> list[_Request]:
+    """Every request's representations: sent, or read in one forward over all their images."""
+    loaded = items[0].loaded
+    adapter, device = loaded.adapter, loaded.device
+    from_images = [item for item in items if item.representation is None]
+    read: dict[int, torch.Tensor] = {}
+    if from_images:
+        pixels = torch.cat([item.pixels for item in from_images if item.pixels is not None])
+        depths = sorted({d for item in from_images for d in item.query.depths})
+        read = representations(adapter, pixels.to(device), depths, cancel)
+    requests, start = [], 0
+    for item in items:
+        inputs = item.pixels.to(device) if item.pixels is not None else None
+        if item.representation is not None:
+            targets = {item.query.depths[0]: item.representation.to(device)}
+        else:
+            assert inputs is not None
+            rows = slice(start, start + inputs.shape[0])
+            start = rows.stop
+            targets = {d: read[d][rows] for d in item.query.depths}
+        originals = denormalise(inputs, adapter.data_config) if inputs is not None else None
+        requests.append(_Request(item, targets, originals))
+    return requests
