@@ -12,6 +12,8 @@ device and torch thread count as the server.
   After a checked warm-up, blocks of calls alternate with blocks of the baseline (client
   and server share these cores, and each side's torch threads spin on after its own
   work); the ratio is the median of per-block ratios of medians.
+  ratio_single_call_concurrent_model is the same measure on --concurrent-model (one image
+  at 224 px, fewer blocks), where the forward rather than the call dominates.
 - ratio_concurrent_vs_batched: images/s reached by 16 threads, each with its own client
   calling one image at a time, / images/s of the in-process capture of the same 16 images as
   one batch; --rounds windows of the 16 clients alternate with the in-process batch, and the
@@ -42,7 +44,7 @@ from torch import nn
 
 from vitscope.client import Client
 from vitscope_server.builtin import DIGITS_NAME, builtin_specs
-from vitscope_server.core.loading import load_model
+from vitscope_server.core.loading import LoadedModel, load_model
 from vitscope_server.core.specs import parse_model_flag
 from vitscope_server.model_selection import resolve_device
 from vitscope_server.settings import ServerSettings
@@ -109,35 +111,64 @@ def hooked(model: nn.Module, path: str) -> Callable[[torch.Tensor], np.ndarray]:
 
 
 def single_call(args: argparse.Namespace, target: str) -> dict[str, Any]:
+    """ratio_single_call on the built-in model, and the same measure on the concurrent model,
+    whose forward is long enough for the per-call overhead to show in proportion."""
     spec = next(s for s in builtin_specs() if s.name == DIGITS_NAME)
-    loaded = load_model(spec, resolve_device(args.device))  # float32 exactly as the server
-    capture = hooked(loaded.adapter.root, SINGLE_SITE.removesuffix(".out"))
+    digits = load_model(spec, resolve_device(args.device))  # float32 exactly as the server
     image = np.random.default_rng(0).standard_normal((3, 28, 28)).astype(np.float32)
+    ratio, timings = _single_call(args, target, (DIGITS_NAME, digits), SINGLE_SITE, image, 1)
+    bigger = load_model(
+        parse_model_flag(f"c=timm:{args.concurrent_model}@random"), resolve_device(args.device)
+    )
+    size = bigger.adapter.data_config.input_size
+    image = np.random.default_rng(2).standard_normal(size).astype(np.float32)
+    bigger_ratio, bigger_timings = _single_call(
+        args, target, ("concurrent", bigger), CONCURRENT_SITE, image, SINGLE_BLOCK
+    )
+    return {
+        "ratio_single_call": ratio,
+        "single_call_ms": timings,
+        "ratio_single_call_concurrent_model": bigger_ratio,
+        "single_call_concurrent_model_ms": bigger_timings,
+    }
+
+
+def _single_call(
+    args: argparse.Namespace,
+    target: str,
+    model: tuple[str, LoadedModel],
+    site: str,
+    image: np.ndarray,
+    blocks_divisor: int,
+) -> tuple[float, dict[str, float]]:
+    """Blocks of calls alternating with blocks of the in-process capture: the median of
+    per-block ratios of medians, and the p50 of each side."""
+    name, loaded = model
+    capture = hooked(loaded.adapter.root, site.removesuffix(".out"))
     pixels = torch.from_numpy(image[None]).to(args.device)
     rpc_s: list[float] = []
     local_s: list[float] = []
     ratios = []
     with Client(target) as client:
-        remote = client.activations([image], [SINGLE_SITE], model=DIGITS_NAME)[SINGLE_SITE]
-        np.testing.assert_allclose(remote, capture(pixels), rtol=1e-5, atol=1e-6)
+        remote = client.activations([image], [site], model=name)[site]
+        np.testing.assert_allclose(remote, capture(pixels), rtol=1e-5, atol=1e-5)
 
         def call() -> None:
-            client.activations([image], [SINGLE_SITE], model=DIGITS_NAME)
+            client.activations([image], [site], model=name)
 
-        for _ in range(max(args.pairs // SINGLE_BLOCK, 1)):
+        for _ in range(max(args.pairs // SINGLE_BLOCK // blocks_divisor, 1)):
             remote_block = _timed(call, SINGLE_BLOCK)
             local_block = _timed(lambda: capture(pixels), SINGLE_BLOCK)
             ratios.append(statistics.median(remote_block) / statistics.median(local_block))
             rpc_s += remote_block
             local_s += local_block
-    return {
-        "ratio_single_call": round(statistics.median(ratios), 3),
-        "single_call_ms": {
-            "rpc_p50": round(statistics.median(rpc_s) * 1e3, 3),
-            "inprocess_p50": round(statistics.median(local_s) * 1e3, 3),
-            "overhead_p50": round((statistics.median(rpc_s) - statistics.median(local_s)) * 1e3, 3),
-        },
+    rpc, local = statistics.median(rpc_s), statistics.median(local_s)
+    timings = {
+        "rpc_p50": round(rpc * 1e3, 3),
+        "inprocess_p50": round(local * 1e3, 3),
+        "overhead_p50": round((rpc - local) * 1e3, 3),
     }
+    return round(statistics.median(ratios), 3), timings
 
 
 def _timed(call: Callable[[], object], count: int) -> list[float]:

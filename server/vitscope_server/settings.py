@@ -53,7 +53,10 @@ class ServerSettings(BaseSettings):
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     torch_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads; unset: torch's choice, one per core."
+        None,
+        ge=1,
+        description="torch CPU threads of each compute slot; unset: torch's choice, one per "
+        "core. Other server threads use one.",
     )
     max_message_bytes: int = Field(
         64 << 20, ge=1 << 16, description="Largest gRPC message sent or received, in bytes."

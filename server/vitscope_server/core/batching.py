@@ -3,7 +3,7 @@
 There is no batching thread. The first request of a queue leads: it waits up to
 `max_delay` while more requests for the same model are still being decoded, takes
 a compute slot, then takes every compatible request that has queued meanwhile (up
-to `max_images`) and runs them as one job on the slots' compute thread. The others
+to `max_images`) and runs them as one job on the slot's thread. The others
 sleep until their result is set. A lone request therefore runs at once, and under
 load the queue fills while the previous batch computes (continuous batching).
 
@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 
 from vitscope_server.core.cancel import NEVER_CANCELLED, CancelToken
 from vitscope_server.core.errors import Cancelled, Reason, ResourceExhausted
-from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.core.slots import ComputeSlots, HeldSlot
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -282,19 +282,19 @@ class Batcher(Generic[Item, Result]):
         delay = self._wait_for_arrivals(queue)
         # Admitted by this queue already. It waits even when every caller has left meanwhile:
         # the slot is then released at once.
-        with self._slots.acquire(NEVER_CANCELLED, queued=False):
+        with self._slots.acquire(NEVER_CANCELLED, queued=False) as slot:
             batch = self._take(queue)
             if batch:
-                self._run_batch(queue.group, batch, delay)
+                self._run_batch(slot, queue.group, batch, delay)
 
-    def _run_batch(self, group: str, batch: list[_Member[Item, Result]], delay: float) -> None:
+    def _run_batch(
+        self, slot: HeldSlot, group: str, batch: list[_Member[Item, Result]], delay: float
+    ) -> None:
         started = time.perf_counter()
         cancel, unsubscribe = _all_cancelled(batch)
         try:
             items = [m.item for m in batch]
-            outcomes: Sequence[Result | BaseException] = self._slots.run_on_compute_thread(
-                lambda: self._run(items, cancel)
-            )
+            outcomes: Sequence[Result | BaseException] = slot.run(lambda: self._run(items, cancel))
         except Exception as exc:  # one failure (e.g. out of memory) reaches every caller
             outcomes = [exc] * len(batch)
         finally:

@@ -20,6 +20,7 @@ from vitscope_server.core.errors import (
     VitscopeError,
     quote,
 )
+from vitscope_server.core.intra_op import host_thread
 from vitscope_server.core.loading import LoadedModel, load_model
 from vitscope_server.core.specs import ModelSpec
 
@@ -69,10 +70,12 @@ class ModelRegistry:
 
     def start(self) -> None:
         """Loads the default model first, then the rest, on a daemon thread: a shutdown
-        never waits for a load to finish."""
+        never waits for a load to finish. Torch runs on one thread there, so that loads
+        never compete with the compute threads (core/intra_op.py)."""
         order = sorted(self._entries, key=lambda name: name != self.default)
 
         def load_all() -> None:
+            host_thread()
             for name in order:
                 if self._closed.is_set():
                     return

@@ -1,18 +1,56 @@
-"""Bounded concurrency for compute: a few run, a few wait, the rest are refused."""
+"""Bounded concurrency for compute: a few run, a few wait, the rest are refused.
+
+Each slot owns one thread, and every torch op of its holder runs there (see
+core/intra_op.py): one warm OpenMP team per slot and no other team competing. A core
+generator stepped on the slot's thread is also closed there, so that the thread-local
+modes it entered (grad mode, autocast) are left on the thread that entered them.
+"""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.errors import Reason, ResourceExhausted
+from vitscope_server.core.intra_op import compute_thread
 
 Value = TypeVar("Value")
+
+
+class HeldSlot:
+    """A compute slot while its holder has it: the seconds waited for it, and its thread."""
+
+    def __init__(self, waited: float, thread: ThreadPoolExecutor) -> None:
+        self.waited = waited
+        self._thread = thread
+        self._stepped: list[Iterator[Any]] = []
+
+    def run(self, work: Callable[[], Value]) -> Value:
+        """`work()` on the slot's thread."""
+        return self._thread.submit(work).result()
+
+    def steps(self, events: Iterator[Value]) -> Iterator[Value]:
+        """Advances a core generator on the slot's thread, one event per step; between
+        steps the caller converts and sends each event on its own thread."""
+        self._stepped.append(events)
+        while True:
+            step = self.run(lambda: list(itertools.islice(events, 1)))
+            if not step:
+                return
+            yield step[0]
+
+    def release(self) -> None:
+        """Closes every stepped generator on the slot's thread."""
+        for events in self._stepped:
+            close = getattr(events, "close", None)
+            if close is not None:
+                self.run(close)
 
 
 class ComputeSlots:
@@ -21,11 +59,19 @@ class ComputeSlots:
     Waiters sleep on a condition that a released slot or their cancel token wakes:
     no polling interval delays either."""
 
-    def __init__(self, max_running: int, max_waiting: int) -> None:
+    def __init__(
+        self, max_running: int, max_waiting: int, torch_threads: int | None = None
+    ) -> None:
+        """torch_threads: intra-op threads of each slot's thread (None: torch's default)."""
         self.max_running = max_running
         self.max_waiting = max_waiting
-        self._threads = ThreadPoolExecutor(max_running, thread_name_prefix="compute")
-        self._free = max_running
+        # Last in, first out: under light load the warmest thread does the work.
+        self._idle = [
+            ThreadPoolExecutor(
+                1, thread_name_prefix=f"compute-{i}", initializer=compute_thread(torch_threads)
+            )
+            for i in range(max_running)
+        ]
         self._changed = threading.Condition()
         self._waiting = 0
 
@@ -36,17 +82,16 @@ class ComputeSlots:
     @property
     def free(self) -> int:
         """Slots free now (a hint: another thread may take one next)."""
-        return self._free
+        return len(self._idle)
 
     def _wake(self) -> None:
         with self._changed:
             self._changed.notify_all()
 
-    def _take(self, cancel: CancelToken, queued: bool) -> None:
+    def _take(self, cancel: CancelToken, queued: bool) -> ThreadPoolExecutor:
         with self._changed:
-            if self._free > 0:
-                self._free -= 1
-                return
+            if self._idle:
+                return self._idle.pop()
             if queued and self._waiting >= self.max_waiting:
                 raise ResourceExhausted(
                     f"server busy: {self.max_running} jobs running and {self._waiting} waiting "
@@ -57,36 +102,31 @@ class ComputeSlots:
         unsubscribe = cancel.on_cancel(self._wake)
         try:
             with self._changed:
-                while self._free == 0 and not cancel.cancelled:
+                while not self._idle and not cancel.cancelled:
                     self._changed.wait()
                 cancel.raise_if_cancelled()
-                self._free -= 1
+                return self._idle.pop()
         finally:
             unsubscribe()
             with self._changed:
                 self._waiting -= queued
 
-    def run_on_compute_thread(self, work: Callable[[], Value]) -> Value:
-        """Runs `work` on one of the slots' own threads; call it while holding a slot.
-
-        Torch keeps per-thread state: on CPU each calling thread gets its own OpenMP team,
-        whose spinning workers slow every other team's forward. Running every batched
-        forward on the same `max_running` threads keeps one warm team per slot (on two
-        cores a small forward costs 2 ms rather than 3.5 ms)."""
-        return self._threads.submit(work).result()
-
     @contextmanager
-    def acquire(self, cancel: CancelToken, *, queued: bool = True) -> Iterator[float]:
-        """Holds a slot for the body; yields the seconds spent waiting for it.
+    def acquire(self, cancel: CancelToken, *, queued: bool = True) -> Iterator[HeldSlot]:
+        """Holds a slot for the body; run its torch work through the yielded HeldSlot.
 
         queued=False: the caller is already counted (and admitted) by its own queue,
         as a batch's leader is."""
         started = time.perf_counter()
-        self._take(cancel, queued)
+        thread = self._take(cancel, queued)
+        held = HeldSlot(time.perf_counter() - started, thread)
         try:
             cancel.raise_if_cancelled()
-            yield time.perf_counter() - started
+            yield held
         finally:
-            with self._changed:
-                self._free += 1
-                self._changed.notify_all()
+            try:
+                held.release()
+            finally:
+                with self._changed:
+                    self._idle.append(thread)
+                    self._changed.notify_all()

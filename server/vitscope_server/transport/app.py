@@ -22,6 +22,7 @@ from vitscope.v1 import inspector_pb2, inspector_pb2_grpc
 from vitscope_server.builtin import BUILTIN_INVERTERS
 from vitscope_server.core.activations import ActivationLimits
 from vitscope_server.core.budget import MemoryBudget, memory_limit_bytes
+from vitscope_server.core.intra_op import host_thread
 from vitscope_server.core.inversion_catalog import InverterCatalog
 from vitscope_server.core.registry import ModelRegistry, ModelState
 from vitscope_server.core.slots import ComputeSlots
@@ -176,7 +177,9 @@ def _grpc_server(
     # cheap calls are answered even when the compute queue is full.
     threads = settings.max_running + settings.max_queue + settings.max_workers
     return grpc.server(
-        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
+        futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="rpc", initializer=host_thread
+        ),
         interceptors=[
             ServiceInterceptor(
                 metrics,
@@ -198,7 +201,7 @@ def _add_services(
 ) -> None:
     """The Inspector and the inference protocol, sharing compute slots, the batchers and
     the memory budget; health and reflection beside them."""
-    slots = ComputeSlots(settings.max_running, settings.max_queue)
+    slots = ComputeSlots(settings.max_running, settings.max_queue, settings.torch_threads)
     limits = ActivationLimits(
         settings.max_batch, settings.max_image_pixels, settings.max_result_bytes
     )

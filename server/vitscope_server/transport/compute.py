@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from vitscope_server.core.batching import BatchInfo
 from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.core.slots import ComputeSlots, HeldSlot
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.progress import holding_compute
 
@@ -15,13 +15,13 @@ from vitscope_server.transport.progress import holding_compute
 @contextmanager
 def computing(
     slots: ComputeSlots, metrics: Metrics, cancel: CancelToken, method: str, model: str
-) -> Iterator[None]:
-    """Waits for a compute slot (or the cancel token), then holds it for the block; streamed
-    responses sent meanwhile never wait for the reader."""
-    with slots.acquire(cancel) as waited, holding_compute():
-        metrics.queue_wait.labels(method, model).observe(waited)
+) -> Iterator[HeldSlot]:
+    """Waits for a compute slot (or the cancel token), then holds it for the block; run the
+    torch work through the slot. Streamed responses sent meanwhile never wait for the reader."""
+    with slots.acquire(cancel) as slot, holding_compute():
+        metrics.queue_wait.labels(method, model).observe(slot.waited)
         with metrics.compute.labels(method, model).time():
-            yield
+            yield slot
 
 
 def record_batched(metrics: Metrics, method: str, model: str, info: BatchInfo) -> None:

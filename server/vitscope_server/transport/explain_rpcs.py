@@ -49,8 +49,8 @@ class ExplainRpcs:
         with self._budget.reserve(need, cancel):
             query = convert_explain.explain_query(request)
             prepared = prepare_explanation(loaded, images, query, limits)
-            with computing(self._slots, self._metrics, cancel, "Explain", loaded.spec.name):
-                for event in explain(prepared, cancel):
+            with computing(self._slots, self._metrics, cancel, "Explain", loaded.spec.name) as slot:
+                for event in slot.steps(explain(prepared, cancel)):
                     if isinstance(event, ExplanationHeader):
                         names = event.class_names
                     yield convert_explain.explain_response(event, names, self._chunk_bytes)

@@ -68,9 +68,10 @@ class FeatureRpcs:
         need = backward_bytes(loaded.adapter, batch, params.image_size**2)
         with (
             self._budget.reserve(need, cancel),
-            computing(self._slots, self._metrics, cancel, *labels),
+            computing(self._slots, self._metrics, cancel, *labels) as slot,
         ):
-            for event in optimize_features(prepared, cancel, steps.inc):
+            events = optimize_features(prepared, cancel, steps.inc)
+            for event in slot.steps(events):
                 response = convert_features.optimization_response(event)
                 yield Progress(response) if response.HasField("progress") else response
 
@@ -100,8 +101,8 @@ class FeatureRpcs:
             )
             with self._budget.reserve(need, cancel):
                 pixels = scan.prepare(items, self._limits.max_pixels)
-                with computing(self._slots, self._metrics, cancel, *labels):
-                    scan.add(pixels, items, cancel)
+                with computing(self._slots, self._metrics, cancel, *labels) as slot:
+                    slot.run(lambda: scan.add(pixels, items, cancel))
 
         batch = self._limits.max_batch
         if first.image_folder:

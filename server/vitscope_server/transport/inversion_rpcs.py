@@ -71,8 +71,9 @@ class InversionRpcs:
                     yield from convert_inversion.invert_responses(event)
                 return
             prepared = prepare()
-            with computing(self._slots, self._metrics, cancel, *labels):
-                for event in invert_by_optimization(prepared, cancel, steps.inc):
+            with computing(self._slots, self._metrics, cancel, *labels) as slot:
+                events = invert_by_optimization(prepared, cancel, steps.inc)
+                for event in slot.steps(events):
                     for response in convert_inversion.invert_responses(event):
                         yield Progress(response) if response.HasField("progress") else response
 

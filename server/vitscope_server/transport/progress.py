@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import grpc
 
 from vitscope_server.core.errors import Cancelled, Reason, ResourceExhausted
+from vitscope_server.core.intra_op import host_thread
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ _WAKE_SECONDS = 0.1
 # Producers run on reused threads: a fresh thread per call would make torch set up its
 # per-thread state (an OpenMP team on CPU) every time, milliseconds per call. Streams in
 # flight are bounded by the server's own thread pool, far below this.
-_PRODUCERS = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="stream-producer")
+_PRODUCERS = ThreadPoolExecutor(
+    max_workers=1024, thread_name_prefix="stream-producer", initializer=host_thread
+)
 _holding = threading.local()
 
 Method = TypeVar("Method", bound=Callable[..., Any])

@@ -83,6 +83,6 @@ class ProjectionRpcs:
             prepared = prepare_memories(
                 loaded, images, convert_projection.memory_query(request), self._projection_limits()
             )
-            with computing(self._slots, self._metrics, cancel, *labels):
-                result = project_memories(prepared, cancel)
+            with computing(self._slots, self._metrics, cancel, *labels) as slot:
+                result = slot.run(lambda: project_memories(prepared, cancel))
             return convert_projection.memories_response(result, self._chunk_bytes)
