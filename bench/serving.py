@@ -74,6 +74,7 @@ def serve(args: argparse.Namespace) -> None:
             for key, value in (
                 ("batch_delay_ms", args.batch_delay_ms),
                 ("batch_max_images", args.batch_max_images),
+                ("max_running", args.max_running),
             )
             if value is not None
         },
@@ -284,6 +285,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--batch-max-images", type=int, default=None, help="server setting; 0: no batching"
     )
+    parser.add_argument("--max-running", type=int, default=None, help="server setting")
     return parser.parse_args()
 
 
