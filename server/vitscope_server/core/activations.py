@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vitscope_server.core.adapters import Layout, ModelAdapter, SiteDef
+from vitscope_server.core.batching import per_item
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites, last_block_needed
 from vitscope_server.core.errors import (
@@ -441,16 +442,11 @@ def run_activations(
                 features: torch.Tensor | None = adapter.forward_features(batch)
             except ForwardStopped:
                 features = None
-        outcomes: list[ActivationResult | BaseException] = []
-        start = 0
-        for item in items:
-            rows = slice(start, start + int(item.pixels.shape[0]))
-            start = rows.stop
-            try:
-                outcomes.append(_split(item, captured, features, rows, limits))
-            except Exception as exc:  # this request's own error; the others go on
-                outcomes.append(exc)
-    return outcomes
+        return per_item(
+            items,
+            [int(item.pixels.shape[0]) for item in items],
+            lambda item, rows: _split(item, captured, features, rows, limits),
+        )
 
 
 def _split(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -33,6 +33,28 @@ Result = TypeVar("Result")
 RunBatch = Callable[[Sequence[Item], CancelToken], Sequence["Result | BaseException"]]
 # Told once per batch: its group (model), images, and the seconds its leader waited for arrivals.
 OnBatch = Callable[[str, int, float], None]
+
+
+def item_rows(sizes: Iterable[int]) -> Iterator[slice]:
+    """Each item's rows of a batch made by concatenating the items in order."""
+    start = 0
+    for size in sizes:
+        yield slice(start, start + size)
+        start += size
+
+
+def per_item(
+    items: Sequence[Item], sizes: Iterable[int], work: Callable[[Item, slice], Result]
+) -> list[Result | BaseException]:
+    """work(item, its rows) for every item of a shared batch, in order. An item's own error
+    becomes its outcome, and the others go on."""
+    outcomes: list[Result | BaseException] = []
+    for item, rows in zip(items, item_rows(sizes), strict=True):
+        try:
+            outcomes.append(work(item, rows))
+        except Exception as exc:  # this request's own error
+            outcomes.append(exc)
+    return outcomes
 
 
 @dataclass(frozen=True)

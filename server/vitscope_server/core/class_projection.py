@@ -19,6 +19,7 @@ import torch
 
 from vitscope_server.core.activations import TokenMode, resolve_token_indices, select_tokens
 from vitscope_server.core.adapters import ModelAdapter, SiteDef
+from vitscope_server.core.batching import per_item
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import capture_sites
 from vitscope_server.core.class_space import ClassSpace, LabelSet, class_count, class_space_of
@@ -600,16 +601,11 @@ def run_projections(
     # Importance maps differentiate captured tensors, which inference mode would forbid.
     with _grad_mode(items[0].query):
         shared = _shared_forward(loaded.adapter, queries, pixels, cancel)
-    outcomes: list[ProjectionResult | BaseException] = []
-    start = 0
-    for item in items:
-        rows = slice(start, start + int(item.pixels.shape[0]))
-        start = rows.stop
-        try:
-            outcomes.append(_project(item, shared, pixels[rows], rows, cancel))
-        except Exception as exc:  # this request's own error; the others go on
-            outcomes.append(exc)
-    return outcomes
+    return per_item(
+        items,
+        [int(item.pixels.shape[0]) for item in items],
+        lambda item, rows: _project(item, shared, pixels[rows], rows, cancel),
+    )
 
 
 def _grad_mode(query: ProjectionQuery) -> AbstractContextManager[object]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from vitscope_server.core.adapters import ModelAdapter
+from vitscope_server.core.batching import item_rows
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.capture import ForwardStopped, capture_sites
 from vitscope_server.core.divergence import MAX_LEARNING_RATE, MAX_TV_WEIGHT, require_converging
@@ -351,12 +352,11 @@ def scored(
     with torch.no_grad():
         pixels = normalise(torch.cat(delivered), adapter.data_config)
         again = representations(adapter, pixels, [depth], cancel)[depth]
-    results, start = [], 0
-    for image, pixels_01, target, original in zip(
-        images, delivered, targets, originals, strict=True
+    results = []
+    rows_of = item_rows(image.shape[0] for image in images)
+    for image, pixels_01, target, original, rows in zip(
+        images, delivered, targets, originals, rows_of, strict=True
     ):
-        rows = slice(start, start + image.shape[0])
-        start = rows.stop
         mse, psnr = _score(pixels_01, original)
         distance = relative_distance(again[rows], target).tolist()
         results.append(Reconstruction(depth, depth_site(depth), image, mse, psnr, distance))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vitscope_server.core.batching import item_rows
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.inversion import (
     Event,
@@ -91,15 +92,14 @@ def _targets(items: Sequence[PreparedInversion], cancel: CancelToken) -> list[_R
         pixels = torch.cat([item.pixels for item in from_images if item.pixels is not None])
         depths = sorted({d for item in from_images for d in item.query.depths})
         read = representations(adapter, pixels.to(device), depths, cancel)
-    requests, start = [], 0
+    rows_read = item_rows(item.batch_size for item in from_images)
+    requests = []
     for item in items:
         inputs = item.pixels.to(device) if item.pixels is not None else None
         if item.representation is not None:
             targets = {item.query.depths[0]: item.representation.to(device)}
         else:
-            assert inputs is not None
-            rows = slice(start, start + inputs.shape[0])
-            start = rows.stop
+            rows = next(rows_read)
             targets = {d: read[d][rows] for d in item.query.depths}
         originals = denormalise(inputs, adapter.data_config) if inputs is not None else None
         requests.append(_Request(item, targets, originals))
