@@ -108,17 +108,19 @@ def test_a_cancelled_request_leaves_the_queue_and_the_others_complete(
         request = pb.GetActivationsRequest(
             model="vit", sites=["embed"], images=[image_message(PHOTOS[0])]
         )
-        doomed = stub.GetActivations(request, timeout=60)
+        doomed: list[Any] = []
 
         def consume() -> grpc.StatusCode:
+            """Starts the call behind the held slot (a call starts when it is made)."""
+            doomed.append(stub.GetActivations(request, timeout=60))
             try:
-                list(doomed)
+                list(doomed[0])
             except grpc.RpcError as exc:
                 return exc.code()  # type: ignore[no-any-return]
             return grpc.StatusCode.OK
 
         def cancel_one() -> None:
-            doomed.cancel()
+            doomed[0].cancel()
             wait_for_queued(one_slot, len(specs))  # it left at once, not when the batch ran
 
         calls: list[Callable[[], Any]] = [lambda s=s: _call(client, s) for s in specs]

@@ -7,13 +7,16 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from conftest import CLIP_WITH_TEXT, DEVICE, TEST_MODELS, start
-from queueing import batches, run_queued
+from queueing import batches, run_queued, wait_for_queued
 from skimage import data as skdata
 
 from vitscope import Client, VitscopeError
+from vitscope.client import image_message
+from vitscope.v1 import inspector_pb2_grpc, projection_pb2
 from vitscope_server.builtin import DIGITS_NAME
 from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.transport.app import RunningServer
@@ -138,3 +141,35 @@ def test_learned_inversions_share_forwards_and_match_running_alone(
     forwards, images = batches(one_slot, "Invert", DIGITS_NAME)
     assert forwards - before[0] == len(INVERSIONS) + 1
     assert images - before[1] == 2 * sum(len(s["images"]) for s in INVERSIONS)
+
+
+def test_a_cancelled_projection_leaves_the_queue_and_the_others_complete(
+    one_slot: RunningServer,
+) -> None:
+    target = f"127.0.0.1:{one_slot.port}"
+    with Client(target, timeout=120) as client, Client(target) as raw:
+        calls = [lambda s=s: _project(client, s) for s in PROJECTIONS[:2]]
+        alone = [call() for call in calls]
+        stub = inspector_pb2_grpc.InspectorStub(raw._channel)
+        request = projection_pb2.ProjectToClassSpaceRequest(
+            model="vit", images=[image_message(PHOTOS[1])]
+        )
+        doomed: list[Any] = []
+
+        def consume() -> grpc.StatusCode:
+            """Starts the call behind the held slot (a call starts when it is made)."""
+            doomed.append(stub.ProjectToClassSpace(request, timeout=120))
+            try:
+                list(doomed[0])
+            except grpc.RpcError as exc:
+                return exc.code()  # type: ignore[no-any-return]
+            return grpc.StatusCode.OK
+
+        def cancel_one() -> None:
+            doomed[0].cancel()
+            wait_for_queued(one_slot, 2)  # it left at once, not when the batch ran
+
+        *batched, code = run_queued(one_slot, [*calls, consume], cancel_one)
+    assert code is grpc.StatusCode.CANCELLED
+    for index, (expected, got) in enumerate(zip(alone, batched, strict=True)):
+        _assert_same(expected, got, f"projection {index}")
