@@ -19,6 +19,9 @@ device and torch thread count as the server.
   one batch; --rounds windows of the 16 clients alternate with the in-process batch, and the
   ratio is the median of per-window ratios. Measured on --concurrent-model (default vit_tiny_patch16_224 at
   224 px, random init), where the forward, not Python's per-call work, is what is shared.
+- grpc_floor: the p50 of a two-message stream of the single call's sizes from a bare gRPC
+  Python server in the same child process, and the ratio_single_call that a service with
+  no work of its own beyond the forward would reach: (in-process + floor) / in-process.
 - p50/p95 latency at 1, 4 and 16 clients on that model; mean_batch_size is images per
   forward over the 16-client run, from the server's vitscope_batch_images histogram.
 
@@ -35,9 +38,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from typing import Any
 
+import grpc
+import grpc.experimental
 import numpy as np
 import torch
 from torch import nn
@@ -56,6 +62,11 @@ CONCURRENT_SITE = "blocks.11.out"
 CLIENT_COUNTS = (1, 4, 16)
 BATCH = 16
 SINGLE_BLOCK = 25
+# The single call's sizes on the wire: one 3x28x28 float32 image with its framing, and the
+# responses (header; blocks.5.out of 50 tokens x 64 channels in float32).
+FLOOR_REQUEST_BYTES = 9500
+FLOOR_HEADER_BYTES = 400
+FLOOR_CHUNK_BYTES = 12900
 TARGETS = {"ratio_single_call": 1.3, "ratio_concurrent_vs_batched": 0.9}
 
 
@@ -81,9 +92,41 @@ def serve(args: argparse.Namespace) -> None:
     )
     running = create_server(settings)
     running.registry.wait_until_settled()
-    print(json.dumps({"port": running.port, "metrics_port": running.metrics_port}), flush=True)
+    floor = _bare_server()
+    ports = {"port": running.port, "metrics_port": running.metrics_port, "floor_port": floor[1]}
+    print(json.dumps(ports), flush=True)
     sys.stdin.read()
+    floor[0].stop(0)
     running.stop(0)
+
+
+def _bare_server() -> tuple[grpc.Server, int]:
+    """A gRPC Python server with one server-streaming method and nothing else: it answers
+    any request with two messages the sizes of the single call's header and chunk. Its
+    round trip is the floor under any gRPC Python service's call."""
+
+    def respond(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield bytes(FLOOR_HEADER_BYTES)
+        yield bytes(FLOOR_CHUNK_BYTES)
+
+    handler = grpc.method_handlers_generic_handler(
+        "floor.Bare", {"Stream": grpc.unary_stream_rpc_method_handler(respond)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def floor_call_ms(floor_port: int, request_bytes: int, calls: int) -> float:
+    """p50 of the bare server's two-message stream, read as the client reads GetActivations."""
+    options = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+    with grpc.insecure_channel(f"127.0.0.1:{floor_port}", options) as channel:
+        stream = channel.unary_stream("/floor.Bare/Stream")
+        request = bytes(request_bytes)
+        seconds = _timed(lambda: list(stream(request)), calls)
+    return round(statistics.median(seconds) * 1e3, 3)
 
 
 def start_child(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict[str, int]]:
@@ -299,7 +342,14 @@ def main() -> None:
     child, ports = start_child(args)
     target = f"127.0.0.1:{ports['port']}"
     try:
-        report = {**single_call(args, target), **concurrent(args, target, ports["metrics_port"])}
+        report = single_call(args, target)
+        floor_ms = floor_call_ms(ports["floor_port"], FLOOR_REQUEST_BYTES, args.pairs)
+        inprocess_ms = report["single_call_ms"]["inprocess_p50"]
+        report["grpc_floor"] = {
+            "bare_stream_p50_ms": floor_ms,
+            "ratio_single_call_at_floor": round((inprocess_ms + floor_ms) / inprocess_ms, 3),
+        }
+        report.update(concurrent(args, target, ports["metrics_port"]))
     finally:
         assert child.stdin is not None
         child.stdin.close()
