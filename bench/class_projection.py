@@ -32,7 +32,7 @@ from vitscope_server.core.class_projection import (
     ProjectionLimits,
     ProjectionQuery,
     prepare_projection,
-    project_to_class_space,
+    run_projections,
 )
 from vitscope_server.core.images import ImageInput
 from vitscope_server.core.specs import ModelSpec
@@ -99,7 +99,9 @@ def main() -> None:
                 synchronize(loaded.device)
 
         def core() -> None:
-            project_to_class_space(prepared, NEVER_CANCELLED)
+            (outcome,) = run_projections([prepared], NEVER_CANCELLED)
+            if isinstance(outcome, BaseException):
+                raise outcome
             synchronize(loaded.device)
 
         with Client(f"127.0.0.1:{server.port}", timeout=600) as client:
