@@ -13,6 +13,7 @@ from waiting import wait_until
 
 from vitscope_server.core.batching import Batcher, BatchInfo
 from vitscope_server.core.cancel import NEVER_CANCELLED, CancelToken
+from vitscope_server.core.errors import Reason, ResourceExhausted
 from vitscope_server.core.slots import ComputeSlots
 
 Run = Callable[[Sequence[int], CancelToken], list[int | BaseException]]
@@ -87,3 +88,24 @@ def test_a_leader_waits_for_a_request_still_arriving_but_not_for_nothing() -> No
     assert (one, seven) == (2, 14)
     assert one_info.requests == seven_info.requests == 2
     assert sizes == [1, 2] and seen[-1][1] == 2
+
+
+def test_every_batcher_and_the_slots_share_one_max_queue() -> None:
+    """Two batchers and a plain slot waiter, max_waiting 2: the third waiter is refused."""
+    slots = ComputeSlots(max_running=1, max_waiting=2)
+    first: Batcher[int, int] = Batcher(_doubling([], []), slots, max_images=8, max_delay=0.0)
+    second: Batcher[int, int] = Batcher(_doubling([], []), slots, max_images=8, max_delay=0.0)
+    with ThreadPoolExecutor(2) as pool:
+        with slots.acquire(NEVER_CANCELLED):
+            queued = [pool.submit(_submit, first, 1), pool.submit(_submit, second, 2)]
+            wait_until(lambda: slots.waiting == 2, "one request in each batcher's queue")
+            with (
+                pytest.raises(ResourceExhausted, match="max_queue=2") as refused,
+                slots.acquire(NEVER_CANCELLED),
+            ):
+                pass
+            assert refused.value.reason is Reason.QUEUE_FULL
+            with pytest.raises(ResourceExhausted, match="max_queue=2"):
+                _submit(first, 3)
+        assert [future.result()[0] for future in queued] == [2, 4]
+    assert slots.waiting == 0

@@ -24,17 +24,19 @@ from vitscope_server.transport.app import RunningServer
 PHOTOS = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
 DIGITS = list(digits_split()[2][:3])
 
-# Blocks, representations, token selections, targets, top-k, an open_clip tower with its own
-# labels, importance maps (a batch of their own) and a request whose own target is invalid.
+# Representations, token selections, targets, top-k, an open_clip tower with its own labels,
+# a request whose own target is invalid, and two that each run in a batch of their own:
+# other blocks (a forward captures no more than each request counted) and importance maps.
 PROJECTIONS: list[dict[str, Any]] = [
     {"images": [0]},
-    {"images": [1, 2], "blocks": [1], "representations": ["residual", "mlp"], "top_k": 3},
+    {"images": [1, 2], "representations": ["residual", "mlp"], "top_k": 3},
     {"images": [3], "tokens": "indices", "indices": [0, 4], "targets": [2]},
-    {"images": [0, 3], "blocks": [0], "tokens": "patches", "targets": [None, "1"]},
+    {"images": [0, 3], "tokens": "patches", "targets": [None, "1"]},
     {"images": [2], "targets": [10_000]},
     {"images": [1], "model": "clip", "class_names": ["cat", "rocket", "cup"]},
-    {"images": [0], "model": "clip", "class_names": ["cat", "dog"], "blocks": [0]},
+    {"images": [0, 2, 3], "model": "clip", "class_names": ["cat", "dog"], "tokens": "prefix"},
     {"images": [2], "importance_maps": True},
+    {"images": [1], "blocks": [0]},
 ]
 # Depth sets that differ, and a representation sent instead of images.
 INVERSIONS: list[dict[str, Any]] = [
@@ -117,11 +119,13 @@ def test_projections_share_forwards_and_match_running_alone(one_slot: RunningSer
         _assert_same(expected, got, f"projection {index}")
     assert isinstance(alone[4], VitscopeError) and "targets[0]" in str(alone[4])
     after = {m: batches(one_slot, "ProjectToClassSpace", m) for m in ("vit", "clip")}
-    # Alone: one forward each. Queued: the plain vit requests in one forward, the importance
-    # maps in their own, both clip requests in one.
+    # Alone: one forward each. Queued: the vit requests over every block in one forward,
+    # the one over block 0 and the importance maps in one each. An open_clip tower's output
+    # projection reads one row per image, with a kernel that depends on the batch size: its
+    # requests run alone.
     vit_forwards = after["vit"][0] - before["vit"][0]
     clip_forwards = after["clip"][0] - before["clip"][0]
-    assert (vit_forwards, clip_forwards) == (6 + 2, 2 + 1)
+    assert (vit_forwards, clip_forwards) == (7 + 3, 2 + 2)
     vit_images = sum(len(s["images"]) for s in PROJECTIONS if "model" not in s)
     assert after["vit"][1] - before["vit"][1] == 2 * vit_images
 

@@ -73,3 +73,15 @@ def test_a_stepped_generator_runs_and_closes_on_the_slots_thread() -> None:
         assert slot.run(torch.is_grad_enabled) is True
         assert list(slot.steps(events())) == [False, False]
     assert len(set(where)) == 1 and len(where) == 3
+
+
+def test_closing_ends_the_threads_idle_now_and_held_ones_on_release() -> None:
+    slots = ComputeSlots(max_running=2, max_waiting=1)
+    with slots.acquire(NEVER_CANCELLED) as held, slots.acquire(NEVER_CANCELLED) as idle_later:
+        threads = [held.run(threading.current_thread), idle_later.run(threading.current_thread)]
+    with slots.acquire(NEVER_CANCELLED) as held:
+        slots.close()
+        assert held.run(torch.is_grad_enabled) is True  # a holder finishes its work
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()

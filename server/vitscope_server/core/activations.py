@@ -389,9 +389,13 @@ def batch_key(prepared: PreparedActivations) -> Hashable:
     Kept apart: other compute dtypes, and other attention blocks made explicit (that swaps
     the kernel for every image in the forward). A raw module outside the blocks (a
     classifier head) reads rows whose kernel can depend on the batch size, so such a
-    request runs alone."""
+    request runs alone, as does one that reads the output of a model whose head cannot
+    run on its own rows (an open_clip tower's output projection)."""
     adapter = prepared.loaded.adapter
     if any(_outside_blocks(adapter, site) for site in prepared.sites):
+        return object()
+    query = prepared.query
+    if (query.top_predictions or query.logits) and not adapter.head_apart:
         return object()
     attention = frozenset(s.attention_path for s in prepared.sites if s.attention_path is not None)
     return (prepared.query.compute_dtype, attention)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from vitscope_server.core.cancel import NEVER_CANCELLED, CancelToken
-from vitscope_server.core.errors import Cancelled, Reason, ResourceExhausted
+from vitscope_server.core.errors import Cancelled
 from vitscope_server.core.slots import ComputeSlots, HeldSlot
 
 Item = TypeVar("Item")
@@ -48,13 +48,16 @@ def per_item(
 ) -> list[Result | BaseException]:
     """work(item, its rows) for every item of a shared batch, in order. An item's own error
     becomes its outcome, and the others go on."""
-    outcomes: list[Result | BaseException] = []
-    for item, rows in zip(items, item_rows(sizes), strict=True):
-        try:
-            outcomes.append(work(item, rows))
-        except Exception as exc:  # this request's own error
-            outcomes.append(exc)
-    return outcomes
+    return [outcome(work, item, rows) for item, rows in zip(items, item_rows(sizes), strict=True)]
+
+
+def outcome(work: Callable[..., Result], *args: object) -> Result | BaseException:
+    """work(*args), or the exception it raised. The exception's traceback holds this frame
+    only, not the caller's, so no reference cycle keeps the batch's tensors alive."""
+    try:
+        return work(*args)
+    except Exception as exc:  # one request's own error
+        return exc
 
 
 @dataclass(frozen=True)
@@ -218,13 +221,7 @@ class Batcher(Generic[Item, Result]):
             self._land(arrival)
             queue = self._queues.get((group, key))
             runs_now = (queue is None or queue.leader is None) and self._slots.free > 0
-            waiting = self._waiting + self._slots.waiting
-            if not runs_now and waiting >= self._slots.max_waiting:
-                raise ResourceExhausted(
-                    f"server busy: {waiting} requests waiting for compute "
-                    f"(max_queue={self._slots.max_waiting}); retry later",
-                    reason=Reason.QUEUE_FULL,
-                )
+            self._slots.join_batch_queue(admit_only_below_limit=not runs_now)
             queue = self._queues.setdefault((group, key), _Queue(group, (group, key)))
             queue.pending.append(member)
             self._waiting += 1
@@ -242,6 +239,7 @@ class Batcher(Generic[Item, Result]):
             if member in queue.pending:
                 queue.pending.remove(member)
                 self._waiting -= 1
+                self._slots.leave_batch_queue(1)
             if queue.leader is member and not member.leading:
                 self._promote_next(queue)
             # A leader keeps forming its batch for the others; it raises once that is done.
@@ -296,6 +294,7 @@ class Batcher(Generic[Item, Result]):
                 images += member.images
                 batch.append(member)
             self._waiting -= len(batch)
+            self._slots.leave_batch_queue(len(batch))
             self._promote_next(queue)
             return batch
 

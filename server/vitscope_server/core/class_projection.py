@@ -577,9 +577,15 @@ def _image(i: int, projected: _Projected, query: ProjectionQuery) -> ImageProjec
 
 
 def projection_batch_key(prepared: PreparedProjection) -> Hashable:
-    """Requests with equal keys share one forward. Importance maps differentiate their
-    captured tensors and expose attention probabilities (another kernel): they run alone."""
-    return object() if prepared.query.importance_maps else "projection"
+    """Requests with equal keys share one forward: those over the same blocks, so that the
+    forward captures for every image no more than each request's memory estimate counted.
+    Importance maps differentiate their captured tensors and expose attention
+    probabilities (another kernel), and a model whose head cannot run on each request's
+    own rows (an open_clip tower) would change the scores' last bits: they run alone."""
+    query = prepared.query
+    if query.importance_maps or not prepared.loaded.adapter.head_apart:
+        return object()
+    return (query.blocks, query.evaluate_importance)
 
 
 ProjectionResult = tuple[ProjectionHeader, list[ImageProjection], DatasetSummary]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vitscope_server.core.batching import item_rows
+from vitscope_server.core.batching import item_rows, outcome
 from vitscope_server.core.cancel import CancelToken
 from vitscope_server.core.inversion import (
     Event,
@@ -58,14 +58,8 @@ def run_learned(
     adapter = items[0].loaded.adapter
     with torch.no_grad():
         requests = _targets(items, cancel)
-        failed: dict[int, BaseException] = {}
-        for index, request in enumerate(requests):
-            try:
-                for depth in request.prepared.query.depths:
-                    modules = [request.prepared.modules[name] for name in chain_names(depth)]
-                    request.images[depth] = to_uint8(chain(modules, request.targets[depth]))
-            except Exception as exc:  # this request's own error; the others go on
-                failed[index] = exc
+        reconstructed = [outcome(_reconstruct, request) for request in requests]
+        failed = {i: o for i, o in enumerate(reconstructed) if isinstance(o, BaseException)}
         live = [r for i, r in enumerate(requests) if i not in failed]
         for depth in sorted({d for r in live for d in r.images}):
             asking = [r for r in live if depth in r.images]
@@ -80,6 +74,13 @@ def run_learned(
             for request, result in zip(asking, results, strict=True):
                 request.reconstructions[depth] = result
     return [failed.get(i) or r.events() for i, r in enumerate(requests)]
+
+
+def _reconstruct(request: _Request) -> None:
+    """The request's own inverse chain at each of its depths, as 8-bit images."""
+    for depth in request.prepared.query.depths:
+        modules = [request.prepared.modules[name] for name in chain_names(depth)]
+        request.images[depth] = to_uint8(chain(modules, request.targets[depth]))
 
 
 def _targets(items: Sequence[PreparedInversion], cancel: CancelToken) -> list[_Request]:

@@ -54,7 +54,8 @@ class HeldSlot:
 
 
 class ComputeSlots:
-    """At most `max_running` jobs compute at once and `max_waiting` queue behind them.
+    """At most `max_running` jobs compute at once and `max_waiting` queue behind them,
+    counting the requests in every batcher's queues with those waiting for a slot.
 
     Waiters sleep on a condition that a released slot or their cancel token wakes:
     no polling interval delays either."""
@@ -74,10 +75,41 @@ class ComputeSlots:
         ]
         self._changed = threading.Condition()
         self._waiting = 0
+        self._batch_queued = 0
+        self._closed = False
+
+    def close(self) -> None:
+        """Ends the slots' threads: the idle ones now, the held ones when released (the
+        server has stopped taking calls)."""
+        with self._changed:
+            self._closed = True
+            for thread in self._idle:
+                thread.shutdown(wait=False)
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        """Requests waiting for a slot or queued for a batch."""
+        return self._waiting + self._batch_queued
+
+    def join_batch_queue(self, *, admit_only_below_limit: bool) -> None:
+        """Counts one request into a batcher's queue; with admit_only_below_limit, refuses it
+        with QUEUE_FULL when max_waiting requests already wait (a leader that will run at
+        once is admitted regardless)."""
+        with self._changed:
+            if admit_only_below_limit and self.waiting >= self.max_waiting:
+                raise self._queue_full()
+            self._batch_queued += 1
+
+    def leave_batch_queue(self, count: int) -> None:
+        with self._changed:
+            self._batch_queued -= count
+
+    def _queue_full(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"server busy: {self.max_running - len(self._idle)} jobs running and "
+            f"{self.waiting} waiting (max_queue={self.max_waiting}); retry later",
+            reason=Reason.QUEUE_FULL,
+        )
 
     @property
     def free(self) -> int:
@@ -92,12 +124,8 @@ class ComputeSlots:
         with self._changed:
             if self._idle:
                 return self._idle.pop()
-            if queued and self._waiting >= self.max_waiting:
-                raise ResourceExhausted(
-                    f"server busy: {self.max_running} jobs running and {self._waiting} waiting "
-                    f"(max_queue={self.max_waiting}); retry later",
-                    reason=Reason.QUEUE_FULL,
-                )
+            if queued and self.waiting >= self.max_waiting:
+                raise self._queue_full()
             self._waiting += queued
         unsubscribe = cancel.on_cancel(self._wake)
         try:
@@ -129,4 +157,6 @@ class ComputeSlots:
             finally:
                 with self._changed:
                     self._idle.append(thread)
+                    if self._closed:
+                        thread.shutdown(wait=False)
                     self._changed.notify_all()

@@ -65,6 +65,7 @@ class RunningServer:
     health: health.HealthServicer
     metrics: Metrics
     _metrics_http: Any
+    _slots: ComputeSlots
 
     def stop(self, grace: float, drain_delay: float = 0.0) -> bool:
         """Health NOT_SERVING first; calls are still accepted for `drain_delay` seconds so
@@ -77,6 +78,7 @@ class RunningServer:
             log.info("health NOT_SERVING; still accepting calls for %.1f s", drain_delay)
             threading.Event().wait(drain_delay)
         self.grpc_server.stop(grace).wait()
+        self._slots.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         return self.registry.shutdown(wait_seconds=_LOAD_WAIT_SECONDS)
@@ -198,15 +200,15 @@ def _add_services(
     registry: ModelRegistry,
     metrics: Metrics,
     health_servicer: health.HealthServicer,
-) -> None:
+) -> ComputeSlots:
     """The Inspector and the inference protocol, sharing compute slots, the batchers and
-    the memory budget; health and reflection beside them."""
+    the memory budget; health and reflection beside them. Returns the slots."""
     slots = ComputeSlots(settings.max_running, settings.max_queue, settings.torch_threads)
     limits = ActivationLimits(
         settings.max_batch, settings.max_image_pixels, settings.max_result_bytes
     )
     batchers = create_batchers(settings, slots, limits, metrics)
-    metrics.queued.set_function(lambda: float(slots.waiting + batchers.waiting))
+    metrics.queued.set_function(lambda: float(slots.waiting))
     budget = _memory_budget(settings, metrics)
     servicer = InspectorServicer(
         registry,
@@ -242,6 +244,7 @@ def _add_services(
         ),
         server,
     )
+    return slots
 
 
 def create_server(settings: ServerSettings) -> RunningServer:
@@ -254,7 +257,7 @@ def create_server(settings: ServerSettings) -> RunningServer:
     metrics.watch_gpu_memory()
     health_servicer = _health_servicer(registry, metrics)
     server = _grpc_server(settings, metrics, registry)
-    _add_services(server, settings, registry, metrics, health_servicer)
+    slots = _add_services(server, settings, registry, metrics, health_servicer)
     port = _bind(server, settings)
     metrics_http, metrics_port = _start_metrics(settings, metrics)
     server.start()
@@ -263,7 +266,7 @@ def create_server(settings: ServerSettings) -> RunningServer:
         "vitscope serving on %s (metrics on %s); default model %s", port, metrics_port, default
     )
     return RunningServer(
-        server, port, metrics_port, registry, health_servicer, metrics, metrics_http
+        server, port, metrics_port, registry, health_servicer, metrics, metrics_http, slots
     )
 
 

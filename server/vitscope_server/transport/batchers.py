@@ -32,16 +32,12 @@ Result = TypeVar("Result")
 @dataclass(frozen=True)
 class Batchers:
     """One per RPC whose concurrent requests for a model share forwards; ModelInfer shares
-    GetActivations'. batch_max_images 0 turns batching off: each request runs alone."""
+    GetActivations'. batch_max_images 0 turns batching off: each request runs alone. Their
+    queues and the compute slots' share one max_queue (ComputeSlots.waiting)."""
 
     activations: Batcher[PreparedActivations, ActivationResult]
     projections: Batcher[PreparedProjection, ProjectionResult]
     learned_inversions: Batcher[PreparedInversion, list[Event]]
-
-    @property
-    def waiting(self) -> int:
-        """Requests queued for a batch that has not started, in every batcher."""
-        return sum(b.waiting for b in (self.activations, self.projections, self.learned_inversions))
 
 
 def create_batchers(

@@ -187,9 +187,15 @@ def _produce(
     except BaseException as exc:
         buffer.finish(exc)
     finally:
-        close = getattr(responses, "close", None)
-        if close is not None:
-            close()
+        _close(responses)
+
+
+def _close(responses: Iterator[Any]) -> None:
+    """Closes a servicer's stream now, so that its context managers (a budget reservation,
+    a batcher's arrival) exit at once rather than whenever it is collected."""
+    close = getattr(responses, "close", None)
+    if close is not None:
+        close()
 
 
 def buffered(
@@ -254,7 +260,10 @@ class _SendWatchdog:
         while True:
             stalled, interval = self._stalled()
             for context, limit in stalled:
-                _cut_off(context, SlowReader.after(limit))
+                try:
+                    _cut_off(context, SlowReader.after(limit))
+                except Exception:  # one call's failure must not end the watch for all
+                    log.exception("could not cut off a stalled reader")
             idle.wait(interval)
 
 
@@ -266,6 +275,9 @@ def sent_directly(
 ) -> Iterator[Any]:
     """Yields `responses` as they come, on the calling (RPC) thread; a reader that takes none
     of them for `slow_reader_seconds` is cut off."""
-    for message in responses:
-        with _WATCHDOG.sending(context, policy.slow_reader_seconds):
-            yield message
+    try:
+        for message in responses:
+            with _WATCHDOG.sending(context, policy.slow_reader_seconds):
+                yield message
+    finally:
+        _close(responses)

@@ -250,6 +250,10 @@ class ModelAdapter(ABC):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Logits [B, classes] when the model has a classifier, else its embedding."""
 
+    # Whether forward_features stops before every op that reads one row per image (the
+    # head, an output projection): only then is a request's output exact in a shared batch.
+    head_apart: bool = False
+
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The forward up to the head; forward_head(forward_features(x)) is forward(x)."""
         return self.forward(pixels)

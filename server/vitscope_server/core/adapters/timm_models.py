@@ -77,6 +77,7 @@ class TimmAdapter(ModelAdapter):
     """Every timm family: blocks found through feature_info, parts by the library's names."""
 
     family = "timm"
+    head_apart = True
 
     def __init__(self, spec: ModelSpec, model: nn.Module) -> None:
         parts, notes = find_blocks(model)
