@@ -1,5 +1,6 @@
-"""ProjectToClassSpace and learned Invert batch like GetActivations: requests queued behind a
-busy compute slot share their forwards, and each caller gets exactly what it gets alone."""
+"""ProjectToClassSpace, learned Invert and Explain batch like GetActivations: requests queued
+behind a busy compute slot share their forwards, and each caller gets exactly what it gets
+alone."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from skimage import data as skdata
 
 from vitscope import Client, VitscopeError
 from vitscope.client import image_message
+from vitscope.explain import MethodOptions
 from vitscope.v1 import inspector_pb2_grpc, projection_pb2
 from vitscope_server.builtin import DIGITS_NAME
 from vitscope_server.builtin.digits_data import digits_split
@@ -177,3 +179,47 @@ def test_a_cancelled_projection_leaves_the_queue_and_the_others_complete(
     assert code is grpc.StatusCode.CANCELLED
     for index, (expected, got) in enumerate(zip(alone, batched, strict=True)):
         _assert_same(expected, got, f"projection {index}")
+
+
+# Explain shares a run among requests whose methods read one forward and no gradient:
+# targets and image counts differ; one request's own target is invalid; a gradient method
+# and faithfulness curves (seeded per request) run on their own.
+SHARED_METHODS = ["rollout", "feature_map"]
+FEATURE_SITE = {"feature_map": MethodOptions(site="blocks.1.mlp.hidden")}
+EXPLANATIONS: list[dict[str, Any]] = [
+    {"images": [0]},
+    {"images": [1, 2], "targets": [3, None]},
+    {"images": [3], "targets": ["not a class"]},
+    {"images": [2, 0, 1], "targets": [1, 2, 4]},
+    {"images": [1], "methods": ["rollout", "class_embedding"]},
+    {"images": [0], "faithfulness": True},
+]
+
+
+def _explain(client: Client, spec: dict[str, Any]) -> Any:
+    try:
+        return client.explain(
+            [PHOTOS[i] for i in spec["images"]],
+            spec.get("methods", SHARED_METHODS),
+            model="vit",
+            targets=spec.get("targets", ()),
+            options=FEATURE_SITE,
+            faithfulness=spec.get("faithfulness", False),
+            patches_per_step=8,
+        )
+    except VitscopeError as exc:
+        return exc
+
+
+def test_explanations_share_forwards_and_match_running_alone(one_slot: RunningServer) -> None:
+    before = batches(one_slot, "Explain", "vit")
+    with Client(f"127.0.0.1:{one_slot.port}", timeout=120) as client:
+        calls = [lambda s=s: _explain(client, s) for s in EXPLANATIONS]
+        alone, batched = _compare_queued(one_slot, calls)
+    for index, (expected, got) in enumerate(zip(alone, batched, strict=True)):
+        _assert_same(expected, got, f"explanation {index}")
+    assert isinstance(alone[2], VitscopeError) and "not a class" in str(alone[2])
+    forwards, images = batches(one_slot, "Explain", "vit")
+    # Alone: one run per sharable request; queued: the four share one run.
+    assert forwards - before[0] == 4 + 1
+    assert images - before[1] == 2 * sum(len(s["images"]) for s in EXPLANATIONS[:4])

@@ -9,7 +9,7 @@ maps are copied back.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,9 +122,11 @@ def _predict(
     space: TargetSpace | None,
     pixels: torch.Tensor,
     cancel: CancelToken,
+    requests: Sequence[slice],
 ) -> _Predicted:
-    """One forward for the predictions. When rollout or relevancy is asked for, the same
-    forward captures the attention they read (keeping the graph for relevancy)."""
+    """One forward for the predictions, the head on each request's rows. When rollout or
+    relevancy is asked for, the same forward captures the attention they read (keeping
+    the graph for relevancy)."""
     adapter = prepared.loaded.adapter
     specs = {spec.method: spec for spec in prepared.query.methods}
     wanted = specs.keys() & {Method.ROLLOUT, Method.RELEVANCY}
@@ -133,10 +135,10 @@ def _predict(
     output = None
     if wanted:
         differentiable = Method.RELEVANCY in wanted
-        output, probs = attention_forward(adapter, pixels, cancel, differentiable)
+        output, probs = attention_forward(adapter, pixels, cancel, differentiable, requests)
     elif space is not None:
         with torch.no_grad():
-            output = adapter.forward(pixels)
+            output = adapter.forward_by_request(pixels, requests)
     targets = torch.full((batch,), -1, dtype=torch.long, device=pixels.device)
     predicted = _Predicted(
         torch.zeros(batch, 1, device=pixels.device), targets, [False] * batch, {}
@@ -231,7 +233,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _summary(methods: list[Method], per_image: list[ImageExplanation]) -> ExplanationSummary:
+def summary(methods: list[Method], per_image: list[ImageExplanation]) -> ExplanationSummary:
     def means(pairs: list[CurvePair | None]) -> tuple[float, float]:
         present = [p for p in pairs if p is not None]
         return _mean([p.deletion.auc for p in present]), _mean([p.insertion.auc for p in present])
@@ -243,8 +245,15 @@ def _summary(methods: list[Method], per_image: list[ImageExplanation]) -> Explan
     return ExplanationSummary(len(per_image), rows, *means([i.random_order for i in per_image]))
 
 
-def explain(prepared: PreparedExplanation, cancel: CancelToken) -> Iterator[Event]:
-    """The header, progress, one ImageExplanation per image, then the summary."""
+def explain(
+    prepared: PreparedExplanation,
+    cancel: CancelToken,
+    requests: Sequence[slice] | None = None,
+) -> Iterator[Event]:
+    """The header, progress, one ImageExplanation per image, then the summary.
+
+    requests: the rows of each request when several share the run (explain_batching);
+    the model's head runs on each one's rows, as it would alone."""
     loaded, query = prepared.loaded, prepared.query
     adapter = loaded.adapter
     pixels = prepared.pixels.to(loaded.device)
@@ -252,7 +261,7 @@ def explain(prepared: PreparedExplanation, cancel: CancelToken) -> Iterator[Even
     prompts = list(dict.fromkeys(t.text for t in query.targets if isinstance(t, Prompt)))
     space = target_space(loaded, query.labels, prompts, cancel)
     cancel.raise_if_cancelled()
-    predicted = _predict(prepared, space, pixels, cancel)
+    predicted = _predict(prepared, space, pixels, cancel, requests or [slice(0, batch)])
     names = space.names if space is not None else []
     yield ExplanationHeader(provenance_of(loaded), prepared, names, bool(space and space.cosine))
     computed = []
@@ -271,7 +280,7 @@ def explain(prepared: PreparedExplanation, cancel: CancelToken) -> Iterator[Even
         for i in range(batch)
     ]
     yield from per_image
-    yield _summary([s.method for s in query.methods], per_image)
+    yield summary([s.method for s in query.methods], per_image)
 
 
 def _image(

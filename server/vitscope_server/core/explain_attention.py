@@ -8,7 +8,7 @@ without prefix tokens (average pooling) the mean of all rows. Prefix columns are
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from enum import Enum
 from typing import Any
@@ -76,9 +76,14 @@ def _probs_sites(adapter: ModelAdapter) -> list[Any]:
 
 
 def attention_forward(
-    adapter: ModelAdapter, pixels: torch.Tensor, cancel: CancelToken, differentiable: bool
+    adapter: ModelAdapter,
+    pixels: torch.Tensor,
+    cancel: CancelToken,
+    differentiable: bool,
+    requests: Sequence[slice],
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The model's forward output and every block's attention probabilities [B, heads, T, T].
+    """The model's forward output (its head on each request's rows) and every block's
+    attention probabilities [B, heads, T, T].
 
     Differentiable: the graph from the output to every block's probabilities is kept, with
     each attention output recomputed from them (see _recomputing_hook)."""
@@ -86,7 +91,7 @@ def attention_forward(
     probs_sites = _probs_sites(adapter)
     if not differentiable:
         with torch.no_grad(), capture_sites(adapter, probs_sites, pixels.shape[0], cancel) as got:
-            output = adapter.forward(pixels)
+            output = adapter.forward_by_request(pixels, requests)
         return output, [got[site.name] for site in probs_sites]
     sites = [adapter.embed_site(), *(adapter.block_site(b, "out") for b in blocks)]
     owner = threading.get_ident()
@@ -99,7 +104,7 @@ def attention_forward(
             hook = _recomputing_hook(adapter, b, captured, owner)
             stack.callback(module.register_forward_hook(hook).remove)
         # The input carries a gradient only so that the graph to every probability is built.
-        output = adapter.forward(pixels.detach().requires_grad_(True))
+        output = adapter.forward_by_request(pixels.detach().requires_grad_(True), requests)
     return output, [captured[site.name] for site in probs_sites]
 
 

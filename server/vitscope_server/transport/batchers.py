@@ -19,6 +19,9 @@ from vitscope_server.core.class_projection import (
     ProjectionResult,
     run_projections,
 )
+from vitscope_server.core.explain import Event as ExplainEvent
+from vitscope_server.core.explain_batching import run_explanations
+from vitscope_server.core.explain_query import PreparedExplanation
 from vitscope_server.core.inversion import Event, PreparedInversion
 from vitscope_server.core.learned_inversion import run_learned
 from vitscope_server.core.slots import ComputeSlots
@@ -38,6 +41,7 @@ class Batchers:
     activations: Batcher[PreparedActivations, ActivationResult]
     projections: Batcher[PreparedProjection, ProjectionResult]
     learned_inversions: Batcher[PreparedInversion, list[Event]]
+    explanations: Batcher[PreparedExplanation, list[ExplainEvent]]
 
 
 def create_batchers(
@@ -61,6 +65,7 @@ def create_batchers(
         batcher("GetActivations", activations),
         batcher("ProjectToClassSpace", run_projections),
         batcher("Invert", run_learned),
+        batcher("Explain", run_explanations),
     )
 
 

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterable, Iterator
 
 import grpc
 
 from vitscope.v1 import explain_pb2 as pb
 from vitscope_server.core.activations import ActivationLimits
+from vitscope_server.core.batching import Arrival
 from vitscope_server.core.budget import MemoryBudget, backward_bytes, images_bytes
-from vitscope_server.core.explain import ExplanationHeader, explain
-from vitscope_server.core.explain_query import ExplainLimits, prepare_explanation
+from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.explain import Event, ExplanationHeader, explain
+from vitscope_server.core.explain_batching import explain_batch_key
+from vitscope_server.core.explain_query import (
+    ExplainLimits,
+    PreparedExplanation,
+    prepare_explanation,
+)
 from vitscope_server.core.registry import ModelRegistry
 from vitscope_server.core.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_explain
+from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.cancellation import cancel_token
-from vitscope_server.transport.compute import computing
+from vitscope_server.transport.compute import computing, record_batched
 from vitscope_server.transport.metrics import Metrics
 
 
@@ -28,6 +36,7 @@ class ExplainRpcs:
     _limits: ActivationLimits
     _chunk_bytes: int
     _budget: MemoryBudget
+    _batchers: Batchers
 
     def Explain(
         self, request: pb.ExplainRequest, context: grpc.ServicerContext
@@ -45,12 +54,33 @@ class ExplainRpcs:
         need = images_bytes(adapter, images, self._limits.max_pixels)
         need += backward_bytes(adapter, len(images), height * width)
         cancel = cancel_token(context)
-        names: list[str] = []
+        model = loaded.spec.name
         with self._budget.reserve(need, cancel):
             query = convert_explain.explain_query(request)
-            prepared = prepare_explanation(loaded, images, query, limits)
-            with computing(self._slots, self._metrics, cancel, "Explain", loaded.spec.name) as slot:
-                for event in slot.steps(explain(prepared, cancel)):
-                    if isinstance(event, ExplanationHeader):
-                        names = event.class_names
-                    yield convert_explain.explain_response(event, names, self._chunk_bytes)
+            with self._batchers.explanations.arriving(model) as arrival:
+                prepared = prepare_explanation(loaded, images, query, limits)
+                key = explain_batch_key(prepared)
+                shared = None if key is None else self._shared(arrival, key, prepared, cancel)
+            if shared is not None:
+                yield from self._responses(shared)
+                return
+            with computing(self._slots, self._metrics, cancel, "Explain", model) as slot:
+                yield from self._responses(slot.steps(explain(prepared, cancel)))
+
+    def _responses(self, events: Iterable[Event]) -> Iterator[pb.ExplainResponse]:
+        names: list[str] = []
+        for event in events:
+            if isinstance(event, ExplanationHeader):
+                names = event.class_names
+            yield convert_explain.explain_response(event, names, self._chunk_bytes)
+
+    def _shared(
+        self, arrival: Arrival, key: Hashable, prepared: PreparedExplanation, cancel: CancelToken
+    ) -> list[Event]:
+        """A request whose methods share a forward runs in the explanations batcher; it sends
+        nothing until its batch is done."""
+        events, info = self._batchers.explanations.submit(
+            arrival, key, prepared, int(prepared.pixels.shape[0]), cancel
+        )
+        record_batched(self._metrics, "Explain", prepared.loaded.spec.name, info)
+        return events

@@ -258,6 +258,12 @@ class ModelAdapter(ABC):
         """The forward up to the head; forward_head(forward_features(x)) is forward(x)."""
         return self.forward(pixels)
 
+    def forward_by_request(self, pixels: torch.Tensor, requests: Sequence[slice]) -> torch.Tensor:
+        """forward(pixels) for a batch of several requests' rows, the head applied to each
+        request's own rows (see forward_head); one request spanning the batch is forward."""
+        features = self.forward_features(pixels)
+        return torch.cat([self.forward_head(features[rows]) for rows in requests])
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """The head on some images' features. A batched forward applies it per request:
         a head on one pooled row may use another kernel than on many, so the logits of a
