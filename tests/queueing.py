@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 from waiting import sample, wait_until
 
 from vitscope import Client
@@ -63,3 +64,27 @@ def run_queued(
         finally:
             holder.release()
         return [f.result() for f in futures]
+
+
+def run_queued_cancelling_one(
+    server: RunningServer, calls: list[Callable[[], Any]], start: Callable[[], Any]
+) -> tuple[list[Any], grpc.StatusCode]:
+    """run_queued with one more call, made by `start` behind the held slot (a call starts
+    when it is made) and cancelled once all queue; waits until it has left the queue, then
+    returns the other calls' results and its status code."""
+    doomed: list[Any] = []
+
+    def consume() -> grpc.StatusCode:
+        doomed.append(start())
+        try:
+            list(doomed[0])
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+    def cancel_one() -> None:
+        doomed[0].cancel()
+        wait_for_queued(server, len(calls))  # it left at once, not when the batch ran
+
+    *results, code = run_queued(server, [*calls, consume], cancel_one)
+    return results, code

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import DEVICE, start
-from queueing import batches, run_queued, wait_for_queued
+from queueing import batches, run_queued, run_queued_cancelling_one
 from skimage import data as skdata
 
 from vitscope import Client, InvalidArgumentError
@@ -108,23 +108,10 @@ def test_a_cancelled_request_leaves_the_queue_and_the_others_complete(
         request = pb.GetActivationsRequest(
             model="vit", sites=["embed"], images=[image_message(PHOTOS[0])]
         )
-        doomed: list[Any] = []
-
-        def consume() -> grpc.StatusCode:
-            """Starts the call behind the held slot (a call starts when it is made)."""
-            doomed.append(stub.GetActivations(request, timeout=60))
-            try:
-                list(doomed[0])
-            except grpc.RpcError as exc:
-                return exc.code()  # type: ignore[no-any-return]
-            return grpc.StatusCode.OK
-
-        def cancel_one() -> None:
-            doomed[0].cancel()
-            wait_for_queued(one_slot, len(specs))  # it left at once, not when the batch ran
-
         calls: list[Callable[[], Any]] = [lambda s=s: _call(client, s) for s in specs]
-        *batched, code = run_queued(one_slot, [*calls, consume], cancel_one)
+        batched, code = run_queued_cancelling_one(
+            one_slot, calls, lambda: stub.GetActivations(request, timeout=60)
+        )
     assert code is grpc.StatusCode.CANCELLED
     for expected, got in zip(alone, batched, strict=True):
         _assert_same(expected, got)

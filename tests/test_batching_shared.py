@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import CLIP_WITH_TEXT, DEVICE, TEST_MODELS, start
-from queueing import batches, run_queued, wait_for_queued
+from queueing import batches, run_queued, run_queued_cancelling_one
 from skimage import data as skdata
 
 from vitscope import Client, VitscopeError
@@ -105,20 +105,24 @@ def _assert_same(alone: Any, batched: Any, path: str = "result") -> None:
         assert batched == alone, path
 
 
-def _compare_queued(
-    server: RunningServer, calls: list[Callable[[], Any]]
-) -> tuple[list[Any], list[Any]]:
+def _compare_queued(server: RunningServer, calls: list[Callable[[], Any]], what: str) -> list[Any]:
+    """Each call alone, then all queued together: the same results, field by field.
+    Returns the results alone."""
     alone = [call() for call in calls]
-    return alone, run_queued(server, calls, lambda: None)
+    _assert_each_same(alone, run_queued(server, calls, lambda: None), what)
+    return alone
+
+
+def _assert_each_same(alone: list[Any], batched: list[Any], what: str) -> None:
+    for index, (expected, got) in enumerate(zip(alone, batched, strict=True)):
+        _assert_same(expected, got, f"{what} {index}")
 
 
 def test_projections_share_forwards_and_match_running_alone(one_slot: RunningServer) -> None:
     before = {m: batches(one_slot, "ProjectToClassSpace", m) for m in ("vit", "clip")}
     with Client(f"127.0.0.1:{one_slot.port}", timeout=120) as client:
         calls = [lambda s=s: _project(client, s) for s in PROJECTIONS]
-        alone, batched = _compare_queued(one_slot, calls)
-    for index, (expected, got) in enumerate(zip(alone, batched, strict=True)):
-        _assert_same(expected, got, f"projection {index}")
+        alone = _compare_queued(one_slot, calls, "projection")
     assert isinstance(alone[4], VitscopeError) and "targets[0]" in str(alone[4])
     after = {m: batches(one_slot, "ProjectToClassSpace", m) for m in ("vit", "clip")}
     # Alone: one forward each. Queued: the vit requests over every block in one forward,
@@ -140,9 +144,7 @@ def test_learned_inversions_share_forwards_and_match_running_alone(
         tokens = client.activations(DIGITS, ["blocks.1.out"], model=DIGITS_NAME)["blocks.1.out"]
         per_image = {i: tokens[i : i + 1] for i in range(len(DIGITS))}
         calls = [lambda s=s: _invert(client, s, per_image) for s in INVERSIONS]
-        alone, batched = _compare_queued(one_slot, calls)
-    for index, (expected, got) in enumerate(zip(alone, batched, strict=True)):
-        _assert_same(expected, got, f"inversion {index}")
+        alone = _compare_queued(one_slot, calls, "inversion")
     assert [list(a.reconstructions) for a in alone] == [[0, 3], [6], [3], [2]]
     forwards, images = batches(one_slot, "Invert", DIGITS_NAME)
     assert forwards - before[0] == len(INVERSIONS) + 1
@@ -160,25 +162,11 @@ def test_a_cancelled_projection_leaves_the_queue_and_the_others_complete(
         request = projection_pb2.ProjectToClassSpaceRequest(
             model="vit", images=[image_message(PHOTOS[1])]
         )
-        doomed: list[Any] = []
-
-        def consume() -> grpc.StatusCode:
-            """Starts the call behind the held slot (a call starts when it is made)."""
-            doomed.append(stub.ProjectToClassSpace(request, timeout=120))
-            try:
-                list(doomed[0])
-            except grpc.RpcError as exc:
-                return exc.code()  # type: ignore[no-any-return]
-            return grpc.StatusCode.OK
-
-        def cancel_one() -> None:
-            doomed[0].cancel()
-            wait_for_queued(one_slot, 2)  # it left at once, not when the batch ran
-
-        *batched, code = run_queued(one_slot, [*calls, consume], cancel_one)
+        batched, code = run_queued_cancelling_one(
+            one_slot, calls, lambda: stub.ProjectToClassSpace(request, timeout=120)
+        )
     assert code is grpc.StatusCode.CANCELLED
-    for index, (expected, got) in enumerate(zip(alone, batched, strict=True)):
-        _assert_same(expected, got, f"projection {index}")
+    _assert_each_same(alone, batched, "projection")
 
 
 # Explain shares a run among requests whose methods read one forward and no gradient:
@@ -215,9 +203,7 @@ def test_explanations_share_forwards_and_match_running_alone(one_slot: RunningSe
     before = batches(one_slot, "Explain", "vit")
     with Client(f"127.0.0.1:{one_slot.port}", timeout=120) as client:
         calls = [lambda s=s: _explain(client, s) for s in EXPLANATIONS]
-        alone, batched = _compare_queued(one_slot, calls)
-    for index, (expected, got) in enumerate(zip(alone, batched, strict=True)):
-        _assert_same(expected, got, f"explanation {index}")
+        alone = _compare_queued(one_slot, calls, "explanation")
     assert isinstance(alone[2], VitscopeError) and "not a class" in str(alone[2])
     forwards, images = batches(one_slot, "Explain", "vit")
     # Alone: one run per sharable request; queued: the four share one run.
