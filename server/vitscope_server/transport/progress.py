@@ -33,9 +33,9 @@ from vitscope_server.core.intra_op import host_thread
 log = logging.getLogger(__name__)
 
 _WAKE_SECONDS = 0.1
-# Producers run on reused threads: a fresh thread per call would make torch set up its
-# per-thread state (an OpenMP team on CPU) every time, milliseconds per call. Streams in
-# flight are bounded by the server's own thread pool, far below this.
+# Producers run on reused threads, each running torch on one thread (core/intra_op.py): the
+# torch work of a slot's holder runs on the slot's own thread. Streams in flight are bounded
+# by the server's own thread pool, far below this.
 _PRODUCERS = ThreadPoolExecutor(
     max_workers=1024, thread_name_prefix="stream-producer", initializer=host_thread
 )
