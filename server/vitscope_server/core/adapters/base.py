@@ -262,6 +262,8 @@ class ModelAdapter(ABC):
         """forward(pixels) for a batch of several requests' rows, the head applied to each
         request's own rows (see forward_head); one request spanning the batch is forward."""
         features = self.forward_features(pixels)
+        if len(requests) == 1:
+            return self.forward_head(features)
         return torch.cat([self.forward_head(features[rows]) for rows in requests])
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
