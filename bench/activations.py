@@ -41,7 +41,7 @@ from photos import NAMES, photos
 from torch import nn
 
 from vitscope.client import DEFAULT_MAX_MESSAGE_BYTES, Client
-from vitscope_server.core.registry import ModelState
+from vitscope_server.core.model.registry import ModelState
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer, create_server
 

@@ -27,15 +27,15 @@ import torch
 from photos import NAMES, photos
 
 from vitscope.client import Client
-from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.class_projection import (
+from vitscope_server.core.model.images import ImageInput
+from vitscope_server.core.model.specs import ModelSpec
+from vitscope_server.core.projection.project import (
     ProjectionLimits,
     ProjectionQuery,
     prepare_projection,
     run_projections,
 )
-from vitscope_server.core.images import ImageInput
-from vitscope_server.core.specs import ModelSpec
+from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import create_server
 

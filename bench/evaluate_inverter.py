@@ -17,12 +17,12 @@ from PIL import Image
 from vitscope.overlay import grid
 from vitscope_server.builtin import BUILTIN_INVERTERS, DIGITS_NAME, builtin_specs
 from vitscope_server.builtin.digits_data import digits_split
-from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.inversion import chain, representations
-from vitscope_server.core.inversion_modules import chain_names, depth_site
-from vitscope_server.core.inversion_store import load_modules, read_manifest
-from vitscope_server.core.loading import load_model
-from vitscope_server.core.pixels import denormalise
+from vitscope_server.core.inversion.invert import chain, representations
+from vitscope_server.core.inversion.modules import chain_names, depth_site
+from vitscope_server.core.inversion.store import load_modules, read_manifest
+from vitscope_server.core.model.loading import load_model
+from vitscope_server.core.model.pixels import denormalise
+from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
 
 STORE = BUILTIN_INVERTERS / DIGITS_NAME
 

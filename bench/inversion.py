@@ -28,12 +28,12 @@ from PIL import Image
 
 from vitscope_server.builtin import BUILTIN_INVERTERS, DIGITS_NAME, builtin_specs
 from vitscope_server.builtin.digits_data import digits_split
-from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.inversion import chain, representations
-from vitscope_server.core.inversion_modules import build_module, chain_names, geometry_of
-from vitscope_server.core.inversion_store import load_modules, read_manifest
-from vitscope_server.core.inversion_train import training_pairs
-from vitscope_server.core.loading import load_model
+from vitscope_server.core.inversion.invert import chain, representations
+from vitscope_server.core.inversion.modules import build_module, chain_names, geometry_of
+from vitscope_server.core.inversion.store import load_modules, read_manifest
+from vitscope_server.core.inversion.train import training_pairs
+from vitscope_server.core.model.loading import load_model
+from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
 
 
 def main() -> None:

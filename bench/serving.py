@@ -50,8 +50,8 @@ from torch import nn
 
 from vitscope.client import Client
 from vitscope_server.builtin import DIGITS_NAME, builtin_specs
-from vitscope_server.core.loading import LoadedModel, load_model
-from vitscope_server.core.specs import parse_model_flag
+from vitscope_server.core.model.loading import LoadedModel, load_model
+from vitscope_server.core.model.specs import parse_model_flag
 from vitscope_server.model_selection import resolve_device
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import create_server

@@ -218,7 +218,7 @@ def _seeds() -> dict[str, list[Message]]:
             )
         ],
         "TopActivatingImages": [
-            fpb.TopActivatingImagesRequest(
+            apb.TopActivatingImagesRequest(
                 model="tiny", site="blocks.0.out", channels=[1], top_k=2, images=[image]
             )
         ],

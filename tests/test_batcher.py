@@ -11,10 +11,10 @@ import pytest
 import torch
 from waiting import wait_until
 
-from vitscope_server.core.batching import Batcher, BatchInfo
-from vitscope_server.core.cancel import NEVER_CANCELLED, CancelToken
-from vitscope_server.core.errors import Reason, ResourceExhausted
-from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.core.runtime.batching import Batcher, BatchInfo
+from vitscope_server.core.runtime.cancel import NEVER_CANCELLED, CancelToken
+from vitscope_server.core.runtime.errors import Reason, ResourceExhausted
+from vitscope_server.core.runtime.slots import ComputeSlots
 
 Run = Callable[[Sequence[int], CancelToken], list[int | BaseException]]
 

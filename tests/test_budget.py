@@ -13,10 +13,10 @@ from PIL import Image
 from waiting import wait_until
 
 from vitscope import Client, ResourceExhaustedError
-from vitscope_server.core.budget import MemoryBudget, RequestTooLarge, ServerBudgetExceeded
-from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.errors import Cancelled
-from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.model.loading import LoadedModel
+from vitscope_server.core.runtime.budget import MemoryBudget, RequestTooLarge, ServerBudgetExceeded
+from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.errors import Cancelled
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer, create_server
 

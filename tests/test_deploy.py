@@ -38,7 +38,7 @@ from vitscope import Client
 from vitscope.errors import UnauthenticatedError
 from vitscope_server.builtin import builtin_specs
 from vitscope_server.cli import build_parser
-from vitscope_server.core.specs import load_models_file
+from vitscope_server.core.model.specs import load_models_file
 from vitscope_server.settings import DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT, ServerSettings
 from vitscope_server.settings_flags import settings_from_args
 

@@ -37,10 +37,11 @@ from vitscope.errors import from_rpc_error
 from vitscope.handshake import require_compatible
 from vitscope.protocol import PROTOCOL, PROTOCOL_REVISION
 from vitscope.v1 import activations_pb2, models_pb2
+from vitscope.v1 import activations_pb2 as apb
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
-from vitscope_server.core.divergence import require_converging
-from vitscope_server.core.errors import QUOTE_LIMIT, InvalidArgument, Reason
+from vitscope_server.core.runtime.divergence import require_converging
+from vitscope_server.core.runtime.errors import QUOTE_LIMIT, InvalidArgument, Reason
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer, create_server
 from vitscope_server.transport.interceptors import classify
@@ -193,7 +194,7 @@ def test_requests_that_do_not_parse(
         unary = channel.unary_unary("/vitscope.v1.Inspector/DescribeModel")
         streaming = channel.unary_stream("/vitscope.v1.Inspector/GetActivations")
         uploading = channel.stream_unary("/vitscope.v1.Inspector/TopActivatingImages")
-        first = fpb.TopActivatingImagesRequest(
+        first = apb.TopActivatingImagesRequest(
             model=DIGITS, site="blocks.1.out", channels=[0], top_k=1
         )
         errors: list[VitscopeError] = []

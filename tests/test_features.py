@@ -35,11 +35,7 @@ from vitscope.tensors import to_proto
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope_server.builtin.digits_data import digits_split
-from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.capture import capture_sites
-from vitscope_server.core.errors import InvalidArgument, Reason, ResourceExhausted
-from vitscope_server.core.feature_images import Parameterization, image_parameters
-from vitscope_server.core.features import (
+from vitscope_server.core.features.optimize import (
     FeatureForward,
     FeatureSpec,
     OptimizationParams,
@@ -48,6 +44,10 @@ from vitscope_server.core.features import (
     prepare_optimization,
     step_loss,
 )
+from vitscope_server.core.features.parameterization import Parameterization, image_parameters
+from vitscope_server.core.model.capture import capture_sites
+from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
+from vitscope_server.core.runtime.errors import InvalidArgument, Reason, ResourceExhausted
 from vitscope_server.transport.app import RunningServer
 from vitscope_server.transport.convert_features import feature_specs
 

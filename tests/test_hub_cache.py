@@ -18,7 +18,7 @@ import torch
 from reference import spec as shared_spec
 from safetensors.torch import save_file
 
-from vitscope_server.core.weights import file_digest
+from vitscope_server.core.model.weights import file_digest
 
 TIMM_KWARGS = {"depth": 1, "img_size": 32}
 CLIP_KWARGS = shared_spec("clip")["kwargs"]
@@ -57,8 +57,8 @@ CASES: list[dict[str, Any]] = [
 LOADER = textwrap.dedent(
     """
     import json, sys, torch
-    from vitscope_server.core.loading import load_model
-    from vitscope_server.core.specs import ModelSpec
+    from vitscope_server.core.model.loading import load_model
+    from vitscope_server.core.model.specs import ModelSpec
     out = {}
     for spec in json.loads(sys.argv[1]):
         loaded = load_model(ModelSpec.model_validate(spec), torch.device("cpu"))

@@ -33,7 +33,7 @@ from vitscope_server.builtin import (
     DIGITS_WEIGHTS,
 )
 from vitscope_server.builtin.digits_data import digits_split
-from vitscope_server.core.inversion_modules import Geometry, build_module
+from vitscope_server.core.inversion.modules import Geometry, build_module
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer
 

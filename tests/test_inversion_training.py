@@ -23,7 +23,7 @@ from waiting import wait_until
 from vitscope import Client, NotFoundError
 from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.cli import main as cli
-from vitscope_server.core.inversion_store import read_manifest
+from vitscope_server.core.inversion.store import read_manifest
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import create_server
 

@@ -73,3 +73,47 @@ def test_no_server_function_is_longer_than_a_screen() -> None:
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(server)}:{node.lineno} {node.name} ({lines})")
     assert not long, long
+
+
+CORE = Path(__file__).resolve().parents[1] / "server" / "vitscope_server" / "core"
+# The shared layers every method family may use; everything else under core is a family.
+SHARED_LAYERS = {"model", "runtime"}
+
+
+def _core_imports(path: Path) -> set[str]:
+    """The core subpackages a module imports (vitscope_server.core.<name>...)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        modules = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules = [node.module]
+        elif isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        for module in modules:
+            parts = module.split(".")
+            if parts[:2] == ["vitscope_server", "core"] and len(parts) > 2:
+                names.add(parts[2])
+    return names
+
+
+def test_core_is_split_into_shared_layers_and_families() -> None:
+    loose = [p.name for p in CORE.glob("*.py") if p.name != "__init__.py"]
+    assert not loose, f"every core module belongs to a layer or a family: {loose}"
+    packages = {p.name for p in CORE.iterdir() if (p / "__init__.py").exists()}
+    assert SHARED_LAYERS <= packages
+    assert {"activations", "features", "projection", "inversion", "explain"} <= packages
+
+
+def test_a_family_imports_only_the_shared_layers_and_itself() -> None:
+    packages = {p.name for p in CORE.iterdir() if (p / "__init__.py").exists()}
+    families = packages - SHARED_LAYERS
+    crossing = []
+    for family in sorted(packages):
+        allowed = SHARED_LAYERS | {family}
+        for path in sorted((CORE / family).rglob("*.py")):
+            for imported in _core_imports(path) - allowed:
+                if family in SHARED_LAYERS and imported in SHARED_LAYERS:
+                    continue
+                crossing.append(f"{path.relative_to(CORE)} imports core.{imported}")
+    assert families, "no method families found"
+    assert not crossing, crossing

@@ -13,19 +13,24 @@ import torch
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
-from vitscope_server.core.activations import (
+from vitscope_server.core.activations.compute import (
     ActivationLimits,
     ActivationQuery,
     get_activations,
     prepare_activations,
 )
-from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from vitscope_server.core.images import ImageInput
-from vitscope_server.core.loading import load_model
-from vitscope_server.core.registry import ModelRegistry, ModelState
-from vitscope_server.core.specs import ModelSpec, load_models_file, parse_model_flag
-from vitscope_server.core.weights import file_digest
+from vitscope_server.core.model.images import ImageInput
+from vitscope_server.core.model.loading import load_model
+from vitscope_server.core.model.registry import ModelRegistry, ModelState
+from vitscope_server.core.model.specs import ModelSpec, load_models_file, parse_model_flag
+from vitscope_server.core.model.weights import file_digest
+from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
+from vitscope_server.core.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from vitscope_server.model_selection import select_spec
 from vitscope_server.settings import ServerSettings
 

@@ -38,10 +38,10 @@ from vitscope import (
 from vitscope.cli import main
 from vitscope.projection import ClassProjection
 from vitscope_server.builtin.digits_data import digits_split
-from vitscope_server.core import class_projection
-from vitscope_server.core.class_space import TEXT_EMBEDDINGS
-from vitscope_server.core.loading import load_model
-from vitscope_server.core.specs import ModelSpec
+from vitscope_server.core.model.class_space import TEXT_EMBEDDINGS
+from vitscope_server.core.model.loading import load_model
+from vitscope_server.core.model.specs import ModelSpec
+from vitscope_server.core.projection import project as class_projection
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer, create_server
 

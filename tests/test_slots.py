@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.intra_op import DEFAULT_THREADS, host_thread
-from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
+from vitscope_server.core.runtime.intra_op import DEFAULT_THREADS, host_thread
+from vitscope_server.core.runtime.slots import ComputeSlots
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from vitscope.v1 import activations_pb2 as apb
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope.v1 import inversion_pb2 as ipb
-from vitscope_server.core.errors import Cancelled
+from vitscope_server.core.runtime.errors import Cancelled
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer, create_server
 from vitscope_server.transport.progress import (

@@ -21,17 +21,16 @@ from vitscope.client import ImageLike
 from vitscope.errors import PermissionDeniedError, VitscopeError
 from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.cli import main as server_main
-from vitscope_server.core.cancel import NEVER_CANCELLED
-from vitscope_server.core.errors import InvalidArgument
-from vitscope_server.core.images import ALLOWED_FORMATS, ImageInput
-from vitscope_server.core.top_images import (
-    IMAGE_SUFFIXES,
+from vitscope_server.core.activations.top_images import (
     ScanItem,
     ScanQuery,
     TopImageScan,
     file_items,
-    list_images,
 )
+from vitscope_server.core.model.image_folders import IMAGE_SUFFIXES, list_images
+from vitscope_server.core.model.images import ALLOWED_FORMATS, ImageInput
+from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
+from vitscope_server.core.runtime.errors import InvalidArgument
 from vitscope_server.transport.app import RunningServer
 
 DIGITS = "vitscope-digits"

@@ -104,7 +104,7 @@ def _type_names(modules: list[Any]) -> str:
 
 def timm_anatomy(model: torch.nn.Module) -> str:
     """The group key: classes of model, blocks, attention and MLP."""
-    from vitscope_server.core.adapters.timm_blocks import ATTENTION_NAMES, find_blocks
+    from vitscope_server.core.model.adapters.timm_blocks import ATTENTION_NAMES, find_blocks
 
     parts, _ = find_blocks(model)
     blocks = [model.get_submodule(p.path) for p in parts]

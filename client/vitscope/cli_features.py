@@ -15,9 +15,9 @@ from vitscope.features import (
     PARAMETERIZATIONS,
     SCHEDULES,
     OptimizationProgress,
-    TopImages,
 )
 from vitscope.overlay import grid, heatmap_overlay
+from vitscope.top_images import TopImages
 
 DEFAULT_STEPS = 400
 SAMPLES = "samples"

@@ -25,11 +25,9 @@ from vitscope.features import (
     Feature,
     OptimizationProgress,
     OptimizationResult,
-    TopImages,
     choice,
     parse_progress,
     parse_result,
-    parse_top_images,
 )
 from vitscope.handshake import (
     ServerInfo,
@@ -39,6 +37,7 @@ from vitscope.handshake import (
 )
 from vitscope.inversion import Inversion, InversionProgress, Inverter
 from vitscope.selection import ClassLike, class_ref, token_selection
+from vitscope.top_images import TopImages, parse_top_images
 from vitscope.v1 import (
     activations_pb2,
     common_pb2,
@@ -502,8 +501,8 @@ class Client:
         a folder under one of the server's allowed image roots.
         """
 
-        def requests() -> Iterator[fpb.TopActivatingImagesRequest]:
-            yield fpb.TopActivatingImagesRequest(
+        def requests() -> Iterator[activations_pb2.TopActivatingImagesRequest]:
+            yield activations_pb2.TopActivatingImagesRequest(
                 model=model,
                 site=site,
                 channels=list(channels),
@@ -512,7 +511,9 @@ class Client:
             )
             for start in range(0, len(images), batch):
                 part = images[start : start + batch]
-                yield fpb.TopActivatingImagesRequest(images=[image_message(i) for i in part])
+                yield activations_pb2.TopActivatingImagesRequest(
+                    images=[image_message(i) for i in part]
+                )
 
         try:
             response = self._stub.TopActivatingImages(

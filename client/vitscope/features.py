@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -98,23 +98,6 @@ class OptimizationResult:
     parameters: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class TopImage:
-    index: int
-    path: str
-    score: float
-    patch_map: np.ndarray
-
-
-@dataclass(frozen=True)
-class TopImages:
-    site: str
-    top_k: int
-    scanned_image_count: int
-    channels: dict[int, list[TopImage]] = field(default_factory=dict)
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-
 def parse_progress(message: fpb.OptimizationProgress) -> OptimizationProgress:
     return OptimizationProgress(
         step=message.step,
@@ -144,19 +127,4 @@ def parse_result(message: fpb.OptimizationResult) -> OptimizationResult:
         features=features,
         provenance=MessageToDict(message.provenance, preserving_proto_field_name=True),
         parameters=MessageToDict(message.parameters, preserving_proto_field_name=True),
-    )
-
-
-def parse_top_images(message: fpb.TopActivatingImagesResponse) -> TopImages:
-    return TopImages(
-        site=message.site,
-        top_k=message.top_k,
-        scanned_image_count=message.scanned_image_count,
-        channels={
-            c.channel: [
-                TopImage(t.index, t.path, t.score, wire.from_proto(t.patch_map)) for t in c.images
-            ]
-            for c in message.channels
-        },
-        provenance=MessageToDict(message.provenance, preserving_proto_field_name=True),
     )

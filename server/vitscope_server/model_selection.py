@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from vitscope_server.builtin import builtin_default_name, builtin_specs
-from vitscope_server.core.errors import InvalidArgument, NotFound, Reason
-from vitscope_server.core.specs import ModelSpec, load_models_file, parse_model_flag
+from vitscope_server.core.model.specs import ModelSpec, load_models_file, parse_model_flag
+from vitscope_server.core.runtime.errors import InvalidArgument, NotFound, Reason
 from vitscope_server.settings import ServerSettings
 
 

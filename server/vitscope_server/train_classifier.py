@@ -45,8 +45,8 @@ from vitscope_server.builtin.digits_data import (
     digits_split,
     stratified_split,
 )
-from vitscope_server.core.atomic_files import write_atomically, write_text_atomically
-from vitscope_server.core.top_images import IMAGE_SUFFIXES
+from vitscope_server.core.model.image_folders import IMAGE_SUFFIXES
+from vitscope_server.core.runtime.atomic_files import write_atomically, write_text_atomically
 
 INIT = "moco + 2d sin-cos position embedding + mimetic attention"
 

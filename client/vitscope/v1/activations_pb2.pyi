@@ -42,7 +42,9 @@ class _ReductionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reduction.V
     """Selected tokens as they are: [batch, tokens, channels]."""
 
 class Reduction(_Reduction, metaclass=_ReductionEnumTypeWrapper):
-    """Activations at any site (Ghiasi et al. 2022): GetActivations."""
+    """Activations at any site and the images that excite a channel most (Ghiasi et al. 2022):
+    GetActivations and TopActivatingImages.
+    """
 
 REDUCTION_UNSPECIFIED: Reduction.ValueType  # 0
 """REDUCTION_NONE."""
@@ -305,3 +307,136 @@ class GetActivationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___GetActivationsResponse: _TypeAlias = GetActivationsResponse  # noqa: Y015
+
+@_typing.final
+class TopActivatingImagesRequest(_message.Message):
+    """The first message names the model, features and k (and optionally a server-side
+    folder); later messages carry images. Images are numbered in arrival order from 0.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    IMAGE_FOLDER_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    site: _builtins.str
+    """One site; every channel scored by its mean over patch tokens."""
+    top_k: _builtins.int
+    image_folder: _builtins.str
+    """A folder under one of the server's allowed image roots, scanned recursively in sorted order."""
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        site: _builtins.str = ...,
+        channels: _abc.Iterable[_builtins.int] | None = ...,
+        top_k: _builtins.int = ...,
+        image_folder: _builtins.str = ...,
+        images: _abc.Iterable[_common_pb2.Image] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "image_folder", b"image_folder", "images", b"images", "model", b"model", "site", b"site", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopActivatingImagesRequest: _TypeAlias = TopActivatingImagesRequest  # noqa: Y015
+
+@_typing.final
+class TopImage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    PATCH_MAP_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Arrival index of a streamed image, or position in the folder's sorted file list."""
+    path: _builtins.str
+    """Path relative to image_folder; empty for streamed images."""
+    score: _builtins.float
+    @_builtins.property
+    def patch_map(self) -> _tensor_pb2.Tensor:
+        """float32 [grid height, grid width]."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        path: _builtins.str = ...,
+        score: _builtins.float = ...,
+        patch_map: _tensor_pb2.Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["patch_map", b"patch_map"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "patch_map", b"patch_map", "path", b"path", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopImage: _TypeAlias = TopImage  # noqa: Y015
+
+@_typing.final
+class ChannelTopImages(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    channel: _builtins.int
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopImage]:
+        """Best first."""
+
+    def __init__(
+        self,
+        *,
+        channel: _builtins.int = ...,
+        images: _abc.Iterable[Global___TopImage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "images", b"images"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelTopImages: _TypeAlias = ChannelTopImages  # noqa: Y015
+
+@_typing.final
+class TopActivatingImagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVENANCE_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    SCANNED_IMAGE_COUNT_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    site: _builtins.str
+    top_k: _builtins.int
+    scanned_image_count: _builtins.int
+    @_builtins.property
+    def provenance(self) -> _common_pb2.Provenance: ...
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelTopImages]: ...
+    def __init__(
+        self,
+        *,
+        provenance: _common_pb2.Provenance | None = ...,
+        site: _builtins.str = ...,
+        top_k: _builtins.int = ...,
+        scanned_image_count: _builtins.int = ...,
+        channels: _abc.Iterable[Global___ChannelTopImages] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "provenance", b"provenance", "scanned_image_count", b"scanned_image_count", "site", b"site", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopActivatingImagesResponse: _TypeAlias = TopActivatingImagesResponse  # noqa: Y015

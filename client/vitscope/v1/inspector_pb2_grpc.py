@@ -63,8 +63,8 @@ class InspectorStub:
                 _registered_method=True)
         self.TopActivatingImages = channel.stream_unary(
                 '/vitscope.v1.Inspector/TopActivatingImages',
-                request_serializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesRequest.SerializeToString,
-                response_deserializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesResponse.FromString,
+                request_serializer=vitscope_dot_v1_dot_activations__pb2.TopActivatingImagesRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_activations__pb2.TopActivatingImagesResponse.FromString,
                 _registered_method=True)
         self.ProjectToClassSpace = channel.unary_stream(
                 '/vitscope.v1.Inspector/ProjectToClassSpace',
@@ -211,8 +211,8 @@ def add_InspectorServicer_to_server(servicer, server):
             ),
             'TopActivatingImages': grpc.stream_unary_rpc_method_handler(
                     servicer.TopActivatingImages,
-                    request_deserializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesRequest.FromString,
-                    response_serializer=vitscope_dot_v1_dot_features__pb2.TopActivatingImagesResponse.SerializeToString,
+                    request_deserializer=vitscope_dot_v1_dot_activations__pb2.TopActivatingImagesRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_activations__pb2.TopActivatingImagesResponse.SerializeToString,
             ),
             'ProjectToClassSpace': grpc.unary_stream_rpc_method_handler(
                     servicer.ProjectToClassSpace,
@@ -379,8 +379,8 @@ class Inspector:
             request_iterator,
             target,
             '/vitscope.v1.Inspector/TopActivatingImages',
-            vitscope_dot_v1_dot_features__pb2.TopActivatingImagesRequest.SerializeToString,
-            vitscope_dot_v1_dot_features__pb2.TopActivatingImagesResponse.FromString,
+            vitscope_dot_v1_dot_activations__pb2.TopActivatingImagesRequest.SerializeToString,
+            vitscope_dot_v1_dot_activations__pb2.TopActivatingImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,7 +49,7 @@ class InspectorStub:
     """
     OptimizeFeatures: _grpc.UnaryStreamMultiCallable[_features_pb2.OptimizeFeaturesRequest, _features_pb2.OptimizeFeaturesResponse]
     """Feature visualization: progress messages, then the optimized images."""
-    TopActivatingImages: _grpc.StreamUnaryMultiCallable[_features_pb2.TopActivatingImagesRequest, _features_pb2.TopActivatingImagesResponse]
+    TopActivatingImages: _grpc.StreamUnaryMultiCallable[_activations_pb2.TopActivatingImagesRequest, _activations_pb2.TopActivatingImagesResponse]
     """Streamed images (or an allowed server folder) in, the top-k per channel out."""
     ProjectToClassSpace: _grpc.UnaryStreamMultiCallable[_projection_pb2.ProjectToClassSpaceRequest, _projection_pb2.ProjectToClassSpaceResponse]
     """Tokens projected to class space per block: a header, one message per
@@ -89,7 +89,7 @@ class InspectorAsyncStub(InspectorStub):
     """
     OptimizeFeatures: _aio.UnaryStreamMultiCallable[_features_pb2.OptimizeFeaturesRequest, _features_pb2.OptimizeFeaturesResponse]  # type: ignore[assignment]
     """Feature visualization: progress messages, then the optimized images."""
-    TopActivatingImages: _aio.StreamUnaryMultiCallable[_features_pb2.TopActivatingImagesRequest, _features_pb2.TopActivatingImagesResponse]  # type: ignore[assignment]
+    TopActivatingImages: _aio.StreamUnaryMultiCallable[_activations_pb2.TopActivatingImagesRequest, _activations_pb2.TopActivatingImagesResponse]  # type: ignore[assignment]
     """Streamed images (or an allowed server folder) in, the top-k per channel out."""
     ProjectToClassSpace: _aio.UnaryStreamMultiCallable[_projection_pb2.ProjectToClassSpaceRequest, _projection_pb2.ProjectToClassSpaceResponse]  # type: ignore[assignment]
     """Tokens projected to class space per block: a header, one message per
@@ -154,9 +154,9 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def TopActivatingImages(
         self,
-        request_iterator: _MaybeAsyncIterator[_features_pb2.TopActivatingImagesRequest],
+        request_iterator: _MaybeAsyncIterator[_activations_pb2.TopActivatingImagesRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_features_pb2.TopActivatingImagesResponse, _abc.Awaitable[_features_pb2.TopActivatingImagesResponse]]:
+    ) -> _typing.Union[_activations_pb2.TopActivatingImagesResponse, _abc.Awaitable[_activations_pb2.TopActivatingImagesResponse]]:
         """Streamed images (or an allowed server folder) in, the top-k per channel out."""
 
     @_abc_1.abstractmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vitscope_server.core.specs import ModelSpec
+from vitscope_server.core.model.specs import ModelSpec
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 DIGITS_WEIGHTS = BUILTIN_DIR / "vitscope-digits.safetensors"

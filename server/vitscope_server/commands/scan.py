@@ -6,16 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from vitscope_server.core.errors import VitscopeError
-from vitscope_server.core.top_images import ScanQuery
-from vitscope_server.model_selection import resolve_device, select_spec
-from vitscope_server.scan_job import (
+from vitscope_server.core.activations.scan import (
     BUILTIN_DIGITS,
     merge_parts,
     parse_shard,
     scan_shard,
     write_json,
 )
+from vitscope_server.core.activations.top_images import ScanQuery
+from vitscope_server.core.runtime.errors import VitscopeError
+from vitscope_server.model_selection import resolve_device, select_spec
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:

@@ -10,15 +10,15 @@ import torch
 
 from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.commands.scan import add_model_flags
-from vitscope_server.core.errors import VitscopeError
-from vitscope_server.core.inversion_store import read_manifest
-from vitscope_server.core.inversion_train import (
+from vitscope_server.core.inversion.store import read_manifest
+from vitscope_server.core.inversion.train import (
     TrainConfig,
     array_images,
     folder_images,
     train_inverter,
 )
-from vitscope_server.core.loading import LoadedModel, load_model
+from vitscope_server.core.model.loading import LoadedModel, load_model
+from vitscope_server.core.runtime.errors import VitscopeError
 from vitscope_server.model_selection import resolve_device, select_spec
 
 BUILTIN_DATA = "builtin"

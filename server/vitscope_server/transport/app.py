@@ -20,12 +20,12 @@ from prometheus_client import start_http_server
 from vitscope.oip import grpc_predict_v2_pb2_grpc
 from vitscope.v1 import inspector_pb2, inspector_pb2_grpc
 from vitscope_server.builtin import BUILTIN_INVERTERS
-from vitscope_server.core.activations import ActivationLimits
-from vitscope_server.core.budget import MemoryBudget, memory_limit_bytes
-from vitscope_server.core.intra_op import host_thread
-from vitscope_server.core.inversion_catalog import InverterCatalog
-from vitscope_server.core.registry import ModelRegistry, ModelState
-from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.core.activations.compute import ActivationLimits
+from vitscope_server.core.inversion.catalog import InverterCatalog
+from vitscope_server.core.model.registry import ModelRegistry, ModelState
+from vitscope_server.core.runtime.budget import MemoryBudget, memory_limit_bytes
+from vitscope_server.core.runtime.intra_op import host_thread
+from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.model_selection import model_specs, resolve_device
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.batchers import create_batchers

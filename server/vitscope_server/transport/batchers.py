@@ -6,25 +6,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from vitscope_server.core.activations import (
+from vitscope_server.core.activations.compute import (
     ActivationLimits,
     ActivationResult,
     PreparedActivations,
     run_activations,
 )
-from vitscope_server.core.batching import Batcher, RunBatch
-from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.class_projection import (
+from vitscope_server.core.explain.batching import run_explanations
+from vitscope_server.core.explain.compute import Event as ExplainEvent
+from vitscope_server.core.explain.query import PreparedExplanation
+from vitscope_server.core.inversion.invert import Event, PreparedInversion
+from vitscope_server.core.inversion.learned import run_learned
+from vitscope_server.core.projection.project import (
     PreparedProjection,
     ProjectionResult,
     run_projections,
 )
-from vitscope_server.core.explain import Event as ExplainEvent
-from vitscope_server.core.explain_batching import run_explanations
-from vitscope_server.core.explain_query import PreparedExplanation
-from vitscope_server.core.inversion import Event, PreparedInversion
-from vitscope_server.core.learned_inversion import run_learned
-from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.core.runtime.batching import Batcher, RunBatch
+from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.metrics import Metrics
 

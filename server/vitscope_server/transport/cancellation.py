@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from vitscope_server.core.cancel import CancelToken
+from vitscope_server.core.runtime.cancel import CancelToken
 
 
 def cancel_token(context: grpc.ServicerContext) -> CancelToken:

@@ -1,13 +1,15 @@
-"""Every compute RPC holds a slot the same way, and the metrics see the wait and the work."""
+"""Every compute RPC holds a slot the same way, the metrics see the wait and the work, and
+unary responses share one size budget."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from vitscope_server.core.batching import BatchInfo
-from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.slots import ComputeSlots, HeldSlot
+from vitscope_server.core.activations.compute import ActivationLimits
+from vitscope_server.core.runtime.batching import BatchInfo
+from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.slots import ComputeSlots, HeldSlot
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.progress import holding_compute
 
@@ -28,3 +30,13 @@ def record_batched(metrics: Metrics, method: str, model: str, info: BatchInfo) -
     """A batched request's wait (arrival to its batch's start) and its batch's compute time."""
     metrics.queue_wait.labels(method, model).observe(info.waited)
     metrics.compute.labels(method, model).observe(info.computed)
+
+
+# Room in a response for what is not counted up front: provenance, names, framing.
+RESPONSE_HEADROOM_BYTES = 16 << 10
+
+
+def unary_response_budget(max_message_bytes: int, limits: ActivationLimits) -> int:
+    """The bytes one unary response may carry: under the max message size and the server's
+    result limit."""
+    return min(max_message_bytes - RESPONSE_HEADROOM_BYTES, limits.max_result_bytes)

@@ -9,8 +9,8 @@ import numpy as np
 from vitscope import tensors as wire
 from vitscope.v1 import common_pb2
 from vitscope.v1 import explain_pb2 as pb
-from vitscope_server.core.errors import Reason, ResourceExhausted
-from vitscope_server.core.explain import (
+from vitscope_server.core.explain.attention import HeadFusion
+from vitscope_server.core.explain.compute import (
     Event,
     ExplainProgress,
     ExplanationHeader,
@@ -18,16 +18,16 @@ from vitscope_server.core.explain import (
     ImageExplanation,
     MethodMap,
 )
-from vitscope_server.core.explain_attention import HeadFusion
-from vitscope_server.core.explain_faithfulness import Curve, CurvePair
-from vitscope_server.core.explain_gradients import Baseline
-from vitscope_server.core.explain_query import (
+from vitscope_server.core.explain.faithfulness import Curve, CurvePair
+from vitscope_server.core.explain.gradients import Baseline
+from vitscope_server.core.explain.query import (
     ExplainQuery,
     FaithfulnessSpec,
     Method,
     MethodSpec,
 )
-from vitscope_server.core.explain_targets import Prompt, Target
+from vitscope_server.core.explain.targets import Prompt, Target
+from vitscope_server.core.runtime.errors import Reason, ResourceExhausted
 from vitscope_server.transport.convert import provenance
 from vitscope_server.transport.convert_projection import label_set
 from vitscope_server.transport.enums import enum_value, named_back

@@ -1,4 +1,4 @@
-"""protobuf <-> core types for OptimizeFeatures and TopActivatingImages."""
+"""protobuf <-> core types for OptimizeFeatures."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import numpy as np
 
 from vitscope import tensors as wire
 from vitscope.v1 import features_pb2 as fpb
-from vitscope_server.core.feature_images import DETAILS, Parameterization
-from vitscope_server.core.features import (
+from vitscope_server.core.features.optimize import (
     ADAM_BETAS,
     ADAM_EPS,
     SCHEDULE_DETAILS,
@@ -19,7 +18,7 @@ from vitscope_server.core.features import (
     Progress,
     Schedule,
 )
-from vitscope_server.core.top_images import ScanQuery, ScanResult
+from vitscope_server.core.features.parameterization import DETAILS, Parameterization
 from vitscope_server.transport.convert import provenance, tensor_array
 from vitscope_server.transport.enums import enum_value, named_back
 from vitscope_server.transport.png import png
@@ -163,32 +162,4 @@ def optimization_response(event: Progress | OptimizationResult) -> fpb.OptimizeF
                 for f in event.features
             ],
         )
-    )
-
-
-def scan_query(request: fpb.TopActivatingImagesRequest) -> ScanQuery:
-    return ScanQuery(request.site, tuple(request.channels), request.top_k)
-
-
-def top_images_response(result: ScanResult) -> fpb.TopActivatingImagesResponse:
-    return fpb.TopActivatingImagesResponse(
-        provenance=provenance(result.provenance),
-        site=result.query.site,
-        top_k=result.query.top_k,
-        scanned_image_count=result.scanned,
-        channels=[
-            fpb.ChannelTopImages(
-                channel=channel,
-                images=[
-                    fpb.TopImage(
-                        index=hit.index,
-                        path=hit.path,
-                        score=hit.score,
-                        patch_map=wire.to_proto(hit.patch_map),
-                    )
-                    for hit in hits
-                ],
-            )
-            for channel, hits in result.tops.items()
-        ],
     )

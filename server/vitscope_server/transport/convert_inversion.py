@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from vitscope.v1 import inversion_pb2 as pb
-from vitscope_server.core.inversion import (
+from vitscope_server.core.inversion.invert import (
     Event,
     InvertHeader,
     InvertQuery,
@@ -14,8 +14,8 @@ from vitscope_server.core.inversion import (
     Progress,
     Reconstruction,
 )
-from vitscope_server.core.inversion_modules import depth_site
-from vitscope_server.core.inversion_store import Manifest
+from vitscope_server.core.inversion.modules import depth_site
+from vitscope_server.core.inversion.store import Manifest
 from vitscope_server.transport.convert import provenance, tensor_array
 from vitscope_server.transport.enums import enum_value
 from vitscope_server.transport.png import png

@@ -16,10 +16,11 @@ from typing import TypeVar
 import numpy as np
 
 from vitscope.oip import grpc_predict_v2_pb2 as oip
-from vitscope_server.core.activations import ActivationQuery, Reduction, TensorDType, TokenMode
-from vitscope_server.core.errors import InvalidArgument, quote
-from vitscope_server.core.images import ImageInput
-from vitscope_server.core.loading import LoadedModel
+from vitscope_server.core.activations.compute import ActivationQuery, Reduction, TensorDType
+from vitscope_server.core.model.images import ImageInput
+from vitscope_server.core.model.loading import LoadedModel
+from vitscope_server.core.model.tokens import TokenMode
+from vitscope_server.core.runtime.errors import InvalidArgument, quote
 
 LOGITS = "logits"
 # Requested-output parameters and what each accepts.
@@ -36,8 +37,8 @@ REQUEST_KEYS = frozenset(
     {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
 )
 _TOKEN_MODES = {mode.value: mode for mode in TokenMode if mode is not TokenMode.UNSPECIFIED}
-_REDUCTIONS = {r.value: r for r in (Reduction.NONE, Reduction.MEAN, Reduction.PATCH_MAP)}
-_OUTPUT_DTYPES = {
+REDUCTIONS = {r.value: r for r in (Reduction.NONE, Reduction.MEAN, Reduction.PATCH_MAP)}
+OUTPUT_DTYPES = {
     "FP32": TensorDType.FLOAT32,
     "FP16": TensorDType.FLOAT16,
     "BF16": TensorDType.BFLOAT16,
@@ -151,12 +152,12 @@ def _site_query(
             _parameter(parameters, "positions", f"{field}.parameters"),
             f"{field}.parameters.positions",
         ),
-        reduction=_choice(reduction, _REDUCTIONS, f"{field}.parameters.reduction"),
+        reduction=_choice(reduction, REDUCTIONS, f"{field}.parameters.reduction"),
         channels=_integers(
             _parameter(parameters, "channels", f"{field}.parameters"),
             f"{field}.parameters.channels",
         ),
-        output_dtype=_choice(datatype, _OUTPUT_DTYPES, f"{field}.parameters.datatype"),
+        output_dtype=_choice(datatype, OUTPUT_DTYPES, f"{field}.parameters.datatype"),
     )
 
 

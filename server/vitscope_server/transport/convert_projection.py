@@ -6,7 +6,10 @@ from __future__ import annotations
 from vitscope import tensors as wire
 from vitscope.v1 import common_pb2
 from vitscope.v1 import projection_pb2 as pb
-from vitscope_server.core.class_projection import (
+from vitscope_server.core.model.class_importance import ImportanceEvaluation, KeepCurve
+from vitscope_server.core.model.class_space import LabelSet
+from vitscope_server.core.projection.memories import MemoryKind, MemoryQuery, MemoryResult
+from vitscope_server.core.projection.project import (
     ClassRef,
     DatasetSummary,
     ImageProjection,
@@ -14,10 +17,7 @@ from vitscope_server.core.class_projection import (
     ProjectionQuery,
     Representation,
 )
-from vitscope_server.core.class_space import LabelSet
-from vitscope_server.core.errors import Reason, ResourceExhausted
-from vitscope_server.core.importance import ImportanceEvaluation, KeepCurve
-from vitscope_server.core.memories import MemoryKind, MemoryQuery, MemoryResult
+from vitscope_server.core.runtime.errors import Reason, ResourceExhausted
 from vitscope_server.transport.convert import TOKEN_MODES_BACK, provenance, token_mode
 from vitscope_server.transport.enums import enum_values
 from vitscope_server.transport.png import heatmap_png

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-from vitscope_server.core.errors import InvalidArgument
+from vitscope_server.core.runtime.errors import InvalidArgument
 
 T = TypeVar("T")
 

@@ -7,19 +7,20 @@ from collections.abc import Hashable, Iterable, Iterator
 import grpc
 
 from vitscope.v1 import explain_pb2 as pb
-from vitscope_server.core.activations import ActivationLimits
-from vitscope_server.core.batching import Arrival
-from vitscope_server.core.budget import MemoryBudget, backward_bytes, images_bytes
-from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.explain import Event, ExplanationHeader, explain
-from vitscope_server.core.explain_batching import explain_batch_key
-from vitscope_server.core.explain_query import (
+from vitscope_server.core.activations.compute import ActivationLimits
+from vitscope_server.core.explain.batching import explain_batch_key
+from vitscope_server.core.explain.compute import Event, ExplanationHeader, explain
+from vitscope_server.core.explain.estimate import explanation_bytes
+from vitscope_server.core.explain.query import (
     ExplainLimits,
     PreparedExplanation,
     prepare_explanation,
 )
-from vitscope_server.core.registry import ModelRegistry
-from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.core.model.registry import ModelRegistry
+from vitscope_server.core.runtime.batching import Arrival
+from vitscope_server.core.runtime.budget import MemoryBudget
+from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_explain
 from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.cancellation import cancel_token
@@ -49,10 +50,7 @@ class ExplainRpcs:
             self._chunk_bytes,
         )
         images = convert.image_inputs(list(request.images))
-        adapter = loaded.adapter
-        _, height, width = adapter.data_config.input_size
-        need = images_bytes(adapter, images, self._limits.max_pixels)
-        need += backward_bytes(adapter, len(images), height * width)
+        need = explanation_bytes(loaded.adapter, images, self._limits.max_pixels)
         cancel = cancel_token(context)
         model = loaded.spec.name
         with self._budget.reserve(need, cancel):

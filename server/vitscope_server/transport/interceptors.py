@@ -19,8 +19,8 @@ from typing import Any
 import grpc
 import torch
 
-from vitscope_server.core import errors
-from vitscope_server.core.errors import Reason
+from vitscope_server.core.runtime import errors
+from vitscope_server.core.runtime.errors import Reason
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.parsing import Unparseable, parsed, tolerant
 from vitscope_server.transport.progress import StreamPolicy, buffered, sent_directly

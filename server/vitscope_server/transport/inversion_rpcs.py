@@ -8,21 +8,21 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from vitscope.v1 import inversion_pb2 as pb
-from vitscope_server.core.activations import ActivationLimits
-from vitscope_server.core.budget import MemoryBudget
-from vitscope_server.core.cancel import CancelToken
-from vitscope_server.core.estimates import inversion_bytes
-from vitscope_server.core.inversion import (
+from vitscope_server.core.activations.compute import ActivationLimits
+from vitscope_server.core.inversion.catalog import InverterCatalog
+from vitscope_server.core.inversion.estimate import inversion_bytes
+from vitscope_server.core.inversion.invert import (
     Event,
     Method,
     PreparedInversion,
     invert_by_optimization,
     prepare_inversion,
 )
-from vitscope_server.core.inversion_catalog import InverterCatalog
-from vitscope_server.core.learned_inversion import learned_batch_key
-from vitscope_server.core.registry import ModelRegistry, ModelState
-from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.core.inversion.learned import learned_batch_key
+from vitscope_server.core.model.registry import ModelRegistry, ModelState
+from vitscope_server.core.runtime.budget import MemoryBudget
+from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_inversion
 from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.cancellation import cancel_token

@@ -11,7 +11,7 @@ import numpy as np
 
 from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from vitscope_server.core.activations import (
+from vitscope_server.core.activations.compute import (
     ActivationLimits,
     ActivationResult,
     PreparedActivations,
@@ -19,12 +19,12 @@ from vitscope_server.core.activations import (
     batch_key,
     prepare_activations,
 )
-from vitscope_server.core.batching import Batcher
-from vitscope_server.core.budget import MemoryBudget, images_bytes, named_forward_bytes
-from vitscope_server.core.errors import NotFound, Reason, quote
-from vitscope_server.core.loading import LoadedModel
-from vitscope_server.core.provenance import library_versions
-from vitscope_server.core.registry import ModelRegistry, ModelState
+from vitscope_server.core.model.loading import LoadedModel
+from vitscope_server.core.model.provenance import library_versions
+from vitscope_server.core.model.registry import ModelRegistry, ModelState
+from vitscope_server.core.runtime.batching import Batcher
+from vitscope_server.core.runtime.budget import MemoryBudget, images_bytes, named_forward_bytes
+from vitscope_server.core.runtime.errors import NotFound, Reason, quote
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import record_batched
 from vitscope_server.transport.convert_oip import (

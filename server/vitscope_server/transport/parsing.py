@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from vitscope_server.core import errors
-from vitscope_server.core.errors import Reason
+from vitscope_server.core.runtime import errors
+from vitscope_server.core.runtime.errors import Reason
 
 
 class Unparseable:

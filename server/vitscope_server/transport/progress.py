@@ -27,13 +27,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from vitscope_server.core.errors import Cancelled, Reason, ResourceExhausted
-from vitscope_server.core.intra_op import host_thread
+from vitscope_server.core.runtime.errors import Cancelled, Reason, ResourceExhausted
+from vitscope_server.core.runtime.intra_op import host_thread
 
 log = logging.getLogger(__name__)
 
 _WAKE_SECONDS = 0.1
-# Producers run on reused threads, each running torch on one thread (core/intra_op.py): the
+# Producers run on reused threads, each running torch on one thread (core/runtime/intra_op.py): the
 # torch work of a slot's holder runs on the slot's own thread. Streams in flight are bounded
 # by the server's own thread pool, far below this.
 _PRODUCERS = ThreadPoolExecutor(

@@ -7,16 +7,17 @@ from collections.abc import Iterator
 import grpc
 
 from vitscope.v1 import projection_pb2 as pb
-from vitscope_server.core.activations import ActivationLimits
-from vitscope_server.core.budget import MemoryBudget, forward_bytes, images_bytes
-from vitscope_server.core.class_projection import (
+from vitscope_server.core.activations.compute import ActivationLimits
+from vitscope_server.core.model.registry import ModelRegistry
+from vitscope_server.core.projection.estimate import memories_bytes, projection_bytes
+from vitscope_server.core.projection.memories import prepare_memories, project_memories
+from vitscope_server.core.projection.project import (
     ProjectionLimits,
     prepare_projection,
     projection_batch_key,
 )
-from vitscope_server.core.memories import prepare_memories, project_memories
-from vitscope_server.core.registry import ModelRegistry
-from vitscope_server.core.slots import ComputeSlots
+from vitscope_server.core.runtime.budget import MemoryBudget
+from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_projection
 from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.cancellation import cancel_token
@@ -51,11 +52,8 @@ class ProjectionRpcs:
         loaded = self._registry.get(request.model)
         inputs = convert.image_inputs(list(request.images))
         query = convert_projection.projection_query(request)
-        adapter, model = loaded.adapter, loaded.spec.name
-        blocks = len(query.blocks) or len(adapter.blocks)
-        need = images_bytes(adapter, inputs, self._limits.max_pixels) + forward_bytes(
-            adapter, len(inputs), blocks
-        )
+        model = loaded.spec.name
+        need = projection_bytes(loaded.adapter, inputs, query, self._limits.max_pixels)
         cancel = cancel_token(context)
         batcher = self._batchers.projections
         with self._budget.reserve(need, cancel):
@@ -74,9 +72,7 @@ class ProjectionRpcs:
     ) -> pb.ProjectMemoriesResponse:
         loaded = self._registry.get(request.model)
         images = convert.image_inputs(list(request.images))
-        need = images_bytes(loaded.adapter, images, self._limits.max_pixels) + forward_bytes(
-            loaded.adapter, len(images), 1
-        )
+        need = memories_bytes(loaded.adapter, images, self._limits.max_pixels)
         cancel = cancel_token(context)
         labels = ("ProjectMemories", loaded.spec.name)
         with self._budget.reserve(need, cancel):

@@ -8,8 +8,8 @@ from importlib.metadata import PackageNotFoundError, version
 from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope.protocol import PROTOCOL, PROTOCOL_REVISION
 from vitscope.v1 import inspector_pb2, server_info_pb2
-from vitscope_server.core.provenance import library_versions
-from vitscope_server.core.registry import ModelRegistry
+from vitscope_server.core.model.provenance import library_versions
+from vitscope_server.core.model.registry import ModelRegistry
 from vitscope_server.transport import convert
 
 _FAMILIES = {

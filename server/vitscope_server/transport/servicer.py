@@ -2,35 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 
-from vitscope.v1 import activations_pb2, models_pb2, server_info_pb2
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
-from vitscope_server.core.activations import ActivationLimits, batch_key, prepare_activations
-from vitscope_server.core.budget import MemoryBudget, images_bytes, named_forward_bytes
-from vitscope_server.core.inversion_catalog import InverterCatalog
-from vitscope_server.core.provenance import provenance_of
-from vitscope_server.core.registry import ModelRegistry
-from vitscope_server.core.slots import ComputeSlots
+from vitscope.v1 import models_pb2, server_info_pb2
+from vitscope_server.core.activations.compute import (
+    ActivationLimits,
+)
+from vitscope_server.core.inversion.catalog import InverterCatalog
+from vitscope_server.core.model.provenance import provenance_of
+from vitscope_server.core.model.registry import ModelRegistry
+from vitscope_server.core.runtime.budget import MemoryBudget
+from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert
+from vitscope_server.transport.activations_rpcs import ActivationRpcs
 from vitscope_server.transport.batchers import Batchers
-from vitscope_server.transport.cancellation import cancel_token
-from vitscope_server.transport.compute import record_batched
 from vitscope_server.transport.explain_rpcs import ExplainRpcs
 from vitscope_server.transport.features_rpcs import FeatureRpcs
 from vitscope_server.transport.inversion_rpcs import InversionRpcs
 from vitscope_server.transport.metrics import Metrics
-from vitscope_server.transport.progress import sends_after_compute
 from vitscope_server.transport.projection_rpcs import ProjectionRpcs
 from vitscope_server.transport.server_info import ServerInfo
 
 
 # Streams may yield Progress-wrapped messages, which the interceptor unwraps.
 class InspectorServicer(  # type: ignore[misc]
-    FeatureRpcs, ProjectionRpcs, InversionRpcs, ExplainRpcs, pb_grpc.InspectorServicer
+    ActivationRpcs,
+    FeatureRpcs,
+    ProjectionRpcs,
+    InversionRpcs,
+    ExplainRpcs,
+    pb_grpc.InspectorServicer,
 ):
     def __init__(
         self,
@@ -87,23 +92,3 @@ class InspectorServicer(  # type: ignore[misc]
         loaded = self._registry.get(request.model)
         entry = self._registry.entry(request.model)
         return convert.describe(entry, loaded, self._registry.default, provenance_of(loaded))
-
-    @sends_after_compute
-    def GetActivations(  # type: ignore[override]  # chunks are yielded pre-serialized
-        self, request: activations_pb2.GetActivationsRequest, context: grpc.ServicerContext
-    ) -> Iterator[activations_pb2.GetActivationsResponse | bytes]:
-        loaded = self._registry.get(request.model)
-        model, adapter = loaded.spec.name, loaded.adapter
-        images = convert.image_inputs(list(request.images))
-        query = convert.activation_query(request)
-        need = images_bytes(adapter, images, self._limits.max_pixels)
-        need += named_forward_bytes(adapter, loaded.site_shapes, len(images), query.sites)
-        cancel = cancel_token(context)
-        with self._budget.reserve(need, cancel):
-            with self._batchers.activations.arriving(model) as arrival:
-                prepared = prepare_activations(loaded, images, query, self._limits)
-                result, info = self._batchers.activations.submit(
-                    arrival, batch_key(prepared), prepared, len(prepared.pixels), cancel
-                )
-            record_batched(self._metrics, "GetActivations", model, info)
-            yield from convert.activation_responses(result, self._chunk_bytes)

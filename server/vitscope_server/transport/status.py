@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from vitscope_server.core import errors
+from vitscope_server.core.runtime import errors
 
 DOMAIN = "vitscope.v1"
 MAX_MESSAGE_CHARS = 1000

@@ -1,0 +1,279 @@
+"""open_clip image towers: open_clip's VisionTransformer, or a timm trunk inside a CLIP model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import open_clip
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from vitscope_server.core.model.adapters.base import (
+    BlockParts,
+    DataConfig,
+    ModelAdapter,
+    Tap,
+    UnavailableSite,
+    layer_scaled,
+    rgb_triple,
+)
+from vitscope_server.core.model.adapters.timm_blocks import (
+    FINAL_NORMS,
+    find_blocks,
+    prefix_hint,
+    restore_fused,
+    unfuse,
+)
+from vitscope_server.core.model.specs import ModelSpec
+from vitscope_server.core.runtime.errors import FailedPrecondition
+
+
+def _force_attention_weights(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+
+def _resblock_parts(path: str, block: nn.Module) -> BlockParts:
+    """open_clip's residual blocks: ls_1/ls_2 hold what each sublayer adds (LayerScale or
+    Identity, after the custom block's ln_attn); c_proj's input is the MLP hidden layer."""
+    attention_path = f"{path}.attn"
+    taps = {
+        "attn.out": Tap(f"{path}.ls_1"),
+        "mlp.out": Tap(f"{path}.ls_2"),
+        "mlp.hidden": Tap(f"{path}.mlp.c_proj", from_input=True),
+    }
+    if isinstance(block.get_submodule("attn"), nn.MultiheadAttention):
+        taps["attn.probs"] = Tap(attention_path, output_index=1)
+    else:
+        taps["attn.probs"] = Tap(f"{attention_path}.attn_drop")
+    return BlockParts(path, taps, {}, attention_path)
+
+
+def _tower_parts(
+    spec: ModelSpec, visual: nn.Module
+) -> tuple[list[BlockParts], list[UnavailableSite], int]:
+    """Blocks, notes and the prefix-count hint of an open_clip ViT tower or a timm trunk."""
+    trunk = getattr(visual, "trunk", None)
+    if isinstance(trunk, nn.Module):
+        parts, notes = find_blocks(trunk)
+        prefixed = [
+            BlockParts(
+                f"trunk.{p.path}",
+                {
+                    part: replace(tap, module_path=f"trunk.{tap.module_path}")
+                    for part, tap in p.taps.items()
+                },
+                p.unavailable,
+                f"trunk.{p.attention_path}" if p.attention_path else None,
+                tuple(replace(t, module_path=f"trunk.{t.module_path}") for t in p.residual_taps),
+            )
+            for p in parts
+        ]
+        return prefixed, notes, prefix_hint(trunk)
+    if not hasattr(visual, "transformer") or not hasattr(visual, "ln_post"):
+        raise FailedPrecondition(
+            f"model {spec.name}: {spec.architecture} has no ViT image tower "
+            f"({type(visual).__name__})"
+        )
+    parts = [
+        _resblock_parts(f"transformer.resblocks.{i}", block)
+        for i, block in enumerate(visual.transformer.resblocks)  # type: ignore[union-attr, arg-type]
+    ]
+    return parts, [], 1 if getattr(visual, "class_embedding", None) is not None else 0
+
+
+class OpenClipTowerAdapter(ModelAdapter):
+    """Sites are paths inside `model.visual`; the text tower stays loaded for later methods."""
+
+    family = "open_clip"
+
+    def __init__(self, spec: ModelSpec, model: nn.Module) -> None:
+        visual = model.visual
+        parts, notes, hint = _tower_parts(spec, visual)  # type: ignore[arg-type]
+        super().__init__(spec, visual, parts, notes)  # type: ignore[arg-type]
+        self.prefix_hint = hint
+        self.clip = model
+        self._batch_first = bool(getattr(getattr(visual, "transformer", None), "batch_first", True))
+        self._hooks: dict[str, RemovableHandle] = {}
+        self._fused_defaults: dict[str, bool] = {}
+        preprocess_cfg: dict[str, Any] = getattr(visual, "preprocess_cfg")  # noqa: B009
+        cfg = open_clip.transform.PreprocessCfg(**preprocess_cfg)
+        self._preprocess_cfg = cfg
+        self._transform = open_clip.transform.image_transform_v2(cfg, is_train=False)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.clip
+
+    @property
+    def final_norm_path(self) -> str | None:
+        trunk = getattr(self.root, "trunk", None)
+        if trunk is None:
+            return "ln_post"
+        return next((f"trunk.{n}" for n in FINAL_NORMS if hasattr(trunk, n)), None)
+
+    @property
+    def data_config(self) -> DataConfig:
+        cfg = self._preprocess_cfg
+        size = cfg.size if isinstance(cfg.size, tuple) else (cfg.size, cfg.size)
+        return DataConfig(
+            input_size=(3, int(size[0]), int(size[1])),
+            mean=rgb_triple(cfg.mean),
+            std=rgb_triple(cfg.std),
+            interpolation=cfg.interpolation,
+            crop_pct=1.0,
+        )
+
+    @property
+    def class_names(self) -> list[str]:
+        return []
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        tensor: torch.Tensor = self._transform(image)
+        return tensor
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        output = self.root(pixels)
+        return output[0] if isinstance(output, tuple) else output
+
+    def to_canonical(self, tensor: torch.Tensor, site: Any, batch: int) -> torch.Tensor:
+        if not self._batch_first and tensor.dim() == 3 and tensor.shape[1] == batch:
+            tensor = tensor.transpose(0, 1)
+        return super().to_canonical(tensor, site, batch)
+
+    def _expose_attention_probs(self, attention_path: str) -> None:
+        attention = self.root.get_submodule(attention_path)
+        if isinstance(attention, nn.MultiheadAttention):
+            self._hooks[attention_path] = attention.register_forward_pre_hook(
+                _force_attention_weights, with_kwargs=True
+            )
+        elif hasattr(attention, "use_fsdpa"):
+            self._fused_defaults[attention_path] = bool(attention.use_fsdpa)
+            setattr(attention, "use_fsdpa", False)  # noqa: B010
+        else:
+            unfuse(attention, attention_path, self._fused_defaults)
+
+    def _restore_attention(self, attention_path: str) -> None:
+        attention = self.root.get_submodule(attention_path)
+        if attention_path in self._hooks:
+            self._hooks.pop(attention_path).remove()
+        elif hasattr(attention, "use_fsdpa"):
+            setattr(attention, "use_fsdpa", self._fused_defaults.pop(attention_path))  # noqa: B010
+        else:
+            restore_fused(attention, attention_path, self._fused_defaults)
+
+    # Class-space anatomy: tokens go through ln_post then proj; classes are text embeddings.
+
+    def _block(self, block: int) -> Any:
+        return self.root.get_submodule(self.blocks[block].path)
+
+    def class_projection_unsupported(self) -> str | None:
+        visual = self.root
+        if not hasattr(visual, "transformer") or not self.uniform:
+            return super().class_projection_unsupported()
+        kinds = {type(visual.get_submodule(b.path)).__name__ for b in self.blocks}
+        if kinds != {"ResidualAttentionBlock"}:
+            return (
+                f"model {self.spec.name}: blocks {sorted(kinds)} are not supported for class-space "
+                "methods; supported: ResidualAttentionBlock (nn.MultiheadAttention)"
+            )
+        if getattr(visual, "attn_pool", None) is not None or visual.proj is None:
+            return f"model {self.spec.name}: towers with attention pooling or no proj are not supported"
+        if getattr(visual, "pool_type", "tok") != "tok" or self.num_prefix_tokens == 0:
+            return (
+                f"model {self.spec.name}: class-space projection needs class-token pooling "
+                f"(pool_type 'tok'), got {getattr(visual, 'pool_type', None)!r}"
+            )
+        return None
+
+    def projection_norm(self, tokens: torch.Tensor, block: int, part: str) -> torch.Tensor:
+        visual: Any = self.root
+        normed: torch.Tensor = visual.ln_post(tokens)
+        return normed
+
+    def image_projection(self) -> torch.Tensor:
+        """visual.proj [D, E]: normed tokens -> the shared image-text embedding space."""
+        visual: Any = self.root
+        proj: torch.Tensor = visual.proj
+        return proj
+
+    def logit_scale(self) -> float:
+        clip: Any = self.clip
+        return float(clip.logit_scale.exp())
+
+    def encode_class_names(self, names: list[str], templates: list[str]) -> torch.Tensor:
+        """Unit text embeddings [C, E]: per name, the mean of its unit template embeddings,
+        renormalised (open_clip's zero-shot prompt ensemble)."""
+        clip: Any = self.clip
+        tokenizer = open_clip.get_tokenizer(
+            self.spec.architecture, context_length=int(clip.context_length)
+        )
+        device = self.image_projection().device
+        embeddings = []
+        for name in names:
+            texts = tokenizer([template.format(name) for template in templates]).to(device)
+            per_template = torch.nn.functional.normalize(clip.encode_text(texts), dim=-1)
+            embeddings.append(torch.nn.functional.normalize(per_template.mean(dim=0), dim=-1))
+        return torch.stack(embeddings)
+
+    def attention_values(self, block: int, block_input: torch.Tensor) -> torch.Tensor:
+        module = self._block(block)
+        attention = module.attn
+        batch, tokens, width = block_input.shape
+        qkv = torch.nn.functional.linear(
+            module.ln_1(block_input),
+            attention.in_proj_weight,
+            attention.in_proj_bias,
+        )
+        values = qkv[..., 2 * width :].reshape(batch, tokens, attention.num_heads, -1)
+        return values.transpose(1, 2)
+
+    def attention_output(
+        self, block: int, probs: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        module = self._block(block)
+        output: torch.Tensor = module.ls_1(module.attn.out_proj(self.mixed_values(probs, values)))
+        return output
+
+    def mlp_fc1_path(self, block: int) -> str:
+        return f"{self.blocks[block].path}.mlp.c_fc"
+
+    def mlp_value_matrix(self, block: int) -> torch.Tensor:
+        module = self._block(block)
+        return layer_scaled(module.mlp.c_proj.weight, module.ls_2)
+
+    def attention_value_matrix(self, block: int) -> torch.Tensor:
+        module = self._block(block)
+        return layer_scaled(module.attn.out_proj.weight, module.ls_1)
+
+    def reads_class_token(self) -> bool:
+        return self.class_projection_unsupported() is None
+
+    def forward_from_embedded(self, tokens: torch.Tensor) -> torch.Tensor:
+        visual: Any = self.root
+        # ln_post per token then the class token equals open_clip's pooling for pool_type "tok".
+        final = visual.transformer(tokens)[:, 0]
+        return self.projection_norm(final, len(self.blocks) - 1, "out") @ self.image_projection()
+
+
+def build_open_clip(spec: ModelSpec, pretrained: str | None) -> nn.Module:
+    preprocess_overrides = {
+        key: value
+        for key, value in (
+            ("mean", spec.mean),
+            ("std", spec.std),
+            ("interpolation", spec.interpolation),
+        )
+        if value is not None
+    }
+    model = open_clip.create_model(
+        spec.architecture,
+        pretrained=pretrained,
+        force_preprocess_cfg=preprocess_overrides or None,
+        **spec.kwargs,
+    )
+    return model

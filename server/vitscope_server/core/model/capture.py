@@ -1,0 +1,113 @@
+"""Reading sites during one forward pass with hooks that are always removed.
+
+Hooks are module-global, so each one records only on the thread that
+installed it: concurrent requests on one model never see each other's tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitscope_server.core.model.adapters import ModelAdapter, SiteDef
+from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.errors import InvalidArgument
+
+
+def _pick_tensor(value: Any, site: SiteDef) -> torch.Tensor:
+    if isinstance(value, (tuple, list)):
+        value = value[site.output_index] if len(value) > site.output_index else None
+    if not isinstance(value, torch.Tensor):
+        raise InvalidArgument(
+            "sites", f"module {site.module_path!r} of site {site.name!r} yields no tensor"
+        )
+    return value
+
+
+class ForwardStopped(Exception):
+    """Raised out of the forward once the last needed block has run."""
+
+
+def last_block_needed(adapter: ModelAdapter, sites: list[SiteDef]) -> int | None:
+    """The deepest block holding a site, or None when a site lies outside the blocks."""
+    deepest = 0
+    for site in sites:
+        if site.from_input and site.module_path == adapter.blocks[0].path:
+            continue
+        inside = [
+            index
+            for index, block in enumerate(adapter.blocks)
+            if site.module_path == block.path or site.module_path.startswith(block.path + ".")
+        ]
+        if not inside:
+            return None
+        deepest = max(deepest, inside[0])
+    return deepest
+
+
+@contextmanager
+def capture_sites(
+    adapter: ModelAdapter,
+    sites: list[SiteDef],
+    batch: int,
+    cancel: CancelToken,
+    stop_after_block: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields a dict that the next forward on this thread fills with canonical tensors by site name.
+
+    With stop_after_block, the forward raises ForwardStopped once that block has run,
+    so blocks no site needs are never computed.
+    """
+    owner = threading.get_ident()
+    captured: dict[str, torch.Tensor] = {}
+
+    def recorder(site: SiteDef) -> Any:
+        """Records the site's call of its module (call_index of every `calls` calls)."""
+        count = itertools.count()
+
+        def record(value: Any) -> None:
+            if threading.get_ident() != owner or next(count) % site.calls != site.call_index:
+                return
+            captured[site.name] = adapter.to_canonical(_pick_tensor(value, site), site, batch)
+
+        return record
+
+    def output_hook(site: SiteDef) -> Any:
+        record = recorder(site)
+        return lambda module, args, output: record(output)
+
+    def input_hook(site: SiteDef) -> Any:
+        record = recorder(site)
+        return lambda module, args: record(args)
+
+    def cancel_hook(module: nn.Module, args: Any) -> None:
+        if threading.get_ident() == owner:
+            cancel.raise_if_cancelled()
+
+    def stop_hook(module: nn.Module, args: Any, output: Any) -> None:
+        if threading.get_ident() == owner:
+            raise ForwardStopped
+
+    attention_paths = {s.attention_path for s in sites if s.attention_path is not None}
+    with ExitStack() as stack:
+        stack.enter_context(adapter.attention_probs_exposed(attention_paths))
+        for block in adapter.blocks:
+            handle = adapter.root.get_submodule(block.path).register_forward_pre_hook(cancel_hook)
+            stack.callback(handle.remove)
+        for site in sites:
+            module = adapter.root.get_submodule(site.module_path)
+            if site.from_input:
+                handle = module.register_forward_pre_hook(input_hook(site))
+            else:
+                handle = module.register_forward_hook(output_hook(site))
+            stack.callback(handle.remove)
+        if stop_after_block is not None:
+            last = adapter.root.get_submodule(adapter.blocks[stop_after_block].path)
+            stack.callback(last.register_forward_hook(stop_hook).remove)
+        yield captured

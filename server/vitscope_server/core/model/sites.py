@@ -1,0 +1,74 @@
+"""Site names -> where to read them: canonical names first, then raw module paths."""
+
+from __future__ import annotations
+
+import re
+
+from vitscope_server.core.model.adapters import Layout, ModelAdapter, SiteDef
+from vitscope_server.core.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Reason,
+    quote,
+)
+
+_BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(out|attn\.out|attn\.probs|mlp\.hidden|mlp\.out)$")
+CANONICAL_FORMS = (
+    "embed, final, blocks.{i}.out, blocks.{i}.attn.out, blocks.{i}.attn.probs, "
+    "blocks.{i}.mlp.hidden, blocks.{i}.mlp.out, or a module path"
+)
+
+
+def resolve_site(adapter: ModelAdapter, name: str, field: str = "sites") -> SiteDef:
+    if not name:
+        raise InvalidArgument(field, f"empty site name; use {CANONICAL_FORMS}")
+    if name == "embed":
+        return adapter.embed_site()
+    if name == "final":
+        final = adapter.final_site()
+        if final is None:
+            raise FailedPrecondition(
+                f"{field}: model {adapter.spec.name} has no 'final' site",
+                subject=adapter.spec.name,
+                field=field,
+            )
+        return final
+    match = _BLOCK_SITE.match(name)
+    if match:
+        index = int(match.group(1))
+        if index >= len(adapter.blocks):
+            raise NotFound(
+                Reason.SITE_NOT_FOUND,
+                name,
+                f"{field}: site {quote(name)}: block {index} does not exist; "
+                f"model {adapter.spec.name} has blocks 0..{len(adapter.blocks) - 1}",
+                field=field,
+                metadata={"model": adapter.spec.name},
+            )
+        part = match.group(2)
+        reason = adapter.unavailable_reason(index, part)
+        if reason is not None:
+            raise FailedPrecondition(
+                f"{field}: site {quote(name)} is unavailable on model {adapter.spec.name}: "
+                f"{reason}; its modules can still be read by module path",
+                subject=adapter.spec.name,
+                field=field,
+            )
+        return adapter.block_site(index, part)
+    try:
+        adapter.root.get_submodule(name)
+    except AttributeError:
+        raise NotFound(
+            Reason.SITE_NOT_FOUND,
+            name,
+            f"{field}: site {quote(name)} is neither a canonical site nor a module of "
+            f"{adapter.spec.name}; use {CANONICAL_FORMS}",
+            field=field,
+            metadata={"model": adapter.spec.name},
+        ) from None
+    block = next(
+        (b for b in adapter.blocks if name == b.path or name.startswith(b.path + ".")),
+        adapter.blocks[0],
+    )
+    return SiteDef(name, name, Layout.RAW, block.grid, block.num_prefix_tokens)

@@ -1,0 +1,130 @@
+"""GetActivations and TopActivatingImages: convert, call the core, convert back."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+
+from vitscope.v1 import activations_pb2
+from vitscope.v1 import activations_pb2 as apb
+from vitscope_server.core.activations.compute import (
+    ActivationLimits,
+    batch_key,
+    prepare_activations,
+)
+from vitscope_server.core.activations.estimate import activations_bytes, scan_batch_bytes
+from vitscope_server.core.activations.top_images import ScanItem, TopImageScan, file_items
+from vitscope_server.core.model.image_folders import allowed_folder, list_images
+from vitscope_server.core.model.registry import ModelRegistry
+from vitscope_server.core.runtime.budget import (
+    MemoryBudget,
+)
+from vitscope_server.core.runtime.errors import InvalidArgument, Reason
+from vitscope_server.core.runtime.slots import ComputeSlots
+from vitscope_server.transport import convert, convert_activations
+from vitscope_server.transport.batchers import Batchers
+from vitscope_server.transport.cancellation import cancel_token
+from vitscope_server.transport.compute import (
+    computing,
+    record_batched,
+    unary_response_budget,
+)
+from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.progress import sends_after_compute
+
+
+class ActivationRpcs:
+    """Mixed into the Inspector servicer, which provides these attributes."""
+
+    _registry: ModelRegistry
+    _slots: ComputeSlots
+    _metrics: Metrics
+    _limits: ActivationLimits
+    _image_roots: Sequence[Path]
+    _chunk_bytes: int
+    _budget: MemoryBudget
+    _batchers: Batchers
+    _max_message_bytes: int
+
+    # Chunks are yielded pre-serialized.
+    @sends_after_compute
+    def GetActivations(
+        self, request: activations_pb2.GetActivationsRequest, context: grpc.ServicerContext
+    ) -> Iterator[activations_pb2.GetActivationsResponse | bytes]:
+        loaded = self._registry.get(request.model)
+        model, adapter = loaded.spec.name, loaded.adapter
+        images = convert.image_inputs(list(request.images))
+        query = convert_activations.activation_query(request)
+        need = activations_bytes(
+            adapter, loaded.site_shapes, images, query.sites, self._limits.max_pixels
+        )
+        cancel = cancel_token(context)
+        with self._budget.reserve(need, cancel):
+            with self._batchers.activations.arriving(model) as arrival:
+                prepared = prepare_activations(loaded, images, query, self._limits)
+                result, info = self._batchers.activations.submit(
+                    arrival, batch_key(prepared), prepared, len(prepared.pixels), cancel
+                )
+            record_batched(self._metrics, "GetActivations", model, info)
+            yield from convert_activations.activation_responses(result, self._chunk_bytes)
+
+    def TopActivatingImages(
+        self, requests: Iterator[apb.TopActivatingImagesRequest], context: grpc.ServicerContext
+    ) -> apb.TopActivatingImagesResponse:
+        first = next(requests, None)
+        if first is None:
+            raise InvalidArgument(
+                "requests",
+                "the request stream is empty; the first message names the site",
+                reason=Reason.FIELD_REQUIRED,
+            )
+        loaded = self._registry.get(first.model)
+        scan = TopImageScan(loaded, convert_activations.scan_query(first))
+        if not first.image_folder:
+            scan.require_result_within(unary_response_budget(self._max_message_bytes, self._limits))
+        cancel = cancel_token(context)
+        labels = ("TopActivatingImages", loaded.spec.name)
+
+        def score(items: list[ScanItem]) -> None:
+            images = [item.image for item in items]
+            fields = [item.field for item in items]
+            need = scan_batch_bytes(loaded.adapter, images, fields, self._limits.max_pixels)
+            with self._budget.reserve(need, cancel):
+                pixels = scan.prepare(items, self._limits.max_pixels)
+                with computing(self._slots, self._metrics, cancel, *labels) as slot:
+                    slot.run(lambda: scan.add(pixels, items, cancel))
+
+        batch = self._limits.max_batch
+        if first.image_folder:
+            if first.images:
+                raise InvalidArgument(
+                    "requests[0].images", "not allowed together with image_folder"
+                )
+            files = list_images(allowed_folder(first.image_folder, self._image_roots))
+            longest = max((len(name.encode()) for name, _ in files), default=0)
+            scan.require_result_within(
+                unary_response_budget(self._max_message_bytes, self._limits), longest
+            )
+            for start in range(0, len(files), batch):
+                score(file_items(files[start : start + batch], start))
+        index = 0
+        for number, request in enumerate(itertools.chain([first], requests)):
+            if request.images and first.image_folder:
+                raise InvalidArgument(
+                    f"requests[{number}].images", "not allowed together with image_folder"
+                )
+            images = convert.image_inputs(list(request.images))
+            for start in range(0, len(images), batch):
+                part = images[start : start + batch]
+                score([ScanItem(index + i, "", image) for i, image in enumerate(part)])
+                index += len(part)
+        if scan.scanned == 0:
+            raise InvalidArgument(
+                "images",
+                "no images were streamed and no image_folder was named",
+                reason=Reason.FIELD_REQUIRED,
+            )
+        return convert_activations.top_images_response(scan.result())
