@@ -9,7 +9,7 @@ BUF := $(VENV)/npm/node_modules/.bin/buf
 
 DEMO_PORT ?= 50061
 
-.PHONY: install serve test fuzz bench proto lint format demo docs gpu-check
+.PHONY: install serve test test-fast fuzz bench proto lint format demo docs gpu-check
 
 install: $(STAMP)
 
@@ -26,14 +26,18 @@ serve: install
 # VITSCOPE_TEST_DEVICE=cuda make test: the test servers compute on the GPU; -rs says what
 # was skipped and why.
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs --durations=15
+
+# The inner loop: unit and integration tests, without the deployment, demo, zoo and fuzz runs.
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs --durations=10 tests/unit tests/integration
 
 # The long fuzz run; `make test` runs a short one. Bounded in examples per RPC and in time.
 FUZZ_EXAMPLES ?= 2000
 FUZZ_SECONDS ?= 1800
 fuzz: install
 	HF_HUB_OFFLINE=1 VITSCOPE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) VITSCOPE_FUZZ_SECONDS=$(FUZZ_SECONDS) \
-		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/system/test_fuzz.py
 
 BENCHMARKS := activations feature_viz class_projection inversion oip explain serving load
 

@@ -21,13 +21,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = [
-    "tests/test_activations.py",
-    "tests/test_batching.py",
-    "tests/test_gpu.py",
-    "tests/test_models.py",
-    "tests/test_features.py",
-    "tests/test_projection.py",
-    "tests/test_inversion.py",
+    "tests/integration/test_activations.py",
+    "tests/integration/test_batching.py",
+    "tests/integration/test_gpu.py",
+    "tests/unit/test_models.py",
+    "tests/integration/test_features.py",
+    "tests/integration/test_projection.py",
+    "tests/integration/test_inversion.py",
 ]
 # name, arguments after `python bench/NAME.py`, seconds allowed.
 BENCHMARKS: list[tuple[str, str, list[str], int]] = [

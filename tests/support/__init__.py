@@ -1,0 +1,1 @@
+"""What the tests share: servers, reference computations, waiting, external clients."""
