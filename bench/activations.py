@@ -11,7 +11,7 @@ Fairness choices:
 - Both sides run with the same torch thread count (--threads, default 2).
 - The two (or three) sides of each comparison alternate call by call after one warm-up round,
   whose results are also checked to be equal. Each ratio is the median over rounds of that
-  round's RPC time / in-process time: pairing neighbours cancels slow drift in machine load.
+  round's RPC time / in-process time: pairing neighbors cancels slow drift in machine load.
 - transfer_gbps is result bytes / time from the header's arrival to the returned arrays
   (the client reassembles every chunk in that window); echo_gbps is the same bytes / time from
   a one-byte first message to the bytes sitting in one bytearray, streamed in chunks of the

@@ -21,7 +21,7 @@ from vitscope_server.core.inversion.invert import chain, representations
 from vitscope_server.core.inversion.modules import chain_names, depth_site
 from vitscope_server.core.inversion.store import load_modules, read_manifest
 from vitscope_server.core.model.loading import load_model
-from vitscope_server.core.model.pixels import denormalise
+from vitscope_server.core.model.pixels import denormalize
 from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
 
 STORE = BUILTIN_INVERTERS / DIGITS_NAME
@@ -43,7 +43,7 @@ def evaluate(figure: Path) -> list[tuple[int, str, float, float]]:
     rows: list[tuple[int, str, float, float]] = []
     tiles: list[list[Image.Image]] = [[Image.fromarray(test_images[i])] for i in shown]
     with torch.no_grad():
-        originals = denormalise(inputs, adapter.data_config)
+        originals = denormalize(inputs, adapter.data_config)
         reps = representations(adapter, inputs, depths, NEVER_CANCELLED)
         for depth in depths:
             images = chain(load_modules(manifest, chain_names(depth), loaded.device), reps[depth])

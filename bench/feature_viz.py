@@ -1,10 +1,10 @@
-"""What OptimizeFeatures costs over the same optimisation written as a plain loop, and what
+"""What OptimizeFeatures costs over the same optimization written as a plain loop, and what
 batching K features into one request buys.
 
 Run as `HF_HUB_OFFLINE=1 .venv/bin/python bench/feature_viz.py [--steps N] [--rounds R]`.
 Everything runs in this one process on CPU: a real vitscope server on a loopback port serving
 vit_tiny_patch16_224 at 224 px (random init, seed 0) and, for the baseline, an identical timm
-model optimised by a loop written here from docs/methods.md section 2 (8 copies, colour shift,
+model optimized by a loop written here from docs/methods.md section 2 (8 copies, color shift,
 decaying offset, jitter, TV on the augmented batch, Adam (0.5, 0.99), cosine, clamp).
 
 Fairness choices:
@@ -14,7 +14,7 @@ Fairness choices:
   time is the whole call (request to final message: PNGs, patch map and final forward included).
 - Sides alternate round by round after one warm-up round; a ratio is the median over rounds
   of that round's ratio.
-- batched_speedup compares one request optimising K features (K images, 8K copies per step)
+- batched_speedup compares one request optimizing K features (K images, 8K copies per step)
   with K sequential one-feature requests, all through the service. On a CPU a batch of 8K
   images costs about K times a batch of 8, so this gains far less than on a GPU, where a batch
   of 8 leaves most of the device idle.

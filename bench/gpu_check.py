@@ -113,7 +113,7 @@ def headline(benchmarks: dict[str, Any]) -> dict[str, Any]:
     return {
         "feature_viz_k8_one_request_over_8_sequential": figure("feature_viz_k8", "batched_speedup"),
         "feature_viz_k8_features_per_s": figure("feature_viz_k8", "batched_features_per_s"),
-        "vitb_400_step_visualisation_seconds": figure(
+        "vitb_400_step_visualization_seconds": figure(
             "feature_viz_vitb_400_steps", "service_seconds_single_feature"
         ),
         "activation_transfer_gbps": figure("activations", "transfer_gbps"),

@@ -4,7 +4,7 @@ Run as `HF_HUB_OFFLINE=1 .venv/bin/python bench/load.py [--clients 16] [--second
 It starts `vitscope-server serve` on a free loopback port in its own process (its RSS is what is
 measured), waits for the built-in `vitscope-digits` model, then runs --clients threads, each
 with its own channel, for --seconds. Each picks the next call by weight (GetActivations most,
-optimisations least, every RPC some) with held-out digits as images.
+optimizations least, every RPC some) with held-out digits as images.
 
 It prints errors by status code, p50/p95/p99 latency and calls per RPC, throughput, and the
 server's RSS at start, after one minute (or half the run when shorter) and at the end. The

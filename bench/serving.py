@@ -276,7 +276,7 @@ def inprocess_rate(
 
 def concurrent(args: argparse.Namespace, target: str, metrics_port: int) -> dict[str, Any]:
     """Latency per client count; at 16 clients, rounds alternate with the in-process batch
-    so that each round's ratio compares neighbours in time (machine load drifts)."""
+    so that each round's ratio compares neighbors in time (machine load drifts)."""
     loaded = load_model(
         parse_model_flag(f"c=timm:{args.concurrent_model}@random"), resolve_device(args.device)
     )

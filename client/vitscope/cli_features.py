@@ -1,4 +1,4 @@
-"""`vitscope visualize`: optimised feature images with their top activating images."""
+"""`vitscope visualize`: optimized feature images with their top activating images."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ SAMPLES = "samples"
 
 def add_commands(commands: Any) -> None:
     visualize = commands.add_parser(
-        "visualize", help="optimise images for features (Ghiasi et al.), with their top images"
+        "visualize", help="optimize images for features (Ghiasi et al.), with their top images"
     )
     visualize.add_argument("--model", default="")
     visualize.add_argument("--site", required=True, help="e.g. blocks.3.mlp.hidden")
@@ -42,7 +42,7 @@ def add_commands(commands: Any) -> None:
     visualize.add_argument(
         "--parameterization",
         choices=list(PARAMETERIZATIONS),
-        help="pixel (default, the paper's) or fourier (decorrelated-colour spectrum)",
+        help="pixel (default, the paper's) or fourier (decorrelated-color spectrum)",
     )
     visualize.add_argument(
         "--schedule", choices=list(SCHEDULES), help="learning rate: cosine (default) or constant"
@@ -83,7 +83,7 @@ def feature_grid(
     tops: TopImages | None,
     dataset: list[tuple[str, Image.Image]],
 ) -> Image.Image:
-    """One row per feature: its optimised image, that image's patch map, then its top images."""
+    """One row per feature: its optimized image, that image's patch map, then its top images."""
     tiles, captions = [], []
     for row, (image, patch_map, label) in enumerate(zip(images, maps, labels, strict=True)):
         tile_row = [image] + ([heatmap_overlay(image, patch_map)] if patch_map is not None else [])
@@ -102,7 +102,7 @@ def _visualize(client: Client, args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     steps = args.steps or DEFAULT_STEPS
-    with tqdm(total=steps, unit="step", desc="optimising") as bar:
+    with tqdm(total=steps, unit="step", desc="optimizing") as bar:
 
         def on_progress(progress: OptimizationProgress) -> None:
             bar.update(progress.step - bar.n)

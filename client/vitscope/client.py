@@ -422,9 +422,9 @@ class Client:
         preview: bool = False,
         timeout: float | None = None,
     ) -> Iterator[OptimizationProgress | OptimizationResult]:
-        """Feature visualisation, yielding progress every `progress_every` steps, then the result.
+        """Feature visualization, yielding progress every `progress_every` steps, then the result.
 
-        features: Feature objects or (site, channel) pairs, optimised together in one batch.
+        features: Feature objects or (site, channel) pairs, optimized together in one batch.
         Unset hyperparameters take the paper's defaults (400 steps, lr 0.1 for timm ViTs and
         1.0 for CLIP towers, TV weight 0.0005, 8 copies, jitter 32 px at 224 px, the model's input size,
         parameterization "pixel" (or "fourier"), schedule "cosine" (or "constant"), optimizer
@@ -622,7 +622,7 @@ class Client:
         Either `images` and `depths` (the server computes the representations), or a
         `representation` [batch, tokens, width] at `representation_depth`, with `images`
         as optional originals to score against. method: learned | optimization; the
-        optimisation settings left at None take the server's defaults.
+        optimization settings left at None take the server's defaults.
         """
         request = inversion_pb2.InvertRequest(
             model=model,

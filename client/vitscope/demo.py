@@ -13,7 +13,7 @@ from PIL import Image
 
 from vitscope.client import Client
 from vitscope.demo_explain import explanation_figures
-from vitscope.demo_features import feature_visualisations
+from vitscope.demo_features import feature_visualizations
 from vitscope.demo_inversion import inversion_figures
 from vitscope.demo_projection import projection_figures
 from vitscope.figures import Figure, sample_digits
@@ -98,7 +98,7 @@ def run_demo(client: Client, out: Path, model: str = "", digits: int = 6) -> Pat
     model = model or next(m.name for m in client.list_models() if m.is_default)
     chosen = sample_digits()[:digits]
     figures = activation_maps(client, model, out, chosen)
-    figures += feature_visualisations(client, model, out)
+    figures += feature_visualizations(client, model, out)
     figures += projection_figures(client, model, out, chosen)
     figures += inversion_figures(client, model, out, chosen)
     figures += explanation_figures(client, model, out, chosen)

@@ -1,4 +1,4 @@
-"""Demo page for feature visualisation: optimised images of a few MLP hidden units of the
+"""Demo page for feature visualization: optimized images of a few MLP hidden units of the
 model beside the sample digits that excite them most (Ghiasi et al. 2022)."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ FEATURES = 4
 TOP_K = 3
 
 
-def feature_visualisations(client: Client, model: str, out: Path) -> list[Figure]:
+def feature_visualizations(client: Client, model: str, out: Path) -> list[Figure]:
     """The paper's recipe at its defaults (400 steps), all features in one request."""
     digits = sample_digits()
     images = [image for _, image in digits]
     described = client.describe(model)
     block = described.block_count // 2
     site = f"blocks.{block}.mlp.hidden"
-    # Evenly spaced units: picking those the digits excite most would favour the digits.
+    # Evenly spaced units: picking those the digits excite most would favor the digits.
     width = int(described.sites[site]["shape"][-1])
     channels = [i * width // FEATURES for i in range(FEATURES)]
     result = client.optimize_features(
@@ -40,7 +40,7 @@ def feature_visualisations(client: Client, model: str, out: Path) -> list[Figure
     return [
         Figure(
             file,
-            f"Feature visualisations of evenly spaced MLP hidden units {channels} in block {block} "
+            f"Feature visualizations of evenly spaced MLP hidden units {channels} in block {block} "
             f"of {model} "
             f"({steps} steps, seed 0, paper defaults), each with its patch map and its "
             f"{TOP_K} most exciting sample digits (patch maps over them; numbers are mean "

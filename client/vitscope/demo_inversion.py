@@ -1,4 +1,4 @@
-"""Demo figures for Invert: digits from every depth by both methods, and the colour experiment."""
+"""Demo figures for Invert: digits from every depth by both methods, and the color experiment."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from vitscope.inversion import Inversion
 from vitscope.overlay import grid
 
 OPTIMIZATION_STEPS = 150
-COLOUR_PHOTO = "chelsea"
+COLOR_PHOTO = "chelsea"
 
 
 def _strip(
@@ -38,10 +38,10 @@ def _hue_rotated(image: Image.Image, degrees: int) -> Image.Image:
     return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
 
 
-def _colour_variants() -> list[tuple[str, Image.Image]]:
+def _color_variants() -> list[tuple[str, Image.Image]]:
     from skimage import data
 
-    photo = Image.fromarray(getattr(data, COLOUR_PHOTO)()).convert("RGB")
+    photo = Image.fromarray(getattr(data, COLOR_PHOTO)()).convert("RGB")
     return [
         ("photo", photo),
         ("hue +120", _hue_rotated(photo, 120)),
@@ -68,34 +68,34 @@ def inversion_figures(
                 "inverse modules; PSNR against the model's input under each.",
             )
         )
-    optimised = client.invert(
+    optimized = client.invert(
         images, depths, model=model, method="optimization", steps=OPTIMIZATION_STEPS
     )
-    grid(*_strip(optimised, chosen, depths), tile=80).save(out / "inversion_optimization.png")
+    grid(*_strip(optimized, chosen, depths), tile=80).save(out / "inversion_optimization.png")
     figures.append(
         Figure(
             "inversion_optimization.png",
-            f"Training-free inversion of {model}: pixels optimised ({OPTIMIZATION_STEPS} Adam "
+            f"Training-free inversion of {model}: pixels optimized ({OPTIMIZATION_STEPS} Adam "
             "steps, TV prior) until their representation at each depth matches the digit's.",
         )
     )
-    colour_depths = [0, 2, 4, depths[-1]]
-    variants = _colour_variants()
-    colour = client.invert(
+    color_depths = [0, 2, 4, depths[-1]]
+    variants = _color_variants()
+    color = client.invert(
         [image for _, image in variants],
-        colour_depths,
+        color_depths,
         model=model,
         method="optimization",
         steps=OPTIMIZATION_STEPS,
     )
-    grid(*_strip(colour, variants, colour_depths), tile=96).save(out / "inversion_colour.png")
+    grid(*_strip(color, variants, color_depths), tile=96).save(out / "inversion_color.png")
     figures.append(
         Figure(
-            "inversion_colour.png",
-            f"Colour experiment (Rathjens et al.) on skimage's '{COLOUR_PHOTO}' photo, hue-rotated "
-            f"and grayscale, inverted by optimisation through {model} at its input size. The "
-            "model only ever saw grayscale digits, and optimisation needs no training data: "
-            "this shows which colour information this model's representation happens to keep "
+            "inversion_color.png",
+            f"Color experiment (Rathjens et al.) on skimage's '{COLOR_PHOTO}' photo, hue-rotated "
+            f"and grayscale, inverted by optimization through {model} at its input size. The "
+            "model only ever saw grayscale digits, and optimization needs no training data: "
+            "this shows which color information this model's representation happens to keep "
             "at each depth, not what a model trained on natural photos keeps.",
         )
     )

@@ -1,4 +1,4 @@
-"""Feature visualisation results on the client: dataclasses and their parsing (no torch)."""
+"""Feature visualization results on the client: dataclasses and their parsing (no torch)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Heatmap overlays of patch-wise activation maps (numpy, PIL and a matplotlib colour map)."""
+"""Heatmap overlays of patch-wise activation maps (numpy, PIL and a matplotlib color map)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Perceptually ordered, dark to bright; the server draws its overlays with the same map.
-COLOUR_MAP = "inferno"
+COLOR_MAP = "inferno"
 
 
-def normalise(values: np.ndarray) -> np.ndarray:
+def normalize(values: np.ndarray) -> np.ndarray:
     """Min-max to [0, 1]; a constant map becomes zeros."""
     values = values.astype(np.float32)
     low, high = float(values.min()), float(values.max())
@@ -19,19 +19,19 @@ def normalise(values: np.ndarray) -> np.ndarray:
 
 def colorize(unit: np.ndarray) -> np.ndarray:
     """[H, W] in [0, 1] -> [H, W, 3] uint8."""
-    return matplotlib.colormaps[COLOUR_MAP](np.clip(unit, 0.0, 1.0), bytes=True)[..., :3]
+    return matplotlib.colormaps[COLOR_MAP](np.clip(unit, 0.0, 1.0), bytes=True)[..., :3]
 
 
 def heatmap_overlay(image: Image.Image, patch_map: np.ndarray, alpha: float = 0.55) -> Image.Image:
-    """The map, min-max normalised and bilinearly upsampled, blended over the image."""
+    """The map, min-max normalized and bilinearly upsampled, blended over the image."""
     base = image.convert("RGB")
     heat = (
-        Image.fromarray(normalise(patch_map) * 255.0)
+        Image.fromarray(normalize(patch_map) * 255.0)
         .convert("L")
         .resize(base.size, Image.Resampling.BILINEAR)
     )
-    coloured = Image.fromarray(colorize(np.asarray(heat, dtype=np.float32) / 255.0))
-    return Image.blend(base, coloured, alpha)
+    colored = Image.fromarray(colorize(np.asarray(heat, dtype=np.float32) / 255.0))
+    return Image.blend(base, colored, alpha)
 
 
 def grid(

@@ -31,12 +31,12 @@ def plot_identifiability(results: dict[str, ClassProjection], path: Path, title:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
-    for (name, result), colour in zip(
+    for (name, result), color in zip(
         results.items(), ("tab:blue", "tab:orange", "tab:green"), strict=False
     ):
         blocks, patches, cls = identifiability_curves(result)
-        axis.plot(blocks, patches, "o-", color=colour, label=f"{name}: % identifiable patch tokens")
-        axis.plot(blocks, cls, "s--", color=colour, label=f"{name}: class token r x 100")
+        axis.plot(blocks, patches, "o-", color=color, label=f"{name}: % identifiable patch tokens")
+        axis.plot(blocks, cls, "s--", color=color, label=f"{name}: class token r x 100")
     chance = 100.0 / max(1, len(next(iter(results.values())).class_names))
     axis.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="top-1 by chance")
     axis.set_xlabel("block")

@@ -44,7 +44,7 @@ class TokenProjection:
 @dataclass(frozen=True)
 class ImportanceMaps:
     per_head: np.ndarray  # [blocks, heads, grid_h, grid_w]
-    summed: np.ndarray  # [grid_h, grid_w], min-max normalised
+    summed: np.ndarray  # [grid_h, grid_w], min-max normalized
     upsampled: np.ndarray  # [height, width]
     overlay_png: bytes
 

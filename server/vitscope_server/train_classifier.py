@@ -53,7 +53,7 @@ INIT = "moco + 2d sin-cos position embedding + mimetic attention"
 
 @dataclass(frozen=True)
 class Recipe:
-    """The optimisation settings; recorded in the metrics file so a run can be repeated."""
+    """The optimization settings; recorded in the metrics file so a run can be repeated."""
 
     epochs: int = 30
     batch_size: int = 64
@@ -67,7 +67,7 @@ class Recipe:
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """RGB uint8 [size, size, 3]: shorter side resized to `size` (bilinear), then centre-cropped.
+    """RGB uint8 [size, size, 3]: shorter side resized to `size` (bilinear), then center-cropped.
 
     Pixel for pixel what the server's timm eval transform does with crop_pct=1.0 and bilinear
     interpolation, the settings recorded in the metrics file.
@@ -122,8 +122,8 @@ def augment(x: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> torc
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """[0, 1] images with 1 or 3 channels -> normalised RGB, as the server feeds the model."""
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """[0, 1] images with 1 or 3 channels -> normalized RGB, as the server feeds the model."""
     x = x.expand(-1, 3, -1, -1)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
@@ -141,7 +141,7 @@ def accuracy(
     model.eval()
     correct = 0
     for start in range(0, len(images), batch_size):
-        x = normalise(images[start : start + batch_size].float() / 255, mean, std)
+        x = normalize(images[start : start + batch_size].float() / 255, mean, std)
         correct += int((model(x).argmax(1) == labels[start : start + batch_size]).sum())
     return correct / max(len(images), 1)
 
@@ -149,7 +149,7 @@ def accuracy(
 def mimetic_attention_init(attn: Attention) -> None:
     """Sets W_q W_k^T ~ 0.7 Z + 0.7 I per head and W_o W_v ~ 0.4 Z - 0.4 I (Z ~ N(0, 1/d)).
 
-    Mimetic initialisation (Trockman & Kolter, 2023): tokens start out attending to similar
+    Mimetic initialization (Trockman & Kolter, 2023): tokens start out attending to similar
     tokens, as trained ViTs do, instead of uniformly, which speeds up training on small data.
     """
     weight, dim, head_dim = attn.qkv.weight, attn.qkv.in_features, attn.head_dim
@@ -172,7 +172,7 @@ def mimetic_attention_init(attn: Attention) -> None:
 
 
 def small_data_init(model: VisionTransformer) -> None:
-    """Re-initialises a timm ViT so that it trains from scratch on a few thousand images.
+    """Re-initializes a timm ViT so that it trains from scratch on a few thousand images.
 
     With timm's default init the attention is uniform and positions are nearly invisible, and
     a ViT needs far more steps than a few CPU-minutes give. MoCo v3 init, fixed-pattern 2D
@@ -262,7 +262,7 @@ def train(
             batch = order[start : start + recipe.batch_size]
             x = augment(train_x[batch].float() / 255, recipe, generator)
             loss = F.cross_entropy(
-                model(normalise(x, mean, std)),
+                model(normalize(x, mean, std)),
                 train_y[batch],
                 label_smoothing=recipe.label_smoothing,
             )

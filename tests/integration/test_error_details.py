@@ -226,7 +226,7 @@ def test_projection_token_mode_with_nothing_listed(client: Client, tokens: str) 
     ("option", "value"),
     [("learning_rate", 1e30), ("learning_rate", 1e300), ("tv_weight", 1e30)],
 )
-def test_huge_optimisation_numbers(client: Client, option: str, value: float) -> None:
+def test_huge_optimization_numbers(client: Client, option: str, value: float) -> None:
     with pytest.raises(InvalidArgumentError) as caught:
         client.optimize_features([("blocks.1.out", 0)], model=DIGITS, steps=2, **{option: value})
     assert [v.field for v in caught.value.field_violations] == [f"parameters.{option}"]
@@ -307,7 +307,7 @@ def test_the_token_is_checked_before_the_bytes(guarded: RunningServer) -> None:
 
 
 def _holding_the_slot(guarded: RunningServer) -> tuple[grpc.Channel, grpc.Future]:
-    """An optimisation that keeps the only compute slot until cancelled; returns once it
+    """An optimization that keeps the only compute slot until cancelled; returns once it
     reported its first step (so it holds the slot)."""
     channel = grpc.insecure_channel(f"127.0.0.1:{guarded.port}")
     request = fpb.OptimizeFeaturesRequest(

@@ -98,7 +98,7 @@ def build(name: str) -> torch.nn.Module:
 
 
 def held_out_digits(count: int, offset: int = 0) -> tuple[torch.Tensor, list[int]]:
-    """Test-split digits, `count` of them spread over the classes, normalised as the model's
+    """Test-split digits, `count` of them spread over the classes, normalized as the model's
     own transform does (28 px, MNIST statistics on three channels)."""
     _, _, images, labels = digits_split()
     chosen = [int(np.flatnonzero(labels == i % 10)[offset + i // 10]) for i in range(count)]

@@ -1,4 +1,4 @@
-"""The seven families Ghiasi et al. visualise (ViT, DeiT, CoaT, ConViT, PiT, Swin, Twins),
+"""The seven families Ghiasi et al. visualize (ViT, DeiT, CoaT, ConViT, PiT, Swin, Twins),
 served by a real server and checked against plain hooks written out per family."""
 
 from __future__ import annotations
@@ -158,8 +158,8 @@ def test_feature_images_and_top_images_on_mlp_hidden(
     family = served[name]
     last = family["description"].block_count - 1
     site = f"blocks.{last}.mlp.hidden"
-    optimised = family_client.optimize_features([(site, 1)], model=name, steps=2, copies=2, seed=1)
-    (feature,) = optimised.features
+    optimized = family_client.optimize_features([(site, 1)], model=name, steps=2, copies=2, seed=1)
+    (feature,) = optimized.features
     assert feature.image.size == tuple(family["description"].input_size[1:])
     assert np.isfinite(feature.objective)
     top = family_client.top_activating_images(

@@ -18,7 +18,7 @@ from support.features_reference import (
     build_digits_model,
     fourier_pixels,
     hidden,
-    normalise,
+    normalize,
 )
 from support.reference import build
 from support.servers import DEVICE, start
@@ -113,7 +113,7 @@ def reference_loss(
         copy = (copy - subtract[r, :, None, None]) / torch.exp(divide[r, :, None, None])
         copy = copy + offset[r, :, None, None] * 0.5 * (steps - step) / steps
         copy = torch.roll(copy, shifts=shift, dims=(2, 3))
-        objective = hidden(model, block, normalise(copy))[:, 1:, channel].mean()
+        objective = hidden(model, block, normalize(copy))[:, 1:, channel].mean()
         differences = [
             copy[:, :, :, 1:] - copy[:, :, :, :-1],
             copy[:, :, 1:, :] - copy[:, :, :-1, :],
@@ -350,7 +350,7 @@ def test_default_choices_are_reported(fclient: Client) -> None:
     assert "clamped" in result.parameters["parameterization_detail"]
 
 
-def test_fourier_optimisation_raises_the_objective(
+def test_fourier_optimization_raises_the_objective(
     fclient: Client, digits_model: nn.Module
 ) -> None:
     """From the seeded spectrum's image to the delivered one, the objective (read by hooks)
@@ -368,8 +368,8 @@ def test_fourier_optimisation_raises_the_objective(
     start = fourier_pixels(spectrum * 0.01)
     final = as_input(np.asarray(result.features[0].image))
     with torch.no_grad():
-        before = float(hidden(digits_model, 3, normalise(start))[0, 1:, channel].mean())
-        after = float(hidden(digits_model, 3, normalise(final))[0, 1:, channel].mean())
+        before = float(hidden(digits_model, 3, normalize(start))[0, 1:, channel].mean())
+        after = float(hidden(digits_model, 3, normalize(final))[0, 1:, channel].mean())
     assert result.features[0].objective == pytest.approx(after, rel=1e-4, abs=1e-5)
     assert after > before + 0.4, (before, after)
 
@@ -390,10 +390,10 @@ def test_same_seed_same_fourier_image(fclient: Client) -> None:
     assert run(4) != first
 
 
-def test_optimised_images_beat_every_test_digit(fclient: Client, digits_model: nn.Module) -> None:
+def test_optimized_images_beat_every_test_digit(fclient: Client, digits_model: nn.Module) -> None:
     """The paper's recipe at its defaults (400 steps) on the trained built-in model.
 
-    Not every unit is beaten: units that digits drive hard can out-score the optimised image
+    Not every unit is beaten: units that digits drive hard can out-score the optimized image
     (41 of 48 sampled units, every 16th channel of blocks 1, 3 and 5, were beaten).
     """
     features = [
@@ -406,12 +406,12 @@ def test_optimised_images_beat_every_test_digit(fclient: Client, digits_model: n
     assert result.parameters["learning_rate"] == pytest.approx(0.1)
     _, _, test_images, _ = digits_split()
     digits = as_input(test_images)
-    optimised = as_input(np.stack([np.asarray(f.image) for f in result.features]))
+    optimized = as_input(np.stack([np.asarray(f.image) for f in result.features]))
     with torch.no_grad():
         for index, (site, channel) in enumerate(features):
             block = int(site.split(".")[1])
-            digit_scores = hidden(digits_model, block, normalise(digits))[:, 1:, channel].mean(1)
-            image_units = hidden(digits_model, block, normalise(optimised[index : index + 1]))
+            digit_scores = hidden(digits_model, block, normalize(digits))[:, 1:, channel].mean(1)
+            image_units = hidden(digits_model, block, normalize(optimized[index : index + 1]))
             score = float(image_units[0, 1:, channel].mean())
             assert result.features[index].objective == pytest.approx(score, rel=1e-4, abs=1e-5)
             np.testing.assert_allclose(
@@ -458,7 +458,7 @@ def test_other_objectives_match_hooks(fclient: Client, digits_model: nn.Module) 
         Feature(objective="class_logit", class_index=3),
     ]
     result = fclient.optimize_features(features, model=DIGITS, steps=5, seed=2)
-    images = normalise(as_input(np.stack([np.asarray(f.image) for f in result.features])))
+    images = normalize(as_input(np.stack([np.asarray(f.image) for f in result.features])))
     with torch.no_grad():
         token = float(hidden(digits_model, 2, images[0:1])[0, 10, 4])
         store: dict[str, torch.Tensor] = {}
@@ -495,12 +495,12 @@ def test_other_image_size_is_resized_inside_the_forward(
     assert image.shape[-1] == 56
     resized = torch.nn.functional.interpolate(image, size=(28, 28), mode="bilinear")
     with torch.no_grad():
-        expected = float(hidden(digits_model, 2, normalise(resized))[0, 1:, 9].mean())
+        expected = float(hidden(digits_model, 2, normalize(resized))[0, 1:, 9].mean())
     assert result.features[0].objective == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
 def test_open_clip_tower(fclient: Client) -> None:
-    """CLIP towers get lr 1.0 and their own normalisation; the objective is checked by hooks."""
+    """CLIP towers get lr 1.0 and their own normalization; the objective is checked by hooks."""
     result = fclient.optimize_features([("blocks.1.mlp.hidden", 7)], model="clip", steps=3)
     assert result.parameters["learning_rate"] == pytest.approx(1.0)
     assert result.parameters["jitter"] == round(32 * 64 / 224)
@@ -733,7 +733,7 @@ def quick_call_once_the_slot_is_free(fclient: Client) -> None:
         except ResourceExhaustedError:
             return False
 
-    wait_until(served, "the stopped optimisation to release its compute slot")
+    wait_until(served, "the stopped optimization to release its compute slot")
 
 
 def test_cancel_stops_the_run_and_frees_the_slot(

@@ -162,7 +162,7 @@ def test_a_sent_representation_inverts_like_the_image(client: Client) -> None:
     assert unscored[depth].mse is None and len(unscored[depth].images) == 3
 
 
-def test_optimisation_steps_are_counted_in_the_metrics(
+def test_optimization_steps_are_counted_in_the_metrics(
     server: RunningServer, client: Client
 ) -> None:
     def counted() -> float:
@@ -179,7 +179,7 @@ def test_optimisation_steps_are_counted_in_the_metrics(
     assert counted() == before + 6
 
 
-def test_unset_optimisation_settings_take_the_defaults(client: Client) -> None:
+def test_unset_optimization_settings_take_the_defaults(client: Client) -> None:
     result = client.invert(
         request_images(), [0], model=DIGITS, method="optimization", steps=2, seed=4
     )
@@ -203,7 +203,7 @@ def _vit_distance(model: torch.nn.Module, picture: np.ndarray, target: np.ndarra
     return float(((got - target) ** 2).sum() / (target**2).sum())
 
 
-def test_optimisation_cuts_the_representation_distance_by_90_percent(client: Client) -> None:
+def test_optimization_cuts_the_representation_distance_by_90_percent(client: Client) -> None:
     model = build("vit")
     size = client.describe("vit").input_size[1]
     generator = torch.Generator().manual_seed(3)
@@ -379,7 +379,7 @@ def _steps(server: RunningServer, model: str) -> float:
     return sample(server, "vitscope_optimization_steps_total", method="Invert", model=model)
 
 
-def test_cancelling_an_optimisation_frees_its_slot(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_cancelling_an_optimization_frees_its_slot(tmp_path) -> None:  # type: ignore[no-untyped-def]
     running = start(tmp_path, max_running=1, max_queue=0)
     try:
         request = pb.InvertRequest(
@@ -443,7 +443,7 @@ def test_cli_invert_writes_a_strip_with_psnr(
 
 
 @pytest.mark.parametrize("name", ["deit", "swin", "clip"])
-def test_optimisation_runs_on_every_family(client: Client, name: str) -> None:
+def test_optimization_runs_on_every_family(client: Client, name: str) -> None:
     size = client.describe(name).input_size
     picture = np.random.default_rng(0).integers(0, 256, (size[1], size[2], 3), dtype=np.uint8)
     result = client.invert([picture], [1], model=name, method="optimization", steps=8)

@@ -303,7 +303,7 @@ def test_bad_requests(
 BAD_OUTPUTS = [
     ([Outputs(name="blocks.99.out")], grpc.StatusCode.NOT_FOUND, "blocks.99.out"),
     (
-        [Outputs(name="blocks.0.out", parameters={"colour": _string("red")})],
+        [Outputs(name="blocks.0.out", parameters={"color": _string("red")})],
         grpc.StatusCode.INVALID_ARGUMENT,
         "outputs[0].parameters",
     ),

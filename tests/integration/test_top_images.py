@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.features_reference import as_input, build_digits_model, hidden, normalise
+from support.features_reference import as_input, build_digits_model, hidden, normalize
 from support.reference import reference_sites
 from support.servers import start
 
@@ -75,7 +75,7 @@ def tclient(folder_server: RunningServer) -> Iterator[Client]:
 def reference_top(digits: np.ndarray, k: int) -> dict[int, list[tuple[int, float, np.ndarray]]]:
     """Top-k per channel by mean over patch tokens, from a hand-built model and a plain hook."""
     with torch.no_grad():
-        units = hidden(build_digits_model(), 3, normalise(as_input(digits)))[:, 1:]
+        units = hidden(build_digits_model(), 3, normalize(as_input(digits)))[:, 1:]
     tops = {}
     for channel in CHANNELS:
         scores = units[:, :, channel].mean(1).numpy()

@@ -1,4 +1,4 @@
-"""Plain-hook references for the seven families Ghiasi et al. visualise.
+"""Plain-hook references for the seven families Ghiasi et al. visualize.
 
 Nothing here uses the server's adapters: each family's block list is written out
 by hand, sublayer outputs are read from the attention and MLP modules themselves

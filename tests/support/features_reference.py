@@ -36,7 +36,7 @@ def hidden(model: nn.Module, block: int, pixels: torch.Tensor) -> torch.Tensor:
     return store["h"]
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
+def normalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(DIGITS_MEAN)[None, :, None, None]
     std = torch.tensor(DIGITS_STD)[None, :, None, None]
     return (x - mean) / std
@@ -49,8 +49,8 @@ def as_input(pixels: np.ndarray) -> torch.Tensor:
     return torch.tensor(pixels.reshape(-1, *pixels.shape[-3:])).permute(0, 3, 1, 2) / 255.0
 
 
-# The square root of ImageNet's colour correlation, as published with Olah et al. 2017.
-COLOUR_SQRT = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+# The square root of ImageNet's color correlation, as published with Olah et al. 2017.
+COLOR_SQRT = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 
 
 def fourier_pixels(spectrum: torch.Tensor) -> torch.Tensor:
@@ -58,8 +58,8 @@ def fourier_pixels(spectrum: torch.Tensor) -> torch.Tensor:
 
     The inverse real FFT written as the explicit sum x[h, w] = 1/S^2 sum_{v, u} c_u
     Re(X[v, u] exp(2 pi i (v h + u w) / S)), c_u = 2 for the columns whose mirror images the
-    half spectrum leaves out, else 1; X scaled by S / max(f, 1/S); then / 4, the normalised
-    colour matrix, a sigmoid.
+    half spectrum leaves out, else 1; X scaled by S / max(f, 1/S); then / 4, the normalized
+    color matrix, a sigmoid.
     """
     size, half = spectrum.shape[2], spectrum.shape[3]
     v = np.arange(size)
@@ -84,6 +84,6 @@ def fourier_pixels(spectrum: torch.Tensor) -> torch.Tensor:
     image = (
         torch.einsum("kcvu,vuhw->kchw", real, cos) - torch.einsum("kcvu,vuhw->kchw", imag, sin)
     ) / size**2
-    colours = COLOUR_SQRT / np.linalg.norm(COLOUR_SQRT, axis=0).max()
-    rgb = torch.einsum("cd,kdhw->kchw", torch.tensor(colours), image / 4)
+    colors = COLOR_SQRT / np.linalg.norm(COLOR_SQRT, axis=0).max()
+    rgb = torch.einsum("cd,kdhw->kchw", torch.tensor(colors), image / 4)
     return torch.sigmoid(rgb).float()

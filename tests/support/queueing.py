@@ -23,7 +23,7 @@ def wait_for_queued(server: RunningServer, count: int) -> None:
 
 
 class SlotHolder:
-    """Holds the only compute slot with a long feature optimisation of `model` until released."""
+    """Holds the only compute slot with a long feature optimization of `model` until released."""
 
     def __init__(self, server: RunningServer, model: str = "vit") -> None:
         self._client = Client(f"127.0.0.1:{server.port}")
@@ -35,7 +35,7 @@ class SlotHolder:
             progress_every=1,
         )
         self._call = self._stub.OptimizeFeatures(request, timeout=120)
-        next(self._call)  # a progress message: the optimisation holds the slot
+        next(self._call)  # a progress message: the optimization holds the slot
 
     def release(self) -> None:
         self._call.cancel()

@@ -52,7 +52,7 @@ def test_digits_split_is_fixed_and_holds_out_1000_digits() -> None:
     assert not np.array_equal(digits_split_indices(seed=1)[1], test_idx)
 
 
-def test_load_image_resizes_the_shorter_side_then_centre_crops(tmp_path: Path) -> None:
+def test_load_image_resizes_the_shorter_side_then_center_crops(tmp_path: Path) -> None:
     wide = np.zeros((16, 32), dtype=np.uint8)
     wide[:, 4:28] = 255  # black borders that a plain resize would keep, a crop drops
     Image.fromarray(wide).save(tmp_path / "wide.png")

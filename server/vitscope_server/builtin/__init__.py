@@ -2,7 +2,7 @@
 
 `vitscope-digits` reads its prediction at the class token; `vitscope-digits-gap` is the same
 network pooled by global average over patch tokens (no class token), the other design the
-class-projection paper analyses. Each has an untrained random twin as the control.
+class-projection paper analyzes. Each has an untrained random twin as the control.
 
 Training (vitscope_server.train_classifier) and serving both read this module,
 so the served model is exactly the trained one.

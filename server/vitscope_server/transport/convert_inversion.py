@@ -29,7 +29,7 @@ _DEFAULTS = OptimizationParams()
 
 
 def invert_query(request: pb.InvertRequest) -> InvertQuery:
-    """Unset optimisation fields take the defaults; set ones are kept for the core to check."""
+    """Unset optimization fields take the defaults; set ones are kept for the core to check."""
     o = request.optimization
     return InvertQuery(
         method=enum_value(_METHODS, request.method, "method", pb.InversionMethod),

@@ -141,7 +141,7 @@ def _image(image: ImageProjection, names: list[str]) -> pb.ImageProjection:
 
 
 def _curve(curve: KeepCurve) -> pb.TokenKeepCurve:
-    return pb.TokenKeepCurve(accuracy=curve.accuracy, normalized_auc=curve.normalised_auc)
+    return pb.TokenKeepCurve(accuracy=curve.accuracy, normalized_auc=curve.normalized_auc)
 
 
 def _dataset(dataset: DatasetSummary, num_images: int) -> pb.DatasetSummary:

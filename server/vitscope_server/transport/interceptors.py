@@ -1,4 +1,4 @@
-"""Cross-cutting RPC behaviour: bearer-token auth, request parsing, error mapping, metrics.
+"""Cross-cutting RPC behavior: bearer-token auth, request parsing, error mapping, metrics.
 
 Core errors are plain exceptions; this is the one place that turns them into
 statuses with error details (transport/status.py). Allocation failures become
@@ -205,7 +205,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         return code, error
 
     def _unary(
-        self, behaviour: Callable[..., Any], method: str, refusal: _Unauthenticated | None
+        self, behavior: Callable[..., Any], method: str, refusal: _Unauthenticated | None
     ) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(self._metrics, method, self._model_label(request))
@@ -213,7 +213,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             try:
                 try:
                     self._admit(request, refusal)
-                    response = behaviour(request, context)
+                    response = behavior(request, context)
                 except Exception as exc:
                     code, error = self._status(exc, request, context)
                     _abort(context, code, error)
@@ -225,22 +225,22 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         return wrapped
 
     def _client_stream(
-        self, behaviour: Callable[..., Any], method: str, refusal: _Unauthenticated | None
+        self, behavior: Callable[..., Any], method: str, refusal: _Unauthenticated | None
     ) -> Callable[..., Any]:
         """Client-streaming calls are handled as unary ones labelled by their first request."""
 
         def wrapped(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             first = next(requests, None)
             everything = itertools.chain([] if first is None else [first], parsed(requests))
-            unary = self._unary(lambda _first, ctx: behaviour(everything, ctx), method, refusal)
+            unary = self._unary(lambda _first, ctx: behavior(everything, ctx), method, refusal)
             return unary(first, context)
 
         return wrapped
 
     def _stream(
-        self, behaviour: Callable[..., Any], method: str, refusal: _Unauthenticated | None
+        self, behavior: Callable[..., Any], method: str, refusal: _Unauthenticated | None
     ) -> Callable[..., Any]:
-        sender = sent_directly if getattr(behaviour, "sends_after_compute", False) else buffered
+        sender = sent_directly if getattr(behavior, "sends_after_compute", False) else buffered
 
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Call(self._metrics, method, self._model_label(request))
@@ -248,7 +248,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             try:
                 try:
                     self._admit(request, refusal)
-                    for response in sender(behaviour(request, context), context, self._streams):
+                    for response in sender(behavior(request, context), context, self._streams):
                         call.sent += _message_size(response)
                         yield response
                 except Exception as exc:

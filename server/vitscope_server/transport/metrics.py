@@ -107,7 +107,7 @@ class Metrics:
         )
         self.optimization_steps = Counter(
             "vitscope_optimization_steps_total",
-            "Optimisation steps run (feature visualisation, inversion).",
+            "Optimization steps run (feature visualization, inversion).",
             ["method", "model"],
             registry=r,
         )

@@ -1,4 +1,4 @@
-"""Images leave the service as PNG bytes, heatmaps drawn with a matplotlib colour map."""
+"""Images leave the service as PNG bytes, heatmaps drawn with a matplotlib color map."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 # Perceptually ordered, dark to bright; the client draws its overlays with the same map.
-COLOUR_MAP = "inferno"
+COLOR_MAP = "inferno"
 OVERLAY_ALPHA = 0.55
 
 
@@ -21,13 +21,13 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 def heatmap_png(image: np.ndarray, values: np.ndarray) -> bytes:
-    """`values` [H, W] at the image's size, min-max normalised, coloured and blended over the
+    """`values` [H, W] at the image's size, min-max normalized, colored and blended over the
     uint8 RGB `image` [H, W, 3]."""
     values = values.astype(np.float32)
     low, high = float(values.min()), float(values.max())
     unit = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    colours = matplotlib.colormaps[COLOUR_MAP](unit, bytes=True)[..., :3]
+    colors = matplotlib.colormaps[COLOR_MAP](unit, bytes=True)[..., :3]
     blended = Image.blend(
-        Image.fromarray(image).convert("RGB"), Image.fromarray(colours), OVERLAY_ALPHA
+        Image.fromarray(image).convert("RGB"), Image.fromarray(colors), OVERLAY_ALPHA
     )
     return png(np.asarray(blended))

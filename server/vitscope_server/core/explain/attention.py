@@ -109,7 +109,7 @@ def attention_forward(
 
 
 def rollout(probs: list[torch.Tensor], fusion: HeadFusion, adapter: ModelAdapter) -> torch.Tensor:
-    """Per block: heads fused, 0.5 A + 0.5 I, rows renormalised; the product of the blocks'
+    """Per block: heads fused, 0.5 A + 0.5 I, rows renormalized; the product of the blocks'
     matrices from the first block to the last (later blocks multiply on the left)."""
     fuse: Callable[[torch.Tensor], torch.Tensor] = {
         HeadFusion.MEAN: lambda a: a.mean(dim=1),

@@ -32,7 +32,7 @@ from vitscope_server.core.explain.gradients import (
 from vitscope_server.core.explain.maps import class_embedding_maps, display_maps, feature_maps
 from vitscope_server.core.explain.query import Method, MethodSpec, PreparedExplanation
 from vitscope_server.core.explain.targets import Prompt, TargetSpace, resolve_targets, target_space
-from vitscope_server.core.model.pixels import denormalise, normalise, to_uint8
+from vitscope_server.core.model.pixels import denormalize, normalize, to_uint8
 from vitscope_server.core.model.provenance import Provenance, provenance_of
 from vitscope_server.core.runtime.blur import gaussian_blur
 from vitscope_server.core.runtime.cancel import CancelToken
@@ -220,7 +220,7 @@ def _curves(
     orders.append(random_order(pixels.shape[0], patches, faithfulness.seed).to(pixels.device))
     inputs = CurveInputs(
         pixels,
-        normalise(torch.zeros_like(pixels), adapter.data_config),
+        normalize(torch.zeros_like(pixels), adapter.data_config),
         gaussian_blur(pixels, faithfulness.blur_sigma),
         targets,
         list(faithfulness.counts),
@@ -274,7 +274,7 @@ def explain(
         pairs = _curves(prepared, space, pixels, predicted.targets, maps, cancel)
     size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
     shown = [display_maps(c.maps.to(pixels.device), size) for c in computed]
-    images = to_uint8(denormalise(pixels.float(), adapter.data_config))
+    images = to_uint8(denormalize(pixels.float(), adapter.data_config))
     per_image = [
         _image(i, query.methods, computed, shown, pairs, images[i], space, predicted)
         for i in range(batch)

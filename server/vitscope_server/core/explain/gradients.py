@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vitscope_server.core.model.adapters import ModelAdapter
-from vitscope_server.core.model.pixels import normalise
+from vitscope_server.core.model.pixels import normalize
 from vitscope_server.core.runtime.blur import gaussian_blur
 from vitscope_server.core.runtime.cancel import CancelToken
 
@@ -60,16 +60,16 @@ class IntegratedGradients:
 def baseline_images(
     adapter: ModelAdapter, pixels: torch.Tensor, baseline: Baseline, sigma: float, seed: int
 ) -> torch.Tensor:
-    """The reference x' for each image, in the model's normalised input space."""
+    """The reference x' for each image, in the model's normalized input space."""
     config = adapter.data_config
     if baseline is Baseline.BLURRED:
-        # The blur is per channel and linear, so it commutes with the normalisation.
+        # The blur is per channel and linear, so it commutes with the normalization.
         return gaussian_blur(pixels, sigma)
     if baseline is Baseline.NOISE:
         generator = torch.Generator().manual_seed(seed)
         noise = torch.rand(pixels.shape, generator=generator).to(pixels)
-        return normalise(noise, config)
-    return normalise(torch.zeros_like(pixels), config)
+        return normalize(noise, config)
+    return normalize(torch.zeros_like(pixels), config)
 
 
 def patch_pool(values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -24,7 +24,7 @@ def class_embedding_maps(
     targets: torch.Tensor,
     cancel: CancelToken,
 ) -> torch.Tensor:
-    """[B, H, W]: the summed, min-max normalised importance map over every block, exactly as
+    """[B, H, W]: the summed, min-max normalized importance map over every block, exactly as
     ProjectToClassSpace returns it."""
     blocks = tuple(range(len(adapter.blocks)))
     sites = [adapter.embed_site()]
@@ -65,7 +65,7 @@ def feature_maps(
 
 
 def display_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[B, h, w] -> [B, H, W]: each map min-max normalised (a constant map: zeros), then
+    """[B, h, w] -> [B, H, W]: each map min-max normalized (a constant map: zeros), then
     bilinearly upsampled to the input size."""
     low = maps.amin(dim=(1, 2), keepdim=True)
     high = maps.amax(dim=(1, 2), keepdim=True)

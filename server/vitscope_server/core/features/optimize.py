@@ -1,7 +1,7 @@
-"""Feature optimisation (Ghiasi et al. 2022): an image optimised so a feature's objective grows.
+"""Feature optimization (Ghiasi et al. 2022): an image optimized so a feature's objective grows.
 
 The paper's recipe is the default (docs/methods.md section 2); the image parameterization
-(see feature_images), learning-rate schedule and optimiser can be switched. Several
+(see feature_images), learning-rate schedule and optimizer can be switched. Several
 features run as one batch: feature k owns image k and rows k*copies .. (k+1)*copies-1 of
 the augmented batch, and its loss reaches only its own image. Every random draw comes from
 one CPU torch.Generator seeded by the caller, in a fixed order (the initial image
@@ -24,7 +24,7 @@ from vitscope_server.core.features.parameterization import Parameterization, ima
 from vitscope_server.core.model.adapters import Layout, ModelAdapter, SiteDef
 from vitscope_server.core.model.capture import ForwardStopped, capture_sites, last_block_needed
 from vitscope_server.core.model.loading import LoadedModel
-from vitscope_server.core.model.pixels import normalise, to_uint8
+from vitscope_server.core.model.pixels import normalize, to_uint8
 from vitscope_server.core.model.provenance import Provenance, provenance_of
 from vitscope_server.core.model.sites import resolve_site
 from vitscope_server.core.model.tokens import as_site_layout
@@ -334,28 +334,28 @@ def prepare_optimization(
 class AugmentationDraw:
     """One step's random draws, made in this order from the generator."""
 
-    colour_shift: torch.Tensor  # [N, 3] U(-1, 1), subtracted
-    colour_scale: torch.Tensor  # [N, 3] U(-1, 1), divided by its exp
+    color_shift: torch.Tensor  # [N, 3] U(-1, 1), subtracted
+    color_scale: torch.Tensor  # [N, 3] U(-1, 1), divided by its exp
     offset: torch.Tensor  # [N, 3] N(0, 1)
     shift: tuple[int, int]  # one circular shift (rows, cols) in [-jitter, jitter]
 
 
 def draw_augmentation(generator: torch.Generator, count: int, jitter: int) -> AugmentationDraw:
-    colour_shift = torch.rand(count, 3, generator=generator) * 2 - 1
-    colour_scale = torch.rand(count, 3, generator=generator) * 2 - 1
+    color_shift = torch.rand(count, 3, generator=generator) * 2 - 1
+    color_scale = torch.rand(count, 3, generator=generator) * 2 - 1
     offset = torch.randn(count, 3, generator=generator)
     shift = torch.randint(-jitter, jitter + 1, (2,), generator=generator)
-    return AugmentationDraw(colour_shift, colour_scale, offset, (int(shift[0]), int(shift[1])))
+    return AugmentationDraw(color_shift, color_scale, offset, (int(shift[0]), int(shift[1])))
 
 
 def augment(
     images: torch.Tensor, draw: AugmentationDraw, copies: int, offset_scale: float
 ) -> torch.Tensor:
-    """[K, 3, S, S] -> [K * copies, 3, S, S]: colour shift, decaying offset, one jitter."""
+    """[K, 3, S, S] -> [K * copies, 3, S, S]: color shift, decaying offset, one jitter."""
     batch = images.repeat_interleave(copies, dim=0)
     device = images.device
-    shift = draw.colour_shift.to(device)[:, :, None, None]
-    scale = draw.colour_scale.to(device).exp()[:, :, None, None]
+    shift = draw.color_shift.to(device)[:, :, None, None]
+    scale = draw.color_scale.to(device).exp()[:, :, None, None]
     batch = (batch - shift) / scale
     batch = batch + draw.offset.to(device)[:, :, None, None] * offset_scale
     return torch.roll(batch, shifts=draw.shift, dims=(2, 3))
@@ -375,14 +375,14 @@ def total_variation(batch: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureForward:
-    """Normalises, resizes to the model's input and reads each feature's objective per image."""
+    """Normalizes, resizes to the model's input and reads each feature's objective per image."""
 
     def __init__(self, prepared: PreparedOptimization) -> None:
         self.prepared = prepared
         adapter = prepared.loaded.adapter
         config = adapter.data_config
         device = prepared.loaded.device
-        self.normalisation = config
+        self.normalization = config
         self.native = (config.input_size[1], config.input_size[2])
         unique: dict[str, SiteDef] = {s.name: s for s in prepared.sites if s is not None}
         self.sites = list(unique.values())
@@ -398,7 +398,7 @@ class FeatureForward:
     def model_input(self, batch: torch.Tensor) -> torch.Tensor:
         if tuple(batch.shape[-2:]) != self.native:
             batch = F.interpolate(batch, size=self.native, mode="bilinear", align_corners=False)
-        return normalise(batch, self.normalisation)
+        return normalize(batch, self.normalization)
 
     def run(
         self, batch: torch.Tensor, copies: int, captured: dict[str, torch.Tensor]
@@ -460,7 +460,7 @@ def step_loss(
 def make_optimizer(
     params: EffectiveParams, tensor: torch.Tensor
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """The optimiser over the image parameters and its schedule (None: constant rate)."""
+    """The optimizer over the image parameters and its schedule (None: constant rate)."""
     kinds = {Optimizer.ADAM: torch.optim.Adam, Optimizer.ADAMAX: torch.optim.Adamax}
     optimizer = kinds[params.optimizer](
         [tensor], lr=params.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS
@@ -475,7 +475,7 @@ def optimize_features(
     cancel: CancelToken,
     on_step: Callable[[], object] = lambda: None,
 ) -> Iterator[Progress | OptimizationResult]:
-    """Runs the optimisation; yields Progress every progress_every steps, then the result.
+    """Runs the optimization; yields Progress every progress_every steps, then the result.
 
     The cancel token is checked before every step and inside every forward; on_step is
     called after each step (a metrics counter).

@@ -1,9 +1,9 @@
-"""How a feature image is produced from what the optimiser changes.
+"""How a feature image is produced from what the optimizer changes.
 
 PIXEL is the paper's (Ghiasi et al. 2022): the pixels themselves. FOURIER is the
-decorrelated-colour spectrum of Olah et al. 2017 ("Feature Visualization"), which
-favours smooth, natural-coloured images: the optimiser moves real-FFT coefficients whose
-frequencies are pre-scaled by 1/f, and colours are mixed through the ImageNet colour
+decorrelated-color spectrum of Olah et al. 2017 ("Feature Visualization"), which
+favors smooth, natural-colored images: the optimizer moves real-FFT coefficients whose
+frequencies are pre-scaled by 1/f, and colors are mixed through the ImageNet color
 correlation, so every step changes the whole image at low frequencies first.
 """
 
@@ -19,9 +19,9 @@ class Parameterization(Enum):
     FOURIER = "fourier"
 
 
-# The square root of ImageNet's RGB colour-correlation matrix (Olah et al. 2017); rows are
-# R, G, B outputs, columns the decorrelated inputs. Normalised by its largest column norm.
-COLOUR_CORRELATION_SQRT = (
+# The square root of ImageNet's RGB color-correlation matrix (Olah et al. 2017); rows are
+# R, G, B outputs, columns the decorrelated inputs. Normalized by its largest column norm.
+COLOR_CORRELATION_SQRT = (
     (0.26, 0.09, 0.02),
     (0.27, 0.00, -0.05),
     (0.27, -0.09, 0.03),
@@ -36,14 +36,14 @@ DETAILS = {
     Parameterization.PIXEL: "pixels, uniform [0, 1] init, clamped to [0, 1] after each step",
     Parameterization.FOURIER: (
         f"real-FFT spectrum, N(0, {FOURIER_INIT_STD}^2) init, scaled by S / max(f, 1/S)^"
-        f"{FOURIER_DECAY:g}, inverse real FFT / {FOURIER_DIVISOR:g}, ImageNet colour "
+        f"{FOURIER_DECAY:g}, inverse real FFT / {FOURIER_DIVISOR:g}, ImageNet color "
         "decorrelation, sigmoid; no clamp"
     ),
 }
 
 
 class ImageParameters:
-    """The optimised leaf tensor and the pixels [K, 3, S, S] in [0, 1] it stands for."""
+    """The optimized leaf tensor and the pixels [K, 3, S, S] in [0, 1] it stands for."""
 
     tensor: torch.Tensor
 
@@ -51,7 +51,7 @@ class ImageParameters:
         raise NotImplementedError
 
     def constrain(self) -> None:
-        """Called after each optimiser step."""
+        """Called after each optimizer step."""
 
 
 class PixelImage(ImageParameters):
@@ -77,8 +77,8 @@ def spectrum_scale(size: int) -> torch.Tensor:
     return (size / frequency**FOURIER_DECAY).float()
 
 
-def colour_matrix() -> torch.Tensor:
-    matrix = torch.tensor(COLOUR_CORRELATION_SQRT, dtype=torch.float32)
+def color_matrix() -> torch.Tensor:
+    matrix = torch.tensor(COLOR_CORRELATION_SQRT, dtype=torch.float32)
     return matrix / matrix.norm(dim=0).max()
 
 
@@ -93,12 +93,12 @@ class FourierImage(ImageParameters):
         self.tensor = (torch.randn(shape, generator=generator) * FOURIER_INIT_STD).to(device)
         self.tensor.requires_grad_()
         self.scale = spectrum_scale(size).to(device)
-        self.colours = colour_matrix().to(device)
+        self.colors = color_matrix().to(device)
 
     def pixels(self) -> torch.Tensor:
         spectrum = torch.view_as_complex(self.tensor) * self.scale
         decorrelated = torch.fft.irfft2(spectrum, s=(self.size, self.size)) / FOURIER_DIVISOR
-        rgb = torch.einsum("cd,kdhw->kchw", self.colours, decorrelated)
+        rgb = torch.einsum("cd,kdhw->kchw", self.colors, decorrelated)
         return torch.sigmoid(rgb)
 
 

@@ -1,7 +1,7 @@
 """Which trained inverters the server offers: the built-in ones plus an operator's store folder.
 
 A store is offered for a served model only when its model name, architecture, weights
-identity and geometry (width, heads, token grid, input size, normalisation) all match the
+identity and geometry (width, heads, token grid, input size, normalization) all match the
 loaded model; anything else is logged once, with the reason, and left out. A weights identity
 such as `random:seed=0` does not pin the model's constructor arguments, hence the geometry.
 """

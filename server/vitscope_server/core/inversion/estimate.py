@@ -17,7 +17,7 @@ def inversion_bytes(
     representation: tuple[np.ndarray, int] | None,
     max_pixels: int,
 ) -> int:
-    """Originals, the representation, and a forward per depth or an optimisation."""
+    """Originals, the representation, and a forward per depth or an optimization."""
     sent = 0 if representation is None else 2 * int(representation[0].size) * 4
     values = None if representation is None else representation[0]
     batch = len(images) if values is None else (int(values.shape[0]) if values.ndim else 1)

@@ -1,4 +1,4 @@
-"""Invert: representations at a depth back to images, learned (modular inverses) or by optimisation.
+"""Invert: representations at a depth back to images, learned (modular inverses) or by optimization.
 
 Depth convention (see inversion_modules): depth 0 = `embed`, depth k = `blocks.{k-1}.out`.
 Reconstructions are 8-bit RGB images at the model's input size, exactly what the caller
@@ -25,7 +25,7 @@ from vitscope_server.core.model.adapters import ModelAdapter
 from vitscope_server.core.model.capture import ForwardStopped, capture_sites
 from vitscope_server.core.model.images import ImageInput, prepare_batch
 from vitscope_server.core.model.loading import LoadedModel
-from vitscope_server.core.model.pixels import denormalise, normalise, to_uint8
+from vitscope_server.core.model.pixels import denormalize, normalize, to_uint8
 from vitscope_server.core.model.provenance import Provenance, provenance_of
 from vitscope_server.core.model.sites import resolve_site
 from vitscope_server.core.runtime.batching import item_rows
@@ -99,7 +99,7 @@ Event = InvertHeader | Progress | Reconstruction
 class PreparedInversion:
     loaded: LoadedModel
     query: InvertQuery
-    # Normalised model inputs of the originals, when known.
+    # Normalized model inputs of the originals, when known.
     pixels: torch.Tensor | None
     # A caller-sent representation at query.depths[0], instead of computing it.
     representation: torch.Tensor | None
@@ -120,7 +120,7 @@ def representations(
 ) -> dict[int, torch.Tensor]:
     """Canonical [B, T, D] tokens at each depth, from one forward stopped after the deepest.
 
-    Gradients flow when the caller has them enabled (optimisation needs them).
+    Gradients flow when the caller has them enabled (optimization needs them).
     """
     sites = [resolve_site(adapter, depth_site(d)) for d in sorted(set(depths))]
     deepest = max(depths)
@@ -274,15 +274,15 @@ def chain(modules: list[torch.nn.Module], tokens: torch.Tensor) -> torch.Tensor:
 
 
 def anisotropic_tv_l1(pixels: torch.Tensor) -> torch.Tensor:
-    """Total-variation prior of OPTIMIZATION inversion: mean |horizontal neighbour difference|
-    plus mean |vertical neighbour difference|.
+    """Total-variation prior of OPTIMIZATION inversion: mean |horizontal neighbor difference|
+    plus mean |vertical neighbor difference|.
 
-    Mahendran & Vedaldi (2015) regularise inversions with TV^beta, the sum over pixels of
+    Mahendran & Vedaldi (2015) regularize inversions with TV^beta, the sum over pixels of
     ((dx)^2 + (dy)^2)^(beta/2). This is the anisotropic beta = 1 form: like classic TV it
-    favours piecewise-constant images over noise; abs has a defined (zero) gradient where
-    neighbours are equal, where the square root of the isotropic form has none; and as a
+    favors piecewise-constant images over noise; abs has a defined (zero) gradient where
+    neighbors are equal, where the square root of the isotropic form has none; and as a
     mean it does not grow with the input size, so one default weight suits every model.
-    Feature visualisation uses another TV (four directions, L2 per difference map), in
+    Feature visualization uses another TV (four directions, L2 per difference map), in
     core/features/optimize.py.
     """
     dx = (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().mean()
@@ -290,7 +290,7 @@ def anisotropic_tv_l1(pixels: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
-def optimise(
+def optimize(
     adapter: ModelAdapter,
     target: torch.Tensor,
     depth: int,
@@ -311,7 +311,7 @@ def optimise(
     optimizer = torch.optim.Adam([pixels], lr=params.learning_rate)
     for step in range(1, params.steps + 1):
         cancel.raise_if_cancelled()
-        got = representations(adapter, normalise(pixels, adapter.data_config), [depth], cancel)[
+        got = representations(adapter, normalize(pixels, adapter.data_config), [depth], cancel)[
             depth
         ]
         per_image = relative_distance(got, target)
@@ -354,7 +354,7 @@ def scored(
     device = targets[0].device
     delivered = [torch.from_numpy(i).to(device).movedim(-1, -3).float() / 255 for i in images]
     with torch.no_grad():
-        pixels = normalise(torch.cat(delivered), adapter.data_config)
+        pixels = normalize(torch.cat(delivered), adapter.data_config)
         again = representations(adapter, pixels, [depth], cancel)[depth]
     results = []
     rows_of = item_rows(image.shape[0] for image in images)
@@ -373,11 +373,11 @@ def invert_by_optimization(
     on_step: Callable[[], object] = lambda: None,
 ) -> Iterator[Event]:
     """Yields the header, progress and one Reconstruction per depth; on_step is called after
-    every optimisation step (for the steps metric). Learned inversion is learned_inversion's."""
+    every optimization step (for the steps metric). Learned inversion is learned_inversion's."""
     loaded, query = prepared.loaded, prepared.query
     adapter, device = loaded.adapter, loaded.device
     inputs = prepared.pixels.to(device) if prepared.pixels is not None else None
-    originals = denormalise(inputs, adapter.data_config) if inputs is not None else None
+    originals = denormalize(inputs, adapter.data_config) if inputs is not None else None
     yield header(prepared)
     with torch.no_grad():
         if prepared.representation is not None:
@@ -389,7 +389,7 @@ def invert_by_optimization(
         cancel.raise_if_cancelled()
         target = targets[depth]
         with torch.enable_grad():
-            pixels = yield from optimise(
+            pixels = yield from optimize(
                 adapter, target, depth, query.optimization, cancel, on_step
             )
         yield scored(adapter, depth, [to_uint8(pixels)], [target], [originals], cancel)[0]

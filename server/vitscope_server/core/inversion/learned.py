@@ -25,7 +25,7 @@ from vitscope_server.core.inversion.invert import (
     scored,
 )
 from vitscope_server.core.inversion.modules import chain_names
-from vitscope_server.core.model.pixels import denormalise, to_uint8
+from vitscope_server.core.model.pixels import denormalize, to_uint8
 from vitscope_server.core.runtime.batching import item_rows, outcome
 from vitscope_server.core.runtime.cancel import CancelToken
 
@@ -102,6 +102,6 @@ def _targets(items: Sequence[PreparedInversion], cancel: CancelToken) -> list[_R
         else:
             rows = next(rows_read)
             targets = {d: read[d][rows] for d in item.query.depths}
-        originals = denormalise(inputs, adapter.data_config) if inputs is not None else None
+        originals = denormalize(inputs, adapter.data_config) if inputs is not None else None
         requests.append(_Request(item, targets, originals))
     return requests

@@ -19,7 +19,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from vitscope_server.core.model.loading import LoadedModel
-from vitscope_server.core.model.pixels import denormalise
+from vitscope_server.core.model.pixels import denormalize
 from vitscope_server.core.runtime.errors import FailedPrecondition, InvalidArgument
 
 EMBED = "embed"
@@ -171,8 +171,8 @@ class LinearInverseEmbed(nn.Module):
         patches = (tokens[:, g.num_prefix_tokens :] - self.offset) @ self.pinv.T
         batch, p = tokens.shape[0], self.patch
         image = patches.reshape(batch, rows, cols, 3, p, p).permute(0, 3, 1, 4, 2, 5)
-        normalised = image.reshape(batch, 3, rows * p, cols * p)
-        return denormalise(normalised, g).clamp(0.0, 1.0)
+        normalized = image.reshape(batch, 3, rows * p, cols * p)
+        return denormalize(normalized, g).clamp(0.0, 1.0)
 
 
 class InverseBlock(nn.Module):

@@ -5,7 +5,7 @@ learns a block's input tokens from its output tokens (MSE in token space). Every
 reads its pairs from the frozen model (eval mode, no gradients) through the same capture
 hooks the server uses, so training and serving see identical tensors.
 
-Each epoch ends with a validation MSE and a resume checkpoint (weights, optimiser, history),
+Each epoch ends with a validation MSE and a resume checkpoint (weights, optimizer, history),
 written atomically; the best validation epoch is what the store keeps.
 """
 
@@ -38,7 +38,7 @@ from vitscope_server.core.inversion.store import save_module
 from vitscope_server.core.model.image_folders import list_images
 from vitscope_server.core.model.images import ALLOWED_FORMATS, ImageInput, prepare_batch
 from vitscope_server.core.model.loading import LoadedModel
-from vitscope_server.core.model.pixels import denormalise
+from vitscope_server.core.model.pixels import denormalize
 from vitscope_server.core.model.provenance import library_versions
 from vitscope_server.core.runtime.atomic_files import write_atomically
 from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
@@ -50,7 +50,7 @@ TRAINING_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or sys.maxsize
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The authors' optimiser settings (Adam, lr 1e-3, batch 64-128); epochs are the caller's."""
+    """The authors' optimizer settings (Adam, lr 1e-3, batch 64-128); epochs are the caller's."""
 
     epochs: int = 10
     batch_size: int = 128
@@ -90,7 +90,7 @@ def training_pairs(
     with torch.no_grad():
         if name == EMBED:
             tokens = representations(adapter, inputs, [0], NEVER_CANCELLED)[0]
-            return tokens, denormalise(inputs, adapter.data_config)
+            return tokens, denormalize(inputs, adapter.data_config)
         block = int(name.removeprefix("blocks."))
         reps = representations(adapter, inputs, [block, block + 1], NEVER_CANCELLED)
         return reps[block + 1], reps[block]

@@ -4,7 +4,7 @@ Maps: per block, the class token's attention output is projected to class space,
 cross-entropy against the class taken once, and minus its gradient with respect to that
 block's attention probabilities (class-token row, prefix columns dropped) kept per head.
 Evaluation: the model run on the prefix tokens plus the top-n patches of a map, against the
-same n in a seeded random order; normalised AUC = sum(acc) / (max(acc) x N).
+same n in a seeded random order; normalized AUC = sum(acc) / (max(acc) x N).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from vitscope_server.core.model.adapters import ModelAdapter
 from vitscope_server.core.model.class_space import ClassSpace
-from vitscope_server.core.model.pixels import denormalise, to_uint8
+from vitscope_server.core.model.pixels import denormalize, to_uint8
 from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.errors import (
     FailedPrecondition,
@@ -33,7 +33,7 @@ MAX_KEEP_COUNTS = 64
 @dataclass(frozen=True)
 class ImportanceMaps:
     per_head: np.ndarray  # [blocks, heads, grid_h, grid_w]
-    summed: np.ndarray  # [grid_h, grid_w], min-max normalised
+    summed: np.ndarray  # [grid_h, grid_w], min-max normalized
     upsampled: np.ndarray  # [height, width]
     image: np.ndarray  # uint8 [height, width, 3]: the input the maps are drawn over
 
@@ -43,7 +43,7 @@ class KeepCurve:
     """Accuracy of the model run on the prefix tokens plus n patch tokens, per keep count."""
 
     accuracy: list[float]
-    normalised_auc: float
+    normalized_auc: float
 
 
 @dataclass(frozen=True)
@@ -134,15 +134,15 @@ def importance_maps(
     summed = per_head.sum(dim=(1, 2))
     low = summed.amin(dim=(1, 2), keepdim=True)
     high = summed.amax(dim=(1, 2), keepdim=True)
-    normalised = torch.where(high > low, (summed - low) / (high - low), torch.zeros_like(summed))
+    normalized = torch.where(high > low, (summed - low) / (high - low), torch.zeros_like(summed))
     upsampled = F.interpolate(
-        normalised[:, None], size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False
+        normalized[:, None], size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False
     )[:, 0]
-    images = to_uint8(denormalise(pixels.float(), adapter.data_config))
+    images = to_uint8(denormalize(pixels.float(), adapter.data_config))
     return [
         ImportanceMaps(
             per_head[i].float().cpu().numpy(),
-            normalised[i].float().cpu().numpy(),
+            normalized[i].float().cpu().numpy(),
             upsampled[i].float().cpu().numpy(),
             images[i],
         )

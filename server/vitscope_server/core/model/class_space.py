@@ -54,7 +54,7 @@ def _imagenet_labels() -> LabelSet:
 
 @dataclass(frozen=True)
 class ClassSpace:
-    """scores(z) = W @ (z @ proj) + bias, with z @ proj unit-normalised when cosine."""
+    """scores(z) = W @ (z @ proj) + bias, with z @ proj unit-normalized when cosine."""
 
     names: list[str]
     weight: torch.Tensor  # [C, E]

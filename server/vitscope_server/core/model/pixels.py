@@ -1,4 +1,4 @@
-"""Pixels in [0, 1] and the model's normalised input, converted one way everywhere."""
+"""Pixels in [0, 1] and the model's normalized input, converted one way everywhere."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 
-class Normalisation(Protocol):
+class Normalization(Protocol):
     """Anything with the model's per-channel mean and std (DataConfig, an inverter's geometry)."""
 
     @property
@@ -23,12 +23,12 @@ def _channel_view(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(3, 1, 1)
 
 
-def normalise(pixels: torch.Tensor, config: Normalisation) -> torch.Tensor:
+def normalize(pixels: torch.Tensor, config: Normalization) -> torch.Tensor:
     """[..., 3, H, W] pixels in [0, 1] -> the model's input."""
     return (pixels - _channel_view(config.mean, pixels)) / _channel_view(config.std, pixels)
 
 
-def denormalise(inputs: torch.Tensor, config: Normalisation) -> torch.Tensor:
+def denormalize(inputs: torch.Tensor, config: Normalization) -> torch.Tensor:
     """The model's input [..., 3, H, W] -> pixels (in [0, 1] where the input came from there)."""
     return inputs * _channel_view(config.std, inputs) + _channel_view(config.mean, inputs)
 

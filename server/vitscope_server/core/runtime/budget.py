@@ -156,7 +156,7 @@ def named_forward_bytes(
 
 
 def backward_bytes(adapter: ModelAdapter, batch: int, pixels_per_image: int) -> int:
-    """Forward and backward of `batch` images of `pixels_per_image` (optimisation)."""
+    """Forward and backward of `batch` images of `pixels_per_image` (optimization)."""
     footprint = ModelFootprint.of(adapter)
     _, height, width = adapter.data_config.input_size
     scale = max(1.0, pixels_per_image / (height * width))

@@ -1,4 +1,4 @@
-"""One rule for optimisations that blow up: a loss that stops being finite ends the call
+"""One rule for optimizations that blow up: a loss that stops being finite ends the call
 with INVALID_ARGUMENT naming the learning rate, never with a NaN image or an INTERNAL."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from vitscope_server.core.runtime.errors import InvalidArgument, Reason
 
 MAX_LEARNING_RATE = 1000.0
-"""Far above any useful rate (the defaults are 0.05 to 1.0); beyond it the optimisers overflow."""
+"""Far above any useful rate (the defaults are 0.05 to 1.0); beyond it the optimizers overflow."""
 MAX_TV_WEIGHT = 1e6
 
 
@@ -20,7 +20,7 @@ def require_converging(loss: torch.Tensor | float, field: str, step: int) -> Non
     if not math.isfinite(value):
         raise InvalidArgument(
             field,
-            f"the optimisation diverged by step {step} (the loss is {value}); "
+            f"the optimization diverged by step {step} (the loss is {value}); "
             "lower the learning rate",
             reason=Reason.OPTIMIZATION_DIVERGED,
         )

@@ -207,7 +207,7 @@ class OpenClipTowerAdapter(ModelAdapter):
 
     def encode_class_names(self, names: list[str], templates: list[str]) -> torch.Tensor:
         """Unit text embeddings [C, E]: per name, the mean of its unit template embeddings,
-        renormalised (open_clip's zero-shot prompt ensemble)."""
+        renormalized (open_clip's zero-shot prompt ensemble)."""
         clip: Any = self.clip
         tokenizer = open_clip.get_tokenizer(
             self.spec.architecture, context_length=int(clip.context_length)
