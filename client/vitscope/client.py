@@ -17,6 +17,7 @@ from PIL import Image
 from vitscope import explain as explaining
 from vitscope import inversion, projection
 from vitscope import tensors as wire
+from vitscope.enums import short_names
 from vitscope.errors import from_rpc_error
 from vitscope.features import (
     OPTIMIZERS,
@@ -56,12 +57,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
-_REDUCTIONS = {
-    "none": activations_pb2.REDUCTION_NONE,
-    "mean": activations_pb2.REDUCTION_MEAN,
-    "patch_map": activations_pb2.REDUCTION_PATCH_MAP,
-    "top_channels": activations_pb2.REDUCTION_TOP_CHANNELS,
-}
+_REDUCTIONS = short_names(activations_pb2.Reduction)
 _DTYPES = {
     "float32": tensor_pb2.DTYPE_FLOAT32,
     "float16": tensor_pb2.DTYPE_FLOAT16,

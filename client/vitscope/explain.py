@@ -10,25 +10,16 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from vitscope import tensors as wire
+from vitscope.enums import short_names
 from vitscope.selection import ClassLike, class_ref
 from vitscope.v1 import explain_pb2 as pb
 
-METHODS = {
-    "rollout": pb.EXPLANATION_METHOD_ROLLOUT,
-    "relevancy": pb.EXPLANATION_METHOD_RELEVANCY,
-    "integrated_gradients": pb.EXPLANATION_METHOD_INTEGRATED_GRADIENTS,
-    "class_embedding": pb.EXPLANATION_METHOD_CLASS_EMBEDDING,
-    "feature_map": pb.EXPLANATION_METHOD_FEATURE_MAP,
-}
+METHODS = short_names(pb.ExplanationMethod)
 # Short names the CLI accepts.
 ALIASES = {"ig": "integrated_gradients"}
 METHOD_NAMES = {v: k for k, v in METHODS.items()}
-HEAD_FUSIONS = {"mean": pb.HEAD_FUSION_MEAN, "max": pb.HEAD_FUSION_MAX, "min": pb.HEAD_FUSION_MIN}
-BASELINES = {
-    "black": pb.ATTRIBUTION_BASELINE_BLACK,
-    "blurred": pb.ATTRIBUTION_BASELINE_BLURRED,
-    "noise": pb.ATTRIBUTION_BASELINE_NOISE,
-}
+HEAD_FUSIONS = short_names(pb.HeadFusion)
+BASELINES = short_names(pb.AttributionBaseline)
 
 
 @dataclass(frozen=True)

@@ -12,27 +12,16 @@ from google.protobuf.json_format import MessageToDict
 from PIL import Image
 
 from vitscope import tensors as wire
+from vitscope.enums import short_names
 from vitscope.v1 import features_pb2 as fpb
 
 Value = TypeVar("Value")
 
-OBJECTIVES = {
-    "patch_mean": fpb.FEATURE_OBJECTIVE_PATCH_MEAN,
-    "token": fpb.FEATURE_OBJECTIVE_TOKEN,
-    "cls": fpb.FEATURE_OBJECTIVE_CLS,
-    "direction": fpb.FEATURE_OBJECTIVE_DIRECTION,
-    "class_logit": fpb.FEATURE_OBJECTIVE_CLASS_LOGIT,
-}
+OBJECTIVES = short_names(fpb.FeatureObjective)
 
-PARAMETERIZATIONS = {
-    "pixel": fpb.IMAGE_PARAMETERIZATION_PIXEL,
-    "fourier": fpb.IMAGE_PARAMETERIZATION_FOURIER,
-}
-SCHEDULES = {
-    "cosine": fpb.LEARNING_RATE_SCHEDULE_COSINE,
-    "constant": fpb.LEARNING_RATE_SCHEDULE_CONSTANT,
-}
-OPTIMIZERS = {"adam": fpb.FEATURE_OPTIMIZER_ADAM, "adamax": fpb.FEATURE_OPTIMIZER_ADAMAX}
+PARAMETERIZATIONS = short_names(fpb.ImageParameterization)
+SCHEDULES = short_names(fpb.LearningRateSchedule)
+OPTIMIZERS = short_names(fpb.FeatureOptimizer)
 
 
 def choice(options: Mapping[str, Value], name: str | None, field: str, unset: Value) -> Value:

@@ -12,12 +12,10 @@ from google.protobuf.json_format import MessageToDict
 from PIL import Image
 
 from vitscope import tensors as wire
+from vitscope.enums import short_names
 from vitscope.v1 import inversion_pb2 as pb
 
-METHODS = {
-    "learned": pb.INVERSION_METHOD_LEARNED,
-    "optimization": pb.INVERSION_METHOD_OPTIMIZATION,
-}
+METHODS = short_names(pb.InversionMethod)
 
 
 @dataclass(frozen=True)

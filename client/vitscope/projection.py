@@ -10,15 +10,12 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from vitscope import tensors as wire
+from vitscope.enums import short_names
 from vitscope.v1 import projection_pb2 as pb
 
-REPRESENTATIONS = {
-    "residual": pb.REPRESENTATION_RESIDUAL,
-    "attention": pb.REPRESENTATION_ATTENTION,
-    "mlp": pb.REPRESENTATION_MLP,
-}
+REPRESENTATIONS = short_names(pb.Representation)
 _REPRESENTATION_NAMES = {v: k for k, v in REPRESENTATIONS.items()}
-MEMORY_KINDS = {"mlp": pb.MEMORY_KIND_MLP, "attention": pb.MEMORY_KIND_ATTENTION}
+MEMORY_KINDS = short_names(pb.MemoryKind)
 _MEMORY_KIND_NAMES = {v: k for k, v in MEMORY_KINDS.items()}
 
 

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vitscope.enums import short_names
 from vitscope.v1 import common_pb2
 
-TOKEN_MODES = {
-    "all": common_pb2.TOKEN_SELECTION_MODE_ALL,
-    "prefix": common_pb2.TOKEN_SELECTION_MODE_PREFIX,
-    "patches": common_pb2.TOKEN_SELECTION_MODE_PATCHES,
-    "indices": common_pb2.TOKEN_SELECTION_MODE_INDICES,
-    "positions": common_pb2.TOKEN_SELECTION_MODE_POSITIONS,
-}
+TOKEN_MODES = short_names(common_pb2.TokenSelectionMode)
 
 # A class by index or name; None: the model's own prediction.
 ClassLike = int | str | None

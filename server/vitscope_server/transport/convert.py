@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from vitscope import tensors as wire
 from vitscope.v1 import activations_pb2, common_pb2, models_pb2, tensor_pb2
+from vitscope_server.core.activations.compute import OUTPUT_DTYPES as FLOAT_DTYPES
 from vitscope_server.core.activations.compute import (
     Reduction,
     TensorDType,
@@ -15,49 +16,19 @@ from vitscope_server.core.model.provenance import Provenance
 from vitscope_server.core.model.registry import ModelEntry, ModelState
 from vitscope_server.core.model.tokens import TokenMode, as_site_layout
 from vitscope_server.core.runtime.errors import InvalidArgument
-from vitscope_server.transport.enums import enum_value
+from vitscope_server.transport.enums import core_to_wire, enum_value, wire_to_core
 
 # One token selection for every RPC that selects tokens.
-TOKEN_MODES = {
-    common_pb2.TOKEN_SELECTION_MODE_UNSPECIFIED: TokenMode.UNSPECIFIED,
-    common_pb2.TOKEN_SELECTION_MODE_ALL: TokenMode.ALL,
-    common_pb2.TOKEN_SELECTION_MODE_PREFIX: TokenMode.PREFIX,
-    common_pb2.TOKEN_SELECTION_MODE_PATCHES: TokenMode.PATCHES,
-    common_pb2.TOKEN_SELECTION_MODE_INDICES: TokenMode.INDICES,
-    common_pb2.TOKEN_SELECTION_MODE_POSITIONS: TokenMode.POSITIONS,
-}
-TOKEN_MODES_BACK = {v: k for k, v in TOKEN_MODES.items()}
-REDUCTIONS = {
-    activations_pb2.REDUCTION_UNSPECIFIED: Reduction.NONE,
-    activations_pb2.REDUCTION_NONE: Reduction.NONE,
-    activations_pb2.REDUCTION_MEAN: Reduction.MEAN,
-    activations_pb2.REDUCTION_PATCH_MAP: Reduction.PATCH_MAP,
-    activations_pb2.REDUCTION_TOP_CHANNELS: Reduction.TOP_CHANNELS,
-}
-REDUCTIONS_BACK = {v: k for k, v in REDUCTIONS.items() if k}
-OUTPUT_DTYPES = {
-    tensor_pb2.DTYPE_UNSPECIFIED: TensorDType.FLOAT32,
-    tensor_pb2.DTYPE_FLOAT32: TensorDType.FLOAT32,
-    tensor_pb2.DTYPE_FLOAT16: TensorDType.FLOAT16,
-    tensor_pb2.DTYPE_BFLOAT16: TensorDType.BFLOAT16,
-}
-WIRE_DTYPES = {
-    TensorDType.FLOAT32: tensor_pb2.DTYPE_FLOAT32,
-    TensorDType.FLOAT16: tensor_pb2.DTYPE_FLOAT16,
-    TensorDType.BFLOAT16: tensor_pb2.DTYPE_BFLOAT16,
-    TensorDType.INT64: tensor_pb2.DTYPE_INT64,
-}
-LAYOUTS = {
-    Layout.TOKENS: models_pb2.SITE_LAYOUT_TOKENS,
-    Layout.ATTENTION: models_pb2.SITE_LAYOUT_ATTENTION,
-    Layout.WINDOW_ATTENTION: models_pb2.SITE_LAYOUT_WINDOW_ATTENTION,
-    Layout.RAW: models_pb2.SITE_LAYOUT_RAW,
-}
-_STATES = {
-    ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,
-    ModelState.READY: models_pb2.MODEL_STATE_READY,
-    ModelState.FAILED: models_pb2.MODEL_STATE_FAILED,
-}
+TOKEN_MODES = wire_to_core(common_pb2.TokenSelectionMode, TokenMode)
+TOKEN_MODES_BACK = core_to_wire(common_pb2.TokenSelectionMode, TokenMode)
+REDUCTIONS = wire_to_core(activations_pb2.Reduction, Reduction, unspecified=Reduction.NONE)
+REDUCTIONS_BACK = core_to_wire(activations_pb2.Reduction, Reduction)
+OUTPUT_DTYPES = wire_to_core(
+    tensor_pb2.Dtype, TensorDType, unspecified=TensorDType.FLOAT32, only=FLOAT_DTYPES
+)
+WIRE_DTYPES = core_to_wire(tensor_pb2.Dtype, TensorDType)
+LAYOUTS = core_to_wire(models_pb2.SiteLayout, Layout)
+_STATES = core_to_wire(models_pb2.ModelState, ModelState)
 
 
 def tensor_array(proto: tensor_pb2.Tensor, field: str) -> wire.np.ndarray:

@@ -30,31 +30,15 @@ from vitscope_server.core.explain.targets import Prompt, Target
 from vitscope_server.core.runtime.errors import Reason, ResourceExhausted
 from vitscope_server.transport.convert import provenance
 from vitscope_server.transport.convert_projection import label_set
-from vitscope_server.transport.enums import enum_value, named_back
+from vitscope_server.transport.enums import core_to_wire, enum_value, wire_to_core
 from vitscope_server.transport.png import heatmap_png
 
-_METHODS = {
-    pb.EXPLANATION_METHOD_ROLLOUT: Method.ROLLOUT,
-    pb.EXPLANATION_METHOD_RELEVANCY: Method.RELEVANCY,
-    pb.EXPLANATION_METHOD_INTEGRATED_GRADIENTS: Method.INTEGRATED_GRADIENTS,
-    pb.EXPLANATION_METHOD_CLASS_EMBEDDING: Method.CLASS_EMBEDDING,
-    pb.EXPLANATION_METHOD_FEATURE_MAP: Method.FEATURE_MAP,
-}
-_METHODS_BACK = {v: k for k, v in _METHODS.items()}
-_FUSIONS = {
-    pb.HEAD_FUSION_UNSPECIFIED: HeadFusion.MEAN,
-    pb.HEAD_FUSION_MEAN: HeadFusion.MEAN,
-    pb.HEAD_FUSION_MAX: HeadFusion.MAX,
-    pb.HEAD_FUSION_MIN: HeadFusion.MIN,
-}
-_FUSIONS_BACK = named_back(_FUSIONS)
-_BASELINES = {
-    pb.ATTRIBUTION_BASELINE_UNSPECIFIED: Baseline.BLACK,
-    pb.ATTRIBUTION_BASELINE_BLACK: Baseline.BLACK,
-    pb.ATTRIBUTION_BASELINE_BLURRED: Baseline.BLURRED,
-    pb.ATTRIBUTION_BASELINE_NOISE: Baseline.NOISE,
-}
-_BASELINES_BACK = named_back(_BASELINES)
+_METHODS = wire_to_core(pb.ExplanationMethod, Method)
+_METHODS_BACK = core_to_wire(pb.ExplanationMethod, Method)
+_FUSIONS = wire_to_core(pb.HeadFusion, HeadFusion, unspecified=HeadFusion.MEAN)
+_FUSIONS_BACK = core_to_wire(pb.HeadFusion, HeadFusion)
+_BASELINES = wire_to_core(pb.AttributionBaseline, Baseline, unspecified=Baseline.BLACK)
+_BASELINES_BACK = core_to_wire(pb.AttributionBaseline, Baseline)
 _PARAMETER_GROUPS: tuple[Literal["rollout", "integrated_gradients", "feature_map"], ...] = (
     "rollout",
     "integrated_gradients",

@@ -20,37 +20,19 @@ from vitscope_server.core.features.optimize import (
 )
 from vitscope_server.core.features.parameterization import DETAILS, Parameterization
 from vitscope_server.transport.convert import provenance, tensor_array
-from vitscope_server.transport.enums import enum_value, named_back
+from vitscope_server.transport.enums import core_to_wire, enum_value, wire_to_core
 from vitscope_server.transport.png import png
 
-_OBJECTIVES: dict[int, Objective] = {
-    fpb.FEATURE_OBJECTIVE_UNSPECIFIED: Objective.PATCH_MEAN,
-    fpb.FEATURE_OBJECTIVE_PATCH_MEAN: Objective.PATCH_MEAN,
-    fpb.FEATURE_OBJECTIVE_TOKEN: Objective.TOKEN,
-    fpb.FEATURE_OBJECTIVE_CLS: Objective.CLS,
-    fpb.FEATURE_OBJECTIVE_DIRECTION: Objective.DIRECTION,
-    fpb.FEATURE_OBJECTIVE_CLASS_LOGIT: Objective.CLASS_LOGIT,
-}
-_OBJECTIVES_BACK = named_back(_OBJECTIVES)
-
-_PARAMETERIZATIONS: dict[int, Parameterization] = {
-    fpb.IMAGE_PARAMETERIZATION_UNSPECIFIED: Parameterization.PIXEL,
-    fpb.IMAGE_PARAMETERIZATION_PIXEL: Parameterization.PIXEL,
-    fpb.IMAGE_PARAMETERIZATION_FOURIER: Parameterization.FOURIER,
-}
-_PARAMETERIZATIONS_BACK = named_back(_PARAMETERIZATIONS)
-_SCHEDULES: dict[int, Schedule] = {
-    fpb.LEARNING_RATE_SCHEDULE_UNSPECIFIED: Schedule.COSINE,
-    fpb.LEARNING_RATE_SCHEDULE_COSINE: Schedule.COSINE,
-    fpb.LEARNING_RATE_SCHEDULE_CONSTANT: Schedule.CONSTANT,
-}
-_SCHEDULES_BACK = named_back(_SCHEDULES)
-_OPTIMIZERS: dict[int, Optimizer] = {
-    fpb.FEATURE_OPTIMIZER_UNSPECIFIED: Optimizer.ADAM,
-    fpb.FEATURE_OPTIMIZER_ADAM: Optimizer.ADAM,
-    fpb.FEATURE_OPTIMIZER_ADAMAX: Optimizer.ADAMAX,
-}
-_OPTIMIZERS_BACK = named_back(_OPTIMIZERS)
+_OBJECTIVES = wire_to_core(fpb.FeatureObjective, Objective, unspecified=Objective.PATCH_MEAN)
+_OBJECTIVES_BACK = core_to_wire(fpb.FeatureObjective, Objective)
+_PARAMETERIZATIONS = wire_to_core(
+    fpb.ImageParameterization, Parameterization, unspecified=Parameterization.PIXEL
+)
+_PARAMETERIZATIONS_BACK = core_to_wire(fpb.ImageParameterization, Parameterization)
+_SCHEDULES = wire_to_core(fpb.LearningRateSchedule, Schedule, unspecified=Schedule.COSINE)
+_SCHEDULES_BACK = core_to_wire(fpb.LearningRateSchedule, Schedule)
+_OPTIMIZERS = wire_to_core(fpb.FeatureOptimizer, Optimizer, unspecified=Optimizer.ADAM)
+_OPTIMIZERS_BACK = core_to_wire(fpb.FeatureOptimizer, Optimizer)
 
 
 def feature_specs(request: fpb.OptimizeFeaturesRequest) -> list[FeatureSpec]:

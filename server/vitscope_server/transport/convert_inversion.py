@@ -17,14 +17,11 @@ from vitscope_server.core.inversion.invert import (
 from vitscope_server.core.inversion.modules import depth_site
 from vitscope_server.core.inversion.store import Manifest
 from vitscope_server.transport.convert import provenance, tensor_array
-from vitscope_server.transport.enums import enum_value
+from vitscope_server.transport.enums import core_to_wire, enum_value, wire_to_core
 from vitscope_server.transport.png import png
 
-_METHODS = {
-    pb.INVERSION_METHOD_LEARNED: Method.LEARNED,
-    pb.INVERSION_METHOD_OPTIMIZATION: Method.OPTIMIZATION,
-}
-_METHODS_BACK = {v: k for k, v in _METHODS.items()}
+_METHODS = wire_to_core(pb.InversionMethod, Method)
+_METHODS_BACK = core_to_wire(pb.InversionMethod, Method)
 _DEFAULTS = OptimizationParams()
 
 

@@ -19,17 +19,13 @@ from vitscope_server.core.projection.project import (
 )
 from vitscope_server.core.runtime.errors import Reason, ResourceExhausted
 from vitscope_server.transport.convert import TOKEN_MODES_BACK, provenance, token_mode
-from vitscope_server.transport.enums import enum_values
+from vitscope_server.transport.enums import core_to_wire, enum_values, wire_to_core
 from vitscope_server.transport.png import heatmap_png
 
-_REPRESENTATIONS = {
-    pb.REPRESENTATION_RESIDUAL: Representation.RESIDUAL,
-    pb.REPRESENTATION_ATTENTION: Representation.ATTENTION,
-    pb.REPRESENTATION_MLP: Representation.MLP,
-}
-_REPRESENTATIONS_BACK = {v: k for k, v in _REPRESENTATIONS.items()}
-_MEMORY_KINDS = {pb.MEMORY_KIND_MLP: MemoryKind.MLP, pb.MEMORY_KIND_ATTENTION: MemoryKind.ATTENTION}
-_MEMORY_KINDS_BACK = {v: k for k, v in _MEMORY_KINDS.items()}
+_REPRESENTATIONS = wire_to_core(pb.Representation, Representation)
+_REPRESENTATIONS_BACK = core_to_wire(pb.Representation, Representation)
+_MEMORY_KINDS = wire_to_core(pb.MemoryKind, MemoryKind)
+_MEMORY_KINDS_BACK = core_to_wire(pb.MemoryKind, MemoryKind)
 
 
 def _targets(refs: list[common_pb2.ClassRef]) -> tuple[ClassRef, ...]:
