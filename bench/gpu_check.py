@@ -53,7 +53,7 @@ BENCHMARKS: list[tuple[str, str, list[str], int]] = [
         ],
         90,
     ),
-    ("class_projection", "class_projection", ["--rounds", "3"], 40),
+    ("projection", "projection", ["--rounds", "3"], 40),
     ("inversion", "inversion", ["--rounds", "20", "--batch", "256"], 40),
     ("oip", "oip", ["--reps", "10"], 40),
 ]

@@ -41,7 +41,7 @@ from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.core.model.class_space import TEXT_EMBEDDINGS
 from vitscope_server.core.model.loading import load_model
 from vitscope_server.core.model.specs import ModelSpec
-from vitscope_server.core.projection import project as class_projection
+from vitscope_server.core.projection import project
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer, create_server
 
@@ -529,7 +529,7 @@ def test_default_top_k_fits_a_small_label_set(pc: Client) -> None:
 
 def test_sliced_scores_match_the_reference(pc: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     """With room for one image's scores at a time, the batch is projected slice by slice."""
-    monkeypatch.setattr(class_projection, "SCORE_BYTES", 1)
+    monkeypatch.setattr(project, "SCORE_BYTES", 1)
     model = build("vit")
     pixels = pixels_for(pc, "vit", batch=3)
     parts = timm_parts(model, pixels)

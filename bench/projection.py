@@ -1,6 +1,6 @@
 """What a full class-embedding projection costs over a plain forward of the same model.
 
-Run as `HF_HUB_OFFLINE=1 .venv/bin/python bench/class_projection.py [--rounds N] [--threads T]`.
+Run as `HF_HUB_OFFLINE=1 .venv/bin/python bench/projection.py [--rounds N] [--threads T]`.
 Everything runs in this one process on CPU: vit_base_patch16_224 (random init, seed 0), a batch
 of 8 skimage photos preprocessed once with the model's own transform.
 
@@ -129,7 +129,7 @@ def main() -> None:
     }
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     result = {
-        "benchmark": "class_projection",
+        "benchmark": "projection",
         "model": ARCHITECTURE,
         "batch": len(NAMES),
         "threads": args.threads,
