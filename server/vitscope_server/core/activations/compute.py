@@ -35,6 +35,8 @@ from vitscope_server.core.runtime.errors import (
     ResourceExhausted,
     require_in_range,
 )
+from vitscope_server.core.runtime.stages import Stage, StageTimes
+from vitscope_server.core.runtime.transfer import to_host
 
 
 class Reduction(Enum):
@@ -111,6 +113,38 @@ class ActivationResult:
     sites: list[SiteOutput]
     predictions: list[list[Prediction]] = field(default_factory=list)
     logits: np.ndarray | None = None
+    # The batch's forward, reduction and copy off the device, as this request saw them.
+    stages: StageTimes = field(default_factory=StageTimes)
+
+
+@dataclass(frozen=True)
+class _DeviceTensor:
+    """A result tensor still on the model's device, already in its output dtype."""
+
+    role: str
+    dtype: TensorDType
+    tensor: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _DeviceSite:
+    site: SiteDef
+    token_indices: list[int]
+    channels: list[int]
+    tensors: list[_DeviceTensor]
+
+
+@dataclass(frozen=True)
+class _DeviceResult:
+    """One request's result before its single copy off the device."""
+
+    item: PreparedActivations
+    batch_size: int
+    sites: list[_DeviceSite]
+    # float32 [batch, classes] when asked for.
+    logits: torch.Tensor | None
+    # (probabilities, class indices, logits) of the top predictions, each [batch, k].
+    top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -193,16 +227,11 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
     )
 
 
-def _to_output(role: str, tensor: torch.Tensor, dtype: TensorDType) -> OutputTensor:
+def _to_output(role: str, tensor: torch.Tensor, dtype: TensorDType) -> _DeviceTensor:
+    """The tensor cast to its output dtype on the device; int64 (indices) stays int64."""
     if tensor.dtype == torch.int64:
-        return OutputTensor(role, TensorDType.INT64, tensor.contiguous().cpu().numpy())
-    if dtype is TensorDType.BFLOAT16:
-        bits = (
-            tensor.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
-        )
-        return OutputTensor(role, dtype, bits)
-    target = torch.float16 if dtype is TensorDType.FLOAT16 else torch.float32
-    return OutputTensor(role, dtype, tensor.to(target).contiguous().cpu().numpy())
+        return _DeviceTensor(role, TensorDType.INT64, tensor.contiguous())
+    return _DeviceTensor(role, dtype, tensor.to(COMPUTE_DTYPES[dtype]).contiguous())
 
 
 def _check_channels(channels: tuple[int, ...], site: SiteDef, num_channels: int) -> None:
@@ -211,7 +240,7 @@ def _check_channels(channels: tuple[int, ...], site: SiteDef, num_channels: int)
     require_in_range("channels", channels, 0, num_channels - 1, f" for site {site.name!r}")
 
 
-def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> SiteOutput:
+def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> _DeviceSite:
     """Selects tokens and applies the reduction to one site's canonical tensor."""
     reduction = query.reduction
     if site.layout in (Layout.WINDOW_ATTENTION, Layout.RAW):
@@ -221,7 +250,7 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
                 f"{site.name!r} has {site.layout.value} layout {list(tensor.shape)}; "
                 "it allows only REDUCTION_NONE with all tokens",
             )
-        return SiteOutput(site, [], [], [_to_output("values", tensor, query.output_dtype)])
+        return _DeviceSite(site, [], [], [_to_output("values", tensor, query.output_dtype)])
     token_axis = 2 if site.layout is Layout.ATTENTION else 1
     indices = resolve_token_indices(query, site, tensor.shape[token_axis])
     selected = select_tokens(tensor, token_axis, indices)
@@ -239,7 +268,7 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
         height, width = site.grid
         maps = selected.index_select(2, channel_tensor).transpose(1, 2)
         values = maps.reshape(tensor.shape[0], len(query.channels), height, width)
-        return SiteOutput(
+        return _DeviceSite(
             site, indices, list(query.channels), [_to_output("values", values, query.output_dtype)]
         )
     else:
@@ -249,7 +278,7 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
                 "top_k", f"{query.top_k} exceeds the {num_channels} channels of {site.name!r}"
             )
         top = selected.mean(dim=1).topk(query.top_k, dim=-1)
-        return SiteOutput(
+        return _DeviceSite(
             site,
             indices,
             [],
@@ -258,22 +287,28 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> Site
                 _to_output("channel_indices", top.indices, TensorDType.INT64),
             ],
         )
-    return SiteOutput(site, indices, [], [_to_output("values", values, query.output_dtype)])
+    return _DeviceSite(site, indices, [], [_to_output("values", values, query.output_dtype)])
 
 
-def _predictions(adapter: ModelAdapter, logits: torch.Tensor, k: int) -> list[list[Prediction]]:
-    probabilities = logits.float().softmax(dim=-1)
-    top = probabilities.topk(k, dim=-1)
-    names = adapter.class_names
-    result = []
-    for row in range(logits.shape[0]):
-        result.append(
-            [
-                Prediction(int(c), names[int(c)], float(p), float(logits[row, int(c)]))
-                for p, c in zip(top.values[row].tolist(), top.indices[row].tolist(), strict=True)
-            ]
-        )
-    return result
+def _top_predictions(
+    logits: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities, class indices, logits) of the k most probable classes, on the device."""
+    scores = logits.float()
+    top = scores.softmax(dim=-1).topk(k, dim=-1)
+    return top.values.contiguous(), top.indices.contiguous(), scores.gather(1, top.indices)
+
+
+def _predictions(
+    names: Sequence[str], probabilities: np.ndarray, classes: np.ndarray, logits: np.ndarray
+) -> list[list[Prediction]]:
+    return [
+        [
+            Prediction(int(c), names[int(c)], float(p), float(v))
+            for p, c, v in zip(row_p, row_c, row_v, strict=True)
+        ]
+        for row_p, row_c, row_v in zip(probabilities, classes, logits, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -347,27 +382,36 @@ def run_activations(
     items: Sequence[PreparedActivations], cancel: CancelToken, limits: ActivationLimits
 ) -> list[ActivationResult | BaseException]:
     """One forward over every request's images with the union of their sites captured, then
-    each request's token selection and reductions on its own rows (on the device).
+    each request's token selection, reductions and casts on its own rows (on the device), and
+    one copy of everything off the device.
 
     All items share a batch_key. The result or error of each is returned in order; an error
     in the forward itself is raised (it concerns them all)."""
     loaded = items[0].loaded
     adapter = loaded.adapter
+    stages = StageTimes()
     sites = list({site.name: site for item in items for site in item.sites}.values())
     pixels = torch.cat([item.pixels for item in items]) if len(items) > 1 else items[0].pixels
     batch = pixels.to(loaded.device)
     cancel.raise_if_cancelled()
     with torch.inference_mode(), _autocast(loaded.device, items[0].query.compute_dtype):
-        with capture_sites(adapter, sites, batch.shape[0], cancel, _stop_after(items)) as captured:
+        stop = _stop_after(items)
+        with (
+            stages.timing(Stage.FORWARD),
+            capture_sites(adapter, sites, batch.shape[0], cancel, stop) as got,
+        ):
             try:
                 features: torch.Tensor | None = adapter.forward_features(batch)
             except ForwardStopped:
                 features = None
-        return per_item(
-            items,
-            [int(item.pixels.shape[0]) for item in items],
-            lambda item, rows: _split(item, captured, features, rows, limits),
-        )
+        with stages.timing(Stage.REDUCE):
+            reduced = per_item(
+                items,
+                [int(item.pixels.shape[0]) for item in items],
+                lambda item, rows: _split(item, got, features, rows, limits),
+            )
+    with stages.timing(Stage.DEVICE_TO_HOST):
+        return _to_results(reduced, stages)
 
 
 def _split(
@@ -376,8 +420,8 @@ def _split(
     features: torch.Tensor | None,
     rows: slice,
     limits: ActivationLimits,
-) -> ActivationResult:
-    """One request's result from its rows of the shared forward."""
+) -> _DeviceResult:
+    """One request's result from its rows of the shared forward, still on the device."""
     adapter, effective = item.loaded.adapter, item.query
     outputs = []
     result_bytes = 0
@@ -390,7 +434,7 @@ def _split(
             )
         tensor = tensor[rows]
         outputs.append(_reduce(effective, as_site_layout(site, tuple(tensor.shape)), tensor))
-        result_bytes += sum(t.array.nbytes for t in outputs[-1].tensors)
+        result_bytes += sum(o.tensor.numel() * o.tensor.element_size() for o in outputs[-1].tensors)
         if result_bytes > limits.max_result_bytes:
             raise ResourceExhausted(
                 f"sites: the result exceeds {limits.max_result_bytes} bytes; "
@@ -400,20 +444,59 @@ def _split(
     logits = None
     if features is not None and (effective.top_predictions or effective.logits):
         logits = adapter.forward_head(features[rows])
-    predictions = (
-        _predictions(adapter, logits, effective.top_predictions)
+    top = (
+        _top_predictions(logits, effective.top_predictions)
         if logits is not None and effective.top_predictions
-        else []
+        else None
     )
-    logits_array = logits.float().cpu().numpy() if logits is not None and effective.logits else None
-    return ActivationResult(
-        provenance_of(item.loaded),
-        effective,
-        rows.stop - rows.start,
-        outputs,
-        predictions,
-        logits_array,
-    )
+    kept = logits.float().contiguous() if logits is not None and effective.logits else None
+    return _DeviceResult(item, rows.stop - rows.start, outputs, kept, top)
+
+
+def _device_tensors(result: _DeviceResult) -> list[torch.Tensor]:
+    tensors = [o.tensor for site in result.sites for o in site.tensors]
+    tensors += [] if result.logits is None else [result.logits]
+    return tensors + ([] if result.top is None else list(result.top))
+
+
+def _to_results(
+    reduced: Sequence[_DeviceResult | BaseException], stages: StageTimes
+) -> list[ActivationResult | BaseException]:
+    """Every request's tensors copied off the device at once, each result a view of that."""
+    done = [r for r in reduced if not isinstance(r, BaseException)]
+    arrays = iter(to_host([t for r in done for t in _device_tensors(r)]))
+    results: list[ActivationResult | BaseException] = []
+    for outcome in reduced:
+        if isinstance(outcome, BaseException):
+            results.append(outcome)
+            continue
+        sites = [
+            SiteOutput(
+                s.site,
+                s.token_indices,
+                s.channels,
+                [OutputTensor(o.role, o.dtype, next(arrays)) for o in s.tensors],
+            )
+            for s in outcome.sites
+        ]
+        logits = None if outcome.logits is None else next(arrays)
+        predictions = []
+        if outcome.top is not None:
+            probabilities, classes, values = next(arrays), next(arrays), next(arrays)
+            names = outcome.item.loaded.adapter.class_names
+            predictions = _predictions(names, probabilities, classes, values)
+        results.append(
+            ActivationResult(
+                provenance_of(outcome.item.loaded),
+                outcome.item.query,
+                outcome.batch_size,
+                sites,
+                predictions,
+                logits,
+                StageTimes(dict(stages.seconds)),
+            )
+        )
+    return results
 
 
 def get_activations(

@@ -1,0 +1,54 @@
+"""Results off the device in one copy per batch.
+
+Every tensor a batch returns (each request's reduced sites, logits, top predictions) is
+gathered into one byte buffer on the device and copied once into pinned host memory; each
+result is then a numpy view of that copy. On the CPU the tensors already are host memory and
+are viewed as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# Host element types: bfloat16 has no numpy type and travels as its bit pattern.
+_HOST_DTYPES: dict[torch.dtype, np.dtype] = {
+    torch.float32: np.dtype(np.float32),
+    torch.float16: np.dtype(np.float16),
+    torch.bfloat16: np.dtype(np.uint16),
+    torch.int64: np.dtype(np.int64),
+}
+
+
+def _host_view(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def to_host(tensors: Sequence[torch.Tensor], *, gather: bool | None = None) -> list[np.ndarray]:
+    """Host arrays of `tensors` (contiguous, one device), in order. `gather` (default: when
+    they live on a GPU) copies them all in one transfer; otherwise each is viewed in place."""
+    if not tensors:
+        return []
+    if gather is None:
+        gather = tensors[0].device.type != "cpu"
+    if not gather:
+        return [_host_view(t.contiguous()) for t in tensors]
+    flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    device_bytes = torch.cat(flat) if len(flat) > 1 else flat[0]
+    pinned = device_bytes.device.type == "cuda"
+    host = torch.empty(device_bytes.numel(), dtype=torch.uint8, pin_memory=pinned)
+    host.copy_(device_bytes, non_blocking=pinned)
+    if pinned:
+        torch.cuda.current_stream(device_bytes.device).synchronize()
+    buffer = host.numpy()
+    arrays, offset = [], 0
+    for tensor, part in zip(tensors, flat, strict=True):
+        size = part.numel()
+        dtype = _HOST_DTYPES[tensor.dtype]
+        arrays.append(buffer[offset : offset + size].view(dtype).reshape(tuple(tensor.shape)))
+        offset += size
+    return arrays
