@@ -58,6 +58,13 @@ class ServerSettings(BaseSettings):
         description="torch CPU threads of each compute slot; unset: torch's choice, one per "
         "core. Other server threads use one.",
     )
+    compile_blocks: bool = Field(
+        False,
+        description="Run every transformer block compiled with torch.compile (inductor), its "
+        "sites still read by hooks; results stay within float rounding of eager. The first "
+        "forward of each kind (shape, sites, gradients) compiles first: seconds on a GPU, "
+        "a minute or more on a CPU.",
+    )
     max_message_bytes: int = Field(
         64 << 20, ge=1 << 16, description="Largest gRPC message sent or received, in bytes."
     )

@@ -33,7 +33,8 @@ def one_slot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer
 
 
 # Every kind of request: sites, token selections, reductions, output dtypes, predictions,
-# several images, and one whose own token index is out of range.
+# several images, and one whose token index is out of range at a raw module path (whose
+# shape only the forward shows, so it fails in the batch without failing the others).
 REQUESTS: list[dict[str, Any]] = [
     {"sites": ["blocks.1.out"], "images": [0]},
     {"sites": ["blocks.0.mlp.hidden", "final"], "tokens": "indices", "indices": [0, 3, 5]},
@@ -43,8 +44,14 @@ REQUESTS: list[dict[str, Any]] = [
     {"sites": ["embed"], "tokens": "positions", "positions": [(0, 1), (2, 2)]},
     {"sites": ["blocks.1.attn.out"], "top_predictions": 3, "images": [3]},
     {"sites": ["blocks.0.out", "blocks.1.out"], "tokens": "prefix", "top_predictions": 2},
-    {"sites": ["blocks.1.out"], "tokens": "indices", "indices": [10_000]},
+    {"sites": ["blocks.1.mlp.fc1"], "tokens": "indices", "indices": [10_000]},
 ]
+# The same mistake at a canonical site is refused before it queues: the probe measured it.
+EARLY_MISTAKE: dict[str, Any] = {
+    "sites": ["blocks.1.out"],
+    "tokens": "indices",
+    "indices": [10_000],
+}
 # Explicit attention probabilities change the kernel for every image: a batch of its own.
 ATTENTION_REQUEST: dict[str, Any] = {"sites": ["blocks.1.attn.probs"], "images": [2]}
 
@@ -88,10 +95,17 @@ def test_mixed_requests_share_a_forward_and_match_running_alone(one_slot: Runnin
     with Client(f"127.0.0.1:{one_slot.port}", timeout=60) as client:
         alone = [_call(client, spec) for spec in specs]
         count, images = batches(one_slot, "GetActivations", "vit")
-        batched = run_queued(one_slot, [lambda s=s: _call(client, s) for s in specs], lambda: None)
+        refused: list[Activations | Exception] = []
+        batched = run_queued(
+            one_slot,
+            [lambda s=s: _call(client, s) for s in specs],
+            lambda: refused.append(_call(client, EARLY_MISTAKE)),
+        )
     for expected, got in zip(alone, batched, strict=True):
         _assert_same(expected, got)
     assert isinstance(alone[-2], InvalidArgumentError)
+    # Answered while the only slot was held and ten requests queued: it never waited.
+    assert isinstance(refused[0], InvalidArgumentError) and "tokens.indices" in str(refused[0])
     new_count, new_images = batches(one_slot, "GetActivations", "vit")
     assert new_count - count == 2  # everything in one forward, the attention request in another
     assert new_images - images == sum(len(s.get("images", [0])) for s in specs)

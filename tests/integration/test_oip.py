@@ -123,23 +123,28 @@ def test_infer_equals_get_activations_bit_for_bit(
     )
     response = stub.ModelInfer(request)
     assert [t.name for t in response.outputs] == [o.name for o in request.outputs]
-    plain = client.activations(images, ["blocks.1.mlp.hidden", "blocks.0.attn.probs"], model="deit")
+    # One forward serves every output, so each equals what GetActivations reads when it asks
+    # for all of these sites at once (blocks.0.attn.probs switches the attention kernel for
+    # the whole forward): selections exactly, the patch mean to float rounding.
+    sites = ["blocks.1.mlp.hidden", "blocks.0.attn.probs", "blocks.1.out", "blocks.0.out", "final"]
+    together = client.activations(images, sites, model="deit")
     for site in ("blocks.1.mlp.hidden", "blocks.0.attn.probs"):
-        np.testing.assert_array_equal(_output(response, site), plain[site])
-    mean = client.activations(
-        images, ["blocks.1.out"], model="deit", tokens="patches", reduction="mean"
+        np.testing.assert_array_equal(_output(response, site), together[site])
+    anatomy = client.describe("deit")
+    prefix, (height, width) = anatomy.prefix_token_count, anatomy.grid
+    np.testing.assert_allclose(
+        _output(response, "blocks.1.out"),
+        together["blocks.1.out"][:, prefix:].mean(axis=1),
+        rtol=1e-5,
+        atol=1e-6,
     )
-    np.testing.assert_array_equal(_output(response, "blocks.1.out"), mean["blocks.1.out"])
-    picked = client.activations(
-        images, ["blocks.0.out"], model="deit", tokens="indices", indices=[0, 5, 9]
-    )
-    np.testing.assert_array_equal(_output(response, "blocks.0.out"), picked["blocks.0.out"])
-    maps = client.activations(
-        images, ["final"], model="deit", reduction="patch_map", channels=[3, 7], dtype="float16"
+    np.testing.assert_array_equal(
+        _output(response, "blocks.0.out"), together["blocks.0.out"][:, [0, 5, 9]]
     )
     got = _output(response, "final")
     assert got.dtype == np.float16 and response.outputs[-1].datatype == "FP16"
-    np.testing.assert_array_equal(got, maps["final"])
+    maps = together["final"][:, prefix:, [3, 7]].transpose(0, 2, 1).reshape(2, 2, height, width)
+    np.testing.assert_array_equal(got, maps.astype(np.float16))
     top = client.activations(images, ["embed"], model="deit", top_predictions=1).predictions
     logits = _output(response, "logits")
     assert logits.shape == (2, 7)

@@ -48,8 +48,10 @@ from vitscope_server.builtin import builtin_specs
 from vitscope_server.cli import build_parser
 from vitscope_server.core.model.specs import load_models_file
 from vitscope_server.settings import DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT, ServerSettings
+from vitscope_server.transport.metrics import Metrics
 
 EXAMPLE_SECRETS = sorted((K8S / "examples").glob("*secret*.example.yaml"))
+ADAPTER_RULES = K8S / "examples" / "prometheus-adapter-rules.example.yaml"
 DOCKERFILES = {"cpu": DEPLOY / "Dockerfile.cpu", "gpu": DEPLOY / "Dockerfile.gpu"}
 
 # Overlay -> whether it includes components/servicemonitor (a CRD some clusters lack).
@@ -58,6 +60,9 @@ DEVICES = {"cpu": "cpu", "gpu": "cuda", "example-monitoring": "cpu", "example-tl
 # The oldest Kubernetes these manifests claim to support, and the newest schema bundled.
 KUBERNETES_VERSIONS = ("1.33.0", latest_version())
 MONITORING_API = "monitoring.coreos.com/v1"
+# Overlays whose HPA scales on the server's backlog (components/queue-autoscaling).
+QUEUE_SCALED = {"gpu", "example-tls"}
+QUEUE_METRIC = "vitscope_queued_requests"
 IMAGE_UID = 10001
 MIN_STARTUP_SECONDS = 120
 # Folders on the shared volume (PersistentVolumeClaim) that the server reads.
@@ -172,17 +177,17 @@ def test_overlay_validates_strictly(overlay: str, tmp_path: Path) -> None:
     assert "Secret" not in kinds
 
 
-def test_example_secrets_validate_strictly() -> None:
+def test_examples_validate_strictly() -> None:
     command = [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", latest_version()]
     result = subprocess.run(
-        [*command, *map(str, EXAMPLE_SECRETS)],
+        [*command, *map(str, EXAMPLE_SECRETS), str(ADAPTER_RULES)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" passed ") == len(example_secrets()), result.stdout
+    assert result.stdout.count(" passed ") == len(example_secrets()) + 1, result.stdout
     for path in K8S.rglob("kustomization.yaml"):
         kustomization = yaml.safe_load(path.read_text())
         listed = kustomization.get("resources", []) + kustomization.get("components", [])
@@ -310,9 +315,29 @@ def test_services_and_policies_name_container_ports(overlay: str) -> None:
         "kind": "Deployment",
         "name": "vitscope",
     }
-    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
-    assert "cpu" in container_of(docs)["resources"]["requests"], "HPA utilisation needs requests"
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    if overlay in QUEUE_SCALED:
+        assert metric["type"] == "Pods"
+        assert metric["pods"]["metric"]["name"] == QUEUE_METRIC
+    else:
+        assert metric["resource"]["name"] == "cpu"
+        assert "cpu" in container_of(docs)["resources"]["requests"], "utilization needs requests"
+
+
+def test_the_queue_metric_the_autoscalers_read_is_the_servers() -> None:
+    """The HPA's Pods metric, the adapter rule that serves it and KServe's KEDA query all
+    name a gauge the server really exports."""
+    metrics = Metrics()
+    exported = {family.name for family in metrics.registry.collect()}
+    assert QUEUE_METRIC in exported
+    adapter = yaml.safe_load(
+        (K8S / "examples" / "prometheus-adapter-rules.example.yaml").read_text()
+    )
+    (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    assert rule["seriesQuery"].startswith(QUEUE_METRIC + "{")
+    assert rule["name"]["as"] == QUEUE_METRIC
+    assert QUEUE_METRIC in (DEPLOY / "kserve" / "base" / "inferenceservice.yaml").read_text()
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))

@@ -12,10 +12,9 @@ from vitscope.v1 import activations_pb2
 from vitscope.v1 import activations_pb2 as apb
 from vitscope_server.core.activations.compute import (
     ActivationLimits,
-    batch_key,
-    prepare_activations,
 )
-from vitscope_server.core.activations.estimate import activations_bytes, scan_batch_bytes
+from vitscope_server.core.activations.estimate import scan_batch_bytes
+from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.activations.top_images import ScanItem, TopImageScan, file_items
 from vitscope_server.core.model.image_folders import allowed_folder, list_images
 from vitscope_server.core.model.registry import ModelRegistry
@@ -25,11 +24,11 @@ from vitscope_server.core.runtime.budget import (
 from vitscope_server.core.runtime.errors import InvalidArgument, Reason
 from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_activations
-from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import (
     computing,
     record_batched,
+    timed_messages,
     unary_response_budget,
 )
 from vitscope_server.transport.metrics import Metrics
@@ -46,7 +45,7 @@ class ActivationRpcs:
     _image_roots: Sequence[Path]
     _chunk_bytes: int
     _budget: MemoryBudget
-    _batchers: Batchers
+    _activation_service: ActivationService
     _max_message_bytes: int
 
     # Chunks are yielded pre-serialized.
@@ -55,21 +54,20 @@ class ActivationRpcs:
         self, request: activations_pb2.GetActivationsRequest, context: grpc.ServicerContext
     ) -> Iterator[activations_pb2.GetActivationsResponse | bytes]:
         loaded = self._registry.get(request.model)
-        model, adapter = loaded.spec.name, loaded.adapter
         images = convert.image_inputs(list(request.images))
         query = convert_activations.activation_query(request)
-        need = activations_bytes(
-            adapter, loaded.site_shapes, images, query.sites, self._limits.max_pixels
-        )
-        cancel = cancel_token(context)
-        with self._budget.reserve(need, cancel):
-            with self._batchers.activations.arriving(model) as arrival:
-                prepared = prepare_activations(loaded, images, query, self._limits)
-                result, info = self._batchers.activations.submit(
-                    arrival, batch_key(prepared), prepared, len(prepared.pixels), cancel
+        model = loaded.spec.name
+        with self._activation_service.serve(loaded, images, [query], cancel_token(context)) as (
+            served
+        ):
+            record_batched(self._metrics, "GetActivations", model, served.info)
+            try:
+                messages = convert_activations.activation_responses(
+                    served.results[0], self._chunk_bytes
                 )
-            record_batched(self._metrics, "GetActivations", model, info)
-            yield from convert_activations.activation_responses(result, self._chunk_bytes)
+                yield from timed_messages(messages, served.stages)
+            finally:
+                self._metrics.record_stages("GetActivations", model, served.stages)
 
     def TopActivatingImages(
         self, requests: Iterator[apb.TopActivatingImagesRequest], context: grpc.ServicerContext

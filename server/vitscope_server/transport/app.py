@@ -21,6 +21,7 @@ from vitscope.oip import grpc_predict_v2_pb2_grpc
 from vitscope.v1 import inspector_pb2, inspector_pb2_grpc
 from vitscope_server.builtin import BUILTIN_INVERTERS
 from vitscope_server.core.activations.compute import ActivationLimits
+from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.inversion.catalog import InverterCatalog
 from vitscope_server.core.model.registry import ModelRegistry, ModelState
 from vitscope_server.core.runtime.budget import MemoryBudget, memory_limit_bytes
@@ -210,6 +211,7 @@ def _add_services(
     batchers = create_batchers(settings, slots, limits, metrics)
     metrics.queued.set_function(lambda: float(slots.waiting))
     budget = _memory_budget(settings, metrics)
+    activation_service = ActivationService(budget, batchers.activations, limits)
     servicer = InspectorServicer(
         registry,
         slots,
@@ -221,17 +223,11 @@ def _add_services(
         max_message_bytes=settings.max_message_bytes,
         batchers=batchers,
         budget=budget,
+        activation_service=activation_service,
     )
     inspector_pb2_grpc.add_InspectorServicer_to_server(servicer, server)
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(
-            registry,
-            batchers.activations,
-            metrics,
-            limits,
-            settings.max_message_bytes,
-            budget=budget,
-        ),
+        InferenceServicer(registry, activation_service, metrics, settings.max_message_bytes),
         server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -252,7 +248,9 @@ def create_server(settings: ServerSettings) -> RunningServer:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     specs, default = model_specs(settings)
-    registry = ModelRegistry(specs, default, resolve_device(settings.device))
+    registry = ModelRegistry(
+        specs, default, resolve_device(settings.device), compiled=settings.compile_blocks
+    )
     metrics = Metrics()
     metrics.watch_gpu_memory()
     health_servicer = _health_servicer(registry, metrics)

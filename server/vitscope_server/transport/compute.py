@@ -3,15 +3,20 @@ unary responses share one size budget."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from vitscope_server.core.activations.compute import ActivationLimits
 from vitscope_server.core.runtime.batching import BatchInfo
 from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.slots import ComputeSlots, HeldSlot
+from vitscope_server.core.runtime.stages import Stage, StageTimes
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.progress import holding_compute
+
+Message = TypeVar("Message")
 
 
 @contextmanager
@@ -24,6 +29,19 @@ def computing(
         metrics.queue_wait.labels(method, model).observe(slot.waited)
         with metrics.compute.labels(method, model).time():
             yield slot
+
+
+def timed_messages(messages: Iterator[Message], stages: StageTimes) -> Iterator[Message]:
+    """The messages as they are built (encode) and taken by gRPC (send), each timed; the
+    send of a message ends when gRPC asks for the next."""
+    while True:
+        with stages.timing(Stage.ENCODE):
+            message = next(messages, None)
+        if message is None:
+            return
+        started = time.perf_counter()
+        yield message
+        stages.add(Stage.SEND, time.perf_counter() - started)
 
 
 def record_batched(metrics: Metrics, method: str, model: str, info: BatchInfo) -> None:

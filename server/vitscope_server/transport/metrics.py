@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from vitscope_server.core.runtime.stages import Stage, StageTimes
+
+_STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0)
 _LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -52,6 +55,21 @@ def _batch_histograms(registry: CollectorRegistry) -> tuple[Histogram, Histogram
         registry=registry,
     )
     return images, delay
+
+
+def _stage_histograms(registry: CollectorRegistry) -> dict[Stage, Histogram]:
+    """One histogram per stage of a request (queue waits are vitscope_queue_wait_seconds)."""
+    return {
+        stage: Histogram(
+            f"vitscope_{stage.value}_seconds",
+            f"Time a request spent in its {stage.value.replace('_', ' ')} stage.",
+            ["method", "model"],
+            buckets=_STAGE_BUCKETS,
+            registry=registry,
+        )
+        for stage in Stage
+        if stage is not Stage.QUEUE
+    }
 
 
 class Metrics:
@@ -113,6 +131,13 @@ class Metrics:
         )
         self.batch_images, self.batch_delay = _batch_histograms(r)
         self.queued, self.memory_reserved = _admission_gauges(r)
+        self.stages = _stage_histograms(r)
+
+    def record_stages(self, method: str, model: str, stages: StageTimes) -> None:
+        """Every stage but the queue, which record_batched observes with the compute time."""
+        for stage, seconds in stages.seconds.items():
+            if stage is not Stage.QUEUE:
+                self.stages[stage].labels(method, model).observe(seconds)
 
     def watch_gpu_memory(self) -> None:
         """Exports allocated CUDA memory when a GPU is in use."""

@@ -1,7 +1,7 @@
 """inference.GRPCInferenceService: the Open Inference Protocol beside vitscope.v1.Inspector.
 
 Each served model is a protocol model; ModelInfer runs the same core path as
-GetActivations, so its outputs equal GetActivations' bit for bit.
+GetActivations (core/activations/service.py), all its outputs in one forward.
 """
 
 from __future__ import annotations
@@ -12,19 +12,15 @@ import numpy as np
 from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from vitscope_server.core.activations.compute import (
-    ActivationLimits,
     ActivationResult,
-    PreparedActivations,
     TensorDType,
-    batch_key,
-    prepare_activations,
 )
+from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.provenance import library_versions
 from vitscope_server.core.model.registry import ModelRegistry, ModelState
-from vitscope_server.core.runtime.batching import Batcher
-from vitscope_server.core.runtime.budget import MemoryBudget, images_bytes, named_forward_bytes
 from vitscope_server.core.runtime.errors import NotFound, Reason, quote
+from vitscope_server.core.runtime.stages import Stage
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import record_batched
 from vitscope_server.transport.convert_oip import (
@@ -45,17 +41,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         registry: ModelRegistry,
-        activations: Batcher[PreparedActivations, ActivationResult],
+        activations: ActivationService,
         metrics: Metrics,
-        limits: ActivationLimits,
         max_message_bytes: int,
-        budget: MemoryBudget,
     ) -> None:
         self._registry = registry
-        self._budget = budget
         self._activations = activations
         self._metrics = metrics
-        self._limits = limits
         self._max_message_bytes = max_message_bytes
 
     def _model(self, name: str, version: str) -> LoadedModel:
@@ -109,22 +101,15 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         loaded = self._model(request.model_name, request.model_version)
         images = image_inputs(request, self._max_message_bytes)
         groups = output_groups(request, loaded.adapter.has_classifier)
-        model, adapter = loaded.spec.name, loaded.adapter
-        need = len(groups) * images_bytes(adapter, images, self._limits.max_pixels)
-        sites = [name for group in groups for name in group.names if name != LOGITS]
-        need += named_forward_bytes(adapter, loaded.site_shapes, len(images), sites)
-        cancel = cancel_token(context)
-        results = []
-        # The same batcher as GetActivations: concurrent calls of either share forwards.
-        with self._budget.reserve(need, cancel), self._activations.arriving(model) as arrival:
-            for group in groups:
-                prepared = prepare_activations(loaded, images, group.query, self._limits)
-                result, info = self._activations.submit(
-                    arrival, batch_key(prepared), prepared, len(prepared.pixels), cancel
-                )
-                record_batched(self._metrics, "ModelInfer", model, info)
-                results.append(result)
-            return _infer_response(request, loaded, groups, results)
+        queries = [group.query for group in groups]
+        # One forward for every output, shared with concurrent GetActivations and ModelInfer.
+        with self._activations.serve(loaded, images, queries, cancel_token(context)) as served:
+            model = loaded.spec.name
+            record_batched(self._metrics, "ModelInfer", model, served.info)
+            with served.stages.timing(Stage.ENCODE):
+                response = _infer_response(request, loaded, groups, served.results)
+            self._metrics.record_stages("ModelInfer", model, served.stages)
+            return response
 
 
 def _infer_response(

@@ -12,6 +12,7 @@ from vitscope.v1 import models_pb2, server_info_pb2
 from vitscope_server.core.activations.compute import (
     ActivationLimits,
 )
+from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.inversion.catalog import InverterCatalog
 from vitscope_server.core.model.provenance import provenance_of
 from vitscope_server.core.model.registry import ModelRegistry
@@ -50,6 +51,7 @@ class InspectorServicer(  # type: ignore[misc]
         max_message_bytes: int,
         batchers: Batchers,
         budget: MemoryBudget,
+        activation_service: ActivationService,
     ) -> None:
         self._info = ServerInfo(
             server_info_pb2.ServerLimits(
@@ -64,6 +66,7 @@ class InspectorServicer(  # type: ignore[misc]
         )
         self._registry = registry
         self._batchers = batchers
+        self._activation_service = activation_service
         self._budget = budget
         self._slots = slots
         self._metrics = metrics

@@ -26,7 +26,7 @@ from vitscope_server.core.model.tokens import (
     resolve_token_indices,
     select_tokens,
 )
-from vitscope_server.core.runtime.batching import per_item
+from vitscope_server.core.runtime.batching import outcome
 from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.errors import (
     FailedPrecondition,
@@ -240,30 +240,45 @@ def _check_channels(channels: tuple[int, ...], site: SiteDef, num_channels: int)
     require_in_range("channels", channels, 0, num_channels - 1, f" for site {site.name!r}")
 
 
-def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> _DeviceSite:
-    """Selects tokens and applies the reduction to one site's canonical tensor."""
-    reduction = query.reduction
+def _check_site(query: ActivationQuery, site: SiteDef, shape: tuple[int, ...]) -> list[int]:
+    """Every check the site's shape allows (token selection, reduction, channels, top_k);
+    returns the selected token indices. Run before any decode with the probed shape, and
+    again on the captured tensor."""
     if site.layout in (Layout.WINDOW_ATTENTION, Layout.RAW):
-        if reduction is not Reduction.NONE or query.token_mode is not TokenMode.ALL:
+        if query.reduction is not Reduction.NONE or query.token_mode is not TokenMode.ALL:
             raise InvalidArgument(
                 "sites",
-                f"{site.name!r} has {site.layout.value} layout {list(tensor.shape)}; "
+                f"{site.name!r} has {site.layout.value} layout {list(shape)}; "
                 "it allows only REDUCTION_NONE with all tokens",
             )
-        return _DeviceSite(site, [], [], [_to_output("values", tensor, query.output_dtype)])
+        return []
     token_axis = 2 if site.layout is Layout.ATTENTION else 1
-    indices = resolve_token_indices(query, site, tensor.shape[token_axis])
-    selected = select_tokens(tensor, token_axis, indices)
-    if reduction is Reduction.NONE:
-        values = selected
-    elif reduction is Reduction.MEAN:
-        values = selected.mean(dim=token_axis)
-    elif site.layout is Layout.ATTENTION:
+    indices = resolve_token_indices(query, site, shape[token_axis])
+    if site.layout is Layout.ATTENTION and query.reduction not in (Reduction.NONE, Reduction.MEAN):
         raise InvalidArgument(
             "reduction", f"site {site.name!r} holds attention probabilities; allowed: NONE, MEAN"
         )
-    elif reduction is Reduction.PATCH_MAP:
-        _check_channels(query.channels, site, tensor.shape[-1])
+    if query.reduction is Reduction.PATCH_MAP:
+        _check_channels(query.channels, site, shape[-1])
+    if query.reduction is Reduction.TOP_CHANNELS and query.top_k > shape[-1]:
+        raise InvalidArgument(
+            "top_k", f"{query.top_k} exceeds the {shape[-1]} channels of {site.name!r}"
+        )
+    return indices
+
+
+def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> _DeviceSite:
+    """Selects tokens and applies the reduction to one site's canonical tensor."""
+    indices = _check_site(query, site, tuple(tensor.shape))
+    if site.layout in (Layout.WINDOW_ATTENTION, Layout.RAW):
+        return _DeviceSite(site, [], [], [_to_output("values", tensor, query.output_dtype)])
+    token_axis = 2 if site.layout is Layout.ATTENTION else 1
+    selected = select_tokens(tensor, token_axis, indices)
+    if query.reduction is Reduction.NONE:
+        values = selected
+    elif query.reduction is Reduction.MEAN:
+        values = selected.mean(dim=token_axis)
+    elif query.reduction is Reduction.PATCH_MAP:
         channel_tensor = torch.tensor(query.channels, device=tensor.device)
         height, width = site.grid
         maps = selected.index_select(2, channel_tensor).transpose(1, 2)
@@ -272,11 +287,6 @@ def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> _Dev
             site, indices, list(query.channels), [_to_output("values", values, query.output_dtype)]
         )
     else:
-        num_channels = tensor.shape[-1]
-        if query.top_k > num_channels:
-            raise InvalidArgument(
-                "top_k", f"{query.top_k} exceeds the {num_channels} channels of {site.name!r}"
-            )
         top = selected.mean(dim=1).topk(query.top_k, dim=-1)
         return _DeviceSite(
             site,
@@ -319,20 +329,39 @@ class PreparedActivations:
     query: ActivationQuery
     sites: list[SiteDef]
     pixels: torch.Tensor
+    # Decoding and preprocessing of its images.
+    stages: StageTimes = field(default_factory=StageTimes)
 
 
-def prepare_activations(
-    loaded: LoadedModel, images: list[ImageInput], query: ActivationQuery, limits: ActivationLimits
-) -> PreparedActivations:
-    """Everything that needs no compute slot: validation, decoding, preprocessing."""
+def check_query(
+    loaded: LoadedModel, query: ActivationQuery
+) -> tuple[ActivationQuery, list[SiteDef]]:
+    """The query after defaults and its sites, with every check that needs no image: the
+    fields, the sites, and the token selection, reduction and channels against each site's
+    shape as the load-time probe measured it (a raw module path is checked after the forward)."""
     adapter = loaded.adapter
     effective = _effective(query, adapter)
     sites = [resolve_site(adapter, name, f"sites[{i}]") for i, name in enumerate(effective.sites)]
     names = [site.name for site in sites]
     if len(set(names)) != len(names):
         raise InvalidArgument("sites", f"each site may appear once; {effective.sites} name {names}")
-    pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels)
-    return PreparedActivations(loaded, replace(effective, sites=tuple(names)), sites, pixels)
+    for site in sites:
+        shape = loaded.site_shapes.get(site.name)
+        if shape is not None:
+            _check_site(effective, as_site_layout(site, shape), shape)
+    return replace(effective, sites=tuple(names)), sites
+
+
+def prepare_activations(
+    loaded: LoadedModel, images: list[ImageInput], query: ActivationQuery, limits: ActivationLimits
+) -> PreparedActivations:
+    """Everything that needs no compute slot: validation, decoding, preprocessing."""
+    effective, sites = check_query(loaded, query)
+    stages = StageTimes()
+    pixels = prepare_batch(
+        loaded.adapter, images, limits.max_batch, limits.max_pixels, stages=stages
+    )
+    return PreparedActivations(loaded, effective, sites, pixels, stages)
 
 
 def batch_key(prepared: PreparedActivations) -> Hashable:
@@ -391,7 +420,7 @@ def run_activations(
     adapter = loaded.adapter
     stages = StageTimes()
     sites = list({site.name: site for item in items for site in item.sites}.values())
-    pixels = torch.cat([item.pixels for item in items]) if len(items) > 1 else items[0].pixels
+    pixels, rows = _shared_inputs(items)
     batch = pixels.to(loaded.device)
     cancel.raise_if_cancelled()
     with torch.inference_mode(), _autocast(loaded.device, items[0].query.compute_dtype):
@@ -405,13 +434,26 @@ def run_activations(
             except ForwardStopped:
                 features = None
         with stages.timing(Stage.REDUCE):
-            reduced = per_item(
-                items,
-                [int(item.pixels.shape[0]) for item in items],
-                lambda item, rows: _split(item, got, features, rows, limits),
-            )
+            reduced = [
+                outcome(_split, item, got, features, own, limits)
+                for item, own in zip(items, rows, strict=True)
+            ]
     with stages.timing(Stage.DEVICE_TO_HOST):
         return _to_results(reduced, stages)
+
+
+def _shared_inputs(items: Sequence[PreparedActivations]) -> tuple[torch.Tensor, list[slice]]:
+    """The batch's input and each item's rows of it; items holding the same images (the
+    outputs of one ModelInfer) share their rows, so those images run once."""
+    first_rows: dict[int, slice] = {}
+    distinct: list[torch.Tensor] = []
+    for item in items:
+        if id(item.pixels) not in first_rows:
+            start = sum(int(t.shape[0]) for t in distinct)
+            first_rows[id(item.pixels)] = slice(start, start + int(item.pixels.shape[0]))
+            distinct.append(item.pixels)
+    pixels = torch.cat(distinct) if len(distinct) > 1 else distinct[0]
+    return pixels, [first_rows[id(item.pixels)] for item in items]
 
 
 def _split(
@@ -466,9 +508,9 @@ def _to_results(
     done = [r for r in reduced if not isinstance(r, BaseException)]
     arrays = iter(to_host([t for r in done for t in _device_tensors(r)]))
     results: list[ActivationResult | BaseException] = []
-    for outcome in reduced:
-        if isinstance(outcome, BaseException):
-            results.append(outcome)
+    for reduced_item in reduced:
+        if isinstance(reduced_item, BaseException):
+            results.append(reduced_item)
             continue
         sites = [
             SiteOutput(
@@ -477,19 +519,19 @@ def _to_results(
                 s.channels,
                 [OutputTensor(o.role, o.dtype, next(arrays)) for o in s.tensors],
             )
-            for s in outcome.sites
+            for s in reduced_item.sites
         ]
-        logits = None if outcome.logits is None else next(arrays)
+        logits = None if reduced_item.logits is None else next(arrays)
         predictions = []
-        if outcome.top is not None:
+        if reduced_item.top is not None:
             probabilities, classes, values = next(arrays), next(arrays), next(arrays)
-            names = outcome.item.loaded.adapter.class_names
+            names = reduced_item.item.loaded.adapter.class_names
             predictions = _predictions(names, probabilities, classes, values)
         results.append(
             ActivationResult(
-                provenance_of(outcome.item.loaded),
-                outcome.item.query,
-                outcome.batch_size,
+                provenance_of(reduced_item.item.loaded),
+                reduced_item.item.query,
+                reduced_item.batch_size,
                 sites,
                 predictions,
                 logits,

@@ -108,8 +108,18 @@ def _build_open_clip(spec: ModelSpec) -> tuple[ModelAdapter, str]:
     return OpenClipTowerAdapter(spec, build_open_clip(spec, None)), f"random:seed={spec.seed}"
 
 
-def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
-    """Builds the model (seeded), loads weights, moves it to the device in eval mode."""
+def compile_blocks(adapter: ModelAdapter) -> None:
+    """Compiles each block in place (nn.Module.compile). Hooks on a block itself run outside
+    its compiled code, so block outputs are read at compiled speed; a hook inside a block
+    (attention probabilities, MLP hidden units) makes the compiler trace it too, recompiling
+    once per set of such hooks. Batch sizes vary, so the shapes are compiled dynamic."""
+    for block in adapter.blocks:
+        adapter.root.get_submodule(block.path).compile(dynamic=True)
+
+
+def load_model(spec: ModelSpec, device: torch.device, *, compiled: bool = False) -> LoadedModel:
+    """Builds the model (seeded), loads weights, moves it to the device in eval mode; with
+    `compiled`, its blocks run compiled after the probe has settled the anatomy eagerly."""
     torch.manual_seed(spec.seed)
     try:
         adapter, identity = _build_timm(spec) if spec.family == "timm" else _build_open_clip(spec)
@@ -126,4 +136,6 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         raise FailedPrecondition(
             f"model {spec.name}: no block passed the load-time probe ({reasons})"
         )
+    if compiled:
+        compile_blocks(adapter)
     return LoadedModel(spec, adapter, identity, device, shapes)

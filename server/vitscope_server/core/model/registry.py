@@ -48,7 +48,15 @@ StateListener = Callable[[str, ModelState], None]
 class ModelRegistry:
     """Holds every configured model; loading runs on background threads."""
 
-    def __init__(self, specs: list[ModelSpec], default: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        specs: list[ModelSpec],
+        default: str,
+        device: torch.device,
+        *,
+        compiled: bool = False,
+    ) -> None:
+        """compiled: models run their blocks compiled (load_model)."""
         names = [spec.name for spec in specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -58,6 +66,7 @@ class ModelRegistry:
                 "default_model", f"{default!r} is not among the configured models {names}"
             )
         self.default = default
+        self._compiled = compiled
         self.device = device
         self._entries = {spec.name: ModelEntry(spec) for spec in specs}
         self._lock = threading.Lock()
@@ -105,7 +114,7 @@ class ModelRegistry:
             spec.weights,
         )
         try:
-            loaded = load_model(spec, self.device)
+            loaded = load_model(spec, self.device, compiled=self._compiled)
         except VitscopeError as exc:
             self._settle(entry, ModelState.FAILED, None, str(exc), started)
         except Exception as exc:

@@ -82,7 +82,8 @@ class Arrival:
 
 @dataclass(eq=False)
 class _Member(Generic[Item, Result]):
-    item: Item
+    # Several items of one caller run in the same batch (one forward for all of them).
+    items: list[Item]
     images: int
     cancel: CancelToken
     arrived: float = field(default_factory=time.perf_counter)
@@ -90,7 +91,7 @@ class _Member(Generic[Item, Result]):
     promoted: bool = False
     leading: bool = False
     done: bool = False
-    result: Result | None = None
+    results: list[Result] | None = None
     error: BaseException | None = None
     info: BatchInfo | None = None
 
@@ -190,7 +191,20 @@ class Batcher(Generic[Item, Result]):
     ) -> tuple[Result, BatchInfo]:
         """Runs item in a batch with other items of the same group and key; blocks until its
         result."""
-        member: _Member[Item, Result] = _Member(item, images, cancel)
+        (result,), info = self.submit_all(arrival, key, [item], images, cancel)
+        return result, info
+
+    def submit_all(
+        self,
+        arrival: Arrival,
+        key: Hashable,
+        items: list[Item],
+        images: int,
+        cancel: CancelToken,
+    ) -> tuple[list[Result], BatchInfo]:
+        """Runs one caller's items in the same batch (`images` distinct images in all); the
+        first item's error, in order, is raised."""
+        member: _Member[Item, Result] = _Member(items, images, cancel)
         queue = self._enqueue(arrival, key, member)
         unsubscribe = cancel.on_cancel(lambda: self._leave(queue, member))
         try:
@@ -210,8 +224,8 @@ class Batcher(Generic[Item, Result]):
             unsubscribe()
         if member.error is not None:
             raise member.error
-        assert member.info is not None
-        return member.result, member.info  # type: ignore[return-value]
+        assert member.info is not None and member.results is not None
+        return member.results, member.info
 
     def _enqueue(
         self, arrival: Arrival, key: Hashable, member: _Member[Item, Result]
@@ -249,11 +263,11 @@ class Batcher(Generic[Item, Result]):
     def _finish(
         self,
         member: _Member[Item, Result],
-        result: Result | None,
+        results: list[Result] | None,
         error: BaseException | None,
         info: BatchInfo | None = None,
     ) -> None:
-        member.result, member.error, member.info = result, error, info
+        member.results, member.error, member.info = results, error, info
         member.done = True
         member.wake.set()
 
@@ -313,11 +327,11 @@ class Batcher(Generic[Item, Result]):
     ) -> None:
         started = time.perf_counter()
         cancel, unsubscribe = _all_cancelled(batch)
+        items = [item for m in batch for item in m.items]
         try:
-            items = [m.item for m in batch]
             outcomes: Sequence[Result | BaseException] = slot.run(lambda: self._run(items, cancel))
         except Exception as exc:  # one failure (e.g. out of memory) reaches every caller
-            outcomes = [exc] * len(batch)
+            outcomes = [exc] * len(items)
         finally:
             unsubscribe()
         computed = time.perf_counter() - started
@@ -325,11 +339,14 @@ class Batcher(Generic[Item, Result]):
         if self._on_batch is not None:
             self._on_batch(group, images, delay)
         with self._changed:
-            for member, outcome in zip(batch, outcomes, strict=True):
+            rows = item_rows(len(m.items) for m in batch)
+            for member, own in zip(batch, rows, strict=True):
                 if member.done:
                     continue
                 info = BatchInfo(images, len(batch), started - member.arrived, computed)
-                if isinstance(outcome, BaseException):
-                    self._finish(member, None, outcome, info)
+                mine = list(outcomes[own])
+                error = next((o for o in mine if isinstance(o, BaseException)), None)
+                if error is not None:
+                    self._finish(member, None, error, info)
                 else:
-                    self._finish(member, outcome, None, info)
+                    self._finish(member, mine, None, info)  # type: ignore[arg-type]

@@ -22,7 +22,6 @@ from vitscope_server.core.model.images import ImageInput, check_size, open_heade
 from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.errors import Reason, ResourceExhausted
 
-_POLL_SECONDS = 0.05
 _FLOAT = 4
 # A transformer block's live tensors per token during a forward, in units of the width:
 # the residual, qkv (3), the attention output and the MLP hidden (4), with slack.
@@ -217,9 +216,14 @@ class MemoryBudget:
                 f"{_mib(self.server_bytes)} (server_memory_bytes)"
             )
 
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     @contextmanager
     def reserve(self, nbytes: int, cancel: CancelToken) -> Iterator[None]:
-        """Holds nbytes of the server's budget for the block, waiting (bounded) for room."""
+        """Holds nbytes of the server's budget for the block, waiting (bounded) for room.
+        Waiters sleep until a release or their own cancellation wakes them: no polling."""
         self._check(nbytes)
         with self._cond:
             if self._reserved + nbytes > self.server_bytes:
@@ -230,11 +234,12 @@ class MemoryBudget:
                         f"{self._waiting} requests waiting; retry later"
                     )
                 self._waiting += 1
+                unsubscribe = cancel.on_cancel(self._wake)
                 try:
-                    while self._reserved + nbytes > self.server_bytes:
-                        self._cond.wait(_POLL_SECONDS)
-                        cancel.raise_if_cancelled()
+                    while self._reserved + nbytes > self.server_bytes and not cancel.cancelled:
+                        self._cond.wait()
                 finally:
+                    unsubscribe()
                     self._waiting -= 1
             cancel.raise_if_cancelled()
             self._reserved += nbytes
