@@ -10,7 +10,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from vitscope.v1 import inspector_pb2
 
 # British spellings that have crept into protocols before; the protocol speaks American English.
-_BRITISH = re.compile(r"isation|ised\b|color|normaliz|optimiz|regulariz|behavior")
+_BRITISH = re.compile(r"isation|ised\b|colour|normalis|optimis|regularis|behaviour")
 
 
 def _messages(descriptor: Descriptor) -> Iterator[Descriptor]:
