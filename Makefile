@@ -39,7 +39,7 @@ fuzz: install
 	HF_HUB_OFFLINE=1 VITSCOPE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) VITSCOPE_FUZZ_SECONDS=$(FUZZ_SECONDS) \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/system/test_fuzz.py
 
-BENCHMARKS := activations feature_viz projection inversion oip explain serving load
+BENCHMARKS := activations feature_viz projection inversion oip explain serving load compiled
 
 # Every benchmark in turn; each prints its JSON object last. One: make bench-inversion.
 bench: $(addprefix bench-,$(BENCHMARKS))
