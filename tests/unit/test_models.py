@@ -14,7 +14,6 @@ from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
 from vitscope_server.core.activations.compute import (
-    ActivationLimits,
     ActivationQuery,
     get_activations,
     prepare_activations,
@@ -31,6 +30,7 @@ from vitscope_server.core.runtime.errors import (
     NotFound,
     Unavailable,
 )
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.model_selection import select_spec
 from vitscope_server.settings import ServerSettings
 
@@ -45,9 +45,7 @@ def _trained_like_state(seed: int) -> dict[str, torch.Tensor]:
 def _first_block_output(spec: ModelSpec, pixels: np.ndarray) -> np.ndarray:
     loaded = load_model(spec, CPU)
     defaults = ServerSettings()
-    limits = ActivationLimits(
-        defaults.max_batch, defaults.max_image_pixels, defaults.max_result_bytes
-    )
+    limits = RequestLimits(defaults.max_batch, defaults.max_image_pixels, defaults.max_result_bytes)
     query = ActivationQuery(sites=("blocks.0.out",))
     prepared = prepare_activations(loaded, [ImageInput(preprocessed=pixels)], query, limits)
     result = get_activations(prepared, NEVER_CANCELLED, limits)

@@ -10,9 +10,6 @@ import grpc
 
 from vitscope.v1 import activations_pb2
 from vitscope.v1 import activations_pb2 as apb
-from vitscope_server.core.activations.compute import (
-    ActivationLimits,
-)
 from vitscope_server.core.activations.estimate import scan_batch_bytes
 from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.activations.top_images import ScanItem, TopImageScan, file_items
@@ -22,6 +19,7 @@ from vitscope_server.core.runtime.budget import (
     MemoryBudget,
 )
 from vitscope_server.core.runtime.errors import InvalidArgument, Reason
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_activations
 from vitscope_server.transport.cancellation import cancel_token
@@ -41,7 +39,7 @@ class ActivationRpcs:
     _registry: ModelRegistry
     _slots: ComputeSlots
     _metrics: Metrics
-    _limits: ActivationLimits
+    _limits: RequestLimits
     _image_roots: Sequence[Path]
     _chunk_bytes: int
     _budget: MemoryBudget

@@ -20,12 +20,12 @@ from prometheus_client import start_http_server
 from vitscope.oip import grpc_predict_v2_pb2_grpc
 from vitscope.v1 import inspector_pb2, inspector_pb2_grpc
 from vitscope_server.builtin import BUILTIN_INVERTERS
-from vitscope_server.core.activations.compute import ActivationLimits
 from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.inversion.catalog import InverterCatalog
 from vitscope_server.core.model.registry import ModelRegistry, ModelState
 from vitscope_server.core.runtime.budget import MemoryBudget, memory_limit_bytes
 from vitscope_server.core.runtime.intra_op import host_thread
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.model_selection import model_specs, resolve_device
 from vitscope_server.settings import ServerSettings
@@ -205,9 +205,7 @@ def _add_services(
     """The Inspector and the inference protocol, sharing compute slots, the batchers and
     the memory budget; health and reflection beside them. Returns the slots."""
     slots = ComputeSlots(settings.max_running, settings.max_queue, settings.torch_threads)
-    limits = ActivationLimits(
-        settings.max_batch, settings.max_image_pixels, settings.max_result_bytes
-    )
+    limits = RequestLimits(settings.max_batch, settings.max_image_pixels, settings.max_result_bytes)
     batchers = create_batchers(settings, slots, limits, metrics)
     metrics.queued.set_function(lambda: float(slots.waiting))
     budget = _memory_budget(settings, metrics)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from vitscope_server.core.activations.compute import (
-    ActivationLimits,
     ActivationResult,
     PreparedActivations,
     run_activations,
@@ -24,6 +23,7 @@ from vitscope_server.core.projection.project import (
 )
 from vitscope_server.core.runtime.batching import Batcher, RunBatch
 from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.metrics import Metrics
@@ -45,7 +45,7 @@ class Batchers:
 
 
 def create_batchers(
-    settings: ServerSettings, slots: ComputeSlots, limits: ActivationLimits, metrics: Metrics
+    settings: ServerSettings, slots: ComputeSlots, limits: RequestLimits, metrics: Metrics
 ) -> Batchers:
     def activations(
         items: Sequence[PreparedActivations], cancel: CancelToken

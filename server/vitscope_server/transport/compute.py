@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from vitscope_server.core.activations.compute import ActivationLimits
 from vitscope_server.core.runtime.batching import BatchInfo
 from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots, HeldSlot
 from vitscope_server.core.runtime.stages import Stage, StageTimes
 from vitscope_server.transport.metrics import Metrics
@@ -54,7 +54,7 @@ def record_batched(metrics: Metrics, method: str, model: str, info: BatchInfo) -
 RESPONSE_HEADROOM_BYTES = 16 << 10
 
 
-def unary_response_budget(max_message_bytes: int, limits: ActivationLimits) -> int:
+def unary_response_budget(max_message_bytes: int, limits: RequestLimits) -> int:
     """The bytes one unary response may carry: under the max message size and the server's
     result limit."""
     return min(max_message_bytes - RESPONSE_HEADROOM_BYTES, limits.max_result_bytes)

@@ -7,7 +7,6 @@ from collections.abc import Hashable, Iterable, Iterator
 import grpc
 
 from vitscope.v1 import explain_pb2 as pb
-from vitscope_server.core.activations.compute import ActivationLimits
 from vitscope_server.core.explain.batching import explain_batch_key
 from vitscope_server.core.explain.compute import Event, ExplanationHeader, explain
 from vitscope_server.core.explain.estimate import explanation_bytes
@@ -20,6 +19,7 @@ from vitscope_server.core.model.registry import ModelRegistry
 from vitscope_server.core.runtime.batching import Arrival
 from vitscope_server.core.runtime.budget import MemoryBudget
 from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_explain
 from vitscope_server.transport.batchers import Batchers
@@ -34,7 +34,7 @@ class ExplainRpcs:
     _registry: ModelRegistry
     _slots: ComputeSlots
     _metrics: Metrics
-    _limits: ActivationLimits
+    _limits: RequestLimits
     _chunk_bytes: int
     _budget: MemoryBudget
     _batchers: Batchers

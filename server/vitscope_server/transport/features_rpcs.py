@@ -8,13 +8,13 @@ from pathlib import Path
 import grpc
 
 from vitscope.v1 import features_pb2 as fpb
-from vitscope_server.core.activations.compute import ActivationLimits
 from vitscope_server.core.features.estimate import optimization_bytes
 from vitscope_server.core.features.optimize import optimize_features, prepare_optimization
 from vitscope_server.core.model.registry import ModelRegistry
 from vitscope_server.core.runtime.budget import (
     MemoryBudget,
 )
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert_features
 from vitscope_server.transport.cancellation import cancel_token
@@ -29,7 +29,7 @@ class FeatureRpcs:
     _registry: ModelRegistry
     _slots: ComputeSlots
     _metrics: Metrics
-    _limits: ActivationLimits
+    _limits: RequestLimits
     _image_roots: Sequence[Path]
     _max_message_bytes: int
     _budget: MemoryBudget

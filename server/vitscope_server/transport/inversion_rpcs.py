@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from vitscope.v1 import inversion_pb2 as pb
-from vitscope_server.core.activations.compute import ActivationLimits
 from vitscope_server.core.inversion.catalog import InverterCatalog
 from vitscope_server.core.inversion.estimate import inversion_bytes
 from vitscope_server.core.inversion.invert import (
@@ -22,6 +21,7 @@ from vitscope_server.core.inversion.learned import learned_batch_key
 from vitscope_server.core.model.registry import ModelRegistry, ModelState
 from vitscope_server.core.runtime.budget import MemoryBudget
 from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_inversion
 from vitscope_server.transport.batchers import Batchers
@@ -37,7 +37,7 @@ class InversionRpcs:
     _registry: ModelRegistry
     _slots: ComputeSlots
     _metrics: Metrics
-    _limits: ActivationLimits
+    _limits: RequestLimits
     _inverters: InverterCatalog
     _budget: MemoryBudget
     _batchers: Batchers

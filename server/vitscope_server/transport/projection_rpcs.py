@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import grpc
 
 from vitscope.v1 import projection_pb2 as pb
-from vitscope_server.core.activations.compute import ActivationLimits
 from vitscope_server.core.model.registry import ModelRegistry
 from vitscope_server.core.projection.estimate import memories_bytes, projection_bytes
 from vitscope_server.core.projection.memories import prepare_memories, project_memories
@@ -17,6 +16,7 @@ from vitscope_server.core.projection.project import (
     projection_batch_key,
 )
 from vitscope_server.core.runtime.budget import MemoryBudget
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_projection
 from vitscope_server.transport.batchers import Batchers
@@ -32,7 +32,7 @@ class ProjectionRpcs:
     _registry: ModelRegistry
     _slots: ComputeSlots
     _metrics: Metrics
-    _limits: ActivationLimits
+    _limits: RequestLimits
     _chunk_bytes: int
     _budget: MemoryBudget
     _batchers: Batchers

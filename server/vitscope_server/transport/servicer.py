@@ -9,14 +9,12 @@ import grpc
 
 from vitscope.v1 import inspector_pb2_grpc as pb_grpc
 from vitscope.v1 import models_pb2, server_info_pb2
-from vitscope_server.core.activations.compute import (
-    ActivationLimits,
-)
 from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.inversion.catalog import InverterCatalog
 from vitscope_server.core.model.provenance import provenance_of
 from vitscope_server.core.model.registry import ModelRegistry
 from vitscope_server.core.runtime.budget import MemoryBudget
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert
 from vitscope_server.transport.activations_rpcs import ActivationRpcs
@@ -43,7 +41,7 @@ class InspectorServicer(  # type: ignore[misc]
         registry: ModelRegistry,
         slots: ComputeSlots,
         metrics: Metrics,
-        limits: ActivationLimits,
+        limits: RequestLimits,
         chunk_bytes: int,
         inverters: InverterCatalog,
         image_roots: Sequence[Path] = (),

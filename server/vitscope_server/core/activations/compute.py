@@ -35,6 +35,7 @@ from vitscope_server.core.runtime.errors import (
     ResourceExhausted,
     require_in_range,
 )
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.stages import Stage, StageTimes
 from vitscope_server.core.runtime.transfer import to_host
 
@@ -145,15 +146,6 @@ class _DeviceResult:
     logits: torch.Tensor | None
     # (probabilities, class indices, logits) of the top predictions, each [batch, k].
     top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-
-
-@dataclass(frozen=True)
-class ActivationLimits:
-    """Per-request bounds; the values come from the server's settings."""
-
-    max_batch: int
-    max_pixels: int
-    max_result_bytes: int
 
 
 def _check_dtypes(query: ActivationQuery) -> None:
@@ -353,7 +345,7 @@ def check_query(
 
 
 def prepare_activations(
-    loaded: LoadedModel, images: list[ImageInput], query: ActivationQuery, limits: ActivationLimits
+    loaded: LoadedModel, images: list[ImageInput], query: ActivationQuery, limits: RequestLimits
 ) -> PreparedActivations:
     """Everything that needs no compute slot: validation, decoding, preprocessing."""
     effective, sites = check_query(loaded, query)
@@ -408,7 +400,7 @@ def _autocast(device: torch.device, dtype: TensorDType) -> AbstractContextManage
 
 
 def run_activations(
-    items: Sequence[PreparedActivations], cancel: CancelToken, limits: ActivationLimits
+    items: Sequence[PreparedActivations], cancel: CancelToken, limits: RequestLimits
 ) -> list[ActivationResult | BaseException]:
     """One forward over every request's images with the union of their sites captured, then
     each request's token selection, reductions and casts on its own rows (on the device), and
@@ -461,7 +453,7 @@ def _split(
     captured: dict[str, torch.Tensor],
     features: torch.Tensor | None,
     rows: slice,
-    limits: ActivationLimits,
+    limits: RequestLimits,
 ) -> _DeviceResult:
     """One request's result from its rows of the shared forward, still on the device."""
     adapter, effective = item.loaded.adapter, item.query
@@ -542,7 +534,7 @@ def _to_results(
 
 
 def get_activations(
-    prepared: PreparedActivations, cancel: CancelToken, limits: ActivationLimits
+    prepared: PreparedActivations, cancel: CancelToken, limits: RequestLimits
 ) -> ActivationResult:
     """One request alone: a batch of one."""
     (outcome,) = run_activations([prepared], cancel, limits)

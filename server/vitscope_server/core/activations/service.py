@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from vitscope_server.core.activations.compute import (
-    ActivationLimits,
     ActivationQuery,
     ActivationResult,
     PreparedActivations,
@@ -22,6 +21,7 @@ from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.runtime.batching import Batcher, BatchInfo
 from vitscope_server.core.runtime.budget import MemoryBudget
 from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.stages import Stage, StageTimes
 
 
@@ -38,7 +38,7 @@ class Served:
 class ActivationService:
     budget: MemoryBudget
     batcher: Batcher[PreparedActivations, ActivationResult]
-    limits: ActivationLimits
+    limits: RequestLimits
 
     @contextmanager
     def serve(
