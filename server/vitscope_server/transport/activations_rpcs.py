@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 
 import grpc
 
 from vitscope.v1 import activations_pb2
 from vitscope.v1 import activations_pb2 as apb
 from vitscope_server.core.activations.estimate import scan_batch_bytes
-from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.activations.top_images import ScanItem, TopImageScan, file_items
 from vitscope_server.core.model.image_folders import allowed_folder, list_images
-from vitscope_server.core.model.registry import ModelRegistry
-from vitscope_server.core.runtime.budget import (
-    MemoryBudget,
-)
 from vitscope_server.core.runtime.errors import InvalidArgument, Reason
-from vitscope_server.core.runtime.limits import RequestLimits
-from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_activations
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import (
@@ -29,22 +21,12 @@ from vitscope_server.transport.compute import (
     timed_messages,
     unary_response_budget,
 )
-from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.progress import sends_after_compute
+from vitscope_server.transport.state import ServicerState
 
 
-class ActivationRpcs:
-    """Mixed into the Inspector servicer, which provides these attributes."""
-
-    _registry: ModelRegistry
-    _slots: ComputeSlots
-    _metrics: Metrics
-    _limits: RequestLimits
-    _image_roots: Sequence[Path]
-    _chunk_bytes: int
-    _budget: MemoryBudget
-    _activation_service: ActivationService
-    _max_message_bytes: int
+class ActivationRpcs(ServicerState):
+    """Mixed into the Inspector servicer."""
 
     # Chunks are yielded pre-serialized.
     @sends_after_compute

@@ -15,29 +15,16 @@ from vitscope_server.core.explain.query import (
     PreparedExplanation,
     prepare_explanation,
 )
-from vitscope_server.core.model.registry import ModelRegistry
 from vitscope_server.core.runtime.batching import Arrival
-from vitscope_server.core.runtime.budget import MemoryBudget
 from vitscope_server.core.runtime.cancel import CancelToken
-from vitscope_server.core.runtime.limits import RequestLimits
-from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_explain
-from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import computing, record_batched
-from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.state import ServicerState
 
 
-class ExplainRpcs:
-    """Mixed into InspectorServicer, which provides the registry, slots, metrics and limits."""
-
-    _registry: ModelRegistry
-    _slots: ComputeSlots
-    _metrics: Metrics
-    _limits: RequestLimits
-    _chunk_bytes: int
-    _budget: MemoryBudget
-    _batchers: Batchers
+class ExplainRpcs(ServicerState):
+    """Mixed into the Inspector servicer."""
 
     def Explain(
         self, request: pb.ExplainRequest, context: grpc.ServicerContext

@@ -2,37 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 
 import grpc
 
 from vitscope.v1 import features_pb2 as fpb
 from vitscope_server.core.features.estimate import optimization_bytes
 from vitscope_server.core.features.optimize import optimize_features, prepare_optimization
-from vitscope_server.core.model.registry import ModelRegistry
-from vitscope_server.core.runtime.budget import (
-    MemoryBudget,
-)
-from vitscope_server.core.runtime.limits import RequestLimits
-from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert_features
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import computing, unary_response_budget
-from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.progress import Progress
+from vitscope_server.transport.state import ServicerState
 
 
-class FeatureRpcs:
-    """Mixed into the Inspector servicer, which provides these attributes."""
-
-    _registry: ModelRegistry
-    _slots: ComputeSlots
-    _metrics: Metrics
-    _limits: RequestLimits
-    _image_roots: Sequence[Path]
-    _max_message_bytes: int
-    _budget: MemoryBudget
+class FeatureRpcs(ServicerState):
+    """Mixed into the Inspector servicer."""
 
     def OptimizeFeatures(
         self, request: fpb.OptimizeFeaturesRequest, context: grpc.ServicerContext

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from vitscope.v1 import inversion_pb2 as pb
-from vitscope_server.core.inversion.catalog import InverterCatalog
 from vitscope_server.core.inversion.estimate import inversion_bytes
 from vitscope_server.core.inversion.invert import (
     Event,
@@ -18,29 +17,17 @@ from vitscope_server.core.inversion.invert import (
     prepare_inversion,
 )
 from vitscope_server.core.inversion.learned import learned_batch_key
-from vitscope_server.core.model.registry import ModelRegistry, ModelState
-from vitscope_server.core.runtime.budget import MemoryBudget
+from vitscope_server.core.model.registry import ModelState
 from vitscope_server.core.runtime.cancel import CancelToken
-from vitscope_server.core.runtime.limits import RequestLimits
-from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_inversion
-from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import computing, record_batched
-from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.progress import Progress
+from vitscope_server.transport.state import ServicerState
 
 
-class InversionRpcs:
-    """Mixed into the Inspector servicer, whose constructor sets these attributes."""
-
-    _registry: ModelRegistry
-    _slots: ComputeSlots
-    _metrics: Metrics
-    _limits: RequestLimits
-    _inverters: InverterCatalog
-    _budget: MemoryBudget
-    _batchers: Batchers
+class InversionRpcs(ServicerState):
+    """Mixed into the Inspector servicer."""
 
     def Invert(
         self, request: pb.InvertRequest, context: grpc.ServicerContext

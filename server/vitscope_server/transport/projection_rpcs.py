@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import grpc
 
 from vitscope.v1 import projection_pb2 as pb
-from vitscope_server.core.model.registry import ModelRegistry
 from vitscope_server.core.projection.estimate import memories_bytes, projection_bytes
 from vitscope_server.core.projection.memories import prepare_memories, project_memories
 from vitscope_server.core.projection.project import (
@@ -15,27 +14,15 @@ from vitscope_server.core.projection.project import (
     prepare_projection,
     projection_batch_key,
 )
-from vitscope_server.core.runtime.budget import MemoryBudget
-from vitscope_server.core.runtime.limits import RequestLimits
-from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.transport import convert, convert_projection
-from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import computing, record_batched
-from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.progress import sends_after_compute
+from vitscope_server.transport.state import ServicerState
 
 
-class ProjectionRpcs:
-    """Mixed into InspectorServicer, which provides the registry, slots, metrics and limits."""
-
-    _registry: ModelRegistry
-    _slots: ComputeSlots
-    _metrics: Metrics
-    _limits: RequestLimits
-    _chunk_bytes: int
-    _budget: MemoryBudget
-    _batchers: Batchers
+class ProjectionRpcs(ServicerState):
+    """Mixed into the Inspector servicer."""
 
     def _projection_limits(self) -> ProjectionLimits:
         return ProjectionLimits(

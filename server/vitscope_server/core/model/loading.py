@@ -109,10 +109,15 @@ def _build_open_clip(spec: ModelSpec) -> tuple[ModelAdapter, str]:
 
 
 def compile_blocks(adapter: ModelAdapter) -> None:
-    """Compiles each block in place (nn.Module.compile). Hooks on a block itself run outside
-    its compiled code, so block outputs are read at compiled speed; a hook inside a block
-    (attention probabilities, MLP hidden units) makes the compiler trace it too, recompiling
-    once per set of such hooks. Batch sizes vary, so the shapes are compiled dynamic."""
+    """Compiles each block in place (nn.Module.compile), hooks included: the compiler traces
+    the capture hooks of a request's sites and compiles once more for each new arrangement of
+    hooked modules (where sites are read), not for each request. Batch sizes vary, so the
+    shapes are compiled dynamic."""
+    import torch._dynamo
+
+    # Sites are read by hooks added per request: the compiled code must notice them (by
+    # default dynamo ignores hooks added after compiling, and would read nothing).
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     for block in adapter.blocks:
         adapter.root.get_submodule(block.path).compile(dynamic=True)
 
