@@ -51,6 +51,10 @@ def last_block_needed(adapter: ModelAdapter, sites: list[SiteDef]) -> int | None
     return deepest
 
 
+def _inside_a_block(adapter: ModelAdapter, path: str) -> bool:
+    return any(path.startswith(block.path + ".") for block in adapter.blocks)
+
+
 @contextmanager
 def capture_sites(
     adapter: ModelAdapter,
@@ -62,7 +66,10 @@ def capture_sites(
     """Yields a dict that the next forward on this thread fills with canonical tensors by site name.
 
     With stop_after_block, the forward raises ForwardStopped once that block has run,
-    so blocks no site needs are never computed.
+    so blocks no site needs are never computed. With compiled blocks (compile_blocks) the
+    hooks run as plain Python around them, and a forward that reads a site inside a block
+    runs the blocks as written: the compiler would fold a hook's thread check and call count
+    into its graph.
     """
     owner = threading.get_ident()
     captured: dict[str, torch.Tensor] = {}
@@ -80,22 +87,27 @@ def capture_sites(
 
     def output_hook(site: SiteDef) -> Any:
         record = recorder(site)
-        return lambda module, args, output: record(output)
+        return torch.compiler.disable(lambda module, args, output: record(output))
 
     def input_hook(site: SiteDef) -> Any:
         record = recorder(site)
-        return lambda module, args: record(args)
+        return torch.compiler.disable(lambda module, args: record(args))
 
+    @torch.compiler.disable
     def cancel_hook(module: nn.Module, args: Any) -> None:
         if threading.get_ident() == owner:
             cancel.raise_if_cancelled()
 
+    @torch.compiler.disable
     def stop_hook(module: nn.Module, args: Any, output: Any) -> None:
         if threading.get_ident() == owner:
             raise ForwardStopped
 
     attention_paths = {s.attention_path for s in sites if s.attention_path is not None}
     with ExitStack() as stack:
+        if any(_inside_a_block(adapter, site.module_path) for site in sites):
+            # Compiled blocks (compile_blocks) run as written when a site lies inside one.
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
         stack.enter_context(adapter.attention_probs_exposed(attention_paths))
         for block in adapter.blocks:
             handle = adapter.root.get_submodule(block.path).register_forward_pre_hook(cancel_hook)

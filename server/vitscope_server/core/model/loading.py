@@ -109,14 +109,13 @@ def _build_open_clip(spec: ModelSpec) -> tuple[ModelAdapter, str]:
 
 
 def compile_blocks(adapter: ModelAdapter) -> None:
-    """Compiles each block in place (nn.Module.compile), hooks included: the compiler traces
-    the capture hooks of a request's sites and compiles once more for each new arrangement of
-    hooked modules (where sites are read), not for each request. Batch sizes vary, so the
-    shapes are compiled dynamic."""
+    """Compiles each block in place (nn.Module.compile). Capture hooks stay plain Python
+    around the compiled blocks (core/model/capture.py); batch sizes vary, so the shapes are
+    compiled dynamic."""
     import torch._dynamo
 
     # Sites are read by hooks added per request: the compiled code must notice them (by
-    # default dynamo ignores hooks added after compiling, and would read nothing).
+    # default the compiler ignores hooks added after compiling, and would call stale ones).
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     for block in adapter.blocks:
         adapter.root.get_submodule(block.path).compile(dynamic=True)
