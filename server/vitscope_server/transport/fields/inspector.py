@@ -33,6 +33,21 @@ MAX_IMAGES = 1 << 16
 MAX_LIST = 1 << 16
 """Entries of a list of indices (channels, tokens, positions, blocks, depths)."""
 _INDEX = Range(0, INT32_MAX)
+
+
+def _below(what: str) -> Range:
+    """An index the model bounds: 0 up to one less than `what`."""
+    return Range(0, INT32_MAX, high_text=f"{what} - 1")
+
+
+def _up_to(what: str) -> Range:
+    """A count the model or the server bounds: 1 up to `what`."""
+    return Range(1, INT32_MAX, high_text=what)
+
+
+_CHANNEL = _below("the site's channels")
+_TOKEN = _below("the site's tokens")
+_CLASS = _below("the model's classes")
 _MODEL = Text(256, MODEL_NAME)
 _SITE = Text(256, SITE)
 _NAME = Text(1000)
@@ -56,11 +71,11 @@ _SHARED: dict[str, Rule] = {
     "vitscope.v1.Tensor.shape": Repeated(_INDEX, 8),
     "vitscope.v1.Tensor.data": Unchecked("bytes matching dtype and shape"),
     "vitscope.v1.TokenSelection.mode": _ENUM,
-    "vitscope.v1.TokenSelection.indices": Repeated(_INDEX, MAX_LIST),
+    "vitscope.v1.TokenSelection.indices": Repeated(_TOKEN, MAX_LIST),
     "vitscope.v1.TokenSelection.positions": Repeated(Nested(), MAX_LIST),
-    "vitscope.v1.PatchPosition.row": _INDEX,
-    "vitscope.v1.PatchPosition.col": _INDEX,
-    "vitscope.v1.ClassRef.index": _INDEX,
+    "vitscope.v1.PatchPosition.row": _below("the grid's height"),
+    "vitscope.v1.PatchPosition.col": _below("the grid's width"),
+    "vitscope.v1.ClassRef.index": _CLASS,
     "vitscope.v1.ClassRef.name": _NAME,
     **_LABEL_SET_FIELDS,
 }
@@ -76,14 +91,14 @@ _ACTIVATIONS: dict[str, Rule] = {
     "vitscope.v1.GetActivationsRequest.sites": Repeated(_SITE, 256),
     "vitscope.v1.GetActivationsRequest.tokens": Nested(),
     "vitscope.v1.GetActivationsRequest.reduction": _ENUM,
-    "vitscope.v1.GetActivationsRequest.channels": Repeated(_INDEX, MAX_LIST),
-    "vitscope.v1.GetActivationsRequest.top_k": Range(1, INT32_MAX),
+    "vitscope.v1.GetActivationsRequest.channels": Repeated(_CHANNEL, MAX_LIST),
+    "vitscope.v1.GetActivationsRequest.top_k": _up_to("the site's channels"),
     "vitscope.v1.GetActivationsRequest.output_dtype": _ENUM,
-    "vitscope.v1.GetActivationsRequest.top_predictions": Range(1, INT32_MAX),
+    "vitscope.v1.GetActivationsRequest.top_predictions": _up_to("the model's classes"),
     "vitscope.v1.GetActivationsRequest.compute_dtype": _ENUM,
     "vitscope.v1.TopActivatingImagesRequest.model": _MODEL,
     "vitscope.v1.TopActivatingImagesRequest.site": _SITE,
-    "vitscope.v1.TopActivatingImagesRequest.channels": Repeated(_INDEX, MAX_LIST),
+    "vitscope.v1.TopActivatingImagesRequest.channels": Repeated(_CHANNEL, MAX_LIST),
     "vitscope.v1.TopActivatingImagesRequest.top_k": Range(1, MAX_TOP_K),
     "vitscope.v1.TopActivatingImagesRequest.image_folder": Text(4096, FOLDER),
     "vitscope.v1.TopActivatingImagesRequest.images": _IMAGES,
@@ -97,11 +112,11 @@ _FEATURES: dict[str, Rule] = {
     "vitscope.v1.OptimizeFeaturesRequest.progress_every": Range(0, FEATURE_MAX_STEPS),
     "vitscope.v1.OptimizeFeaturesRequest.preview": _FLAG,
     "vitscope.v1.Feature.site": _SITE,
-    "vitscope.v1.Feature.channel": _INDEX,
+    "vitscope.v1.Feature.channel": _CHANNEL,
     "vitscope.v1.Feature.objective": _ENUM,
-    "vitscope.v1.Feature.token_index": _INDEX,
+    "vitscope.v1.Feature.token_index": _TOKEN,
     "vitscope.v1.Feature.direction": Nested(),
-    "vitscope.v1.Feature.class_index": _INDEX,
+    "vitscope.v1.Feature.class_index": _CLASS,
     "vitscope.v1.OptimizationParameters.steps": Range(1, FEATURE_MAX_STEPS),
     "vitscope.v1.OptimizationParameters.learning_rate": _LEARNING_RATE,
     "vitscope.v1.OptimizationParameters.tv_weight": _TV_WEIGHT,
@@ -118,18 +133,20 @@ _PROJECTION: dict[str, Rule] = {
     "vitscope.v1.ProjectToClassSpaceRequest.images": _IMAGES,
     "vitscope.v1.ProjectToClassSpaceRequest.targets": Repeated(Nested(), MAX_IMAGES),
     "vitscope.v1.ProjectToClassSpaceRequest.representations": Repeated(_ENUM, 16),
-    "vitscope.v1.ProjectToClassSpaceRequest.blocks": Repeated(_INDEX, 4096),
+    "vitscope.v1.ProjectToClassSpaceRequest.blocks": Repeated(_below("the model's blocks"), 4096),
     "vitscope.v1.ProjectToClassSpaceRequest.tokens": Nested(),
-    "vitscope.v1.ProjectToClassSpaceRequest.top_k": Range(1, INT32_MAX),
+    "vitscope.v1.ProjectToClassSpaceRequest.top_k": _up_to("the classes"),
     "vitscope.v1.ProjectToClassSpaceRequest.importance_maps": _FLAG,
     "vitscope.v1.ProjectToClassSpaceRequest.labels": Nested(),
     "vitscope.v1.ProjectToClassSpaceRequest.evaluate_importance": _FLAG,
-    "vitscope.v1.ProjectToClassSpaceRequest.keep_counts": Repeated(_INDEX, MAX_KEEP_COUNTS),
+    "vitscope.v1.ProjectToClassSpaceRequest.keep_counts": Repeated(
+        Range(0, INT32_MAX, high_text="the patches"), MAX_KEEP_COUNTS
+    ),
     "vitscope.v1.ProjectToClassSpaceRequest.evaluation_seed": _SEED,
     "vitscope.v1.ProjectMemoriesRequest.model": _MODEL,
-    "vitscope.v1.ProjectMemoriesRequest.block": _INDEX,
+    "vitscope.v1.ProjectMemoriesRequest.block": _below("the model's blocks"),
     "vitscope.v1.ProjectMemoriesRequest.kinds": Repeated(_ENUM, 16),
-    "vitscope.v1.ProjectMemoriesRequest.top_k": Range(1, INT32_MAX),
+    "vitscope.v1.ProjectMemoriesRequest.top_k": _up_to("the classes"),
     "vitscope.v1.ProjectMemoriesRequest.cosine": _FLAG,
     "vitscope.v1.ProjectMemoriesRequest.images": _IMAGES,
     "vitscope.v1.ProjectMemoriesRequest.targets": Repeated(Nested(), MAX_IMAGES),
@@ -140,11 +157,13 @@ _INVERSION: dict[str, Rule] = {
     "vitscope.v1.InvertRequest.model": _MODEL,
     "vitscope.v1.InvertRequest.method": _ENUM,
     "vitscope.v1.InvertRequest.images": _IMAGES,
-    "vitscope.v1.InvertRequest.depths": Repeated(_INDEX, 4096),
+    "vitscope.v1.InvertRequest.depths": Repeated(
+        Range(0, INT32_MAX, high_text="the model's blocks"), 4096
+    ),
     "vitscope.v1.InvertRequest.representation": Nested(),
     "vitscope.v1.InvertRequest.optimization": Nested(),
     "vitscope.v1.RepresentationAtDepth.values": Nested(),
-    "vitscope.v1.RepresentationAtDepth.depth": _INDEX,
+    "vitscope.v1.RepresentationAtDepth.depth": Range(0, INT32_MAX, high_text="the model's blocks"),
     "vitscope.v1.InversionOptimization.steps": Range(1, INVERSION_MAX_STEPS),
     "vitscope.v1.InversionOptimization.learning_rate": _LEARNING_RATE,
     "vitscope.v1.InversionOptimization.tv_weight": _TV_WEIGHT,
@@ -168,12 +187,12 @@ _EXPLAIN: dict[str, Rule] = {
     "vitscope.v1.RolloutParameters.head_fusion": _ENUM,
     "vitscope.v1.IntegratedGradientsParameters.steps": Range(1, EXPLAIN_MAX_STEPS),
     "vitscope.v1.IntegratedGradientsParameters.baseline": _ENUM,
-    "vitscope.v1.IntegratedGradientsParameters.batch_size": Range(1, INT32_MAX),
+    "vitscope.v1.IntegratedGradientsParameters.batch_size": _up_to("max_batch"),
     "vitscope.v1.IntegratedGradientsParameters.blur_sigma": _BLUR_SIGMA,
     "vitscope.v1.IntegratedGradientsParameters.seed": _SEED,
     "vitscope.v1.FeatureMapParameters.site": _SITE,
-    "vitscope.v1.FeatureMapParameters.channel": _INDEX,
-    "vitscope.v1.FaithfulnessParameters.patches_per_step": Range(1, INT32_MAX),
+    "vitscope.v1.FeatureMapParameters.channel": _CHANNEL,
+    "vitscope.v1.FaithfulnessParameters.patches_per_step": _up_to("the model's patches"),
     "vitscope.v1.FaithfulnessParameters.blur_sigma": _BLUR_SIGMA,
     "vitscope.v1.FaithfulnessParameters.seed": _SEED,
 }

@@ -50,6 +50,9 @@ class Range(Rule):
     low: float
     high: float
     low_open: bool = False
+    high_text: str = ""
+    """The upper bound in words where the model sets it (the core checks it against the
+    model); `high` is then only the bound no model exceeds."""
 
     def allows(self, value: float) -> bool:
         if isinstance(value, float) and not math.isfinite(value):
@@ -66,9 +69,10 @@ class Range(Rule):
 
     def describe(self) -> str:
         low = f"> {_number(self.low)}" if self.low_open else f">= {_number(self.low)}"
+        high = self.high_text or _number(self.high)
         if isinstance(self.low, int) and isinstance(self.high, int) and not self.low_open:
-            return f"{_number(self.low)}..{_number(self.high)}"
-        return f"finite, {low} and <= {_number(self.high)}"
+            return f"{_number(self.low)}..{high}"
+        return f"finite, {low} and <= {high}"
 
 
 @dataclass(frozen=True)
