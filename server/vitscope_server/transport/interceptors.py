@@ -46,6 +46,9 @@ _CODES: list[tuple[type[errors.VitscopeError], grpc.StatusCode]] = [
 ]
 
 
+_CALLER_ENDS = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
 class _Unauthenticated(errors.VitscopeError):
     default_reason = Reason.TOKEN_INVALID
 
@@ -69,8 +72,7 @@ def _ended_by_caller(
     exc: BaseException, context: grpc.ServicerContext
 ) -> tuple[grpc.StatusCode, errors.VitscopeError] | None:
     """A call the caller ended (its deadline, its cancellation): work stopped on purpose, or a
-    client stream's next message could not be read (grpcio raises a bare RpcError). Logged
-    at info level: nothing went wrong on the server."""
+    client stream's next message could not be read (grpcio raises a bare RpcError)."""
     ended = caller_end(context)
     if not isinstance(exc, errors.Cancelled) and not (
         ended is not None and isinstance(exc, grpc.RpcError)
@@ -81,7 +83,6 @@ def _ended_by_caller(
     else:
         ended = grpc.StatusCode.CANCELLED
         error = exc if isinstance(exc, errors.Cancelled) else errors.Cancelled("call cancelled")
-    log.info("call ended by its caller: %s", ended.name)
     return ended, error
 
 
@@ -137,6 +138,9 @@ class _Call:
 
     def finish(self, code: grpc.StatusCode) -> None:
         name = code.name
+        if code in _CALLER_ENDS:
+            # The caller's deadline or cancellation: nothing went wrong on the server.
+            log.info("%s call ended by its caller: %s", self.method, name)
         self.metrics.in_flight.labels(self.method).dec()
         self.metrics.requests.labels(self.method, self.model, name).inc()
         self.metrics.latency.labels(self.method, self.model, name).observe(
