@@ -43,8 +43,8 @@ def check(message: Message, prefix: str = "") -> None:
 
 
 def declared_fields(request: Descriptor) -> Iterator[FieldDescriptor]:
-    """Every field reachable from a request type, each once, map entries' own fields left
-    out (their map field's declaration covers keys and values)."""
+    """Every field reachable from a request type, each once. A map's entry is declared by
+    its map field (keys and values); the fields of a message-typed value are reached."""
     seen: set[str] = set()
     pending = [request]
     while pending:
@@ -52,8 +52,9 @@ def declared_fields(request: Descriptor) -> Iterator[FieldDescriptor]:
         if descriptor.full_name in seen:
             continue
         seen.add(descriptor.full_name)
+        entry = descriptor.GetOptions().map_entry
         for field in descriptor.fields:
-            yield field
-            nested = field.message_type
-            if nested is not None and not nested.GetOptions().map_entry:
-                pending.append(nested)
+            if not entry:
+                yield field
+            if field.message_type is not None:
+                pending.append(field.message_type)

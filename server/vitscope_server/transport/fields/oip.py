@@ -44,26 +44,22 @@ _LIST_CHARS = 1 << 16
 OUTPUT_PARAMETERS: dict[str, Parameter] = {
     "tokens": Parameter(
         Choice(tuple(TOKEN_MODES), any_case=True),
-        "all | prefix | patches | indices | positions (default: all; patches under a reduction)",
+        "default: all, or patches under a reduction",
     ),
     "token_indices": Parameter(
         Text(_LIST_CHARS, INDEX_LIST),
-        'comma-separated token indices, e.g. "0,5,9" (with tokens=indices)',
+        "token indices, with tokens=indices",
     ),
     "positions": Parameter(
         Text(_LIST_CHARS, POSITION_LIST),
-        'comma-separated row:col patch positions, e.g. "0:0,3:2" (with tokens=positions)',
+        "patch positions, with tokens=positions",
     ),
-    "reduction": Parameter(
-        Choice(tuple(REDUCTIONS), any_case=True), "none | mean | patch_map (default: none)"
-    ),
+    "reduction": Parameter(Choice(tuple(REDUCTIONS), any_case=True), "default: none"),
     "channels": Parameter(
         Text(_LIST_CHARS, INDEX_LIST),
-        'comma-separated channels, e.g. "3,17" (with reduction=patch_map)',
+        "channels, with reduction=patch_map",
     ),
-    "datatype": Parameter(
-        Choice(tuple(OUTPUT_DTYPES), any_case=True), "FP32 | FP16 | BF16 (default: FP32)"
-    ),
+    "datatype": Parameter(Choice(tuple(OUTPUT_DTYPES), any_case=True), "default: FP32"),
 }
 """Requested-output parameters; set on the request, they apply to every requested output."""
 _PROTOCOL_KEY = Parameter(None, "the protocol's own request key; accepted and not read")

@@ -197,7 +197,7 @@ class Nested(Rule):
         walk(value, path)
 
     def describe(self) -> str:
-        return "each field as declared for its message"
+        return "as its message declares"
 
 
 @dataclass(frozen=True)
@@ -247,10 +247,11 @@ def parameter_text(parameter: Message) -> str | None:
 @dataclass(frozen=True)
 class Parameter:
     """One key of an inference-protocol parameters map: a string (or an integer written as
-    one) that `rule` allows, or any value when rule is None."""
+    one) that `rule` allows, or any value when rule is None; `note` adds what the rule
+    cannot say (a default, the parameter it goes with)."""
 
     rule: Text | Choice | None
-    description: str = ""
+    note: str = ""
 
     def check(self, value: Message, path: str) -> None:
         if self.rule is None:
@@ -266,9 +267,8 @@ class Parameter:
         self.rule.refuse(text, path)
 
     def describe(self) -> str:
-        if self.rule is None:
-            return self.description or "any value"
-        return self.description or self.rule.describe()
+        said = [self.rule.describe()] if self.rule is not None else ["any value"]
+        return "; ".join(said + ([self.note] if self.note else []))
 
 
 @dataclass(frozen=True)
