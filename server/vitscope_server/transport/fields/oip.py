@@ -63,8 +63,8 @@ OUTPUT_PARAMETERS: dict[str, Parameter] = {
 }
 """Requested-output parameters; set on the request, they apply to every requested output."""
 _PROTOCOL_KEY = Parameter(None, "the protocol's own request key; accepted and not read")
-REQUEST_KEYS = ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout")
-REQUEST_KEYS += ("binary_data_output",)
+REQUEST_KEYS: tuple[str, ...] = ("sequence_id", "sequence_start", "sequence_end", "priority")
+REQUEST_KEYS += ("timeout", "binary_data_output")
 _PARAMETER = Unchecked("read through the key of its parameters map, as declared there")
 _INT32 = 2**31 - 1
 

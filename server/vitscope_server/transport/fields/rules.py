@@ -155,6 +155,7 @@ class Defined(Rule):
 
     def check(self, value: Any, path: str, field: FieldDescriptor, walk: Walk) -> None:
         enum = field.enum_type
+        assert enum is not None, field.full_name
         if value not in enum.values_by_number:
             names = ", ".join(v.name for v in enum.values)
             raise InvalidArgument(path, f"value {value} not allowed; allowed: {names}")
@@ -238,7 +239,7 @@ def parameter_text(parameter: Message) -> str | None:
     a bool, a double or nothing."""
     kind = parameter.WhichOneof("parameter_choice")
     if kind == "string_param":
-        return str(parameter.string_param)
+        return str(getattr(parameter, kind))
     if kind in ("int64_param", "uint64_param"):
         return str(getattr(parameter, kind))
     return None
