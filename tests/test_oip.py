@@ -248,6 +248,12 @@ BAD_REQUESTS = [
         "inputs[0].name",
     ),
     (
+        "an input without a name",
+        oip.ModelInferRequest(model_name="vit", inputs=[_input("", "BYTES", [1])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0].name",
+    ),
+    (
         "wrong datatype",
         oip.ModelInferRequest(
             model_name="vit",

@@ -20,7 +20,7 @@ from vitscope_server.core.activations.compute import ActivationQuery, TensorDTyp
 from vitscope_server.core.model.images import ImageInput
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.tokens import TokenMode
-from vitscope_server.core.runtime.errors import InvalidArgument, quote
+from vitscope_server.core.runtime.errors import InvalidArgument, Reason, quote
 from vitscope_server.transport.fields.oip import (
     INPUTS,
     LOGITS,
@@ -193,7 +193,13 @@ def image_inputs(request: oip.ModelInferRequest, max_request_bytes: int) -> list
     raw = list(request.raw_input_contents)
     if raw and len(raw) != 1:
         raise InvalidArgument("raw_input_contents", "one entry per input is required")
-    tensor = request.inputs[0]  # its name, datatype and contents were checked on arrival
+    tensor = request.inputs[0]  # a name it sets, its datatype and contents were checked on arrival
+    if not tensor.name:
+        raise InvalidArgument(
+            "inputs[0].name",
+            f"required: one of {sorted(INPUTS)}",
+            reason=Reason.FIELD_REQUIRED,
+        )
     datatype, rank, _ = INPUTS[tensor.name]
     if tensor.datatype != datatype:
         raise InvalidArgument(
