@@ -33,11 +33,15 @@ test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs --durations=10 tests/unit tests/integration
 
 # The long fuzz run; `make test` runs a short one. Bounded in examples per RPC and in time.
+# Prints the status codes reached and the server's resident memory at start, peak and end;
+# fails when the end is over FUZZ_MAX_GROWTH times the start.
 FUZZ_EXAMPLES ?= 2000
 FUZZ_SECONDS ?= 1800
+FUZZ_MAX_GROWTH ?= 1.2
 fuzz: install
 	HF_HUB_OFFLINE=1 VITSCOPE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) VITSCOPE_FUZZ_SECONDS=$(FUZZ_SECONDS) \
-		$(BIN)/python -m pytest -q -p no:cacheprovider tests/system/test_fuzz.py
+		VITSCOPE_FUZZ_MAX_GROWTH=$(FUZZ_MAX_GROWTH) \
+		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/system/test_fuzz.py
 
 BENCHMARKS := activations feature_viz projection inversion oip explain serving load compiled
 

@@ -18,6 +18,8 @@ from generate import PROTO_ROOT, REPO_ROOT, proto_files
 from google.protobuf import descriptor_pb2 as d
 from grpc_tools import protoc
 
+from vitscope_server.transport.fields import FIELDS
+
 DEFAULT_OUT = REPO_ROOT / "docs" / "api.md"
 
 # Field numbers of the descriptor messages, as source_code_info paths spell them.
@@ -31,6 +33,12 @@ HEADER = """\
 The protocol is package `vitscope.v1` in `proto/vitscope/v1/`. This page is generated from
 the protos and their comments by `make docs` (`proto/docgen.py`); edit the comments, not
 this page. A test fails when the page no longer matches the protos.
+
+Request messages have an Allowed column: what each field accepts, read from the server's
+declarations (`vitscope_server/transport/fields/`). A request setting a field to anything
+else is refused with INVALID_ARGUMENT and a field violation naming it, before any decoding
+or compute; unset fields (0, "", empty) take the documented defaults. Bounds written in
+words ("the site's channels") depend on the model and are checked against it.
 
 Conventions: tensors travel as little-endian, row-major bytes with a dtype and a shape;
 large results stream in chunks that the client reassembles; every response carries its
@@ -227,23 +235,32 @@ def render_service(
 
 def render_message(
     title: str,
+    full_name: str,
     message: d.DescriptorProto,
     path: tuple[int, ...],
     comments: Comments,
     types: Types,
 ) -> list[str]:
+    """A message's table; a request message's (every field declared in
+    vitscope_server.transport.fields) has an Allowed column read from the declarations."""
     out = [f"### {title}", ""]
     if text := comments.of(path):
         out += [text, ""]
     if not message.field:
         return [*out, "No fields.", ""]
-    out += ["| Field | Number | Type | Description |", "|---|---|---|---|"]
-    for i, field in enumerate(message.field):
+    rules = [FIELDS.get(f"{full_name}.{field.name}") for field in message.field]
+    declared = any(rules)
+    out += ["| Field | Number | Type | Description |" + (" Allowed |" if declared else "")]
+    out.append("|---|---|---|---|" + ("---|" if declared else ""))
+    for i, (field, rule) in enumerate(zip(message.field, rules, strict=True)):
         text = comments.of((*path, MESSAGE_FIELD, i))
         if field.HasField("oneof_index") and not field.proto3_optional:
             text = f"One of `{message.oneof_decl[field.oneof_index].name}`. {text}"
         kind = types.of_field(field)
-        out.append(f"| `{field.name}` | {field.number} | {kind} | {cell(text)} |")
+        row = f"| `{field.name}` | {field.number} | {kind} | {cell(text)} |"
+        if declared:
+            row += f" {cell(clean(rule.describe())) if rule else ''} |"
+        out.append(row)
     return [*out, ""]
 
 
@@ -266,7 +283,7 @@ def render_file(file: d.FileDescriptorProto, comments: Comments, types: Types) -
     for name, message, path in walk_messages(list(file.message_type), (FILE_MESSAGE,)):
         full = f".{file.package}.{name}"
         if full not in types.maps:
-            lines = render_message(types.titles[full], message, path, comments, types)
+            lines = render_message(types.titles[full], full[1:], message, path, comments, types)
             blocks.append((comments.order(path), lines))
     for name, enum, path in walk_enums(file):
         title = types.titles[f".{file.package}.{name}"]

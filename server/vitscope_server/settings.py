@@ -135,6 +135,18 @@ class ServerSettings(BaseSettings):
         "in the queue (max_queue) for room. Unset: half the least of the container's memory "
         "limit, RLIMIT_AS and the RAM.",
     )
+    malloc_arena_max: int = Field(
+        2,
+        ge=0,
+        description="Most glibc malloc arenas (each keeps the memory freed in it); 0: glibc's "
+        "default of eight per core. The MALLOC_ARENA_MAX environment variable, when set, wins.",
+    )
+    malloc_trim_bytes: int = Field(
+        32 << 20,
+        ge=0,
+        description="Once no request holds memory after one whose estimate reached this many "
+        "bytes, freed heap memory is returned to the system (malloc_trim); 0: never.",
+    )
     stream_buffer_messages: int = Field(
         8,
         ge=1,

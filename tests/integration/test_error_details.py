@@ -170,7 +170,7 @@ def test_grpcurl_shows_the_details(server: RunningServer) -> None:
 
 
 def test_a_huge_name_is_quoted_short(client: Client, server: RunningServer) -> None:
-    name = "m" * 100_000
+    name = "m" * 256  # the longest a model name may be
     with pytest.raises(NotFoundError) as caught:
         client.describe(name)
     error = caught.value
@@ -180,6 +180,10 @@ def test_a_huge_name_is_quoted_short(client: Client, server: RunningServer) -> N
     assert error.resource is not None and len(error.resource[1]) <= QUOTE_LIMIT + 3
     with pytest.raises(NotFoundError):
         client.activations([DIGIT], ["embed"], model=name)
+    with pytest.raises(InvalidArgumentError) as refused:
+        client.describe("m" * 100_000)
+    assert [v.field for v in refused.value.field_violations] == ["model"]
+    assert len(refused.value.details) < 1_000
     assert client.health() == "SERVING"
 
 
@@ -246,6 +250,9 @@ class _NoDeadline:
 
     def time_remaining(self) -> float | None:
         return None
+
+    def is_active(self) -> bool:
+        return True
 
 
 @pytest.mark.parametrize(

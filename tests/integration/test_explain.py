@@ -490,7 +490,17 @@ BAD_REQUESTS = [
     (
         {"faithfulness": pb.FaithfulnessParameters(patches_per_step=0)},
         INVALID,
-        "faithfulness.patches_per_step: 0 not allowed; allowed 1..100",
+        "faithfulness.patches_per_step: 0 not allowed; allowed: 1..the model's patches",
+    ),
+    (
+        {"faithfulness": pb.FaithfulnessParameters(patches_per_step=101)},
+        INVALID,
+        "faithfulness.patches_per_step: 101 not allowed; allowed 1..100",
+    ),
+    (
+        {"faithfulness": pb.FaithfulnessParameters(blur_sigma=1e308)},
+        INVALID,
+        "faithfulness.blur_sigma: 1e+308 not allowed; allowed: finite, > 0 and <= 10000",
     ),
     (
         {"faithfulness": pb.FaithfulnessParameters(blur_sigma=0)},

@@ -251,7 +251,7 @@ BAD = [
         {"representation": _representation(1, 50, 64), "representation_depth": 7},
         "representation.depth",
     ),
-    ("negative depth", {"images": "digit", "depths": [-1]}, "depths"),
+    ("negative depth", {"images": "digit", "depths": [-1]}, "depths[0]"),
     ("depth past the blocks", {"images": "digit", "depths": [0, 7]}, "depths"),
     ("repeated depth", {"images": "digit", "depths": [1, 1]}, "depths"),
     ("no depths", {"images": "digit"}, "depths"),

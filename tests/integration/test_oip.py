@@ -224,9 +224,15 @@ def _input(name: str, datatype: str, shape: list[int]) -> oip.ModelInferRequest.
 BAD_REQUESTS = [
     (
         "unknown model",
-        oip.ModelInferRequest(model_name="nope" * 50_000),
+        oip.ModelInferRequest(model_name="nope"),
         grpc.StatusCode.NOT_FOUND,
         "nope",
+    ),
+    (
+        "a model name too long to be one",
+        oip.ModelInferRequest(model_name="nope" * 50_000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "model_name",
     ),
     (
         "unknown version",
@@ -243,6 +249,12 @@ BAD_REQUESTS = [
     (
         "unknown input",
         oip.ModelInferRequest(model_name="vit", inputs=[_input("PICTURE", "BYTES", [1])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0].name",
+    ),
+    (
+        "an input without a name",
+        oip.ModelInferRequest(model_name="vit", inputs=[_input("", "BYTES", [1])]),
         grpc.StatusCode.INVALID_ARGUMENT,
         "inputs[0].name",
     ),
@@ -315,23 +327,43 @@ BAD_OUTPUTS = [
     (
         [Outputs(name="blocks.0.out", parameters={"reduction": _string("top_channels")})],
         grpc.StatusCode.INVALID_ARGUMENT,
-        "outputs[0].parameters.reduction",
+        'outputs[0].parameters["reduction"]',
     ),
     (
         [Outputs(name="blocks.0.out", parameters={"datatype": _string("INT8")})],
         grpc.StatusCode.INVALID_ARGUMENT,
-        "outputs[0].parameters.datatype",
+        'outputs[0].parameters["datatype"]',
     ),
     (
         [Outputs(name="blocks.0.out", parameters={"token_indices": _string("1,x")})],
         grpc.StatusCode.INVALID_ARGUMENT,
-        "outputs[0].parameters.token_indices",
+        'outputs[0].parameters["token_indices"]',
     ),
     (
         [Outputs(name="blocks.0.out"), Outputs(name="blocks.0.out")],
         grpc.StatusCode.INVALID_ARGUMENT,
         "outputs",
     ),
+    # Numeric-looking texts that int() would take, or choke on: the grammar refuses them.
+    *[
+        (
+            [Outputs(name="blocks.0.out", parameters={key: _string(text)})],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f'outputs[0].parameters["{key}"]',
+        )
+        for key, text in [
+            ("positions", "--1:2"),
+            ("positions", "1:--2"),
+            ("positions", "\u00b2:0"),
+            ("positions", "1:2:3"),
+            ("positions", "0:0,"),
+            ("token_indices", "-1"),
+            ("token_indices", "\u0661"),
+            ("token_indices", "1_000"),
+            ("channels", "1e3"),
+            ("channels", "9999999999"),
+        ]
+    ],
 ]
 
 

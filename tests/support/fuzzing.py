@@ -1,7 +1,11 @@
-"""Hypothesis strategies for any request message, built from its protobuf descriptor.
+"""Hypothesis strategies for any request message, built from its protobuf descriptor and
+the server's declaration of each field (vitscope_server.transport.fields).
 
 Values lean towards what reaches deep into the server: real model and site names, valid
-images and tensors, enum values just outside their range, extreme and non-finite numbers.
+images and tensors, enum values just outside their range, each declared range's bounds and
+the values just past them, texts its grammar matches, extreme finite numbers (the largest
+double, the smallest subnormal), non-finite ones, and numeric-looking strings (signs doubled,
+other scripts' digits) that a loose parser would take for numbers.
 Besides wholly generated messages, `requests` mutates a valid request of each method in a
 few fields, so that most of the request passes validation and the odd field reaches the
 code behind it.
@@ -10,7 +14,9 @@ code behind it.
 from __future__ import annotations
 
 import io
+import math
 import struct
+import sys
 import zlib
 from typing import Any
 
@@ -23,19 +29,33 @@ from PIL import Image
 from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope.v1 import activations_pb2 as apb
 from vitscope.v1 import common_pb2
+from vitscope.v1 import explain_pb2 as epb
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inversion_pb2 as ipb
 from vitscope.v1 import models_pb2 as mpb
 from vitscope.v1 import projection_pb2 as ppb
+from vitscope.v1 import server_info_pb2 as spb
+from vitscope_server.transport import fields
+from vitscope_server.transport.fields.oip import OUTPUT_PARAMETERS, REQUEST_KEYS
+from vitscope_server.transport.fields.rules import Choice, Range, Repeated, Rule, Text
 
 SERVICES = [
     pb.DESCRIPTOR.services_by_name["Inspector"],
     oip.DESCRIPTOR.services_by_name["GRPCInferenceService"],
 ]
 MAX_DEPTH = 4
+MODEL = "tiny"
 INT32_EDGES = [0, -1, 1, 2, 3, 7, 64, 2**31 - 1, -(2**31), 65_536]
+MAX_DOUBLE = sys.float_info.max
+SUBNORMAL = 5e-324
 FLOAT_EDGES = [0.0, -0.0, 1e-45, 1e30, 3.4e38, 1e300, -1e300, float("inf"), float("nan")]
+FLOAT_EDGES += [MAX_DOUBLE, -MAX_DOUBLE, SUBNORMAL, -SUBNORMAL, float("-inf"), 1e308]
+# Texts that look like numbers to a loose parser: doubled signs, other scripts' digits
+# (superscripts, Arabic-Indic, full-width), exponents, separators, and valid lists.
+NUMERIC_TEXTS = ["0", "-1", "--1", "+1", "1e3", "1.5", "0x10", "1_000", "9" * 20, "NaN"]
+NUMERIC_TEXTS += ["--1:2", "1:--2", "\u00b2:0", "\u0661\u0662", "\uff13", "\u221e", "1,,2", "0:0:0"]
+NUMERIC_TEXTS += ["0:0,3:2", "0,5,9", " 1 , 2 ", "1:", ":1", ",", "0:0,"]
 MODELS = ["", "tiny", "vitscope-digits", "vitscope-digits-gap", "nope", "m" * 300]
 SITES = [
     "blocks.0.out",
@@ -50,8 +70,7 @@ SITES = [
 ]
 
 # Keys of parameter maps (the inference protocol's): known ones, unknown ones, long ones.
-MAP_KEYS = ["tokens", "reduction", "channels", "datatype", "token_indices", "positions"]
-MAP_KEYS += ["binary_data_output", "timeout", "nope", "k" * 300]
+MAP_KEYS = [*OUTPUT_PARAMETERS, *REQUEST_KEYS, "binary_data_size", "nope", "k" * 300]
 
 
 def _png(width: int, height: int, mode: str = "RGB") -> bytes:
@@ -113,7 +132,47 @@ def _tensor(draw: st.DrawFn, message_type: Any) -> Message:
     return tensor
 
 
+_INTEGER_LIMITS = {
+    FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
+}
+
+
+def edges(rule: Range, field: FieldDescriptor) -> list[float]:
+    """A range's bounds and the values just past them, as far as the field's type holds."""
+    limits = _INTEGER_LIMITS.get(field.cpp_type)
+    if limits is None:
+        low, high = float(rule.low), float(rule.high)
+        return [low, high, math.nextafter(low, -math.inf), math.nextafter(high, math.inf)]
+    low, high = int(rule.low), int(rule.high)
+    values = [low, high, low - 1, high + 1]
+    return [v for v in values if limits[0] <= v <= limits[1]]
+
+
+def _declared(field: FieldDescriptor) -> st.SearchStrategy[Any] | None:
+    """Values at the edges of the field's declaration: range bounds and just past them,
+    texts its grammar matches, its allowed choices."""
+    rule: Rule | None = fields.FIELDS.get(field.full_name)
+    if isinstance(rule, Repeated):
+        rule = rule.each
+    if isinstance(rule, Range):
+        return st.sampled_from(edges(rule, field))
+    if isinstance(rule, Text) and rule.grammar is not None:
+        return st.from_regex(rule.grammar.compiled, fullmatch=True)
+    if isinstance(rule, Choice):
+        return st.sampled_from([*rule.allowed, *(a.swapcase() for a in rule.allowed)])
+    return None
+
+
 def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
+    generic = _generic(field)
+    declared = _declared(field)
+    return generic if declared is None else st.one_of(declared, generic)
+
+
+def _generic(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     kind = field.type
     name = field.name
     if kind == FieldDescriptor.TYPE_STRING:
@@ -124,7 +183,8 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
         if name == "image_folder":
             return st.sampled_from(["", "nope", "../..", "/", "\x00"])
         return st.one_of(
-            st.text(max_size=20), st.sampled_from(["cat", "a photo of a {}", "x" * 5000])
+            st.text(max_size=20),
+            st.sampled_from(["cat", "a photo of a {}", "x" * 5000, *NUMERIC_TEXTS]),
         )
     if kind == FieldDescriptor.TYPE_BYTES:
         return st.one_of(st.sampled_from(IMAGES), st.binary(max_size=64))
@@ -202,16 +262,49 @@ def message(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Message
 def _seeds() -> dict[str, list[Message]]:
     """Valid requests of every method, on the fuzzed server's models."""
     image = common_pb2.Image(encoded=_png(28, 28))
+    gradients = epb.ExplanationMethodRequest(
+        method=epb.EXPLANATION_METHOD_INTEGRATED_GRADIENTS,
+        integrated_gradients=epb.IntegratedGradientsParameters(
+            steps=2, baseline=epb.ATTRIBUTION_BASELINE_BLURRED, blur_sigma=2.0
+        ),
+    )
+    rollout = epb.ExplanationMethodRequest(method=epb.EXPLANATION_METHOD_ROLLOUT)
+    feature_map = epb.ExplanationMethodRequest(
+        method=epb.EXPLANATION_METHOD_FEATURE_MAP,
+        feature_map=epb.FeatureMapParameters(site="blocks.0.mlp.hidden", channel=1),
+    )
+    positions = oip.ModelInferRequest.InferRequestedOutputTensor(
+        name="blocks.0.out",
+        parameters={
+            "tokens": oip.InferParameter(string_param="positions"),
+            "positions": oip.InferParameter(string_param="0:0,1:2"),
+        },
+    )
     return {
+        "GetServerInfo": [spb.GetServerInfoRequest()],
+        "ServerLive": [oip.ServerLiveRequest()],
+        "ServerReady": [oip.ServerReadyRequest()],
+        "ServerMetadata": [oip.ServerMetadataRequest()],
+        "ModelReady": [oip.ModelReadyRequest(name=MODEL)],
+        "ModelMetadata": [oip.ModelMetadataRequest(name=MODEL)],
+        "Explain": [
+            epb.ExplainRequest(
+                model=MODEL,
+                images=[image],
+                methods=[gradients],
+                faithfulness=epb.FaithfulnessParameters(patches_per_step=20, blur_sigma=3.0),
+            ),
+            epb.ExplainRequest(model=MODEL, images=[image], methods=[rollout, feature_map]),
+        ],
         "ListModels": [mpb.ListModelsRequest()],
-        "DescribeModel": [mpb.DescribeModelRequest(model="tiny")],
+        "DescribeModel": [mpb.DescribeModelRequest(model=MODEL)],
         "ListInverters": [ipb.ListInvertersRequest()],
         "GetActivations": [
-            apb.GetActivationsRequest(model="tiny", images=[image], sites=["blocks.0.out"])
+            apb.GetActivationsRequest(model=MODEL, images=[image], sites=["blocks.0.out"])
         ],
         "OptimizeFeatures": [
             fpb.OptimizeFeaturesRequest(
-                model="tiny",
+                model=MODEL,
                 features=[fpb.Feature(site="blocks.1.out", channel=1)],
                 parameters=fpb.OptimizationParameters(steps=2, copies=1, image_size=64),
                 progress_every=1,
@@ -219,14 +312,14 @@ def _seeds() -> dict[str, list[Message]]:
         ],
         "TopActivatingImages": [
             apb.TopActivatingImagesRequest(
-                model="tiny", site="blocks.0.out", channels=[1], top_k=2, images=[image]
+                model=MODEL, site="blocks.0.out", channels=[1], top_k=2, images=[image]
             )
         ],
         "ProjectToClassSpace": [ppb.ProjectToClassSpaceRequest(images=[image], top_k=2)],
         "ProjectMemories": [ppb.ProjectMemoriesRequest(block=0, top_k=2)],
         "ModelInfer": [
             oip.ModelInferRequest(
-                model_name="tiny",
+                model_name=MODEL,
                 inputs=[
                     oip.ModelInferRequest.InferInputTensor(
                         name="IMAGE",
@@ -236,7 +329,20 @@ def _seeds() -> dict[str, list[Message]]:
                     )
                 ],
                 outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(name="blocks.0.out")],
-            )
+            ),
+            oip.ModelInferRequest(
+                model_name=MODEL,
+                inputs=[
+                    oip.ModelInferRequest.InferInputTensor(
+                        name="PIXELS",
+                        datatype="UINT8",
+                        shape=[1, 8, 8, 3],
+                        contents=oip.InferTensorContents(uint_contents=[7] * 192),
+                    )
+                ],
+                outputs=[positions],
+                parameters={"datatype": oip.InferParameter(string_param="fp16")},
+            ),
         ],
         "Invert": [
             ipb.InvertRequest(images=[image], depths=[1], method=ipb.INVERSION_METHOD_LEARNED),

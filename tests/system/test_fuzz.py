@@ -5,6 +5,10 @@ No call may end INTERNAL or UNKNOWN, run past its deadline plus a margin, or kil
 server, and a known request is answered identically before and after. `make test` runs a
 short pass; `make fuzz` a long one (VITSCOPE_FUZZ_EXAMPLES per RPC, VITSCOPE_FUZZ_SECONDS
 in all).
+
+The server's resident memory is reported at the start (after a first request), at its peak
+and at the end (once it has settled); with VITSCOPE_FUZZ_MAX_GROWTH set, the end may be at
+most that multiple of the start.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.fuzzing import SERVICES, requests
 from support.server_process import ServerProcess, server_process
+from support.waiting import wait_until
 
 from vitscope import Client
 
 EXAMPLES = int(os.environ.get("VITSCOPE_FUZZ_EXAMPLES", "15"))
+MAX_GROWTH = float(os.environ.get("VITSCOPE_FUZZ_MAX_GROWTH", "0"))
+MIB = 1 << 20
 SECONDS = float(os.environ.get("VITSCOPE_FUZZ_SECONDS", "45"))
 CALL_TIMEOUT = 4.0
 # Work stops at the next cancellation check after the deadline; a step may be under way.
@@ -47,6 +54,8 @@ SHARE = SECONDS / (2 * len(METHODS))
 _answers: dict[str, Any] = {}
 # (method, code) -> calls, printed at the end (pytest -s) to show how deep the fuzz reached.
 _codes: Counter[tuple[str, str]] = Counter()
+# Resident bytes of the server: at the start, then read at the end.
+_memory: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +65,28 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         tmp_path_factory.mktemp("fuzz"), [f"{MODEL}=timm:test_vit@random"], env
     ) as running:
         yield running
+
+
+def _status_bytes(pid: int, key: str) -> int:
+    """One memory figure of /proc/PID/status (VmRSS, VmHWM) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _settled_rss(pid: int) -> int:
+    """The resident size once the server's background work has finished: the same reading,
+    within 1%, five polls in a row."""
+    readings: list[int] = []
+
+    def steady() -> bool:
+        readings.append(_status_bytes(pid, "VmRSS"))
+        last = readings[-5:]
+        return len(last) == 5 and max(last) - min(last) <= max(last) // 100
+
+    wait_until(steady, "the server's memory to settle")
+    return readings[-1]
 
 
 def _known_answer(target: str) -> dict[str, np.ndarray]:
@@ -98,6 +129,10 @@ def _call(channel: grpc.Channel, method: MethodDescriptor, requests: list[Any]) 
 
 def test_a_known_request_before(fuzzed: ServerProcess) -> None:
     _answers["before"] = _known_answer(fuzzed.target)
+    pid = fuzzed.process.pid
+    _memory["start"] = _settled_rss(pid)
+    # Resets the peak (VmHWM) to the current size, so the peak is the fuzz's own.
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 @pytest.mark.timeout(SHARE + 120)
@@ -143,3 +178,18 @@ def test_a_known_request_after(fuzzed: ServerProcess, tmp_path: Path) -> None:
     after = _known_answer(fuzzed.target)
     for site, values in _answers["before"].items():
         np.testing.assert_array_equal(after[site], values, err_msg=site)
+    _report_memory(fuzzed.process.pid)
+
+
+def _report_memory(pid: int) -> None:
+    """Prints start, peak and settled end of the server's resident memory; bounds the growth
+    when VITSCOPE_FUZZ_MAX_GROWTH asks."""
+    start, peak, end = _memory["start"], _status_bytes(pid, "VmHWM"), _settled_rss(pid)
+    growth = end / start
+    print(
+        f"fuzz memory after {sum(_codes.values())} requests: start {start / MIB:.0f} MiB, "
+        f"peak {peak / MIB:.0f} MiB ({peak / start:.2f}x), end {end / MIB:.0f} MiB "
+        f"({growth:.2f}x)"
+    )
+    if MAX_GROWTH:
+        assert growth <= MAX_GROWTH, f"resident memory grew {growth:.2f}x (allowed {MAX_GROWTH})"

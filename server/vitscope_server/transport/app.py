@@ -23,6 +23,7 @@ from vitscope_server.builtin import BUILTIN_INVERTERS
 from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.inversion.catalog import InverterCatalog
 from vitscope_server.core.model.registry import ModelRegistry, ModelState
+from vitscope_server.core.runtime import allocator
 from vitscope_server.core.runtime.budget import MemoryBudget, memory_limit_bytes
 from vitscope_server.core.runtime.intra_op import host_thread
 from vitscope_server.core.runtime.limits import RequestLimits
@@ -167,7 +168,8 @@ def _memory_budget(settings: ServerSettings, metrics: Metrics) -> MemoryBudget:
     total = settings.server_memory_bytes or memory_limit_bytes() // 2
     per_request = settings.request_memory_bytes or total
     log.info("memory budget: %d MiB per request, %d MiB in all", per_request >> 20, total >> 20)
-    budget = MemoryBudget(per_request, total, settings.max_queue)
+    trimmer = allocator.Trimmer(settings.malloc_trim_bytes)
+    budget = MemoryBudget(per_request, total, settings.max_queue, trimmer)
     metrics.memory_reserved.set_function(lambda: float(budget.reserved))
     return budget
 
@@ -243,6 +245,8 @@ def _add_services(
 
 def create_server(settings: ServerSettings) -> RunningServer:
     """Builds and starts everything; models keep loading in the background."""
+    if "MALLOC_ARENA_MAX" not in os.environ:  # before the server's threads allocate
+        allocator.limit_arenas(settings.malloc_arena_max)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     specs, default = model_specs(settings)

@@ -3,7 +3,7 @@
 Inputs: IMAGE (BYTES [N], encoded PNG/JPEG/WebP), PIXELS (UINT8 [N, H, W, 3], the model's
 own transform applied) or INPUT (FP32 [N, 3, H, W], already preprocessed), as raw contents
 or typed contents. Outputs: `logits` and any site GetActivations reads, each shaped by the
-parameters of its requested output (see OUTPUT_PARAMETERS).
+parameters of its requested output (declared in transport/fields/oip.py).
 """
 
 from __future__ import annotations
@@ -11,54 +11,45 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any
 
 import numpy as np
 
 from vitscope.oip import grpc_predict_v2_pb2 as oip
-from vitscope_server.core.activations.compute import ActivationQuery, Reduction, TensorDType
+from vitscope_server.core.activations.compute import ActivationQuery, TensorDType
 from vitscope_server.core.model.images import ImageInput
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.tokens import TokenMode
-from vitscope_server.core.runtime.errors import InvalidArgument, quote
-
-LOGITS = "logits"
-# Requested-output parameters and what each accepts.
-OUTPUT_PARAMETERS = {
-    "tokens": "all | prefix | patches | indices | positions (default: all; patches under a reduction)",
-    "token_indices": 'comma-separated token indices, e.g. "0,5,9" (with tokens=indices)',
-    "positions": 'comma-separated row:col patch positions, e.g. "0:0,3:2" (with tokens=positions)',
-    "reduction": "none | mean | patch_map (default: none)",
-    "channels": 'comma-separated channels, e.g. "3,17" (with reduction=patch_map)',
-    "datatype": "FP32 | FP16 | BF16 (default: FP32)",
-}
-# Request-level keys of the protocol and its clients that carry no output parameter.
-REQUEST_KEYS = frozenset(
-    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
+from vitscope_server.core.runtime.errors import InvalidArgument, Reason, quote
+from vitscope_server.transport.fields.oip import (
+    INPUTS,
+    LOGITS,
+    OUTPUT_DTYPES,
+    OUTPUT_PARAMETERS,
+    REDUCTIONS,
+    TOKEN_MODES,
 )
-_TOKEN_MODES = {mode.value: mode for mode in TokenMode if mode is not TokenMode.UNSPECIFIED}
-REDUCTIONS = {r.value: r for r in (Reduction.NONE, Reduction.MEAN, Reduction.PATCH_MAP)}
-OUTPUT_DTYPES = {
-    "FP32": TensorDType.FLOAT32,
-    "FP16": TensorDType.FLOAT16,
-    "BF16": TensorDType.BFLOAT16,
-}
+from vitscope_server.transport.fields.rules import (
+    Choice,
+    Text,
+    parameter_path,
+    parameter_text,
+)
+
 WIRE_DATATYPES = {
     TensorDType.FLOAT32: "FP32",
     TensorDType.FLOAT16: "FP16",
     TensorDType.BFLOAT16: "BF16",
     TensorDType.INT64: "INT64",
 }
-# Input name -> (datatype, rank, what it holds).
-INPUTS = {
-    "IMAGE": ("BYTES", 1, "encoded PNG, JPEG or WebP images, shape [N]"),
-    "PIXELS": ("UINT8", 4, "uint8 RGB pixels [N, H, W, 3], the model's own transform applied"),
-    "INPUT": ("FP32", 4, "float32 [N, 3, H, W], already resized and normalized"),
-}
 _NUMPY: dict[str, np.dtype] = {"UINT8": np.dtype("<u1"), "FP32": np.dtype("<f4")}
 _TYPED_FIELD = {"BYTES": "bytes_contents", "UINT8": "uint_contents", "FP32": "fp32_contents"}
 _LENGTH = struct.Struct("<I")
-_Choice = TypeVar("_Choice")
+_VOCABULARIES: dict[str, Mapping[str, Any]] = {
+    "tokens": TOKEN_MODES,
+    "reduction": REDUCTIONS,
+    "datatype": OUTPUT_DTYPES,
+}
 
 
 @dataclass(frozen=True)
@@ -69,57 +60,31 @@ class OutputGroup:
     query: ActivationQuery
 
 
-def _parameter(parameters: Mapping[str, oip.InferParameter], key: str, field: str) -> str:
-    if key not in parameters:
-        return ""
-    value = parameters[key]
-    kind = value.WhichOneof("parameter_choice")
-    if kind == "string_param":
-        return value.string_param.strip()
-    if kind in ("int64_param", "uint64_param"):
-        return str(getattr(value, kind))
-    raise InvalidArgument(f"{field}.{key}", "expected a string or an integer parameter")
+def _text(parameters: Mapping[str, oip.InferParameter], key: str) -> str:
+    """A parameter's text as its declaration checked it ("" when absent)."""
+    return (parameter_text(parameters[key]) or "").strip() if key in parameters else ""
 
 
-def _integers(text: str, field: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise InvalidArgument(
-            field, f"{quote(text)} is not a comma-separated list of integers"
-        ) from None
+def _choice(parameters: Mapping[str, oip.InferParameter], key: str, default: str, path: str) -> Any:
+    """The value a choice parameter names, by its declared spelling."""
+    rule = OUTPUT_PARAMETERS[key].rule
+    assert isinstance(rule, Choice)
+    text = _text(parameters, key)
+    rule.refuse(text, parameter_path(path, key))
+    return _VOCABULARIES[key][rule.normal(text) or default]
 
 
-def _positions(text: str, field: str) -> tuple[tuple[int, int], ...]:
-    positions = []
-    for part in (p.strip() for p in text.split(",")):
-        row, colon, col = part.partition(":")
-        if not part:
-            continue
-        if (
-            not colon
-            or not row.strip().lstrip("-").isdigit()
-            or not col.strip().lstrip("-").isdigit()
-        ):
-            raise InvalidArgument(field, f"{quote(part)} is not row:col")
-        positions.append((int(row), int(col)))
-    return tuple(positions)
-
-
-def _choice(text: str, allowed: Mapping[str, _Choice], field: str) -> _Choice:
-    if text not in allowed:
-        raise InvalidArgument(field, f"{quote(text)} not allowed; allowed: {sorted(allowed)}")
-    return allowed[text]
+def _parsed(parameters: Mapping[str, oip.InferParameter], key: str, path: str) -> Any:
+    """A list parameter parsed by its declared grammar (empty when absent)."""
+    text = _text(parameters, key)
+    rule = OUTPUT_PARAMETERS[key].rule
+    assert isinstance(rule, Text) and rule.grammar is not None
+    return rule.grammar.parse(text, parameter_path(path, key)) if text else ()
 
 
 def _defaults(parameters: Mapping[str, oip.InferParameter]) -> dict[str, oip.InferParameter]:
     """Request-level parameters that apply to every requested output (for clients that
-    cannot set parameters per output); the protocol's own request keys pass through."""
-    unknown = sorted(set(parameters) - set(OUTPUT_PARAMETERS) - REQUEST_KEYS)
-    if unknown:
-        raise InvalidArgument(
-            "parameters", f"{quote(unknown[0])} unknown; allowed: {sorted(OUTPUT_PARAMETERS)}"
-        )
+    cannot set parameters per output); the protocol's own request keys are left out."""
     return {key: value for key, value in parameters.items() if key in OUTPUT_PARAMETERS}
 
 
@@ -128,36 +93,19 @@ def _site_query(
     defaults: Mapping[str, oip.InferParameter],
     field: str,
 ) -> ActivationQuery:
-    """The query an output's parameters ask for, without its site (outputs group by it)."""
-    unknown = sorted(set(output.parameters) - set(OUTPUT_PARAMETERS))
-    if unknown:
-        raise InvalidArgument(
-            f"{field}.parameters",
-            f"{quote(unknown[0])} unknown; allowed: {sorted(OUTPUT_PARAMETERS)}",
-        )
+    """The query an output's parameters ask for, without its site (outputs group by it).
+    The parameters were checked against their declarations (fields.oip) on arrival."""
     parameters = {**defaults, **output.parameters}
-    tokens = _parameter(parameters, "tokens", f"{field}.parameters").lower()
-    reduction = _parameter(parameters, "reduction", f"{field}.parameters").lower() or "none"
-    datatype = _parameter(parameters, "datatype", f"{field}.parameters").upper() or "FP32"
+    path = f"{field}.parameters"
+    tokens = _text(parameters, "tokens")
     return ActivationQuery(
         sites=(),
-        token_mode=TokenMode.UNSPECIFIED
-        if not tokens
-        else _choice(tokens, _TOKEN_MODES, f"{field}.parameters.tokens"),
-        token_indices=_integers(
-            _parameter(parameters, "token_indices", f"{field}.parameters"),
-            f"{field}.parameters.token_indices",
-        ),
-        positions=_positions(
-            _parameter(parameters, "positions", f"{field}.parameters"),
-            f"{field}.parameters.positions",
-        ),
-        reduction=_choice(reduction, REDUCTIONS, f"{field}.parameters.reduction"),
-        channels=_integers(
-            _parameter(parameters, "channels", f"{field}.parameters"),
-            f"{field}.parameters.channels",
-        ),
-        output_dtype=_choice(datatype, OUTPUT_DTYPES, f"{field}.parameters.datatype"),
+        token_mode=_choice(parameters, "tokens", "", path) if tokens else TokenMode.UNSPECIFIED,
+        token_indices=_parsed(parameters, "token_indices", path),
+        positions=_parsed(parameters, "positions", path),
+        reduction=_choice(parameters, "reduction", "none", path),
+        channels=_parsed(parameters, "channels", path),
+        output_dtype=_choice(parameters, "datatype", "FP32", path),
     )
 
 
@@ -245,10 +193,12 @@ def image_inputs(request: oip.ModelInferRequest, max_request_bytes: int) -> list
     raw = list(request.raw_input_contents)
     if raw and len(raw) != 1:
         raise InvalidArgument("raw_input_contents", "one entry per input is required")
-    tensor = request.inputs[0]
-    if tensor.name not in INPUTS:
+    tensor = request.inputs[0]  # a name it sets, its datatype and contents were checked on arrival
+    if not tensor.name:
         raise InvalidArgument(
-            "inputs[0].name", f"{quote(tensor.name)} unknown; allowed: {sorted(INPUTS)}"
+            "inputs[0].name",
+            f"required: one of {sorted(INPUTS)}",
+            reason=Reason.FIELD_REQUIRED,
         )
     datatype, rank, _ = INPUTS[tensor.name]
     if tensor.datatype != datatype:
@@ -289,10 +239,7 @@ def _numeric(
             raise InvalidArgument(
                 "inputs[0].contents", f"{len(typed)} elements for shape {list(shape)}"
             )
-        values = np.asarray(typed)
-        if datatype == "UINT8" and values.size and (values.min() < 0 or values.max() > 255):
-            raise InvalidArgument("inputs[0].contents.uint_contents", "UINT8 values must be 0..255")
-        array = values.astype(dtype)
+        array = np.asarray(typed).astype(dtype)
     return array.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(shape))
 
 

@@ -21,6 +21,7 @@ import torch
 
 from vitscope_server.core.runtime import errors
 from vitscope_server.core.runtime.errors import Reason
+from vitscope_server.transport import fields
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.parsing import Unparseable, parsed, tolerant
 from vitscope_server.transport.progress import StreamPolicy, buffered, sent_directly
@@ -45,6 +46,9 @@ _CODES: list[tuple[type[errors.VitscopeError], grpc.StatusCode]] = [
 ]
 
 
+_CALLER_ENDS = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
 class _Unauthenticated(errors.VitscopeError):
     default_reason = Reason.TOKEN_INVALID
 
@@ -53,16 +57,42 @@ class _Internal(errors.VitscopeError):
     default_reason = Reason.INTERNAL_ERROR
 
 
+def caller_end(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """DEADLINE_EXCEEDED when the caller's deadline has passed, CANCELLED when the caller went
+    away; None while the call is live."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if not context.is_active():
+        return grpc.StatusCode.CANCELLED
+    return None
+
+
+def _ended_by_caller(
+    exc: BaseException, context: grpc.ServicerContext
+) -> tuple[grpc.StatusCode, errors.VitscopeError] | None:
+    """A call the caller ended (its deadline, its cancellation): work stopped on purpose, or a
+    client stream's next message could not be read (grpcio raises a bare RpcError)."""
+    ended = caller_end(context)
+    if not isinstance(exc, errors.Cancelled) and not (
+        ended is not None and isinstance(exc, grpc.RpcError)
+    ):
+        return None
+    if ended is grpc.StatusCode.DEADLINE_EXCEEDED:
+        error = errors.Cancelled("deadline exceeded; work stopped", reason=Reason.DEADLINE_EXCEEDED)
+    else:
+        ended = grpc.StatusCode.CANCELLED
+        error = exc if isinstance(exc, errors.Cancelled) else errors.Cancelled("call cancelled")
+    return ended, error
+
+
 def classify(
     exc: BaseException, context: grpc.ServicerContext
 ) -> tuple[grpc.StatusCode, errors.VitscopeError]:
     """The status code and the domain error to report for an exception a method raised."""
-    if isinstance(exc, errors.Cancelled):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            message = "deadline exceeded; work stopped"
-            deadline = errors.Cancelled(message, reason=Reason.DEADLINE_EXCEEDED)
-            return grpc.StatusCode.DEADLINE_EXCEEDED, deadline
+    ended = _ended_by_caller(exc, context)
+    if ended is not None:
+        return ended
     for error_type, code in _CODES:
         if isinstance(exc, error_type):
             return code, exc
@@ -108,6 +138,9 @@ class _Call:
 
     def finish(self, code: grpc.StatusCode) -> None:
         name = code.name
+        if code in _CALLER_ENDS:
+            # The caller's deadline or cancellation: nothing went wrong on the server.
+            log.info("%s call ended by its caller: %s", self.method, name)
         self.metrics.in_flight.labels(self.method).dec()
         self.metrics.requests.labels(self.method, self.model, name).inc()
         self.metrics.latency.labels(self.method, self.model, name).observe(
@@ -185,11 +218,14 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
     @staticmethod
     def _admit(request: Any, refusal: _Unauthenticated | None) -> None:
-        """Credentials first, then whether the request parsed."""
+        """Credentials first, then whether the request parsed, then every field it sets
+        against its declaration (before any conversion, decode or forward)."""
         if refusal is not None:
             raise refusal
         if isinstance(request, Unparseable):
             raise request.error("")
+        if request is not None:
+            fields.check(request)
 
     @staticmethod
     def _status(
@@ -218,6 +254,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                     code, error = self._status(exc, request, context)
                     _abort(context, code, error)
                 call.sent = response.ByteSize()
+                # Answered after the caller left: the caller sees its own end, and so do the metrics.
+                code = caller_end(context) or code
                 return response
             finally:
                 call.finish(code)
@@ -254,12 +292,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 except Exception as exc:
                     code, error = self._status(exc, request, context)
                     _abort(context, code, error)
-                if not context.is_active():
-                    code = grpc.StatusCode.CANCELLED
+                code = caller_end(context) or code
             except GeneratorExit:
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                code = caller_end(context) or grpc.StatusCode.CANCELLED
                 raise
             finally:
                 call.finish(code)

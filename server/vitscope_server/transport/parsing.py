@@ -9,6 +9,7 @@ from typing import Any
 
 from vitscope_server.core.runtime import errors
 from vitscope_server.core.runtime.errors import Reason
+from vitscope_server.transport import fields
 
 
 class Unparseable:
@@ -43,8 +44,10 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 def parsed(requests: Iterator[Any]) -> Iterator[Any]:
-    """The second and later messages of a client stream, refusing one that did not parse."""
+    """The second and later messages of a client stream, refusing one that did not parse
+    or whose fields their declarations do not allow."""
     for number, request in enumerate(requests, start=1):
         if isinstance(request, Unparseable):
             raise request.error(f"requests[{number}]")
+        fields.check(request, f"requests[{number}]")
         yield request

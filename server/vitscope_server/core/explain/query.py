@@ -18,6 +18,7 @@ from vitscope_server.core.model.class_space import LabelSet
 from vitscope_server.core.model.images import ImageInput, prepare_batch
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.sites import resolve_site
+from vitscope_server.core.runtime.blur import MAX_BLUR_SIGMA
 from vitscope_server.core.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -115,11 +116,11 @@ def backward_bytes_per_image(loaded: LoadedModel) -> int:
     return len(adapter.blocks) * (14 * tokens * adapter.embed_dim + 2 * attention) * 4
 
 
-def _positive(value: float | None, default: float, field: str) -> float:
+def _blur_sigma(value: float | None, default: float, field: str) -> float:
     if value is None:
         return default
-    if not value > 0 or not math.isfinite(value):
-        raise InvalidArgument(field, f"{value} not allowed; allowed > 0")
+    if not 0 < value <= MAX_BLUR_SIGMA:
+        raise InvalidArgument(field, f"{value} not allowed; allowed > 0 and <= {MAX_BLUR_SIGMA:g}")
     return value
 
 
@@ -213,7 +214,9 @@ def _effective_method(
         steps = DEFAULT_STEPS if spec.steps is None else spec.steps
         if not 1 <= steps <= MAX_STEPS:
             raise InvalidArgument(f"{name}.steps", f"{steps} not allowed; allowed 1..{MAX_STEPS}")
-        sigma = _positive(spec.blur_sigma, default_blur_sigma(loaded.adapter), f"{name}.blur_sigma")
+        sigma = _blur_sigma(
+            spec.blur_sigma, default_blur_sigma(loaded.adapter), f"{name}.blur_sigma"
+        )
         batch = _gradient_batch(spec, loaded, limits, name)
         return replace(spec, steps=steps, blur_sigma=sigma, batch_size=batch)
     if spec.method is Method.FEATURE_MAP:
@@ -230,7 +233,7 @@ def _effective_faithfulness(spec: FaithfulnessSpec, adapter: ModelAdapter) -> Fa
         raise InvalidArgument(
             "faithfulness.patches_per_step", f"{per_step} not allowed; allowed 1..{patches}"
         )
-    sigma = _positive(spec.blur_sigma, default_blur_sigma(adapter), "faithfulness.blur_sigma")
+    sigma = _blur_sigma(spec.blur_sigma, default_blur_sigma(adapter), "faithfulness.blur_sigma")
     return replace(
         spec,
         patches_per_step=per_step,

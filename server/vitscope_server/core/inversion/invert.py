@@ -37,6 +37,9 @@ from vitscope_server.core.runtime.divergence import (
 )
 from vitscope_server.core.runtime.errors import InvalidArgument, NotFound, Reason, ResourceExhausted
 
+MAX_STEPS = 10_000
+"""Most optimisation steps of one inversion."""
+
 
 class Method(Enum):
     LEARNED = "learned"
@@ -152,8 +155,10 @@ def _check_depths(loaded: LoadedModel, depths: tuple[int, ...], field_name: str)
 
 
 def _check_optimization(params: OptimizationParams) -> None:
-    if not 1 <= params.steps <= 10_000:
-        raise InvalidArgument("optimization.steps", f"{params.steps} not allowed; allowed 1..10000")
+    if not 1 <= params.steps <= MAX_STEPS:
+        raise InvalidArgument(
+            "optimization.steps", f"{params.steps} not allowed; allowed 1..{MAX_STEPS}"
+        )
     if not (math.isfinite(params.learning_rate) and 0 < params.learning_rate <= MAX_LEARNING_RATE):
         raise InvalidArgument(
             "optimization.learning_rate",

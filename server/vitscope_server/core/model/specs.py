@@ -13,6 +13,10 @@ from vitscope_server.core.runtime.errors import InvalidArgument
 Family = Literal["timm", "open_clip"]
 
 
+MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/-]*"
+"""What a served model may be called (requests naming a model are checked against it too)."""
+
+
 class ModelSpec(BaseModel):
     """One served model.
 
@@ -24,7 +28,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    name: str = Field(min_length=1, pattern=f"^{MODEL_NAME_PATTERN}$")
     family: Family = "timm"
     architecture: str = Field(min_length=1)
     weights: str = "random"

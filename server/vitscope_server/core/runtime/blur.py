@@ -7,12 +7,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+MAX_BLUR_SIGMA = 10_000.0
+"""The largest sigma a request may ask for: far past any image's size, where the blur is flat."""
+
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """[B, C, H, W] blurred per channel; borders reflected, the kernel cut at 3 sigma (and at
     the image's size, which reflection needs)."""
     height, width = images.shape[-2:]
-    radius = min(math.ceil(3 * sigma), height - 1, width - 1)
+    radius = min(math.ceil(3 * min(sigma, MAX_BLUR_SIGMA)), height - 1, width - 1)
     if radius < 1:
         return images.clone()
     offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)

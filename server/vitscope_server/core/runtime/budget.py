@@ -19,6 +19,7 @@ from pathlib import Path
 from vitscope_server.core.model.adapters import ModelAdapter
 from vitscope_server.core.model.adapters.base import BlockAnatomy
 from vitscope_server.core.model.images import ImageInput, check_size, open_header
+from vitscope_server.core.runtime.allocator import Trimmer
 from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.errors import Reason, ResourceExhausted
 
@@ -187,13 +188,23 @@ def memory_limit_bytes() -> int:
 class MemoryBudget:
     """Bytes admitted requests may hold: `request_bytes` each, `server_bytes` in all."""
 
-    def __init__(self, request_bytes: int, server_bytes: int, max_waiting: int) -> None:
+    def __init__(
+        self,
+        request_bytes: int,
+        server_bytes: int,
+        max_waiting: int,
+        trimmer: Trimmer | None = None,
+    ) -> None:
+        """trimmer: told when the budget empties, so that large requests' freed memory goes
+        back to the system."""
         self.request_bytes = request_bytes
         self.server_bytes = server_bytes
         self.max_waiting = max_waiting
+        self._trimmer = trimmer
         self._cond = threading.Condition()
         self._reserved = 0
         self._waiting = 0
+        self._largest = 0  # the largest reservation since the budget was last empty
 
     @property
     def reserved(self) -> int:
@@ -243,9 +254,15 @@ class MemoryBudget:
                     self._waiting -= 1
             cancel.raise_if_cancelled()
             self._reserved += nbytes
+            self._largest = max(self._largest, nbytes)
         try:
             yield
         finally:
             with self._cond:
                 self._reserved -= nbytes
                 self._cond.notify_all()
+                emptied, largest = self._reserved == 0, self._largest
+                if emptied:
+                    self._largest = 0
+            if emptied and self._trimmer is not None:
+                self._trimmer.released(largest)
