@@ -52,6 +52,7 @@ LAYOUTS = {
     Layout.ATTENTION: models_pb2.SITE_LAYOUT_ATTENTION,
     Layout.WINDOW_ATTENTION: models_pb2.SITE_LAYOUT_WINDOW_ATTENTION,
     Layout.RAW: models_pb2.SITE_LAYOUT_RAW,
+    Layout.HEADS: models_pb2.SITE_LAYOUT_HEADS,
 }
 _STATES = {
     ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,

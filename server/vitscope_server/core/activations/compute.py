@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from enum import Enum
 
 import numpy as np
 import torch
@@ -19,12 +18,20 @@ from vitscope_server.core.model.capture import ForwardStopped, capture_sites, la
 from vitscope_server.core.model.images import ImageInput, prepare_batch
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.provenance import Provenance, provenance_of
+from vitscope_server.core.model.readout import (
+    COMPUTE_DTYPES,
+    OUTPUT_DTYPES,
+    Prediction,
+    Reduction,
+    SiteOutput,
+    TensorDType,
+    predictions,
+    reduce_site,
+)
 from vitscope_server.core.model.sites import resolve_site
 from vitscope_server.core.model.tokens import (
     TokenMode,
     as_site_layout,
-    resolve_token_indices,
-    select_tokens,
 )
 from vitscope_server.core.runtime.batching import per_item
 from vitscope_server.core.runtime.cancel import CancelToken
@@ -33,32 +40,7 @@ from vitscope_server.core.runtime.errors import (
     InvalidArgument,
     Reason,
     ResourceExhausted,
-    require_in_range,
 )
-
-
-class Reduction(Enum):
-    NONE = "none"
-    MEAN = "mean"
-    PATCH_MAP = "patch_map"
-    TOP_CHANNELS = "top_channels"
-
-
-class TensorDType(Enum):
-    """Element types of result tensors; bfloat16 results hold their bit patterns as uint16."""
-
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-    INT64 = "int64"
-
-
-OUTPUT_DTYPES = (TensorDType.FLOAT32, TensorDType.FLOAT16, TensorDType.BFLOAT16)
-COMPUTE_DTYPES = {
-    TensorDType.FLOAT32: torch.float32,
-    TensorDType.FLOAT16: torch.float16,
-    TensorDType.BFLOAT16: torch.bfloat16,
-}
 
 
 @dataclass(frozen=True)
@@ -76,31 +58,6 @@ class ActivationQuery:
     logits: bool = False
     # The forward's precision: float32, or float16/bfloat16 under autocast.
     compute_dtype: TensorDType = TensorDType.FLOAT32
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    """A result tensor; bfloat16 arrays hold bit patterns as uint16."""
-
-    role: str
-    dtype: TensorDType
-    array: np.ndarray
-
-
-@dataclass(frozen=True)
-class SiteOutput:
-    site: SiteDef
-    token_indices: list[int]
-    channels: list[int]
-    tensors: list[OutputTensor]
-
-
-@dataclass(frozen=True)
-class Prediction:
-    class_index: int
-    class_name: str
-    probability: float
-    logit: float
 
 
 @dataclass(frozen=True)
@@ -191,89 +148,6 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
         channels=query.channels if query.reduction is Reduction.PATCH_MAP else (),
         top_k=query.top_k if query.reduction is Reduction.TOP_CHANNELS else 0,
     )
-
-
-def _to_output(role: str, tensor: torch.Tensor, dtype: TensorDType) -> OutputTensor:
-    if tensor.dtype == torch.int64:
-        return OutputTensor(role, TensorDType.INT64, tensor.contiguous().cpu().numpy())
-    if dtype is TensorDType.BFLOAT16:
-        bits = (
-            tensor.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
-        )
-        return OutputTensor(role, dtype, bits)
-    target = torch.float16 if dtype is TensorDType.FLOAT16 else torch.float32
-    return OutputTensor(role, dtype, tensor.to(target).contiguous().cpu().numpy())
-
-
-def _check_channels(channels: tuple[int, ...], site: SiteDef, num_channels: int) -> None:
-    if len(channels) > num_channels:
-        raise InvalidArgument("channels", f"at most {num_channels} for site {site.name!r}")
-    require_in_range("channels", channels, 0, num_channels - 1, f" for site {site.name!r}")
-
-
-def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> SiteOutput:
-    """Selects tokens and applies the reduction to one site's canonical tensor."""
-    reduction = query.reduction
-    if site.layout in (Layout.WINDOW_ATTENTION, Layout.RAW):
-        if reduction is not Reduction.NONE or query.token_mode is not TokenMode.ALL:
-            raise InvalidArgument(
-                "sites",
-                f"{site.name!r} has {site.layout.value} layout {list(tensor.shape)}; "
-                "it allows only REDUCTION_NONE with all tokens",
-            )
-        return SiteOutput(site, [], [], [_to_output("values", tensor, query.output_dtype)])
-    token_axis = 2 if site.layout is Layout.ATTENTION else 1
-    indices = resolve_token_indices(query, site, tensor.shape[token_axis])
-    selected = select_tokens(tensor, token_axis, indices)
-    if reduction is Reduction.NONE:
-        values = selected
-    elif reduction is Reduction.MEAN:
-        values = selected.mean(dim=token_axis)
-    elif site.layout is Layout.ATTENTION:
-        raise InvalidArgument(
-            "reduction", f"site {site.name!r} holds attention probabilities; allowed: NONE, MEAN"
-        )
-    elif reduction is Reduction.PATCH_MAP:
-        _check_channels(query.channels, site, tensor.shape[-1])
-        channel_tensor = torch.tensor(query.channels, device=tensor.device)
-        height, width = site.grid
-        maps = selected.index_select(2, channel_tensor).transpose(1, 2)
-        values = maps.reshape(tensor.shape[0], len(query.channels), height, width)
-        return SiteOutput(
-            site, indices, list(query.channels), [_to_output("values", values, query.output_dtype)]
-        )
-    else:
-        num_channels = tensor.shape[-1]
-        if query.top_k > num_channels:
-            raise InvalidArgument(
-                "top_k", f"{query.top_k} exceeds the {num_channels} channels of {site.name!r}"
-            )
-        top = selected.mean(dim=1).topk(query.top_k, dim=-1)
-        return SiteOutput(
-            site,
-            indices,
-            [],
-            [
-                _to_output("values", top.values, query.output_dtype),
-                _to_output("channel_indices", top.indices, TensorDType.INT64),
-            ],
-        )
-    return SiteOutput(site, indices, [], [_to_output("values", values, query.output_dtype)])
-
-
-def _predictions(adapter: ModelAdapter, logits: torch.Tensor, k: int) -> list[list[Prediction]]:
-    probabilities = logits.float().softmax(dim=-1)
-    top = probabilities.topk(k, dim=-1)
-    names = adapter.class_names
-    result = []
-    for row in range(logits.shape[0]):
-        result.append(
-            [
-                Prediction(int(c), names[int(c)], float(p), float(logits[row, int(c)]))
-                for p, c in zip(top.values[row].tolist(), top.indices[row].tolist(), strict=True)
-            ]
-        )
-    return result
 
 
 @dataclass(frozen=True)
@@ -389,7 +263,7 @@ def _split(
                 f"{site.name!r} ({site.module_path}) is not reached by the forward pass",
             )
         tensor = tensor[rows]
-        outputs.append(_reduce(effective, as_site_layout(site, tuple(tensor.shape)), tensor))
+        outputs.append(reduce_site(effective, as_site_layout(site, tuple(tensor.shape)), tensor))
         result_bytes += sum(t.array.nbytes for t in outputs[-1].tensors)
         if result_bytes > limits.max_result_bytes:
             raise ResourceExhausted(
@@ -400,8 +274,8 @@ def _split(
     logits = None
     if features is not None and (effective.top_predictions or effective.logits):
         logits = adapter.forward_head(features[rows])
-    predictions = (
-        _predictions(adapter, logits, effective.top_predictions)
+    top = (
+        predictions(adapter.class_names, logits, effective.top_predictions)
         if logits is not None and effective.top_predictions
         else []
     )
@@ -411,7 +285,7 @@ def _split(
         effective,
         rows.stop - rows.start,
         outputs,
-        predictions,
+        top,
         logits_array,
     )
 

@@ -18,6 +18,7 @@ from torch import nn
 from vitscope_server.core.model.adapters.base import (
     BlockAnatomy,
     BlockParts,
+    HeadSplit,
     Layout,
     ModelAdapter,
     SiteDef,
@@ -89,6 +90,8 @@ def _probe_sites(parts: list[BlockParts], final: str | None) -> tuple[list[SiteD
             site = _raw(_key(i, part), tap)
             if part == "attn.probs":
                 probs.append(replace(site, attention_path=block.attention_path))
+            elif part == "attn.heads":
+                probs.append(replace(site, heads=block.heads))
             else:
                 plain.append(site)
     if final is not None:
@@ -199,6 +202,61 @@ def _check_probs(probe: _Probe, index: int, tokens: int) -> Layout | str:
     return Layout.WINDOW_ATTENTION
 
 
+def _check_heads(
+    adapter: ModelAdapter,
+    index: int,
+    block: BlockParts,
+    probes: tuple[_Probe, _Probe],
+    unavailable: dict[str, str],
+    probs_layout: Layout,
+) -> str | None:
+    """The heads' contributions, with the projection's bias (times LayerScale), must add up
+    to attn.out; why not, or None when they do."""
+    if "attn.probs" in unavailable:
+        return f"needs the attention's probabilities: {unavailable['attn.probs']}"
+    if probs_layout is Layout.WINDOW_ATTENTION:
+        return (
+            "the attention is windowed: a head's context covers one window, and the windows "
+            "are merged (and shifted back) only after the output projection"
+        )
+    if "attn.out" in unavailable or "attn.out" not in block.taps:
+        return f"needs attn.out: {unavailable.get('attn.out', 'not found in the block')}"
+    context = probes[1].tensors.get(_key(index, "attn.heads"))
+    attention = probes[0].tensors.get(_key(index, "attn.out"))
+    if context is None or attention is None or block.heads is None:
+        return "the attention's output projection did not run as a module"
+    return _heads_sum_reason(adapter, block, block.heads, context, attention)
+
+
+def _heads_sum_reason(
+    adapter: ModelAdapter,
+    block: BlockParts,
+    split: HeadSplit,
+    context: torch.Tensor,
+    attention: torch.Tensor,
+) -> str | None:
+    tap = block.taps["attn.heads"]
+    site = replace(_raw("heads", tap), layout=Layout.HEADS, heads=split)
+    projection = adapter.root.get_submodule(tap.module_path)
+    if context.dim() != 3 or context.shape[-1] % split.heads:
+        return (
+            f"the projection's input {list(context.shape)} does not split into {split.heads} heads"
+        )
+    summed = adapter.to_canonical(context, site, 1).sum(dim=2)
+    bias = getattr(projection, "bias", None)
+    if bias is not None:
+        gamma = adapter.head_layer_scale(site)
+        summed = summed + (bias if gamma is None else bias * gamma)
+    tokens = replace(_raw("attn.out", block.taps["attn.out"]), layout=Layout.TOKENS)
+    expected = adapter.to_canonical(attention, tokens, 1)
+    scale = float(expected.abs().max()) + 1.0
+    if summed.shape != expected.shape or not torch.allclose(
+        summed, expected, rtol=0, atol=SUM_TOLERANCE * scale
+    ):
+        return "the heads' contributions do not add up to attn.out (a norm or gate between them)"
+    return None
+
+
 def _settle_block(
     adapter: ModelAdapter,
     index: int,
@@ -236,6 +294,10 @@ def _settle_block(
             unavailable["attn.probs"] = checked
         else:
             probs_layout = checked
+    if "attn.heads" in block.taps:
+        reason = _check_heads(adapter, index, block, probes, unavailable, probs_layout)
+        if reason is not None:
+            unavailable["attn.heads"] = reason
     taps = {part: tap for part, tap in block.taps.items() if part not in unavailable}
     return BlockAnatomy(
         block.path,
@@ -246,6 +308,7 @@ def _settle_block(
         int(out.shape[-1]),
         block.attention_path,
         probs_layout,
+        block.heads,
     )
 
 
@@ -295,7 +358,7 @@ def _site_shapes(
     if kept:
         keys["embed"] = _key(kept[0], "in")
     for i, index in enumerate(kept):
-        for part in ("out", "attn.out", "attn.probs", "mlp.hidden", "mlp.out"):
+        for part in ("out", "attn.out", "attn.probs", "attn.heads", "mlp.hidden", "mlp.out"):
             keys[f"blocks.{i}.{part}"] = _key(index, part)
     shapes = {}
     for site in adapter.canonical_sites():
