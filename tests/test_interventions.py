@@ -1,0 +1,327 @@
+"""Intervene against independent computations: plain forwards of freshly built models,
+edited by hand (weights zeroed in a copy, a steering vector through the head)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import open_clip
+import pytest
+import timm
+import torch
+from conftest import TEST_MODELS, start
+
+from vitscope import Client
+from vitscope import interventions as iv
+from vitscope.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+
+GAP = {
+    "name": "gap",
+    "family": "timm",
+    "architecture": "vit_tiny_patch16_224",
+    "seed": 7,
+    "kwargs": {
+        "img_size": 32,
+        "depth": 2,
+        "embed_dim": 48,
+        "num_heads": 3,
+        "num_classes": 6,
+        "global_pool": "avg",
+        "class_token": False,
+        "fc_norm": True,
+        "init_values": 0.5,
+    },
+}
+MODELS = [next(m for m in TEST_MODELS if m["name"] == n) for n in ("vit", "clip", "swin")] + [GAP]
+# Per model: the attention module of block i and its output projection's name, and the
+# LayerScale after it.
+ATTENTION = {
+    "vit": ("blocks.{i}.attn", "proj", "blocks.{i}.ls1"),
+    "gap": ("blocks.{i}.attn", "proj", "blocks.{i}.ls1"),
+    "clip": ("transformer.resblocks.{i}.attn", "out_proj", "transformer.resblocks.{i}.ls_1"),
+}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    folder = tmp_path_factory.mktemp("interventions")
+    running = start(folder, MODELS, default_model="vit", request_memory_bytes=24 << 20)
+    try:
+        with Client(f"127.0.0.1:{running.port}", timeout=120) as c:
+            yield c
+    finally:
+        running.stop(0)
+
+
+def build(name: str) -> torch.nn.Module:
+    """The model the server serves, built afresh with the same seed: its image tower."""
+    spec = next(m for m in MODELS if m["name"] == name)
+    torch.manual_seed(int(spec["seed"]))  # type: ignore[call-overload]
+    kwargs: dict[str, Any] = dict(spec.get("kwargs", {}))  # type: ignore[call-overload]
+    if spec["family"] == "timm":
+        return timm.create_model(str(spec["architecture"]), pretrained=False, **kwargs).eval()
+    return open_clip.create_model(
+        str(spec["architecture"]), pretrained=None, **kwargs
+    ).visual.eval()
+
+
+def forward(model: torch.nn.Module, pixels: torch.Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        output = model(pixels)
+    return (output[0] if isinstance(output, tuple) else output).numpy()
+
+
+def images(client: Client, name: str, count: int, seed: int) -> torch.Tensor:
+    size = client.describe(name).input_size
+    return torch.randn((count, *size), generator=torch.Generator().manual_seed(seed))
+
+
+def arrays(pixels: torch.Tensor) -> list[np.ndarray]:
+    return list(pixels.numpy())
+
+
+@pytest.mark.parametrize("name", ["vit", "gap", "clip"])
+def test_heads_sum_to_attn_out_on_a_plain_hook(client: Client, name: str) -> None:
+    pixels = images(client, name, 2, 0)
+    attention, projection, scale = ATTENTION[name]
+    model = build(name)
+    expected: dict[str, torch.Tensor] = {}
+    module = model.get_submodule(scale.format(i=1))
+    handle = module.register_forward_hook(lambda m, a, o: expected.__setitem__("out", o))
+    forward(model, pixels)
+    handle.remove()
+    got = client.activations(arrays(pixels), ["blocks.1.attn.heads"], model=name)
+    heads = got["blocks.1.attn.heads"]
+    bias = model.get_submodule(f"{attention.format(i=1)}.{projection}").bias.detach()
+    gamma = getattr(module, "gamma", torch.ones_like(bias)).detach()
+    assert heads.shape[:2] == tuple(expected["out"].shape[:2]) and heads.shape[3] == bias.shape[0]
+    total = heads.sum(axis=2) + (bias * gamma).numpy()
+    np.testing.assert_allclose(total, expected["out"].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _identity_variants(width: int) -> list[Any]:
+    return [
+        iv.variant([], "empty"),
+        iv.variant([iv.edit("blocks.0.out", "scale", factor=1.0)], "scale 1"),
+        iv.variant([iv.edit("blocks.1.out", "add", alpha=0.0, direction=np.ones(width))], "add 0"),
+        iv.variant([iv.edit("blocks.0.out", "patch")], "patch from itself"),
+    ]
+
+
+@pytest.mark.parametrize("name", ["vit", "gap", "clip"])
+def test_identity_edits_are_bit_identical_to_the_plain_forward(client: Client, name: str) -> None:
+    """timm models: the logits, bit for bit. open_clip towers: every site up to the final
+    norm bit for bit; their output projection is one product over all the batch's rows,
+    whose last bits change with the batch size, so the outputs agree to float rounding."""
+    pixels = images(client, name, 2, 1)
+    width = client.describe(name).embed_dim
+    result = client.intervene(
+        arrays(pixels),
+        _identity_variants(width),
+        model=name,
+        source_images=arrays(pixels),
+        logits=True,
+        sites=["final"],
+    )
+    model = build(name)
+    final: dict[str, torch.Tensor] = {}
+    norm = model.ln_post if name == "clip" else model.norm
+    handle = norm.register_forward_hook(lambda m, a, o: final.__setitem__("final", o))
+    plain = forward(model, pixels)
+    handle.remove()
+    for outcome in result.variants:
+        assert outcome.logits is not None
+        np.testing.assert_array_equal(outcome.sites["final"], final["final"].numpy(), outcome.label)
+        if name == "clip":
+            np.testing.assert_allclose(outcome.logits, plain, rtol=0, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(outcome.logits, plain, err_msg=outcome.label)
+
+
+@pytest.mark.parametrize("name", ["vit", "gap", "clip"])
+def test_patching_every_token_reproduces_the_source(client: Client, name: str) -> None:
+    base, source = images(client, name, 2, 2), images(client, name, 2, 3)
+    classifier = name != "clip"
+    result = client.intervene(
+        arrays(base),
+        [iv.variant([iv.edit("blocks.0.out", "patch")])],
+        model=name,
+        source_images=arrays(source),
+        logits=True,
+        **({"metric": "logit_difference", "target": 0, "other": 1} if classifier else {}),
+    )
+    (outcome,) = result.variants
+    expected = forward(build(name), source)
+    if classifier:
+        np.testing.assert_array_equal(outcome.logits, expected)
+    else:  # the output projection's last bits depend on the batch size (see above)
+        np.testing.assert_allclose(outcome.logits, expected, rtol=0, atol=1e-6)
+    if classifier:
+        np.testing.assert_allclose(outcome.normalized, 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit", "clip"])
+def test_steering_after_the_final_norm_moves_the_output_along_the_head(
+    client: Client, name: str
+) -> None:
+    pixels = images(client, name, 2, 4)
+    model = build(name)
+    width = client.describe(name).embed_dim
+    direction = torch.randn(width, generator=torch.Generator().manual_seed(5))
+    alpha = 0.75
+    result = client.intervene(
+        arrays(pixels),
+        [iv.variant([iv.edit("final", "add", alpha=alpha, direction=direction.numpy())])],
+        model=name,
+        logits=True,
+    )
+    head = model.head.weight if name == "vit" else model.proj.T
+    expected = forward(model, pixels) + (alpha * head @ direction).detach().numpy()
+    np.testing.assert_allclose(result.variants[0].logits, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit", "gap", "clip"])
+def test_zeroing_a_head_equals_zeroing_its_projection_columns(client: Client, name: str) -> None:
+    pixels = images(client, name, 2, 6)
+    attention, projection, _ = ATTENTION[name]
+    model = build(name)
+    edited = copy.deepcopy(model)
+    module = edited.get_submodule(attention.format(i=1))
+    head_dim = module.get_submodule(projection).weight.shape[1] // module.num_heads
+    with torch.no_grad():
+        module.get_submodule(projection).weight[:, head_dim : 2 * head_dim] = 0
+    result = client.intervene(
+        arrays(pixels),
+        [iv.variant([iv.edit("blocks.1.attn.heads", "zero", heads=[1])])],
+        model=name,
+        logits=True,
+    )
+    np.testing.assert_allclose(
+        result.variants[0].logits, forward(edited, pixels), rtol=1e-4, atol=2e-5
+    )
+    assert not np.allclose(result.variants[0].logits, forward(model, pixels), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vit", "gap"])
+def test_variants_in_one_call_equal_separate_calls(client: Client, name: str) -> None:
+    pixels, source = images(client, name, 2, 7), images(client, name, 2, 8)
+    variants = [
+        iv.variant([iv.edit("blocks.1.attn.heads", "zero", heads=[0])]),
+        iv.variant([iv.edit("blocks.0.out", "patch", tokens="positions", positions=[(0, 1)])]),
+        iv.variant(
+            [
+                iv.edit("blocks.0.mlp.hidden", "scale", factor=0.5, channels=[0, 3]),
+                iv.edit("blocks.1.out", "set", value=0.25, tokens="indices", indices=[0]),
+            ]
+        ),
+    ]
+    options: dict[str, Any] = {"model": name, "source_images": arrays(source), "logits": True}
+    together = client.intervene(arrays(pixels), variants, **options)
+    for i, v in enumerate(variants):
+        alone = client.intervene(arrays(pixels), [v], **options).variants[0]
+        np.testing.assert_allclose(together.variants[i].logits, alone.logits, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(together.variants[i].metric, alone.metric, rtol=0, atol=1e-6)
+
+
+def test_a_later_edit_sees_an_earlier_one(client: Client) -> None:
+    """Zeroing the residual after block 0 and reading block 1's input-dependent output
+    equals running the blocks on zeros by hand."""
+    pixels = images(client, "vit", 1, 9)
+    result = client.intervene(
+        arrays(pixels),
+        [iv.variant([iv.edit("blocks.0.out", "zero")])],
+        sites=["blocks.1.out"],
+    )
+    model = build("vit")
+    with torch.inference_mode():
+        zeros = torch.zeros_like(torch.from_numpy(result.variants[0].sites["blocks.1.out"]))
+        expected = model.blocks[1](zeros)
+    np.testing.assert_allclose(
+        result.variants[0].sites["blocks.1.out"], expected.numpy(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_patching_sweep_is_shaped_like_blocks_by_grid(client: Client) -> None:
+    base, source = images(client, "gap", 1, 10), images(client, "gap", 1, 11)
+    seen: list[iv.Progress] = []
+    result = client.patching_sweep(
+        arrays(base),
+        arrays(source),
+        model="gap",
+        target=0,
+        other=1,
+        on_progress=seen.append,
+        variants_per_forward=3,
+    )
+    shape = (2, *client.describe("gap").grid)
+    assert result.sweep_shape == shape and result.values is not None
+    assert result.values.shape == (1, *shape) and result.normalized is not None
+    assert seen[-1].completed == seen[-1].total == int(np.prod(shape))
+    # A lone patch of a GAP model's last block moves the logits by that token's share alone.
+    one = client.intervene(
+        arrays(base),
+        [iv.variant([iv.edit("blocks.1.out", "patch", tokens="positions", positions=[(1, 0)])])],
+        model="gap",
+        source_images=arrays(source),
+        target=0,
+        other=1,
+    )
+    np.testing.assert_allclose(result.values[0, 1, 1, 0], one.variants[0].metric[0], atol=1e-5)
+
+
+def test_head_sweep_matches_single_head_ablations(client: Client) -> None:
+    pixels = images(client, "vit", 2, 12)
+    result = client.head_sweep(arrays(pixels), metric="kl")
+    assert result.sweep_axes == ("block", "head") and result.values is not None
+    description = client.describe("vit")
+    heads = int(description.sites["blocks.0.attn.heads"]["shape"][2])
+    assert result.values.shape == (2, description.block_count, heads)
+    single = client.intervene(
+        arrays(pixels),
+        [iv.variant([iv.edit("blocks.2.attn.heads", "zero", heads=[1])])],
+        metric="kl",
+    )
+    np.testing.assert_allclose(result.values[:, 2, 1], single.variants[0].metric, atol=1e-6)
+
+
+def test_windowed_heads_are_refused_with_the_cause(client: Client) -> None:
+    pixels = images(client, "swin", 1, 13)
+    with pytest.raises(FailedPreconditionError, match="windowed"):
+        client.intervene(
+            arrays(pixels), [iv.variant([iv.edit("blocks.0.attn.heads", "zero")])], model="swin"
+        )
+    with pytest.raises(FailedPreconditionError, match="windowed"):
+        client.head_sweep(arrays(pixels), model="swin")
+
+
+def test_bad_edits_name_their_field(client: Client) -> None:
+    pixels = arrays(images(client, "vit", 1, 14))
+    with pytest.raises(NotFoundError) as missing:
+        client.intervene(pixels, [iv.variant([iv.edit("blocks.99.out", "zero")])])
+    assert "variants[0].edits[0].site" in str(missing.value)
+    with pytest.raises(InvalidArgumentError) as out_of_range:
+        client.intervene(
+            pixels,
+            [iv.variant([]), iv.variant([iv.edit("blocks.1.attn.heads", "zero", heads=[9])])],
+        )
+    fields = [v.field for v in out_of_range.value.field_violations]
+    assert fields == ["variants[1].edits[0].selection.heads[0]"]
+    with pytest.raises(InvalidArgumentError, match="source_images"):
+        client.intervene(pixels, [iv.variant([iv.edit("blocks.1.out", "patch")])])
+    with pytest.raises(InvalidArgumentError, match="add or set at"):
+        client.intervene(pixels, [iv.variant([iv.edit("blocks.1.attn.heads", "set")])])
+
+
+def test_a_sweep_over_the_memory_budget_is_refused_before_any_forward(client: Client) -> None:
+    many = arrays(images(client, "vit", 64, 15))
+    with pytest.raises(ResourceExhaustedError) as refused:
+        client.patching_sweep(many, many[:1], target=0, other=1)
+    assert "images" in str(refused.value)
