@@ -59,12 +59,11 @@ def run(client: Client, args: argparse.Namespace) -> bool:
     print()
     stem = f"{args.base.stem}-from-{args.source.stem}-{args.site}"
     values = args.out / f"{stem}.npz"
-    arrays = {
-        "values": result.values,
-        "normalized": result.normalized,
-        "blocks": np.array(result.sweep_blocks),
-    }
-    np.savez(values, **{k: v for k, v in arrays.items() if v is not None})
+    arrays: dict[str, np.ndarray] = {"blocks": np.array(result.sweep_blocks)}
+    for key, array in (("values", result.values), ("normalized", result.normalized)):
+        if array is not None:
+            arrays[key] = array
+    np.savez(values, **arrays)  # type: ignore[arg-type]
     figure = plot_patching(
         result, args.out / f"{stem}.png", f"{args.site} patched from {args.source.name}"
     )

@@ -733,7 +733,7 @@ class Client:
                 logits=logits,
                 sites=list(sites),
                 tokens=token_selection(tokens),
-                reduction=_REDUCTIONS[reduction] if reduction else 0,
+                reduction=_REDUCTIONS[reduction or "none"],
             ),
             variants_per_forward=variants_per_forward,
         )

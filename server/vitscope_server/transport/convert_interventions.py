@@ -217,7 +217,7 @@ def _header(header: InterventionHeader) -> pb.InterventionHeader:
         variant_count=len(plan.variants),
         variants_per_forward=plan.variants_per_forward,
         image_count=int(prepared.base.shape[0]),
-        metric=_METRICS_BACK.get(prepared.metric, pb.METRIC_KIND_UNSPECIFIED),
+        metric=_METRICS_BACK[prepared.metric] if prepared.metric else pb.METRIC_KIND_UNSPECIFIED,
         target_classes=header.targets,
         other_classes=header.others,
         base=_reference(header.base),

@@ -74,7 +74,9 @@ def edit_space(loaded: LoadedModel, site: SiteDef) -> tuple[int, ...]:
     """One image's edit space at a site: [tokens, channels], or [tokens, heads, head_dim]."""
     shape = loaded.site_shapes.get(site.name, ())
     if site.layout is Layout.HEADS and site.heads is not None:
-        width = int(loaded.adapter.root.get_submodule(site.module_path).weight.shape[1])
+        weight = loaded.adapter.root.get_submodule(site.module_path).weight
+        assert isinstance(weight, torch.Tensor)
+        width = int(weight.shape[1])
         return (shape[1], site.heads.heads, width // site.heads.heads)
     return tuple(shape[1:])
 

@@ -333,6 +333,7 @@ class ModelAdapter(ABC):
         """Brings a captured tensor into the layout its site declares."""
         if site.layout is Layout.HEADS and site.heads is not None:
             weight = self.root.get_submodule(site.module_path).weight
+            assert isinstance(weight, torch.Tensor)
             return head_contributions(tensor, weight, site.heads, self.head_layer_scale(site))
         if site.layout is Layout.TOKENS and tensor.dim() == 4:
             return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
