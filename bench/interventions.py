@@ -6,7 +6,8 @@ Run as `HF_HUB_OFFLINE=1 .venv/bin/python bench/interventions.py [--rounds N] [-
 [--size S]`. CPU: vit_tiny_patch16_224 (random init, seed 0) at S x S pixels (default 96,
 a 6 x 6 grid: 432 variants), two skimage photos as base and source.
 
-Sides, each timed over `--rounds` rounds after one untimed round, median kept:
+Sides, alternating round by round after one untimed round of each (the machine's load
+changes over a run; each round's ratios compare sides run back to back):
 - service: Intervene's PATCH_POSITIONS sweep through a real server on a loopback port and
   the real client, in the variants per forward the server picks;
 - hooks: the same sweep written here with plain forward hooks on the same model object:
@@ -14,8 +15,9 @@ Sides, each timed over `--rounds` rounds after one untimed round, median kept:
   variants, each row patched at its block and token;
 - nnsight: the same batches with nnsight (its own virtualenv, beside the interpreter's
   environment, created with `pip install nnsight timm`; skipped with the reason when absent).
-Every side's logits are checked against the service's. ratio_vs_hooks and
-ratio_vs_nnsight are service time / the other's time (below 1: the service is faster).
+Every side's result is checked against the hooks'. ratio_vs_hooks and ratio_vs_nnsight
+are the medians over rounds of service time / the other's time (below 1: the service is
+faster); variants_per_s is the variants over the service's median time.
 
 The last line printed is one JSON object.
 """
@@ -100,14 +102,10 @@ def hooks_sweep(
     return torch.cat(outputs).numpy()
 
 
-def median_time(call: Any, rounds: int) -> tuple[float, Any]:
+def timed(call: Any) -> tuple[float, Any]:
+    started = time.perf_counter()
     result = call()
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        result = call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), result
+    return time.perf_counter() - started, result
 
 
 def nnsight_side(
@@ -130,6 +128,29 @@ def nnsight_side(
     return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"]), np.load(logits), ""
 
 
+def check_kl(model: torch.nn.Module, base: torch.Tensor, logits: np.ndarray, swept: Any) -> None:
+    """The hooks' logits give the service's KL per variant."""
+    with torch.inference_mode():
+        base_log = torch.log_softmax(model(base), -1)
+    patched = torch.log_softmax(torch.from_numpy(logits), -1)
+    kl = (base_log.exp() * (base_log - patched)).sum(-1).numpy()
+    np.testing.assert_allclose(kl.reshape(swept.values.shape[1:]), swept.values[0], atol=1e-5)
+
+
+def serve(folder: Path, spec: dict[str, Any], threads: int) -> Any:
+    (folder / "models.yaml").write_text(yaml.safe_dump({"models": [spec]}))
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        models_file=folder / "models.yaml",
+        torch_threads=threads,
+    )
+    running = create_server(settings)
+    assert running.registry.wait_until_settled(timeout=300)
+    return running
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -137,79 +158,72 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    kwargs = {"img_size": args.size}
-    spec = {
-        "name": "tiny",
-        "family": "timm",
-        "architecture": ARCHITECTURE,
-        "seed": 0,
-        "kwargs": kwargs,
-    }
+    spec = {"name": "tiny", "family": "timm", "architecture": ARCHITECTURE, "seed": 0}
+    spec["kwargs"] = {"img_size": args.size}
     folder = Path(tempfile.mkdtemp())
-    (folder / "models.yaml").write_text(yaml.safe_dump({"models": [spec]}))
-    settings = ServerSettings(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        models_file=folder / "models.yaml",
-        torch_threads=args.threads,
-    )
-    running = create_server(settings)
+    running = serve(folder, spec, args.threads)
+    times: dict[str, list[float]] = {"service": [], "hooks": [], "nnsight": []}
+    why = ""
     try:
-        assert running.registry.wait_until_settled(timeout=300)
         adapter = running.registry.get("tiny").adapter
-        pictures = photos()[:2]
-        base, source = (adapter.preprocess(p)[None] for p in pictures)
+        model = adapter.root
+        base, source = (adapter.preprocess(p)[None] for p in photos()[:2])
+        grid, prefix = adapter.grid, adapter.num_prefix_tokens
         with Client(f"127.0.0.1:{running.port}", timeout=600) as client:
 
             def service() -> Any:
-                return client.patching_sweep(
-                    [base[0].numpy()], [source[0].numpy()], model="tiny", metric="kl"
-                )
+                pair = ([base[0].numpy()], [source[0].numpy()])
+                return client.patching_sweep(*pair, model="tiny", metric="kl")
 
-            service_s, swept = median_time(service, args.rounds)
+            swept = service()
             chunk = swept.variants_per_forward
-            grid, prefix = adapter.grid, adapter.num_prefix_tokens
-            model = running.registry.get("tiny").adapter.root
-            hooks_s, hooks_logits = median_time(
-                lambda: hooks_sweep(model, base, source, prefix, grid, chunk), args.rounds
-            )
-            base_logp = torch.log_softmax(model(base).detach(), -1)
-            kl = (
-                base_logp.exp()
-                * (base_logp - torch.log_softmax(torch.from_numpy(hooks_logits), -1))
-            ).sum(-1)
-            np.testing.assert_allclose(
-                kl.numpy().reshape(swept.values.shape[1:]), swept.values[0], atol=1e-5
-            )
-            nn_spec = {
-                **spec,
-                "threads": args.threads,
-                "prefix": prefix,
-                "grid": list(grid),
-                "chunk": chunk,
-                "rounds": args.rounds,
-            }
-            nnsight_s, nnsight_logits, why = nnsight_side(nn_spec, base, source, folder)
-            if nnsight_logits is not None:
-                np.testing.assert_allclose(nnsight_logits, hooks_logits, atol=1e-4)
+            extra = {"threads": args.threads, "prefix": prefix, "grid": list(grid)}
+            nn_spec = {**spec, **extra, "chunk": chunk, "rounds": 1}
+            hooks_logits = hooks_sweep(model, base, source, prefix, grid, chunk)
+            check_kl(model, base, hooks_logits, swept)
+            for _ in range(args.rounds):
+                times["service"].append(timed(service)[0])
+                times["hooks"].append(
+                    timed(lambda: hooks_sweep(model, base, source, prefix, grid, chunk))[0]
+                )
+                seconds, logits, why = nnsight_side(nn_spec, base, source, folder)
+                if seconds is not None and logits is not None:
+                    np.testing.assert_allclose(logits, hooks_logits, atol=1e-4)
+                    times["nnsight"].append(seconds)
     finally:
         running.stop(0)
+    print(json.dumps(summary(args, swept, chunk, times, why)))
+
+
+def summary(
+    args: argparse.Namespace, swept: Any, chunk: int, times: dict[str, list[float]], why: str
+) -> dict[str, Any]:
     variants = int(np.prod(swept.sweep_shape))
-    summary = {
+    service = statistics.median(times["service"])
+
+    def ratio(side: str) -> float | None:
+        if not times[side]:
+            return None
+        pairs = zip(times["service"], times[side], strict=False)
+        return round(statistics.median(s / o for s, o in pairs), 3)
+
+    def median(side: str) -> float | None:
+        return round(statistics.median(times[side]), 4) if times[side] else None
+
+    return {
         "model": ARCHITECTURE,
         "size": args.size,
+        "rounds": args.rounds,
         "variants": variants,
         "variants_per_forward": chunk,
-        "service_s": round(service_s, 4),
-        "hooks_s": round(hooks_s, 4),
-        "nnsight_s": None if nnsight_s is None else round(nnsight_s, 4),
-        "nnsight_skipped": why,
-        "ratio_vs_hooks": round(service_s / hooks_s, 3),
-        "ratio_vs_nnsight": None if nnsight_s is None else round(service_s / nnsight_s, 3),
-        "variants_per_s": round(variants / service_s, 1),
+        "service_s": round(service, 4),
+        "hooks_s": median("hooks"),
+        "nnsight_s": median("nnsight"),
+        "nnsight_skipped": why if not times["nnsight"] else "",
+        "ratio_vs_hooks": ratio("hooks"),
+        "ratio_vs_nnsight": ratio("nnsight"),
+        "variants_per_s": round(variants / service, 1),
     }
-    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -29,22 +29,25 @@ def main() -> None:
     ]
 
     def sweep() -> np.ndarray:
+        """Containers made outside each trace receive its values (nnsight runs the trace's
+        body on its own and hands back only what it was given)."""
+        saved: dict[int, torch.Tensor] = {}
+        outputs: list[torch.Tensor] = []
         with torch.no_grad():
             with wrapped.trace(source):
-                saved = [wrapped.blocks[b].output.save() for b in range(blocks)]
-            outputs = []
+                for b in range(blocks):
+                    saved[b] = wrapped.blocks[b].output.save()
             for first in range(0, len(variants), chunk):
                 part = variants[first : first + chunk]
                 with wrapped.trace(base.repeat(len(part), 1, 1, 1)):
                     for b in range(blocks):
-                        rows_here = [(j, t) for j, (block, t) in enumerate(part) if block == b]
-                        if rows_here:
+                        here = [(j, t) for j, (block, t) in enumerate(part) if block == b]
+                        if here:
                             hidden = wrapped.blocks[b].output
-                            for j, t in rows_here:
+                            for j, t in here:
                                 hidden[j, t] = saved[b][0, t]
-                    out = wrapped.output.save()
-                outputs.append(torch.as_tensor(out).clone())
-        return torch.cat(outputs).numpy()
+                    outputs.append(wrapped.output.save())
+        return torch.cat([torch.as_tensor(o) for o in outputs]).numpy()
 
     sweep()
     times = []
