@@ -77,10 +77,13 @@ def _raw(name: str, tap: Tap) -> SiteDef:
     return tap_site(name, tap, Layout.RAW, (0, 0), 0)
 
 
-def _probe_sites(parts: list[BlockParts], final: str | None) -> tuple[list[SiteDef], list[SiteDef]]:
-    """Sites of the plain forward (block inputs and outputs, sublayers, residual taps) and of
-    the forward with attention probabilities exposed."""
-    plain, probs = [], []
+def _probe_sites(
+    parts: list[BlockParts], final: str | None
+) -> tuple[list[SiteDef], list[SiteDef], list[SiteDef]]:
+    """Sites of the plain forward (block inputs and outputs, sublayers, residual taps), of
+    the forward with attention probabilities exposed, and of the one with the heads' context
+    exposed (apart, so that a failing explicit path costs the heads alone)."""
+    plain, probs, heads = [], [], []
     for i, block in enumerate(parts):
         plain.append(_raw(_key(i, "in"), Tap(block.path, from_input=True)))
         plain.append(_raw(_key(i, "out"), Tap(block.path)))
@@ -91,12 +94,12 @@ def _probe_sites(parts: list[BlockParts], final: str | None) -> tuple[list[SiteD
             if part == "attn.probs":
                 probs.append(replace(site, attention_path=block.attention_path))
             elif part == "attn.heads":
-                probs.append(replace(site, heads=block.heads))
+                heads.append(replace(site, heads=block.heads))
             else:
                 plain.append(site)
     if final is not None:
         plain.append(_raw("final", Tap(final)))
-    return plain, probs
+    return plain, probs, heads
 
 
 def infer_grid(
@@ -206,7 +209,7 @@ def _check_heads(
     adapter: ModelAdapter,
     index: int,
     block: BlockParts,
-    probes: tuple[_Probe, _Probe],
+    probes: tuple[_Probe, _Probe, _Probe],
     unavailable: dict[str, str],
     probs_layout: Layout,
 ) -> str | None:
@@ -221,7 +224,9 @@ def _check_heads(
         )
     if "attn.out" in unavailable or "attn.out" not in block.taps:
         return f"needs attn.out: {unavailable.get('attn.out', 'not found in the block')}"
-    context = probes[1].tensors.get(_key(index, "attn.heads"))
+    if probes[2].error:
+        return f"the attention's explicit path fails: {probes[2].error}"
+    context = probes[2].tensors.get(_key(index, "attn.heads"))
     attention = probes[0].tensors.get(_key(index, "attn.out"))
     if context is None or attention is None or block.heads is None:
         return "the attention's output projection did not run as a module"
@@ -261,11 +266,11 @@ def _settle_block(
     adapter: ModelAdapter,
     index: int,
     block: BlockParts,
-    probes: tuple[_Probe, _Probe],
+    probes: tuple[_Probe, _Probe, _Probe],
     image: tuple[int, int],
     hint: int,
 ) -> BlockAnatomy | str:
-    plain, exposed = probes
+    plain, exposed, _ = probes
     out = plain.tensors.get(_key(index, "out"))
     if not isinstance(out, torch.Tensor):
         return "the block's output is not one tensor"
@@ -320,12 +325,13 @@ def settle_anatomy(
     input_size = adapter.data_config.input_size
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn((1, *input_size), generator=generator).to(device)
-    plain_sites, probs_sites = _probe_sites(adapter.parts, adapter.final_norm_path)
+    plain_sites, probs_sites, heads_sites = _probe_sites(adapter.parts, adapter.final_norm_path)
     plain = _run(adapter, plain_sites, pixels)
     if plain.error:
         # Even the plain forward fails: every proposed part is suspect; try the blocks alone.
         plain = _run(adapter, [s for s in plain_sites if s.name.endswith(("/in", "/out"))], pixels)
     exposed = _run(adapter, probs_sites, pixels) if probs_sites else _Probe({})
+    heads = _run(adapter, heads_sites, pixels) if heads_sites else _Probe({})
     image = (int(input_size[1]), int(input_size[2]))
     blocks: list[BlockAnatomy] = []
     kept: list[int] = []  # the proposed index of each settled block
@@ -335,7 +341,8 @@ def settle_anatomy(
         else []
     )
     for index, block in enumerate(adapter.parts):
-        settled = _settle_block(adapter, index, block, (plain, exposed), image, prefix_hint)
+        probes = (plain, exposed, heads)
+        settled = _settle_block(adapter, index, block, probes, image, prefix_hint)
         if isinstance(settled, str):
             notes.append(UnavailableSite(block.path, f"not served as a canonical block: {settled}"))
         else:
@@ -345,7 +352,7 @@ def settle_anatomy(
     if adapter.final_norm_path is not None and not final_ok:
         notes.append(UnavailableSite("final", f"module {adapter.final_norm_path} did not run"))
     adapter.settle(blocks, notes, final_ok)
-    return _site_shapes(adapter, kept, {**plain.tensors, **exposed.tensors})
+    return _site_shapes(adapter, kept, {**plain.tensors, **exposed.tensors, **heads.tensors})
 
 
 def _site_shapes(
