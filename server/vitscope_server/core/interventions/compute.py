@@ -167,9 +167,7 @@ def _references(
     return run, header
 
 
-def _chunk_plan(
-    edits: tuple[tuple[ResolvedEdit, ...], ...], first: int, images: int
-) -> list[RowEdit]:
+def _chunk_plan(edits: tuple[tuple[ResolvedEdit, ...], ...], images: int) -> list[RowEdit]:
     return [
         RowEdit(slice(j * images, (j + 1) * images), edit)
         for j, variant in enumerate(edits)
@@ -183,7 +181,7 @@ def _forward_chunk(
     adapter = prepared.loaded.adapter
     images = prepared.base.shape[0]
     pixels = prepared.base.to(prepared.loaded.device).repeat(count, 1, 1, 1)
-    plan = _chunk_plan(prepared.edits[first : first + count], first, images)
+    plan = _chunk_plan(prepared.edits[first : first + count], images)
     requests = [slice(j * images, (j + 1) * images) for j in range(count)]
     sites = list(prepared.output_sites)
     with (

@@ -30,7 +30,8 @@ HEAD_OPERATIONS = (Operation.ZERO, Operation.MEAN, Operation.SCALE, Operation.PA
 @dataclass(frozen=True)
 class ResolvedEdit:
     """One edit ready to apply: `mask` (bool) broadcasts over one image's edit space
-    ([1, tokens, channels], or [1, tokens, heads, head_dim] on attn.heads)."""
+    ([1, tokens, channels], or [1, tokens, heads, head_dim] on attn.heads), and is only as
+    large as the axes it restricts."""
 
     site: SiteDef
     operation: Operation
@@ -97,10 +98,33 @@ def editable_site(loaded: LoadedModel, name: str, field: str) -> SiteDef:
     return site
 
 
+def _along(count: int, chosen: list[int] | tuple[int, ...]) -> torch.Tensor | None:
+    """A boolean mask over `count` entries, or None when every entry is chosen."""
+    if not chosen or len(set(chosen)) == count:
+        return None
+    mask = torch.zeros(count, dtype=torch.bool)
+    mask[list(chosen)] = True
+    return mask
+
+
+def _combined(first: torch.Tensor | None, second: torch.Tensor | None, dims: int) -> torch.Tensor:
+    """The two axes' masks as one that broadcasts over [1, tokens, ...]: only as large as
+    the axes it restricts (a single token's mask is [1, tokens, 1])."""
+    shape_first = (1, -1, *([1] * (dims - 2)))
+    shape_second = (1, 1, *([-1] if dims == 3 else [-1, 1]))
+    if first is None and second is None:
+        return torch.ones([1] * dims, dtype=torch.bool)
+    if second is None:
+        assert first is not None
+        return first.reshape(shape_first)
+    if first is None:
+        return second.reshape(shape_second)
+    return first.reshape(shape_first) & second.reshape(shape_second)
+
+
 def _mask(loaded: LoadedModel, site: SiteDef, selection: Selection) -> torch.Tensor:
     space = edit_space(loaded, site)
-    tokens = torch.zeros(space[0], dtype=torch.bool)
-    tokens[resolve_token_indices(selection, site, space[0])] = True
+    tokens = _along(space[0], resolve_token_indices(selection, site, space[0]))
     if site.layout is Layout.HEADS:
         if selection.channels:
             raise InvalidArgument(
@@ -108,16 +132,12 @@ def _mask(loaded: LoadedModel, site: SiteDef, selection: Selection) -> torch.Ten
             )
         require_in_range("heads", selection.heads, 0, space[1] - 1, f" for {site.name!r}")
         require_unique("heads", selection.heads)
-        heads = torch.zeros(space[1], dtype=torch.bool)
-        heads[list(selection.heads) or slice(None)] = True
-        return (tokens[:, None, None] & heads[None, :, None])[None]
+        return _combined(tokens, _along(space[1], selection.heads), 4)
     if selection.heads:
         raise InvalidArgument("heads", f"only attn.heads sites have heads; {site.name!r} has none")
     require_in_range("channels", selection.channels, 0, space[1] - 1, f" for {site.name!r}")
     require_unique("channels", selection.channels)
-    channels = torch.zeros(space[1], dtype=torch.bool)
-    channels[list(selection.channels) or slice(None)] = True
-    return (tokens[:, None] & channels[None, :])[None]
+    return _combined(tokens, _along(space[1], selection.channels), 3)
 
 
 def _finite(value: float, field: str) -> float:
