@@ -325,3 +325,27 @@ def test_a_sweep_over_the_memory_budget_is_refused_before_any_forward(client: Cl
     with pytest.raises(ResourceExhaustedError) as refused:
         client.patching_sweep(many, many[:1], target=0, other=1)
     assert "images" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["vit", "gap", "clip"])
+def test_variants_share_the_blocks_before_their_first_edit_bit_for_bit(
+    client: Client, name: str
+) -> None:
+    """Variants that edit from block 1 on run block 0 once for the batch; each equals its
+    own forward of every block."""
+    pixels = images(client, name, 2, 16)
+    variants = [
+        iv.variant([], "empty"),
+        iv.variant([iv.edit("blocks.1.out", "scale", factor=1.0)], "scale 1"),
+        iv.variant([iv.edit("blocks.1.attn.heads", "zero", heads=[0])], "zero a head"),
+    ]
+    options: dict[str, Any] = {"model": name, "logits": True, "sites": ["final"]}
+    shared = client.intervene(arrays(pixels), variants, **options)
+    alone = client.intervene(arrays(pixels), variants, variants_per_forward=1, **options)
+    assert (shared.variants_per_forward, alone.variants_per_forward) == (3, 1)
+    for together, single in zip(shared.variants, alone.variants, strict=True):
+        np.testing.assert_array_equal(together.sites["final"], single.sites["final"])
+        if name != "clip":  # see test_identity_edits_are_bit_identical_to_the_plain_forward
+            np.testing.assert_array_equal(together.logits, single.logits, err_msg=together.label)
+    plain = forward(build(name), pixels)
+    np.testing.assert_allclose(shared.variants[1].logits, plain, rtol=0, atol=1e-6)

@@ -5,6 +5,7 @@ with partial sweep results, one result per variant or the sweep's result)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +18,12 @@ from vitscope_server.core.interventions.hooks import (
     edit_space_site,
     edit_view,
     editing,
+    widening,
 )
 from vitscope_server.core.interventions.metrics import ResolvedMetric, metric_values, normalized
 from vitscope_server.core.interventions.query import PreparedIntervention
 from vitscope_server.core.interventions.selection import ResolvedEdit
-from vitscope_server.core.model.adapters import SiteDef
+from vitscope_server.core.model.adapters import ModelAdapter, SiteDef
 from vitscope_server.core.model.capture import capture_sites
 from vitscope_server.core.model.provenance import Provenance, provenance_of
 from vitscope_server.core.model.readout import Prediction, SiteOutput, predictions, reduce_site
@@ -175,18 +177,42 @@ def _chunk_plan(edits: tuple[tuple[ResolvedEdit, ...], ...], images: int) -> lis
     ]
 
 
+def _block_of(adapter: ModelAdapter, site: SiteDef) -> int:
+    """The block a site is read in; the last for a site after the blocks (final)."""
+    for index, block in enumerate(adapter.blocks):
+        if site.module_path == block.path or site.module_path.startswith(block.path + "."):
+            return 0 if site.from_input and site.module_path == block.path else index
+    return len(adapter.blocks) - 1
+
+
+def _shared_blocks(prepared: PreparedIntervention, first: int, count: int) -> int:
+    """The first block a variant of this batch edits or reads: the blocks before it run once
+    for the batch's variants (0 where the model's blocks do not run in sequence)."""
+    adapter = prepared.loaded.adapter
+    if count < 2 or not adapter.runs_blocks_in_sequence():
+        return 0
+    sites = [e.site for edits in prepared.edits[first : first + count] for e in edits]
+    sites += prepared.output_sites
+    return min((_block_of(adapter, site) for site in sites), default=0)
+
+
 def _forward_chunk(
     prepared: PreparedIntervention, run: _Run, first: int, count: int, cancel: CancelToken
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward of `count` variants: their images widened to variants x images rows at
+    the first block any of them edits, their edits hooked in, the output sites read."""
     adapter = prepared.loaded.adapter
     images = prepared.base.shape[0]
-    pixels = prepared.base.to(prepared.loaded.device).repeat(count, 1, 1, 1)
+    rows = count * images
+    base = prepared.base.to(prepared.loaded.device)
+    start = _shared_blocks(prepared, first, count)
+    pixels = base if start else base.repeat(count, 1, 1, 1)
     plan = _chunk_plan(prepared.edits[first : first + count], images)
     requests = [slice(j * images, (j + 1) * images) for j in range(count)]
-    sites = list(prepared.output_sites)
     with (
-        editing(adapter, plan, pixels.shape[0], run.values),
-        capture_sites(adapter, sites, pixels.shape[0], cancel) as captured,
+        widening(adapter, start, count) if start else nullcontext(),
+        editing(adapter, plan, rows, run.values),
+        capture_sites(adapter, list(prepared.output_sites), rows, cancel) as captured,
     ):
         output = adapter.forward_by_request(pixels, requests)
     return output, captured

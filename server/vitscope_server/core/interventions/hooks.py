@@ -136,3 +136,23 @@ def editing(
                 handle = module.register_forward_hook(lambda m, args, out, e=edit: e(out))
             stack.callback(handle.remove)
         yield
+
+
+@contextmanager
+def widening(adapter: ModelAdapter, block: int, copies: int) -> Iterator[None]:
+    """The next forward on this thread runs `copies` copies of its batch from `block` on:
+    the blocks before it, which no edit touches, run once for every variant."""
+    owner = threading.get_ident()
+
+    def widen(module: Any, args: Any) -> Any:
+        if threading.get_ident() != owner:
+            return None
+        tokens = args[0]
+        return (tokens.repeat(copies, *([1] * (tokens.dim() - 1))), *args[1:])
+
+    module = adapter.root.get_submodule(adapter.blocks[block].path)
+    handle = module.register_forward_pre_hook(widen)
+    try:
+        yield
+    finally:
+        handle.remove()

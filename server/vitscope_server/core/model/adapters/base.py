@@ -481,6 +481,11 @@ class ModelAdapter(ABC):
         """The classifier's weight [C, D] and bias [C] over normed tokens."""
         raise NotImplementedError
 
+    def runs_blocks_in_sequence(self) -> bool:
+        """Whether the forward hands one [batch, tokens, width] tensor from block to block with
+        nothing per image beside it, so that a forward may widen its batch at a block's input."""
+        return False
+
     def reads_class_token(self) -> bool:
         """Whether the model's output is read at the class token alone (not pooled over
         patches), so it can be run on any subset of patch tokens."""

@@ -318,6 +318,9 @@ class OpenClipTowerAdapter(ModelAdapter):
         module = self._block(block)
         return layer_scaled(module.attn.out_proj.weight, module.ls_1)
 
+    def runs_blocks_in_sequence(self) -> bool:
+        return self._batch_first and self.class_projection_unsupported() is None
+
     def reads_class_token(self) -> bool:
         return self.class_projection_unsupported() is None
 
