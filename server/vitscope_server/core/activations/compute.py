@@ -14,7 +14,12 @@ import numpy as np
 import torch
 
 from vitscope_server.core.model.adapters import Layout, ModelAdapter, SiteDef
-from vitscope_server.core.model.capture import ForwardStopped, capture_sites, last_block_needed
+from vitscope_server.core.model.capture import (
+    ForwardStopped,
+    capture_sites,
+    head_context_paths,
+    last_block_needed,
+)
 from vitscope_server.core.model.images import ImageInput, prepare_batch
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.provenance import Provenance, provenance_of
@@ -178,8 +183,9 @@ def batch_key(prepared: PreparedActivations) -> Hashable:
     """Requests with equal keys share one forward and get exactly what they would alone.
 
     Kept apart: other compute dtypes, and other attention blocks made explicit (that swaps
-    the kernel for every image in the forward). A raw module outside the blocks (a
-    classifier head) reads rows whose kernel can depend on the batch size, so such a
+    the kernel for every image in the forward, as reading an open_clip tower's heads does).
+    A raw module outside the blocks (a classifier head) reads rows whose kernel can depend
+    on the batch size, so such a
     request runs alone, as does one that reads the output of a model whose head cannot
     run on its own rows (an open_clip tower's output projection)."""
     adapter = prepared.loaded.adapter
@@ -189,7 +195,8 @@ def batch_key(prepared: PreparedActivations) -> Hashable:
     if (query.top_predictions or query.logits) and not adapter.head_apart:
         return object()
     attention = frozenset(s.attention_path for s in prepared.sites if s.attention_path is not None)
-    return (prepared.query.compute_dtype, attention)
+    contexts = frozenset(head_context_paths(prepared.sites))
+    return (prepared.query.compute_dtype, attention, contexts)
 
 
 def _outside_blocks(adapter: ModelAdapter, site: SiteDef) -> bool:
