@@ -185,9 +185,8 @@ def batch_key(prepared: PreparedActivations) -> Hashable:
     Kept apart: other compute dtypes, and other attention blocks made explicit (that swaps
     the kernel for every image in the forward, as reading an open_clip tower's heads does).
     A raw module outside the blocks (a classifier head) reads rows whose kernel can depend
-    on the batch size, so such a
-    request runs alone, as does one that reads the output of a model whose head cannot
-    run on its own rows (an open_clip tower's output projection)."""
+    on the batch size, so such a request runs alone, as does one that reads the output of a
+    model whose head cannot run on its own rows (an open_clip tower's output projection)."""
     adapter = prepared.loaded.adapter
     if any(_outside_blocks(adapter, site) for site in prepared.sites):
         return object()
