@@ -349,3 +349,42 @@ def test_variants_share_the_blocks_before_their_first_edit_bit_for_bit(
             np.testing.assert_array_equal(together.logits, single.logits, err_msg=together.label)
     plain = forward(build(name), pixels)
     np.testing.assert_allclose(shared.variants[1].logits, plain, rtol=0, atol=1e-6)
+
+
+def test_mean_and_set_edits_equal_hand_written_hooks(client: Client) -> None:
+    """Mean ablation of blocks.1.mlp.out over reference images, then channels 2 and 5 of the
+    class token after block 2 set to 0.5, against the same edits written as plain hooks."""
+    pixels, reference = images(client, "vit", 2, 17), images(client, "vit", 3, 18)
+    result = client.intervene(
+        arrays(pixels),
+        [
+            iv.variant(
+                [
+                    iv.edit("blocks.1.mlp.out", "mean"),
+                    iv.edit("blocks.2.out", "set", value=0.5, tokens="prefix", channels=[2, 5]),
+                ]
+            )
+        ],
+        reference_images=arrays(reference),
+        logits=True,
+    )
+    model = build("vit")
+    kept: dict[str, torch.Tensor] = {}
+    handle = model.blocks[1].mlp.register_forward_hook(lambda m, a, o: kept.__setitem__("m", o))
+    forward(model, reference)
+    handle.remove()
+    mean = kept["m"].mean(dim=0, keepdim=True)
+
+    def set_channels(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        edited = output.clone()
+        edited[:, 0, [2, 5]] = 0.5
+        return edited
+
+    handles = [
+        model.blocks[1].mlp.register_forward_hook(lambda m, a, o: mean.expand_as(o)),
+        model.blocks[2].register_forward_hook(set_channels),
+    ]
+    expected = forward(model, pixels)
+    for h in handles:
+        h.remove()
+    np.testing.assert_allclose(result.variants[0].logits, expected, rtol=1e-5, atol=1e-6)
