@@ -316,6 +316,10 @@ def test_bad_edits_name_their_field(client: Client) -> None:
     assert fields == ["variants[1].edits[0].selection.heads[0]"]
     with pytest.raises(InvalidArgumentError, match="source_images"):
         client.intervene(pixels, [iv.variant([iv.edit("blocks.1.out", "patch")])])
+    wrong = np.zeros((3, 5, 5), dtype=np.float32)
+    with pytest.raises(InvalidArgumentError, match=r"source_images\[0\]"):
+        patch = iv.variant([iv.edit("blocks.1.out", "patch")])
+        client.intervene(pixels, [patch], source_images=[wrong])
     with pytest.raises(InvalidArgumentError, match="add or set at"):
         client.intervene(pixels, [iv.variant([iv.edit("blocks.1.attn.heads", "set")])])
 

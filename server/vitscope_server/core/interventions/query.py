@@ -270,6 +270,17 @@ def _resolve_variants(
     return tuple(resolved)
 
 
+def _decoded(
+    loaded: LoadedModel, images: ImageSets, name: str, limits: InterventionLimits
+) -> torch.Tensor | None:
+    """One image set preprocessed, its errors naming the set's field; None when empty."""
+    given = {"images": images.base, "source_images": images.source}.get(name, images.reference)
+    if not given and name != "images":
+        return None
+    fields = [f"{name}[{i}]" for i in range(len(given))]
+    return prepare_batch(loaded.adapter, given, limits.max_batch, limits.max_pixels, fields)
+
+
 def prepare_intervention(
     loaded: LoadedModel, images: ImageSets, query: InterventionQuery, limits: InterventionLimits
 ) -> PreparedIntervention:
@@ -285,18 +296,11 @@ def prepare_intervention(
     kind, metric_classes = _metric(loaded, query, bool(images.source))
     sites, readout, classes = _outputs(loaded, query.outputs)
     _check_message(loaded, sites, query.outputs, len(images.base), limits)
-    adapter = loaded.adapter
-    base = prepare_batch(adapter, images.base, limits.max_batch, limits.max_pixels)
-    source = (
-        prepare_batch(adapter, images.source, limits.max_batch, limits.max_pixels)
-        if images.source
-        else None
+    base, source, reference = (
+        _decoded(loaded, images, name, limits)
+        for name in ("images", "source_images", "reference_images")
     )
-    reference = (
-        prepare_batch(adapter, images.reference, limits.max_batch, limits.max_pixels)
-        if images.reference
-        else None
-    )
+    assert base is not None
     effective = replace(
         query,
         sweep=plan.sweep.sweep if plan.sweep is not None else None,
