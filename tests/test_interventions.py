@@ -392,3 +392,24 @@ def test_mean_and_set_edits_equal_hand_written_hooks(client: Client) -> None:
     for h in handles:
         h.remove()
     np.testing.assert_allclose(result.variants[0].logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sites_after_the_edits_take_the_usual_selection_and_reductions(client: Client) -> None:
+    pixels = arrays(images(client, "vit", 2, 19))
+    variants = [iv.variant([iv.edit("blocks.0.out", "scale", factor=0.5, tokens="prefix")])]
+    whole = client.intervene(pixels, variants, sites=["blocks.1.out"]).variants[0]
+    reduced = client.intervene(
+        pixels, variants, sites=["blocks.1.out"], tokens="patches", reduction="mean"
+    ).variants[0]
+    prefix = client.describe("vit").prefix_token_count
+    expected = whole.sites["blocks.1.out"][:, prefix:].mean(axis=1)
+    np.testing.assert_allclose(reduced.sites["blocks.1.out"], expected, rtol=1e-5, atol=1e-6)
+    top = client.intervene(
+        pixels, variants, sites=["blocks.1.out"], reduction="top_channels", top_channels=3
+    ).variants[0]
+    found = top.site_tensors["blocks.1.out"]
+    chosen = np.sort(found["channel_indices"], axis=1)
+    best = np.sort(np.argsort(-expected, axis=1)[:, :3], axis=1)
+    np.testing.assert_array_equal(chosen, best)
+    with pytest.raises(InvalidArgumentError, match=r"outputs\.top_channels"):
+        client.intervene(pixels, variants, sites=["blocks.1.out"], reduction="top_channels")

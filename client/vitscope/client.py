@@ -711,6 +711,8 @@ class Client:
         sites: Sequence[str] = (),
         tokens: str | None = None,
         reduction: str | None = None,
+        channels: Sequence[int] = (),
+        top_channels: int = 0,
         variants_per_forward: int | None = None,
         on_progress: Callable[[intervening.Progress], object] | None = None,
         timeout: float | None = None,
@@ -719,7 +721,8 @@ class Client:
         images, or a declared sweep; per variant its metric (metric: logit_difference |
         target_probability | kl, between `target` and `other`), top-k predictions, the
         chosen classes' logits, the whole output (`logits`) and `sites` read after the
-        edits with the token selection and reduction of GetActivations."""
+        edits with the token selection and reduction of GetActivations (channels for a
+        patch map, top_channels for top channels)."""
         request = interventions_pb2.InterveneRequest(
             model=model,
             images=[image_message(i) for i in images],
@@ -734,6 +737,8 @@ class Client:
                 sites=list(sites),
                 tokens=token_selection(tokens),
                 reduction=_REDUCTIONS[reduction or "none"],
+                channels=list(channels),
+                top_channels=top_channels,
             ),
             variants_per_forward=variants_per_forward,
         )

@@ -98,6 +98,8 @@ class VariantOutcome:
     class_logits: np.ndarray | None  # [images, classes asked for]
     predictions: list[list[dict[str, Any]]]
     sites: dict[str, np.ndarray]  # site -> its "values" tensor
+    # site -> role -> tensor ("values", and "channel_indices" for top channels)
+    site_tensors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,6 +163,10 @@ def _variant(message: pb.VariantResult) -> VariantOutcome:
         _array(message.class_logits),
         _predictions(message.predictions),
         {s.site: wire.from_proto(s.tensors[0]) for s in message.sites if s.tensors},
+        {
+            s.site: {role: wire.from_proto(t) for role, t in zip(s.roles, s.tensors, strict=True)}
+            for s in message.sites
+        },
     )
 
 

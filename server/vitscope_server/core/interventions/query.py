@@ -218,6 +218,7 @@ def _outputs(
     mode = outputs.token_mode
     if mode is TokenMode.UNSPECIFIED:
         mode = TokenMode.ALL if outputs.reduction is Reduction.NONE else TokenMode.PATCHES
+    _check_reduction(outputs, mode)
     readout = SiteReadout(
         mode,
         outputs.token_indices,
@@ -228,6 +229,25 @@ def _outputs(
         outputs.output_dtype,
     )
     return sites, readout, classes
+
+
+def _check_reduction(outputs: Outputs, mode: TokenMode) -> None:
+    """The reduction's own fields, as GetActivations asks for them."""
+    if outputs.reduction is Reduction.TOP_CHANNELS and outputs.top_channels < 1:
+        raise InvalidArgument(
+            "outputs.top_channels",
+            f"REDUCTION_TOP_CHANNELS needs top_channels >= 1, got {outputs.top_channels}",
+        )
+    if outputs.reduction is Reduction.PATCH_MAP and not outputs.channels:
+        raise InvalidArgument(
+            "outputs.channels",
+            "REDUCTION_PATCH_MAP needs at least one channel",
+            reason=Reason.FIELD_REQUIRED,
+        )
+    if outputs.reduction is Reduction.PATCH_MAP and mode is not TokenMode.PATCHES:
+        raise InvalidArgument(
+            "outputs.tokens.mode", "REDUCTION_PATCH_MAP covers the patch grid; use PATCHES"
+        )
 
 
 def _check_message(
