@@ -114,7 +114,7 @@ def editing(
             if threading.get_ident() != owner or next(count) % site.calls != site.call_index:
                 return None
             picked = value[site.output_index] if isinstance(value, (tuple, list)) else value
-            copy = picked.clone()
+            copy = picked.clone(memory_format=torch.contiguous_format)
             view = edit_view(adapter, site, copy, batch)
             if view.untyped_storage().data_ptr() != copy.untyped_storage().data_ptr():
                 raise RuntimeError(f"site {site.name} has no editable view")
