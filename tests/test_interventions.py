@@ -265,6 +265,12 @@ def test_patching_sweep_is_shaped_like_blocks_by_grid(client: Client) -> None:
     assert result.sweep_shape == shape and result.values is not None
     assert result.values.shape == (1, *shape) and result.normalized is not None
     assert seen[-1].completed == seen[-1].total == int(np.prod(shape))
+    # The partial results streamed with the progress are the final result's.
+    assert [p.indices for p in seen] == [
+        list(range(i, min(i + 3, seen[-1].total))) for i in range(0, seen[-1].total, 3)
+    ]
+    streamed = np.concatenate([p.values for p in seen if p.values is not None])
+    np.testing.assert_array_equal(streamed.T.reshape(1, *shape), result.values)
     # A lone patch of a GAP model's last block moves the logits by that token's share alone.
     one = client.intervene(
         arrays(base),

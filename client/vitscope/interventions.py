@@ -104,8 +104,14 @@ class VariantOutcome:
 
 @dataclass
 class Progress:
+    """Variants run so far; for a sweep, the ones just run (flat indices, row-major over the
+    sweep's shape) with their metric per image ([variants, images])."""
+
     completed: int
     total: int
+    indices: list[int] = field(default_factory=list)
+    values: np.ndarray | None = None
+    normalized: np.ndarray | None = None
 
 
 @dataclass
@@ -197,7 +203,16 @@ def collect(
         elif kind == "variant":
             result.variants.append(_variant(response.variant))
         elif kind == "progress" and on_progress is not None:
-            on_progress(Progress(response.progress.completed_count, response.progress.total_count))
+            progress = response.progress
+            on_progress(
+                Progress(
+                    progress.completed_count,
+                    progress.total_count,
+                    list(progress.variant_indices),
+                    _array(progress.values),
+                    _array(progress.normalized),
+                )
+            )
         elif kind == "sweep":
             result.values = _array(response.sweep.values)
             result.normalized = _array(response.sweep.normalized)
