@@ -7,21 +7,26 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import open_clip
 import pytest
 import timm
 import torch
 from conftest import TEST_MODELS, start
+from waiting import sample, wait_until
 
 from vitscope import Client
 from vitscope import interventions as iv
+from vitscope.client import image_message
 from vitscope.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
 )
+from vitscope.v1 import inspector_pb2_grpc, interventions_pb2
+from vitscope_server.transport.app import RunningServer
 
 GAP = {
     "name": "gap",
@@ -51,14 +56,17 @@ ATTENTION = {
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     folder = tmp_path_factory.mktemp("interventions")
-    running = start(folder, MODELS, default_model="vit", request_memory_bytes=24 << 20)
-    try:
-        with Client(f"127.0.0.1:{running.port}", timeout=120) as c:
-            yield c
-    finally:
-        running.stop(0)
+    served = start(folder, MODELS, default_model="vit", request_memory_bytes=24 << 20)
+    yield served
+    served.stop(0)
+
+
+@pytest.fixture(scope="module")
+def client(running: RunningServer) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{running.port}", timeout=120) as c:
+        yield c
 
 
 def build(name: str) -> torch.nn.Module:
@@ -419,3 +427,32 @@ def test_sites_after_the_edits_take_the_usual_selection_and_reductions(client: C
     np.testing.assert_array_equal(chosen, best)
     with pytest.raises(InvalidArgumentError, match=r"outputs\.top_channels"):
         client.intervene(pixels, variants, sites=["blocks.1.out"], reduction="top_channels")
+
+
+def test_a_cancelled_sweep_stops_its_forwards(client: Client, running: RunningServer) -> None:
+    pixels = images(client, "vit", 1, 20)
+    model = running.registry.get("vit").adapter.root
+    forwards: list[int] = []
+    handle = model.register_forward_hook(lambda m, a, o: forwards.append(1))
+    request = interventions_pb2.InterveneRequest(
+        model="vit",
+        images=[image_message(pixels[0].numpy())],
+        source_images=[image_message(pixels[0].numpy())],
+        sweep=interventions_pb2.Sweep(kind=interventions_pb2.SWEEP_KIND_PATCH_POSITIONS),
+        variants_per_forward=1,
+    )
+
+    def ended() -> bool:
+        return sample(running, "vitscope_requests_in_flight", method="Intervene") == 0
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            call = inspector_pb2_grpc.InspectorStub(channel).Intervene(request, timeout=120)
+            header = next(call).header
+            assert next(call).WhichOneof("payload") == "progress"
+            call.cancel()
+            wait_until(ended, "the cancelled sweep to end")
+        # Two forwards before the variants (base, source), then one per variant run.
+        assert len(forwards) - 2 < header.variant_count
+    finally:
+        handle.remove()
