@@ -43,7 +43,7 @@ fuzz: install
 		VITSCOPE_FUZZ_MAX_GROWTH=$(FUZZ_MAX_GROWTH) \
 		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/system/test_fuzz.py
 
-BENCHMARKS := activations feature_viz projection inversion oip explain serving load compiled
+BENCHMARKS := activations feature_viz projection inversion oip explain serving load compiled interventions
 
 # Every benchmark in turn; each prints its JSON object last. One: make bench-inversion.
 bench: $(addprefix bench-,$(BENCHMARKS))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitscope import cli_explain, cli_features, cli_inversion, cli_projection
+from vitscope import cli_explain, cli_features, cli_interventions, cli_inversion, cli_projection
 from vitscope.client import DEFAULT_TARGET, Client
 from vitscope.demo import run_demo
 from vitscope.errors import VitscopeError
@@ -30,7 +30,7 @@ def _position(text: str) -> tuple[int, int]:
 
 
 # Each RPC family's subcommands: add_commands(subparsers) and run(client, args) -> handled.
-FAMILY_COMMANDS = (cli_features, cli_projection, cli_inversion, cli_explain)
+FAMILY_COMMANDS = (cli_features, cli_projection, cli_inversion, cli_explain, cli_interventions)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from vitscope import explain as explaining
+from vitscope import interventions as intervening
 from vitscope import inversion, projection
 from vitscope import tensors as wire
 from vitscope.enums import short_names
@@ -43,6 +44,7 @@ from vitscope.v1 import (
     activations_pb2,
     common_pb2,
     explain_pb2,
+    interventions_pb2,
     inversion_pb2,
     models_pb2,
     projection_pb2,
@@ -684,3 +686,96 @@ class Client:
                 explaining.faithfulness_message(patches_per_step, blur_sigma, seed)
             )
         return explaining.collect(self._stream(self._stub.Explain, request, timeout), on_progress)
+
+    # Interventions: ablate, patch and steer, and sweeps of them (docs/methods.md section 7).
+
+    def intervene(
+        self,
+        images: Sequence[ImageLike],
+        variants: Sequence[interventions_pb2.Variant] = (),
+        *,
+        model: str = "",
+        source_images: Sequence[ImageLike] = (),
+        reference_images: Sequence[ImageLike] = (),
+        sweep: interventions_pb2.Sweep | None = None,
+        metric: str | None = None,
+        target: ClassLike = None,
+        other: ClassLike = None,
+        top_k: int = 0,
+        classes: Sequence[ClassLike] = (),
+        logits: bool = False,
+        sites: Sequence[str] = (),
+        tokens: str | None = None,
+        reduction: str | None = None,
+        channels: Sequence[int] = (),
+        top_channels: int = 0,
+        variants_per_forward: int | None = None,
+        on_progress: Callable[[intervening.Progress], object] | None = None,
+        timeout: float | None = None,
+    ) -> intervening.Intervention:
+        """Each variant (interventions.variant([interventions.edit(...), ...])) run on the
+        images, or a declared sweep; per variant its metric (metric: logit_difference |
+        target_probability | kl, between `target` and `other`), top-k predictions, the
+        chosen classes' logits, the whole output (`logits`) and `sites` read after the
+        edits with the token selection and reduction of GetActivations (channels for a
+        patch map, top_channels for top channels)."""
+        request = interventions_pb2.InterveneRequest(
+            model=model,
+            images=[image_message(i) for i in images],
+            source_images=[image_message(i) for i in source_images],
+            reference_images=[image_message(i) for i in reference_images],
+            variants=list(variants),
+            metric=intervening.metric_message(metric, target, other),
+            outputs=interventions_pb2.InterventionOutputs(
+                top_k=top_k,
+                classes=[class_ref(c) for c in classes],
+                logits=logits,
+                sites=list(sites),
+                tokens=token_selection(tokens),
+                reduction=_REDUCTIONS[reduction or "none"],
+                channels=list(channels),
+                top_channels=top_channels,
+            ),
+            variants_per_forward=variants_per_forward,
+        )
+        if sweep is not None:
+            request.sweep.CopyFrom(sweep)
+        return intervening.collect(
+            self._stream(self._stub.Intervene, request, timeout), on_progress
+        )
+
+    def patching_sweep(
+        self,
+        base: Sequence[ImageLike],
+        source: Sequence[ImageLike],
+        *,
+        part: str = "out",
+        blocks: Sequence[int] = (),
+        **options: Any,
+    ) -> intervening.Intervention:
+        """Activation patching of blocks.{i}.{part} (residual: out) at every block and patch
+        position from source into base: values and normalized are [images, blocks,
+        grid_h, grid_w]. options: as intervene's (metric, target, other, model...)."""
+        sweep = interventions_pb2.Sweep(
+            kind=interventions_pb2.SWEEP_KIND_PATCH_POSITIONS,
+            part=intervening.PARTS.get(part, part),
+            blocks=list(blocks),
+        )
+        return self.intervene(base, source_images=source, sweep=sweep, **options)
+
+    def head_sweep(
+        self,
+        images: Sequence[ImageLike],
+        *,
+        operation: str = "zero",
+        blocks: Sequence[int] = (),
+        **options: Any,
+    ) -> intervening.Intervention:
+        """Each head of every block zeroed (or mean-ablated, or patched) alone: values are
+        [images, blocks, heads]."""
+        sweep = interventions_pb2.Sweep(
+            kind=interventions_pb2.SWEEP_KIND_HEADS,
+            operation=intervening.OPERATIONS[operation],
+            blocks=list(blocks),
+        )
+        return self.intervene(images, sweep=sweep, **options)

@@ -14,6 +14,7 @@ from PIL import Image
 from vitscope.client import Client
 from vitscope.demo_explain import explanation_figures
 from vitscope.demo_features import feature_visualizations
+from vitscope.demo_interventions import intervention_figures
 from vitscope.demo_inversion import inversion_figures
 from vitscope.demo_projection import projection_figures
 from vitscope.figures import Figure, sample_digits
@@ -102,6 +103,7 @@ def run_demo(client: Client, out: Path, model: str = "", digits: int = 6) -> Pat
     figures += projection_figures(client, model, out, chosen)
     figures += inversion_figures(client, model, out, chosen)
     figures += explanation_figures(client, model, out, chosen)
+    figures += intervention_figures(client, model, out, chosen)
     for figure in figures:
         if np.asarray(Image.open(out / figure.file)).std() == 0:
             raise RuntimeError(f"{figure.file} came out blank")

@@ -118,12 +118,21 @@ def test_prefix_tokens_and_grids_follow_the_model(served: dict[str, Any]) -> Non
     assert per_block("twins", "prefix_token_count") == [0] * 6
 
 
+def _besides_heads(sites: dict[str, str]) -> dict[str, str]:
+    return {site: reason for site, reason in sites.items() if not site.endswith("attn.heads")}
+
+
 def test_unavailable_sites_say_why(served: dict[str, Any]) -> None:
-    coat = served["coat"]["description"].unavailable_sites
+    coat = _besides_heads(served["coat"]["description"].unavailable_sites)
     assert set(coat) == {f"blocks.{i}.attn.probs" for i in range(4)}
     assert all("no explicit probabilities" in reason for reason in coat.values())
     for name in ("vit", "deit", "swin", "convit", "pit", "twins"):
+        assert _besides_heads(served[name]["description"].unavailable_sites) == {}, name
+    # Heads exist wherever the probabilities are global; windowed attention refuses them.
+    for name in ("vit", "deit", "convit", "pit"):
         assert served[name]["description"].unavailable_sites == {}, name
+    swin = served["swin"]["description"].unavailable_sites
+    assert swin and all("windowed" in swin[site] for site in swin)
 
 
 def test_an_unavailable_site_is_refused_by_name(family_client: Client) -> None:

@@ -171,6 +171,17 @@ def _hooks(block: Any, i: int, store: dict[str, Any]) -> list[Any]:
         handles.append(
             attention.register_forward_hook(lambda m, a, o: put(f"blocks.{i}.attn.out", scale1(o)))
         )
+    projection = getattr(attention, "proj", None)
+    if isinstance(projection, nn.Linear) and isinstance(getattr(attention, "num_heads", None), int):
+
+        def heads(m: Any, a: Any) -> None:
+            """Each head's context slice through its columns of proj, times LayerScale."""
+            context = a[0].reshape(*a[0].shape[:-1], attention.num_heads, -1)
+            weight = m.weight.reshape(m.weight.shape[0], attention.num_heads, -1)
+            per_head = torch.einsum("...hk,dhk->...hd", context, weight)
+            put(f"blocks.{i}.attn.heads", per_head * getattr(scale1, "gamma", 1.0))
+
+        handles.append(projection.register_forward_pre_hook(heads))
     for name in _PROJECTIONS:
         module = getattr(attention, name, None)
         if isinstance(module, nn.Linear):
@@ -204,5 +215,6 @@ def family_sites(name: str, model: Any, pixels: torch.Tensor) -> dict[str, np.nd
     store["embed"] = store["in.0"]
     out = {}
     for key, value in store.items():
-        out[key] = (value if key.endswith("attn.probs") else _tokens(value)).numpy()
+        kept = key.endswith(("attn.probs", "attn.heads"))
+        out[key] = (value if kept else _tokens(value)).numpy()
     return out

@@ -294,6 +294,13 @@ def _feature_site(description: Any) -> str:
     return hidden if hidden in description.sites else f"blocks.{last}.out"
 
 
+def _sites(description: Any) -> list[str]:
+    """Every site, but the heads of the first block alone: each block's heads hold `heads`
+    times attn.out, too much to read for every block of the largest models."""
+    heads = [s for s in description.sites if s.endswith(".attn.heads")]
+    return [s for s in description.sites if s not in heads[1:]]
+
+
 def sweep_model(client: Client, spec: dict[str, Any]) -> dict[str, str]:
     """Every RPC once on one served model; outcomes by RPC."""
     name = spec["name"]
@@ -309,7 +316,7 @@ def sweep_model(client: Client, spec: dict[str, Any]) -> dict[str, str]:
     site = _feature_site(description)
     labels = CLIP_LABELS if spec["family"] == "open_clip" else {}
     calls: dict[str, Callable[[], object]] = {
-        "Activations": lambda: client.activations(pixels, list(description.sites), model=name),
+        "Activations": lambda: client.activations(pixels, _sites(description), model=name),
         "Optimize": lambda: client.optimize_features(
             [(site, 0)], model=name, steps=1, copies=1, jitter=1
         ),

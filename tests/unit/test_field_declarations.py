@@ -76,9 +76,9 @@ def test_a_request_is_refused_at_the_first_field_past_its_declaration() -> None:
 
 def test_parameters_name_their_key() -> None:
     output = oip.ModelInferRequest.InferRequestedOutputTensor(
-        name="blocks.0.out", parameters={"colour": oip.InferParameter(string_param="red")}
+        name="blocks.0.out", parameters={"color": oip.InferParameter(string_param="red")}
     )
     with pytest.raises(InvalidArgument) as refused:
         fields.check(oip.ModelInferRequest(outputs=[output]))
-    assert refused.value.field == 'outputs[0].parameters["colour"]'
+    assert refused.value.field == 'outputs[0].parameters["color"]'
     assert "positions" in refused.value.description

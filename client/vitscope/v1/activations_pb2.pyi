@@ -92,7 +92,8 @@ class GetActivationsRequest(_message.Message):
     @_builtins.property
     def sites(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Canonical site names (blocks.{i}.out, blocks.{i}.attn.out,
-        blocks.{i}.attn.probs, blocks.{i}.mlp.hidden, blocks.{i}.mlp.out, embed,
+        blocks.{i}.attn.probs, blocks.{i}.attn.heads, blocks.{i}.mlp.hidden,
+        blocks.{i}.mlp.out, embed,
         final) or raw module paths (blocks.3.attn.qkv).
         """
 

@@ -25,19 +25,20 @@ _sym_db = _symbol_database.Default()
 from vitscope.v1 import activations_pb2 as vitscope_dot_v1_dot_activations__pb2
 from vitscope.v1 import explain_pb2 as vitscope_dot_v1_dot_explain__pb2
 from vitscope.v1 import features_pb2 as vitscope_dot_v1_dot_features__pb2
+from vitscope.v1 import interventions_pb2 as vitscope_dot_v1_dot_interventions__pb2
 from vitscope.v1 import inversion_pb2 as vitscope_dot_v1_dot_inversion__pb2
 from vitscope.v1 import models_pb2 as vitscope_dot_v1_dot_models__pb2
 from vitscope.v1 import projection_pb2 as vitscope_dot_v1_dot_projection__pb2
 from vitscope.v1 import server_info_pb2 as vitscope_dot_v1_dot_server__info__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvitscope/v1/inspector.proto\x12\x0bvitscope.v1\x1a\x1dvitscope/v1/activations.proto\x1a\x19vitscope/v1/explain.proto\x1a\x1avitscope/v1/features.proto\x1a\x1bvitscope/v1/inversion.proto\x1a\x18vitscope/v1/models.proto\x1a\x1cvitscope/v1/projection.proto\x1a\x1dvitscope/v1/server_info.proto2\xe5\x07\n\tInspector\x12M\n\nListModels\x12\x1e.vitscope.v1.ListModelsRequest\x1a\x1f.vitscope.v1.ListModelsResponse\x12V\n\rDescribeModel\x12!.vitscope.v1.DescribeModelRequest\x1a\".vitscope.v1.DescribeModelResponse\x12[\n\x0eGetActivations\x12\".vitscope.v1.GetActivationsRequest\x1a#.vitscope.v1.GetActivationsResponse0\x01\x12\x61\n\x10OptimizeFeatures\x12$.vitscope.v1.OptimizeFeaturesRequest\x1a%.vitscope.v1.OptimizeFeaturesResponse0\x01\x12j\n\x13TopActivatingImages\x12\'.vitscope.v1.TopActivatingImagesRequest\x1a(.vitscope.v1.TopActivatingImagesResponse(\x01\x12j\n\x13ProjectToClassSpace\x12\'.vitscope.v1.ProjectToClassSpaceRequest\x1a(.vitscope.v1.ProjectToClassSpaceResponse0\x01\x12\\\n\x0fProjectMemories\x12#.vitscope.v1.ProjectMemoriesRequest\x1a$.vitscope.v1.ProjectMemoriesResponse\x12\x43\n\x06Invert\x12\x1a.vitscope.v1.InvertRequest\x1a\x1b.vitscope.v1.InvertResponse0\x01\x12V\n\rListInverters\x12!.vitscope.v1.ListInvertersRequest\x1a\".vitscope.v1.ListInvertersResponse\x12\x46\n\x07\x45xplain\x12\x1b.vitscope.v1.ExplainRequest\x1a\x1c.vitscope.v1.ExplainResponse0\x01\x12V\n\rGetServerInfo\x12!.vitscope.v1.GetServerInfoRequest\x1a\".vitscope.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvitscope/v1/inspector.proto\x12\x0bvitscope.v1\x1a\x1dvitscope/v1/activations.proto\x1a\x19vitscope/v1/explain.proto\x1a\x1avitscope/v1/features.proto\x1a\x1fvitscope/v1/interventions.proto\x1a\x1bvitscope/v1/inversion.proto\x1a\x18vitscope/v1/models.proto\x1a\x1cvitscope/v1/projection.proto\x1a\x1dvitscope/v1/server_info.proto2\xb3\x08\n\tInspector\x12M\n\nListModels\x12\x1e.vitscope.v1.ListModelsRequest\x1a\x1f.vitscope.v1.ListModelsResponse\x12V\n\rDescribeModel\x12!.vitscope.v1.DescribeModelRequest\x1a\".vitscope.v1.DescribeModelResponse\x12[\n\x0eGetActivations\x12\".vitscope.v1.GetActivationsRequest\x1a#.vitscope.v1.GetActivationsResponse0\x01\x12\x61\n\x10OptimizeFeatures\x12$.vitscope.v1.OptimizeFeaturesRequest\x1a%.vitscope.v1.OptimizeFeaturesResponse0\x01\x12j\n\x13TopActivatingImages\x12\'.vitscope.v1.TopActivatingImagesRequest\x1a(.vitscope.v1.TopActivatingImagesResponse(\x01\x12j\n\x13ProjectToClassSpace\x12\'.vitscope.v1.ProjectToClassSpaceRequest\x1a(.vitscope.v1.ProjectToClassSpaceResponse0\x01\x12\\\n\x0fProjectMemories\x12#.vitscope.v1.ProjectMemoriesRequest\x1a$.vitscope.v1.ProjectMemoriesResponse\x12\x43\n\x06Invert\x12\x1a.vitscope.v1.InvertRequest\x1a\x1b.vitscope.v1.InvertResponse0\x01\x12V\n\rListInverters\x12!.vitscope.v1.ListInvertersRequest\x1a\".vitscope.v1.ListInvertersResponse\x12\x46\n\x07\x45xplain\x12\x1b.vitscope.v1.ExplainRequest\x1a\x1c.vitscope.v1.ExplainResponse0\x01\x12L\n\tIntervene\x12\x1d.vitscope.v1.InterveneRequest\x1a\x1e.vitscope.v1.InterveneResponse0\x01\x12V\n\rGetServerInfo\x12!.vitscope.v1.GetServerInfoRequest\x1a\".vitscope.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vitscope.v1.inspector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INSPECTOR']._serialized_start=247
-  _globals['_INSPECTOR']._serialized_end=1244
+  _globals['_INSPECTOR']._serialized_start=280
+  _globals['_INSPECTOR']._serialized_end=1355
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ import warnings
 from vitscope.v1 import activations_pb2 as vitscope_dot_v1_dot_activations__pb2
 from vitscope.v1 import explain_pb2 as vitscope_dot_v1_dot_explain__pb2
 from vitscope.v1 import features_pb2 as vitscope_dot_v1_dot_features__pb2
+from vitscope.v1 import interventions_pb2 as vitscope_dot_v1_dot_interventions__pb2
 from vitscope.v1 import inversion_pb2 as vitscope_dot_v1_dot_inversion__pb2
 from vitscope.v1 import models_pb2 as vitscope_dot_v1_dot_models__pb2
 from vitscope.v1 import projection_pb2 as vitscope_dot_v1_dot_projection__pb2
@@ -90,6 +91,11 @@ class InspectorStub:
                 '/vitscope.v1.Inspector/Explain',
                 request_serializer=vitscope_dot_v1_dot_explain__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=vitscope_dot_v1_dot_explain__pb2.ExplainResponse.FromString,
+                _registered_method=True)
+        self.Intervene = channel.unary_stream(
+                '/vitscope.v1.Inspector/Intervene',
+                request_serializer=vitscope_dot_v1_dot_interventions__pb2.InterveneRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_interventions__pb2.InterveneResponse.FromString,
                 _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/vitscope.v1.Inspector/GetServerInfo',
@@ -177,6 +183,15 @@ class InspectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Intervene(self, request, context):
+        """Variants of a forward with edits (ablate, patch, steer) at sites and heads, or a
+        declared sweep expanded on the server: a header, then per batch of variants their
+        results and progress; a sweep ends with its metric shaped like the sweep.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """What this server speaks and offers: protocol and package versions, models,
         methods and limits. A client calls it before sending work, to fail clearly
@@ -238,6 +253,11 @@ def add_InspectorServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=vitscope_dot_v1_dot_explain__pb2.ExplainRequest.FromString,
                     response_serializer=vitscope_dot_v1_dot_explain__pb2.ExplainResponse.SerializeToString,
+            ),
+            'Intervene': grpc.unary_stream_rpc_method_handler(
+                    servicer.Intervene,
+                    request_deserializer=vitscope_dot_v1_dot_interventions__pb2.InterveneRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_interventions__pb2.InterveneResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -516,6 +536,33 @@ class Inspector:
             '/vitscope.v1.Inspector/Explain',
             vitscope_dot_v1_dot_explain__pb2.ExplainRequest.SerializeToString,
             vitscope_dot_v1_dot_explain__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Intervene(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vitscope.v1.Inspector/Intervene',
+            vitscope_dot_v1_dot_interventions__pb2.InterveneRequest.SerializeToString,
+            vitscope_dot_v1_dot_interventions__pb2.InterveneResponse.FromString,
             options,
             channel_credentials,
             insecure,

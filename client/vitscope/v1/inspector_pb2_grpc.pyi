@@ -8,6 +8,7 @@ from grpc import aio as _aio
 from vitscope.v1 import activations_pb2 as _activations_pb2
 from vitscope.v1 import explain_pb2 as _explain_pb2
 from vitscope.v1 import features_pb2 as _features_pb2
+from vitscope.v1 import interventions_pb2 as _interventions_pb2
 from vitscope.v1 import inversion_pb2 as _inversion_pb2
 from vitscope.v1 import models_pb2 as _models_pb2
 from vitscope.v1 import projection_pb2 as _projection_pb2
@@ -68,6 +69,11 @@ class InspectorStub:
     methods, with optional deletion and insertion curves. A header, progress while
     integrated gradients run, one message per image, then a summary.
     """
+    Intervene: _grpc.UnaryStreamMultiCallable[_interventions_pb2.InterveneRequest, _interventions_pb2.InterveneResponse]
+    """Variants of a forward with edits (ablate, patch, steer) at sites and heads, or a
+    declared sweep expanded on the server: a header, then per batch of variants their
+    results and progress; a sweep ends with its metric shaped like the sweep.
+    """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_server_info_pb2.GetServerInfoRequest, _server_info_pb2.GetServerInfoResponse]
     """What this server speaks and offers: protocol and package versions, models,
     methods and limits. A client calls it before sending work, to fail clearly
@@ -107,6 +113,11 @@ class InspectorAsyncStub(InspectorStub):
     """Attribution maps for each image's prediction (or a chosen target) by one or more
     methods, with optional deletion and insertion curves. A header, progress while
     integrated gradients run, one message per image, then a summary.
+    """
+    Intervene: _aio.UnaryStreamMultiCallable[_interventions_pb2.InterveneRequest, _interventions_pb2.InterveneResponse]  # type: ignore[assignment]
+    """Variants of a forward with edits (ablate, patch, steer) at sites and heads, or a
+    declared sweep expanded on the server: a header, then per batch of variants their
+    results and progress; a sweep ends with its metric shaped like the sweep.
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_server_info_pb2.GetServerInfoRequest, _server_info_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """What this server speaks and offers: protocol and package versions, models,
@@ -204,6 +215,17 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         """Attribution maps for each image's prediction (or a chosen target) by one or more
         methods, with optional deletion and insertion curves. A header, progress while
         integrated gradients run, one message per image, then a summary.
+        """
+
+    @_abc_1.abstractmethod
+    def Intervene(
+        self,
+        request: _interventions_pb2.InterveneRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_interventions_pb2.InterveneResponse], _abc.AsyncIterator[_interventions_pb2.InterveneResponse]]:
+        """Variants of a forward with edits (ablate, patch, steer) at sites and heads, or a
+        declared sweep expanded on the server: a header, then per batch of variants their
+        results and progress; a sweep ends with its metric shaped like the sweep.
         """
 
     @_abc_1.abstractmethod

@@ -54,6 +54,11 @@ class _SiteLayoutEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SiteLayout
     """[batch, windows, heads, window tokens, window tokens] (windowed attention)."""
     SITE_LAYOUT_RAW: _SiteLayout.ValueType  # 4
     """Any other shape, served as is."""
+    SITE_LAYOUT_HEADS: _SiteLayout.ValueType  # 5
+    """[batch, tokens, heads, channels]: each head's contribution to attn.out
+    (blocks.{i}.attn.heads); summed over heads, plus the output projection's
+    bias (times LayerScale), it is attn.out.
+    """
 
 class SiteLayout(_SiteLayout, metaclass=_SiteLayoutEnumTypeWrapper):
     """How a site's tensor is laid out."""
@@ -67,6 +72,11 @@ SITE_LAYOUT_WINDOW_ATTENTION: SiteLayout.ValueType  # 3
 """[batch, windows, heads, window tokens, window tokens] (windowed attention)."""
 SITE_LAYOUT_RAW: SiteLayout.ValueType  # 4
 """Any other shape, served as is."""
+SITE_LAYOUT_HEADS: SiteLayout.ValueType  # 5
+"""[batch, tokens, heads, channels]: each head's contribution to attn.out
+(blocks.{i}.attn.heads); summed over heads, plus the output projection's
+bias (times LayerScale), it is attn.out.
+"""
 Global___SiteLayout: _TypeAlias = SiteLayout  # noqa: Y015
 
 @_typing.final

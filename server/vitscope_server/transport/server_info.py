@@ -23,6 +23,7 @@ _FAMILIES = {
     "Invert": "inversion",
     "ListInverters": "inversion",
     "Explain": "explain",
+    "Intervene": "interventions",
     "GetServerInfo": "server",
 }
 SERVICE = inspector_pb2.DESCRIPTOR.services_by_name["Inspector"]

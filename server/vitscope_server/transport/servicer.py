@@ -21,6 +21,7 @@ from vitscope_server.transport.activations_rpcs import ActivationRpcs
 from vitscope_server.transport.batchers import Batchers
 from vitscope_server.transport.explain_rpcs import ExplainRpcs
 from vitscope_server.transport.features_rpcs import FeatureRpcs
+from vitscope_server.transport.interventions_rpcs import InterventionRpcs
 from vitscope_server.transport.inversion_rpcs import InversionRpcs
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.projection_rpcs import ProjectionRpcs
@@ -34,6 +35,7 @@ class InspectorServicer(  # type: ignore[misc]
     ProjectionRpcs,
     InversionRpcs,
     ExplainRpcs,
+    InterventionRpcs,
     pb_grpc.InspectorServicer,
 ):
     def __init__(

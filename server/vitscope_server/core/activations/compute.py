@@ -9,22 +9,37 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from enum import Enum
 
 import numpy as np
 import torch
 
 from vitscope_server.core.model.adapters import Layout, ModelAdapter, SiteDef
-from vitscope_server.core.model.capture import ForwardStopped, capture_sites, last_block_needed
+from vitscope_server.core.model.capture import (
+    ForwardStopped,
+    capture_sites,
+    head_context_paths,
+    last_block_needed,
+)
 from vitscope_server.core.model.images import ImageInput, prepare_batch
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.provenance import Provenance, provenance_of
+from vitscope_server.core.model.readout import (
+    COMPUTE_DTYPES,
+    OUTPUT_DTYPES,
+    DeviceSite,
+    Prediction,
+    Reduction,
+    SiteOutput,
+    TensorDType,
+    check_site,
+    predictions_of,
+    reduce_on_device,
+    top_predictions,
+)
 from vitscope_server.core.model.sites import resolve_site
 from vitscope_server.core.model.tokens import (
     TokenMode,
     as_site_layout,
-    resolve_token_indices,
-    select_tokens,
 )
 from vitscope_server.core.runtime.batching import outcome
 from vitscope_server.core.runtime.cancel import CancelToken
@@ -33,35 +48,10 @@ from vitscope_server.core.runtime.errors import (
     InvalidArgument,
     Reason,
     ResourceExhausted,
-    require_in_range,
 )
 from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.stages import Stage, StageTimes
 from vitscope_server.core.runtime.transfer import to_host
-
-
-class Reduction(Enum):
-    NONE = "none"
-    MEAN = "mean"
-    PATCH_MAP = "patch_map"
-    TOP_CHANNELS = "top_channels"
-
-
-class TensorDType(Enum):
-    """Element types of result tensors; bfloat16 results hold their bit patterns as uint16."""
-
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-    INT64 = "int64"
-
-
-OUTPUT_DTYPES = (TensorDType.FLOAT32, TensorDType.FLOAT16, TensorDType.BFLOAT16)
-COMPUTE_DTYPES = {
-    TensorDType.FLOAT32: torch.float32,
-    TensorDType.FLOAT16: torch.float16,
-    TensorDType.BFLOAT16: torch.bfloat16,
-}
 
 
 @dataclass(frozen=True)
@@ -82,31 +72,6 @@ class ActivationQuery:
 
 
 @dataclass(frozen=True)
-class OutputTensor:
-    """A result tensor; bfloat16 arrays hold bit patterns as uint16."""
-
-    role: str
-    dtype: TensorDType
-    array: np.ndarray
-
-
-@dataclass(frozen=True)
-class SiteOutput:
-    site: SiteDef
-    token_indices: list[int]
-    channels: list[int]
-    tensors: list[OutputTensor]
-
-
-@dataclass(frozen=True)
-class Prediction:
-    class_index: int
-    class_name: str
-    probability: float
-    logit: float
-
-
-@dataclass(frozen=True)
 class ActivationResult:
     provenance: Provenance
     query: ActivationQuery
@@ -119,29 +84,12 @@ class ActivationResult:
 
 
 @dataclass(frozen=True)
-class _DeviceTensor:
-    """A result tensor still on the model's device, already in its output dtype."""
-
-    role: str
-    dtype: TensorDType
-    tensor: torch.Tensor
-
-
-@dataclass(frozen=True)
-class _DeviceSite:
-    site: SiteDef
-    token_indices: list[int]
-    channels: list[int]
-    tensors: list[_DeviceTensor]
-
-
-@dataclass(frozen=True)
 class _DeviceResult:
     """One request's result before its single copy off the device."""
 
     item: PreparedActivations
     batch_size: int
-    sites: list[_DeviceSite]
+    sites: list[DeviceSite]
     # float32 [batch, classes] when asked for.
     logits: torch.Tensor | None
     # (probabilities, class indices, logits) of the top predictions, each [batch, k].
@@ -219,100 +167,6 @@ def _effective(query: ActivationQuery, adapter: ModelAdapter) -> ActivationQuery
     )
 
 
-def _to_output(role: str, tensor: torch.Tensor, dtype: TensorDType) -> _DeviceTensor:
-    """The tensor cast to its output dtype on the device; int64 (indices) stays int64."""
-    if tensor.dtype == torch.int64:
-        return _DeviceTensor(role, TensorDType.INT64, tensor.contiguous())
-    return _DeviceTensor(role, dtype, tensor.to(COMPUTE_DTYPES[dtype]).contiguous())
-
-
-def _check_channels(channels: tuple[int, ...], site: SiteDef, num_channels: int) -> None:
-    if len(channels) > num_channels:
-        raise InvalidArgument("channels", f"at most {num_channels} for site {site.name!r}")
-    require_in_range("channels", channels, 0, num_channels - 1, f" for site {site.name!r}")
-
-
-def _check_site(query: ActivationQuery, site: SiteDef, shape: tuple[int, ...]) -> list[int]:
-    """Every check the site's shape allows (token selection, reduction, channels, top_k);
-    returns the selected token indices. Run before any decode with the probed shape, and
-    again on the captured tensor."""
-    if site.layout in (Layout.WINDOW_ATTENTION, Layout.RAW):
-        if query.reduction is not Reduction.NONE or query.token_mode is not TokenMode.ALL:
-            raise InvalidArgument(
-                "sites",
-                f"{site.name!r} has {site.layout.value} layout {list(shape)}; "
-                "it allows only REDUCTION_NONE with all tokens",
-            )
-        return []
-    token_axis = 2 if site.layout is Layout.ATTENTION else 1
-    indices = resolve_token_indices(query, site, shape[token_axis])
-    if site.layout is Layout.ATTENTION and query.reduction not in (Reduction.NONE, Reduction.MEAN):
-        raise InvalidArgument(
-            "reduction", f"site {site.name!r} holds attention probabilities; allowed: NONE, MEAN"
-        )
-    if query.reduction is Reduction.PATCH_MAP:
-        _check_channels(query.channels, site, shape[-1])
-    if query.reduction is Reduction.TOP_CHANNELS and query.top_k > shape[-1]:
-        raise InvalidArgument(
-            "top_k", f"{query.top_k} exceeds the {shape[-1]} channels of {site.name!r}"
-        )
-    return indices
-
-
-def _reduce(query: ActivationQuery, site: SiteDef, tensor: torch.Tensor) -> _DeviceSite:
-    """Selects tokens and applies the reduction to one site's canonical tensor."""
-    indices = _check_site(query, site, tuple(tensor.shape))
-    if site.layout in (Layout.WINDOW_ATTENTION, Layout.RAW):
-        return _DeviceSite(site, [], [], [_to_output("values", tensor, query.output_dtype)])
-    token_axis = 2 if site.layout is Layout.ATTENTION else 1
-    selected = select_tokens(tensor, token_axis, indices)
-    if query.reduction is Reduction.NONE:
-        values = selected
-    elif query.reduction is Reduction.MEAN:
-        values = selected.mean(dim=token_axis)
-    elif query.reduction is Reduction.PATCH_MAP:
-        channel_tensor = torch.tensor(query.channels, device=tensor.device)
-        height, width = site.grid
-        maps = selected.index_select(2, channel_tensor).transpose(1, 2)
-        values = maps.reshape(tensor.shape[0], len(query.channels), height, width)
-        return _DeviceSite(
-            site, indices, list(query.channels), [_to_output("values", values, query.output_dtype)]
-        )
-    else:
-        top = selected.mean(dim=1).topk(query.top_k, dim=-1)
-        return _DeviceSite(
-            site,
-            indices,
-            [],
-            [
-                _to_output("values", top.values, query.output_dtype),
-                _to_output("channel_indices", top.indices, TensorDType.INT64),
-            ],
-        )
-    return _DeviceSite(site, indices, [], [_to_output("values", values, query.output_dtype)])
-
-
-def _top_predictions(
-    logits: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(probabilities, class indices, logits) of the k most probable classes, on the device."""
-    scores = logits.float()
-    top = scores.softmax(dim=-1).topk(k, dim=-1)
-    return top.values.contiguous(), top.indices.contiguous(), scores.gather(1, top.indices)
-
-
-def _predictions(
-    names: Sequence[str], probabilities: np.ndarray, classes: np.ndarray, logits: np.ndarray
-) -> list[list[Prediction]]:
-    return [
-        [
-            Prediction(int(c), names[int(c)], float(p), float(v))
-            for p, c, v in zip(row_p, row_c, row_v, strict=True)
-        ]
-        for row_p, row_c, row_v in zip(probabilities, classes, logits, strict=True)
-    ]
-
-
 @dataclass(frozen=True)
 class PreparedActivations:
     """A validated request with its images decoded and preprocessed (on the CPU)."""
@@ -340,7 +194,7 @@ def check_query(
     for site in sites:
         shape = loaded.site_shapes.get(site.name)
         if shape is not None:
-            _check_site(effective, as_site_layout(site, shape), shape)
+            check_site(effective, as_site_layout(site, shape), shape)
     return replace(effective, sites=tuple(names)), sites
 
 
@@ -360,10 +214,10 @@ def batch_key(prepared: PreparedActivations) -> Hashable:
     """Requests with equal keys share one forward and get exactly what they would alone.
 
     Kept apart: other compute dtypes, and other attention blocks made explicit (that swaps
-    the kernel for every image in the forward). A raw module outside the blocks (a
-    classifier head) reads rows whose kernel can depend on the batch size, so such a
-    request runs alone, as does one that reads the output of a model whose head cannot
-    run on its own rows (an open_clip tower's output projection)."""
+    the kernel for every image in the forward, as reading an open_clip tower's heads does).
+    A raw module outside the blocks (a classifier head) reads rows whose kernel can depend
+    on the batch size, so such a request runs alone, as does one that reads the output of a
+    model whose head cannot run on its own rows (an open_clip tower's output projection)."""
     adapter = prepared.loaded.adapter
     if any(_outside_blocks(adapter, site) for site in prepared.sites):
         return object()
@@ -371,7 +225,8 @@ def batch_key(prepared: PreparedActivations) -> Hashable:
     if (query.top_predictions or query.logits) and not adapter.head_apart:
         return object()
     attention = frozenset(s.attention_path for s in prepared.sites if s.attention_path is not None)
-    return (prepared.query.compute_dtype, attention)
+    contexts = frozenset(head_context_paths(prepared.sites))
+    return (prepared.query.compute_dtype, attention, contexts)
 
 
 def _outside_blocks(adapter: ModelAdapter, site: SiteDef) -> bool:
@@ -467,7 +322,9 @@ def _split(
                 f"{site.name!r} ({site.module_path}) is not reached by the forward pass",
             )
         tensor = tensor[rows]
-        outputs.append(_reduce(effective, as_site_layout(site, tuple(tensor.shape)), tensor))
+        outputs.append(
+            reduce_on_device(effective, as_site_layout(site, tuple(tensor.shape)), tensor)
+        )
         result_bytes += sum(o.tensor.numel() * o.tensor.element_size() for o in outputs[-1].tensors)
         if result_bytes > limits.max_result_bytes:
             raise ResourceExhausted(
@@ -479,7 +336,7 @@ def _split(
     if features is not None and (effective.top_predictions or effective.logits):
         logits = adapter.forward_head(features[rows])
     top = (
-        _top_predictions(logits, effective.top_predictions)
+        top_predictions(logits, effective.top_predictions)
         if logits is not None and effective.top_predictions
         else None
     )
@@ -504,21 +361,13 @@ def _to_results(
         if isinstance(reduced_item, BaseException):
             results.append(reduced_item)
             continue
-        sites = [
-            SiteOutput(
-                s.site,
-                s.token_indices,
-                s.channels,
-                [OutputTensor(o.role, o.dtype, next(arrays)) for o in s.tensors],
-            )
-            for s in reduced_item.sites
-        ]
+        sites = [site.on_host(arrays) for site in reduced_item.sites]
         logits = None if reduced_item.logits is None else next(arrays)
         predictions = []
         if reduced_item.top is not None:
             probabilities, classes, values = next(arrays), next(arrays), next(arrays)
             names = reduced_item.item.loaded.adapter.class_names
-            predictions = _predictions(names, probabilities, classes, values)
+            predictions = predictions_of(names, probabilities, classes, values)
         results.append(
             ActivationResult(
                 provenance_of(reduced_item.item.loaded),

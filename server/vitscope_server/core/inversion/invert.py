@@ -38,7 +38,7 @@ from vitscope_server.core.runtime.divergence import (
 from vitscope_server.core.runtime.errors import InvalidArgument, NotFound, Reason, ResourceExhausted
 
 MAX_STEPS = 10_000
-"""Most optimisation steps of one inversion."""
+"""Most optimization steps of one inversion."""
 
 
 class Method(Enum):

@@ -18,6 +18,7 @@ from torch import nn
 from vitscope_server.core.model.adapters.base import (
     BlockAnatomy,
     BlockParts,
+    HeadSplit,
     Layout,
     ModelAdapter,
     SiteDef,
@@ -76,10 +77,13 @@ def _raw(name: str, tap: Tap) -> SiteDef:
     return tap_site(name, tap, Layout.RAW, (0, 0), 0)
 
 
-def _probe_sites(parts: list[BlockParts], final: str | None) -> tuple[list[SiteDef], list[SiteDef]]:
-    """Sites of the plain forward (block inputs and outputs, sublayers, residual taps) and of
-    the forward with attention probabilities exposed."""
-    plain, probs = [], []
+def _probe_sites(
+    parts: list[BlockParts], final: str | None
+) -> tuple[list[SiteDef], list[SiteDef], list[SiteDef]]:
+    """Sites of the plain forward (block inputs and outputs, sublayers, residual taps), of
+    the forward with attention probabilities exposed, and of the one with the heads' context
+    exposed (apart, so that a failing explicit path costs the heads alone)."""
+    plain, probs, heads = [], [], []
     for i, block in enumerate(parts):
         plain.append(_raw(_key(i, "in"), Tap(block.path, from_input=True)))
         plain.append(_raw(_key(i, "out"), Tap(block.path)))
@@ -89,11 +93,13 @@ def _probe_sites(parts: list[BlockParts], final: str | None) -> tuple[list[SiteD
             site = _raw(_key(i, part), tap)
             if part == "attn.probs":
                 probs.append(replace(site, attention_path=block.attention_path))
+            elif part == "attn.heads":
+                heads.append(replace(site, heads=block.heads))
             else:
                 plain.append(site)
     if final is not None:
         plain.append(_raw("final", Tap(final)))
-    return plain, probs
+    return plain, probs, heads
 
 
 def infer_grid(
@@ -199,15 +205,72 @@ def _check_probs(probe: _Probe, index: int, tokens: int) -> Layout | str:
     return Layout.WINDOW_ATTENTION
 
 
+def _check_heads(
+    adapter: ModelAdapter,
+    index: int,
+    block: BlockParts,
+    probes: tuple[_Probe, _Probe, _Probe],
+    unavailable: dict[str, str],
+    probs_layout: Layout,
+) -> str | None:
+    """The heads' contributions, with the projection's bias (times LayerScale), must add up
+    to attn.out; why not, or None when they do."""
+    if "attn.probs" in unavailable:
+        return f"needs the attention's probabilities: {unavailable['attn.probs']}"
+    if probs_layout is Layout.WINDOW_ATTENTION:
+        return (
+            "the attention is windowed: a head's context covers one window, and the windows "
+            "are merged (and shifted back) only after the output projection"
+        )
+    if "attn.out" in unavailable or "attn.out" not in block.taps:
+        return f"needs attn.out: {unavailable.get('attn.out', 'not found in the block')}"
+    if probes[2].error:
+        return f"the attention's explicit path fails: {probes[2].error}"
+    context = probes[2].tensors.get(_key(index, "attn.heads"))
+    attention = probes[0].tensors.get(_key(index, "attn.out"))
+    if context is None or attention is None or block.heads is None:
+        return "the attention's output projection did not run as a module"
+    return _heads_sum_reason(adapter, block, block.heads, context, attention)
+
+
+def _heads_sum_reason(
+    adapter: ModelAdapter,
+    block: BlockParts,
+    split: HeadSplit,
+    context: torch.Tensor,
+    attention: torch.Tensor,
+) -> str | None:
+    tap = block.taps["attn.heads"]
+    site = replace(_raw("heads", tap), layout=Layout.HEADS, heads=split)
+    projection = adapter.root.get_submodule(tap.module_path)
+    if context.dim() != 3 or context.shape[-1] % split.heads:
+        return (
+            f"the projection's input {list(context.shape)} does not split into {split.heads} heads"
+        )
+    summed = adapter.to_canonical(context, site, 1).sum(dim=2)
+    bias = getattr(projection, "bias", None)
+    if bias is not None:
+        gamma = adapter.head_layer_scale(site)
+        summed = summed + (bias if gamma is None else bias * gamma)
+    tokens = replace(_raw("attn.out", block.taps["attn.out"]), layout=Layout.TOKENS)
+    expected = adapter.to_canonical(attention, tokens, 1)
+    scale = float(expected.abs().max()) + 1.0
+    if summed.shape != expected.shape or not torch.allclose(
+        summed, expected, rtol=0, atol=SUM_TOLERANCE * scale
+    ):
+        return "the heads' contributions do not add up to attn.out (a norm or gate between them)"
+    return None
+
+
 def _settle_block(
     adapter: ModelAdapter,
     index: int,
     block: BlockParts,
-    probes: tuple[_Probe, _Probe],
+    probes: tuple[_Probe, _Probe, _Probe],
     image: tuple[int, int],
     hint: int,
 ) -> BlockAnatomy | str:
-    plain, exposed = probes
+    plain, exposed, _ = probes
     out = plain.tensors.get(_key(index, "out"))
     if not isinstance(out, torch.Tensor):
         return "the block's output is not one tensor"
@@ -236,6 +299,10 @@ def _settle_block(
             unavailable["attn.probs"] = checked
         else:
             probs_layout = checked
+    if "attn.heads" in block.taps:
+        reason = _check_heads(adapter, index, block, probes, unavailable, probs_layout)
+        if reason is not None:
+            unavailable["attn.heads"] = reason
     taps = {part: tap for part, tap in block.taps.items() if part not in unavailable}
     return BlockAnatomy(
         block.path,
@@ -246,6 +313,7 @@ def _settle_block(
         int(out.shape[-1]),
         block.attention_path,
         probs_layout,
+        block.heads,
     )
 
 
@@ -257,12 +325,13 @@ def settle_anatomy(
     input_size = adapter.data_config.input_size
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn((1, *input_size), generator=generator).to(device)
-    plain_sites, probs_sites = _probe_sites(adapter.parts, adapter.final_norm_path)
+    plain_sites, probs_sites, heads_sites = _probe_sites(adapter.parts, adapter.final_norm_path)
     plain = _run(adapter, plain_sites, pixels)
     if plain.error:
         # Even the plain forward fails: every proposed part is suspect; try the blocks alone.
         plain = _run(adapter, [s for s in plain_sites if s.name.endswith(("/in", "/out"))], pixels)
     exposed = _run(adapter, probs_sites, pixels) if probs_sites else _Probe({})
+    heads = _run(adapter, heads_sites, pixels) if heads_sites else _Probe({})
     image = (int(input_size[1]), int(input_size[2]))
     blocks: list[BlockAnatomy] = []
     kept: list[int] = []  # the proposed index of each settled block
@@ -272,7 +341,8 @@ def settle_anatomy(
         else []
     )
     for index, block in enumerate(adapter.parts):
-        settled = _settle_block(adapter, index, block, (plain, exposed), image, prefix_hint)
+        probes = (plain, exposed, heads)
+        settled = _settle_block(adapter, index, block, probes, image, prefix_hint)
         if isinstance(settled, str):
             notes.append(UnavailableSite(block.path, f"not served as a canonical block: {settled}"))
         else:
@@ -282,7 +352,7 @@ def settle_anatomy(
     if adapter.final_norm_path is not None and not final_ok:
         notes.append(UnavailableSite("final", f"module {adapter.final_norm_path} did not run"))
     adapter.settle(blocks, notes, final_ok)
-    return _site_shapes(adapter, kept, {**plain.tensors, **exposed.tensors})
+    return _site_shapes(adapter, kept, {**plain.tensors, **exposed.tensors, **heads.tensors})
 
 
 def _site_shapes(
@@ -295,7 +365,7 @@ def _site_shapes(
     if kept:
         keys["embed"] = _key(kept[0], "in")
     for i, index in enumerate(kept):
-        for part in ("out", "attn.out", "attn.probs", "mlp.hidden", "mlp.out"):
+        for part in ("out", "attn.out", "attn.probs", "attn.heads", "mlp.hidden", "mlp.out"):
             keys[f"blocks.{i}.{part}"] = _key(index, part)
     shapes = {}
     for site in adapter.canonical_sites():

@@ -30,6 +30,11 @@ def _pick_tensor(value: Any, site: SiteDef) -> torch.Tensor:
     return value
 
 
+def head_context_paths(sites: list[SiteDef]) -> set[str]:
+    """Attentions that must call their output projection as a module for these sites."""
+    return {s.heads.context_path for s in sites if s.heads and s.heads.context_path}
+
+
 class ForwardStopped(Exception):
     """Raised out of the forward once the last needed block has run."""
 
@@ -109,6 +114,7 @@ def capture_sites(
             # Compiled blocks (compile_blocks) run as written when a site lies inside one.
             stack.enter_context(torch.compiler.set_stance("force_eager"))
         stack.enter_context(adapter.attention_probs_exposed(attention_paths))
+        stack.enter_context(adapter.head_contexts_exposed(head_context_paths(sites)))
         for block in adapter.blocks:
             handle = adapter.root.get_submodule(block.path).register_forward_pre_hook(cancel_hook)
             stack.callback(handle.remove)

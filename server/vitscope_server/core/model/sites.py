@@ -13,10 +13,12 @@ from vitscope_server.core.runtime.errors import (
     quote,
 )
 
-_BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(out|attn\.out|attn\.probs|mlp\.hidden|mlp\.out)$")
+_BLOCK_SITE = re.compile(
+    r"^blocks\.(\d+)\.(out|attn\.out|attn\.probs|attn\.heads|mlp\.hidden|mlp\.out)$"
+)
 CANONICAL_FORMS = (
     "embed, final, blocks.{i}.out, blocks.{i}.attn.out, blocks.{i}.attn.probs, "
-    "blocks.{i}.mlp.hidden, blocks.{i}.mlp.out, or a module path"
+    "blocks.{i}.attn.heads, blocks.{i}.mlp.hidden, blocks.{i}.mlp.out, or a module path"
 )
 
 

@@ -24,10 +24,36 @@ class Layout(Enum):
     TOKENS = "tokens"  # [B, T, C], prefix tokens first, then patches row-major
     ATTENTION = "attention"  # [B, heads, T, T]
     WINDOW_ATTENTION = "window_attention"  # [B, windows, heads, N, N]
+    HEADS = "heads"  # [B, T, heads, C]: each head's contribution to attn.out
     RAW = "raw"
 
 
-BLOCK_PARTS = ("out", "attn.out", "attn.probs", "mlp.hidden", "mlp.out")
+BLOCK_PARTS = ("out", "attn.out", "attn.probs", "attn.heads", "mlp.hidden", "mlp.out")
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """How an attention's output projection input (its heads' context vectors, concatenated)
+    splits into heads, and what scales the projection's output on its way to attn.out."""
+
+    heads: int
+    # The LayerScale module applied after the attention (None: none).
+    layer_scale_path: str | None = None
+    # An attention module that must run an explicit path for its projection to be called as
+    # a module (nn.MultiheadAttention); None when the projection always is.
+    context_path: str | None = None
+
+
+def head_contributions(
+    context: torch.Tensor, weight: torch.Tensor, split: HeadSplit, gamma: torch.Tensor | None
+) -> torch.Tensor:
+    """Each head's context [B, T, heads * head_dim] through its slice of the projection's
+    weight [D, heads * head_dim], times the LayerScale gamma: [B, T, heads, D]."""
+    batch, tokens, _ = context.shape
+    per_head = context.reshape(batch, tokens, split.heads, -1)
+    sliced = weight.reshape(weight.shape[0], split.heads, -1)
+    contributions = torch.einsum("bthk,dhk->bthd", per_head, sliced.to(per_head.dtype))
+    return contributions if gamma is None else contributions * gamma.to(contributions.dtype)
 
 
 @dataclass(frozen=True)
@@ -55,6 +81,8 @@ class BlockParts:
     # Where the residual stream entering the attention sublayer can be read, besides the
     # block's input (a block may first add a position convolution, as CoaT's does).
     residual_taps: tuple[Tap, ...] = ()
+    # How the attn.heads tap (the output projection's input) splits into heads.
+    heads: HeadSplit | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +97,7 @@ class BlockAnatomy:
     width: int
     attention_path: str | None = None
     probs_layout: Layout = Layout.ATTENTION
+    heads: HeadSplit | None = None
 
     @property
     def windowed(self) -> bool:
@@ -114,6 +143,8 @@ class SiteDef:
     # Which call of the module per forward holds the site (modules run more than once).
     call_index: int = 0
     calls: int = 1
+    # attn.heads: how the projection's input splits into heads.
+    heads: HeadSplit | None = None
 
 
 CANONICAL_BLOCK_SITES = BLOCK_PARTS
@@ -166,6 +197,7 @@ class ModelAdapter(ABC):
         self.notes = list(notes)
         self._unfused_lock = threading.Lock()
         self._unfused_users: dict[str, int] = {}
+        self._context_users: dict[str, int] = {}
         self._final_ok = False
         # The declared number of prefix tokens, tried first when reading a block's grid.
         self.prefix_hint = 0
@@ -280,8 +312,29 @@ class ModelAdapter(ABC):
     def _restore_attention(self, attention_path: str) -> None:
         """Undoes _expose_attention_probs."""
 
+    def _expose_head_context(self, attention_path: str) -> None:
+        """Makes this attention call its output projection as a module (see HeadSplit);
+        timm's attentions always do."""
+        return None
+
+    def _restore_head_context(self, attention_path: str) -> None:
+        """Undoes _expose_head_context."""
+        return None
+
+    def head_layer_scale(self, site: SiteDef) -> torch.Tensor | None:
+        """The LayerScale gamma after an attn.heads site's projection, or None."""
+        path = site.heads.layer_scale_path if site.heads is not None else None
+        if path is None:
+            return None
+        gamma = getattr(self.root.get_submodule(path), "gamma", None)
+        return gamma if isinstance(gamma, torch.Tensor) else None
+
     def to_canonical(self, tensor: torch.Tensor, site: SiteDef, batch: int) -> torch.Tensor:
         """Brings a captured tensor into the layout its site declares."""
+        if site.layout is Layout.HEADS and site.heads is not None:
+            weight = self.root.get_submodule(site.module_path).weight
+            assert isinstance(weight, torch.Tensor)
+            return head_contributions(tensor, weight, site.heads, self.head_layer_scale(site))
         if site.layout is Layout.TOKENS and tensor.dim() == 4:
             return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
         if site.layout is Layout.WINDOW_ATTENTION and tensor.dim() == 4:
@@ -306,6 +359,25 @@ class ModelAdapter(ABC):
                     if self._unfused_users[path] == 0:
                         self._restore_attention(path)
 
+    @contextmanager
+    def head_contexts_exposed(self, attention_paths: set[str]) -> Iterator[None]:
+        """Makes these attentions call their output projection as a module while any caller
+        reads or edits their heads."""
+        with self._unfused_lock:
+            for path in attention_paths:
+                users = self._context_users.get(path, 0)
+                if users == 0:
+                    self._expose_head_context(path)
+                self._context_users[path] = users + 1
+        try:
+            yield
+        finally:
+            with self._unfused_lock:
+                for path in attention_paths:
+                    self._context_users[path] -= 1
+                    if self._context_users[path] == 0:
+                        self._restore_head_context(path)
+
     def unavailable_reason(self, index: int, part: str) -> str | None:
         """Why block `index` cannot serve `part`, or None when it can."""
         block = self.blocks[index]
@@ -320,6 +392,9 @@ class ModelAdapter(ABC):
         if part == "out":
             return SiteDef(name, block.path, Layout.TOKENS, block.grid, block.num_prefix_tokens)
         tap = block.taps[part]
+        if part == "attn.heads":
+            site = tap_site(name, tap, Layout.HEADS, block.grid, block.num_prefix_tokens)
+            return replace(site, heads=block.heads)
         if part != "attn.probs":
             return tap_site(name, tap, Layout.TOKENS, block.grid, block.num_prefix_tokens)
         site = tap_site(name, tap, block.probs_layout, block.grid, block.num_prefix_tokens)
@@ -405,6 +480,11 @@ class ModelAdapter(ABC):
     def classifier_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The classifier's weight [C, D] and bias [C] over normed tokens."""
         raise NotImplementedError
+
+    def runs_blocks_in_sequence(self) -> bool:
+        """Whether the forward hands one [batch, tokens, width] tensor from block to block with
+        nothing per image beside it, so that a forward may widen its batch at a block's input."""
+        return False
 
     def reads_class_token(self) -> bool:
         """Whether the model's output is read at the class token alone (not pooled over

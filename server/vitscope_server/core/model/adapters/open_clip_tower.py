@@ -14,6 +14,8 @@ from torch.utils.hooks import RemovableHandle
 from vitscope_server.core.model.adapters.base import (
     BlockParts,
     DataConfig,
+    HeadSplit,
+    Layout,
     ModelAdapter,
     Tap,
     UnavailableSite,
@@ -46,11 +48,64 @@ def _resblock_parts(path: str, block: nn.Module) -> BlockParts:
         "mlp.out": Tap(f"{path}.ls_2"),
         "mlp.hidden": Tap(f"{path}.mlp.c_proj", from_input=True),
     }
-    if isinstance(block.get_submodule("attn"), nn.MultiheadAttention):
+    attention = block.get_submodule("attn")
+    unavailable = {}
+    heads = None
+    if isinstance(attention, nn.MultiheadAttention):
         taps["attn.probs"] = Tap(attention_path, output_index=1)
+        taps["attn.heads"] = Tap(f"{attention_path}.out_proj", from_input=True)
+        scale = getattr(block, "ls_1", None)
+        scale_path = f"{path}.ls_1" if hasattr(scale, "gamma") else None
+        heads = HeadSplit(attention.num_heads, scale_path, attention_path)
     else:
         taps["attn.probs"] = Tap(f"{attention_path}.attn_drop")
-    return BlockParts(path, taps, {}, attention_path)
+        unavailable["attn.heads"] = (
+            f"attention class {type(attention).__name__}: heads are served for "
+            "nn.MultiheadAttention towers"
+        )
+    return BlockParts(path, taps, unavailable, attention_path, heads=heads)
+
+
+def _explicit_attention(attention: nn.MultiheadAttention) -> Any:
+    """A forward for self-attention that computes the probabilities and calls out_proj as a
+    module on the heads' context (torch's own path calls its weight functionally)."""
+
+    def forward(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = query if attention.batch_first else query.transpose(0, 1)
+        batch, count, width = tokens.shape
+        qkv = nn.functional.linear(tokens, attention.in_proj_weight, attention.in_proj_bias)
+        q, k, v = qkv.reshape(batch, count, 3, attention.num_heads, -1).permute(2, 0, 3, 1, 4)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            scores = (
+                scores.masked_fill(attn_mask, float("-inf"))
+                if attn_mask.dtype == torch.bool
+                else scores + attn_mask
+            )
+        probs = scores.softmax(dim=-1)
+        context = (probs @ v).transpose(1, 2).reshape(batch, count, width)
+        output = attention.out_proj(context)
+        output = output if attention.batch_first else output.transpose(0, 1)
+        weights = (probs.mean(dim=1) if average_attn_weights else probs) if need_weights else None
+        return output, weights
+
+    return forward
+
+
+def _trunk_heads(heads: HeadSplit | None) -> HeadSplit | None:
+    """A timm trunk's head split with its LayerScale's path inside the tower."""
+    if heads is None or heads.layer_scale_path is None:
+        return heads
+    return replace(heads, layer_scale_path=f"trunk.{heads.layer_scale_path}")
 
 
 def _tower_parts(
@@ -70,6 +125,7 @@ def _tower_parts(
                 p.unavailable,
                 f"trunk.{p.attention_path}" if p.attention_path else None,
                 tuple(replace(t, module_path=f"trunk.{t.module_path}") for t in p.residual_taps),
+                _trunk_heads(p.heads),
             )
             for p in parts
         ]
@@ -141,6 +197,8 @@ class OpenClipTowerAdapter(ModelAdapter):
         return output[0] if isinstance(output, tuple) else output
 
     def to_canonical(self, tensor: torch.Tensor, site: Any, batch: int) -> torch.Tensor:
+        if site.layout is Layout.HEADS:
+            return super().to_canonical(tensor, site, batch)
         if not self._batch_first and tensor.dim() == 3 and tensor.shape[1] == batch:
             tensor = tensor.transpose(0, 1)
         return super().to_canonical(tensor, site, batch)
@@ -156,6 +214,16 @@ class OpenClipTowerAdapter(ModelAdapter):
             setattr(attention, "use_fsdpa", False)  # noqa: B010
         else:
             unfuse(attention, attention_path, self._fused_defaults)
+
+    def _expose_head_context(self, attention_path: str) -> None:
+        attention = self.root.get_submodule(attention_path)
+        if isinstance(attention, nn.MultiheadAttention):
+            attention.forward = _explicit_attention(attention)  # type: ignore[method-assign]
+
+    def _restore_head_context(self, attention_path: str) -> None:
+        attention = self.root.get_submodule(attention_path)
+        if "forward" in vars(attention):
+            del attention.forward
 
     def _restore_attention(self, attention_path: str) -> None:
         attention = self.root.get_submodule(attention_path)
@@ -249,6 +317,9 @@ class OpenClipTowerAdapter(ModelAdapter):
     def attention_value_matrix(self, block: int) -> torch.Tensor:
         module = self._block(block)
         return layer_scaled(module.attn.out_proj.weight, module.ls_1)
+
+    def runs_blocks_in_sequence(self) -> bool:
+        return self._batch_first and self.class_projection_unsupported() is None
 
     def reads_class_token(self) -> bool:
         return self.class_projection_unsupported() is None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vitscope_server.core.model.adapters.base import BlockParts, Tap, UnavailableSite
+from vitscope_server.core.model.adapters.base import BlockParts, HeadSplit, Tap, UnavailableSite
 
 ATTENTION_NAMES = ("attn", "factoratt_crpe")
 # The module read as the `final` site, first found.
@@ -124,8 +124,25 @@ def block_parts(path: str, block: nn.Module) -> BlockParts:
         unavailable["attn.probs"] = (
             f"attention class {type(attention).__name__} exposes no probabilities"
         )
+    heads = _head_split(path, block, attention)
+    if heads is None or "attn.probs" not in taps:
+        unavailable["attn.heads"] = (
+            f"attention class {type(attention).__name__} has no output projection `proj` "
+            "with `num_heads` and explicit probabilities"
+        )
+    else:
+        taps["attn.heads"] = Tap(f"{attention_path}.proj", from_input=True)
     residual = (Tap(f"{path}.norm1", from_input=True),) if hasattr(block, "norm1") else ()
-    return BlockParts(path, taps, unavailable, attention_path, residual)
+    return BlockParts(path, taps, unavailable, attention_path, residual, heads)
+
+
+def _head_split(path: str, block: nn.Module, attention: nn.Module) -> HeadSplit | None:
+    """Heads of an attention whose `proj` takes the heads' context vectors concatenated."""
+    heads = getattr(attention, "num_heads", None)
+    if not isinstance(getattr(attention, "proj", None), nn.Linear) or not isinstance(heads, int):
+        return None
+    scale = getattr(block, "ls1", None)
+    return HeadSplit(heads, f"{path}.ls1" if hasattr(scale, "gamma") else None)
 
 
 def find_blocks(model: nn.Module) -> tuple[list[BlockParts], list[UnavailableSite]]:

@@ -222,6 +222,10 @@ class TimmAdapter(ModelAdapter):
         module = self._block(block)
         return layer_scaled(module.attn.proj.weight, module.ls1)
 
+    def runs_blocks_in_sequence(self) -> bool:
+        """The plain ViT family: blocks -> norm -> pooling and head."""
+        return self.class_projection_unsupported() is None
+
     def reads_class_token(self) -> bool:
         """Only the plain ViT family (DeiT included) runs as blocks -> norm -> head on any token
         subset: Eva-style blocks need their RoPE positions, CaiT adds its class token late."""
