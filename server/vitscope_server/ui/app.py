@@ -4,7 +4,7 @@ RPCs report them, and the token guard."""
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -57,7 +57,7 @@ def _add_login(app: FastAPI, token: str | None) -> None:
         if not target.startswith("/") or target.startswith("//"):
             target = "/"
         if token is not None and not auth.accepts(token, candidate):
-            return RedirectResponse("/login?failed=1&next=" + target, status_code=303)
+            return RedirectResponse(f"/login?failed=1&next={quote(target, safe='')}", 303)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(auth.COOKIE, candidate, httponly=True, samesite="strict")
         return response
