@@ -24,6 +24,17 @@ class StoredImage:
     id: str
     data: bytes
 
+    @property
+    def media_type(self) -> str:
+        """The type its first bytes say, so that a browser shows it; uploads are unchecked."""
+        if self.data.startswith(b"\x89PNG"):
+            return "image/png"
+        if self.data.startswith(b"\xff\xd8"):
+            return "image/jpeg"
+        if self.data[:4] == b"RIFF" and self.data[8:12] == b"WEBP":
+            return "image/webp"
+        return "application/octet-stream"
+
     def picture(self) -> Image.Image:
         return Image.open(io.BytesIO(self.data)).convert("RGB")
 

@@ -108,7 +108,8 @@ def api_router(explorer: Explorer) -> APIRouter:
 
     @router.get("/images/{image}", summary="An image's bytes as stored")
     async def image_bytes(image: str) -> Response:
-        return Response(explorer.images.get(image).data, media_type="application/octet-stream")
+        stored = explorer.images.get(image)
+        return Response(stored.data, media_type=stored.media_type)
 
     @router.post("/models/{model}/units/{site}/{channel}/{analysis}", summary="Start a unit job")
     async def unit_job(

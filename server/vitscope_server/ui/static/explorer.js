@@ -24,12 +24,13 @@ function el(tag, attributes = {}, ...children) {
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value);
   }
-  for (const child of children.flat()) node.append(child instanceof Node ? child : String(child));
+  for (const child of children.flat(Infinity)) node.append(child instanceof Node ? child : String(child));
   return node;
 }
 
 function fmt(value, digits = 4) {
   if (value === null || value === undefined) return "–";
+  if (Number.isInteger(Number(value))) return String(value);
   return Number(value).toPrecision(digits);
 }
 
