@@ -8,6 +8,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-from explorer_browser import CHROMIUM, chromium, pages, wait_settled  # noqa: E402
+from explorer_browser import CHROMIUM, chromium, pages, wait_settled
 
 __all__ = ["CHROMIUM", "chromium", "pages", "wait_settled"]

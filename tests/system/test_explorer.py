@@ -74,8 +74,12 @@ class Visit:
         return self
 
     def values(self, selector: str) -> list[float]:
-        return [float(v) for v in self.page.eval_on_selector_all(
-            selector, "(cells) => cells.map((c) => c.dataset.value)")]
+        return [
+            float(v)
+            for v in self.page.eval_on_selector_all(
+                selector, "(cells) => cells.map((c) => c.dataset.value)"
+            )
+        ]
 
     def texts(self, selector: str) -> list[str]:
         return [t.strip() for t in self.page.locator(selector).all_inner_texts()]
@@ -127,23 +131,35 @@ def test_unit_page_equals_the_rpcs(visit: Visit, rpc: Client) -> None:
     assert visit.values("#class-effects td.num") == pytest.approx(
         memories.top_class_scores[CHANNEL].tolist(), rel=1e-6
     )
-    shown = visit.page.eval_on_selector_all("#class-effects span[data-index]", "(s) => s.map((x) => +x.dataset.index)")
+    shown = visit.page.eval_on_selector_all(
+        "#class-effects span[data-index]", "(s) => s.map((x) => +x.dataset.index)"
+    )
     assert shown == memories.top_classes[CHANNEL].tolist()
-    values = rpc.activations(samples, [SITE], model=MODEL, reduction="patch_map", channels=[CHANNEL])[SITE]
+    values = rpc.activations(
+        samples, [SITE], model=MODEL, reduction="patch_map", channels=[CHANNEL]
+    )[SITE]
     count, mean, low, high = visit.values("#histogram td.num")
-    assert (count, low, high) == (values.size, pytest.approx(values.min()), pytest.approx(values.max()))
+    assert (count, low, high) == (
+        values.size,
+        pytest.approx(values.min()),
+        pytest.approx(values.max()),
+    )
     assert mean == pytest.approx(float(values.astype(np.float64).mean()), rel=1e-6)
     top = rpc.top_activating_images(SITE, [CHANNEL], images=samples, model=MODEL, top_k=5)
     tiles = visit.page.locator("#top-images .top-image")
-    assert [int(i) for i in [tiles.nth(n).get_attribute("data-index") for n in range(tiles.count())]] == [
-        t.index for t in top.channels[CHANNEL]
+    assert [
+        int(i) for i in [tiles.nth(n).get_attribute("data-index") for n in range(tiles.count())]
+    ] == [t.index for t in top.channels[CHANNEL]]
+    scores = [
+        float(tiles.nth(n).get_attribute("data-score") or "nan") for n in range(tiles.count())
     ]
-    scores = [float(tiles.nth(n).get_attribute("data-score") or "nan") for n in range(tiles.count())]
     assert scores == pytest.approx([t.score for t in top.channels[CHANNEL]], rel=1e-6)
     assert visit.errors == []
 
 
-def test_a_visualization_starts_shows_progress_and_equals_the_rpc(visit: Visit, rpc: Client) -> None:
+def test_a_visualization_starts_shows_progress_and_equals_the_rpc(
+    visit: Visit, rpc: Client
+) -> None:
     steps = 4
     visit.go(f"/models/{MODEL}/units/{SITE}/{CHANNEL}?steps={steps}")
     assert visit.page.locator("#visualization").get_attribute("data-state") is None
@@ -153,11 +169,15 @@ def test_a_visualization_starts_shows_progress_and_equals_the_rpc(visit: Visit, 
     result = rpc.optimize_features([(SITE, CHANNEL)], model=MODEL, steps=steps, progress_every=1)
     expected = np.asarray(result.features[0].image.convert("RGB"))
     assert np.abs(shown.astype(int) - expected.astype(int)).max() <= 1
-    assert visit.values("#visualization td.num")[0] == pytest.approx(result.features[0].objective, rel=1e-4)
+    assert visit.values("#visualization td.num")[0] == pytest.approx(
+        result.features[0].objective, rel=1e-4
+    )
     assert visit.errors == []
 
 
-def test_cancelling_a_visualization_stops_the_server_work(visit: Visit, explorer: RunningServer) -> None:
+def test_cancelling_a_visualization_stops_the_server_work(
+    visit: Visit, explorer: RunningServer
+) -> None:
     visit.go(f"/models/{MODEL}/units/{SITE}/{CHANNEL + 1}?steps=4096")
     visit.page.click("#visualization button.start")
     # Progress arrives only from the running optimization, so the work is under way.
@@ -186,14 +206,26 @@ def test_picking_a_unit_opens_its_page(visit: Visit) -> None:
 def test_image_page_equals_the_rpcs(visit: Visit, rpc: Client) -> None:
     visit.go(pages(MODEL)["image"])
     image = SAMPLES / "3-0300.png"
-    predicted = rpc.activations([image], ["final"], model=MODEL, reduction="mean", top_predictions=5)
-    assert visit.values("#predictions td.num") == pytest.approx([p.probability for p in predicted.predictions[0]], rel=1e-6)
+    predicted = rpc.activations(
+        [image], ["final"], model=MODEL, reduction="mean", top_predictions=5
+    )
+    assert visit.values("#predictions td.num") == pytest.approx(
+        [p.probability for p in predicted.predictions[0]], rel=1e-6
+    )
     projected = rpc.project([image], model=MODEL).images[0]
     identifiable = visit.values("#identifiability td.num")[0::2]
-    assert identifiable == pytest.approx([b.get("identifiable_patch_percent", 0.0) for b in projected.blocks], rel=1e-6)
-    explained = rpc.explain([image], ["rollout", "relevancy"], model=MODEL, faithfulness=True).images[0]
+    assert identifiable == pytest.approx(
+        [b.get("identifiable_patch_percent", 0.0) for b in projected.blocks], rel=1e-6
+    )
+    explained = rpc.explain(
+        [image], ["rollout", "relevancy"], model=MODEL, faithfulness=True
+    ).images[0]
     aucs = visit.values("#explanations td.num")
-    expected = [a for m in explained.maps.values() for a in (m.faithfulness.deletion.auc, m.faithfulness.insertion.auc)]  # type: ignore[union-attr]
+    expected = [
+        a
+        for m in explained.maps.values()
+        for a in (m.faithfulness.deletion.auc, m.faithfulness.insertion.auc)
+    ]  # type: ignore[union-attr]
     assert aucs == pytest.approx(expected, rel=1e-6)
     depths = rpc.list_inverters(MODEL)[0].max_depth
     inverted = rpc.invert([image], list(range(depths + 1)), model=MODEL)
@@ -216,7 +248,9 @@ def test_an_uploaded_image_gets_its_page(visit: Visit, rpc: Client, tmp_path: Pa
     Image.open(SAMPLES / "7-0700.png").convert("RGB").save(path, quality=95)
     _upload(visit, path)
     predicted = rpc.activations([path], ["final"], model=MODEL, reduction="mean", top_predictions=5)
-    assert visit.values("#predictions td.num") == pytest.approx([p.probability for p in predicted.predictions[0]], rel=1e-6)
+    assert visit.values("#predictions td.num") == pytest.approx(
+        [p.probability for p in predicted.predictions[0]], rel=1e-6
+    )
     assert visit.errors == []
 
 
@@ -231,11 +265,15 @@ def _same(shown: dict[str, str], error: VitscopeError) -> None:
     assert shown["field"] == error.metadata.get("field", "")
 
 
-def test_bad_input_shows_the_rpc_reason_and_field(visit: Visit, rpc: Client, tmp_path: Path, explorer: RunningServer) -> None:
+def test_bad_input_shows_the_rpc_reason_and_field(
+    visit: Visit, rpc: Client, tmp_path: Path, explorer: RunningServer
+) -> None:
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_bytes(b"these are not pixels")
     _upload(visit, not_an_image)
-    error = _rpc_error(lambda: rpc.activations([not_an_image], ["final"], model=MODEL, top_predictions=5))
+    error = _rpc_error(
+        lambda: rpc.activations([not_an_image], ["final"], model=MODEL, top_predictions=5)
+    )
     _same(visit.error("predictions"), error)
     assert error.reason == "IMAGE_UNDECODABLE"
 
@@ -247,7 +285,15 @@ def test_bad_input_shows_the_rpc_reason_and_field(visit: Visit, rpc: Client, tmp
     assert error.reason == "IMAGE_TOO_LARGE"
 
     visit.go(f"/models/{MODEL}/units/blocks.99.nowhere/0")
-    error = _rpc_error(lambda: rpc.activations([SAMPLES / "3-0300.png"], ["blocks.99.nowhere"], model=MODEL, reduction="patch_map", channels=[0]))
+    error = _rpc_error(
+        lambda: rpc.activations(
+            [SAMPLES / "3-0300.png"],
+            ["blocks.99.nowhere"],
+            model=MODEL,
+            reduction="patch_map",
+            channels=[0],
+        )
+    )
     _same(visit.error("histogram"), error)
     assert error.reason == "SITE_NOT_FOUND"
 

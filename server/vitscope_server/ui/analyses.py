@@ -7,7 +7,6 @@ the RPC returns for the same request; the job reports progress and carries the c
 from __future__ import annotations
 
 import base64
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ from vitscope import Client
 from vitscope.explain import ExplainProgress
 from vitscope.features import OptimizationProgress
 from vitscope.inversion import InversionProgress
-from vitscope.overlay import heatmap_overlay
 from vitscope.top_images import TopImage
+from vitscope_server.transport.png import heatmap_png, png
 from vitscope_server.ui.images import StoredImage
 from vitscope_server.ui.jobs import Job
 
@@ -35,10 +34,12 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def png_of(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def overlay_png(picture: Image.Image, patch_map: np.ndarray) -> bytes:
+    """The patch map, bilinearly upsampled to the picture, drawn over it as the RPCs draw
+    their heatmaps."""
+    values = Image.fromarray(np.asarray(patch_map, dtype=np.float32), mode="F")
+    upsampled = np.asarray(values.resize(picture.size, Image.Resampling.BILINEAR))
+    return heatmap_png(np.asarray(picture), upsampled)
 
 
 def grid_list(values: np.ndarray) -> list[list[float]]:
@@ -79,7 +80,7 @@ def _top_image(found: TopImage, picture: Image.Image, name: str) -> dict[str, An
         "name": name,
         "score": found.score,
         "patch_map": grid_list(found.patch_map),
-        "overlay": data_url(png_of(heatmap_overlay(picture, found.patch_map))),
+        "overlay": data_url(overlay_png(picture, found.patch_map)),
     }
 
 
@@ -231,7 +232,7 @@ def inversion(client: Client, job: Job, model: str, image: StoredImage) -> dict[
             {
                 "depth": depth,
                 "site": rebuilt.site,
-                "png": data_url(png_of(rebuilt.images[0])),
+                "png": data_url(png(np.asarray(rebuilt.images[0]))),
                 "mse": rebuilt.mse[0] if rebuilt.mse else None,
                 "psnr": rebuilt.psnr[0] if rebuilt.psnr else None,
             }

@@ -3,6 +3,7 @@ RPCs report them, and the token guard."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
@@ -41,7 +42,7 @@ PAGES = {
 }
 
 
-def _page(name: str):  # type: ignore[no-untyped-def]
+def _page(name: str) -> Callable[[], Awaitable[FileResponse]]:
     async def page() -> FileResponse:
         return FileResponse(STATIC / name, media_type="text/html")
 

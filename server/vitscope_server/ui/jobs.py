@@ -25,7 +25,7 @@ _FINISHED = (DONE, FAILED, CANCELLED)
 
 def error_body(exc: BaseException) -> dict[str, Any]:
     """What the RPC would report for exc: its status code's name, reason, field and message."""
-    code, error = classify(exc, LocalContext(CancelToken()))  # type: ignore[arg-type]
+    code, error = classify(exc, LocalContext(CancelToken()))
     return {
         "code": code.name,
         "reason": error.reason.value,

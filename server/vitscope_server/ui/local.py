@@ -42,7 +42,7 @@ class LocalContext:
 
 def _reported(exc: Exception, context: LocalContext) -> errors.VitscopeError:
     """The domain error the RPC would report (unexpected ones are logged with an id)."""
-    return classify(exc, context)[1]  # type: ignore[arg-type]
+    return classify(exc, context)[1]
 
 
 class _LocalMethod:
@@ -67,7 +67,7 @@ class _LocalMethod:
         direct = getattr(self._behavior, "sends_after_compute", False)
         sender = sent_directly if direct else buffered
         try:
-            for message in sender(self._behavior(request, context), context, self._policy):  # type: ignore[arg-type]
+            for message in sender(self._behavior(request, context), context, self._policy):
                 if isinstance(message, Progress):
                     message = message.message
                 if self._raw and not isinstance(message, bytes):
@@ -100,11 +100,10 @@ class LocalClient(Client):
     ) -> None:
         stub = LocalStub(inspector, cancel, policy)
         self._stub = stub  # type: ignore[assignment]
-        self._activations_raw = stub.raw("GetActivations")  # type: ignore[assignment]
-        self._health = LocalStub(health, cancel, policy)  # type: ignore[assignment]
+        self._activations_raw = stub.raw("GetActivations")
+        self._health = LocalStub(health, cancel, policy)
         self._metadata = ()
         self.timeout = 0.0
 
     def close(self) -> None:
         """Nothing to close: no channel."""
-

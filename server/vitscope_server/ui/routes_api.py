@@ -13,7 +13,7 @@ from vitscope import Client
 from vitscope_server.ui import analyses
 from vitscope_server.ui.analyses import Unit
 from vitscope_server.ui.explorer import Explorer
-from vitscope_server.ui.jobs import Job
+from vitscope_server.ui.jobs import Job, Work
 
 LONG_POLL_SECONDS = 20.0
 DEFAULT_STEPS = 128
@@ -53,7 +53,9 @@ def _model(client: Client, model: str) -> dict[str, Any]:
     }
 
 
-def _unit_work(explorer: Explorer, unit: Unit, analysis: UnitAnalysis, steps: int, folder: str):  # type: ignore[no-untyped-def]
+def _unit_work(
+    explorer: Explorer, unit: Unit, analysis: UnitAnalysis, steps: int, folder: str
+) -> Work:
     samples = list(explorer.images.samples.values())
 
     def work(job: Job) -> dict[str, Any]:
@@ -61,9 +63,7 @@ def _unit_work(explorer: Explorer, unit: Unit, analysis: UnitAnalysis, steps: in
         if analysis is UnitAnalysis.visualization:
             return analyses.visualization(client, job, unit, steps)
         if analysis is UnitAnalysis.top_images:
-            return analyses.top_images(
-                client, unit, samples, folder, explorer.read_folder_image
-            )
+            return analyses.top_images(client, unit, samples, folder, explorer.read_folder_image)
         if analysis is UnitAnalysis.histogram:
             return analyses.histogram(client, unit, samples)
         return analyses.class_effects(client, unit)
@@ -71,7 +71,9 @@ def _unit_work(explorer: Explorer, unit: Unit, analysis: UnitAnalysis, steps: in
     return work
 
 
-def _image_work(explorer: Explorer, model: str, image_id: str, analysis: ImageAnalysis, methods: list[str]):  # type: ignore[no-untyped-def]
+def _image_work(
+    explorer: Explorer, model: str, image_id: str, analysis: ImageAnalysis, methods: list[str]
+) -> Work:
     def work(job: Job) -> dict[str, Any]:
         client = explorer.client(job.cancel)
         image = explorer.images.get(image_id)
@@ -84,6 +86,40 @@ def _image_work(explorer: Explorer, model: str, image_id: str, analysis: ImageAn
         return analyses.inversion(client, job, model, image)
 
     return work
+
+
+def _add_job_starts(router: APIRouter, explorer: Explorer) -> None:
+    """The endpoints that start (or find, cached) a unit's or an image's job."""
+
+    @router.post("/models/{model}/units/{site}/{channel}/{analysis}", summary="Start a unit job")
+    async def unit_job(
+        model: str,
+        site: str,
+        channel: int,
+        analysis: UnitAnalysis,
+        steps: int = Query(DEFAULT_STEPS, ge=1, le=4096),
+        folder: str = "",
+    ) -> dict[str, Any]:
+        unit = Unit(model, site, channel)
+        key = (
+            "unit",
+            unit,
+            analysis,
+            steps if analysis is UnitAnalysis.visualization else 0,
+            folder if analysis is UnitAnalysis.top_images else "",
+        )
+        work = _unit_work(explorer, unit, analysis, steps, folder)
+        return explorer.jobs.start(key, analysis.value, work).view()
+
+    @router.post("/models/{model}/images/{image}/{analysis}", summary="Start an image job")
+    async def image_job(
+        model: str, image: str, analysis: ImageAnalysis, methods: str = "rollout,relevancy"
+    ) -> dict[str, Any]:
+        chosen = [m for m in methods.split(",") if m]
+        explorer.images.get(image)
+        key = ("image", model, image, analysis, tuple(chosen))
+        work = _image_work(explorer, model, image, analysis, chosen)
+        return explorer.jobs.start(key, analysis.value, work).view()
 
 
 def api_router(explorer: Explorer) -> APIRouter:
@@ -111,30 +147,7 @@ def api_router(explorer: Explorer) -> APIRouter:
         stored = explorer.images.get(image)
         return Response(stored.data, media_type=stored.media_type)
 
-    @router.post("/models/{model}/units/{site}/{channel}/{analysis}", summary="Start a unit job")
-    async def unit_job(
-        model: str,
-        site: str,
-        channel: int,
-        analysis: UnitAnalysis,
-        steps: int = Query(DEFAULT_STEPS, ge=1, le=4096),
-        folder: str = "",
-    ) -> dict[str, Any]:
-        unit = Unit(model, site, channel)
-        key = ("unit", unit, analysis, steps if analysis is UnitAnalysis.visualization else 0,
-               folder if analysis is UnitAnalysis.top_images else "")
-        work = _unit_work(explorer, unit, analysis, steps, folder)
-        return explorer.jobs.start(key, analysis.value, work).view()
-
-    @router.post("/models/{model}/images/{image}/{analysis}", summary="Start an image job")
-    async def image_job(
-        model: str, image: str, analysis: ImageAnalysis, methods: str = "rollout,relevancy"
-    ) -> dict[str, Any]:
-        chosen = [m for m in methods.split(",") if m]
-        explorer.images.get(image)
-        key = ("image", model, image, analysis, tuple(chosen))
-        work = _image_work(explorer, model, image, analysis, chosen)
-        return explorer.jobs.start(key, analysis.value, work).view()
+    _add_job_starts(router, explorer)
 
     @router.get("/jobs/{job}", summary="A job's state; waits for a change past `seen`")
     async def job_state(job: str, seen: int = -1) -> dict[str, Any]:

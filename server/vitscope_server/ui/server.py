@@ -63,9 +63,7 @@ class RunningExplorer:
         self.explorer.close()
 
 
-def start_explorer(
-    settings: ServerSettings, inspector: Any, health: Any
-) -> RunningExplorer | None:
+def start_explorer(settings: ServerSettings, inspector: Any, health: Any) -> RunningExplorer | None:
     """The explorer on settings.ui_port beside the gRPC server (None when ui_port is -1),
     calling `inspector`, the servicer the RPCs run, in process."""
     if settings.ui_port < 0:
