@@ -13,7 +13,8 @@ async function showServer() {
         ["name", "family", "architecture", "state", "health", "weights"],
         data.models.map((m) => [
           el("a", { href: `/models/${enc(m.name)}` }, m.name + (m.is_default ? " (default)" : "")),
-          m.family, m.architecture, m.state + (m.error ? `: ${m.error}` : ""), m.health, m.weights_identity]))),
+          m.family, m.architecture, m.state + (m.error ? `: ${m.error}` : ""), m.health,
+          el("td", { class: "digest" }, m.weights_identity)]))),
       el("section", { id: "versions" }, el("h2", {}, "Versions"), table(["component", "version"], [
         ["vitscope server", info.server_version],
         ["protocol", `${info.protocol} revision ${info.protocol_revision}`],
