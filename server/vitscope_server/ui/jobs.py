@@ -65,14 +65,27 @@ class Job:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def changed_after(self, seen: int, timeout: float) -> None:
-        """Returns once the version passes `seen`, the job finishes, or timeout passes."""
-        if self.version > seen or self.state in _FINISHED:
-            return
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            return
+    async def changed_after(self, seen: int, timeout: float, pace: float = 0.0) -> None:
+        """Returns at once when the job has finished; when only its progress moved past
+        `seen`, no sooner than `pace` seconds after the call (so that a page polling a fast
+        stream of progress makes a few requests a second, not one per step); else at
+        `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline, earliest = loop.time() + timeout, loop.time() + pace
+        while not self.finished:
+            now = loop.time()
+            moved = self.version > seen
+            if moved and now >= earliest:
+                return
+            wait = (earliest if moved else deadline) - now
+            if wait <= 0:
+                return
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), wait)
+            except asyncio.TimeoutError:
+                if not moved:
+                    return
 
     @property
     def finished(self) -> bool:

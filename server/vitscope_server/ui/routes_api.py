@@ -3,6 +3,7 @@ work starts a job, which the page polls (long polling) and may cancel."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from enum import Enum
 from typing import Any
@@ -10,12 +11,15 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 
 from vitscope import Client
+from vitscope_server.core.runtime import errors
 from vitscope_server.ui import analyses
 from vitscope_server.ui.analyses import Unit
 from vitscope_server.ui.explorer import Explorer
 from vitscope_server.ui.jobs import Job, Work
 
 LONG_POLL_SECONDS = 20.0
+# A job's progress reaches a polling page at most this often; its end at once.
+PROGRESS_SECONDS = 0.25
 DEFAULT_STEPS = 128
 
 
@@ -88,6 +92,20 @@ def _image_work(
     return work
 
 
+def _watch_pairs(watch: str) -> list[tuple[str, int]]:
+    pairs = []
+    for part in filter(None, watch.split(",")):
+        job, _, seen = part.partition(":")
+        if not seen.lstrip("-").isdigit():
+            raise errors.InvalidArgument("watch", f"{errors.quote(part)} is not ID:VERSION")
+        pairs.append((job, int(seen)))
+    if not pairs:
+        raise errors.InvalidArgument(
+            "watch", "name at least one ID:VERSION", reason=errors.Reason.FIELD_REQUIRED
+        )
+    return pairs
+
+
 def _add_job_starts(router: APIRouter, explorer: Explorer) -> None:
     """The endpoints that start (or find, cached) a unit's or an image's job."""
 
@@ -149,10 +167,23 @@ def api_router(explorer: Explorer) -> APIRouter:
 
     _add_job_starts(router, explorer)
 
+    @router.get("/jobs", summary="Several jobs' states; waits until one moves past its `seen`")
+    async def jobs_state(watch: str) -> dict[str, Any]:
+        """watch: ID:SEEN pairs, comma-separated (one request for every job of a page)."""
+        watched = [(explorer.jobs.get(job), seen) for job, seen in _watch_pairs(watch)]
+        waits = [
+            asyncio.ensure_future(job.changed_after(seen, LONG_POLL_SECONDS, PROGRESS_SECONDS))
+            for job, seen in watched
+        ]
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in pending:
+            wait.cancel()
+        return {"jobs": [job.view() for job, _ in watched]}
+
     @router.get("/jobs/{job}", summary="A job's state; waits for a change past `seen`")
     async def job_state(job: str, seen: int = -1) -> dict[str, Any]:
         found = explorer.jobs.get(job)
-        await found.changed_after(seen, LONG_POLL_SECONDS)
+        await found.changed_after(seen, LONG_POLL_SECONDS, PROGRESS_SECONDS)
         return found.view()
 
     @router.delete("/jobs/{job}", summary="Cancel a job: the server's work stops")

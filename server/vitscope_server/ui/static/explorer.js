@@ -65,6 +65,43 @@ function header(crumbs) {
   document.body.prepend(bar);
 }
 
+// Every unfinished job of the page, watched with one long poll (GET /api/jobs?watch=ID:SEEN,...),
+// so that a page with many sections holds one connection, not one per section. A job added
+// while a poll waits starts a newer poll; the older one ends when it returns.
+const watcher = {
+  panels: new Map(),
+  generation: 0,
+
+  add(job, panel) {
+    this.panels.set(job.id, { panel, seen: job.version });
+    this.poll();
+  },
+
+  async poll() {
+    const generation = ++this.generation;
+    while (this.panels.size && generation === this.generation) {
+      const watch = [...this.panels].map(([id, w]) => `${id}:${w.seen}`).join(",");
+      let body;
+      try {
+        body = await api(`/api/jobs?watch=${enc(watch)}`);
+      } catch (error) {
+        for (const w of this.panels.values()) w.panel.finishWithError(error);
+        this.panels.clear();
+        return;
+      }
+      for (const job of body.jobs) {
+        const watched = this.panels.get(job.id);
+        if (!watched || job.version < watched.seen) continue;
+        watched.seen = job.version;
+        if (FINISHED.includes(job.state)) this.panels.delete(job.id);
+        watched.panel.update(job);
+      }
+    }
+  },
+};
+
+const FINISHED = ["done", "failed", "cancelled"];
+
 // A section whose content is one job: start, progress, cancel, render or show the error.
 // render(result, body) fills the section body; the job's state goes to data-state.
 class JobPanel {
@@ -96,17 +133,25 @@ class JobPanel {
     this.body.replaceChildren();
     this.setState("starting");
     try {
-      let job = await api(this.startUrl, { method: "POST" });
-      this.job = job;
-      while (!["done", "failed", "cancelled"].includes(job.state)) {
-        this.progress.value = job.fraction;
-        this.setState(job.state, job.detail);
-        job = await api(`/api/jobs/${job.id}?seen=${job.version}`);
-      }
-      this.finish(job);
+      this.job = await api(this.startUrl, { method: "POST" });
     } catch (error) {
       this.finishWithError(error);
+      return;
     }
+    if (FINISHED.includes(this.job.state)) this.finish(this.job);
+    else {
+      this.update(this.job);
+      watcher.add(this.job, this);
+    }
+  }
+
+  update(job) {
+    if (FINISHED.includes(job.state)) {
+      this.finish(job);
+      return;
+    }
+    this.progress.value = job.fraction;
+    this.setState(job.state, job.detail);
   }
 
   finish(job) {
