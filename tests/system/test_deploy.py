@@ -259,7 +259,11 @@ def test_ports_and_probes_match_the_server(overlay: str) -> None:
     settings = settings_from(container)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert settings.ui_port > 0, "the explorer is on in the Deployment"
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port, "ui": settings.ui_port}
+    assert ports == {
+        "grpc": settings.port,
+        "metrics": settings.metrics_port,
+        "ui": settings.ui_port,
+    }
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[kind]
         if "grpc" in probe:
