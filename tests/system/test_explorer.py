@@ -34,13 +34,26 @@ TIMEOUT_MS = 300_000
 
 
 @pytest.fixture(scope="module")
-def explorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def images_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An allowed image root holding a folder of the sample digits."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "digits").mkdir()
+    for sample in SAMPLES.glob("*.png"):
+        (root / "digits" / sample.name).write_bytes(sample.read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def explorer(
+    tmp_path_factory: pytest.TempPathFactory, images_root: Path
+) -> Iterator[RunningServer]:
     running = start(
         tmp_path_factory.mktemp("explorer"),
         models=[],
         default_model=MODEL,
         ui_port=0,
         max_image_pixels=MAX_PIXELS,
+        image_roots=[images_root],
     )
     yield running
     running.stop(0)
@@ -155,6 +168,35 @@ def test_unit_page_equals_the_rpcs(visit: Visit, rpc: Client) -> None:
     ]
     assert scores == pytest.approx([t.score for t in top.channels[CHANNEL]], rel=1e-6)
     assert visit.errors == []
+
+
+def test_top_images_over_an_allowed_folder_equal_the_rpc(
+    visit: Visit, rpc: Client, images_root: Path
+) -> None:
+    visit.go(f"/models/{MODEL}/units/{SITE}/{CHANNEL}")
+    visit.page.fill("#folder", str(images_root / "digits"))
+    visit.page.click("#folder-form button")
+    visit.page.wait_for_url("**folder=*")
+    wait_settled(visit.page, TIMEOUT_MS)
+    top = rpc.top_activating_images(
+        SITE, [CHANNEL], image_folder=str(images_root / "digits"), model=MODEL, top_k=5
+    )
+    tiles = visit.page.locator("#top-images .top-image")
+    names = [tiles.nth(n).get_attribute("data-name") for n in range(tiles.count())]
+    assert names == [t.path for t in top.channels[CHANNEL]]
+    scores = [
+        float(tiles.nth(n).get_attribute("data-score") or "nan") for n in range(tiles.count())
+    ]
+    assert scores == pytest.approx([t.score for t in top.channels[CHANNEL]], rel=1e-6)
+    assert visit.errors == []
+    # A folder outside the allowed roots: the RPC's refusal, reason and field.
+    outside = str(images_root.parent)
+    visit.go(f"/models/{MODEL}/units/{SITE}/{CHANNEL}?folder={outside}")
+    error = _rpc_error(
+        lambda: rpc.top_activating_images(SITE, [CHANNEL], image_folder=outside, model=MODEL)
+    )
+    _same(visit.error("top-images"), error)
+    assert error.reason == "FOLDER_NOT_ALLOWED"
 
 
 def test_a_visualization_starts_shows_progress_and_equals_the_rpc(

@@ -42,6 +42,19 @@ function sections(model, site, channel, query) {
   ];
 }
 
+// Top images over an allowed folder of the server (--image-roots) instead of the samples.
+function folderForm(folder) {
+  const input = el("input", { type: "text", id: "folder", name: "folder", value: folder || "", placeholder: "an allowed image folder on the server", style: "width: 24em" });
+  const form = el("form", { class: "inline", id: "folder-form" }, "Scan ", input, el("button", { type: "submit" }, "Scan"));
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const query = new URLSearchParams(location.search);
+    if (input.value) query.set("folder", input.value); else query.delete("folder");
+    location.search = query.toString();
+  });
+  return form;
+}
+
 async function showUnit() {
   const [, model, , site, channel] = parts();
   header([[model, `/models/${enc(model)}`], [`${site} #${channel}`, null]]);
@@ -54,6 +67,7 @@ async function showUnit() {
   const query = new URLSearchParams(location.search);
   for (const s of sections(model, site, channel, query)) {
     const section = el("section", { id: s.id }, el("h2", {}, s.title));
+    if (s.id === "top-images") section.append(folderForm(query.get("folder")));
     main.append(section);
     new JobPanel(section, s.url, s.render, { auto: s.auto ?? true });
   }
