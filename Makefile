@@ -8,10 +8,18 @@ BUF_VERSION := 1.75.0
 BUF := $(VENV)/npm/node_modules/.bin/buf
 
 DEMO_PORT ?= 50061
+DEMO_UI_PORT ?= 8061
+# The browser the explorer's tests, benchmark and screenshots drive (Playwright cannot
+# download its own here): Debian's chromium, installed by `make install` when missing.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: install serve test test-fast fuzz bench proto lint format demo docs gpu-check
 
-install: $(STAMP)
+install: $(STAMP) $(CHROMIUM)
+
+# Needs root on Debian or Ubuntu (as CI runs); elsewhere install chromium yourself.
+$(CHROMIUM):
+	apt-get update && apt-get install -y --no-install-recommends chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: install
+	@echo "explorer: http://localhost:$${VITSCOPE_UI_PORT:-8080}/ (gRPC on :$${VITSCOPE_PORT:-50051})"
 	$(BIN)/vitscope-server serve
 
 # VITSCOPE_TEST_DEVICE=cuda make test: the test servers compute on the GPU; -rs says what
@@ -43,7 +52,7 @@ fuzz: install
 		VITSCOPE_FUZZ_MAX_GROWTH=$(FUZZ_MAX_GROWTH) \
 		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/system/test_fuzz.py
 
-BENCHMARKS := activations feature_viz projection inversion oip explain serving load compiled interventions
+BENCHMARKS := activations feature_viz projection inversion oip explain serving load compiled interventions explorer
 
 # Every benchmark in turn; each prints its JSON object last. One: make bench-inversion.
 bench: $(addprefix bench-,$(BENCHMARKS))
@@ -69,17 +78,19 @@ docs: install
 
 lint: install
 	$(BUF) lint
-	$(BIN)/ruff check server client tests bench proto
-	$(BIN)/ruff format --check server client tests bench proto
+	$(BIN)/ruff check server client tests bench proto tools
+	$(BIN)/ruff format --check server client tests bench proto tools
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff format server client tests bench proto
-	$(BIN)/ruff check --fix server client tests bench proto
+	$(BIN)/ruff format server client tests bench proto tools
+	$(BIN)/ruff check --fix server client tests bench proto tools
 
-# Starts a server on DEMO_PORT, writes the demo into demo-out/, stops the server.
+# Starts a server on DEMO_PORT (explorer on DEMO_UI_PORT), writes the demo and a screenshot of
+# every explorer page (explorer-*.png) into demo-out/, stops the server.
 demo: install
-	@$(BIN)/vitscope-server serve --port=$(DEMO_PORT) --metrics-port=-1 & pid=$$!; \
+	@$(BIN)/vitscope-server serve --port=$(DEMO_PORT) --metrics-port=-1 --ui-port=$(DEMO_UI_PORT) & pid=$$!; \
 	trap "kill $$pid" EXIT; \
 	for i in $$(seq 120); do $(BIN)/vitscope --target localhost:$(DEMO_PORT) health 2>/dev/null | grep -qx SERVING && break; sleep 1; done; \
-	$(BIN)/vitscope --target localhost:$(DEMO_PORT) demo --out demo-out
+	$(BIN)/vitscope --target localhost:$(DEMO_PORT) demo --out demo-out && \
+	$(BIN)/python tools/explorer_browser.py --url http://localhost:$(DEMO_UI_PORT) --out demo-out

@@ -142,6 +142,7 @@ def main() -> None:
         host="127.0.0.1",
         port=0,
         metrics_port=-1,
+        ui_port=-1,
         builtin_models=False,
         models=[f"{MODEL}=timm:{ARCHITECTURE}@random"],
         default_model=MODEL,

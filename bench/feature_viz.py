@@ -128,6 +128,7 @@ def main() -> None:
                 "host": "127.0.0.1",
                 "port": 0,
                 "metrics_port": -1,
+                "ui_port": -1,
                 "models_file": models_file,
                 "builtin_models": False,
                 "torch_threads": args.threads,

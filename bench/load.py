@@ -116,7 +116,16 @@ def _rss(pid: int) -> int:
 
 def _start_server(port: int, threads: int) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "vitscope_server.cli", "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--metrics-port", "-1", "--log-level", "WARNING"]
+    command += [
+        "--port",
+        str(port),
+        "--metrics-port",
+        "-1",
+        "--ui-port",
+        "-1",
+        "--log-level",
+        "WARNING",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VITSCOPE_TORCH_THREADS": str(threads)}
     process = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + START_SECONDS

@@ -95,6 +95,7 @@ def serve(args: argparse.Namespace) -> None:
         host="127.0.0.1",
         port=0,
         metrics_port=0,
+        ui_port=-1,
         models=[f"concurrent=timm:{args.concurrent_model}@random"],
         device=args.device,
         torch_threads=args.threads,

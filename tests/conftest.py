@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Test servers bind free ports; the explorer's default port (8080) is left alone, and a test
+# that wants the explorer asks for it (ui_port=0).
+os.environ.setdefault("VITSCOPE_UI_PORT", "-1")
 
 from collections.abc import Iterator
 

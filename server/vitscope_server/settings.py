@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_METRICS_PORT = 8000
+DEFAULT_UI_PORT = 8080
 ENV_PREFIX = "VITSCOPE_"
 
 
@@ -33,6 +34,13 @@ class ServerSettings(BaseSettings):
         ge=-1,
         le=65535,
         description="Prometheus /metrics port; -1 turns it off, 0 picks a free one.",
+    )
+    ui_port: int = Field(
+        DEFAULT_UI_PORT,
+        ge=-1,
+        le=65535,
+        description="Web explorer (HTTP pages and JSON endpoints, OpenAPI at /openapi.json) "
+        "port; -1 turns it off, 0 picks a free one. The token, when set, protects it too.",
     )
     models_file: Path | None = Field(None, description="YAML file listing the models to serve.")
     models: list[str] = Field(

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -47,7 +48,12 @@ from vitscope.errors import UnauthenticatedError
 from vitscope_server.builtin import builtin_specs
 from vitscope_server.cli import build_parser
 from vitscope_server.core.model.specs import load_models_file
-from vitscope_server.settings import DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT, ServerSettings
+from vitscope_server.settings import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_UI_PORT,
+    ServerSettings,
+)
 from vitscope_server.transport.metrics import Metrics
 
 EXAMPLE_SECRETS = sorted((K8S / "examples").glob("*secret*.example.yaml"))
@@ -253,10 +259,16 @@ def test_args_are_real_serve_flags(overlay: str) -> None:
 def test_ports_and_probes_match_the_server(overlay: str) -> None:
     docs = render(overlay)
     container = container_of(docs)
-    # Without --port/--metrics-port these are DEFAULT_GRPC_PORT and DEFAULT_METRICS_PORT.
+    # Without --port/--metrics-port/--ui-port these are DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT
+    # and DEFAULT_UI_PORT.
     settings = settings_from(container)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert settings.ui_port > 0, "the explorer is on in the Deployment"
+    assert ports == {
+        "grpc": settings.port,
+        "metrics": settings.metrics_port,
+        "ui": settings.ui_port,
+    }
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[kind]
         if "grpc" in probe:
@@ -295,7 +307,7 @@ def test_services_and_policies_name_container_ports(overlay: str) -> None:
             assert port["port"] == ports.get(target, target), "service port = container port"
     assert services["vitscope-headless"]["spec"]["clusterIP"] == "None"
     assert not services["vitscope-headless"]["spec"].get("publishNotReadyAddresses", False)
-    assert {p["name"] for p in services["vitscope"]["spec"]["ports"]} == {"grpc", "metrics"}
+    assert {p["name"] for p in services["vitscope"]["spec"]["ports"]} == {"grpc", "metrics", "ui"}
 
     policy = only(docs, "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
@@ -304,6 +316,7 @@ def test_services_and_policies_name_container_ports(overlay: str) -> None:
         assert all("namespaceSelector" in peer for peer in rule["from"])
         assert all(p["port"] in ports for p in rule["ports"])
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    # The explorer is reached through kubectl port-forward, which NetworkPolicy does not see.
     assert allowed == {"grpc", "metrics"}
 
     budget = only(docs, "PodDisruptionBudget")
@@ -499,7 +512,7 @@ def test_dockerfile(flavour: str) -> None:
     entrypoints = [a for i, a in final if i == "ENTRYPOINT"]
     assert [json.loads(a) for a in entrypoints] == [["vitscope-server", "serve"]]
     exposed = {int(p) for i, a in final if i == "EXPOSE" for p in a.split()}
-    assert exposed == {DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT}
+    assert exposed == {DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT, DEFAULT_UI_PORT}
     env = " ".join(a for i, a in final if i == "ENV")
     assert "HF_HUB_OFFLINE=1" in env
     assert "/etc/vitscope" in final_text and "/var/lib/vitscope" in final_text
@@ -516,8 +529,12 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
     """Runs the cpu overlay's command line with its models file and the example token."""
     docs = render("cpu")
     container = container_of(docs)
-    grpc_port, metrics_port = free_port(), free_port()
-    replaced = {"--port": str(grpc_port), "--metrics-port": str(metrics_port)}
+    grpc_port, metrics_port, ui_port = free_port(), free_port(), free_port()
+    replaced = {
+        "--port": str(grpc_port),
+        "--metrics-port": str(metrics_port),
+        "--ui-port": str(ui_port),
+    }
     files = {}
     for flag, value in split_flags(container["args"]):
         if flag in VOLUME_FOLDER_FLAGS:
@@ -572,6 +589,14 @@ def test_cpu_deployment_command_serves_and_drains(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             metrics = r.read().decode()
         assert 'vitscope_model_ready{model="test-vit"} 1.0' in metrics
+        # The explorer answers on its port, behind the same token.
+        explorer = f"http://127.0.0.1:{ui_port}/api/server"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(explorer, timeout=10)
+        assert refused.value.code == 401
+        bearer = urllib.request.Request(explorer, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(bearer, timeout=30) as r:
+            assert {m["name"] for m in json.load(r)["models"]} == models
         for code in ("OK", "UNAUTHENTICATED"):
             labels = {f'code="{code}"', 'method="ListModels"'}
             assert any(

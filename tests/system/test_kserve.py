@@ -67,6 +67,8 @@ def test_predictor_serves_grpc_v2_with_the_runtime(overlay: str) -> None:
     assert settings.device == OVERLAYS[overlay]
     (port,) = container["ports"]
     assert port["name"] == "h2c" and port["containerPort"] == settings.port
+    # The web explorer is off behind KServe unless an overlay asks for it.
+    assert settings.ui_port == -1
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))

@@ -37,6 +37,7 @@ from vitscope_server.transport.oip_rpcs import SERVICE_NAME as INFERENCE_SERVICE
 from vitscope_server.transport.oip_rpcs import InferenceServicer
 from vitscope_server.transport.progress import StreamPolicy
 from vitscope_server.transport.servicer import InspectorServicer
+from vitscope_server.ui.server import RunningExplorer, start_explorer
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class RunningServer:
     metrics: Metrics
     _metrics_http: Any
     _slots: ComputeSlots
+    ui_port: int | None = None
+    _explorer: RunningExplorer | None = None
 
     def stop(self, grace: float, drain_delay: float = 0.0) -> bool:
         """Health NOT_SERVING first; calls are still accepted for `drain_delay` seconds so
@@ -79,6 +82,8 @@ class RunningServer:
         if drain_delay > 0:
             log.info("health NOT_SERVING; still accepting calls for %.1f s", drain_delay)
             threading.Event().wait(drain_delay)
+        if self._explorer is not None:
+            self._explorer.stop()
         self.grpc_server.stop(grace).wait()
         self._slots.close()
         if self._metrics_http is not None:
@@ -203,9 +208,10 @@ def _add_services(
     registry: ModelRegistry,
     metrics: Metrics,
     health_servicer: health.HealthServicer,
-) -> ComputeSlots:
+) -> tuple[ComputeSlots, InspectorServicer]:
     """The Inspector and the inference protocol, sharing compute slots, the batchers and
-    the memory budget; health and reflection beside them. Returns the slots."""
+    the memory budget; health and reflection beside them. Returns the slots and the
+    Inspector (the explorer calls it in process)."""
     slots = ComputeSlots(settings.max_running, settings.max_queue, settings.torch_threads)
     limits = RequestLimits(settings.max_batch, settings.max_image_pixels, settings.max_result_bytes)
     batchers = create_batchers(settings, slots, limits, metrics)
@@ -240,7 +246,12 @@ def _add_services(
         ),
         server,
     )
-    return slots
+    return slots, servicer
+
+
+def _display_host(host: str) -> str:
+    """Where a browser on this machine reaches a server bound to `host`."""
+    return "localhost" if host in ("0.0.0.0", "[::]", "::", "") else host
 
 
 def create_server(settings: ServerSettings) -> RunningServer:
@@ -257,16 +268,29 @@ def create_server(settings: ServerSettings) -> RunningServer:
     metrics.watch_gpu_memory()
     health_servicer = _health_servicer(registry, metrics)
     server = _grpc_server(settings, metrics, registry)
-    slots = _add_services(server, settings, registry, metrics, health_servicer)
+    slots, inspector = _add_services(server, settings, registry, metrics, health_servicer)
     port = _bind(server, settings)
     metrics_http, metrics_port = _start_metrics(settings, metrics)
+    explorer = start_explorer(settings, inspector, health_servicer)
+    ui_port = explorer.port if explorer is not None else None
     server.start()
     registry.start()
     log.info(
         "vitscope serving on %s (metrics on %s); default model %s", port, metrics_port, default
     )
+    if explorer is not None:
+        log.info("explorer on http://%s:%d/", _display_host(settings.host), explorer.port)
     return RunningServer(
-        server, port, metrics_port, registry, health_servicer, metrics, metrics_http, slots
+        server,
+        port,
+        metrics_port,
+        registry,
+        health_servicer,
+        metrics,
+        metrics_http,
+        slots,
+        ui_port,
+        explorer,
     )
 
 
