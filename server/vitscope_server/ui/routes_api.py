@@ -12,8 +12,8 @@ from fastapi import APIRouter, Query, Request, Response
 
 from vitscope import Client
 from vitscope_server.core.runtime import errors
-from vitscope_server.ui import analyzes
-from vitscope_server.ui.analyzes import Unit
+from vitscope_server.ui import analyses
+from vitscope_server.ui.analyses import Unit
 from vitscope_server.ui.explorer import Explorer
 from vitscope_server.ui.jobs import Job, Work
 
@@ -65,12 +65,12 @@ def _unit_work(
     def work(job: Job) -> dict[str, Any]:
         client = explorer.client(job.cancel)
         if analysis is UnitAnalysis.visualization:
-            return analyzes.visualization(client, job, unit, steps)
+            return analyses.visualization(client, job, unit, steps)
         if analysis is UnitAnalysis.top_images:
-            return analyzes.top_images(client, unit, samples, folder, explorer.read_folder_image)
+            return analyses.top_images(client, unit, samples, folder, explorer.read_folder_image)
         if analysis is UnitAnalysis.histogram:
-            return analyzes.histogram(client, unit, samples)
-        return analyzes.class_effects(client, unit)
+            return analyses.histogram(client, unit, samples)
+        return analyses.class_effects(client, unit)
 
     return work
 
@@ -82,12 +82,12 @@ def _image_work(
         client = explorer.client(job.cancel)
         image = explorer.images.get(image_id)
         if analysis is ImageAnalysis.predictions:
-            return analyzes.predictions(client, model, image)
+            return analyses.predictions(client, model, image)
         if analysis is ImageAnalysis.identifiability:
-            return analyzes.identifiability(client, model, image)
+            return analyses.identifiability(client, model, image)
         if analysis is ImageAnalysis.explanations:
-            return analyzes.explanations(client, job, model, image, methods)
-        return analyzes.inversion(client, job, model, image)
+            return analyses.explanations(client, job, model, image, methods)
+        return analyses.inversion(client, job, model, image)
 
     return work
 
