@@ -32,6 +32,7 @@ from vitscope.v1 import common_pb2
 from vitscope.v1 import explain_pb2 as epb
 from vitscope.v1 import features_pb2 as fpb
 from vitscope.v1 import inspector_pb2 as pb
+from vitscope.v1 import interventions_pb2 as vpb
 from vitscope.v1 import inversion_pb2 as ipb
 from vitscope.v1 import models_pb2 as mpb
 from vitscope.v1 import projection_pb2 as ppb
@@ -342,6 +343,31 @@ def _seeds() -> dict[str, list[Message]]:
                 ],
                 outputs=[positions],
                 parameters={"datatype": oip.InferParameter(string_param="fp16")},
+            ),
+        ],
+        "Intervene": [
+            vpb.InterveneRequest(
+                model=MODEL,
+                images=[image],
+                variants=[
+                    vpb.Variant(
+                        edits=[
+                            vpb.Edit(
+                                site="blocks.0.out",
+                                operation=vpb.EDIT_OPERATION_SCALE,
+                                factor=0.5,
+                                selection=vpb.EditSelection(channels=[1, 2]),
+                            )
+                        ]
+                    )
+                ],
+                outputs=vpb.InterventionOutputs(top_k=2, sites=["blocks.1.out"]),
+            ),
+            vpb.InterveneRequest(
+                model=MODEL,
+                images=[image],
+                source_images=[image],
+                sweep=vpb.Sweep(kind=vpb.SWEEP_KIND_PATCH_POSITIONS, part="out", blocks=[0]),
             ),
         ],
         "Invert": [

@@ -28,6 +28,7 @@ from vitscope_server.transport.fields.rules import (
 )
 
 INT32_MAX = 2**31 - 1
+MAX_EDIT_VALUE = 1e9
 MAX_IMAGES = 1 << 16
 """Images one message may carry; the server's max_batch is usually far lower."""
 MAX_LIST = 1 << 16
@@ -197,8 +198,54 @@ _EXPLAIN: dict[str, Rule] = {
     "vitscope.v1.FaithfulnessParameters.seed": _SEED,
 }
 
+# Edit values: finite, and small enough that a site times them stays finite in float32.
+_EDIT_VALUE = Range(-MAX_EDIT_VALUE, MAX_EDIT_VALUE)
+
+_INTERVENTIONS: dict[str, Rule] = {
+    "vitscope.v1.InterveneRequest.model": _MODEL,
+    "vitscope.v1.InterveneRequest.images": _IMAGES,
+    "vitscope.v1.InterveneRequest.source_images": _IMAGES,
+    "vitscope.v1.InterveneRequest.reference_images": _IMAGES,
+    "vitscope.v1.InterveneRequest.variants": Repeated(Nested(), MAX_LIST),
+    "vitscope.v1.InterveneRequest.sweep": Nested(),
+    "vitscope.v1.InterveneRequest.metric": Nested(),
+    "vitscope.v1.InterveneRequest.outputs": Nested(),
+    "vitscope.v1.InterveneRequest.variants_per_forward": Range(1, INT32_MAX),
+    "vitscope.v1.Variant.label": _NAME,
+    "vitscope.v1.Variant.edits": Repeated(Nested(), 256),
+    "vitscope.v1.Edit.site": _SITE,
+    "vitscope.v1.Edit.operation": _ENUM,
+    "vitscope.v1.Edit.selection": Nested(),
+    "vitscope.v1.Edit.value": _EDIT_VALUE,
+    "vitscope.v1.Edit.alpha": _EDIT_VALUE,
+    "vitscope.v1.Edit.direction": Nested(),
+    "vitscope.v1.Edit.factor": _EDIT_VALUE,
+    "vitscope.v1.EditSelection.tokens": Nested(),
+    "vitscope.v1.EditSelection.heads": Repeated(_below("the block's heads"), MAX_LIST),
+    "vitscope.v1.EditSelection.channels": Repeated(_CHANNEL, MAX_LIST),
+    "vitscope.v1.Direction.vector": Nested(),
+    "vitscope.v1.Direction.class_row": Nested(),
+    "vitscope.v1.Sweep.kind": _ENUM,
+    "vitscope.v1.Sweep.part": Text(64),
+    "vitscope.v1.Sweep.operation": _ENUM,
+    "vitscope.v1.Sweep.blocks": Repeated(_below("the model's blocks"), 4096),
+    "vitscope.v1.Metric.kind": _ENUM,
+    "vitscope.v1.Metric.target": Nested(),
+    "vitscope.v1.Metric.other": Nested(),
+    "vitscope.v1.InterventionOutputs.top_k": _up_to("the model's classes"),
+    "vitscope.v1.InterventionOutputs.classes": Repeated(Nested(), MAX_LIST),
+    "vitscope.v1.InterventionOutputs.logits": _FLAG,
+    "vitscope.v1.InterventionOutputs.sites": Repeated(_SITE, 256),
+    "vitscope.v1.InterventionOutputs.tokens": Nested(),
+    "vitscope.v1.InterventionOutputs.reduction": _ENUM,
+    "vitscope.v1.InterventionOutputs.channels": Repeated(_CHANNEL, MAX_LIST),
+    "vitscope.v1.InterventionOutputs.top_channels": _up_to("the site's channels"),
+    "vitscope.v1.InterventionOutputs.output_dtype": _ENUM,
+}
+
 FIELDS: dict[str, Rule] = {
     **_SHARED,
+    **_INTERVENTIONS,
     **_MODELS,
     **_ACTIVATIONS,
     **_FEATURES,
