@@ -399,7 +399,7 @@ def _split(
             )
     logits = None
     if features is not None and (effective.top_predictions or effective.logits):
-        logits = adapter.forward_head(features[rows])
+        logits = adapter.forward_head_on(features, rows)
     predictions = (
         _predictions(adapter, logits, effective.top_predictions)
         if logits is not None and effective.top_predictions

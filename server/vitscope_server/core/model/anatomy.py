@@ -290,6 +290,7 @@ def settle_anatomy(
         else:
             blocks.append(settled)
             kept.append(index)
+    blocks = _windowed_alike(adapter, blocks)
     final_ok = "final" in plain.tensors
     if adapter.final_norm_path is not None and not final_ok:
         notes.append(UnavailableSite("final", f"module {adapter.final_norm_path} did not run"))
@@ -297,6 +298,24 @@ def settle_anatomy(
     if blocks:
         adapter.settle_capabilities(pixels)
     return _site_shapes(adapter, kept, {**plain.tensors, **exposed.tensors})
+
+
+def _windowed_alike(adapter: ModelAdapter, blocks: list[BlockAnatomy]) -> list[BlockAnatomy]:
+    """A block whose attention is of the class another block's was found windowed in attends
+    within windows too, even where one window covers its whole map (Swin's last stage):
+    its probabilities keep the windowed layout [B, windows, heads, N, N]."""
+
+    def kind(block: BlockAnatomy) -> type | None:
+        path = block.attention_path
+        return None if path is None else type(adapter.root.get_submodule(path))
+
+    windowed = {kind(b) for b in blocks if b.windowed} - {None}
+    return [
+        replace(b, probs_layout=Layout.WINDOW_ATTENTION)
+        if "attn.probs" in b.taps and not b.windowed and kind(b) in windowed
+        else b
+        for b in blocks
+    ]
 
 
 def _site_shapes(

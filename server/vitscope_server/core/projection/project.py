@@ -330,7 +330,7 @@ class _SharedForward:
                 if query.importance_maps
                 else {}
             ),
-            space.output_scores(adapter.forward_head(self.features[rows])),
+            space.output_scores(adapter.forward_head_on(self.features, rows)),
         )
 
 

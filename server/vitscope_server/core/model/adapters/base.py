@@ -274,7 +274,14 @@ class ModelAdapter(ABC):
         features = self.forward_features(pixels)
         if len(requests) == 1:
             return self.forward_head(features)
-        return torch.cat([self.forward_head(features[rows]) for rows in requests])
+        return torch.cat([self.forward_head_on(features, rows) for rows in requests])
+
+    def forward_head_on(self, features: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The head on some rows of forward_features' output, which may be one tensor or, for
+        a model whose head aggregates several stages (CoaT), a list of them: each is sliced."""
+        if isinstance(features, (list, tuple)):
+            return self.forward_head(type(features)(f[rows] for f in features))
+        return self.forward_head(features[rows])
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """The head on some images' features. A batched forward applies it per request:

@@ -138,16 +138,31 @@ def head_cause(adapter: ModelAdapter, probe: Probe) -> str | None:
             f"its classifier reads {head.in_features}-wide tokens and blocks of width "
             f"{widths} cannot be projected onto it (a hierarchical model)"
         )
-    norm, fc_norm = (getattr(model, n, nn.Identity()) for n in ("norm", "fc_norm"))
-    tokens = probe.tensors["head.in"]
-    if tokens.dim() != 3 or not close(
-        head(fc_norm(pooled(model, norm(tokens), pool))), probe.logits
-    ):
+    if not close(_logits(model, head, probe.tensors["head.in"], pool), probe.logits):
         return (
             "head(fc_norm(pool(norm(tokens)))) with its own modules does not reproduce its "
             "logits (the classifier reads more than the normed tokens)"
         )
+    for index in range(len(adapter.blocks)):
+        for part in ("attn.out", "mlp.out"):
+            reason = adapter.unavailable_reason(index, part)
+            if reason is not None:
+                return f"block {index} serves no {part} ({reason}), whose projection it reads"
     return None
+
+
+def _logits(model: Any, head: nn.Module, tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """The logits the model's own modules give from the tokens entering its final norm; a
+    distilled model averages its class-token head with `head_dist` on the next token."""
+    if tokens.dim() != 3:
+        return torch.empty(0)
+    norm, fc_norm = (getattr(model, n, None) or nn.Identity() for n in ("norm", "fc_norm"))
+    head_dist = getattr(model, "head_dist", None)
+    if isinstance(head_dist, nn.Linear):
+        normed = fc_norm(norm(tokens))
+        return 0.5 * (head(normed[:, 0]) + head_dist(normed[:, 1]))
+    logits: torch.Tensor = head(fc_norm(pooled(model, norm(tokens), pool)))
+    return logits
 
 
 def pre_norms(adapter: ModelAdapter, probe: Probe) -> list[bool] | str:
