@@ -127,17 +127,22 @@ def head_cause(adapter: ModelAdapter, probe: Probe) -> str | None:
             "single token has no class scores of its own"
         )
     head = getattr(model, "head", None)
+    linear = head if isinstance(head, nn.Linear) else getattr(head, "fc", None)
+    if isinstance(linear, nn.Linear):
+        widths = sorted({block.width for block in adapter.blocks} - {linear.in_features})
+        if widths:
+            return (
+                f"its classifier reads {linear.in_features}-wide tokens and blocks of width "
+                f"{widths} cannot be projected onto it (a hierarchical model)"
+            )
     if not isinstance(head, nn.Linear):
-        return f"its head is a {type(head).__name__}, not one linear classifier over pooled tokens"
+        return (
+            f"its head is a {type(head).__name__}, not one linear classifier over its pooled "
+            "tokens"
+        )
     pool = getattr(model, "global_pool", "")
     if pool not in POOLS:
         return f"its pooling {pool!r} is not one of {POOLS}"
-    widths = sorted({block.width for block in adapter.blocks} - {head.in_features})
-    if widths:
-        return (
-            f"its classifier reads {head.in_features}-wide tokens and blocks of width "
-            f"{widths} cannot be projected onto it (a hierarchical model)"
-        )
     if not close(_logits(model, head, probe.tensors["head.in"], pool), probe.logits):
         return (
             "head(fc_norm(pool(norm(tokens)))) with its own modules does not reproduce its "
