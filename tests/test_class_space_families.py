@@ -307,4 +307,4 @@ def test_refusals_name_the_model_the_method_and_the_cause(fc: Client) -> None:
     with pytest.raises(InvalidArgumentError) as early:
         fc.project(list(pixels_for(fc, "convit", batch=1).numpy()), model="convit", blocks=[0])
     assert [v.field for v in early.value.field_violations] == ["blocks"]
-    assert "the class token enters at block 2" in str(early.value)
+    assert "at block 2; allowed 2..2" in str(early.value)

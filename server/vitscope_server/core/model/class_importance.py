@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from vitscope_server.core.model.adapters import ModelAdapter
-from vitscope_server.core.model.adapters.base import BlockAnatomy
 from vitscope_server.core.model.adapters.capabilities import require
 from vitscope_server.core.model.class_space import ClassSpace
 from vitscope_server.core.model.pixels import denormalise, to_uint8
@@ -102,18 +101,8 @@ def effective_keep_counts(
 
 
 def projectable_blocks(adapter: ModelAdapter) -> range:
-    """The blocks that hold the token sequence the classifier reads: those of the last
-    block's grid, prefix count and width (all of them, but in a model whose class token
-    enters late, ConViT's)."""
-    last = adapter.blocks[-1]
-    first = len(adapter.blocks) - 1
-    while first > 0 and _layout(adapter.blocks[first - 1]) == _layout(last):
-        first -= 1
-    return range(first, len(adapter.blocks))
-
-
-def _layout(block: BlockAnatomy) -> tuple[object, ...]:
-    return (block.grid, block.num_prefix_tokens, block.width)
+    """The blocks that hold the token sequence the classifier reads."""
+    return adapter.tail_blocks()
 
 
 def check_importance_maps(adapter: ModelAdapter, blocks: tuple[int, ...]) -> None:

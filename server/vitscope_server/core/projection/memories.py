@@ -126,6 +126,19 @@ def _check_sizes(
         )
 
 
+def _served_kinds(loaded: LoadedModel, query: MemoryQuery) -> tuple[MemoryKind, ...]:
+    """The kinds asked for, or by default those the block serves (a windowed block's
+    attention memories are not in token order); one it cannot serve is refused."""
+    head = projection_head(loaded, METHOD)
+    causes = {kind: head.memory_refusal(query.block, kind) for kind in MEMORY_KINDS}
+    served = tuple(kind for kind in MEMORY_KINDS if causes[kind] is None)
+    refused = [kind for kind in query.kinds or MEMORY_KINDS if causes[kind] is not None]
+    if refused and (query.kinds or not served):
+        field = "kinds" if query.kinds else "block"
+        raise loaded.adapter.missing(str(causes[refused[0]])).refusal(METHOD, field)
+    return query.kinds or served
+
+
 def prepare_memories(
     loaded: LoadedModel, images: list[ImageInput], query: MemoryQuery, limits: ProjectionLimits
 ) -> PreparedMemories:
@@ -135,14 +148,11 @@ def prepare_memories(
     count = len(adapter.blocks)
     if not 0 <= query.block < count:
         raise InvalidArgument("block", f"{query.block} does not exist; allowed 0..{count - 1}")
-    cause = projection_head(loaded, METHOD).memory_refusal(query.block)
-    if cause is not None:
-        raise adapter.missing(cause).refusal(METHOD, "block")
     if len(set(query.kinds)) != len(query.kinds):
         given = [k.value for k in query.kinds]
         allowed = [k.value for k in MEMORY_KINDS]
         raise InvalidArgument("kinds", f"{given} not allowed; each of {allowed} at most once")
-    kinds = query.kinds or MEMORY_KINDS
+    kinds = _served_kinds(loaded, query)
     memories = min(int(_values(adapter, query.block, kind).shape[1]) for kind in kinds)
     top_k = default_top_k(
         query.top_k,

@@ -182,8 +182,8 @@ def _check_blocks(adapter: ModelAdapter, blocks: tuple[int, ...], field: str) ->
         raise InvalidArgument(
             field,
             f"block {early[0]} holds another token sequence than the classifier reads (the "
-            f"class token enters at block {allowed.start}); allowed "
-            f"{allowed.start}..{allowed.stop - 1}",
+            f"class token enters, or the last stage begins, at block {allowed.start}); "
+            f"allowed {allowed.start}..{allowed.stop - 1}",
         )
     return tuple(sorted(blocks))
 

@@ -378,6 +378,19 @@ class ModelAdapter(ABC):
             name, block.path, Layout.TOKENS, block.grid, block.num_prefix_tokens, from_input=True
         )
 
+    def tail_blocks(self) -> range:
+        """The trailing blocks that hold the last block's token sequence (grid, prefix count,
+        width): all of them, but in a hierarchical model its last stage's, and in a model
+        whose class token enters late (ConViT) those after it."""
+
+        def layout(block: BlockAnatomy) -> tuple[object, ...]:
+            return (block.grid, block.num_prefix_tokens, block.width)
+
+        first = len(self.blocks) - 1
+        while first > 0 and layout(self.blocks[first - 1]) == layout(self.blocks[-1]):
+            first -= 1
+        return range(first, len(self.blocks))
+
     def settle_capabilities(self, pixels: torch.Tensor) -> None:
         """Called once by the probe after `settle`, with an input the model accepts: an
         adapter checks here what its capabilities read against a real forward."""

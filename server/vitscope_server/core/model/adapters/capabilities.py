@@ -66,8 +66,9 @@ class ClassifierHead(ABC):
         """The model's norm(s) before its classifier applied per token to `part` ("out",
         "attn.out" or "mlp.out") of `block`."""
 
-    def memory_refusal(self, block: int) -> str | None:
-        """Why block `block`'s sublayer outputs are not coefficients times value vectors."""
+    def memory_refusal(self, block: int, kind: MemoryKind) -> str | None:
+        """Why block `block`'s memories of `kind` cannot be read (its sublayer output is not
+        coefficients times value vectors), or None."""
         return None
 
     @abstractmethod

@@ -1,17 +1,15 @@
-"""The class-space capabilities of a timm model, read from its own modules and checked on
-one forward before they are offered.
+"""The class-space capabilities of a timm model, checked on one forward before they are
+offered.
 
-The classifier head is `head(fc_norm(pool(norm(x))))` with the model's `norm`, `fc_norm`,
-`head` and `global_pool`; it is offered when those modules reproduce the model's logits
-from the tokens entering its final norm and every served block is as wide as the head.
-A block is pre-norm when its `norm1` reads the block's input; otherwise its sublayers are
-post-normed. Attention outputs recomputed from probabilities and values, and memory
-values times coefficients, are offered when they reproduce the sublayer outputs.
+The classifier (timm_classifier.py) is offered when the model's own modules reproduce its
+logits from the tokens entering its final norm and its last block is as wide as the head.
+A block is post-norm when what it adds from its attention is its norm1's output, pre-norm
+otherwise. Attention outputs recomputed from probabilities and values, and memory values
+times coefficients, are offered when they reproduce the sublayer outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,7 +23,12 @@ from vitscope_server.core.model.adapters.base import (
     Tap,
     tap_site,
 )
-from vitscope_server.core.model.adapters.capabilities import Missing, mixed_values
+from vitscope_server.core.model.adapters.capabilities import MemoryKind, mixed_values
+from vitscope_server.core.model.adapters.timm_classifier import (
+    Classifier,
+    as_tokens,
+    find_classifier,
+)
 from vitscope_server.core.model.adapters.timm_sublayers import (
     ATTENTION,
     MLP,
@@ -39,7 +42,6 @@ from vitscope_server.core.model.adapters.timm_sublayers import (
 from vitscope_server.core.model.capture import capture_sites
 from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
 
-POOLS = ("token", "avg", "max", "avgmax")
 TOLERANCE = 1e-4
 
 
@@ -57,7 +59,7 @@ def raw_site(name: str, path: str, from_input: bool = False) -> SiteDef:
 
 @dataclass(frozen=True)
 class Probe:
-    """One forward's tensors: per block its input, norm1's input, sublayer outputs, the
+    """One forward's tensors: per block its input, norm1's output, sublayer outputs, the
     attention's output-projection input and probabilities; the head's input; the logits."""
 
     tensors: dict[str, torch.Tensor]
@@ -76,7 +78,7 @@ def probe_sites(adapter: ModelAdapter) -> list[SiteDef]:
         module = model.get_submodule(block.path)
         sites.append(raw_site(f"{i}/in", block.path, from_input=True))
         if block_norm(module, ATTENTION) is not None:
-            sites.append(raw_site(f"{i}/norm1.in", f"{block.path}.norm1", from_input=True))
+            sites.append(raw_site(f"{i}/norm1.out", f"{block.path}.norm1"))
         attention = _attention(adapter, i)
         if isinstance(getattr(attention, "proj", None), nn.Linear):
             sites.append(raw_site(f"{i}/proj.in", f"{block.attention_path}.proj", from_input=True))
@@ -85,8 +87,9 @@ def probe_sites(adapter: ModelAdapter) -> list[SiteDef]:
             if part == "attn.probs":
                 site = replace(site, attention_path=block.attention_path)
             sites.append(site)
-    if isinstance(getattr(model, "norm", None), nn.Module):
-        sites.append(raw_site("head.in", "norm", from_input=True))
+    path = adapter.final_norm_path
+    last = adapter.blocks[-1].path
+    sites.append(raw_site("head.in", path or last, from_input=path is not None))
     return sites
 
 
@@ -99,87 +102,49 @@ def run_probe(adapter: ModelAdapter, pixels: torch.Tensor) -> Probe | str:
             logits = adapter.forward(pixels)
     except Exception as exc:  # a capability the forward cannot show is refused, not a crash
         return f"its forward with attention probabilities exposed fails: {exc}"[:300]
-    tensors = dict(captured)
-    if "head.in" not in tensors:
-        last = len(adapter.blocks) - 1
-        tensors["head.in"] = tensors.get(f"{last}/in", torch.empty(0))
-    return Probe(tensors, logits)
+    return Probe(dict(captured), logits)
 
 
-def pooled(model: Any, tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """The model's own pooling of its normed tokens [B, T, D] -> [B, D]."""
-    if pool == "token":
-        return tokens[:, 0]
-    patches = tokens[:, int(getattr(model, "num_prefix_tokens", 0)) :]
-    if pool == "avg":
-        return patches.mean(dim=1)
-    if pool == "max":
-        return patches.amax(dim=1)
-    return 0.5 * (patches.mean(dim=1) + patches.amax(dim=1))
-
-
-def head_cause(adapter: ModelAdapter, probe: Probe) -> str | None:
-    """Why head(fc_norm(pool(norm(x)))) is not this model's classifier, or None when it is."""
-    model: Any = adapter.root
-    if getattr(model, "attn_pool", None) is not None or getattr(model, "global_pool", "") == "map":
+def head_cause(adapter: ModelAdapter, probe: Probe) -> Classifier | str:
+    """The model's classifier when its own modules reproduce its logits and its last
+    blocks serve what projection reads, or why not."""
+    found = find_classifier(adapter)
+    if isinstance(found, str):
+        return found
+    width = adapter.blocks[-1].width
+    if found.fc.in_features != width:
         return (
-            "it pools its tokens with attention (attn_pool) before the classifier, so a "
-            "single token has no class scores of its own"
+            f"its classifier reads {found.fc.in_features}-wide tokens and its last block "
+            f"gives {width}-wide ones"
         )
-    head = getattr(model, "head", None)
-    linear = head if isinstance(head, nn.Linear) else getattr(head, "fc", None)
-    if isinstance(linear, nn.Linear):
-        widths = sorted({block.width for block in adapter.blocks} - {linear.in_features})
-        if widths:
-            return (
-                f"its classifier reads {linear.in_features}-wide tokens and blocks of width "
-                f"{widths} cannot be projected onto it (a hierarchical model)"
-            )
-    if not isinstance(head, nn.Linear):
+    tokens = as_tokens(probe.tensors.get("head.in", torch.empty(0)), width)
+    if tokens is None or not _reproduces(found, tokens, probe.logits):
         return (
-            f"its head is a {type(head).__name__}, not one linear classifier over its pooled "
-            "tokens"
+            "fc(fc_norm(pool(norm(tokens)))) with its own modules does not reproduce its "
+            "logits (the classifier reads more than its pooled, normed tokens)"
         )
-    pool = getattr(model, "global_pool", "")
-    if pool not in POOLS:
-        return f"its pooling {pool!r} is not one of {POOLS}"
-    if not close(_logits(model, head, probe.tensors["head.in"], pool), probe.logits):
-        return (
-            "head(fc_norm(pool(norm(tokens)))) with its own modules does not reproduce its "
-            "logits (the classifier reads more than the normed tokens)"
-        )
-    for index in range(len(adapter.blocks)):
+    for index in adapter.tail_blocks():
         for part in ("attn.out", "mlp.out"):
             reason = adapter.unavailable_reason(index, part)
             if reason is not None:
                 return f"block {index} serves no {part} ({reason}), whose projection it reads"
-    return None
+    return found
 
 
-def _logits(model: Any, head: nn.Module, tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """The logits the model's own modules give from the tokens entering its final norm; a
-    distilled model averages its class-token head with `head_dist` on the next token."""
-    if tokens.dim() != 3:
-        return torch.empty(0)
-    norm, fc_norm = (getattr(model, n, None) or nn.Identity() for n in ("norm", "fc_norm"))
-    head_dist = getattr(model, "head_dist", None)
-    if isinstance(head_dist, nn.Linear):
-        normed = fc_norm(norm(tokens))
-        return 0.5 * (head(normed[:, 0]) + head_dist(normed[:, 1]))
-    logits: torch.Tensor = head(fc_norm(pooled(model, norm(tokens), pool)))
-    return logits
+def _reproduces(classifier: Classifier, tokens: torch.Tensor, logits: torch.Tensor) -> bool:
+    try:
+        return close(classifier.logits(tokens), logits)
+    except (RuntimeError, ValueError):  # a head module that takes another layout
+        return False
 
 
-def pre_norms(adapter: ModelAdapter, probe: Probe) -> list[bool] | str:
-    """Per block: True when norm1 reads the block's input (pre-norm), False when it reads
-    the attention's output (post-norm)."""
-    result = []
-    for i in range(len(adapter.blocks)):
-        given, read = probe.tensors.get(f"{i}/in"), probe.tensors.get(f"{i}/norm1.in")
-        if given is None or read is None:
-            return f"block {i} has no norm1 before or after its attention"
-        result.append(close(read, given))
-    return result
+def pre_norm_of(probe: Probe, index: int) -> bool | None:
+    """False when what block `index` adds from its attention is its norm1's output (a
+    post-norm block), True otherwise (norm1 before the attention), None without a norm1."""
+    normed, added = probe.tensors.get(f"{index}/norm1.out"), probe.tensors.get(f"{index}/attn.out")
+    if normed is None:
+        return None
+    return added is None or not close(normed, added)
 
 
 def attention_cause(adapter: ModelAdapter, probe: Probe, index: int, pre_norm: bool) -> str | None:
@@ -203,6 +168,11 @@ def attention_cause(adapter: ModelAdapter, probe: Probe, index: int, pre_norm: b
     ):
         return f"block {index}'s attention has no value and output projections to recompute it"
     values = attention_values(module, attention, given, pre_norm)
+    if probs.shape[1] != values.shape[1]:
+        return (
+            f"block {index}'s attention has {probs.shape[1]} probability maps for "
+            f"{values.shape[1]} value heads (it combines several softmaxes)"
+        )
     mixed = mixed_values(probs, values)
     got = finish(module, ATTENTION, attention.proj(projection_input(attention, mixed)), pre_norm)
     if not close(got, output):
@@ -213,30 +183,59 @@ def attention_cause(adapter: ModelAdapter, probe: Probe, index: int, pre_norm: b
     return None
 
 
-def memory_cause(
-    adapter: ModelAdapter, probe: Probe, index: int, pre_norm: bool, values: Mapping[int, Any]
-) -> str | None:
-    """Why block `index`'s sublayer outputs are not coefficients times value vectors."""
+def memory_causes(
+    adapter: ModelAdapter, probe: Probe, index: int, pre_norm: bool
+) -> dict[MemoryKind, str]:
+    """Per kind, why block `index`'s sublayer output is not coefficients times value vectors."""
     module = adapter.root.get_submodule(adapter.blocks[index].path)
-    checks = (("mlp.hidden", "mlp.out", MLP), ("proj.in", "attn.out", ATTENTION))
-    for source, target, sublayer in checks:
+    values = value_matrices(adapter, index, pre_norm)
+    causes: dict[MemoryKind, str] = {}
+    checks = (
+        (MemoryKind.MLP, "mlp.hidden", "mlp.out", MLP),
+        (MemoryKind.ATTENTION, "proj.in", "attn.out", ATTENTION),
+    )
+    for kind, source, target, sublayer in checks:
         coefficients = probe.tensors.get(f"{index}/{source}")
         output = probe.tensors.get(f"{index}/{target}")
         matrix = values.get(sublayer)
-        if coefficients is None or output is None or matrix is None:
-            return f"block {index} has no output projection read as memories for its {target}"
-        got = coefficients @ matrix.T
-        if pre_norm:
-            offset = (output - got).reshape(-1, output.shape[-1])
-            ok = close(offset, offset[:1].expand_as(offset))
-        else:
-            raw = coefficients @ _weight(adapter, index, sublayer).T
-            ok = close(
-                finish(module, sublayer, raw + _bias(adapter, index, sublayer), False), output
+        if kind is MemoryKind.ATTENTION and adapter.blocks[index].windowed:
+            causes[kind] = (
+                f"block {index} attends within windows, so what its output projection "
+                "multiplies is not in token order"
             )
-        if not ok:
-            return f"block {index}'s {target} is not its coefficients times its value vectors"
-    return None
+        elif coefficients is None or output is None or matrix is None:
+            causes[kind] = (
+                f"block {index} has no output projection read as memories for its {target}"
+            )
+        elif coefficients.shape[:-1] != output.shape[:-1] or not _adds_up(
+            module,
+            output_projection(adapter, index, sublayer),
+            sublayer,
+            pre_norm,
+            (coefficients, output, matrix),
+        ):
+            causes[kind] = (
+                f"block {index}'s {target} is not its coefficients times its value vectors"
+            )
+    return causes
+
+
+def _adds_up(
+    module: nn.Module,
+    projection: Any,
+    sublayer: int,
+    pre_norm: bool,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> bool:
+    """Pre-norm: the output minus coefficients @ values is one vector (the bias) for every
+    token. Post-norm: the block's norm of the projection's output is the sublayer output
+    (the values are then the projection's columns through the norm, see reaching_residual)."""
+    coefficients, output, matrix = tensors
+    if not pre_norm:
+        return close(finish(module, sublayer, projection(coefficients), False), output)
+    width = output.shape[-1]
+    offset = output.reshape(-1, width) - (coefficients @ matrix.T).reshape(-1, width)
+    return close(offset, offset[:1].expand_as(offset))
 
 
 def output_projection(adapter: ModelAdapter, index: int, sublayer: int) -> nn.Module | None:
@@ -246,17 +245,6 @@ def output_projection(adapter: ModelAdapter, index: int, sublayer: int) -> nn.Mo
         return None if tap is None else adapter.root.get_submodule(tap.module_path)
     attention = _attention(adapter, index)
     return getattr(attention, "proj", None)
-
-
-def _weight(adapter: ModelAdapter, index: int, sublayer: int) -> torch.Tensor:
-    module: Any = output_projection(adapter, index, sublayer)
-    weight: torch.Tensor = module.weight
-    return weight
-
-
-def _bias(adapter: ModelAdapter, index: int, sublayer: int) -> torch.Tensor | float:
-    module: Any = output_projection(adapter, index, sublayer)
-    return 0.0 if module.bias is None else module.bias
 
 
 def value_matrices(adapter: ModelAdapter, index: int, pre_norm: bool) -> dict[int, torch.Tensor]:
@@ -271,7 +259,3 @@ def value_matrices(adapter: ModelAdapter, index: int, pre_norm: bool) -> dict[in
         if matrix is not None:
             matrices[sublayer] = matrix
     return matrices
-
-
-def missing_or(adapter: ModelAdapter, cause: str | None) -> Missing | None:
-    return None if cause is None else adapter.missing(cause)

@@ -9,8 +9,8 @@ outputs are already normed. A distilled DeiT's tokens all go through `head`, not
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -26,13 +26,15 @@ from vitscope_server.core.model.adapters.capabilities import (
     mixed_values,
 )
 from vitscope_server.core.model.adapters.timm_capabilities import (
+    Probe,
     attention_cause,
     head_cause,
-    memory_cause,
-    pre_norms,
+    memory_causes,
+    pre_norm_of,
     run_probe,
     value_matrices,
 )
+from vitscope_server.core.model.adapters.timm_classifier import Classifier
 from vitscope_server.core.model.adapters.timm_sublayers import (
     ATTENTION,
     MLP,
@@ -49,38 +51,45 @@ _AVERAGE_POOLS = ("avg", "max", "avgmax")
 
 class TimmHead(LinearClassifier):
     def __init__(
-        self, adapter: ModelAdapter, pre_norm: list[bool], memory_causes: Mapping[int, str]
+        self,
+        adapter: ModelAdapter,
+        classifier: Classifier,
+        pre_norm: Mapping[int, bool],
+        memory_causes: Mapping[int, Mapping[MemoryKind, str]],
     ) -> None:
         self._adapter = adapter
         self._model: Any = adapter.root
-        self._pre_norm = pre_norm
-        self._memory_causes = dict(memory_causes)
+        self._classifier = classifier
+        self._pre_norm = dict(pre_norm)
+        self._memory_causes = {block: dict(causes) for block, causes in memory_causes.items()}
 
     def _block(self, index: int) -> nn.Module:
         return self._model.get_submodule(self._adapter.blocks[index].path)
 
     @property
     def weight(self) -> torch.Tensor:
-        weight: torch.Tensor = self._model.head.weight
-        return weight
+        return self._classifier.fc.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        bias: torch.Tensor | None = self._model.head.bias
+        bias: torch.Tensor | None = self._classifier.fc.bias
         return bias
 
     def normed(self, tokens: torch.Tensor, block: int, part: str) -> torch.Tensor:
-        model = self._model
-        if part != "out" and model.global_pool in _AVERAGE_POOLS and self._pre_norm[block]:
+        classifier = self._classifier
+        if part != "out" and classifier.pool in _AVERAGE_POOLS and self._pre_norm.get(block):
             norm = block_norm(self._block(block), ATTENTION if part == "attn.out" else MLP)
             tokens = tokens if norm is None else norm(tokens)
-        norm, fc_norm = (getattr(model, n, None) for n in ("norm", "fc_norm"))
-        tokens = tokens if norm is None else norm(tokens)
-        normed: torch.Tensor = tokens if fc_norm is None else fc_norm(tokens)
-        return normed
+        return classifier.normed(tokens)
 
-    def memory_refusal(self, block: int) -> str | None:
-        return self._memory_causes.get(block)
+    def memory_refusal(self, block: int, kind: MemoryKind) -> str | None:
+        if block not in self._memory_causes:
+            allowed = self._adapter.tail_blocks()
+            return (
+                f"block {block} holds another token sequence than the classifier reads; "
+                f"blocks {allowed.start}..{allowed.stop - 1} do"
+            )
+        return self._memory_causes[block].get(kind)
 
     def value_matrix(self, block: int, kind: MemoryKind) -> torch.Tensor:
         return value_matrices(self._adapter, block, self._pre_norm[block])[_SUBLAYER[kind]]
@@ -129,7 +138,7 @@ class TimmHead(LinearClassifier):
 
 
 class TimmAttentionMath(AttentionMath):
-    def __init__(self, adapter: ModelAdapter, pre_norm: list[bool]) -> None:
+    def __init__(self, adapter: ModelAdapter, pre_norm: Mapping[int, bool]) -> None:
         self._adapter = adapter
         self._pre_norm = pre_norm
 
@@ -151,35 +160,52 @@ class TimmAttentionMath(AttentionMath):
 def settle_timm_capabilities(
     adapter: ModelAdapter, pixels: torch.Tensor
 ) -> tuple[ClassifierHead | Missing, AttentionMath | Missing]:
-    """Both capabilities from one checking forward, or each one's cause. A check that
-    fails on an unforeseen layout refuses the capability with the error, never the load."""
-    try:
-        return _settle(adapter, pixels)
-    except Exception as exc:  # a model the checks do not foresee
-        missing = adapter.missing(f"checking its modules against its forward failed: {exc}"[:300])
-        return missing, missing
-
-
-def _settle(
-    adapter: ModelAdapter, pixels: torch.Tensor
-) -> tuple[ClassifierHead | Missing, AttentionMath | Missing]:
+    """Both capabilities from one checking forward, or each one's cause."""
     probe = run_probe(adapter, pixels)
     if isinstance(probe, str):
         return adapter.missing(probe), adapter.missing(probe)
-    norms = pre_norms(adapter, probe)
-    math: AttentionMath | Missing = adapter.missing(str(norms))
-    if not isinstance(norms, str):
-        causes = (attention_cause(adapter, probe, i, norms[i]) for i in range(len(adapter.blocks)))
-        cause = next((c for c in causes if c is not None), None)
-        math = TimmAttentionMath(adapter, norms) if cause is None else adapter.missing(cause)
+    norms = {i: pre_norm_of(probe, i) for i in range(len(adapter.blocks))}
+    return _guarded(adapter, lambda: _head(adapter, probe, norms)), _guarded(
+        adapter, lambda: _attention_math(adapter, probe, norms)
+    )
+
+
+Found = TypeVar("Found")
+
+
+def _guarded(adapter: ModelAdapter, check: Callable[[], Found | Missing]) -> Found | Missing:
+    """A check that fails on a layout it does not foresee refuses the capability with the
+    error, never the model's load."""
+    try:
+        return check()
+    except Exception as exc:  # a model the checks do not foresee
+        return adapter.missing(f"its modules do not compute what the checks expect: {exc}"[:300])
+
+
+def _head(
+    adapter: ModelAdapter, probe: Probe, norms: Mapping[int, bool | None]
+) -> ClassifierHead | Missing:
     if not adapter.has_classifier:
-        return Missing(adapter.spec.name, "it has no classifier head", Reason.NO_CLASSIFIER), math
-    cause = head_cause(adapter, probe) or (norms if isinstance(norms, str) else None)
-    if cause is not None or isinstance(norms, str):
-        return adapter.missing(str(cause)), math
-    memory_causes = {
-        i: memory_cause(adapter, probe, i, norms[i], value_matrices(adapter, i, norms[i]))
-        for i in range(len(adapter.blocks))
-    }
-    found = {i: c for i, c in memory_causes.items() if c is not None}
-    return TimmHead(adapter, norms, found), math
+        return Missing(adapter.spec.name, "it has no classifier head", Reason.NO_CLASSIFIER)
+    found = head_cause(adapter, probe)
+    if isinstance(found, str):
+        return adapter.missing(found)
+    tail = {i: norms[i] for i in adapter.tail_blocks()}
+    unknown = [i for i, pre_norm in tail.items() if pre_norm is None]
+    if unknown:
+        return adapter.missing(f"block {unknown[0]} has no norm1 before or after its attention")
+    known = {i: bool(pre_norm) for i, pre_norm in tail.items()}
+    causes = {i: memory_causes(adapter, probe, i, pre_norm) for i, pre_norm in known.items()}
+    return TimmHead(adapter, found, known, causes)
+
+
+def _attention_math(
+    adapter: ModelAdapter, probe: Probe, norms: Mapping[int, bool | None]
+) -> AttentionMath | Missing:
+    for index, pre_norm in norms.items():
+        if pre_norm is None:
+            return adapter.missing(f"block {index} has no norm1 before or after its attention")
+        cause = attention_cause(adapter, probe, index, pre_norm)
+        if cause is not None:
+            return adapter.missing(cause)
+    return TimmAttentionMath(adapter, {i: bool(p) for i, p in norms.items()})
