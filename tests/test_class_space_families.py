@@ -44,11 +44,31 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "relpos_rpn": ("vit_relpos_small_patch16_rpn_224", SMALL),
     "swiglu": ("aimv2_large_patch14_224", SMALL),  # RmsNorm, no class token
     "glu": ("vit_giant_patch14_reg1_tipsv2", {**SMALL, "embed_dim": 96}),
+    # Hierarchical: the classifier reads the last stage, whose blocks are projected.
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        {
+            "img_size": 64,
+            "window_size": 4,
+            "embed_dim": 16,
+            "depths": [1, 2],
+            "num_heads": [1, 2],
+            "num_classes": 7,
+        },
+    ),
+    "pit": ("pit_ti_224", {"img_size": 64, "depth": [1, 1, 2], "num_classes": 7}),
 }
+# The last stage's blocks of the hierarchical families.
+LAST_STAGE = {"swin": lambda m: m.layers[-1].blocks, "pit": lambda m: m.transformers[-1].blocks}
 POST_NORM = {"eva_post_norm", "rpn", "relpos_rpn"}
 # Families whose probabilities rows are not softmax rows (talking heads) or whose class token
 # enters late: relevancy is refused with the cause.
-NO_RELEVANCY = {"cait": "not rows of probabilities", "convit": "class token enters at block 2"}
+NO_RELEVANCY = {
+    "cait": "not rows of probabilities",
+    "convit": "class token enters at block 2",
+    "swin": "windowed attention",
+    "pit": "change token grid or width",
+}
 
 
 def build(name: str) -> nn.Module:
@@ -65,15 +85,6 @@ def fc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
         for name, (arch, kwargs) in FAMILIES.items()
     ]
     models.append({**models[0], "name": "headless", "kwargs": {**SMALL, "num_classes": 0}})
-    models.append(
-        {
-            "name": "pit",
-            "family": "timm",
-            "architecture": "pit_ti_224",
-            "seed": 5,
-            "kwargs": {"img_size": 64, "num_classes": 7, "depth": [1, 1, 1]},
-        }
-    )
     models_file = folder / "models.yaml"
     models_file.write_text(yaml.safe_dump({"models": models}))
     settings = ServerSettings(
@@ -89,6 +100,24 @@ def fc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
 def pixels_for(client: Client, name: str, batch: int = 2) -> torch.Tensor:
     size = client.describe(name).input_size
     return torch.randn((batch, *size), generator=torch.Generator().manual_seed(3))
+
+
+def blocks_of(name: str, model: nn.Module) -> list[nn.Module]:
+    """Every block in forward order."""
+    if name == "swin":
+        return [b for stage in model.layers for b in stage.blocks]
+    if name == "pit":
+        return [b for stage in model.transformers for b in stage.blocks]
+    return list(model.blocks)
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    return model.head if isinstance(model.head, nn.Linear) else model.head.fc
+
+
+def as_tokens(tensor: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, C] maps (Swin) as [B, H * W, C] tokens."""
+    return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
 
 
 def added(name: str, block: nn.Module, sublayer: int, output: torch.Tensor) -> torch.Tensor:
@@ -107,12 +136,13 @@ def hooked(name: str, model: nn.Module, pixels: torch.Tensor) -> dict[str, torch
     store: dict[str, torch.Tensor] = {}
     handles = []
 
-    def keep(key: str, index: int = 1) -> Any:
-        return lambda m, a, o: store.__setitem__(key, o if index else a[0])
+    def keep(key: str) -> Any:
+        return lambda m, a, o: store.__setitem__(key, o)
 
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(blocks_of(name, model)):
         mlp = block.mlp
         handles += [
+            block.register_forward_pre_hook(lambda m, a, i=i: store.__setitem__(f"in.{i}", a[0])),
             block.register_forward_hook(keep(f"out.{i}")),
             block.attn.register_forward_hook(keep(f"attn.{i}")),
             mlp.register_forward_hook(keep(f"mlp.{i}")),
@@ -125,12 +155,18 @@ def hooked(name: str, model: nn.Module, pixels: torch.Tensor) -> dict[str, torch
             handles.append(mlp.fc1.register_forward_hook(keep(f"fc1.{i}")))
     with torch.no_grad():
         store["logits"] = model(pixels)
-        for i, block in enumerate(model.blocks):
-            store[f"attn.{i}"] = added(name, block, 1, store[f"attn.{i}"])
+        for i, block in enumerate(blocks_of(name, model)):
             store[f"mlp.{i}"] = added(name, block, 2, store[f"mlp.{i}"])
+            # Swin's attention runs on shifted windows: what it adds is the block's residual
+            # update less the MLP's.
+            residual = as_tokens(store[f"out.{i}"]) - as_tokens(store[f"in.{i}"])
+            attention = residual - as_tokens(store[f"mlp.{i}"])
+            if name != "swin":
+                attention = added(name, block, 1, store[f"attn.{i}"])
+            store[f"attn.{i}"] = attention
     for handle in handles:
         handle.remove()
-    return store
+    return {key: as_tokens(value) if value.dim() == 4 else value for key, value in store.items()}
 
 
 def scores(name: str, model: nn.Module, h: torch.Tensor, block: int, part: str) -> np.ndarray:
@@ -139,16 +175,20 @@ def scores(name: str, model: nn.Module, h: torch.Tensor, block: int, part: str) 
     average = model.global_pool == "avg"
     with torch.no_grad():
         if average and name not in POST_NORM and part != "out":
-            h = getattr(model.blocks[block], "norm1" if part == "attn" else "norm2")(h)
+            h = getattr(blocks_of(name, model)[block], "norm1" if part == "attn" else "norm2")(h)
         h = model.norm(h)
         fc_norm = getattr(model, "fc_norm", None)
-        return model.head(h if fc_norm is None else fc_norm(h)).numpy()
+        return head_of(model)(h if fc_norm is None else fc_norm(h)).numpy()
 
 
 def served_blocks(model: nn.Module, name: str) -> list[int]:
-    """ConViT's projection starts where its class token has joined."""
+    """ConViT's projection starts where its class token has joined, a hierarchical model's
+    at its last stage."""
+    count = len(blocks_of(name, model))
     start = model.local_up_to_layer if name == "convit" else 0
-    return list(range(start, len(model.blocks)))
+    if name in LAST_STAGE:
+        start = count - len(LAST_STAGE[name](model))
+    return list(range(start, count))
 
 
 def check_projection(got: Any, expected: np.ndarray, target: int) -> None:
@@ -198,13 +238,15 @@ def test_memories_are_the_weight_products(fc: Client, name: str) -> None:
     model = build(name)
     pixels = pixels_for(fc, name)
     store = hooked(name, model, pixels)
-    b = len(model.blocks) - 1
-    block = model.blocks[b]
+    blocks = blocks_of(name, model)
+    b = len(blocks) - 1
+    block = blocks[b]
     result = fc.project_memories(b, model=name, images=list(pixels.numpy()), top_k=4)
-    values = {
-        "mlp": value_matrix(name, block, block.mlp.fc2.weight.detach(), 2),
-        "attention": value_matrix(name, block, block.attn.proj.weight.detach(), 1),
-    }
+    values = {"mlp": value_matrix(name, block, block.mlp.fc2.weight.detach(), 2)}
+    # Windowed attention multiplies its output projection in window order, not token order.
+    if name != "swin":
+        values["attention"] = value_matrix(name, block, block.attn.proj.weight.detach(), 1)
+    assert set(result.memories) == set(values)
     fc1 = getattr(block.mlp, "fc1", None)
     plain = isinstance(fc1, nn.Linear) and fc1.out_features == block.mlp.fc2.in_features
     coefficients = {
@@ -212,7 +254,7 @@ def test_memories_are_the_weight_products(fc: Client, name: str) -> None:
         "attention": store[f"proj.{b}"],
     }
     for kind, value in values.items():
-        matrix = (model.head.weight.detach() @ value).numpy()
+        matrix = (head_of(model).weight.detach() @ value).numpy()
         got = result.memories[kind]
         assert got.memory_count == value.shape[1]
         np.testing.assert_allclose(
@@ -249,7 +291,7 @@ def test_relevancy_is_refused_with_the_cause(fc: Client, name: str) -> None:
     assert NO_RELEVANCY[name] in message
 
 
-@pytest.mark.parametrize("name", ["beit", "eva_post_norm", "dinov3", "convit"])
+@pytest.mark.parametrize("name", ["beit", "eva_post_norm", "dinov3", "convit", "pit"])
 def test_importance_maps_follow_the_class_tokens_projected_attention(fc: Client, name: str) -> None:
     """Per block, minus the gradient of CE(head(norm(class token's attention output))) with
     respect to that block's probabilities (class-token row, prefix columns dropped)."""
@@ -260,8 +302,9 @@ def test_importance_maps_follow_the_class_tokens_projected_attention(fc: Client,
     leaves: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
     handles = []
+    every = blocks_of(name, model)
     for i in blocks:
-        attention = model.blocks[i].attn
+        attention = every[i].attn
         attention.fused_attn = False
 
         def swap(m: nn.Module, a: Any, o: torch.Tensor, i: int = i) -> torch.Tensor:
@@ -276,13 +319,13 @@ def test_importance_maps_follow_the_class_tokens_projected_attention(fc: Client,
         model(pixels)
         maps = []
         for i in blocks:
-            h = added(name, model.blocks[i], 1, outputs[i])
+            h = added(name, every[i], 1, outputs[i])
             if model.global_pool == "avg" and name not in POST_NORM:
-                h = model.blocks[i].norm1(h)
+                h = every[i].norm1(h)
             logits = model.head(getattr(model, "fc_norm", nn.Identity())(model.norm(h))[:, 0])
             loss = F.cross_entropy(logits, torch.tensor([1]), reduction="sum")
             (grad,) = torch.autograd.grad(loss, leaves[i], retain_graph=True)
-            prefix = model.num_prefix_tokens
+            prefix = getattr(model, "num_prefix_tokens", 1)
             maps.append(-grad[0, :, 0, prefix:])
     for handle in handles:
         handle.remove()
@@ -294,11 +337,15 @@ def test_importance_maps_follow_the_class_tokens_projected_attention(fc: Client,
 
 
 def test_refusals_name_the_model_the_method_and_the_cause(fc: Client) -> None:
-    pixels = list(pixels_for(fc, "pit", batch=1).numpy())
-    with pytest.raises(FailedPreconditionError) as hierarchical:
-        fc.project(pixels, model="pit")
-    assert "ProjectToClassSpace does not apply to model pit" in str(hierarchical.value)
-    assert "blocks of width" in str(hierarchical.value)
+    pixels = list(pixels_for(fc, "swin", batch=1).numpy())
+    with pytest.raises(InvalidArgumentError) as early:
+        fc.project(pixels, model="swin", blocks=[0])
+    assert "allowed 1..2" in str(early.value)
+    with pytest.raises(FailedPreconditionError) as windowed:
+        fc.project_memories(2, model="swin", kinds=["attention"])
+    assert "ProjectMemories does not apply to model swin: block 2 attends within windows" in str(
+        windowed.value
+    )
     with pytest.raises(FailedPreconditionError) as headless:
         fc.project_memories(0, model="headless")
     assert "ProjectMemories does not apply to model headless: it has no classifier head" in str(
@@ -307,4 +354,4 @@ def test_refusals_name_the_model_the_method_and_the_cause(fc: Client) -> None:
     with pytest.raises(InvalidArgumentError) as early:
         fc.project(list(pixels_for(fc, "convit", batch=1).numpy()), model="convit", blocks=[0])
     assert [v.field for v in early.value.field_violations] == ["blocks"]
-    assert "at block 2; allowed 2..2" in str(early.value)
+    assert "at block 2); allowed 2..2" in str(early.value)
