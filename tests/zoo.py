@@ -307,6 +307,7 @@ def sweep_model(client: Client, spec: dict[str, Any]) -> dict[str, str]:
     size = tuple(description.input_size)
     pixels = list(np.random.default_rng(0).standard_normal((2, *size)).astype(np.float32))
     site = _feature_site(description)
+    last = description.block_count - 1
     labels = CLIP_LABELS if spec["family"] == "open_clip" else {}
     calls: dict[str, Callable[[], object]] = {
         "Activations": lambda: client.activations(pixels, list(description.sites), model=name),
@@ -317,7 +318,9 @@ def sweep_model(client: Client, spec: dict[str, Any]) -> dict[str, str]:
             site, [0], images=pixels, top_k=1, model=name
         ),
         "Project": lambda: client.project(pixels[:1], model=name, top_k=1, **labels),
-        "Memories": lambda: client.project_memories(0, model=name, top_k=1, **labels),
+        # The last block: the one every model with a classifier projects (a hierarchical
+        # model's earlier stages are narrower than its head).
+        "Memories": lambda: client.project_memories(last, model=name, top_k=1, **labels),
         "Invert": lambda: client.invert(
             pixels[:1], [1], model=name, method="optimization", steps=1
         ),

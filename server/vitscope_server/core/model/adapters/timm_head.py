@@ -1,6 +1,7 @@
 """A timm model's classifier head and attention math as capabilities (METHODS §3).
 
-Projection: `head(fc_norm(norm(h)))` per token, one of the two norms usually Identity.
+Projection: `fc(fc_norm(norm(h)))` per token (timm_classifier.py), one of the two norms
+usually Identity.
 Models that pool by average get the block's own pre-norm on sublayer outputs first (norm1
 for attention, norm2 for the MLP), as Vilas et al. did; a post-norm block's sublayer
 outputs are already normed. A distilled DeiT's tokens all go through `head`, not
@@ -50,6 +51,9 @@ _AVERAGE_POOLS = ("avg", "max", "avgmax")
 
 
 class TimmHead(LinearClassifier):
+    """The classifier over the blocks that hold its token sequence (tail_blocks), with each
+    one's norm placement and the memory kinds its forward confirmed."""
+
     def __init__(
         self,
         adapter: ModelAdapter,
@@ -138,6 +142,9 @@ class TimmHead(LinearClassifier):
 
 
 class TimmAttentionMath(AttentionMath):
+    """Values from the attention's own value projection of the block's (pre-normed) input;
+    the output through its output projection, then the layer scale or post-norm."""
+
     def __init__(self, adapter: ModelAdapter, pre_norm: Mapping[int, bool]) -> None:
         self._adapter = adapter
         self._pre_norm = pre_norm
