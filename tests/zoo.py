@@ -273,7 +273,8 @@ def representatives() -> list[dict[str, Any]]:
 
 def _reason(message: str) -> str:
     """The first clause of a refusal, without the status and model name, for a table cell."""
-    reason = re.sub(r"^(FAILED_PRECONDITION: )?(model \S+?: )?", "", message)
+    reason = re.sub(r"^(FAILED_PRECONDITION: )?(methods\[0\]: )?(model \S+?: )?", "", message)
+    reason = re.sub(r"^\S+ does not apply to model \S+?: ", "", reason)
     return reason.split(";")[0].strip().replace("|", "/")[:90]
 
 

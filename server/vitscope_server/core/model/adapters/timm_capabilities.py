@@ -120,14 +120,14 @@ def head_cause(adapter: ModelAdapter, probe: Probe) -> Classifier | str:
     tokens = as_tokens(probe.tensors.get("head.in", torch.empty(0)), width)
     if tokens is None or not _reproduces(found, tokens, probe.logits):
         return (
-            "fc(fc_norm(pool(norm(tokens)))) with its own modules does not reproduce its "
-            "logits (the classifier reads more than its pooled, normed tokens)"
+            "its classifier reads more than its normed, pooled tokens: "
+            "fc(fc_norm(pool(norm(x)))) with its own modules does not reproduce its logits"
         )
     for index in adapter.tail_blocks():
         for part in ("attn.out", "mlp.out"):
             reason = adapter.unavailable_reason(index, part)
             if reason is not None:
-                return f"block {index} serves no {part} ({reason}), whose projection it reads"
+                return f"block {index} serves no {part}, which the projection reads ({reason})"
     return found
 
 
