@@ -462,7 +462,9 @@ def test_memories_are_direct_matrix_products(pc: Client, name: str) -> None:
             InvalidArgumentError,
             "targets[0]",
         ),
-        ({"model": "swin"}, FailedPreconditionError, "MODEL_UNSUPPORTED"),
+        # Swin projects its last stage: it has no class token and earlier blocks are narrower.
+        ({"model": "swin", "importance_maps": True}, FailedPreconditionError, "MODEL_UNSUPPORTED"),
+        ({"model": "swin", "blocks": [0]}, InvalidArgumentError, "blocks"),
         ({"model": "gap", "importance_maps": True}, FailedPreconditionError, "MODEL_UNSUPPORTED"),
         ({"model": "vit", "keep_counts": [1]}, InvalidArgumentError, "keep_counts"),
         (
