@@ -172,9 +172,10 @@ def settle_timm_capabilities(
     if isinstance(probe, str):
         return adapter.missing(probe), adapter.missing(probe)
     norms = {i: pre_norm_of(probe, i) for i in range(len(adapter.blocks))}
-    return _guarded(adapter, lambda: _head(adapter, probe, norms)), _guarded(
-        adapter, lambda: _attention_math(adapter, probe, norms)
-    )
+    with torch.inference_mode():
+        head = _guarded(adapter, lambda: _head(adapter, probe, norms))
+        math = _guarded(adapter, lambda: _attention_math(adapter, probe, norms))
+    return head, math
 
 
 Found = TypeVar("Found")
