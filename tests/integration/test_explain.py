@@ -510,17 +510,17 @@ BAD_REQUESTS = [
     (
         {"model": "swin"},
         PRECONDITION,
-        "methods[0]: rollout does not apply: model swin uses windowed",
+        "methods[0]: rollout does not apply to model swin: it uses windowed",
     ),
     (
         {"model": "swin", "methods": _method(RELEVANCY)},
         PRECONDITION,
-        "relevancy does not apply: model swin uses windowed attention",
+        "relevancy does not apply to model swin: it uses windowed attention",
     ),
     (
         {"model": "vitscope-digits-gap", "methods": _method(pb.EXPLANATION_METHOD_CLASS_EMBEDDING)},
         PRECONDITION,
-        "class_embedding does not apply: model vitscope-digits-gap has no class token",
+        "class_embedding does not apply to model vitscope-digits-gap: it has no class token",
     ),
     (
         {"methods": _ig(steps=4096, batch_size=1)},

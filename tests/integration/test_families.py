@@ -13,13 +13,13 @@ import torch
 import yaml
 from support.families_reference import FAMILIES, FAMILY_MODELS, build, family_sites
 
-from vitscope import Client, FailedPreconditionError
+from vitscope import Client, FailedPreconditionError, InvalidArgumentError
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer, create_server
 
 BATCH = 2
-# Families whose blocks differ in grid or width, or have no ViT block: no class space.
-NOT_VIT = ("swin", "convit", "pit", "coat", "twins")
+# Families whose grid or width changes with their stage.
+HIERARCHICAL = ("swin", "pit", "coat", "twins")
 
 
 @pytest.fixture(scope="module")
@@ -182,15 +182,21 @@ def test_feature_images_and_top_images_on_mlp_hidden(
         assert hit.score == pytest.approx(float(scores[:, channel].max()), rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("name", NOT_VIT)
-def test_class_space_and_learned_inversion_refuse_cleanly(
+@pytest.mark.parametrize("name", HIERARCHICAL)
+def test_class_space_reads_the_last_stage_and_learned_inversion_refuses(
     family_client: Client, served: dict[str, Any], name: str
 ) -> None:
+    """The classifier reads the last stage: its blocks are projected (their numbers are
+    checked in test_class_space_families.py), earlier ones are refused by name."""
     pixels = list(served[name]["pixels"].numpy()[:1])
-    with pytest.raises(FailedPreconditionError, match=f"model {name}: .*class-space"):
-        family_client.project(pixels, model=name)
-    with pytest.raises(FailedPreconditionError, match=f"model {name}: .*class-space"):
-        family_client.project_memories(0, model=name)
+    description = served[name]["description"]
+    last = description.block_count - 1
+    projected = family_client.project(pixels, model=name, top_k=1).parameters["blocks"]
+    assert projected == list(range(projected[0], last + 1))
+    assert family_client.project_memories(last, model=name, top_k=1).memories
+    if projected[0] > 0:
+        with pytest.raises(InvalidArgumentError, match=f"allowed {projected[0]}..{last}"):
+            family_client.project(pixels, model=name, blocks=[0])
     with pytest.raises(FailedPreconditionError, match=f"model {name}: learned inversion"):
         family_client.invert(pixels, [1], model=name)
     inverted = family_client.invert(pixels, [1], model=name, method="optimization", steps=1)

@@ -113,22 +113,20 @@ def test_sites_keep_their_meaning(variant_client: Client, name: str) -> None:
         previous = result[f"blocks.{i}.out"]
 
 
-def test_layerscale_modules_are_served_by_class_space_methods(variant_client: Client) -> None:
-    name = "layerscale-module"
+@pytest.mark.parametrize(
+    "name", ["layerscale-module", "post-norm", "layerscale-parameter", "rotary-swiglu"]
+)
+def test_variants_are_served_by_class_space_methods(variant_client: Client, name: str) -> None:
+    """Their numbers are checked per family in test_class_space_families.py; importance maps
+    need a class token."""
     pixels = list(_pixels(variant_client, name).numpy())
-    projection = variant_client.project(pixels, model=name, importance_maps=True, top_k=2)
-    assert projection is not None
+    has_class_token = variant_client.describe(name).prefix_token_count > 0
+    projection = variant_client.project(
+        pixels, model=name, importance_maps=has_class_token, top_k=2
+    )
+    assert len(projection.images) == len(pixels)
     memories = variant_client.project_memories(1, model=name, images=pixels, top_k=2)
-    assert memories is not None
-
-
-@pytest.mark.parametrize("name", ["post-norm", "layerscale-parameter", "rotary-swiglu"])
-def test_other_variants_refuse_class_space_methods_by_name(
-    variant_client: Client, name: str
-) -> None:
-    pixels = list(_pixels(variant_client, name).numpy())
-    pattern = f"model {name}: .*not supported for class-space methods"
-    with pytest.raises(FailedPreconditionError, match=pattern):
-        variant_client.project(pixels, model=name, importance_maps=True)
-    with pytest.raises(FailedPreconditionError, match=pattern):
-        variant_client.project_memories(0, model=name, images=pixels)
+    assert set(memories.memories) == {"mlp", "attention"}
+    if not has_class_token:
+        with pytest.raises(FailedPreconditionError, match="it has no class token"):
+            variant_client.project(pixels, model=name, importance_maps=True)

@@ -273,7 +273,8 @@ def representatives() -> list[dict[str, Any]]:
 
 def _reason(message: str) -> str:
     """The first clause of a refusal, without the status and model name, for a table cell."""
-    reason = re.sub(r"^(FAILED_PRECONDITION: )?(model \S+?: )?", "", message)
+    reason = re.sub(r"^(FAILED_PRECONDITION: )?(methods\[0\]: )?(model \S+?: )?", "", message)
+    reason = re.sub(r"^\S+ does not apply to model \S+?: ", "", reason)
     return reason.split(";")[0].strip().replace("|", "/")[:90]
 
 
@@ -314,6 +315,7 @@ def sweep_model(client: Client, spec: dict[str, Any]) -> dict[str, str]:
     size = tuple(description.input_size)
     pixels = list(np.random.default_rng(0).standard_normal((2, *size)).astype(np.float32))
     site = _feature_site(description)
+    last = description.block_count - 1
     labels = CLIP_LABELS if spec["family"] == "open_clip" else {}
     calls: dict[str, Callable[[], object]] = {
         "Activations": lambda: client.activations(pixels, _sites(description), model=name),
@@ -324,7 +326,9 @@ def sweep_model(client: Client, spec: dict[str, Any]) -> dict[str, str]:
             site, [0], images=pixels, top_k=1, model=name
         ),
         "Project": lambda: client.project(pixels[:1], model=name, top_k=1, **labels),
-        "Memories": lambda: client.project_memories(0, model=name, top_k=1, **labels),
+        # The last block: the one every model with a classifier projects (a hierarchical
+        # model's earlier stages are narrower than its head).
+        "Memories": lambda: client.project_memories(last, model=name, top_k=1, **labels),
         "Invert": lambda: client.invert(
             pixels[:1], [1], model=name, method="optimization", steps=1
         ),

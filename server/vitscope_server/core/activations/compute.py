@@ -334,7 +334,7 @@ def _split(
             )
     logits = None
     if features is not None and (effective.top_predictions or effective.logits):
-        logits = adapter.forward_head(features[rows])
+        logits = adapter.forward_head_on(features, rows)
     top = (
         top_predictions(logits, effective.top_predictions)
         if logits is not None and effective.top_predictions

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from vitscope_server.core.model.adapters import ModelAdapter
+from vitscope_server.core.model.adapters.capabilities import Missing, require
 from vitscope_server.core.model.capture import capture_sites
 from vitscope_server.core.runtime.cancel import CancelToken
-from vitscope_server.core.runtime.errors import FailedPrecondition
 
 
 class HeadFusion(Enum):
@@ -28,41 +28,17 @@ class HeadFusion(Enum):
     MIN = "min"
 
 
-def windowed_reason(adapter: ModelAdapter, method: str) -> str | None:
-    """Why `method` cannot run on this model's attention, or None when it can."""
-    if any(block.windowed for block in adapter.blocks):
-        return (
-            f"model {adapter.spec.name} uses windowed attention, which has no {method}: "
-            "the method needs every block's attention over the whole token sequence"
-        )
-    for index in range(len(adapter.blocks)):
-        missing = adapter.unavailable_reason(index, "attn.probs")
-        if missing is not None:
-            return (
-                f"model {adapter.spec.name}: block {index} serves no attention probabilities "
-                f"({missing}), which {method} needs in every block"
-            )
-    if not adapter.uniform:
-        return (
-            f"model {adapter.spec.name}: its blocks change token grid or width, and {method} "
-            "needs one token sequence through every block"
-        )
-    return None
+def attention_cause(adapter: ModelAdapter) -> str | None:
+    """Why rollout cannot run on this model: no probabilities over one token sequence."""
+    found = adapter.attention_probs()
+    return found.cause if isinstance(found, Missing) else None
 
 
-def relevancy_reason(adapter: ModelAdapter) -> str | None:
-    """Why relevancy cannot run on this model, or None when it can: it recomputes each
-    block's attention output from its probabilities, which the adapter must know how to do."""
-    reason = windowed_reason(adapter, "relevancy")
-    if reason is None and (
-        type(adapter).attention_output is ModelAdapter.attention_output
-        or adapter.class_projection_unsupported() is not None
-    ):
-        reason = (
-            f"model {adapter.spec.name}: its attention cannot be recomputed from its "
-            "probabilities, which relevancy differentiates"
-        )
-    return reason
+def relevancy_cause(adapter: ModelAdapter) -> str | None:
+    """Why relevancy cannot run on this model, or None when it can: it also recomputes each
+    block's attention output from its probabilities, to differentiate them."""
+    math = adapter.attention_math()
+    return attention_cause(adapter) or (math.cause if isinstance(math, Missing) else None)
 
 
 def _reading_row(matrix: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -72,7 +48,7 @@ def _reading_row(matrix: torch.Tensor, prefix: int, grid: tuple[int, int]) -> to
 
 
 def _probs_sites(adapter: ModelAdapter) -> list[Any]:
-    return [adapter.block_site(b, "attn.probs") for b in range(len(adapter.blocks))]
+    return require(adapter.attention_probs(), "rollout").sites
 
 
 def attention_forward(
@@ -93,7 +69,7 @@ def attention_forward(
         with torch.no_grad(), capture_sites(adapter, probs_sites, pixels.shape[0], cancel) as got:
             output = adapter.forward_by_request(pixels, requests)
         return output, [got[site.name] for site in probs_sites]
-    sites = [adapter.embed_site(), *(adapter.block_site(b, "out") for b in blocks)]
+    sites = [adapter.block_input_site(b) for b in blocks]
     owner = threading.get_ident()
     with ExitStack() as stack, torch.enable_grad():
         captured = stack.enter_context(
@@ -133,7 +109,8 @@ def _recomputing_hook(
 ) -> Callable[[nn.Module, Any, Any], Any]:
     """Replaces the attention sublayer's output by the same output recomputed from the
     captured probabilities, so the target's gradient flows to them whatever kernel ran."""
-    input_site = "embed" if block == 0 else f"blocks.{block - 1}.out"
+    input_site = adapter.block_input_site(block).name
+    math = require(adapter.attention_math(), "relevancy")
     # The recomputation calls the hooked module itself (e.g. a LayerScale): not again.
     inside: list[bool] = []
 
@@ -143,16 +120,13 @@ def _recomputing_hook(
         probs = captured[f"blocks.{block}.attn.probs"]
         inside.append(True)
         try:
-            values = adapter.attention_values(block, captured[input_site])
-            replaced = adapter.attention_output(block, probs, values)
+            values = math.values(block, captured[input_site])
+            replaced = math.output(block, probs, values)
         finally:
             inside.clear()
         if not isinstance(output, torch.Tensor) or replaced.shape != output.shape:
-            raise FailedPrecondition(
-                f"model {adapter.spec.name}: block {block}'s attention output cannot be "
-                "recomputed in its own layout, which relevancy needs",
-                subject=adapter.spec.name,
-            )
+            cause = f"block {block}'s attention output cannot be recomputed in its own layout"
+            raise adapter.missing(cause).refusal("relevancy")
         return replaced
 
     return hook

@@ -36,7 +36,6 @@ from vitscope_server.core.model.pixels import denormalize, normalize, to_uint8
 from vitscope_server.core.model.provenance import Provenance, provenance_of
 from vitscope_server.core.runtime.blur import gaussian_blur
 from vitscope_server.core.runtime.cancel import CancelToken
-from vitscope_server.core.runtime.errors import FailedPrecondition
 
 
 @dataclass(frozen=True)
@@ -177,10 +176,8 @@ def _method_maps(
     targets = predicted.targets
     if spec.method is Method.CLASS_EMBEDDING:
         if space.class_space is None:
-            raise FailedPrecondition(
-                f"class_embedding does not apply: {space.class_space_missing}",
-                subject=prepared.loaded.spec.name,
-            )
+            missing = prepared.loaded.adapter.missing(space.class_space_missing)
+            raise missing.refusal("class_embedding")
         return _Computed(class_embedding_maps(adapter, space.class_space, pixels, targets, cancel))
     assert spec.steps is not None and spec.batch_size is not None and spec.blur_sigma is not None
     reference = baseline_images(adapter, pixels, spec.baseline, spec.blur_sigma, spec.seed)

@@ -11,7 +11,11 @@ import torch.nn.functional as F
 
 from vitscope_server.core.model.adapters import ModelAdapter
 from vitscope_server.core.model.capture import ForwardStopped, capture_sites, last_block_needed
-from vitscope_server.core.model.class_importance import importance_gradients, importance_maps
+from vitscope_server.core.model.class_importance import (
+    importance_gradients,
+    importance_maps,
+    projectable_blocks,
+)
 from vitscope_server.core.model.class_space import ClassSpace
 from vitscope_server.core.model.sites import resolve_site
 from vitscope_server.core.runtime.cancel import CancelToken
@@ -26,13 +30,13 @@ def class_embedding_maps(
 ) -> torch.Tensor:
     """[B, H, W]: the summed, min-max normalized importance map over every block, exactly as
     ProjectToClassSpace returns it."""
-    blocks = tuple(range(len(adapter.blocks)))
-    sites = [adapter.embed_site()]
-    sites += [adapter.block_site(b, part) for b in blocks for part in ("out", "attn.probs")]
+    blocks = tuple(projectable_blocks(adapter))
+    inputs = {b: adapter.block_input_site(b) for b in blocks}
+    sites = [*inputs.values(), *(adapter.block_site(b, "attn.probs") for b in blocks)]
     # Not inference mode: the importance gradients differentiate the captured tensors.
     with torch.no_grad(), capture_sites(adapter, sites, pixels.shape[0], cancel) as captured:
         adapter.forward(pixels)
-    residual = {-1: captured["embed"], **{b: captured[f"blocks.{b}.out"] for b in blocks}}
+    residual = {b - 1: captured[site.name] for b, site in inputs.items()}
     probs = {b: captured[f"blocks.{b}.attn.probs"] for b in blocks}
     raw = importance_gradients(adapter, space, probs, residual, blocks, targets, cancel)
     maps = importance_maps(adapter, raw, pixels)

@@ -9,11 +9,12 @@ from enum import Enum
 
 import torch
 
-from vitscope_server.core.explain.attention import HeadFusion, relevancy_reason, windowed_reason
+from vitscope_server.core.explain.attention import HeadFusion, attention_cause, relevancy_cause
 from vitscope_server.core.explain.faithfulness import default_patches_per_step, patch_counts
 from vitscope_server.core.explain.gradients import Baseline
 from vitscope_server.core.explain.targets import Target, check_targets
 from vitscope_server.core.model.adapters import Layout, ModelAdapter
+from vitscope_server.core.model.adapters.capabilities import Missing
 from vitscope_server.core.model.class_space import LabelSet
 from vitscope_server.core.model.images import ImageInput, prepare_batch
 from vitscope_server.core.model.loading import LoadedModel
@@ -172,7 +173,7 @@ def _classes_reason(loaded: LoadedModel) -> str | None:
     """Why the model has no classes to explain (open_clip towers take a label set)."""
     adapter = loaded.adapter
     if adapter.family != "open_clip" and not adapter.has_classifier:
-        return f"model {loaded.spec.name} has no classifier, so no class to explain"
+        return "it has no classifier, so no class to explain"
     return None
 
 
@@ -182,13 +183,15 @@ def _method_reason(method: Method, loaded: LoadedModel) -> str | None:
     if method in _TARGETED and _classes_reason(loaded):
         return _classes_reason(loaded)
     if method is Method.ROLLOUT:
-        return windowed_reason(adapter, "rollout")
+        return attention_cause(adapter)
     if method is Method.RELEVANCY:
-        return relevancy_reason(adapter)
+        return relevancy_cause(adapter)
     if method is Method.CLASS_EMBEDDING:
-        if adapter.num_prefix_tokens == 0:
-            return f"model {loaded.spec.name} has no class token, whose attention the map reads"
-        return adapter.class_projection_unsupported()
+        head, math = adapter.class_head(), adapter.attention_math()
+        if isinstance(head, Missing) or isinstance(math, Missing):
+            return head.cause if isinstance(head, Missing) else getattr(math, "cause", None)
+        if adapter.blocks[-1].num_prefix_tokens == 0:
+            return "it has no class token, whose attention the map reads"
     return None
 
 
@@ -204,7 +207,7 @@ def _effective_method(
     if reason is not None:
         classless = spec.method in _TARGETED and _classes_reason(loaded) is not None
         raise FailedPrecondition(
-            f"{field}: {spec.method.value} does not apply: {reason}",
+            f"{field}: {spec.method.value} does not apply to model {loaded.spec.name}: {reason}",
             reason=Reason.NO_CLASSIFIER if classless else Reason.MODEL_UNSUPPORTED,
             subject=loaded.spec.name,
             field=f"{field}.method",
@@ -306,7 +309,8 @@ def prepare_explanation(
         reason = _classes_reason(loaded)
         if reason is not None:
             raise FailedPrecondition(
-                f"faithfulness: needs the target's probability: {reason}",
+                f"faithfulness does not apply to model {loaded.spec.name}: it needs the "
+                f"target's probability, and {reason}",
                 reason=Reason.NO_CLASSIFIER,
                 subject=loaded.spec.name,
                 field="faithfulness",

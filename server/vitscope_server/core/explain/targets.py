@@ -12,11 +12,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from vitscope_server.core.model.adapters.capabilities import Missing, TextClassifier, require
 from vitscope_server.core.model.class_space import ClassSpace, LabelSet, class_space_of
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.errors import (
-    FailedPrecondition,
     InvalidArgument,
     quote,
     quote_all,
@@ -80,7 +80,9 @@ def check_targets(loaded: LoadedModel, targets: tuple[Target, ...], batch: int) 
 
 
 def _prompt_embeddings(loaded: LoadedModel, prompts: list[str]) -> torch.Tensor:
-    encoder = loaded.adapter.encode_class_names  # type: ignore[attr-defined]
+    head = require(loaded.adapter.class_head(), "prompt targets")
+    assert isinstance(head, TextClassifier)
+    encoder = head.encode_class_names
     with torch.no_grad():
         embeddings: torch.Tensor = encoder(prompts, ["{}"])
     return embeddings
@@ -94,7 +96,8 @@ def target_space(
 ) -> TargetSpace | None:
     """The scores' classes (prompts appended); None for a model with no classes at all."""
     adapter = loaded.adapter
-    missing = adapter.class_projection_unsupported() or ""
+    head = adapter.class_head()
+    missing = head.cause if isinstance(head, Missing) else ""
     if adapter.family != "open_clip":
         if labels is not None:
             raise InvalidArgument(
@@ -104,12 +107,10 @@ def target_space(
             )
         if not adapter.has_classifier:
             return None
-        space = class_space_of(loaded, None, cancel) if not missing else None
+        space = class_space_of(loaded, None, cancel, "class_embedding") if not missing else None
         names = list(adapter.class_names)
         return TargetSpace(names, len(names), None, 1.0, space, missing)
-    if missing:
-        raise FailedPrecondition(missing, subject=loaded.spec.name)
-    space = class_space_of(loaded, labels, cancel)
+    space = class_space_of(loaded, labels, cancel, "Explain")
     label_count = space.num_classes
     if prompts:
         extra = _prompt_embeddings(loaded, prompts).to(space.weight)

@@ -12,6 +12,7 @@ import torch
 
 from vitscope_server.core.interventions.edits import ClassRef, Edit, Operation, Selection
 from vitscope_server.core.model.adapters import Layout, ModelAdapter, SiteDef
+from vitscope_server.core.model.adapters.capabilities import LinearClassifier, require
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.sites import resolve_site
 from vitscope_server.core.model.tokens import resolve_token_indices
@@ -171,15 +172,15 @@ def _direction(loaded: LoadedModel, edit: Edit, width: int, field: str) -> torch
 def _class_row(loaded: LoadedModel, ref: ClassRef, field: str) -> torch.Tensor:
     adapter = loaded.adapter
     index = class_index(adapter, ref if ref is not None else 0, field)
-    try:
-        weight, _ = adapter.classifier_head()
-    except NotImplementedError:
+    head = require(adapter.class_head(), "a class's head row", field)
+    if not isinstance(head, LinearClassifier):
         raise FailedPrecondition(
-            f"{field}: model {adapter.spec.name} exposes no linear classifier head",
+            f"{field}: model {adapter.spec.name} scores classes by text embeddings, not a "
+            "linear classifier head; give the direction as a vector",
             subject=adapter.spec.name,
             field=field,
-        ) from None
-    return weight[index].detach().float().cpu()
+        )
+    return head.weight[index].detach().float().cpu()
 
 
 def resolve_edit(loaded: LoadedModel, edit: Edit, field: str, sets: frozenset[str]) -> ResolvedEdit:

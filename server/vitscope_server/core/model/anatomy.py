@@ -106,18 +106,30 @@ def infer_grid(
     tokens: int, image: tuple[int, int], hint: int
 ) -> tuple[int, tuple[int, int]] | None:
     """(prefix count, (rows, cols)) such that tokens = prefix + rows * cols with the image's
-    aspect; the hinted prefix count is tried first, then none, then others."""
+    aspect. A grid of exactly the image's aspect wins over an approximate one, so that a
+    block whose class token has not joined yet (ConViT) reads as no prefix on the whole
+    grid; within each pass the hinted prefix count is tried first, then none, then others."""
     height, width = image
-    for prefix in (hint, *(p for p in range(MAX_PREFIX_TOKENS + 1) if p != hint)):
-        patches = tokens - prefix
-        if patches <= 0:
-            continue
-        guess = round(math.sqrt(patches * height / width))
-        for rows in (guess, guess - 1, guess + 1):
-            if rows > 0 and patches % rows == 0:
-                cols = patches // rows
-                if abs(height / rows - width / cols) <= 0.25 * max(height / rows, width / cols):
-                    return prefix, (rows, cols)
+    prefixes = (hint, *(p for p in range(MAX_PREFIX_TOKENS + 1) if p != hint))
+    for tolerance in (0.0, 0.25):
+        for prefix in prefixes:
+            found = _grid_of(tokens - prefix, height, width, tolerance)
+            if found is not None:
+                return prefix, found
+    return None
+
+
+def _grid_of(patches: int, height: int, width: int, tolerance: float) -> tuple[int, int] | None:
+    """rows x cols = patches with a cell aspect within `tolerance` of the image's."""
+    if patches <= 0:
+        return None
+    guess = round(math.sqrt(patches * height / width))
+    for rows in (guess, guess - 1, guess + 1):
+        if rows > 0 and patches % rows == 0:
+            cols = patches // rows
+            cell_h, cell_w = height / rows, width / cols
+            if abs(cell_h - cell_w) <= tolerance * max(cell_h, cell_w):
+                return rows, cols
     return None
 
 
@@ -348,11 +360,32 @@ def settle_anatomy(
         else:
             blocks.append(settled)
             kept.append(index)
+    blocks = _windowed_alike(adapter, blocks)
     final_ok = "final" in plain.tensors
     if adapter.final_norm_path is not None and not final_ok:
         notes.append(UnavailableSite("final", f"module {adapter.final_norm_path} did not run"))
     adapter.settle(blocks, notes, final_ok)
+    if blocks:
+        adapter.settle_capabilities(pixels)
     return _site_shapes(adapter, kept, {**plain.tensors, **exposed.tensors, **heads.tensors})
+
+
+def _windowed_alike(adapter: ModelAdapter, blocks: list[BlockAnatomy]) -> list[BlockAnatomy]:
+    """A block whose attention is of the class another block's was found windowed in attends
+    within windows too, even where one window covers its whole map (Swin's last stage):
+    its probabilities keep the windowed layout [B, windows, heads, N, N]."""
+
+    def kind(block: BlockAnatomy) -> type | None:
+        path = block.attention_path
+        return None if path is None else type(adapter.root.get_submodule(path))
+
+    windowed = {kind(b) for b in blocks if b.windowed} - {None}
+    return [
+        replace(b, probs_layout=Layout.WINDOW_ATTENTION)
+        if "attn.probs" in b.taps and not b.windowed and kind(b) in windowed
+        else b
+        for b in blocks
+    ]
 
 
 def _site_shapes(

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vitscope_server.core.model.adapters import ModelAdapter
+from vitscope_server.core.model.adapters.capabilities import require
 from vitscope_server.core.model.class_space import ClassSpace
 from vitscope_server.core.model.pixels import denormalize, to_uint8
 from vitscope_server.core.runtime.cancel import CancelToken
@@ -79,10 +80,11 @@ def effective_keep_counts(
         raise InvalidArgument(
             "evaluate_importance", "needs importance_maps, whose summed map orders the tokens"
         )
-    if not adapter.reads_class_token():
+    head = require(adapter.class_head(), "evaluate_importance", "evaluate_importance")
+    if not head.runs_on_token_subsets():
         raise FailedPrecondition(
-            f"evaluate_importance: model {name} does not read its prediction at the class "
-            "token, so it cannot be run on a subset of patch tokens",
+            f"evaluate_importance does not apply to model {name}: it does not read its "
+            "prediction at the class token, so it cannot be run on a subset of patch tokens",
             subject=name,
             field="evaluate_importance",
         )
@@ -98,6 +100,27 @@ def effective_keep_counts(
     return tuple(sorted(keep_counts))
 
 
+def projectable_blocks(adapter: ModelAdapter) -> range:
+    """The blocks that hold the token sequence the classifier reads."""
+    return adapter.tail_blocks()
+
+
+def check_importance_maps(adapter: ModelAdapter, blocks: tuple[int, ...]) -> None:
+    """Importance maps differentiate the class token's projected attention output with
+    respect to each block's probabilities: refuse, naming the cause, a model without them."""
+    method, field = "importance_maps", "importance_maps"
+    if adapter.blocks[blocks[-1]].num_prefix_tokens == 0:
+        raise adapter.missing("it has no class token, whose attention the maps read").refusal(
+            method, field
+        )
+    require(adapter.attention_math(), method, field)
+    for block in blocks:
+        reason = adapter.unavailable_reason(block, "attn.probs")
+        if reason is not None or adapter.blocks[block].windowed:
+            cause = f"block {block} serves no attention probabilities over its tokens ({reason})"
+            raise adapter.missing(cause).refusal(method, field)
+
+
 def importance_gradients(
     adapter: ModelAdapter,
     space: ClassSpace,
@@ -109,16 +132,18 @@ def importance_gradients(
 ) -> torch.Tensor:
     """[B, blocks, heads, patches]: minus d CE(class token's projected attention output) / d probs,
     class-token query row, prefix columns dropped; one backward per block."""
-    prefix = adapter.num_prefix_tokens
+    prefix = adapter.blocks[blocks[-1]].num_prefix_tokens
+    head = require(adapter.class_head(), "importance_maps")
+    math = require(adapter.attention_math(), "importance_maps")
     maps = []
     with torch.enable_grad():
         for b in blocks:
             cancel.raise_if_cancelled()
             # Only the class token's query row: the output is read at the class token alone.
             cls_row = probs[b][:, :, :1].detach().clone().requires_grad_(True)
-            values = adapter.attention_values(b, residual[b - 1]).detach()
-            output = adapter.attention_output(b, cls_row, values)
-            scores = space.scores(adapter.projection_norm(output, b, "attn.out"))[:, 0]
+            values = math.values(b, residual[b - 1]).detach()
+            output = math.output(b, cls_row, values)
+            scores = space.scores(head.normed(output, b, "attn.out"))[:, 0]
             loss = F.cross_entropy(scores * space.logit_scale, targets, reduction="sum")
             (gradient,) = torch.autograd.grad(loss, cls_row)
             maps.append(-gradient[:, :, 0, prefix:])
@@ -128,7 +153,7 @@ def importance_gradients(
 def importance_maps(
     adapter: ModelAdapter, raw: torch.Tensor, pixels: torch.Tensor
 ) -> list[ImportanceMaps]:
-    height, width = adapter.grid
+    height, width = adapter.blocks[-1].grid
     batch, blocks, heads, _ = raw.shape
     per_head = raw.reshape(batch, blocks, heads, height, width)
     summed = per_head.sum(dim=(1, 2))
@@ -162,7 +187,8 @@ def _keep_curve(
     """The model run on the prefix tokens plus the first n patches of `order` [B, patches]
     (kept in sequence order; position embeddings are already in the tokens)."""
     batch, _, width = embedded.shape
-    prefix = adapter.num_prefix_tokens
+    prefix = adapter.blocks[-1].num_prefix_tokens
+    head = require(adapter.class_head(), "evaluate_importance")
     prefix_index = torch.arange(prefix, device=embedded.device).expand(batch, prefix)
     accuracy = []
     for n in keep_counts:
@@ -170,7 +196,7 @@ def _keep_curve(
         kept = order[:, :n].sort(dim=1).values + prefix
         index = torch.cat([prefix_index, kept], dim=1)
         subset = embedded.gather(1, index[..., None].expand(-1, -1, width))
-        scores = space.output_scores(adapter.forward_from_embedded(subset))
+        scores = space.output_scores(head.forward_from_embedded(subset))
         accuracy.append(float((scores.argmax(dim=-1) == targets).float().mean()))
     best = max(accuracy)
     auc = sum(accuracy) / (best * len(accuracy)) if best > 0 else 0.0

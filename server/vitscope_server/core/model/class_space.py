@@ -14,11 +14,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vitscope_server.core.model.adapters import ModelAdapter
+from vitscope_server.core.model.adapters.capabilities import (
+    ClassifierHead,
+    LinearClassifier,
+    TextClassifier,
+    require,
+)
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.errors import (
-    FailedPrecondition,
     InvalidArgument,
     Reason,
     quote,
@@ -111,13 +115,15 @@ class _TextEmbeddings:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
 
-    def get(self, loaded: LoadedModel, labels: LabelSet, cancel: CancelToken) -> torch.Tensor:
+    def get(
+        self, loaded: LoadedModel, head: TextClassifier, labels: LabelSet, cancel: CancelToken
+    ) -> torch.Tensor:
         key = (loaded.spec.name, loaded.weights_identity, labels.class_names, labels.templates)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        encoder = loaded.adapter.encode_class_names  # type: ignore[attr-defined]
+        encoder = head.encode_class_names
         # Not inference mode: importance maps differentiate through these embeddings.
         with torch.no_grad():
             chunks = []
@@ -177,13 +183,17 @@ def _checked_labels(labels: LabelSet | None) -> LabelSet:
     return LabelSet(names, templates)
 
 
-def _own_classifier(loaded: LoadedModel, labels: LabelSet | None) -> bool:
+def projection_head(loaded: LoadedModel, method: str) -> ClassifierHead:
+    """The model's classifier head, or FAILED_PRECONDITION naming the model, the method and
+    the cause."""
+    head: ClassifierHead = require(loaded.adapter.class_head(), method)
+    return head
+
+
+def _own_classifier(loaded: LoadedModel, labels: LabelSet | None, method: str) -> bool:
     """Whether the model brings its classifier (timm) rather than taking a label set."""
-    adapter: ModelAdapter = loaded.adapter
-    reason = adapter.class_projection_unsupported()
-    if reason is not None:
-        raise FailedPrecondition(reason, subject=loaded.spec.name)
-    if adapter.family == "open_clip":
+    head = projection_head(loaded, method)
+    if isinstance(head, TextClassifier):
         return False
     if labels is not None:
         raise InvalidArgument(
@@ -194,28 +204,33 @@ def _own_classifier(loaded: LoadedModel, labels: LabelSet | None) -> bool:
     return True
 
 
-def class_count(loaded: LoadedModel, labels: LabelSet | None) -> int:
+def class_count(loaded: LoadedModel, labels: LabelSet | None, method: str) -> int:
     """The number of classes a request will project into, known (and the label set validated)
     before any compute: sizes and defaults are settled from it."""
-    if _own_classifier(loaded, labels):
-        return int(loaded.adapter.classifier_head()[0].shape[0])
+    if _own_classifier(loaded, labels, method):
+        return len(loaded.adapter.class_names)
     return len(_checked_labels(labels).class_names)
 
 
-def class_space_of(loaded: LoadedModel, labels: LabelSet | None, cancel: CancelToken) -> ClassSpace:
+def class_space_of(
+    loaded: LoadedModel, labels: LabelSet | None, cancel: CancelToken, method: str
+) -> ClassSpace:
     """The class space requests on this model project into; validates the label set."""
-    adapter: ModelAdapter = loaded.adapter
-    if _own_classifier(loaded, labels):
-        weight, bias = adapter.classifier_head()
-        return ClassSpace(list(adapter.class_names), weight, bias, None, False, 1.0)
+    head = projection_head(loaded, method)
+    if _own_classifier(loaded, labels, method):
+        assert isinstance(head, LinearClassifier)
+        return ClassSpace(
+            list(loaded.adapter.class_names), head.weight, head.bias, None, False, 1.0
+        )
+    assert isinstance(head, TextClassifier)
     checked = _checked_labels(labels)
-    text = TEXT_EMBEDDINGS.get(loaded, checked, cancel)
+    text = TEXT_EMBEDDINGS.get(loaded, head, checked, cancel)
     return ClassSpace(
         list(checked.class_names),
         text,
         None,
-        adapter.image_projection(),  # type: ignore[attr-defined]
+        head.image_projection(),
         True,
-        adapter.logit_scale(),  # type: ignore[attr-defined]
+        head.logit_scale(),
         checked.templates,
     )

@@ -11,19 +11,24 @@ the values (cosine: unit class rows and unit value columns).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from enum import Enum
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vitscope_server.core.model.adapters import ModelAdapter
+from vitscope_server.core.model.adapters.capabilities import MemoryKind, require
 from vitscope_server.core.model.capture import capture_sites
-from vitscope_server.core.model.class_space import ClassSpace, LabelSet, class_count, class_space_of
+from vitscope_server.core.model.class_space import (
+    ClassSpace,
+    LabelSet,
+    class_count,
+    class_space_of,
+    projection_head,
+)
 from vitscope_server.core.model.images import ImageInput, prepare_batch
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.provenance import Provenance, provenance_of
-from vitscope_server.core.model.sites import resolve_site
 from vitscope_server.core.projection.project import (
     ClassRef,
     ProjectionLimits,
@@ -33,19 +38,10 @@ from vitscope_server.core.projection.project import (
 )
 from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.errors import (
-    FailedPrecondition,
     InvalidArgument,
     Reason,
     ResourceExhausted,
 )
-
-
-class MemoryKind(Enum):
-    """Whose value vectors are the memories: the MLP's second layer or attention's output."""
-
-    MLP = "mlp"
-    ATTENTION = "attention"
-
 
 MEMORY_KINDS = (MemoryKind.MLP, MemoryKind.ATTENTION)
 # The agreement rate compares the 5 strongest keys with the 5 strongest values, as the authors did.
@@ -98,10 +94,11 @@ class PreparedMemories:
     pixels: torch.Tensor | None
 
 
+METHOD = "ProjectMemories"
+
+
 def _values(adapter: ModelAdapter, block: int, kind: MemoryKind) -> torch.Tensor:
-    if kind is MemoryKind.MLP:
-        return adapter.mlp_value_matrix(block)
-    return adapter.attention_value_matrix(block)
+    return require(adapter.class_head(), METHOD).value_matrix(block, kind)
 
 
 def _check_sizes(
@@ -109,7 +106,8 @@ def _check_sizes(
 ) -> None:
     """Refuse, before any compute, a response over the message limit or a value-to-class
     matrix over the server's memory limit."""
-    tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
+    layout = adapter.blocks[query.block]
+    tokens = layout.num_prefix_tokens + layout.grid[0] * layout.grid[1]
     memories = [int(_values(adapter, query.block, kind).shape[1]) for kind in query.kinds]
     response = sum(returned_bytes(m + classes + batch * tokens, query.top_k) for m in memories)
     if response > limits.max_message_bytes:
@@ -128,15 +126,25 @@ def _check_sizes(
         )
 
 
+def _served_kinds(loaded: LoadedModel, query: MemoryQuery) -> tuple[MemoryKind, ...]:
+    """The kinds asked for, or by default those the block serves (a windowed block's
+    attention memories are not in token order); one it cannot serve is refused."""
+    head = projection_head(loaded, METHOD)
+    causes = {kind: head.memory_refusal(query.block, kind) for kind in MEMORY_KINDS}
+    served = tuple(kind for kind in MEMORY_KINDS if causes[kind] is None)
+    refused = [kind for kind in query.kinds or MEMORY_KINDS if causes[kind] is not None]
+    if refused and (query.kinds or not served):
+        field = "kinds" if query.kinds else "block"
+        raise loaded.adapter.missing(str(causes[refused[0]])).refusal(METHOD, field)
+    return query.kinds or served
+
+
 def prepare_memories(
     loaded: LoadedModel, images: list[ImageInput], query: MemoryQuery, limits: ProjectionLimits
 ) -> PreparedMemories:
     """Validation, decoding, preprocessing and size checks: everything that needs no slot."""
     adapter = loaded.adapter
-    reason = adapter.class_projection_unsupported()
-    if reason is not None:
-        raise FailedPrecondition(reason, subject=loaded.spec.name)
-    classes = class_count(loaded, query.labels)
+    classes = class_count(loaded, query.labels, METHOD)
     count = len(adapter.blocks)
     if not 0 <= query.block < count:
         raise InvalidArgument("block", f"{query.block} does not exist; allowed 0..{count - 1}")
@@ -144,7 +152,7 @@ def prepare_memories(
         given = [k.value for k in query.kinds]
         allowed = [k.value for k in MEMORY_KINDS]
         raise InvalidArgument("kinds", f"{given} not allowed; each of {allowed} at most once")
-    kinds = query.kinds or MEMORY_KINDS
+    kinds = _served_kinds(loaded, query)
     memories = min(int(_values(adapter, query.block, kind).shape[1]) for kind in kinds)
     top_k = default_top_k(
         query.top_k,
@@ -160,7 +168,7 @@ def prepare_memories(
 
 
 def _coefficients(
-    adapter: ModelAdapter,
+    loaded: LoadedModel,
     space: ClassSpace,
     pixels: torch.Tensor,
     block: int,
@@ -168,31 +176,21 @@ def _coefficients(
     cancel: CancelToken,
 ) -> tuple[dict[MemoryKind, torch.Tensor], torch.Tensor]:
     """Per-token coefficients of each requested kind [B, T, memories], and the model's
-    predictions. Attention probabilities (which force the unfused attention path) are
-    captured only when attention memories are asked for."""
-    sites = {}
-    if MemoryKind.MLP in kinds:
-        sites["mlp"] = resolve_site(adapter, adapter.mlp_fc1_path(block))
-    if MemoryKind.ATTENTION in kinds:
-        sites["input"] = resolve_site(adapter, "embed" if block == 0 else f"blocks.{block - 1}.out")
-        sites["probs"] = adapter.block_site(block, "attn.probs")
+    predictions. Only the sites the requested kinds read are captured (an open_clip
+    tower's attention coefficients need its probabilities, which unfuse its attention)."""
+    adapter, head = loaded.adapter, projection_head(loaded, METHOD)
+    sites = {site.name: site for kind in kinds for site in head.coefficient_sites(block, kind)}
     with capture_sites(adapter, list(sites.values()), pixels.shape[0], cancel) as captured:
         output = adapter.forward(pixels)
     scores = output if space.projection is None else F.normalize(output, dim=-1) @ space.weight.T
-    coefficients = {}
-    if MemoryKind.MLP in kinds:
-        coefficients[MemoryKind.MLP] = captured[sites["mlp"].name]
-    if MemoryKind.ATTENTION in kinds:
-        values = adapter.attention_values(block, captured[sites["input"].name])
-        probs = captured[sites["probs"].name]
-        coefficients[MemoryKind.ATTENTION] = adapter.output_projection_input(block, probs, values)
+    coefficients = {kind: head.coefficients(block, kind, captured) for kind in kinds}
     return coefficients, scores.argmax(dim=-1)
 
 
 def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryResult:
     loaded, query = prepared.loaded, prepared.query
     adapter = loaded.adapter
-    space = class_space_of(loaded, query.labels, cancel)
+    space = class_space_of(loaded, query.labels, cancel, METHOD)
     given = [space.resolve(t, f"targets[{i}]") for i, t in enumerate(query.targets)]
     cancel.raise_if_cancelled()
     with torch.no_grad():
@@ -201,7 +199,7 @@ def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryR
         targets = torch.zeros(0, dtype=torch.long)
         if prepared.pixels is not None:
             coefficients, targets = _coefficients(
-                adapter,
+                loaded,
                 space,
                 prepared.pixels.to(loaded.device),
                 query.block,

@@ -18,25 +18,32 @@ import numpy as np
 import torch
 
 from vitscope_server.core.model.adapters import ModelAdapter, SiteDef
+from vitscope_server.core.model.adapters.capabilities import ClassifierHead
 from vitscope_server.core.model.capture import capture_sites
 from vitscope_server.core.model.class_importance import (
     ImportanceEvaluation,
     ImportanceMaps,
+    check_importance_maps,
     effective_keep_counts,
     evaluate_importance,
     importance_gradients,
     importance_maps,
+    projectable_blocks,
 )
-from vitscope_server.core.model.class_space import ClassSpace, LabelSet, class_count, class_space_of
+from vitscope_server.core.model.class_space import (
+    ClassSpace,
+    LabelSet,
+    class_count,
+    class_space_of,
+    projection_head,
+)
 from vitscope_server.core.model.images import ImageInput, prepare_batch
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.provenance import Provenance, provenance_of
-from vitscope_server.core.model.sites import resolve_site
 from vitscope_server.core.model.tokens import TokenMode, resolve_token_indices, select_tokens
 from vitscope_server.core.runtime.batching import per_item
 from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.errors import (
-    FailedPrecondition,
     InvalidArgument,
     Reason,
     ResourceExhausted,
@@ -161,11 +168,23 @@ class PreparedProjection:
     pixels: torch.Tensor
 
 
-def _check_blocks(blocks: tuple[int, ...], count: int, field: str) -> tuple[int, ...]:
+METHOD = "ProjectToClassSpace"
+
+
+def _check_blocks(adapter: ModelAdapter, blocks: tuple[int, ...], field: str) -> tuple[int, ...]:
+    allowed = projectable_blocks(adapter)
     if not blocks:
-        return tuple(range(count))
-    require_in_range(field, blocks, 0, count - 1)
+        return tuple(allowed)
+    require_in_range(field, blocks, 0, len(adapter.blocks) - 1)
     require_unique(field, blocks)
+    early = [b for b in blocks if b not in allowed]
+    if early:
+        raise InvalidArgument(
+            field,
+            f"block {early[0]} holds another token sequence than the classifier reads (the "
+            f"class token enters, or the last stage begins, at block {allowed.start}); "
+            f"allowed {allowed.start}..{allowed.stop - 1}",
+        )
     return tuple(sorted(blocks))
 
 
@@ -212,10 +231,11 @@ def _check_sizes(
             "representations or a smaller top_k",
             reason=Reason.RESULT_TOO_LARGE,
         )
-    all_tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
+    layout = adapter.blocks[-1]
+    all_tokens = layout.num_prefix_tokens + layout.grid[0] * layout.grid[1]
     embedding = {-1} if query.evaluate_importance else set()
     residual = len(set(query.blocks) | {b - 1 for b in query.blocks} | embedding)
-    captured = (residual + 2 * blocks) * batch * all_tokens * adapter.embed_dim * 4
+    captured = (residual + 2 * blocks) * batch * all_tokens * layout.width * 4
     needed = captured + batch * per_image
     if needed > limits.max_result_bytes:
         raise ResourceExhausted(
@@ -231,21 +251,13 @@ def prepare_projection(
 ) -> PreparedProjection:
     """Validation, decoding, preprocessing and size checks: everything that needs no slot."""
     adapter = loaded.adapter
-    reason = adapter.class_projection_unsupported()
-    if reason is not None:
-        raise FailedPrecondition(reason, subject=loaded.spec.name)
-    classes = class_count(loaded, query.labels)
+    classes = class_count(loaded, query.labels, METHOD)
     if len(set(query.representations)) != len(query.representations):
         raise InvalidArgument("representations", "each may appear once")
-    blocks = _check_blocks(query.blocks, len(adapter.blocks), "blocks")
+    blocks = _check_blocks(adapter, query.blocks, "blocks")
     top_k = default_top_k(query.top_k, classes, f"{classes} classes")
-    if query.importance_maps and adapter.num_prefix_tokens == 0:
-        raise FailedPrecondition(
-            f"importance_maps: model {loaded.spec.name} has no class token; the method reads "
-            "the class token's attention",
-            subject=loaded.spec.name,
-            field="importance_maps",
-        )
+    if query.importance_maps:
+        check_importance_maps(adapter, blocks)
     keep_counts = effective_keep_counts(
         adapter,
         query.evaluate_importance,
@@ -262,8 +274,8 @@ def prepare_projection(
         top_k=top_k,
         keep_counts=keep_counts,
     )
-    site = adapter.block_site(0, "out")
-    tokens = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
+    site = adapter.block_site(blocks[-1], "out")
+    tokens = site.num_prefix_tokens + site.grid[0] * site.grid[1]
     indices = resolve_token_indices(effective, site, tokens)
     pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels)
     check_targets(query.targets, pixels.shape[0])
@@ -289,8 +301,12 @@ def _residual_blocks(query: ProjectionQuery) -> list[int]:
     return sorted(set(query.blocks) | {b - 1 for b in query.blocks} | embedding)
 
 
-def _residual_name(block: int) -> str:
-    return "embed" if block < 0 else f"blocks.{block}.out"
+def _residual_site(adapter: ModelAdapter, block: int) -> SiteDef:
+    """The residual stream after `block` (-1: the embedding) as the next block receives it
+    (a late class token included), or the last block's output."""
+    if block + 1 < len(adapter.blocks):
+        return adapter.block_input_site(block + 1)
+    return adapter.block_site(block, "out")
 
 
 @dataclass(frozen=True)
@@ -306,7 +322,7 @@ class _SharedForward:
         """One request's part, as its own forward would have produced it."""
         captured = self.captured
         return _Forward(
-            {b: captured[_residual_name(b)][rows] for b in _residual_blocks(query)},
+            {b: captured[_residual_site(adapter, b).name][rows] for b in _residual_blocks(query)},
             {b: captured[f"blocks.{b}.attn.out"][rows] for b in query.blocks},
             {b: captured[f"blocks.{b}.mlp.out"][rows] for b in query.blocks},
             (
@@ -314,7 +330,7 @@ class _SharedForward:
                 if query.importance_maps
                 else {}
             ),
-            space.output_scores(adapter.forward_head(self.features[rows])),
+            space.output_scores(adapter.forward_head_on(self.features, rows)),
         )
 
 
@@ -324,7 +340,7 @@ def _shared_forward(
     residual_blocks = sorted({b for q in queries for b in _residual_blocks(q)})
     blocks = sorted({b for q in queries for b in q.blocks})
     with_probs = any(q.importance_maps for q in queries)
-    sites: list[SiteDef] = [resolve_site(adapter, _residual_name(b)) for b in residual_blocks]
+    sites: list[SiteDef] = [_residual_site(adapter, b) for b in residual_blocks]
     for b in blocks:
         sites += [adapter.block_site(b, "attn.out"), adapter.block_site(b, "mlp.out")]
         if with_probs:
@@ -367,7 +383,7 @@ def _joined(parts: list[_Ranked], join: Callable[[list[torch.Tensor]], torch.Ten
 
 
 def _projected(
-    adapter: ModelAdapter,
+    head: ClassifierHead,
     space: ClassSpace,
     tensors: dict[int, torch.Tensor],
     part: str,
@@ -385,7 +401,7 @@ def _projected(
         cancel.raise_if_cancelled()
         slices = []
         for start in range(0, batch, rows):
-            normed = adapter.projection_norm(tensors[b][start : start + rows], max(b, 0), part)
+            normed = head.normed(tensors[b][start : start + rows], max(b, 0), part)
             slices.append(_rank(space.scores(normed), targets[start : start + rows], top_k))
         per_block.append(_joined(slices, torch.cat))
     return _joined(per_block, torch.stack)
@@ -452,7 +468,7 @@ def _targets(predicted: torch.Tensor, given: list[int | None]) -> torch.Tensor:
 
 
 def _rank_all(
-    adapter: ModelAdapter,
+    head: ClassifierHead,
     space: ClassSpace,
     forward: _Forward,
     blocks: tuple[int, ...],
@@ -467,7 +483,7 @@ def _rank_all(
         Representation.MLP: (forward.mlp, list(blocks)),
     }
     return {
-        r: _projected(adapter, space, tensors, r.part, order, targets, top_k, cancel)
+        r: _projected(head, space, tensors, r.part, order, targets, top_k, cancel)
         for r, (tensors, order) in captured.items()
     }
 
@@ -628,14 +644,16 @@ def _project(
     """Every projection of one request from its rows of the shared forward."""
     loaded, query = prepared.loaded, prepared.query
     adapter = loaded.adapter
-    space = class_space_of(loaded, query.labels, cancel)
+    space = class_space_of(loaded, query.labels, cancel, METHOD)
+    head = projection_head(loaded, METHOD)
+    layout = adapter.blocks[query.blocks[-1]]
     given = [space.resolve(t, f"targets[{i}]") for i, t in enumerate(query.targets)]
     blocks = query.blocks
     with _grad_mode(query):
         forward = shared.of(adapter, space, query, rows)
         predicted = forward.final_scores.argmax(dim=-1)
         targets = _targets(predicted, given)
-        ranked = _rank_all(adapter, space, forward, blocks, targets, query.top_k, cancel)
+        ranked = _rank_all(head, space, forward, blocks, targets, query.top_k, cancel)
         residual_order = sorted(forward.residual)
         cancel.raise_if_cancelled()
         summaries = _summaries(
@@ -644,7 +662,7 @@ def _project(
             residual_order,
             ranked[Representation.ATTENTION],
             ranked[Representation.MLP],
-            adapter.num_prefix_tokens,
+            layout.num_prefix_tokens,
         ).cpu()
         per_token = _per_token(ranked, prepared, residual_order, space.num_classes)
         probabilities = (forward.final_scores.float() * space.logit_scale).softmax(dim=-1)
@@ -667,11 +685,11 @@ def _project(
         prepared.token_indices,
         space,
         int(pixels.shape[0]),
-        adapter.num_prefix_tokens,
-        adapter.grid,
+        layout.num_prefix_tokens,
+        layout.grid,
     )
     residual = ranked[Representation.RESIDUAL]
-    dataset = _dataset_summary(blocks, residual, residual_order, adapter, space)
+    dataset = _dataset_summary(blocks, residual, residual_order, layout.num_prefix_tokens, space)
     return header, images, DatasetSummary(dataset, evaluation)
 
 
@@ -679,11 +697,10 @@ def _dataset_summary(
     blocks: tuple[int, ...],
     residual: _Ranked,
     residual_order: list[int],
-    adapter: ModelAdapter,
+    prefix: int,
     space: ClassSpace,
 ) -> list[DatasetBlockSummary]:
     """Per block over the whole batch: mean rate, mean r, and images with an identifiable patch."""
-    prefix = adapter.num_prefix_tokens
     result = []
     for b in blocks:
         ranks = residual.ranks[residual_order.index(b), :, prefix:]

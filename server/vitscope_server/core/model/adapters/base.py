@@ -14,6 +14,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from vitscope_server.core.model.adapters.capabilities import (
+    AttentionMath,
+    AttentionProbs,
+    ClassifierHead,
+    Missing,
+)
 from vitscope_server.core.model.resize_size import peak_pixels
 from vitscope_server.core.model.specs import ModelSpec
 
@@ -199,6 +205,10 @@ class ModelAdapter(ABC):
         self._unfused_users: dict[str, int] = {}
         self._context_users: dict[str, int] = {}
         self._final_ok = False
+        self._class_head: ClassifierHead | Missing = self.missing("it has no classifier head")
+        self._attention_math: AttentionMath | Missing = self.missing(
+            "its attention output cannot be recomputed from its probabilities"
+        )
         # The declared number of prefix tokens, tried first when reading a block's grid.
         self.prefix_hint = 0
 
@@ -296,7 +306,14 @@ class ModelAdapter(ABC):
         features = self.forward_features(pixels)
         if len(requests) == 1:
             return self.forward_head(features)
-        return torch.cat([self.forward_head(features[rows]) for rows in requests])
+        return torch.cat([self.forward_head_on(features, rows) for rows in requests])
+
+    def forward_head_on(self, features: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The head on some rows of forward_features' output, which may be one tensor or, for
+        a model whose head aggregates several stages (CoaT), a list of them: each is sliced."""
+        if isinstance(features, (list, tuple)):
+            return self.forward_head(type(features)(f[rows] for f in features))
+        return self.forward_head(features[rows])
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """The head on some images' features. A batched forward applies it per request:
@@ -425,73 +442,79 @@ class ModelAdapter(ABC):
         final = self.final_site()
         return sites if final is None else [*sites, final]
 
-    # Class-space anatomy: what class-embedding projection and key-value memories read.
+    # Capabilities only some models have: a method asks for the one it needs and refuses
+    # the model, naming the cause, when it gets a Missing.
 
-    def class_projection_unsupported(self) -> str | None:
-        """Why this model's tokens cannot be projected to its class space, or None when they can."""
-        return (
-            f"model {self.spec.name}: class-space projection supports timm ViT-like models "
-            "(class token or average pooling) and open_clip ViT towers with token pooling"
+    def block_input_site(self, index: int) -> SiteDef:
+        """The residual stream entering block `index` (where a late class token has joined)."""
+        block = self.blocks[index]
+        name = "embed" if index == 0 else f"blocks.{index}.in"
+        return SiteDef(
+            name, block.path, Layout.TOKENS, block.grid, block.num_prefix_tokens, from_input=True
         )
 
-    def projection_norm(self, tokens: torch.Tensor, block: int, part: str) -> torch.Tensor:
-        """The model's own final norm(s) applied per token to a representation of `part`
-        ("out", "attn.out" or "mlp.out") of `block`."""
-        raise NotImplementedError
+    def tail_blocks(self) -> range:
+        """The trailing blocks that hold the last block's token sequence (grid, prefix count,
+        width): all of them, but in a hierarchical model its last stage's, and in a model
+        whose class token enters late (ConViT) those after it."""
 
-    def attention_values(self, block: int, block_input: torch.Tensor) -> torch.Tensor:
-        """The value vectors [B, heads, T, head_dim] that block's attention mixes."""
-        raise NotImplementedError
+        def layout(block: BlockAnatomy) -> tuple[object, ...]:
+            return (block.grid, block.num_prefix_tokens, block.width)
 
-    def attention_output(
-        self, block: int, probs: torch.Tensor, values: torch.Tensor
-    ) -> torch.Tensor:
-        """The attention sublayer's output [B, queries, D] (before the residual add) from its
-        probabilities and values, so gradients can flow to the probabilities."""
-        raise NotImplementedError
+        first = len(self.blocks) - 1
+        while first > 0 and layout(self.blocks[first - 1]) == layout(self.blocks[-1]):
+            first -= 1
+        return range(first, len(self.blocks))
 
-    def mixed_values(self, probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Per-head attention-weighted values, heads concatenated."""
-        mixed = probs @ values  # [B, heads, queries, head_dim]
-        batch, heads, queries, head_dim = mixed.shape
-        return mixed.transpose(1, 2).reshape(batch, queries, heads * head_dim)
+    def settle_capabilities(self, pixels: torch.Tensor) -> None:
+        """Called once by the probe after `settle`, with an input the model accepts: an
+        adapter checks here what its capabilities read against a real forward."""
+        return None
 
-    def output_projection_input(
-        self, block: int, probs: torch.Tensor, values: torch.Tensor
-    ) -> torch.Tensor:
-        """What the attention's output projection multiplies [B, queries, D]: the mixed values,
-        after any norm the attention applies to them (the attention memories' coefficients)."""
-        return self.mixed_values(probs, values)
+    def class_head(self) -> ClassifierHead | Missing:
+        """The classifier that class-space methods project into."""
+        return self._class_head
 
-    def mlp_fc1_path(self, block: int) -> str:
-        """Module whose output holds the MLP's pre-activation hidden values (its keys' scores)."""
-        raise NotImplementedError
+    def attention_math(self) -> AttentionMath | Missing:
+        """Each block's attention output recomputed from its probabilities (gradients
+        through attention)."""
+        return self._attention_math
 
-    def mlp_value_matrix(self, block: int) -> torch.Tensor:
-        """fc2.weight [D, hidden] times the block's layer scale, if any: each column is what one
-        MLP memory adds to the residual stream per unit of its coefficient."""
-        raise NotImplementedError
+    def attention_probs(self) -> AttentionProbs | Missing:
+        """Every block's attention probabilities over one token sequence."""
+        if any(block.windowed for block in self.blocks):
+            return self.missing(
+                "it uses windowed attention, and the method needs every block's attention "
+                "over the whole token sequence"
+            )
+        for index in range(len(self.blocks)):
+            reason = self.unavailable_reason(index, "attn.probs")
+            if reason is not None:
+                return self.missing(f"block {index} serves no attention probabilities ({reason})")
+        if not self.uniform:
+            return self.missing(self._sequence_cause())
+        return AttentionProbs([self.block_site(b, "attn.probs") for b in range(len(self.blocks))])
 
-    def attention_value_matrix(self, block: int) -> torch.Tensor:
-        """The output projection's weight [D, D] times the block's layer scale, if any: each
-        column is one attention value vector as it reaches the residual stream."""
-        raise NotImplementedError
-
-    def classifier_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The classifier's weight [C, D] and bias [C] over normed tokens."""
-        raise NotImplementedError
+    def _sequence_cause(self) -> str:
+        """Why the blocks hold no one token sequence (they are not uniform)."""
+        first = self.blocks[0]
+        late = [
+            i for i, b in enumerate(self.blocks) if b.num_prefix_tokens != first.num_prefix_tokens
+        ]
+        if late and all((b.grid, b.width) == (first.grid, first.width) for b in self.blocks):
+            return (
+                f"its class token enters at block {late[0]}, so no one token sequence runs "
+                "through every block, which the method needs"
+            )
+        return (
+            "its blocks change token grid or width, and the method needs one token sequence "
+            "through every block"
+        )
 
     def runs_blocks_in_sequence(self) -> bool:
         """Whether the forward hands one [batch, tokens, width] tensor from block to block with
         nothing per image beside it, so that a forward may widen its batch at a block's input."""
         return False
 
-    def reads_class_token(self) -> bool:
-        """Whether the model's output is read at the class token alone (not pooled over
-        patches), so it can be run on any subset of patch tokens."""
-        return False
-
-    def forward_from_embedded(self, tokens: torch.Tensor) -> torch.Tensor:
-        """forward() from the tokens entering block 0 [B, T', D] (the `embed` site, position
-        embeddings added): blocks, final norm, pooling and head or projection."""
-        raise NotImplementedError
+    def missing(self, cause: str) -> Missing:
+        return Missing(self.spec.name, cause)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -17,10 +18,18 @@ from vitscope_server.core.model.adapters.base import (
     HeadSplit,
     Layout,
     ModelAdapter,
+    SiteDef,
     Tap,
     UnavailableSite,
     layer_scaled,
     rgb_triple,
+    tap_site,
+)
+from vitscope_server.core.model.adapters.capabilities import (
+    AttentionMath,
+    MemoryKind,
+    TextClassifier,
+    mixed_values,
 )
 from vitscope_server.core.model.adapters.timm_blocks import (
     FINAL_NORMS,
@@ -234,61 +243,58 @@ class OpenClipTowerAdapter(ModelAdapter):
         else:
             restore_fused(attention, attention_path, self._fused_defaults)
 
-    # Class-space anatomy: tokens go through ln_post then proj; classes are text embeddings.
+    def runs_blocks_in_sequence(self) -> bool:
+        return self._batch_first and self._class_space_cause() is None
 
-    def _block(self, block: int) -> Any:
-        return self.root.get_submodule(self.blocks[block].path)
+    def settle_capabilities(self, pixels: torch.Tensor) -> None:
+        cause = self._class_space_cause()
+        if cause is not None:
+            self._class_head = self._attention_math = self.missing(cause)
+            return
+        self._class_head = ClipTextHead(self)
+        self._attention_math = ClipAttentionMath(self)
 
-    def class_projection_unsupported(self) -> str | None:
+    def _class_space_cause(self) -> str | None:
+        """Why the tower's tokens cannot be read in the text embedding space, or None."""
         visual = self.root
-        if not hasattr(visual, "transformer") or not self.uniform:
-            return super().class_projection_unsupported()
+        if not hasattr(visual, "transformer"):
+            return (
+                "its tower is a timm trunk, whose pooling and projection head the class-space "
+                "methods do not read; towers of ResidualAttentionBlocks are supported"
+            )
+        if not self.uniform:
+            return "its blocks change token grid or width"
         kinds = {type(visual.get_submodule(b.path)).__name__ for b in self.blocks}
         if kinds != {"ResidualAttentionBlock"}:
             return (
-                f"model {self.spec.name}: blocks {sorted(kinds)} are not supported for class-space "
-                "methods; supported: ResidualAttentionBlock (nn.MultiheadAttention)"
+                f"its blocks {sorted(kinds)} are not ResidualAttentionBlocks "
+                "(nn.MultiheadAttention), whose weights the class-space methods read"
             )
         if getattr(visual, "attn_pool", None) is not None or visual.proj is None:
-            return f"model {self.spec.name}: towers with attention pooling or no proj are not supported"
+            return (
+                "it pools with attention or has no projection (proj), so a single token has "
+                "no image embedding of its own"
+            )
         if getattr(visual, "pool_type", "tok") != "tok" or self.num_prefix_tokens == 0:
             return (
-                f"model {self.spec.name}: class-space projection needs class-token pooling "
-                f"(pool_type 'tok'), got {getattr(visual, 'pool_type', None)!r}"
+                "it pools by average (pool_type "
+                f"{getattr(visual, 'pool_type', None)!r}), and its final norm applies after "
+                "pooling; class-token pooling (pool_type 'tok') is supported"
             )
         return None
 
-    def projection_norm(self, tokens: torch.Tensor, block: int, part: str) -> torch.Tensor:
-        visual: Any = self.root
-        normed: torch.Tensor = visual.ln_post(tokens)
-        return normed
 
-    def image_projection(self) -> torch.Tensor:
-        """visual.proj [D, E]: normed tokens -> the shared image-text embedding space."""
-        visual: Any = self.root
-        proj: torch.Tensor = visual.proj
-        return proj
+class _Tower:
+    def __init__(self, adapter: OpenClipTowerAdapter) -> None:
+        self._adapter = adapter
+        self._visual: Any = adapter.root
 
-    def logit_scale(self) -> float:
-        clip: Any = self.clip
-        return float(clip.logit_scale.exp())
+    def _block(self, block: int) -> Any:
+        return self._visual.get_submodule(self._adapter.blocks[block].path)
 
-    def encode_class_names(self, names: list[str], templates: list[str]) -> torch.Tensor:
-        """Unit text embeddings [C, E]: per name, the mean of its unit template embeddings,
-        renormalized (open_clip's zero-shot prompt ensemble)."""
-        clip: Any = self.clip
-        tokenizer = open_clip.get_tokenizer(
-            self.spec.architecture, context_length=int(clip.context_length)
-        )
-        device = self.image_projection().device
-        embeddings = []
-        for name in names:
-            texts = tokenizer([template.format(name) for template in templates]).to(device)
-            per_template = torch.nn.functional.normalize(clip.encode_text(texts), dim=-1)
-            embeddings.append(torch.nn.functional.normalize(per_template.mean(dim=0), dim=-1))
-        return torch.stack(embeddings)
 
-    def attention_values(self, block: int, block_input: torch.Tensor) -> torch.Tensor:
+class ClipAttentionMath(_Tower, AttentionMath):
+    def values(self, block: int, block_input: torch.Tensor) -> torch.Tensor:
         module = self._block(block)
         attention = module.attn
         batch, tokens, width = block_input.shape
@@ -300,35 +306,77 @@ class OpenClipTowerAdapter(ModelAdapter):
         values = qkv[..., 2 * width :].reshape(batch, tokens, attention.num_heads, -1)
         return values.transpose(1, 2)
 
-    def attention_output(
-        self, block: int, probs: torch.Tensor, values: torch.Tensor
-    ) -> torch.Tensor:
+    def output(self, block: int, probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         module = self._block(block)
-        output: torch.Tensor = module.ls_1(module.attn.out_proj(self.mixed_values(probs, values)))
+        output: torch.Tensor = module.ls_1(module.attn.out_proj(mixed_values(probs, values)))
         return output
 
-    def mlp_fc1_path(self, block: int) -> str:
-        return f"{self.blocks[block].path}.mlp.c_fc"
 
-    def mlp_value_matrix(self, block: int) -> torch.Tensor:
-        module = self._block(block)
-        return layer_scaled(module.mlp.c_proj.weight, module.ls_2)
+class ClipTextHead(_Tower, TextClassifier):
+    """Tokens go through ln_post then proj; classes are text embeddings."""
 
-    def attention_value_matrix(self, block: int) -> torch.Tensor:
+    def normed(self, tokens: torch.Tensor, block: int, part: str) -> torch.Tensor:
+        normed: torch.Tensor = self._visual.ln_post(tokens)
+        return normed
+
+    def image_projection(self) -> torch.Tensor:
+        """visual.proj [D, E]: normed tokens -> the shared image-text embedding space."""
+        proj: torch.Tensor = self._visual.proj
+        return proj
+
+    def logit_scale(self) -> float:
+        clip: Any = self._adapter.clip
+        return float(clip.logit_scale.exp())
+
+    def encode_class_names(self, names: list[str], templates: list[str]) -> torch.Tensor:
+        """Unit text embeddings [C, E]: per name, the mean of its unit template embeddings,
+        renormalized (open_clip's zero-shot prompt ensemble)."""
+        clip: Any = self._adapter.clip
+        tokenizer = open_clip.get_tokenizer(
+            self._adapter.spec.architecture, context_length=int(clip.context_length)
+        )
+        device = self.image_projection().device
+        embeddings = []
+        for name in names:
+            texts = tokenizer([template.format(name) for template in templates]).to(device)
+            per_template = torch.nn.functional.normalize(clip.encode_text(texts), dim=-1)
+            embeddings.append(torch.nn.functional.normalize(per_template.mean(dim=0), dim=-1))
+        return torch.stack(embeddings)
+
+    def value_matrix(self, block: int, kind: MemoryKind) -> torch.Tensor:
         module = self._block(block)
+        if kind is MemoryKind.MLP:
+            return layer_scaled(module.mlp.c_proj.weight, module.ls_2)
         return layer_scaled(module.attn.out_proj.weight, module.ls_1)
 
-    def runs_blocks_in_sequence(self) -> bool:
-        return self._batch_first and self.class_projection_unsupported() is None
+    def coefficient_sites(self, block: int, kind: MemoryKind) -> list[SiteDef]:
+        """MLP: c_fc's outputs; attention: the block's input and probabilities, from which
+        the mixed values are recomputed (nn.MultiheadAttention calls out_proj unhooked)."""
+        anatomy = self._adapter.blocks[block]
+        if kind is MemoryKind.MLP:
+            tap = Tap(f"{anatomy.path}.mlp.c_fc")
+            name = f"blocks.{block}.memories.mlp"
+            return [tap_site(name, tap, Layout.TOKENS, anatomy.grid, anatomy.num_prefix_tokens)]
+        return [
+            self._adapter.block_input_site(block),
+            self._adapter.block_site(block, "attn.probs"),
+        ]
 
-    def reads_class_token(self) -> bool:
-        return self.class_projection_unsupported() is None
+    def coefficients(
+        self, block: int, kind: MemoryKind, captured: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        if kind is MemoryKind.MLP:
+            return captured[f"blocks.{block}.memories.mlp"]
+        block_input, probs = (captured[s.name] for s in self.coefficient_sites(block, kind))
+        return mixed_values(probs, ClipAttentionMath(self._adapter).values(block, block_input))
+
+    def runs_on_token_subsets(self) -> bool:
+        return True
 
     def forward_from_embedded(self, tokens: torch.Tensor) -> torch.Tensor:
-        visual: Any = self.root
         # ln_post per token then the class token equals open_clip's pooling for pool_type "tok".
-        final = visual.transformer(tokens)[:, 0]
-        return self.projection_norm(final, len(self.blocks) - 1, "out") @ self.image_projection()
+        final = self._visual.transformer(tokens)[:, 0]
+        return self.normed(final, len(self._adapter.blocks) - 1, "out") @ self.image_projection()
 
 
 def build_open_clip(spec: ModelSpec, pretrained: str | None) -> nn.Module:
