@@ -61,6 +61,19 @@ def _inside_a_block(adapter: ModelAdapter, path: str) -> bool:
 
 
 @contextmanager
+def _exposed(adapter: ModelAdapter, sites: list[SiteDef]) -> Iterator[ExitStack]:
+    """The model switched to serve the sites: explicit attention and head contexts where they
+    read them, and compiled blocks (compile_blocks) run as written when a site lies inside one."""
+    attention_paths = {s.attention_path for s in sites if s.attention_path is not None}
+    with ExitStack() as stack:
+        if any(_inside_a_block(adapter, site.module_path) for site in sites):
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        stack.enter_context(adapter.attention_probs_exposed(attention_paths))
+        stack.enter_context(adapter.head_contexts_exposed(head_context_paths(sites)))
+        yield stack
+
+
+@contextmanager
 def capture_sites(
     adapter: ModelAdapter,
     sites: list[SiteDef],
@@ -108,13 +121,7 @@ def capture_sites(
         if threading.get_ident() == owner:
             raise ForwardStopped
 
-    attention_paths = {s.attention_path for s in sites if s.attention_path is not None}
-    with ExitStack() as stack:
-        if any(_inside_a_block(adapter, site.module_path) for site in sites):
-            # Compiled blocks (compile_blocks) run as written when a site lies inside one.
-            stack.enter_context(torch.compiler.set_stance("force_eager"))
-        stack.enter_context(adapter.attention_probs_exposed(attention_paths))
-        stack.enter_context(adapter.head_contexts_exposed(head_context_paths(sites)))
+    with _exposed(adapter, sites) as stack:
         for block in adapter.blocks:
             handle = adapter.root.get_submodule(block.path).register_forward_pre_hook(cancel_hook)
             stack.callback(handle.remove)
