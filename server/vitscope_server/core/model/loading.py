@@ -9,6 +9,7 @@ import torch
 
 from vitscope_server.core.model.adapters import ModelAdapter
 from vitscope_server.core.model.anatomy import settle_anatomy
+from vitscope_server.core.model.sae_loading import attach_saes
 from vitscope_server.core.model.specs import ModelSpec
 from vitscope_server.core.model.weights import (
     file_digest,
@@ -109,7 +110,8 @@ def _build_open_clip(spec: ModelSpec) -> tuple[ModelAdapter, str]:
 
 
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
-    """Builds the model (seeded), loads weights, moves it to the device in eval mode."""
+    """Builds the model (seeded), loads weights, moves it to the device in eval mode, and
+    loads the SAEs of its spec beside it."""
     torch.manual_seed(spec.seed)
     try:
         adapter, identity = _build_timm(spec) if spec.family == "timm" else _build_open_clip(spec)
@@ -126,4 +128,5 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         raise FailedPrecondition(
             f"model {spec.name}: no block passed the load-time probe ({reasons})"
         )
+    adapter.notes.extend(attach_saes(adapter, spec.saes, shapes, device))
     return LoadedModel(spec, adapter, identity, device, shapes)

@@ -13,6 +13,16 @@ from vitscope_server.core.runtime.errors import InvalidArgument
 Family = Literal["timm", "open_clip"]
 
 
+class SaeSource(BaseModel):
+    """An SAE served on one of the model's sites: a folder in SAELens's layout (cfg.json,
+    sae_weights.safetensors) whose metadata.hook_name names the site it reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    path: Path
+
+
 class ModelSpec(BaseModel):
     """One served model.
 
@@ -35,6 +45,7 @@ class ModelSpec(BaseModel):
     std: tuple[float, float, float] | None = None
     crop_pct: float | None = None
     interpolation: str | None = None
+    saes: list[SaeSource] = Field(default_factory=list)
 
     @field_validator("weights")
     @classmethod
@@ -66,7 +77,7 @@ class ModelsFile(BaseModel):
 
 
 def load_models_file(path: Path) -> ModelsFile:
-    """Reads a YAML models file; relative weight paths resolve against its folder."""
+    """Reads a YAML models file; relative weight and SAE paths resolve against its folder."""
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -84,7 +95,10 @@ def load_models_file(path: Path) -> ModelsFile:
             spec = spec.model_copy(
                 update={"weights": f"file:{(path.parent / weights_file).resolve()}"}
             )
-        resolved.append(spec)
+        saes = [
+            sae.model_copy(update={"path": (path.parent / sae.path).resolve()}) for sae in spec.saes
+        ]
+        resolved.append(spec.model_copy(update={"saes": saes}))
     return parsed.model_copy(update={"models": resolved})
 
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -16,6 +17,9 @@ from torch import nn
 
 from vitscope_server.core.model.resize_size import peak_pixels
 from vitscope_server.core.model.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from vitscope_server.core.model.sae import SaeRead, ServedSae
 
 
 class Layout(Enum):
@@ -114,6 +118,8 @@ class SiteDef:
     # Which call of the module per forward holds the site (modules run more than once).
     call_index: int = 0
     calls: int = 1
+    # An SAE site (`{site}@sae:{name}`): what the SAE makes of the base site's tokens.
+    sae_read: SaeRead | None = None
 
 
 CANONICAL_BLOCK_SITES = BLOCK_PARTS
@@ -169,6 +175,8 @@ class ModelAdapter(ABC):
         self._final_ok = False
         # The declared number of prefix tokens, tried first when reading a block's grid.
         self.prefix_hint = 0
+        # SAEs served on this model's sites, by name (core/model/sae_loading.py).
+        self.saes: dict[str, ServedSae] = {}
 
     def settle(
         self, blocks: list[BlockAnatomy], notes: Sequence[UnavailableSite], final_ok: bool
