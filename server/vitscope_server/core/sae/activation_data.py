@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -54,18 +54,22 @@ STORED_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-@dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(BaseModel):
     """What an extraction keeps: which tokens of each image (and at most how many, sampled
-    with the seed per image, so sharding never changes the sample), in which dtype."""
+    with the seed per image, so sharding never changes the sample), in which dtype. Each
+    field is an `extract` flag."""
 
-    site: str
-    tokens: TokensKept = "all"
-    tokens_per_image: int = 0
-    dtype: StoredDType = "float32"
-    images_per_shard: int = 1024
-    batch: int = 64
-    seed: int = 0
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    site: str = Field(description="The site whose token vectors are written.")
+    tokens: TokensKept = Field("all", description="Tokens kept: all, patches or prefix.")
+    tokens_per_image: int = Field(
+        0, ge=0, description="At most this many kept tokens per image, drawn with the seed; 0: all."
+    )
+    dtype: StoredDType = Field("float32", description="Stored dtype: float32, float16, bfloat16.")
+    images_per_shard: int = Field(1024, ge=1, description="Images per shard file.")
+    batch: int = Field(64, ge=1, description="Images per forward.")
+    seed: int = Field(0, description="Seed of the per-image token sample.")
 
 
 def shard_name(index: int) -> str:
@@ -90,7 +94,7 @@ def _manifest(
         "num_images": len(names),
         "image_list_digest": item_list_digest(names),
         "num_shards": -(-len(names) // config.images_per_shard),
-        "config": asdict(config),
+        "config": config.model_dump(),
         "libraries": library_versions(),
     }
 
@@ -172,10 +176,6 @@ def extract_activations(
 ) -> dict[str, Any]:
     """Writes this worker's shards of the dataset that are not on disk yet; returns the
     manifest. `report` receives one event per shard written."""
-    if config.images_per_shard < 1 or config.batch < 1 or config.tokens_per_image < 0:
-        raise InvalidArgument(
-            "--images-per-shard", "images_per_shard and batch must be >= 1, tokens_per_image >= 0"
-        )
     names, load = dataset(data)
     site = resolve_site(loaded.adapter, config.site, "--site")
     shape = loaded.site_shapes.get(site.name)

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vitscope_server.core.model.sae import SparseAutoencoder
+from vitscope_server.core.sae.activation_data import ActivationDataset
+
 # A latent firing on more than this fraction of tokens is dense.
 DENSE_FREQUENCY = 0.1
 # Histogram of log10 firing frequency: bins of 0.5 from 1e-8 to 1 (dead latents apart).
@@ -88,3 +91,21 @@ class QualityAccumulator:
             histogram_counts=tuple(int(c) for c in counts),
             log_frequency=logs.numpy(),
         )
+
+
+def dataset_quality(
+    sae: SparseAutoencoder, data: ActivationDataset, max_tokens: int, batch: int = 8192
+) -> QualityReport:
+    """The SAE's quality over the dataset's first max_tokens tokens, in shard order."""
+    device = sae.W_enc.device
+    quality = QualityAccumulator(sae.d_in, sae.d_sae)
+    for index in range(data.num_shards):
+        rows = data.shard(index)[: max_tokens - quality.count]
+        for start in range(0, len(rows), batch):
+            x = rows[start : start + batch].to(device)
+            with torch.inference_mode():
+                codes = sae.encode(x)
+                quality.add(x, codes, sae.decode(codes))
+        if quality.count >= max_tokens:
+            break
+    return quality.report()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from vitscope_server.core.model.sae import SaeKind, SparseAutoencoder
 
@@ -26,31 +27,50 @@ SERVED_KIND: dict[str, SaeKind] = {
 }
 
 
-@dataclass(frozen=True)
-class Recipe:
-    kind: TrainedKind = "topk"
-    expansion: int = 8
-    k: int = 32
-    l1_coefficient: float = 5.0
-    lr: float = 4e-4
-    batch_size: int = 1024
-    # 0: one pass over the dataset.
-    steps: int = 0
-    warmup_steps: int = 100
-    # The last fraction of the steps decays the learning rate linearly to 0.
-    decay_fraction: float = 0.2
-    b_dec_init: Literal["mean", "geometric_median"] = "geometric_median"
-    # 0: d/2 dead latents reconstruct the error (AuxK), weighted by aux_coefficient.
-    aux_k: int = 0
-    aux_coefficient: float = 1 / 32
-    # A latent is dead after this many training tokens without firing (capped at a quarter
-    # of the run's tokens).
-    dead_after_tokens: int = 10_000_000
-    # BatchTopK: the global threshold's moving-average rate.
-    threshold_rate: float = 0.01
-    # Tokens sampled for the input scale and b_dec.
-    init_tokens: int = 65536
-    seed: int = 0
+class Recipe(BaseModel):
+    """How an SAE is trained; each field is a `train-sae` flag."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: TrainedKind = Field(
+        "topk", description="topk, batchtopk (served as JumpReLU with a global threshold) or relu"
+    )
+    expansion: int = Field(8, ge=1, description="Latents per input dimension (d_sae / d).")
+    latents_per_token: int = Field(
+        32, ge=1, description="TopK: latents kept per token; BatchTopK: on average per token."
+    )
+    l1_coefficient: float = Field(
+        5.0, ge=0, description="ReLU: weight of the L1 penalty (times decoder row norms)."
+    )
+    lr: float = Field(4e-4, gt=0, description="Adam's peak learning rate.")
+    batch_size: int = Field(1024, ge=1, description="Tokens per step.")
+    steps: int = Field(0, ge=0, description="Training steps; 0: one pass over the dataset.")
+    warmup_steps: int = Field(
+        100, ge=0, description="Linear learning-rate warm-up (at most a tenth of the steps)."
+    )
+    decay_fraction: float = Field(
+        0.2, ge=0, le=1, description="The last fraction of steps decays the rate linearly to 0."
+    )
+    b_dec_init: Literal["mean", "geometric_median"] = Field(
+        "geometric_median", description="Decoder bias start: the sample's mean or geometric median."
+    )
+    aux_k: int = Field(
+        0, ge=0, description="AuxK: dead latents that reconstruct the error; 0: d/2."
+    )
+    aux_coefficient: float = Field(1 / 32, ge=0, description="AuxK loss weight.")
+    dead_after_tokens: int = Field(
+        10_000_000,
+        ge=1,
+        description="A latent is dead after this many tokens without firing (at most a "
+        "quarter of the run's tokens).",
+    )
+    threshold_rate: float = Field(
+        0.01, gt=0, le=1, description="BatchTopK: moving-average rate of the global threshold."
+    )
+    init_tokens: int = Field(
+        65536, ge=1, description="Tokens sampled for the input scale and the decoder bias."
+    )
+    seed: int = Field(0, description="Seed of the initialisation and the batch order.")
 
 
 def input_scale(sample: torch.Tensor) -> float:
@@ -76,7 +96,7 @@ def initial_sae(recipe: Recipe, scaled_sample: torch.Tensor) -> SparseAutoencode
     """Unit-norm random decoder rows, W_enc = W_decᵀ, b_enc = 0, b_dec from the sample."""
     d_in = scaled_sample.shape[1]
     d_sae = recipe.expansion * d_in
-    sae = SparseAutoencoder(d_in, d_sae, SERVED_KIND[recipe.kind], k=recipe.k)
+    sae = SparseAutoencoder(d_in, d_sae, SERVED_KIND[recipe.kind], k=recipe.latents_per_token)
     generator = torch.Generator().manual_seed(recipe.seed)
     decoder = torch.randn(d_sae, d_in, generator=generator)
     decoder /= decoder.norm(dim=1, keepdim=True)
@@ -141,7 +161,7 @@ def training_step(
     """The loss of one batch of scaled tokens (not yet backpropagated)."""
     pre = sae.pre_activations(x)
     if recipe.kind == "batchtopk":
-        codes = batch_topk(pre, recipe.k)
+        codes = batch_topk(pre, recipe.latents_per_token)
     elif recipe.kind == "topk":
         codes = sae.activate(pre)
     else:

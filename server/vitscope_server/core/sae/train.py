@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ from vitscope_server.core.sae.recipe import (
 CHECKPOINT = "checkpoint.pt"
 # Shards whose tokens are shuffled together.
 SHUFFLE_SHARDS = 4
+
+CPU = torch.device("cpu")
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -99,22 +101,24 @@ def init_sample(data: ActivationDataset, recipe: Recipe) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def new_state(data: ActivationDataset, recipe: Recipe) -> TrainState:
+def new_state(data: ActivationDataset, recipe: Recipe, device: torch.device) -> TrainState:
     sample = init_sample(data, recipe)
     scale = input_scale(sample)
-    sae = initial_sae(recipe, sample * scale)
+    sae = initial_sae(recipe, sample * scale).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=recipe.lr)
     state = TrainState(sae, optimizer, scale)
-    state.since_fired = torch.zeros(sae.d_sae, dtype=torch.int64)
-    state.fire_counts = torch.zeros(sae.d_sae, dtype=torch.int64)
+    state.since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
+    state.fire_counts = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
     return state
 
 
 def _check(recipe: Recipe, data: ActivationDataset) -> None:
     if recipe.batch_size < 1 or recipe.expansion < 1 or recipe.lr <= 0:
         raise InvalidArgument("--batch-size", "batch_size and expansion must be >= 1, lr > 0")
-    if recipe.kind != "relu" and not 1 <= recipe.k <= recipe.expansion * data.width:
-        raise InvalidArgument("--k", f"must be in 1..{recipe.expansion * data.width}")
+    if recipe.kind != "relu" and not 1 <= recipe.latents_per_token <= recipe.expansion * data.width:
+        raise InvalidArgument(
+            "--latents-per-token", f"must be in 1..{recipe.expansion * data.width}"
+        )
 
 
 def train_step(
@@ -122,7 +126,8 @@ def train_step(
 ) -> dict[str, Any]:
     """One optimisation step on unscaled tokens; returns its metrics."""
     assert state.since_fired is not None and state.fire_counts is not None
-    sae, x = state.sae, batch * state.scale
+    sae = state.sae
+    x = batch.to(sae.W_enc.device) * state.scale
     dead_after = min(recipe.dead_after_tokens, max(total * recipe.batch_size // 4, 1))
     lr = learning_rate(recipe, state.step, total)
     for group in state.optimizer.param_groups:
@@ -151,7 +156,7 @@ def train_step(
     return {
         "step": state.step,
         "lr": lr,
-        "loss": float(out.loss),
+        "loss": float(out.loss.detach()),
         "mse": out.mse,
         "fvu": out.fvu,
         "aux": out.aux,
@@ -163,7 +168,7 @@ def train_step(
 
 def save_checkpoint(folder: Path, state: TrainState, recipe: Recipe) -> None:
     payload = {
-        "recipe": asdict(recipe),
+        "recipe": recipe.model_dump(),
         "sae": state.sae.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "scale": state.scale,
@@ -176,15 +181,17 @@ def save_checkpoint(folder: Path, state: TrainState, recipe: Recipe) -> None:
     write_atomically(folder / CHECKPOINT, lambda temp: torch.save(payload, temp))
 
 
-def load_checkpoint(folder: Path, data: ActivationDataset, recipe: Recipe) -> TrainState:
-    payload = torch.load(folder / CHECKPOINT, weights_only=True)
-    if payload["recipe"] != asdict(recipe):
+def load_checkpoint(
+    folder: Path, data: ActivationDataset, recipe: Recipe, device: torch.device
+) -> TrainState:
+    payload = torch.load(folder / CHECKPOINT, map_location=device, weights_only=True)
+    if payload["recipe"] != recipe.model_dump():
         raise FailedPrecondition(
             f"--out {folder}: its checkpoint was trained with another recipe; use the same "
             "flags to resume, or a new folder",
             field="--out",
         )
-    state = new_state(data, recipe)
+    state = new_state(data, recipe, device)
     state.sae.load_state_dict(payload["sae"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scale = float(payload["scale"])
@@ -202,6 +209,7 @@ class TrainOptions:
     checkpoint_every: int = 500
     # Stop after this many steps of this run (the checkpoint then resumes it); 0: run to the end.
     stop_after: int = 0
+    device: torch.device = CPU
 
 
 def train_sae(
@@ -216,7 +224,10 @@ def train_sae(
     _check(recipe, data)
     total = total_steps(recipe, data)
     resume = (out / CHECKPOINT).exists()
-    state = load_checkpoint(out, data, recipe) if resume else new_state(data, recipe)
+    device = options.device
+    state = (
+        load_checkpoint(out, data, recipe, device) if resume else new_state(data, recipe, device)
+    )
     report({"event": "start", "resumed_at": state.step, "steps": total, "scale": state.scale})
     started, first, tokens = time.perf_counter(), state.step, 0
     for batch in batches(data, recipe, state.step):
@@ -233,6 +244,14 @@ def train_sae(
     return state
 
 
+def require_same_site(data: ActivationDataset, other: ActivationDataset) -> None:
+    """Refuses to measure an SAE on a dataset of another model, weights or site."""
+    keys = ("model", "weights_identity", "site", "d")
+    different = [key for key in keys if data.manifest.get(key) != other.manifest.get(key)]
+    if different:
+        raise InvalidArgument("--eval-dataset", f"differs from the training dataset in {different}")
+
+
 def finished_sae(state: TrainState, recipe: Recipe) -> SparseAutoencoder:
     threshold = state.threshold if recipe.kind == "batchtopk" else None
     return folded(state.sae, state.scale, threshold)
@@ -241,7 +260,8 @@ def finished_sae(state: TrainState, recipe: Recipe) -> SparseAutoencoder:
 def log_frequency(state: TrainState) -> torch.Tensor:
     """log10 of each latent's firing frequency over the decay phase (SAELens's sparsity)."""
     assert state.fire_counts is not None
-    return torch.log10(state.fire_counts.double() / max(state.fire_tokens, 1) + 1e-10).float()
+    frequency = state.fire_counts.double().cpu() / max(state.fire_tokens, 1)
+    return torch.log10(frequency + 1e-10).float()
 
 
 def write_trained_sae(
@@ -250,20 +270,23 @@ def write_trained_sae(
     recipe: Recipe,
     data: ActivationDataset,
     metrics: dict[str, float],
+    evaluated_on: str,
 ) -> SparseAutoencoder:
-    """The final SAE, scale folded in, with its provenance and metrics in the metadata."""
+    """The final SAE, scale folded in, with its provenance and metrics (measured on the
+    dataset `evaluated_on`) in the metadata."""
     sae = finished_sae(state, recipe)
     manifest = data.manifest
     provenance = {
         "model": manifest["model"],
         "weights_identity": manifest["weights_identity"],
         "dataset": {key: value for key, value in manifest.items() if key != "libraries"},
-        "recipe": asdict(recipe),
+        "recipe": recipe.model_dump(),
         "input_scale": state.scale,
         "steps": state.step,
         "seed": recipe.seed,
         "libraries": library_versions(),
         "metrics": metrics,
+        "metrics_dataset": evaluated_on,
     }
     if recipe.kind == "batchtopk":
         provenance["global_threshold"] = state.threshold
