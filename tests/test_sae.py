@@ -1,0 +1,332 @@
+"""Sparse autoencoders: the file format, the served SAE sites, activation datasets and
+training, each against an independent computation (numpy with the file's weights, a plain
+forward hook, a one-shot numpy FVU)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import start
+from features_reference import as_input, build_digits_model, normalise
+from safetensors.numpy import load_file
+
+from vitscope import Client, NotFoundError
+from vitscope_server.builtin import builtin_specs
+from vitscope_server.builtin.digits_data import digits_split
+from vitscope_server.cli import main as server_main
+from vitscope_server.core.model.loading import load_model
+from vitscope_server.core.model.sae import SaeKind, SparseAutoencoder
+from vitscope_server.core.model.sae_files import read_sae, write_sae
+from vitscope_server.core.model.specs import SaeSource
+from vitscope_server.core.sae.activation_data import ActivationDataset
+from vitscope_server.core.sae.quality import QualityAccumulator
+from vitscope_server.core.sae.recipe import Recipe
+from vitscope_server.core.sae.train import TrainOptions, train_sae
+from vitscope_server.transport.app import RunningServer
+
+DIGITS = "vitscope-digits"
+SITE = "blocks.2.out"
+BLOCK = 2
+
+
+def random_sae(kind: SaeKind, d_in: int = 64, d_sae: int = 256, seed: int = 0) -> SparseAutoencoder:
+    generator = torch.Generator().manual_seed(seed)
+    sae = SparseAutoencoder(d_in, d_sae, kind, k=12 if kind is SaeKind.TOPK else 0)
+    with torch.no_grad():
+        for parameter in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        sae.threshold.copy_(torch.rand(d_sae, generator=generator))
+    return sae
+
+
+def numpy_codes(folder: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and reconstruction of x [N, d] by SAELens's arithmetic, straight from the files."""
+    config = json.loads((folder / "cfg.json").read_text())
+    weights = {
+        k: v.astype(np.float64)
+        for k, v in load_file(str(folder / "sae_weights.safetensors")).items()
+    }
+    pre = (x.astype(np.float64) - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+    if config["architecture"] == "standard":
+        codes = np.maximum(pre, 0)
+    elif config["architecture"] == "jumprelu":
+        codes = np.where(pre > weights["threshold"], np.maximum(pre, 0), 0)
+    else:
+        keep = np.argsort(-pre, axis=-1)[..., : config["k"]]
+        codes = np.zeros_like(pre)
+        np.put_along_axis(codes, keep, np.maximum(np.take_along_axis(pre, keep, -1), 0), -1)
+    return codes, codes @ weights["W_dec"] + weights["b_dec"]
+
+
+@pytest.mark.parametrize("kind", list(SaeKind))
+def test_codes_equal_a_plain_computation_with_the_files_weights(
+    tmp_path: Path, kind: SaeKind
+) -> None:
+    sae = random_sae(kind)
+    write_sae(tmp_path, sae, SITE, {"model": DIGITS})
+    loaded = read_sae(tmp_path)
+    assert loaded.site == SITE and loaded.module.kind is kind
+    x = np.random.default_rng(1).normal(size=(40, 64)).astype(np.float32)
+    codes, recon = numpy_codes(tmp_path, x)
+    ours = loaded.module.encode(torch.from_numpy(x))
+    assert ((ours > 0).numpy() == (codes > 0)).all()
+    np.testing.assert_allclose(ours.numpy(), codes, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        loaded.module(torch.from_numpy(x)).detach().numpy(), recon, rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset of blocks.2.out over the held-out digits and a TopK SAE trained on it."""
+    base = tmp_path_factory.mktemp("sae")
+    common = ["--model", DIGITS, "--threads", "2"]
+    server_main(
+        [
+            "extract",
+            *common,
+            "--data",
+            "builtin-digits",
+            "--site",
+            SITE,
+            "--out",
+            str(base / "data"),
+            "--images-per-shard",
+            "250",
+            "--batch",
+            "125",
+        ]
+    )
+    server_main(
+        [
+            "train-sae",
+            "--threads",
+            "2",
+            "--dataset",
+            str(base / "data"),
+            "--out",
+            str(base / "topk"),
+            "--expansion",
+            "4",
+            "--latents-per-token",
+            "8",
+            "--batch-size",
+            "256",
+            "--steps",
+            "120",
+            "--warmup-steps",
+            "10",
+            "--init-tokens",
+            "4096",
+        ]
+    )
+    return base
+
+
+@pytest.fixture(scope="module")
+def sae_server(
+    tmp_path_factory: pytest.TempPathFactory, workspace: Path
+) -> Iterator[RunningServer]:
+    digits = next(s for s in builtin_specs() if s.name == DIGITS)
+    entry = digits.model_dump(mode="json") | {
+        "name": "digits-sae",
+        "saes": [
+            {"name": "topk", "path": str(workspace / "topk")},
+            {"name": "missing", "path": str(workspace / "nowhere")},
+        ],
+    }
+    running = start(
+        tmp_path_factory.mktemp("server"),
+        models=[entry],
+        default_model="digits-sae",
+        builtin_models=False,
+    )
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture(scope="module")
+def sae_client(sae_server: RunningServer) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{sae_server.port}", timeout=60) as client:
+        yield client
+
+
+def hooked_site(pixels: torch.Tensor) -> np.ndarray:
+    """blocks.2.out [B, T, D] of the digits model read with a plain forward hook."""
+    model = build_digits_model()
+    store: dict[str, torch.Tensor] = {}
+    handle = model.blocks[BLOCK].register_forward_hook(lambda m, a, o: store.__setitem__("x", o))
+    try:
+        model(normalise(pixels))
+    finally:
+        handle.remove()
+    return store["x"].numpy()
+
+
+def test_served_latents_equal_a_plain_encode_of_a_hooked_forward(
+    sae_client: Client, workspace: Path
+) -> None:
+    images = digits_split()[2][:5]
+    sites = [SITE, f"{SITE}@sae:topk", f"{SITE}@sae:topk.recon", f"{SITE}@sae:topk.error"]
+    result = sae_client.activations(list(images), sites)
+    reference = hooked_site(as_input(images))
+    np.testing.assert_allclose(result[SITE], reference, rtol=1e-5, atol=1e-5)
+    codes, recon = numpy_codes(workspace / "topk", reference.reshape(-1, reference.shape[-1]))
+    latents = result[f"{SITE}@sae:topk"]
+    assert latents.shape == (5, reference.shape[1], 256)
+    np.testing.assert_allclose(latents.reshape(codes.shape), codes, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        result[f"{SITE}@sae:topk.recon"].reshape(recon.shape), recon, rtol=1e-4, atol=1e-4
+    )
+    # The error term puts the site back together, to float32 rounding.
+    np.testing.assert_allclose(
+        result[f"{SITE}@sae:topk.recon"] + result[f"{SITE}@sae:topk.error"], result[SITE], atol=1e-5
+    )
+
+
+def test_an_image_alone_gets_the_latents_it_gets_in_a_batch(sae_client: Client) -> None:
+    images = list(digits_split()[2][10:16])
+    site = f"{SITE}@sae:topk"
+    batch = sae_client.activations(images, [site])[site]
+    for index in (0, 3):
+        alone = sae_client.activations([images[index]], [site])[site]
+        assert np.array_equal(alone[0], batch[index])
+
+
+def test_sae_sites_take_token_selection_and_reductions(sae_client: Client) -> None:
+    images = list(digits_split()[2][:3])
+    site = f"{SITE}@sae:topk"
+    full = sae_client.activations(images, [site])[site]
+    maps = sae_client.activations(images, [site], reduction="patch_map", channels=[3, 200])[site]
+    assert maps.shape == (3, 2, 7, 7)
+    np.testing.assert_array_equal(maps[:, 1], full[:, 1:, 200].reshape(3, 7, 7))
+    mean = sae_client.activations(images, [site], reduction="mean")[site]
+    np.testing.assert_allclose(mean, full[:, 1:].mean(axis=1), rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_sae_sites_are_not_found(sae_client: Client) -> None:
+    image = [digits_split()[2][0]]
+    with pytest.raises(NotFoundError, match="serves no SAE 'nope'"):
+        sae_client.activations(image, [f"{SITE}@sae:nope"])
+    with pytest.raises(NotFoundError, match="reads 'blocks.2.out'"):
+        sae_client.activations(image, ["blocks.1.out@sae:topk"])
+    # An SAE whose files are missing leaves the model serving, its site listed as unavailable.
+    unavailable = sae_client.describe().unavailable_sites
+    assert "nowhere" in unavailable["@sae:missing"]
+
+
+def test_streamed_fvu_equals_a_one_shot_numpy_computation(workspace: Path) -> None:
+    data = ActivationDataset(workspace / "data")
+    sae = read_sae(workspace / "topk").module
+    quality = QualityAccumulator(sae.d_in, sae.d_sae)
+    everything = []
+    for index in range(data.num_shards):
+        x = data.shard(index)
+        for start_row in range(0, len(x), 3001):
+            chunk = x[start_row : start_row + 3001]
+            codes = sae.encode(chunk)
+            quality.add(chunk, codes, sae.decode(codes))
+        everything.append(x.numpy())
+    x = np.concatenate(everything).astype(np.float64)
+    _, recon = numpy_codes(workspace / "topk", x)
+    fvu = ((x - recon) ** 2).sum() / ((x - x.mean(axis=0)) ** 2).sum()
+    report = quality.report()
+    assert report.tokens == len(x)
+    assert report.fvu == pytest.approx(fvu, rel=1e-5)
+    assert 0 < report.fvu < 1
+    assert report.l0 <= 8
+
+
+def test_the_trained_sae_records_its_provenance_and_metrics(workspace: Path) -> None:
+    config = json.loads((workspace / "topk" / "cfg.json").read_text())
+    assert config["architecture"] == "topk" and config["k"] == 8
+    assert config["metadata"]["hook_name"] == SITE
+    recorded = config["metadata"]["vitscope"]
+    assert recorded["model"] == DIGITS
+    assert recorded["dataset"]["site"] == SITE and recorded["dataset"]["num_images"] == 1000
+    assert recorded["recipe"]["seed"] == 0 and recorded["steps"] == 120
+    assert 0 < recorded["metrics"]["fvu"] < 1
+    manifest = json.loads((workspace / "data" / "manifest.json").read_text())
+    assert manifest["num_shards"] == 4 and manifest["image_list_digest"].startswith("sha256:")
+
+
+def _train(
+    data: ActivationDataset, out: Path, recipe: Recipe, stop_after: int = 0
+) -> dict[str, torch.Tensor]:
+    state = train_sae(
+        data, recipe, out, TrainOptions(log_every=1000, checkpoint_every=7, stop_after=stop_after)
+    )
+    return {k: v.clone() for k, v in state.sae.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["batchtopk", "relu"])
+def test_training_is_reproducible_and_a_resumed_run_equals_a_straight_one(
+    workspace: Path, tmp_path: Path, kind: str
+) -> None:
+    data = ActivationDataset(workspace / "data")
+    recipe = Recipe(
+        kind=kind,
+        expansion=2,
+        latents_per_token=6,
+        batch_size=512,
+        steps=40,
+        warmup_steps=5,
+        init_tokens=2048,
+        dead_after_tokens=2000,
+    )
+    straight = _train(data, tmp_path / "a", recipe)
+    again = _train(data, tmp_path / "b", recipe)
+    _train(data, tmp_path / "c", recipe, stop_after=17)
+    resumed = _train(data, tmp_path / "c", recipe)
+    for name, value in straight.items():
+        assert torch.equal(value, again[name]), name
+        assert torch.equal(value, resumed[name]), name
+    norms = straight["W_dec"].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_extraction_resumes_and_indexed_workers_write_the_same_shards(
+    workspace: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "data"
+    common = [
+        "--model",
+        DIGITS,
+        "--threads",
+        "2",
+        "--data",
+        "builtin-digits",
+        "--site",
+        SITE,
+        "--out",
+        str(out),
+        "--images-per-shard",
+        "250",
+        "--batch",
+        "125",
+    ]
+    for worker in ("0/2", "1/2"):
+        server_main(["extract", *common, "--shard", worker])
+    (out / "shard-00002.safetensors").unlink()
+    server_main(["extract", *common])
+    for index in range(4):
+        name = f"shard-{index:05d}.safetensors"
+        ours, theirs = load_file(str(out / name)), load_file(str(workspace / "data" / name))
+        assert all(np.array_equal(ours[k], theirs[k]) for k in ("activations", "image", "token"))
+    with pytest.raises(SystemExit, match="holds another dataset"):
+        server_main(["extract", *common[:-4], "--images-per-shard", "100"])
+
+
+def test_an_sae_of_the_wrong_width_is_listed_unavailable(tmp_path: Path) -> None:
+    write_sae(tmp_path / "wide", random_sae(SaeKind.RELU, d_in=32), SITE, {})
+    spec = next(s for s in builtin_specs() if s.name == DIGITS)
+    spec = spec.model_copy(update={"saes": [SaeSource(name="wide", path=tmp_path / "wide")]})
+    loaded = load_model(spec, torch.device("cpu"))
+    notes = {note.site: note.reason for note in loaded.adapter.notes}
+    assert "has 64 channels, the SAE reads 32" in notes[f"{SITE}@sae:wide"]
+    assert not loaded.adapter.saes
