@@ -213,7 +213,7 @@ def test_unknown_sae_sites_are_not_found(sae_client: Client) -> None:
     image = [digits_split()[2][0]]
     with pytest.raises(NotFoundError, match="serves no SAE 'nope'"):
         sae_client.activations(image, [f"{SITE}@sae:nope"])
-    with pytest.raises(NotFoundError, match="reads 'blocks.2.out'"):
+    with pytest.raises(NotFoundError, match=r"reads 'blocks\.2\.out'"):
         sae_client.activations(image, ["blocks.1.out@sae:topk"])
     # An SAE whose files are missing leaves the model serving, its site listed as unavailable.
     unavailable = sae_client.describe().unavailable_sites
@@ -330,3 +330,18 @@ def test_an_sae_of_the_wrong_width_is_listed_unavailable(tmp_path: Path) -> None
     notes = {note.site: note.reason for note in loaded.adapter.notes}
     assert "has 64 channels, the SAE reads 32" in notes[f"{SITE}@sae:wide"]
     assert not loaded.adapter.saes
+
+
+def test_describe_model_lists_the_sae_its_sites_and_metrics(sae_client: Client) -> None:
+    description = sae_client.describe()
+    sae = description.saes["topk"]
+    assert (sae["site"], sae["input_width"], sae["width"], sae["kind"], sae["k"]) == (
+        SITE,
+        64,
+        256,
+        "topk",
+        8,
+    )
+    assert sae["trained_as"] == "topk" and 0 < sae["metrics"]["fvu"] < 1
+    assert description.sites[f"{SITE}@sae:topk"]["shape"] == ["1", "50", "256"]
+    assert description.sites[f"{SITE}@sae:topk.error"]["shape"] == ["1", "50", "64"]

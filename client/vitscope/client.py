@@ -174,6 +174,8 @@ class ModelDescription:
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Canonical sites (or model parts) the model does not serve -> why.
     unavailable_sites: dict[str, str] = field(default_factory=dict)
+    # SAE name -> its site, widths, kind and recorded metrics (SaeInfo as a dict).
+    saes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _message_dict(message: Any) -> dict[str, Any]:
@@ -320,6 +322,7 @@ class Client:
             class_names=list(r.class_names),
             sites={s.name: _message_dict(s) for s in r.sites},
             unavailable_sites={u.site: u.reason for u in r.unavailable_sites},
+            saes={s.name: _message_dict(s) for s in r.saes},
         )
 
     def activations(

@@ -6,7 +6,7 @@ import re
 from dataclasses import replace
 
 from vitscope_server.core.model.adapters import Layout, ModelAdapter, SiteDef
-from vitscope_server.core.model.sae import SaeOutput, SaeRead, split_sae_site
+from vitscope_server.core.model.sae import SaeOutput, SaeRead, sae_site_name, split_sae_site
 from vitscope_server.core.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -106,3 +106,12 @@ def _resolve_sae_site(
             metadata={"model": adapter.spec.name},
         )
     return replace(base, name=name, sae_read=SaeRead(sae, output))
+
+
+def sae_sites(adapter: ModelAdapter) -> list[SiteDef]:
+    """The latents, reconstruction and error site of every SAE the model serves."""
+    return [
+        resolve_site(adapter, sae_site_name(sae.info.site, name, output))
+        for name, sae in adapter.saes.items()
+        for output in SaeOutput
+    ]
