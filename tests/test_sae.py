@@ -23,10 +23,13 @@ from vitscope_server.core.model.loading import load_model
 from vitscope_server.core.model.sae import SaeKind, SparseAutoencoder
 from vitscope_server.core.model.sae_files import read_sae, write_sae
 from vitscope_server.core.model.specs import SaeSource
+from vitscope_server.core.runtime.errors import InvalidArgument
 from vitscope_server.core.sae.activation_data import ActivationDataset
 from vitscope_server.core.sae.quality import QualityAccumulator
 from vitscope_server.core.sae.recipe import Recipe
 from vitscope_server.core.sae.train import TrainOptions, train_sae
+from vitscope_server.model_selection import model_specs
+from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer
 
 DIGITS = "vitscope-digits"
@@ -345,3 +348,20 @@ def test_describe_model_lists_the_sae_its_sites_and_metrics(sae_client: Client) 
     assert sae["trained_as"] == "topk" and 0 < sae["metrics"]["fvu"] < 1
     assert description.sites[f"{SITE}@sae:topk"]["shape"] == ["1", "50", "256"]
     assert description.sites[f"{SITE}@sae:topk.error"]["shape"] == ["1", "50", "64"]
+
+
+def test_saes_register_from_a_folder_and_a_flag(workspace: Path, tmp_path: Path) -> None:
+    root = tmp_path / "saes"
+    (root / DIGITS).mkdir(parents=True)
+    (root / DIGITS / "resid").symlink_to(workspace / "topk")
+    settings = ServerSettings(saes_dir=root, saes=[f"{DIGITS}:again={workspace / 'topk'}"])
+    specs, _ = model_specs(settings)
+    digits = next(spec for spec in specs if spec.name == DIGITS)
+    assert {sae.name: sae.path for sae in digits.saes}.items() >= {
+        "resid": root / DIGITS / "resid",
+        "again": workspace / "topk",
+    }.items()
+    with pytest.raises(InvalidArgument, match="not served"):
+        model_specs(ServerSettings(saes=[f"nobody:x={workspace}"]))
+    with pytest.raises(InvalidArgument, match="MODEL:NAME=FOLDER"):
+        model_specs(ServerSettings(saes=["no-folder"]))

@@ -120,3 +120,15 @@ def parse_model_flag(value: str) -> ModelSpec:
         )
     except ValidationError as exc:
         raise InvalidArgument("--model", f"{value!r}: {exc}") from exc
+
+
+def parse_sae_flag(value: str) -> tuple[str, SaeSource]:
+    """Parses MODEL:NAME=FOLDER into the model's name and the SAE."""
+    model_and_name, sep, folder = value.partition("=")
+    model, sep2, name = model_and_name.rpartition(":")
+    if not sep or not sep2 or not model:
+        raise InvalidArgument("--saes", f"{value!r}: expected MODEL:NAME=FOLDER")
+    try:
+        return model, SaeSource(name=name, path=Path(folder).expanduser())
+    except ValidationError as exc:
+        raise InvalidArgument("--saes", f"{value!r}: {exc}") from exc
