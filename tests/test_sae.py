@@ -20,9 +20,11 @@ from vitscope_server.builtin import builtin_specs
 from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.cli import main as server_main
 from vitscope_server.core.model.loading import load_model
-from vitscope_server.core.model.sae import SaeKind, SparseAutoencoder
+from vitscope_server.core.model.sae import SaeKind, SaeOutput, SparseAutoencoder
 from vitscope_server.core.model.sae_files import read_sae, write_sae
+from vitscope_server.core.model.sites import resolve_site
 from vitscope_server.core.model.specs import SaeSource
+from vitscope_server.core.model.splice import replaced_site
 from vitscope_server.core.runtime.errors import InvalidArgument
 from vitscope_server.core.sae.activation_data import ActivationDataset
 from vitscope_server.core.sae.quality import QualityAccumulator
@@ -365,3 +367,85 @@ def test_saes_register_from_a_folder_and_a_flag(workspace: Path, tmp_path: Path)
         model_specs(ServerSettings(saes=[f"nobody:x={workspace}"]))
     with pytest.raises(InvalidArgument, match="MODEL:NAME=FOLDER"):
         model_specs(ServerSettings(saes=["no-folder"]))
+
+
+def hooked_logits(pixels: torch.Tensor, replacement: np.ndarray | None) -> np.ndarray:
+    """The digits model's logits with blocks.2.out replaced (a plain forward hook)."""
+    model = build_digits_model()
+    hook = None
+    if replacement is not None:
+        value = torch.from_numpy(replacement.astype(np.float32))
+        hook = model.blocks[BLOCK].register_forward_hook(lambda m, a, o: value)
+    try:
+        return model(normalise(pixels)).double().numpy()
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def test_evaluate_sae_equals_an_independent_computation(
+    sae_client: Client, workspace: Path
+) -> None:
+    images, labels = digits_split()[2][:40], digits_split()[3][:40]
+    progress: list[int] = []
+    result = sae_client.evaluate_sae(
+        list(images),
+        "topk",
+        labels=[int(x) for x in labels],
+        batch=16,
+        on_progress=lambda p: progress.append(p.images_done),
+    )
+    assert progress == [16, 32, 40]
+    pixels = as_input(images)
+    x = hooked_site(pixels)
+    codes, recon = numpy_codes(workspace / "topk", x.reshape(-1, x.shape[-1]).astype(np.float64))
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    fvu = ((flat - recon) ** 2).sum() / ((flat - flat.mean(axis=0)) ** 2).sum()
+    assert result.tokens == flat.shape[0] and result.images == 40
+    assert result.fvu == pytest.approx(fvu, rel=1e-4)
+    assert result.l0 == pytest.approx((codes > 0).sum(axis=1).mean(), rel=1e-6)
+    assert result.dead_fraction == pytest.approx(((codes > 0).sum(axis=0) == 0).mean())
+    assert sum(result.histogram_counts) == round(256 * (1 - result.dead_fraction))
+    clean = log_softmax(hooked_logits(pixels, None))
+    spliced = log_softmax(hooked_logits(pixels, recon.reshape(x.shape)))
+    zero = log_softmax(hooked_logits(pixels, np.zeros_like(x)))
+    rows = np.arange(40)
+    losses = [-(lp[rows, labels]).mean() for lp in (clean, spliced, zero)]
+    splice = result.splice
+    assert splice is not None and splice["labels"] == "given"
+    assert splice["top1_agreement"] == pytest.approx((clean.argmax(1) == spliced.argmax(1)).mean())
+    assert splice["kl_clean_spliced"] == pytest.approx(
+        (np.exp(clean) * (clean - spliced)).sum(1).mean(), rel=1e-3, abs=1e-5
+    )
+    assert [
+        splice["loss_clean"],
+        splice["loss_spliced"],
+        splice["loss_zero_ablated"],
+    ] == pytest.approx(losses, rel=1e-4)
+    recovered = (losses[2] - losses[1]) / (losses[2] - losses[0])
+    assert splice["loss_recovered"] == pytest.approx(recovered, rel=1e-3)
+
+
+def test_splicing_with_the_error_term_reproduces_the_clean_output(
+    sae_server: RunningServer,
+) -> None:
+    loaded = sae_server.registry.get("digits-sae")
+    adapter = loaded.adapter
+    site = resolve_site(adapter, SITE)
+    sae = adapter.saes["topk"].module
+    pixels = normalise(as_input(digits_split()[2][:8]))
+    with torch.inference_mode():
+        clean = adapter.forward(pixels)
+        with replaced_site(
+            adapter, site, lambda x: sae.read(x, SaeOutput.RECON) + sae.read(x, SaeOutput.ERROR)
+        ):
+            spliced = adapter.forward(pixels)
+        with replaced_site(adapter, site, lambda x: sae.read(x, SaeOutput.RECON)):
+            reconstructed = adapter.forward(pixels)
+    torch.testing.assert_close(spliced, clean, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(reconstructed, clean, atol=1e-3)

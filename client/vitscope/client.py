@@ -36,6 +36,8 @@ from vitscope.handshake import (
     require_compatible,
 )
 from vitscope.inversion import Inversion, InversionProgress, Inverter
+from vitscope.sae import SaeEvaluation, SaeEvaluationProgress
+from vitscope.sae import collect as collect_evaluation
 from vitscope.selection import ClassLike, class_ref, token_selection
 from vitscope.top_images import TopImages, parse_top_images
 from vitscope.v1 import (
@@ -45,6 +47,7 @@ from vitscope.v1 import (
     inversion_pb2,
     models_pb2,
     projection_pb2,
+    sae_pb2,
     server_info_pb2,
     tensor_pb2,
 )
@@ -649,6 +652,34 @@ class Client:
             self._stub.ListInverters, inversion_pb2.ListInvertersRequest(model=model), timeout
         )
         return [inversion.inverter(i) for i in response.inverters]
+
+    # Sparse autoencoders (docs/sae.md): their latents are sites; EvaluateSae measures one.
+
+    def evaluate_sae(
+        self,
+        images: Sequence[ImageLike],
+        sae: str,
+        *,
+        model: str = "",
+        labels: Sequence[int] = (),
+        batch: int | None = None,
+        quality_only: bool = False,
+        on_progress: Callable[[SaeEvaluationProgress], object] | None = None,
+        timeout: float | None = None,
+    ) -> SaeEvaluation:
+        """The SAE's FVU, L0, dead and dense latents and frequency histogram on `images`, and
+        (unless quality_only) what splicing its reconstruction does to the model's output."""
+        request = sae_pb2.EvaluateSaeRequest(
+            model=model,
+            sae=sae,
+            images=[image_message(i) for i in images],
+            labels=list(labels),
+            batch=batch,
+            quality_only=quality_only,
+        )
+        return collect_evaluation(
+            self._stream(self._stub.EvaluateSae, request, timeout), on_progress
+        )
 
     # Explanations: attribution maps with their faithfulness (docs/methods.md section 5).
 

@@ -24,6 +24,7 @@ _FAMILIES = {
     "ListInverters": "inversion",
     "Explain": "explain",
     "GetServerInfo": "server",
+    "EvaluateSae": "sae",
 }
 SERVICE = inspector_pb2.DESCRIPTOR.services_by_name["Inspector"]
 INFERENCE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]
