@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     sae.add_train_arguments(
         commands.add_parser("train-sae", help="train a sparse autoencoder on an activation dataset")
     )
+    sae.add_evaluate_arguments(
+        commands.add_parser("evaluate-sae", help="measure an SAE's quality on a dataset")
+    )
     train_inverter.add_arguments(
         commands.add_parser("train-inverter", help="train a model's inverse modules into a store")
     )
@@ -77,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sae.extract(args)
     elif args.command == "train-sae":
         sae.train(args)
+    elif args.command == "evaluate-sae":
+        sae.evaluate(args)
     elif args.command == "train-inverter":
         train_inverter.run(args)
     else:

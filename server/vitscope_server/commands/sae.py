@@ -10,14 +10,29 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from vitscope_server.commands.sae_settings import ComputeSettings, ExtractSettings, TrainSaeSettings
-from vitscope_server.core.model.datasets import parse_shard
+from vitscope_server.commands.sae_settings import (
+    ComputeSettings,
+    EvaluateSaeSettings,
+    ExtractSettings,
+    TrainSaeSettings,
+)
+from vitscope_server.core.model.datasets import dataset, dataset_labels, parse_shard
 from vitscope_server.core.model.loading import load_model
+from vitscope_server.core.model.specs import SaeSource
+from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
 from vitscope_server.core.runtime.errors import VitscopeError
 from vitscope_server.core.sae.activation_data import (
+    MAX_IMAGE_PIXELS,
     ActivationDataset,
     ExtractConfig,
     extract_activations,
+)
+from vitscope_server.core.sae.evaluate import (
+    EvaluationProgress,
+    EvaluationQuery,
+    SaeEvaluation,
+    evaluate_sae,
+    evaluation_json,
 )
 from vitscope_server.core.sae.quality import dataset_quality
 from vitscope_server.core.sae.recipe import Recipe
@@ -39,6 +54,10 @@ def print_event(event: dict[str, Any]) -> None:
 
 def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser, ExtractSettings)
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser, EvaluateSaeSettings)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,3 +110,32 @@ def train(args: argparse.Namespace) -> None:
     except VitscopeError as exc:
         raise SystemExit(f"vitscope-server train-sae: {exc}") from None
     print_event({"event": "done", "out": str(settings.out), **quality.metrics()})
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    try:
+        settings = model_from_args(args, EvaluateSaeSettings)
+        spec = select_spec(settings.model, settings.models_file, settings.model_spec)
+        if settings.sae_folder is not None:
+            source = SaeSource(name=settings.sae, path=settings.sae_folder)
+            spec = spec.model_copy(update={"saes": [*spec.saes, source]})
+        loaded = load_model(spec, _device(settings))
+        names, load = dataset(settings.data)
+        count = min(settings.max_images or len(names), len(names))
+        labels = dataset_labels(settings.data)
+        query = EvaluationQuery(
+            sae=settings.sae,
+            labels=tuple(labels[:count]) if labels and not settings.quality_only else (),
+            batch=settings.batch,
+            quality_only=settings.quality_only,
+        )
+        images = [load(i) for i in range(count)]
+        for event in evaluate_sae(loaded, images, query, MAX_IMAGE_PIXELS, NEVER_CANCELLED):
+            if isinstance(event, EvaluationProgress):
+                print_event({"event": "progress", "images_done": event.images_done})
+            elif isinstance(event, SaeEvaluation):
+                print_event({"event": "done", "data": settings.data, **evaluation_json(event)})
+    except ValidationError as exc:
+        raise SystemExit(f"vitscope-server evaluate-sae: {exc}") from None
+    except VitscopeError as exc:
+        raise SystemExit(f"vitscope-server evaluate-sae: {exc}") from None

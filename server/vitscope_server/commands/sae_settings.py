@@ -67,3 +67,23 @@ class TrainSaeSettings(ComputeSettings, Recipe):
     stop_after: int = Field(
         0, ge=0, description="Stop after this many steps of this run (resume later); 0: finish."
     )
+
+
+class EvaluateSaeSettings(ModelChoice):
+    """`vitscope-server evaluate-sae`."""
+
+    model_config = _CONFIG
+
+    sae: str = Field(
+        description="Name of the SAE: one the model serves, or the name for sae_folder."
+    )
+    sae_folder: Path | None = Field(
+        None, description="SAE folder (SAELens layout) to evaluate under the name `sae`."
+    )
+    data: str = Field(
+        description=f"Image folder, {BUILTIN_DIGITS} or {BUILTIN_DIGITS_TRAIN} (the digits' "
+        "labels serve the losses; a folder's images use their clean top-1 class)."
+    )
+    max_images: int = Field(0, ge=0, description="Evaluate the first N images; 0: all.")
+    batch: int = Field(32, ge=1, le=256, description="Images per forward.")
+    quality_only: bool = Field(False, description="Only reconstruction metrics; no splicing.")

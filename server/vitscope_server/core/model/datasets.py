@@ -70,6 +70,17 @@ def dataset(data: str) -> tuple[list[str], Callable[[int], ImageInput]]:
     return [name for name, _ in files], lambda i: read_image(*files[i])
 
 
+def dataset_labels(data: str) -> list[int] | None:
+    """The class of each item of a built-in digits split; None for folders (no labels)."""
+    if data not in (BUILTIN_DIGITS, BUILTIN_DIGITS_TRAIN):
+        return None
+    from vitscope_server.builtin.digits_data import digits_split
+
+    _, train_labels, _, test_labels = digits_split()
+    labels = train_labels if data == BUILTIN_DIGITS_TRAIN else test_labels
+    return [int(label) for label in labels]
+
+
 def item_list_digest(names: list[str]) -> str:
     """sha256 of the item names in order: two datasets with one digest list the same items."""
     return "sha256:" + hashlib.sha256("\n".join(names).encode()).hexdigest()

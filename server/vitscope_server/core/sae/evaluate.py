@@ -201,3 +201,30 @@ def evaluate_sae(
         yield EvaluationProgress(start + len(chunk), len(images))
     report = None if splice is None else splice.report("given" if query.labels else "clean_top1")
     yield SaeEvaluation(provenance_of(loaded), sae.info, len(images), quality.report(), report)
+
+
+def evaluation_json(result: SaeEvaluation) -> dict[str, object]:
+    """The evaluation as JSON-ready values (the evaluate-sae command, the built-in SAE's card)."""
+    quality = result.quality
+    document: dict[str, object] = {
+        "model": result.provenance.model,
+        "weights_identity": result.provenance.weights_identity,
+        "sae": result.sae.name,
+        "site": result.sae.site,
+        "images": result.images,
+        **quality.metrics(),
+        "histogram_edges": list(quality.histogram_edges),
+        "histogram_counts": list(quality.histogram_counts),
+    }
+    splice = result.splice
+    if splice is not None:
+        document["splice"] = {
+            "top1_agreement": splice.top1_agreement,
+            "kl_clean_spliced": splice.kl_clean_spliced,
+            "loss_clean": splice.loss_clean,
+            "loss_spliced": splice.loss_spliced,
+            "loss_zero_ablated": splice.loss_zero,
+            "loss_recovered": splice.loss_recovered,
+            "labels": splice.labels,
+        }
+    return document
