@@ -16,6 +16,8 @@ from features_reference import as_input, build_digits_model, normalise
 from safetensors.numpy import load_file
 
 from vitscope import Client, NotFoundError
+from vitscope.explain import MethodOptions
+from vitscope.features import Feature
 from vitscope_server.builtin import builtin_specs
 from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.cli import main as server_main
@@ -449,3 +451,48 @@ def test_splicing_with_the_error_term_reproduces_the_clean_output(
             reconstructed = adapter.forward(pixels)
     torch.testing.assert_close(spliced, clean, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(reconstructed, clean, atol=1e-3)
+
+
+def test_top_images_of_a_latent_equal_a_brute_force_search(sae_client: Client) -> None:
+    images = list(digits_split()[2][:24])
+    site = f"{SITE}@sae:topk"
+    latents = sae_client.activations(images, [site])[site][:, 1:]  # patch tokens
+    channels = [int(c) for c in np.argsort(-latents.mean(axis=(0, 1)))[:3]]
+    top = sae_client.top_activating_images(site, channels, images=images, top_k=4, batch=7)
+    assert top.scanned_image_count == 24
+    for channel in channels:
+        scores = latents[:, :, channel].mean(axis=1)
+        expected = sorted(range(24), key=lambda i: (-scores[i], i))[:4]
+        assert [hit.index for hit in top.channels[channel]] == expected
+        for hit in top.channels[channel]:
+            np.testing.assert_allclose(hit.score, scores[hit.index], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                hit.patch_map, latents[hit.index, :, channel].reshape(7, 7), rtol=1e-5, atol=1e-6
+            )
+
+
+def test_feature_maps_and_optimization_read_sae_latents(sae_client: Client) -> None:
+    images = list(digits_split()[2][:3])
+    site = f"{SITE}@sae:topk"
+    means = sae_client.activations(images, [site], reduction="mean")[site]
+    explained = sae_client.explain(
+        images, ["feature_map"], options={"feature_map": MethodOptions(site=site)}
+    )
+    maps = sae_client.activations(images, [site], reduction="patch_map", channels=list(range(256)))[
+        site
+    ]
+    for index, image in enumerate(explained.images):
+        got = image.maps["feature_map"]
+        assert got.channel == means[index].argmax()
+        np.testing.assert_allclose(got.grid_map, maps[index, got.channel], rtol=1e-5, atol=1e-6)
+    channel = int(means.mean(axis=0).argmax())
+    result = sae_client.optimize_features(
+        [Feature(site=site, channel=channel)], steps=12, copies=2, seed=0
+    )
+    optimized = result.features[0]
+    assert optimized.site == site and optimized.channel == channel
+    # The optimized image drives the latent above its mean over these digits.
+    reached = sae_client.activations(
+        [np.asarray(optimized.image.convert("L"))], [site], reduction="mean"
+    )[site]
+    assert reached[0, channel] > means[:, channel].mean()
