@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,8 @@ from safetensors.numpy import load_file
 from vitscope import Client, NotFoundError
 from vitscope.explain import MethodOptions
 from vitscope.features import Feature
+from vitscope.oip import grpc_predict_v2_pb2 as oip
+from vitscope.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from vitscope_server.builtin import builtin_specs
 from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.cli import main as server_main
@@ -496,3 +499,20 @@ def test_feature_maps_and_optimization_read_sae_latents(sae_client: Client) -> N
         [np.asarray(optimized.image.convert("L"))], [site], reduction="mean"
     )[site]
     assert reached[0, channel] > means[:, channel].mean()
+
+
+def test_open_inference_protocol_outputs_sae_sites(
+    sae_server: RunningServer, sae_client: Client
+) -> None:
+    from test_oip import Outputs, _output, _pixels_request
+
+    site = f"{SITE}@sae:topk"
+    images = [np.repeat(d[..., None], 3, axis=-1) for d in digits_split()[2][:2]]
+    with grpc.insecure_channel(f"127.0.0.1:{sae_server.port}") as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        metadata = stub.ModelMetadata(oip.ModelMetadataRequest(name="digits-sae"))
+        outputs = {o.name: list(o.shape) for o in metadata.outputs}
+        assert outputs[site] == [-1, 50, 256] and outputs[f"{site}.error"] == [-1, 50, 64]
+        response = stub.ModelInfer(_pixels_request("digits-sae", images, [Outputs(name=site)]))
+    expected = sae_client.activations(images, [site])[site]
+    np.testing.assert_array_equal(_output(response, site), expected)

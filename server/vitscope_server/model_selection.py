@@ -43,10 +43,10 @@ def model_specs(settings: ServerSettings) -> tuple[list[ModelSpec], str]:
 
 
 def with_saes(specs: list[ModelSpec], settings: ServerSettings) -> list[ModelSpec]:
-    """Each spec with the SAEs of --saes-dir and --saes added after its own; a name given
-    again replaces the earlier SAE."""
+    """Each spec with the SAEs of --saes-dir (a folder not yet written counts as empty) and
+    --saes added after its own; a name given again replaces the earlier SAE."""
     extra: list[tuple[str, SaeSource]] = []
-    if settings.saes_dir is not None:
+    if settings.saes_dir is not None and settings.saes_dir.is_dir():
         extra += [
             (model.name, SaeSource(name=folder.name, path=folder))
             for model in sorted(settings.saes_dir.iterdir())
