@@ -35,7 +35,7 @@ fuzz: install
 	HF_HUB_OFFLINE=1 VITSCOPE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) VITSCOPE_FUZZ_SECONDS=$(FUZZ_SECONDS) \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
-BENCHMARKS := activations feature_viz class_projection inversion oip explain serving load
+BENCHMARKS := activations feature_viz class_projection inversion oip explain serving load sae
 
 # Every benchmark in turn; each prints its JSON object last. One: make bench-inversion.
 bench: $(addprefix bench-,$(BENCHMARKS))

@@ -28,6 +28,7 @@ from vitscope.v1 import inspector_pb2 as pb
 from vitscope.v1 import inversion_pb2 as ipb
 from vitscope.v1 import models_pb2 as mpb
 from vitscope.v1 import projection_pb2 as ppb
+from vitscope.v1 import sae_pb2 as spb
 
 SERVICES = [
     pb.DESCRIPTOR.services_by_name["Inspector"],
@@ -39,6 +40,9 @@ FLOAT_EDGES = [0.0, -0.0, 1e-45, 1e30, 3.4e38, 1e300, -1e300, float("inf"), floa
 MODELS = ["", "tiny", "vitscope-digits", "vitscope-digits-gap", "nope", "m" * 300]
 SITES = [
     "blocks.0.out",
+    "blocks.3.out@sae:resid3-topk",
+    "blocks.3.out@sae:resid3-topk.error",
+    "blocks.0.out@sae:nope",
     "blocks.1.attn.probs",
     "blocks.0.mlp.hidden",
     "blocks.1.attn.out",
@@ -245,6 +249,11 @@ def _seeds() -> dict[str, list[Message]]:
                 depths=[2],
                 method=ipb.INVERSION_METHOD_OPTIMIZATION,
                 optimization=ipb.InversionOptimization(steps=2, progress_every=1),
+            ),
+        ],
+        "EvaluateSae": [
+            spb.EvaluateSaeRequest(
+                model="vitscope-digits", sae="resid3-topk", images=[image], batch=1, labels=[3]
             ),
         ],
     }

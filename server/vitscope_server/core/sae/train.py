@@ -113,8 +113,6 @@ def new_state(data: ActivationDataset, recipe: Recipe, device: torch.device) -> 
 
 
 def _check(recipe: Recipe, data: ActivationDataset) -> None:
-    if recipe.batch_size < 1 or recipe.expansion < 1 or recipe.lr <= 0:
-        raise InvalidArgument("--batch-size", "batch_size and expansion must be >= 1, lr > 0")
     if recipe.kind != "relu" and not 1 <= recipe.latents_per_token <= recipe.expansion * data.width:
         raise InvalidArgument(
             "--latents-per-token", f"must be in 1..{recipe.expansion * data.width}"
