@@ -9,8 +9,11 @@ runs in this one process on CPU with the built-in digits model (blocks.3.out, 64
 - ratio_train_vs_inprocess: `train_sae` tokens/s (batches streamed from the dataset's shards,
   checkpoints) over a loop of the same recipe's steps (`train_step`) on batches already in
   memory.
-- ratio_latents_vs_site: GetActivations of `blocks.3.out@sae:bench` over GetActivations of
-  `blocks.3.out` followed by an in-process encode with the SAE's file weights.
+- ratio_latents_vs_site: GetActivations of `blocks.3.out@sae:bench` (dense latents, 8x the
+  site's bytes) over GetActivations of `blocks.3.out` followed by an in-process encode with
+  the SAE's file weights; ratio_latent_means_vs_site the same with the latents' mean over
+  patch tokens (REDUCTION_MEAN on the server, the same mean after the local encode), which
+  sends little: it separates the encode from the transfer of dense latents.
 
 Each comparison alternates its two sides round by round after a warm-up; each ratio is the
 median over rounds of the pair's ratio (neighbours cancel drift in machine load). Both sides
@@ -157,7 +160,8 @@ def training_ratio(data: ActivationDataset, work: Path, recipe: Recipe, rounds: 
     return paired_median(trainer, inprocess, rounds)
 
 
-def latents_ratio(sae_folder: Path, rounds: int, batch: int, threads: int) -> float:
+def latents_ratios(sae_folder: Path, rounds: int, batch: int, threads: int) -> tuple[float, float]:
+    """(dense latents, latents' means): each over the site's tokens sent and encoded here."""
     settings = ServerSettings(
         host="127.0.0.1",
         port=0,
@@ -175,17 +179,27 @@ def latents_ratio(sae_folder: Path, rounds: int, batch: int, threads: int) -> fl
         with Client(f"127.0.0.1:{server.port}") as client:
             latents = f"{SITE}@sae:bench"
 
-            def by_site() -> float:
+            def by_site(reduce: bool) -> float:
                 def work() -> None:
                     tokens = client.activations(chosen, [SITE])[SITE]
                     with torch.inference_mode():
-                        sae.encode(torch.from_numpy(tokens))
+                        codes = sae.encode(torch.from_numpy(tokens))
+                        if reduce:
+                            codes[:, 1:].mean(dim=1)
 
                 return timed(work)
 
-            return paired_median(
-                lambda: timed(lambda: client.activations(chosen, [latents])), by_site, rounds
+            dense = paired_median(
+                lambda: timed(lambda: client.activations(chosen, [latents])),
+                lambda: by_site(False),
+                rounds,
             )
+            means = paired_median(
+                lambda: timed(lambda: client.activations(chosen, [latents], reduction="mean")),
+                lambda: by_site(True),
+                rounds,
+            )
+            return dense, means
     finally:
         server.stop(0)
 
@@ -193,9 +207,9 @@ def latents_ratio(sae_folder: Path, rounds: int, batch: int, threads: int) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--images", type=int, default=512, help="images per extraction round")
-    parser.add_argument("--steps", type=int, default=60, help="training steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=256, help="images per extraction round")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per round")
     parser.add_argument("--batch", type=int, default=32, help="images per GetActivations call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -223,7 +237,9 @@ def main() -> None:
         train = training_ratio(data, work, recipe, args.rounds)
         state = train_sae(data, recipe, work / "sae", TrainOptions(log_every=10**9))
         write_trained_sae(work / "sae", state, recipe, data, {}, "bench")
-        latents = latents_ratio(work / "sae", args.rounds * 4, args.batch, args.threads)
+        latents, latent_means = latents_ratios(
+            work / "sae", args.rounds * 4, args.batch, args.threads
+        )
     results = {
         "ratio_latents_vs_site": latents,
         "ratio_train_vs_inprocess": train,
@@ -238,6 +254,7 @@ def main() -> None:
         json.dumps(
             {
                 **results,
+                "ratio_latent_means_vs_site": latent_means,
                 "targets": {k: f"{o} {b}" for k, (o, b) in TARGETS.items()},
                 "meets_targets": met,
                 "threads": args.threads,

@@ -21,7 +21,7 @@ from vitscope.explain import MethodOptions
 from vitscope.features import Feature
 from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from vitscope_server.builtin import builtin_specs
+from vitscope_server.builtin import BUILTIN_SAES, builtin_specs
 from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.cli import main as server_main
 from vitscope_server.core.model.loading import load_model
@@ -516,3 +516,15 @@ def test_open_inference_protocol_outputs_sae_sites(
         response = stub.ModelInfer(_pixels_request("digits-sae", images, [Outputs(name=site)]))
     expected = sae_client.activations(images, [site])[site]
     np.testing.assert_array_equal(_output(response, site), expected)
+
+
+def test_the_built_in_sae_is_served_with_its_card_metrics(client: Client) -> None:
+    folder = BUILTIN_SAES / DIGITS / "resid3-topk"
+    recorded = json.loads((folder / "evaluation.json").read_text())
+    sae = client.describe(DIGITS).saes["resid3-topk"]
+    assert (sae["site"], sae["width"], sae["kind"], sae["k"]) == ("blocks.3.out", 512, "topk", 16)
+    assert sae["metrics"]["fvu"] == pytest.approx(recorded["fvu"])
+    assert recorded["splice"]["loss_recovered"] > 0.95 and recorded["fvu"] < 0.05
+    digit = [digits_split()[2][0]]
+    latents = client.activations(digit, ["blocks.3.out@sae:resid3-topk"], model=DIGITS)
+    assert (latents["blocks.3.out@sae:resid3-topk"] > 0).sum(axis=-1).max() <= 16
