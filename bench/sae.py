@@ -6,9 +6,9 @@ runs in this one process on CPU with the built-in digits model (blocks.3.out, 64
 - ratio_extract_vs_inprocess: `extract_activations` images/s (the model's own transform,
   the hooked forward, token selection, shard files written and renamed) over a plain loop
   doing the same transform and a forward with one forward hook, keeping the tokens in memory.
-- ratio_train_vs_inprocess: `train_sae` tokens/s (batches streamed from the dataset's shards,
-  checkpoints) over a loop of the same recipe's steps (`train_step`) on batches already in
-  memory.
+- ratio_train_vs_inprocess: `train_sae` tokens/s (initialisation, batches streamed from the
+  dataset's shards, checkpoints) over the same initialisation (`new_state`) and a loop of the
+  same recipe's steps (`train_step`) on batches already in memory.
 - ratio_latents_vs_site: GetActivations of `blocks.3.out@sae:bench` (dense latents, 8x the
   site's bytes) over GetActivations of `blocks.3.out` followed by an in-process encode with
   the SAE's file weights; ratio_latent_means_vs_site the same with the latents' mean over
@@ -145,12 +145,12 @@ def training_ratio(data: ActivationDataset, work: Path, recipe: Recipe, rounds: 
         )
 
     def inprocess() -> float:
-        state = new_state(data, recipe, torch.device("cpu"))
         total = total_steps(recipe, data)
         generator = torch.Generator().manual_seed(recipe.seed)
         order = torch.randperm(len(memory), generator=generator)
 
         def loop() -> None:
+            state = new_state(data, recipe, torch.device("cpu"))
             for step in range(recipe.steps):
                 rows = order[(step * recipe.batch_size) % len(memory) :][: recipe.batch_size]
                 train_step(state, recipe, memory[rows], total)
