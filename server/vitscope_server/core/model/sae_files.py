@@ -82,9 +82,8 @@ def _kind(folder: Path, config: dict[str, Any]) -> SaeKind:
             f"normalize_activations {config['normalize_activations']!r}: only 'none' is "
             "served (fold a constant input scale into the weights)",
         )
-    if config.get("rescale_acts_by_decoder_norm") or config.get("reshape_activations", "none") != (
-        "none"
-    ):
+    reshaped = config.get("reshape_activations", "none") != "none"
+    if config.get("rescale_acts_by_decoder_norm") or reshaped:
         raise _unusable(
             folder, "rescale_acts_by_decoder_norm and reshape_activations are unsupported"
         )

@@ -96,7 +96,7 @@ def _resolve_sae_site(
             metadata={"model": adapter.spec.name},
         )
     base = resolve_site(adapter, base_name, field)
-    if base.name != sae.info.site or base.sae_read is not None:
+    if base.name != sae.info.site:
         raise NotFound(
             Reason.SITE_NOT_FOUND,
             name,
