@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=256, help="images per extraction round")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per round")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per round")
     parser.add_argument("--batch", type=int, default=32, help="images per GetActivations call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

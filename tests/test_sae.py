@@ -528,3 +528,25 @@ def test_the_built_in_sae_is_served_with_its_card_metrics(client: Client) -> Non
     digit = [digits_split()[2][0]]
     latents = client.activations(digit, ["blocks.3.out@sae:resid3-topk"], model=DIGITS)
     assert (latents["blocks.3.out@sae:resid3-topk"] > 0).sum(axis=-1).max() <= 16
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_dataset_rows_are_the_hooked_sites_tokens(
+    workspace: Path, tmp_path: Path, sampled: bool
+) -> None:
+    out = workspace / "data"
+    if sampled:
+        out = tmp_path / "sampled"
+        flags = ["--tokens", "patches", "--tokens-per-image", "5", "--seed", "3", "--shard", "0/4"]
+        common = ["--model", DIGITS, "--threads", "2", "--data", "builtin-digits", "--site", SITE]
+        server_main(["extract", *common, "--out", str(out), "--images-per-shard", "250", *flags])
+    shard = load_file(str(out / "shard-00000.safetensors"))
+    images = digits_split()[2][:4]
+    reference = hooked_site(as_input(images))
+    chosen = shard["image"] < 4
+    per_image = np.bincount(shard["image"][chosen])
+    assert list(per_image) == [5 if sampled else 50] * 4
+    if sampled:
+        assert (shard["token"][chosen] >= 1).all(), "patch tokens only"
+    expected = reference[shard["image"][chosen], shard["token"][chosen]]
+    np.testing.assert_allclose(shard["activations"][chosen], expected, rtol=1e-5, atol=1e-5)

@@ -126,9 +126,7 @@ def _kept_tokens(site: SiteDef, count: int, config: ExtractConfig) -> torch.Tens
 
 
 def _sample(kept: torch.Tensor, image: int, config: ExtractConfig) -> torch.Tensor:
-    """The tokens kept of one image: all, or tokens_per_image drawn with (seed, image)."""
-    if not config.tokens_per_image or config.tokens_per_image >= len(kept):
-        return kept
+    """tokens_per_image of one image's kept tokens, drawn with (seed, image), in order."""
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + image)
     chosen = torch.randperm(len(kept), generator=generator)[: config.tokens_per_image]
     return kept[chosen.sort().values]
@@ -150,6 +148,12 @@ def _shard_tensors(
             tokens = read_site(adapter, site, pixels.to(loaded.device), NEVER_CANCELLED)
         tokens = tokens.to(STORED_DTYPES[config.dtype]).cpu()
         kept = _kept_tokens(site, tokens.shape[1], config)
+        if not config.tokens_per_image or config.tokens_per_image >= len(kept):
+            # Every kept token of every image: one gather for the batch.
+            rows.append(tokens[:, kept].reshape(-1, tokens.shape[-1]))
+            image_ids.append(torch.tensor(list(batch)).repeat_interleave(len(kept)))
+            token_ids.append(kept.repeat(len(batch)))
+            continue
         for row, image in enumerate(batch):
             chosen = _sample(kept, image, config)
             rows.append(tokens[row, chosen])
