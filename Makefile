@@ -13,7 +13,7 @@ DEMO_UI_PORT ?= 8061
 # download its own here): Debian's chromium, installed by `make install` when missing.
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install serve test test-fast fuzz bench proto lint format demo docs gpu-check
+.PHONY: install serve test test-fast fuzz bench proto lint format demo docs gpu-check builtin-sae
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -52,7 +52,7 @@ fuzz: install
 		VITSCOPE_FUZZ_MAX_GROWTH=$(FUZZ_MAX_GROWTH) \
 		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/system/test_fuzz.py
 
-BENCHMARKS := activations feature_viz projection inversion oip explain serving load compiled interventions explorer
+BENCHMARKS := activations feature_viz projection inversion oip explain serving load compiled interventions explorer sae
 
 # Every benchmark in turn; each prints its JSON object last. One: make bench-inversion.
 bench: $(addprefix bench-,$(BENCHMARKS))
@@ -66,6 +66,27 @@ PY ?= $(BIN)/python
 gpu-check:
 	PYTHONPATH=$(CURDIR)/client:$(CURDIR)/server$${PYTHONPATH:+:$$PYTHONPATH} HF_HUB_OFFLINE=1 \
 		$(PY) bench/gpu_check.py
+
+# The built-in SAE of vitscope-digits (server/vitscope_server/builtin/saes/SAE_CARD.md):
+# activations of the training digits, a TopK SAE trained on them, measured on the held-out
+# digits. The checkpoint and the datasets stay in build/.
+SAE_SITE := blocks.3.out
+BUILTIN_SAE := server/vitscope_server/builtin/saes/vitscope-digits/resid3-topk
+builtin-sae: install
+	rm -rf build/builtin-sae
+	$(BIN)/vitscope-server extract --model vitscope-digits --data builtin-digits-train \
+		--site $(SAE_SITE) --out build/builtin-sae/train --device cpu
+	$(BIN)/vitscope-server extract --model vitscope-digits --data builtin-digits \
+		--site $(SAE_SITE) --out build/builtin-sae/test --device cpu
+	$(BIN)/vitscope-server train-sae --dataset build/builtin-sae/train \
+		--eval-dataset build/builtin-sae/test --out build/builtin-sae/sae --device cpu \
+		--kind topk --expansion 8 --latents-per-token 16 --batch-size 1024 --steps 3000 \
+		--warmup-steps 100 --lr 0.0004 --seed 0 --log-every 500
+	mkdir -p $(BUILTIN_SAE)
+	cp build/builtin-sae/sae/cfg.json build/builtin-sae/sae/sae_weights.safetensors \
+		build/builtin-sae/sae/sparsity.safetensors $(BUILTIN_SAE)/
+	$(BIN)/vitscope-server evaluate-sae --model vitscope-digits --sae resid3-topk \
+		--data builtin-digits --device cpu | tail -1 > $(BUILTIN_SAE)/evaluation.json
 
 proto: install
 	$(BIN)/python proto/generate.py

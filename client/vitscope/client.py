@@ -38,6 +38,8 @@ from vitscope.handshake import (
     require_compatible,
 )
 from vitscope.inversion import Inversion, InversionProgress, Inverter
+from vitscope.sae import SaeEvaluation, SaeEvaluationProgress
+from vitscope.sae import collect as collect_evaluation
 from vitscope.selection import ClassLike, class_ref, token_selection
 from vitscope.top_images import TopImages, parse_top_images
 from vitscope.v1 import (
@@ -48,6 +50,7 @@ from vitscope.v1 import (
     inversion_pb2,
     models_pb2,
     projection_pb2,
+    sae_pb2,
     server_info_pb2,
     tensor_pb2,
 )
@@ -172,6 +175,8 @@ class ModelDescription:
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Canonical sites (or model parts) the model does not serve -> why.
     unavailable_sites: dict[str, str] = field(default_factory=dict)
+    # SAE name -> its site, widths, kind and recorded metrics (SaeInfo as a dict).
+    saes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _message_dict(message: Any) -> dict[str, Any]:
@@ -318,6 +323,7 @@ class Client:
             class_names=list(r.class_names),
             sites={s.name: _message_dict(s) for s in r.sites},
             unavailable_sites={u.site: u.reason for u in r.unavailable_sites},
+            saes={s.name: _message_dict(s) for s in r.saes},
         )
 
     def activations(
@@ -644,6 +650,34 @@ class Client:
             self._stub.ListInverters, inversion_pb2.ListInvertersRequest(model=model), timeout
         )
         return [inversion.inverter(i) for i in response.inverters]
+
+    # Sparse autoencoders (docs/sae.md): their latents are sites; EvaluateSae measures one.
+
+    def evaluate_sae(
+        self,
+        images: Sequence[ImageLike],
+        sae: str,
+        *,
+        model: str = "",
+        labels: Sequence[int] = (),
+        batch: int | None = None,
+        quality_only: bool = False,
+        on_progress: Callable[[SaeEvaluationProgress], object] | None = None,
+        timeout: float | None = None,
+    ) -> SaeEvaluation:
+        """The SAE's FVU, L0, dead and dense latents and frequency histogram on `images`, and
+        (unless quality_only) what splicing its reconstruction does to the model's output."""
+        request = sae_pb2.EvaluateSaeRequest(
+            model=model,
+            sae=sae,
+            images=[image_message(i) for i in images],
+            labels=list(labels),
+            batch=batch,
+            quality_only=quality_only,
+        )
+        return collect_evaluation(
+            self._stream(self._stub.EvaluateSae, request, timeout), on_progress
+        )
 
     # Explanations: attribution maps with their faithfulness (docs/methods.md section 5).
 

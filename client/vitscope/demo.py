@@ -17,25 +17,9 @@ from vitscope.demo_features import feature_visualizations
 from vitscope.demo_interventions import intervention_figures
 from vitscope.demo_inversion import inversion_figures
 from vitscope.demo_projection import projection_figures
-from vitscope.figures import Figure, sample_digits
+from vitscope.demo_sae import sae_figures
+from vitscope.figures import Figure, sample_digits, strongest_channels
 from vitscope.overlay import grid, heatmap_overlay
-
-
-def _strongest_channels(
-    client: Client, model: str, images: list[Image.Image], site: str, count: int
-) -> list[int]:
-    """Channels with the largest mean patch activation over the images, as the paper picks features."""
-    width = int(client.describe(model).sites[site]["shape"][-1])
-    top = client.activations(
-        images, [site], model=model, reduction="top_channels", top_k=min(count * 3, width)
-    )
-    indices = top.sites[site].channel_indices
-    assert indices is not None
-    votes: dict[int, int] = {}
-    for row in indices:
-        for channel in row.tolist():
-            votes[channel] = votes.get(channel, 0) + 1
-    return sorted(votes, key=lambda c: -votes[c])[:count]
 
 
 def activation_maps(
@@ -48,7 +32,7 @@ def activation_maps(
     last = described.block_count - 1
     for block in sorted({min(1, last), max(0, last - 1)}):
         site = f"blocks.{block}.mlp.hidden"
-        channels = _strongest_channels(client, model, images, site, count=4)
+        channels = strongest_channels(client, model, images, site, count=4)
         result = client.activations(
             images,
             [site],
@@ -104,6 +88,7 @@ def run_demo(client: Client, out: Path, model: str = "", digits: int = 6) -> Pat
     figures += inversion_figures(client, model, out, chosen)
     figures += explanation_figures(client, model, out, chosen)
     figures += intervention_figures(client, model, out, chosen)
+    figures += sae_figures(client, model, out)
     for figure in figures:
         if np.asarray(Image.open(out / figure.file)).std() == 0:
             raise RuntimeError(f"{figure.file} came out blank")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from vitscope_server import train_classifier
-from vitscope_server.commands import scan, train_inverter
+from vitscope_server.commands import sae, scan, train_inverter
 from vitscope_server.settings_flags import add_settings_flags, settings_from_args
 
 PROG = "vitscope-server"
@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_merge_arguments(
         commands.add_parser("scan-merge", help="merge scan parts into one top-k")
+    )
+    sae.add_extract_arguments(
+        commands.add_parser("extract", help="write a site's token activations to dataset shards")
+    )
+    sae.add_train_arguments(
+        commands.add_parser("train-sae", help="train a sparse autoencoder on an activation dataset")
+    )
+    sae.add_evaluate_arguments(
+        commands.add_parser("evaluate-sae", help="measure an SAE's quality on a dataset")
     )
     train_inverter.add_arguments(
         commands.add_parser("train-inverter", help="train a model's inverse modules into a store")
@@ -67,6 +76,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         scan.scan(args)
     elif args.command == "scan-merge":
         scan.merge(args)
+    elif args.command == "extract":
+        sae.extract(args)
+    elif args.command == "train-sae":
+        sae.train(args)
+    elif args.command == "evaluate-sae":
+        sae.evaluate(args)
     elif args.command == "train-inverter":
         train_inverter.run(args)
     else:

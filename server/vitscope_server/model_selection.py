@@ -9,7 +9,13 @@ from pathlib import Path
 import torch
 
 from vitscope_server.builtin import builtin_default_name, builtin_specs
-from vitscope_server.core.model.specs import ModelSpec, load_models_file, parse_model_flag
+from vitscope_server.core.model.specs import (
+    ModelSpec,
+    SaeSource,
+    load_models_file,
+    parse_model_flag,
+    parse_sae_flag,
+)
 from vitscope_server.core.runtime.errors import InvalidArgument, NotFound, Reason
 from vitscope_server.settings import ServerSettings
 
@@ -33,7 +39,32 @@ def model_specs(settings: ServerSettings) -> tuple[list[ModelSpec], str]:
         raise InvalidArgument(
             "models", "no models to serve: enable the built-ins, give --models-file or --model"
         )
-    return list(specs.values()), default
+    return with_saes(list(specs.values()), settings), default
+
+
+def with_saes(specs: list[ModelSpec], settings: ServerSettings) -> list[ModelSpec]:
+    """Each spec with the SAEs of --saes-dir (a folder not yet written counts as empty) and
+    --saes added after its own; a name given again replaces the earlier SAE."""
+    extra: list[tuple[str, SaeSource]] = []
+    if settings.saes_dir is not None and settings.saes_dir.is_dir():
+        extra += [
+            (model.name, SaeSource(name=folder.name, path=folder))
+            for model in sorted(settings.saes_dir.iterdir())
+            if model.is_dir()
+            for folder in sorted(model.iterdir())
+            if (folder / "cfg.json").is_file()
+        ]
+    extra += [parse_sae_flag(flag) for flag in settings.saes]
+    names = {spec.name for spec in specs}
+    unknown = sorted({model for model, _ in extra} - names)
+    if unknown:
+        raise InvalidArgument("saes", f"SAEs name models that are not served: {unknown}")
+    result = []
+    for spec in specs:
+        saes = {sae.name: sae for sae in spec.saes}
+        saes.update({sae.name: sae for model, sae in extra if model == spec.name})
+        result.append(spec.model_copy(update={"saes": list(saes.values())}))
+    return result
 
 
 def resolve_device(name: str) -> torch.device:

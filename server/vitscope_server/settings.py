@@ -52,12 +52,23 @@ class ServerSettings(BaseSettings):
         description="Model used when a request names none; unset: the built-in or first listed.",
     )
     builtin_models: bool = Field(
-        True, description="Serve the built-in digits models and their trained inverters."
+        True,
+        description="Serve the built-in digits models, their trained inverters and SAEs.",
     )
     inverters_dir: Path | None = Field(
         None,
         description="Folder of trained inverter stores (one per subfolder), offered beside the "
         "built-in ones; read at start.",
+    )
+    saes: list[str] = Field(
+        default_factory=list,
+        description="SAEs to serve as MODEL:NAME=FOLDER (SAELens layout: cfg.json and "
+        "sae_weights.safetensors); repeat the flag for more.",
+    )
+    saes_dir: Path | None = Field(
+        None,
+        description="Folder of SAEs to serve: SAES_DIR/MODEL/NAME/cfg.json, one subfolder per "
+        "model and per SAE; read at start.",
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     torch_threads: int | None = Field(

@@ -36,6 +36,7 @@ from vitscope.v1 import interventions_pb2 as vpb
 from vitscope.v1 import inversion_pb2 as ipb
 from vitscope.v1 import models_pb2 as mpb
 from vitscope.v1 import projection_pb2 as ppb
+from vitscope.v1 import sae_pb2 as sae_pb
 from vitscope.v1 import server_info_pb2 as spb
 from vitscope_server.transport import fields
 from vitscope_server.transport.fields.oip import OUTPUT_PARAMETERS, REQUEST_KEYS
@@ -60,6 +61,9 @@ NUMERIC_TEXTS += ["0:0,3:2", "0,5,9", " 1 , 2 ", "1:", ":1", ",", "0:0,"]
 MODELS = ["", "tiny", "vitscope-digits", "vitscope-digits-gap", "nope", "m" * 300]
 SITES = [
     "blocks.0.out",
+    "blocks.3.out@sae:resid3-topk",
+    "blocks.3.out@sae:resid3-topk.error",
+    "blocks.0.out@sae:nope",
     "blocks.1.attn.probs",
     "blocks.0.mlp.hidden",
     "blocks.1.attn.out",
@@ -377,6 +381,11 @@ def _seeds() -> dict[str, list[Message]]:
                 depths=[2],
                 method=ipb.INVERSION_METHOD_OPTIMIZATION,
                 optimization=ipb.InversionOptimization(steps=2, progress_every=1),
+            ),
+        ],
+        "EvaluateSae": [
+            sae_pb.EvaluateSaeRequest(
+                model="vitscope-digits", sae="resid3-topk", images=[image], batch=1, labels=[3]
             ),
         ],
     }

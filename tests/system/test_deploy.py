@@ -73,7 +73,7 @@ IMAGE_UID = 10001
 MIN_STARTUP_SECONDS = 120
 # Folders on the shared volume (PersistentVolumeClaim) that the server reads.
 PVC_ROOT = PurePosixPath("/var/lib/vitscope")
-VOLUME_FOLDER_FLAGS = {"--inverters-dir", "--image-roots"}
+VOLUME_FOLDER_FLAGS = {"--inverters-dir", "--saes-dir", "--image-roots"}
 SERVING_TIMEOUT = 180.0
 
 
@@ -633,6 +633,8 @@ JOB_KUSTOMIZATIONS = {
     "train-inverter-gpu": ("vitscope-train-inverter", "cuda"),
     "scan": ("vitscope-scan", "cpu"),
     "scan-merge": ("vitscope-scan-merge", "cpu"),
+    "sae-extract": ("vitscope-sae-extract", "cpu"),
+    "sae-train": ("vitscope-sae-train", "cpu"),
 }
 ENV_REFERENCE = re.compile(r"\$\((\w+)\)")
 
@@ -818,3 +820,26 @@ def test_train_inverter_job_command_trains_its_module(tmp_path: Path) -> None:
     written = sorted(p.name for p in Path(args.out).iterdir() if not p.name.startswith("."))
     assert any(name.startswith("blocks.0") and name.endswith(".safetensors") for name in written)
     assert not any(name.startswith("embed") for name in written), "one module per index"
+
+
+def test_sae_jobs_extract_every_shard_then_train_what_the_servers_offer() -> None:
+    extract_job, extract = render_job("sae-extract")
+    _, train = render_job("sae-train")
+    spec = extract_job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    index = completion_index_variable(extract)
+    workers = spec["completions"]
+    outs = set()
+    for i in range(workers):
+        args = build_parser().parse_args(job_argv(extract, **{index: str(i)}))
+        assert args.command == "extract" and args.shard == f"{i}/{workers}"
+        outs.add(str(args.out))
+    assert len(outs) == 1, "every worker writes its slice of one dataset"
+    trained = build_parser().parse_args(job_argv(train))
+    assert trained.command == "train-sae"
+    assert str(trained.dataset) == outs.pop()
+    # The servers offer what the Job trains: SAES_DIR/MODEL/NAME.
+    served = settings_from(container_of(render("cpu"))).saes_dir
+    model_folder = PurePosixPath(str(trained.out)).parent
+    assert model_folder.parent == PurePosixPath(str(served))
+    assert model_folder.name == build_parser().parse_args(job_argv(extract, **{index: "0"})).model

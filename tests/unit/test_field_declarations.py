@@ -82,3 +82,10 @@ def test_parameters_name_their_key() -> None:
         fields.check(oip.ModelInferRequest(outputs=[output]))
     assert refused.value.field == 'outputs[0].parameters["color"]'
     assert "positions" in refused.value.description
+
+
+def test_site_names_take_an_sae_suffix() -> None:
+    for text in ["blocks.3.out@sae:resid3-topk", "blocks.3.out@sae:a.recon", "final@sae:x.error"]:
+        assert SITE.matches(text), text
+    for text in ["blocks.3.out@sae:", "blocks.3.out@sae:a.other", "blocks.3.out@x:a", "@sae:a"]:
+        assert not SITE.matches(text), text

@@ -101,7 +101,7 @@ def test_core_is_split_into_shared_layers_and_families() -> None:
     assert not loose, f"every core module belongs to a layer or a family: {loose}"
     packages = {p.name for p in CORE.iterdir() if (p / "__init__.py").exists()}
     assert packages >= SHARED_LAYERS
-    assert {"activations", "features", "projection", "inversion", "explain"} <= packages
+    assert {"activations", "features", "projection", "inversion", "explain", "sae"} <= packages
 
 
 def test_a_family_imports_only_the_shared_layers_and_itself() -> None:

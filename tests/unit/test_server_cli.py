@@ -81,4 +81,13 @@ def test_configuration_page_is_current() -> None:
 
 def test_batch_commands_are_server_commands() -> None:
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"serve", "scan", "scan-merge", "train-inverter", "train-classifier"}
+    assert set(commands) == {
+        "serve",
+        "scan",
+        "scan-merge",
+        "train-inverter",
+        "train-classifier",
+        "extract",
+        "train-sae",
+        "evaluate-sae",
+    }

@@ -10,6 +10,7 @@ from vitscope.v1 import interventions_pb2 as vitscope_dot_v1_dot_interventions__
 from vitscope.v1 import inversion_pb2 as vitscope_dot_v1_dot_inversion__pb2
 from vitscope.v1 import models_pb2 as vitscope_dot_v1_dot_models__pb2
 from vitscope.v1 import projection_pb2 as vitscope_dot_v1_dot_projection__pb2
+from vitscope.v1 import sae_pb2 as vitscope_dot_v1_dot_sae__pb2
 from vitscope.v1 import server_info_pb2 as vitscope_dot_v1_dot_server__info__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -101,6 +102,11 @@ class InspectorStub:
                 '/vitscope.v1.Inspector/GetServerInfo',
                 request_serializer=vitscope_dot_v1_dot_server__info__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=vitscope_dot_v1_dot_server__info__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
+        self.EvaluateSae = channel.unary_stream(
+                '/vitscope.v1.Inspector/EvaluateSae',
+                request_serializer=vitscope_dot_v1_dot_sae__pb2.EvaluateSaeRequest.SerializeToString,
+                response_deserializer=vitscope_dot_v1_dot_sae__pb2.EvaluateSaeResponse.FromString,
                 _registered_method=True)
 
 
@@ -201,6 +207,15 @@ class InspectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvaluateSae(self, request, context):
+        """A served SAE's quality on images: FVU, L0, dead and dense latents, the latent
+        frequency histogram, and what splicing its reconstruction into the model does.
+        Progress after every batch, then the evaluation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InspectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -263,6 +278,11 @@ def add_InspectorServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=vitscope_dot_v1_dot_server__info__pb2.GetServerInfoRequest.FromString,
                     response_serializer=vitscope_dot_v1_dot_server__info__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'EvaluateSae': grpc.unary_stream_rpc_method_handler(
+                    servicer.EvaluateSae,
+                    request_deserializer=vitscope_dot_v1_dot_sae__pb2.EvaluateSaeRequest.FromString,
+                    response_serializer=vitscope_dot_v1_dot_sae__pb2.EvaluateSaeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -590,6 +610,33 @@ class Inspector:
             '/vitscope.v1.Inspector/GetServerInfo',
             vitscope_dot_v1_dot_server__info__pb2.GetServerInfoRequest.SerializeToString,
             vitscope_dot_v1_dot_server__info__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateSae(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vitscope.v1.Inspector/EvaluateSae',
+            vitscope_dot_v1_dot_sae__pb2.EvaluateSaeRequest.SerializeToString,
+            vitscope_dot_v1_dot_sae__pb2.EvaluateSaeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,6 +12,7 @@ from vitscope.v1 import interventions_pb2 as _interventions_pb2
 from vitscope.v1 import inversion_pb2 as _inversion_pb2
 from vitscope.v1 import models_pb2 as _models_pb2
 from vitscope.v1 import projection_pb2 as _projection_pb2
+from vitscope.v1 import sae_pb2 as _sae_pb2
 from vitscope.v1 import server_info_pb2 as _server_info_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -79,6 +80,11 @@ class InspectorStub:
     methods and limits. A client calls it before sending work, to fail clearly
     on a server it cannot use.
     """
+    EvaluateSae: _grpc.UnaryStreamMultiCallable[_sae_pb2.EvaluateSaeRequest, _sae_pb2.EvaluateSaeResponse]
+    """A served SAE's quality on images: FVU, L0, dead and dense latents, the latent
+    frequency histogram, and what splicing its reconstruction into the model does.
+    Progress after every batch, then the evaluation.
+    """
 
 @_typing.type_check_only
 class InspectorAsyncStub(InspectorStub):
@@ -123,6 +129,11 @@ class InspectorAsyncStub(InspectorStub):
     """What this server speaks and offers: protocol and package versions, models,
     methods and limits. A client calls it before sending work, to fail clearly
     on a server it cannot use.
+    """
+    EvaluateSae: _aio.UnaryStreamMultiCallable[_sae_pb2.EvaluateSaeRequest, _sae_pb2.EvaluateSaeResponse]  # type: ignore[assignment]
+    """A served SAE's quality on images: FVU, L0, dead and dense latents, the latent
+    frequency histogram, and what splicing its reconstruction into the model does.
+    Progress after every batch, then the evaluation.
     """
 
 class InspectorServicer(metaclass=_abc_1.ABCMeta):
@@ -237,6 +248,17 @@ class InspectorServicer(metaclass=_abc_1.ABCMeta):
         """What this server speaks and offers: protocol and package versions, models,
         methods and limits. A client calls it before sending work, to fail clearly
         on a server it cannot use.
+        """
+
+    @_abc_1.abstractmethod
+    def EvaluateSae(
+        self,
+        request: _sae_pb2.EvaluateSaeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sae_pb2.EvaluateSaeResponse], _abc.AsyncIterator[_sae_pb2.EvaluateSaeResponse]]:
+        """A served SAE's quality on images: FVU, L0, dead and dense latents, the latent
+        frequency histogram, and what splicing its reconstruction into the model does.
+        Progress after every batch, then the evaluation.
         """
 
 def add_InspectorServicer_to_server(servicer: InspectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

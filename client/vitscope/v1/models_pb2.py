@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 from vitscope.v1 import common_pb2 as vitscope_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vitscope/v1/models.proto\x12\x0bvitscope.v1\x1a\x18vitscope/v1/common.proto\"\x13\n\x11ListModelsRequest\"\xbd\x01\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.vitscope.v1.ModelState\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x18\n\x10weights_identity\x18\x06 \x01(\t\x12\x12\n\nis_default\x18\x07 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x08 \x01(\x01\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.vitscope.v1.ModelSummary\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xaa\x01\n\x08SiteInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmodule_path\x18\x02 \x01(\t\x12\'\n\x06layout\x18\x03 \x01(\x0e\x32\x17.vitscope.v1.SiteLayout\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x1a\n\x12prefix_token_count\x18\x05 \x01(\x05\x12\x13\n\x0bgrid_height\x18\x06 \x01(\x05\x12\x12\n\ngrid_width\x18\x07 \x01(\x05\"g\n\rPreprocessing\x12\x12\n\ninput_size\x18\x01 \x03(\x03\x12\x0c\n\x04mean\x18\x02 \x03(\x02\x12\x0b\n\x03std\x18\x03 \x03(\x02\x12\x15\n\rinterpolation\x18\x04 \x01(\t\x12\x10\n\x08\x63rop_pct\x18\x05 \x01(\x02\"\x99\x03\n\x15\x44\x65scribeModelResponse\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.vitscope.v1.ModelSummary\x12\x13\n\x0b\x62lock_count\x18\x02 \x01(\x05\x12\x11\n\tembed_dim\x18\x03 \x01(\x05\x12\x1a\n\x12prefix_token_count\x18\x04 \x01(\x05\x12\x13\n\x0bgrid_height\x18\x05 \x01(\x05\x12\x12\n\ngrid_width\x18\x06 \x01(\x05\x12\x31\n\rpreprocessing\x18\x07 \x01(\x0b\x32\x1a.vitscope.v1.Preprocessing\x12$\n\x05sites\x18\x08 \x03(\x0b\x32\x15.vitscope.v1.SiteInfo\x12\x13\n\x0b\x63lass_names\x18\t \x03(\t\x12\x13\n\x0b\x63lass_count\x18\n \x01(\x05\x12+\n\nprovenance\x18\x0b \x01(\x0b\x32\x17.vitscope.v1.Provenance\x12\x37\n\x11unavailable_sites\x18\x0c \x03(\x0b\x32\x1c.vitscope.v1.UnavailableSite\"/\n\x0fUnavailableSite\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*q\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03*\xaa\x01\n\nSiteLayout\x12\x1b\n\x17SITE_LAYOUT_UNSPECIFIED\x10\x00\x12\x16\n\x12SITE_LAYOUT_TOKENS\x10\x01\x12\x19\n\x15SITE_LAYOUT_ATTENTION\x10\x02\x12 \n\x1cSITE_LAYOUT_WINDOW_ATTENTION\x10\x03\x12\x13\n\x0fSITE_LAYOUT_RAW\x10\x04\x12\x15\n\x11SITE_LAYOUT_HEADS\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vitscope/v1/models.proto\x12\x0bvitscope.v1\x1a\x18vitscope/v1/common.proto\"\x13\n\x11ListModelsRequest\"\xbd\x01\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.vitscope.v1.ModelState\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x18\n\x10weights_identity\x18\x06 \x01(\t\x12\x12\n\nis_default\x18\x07 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x08 \x01(\x01\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.vitscope.v1.ModelSummary\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xaa\x01\n\x08SiteInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmodule_path\x18\x02 \x01(\t\x12\'\n\x06layout\x18\x03 \x01(\x0e\x32\x17.vitscope.v1.SiteLayout\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x1a\n\x12prefix_token_count\x18\x05 \x01(\x05\x12\x13\n\x0bgrid_height\x18\x06 \x01(\x05\x12\x12\n\ngrid_width\x18\x07 \x01(\x05\"g\n\rPreprocessing\x12\x12\n\ninput_size\x18\x01 \x03(\x03\x12\x0c\n\x04mean\x18\x02 \x03(\x02\x12\x0b\n\x03std\x18\x03 \x03(\x02\x12\x15\n\rinterpolation\x18\x04 \x01(\t\x12\x10\n\x08\x63rop_pct\x18\x05 \x01(\x02\"\xbd\x03\n\x15\x44\x65scribeModelResponse\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.vitscope.v1.ModelSummary\x12\x13\n\x0b\x62lock_count\x18\x02 \x01(\x05\x12\x11\n\tembed_dim\x18\x03 \x01(\x05\x12\x1a\n\x12prefix_token_count\x18\x04 \x01(\x05\x12\x13\n\x0bgrid_height\x18\x05 \x01(\x05\x12\x12\n\ngrid_width\x18\x06 \x01(\x05\x12\x31\n\rpreprocessing\x18\x07 \x01(\x0b\x32\x1a.vitscope.v1.Preprocessing\x12$\n\x05sites\x18\x08 \x03(\x0b\x32\x15.vitscope.v1.SiteInfo\x12\x13\n\x0b\x63lass_names\x18\t \x03(\t\x12\x13\n\x0b\x63lass_count\x18\n \x01(\x05\x12+\n\nprovenance\x18\x0b \x01(\x0b\x32\x17.vitscope.v1.Provenance\x12\x37\n\x11unavailable_sites\x18\x0c \x03(\x0b\x32\x1c.vitscope.v1.UnavailableSite\x12\"\n\x04saes\x18\r \x03(\x0b\x32\x14.vitscope.v1.SaeInfo\"\xda\x01\n\x07SaeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x13\n\x0binput_width\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\t\n\x01k\x18\x06 \x01(\x05\x12\x12\n\ntrained_as\x18\x07 \x01(\t\x12\x32\n\x07metrics\x18\x08 \x03(\x0b\x32!.vitscope.v1.SaeInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"/\n\x0fUnavailableSite\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*q\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03*\xaa\x01\n\nSiteLayout\x12\x1b\n\x17SITE_LAYOUT_UNSPECIFIED\x10\x00\x12\x16\n\x12SITE_LAYOUT_TOKENS\x10\x01\x12\x19\n\x15SITE_LAYOUT_ATTENTION\x10\x02\x12 \n\x1cSITE_LAYOUT_WINDOW_ATTENTION\x10\x03\x12\x13\n\x0fSITE_LAYOUT_RAW\x10\x04\x12\x15\n\x11SITE_LAYOUT_HEADS\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vitscope.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=1123
-  _globals['_MODELSTATE']._serialized_end=1236
-  _globals['_SITELAYOUT']._serialized_start=1239
-  _globals['_SITELAYOUT']._serialized_end=1409
+  _globals['_SAEINFO_METRICSENTRY']._loaded_options = None
+  _globals['_SAEINFO_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_MODELSTATE']._serialized_start=1380
+  _globals['_MODELSTATE']._serialized_end=1493
+  _globals['_SITELAYOUT']._serialized_start=1496
+  _globals['_SITELAYOUT']._serialized_end=1666
   _globals['_LISTMODELSREQUEST']._serialized_start=67
   _globals['_LISTMODELSREQUEST']._serialized_end=86
   _globals['_MODELSUMMARY']._serialized_start=89
@@ -49,7 +51,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPROCESSING']._serialized_start=557
   _globals['_PREPROCESSING']._serialized_end=660
   _globals['_DESCRIBEMODELRESPONSE']._serialized_start=663
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1072
-  _globals['_UNAVAILABLESITE']._serialized_start=1074
-  _globals['_UNAVAILABLESITE']._serialized_end=1121
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1108
+  _globals['_SAEINFO']._serialized_start=1111
+  _globals['_SAEINFO']._serialized_end=1329
+  _globals['_SAEINFO_METRICSENTRY']._serialized_start=1283
+  _globals['_SAEINFO_METRICSENTRY']._serialized_end=1329
+  _globals['_UNAVAILABLESITE']._serialized_start=1331
+  _globals['_UNAVAILABLESITE']._serialized_end=1378
 # @@protoc_insertion_point(module_scope)

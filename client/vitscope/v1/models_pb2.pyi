@@ -271,6 +271,7 @@ class DescribeModelResponse(_message.Message):
     CLASS_COUNT_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_SITES_FIELD_NUMBER: _builtins.int
+    SAES_FIELD_NUMBER: _builtins.int
     block_count: _builtins.int
     embed_dim: _builtins.int
     prefix_token_count: _builtins.int
@@ -295,6 +296,10 @@ class DescribeModelResponse(_message.Message):
         their modules can still be read by module path.
         """
 
+    @_builtins.property
+    def saes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SaeInfo]:
+        """Sparse autoencoders served on this model's sites; their sites are also in `sites`."""
+
     def __init__(
         self,
         *,
@@ -310,14 +315,93 @@ class DescribeModelResponse(_message.Message):
         class_count: _builtins.int = ...,
         provenance: _common_pb2.Provenance | None = ...,
         unavailable_sites: _abc.Iterable[Global___UnavailableSite] | None = ...,
+        saes: _abc.Iterable[Global___SaeInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing", "provenance", b"provenance", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_count", b"block_count", "class_count", b"class_count", "class_names", b"class_names", "embed_dim", b"embed_dim", "grid_height", b"grid_height", "grid_width", b"grid_width", "prefix_token_count", b"prefix_token_count", "preprocessing", b"preprocessing", "provenance", b"provenance", "sites", b"sites", "summary", b"summary", "unavailable_sites", b"unavailable_sites"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_count", b"block_count", "class_count", b"class_count", "class_names", b"class_names", "embed_dim", b"embed_dim", "grid_height", b"grid_height", "grid_width", b"grid_width", "prefix_token_count", b"prefix_token_count", "preprocessing", b"preprocessing", "provenance", b"provenance", "saes", b"saes", "sites", b"sites", "summary", b"summary", "unavailable_sites", b"unavailable_sites"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeModelResponse: _TypeAlias = DescribeModelResponse  # noqa: Y015
+
+@_typing.final
+class SaeInfo(_message.Message):
+    """A sparse autoencoder served on one of the model's sites. Its latents are the site
+    "{site}@sae:{name}", its reconstruction "{site}@sae:{name}.recon" and its error
+    (the site minus the reconstruction) "{site}@sae:{name}.error".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
+    INPUT_WIDTH_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    TRAINED_AS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    site: _builtins.str
+    """The site it reads, e.g. "blocks.3.out"."""
+    input_width: _builtins.int
+    """Channels of the site it reads."""
+    width: _builtins.int
+    """Number of latents."""
+    kind: _builtins.str
+    """How it encodes: "relu", "topk" or "jumprelu"."""
+    k: _builtins.int
+    """TopK: latents kept per token; 0 otherwise."""
+    trained_as: _builtins.str
+    """How it was trained: "topk", "batchtopk" (served as jumprelu), "relu", or the file's
+    architecture for SAEs written elsewhere.
+    """
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Metrics recorded with the file: fvu, explained_variance, l0, dead_fraction,
+        dense_fraction, tokens. Empty for files that record none.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        site: _builtins.str = ...,
+        input_width: _builtins.int = ...,
+        width: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        k: _builtins.int = ...,
+        trained_as: _builtins.str = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_width", b"input_width", "k", b"k", "kind", b"kind", "metrics", b"metrics", "name", b"name", "site", b"site", "trained_as", b"trained_as", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaeInfo: _TypeAlias = SaeInfo  # noqa: Y015
 
 @_typing.final
 class UnavailableSite(_message.Message):

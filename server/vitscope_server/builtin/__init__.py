@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vitscope_server.core.model.specs import ModelSpec
+from vitscope_server.core.model.specs import ModelSpec, SaeSource
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 DIGITS_WEIGHTS = BUILTIN_DIR / "vitscope-digits.safetensors"
 # Trained inverter stores of the built-in models, one folder per model.
 BUILTIN_INVERTERS = BUILTIN_DIR / "inverters"
+# Trained SAEs of the built-in models: saes/MODEL/NAME/cfg.json (saes/SAE_CARD.md).
+BUILTIN_SAES = BUILTIN_DIR / "saes"
 DIGITS_NAME = "vitscope-digits"
 DIGITS_RANDOM_NAME = "vitscope-digits-random"
 DIGITS_GAP_WEIGHTS = BUILTIN_DIR / "vitscope-digits-gap.safetensors"
@@ -53,6 +55,18 @@ def digits_kwargs(pool: str) -> dict[str, object]:
     return {**DIGITS_KWARGS, **POOLING[pool]}
 
 
+def builtin_saes(model: str) -> list[SaeSource]:
+    """The SAEs shipped for a built-in model, by folder name."""
+    folder = BUILTIN_SAES / model
+    if not folder.is_dir():
+        return []
+    return [
+        SaeSource(name=sae.name, path=sae)
+        for sae in sorted(folder.iterdir())
+        if (sae / "cfg.json").is_file()
+    ]
+
+
 def _digits_spec(name: str, weights: str, pool: str) -> ModelSpec:
     return ModelSpec(
         name=name,
@@ -66,6 +80,7 @@ def _digits_spec(name: str, weights: str, pool: str) -> ModelSpec:
         std=DIGITS_STD,
         crop_pct=1.0,
         interpolation="bilinear",
+        saes=builtin_saes(name),
     )
 
 

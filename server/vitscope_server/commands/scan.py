@@ -6,14 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from vitscope_server.core.activations.scan import (
-    BUILTIN_DIGITS,
-    merge_parts,
-    parse_shard,
-    scan_shard,
-    write_json,
-)
+from vitscope_server.core.activations.scan import merge_parts, scan_shard, write_json
 from vitscope_server.core.activations.top_images import ScanQuery
+from vitscope_server.core.model.datasets import BUILTIN_DIGITS, parse_shard
 from vitscope_server.core.runtime.errors import VitscopeError
 from vitscope_server.model_selection import resolve_device, select_spec
 

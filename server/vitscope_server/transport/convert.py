@@ -14,6 +14,8 @@ from vitscope_server.core.model.images import ImageInput
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.provenance import Provenance
 from vitscope_server.core.model.registry import ModelEntry, ModelState
+from vitscope_server.core.model.sae import SaeInfo
+from vitscope_server.core.model.sites import sae_sites
 from vitscope_server.core.model.tokens import TokenMode, as_site_layout
 from vitscope_server.core.runtime.errors import InvalidArgument
 from vitscope_server.transport.enums import core_to_wire, enum_value, wire_to_core
@@ -87,7 +89,7 @@ def describe(
     adapter = loaded.adapter
     config = adapter.data_config
     sites = []
-    for site in adapter.canonical_sites():
+    for site in [*adapter.canonical_sites(), *sae_sites(adapter)]:
         shape = loaded.site_shapes.get(site.name, ())
         sites.append(
             models_pb2.SiteInfo(
@@ -122,4 +124,18 @@ def describe(
             models_pb2.UnavailableSite(site=u.site, reason=u.reason)
             for u in adapter.unavailable_sites
         ],
+        saes=[sae_info(sae.info) for sae in adapter.saes.values()],
+    )
+
+
+def sae_info(info: SaeInfo) -> models_pb2.SaeInfo:
+    return models_pb2.SaeInfo(
+        name=info.name,
+        site=info.site,
+        input_width=info.d_in,
+        width=info.d_sae,
+        kind=info.kind.value,
+        k=info.k,
+        trained_as=info.trained_as,
+        metrics=info.metrics,
     )

@@ -19,6 +19,7 @@ from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope_server.core.activations.compute import ActivationQuery, TensorDType
 from vitscope_server.core.model.images import ImageInput
 from vitscope_server.core.model.loading import LoadedModel
+from vitscope_server.core.model.sites import sae_sites
 from vitscope_server.core.model.tokens import TokenMode
 from vitscope_server.core.runtime.errors import InvalidArgument, Reason, quote
 from vitscope_server.transport.fields.oip import (
@@ -267,7 +268,7 @@ def model_metadata(loaded: LoadedModel) -> oip.ModelMetadataResponse:
     outputs = []
     if adapter.has_classifier:
         outputs.append(meta(name=LOGITS, datatype="FP32", shape=[-1, len(adapter.class_names)]))
-    for site in adapter.canonical_sites():
+    for site in [*adapter.canonical_sites(), *sae_sites(adapter)]:
         shape = loaded.site_shapes.get(site.name)
         if shape:
             outputs.append(meta(name=site.name, datatype="FP32", shape=[-1, *shape[1:]]))

@@ -25,6 +25,7 @@ _FAMILIES = {
     "Explain": "explain",
     "Intervene": "interventions",
     "GetServerInfo": "server",
+    "EvaluateSae": "sae",
 }
 SERVICE = inspector_pb2.DESCRIPTOR.services_by_name["Inspector"]
 INFERENCE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]

@@ -25,6 +25,7 @@ from vitscope_server.transport.interventions_rpcs import InterventionRpcs
 from vitscope_server.transport.inversion_rpcs import InversionRpcs
 from vitscope_server.transport.metrics import Metrics
 from vitscope_server.transport.projection_rpcs import ProjectionRpcs
+from vitscope_server.transport.sae_rpcs import SaeRpcs
 from vitscope_server.transport.server_info import ServerInfo
 
 
@@ -36,6 +37,7 @@ class InspectorServicer(  # type: ignore[misc]
     InversionRpcs,
     ExplainRpcs,
     InterventionRpcs,
+    SaeRpcs,
     pb_grpc.InspectorServicer,
 ):
     def __init__(

@@ -10,8 +10,7 @@ parts of different scans are never merged.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,63 +18,17 @@ import numpy as np
 import torch
 
 from vitscope_server.core.activations.top_images import Hit, ScanItem, ScanQuery, TopImageScan, best
-from vitscope_server.core.model.image_folders import list_images, read_image
-from vitscope_server.core.model.images import ImageInput
+from vitscope_server.core.model.datasets import Shard, dataset, shard_range
 from vitscope_server.core.model.loading import load_model
 from vitscope_server.core.model.provenance import library_versions
 from vitscope_server.core.model.specs import ModelSpec
 from vitscope_server.core.runtime.atomic_files import write_text_atomically
 from vitscope_server.core.runtime.cancel import NEVER_CANCELLED
-from vitscope_server.core.runtime.errors import InvalidArgument, NotFound, Reason
+from vitscope_server.core.runtime.errors import InvalidArgument, Reason
 
 PART_FORMAT = "vitscope-scan/1"
-BUILTIN_DIGITS = "builtin-digits"
 # Fields every part of one scan shares.
 IDENTITY = ("format", "model", "weights_identity", "site", "channels", "top_k", "data", "num_items")
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    count: int
-
-
-def parse_shard(text: str) -> Shard:
-    """'I/N' with 0 <= I < N (a Kubernetes Indexed Job's completion index over its completions)."""
-    index, _, count = text.partition("/")
-    try:
-        shard = Shard(int(index), int(count))
-    except ValueError:
-        raise InvalidArgument("--shard", f"{text!r} is not I/N") from None
-    if not 0 <= shard.index < shard.count:
-        raise InvalidArgument("--shard", f"{text!r} needs 0 <= I < N")
-    return shard
-
-
-def shard_range(total: int, shard: Shard) -> range:
-    """The shard's contiguous slice of the sorted item list."""
-    return range(shard.index * total // shard.count, (shard.index + 1) * total // shard.count)
-
-
-def dataset(data: str) -> tuple[list[str], Callable[[int], ImageInput]]:
-    """Item names in scan order and a loader by index: the built-in held-out digits, or the
-    images under a folder sorted by relative path."""
-    if data == BUILTIN_DIGITS:
-        from vitscope_server.builtin.digits_data import digits_split
-
-        _, _, images, labels = digits_split()
-        names = [f"{int(label)}-{i:04d}" for i, label in enumerate(labels)]
-        return names, lambda i: ImageInput(pixels=images[i])
-    folder = Path(data)
-    if not folder.is_dir():
-        raise NotFound(
-            Reason.DATA_NOT_FOUND,
-            data,
-            f"--data: {data!r} is neither a folder nor {BUILTIN_DIGITS!r}",
-            field="--data",
-        )
-    files = list_images(folder)
-    return [name for name, _ in files], lambda i: read_image(*files[i])
 
 
 def scan_shard(

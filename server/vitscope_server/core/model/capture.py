@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
 import torch
@@ -99,7 +99,8 @@ def capture_sites(
         def record(value: Any) -> None:
             if threading.get_ident() != owner or next(count) % site.calls != site.call_index:
                 return
-            captured[site.name] = adapter.to_canonical(_pick_tensor(value, site), site, batch)
+            tensor = adapter.to_canonical(_pick_tensor(value, site), site, batch)
+            captured[site.name] = tensor if site.sae_read is None else site.sae_read(tensor)
 
         return record
 
@@ -136,3 +137,19 @@ def capture_sites(
             last = adapter.root.get_submodule(adapter.blocks[stop_after_block].path)
             stack.callback(last.register_forward_hook(stop_hook).remove)
         yield captured
+
+
+def read_site(
+    adapter: ModelAdapter, site: SiteDef, pixels: torch.Tensor, cancel: CancelToken
+) -> torch.Tensor:
+    """One site's canonical tensor for a batch of preprocessed images, the forward stopped
+    after the last block it needs (run under the caller's grad mode)."""
+    stop = last_block_needed(adapter, [site])
+    with (
+        capture_sites(adapter, [site], pixels.shape[0], cancel, stop) as captured,
+        suppress(ForwardStopped),
+    ):
+        adapter.forward(pixels)
+    if site.name not in captured:
+        raise InvalidArgument("site", f"{site.name!r} is not reached by the forward pass")
+    return captured[site.name]

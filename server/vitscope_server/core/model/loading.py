@@ -9,6 +9,7 @@ import torch
 
 from vitscope_server.core.model.adapters import ModelAdapter
 from vitscope_server.core.model.anatomy import settle_anatomy
+from vitscope_server.core.model.sae_loading import attach_saes
 from vitscope_server.core.model.specs import ModelSpec
 from vitscope_server.core.model.weights import (
     file_digest,
@@ -122,8 +123,9 @@ def compile_blocks(adapter: ModelAdapter) -> None:
 
 
 def load_model(spec: ModelSpec, device: torch.device, *, compiled: bool = False) -> LoadedModel:
-    """Builds the model (seeded), loads weights, moves it to the device in eval mode; with
-    `compiled`, its blocks run compiled after the probe has settled the anatomy eagerly."""
+    """Builds the model (seeded), loads weights, moves it to the device in eval mode, and
+    loads the SAEs of its spec beside it; with `compiled`, its blocks run compiled after the
+    probe has settled the anatomy eagerly."""
     torch.manual_seed(spec.seed)
     try:
         adapter, identity = _build_timm(spec) if spec.family == "timm" else _build_open_clip(spec)
@@ -140,6 +142,7 @@ def load_model(spec: ModelSpec, device: torch.device, *, compiled: bool = False)
         raise FailedPrecondition(
             f"model {spec.name}: no block passed the load-time probe ({reasons})"
         )
+    adapter.notes.extend(attach_saes(adapter, spec.saes, shapes, device))
     if compiled:
         compile_blocks(adapter)
     return LoadedModel(spec, adapter, identity, device, shapes)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from vitscope_server.core.model.adapters import Layout, ModelAdapter, SiteDef
+from vitscope_server.core.model.sae import SaeOutput, SaeRead, sae_site_name, split_sae_site
 from vitscope_server.core.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -18,13 +20,17 @@ _BLOCK_SITE = re.compile(
 )
 CANONICAL_FORMS = (
     "embed, final, blocks.{i}.out, blocks.{i}.attn.out, blocks.{i}.attn.probs, "
-    "blocks.{i}.attn.heads, blocks.{i}.mlp.hidden, blocks.{i}.mlp.out, or a module path"
+    "blocks.{i}.attn.heads, blocks.{i}.mlp.hidden, blocks.{i}.mlp.out, a module path, or "
+    "{site}@sae:{name} (with .recon or .error)"
 )
 
 
 def resolve_site(adapter: ModelAdapter, name: str, field: str = "sites") -> SiteDef:
     if not name:
         raise InvalidArgument(field, f"empty site name; use {CANONICAL_FORMS}")
+    sae_site = split_sae_site(name)
+    if sae_site is not None:
+        return _resolve_sae_site(adapter, name, *sae_site, field)
     if name == "embed":
         return adapter.embed_site()
     if name == "final":
@@ -74,3 +80,40 @@ def resolve_site(adapter: ModelAdapter, name: str, field: str = "sites") -> Site
         adapter.blocks[0],
     )
     return SiteDef(name, name, Layout.RAW, block.grid, block.num_prefix_tokens)
+
+
+def _resolve_sae_site(
+    adapter: ModelAdapter, name: str, base_name: str, sae_name: str, output: SaeOutput, field: str
+) -> SiteDef:
+    """`{site}@sae:{name}[.recon|.error]`: the base site's tokens through a served SAE."""
+    sae = adapter.saes.get(sae_name)
+    if sae is None:
+        served = sorted(adapter.saes)
+        raise NotFound(
+            Reason.SITE_NOT_FOUND,
+            name,
+            f"{field}: site {quote(name)}: model {adapter.spec.name} serves no SAE "
+            f"{quote(sae_name)}; its SAEs: {served}",
+            field=field,
+            metadata={"model": adapter.spec.name},
+        )
+    base = resolve_site(adapter, base_name, field)
+    if base.name != sae.info.site:
+        raise NotFound(
+            Reason.SITE_NOT_FOUND,
+            name,
+            f"{field}: site {quote(name)}: SAE {sae_name!r} reads {sae.info.site!r}, "
+            f"not {quote(base_name)}; use {sae.info.site}@sae:{sae_name}",
+            field=field,
+            metadata={"model": adapter.spec.name},
+        )
+    return replace(base, name=name, sae_read=SaeRead(sae, output))
+
+
+def sae_sites(adapter: ModelAdapter) -> list[SiteDef]:
+    """The latents, reconstruction and error site of every SAE the model serves."""
+    return [
+        resolve_site(adapter, sae_site_name(sae.info.site, name, output))
+        for name, sae in adapter.saes.items()
+        for output in SaeOutput
+    ]

@@ -15,6 +15,18 @@ Family = Literal["timm", "open_clip"]
 
 MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/-]*"
 """What a served model may be called (requests naming a model are checked against it too)."""
+SAE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+"""What a served SAE may be called (its sites are `{site}@sae:{name}`)."""
+
+
+class SaeSource(BaseModel):
+    """An SAE served on one of the model's sites: a folder in SAELens's layout (cfg.json,
+    sae_weights.safetensors) whose metadata.hook_name names the site it reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=f"^{SAE_NAME_PATTERN}$")
+    path: Path
 
 
 class ModelSpec(BaseModel):
@@ -39,6 +51,7 @@ class ModelSpec(BaseModel):
     std: tuple[float, float, float] | None = None
     crop_pct: float | None = None
     interpolation: str | None = None
+    saes: list[SaeSource] = Field(default_factory=list)
 
     @field_validator("weights")
     @classmethod
@@ -70,7 +83,7 @@ class ModelsFile(BaseModel):
 
 
 def load_models_file(path: Path) -> ModelsFile:
-    """Reads a YAML models file; relative weight paths resolve against its folder."""
+    """Reads a YAML models file; relative weight and SAE paths resolve against its folder."""
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -88,7 +101,10 @@ def load_models_file(path: Path) -> ModelsFile:
             spec = spec.model_copy(
                 update={"weights": f"file:{(path.parent / weights_file).resolve()}"}
             )
-        resolved.append(spec)
+        saes = [
+            sae.model_copy(update={"path": (path.parent / sae.path).resolve()}) for sae in spec.saes
+        ]
+        resolved.append(spec.model_copy(update={"saes": saes}))
     return parsed.model_copy(update={"models": resolved})
 
 
@@ -110,3 +126,15 @@ def parse_model_flag(value: str) -> ModelSpec:
         )
     except ValidationError as exc:
         raise InvalidArgument("--model", f"{value!r}: {exc}") from exc
+
+
+def parse_sae_flag(value: str) -> tuple[str, SaeSource]:
+    """Parses MODEL:NAME=FOLDER into the model's name and the SAE."""
+    model_and_name, sep, folder = value.partition("=")
+    model, sep2, name = model_and_name.rpartition(":")
+    if not sep or not sep2 or not model:
+        raise InvalidArgument("--saes", f"{value!r}: expected MODEL:NAME=FOLDER")
+    try:
+        return model, SaeSource(name=name, path=Path(folder).expanduser())
+    except ValidationError as exc:
+        raise InvalidArgument("--saes", f"{value!r}: {exc}") from exc

@@ -4,7 +4,7 @@ matches other scripts' digits), and parsed by the same object that checks it."""
 
 from __future__ import annotations
 
-from vitscope_server.core.model.specs import MODEL_NAME_PATTERN
+from vitscope_server.core.model.specs import MODEL_NAME_PATTERN, SAE_NAME_PATTERN
 from vitscope_server.transport.fields.rules import Grammar
 
 _INDEX = "[0-9]{1,9}"
@@ -35,10 +35,12 @@ MODEL_NAME = Grammar(MODEL_NAME_PATTERN, "a model name ([A-Za-z0-9][A-Za-z0-9._:
 MODEL_VERSION = Grammar(
     "[!-~]+", "a version: printable ASCII without spaces (a weights identity)", _same
 )
+SAE_NAME = Grammar(SAE_NAME_PATTERN, f"an SAE name ({SAE_NAME_PATTERN})", _same)
 SITE = Grammar(
-    "[A-Za-z0-9_]+(?:[.][A-Za-z0-9_]+)*",
+    f"[A-Za-z0-9_]+(?:[.][A-Za-z0-9_]+)*(?:@sae:{SAE_NAME_PATTERN}(?:[.](?:recon|error))?)?",
     "a site name: embed, final, blocks.{i}.out, blocks.{i}.attn.out, blocks.{i}.attn.probs, "
-    "blocks.{i}.mlp.hidden, blocks.{i}.mlp.out, or a module path (names joined by dots)",
+    "blocks.{i}.attn.heads, blocks.{i}.mlp.hidden, blocks.{i}.mlp.out, a module path (names "
+    "joined by dots), or an SAE's {site}@sae:{name} (with .recon or .error)",
     _same,
 )
 INDEX_LIST = Grammar(

@@ -16,7 +16,7 @@ from vitscope_server.core.model.class_importance import MAX_KEEP_COUNTS
 from vitscope_server.core.model.class_space import MAX_CLASS_NAMES, MAX_TEMPLATES
 from vitscope_server.core.runtime.blur import MAX_BLUR_SIGMA
 from vitscope_server.core.runtime.divergence import MAX_LEARNING_RATE, MAX_TV_WEIGHT
-from vitscope_server.transport.fields.grammars import FOLDER, MODEL_NAME, SITE
+from vitscope_server.transport.fields.grammars import FOLDER, MODEL_NAME, SAE_NAME, SITE
 from vitscope_server.transport.fields.rules import (
     Defined,
     Nested,
@@ -243,8 +243,18 @@ _INTERVENTIONS: dict[str, Rule] = {
     "vitscope.v1.InterventionOutputs.output_dtype": _ENUM,
 }
 
+_SAE: dict[str, Rule] = {
+    "vitscope.v1.EvaluateSaeRequest.model": _MODEL,
+    "vitscope.v1.EvaluateSaeRequest.sae": Text(128, SAE_NAME),
+    "vitscope.v1.EvaluateSaeRequest.images": _IMAGES,
+    "vitscope.v1.EvaluateSaeRequest.labels": Repeated(_CLASS, MAX_IMAGES),
+    "vitscope.v1.EvaluateSaeRequest.batch": _up_to("the server's max_batch"),
+    "vitscope.v1.EvaluateSaeRequest.quality_only": _FLAG,
+}
+
 FIELDS: dict[str, Rule] = {
     **_SHARED,
+    **_SAE,
     **_INTERVENTIONS,
     **_MODELS,
     **_ACTIVATIONS,

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -22,6 +23,9 @@ from vitscope_server.core.model.adapters.capabilities import (
 )
 from vitscope_server.core.model.resize_size import peak_pixels
 from vitscope_server.core.model.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from vitscope_server.core.model.sae import SaeRead, ServedSae
 
 
 class Layout(Enum):
@@ -151,6 +155,8 @@ class SiteDef:
     calls: int = 1
     # attn.heads: how the projection's input splits into heads.
     heads: HeadSplit | None = None
+    # An SAE site (`{site}@sae:{name}`): what the SAE makes of the base site's tokens.
+    sae_read: SaeRead | None = None
 
 
 CANONICAL_BLOCK_SITES = BLOCK_PARTS
@@ -211,6 +217,8 @@ class ModelAdapter(ABC):
         )
         # The declared number of prefix tokens, tried first when reading a block's grid.
         self.prefix_hint = 0
+        # SAEs served on this model's sites, by name (core/model/sae_loading.py).
+        self.saes: dict[str, ServedSae] = {}
 
     def settle(
         self, blocks: list[BlockAnatomy], notes: Sequence[UnavailableSite], final_ok: bool
