@@ -1,4 +1,4 @@
-# One virtualenv (.venv) holds the client, the server and demo extras and the dev tools.
+# One virtualenv (.venv) holds the client, every extra (server, train, demo) and the dev tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,14 +9,14 @@ BUF := $(VENV)/npm/node_modules/.bin/buf
 
 DEMO_PORT ?= 50061
 
-.PHONY: install serve test test-fast fuzz bench proto lint format demo docs gpu-check
+.PHONY: install serve test test-fast fuzz bench proto lint format demo docs samples gpu-check
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[server,demo,dev]"
+	$(BIN)/python -m pip install -e ".[server,train,demo,dev]"
 	npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/npm @bufbuild/buf@$(BUF_VERSION)
 	touch $(STAMP)
 
@@ -58,20 +58,25 @@ proto: install
 	$(BIN)/python proto/generate.py
 
 # Pages generated from the code (tests fail while they are stale): the API reference from the
-# protos and their comments, the configuration from the settings.
+# protos and their comments, the configuration from the settings. Checkout-only tools live in
+# tools/, outside the installed package.
 docs: install
 	$(BIN)/python proto/docgen.py
-	$(BIN)/python -m vitscope_server.settings_docs docs/configuration.md
+	$(BIN)/python tools/settings_docs.py docs/configuration.md
+
+# The client's sample digits (the first held-out test digit of each class); a test checks them.
+samples: install
+	$(BIN)/python tools/export_samples.py
 
 lint: install
 	$(BUF) lint
-	$(BIN)/ruff check server client tests bench proto
-	$(BIN)/ruff format --check server client tests bench proto
+	$(BIN)/ruff check server client tests bench proto tools
+	$(BIN)/ruff format --check server client tests bench proto tools
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff format server client tests bench proto
-	$(BIN)/ruff check --fix server client tests bench proto
+	$(BIN)/ruff format server client tests bench proto tools
+	$(BIN)/ruff check --fix server client tests bench proto tools
 
 # Starts a server on DEMO_PORT, writes the demo into demo-out/, stops the server.
 demo: install
