@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -179,7 +180,7 @@ def save(model: torch.nn.Module, out: Path, arch: str, metrics: dict[str, object
 
 def build_model(classifier: Classifier, num_classes: int) -> VisionTransformer:
     """The timm ViT, re-initialized for small data."""
-    kwargs = {**classifier.kwargs, "num_classes": num_classes}
+    kwargs: dict[str, Any] = {**classifier.kwargs, "num_classes": num_classes}
     model = timm.create_model(classifier.architecture, pretrained=False, **kwargs)
     if not isinstance(model, VisionTransformer):
         raise InvalidArgument(
