@@ -34,7 +34,7 @@ class TrainInverterSettings(ModelJobSettings):
     modules: CliVariadicArg[list[str]] = Field(
         default_factory=list,
         alias="module",
-        description="Modules to train: embed, blocks.N (default: all).",
+        description="Modules to train: embed, blocks.N; none given: all of them.",
     )
     module_index: int | None = Field(
         None,
