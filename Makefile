@@ -1,4 +1,4 @@
-# One virtualenv (.venv) holds the client, the server and demo extras and the dev tools.
+# One virtualenv (.venv) holds the client, every extra (server, train, demo) and the dev tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +13,7 @@ DEMO_UI_PORT ?= 8061
 # download its own here): Debian's chromium, installed by `make install` when missing.
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install serve test test-fast fuzz bench proto lint format demo docs gpu-check builtin-sae
+.PHONY: install serve test test-fast fuzz bench proto lint format demo docs samples gpu-check builtin-sae
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -24,7 +24,7 @@ $(CHROMIUM):
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[server,demo,dev]"
+	$(BIN)/python -m pip install -e ".[server,train,demo,dev]"
 	npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/npm @bufbuild/buf@$(BUF_VERSION)
 	touch $(STAMP)
 
@@ -92,10 +92,15 @@ proto: install
 	$(BIN)/python proto/generate.py
 
 # Pages generated from the code (tests fail while they are stale): the API reference from the
-# protos and their comments, the configuration from the settings.
+# protos and their comments, the configuration from the settings. Checkout-only tools live in
+# tools/, outside the installed package.
 docs: install
 	$(BIN)/python proto/docgen.py
-	$(BIN)/python -m vitscope_server.settings_docs docs/configuration.md
+	$(BIN)/python tools/settings_docs.py docs/configuration.md
+
+# The client's sample digits (the first held-out test digit of each class); a test checks them.
+samples: install
+	$(BIN)/python tools/export_samples.py
 
 lint: install
 	$(BUF) lint

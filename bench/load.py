@@ -34,7 +34,7 @@ import numpy as np
 
 from vitscope import Client, VitscopeError
 from vitscope_server.builtin import DIGITS_NAME
-from vitscope_server.train_classifier import digits_split
+from vitscope_server.builtin.digits_data import digits_split
 
 MAX_CALLS_PER_CLIENT = 1_000_000
 START_SECONDS = 300

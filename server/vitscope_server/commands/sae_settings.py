@@ -6,36 +6,37 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from vitscope_server.core.model.datasets import BUILTIN_DIGITS, BUILTIN_DIGITS_TRAIN
 from vitscope_server.core.sae.activation_data import ExtractConfig
 from vitscope_server.core.sae.recipe import Recipe
-from vitscope_server.settings import ENV_PREFIX
+from vitscope_server.settings import JobSettings, ModelJobSettings
 
-_CONFIG = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+# Flags and defaults only, as every job's (settings.JobSettings); frozen once parsed.
+_CONFIG = SettingsConfigDict(extra="forbid", frozen=True)
 
 
-class ComputeSettings(BaseSettings):
+class ComputeSettings(JobSettings):
     model_config = _CONFIG
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's choice.")
 
 
-class ModelChoice(ComputeSettings):
-    """A model named exactly as `serve` names it."""
+class ModelChoice(ModelJobSettings):
+    """A model named exactly as `serve` names it, and the CPU threads to use."""
 
-    model: str = Field(description="Name of the model, as served.")
-    models_file: Path | None = Field(None, description="YAML models file, as for serve.")
-    model_spec: list[str] = Field(
-        default_factory=list,
-        description="NAME=FAMILY:ARCH[@WEIGHTS] as for serve --models; repeat for more.",
-    )
+    model_config = _CONFIG
+
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's choice.")
 
 
 class ExtractSettings(ModelChoice, ExtractConfig):
-    """`vitscope-server extract`."""
+    """Write a site's token activations for a dataset to shards.
+
+    Safetensors shards and a manifest (model, weights, site, tokens kept, dtype, image-list
+    hash, seed); resumable, and sharded across the workers of an Indexed Job (--shard I/N)."""
 
     model_config = _CONFIG
 
@@ -50,7 +51,10 @@ class ExtractSettings(ModelChoice, ExtractConfig):
 
 
 class TrainSaeSettings(ComputeSettings, Recipe):
-    """`vitscope-server train-sae`."""
+    """Train a sparse autoencoder on an activation dataset.
+
+    TopK, BatchTopK or ReLU+L1 with the recipe of docs/sae.md; progress as JSON lines,
+    checkpoints that resume, and the SAE written in SAELens's layout."""
 
     model_config = _CONFIG
 
@@ -70,7 +74,10 @@ class TrainSaeSettings(ComputeSettings, Recipe):
 
 
 class EvaluateSaeSettings(ModelChoice):
-    """`vitscope-server evaluate-sae`."""
+    """Measure an SAE's quality on a dataset.
+
+    FVU, L0, dead and dense latents, the frequency histogram and what splicing the
+    reconstruction into the model does to its output, as JSON lines."""
 
     model_config = _CONFIG
 

@@ -1,6 +1,6 @@
 """Writes the client's demo digits: the first held-out test digit of each class, as PNG.
 
-Run `python -m vitscope_server.builtin.export_samples` after changing the split.
+Run `make samples` (`python tools/export_samples.py`) after changing the split.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image
 
 from vitscope_server.builtin.digits_data import digits_split
 
-DEFAULT_OUT = Path(__file__).resolve().parents[3] / "client" / "vitscope" / "samples"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "client" / "vitscope" / "samples"
 
 
 def export(out: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""docs/configuration.md, generated from ServerSettings: `python -m vitscope_server.settings_docs PATH`.
+"""Writes docs/configuration.md from ServerSettings: `python tools/settings_docs.py PATH`
+(`make docs`).
 
 A test compares the committed page with this output, so the page follows every new setting.
 """
