@@ -256,6 +256,11 @@ class Ablation:
     column: int | None = None
     head: int | None = None
 
+    def what(self) -> str:
+        if self.head is not None:
+            return f"head {self.head} of block {self.block}"
+        return f"patch ({self.row}, {self.column}) after block {self.block}"
+
     def edit(self) -> Any:
         if self.head is not None:
             return iv.edit(f"blocks.{self.block}.attn.heads", "zero", heads=[self.head])
@@ -291,6 +296,7 @@ def ablation(client: Client, model: str, image: StoredImage, ablated: Ablation) 
     assert base.metric is not None and edited.metric is not None
     return {
         "site": ablated.edit().site,
+        "what": ablated.what(),
         "target": result.class_names[result.target_classes[0]],
         "base_probability": float(base.metric[0]),
         "ablated_probability": float(edited.metric[0]),
