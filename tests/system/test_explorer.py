@@ -307,13 +307,17 @@ def test_cancelling_a_patching_sweep_stops_the_server_work(
     visit: Visit, explorer: RunningServer
 ) -> None:
     # Small batches: many progress messages, each a point where the sweep polls its token.
-    visit.go(f"/models/{MODEL}/images/{SAMPLE}?source=s-1-0100&variants_per_forward=2")
+    # The sweep starts with the page (?source=): no waiting for the page to settle.
+    visit.page.goto(
+        f"{visit.base}/models/{MODEL}/images/{SAMPLE}?source=s-1-0100&variants_per_forward=2"
+    )
     visit.page.wait_for_function(
         "() => document.querySelector('#patching progress').value > 0", timeout=TIMEOUT_MS
     )
     visit.page.click("#patching button.cancel")
     visit.page.wait_for_selector("#patching[data-state=cancelled]", timeout=TIMEOUT_MS)
     assert visit.error("patching")["reason"] == "CANCELLED"
+    wait_settled(visit.page, TIMEOUT_MS)  # the page's other sections, started with it
     assert explorer._slots.free == explorer._slots.max_running
     assert visit.errors == []
 
