@@ -27,7 +27,7 @@ function ablationSection(main, base, image) {
     const blocks = described.block_count;
     const [rows, columns] = described.grid.map(Number);
     const block = el("select", { id: "ablation-block" }, range(blocks).map((b) => el("option", { value: String(b) }, `after block ${b}`)));
-    block.value = "0"; // later blocks have spread each patch over the others
+    block.value = "0"; // after later blocks a token carries the other patches' content
     const patches = el("div", { class: "patch-grid", id: "patch-grid", style: `grid-template-columns: repeat(${columns}, 1fr); grid-template-rows: repeat(${rows}, 1fr)` },
       range(rows).flatMap((r) => range(columns).map((c) => el("button", { type: "button", class: "patch", "data-row": String(r), "data-column": String(c), title: `patch (${r}, ${c})` }))));
     const heads = range(blocks).map((b) => Number((described.sites[`blocks.${b}.attn.heads`]?.shape || [0, 0]).at(-2)));
@@ -40,6 +40,7 @@ function ablationSection(main, base, image) {
       el("div", {}, el("p", { class: "muted" }, "Head zeroed (its contribution to the block's attention output)"), headTable)));
     const center = [Math.floor(rows / 2), Math.floor(columns / 2)];
     const patchUrl = ([r, c]) => `${base}/ablation?block=${enc(block.value)}&row=${r}&column=${c}`;
+    patches.querySelector(`button[data-row="${center[0]}"][data-column="${center[1]}"]`)?.classList.add("selected");
     const panel = new JobPanel(section, patchUrl(center), ablationView);
     const choose = (button, url) => {
       section.querySelectorAll("button.selected").forEach((b) => b.classList.remove("selected"));
@@ -58,14 +59,14 @@ function ablationSection(main, base, image) {
   };
 }
 
-// Diverging colors: the normalized effect 1 (the source's metric) in blue, -1 in red.
-function effectColor(value) {
+// Diverging colors: toward the source's metric in blue, away in red, full at +-scale.
+function effectColor(value, scale) {
   if (value === null) return "#e4e7ec";
-  const v = Math.max(-1, Math.min(1, value));
+  const v = Math.max(-1, Math.min(1, value / scale));
   return v >= 0 ? `rgba(49, 85, 214, ${v.toFixed(3)})` : `rgba(180, 35, 24, ${(-v).toFixed(3)})`;
 }
 
-function heatmap(grid, size = 112) {
+function heatmap(grid, scale, size = 112) {
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("class", "plot heatmap");
@@ -80,7 +81,7 @@ function heatmap(grid, size = 112) {
     cell.setAttribute("y", r * h);
     cell.setAttribute("width", w);
     cell.setAttribute("height", h);
-    cell.setAttribute("fill", effectColor(value));
+    cell.setAttribute("fill", effectColor(value, scale));
     cell.setAttribute("data-value", String(value));
     svg.append(cell);
   }));
@@ -88,9 +89,11 @@ function heatmap(grid, size = 112) {
 }
 
 function patchingView(result, body) {
-  body.replaceChildren(el("p", { class: "muted" }, `the residual stream after each block patched from ${result.source}, one patch at a time; ${result.metric} between ${result.target} and ${result.other}, normalized: 0 is the image's own (${fmt(result.base_metric)}), 1 the source's (${fmt(result.source_metric)}); blue toward the source, red away, grey undefined`),
+  // One color scale for every block: the largest effect of any patch, at least 0.01.
+  const scale = Math.max(0.01, ...result.blocks.flatMap((b) => b.normalized.flat().filter((v) => v !== null).map(Math.abs)));
+  body.replaceChildren(el("p", { class: "muted" }, `the residual stream after each block patched from ${result.source}, one patch at a time; ${result.metric} between ${result.target} and ${result.other}, normalized: 0 is the image's own (${fmt(result.base_metric)}), 1 the source's (${fmt(result.source_metric)}); blue toward the source, red away (full color at ±${fmt(scale, 3)}), grey undefined`),
     el("div", { class: "row" }, result.blocks.map((b) => el("div", { class: "tile", "data-block": String(b.block) },
-      heatmap(b.normalized), el("div", {}, `block ${b.block}`)))),
+      heatmap(b.normalized, scale), el("div", {}, `block ${b.block}`)))),
     el("table", { class: "metrics" }, el("tbody", {}, el("tr", {}, el("td", {}, "base"), num(result.base_metric),
       el("td", {}, "source"), num(result.source_metric)))));
 }
