@@ -128,9 +128,9 @@ function patchingSection(main, base, image, samples, query) {
   });
 }
 
-function unitAblationView(result, body) {
-  body.replaceChildren(el("p", { class: "muted" }, `zeroing the channel changes ${result.changed} of ${result.images.length} predictions; the probability of each image's own prediction changes by ${fmt(result.mean_change)} on average`),
+function unitAblationView(model) {
+  return (result, body) => body.replaceChildren(el("p", { class: "muted" }, `zeroing the channel changes ${result.changed} of ${result.images.length} predictions; the probability of each image's own prediction changes by ${fmt(result.mean_change)} on average`),
     table(["image", "prediction", "after", "its probability", "after", "change"], result.images.map((r) => [
-      el("span", { "data-image": r.image }, r.image), r.base.name, r.ablated.name,
+      el("a", { "data-image": r.image, href: `/models/${enc(model)}/images/${enc(r.image)}` }, r.image), r.base.name, r.ablated.name,
       num(r.base_probability), num(r.ablated_probability), num(r.ablated_probability - r.base_probability)])));
 }
