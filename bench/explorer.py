@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from explorer_browser import chromium, wait_settled
 
 from vitscope import Client
+from vitscope import interventions as iv
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import create_server
 
@@ -40,6 +41,21 @@ SITE = "blocks.0.mlp.hidden"
 SAMPLES = sorted(
     (Path(__file__).resolve().parents[1] / "client" / "vitscope" / "samples").glob("*.png")
 )
+
+
+# The image page's first ablation: the center patch of the 7 x 7 grid after block 0.
+CENTER: dict[str, Any] = {"tokens": "positions", "positions": [(3, 3)]}
+
+
+def ablate(client: Client, images: list[Path], edit: Any, top_k: int) -> Any:
+    """The explorer's ablation sections' request: the plain forward and the edited one."""
+    return client.intervene(
+        images,
+        [iv.variant([]), iv.variant([edit])],
+        model=MODEL,
+        metric="target_probability",
+        top_k=top_k,
+    )
 
 
 def rpc_calls(client: Client, page: str, round_: int, steps: int) -> list[Callable[[], Any]]:
@@ -62,6 +78,7 @@ def rpc_calls(client: Client, page: str, round_: int, steps: int) -> list[Callab
             lambda: client.top_activating_images(
                 SITE, [channel], images=SAMPLES, model=MODEL, top_k=5
             ),
+            lambda: ablate(client, SAMPLES, iv.edit(SITE, "zero", channels=[channel]), 1),
         ]
     depths = list(range(7))
     return [
@@ -71,6 +88,8 @@ def rpc_calls(client: Client, page: str, round_: int, steps: int) -> list[Callab
         lambda: client.project([image], model=MODEL),
         lambda: client.explain([image], ["rollout", "relevancy"], model=MODEL, faithfulness=True),
         lambda: client.invert([image], depths, model=MODEL),
+        lambda: client.describe(MODEL),
+        lambda: ablate(client, [image], iv.edit("blocks.0.out", "zero", **CENTER), 5),
     ]
 
 

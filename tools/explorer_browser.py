@@ -46,7 +46,7 @@ def pages(model: str, site: str = "blocks.0.mlp.hidden", channel: int = 3) -> di
         "server": "/",
         "model": base,
         "unit": f"{base}/units/{quote(site, safe='')}/{channel}?visualize=1&steps=32",
-        "image": f"{base}/images/s-3-0300",
+        "image": f"{base}/images/s-3-0300?source=s-8-0800",
     }
 
 

@@ -19,6 +19,7 @@ from support.browser import CHROMIUM, chromium, pages, wait_settled
 from support.servers import start
 
 from vitscope import Client
+from vitscope import interventions as iv
 from vitscope.errors import VitscopeError
 from vitscope_server.transport.app import RunningServer
 
@@ -167,6 +168,157 @@ def test_unit_page_equals_the_rpcs(visit: Visit, rpc: Client) -> None:
         float(tiles.nth(n).get_attribute("data-score") or "nan") for n in range(tiles.count())
     ]
     assert scores == pytest.approx([t.score for t in top.channels[CHANNEL]], rel=1e-6)
+    zeroed = iv.edit(SITE, "zero", channels=[CHANNEL])
+    base, ablated = _base_and_ablated(rpc, samples, zeroed, top_k=1).variants
+    shown = np.array(visit.values("#ablation td.num")).reshape(len(samples), 3)
+    assert shown[:, 0] == pytest.approx(base.metric.tolist(), rel=1e-6)  # type: ignore[union-attr]
+    assert shown[:, 1] == pytest.approx(ablated.metric.tolist(), rel=1e-6)  # type: ignore[union-attr]
+    # Independently: without edits, the target's probability is the plain prediction's.
+    plain = rpc.activations(samples, ["final"], model=MODEL, reduction="mean", top_predictions=1)
+    assert shown[:, 0] == pytest.approx([p[0].probability for p in plain.predictions], rel=1e-5)
+    assert visit.errors == []
+
+
+def _base_and_ablated(
+    rpc: Client, images: list[Path], edit: object, top_k: int = 5
+) -> iv.Intervention:
+    """The explorer's ablation request through the RPC: no edit, then the edit."""
+    return rpc.intervene(
+        images,
+        [iv.variant([]), iv.variant([edit])],  # type: ignore[list-item]
+        model=MODEL,
+        metric="target_probability",
+        top_k=top_k,
+    )
+
+
+def _shown_ablation(visit: Visit, rpc: Client, edit: object) -> None:
+    """The image page's ablation section equals Intervene's answer for the same edit."""
+    base, ablated = _base_and_ablated(rpc, [SAMPLES / "3-0300.png"], edit).variants
+    before, after, change = visit.values("#ablation table.target td.num")
+    assert (before, after) == (
+        pytest.approx(float(base.metric[0]), rel=1e-6),  # type: ignore[index]
+        pytest.approx(float(ablated.metric[0]), rel=1e-6),  # type: ignore[index]
+    )
+    assert change == pytest.approx(after - before, abs=1e-9)
+    for cls, outcome in (("base", base), ("ablated", ablated)):
+        ranked = outcome.predictions[0]
+        assert visit.values(f"#ablation .{cls} td.num") == pytest.approx(
+            [p["probability"] for p in ranked], rel=1e-6
+        )
+        shown = visit.page.eval_on_selector_all(
+            f"#ablation .{cls} span[data-index]", "(s) => s.map((x) => +x.dataset.index)"
+        )
+        assert shown == [p["class_index"] for p in ranked]
+
+
+def _click_and_wait(visit: Visit, selector: str, what: str) -> None:
+    visit.page.click(selector)
+    visit.page.wait_for_function(
+        """(what) => { const s = document.querySelector('#ablation');
+            return s.dataset.state === 'done' && s.querySelector('.body p').textContent.includes(what); }""",
+        arg=what,
+        timeout=TIMEOUT_MS,
+    )
+
+
+def test_clicking_a_patch_or_a_head_shows_its_ablation(visit: Visit, rpc: Client) -> None:
+    visit.go(f"/models/{MODEL}/images/{SAMPLE}")
+    # The default: the center patch after the first block.
+    rows, columns = rpc.describe(MODEL).grid
+    center = (rows // 2, columns // 2)
+    _shown_ablation(
+        visit, rpc, iv.edit("blocks.0.out", "zero", tokens="positions", positions=[center])
+    )
+    visit.page.select_option("#ablation-block", "2")
+    _click_and_wait(visit, "#patch-grid button[data-row='1'][data-column='2']", "patch (1, 2)")
+    _shown_ablation(
+        visit, rpc, iv.edit("blocks.2.out", "zero", tokens="positions", positions=[(1, 2)])
+    )
+    _click_and_wait(visit, "#heads button[data-block='3'][data-head='1']", "head 1 of block 3")
+    _shown_ablation(visit, rpc, iv.edit("blocks.3.attn.heads", "zero", heads=[1]))
+    assert visit.errors == []
+
+
+def test_a_head_out_of_range_shows_the_rpc_reason_and_field(visit: Visit, rpc: Client) -> None:
+    visit.go(f"/models/{MODEL}/images/{SAMPLE}")
+    # The page offers only the model's heads: send one past them as a script would.
+    visit.page.eval_on_selector(
+        "#heads button[data-block='1'][data-head='0']", "(b) => { b.dataset.head = '99'; }"
+    )
+    visit.page.click("#heads button[data-block='1'][data-head='99']")
+    error = _rpc_error(
+        lambda: _base_and_ablated(
+            rpc, [SAMPLES / "3-0300.png"], iv.edit("blocks.1.attn.heads", "zero", heads=[99])
+        )
+    )
+    _same(visit.error("ablation"), error)
+    assert (error.reason, error.metadata["field"]) == (
+        "INVALID_FIELD",
+        "variants[1].edits[0].selection.heads[0]",
+    )
+    # Neither a head nor a patch: the endpoint names the field.
+    url = f"{visit.base}/api/models/{MODEL}/images/{SAMPLE}/ablation?block=1"
+    request = urllib.request.Request(url, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    assert json.load(refused.value)["error"]["field"] == "head"
+
+
+def _heatmaps(visit: Visit) -> np.ndarray:
+    values = visit.page.eval_on_selector_all(
+        "#patching rect.cell", "(cells) => cells.map((c) => c.dataset.value)"
+    )
+    return np.array([np.nan if v == "null" else float(v) for v in values])
+
+
+def _shown_patching(visit: Visit, rpc: Client, source: Path) -> None:
+    sweep = rpc.patching_sweep([SAMPLES / "3-0300.png"], [source], model=MODEL)
+    assert sweep.normalized is not None
+    np.testing.assert_allclose(_heatmaps(visit), sweep.normalized[0].ravel(), rtol=1e-6)
+    blocks = visit.page.eval_on_selector_all(
+        "#patching .tile[data-block]", "(t) => t.map((x) => +x.dataset.block)"
+    )
+    assert blocks == list(range(rpc.describe(MODEL).block_count))
+    assert visit.values("#patching table.metrics td.num") == pytest.approx(
+        [float(sweep.base_metric[0]), float(sweep.source_metric[0])],  # type: ignore[index]
+        rel=1e-6,
+    )
+
+
+def test_a_patching_source_can_be_uploaded(visit: Visit, rpc: Client, tmp_path: Path) -> None:
+    source = tmp_path / "eight.jpg"
+    Image.open(SAMPLES / "8-0800.png").convert("RGB").save(source, quality=95)
+    visit.go(f"/models/{MODEL}/images/{SAMPLE}")
+    assert visit.page.locator("#patching").get_attribute("data-state") is None
+    visit.page.set_input_files("#patching-upload", str(source))
+    visit.page.wait_for_function(
+        "() => document.querySelector('#patching-source').value.startsWith('u-')",
+        timeout=TIMEOUT_MS,
+    )
+    visit.page.click("#patching button.start")
+    visit.page.wait_for_selector("#patching[data-state=done]", timeout=TIMEOUT_MS)
+    _shown_patching(visit, rpc, source)
+    assert visit.errors == []
+
+
+def test_cancelling_a_patching_sweep_stops_the_server_work(
+    visit: Visit, explorer: RunningServer
+) -> None:
+    # Small batches: many progress messages, each a point where the sweep polls its token.
+    # The sweep starts with the page (?source=): no waiting for the page to settle.
+    visit.page.goto(
+        f"{visit.base}/models/{MODEL}/images/{SAMPLE}?source=s-1-0100&variants_per_forward=2"
+    )
+    visit.page.wait_for_function(
+        "() => document.querySelector('#patching progress').value > 0", timeout=TIMEOUT_MS
+    )
+    visit.page.click("#patching button.cancel")
+    visit.page.wait_for_selector("#patching[data-state=cancelled]", timeout=TIMEOUT_MS)
+    assert visit.error("patching")["reason"] == "CANCELLED"
+    wait_settled(visit.page, TIMEOUT_MS)  # the page's other sections, started with it
+    assert explorer._slots.free == explorer._slots.max_running
     assert visit.errors == []
 
 
@@ -275,6 +427,7 @@ def test_image_page_equals_the_rpcs(visit: Visit, rpc: Client) -> None:
     assert strip.count() == depths + 1
     mses = [float(strip.nth(n).get_attribute("data-mse") or "nan") for n in range(depths + 1)]
     assert mses == pytest.approx([inverted[d].mse[0] for d in range(depths + 1)], rel=1e-5)  # type: ignore[index]
+    _shown_patching(visit, rpc, SAMPLES / "8-0800.png")
     assert visit.errors == []
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from vitscope import Client
+from vitscope import interventions as iv
 from vitscope.explain import ExplainProgress
 from vitscope.features import OptimizationProgress
 from vitscope.inversion import InversionProgress
@@ -44,6 +45,11 @@ def overlay_png(picture: Image.Image, patch_map: np.ndarray) -> bytes:
 
 def grid_list(values: np.ndarray) -> list[list[float]]:
     return [[float(v) for v in row] for row in np.asarray(values, dtype=np.float64)]
+
+
+def finite_grid(values: np.ndarray) -> list[list[float | None]]:
+    """A grid as JSON allows it: NaN (an undefined normalized effect) becomes null."""
+    return [[v if np.isfinite(v) else None for v in row] for row in grid_list(values)]
 
 
 @dataclass(frozen=True)
@@ -238,3 +244,124 @@ def inversion(client: Client, job: Job, model: str, image: StoredImage) -> dict[
             }
         )
     return {"available": True, "strip": strip}
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """What a click on the image page zeroes: one patch's token in the residual stream after
+    block `block`, or one head of that block."""
+
+    block: int
+    row: int | None = None
+    column: int | None = None
+    head: int | None = None
+
+    def what(self) -> str:
+        if self.head is not None:
+            return f"head {self.head} of block {self.block}"
+        return f"patch ({self.row}, {self.column}) after block {self.block}"
+
+    def edit(self) -> Any:
+        if self.head is not None:
+            return iv.edit(f"blocks.{self.block}.attn.heads", "zero", heads=[self.head])
+        position = (self.row or 0, self.column or 0)
+        return iv.edit(f"blocks.{self.block}.out", "zero", tokens="positions", positions=[position])
+
+
+def _ranked(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"index": p["class_index"], "name": p["class_name"], "probability": p["probability"]}
+        for p in predictions
+    ]
+
+
+def _base_and_ablated(
+    client: Client, model: str, images: Sequence[bytes], edit: Any, top_k: int
+) -> iv.Intervention:
+    """The plain forward (an empty variant) and the edited one, with the probability of the
+    plain forward's prediction (Intervene's default target without a source)."""
+    return client.intervene(
+        images,
+        [iv.variant([], "base"), iv.variant([edit], "ablated")],
+        model=model,
+        metric="target_probability",
+        top_k=top_k,
+    )
+
+
+def ablation(client: Client, model: str, image: StoredImage, ablated: Ablation) -> dict[str, Any]:
+    """The top predictions and the target's probability with and without the ablation."""
+    result = _base_and_ablated(client, model, [image.data], ablated.edit(), PREDICTIONS)
+    base, edited = result.variants
+    assert base.metric is not None and edited.metric is not None
+    return {
+        "site": ablated.edit().site,
+        "what": ablated.what(),
+        "target": result.class_names[result.target_classes[0]],
+        "base_probability": float(base.metric[0]),
+        "ablated_probability": float(edited.metric[0]),
+        "base": _ranked(base.predictions[0]),
+        "ablated": _ranked(edited.predictions[0]),
+    }
+
+
+def unit_ablation(client: Client, unit: Unit, images: Sequence[StoredImage]) -> dict[str, Any]:
+    """The unit's channel zeroed at its site on every sample: each one's prediction and the
+    probability of its plain prediction, before and after."""
+    edit = iv.edit(unit.site, "zero", channels=[unit.channel])
+    result = _base_and_ablated(client, unit.model, [i.data for i in images], edit, 1)
+    base, edited = result.variants
+    assert base.metric is not None and edited.metric is not None
+    rows: list[dict[str, Any]] = [
+        {
+            "image": stored.id,
+            "base": _ranked(base.predictions[n])[0],
+            "ablated": _ranked(edited.predictions[n])[0],
+            "base_probability": float(base.metric[n]),
+            "ablated_probability": float(edited.metric[n]),
+        }
+        for n, stored in enumerate(images)
+    ]
+    return {
+        "images": rows,
+        "changed": sum(r["base"]["index"] != r["ablated"]["index"] for r in rows),
+        "mean_change": float(np.mean(edited.metric.astype(np.float64) - base.metric)),
+    }
+
+
+def patching(
+    client: Client,
+    job: Job,
+    model: str,
+    image: StoredImage,
+    source: StoredImage,
+    variants_per_forward: int | None,
+) -> dict[str, Any]:
+    """The residual stream patched from `source` into the image at every block and patch
+    position (a patching sweep): the normalized effect per block over the grid."""
+
+    def on_progress(event: iv.Progress) -> None:
+        job.progress(event.completed, event.total, f"{event.completed} of {event.total} patches")
+
+    result = client.patching_sweep(
+        [image.data],
+        [source.data],
+        model=model,
+        variants_per_forward=variants_per_forward,
+        on_progress=on_progress,
+    )
+    assert result.normalized is not None and result.values is not None
+    assert result.base_metric is not None and result.source_metric is not None
+    blocks = result.sweep_blocks or tuple(range(result.normalized.shape[1]))
+    return {
+        "source": source.id,
+        "metric": result.metric,
+        "target": result.class_names[result.target_classes[0]],
+        "other": result.class_names[result.other_classes[0]],
+        "base_metric": float(result.base_metric[0]),
+        "source_metric": float(result.source_metric[0]),
+        "blocks": [
+            {"block": block, "normalized": finite_grid(result.normalized[0, n])}
+            for n, block in enumerate(blocks)
+        ],
+    }

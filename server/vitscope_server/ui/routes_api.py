@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request, Response
 from vitscope import Client
 from vitscope_server.core.runtime import errors
 from vitscope_server.ui import analyses
-from vitscope_server.ui.analyses import Unit
+from vitscope_server.ui.analyses import Ablation, Unit
 from vitscope_server.ui.explorer import Explorer
 from vitscope_server.ui.jobs import Job, Work
 
@@ -28,6 +28,7 @@ class UnitAnalysis(str, Enum):
     top_images = "top_images"
     histogram = "histogram"
     class_effects = "class_effects"
+    ablation = "ablation"
 
 
 class ImageAnalysis(str, Enum):
@@ -35,6 +36,8 @@ class ImageAnalysis(str, Enum):
     identifiability = "identifiability"
     explanations = "explanations"
     inversion = "inversion"
+    ablation = "ablation"
+    patching = "patching"
 
 
 def _server(client: Client) -> dict[str, Any]:
@@ -70,23 +73,69 @@ def _unit_work(
             return analyses.top_images(client, unit, samples, folder, explorer.read_folder_image)
         if analysis is UnitAnalysis.histogram:
             return analyses.histogram(client, unit, samples)
+        if analysis is UnitAnalysis.ablation:
+            return analyses.unit_ablation(client, unit, samples)
         return analyses.class_effects(client, unit)
 
     return work
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageRequest:
+    """An image job's parameters; each analysis reads its own (the rest stay at their
+    defaults, so that they do not split the cache)."""
+
+    methods: tuple[str, ...] = ()
+    ablation: Ablation | None = None
+    source: str = ""
+    variants_per_forward: int | None = None
+
+
+def _image_request(
+    analysis: ImageAnalysis,
+    methods: str,
+    ablation: Ablation,
+    source: str,
+    variants_per_forward: int | None,
+) -> ImageRequest:
+    if analysis is ImageAnalysis.explanations:
+        return ImageRequest(methods=tuple(m for m in methods.split(",") if m))
+    if analysis is ImageAnalysis.ablation:
+        if ablation.head is None and (ablation.row is None or ablation.column is None):
+            raise errors.InvalidArgument(
+                "head",
+                "name a head, or a patch by row and column",
+                reason=errors.Reason.FIELD_REQUIRED,
+            )
+        return ImageRequest(ablation=ablation)
+    if analysis is ImageAnalysis.patching:
+        if not source:
+            raise errors.InvalidArgument(
+                "source", "name the image to patch from", reason=errors.Reason.FIELD_REQUIRED
+            )
+        return ImageRequest(source=source, variants_per_forward=variants_per_forward)
+    return ImageRequest()
+
+
 def _image_work(
-    explorer: Explorer, model: str, image_id: str, analysis: ImageAnalysis, methods: list[str]
+    explorer: Explorer, model: str, image_id: str, analysis: ImageAnalysis, request: ImageRequest
 ) -> Work:
     def work(job: Job) -> dict[str, Any]:
         client = explorer.client(job.cancel)
         image = explorer.images.get(image_id)
+        if request.ablation is not None:
+            return analyses.ablation(client, model, image, request.ablation)
+        if analysis is ImageAnalysis.patching:
+            source = explorer.images.get(request.source)
+            return analyses.patching(
+                client, job, model, image, source, request.variants_per_forward
+            )
         if analysis is ImageAnalysis.predictions:
             return analyses.predictions(client, model, image)
         if analysis is ImageAnalysis.identifiability:
             return analyses.identifiability(client, model, image)
         if analysis is ImageAnalysis.explanations:
-            return analyses.explanations(client, job, model, image, methods)
+            return analyses.explanations(client, job, model, image, request.methods)
         return analyses.inversion(client, job, model, image)
 
     return work
@@ -131,12 +180,26 @@ def _add_job_starts(router: APIRouter, explorer: Explorer) -> None:
 
     @router.post("/models/{model}/images/{image}/{analysis}", summary="Start an image job")
     async def image_job(
-        model: str, image: str, analysis: ImageAnalysis, methods: str = "rollout,relevancy"
+        model: str,
+        image: str,
+        analysis: ImageAnalysis,
+        methods: str = "rollout,relevancy",
+        block: int = 0,
+        row: int | None = None,
+        column: int | None = None,
+        head: int | None = None,
+        source: str = "",
+        variants_per_forward: int | None = Query(None, ge=1, le=4096),
     ) -> dict[str, Any]:
-        chosen = [m for m in methods.split(",") if m]
+        """ablation: `block` with `head`, or with `row` and `column` (a patch); patching:
+        `source` (a sample or an upload) and optionally `variants_per_forward`."""
         explorer.images.get(image)
-        key = ("image", model, image, analysis, tuple(chosen))
-        work = _image_work(explorer, model, image, analysis, chosen)
+        ablation = Ablation(block, row, column, head)
+        request = _image_request(analysis, methods, ablation, source, variants_per_forward)
+        if request.source:
+            explorer.images.get(request.source)
+        key = ("image", model, image, analysis, request)
+        work = _image_work(explorer, model, image, analysis, request)
         return explorer.jobs.start(key, analysis.value, work).view()
 
 

@@ -146,6 +146,7 @@ class JobPanel {
   }
 
   update(job) {
+    if (job.id !== this.job?.id) return; // an earlier job of this section, replaced by a click
     if (FINISHED.includes(job.state)) {
       this.finish(job);
       return;
@@ -155,6 +156,7 @@ class JobPanel {
   }
 
   finish(job) {
+    if (job.id !== this.job?.id) return;
     this.progress.value = job.fraction;
     this.startButton.disabled = false;
     this.cancelButton.disabled = true;

@@ -1,5 +1,6 @@
 // An image's page (a sample or an upload): predictions, identifiability per layer, attribution
-// maps with their deletion and insertion curves, and the inversion strip by depth.
+// maps with their deletion and insertion curves, the inversion strip by depth, and the
+// intervention sections (interventions.js).
 "use strict";
 
 function predictionsView(result, body) {
@@ -49,6 +50,17 @@ async function showImage() {
     const section = el("section", { id: s.id }, el("h2", {}, s.title));
     main.append(section);
     new JobPanel(section, s.url, s.render);
+  }
+  const query = new URLSearchParams(location.search);
+  const ablation = ablationSection(main, base, image);
+  try {
+    const [described, samples] = await Promise.all([api(`/api/models/${enc(model)}`), api("/api/images")]);
+    ablation(described);
+    patchingSection(main, base, image, samples.samples, query);
+  } catch (error) {
+    const section = document.getElementById("ablation");
+    showError(section, error);
+    section.dataset.state = "failed";
   }
 }
 

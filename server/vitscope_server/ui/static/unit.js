@@ -38,6 +38,7 @@ function sections(model, site, channel, query) {
     { id: "visualization", title: "Optimized image", url: `${base}/visualization${steps ? `?steps=${enc(steps)}` : ""}`, render: visualizationView, auto: query.get("visualize") === "1" },
     { id: "class-effects", title: "Class effects (top classes of its memory)", url: `${base}/class_effects`, render: classEffectsView },
     { id: "histogram", title: "Activation over the sample patches", url: `${base}/histogram`, render: histogramView },
+    { id: "ablation", title: "Ablation: the channel zeroed on the samples", url: `${base}/ablation`, render: unitAblationView(model) },
     { id: "top-images", title: folder ? `Top images in ${folder}` : "Top sample images", url: `${base}/top_images${folder ? `?folder=${enc(folder)}` : ""}`, render: topImagesView(model) },
   ];
 }

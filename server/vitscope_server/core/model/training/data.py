@@ -44,13 +44,13 @@ def stratified_split(
 
 def eval_loader(size: int) -> Callable[[Path], torch.Tensor]:
     """A file -> RGB uint8 [3, size, size]: timm's eval transform (shorter side resized to
-    `size`, then centre-cropped), without its float conversion and normalisation."""
+    `size`, then center-cropped), without its float conversion and normalization."""
     transform = create_transform(
         input_size=(3, size, size),
         interpolation=INTERPOLATION,
         crop_pct=CROP_PCT,
         is_training=False,
-        use_prefetcher=True,  # ends with the uint8 tensor; the training loop normalises
+        use_prefetcher=True,  # ends with the uint8 tensor; the training loop normalizes
     )
 
     def load(path: Path) -> torch.Tensor:
