@@ -47,6 +47,8 @@ def pages(model: str, site: str = "blocks.0.mlp.hidden", channel: int = 3) -> di
         "model": base,
         "unit": f"{base}/units/{quote(site, safe='')}/{channel}?visualize=1&steps=32",
         "image": f"{base}/images/s-3-0300",
+        "sae": f"{base}/saes/resid3-topk",
+        "latent": f"{base}/units/{quote('blocks.3.out@sae:resid3-topk', safe='')}/0",
     }
 
 
