@@ -454,9 +454,7 @@ def test_model_page_lists_the_saes_and_links_each(visit: Visit, rpc: Client) -> 
     assert visit.errors == []
 
 
-def test_sae_page_equals_evaluate_sae_and_the_latent_activations(
-    visit: Visit, rpc: Client
-) -> None:
+def test_sae_page_equals_evaluate_sae_and_the_latent_activations(visit: Visit, rpc: Client) -> None:
     visit.go(pages(MODEL)["sae"])
     evaluation = rpc.evaluate_sae(_sample_images(), SAE, model=MODEL)
     names = visit.texts("#quality .metric")

@@ -24,6 +24,7 @@ function evaluationView(result, body) {
     l0: result.l0, dead_fraction: result.dead_fraction, dense_fraction: result.dense_fraction };
   body.replaceChildren(el("div", { id: "quality" }, metricsTable(quality)),
     el("h3", {}, "Latent frequency (log10 of the share of tokens each latent fires on)"), barPlot(result.histogram_counts),
+    el("p", { class: "muted", id: "frequency-range" }, `log10 frequency from ${fmt(result.histogram_edges[0], 3)} to ${fmt(result.histogram_edges.at(-1), 3)}; dead latents are counted in dead_fraction only`),
     el("h3", {}, "Splicing the reconstruction into the model"),
     result.splice ? el("div", { id: "splice" }, metricsTable(result.splice)) : el("p", { class: "muted" }, "Not computed."));
 }
