@@ -27,6 +27,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SETTLED = ("done", "failed", "cancelled")
+# The built-in model's SAE, and one of its latents that fires often on the samples.
+SAE, SAE_SITE, SAE_LATENT = "resid3-topk", "blocks.3.out", 406
 
 
 @contextmanager
@@ -40,13 +42,17 @@ def chromium() -> Iterator[Browser]:
 
 
 def pages(model: str, site: str = "blocks.0.mlp.hidden", channel: int = 3) -> dict[str, str]:
-    """Each page of the explorer by name: its path for the model, one unit and one sample."""
+    """Each page of the explorer by name: its path for the model, one unit, one sample, the
+    built-in SAE and one of its latents."""
     base = f"/models/{quote(model, safe='')}"
     return {
         "server": "/",
         "model": base,
         "unit": f"{base}/units/{quote(site, safe='')}/{channel}?visualize=1&steps=32",
         "image": f"{base}/images/s-3-0300?source=s-8-0800",
+        "sae": f"{base}/saes/{SAE}",
+        "latent": f"{base}/units/{quote(f'{SAE_SITE}@sae:{SAE}', safe='')}/{SAE_LATENT}"
+        "?visualize=1&steps=32",
     }
 
 

@@ -540,3 +540,148 @@ def test_the_openapi_schema_lists_the_endpoints(explorer: RunningServer) -> None
         "/api/models/{model}/images/{image}/{analysis}",
         "/api/jobs/{job}",
     } <= set(schema["paths"])
+
+
+SAE = "resid3-topk"
+LATENT_SITE = f"blocks.3.out@sae:{SAE}"
+
+
+def _sample_images() -> list[Path]:
+    """The samples in the explorer's order (sorted by file name)."""
+    return sorted(SAMPLES.glob("*.png"), key=lambda p: p.name)
+
+
+def _latent_statistics(rpc: Client, width: int) -> dict[str, np.ndarray]:
+    """Each latent's firing frequency, mean and max over the sample patches, from the RPC."""
+    values = rpc.activations(
+        _sample_images(),
+        [LATENT_SITE],
+        model=MODEL,
+        reduction="patch_map",
+        channels=list(range(width)),
+    )[LATENT_SITE].astype(np.float64)
+    per_latent = np.moveaxis(values, 1, 0).reshape(width, -1)
+    return {
+        "frequency": (per_latent > 0).mean(axis=1),
+        "mean": per_latent.mean(axis=1),
+        "max": per_latent.max(axis=1),
+    }
+
+
+def _shown_latents(visit: Visit) -> list[int]:
+    return [
+        int(v)
+        for v in visit.page.eval_on_selector_all(
+            "#latents tr.latent", "(rows) => rows.map((r) => r.dataset.latent)"
+        )
+    ]
+
+
+def _expected_order(statistics: dict[str, np.ndarray], column: str) -> list[int]:
+    """Largest first, ties by latent index, as the page sorts."""
+    values = statistics[column]
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))
+
+
+def test_model_page_lists_the_saes_and_links_each(visit: Visit, rpc: Client) -> None:
+    visit.go(pages(MODEL)["model"])
+    saes = rpc.describe(MODEL).saes
+    assert SAE in saes
+    assert visit.texts("#saes tbody tr td:first-child") == list(saes)
+    row = visit.page.locator("#saes tbody tr").first
+    sae = saes[SAE]
+    cells = [c.strip() for c in row.locator("td").all_inner_texts()]
+    assert cells[1] == sae["site"] and cells[3] == sae["kind"]
+    shown = [
+        None if v == "null" else float(v)
+        for v in row.locator("td.num").evaluate_all("(cells) => cells.map((c) => c.dataset.value)")
+    ]
+    recorded = sae.get("metrics", {})
+    expected = [sae["width"]] + [
+        recorded.get(k) for k in ("fvu", "explained_variance", "l0", "dead_fraction")
+    ]
+    assert shown == pytest.approx(expected, rel=1e-9)
+    row.locator("a").click()
+    visit.page.wait_for_url(f"**/models/{MODEL}/saes/{SAE}")
+    wait_settled(visit.page, TIMEOUT_MS)
+    assert visit.errors == []
+
+
+def test_sae_page_equals_evaluate_sae_and_the_latent_activations(visit: Visit, rpc: Client) -> None:
+    visit.go(pages(MODEL)["sae"])
+    evaluation = rpc.evaluate_sae(_sample_images(), SAE, model=MODEL)
+    names = visit.texts("#quality .metric")
+    assert names == [
+        "images",
+        "tokens",
+        "fvu",
+        "explained_variance",
+        "l0",
+        "dead_fraction",
+        "dense_fraction",
+    ]
+    assert visit.values("#quality td.num") == pytest.approx(
+        [getattr(evaluation, n) for n in names], rel=1e-5, abs=1e-9
+    )
+    assert evaluation.splice is not None
+    splice = visit.texts("#splice .metric")
+    assert visit.values("#splice td.num") == pytest.approx(
+        [evaluation.splice[n] for n in splice], rel=1e-5, abs=1e-9
+    )
+    bars = visit.page.eval_on_selector_all(
+        "#evaluation rect.bar", "(bars) => bars.map((b) => +b.dataset.count)"
+    )
+    assert bars == evaluation.histogram_counts
+
+    width = rpc.describe(MODEL).saes[SAE]["width"]
+    statistics = _latent_statistics(rpc, width)
+    order = _expected_order(statistics, "frequency")
+    assert _shown_latents(visit) == order[:32]
+    shown = np.array(visit.values("#latents td.num")).reshape(-1, 3)
+    for column, values in zip(("frequency", "mean", "max"), shown.T, strict=True):
+        assert values == pytest.approx(statistics[column][order[:32]], rel=1e-6, abs=1e-9)
+
+    visit.page.click("#latents button.sort[data-column=mean]")
+    assert _shown_latents(visit) == _expected_order(statistics, "mean")[:32]
+    visit.page.click("#latents button.next")
+    assert _shown_latents(visit) == _expected_order(statistics, "mean")[32:64]
+    assert visit.errors == []
+
+
+def test_a_latent_link_opens_its_unit_page(visit: Visit, rpc: Client) -> None:
+    visit.go(pages(MODEL)["sae"])
+    latent = _shown_latents(visit)[0]
+    visit.page.click(f"#latents tr.latent[data-latent='{latent}'] a")
+    visit.page.wait_for_url(f"**/units/**/{latent}")
+    wait_settled(visit.page, TIMEOUT_MS)
+    values = rpc.activations(
+        _sample_images(), [LATENT_SITE], model=MODEL, reduction="patch_map", channels=[latent]
+    )[LATENT_SITE]
+    count, mean, _, high = visit.values("#histogram td.num")
+    assert (count, high) == (values.size, pytest.approx(values.max()))
+    assert mean == pytest.approx(float(values.astype(np.float64).mean()), rel=1e-6)
+    top = rpc.top_activating_images(
+        LATENT_SITE, [latent], images=_sample_images(), model=MODEL, top_k=5
+    )
+    tiles = visit.page.locator("#top-images .top-image")
+    assert [int(tiles.nth(n).get_attribute("data-index") or -1) for n in range(tiles.count())] == [
+        t.index for t in top.channels[latent]
+    ]
+    assert "blocks.{i}.mlp.hidden" in visit.page.locator("#class-effects .body").inner_text()
+    visit.page.click("#visualization button.start")
+    wait_settled(visit.page, TIMEOUT_MS)
+    assert visit.page.locator("#visualization").get_attribute("data-state") == "done"
+    assert visit.page.locator("#optimized").is_visible()
+    assert visit.errors == []
+
+
+def test_an_unknown_sae_shows_the_rpc_reason_and_field(visit: Visit, rpc: Client) -> None:
+    visit.go(f"/models/{MODEL}/saes/no-such-sae")
+    error = _rpc_error(lambda: rpc.evaluate_sae(_sample_images()[:1], "no-such-sae", model=MODEL))
+    assert (error.reason, error.metadata.get("field")) == ("SITE_NOT_FOUND", "sae")
+    _same(visit.error("evaluation"), error)
+    _same(visit.error("latents"), error)
+    assert "no-such-sae" in visit.page.locator("#sae-info").inner_text()
+    visit.go(pages(MODEL)["server"])
+    assert visit.page.locator("#health").get_attribute("data-health") == "SERVING"
+    assert rpc.health() == "SERVING"

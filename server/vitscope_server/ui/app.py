@@ -17,6 +17,7 @@ from vitscope_server.ui import auth
 from vitscope_server.ui.explorer import Explorer
 from vitscope_server.ui.jobs import error_body
 from vitscope_server.ui.routes_api import api_router
+from vitscope_server.ui.routes_sae import sae_router
 
 STATIC = Path(__file__).parent / "static"
 
@@ -38,6 +39,7 @@ PAGES = {
     "/models/{model}": "model.html",
     "/models/{model}/units/{site}/{channel}": "unit.html",
     "/models/{model}/images/{image}": "image.html",
+    "/models/{model}/saes/{sae}": "sae.html",
     "/login": "login.html",
 }
 
@@ -94,6 +96,7 @@ def create_app(explorer: Explorer, token: str | None) -> FastAPI:
 
     app.middleware("http")(auth.token_guard(token))
     app.include_router(api_router(explorer))
+    app.include_router(sae_router(explorer))
     for path, name in PAGES.items():
         app.add_api_route(path, _page(name), methods=["GET"], include_in_schema=False)
     _add_login(app, token)

@@ -2,6 +2,17 @@
 // a unit picker and the sample images.
 "use strict";
 
+// The model's SAEs (DescribeModel), each linking to its page.
+function saesSection(model, saes) {
+  const entries = Object.entries(saes);
+  return el("section", { id: "saes" }, el("h2", {}, "Sparse autoencoders"),
+    entries.length
+      ? table(["SAE", "site", "latents", "kind", "FVU", "explained variance", "L0", "dead"], entries.map(([name, s]) => [
+          el("a", { href: `/models/${enc(model)}/saes/${enc(name)}` }, name), s.site, num(s.width, 6), s.kind,
+          num(s.metrics?.fvu ?? null), num(s.metrics?.explained_variance ?? null), num(s.metrics?.l0 ?? null), num(s.metrics?.dead_fraction ?? null)]))
+      : el("p", { class: "muted" }, "No SAE is served for this model."));
+}
+
 async function showModel() {
   const [, model] = parts();
   header([[model, null]]);
@@ -33,6 +44,7 @@ async function showModel() {
           ? table(["store", "max depth", "data", "modules"], m.inverters.map((i) => [i.store, num(i.max_depth, 4), i.data,
               i.modules.map((mod) => `${mod.name} (val MSE ${fmt(mod.best_val_mse, 3)})`).join(", ")]))
           : el("p", { class: "muted" }, "No learned inverter for this model.")),
+      saesSection(m.info.name, m.saes || {}),
     );
   } catch (error) {
     showError(main, error);
