@@ -13,6 +13,7 @@ from vitscope_server.core.model.adapters import Layout
 from vitscope_server.core.model.images import ImageInput
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.provenance import Provenance
+from vitscope_server.core.model.readout import Prediction
 from vitscope_server.core.model.registry import ModelEntry, ModelState
 from vitscope_server.core.model.sae import SaeInfo
 from vitscope_server.core.model.sites import sae_sites
@@ -139,3 +140,20 @@ def sae_info(info: SaeInfo) -> models_pb2.SaeInfo:
         trained_as=info.trained_as,
         metrics=info.metrics,
     )
+
+
+def image_predictions(rows: list[list[Prediction]]) -> list[activations_pb2.ImagePredictions]:
+    return [
+        activations_pb2.ImagePredictions(
+            predictions=[
+                common_pb2.Prediction(
+                    class_index=p.class_index,
+                    class_name=p.class_name,
+                    probability=p.probability,
+                    logit=p.logit,
+                )
+                for p in row
+            ]
+        )
+        for row in rows
+    ]

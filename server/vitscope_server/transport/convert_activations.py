@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from vitscope import tensors as wire
-from vitscope.v1 import activations_pb2, common_pb2, tensor_pb2
+from vitscope.v1 import activations_pb2, tensor_pb2
 from vitscope.v1 import activations_pb2 as apb
 from vitscope_server.core.activations.compute import ActivationQuery, ActivationResult
 from vitscope_server.core.activations.top_images import ScanQuery, ScanResult
@@ -17,6 +17,7 @@ from vitscope_server.transport.convert import (
     REDUCTIONS_BACK,
     TOKEN_MODES_BACK,
     WIRE_DTYPES,
+    image_predictions,
     provenance,
     token_mode,
 )
@@ -109,20 +110,7 @@ def _activations_header(
             )
             for s in result.sites
         ],
-        predictions=[
-            activations_pb2.ImagePredictions(
-                predictions=[
-                    common_pb2.Prediction(
-                        class_index=p.class_index,
-                        class_name=p.class_name,
-                        probability=p.probability,
-                        logit=p.logit,
-                    )
-                    for p in image
-                ]
-            )
-            for image in result.predictions
-        ],
+        predictions=image_predictions(result.predictions),
         chunk_count=num_chunks,
     )
 

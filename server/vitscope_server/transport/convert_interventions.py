@@ -30,13 +30,14 @@ from vitscope_server.core.interventions.edits import (
     Variant,
 )
 from vitscope_server.core.interventions.query import ImageSets
-from vitscope_server.core.model.readout import OutputTensor, Prediction
+from vitscope_server.core.model.readout import OutputTensor
 from vitscope_server.core.model.tokens import TokenMode
 from vitscope_server.transport.convert import (
     OUTPUT_DTYPES,
     REDUCTIONS,
     WIRE_DTYPES,
     image_inputs,
+    image_predictions,
     provenance,
     tensor_array,
     token_mode,
@@ -176,25 +177,10 @@ def _output_tensor(tensor: OutputTensor) -> tensor_pb2.Tensor:
     )
 
 
-def _predictions(rows: list[list[Prediction]]) -> list[activations_pb2.ImagePredictions]:
-    return [
-        activations_pb2.ImagePredictions(
-            predictions=[
-                common_pb2.Prediction(
-                    class_index=p.class_index,
-                    class_name=p.class_name,
-                    probability=p.probability,
-                    logit=p.logit,
-                )
-                for p in row
-            ]
-        )
-        for row in rows
-    ]
-
-
 def _reference(run: Reference) -> pb.ReferenceRun:
-    return pb.ReferenceRun(metric=_float(run.metric), predictions=_predictions(run.predictions))
+    return pb.ReferenceRun(
+        metric=_float(run.metric), predictions=image_predictions(run.predictions)
+    )
 
 
 def _header(header: InterventionHeader) -> pb.InterventionHeader:
@@ -236,7 +222,7 @@ def _variant(result: VariantResult) -> pb.VariantResult:
         normalized=_float(result.normalized),
         logits=_float(result.logits),
         class_logits=_float(result.class_logits),
-        predictions=_predictions(result.predictions),
+        predictions=image_predictions(result.predictions),
         sites=[
             pb.InterventionSiteResult(
                 site=s.site.name,

@@ -17,7 +17,12 @@ import numpy as np
 import torch
 
 from vitscope_server.core.model.adapters import Layout, SiteDef
-from vitscope_server.core.model.tokens import TokenMode, resolve_token_indices, select_tokens
+from vitscope_server.core.model.tokens import (
+    TokenMode,
+    TokenSelection,
+    resolve_token_indices,
+    select_tokens,
+)
 from vitscope_server.core.runtime.errors import InvalidArgument, require_in_range
 from vitscope_server.core.runtime.transfer import to_host
 
@@ -93,17 +98,9 @@ class Prediction:
     logit: float
 
 
-class Readout(Protocol):
-    """What a request says about how to read a site (ActivationQuery, an Intervene output)."""
-
-    @property
-    def token_mode(self) -> TokenMode: ...
-
-    @property
-    def token_indices(self) -> tuple[int, ...]: ...
-
-    @property
-    def positions(self) -> tuple[tuple[int, int], ...]: ...
+class Readout(TokenSelection, Protocol):
+    """What a request says about how to read a site (ActivationQuery, an Intervene output):
+    its tokens, and the reduction and dtype of what it reads."""
 
     @property
     def reduction(self) -> Reduction: ...
