@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
@@ -73,6 +73,16 @@ def _exposed(adapter: ModelAdapter, sites: list[SiteDef]) -> Iterator[ExitStack]
         yield stack
 
 
+def _hook(module: nn.Module, site: SiteDef, record: Callable[[Any], None]) -> Callable[[], None]:
+    """Records the site's input or output of the module; returns what removes the hook. The
+    hook stays plain Python under compiled blocks."""
+    if site.from_input:
+        pre = torch.compiler.disable(lambda module, args: record(args))
+        return module.register_forward_pre_hook(pre).remove
+    post = torch.compiler.disable(lambda module, args, output: record(output))
+    return module.register_forward_hook(post).remove
+
+
 @contextmanager
 def capture_sites(
     adapter: ModelAdapter,
@@ -92,7 +102,7 @@ def capture_sites(
     owner = threading.get_ident()
     captured: dict[str, torch.Tensor] = {}
 
-    def recorder(site: SiteDef) -> Any:
+    def recorder(site: SiteDef) -> Callable[[Any], None]:
         """Records the site's call of its module (call_index of every `calls` calls)."""
         count = itertools.count()
 
@@ -103,14 +113,6 @@ def capture_sites(
             captured[site.name] = tensor if site.sae_read is None else site.sae_read(tensor)
 
         return record
-
-    def output_hook(site: SiteDef) -> Any:
-        record = recorder(site)
-        return torch.compiler.disable(lambda module, args, output: record(output))
-
-    def input_hook(site: SiteDef) -> Any:
-        record = recorder(site)
-        return torch.compiler.disable(lambda module, args: record(args))
 
     @torch.compiler.disable
     def cancel_hook(module: nn.Module, args: Any) -> None:
@@ -127,12 +129,9 @@ def capture_sites(
             handle = adapter.root.get_submodule(block.path).register_forward_pre_hook(cancel_hook)
             stack.callback(handle.remove)
         for site in sites:
-            module = adapter.root.get_submodule(site.module_path)
-            if site.from_input:
-                handle = module.register_forward_pre_hook(input_hook(site))
-            else:
-                handle = module.register_forward_hook(output_hook(site))
-            stack.callback(handle.remove)
+            stack.callback(
+                _hook(adapter.root.get_submodule(site.module_path), site, recorder(site))
+            )
         if stop_after_block is not None:
             last = adapter.root.get_submodule(adapter.blocks[stop_after_block].path)
             stack.callback(last.register_forward_hook(stop_hook).remove)

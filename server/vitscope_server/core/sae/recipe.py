@@ -33,7 +33,7 @@ class Recipe(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: TrainedKind = Field(
-        "topk", description="topk, batchtopk (served as JumpReLU with a global threshold) or relu"
+        "topk", description="topk, batchtopk (served as JumpReLU with a global threshold) or relu."
     )
     expansion: int = Field(8, ge=1, description="Latents per input dimension (d_sae / d).")
     latents_per_token: int = Field(

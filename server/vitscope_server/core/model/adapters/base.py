@@ -47,8 +47,10 @@ class HeadSplit:
     splits into heads, and what scales the projection's output on its way to attn.out."""
 
     heads: int
-    # The LayerScale module applied after the attention (None: none).
+    # What holds the LayerScale applied after the attention (None: none): a module with a
+    # `gamma` (timm's ls1), or the block itself with a parameter (BEiT's and EVA's gamma_1).
     layer_scale_path: str | None = None
+    layer_scale_attribute: str = "gamma"
     # An attention module that must run an explicit path for its projection to be called as
     # a module (nn.MultiheadAttention); None when the projection always is.
     context_path: str | None = None
@@ -351,7 +353,8 @@ class ModelAdapter(ABC):
         path = site.heads.layer_scale_path if site.heads is not None else None
         if path is None:
             return None
-        gamma = getattr(self.root.get_submodule(path), "gamma", None)
+        assert site.heads is not None
+        gamma = getattr(self.root.get_submodule(path), site.heads.layer_scale_attribute, None)
         return gamma if isinstance(gamma, torch.Tensor) else None
 
     def to_canonical(self, tensor: torch.Tensor, site: SiteDef, batch: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ after any LayerScale or post-norm. The probe (core/model/anatomy.py) checks them
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from vitscope_server.core.model.adapters.base import BlockParts, HeadSplit, Tap, UnavailableSite
@@ -141,6 +142,8 @@ def _head_split(path: str, block: nn.Module, attention: nn.Module) -> HeadSplit 
     heads = getattr(attention, "num_heads", None)
     if not isinstance(getattr(attention, "proj", None), nn.Linear) or not isinstance(heads, int):
         return None
+    if isinstance(getattr(block, "gamma_1", None), torch.Tensor):
+        return HeadSplit(heads, path, layer_scale_attribute="gamma_1")
     scale = getattr(block, "ls1", None)
     return HeadSplit(heads, f"{path}.ls1" if hasattr(scale, "gamma") else None)
 
