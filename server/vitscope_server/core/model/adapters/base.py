@@ -47,13 +47,14 @@ class HeadSplit:
     splits into heads, and what scales the projection's output on its way to attn.out."""
 
     heads: int
-    # What holds the LayerScale applied after the attention (None: none): a module with a
-    # `gamma` (timm's ls1), or the block itself with a parameter (BEiT's and EVA's gamma_1).
+    # What holds the LayerScale applied after the attention (None: none): a module (timm's
+    # ls1) or the block itself (BEiT's and EVA's gamma_1 parameter).
     layer_scale_path: str | None = None
-    layer_scale_attribute: str = "gamma"
     # An attention module that must run an explicit path for its projection to be called as
     # a module (nn.MultiheadAttention); None when the projection always is.
     context_path: str | None = None
+    # The LayerScale's attribute on layer_scale_path: gamma (ls1) or gamma_1 (a block's).
+    layer_scale_attribute: str = "gamma"
 
 
 def head_contributions(
