@@ -10,7 +10,7 @@ import itertools
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -73,13 +73,23 @@ def _exposed(adapter: ModelAdapter, sites: list[SiteDef]) -> Iterator[ExitStack]
         yield stack
 
 
-def _hook(module: nn.Module, site: SiteDef, record: Callable[[Any], None]) -> Callable[[], None]:
-    """Records the site's input or output of the module; returns what removes the hook. The
-    hook stays plain Python under compiled blocks."""
+Hook = TypeVar("Hook", bound=Callable[..., Any])
+
+
+def _plain(adapter: ModelAdapter, hook: Hook) -> Hook:
+    """The hook kept out of the compiler's graphs when the blocks are compiled (a wrapper that
+    costs a little on every call, so eager models go without it)."""
+    return torch.compiler.disable(hook) if adapter.compiled else hook
+
+
+def _hook(
+    adapter: ModelAdapter, module: nn.Module, site: SiteDef, record: Callable[[Any], None]
+) -> Callable[[], None]:
+    """Records the site's input or output of the module; returns what removes the hook."""
     if site.from_input:
-        pre = torch.compiler.disable(lambda module, args: record(args))
+        pre = _plain(adapter, lambda module, args: record(args))
         return module.register_forward_pre_hook(pre).remove
-    post = torch.compiler.disable(lambda module, args, output: record(output))
+    post = _plain(adapter, lambda module, args, output: record(output))
     return module.register_forward_hook(post).remove
 
 
@@ -114,27 +124,25 @@ def capture_sites(
 
         return record
 
-    @torch.compiler.disable
     def cancel_hook(module: nn.Module, args: Any) -> None:
         if threading.get_ident() == owner:
             cancel.raise_if_cancelled()
 
-    @torch.compiler.disable
     def stop_hook(module: nn.Module, args: Any, output: Any) -> None:
         if threading.get_ident() == owner:
             raise ForwardStopped
 
     with _exposed(adapter, sites) as stack:
         for block in adapter.blocks:
-            handle = adapter.root.get_submodule(block.path).register_forward_pre_hook(cancel_hook)
+            module = adapter.root.get_submodule(block.path)
+            handle = module.register_forward_pre_hook(_plain(adapter, cancel_hook))
             stack.callback(handle.remove)
         for site in sites:
-            stack.callback(
-                _hook(adapter.root.get_submodule(site.module_path), site, recorder(site))
-            )
+            module = adapter.root.get_submodule(site.module_path)
+            stack.callback(_hook(adapter, module, site, recorder(site)))
         if stop_after_block is not None:
             last = adapter.root.get_submodule(adapter.blocks[stop_after_block].path)
-            stack.callback(last.register_forward_hook(stop_hook).remove)
+            stack.callback(last.register_forward_hook(_plain(adapter, stop_hook)).remove)
         yield captured
 
 

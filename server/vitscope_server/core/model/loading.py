@@ -120,6 +120,7 @@ def compile_blocks(adapter: ModelAdapter) -> None:
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     for block in adapter.blocks:
         adapter.root.get_submodule(block.path).compile(dynamic=True)
+    adapter.compiled = True
 
 
 def load_model(spec: ModelSpec, device: torch.device, *, compiled: bool = False) -> LoadedModel:

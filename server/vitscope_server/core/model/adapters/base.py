@@ -220,6 +220,8 @@ class ModelAdapter(ABC):
         )
         # The declared number of prefix tokens, tried first when reading a block's grid.
         self.prefix_hint = 0
+        # Whether its blocks run compiled (core/model/loading.compile_blocks).
+        self.compiled = False
         # SAEs served on this model's sites, by name (core/model/sae_loading.py).
         self.saes: dict[str, ServedSae] = {}
 
