@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.servers import start
 from support.waiting import wait_until
 
 from vitscope.tensors import to_proto
@@ -46,6 +47,14 @@ def _requests(server: RunningServer, method: str) -> dict[str, float]:
 
 def _counted(server: RunningServer, method: str, code: str, before: dict[str, float]) -> bool:
     return _requests(server, method).get(code, 0) > before.get(code, 0)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server of this module's own: its counters and gauges see only these calls."""
+    running = start(tmp_path_factory.mktemp("caller-ends"), [], default_model=MODEL)
+    yield running
+    running.stop(0)
 
 
 @pytest.fixture
