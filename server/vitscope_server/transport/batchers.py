@@ -26,7 +26,7 @@ from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots
 from vitscope_server.settings import ServerSettings
-from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.metrics import Metrics, labelled
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -71,7 +71,7 @@ def create_batchers(
 
 def _observer(metrics: Metrics, method: str) -> Callable[[str, int, float], None]:
     def observe(model: str, images: int, delay: float) -> None:
-        metrics.batch_images.labels(method, model).observe(images)
-        metrics.batch_delay.labels(method, model).observe(delay)
+        labelled(metrics.batch_images, method, model).observe(images)
+        labelled(metrics.batch_delay, method, model).observe(delay)
 
     return observe

@@ -13,7 +13,7 @@ from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots, HeldSlot
 from vitscope_server.core.runtime.stages import Stage, StageTimes
-from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.metrics import Metrics, labelled
 from vitscope_server.transport.progress import holding_compute
 
 Message = TypeVar("Message")
@@ -26,8 +26,8 @@ def computing(
     """Waits for a compute slot (or the cancel token), then holds it for the block; run the
     torch work through the slot. Streamed responses sent meanwhile never wait for the reader."""
     with slots.acquire(cancel) as slot, holding_compute():
-        metrics.queue_wait.labels(method, model).observe(slot.waited)
-        with metrics.compute.labels(method, model).time():
+        labelled(metrics.queue_wait, method, model).observe(slot.waited)
+        with labelled(metrics.compute, method, model).time():
             yield slot
 
 
@@ -46,8 +46,8 @@ def timed_messages(messages: Iterator[Message], stages: StageTimes) -> Iterator[
 
 def record_batched(metrics: Metrics, method: str, model: str, info: BatchInfo) -> None:
     """A batched request's wait (arrival to its batch's start) and its batch's compute time."""
-    metrics.queue_wait.labels(method, model).observe(info.waited)
-    metrics.compute.labels(method, model).observe(info.computed)
+    labelled(metrics.queue_wait, method, model).observe(info.waited)
+    labelled(metrics.compute, method, model).observe(info.computed)
 
 
 # Room in a response for what is not counted up front: provenance, names, framing.

@@ -22,7 +22,7 @@ import torch
 from vitscope_server.core.runtime import errors
 from vitscope_server.core.runtime.errors import Reason
 from vitscope_server.transport import fields
-from vitscope_server.transport.metrics import Metrics
+from vitscope_server.transport.metrics import Metrics, labelled
 from vitscope_server.transport.parsing import Unparseable, parsed, tolerant
 from vitscope_server.transport.progress import StreamPolicy, buffered, sent_directly
 from vitscope_server.transport.status import rich_status
@@ -134,19 +134,19 @@ class _Call:
         self.metrics, self.method, self.model = metrics, method, model
         self.started = time.perf_counter()
         self.sent = 0
-        metrics.in_flight.labels(method).inc()
+        labelled(metrics.in_flight, method).inc()
 
     def finish(self, code: grpc.StatusCode) -> None:
         name = code.name
         if code in _CALLER_ENDS:
             # The caller's deadline or cancellation: nothing went wrong on the server.
             log.info("%s call ended by its caller: %s", self.method, name)
-        self.metrics.in_flight.labels(self.method).dec()
-        self.metrics.requests.labels(self.method, self.model, name).inc()
-        self.metrics.latency.labels(self.method, self.model, name).observe(
+        labelled(self.metrics.in_flight, self.method).dec()
+        labelled(self.metrics.requests, self.method, self.model, name).inc()
+        labelled(self.metrics.latency, self.method, self.model, name).observe(
             time.perf_counter() - self.started
         )
-        self.metrics.sent_bytes.labels(self.method, self.model).inc(self.sent)
+        labelled(self.metrics.sent_bytes, self.method, self.model).inc(self.sent)
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from vitscope_server.core.runtime.stages import Stage, StageTimes
 
@@ -55,6 +59,13 @@ def _batch_histograms(registry: CollectorRegistry) -> tuple[Histogram, Histogram
         registry=registry,
     )
     return images, delay
+
+
+@lru_cache(maxsize=4096)
+def labelled(metric: MetricWrapperBase, *labels: str) -> Any:
+    """metric.labels(*labels), looked up once: each request touches a dozen series, and
+    prometheus_client checks and locks on every lookup. Series are never removed."""
+    return metric.labels(*labels)
 
 
 def _stage_histograms(registry: CollectorRegistry) -> dict[Stage, Histogram]:
@@ -137,7 +148,7 @@ class Metrics:
         """Every stage but the queue, which record_batched observes with the compute time."""
         for stage, seconds in stages.seconds.items():
             if stage is not Stage.QUEUE:
-                self.stages[stage].labels(method, model).observe(seconds)
+                labelled(self.stages[stage], method, model).observe(seconds)
 
     def watch_gpu_memory(self) -> None:
         """Exports allocated CUDA memory when a GPU is in use."""

@@ -11,6 +11,7 @@ import math
 import os
 import resource
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,15 @@ class ModelFootprint:
 
     @classmethod
     def of(cls, adapter: ModelAdapter) -> ModelFootprint:
+        """Computed once per anatomy (the probe settles it once at load), since every
+        request's estimate reads it."""
+        cached = _FOOTPRINTS.get(adapter)
+        if cached is None or cached[0] is not adapter.blocks:
+            cached = _FOOTPRINTS[adapter] = (adapter.blocks, cls._measure(adapter))
+        return cached[1]
+
+    @classmethod
+    def _measure(cls, adapter: ModelAdapter) -> ModelFootprint:
         channels, height, width = adapter.data_config.input_size
         blocks = [_block_bytes(block) for block in adapter.blocks] or [
             _block_bytes_of(adapter.num_prefix_tokens + math.prod(adapter.grid), adapter.embed_dim)
@@ -72,6 +82,11 @@ class ModelFootprint:
             site_bytes=max(b.site for b in blocks),
             backward_bytes=sum(b.backward for b in blocks),
         )
+
+
+_FOOTPRINTS: weakref.WeakKeyDictionary[ModelAdapter, tuple[list[BlockAnatomy], ModelFootprint]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(frozen=True)

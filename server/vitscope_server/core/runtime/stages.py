@@ -4,8 +4,6 @@ beside the model's (the stages Triton reports as queue, compute input, infer and
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -34,10 +32,23 @@ class StageTimes:
         for stage, seconds in other.seconds.items():
             self.add(stage, seconds)
 
-    @contextmanager
-    def timing(self, stage: Stage) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(stage, time.perf_counter() - started)
+    def timing(self, stage: Stage) -> _Timing:
+        """A block timed into `stage`."""
+        return _Timing(self.seconds, stage)
+
+
+class _Timing:
+    """A plain context manager rather than a generator one: a request times a dozen blocks,
+    and this is its cheapest form."""
+
+    __slots__ = ("_seconds", "_stage", "_started")
+
+    def __init__(self, seconds: dict[Stage, float], stage: Stage) -> None:
+        self._seconds, self._stage = seconds, stage
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *_: object) -> None:
+        elapsed = time.perf_counter() - self._started
+        self._seconds[self._stage] = self._seconds.get(self._stage, 0.0) + elapsed
