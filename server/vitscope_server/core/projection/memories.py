@@ -42,6 +42,7 @@ from vitscope_server.core.runtime.errors import (
     Reason,
     ResourceExhausted,
 )
+from vitscope_server.core.runtime.transfer import to_host
 
 MEMORY_KINDS = (MemoryKind.MLP, MemoryKind.ATTENTION)
 # The agreement rate compares the 5 strongest keys with the 5 strongest values, as the authors did.
@@ -221,14 +222,22 @@ def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryR
             images = []
             if kind in coefficients:
                 images = _image_memories(coefficients[kind], matrix, targets, query.top_k)
+            memory_indices, memory_values, class_indices, class_values = to_host(
+                [
+                    per_memory.indices.contiguous(),
+                    per_memory.values.float().contiguous(),
+                    per_class.indices.contiguous(),
+                    per_class.values.float().contiguous(),
+                ]
+            )
             sets.append(
                 MemorySet(
                     kind,
                     int(values.shape[1]),
-                    per_memory.indices.cpu().numpy(),
-                    per_memory.values.float().cpu().numpy(),
-                    per_class.indices.cpu().numpy(),
-                    per_class.values.float().cpu().numpy(),
+                    memory_indices,
+                    memory_values,
+                    class_indices,
+                    class_values,
                     images,
                 )
             )
@@ -246,13 +255,15 @@ def _image_memories(
     class_values = matrix.index_select(0, targets).topk(AGREEMENT_TOP, dim=1).indices  # [B, 5]
     agrees = (strongest[..., :, None] == class_values[:, None, None, :]).any(-1).any(-1)
     rates = agrees.float().mean(dim=1)
+    indices, values, host_rates, host_targets = to_host(
+        [
+            top.indices.contiguous(),
+            top.values.float().contiguous(),
+            rates.contiguous(),
+            targets.to(rates.device).contiguous(),
+        ]
+    )
     return [
-        ImageMemories(
-            i,
-            int(targets[i]),
-            top.indices[i].cpu().numpy(),
-            top.values[i].float().cpu().numpy(),
-            float(rates[i]),
-        )
+        ImageMemories(i, int(host_targets[i]), indices[i], values[i], float(host_rates[i]))
         for i in range(coefficients.shape[0])
     ]

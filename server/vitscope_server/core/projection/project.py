@@ -50,6 +50,7 @@ from vitscope_server.core.runtime.errors import (
     require_in_range,
     require_unique,
 )
+from vitscope_server.core.runtime.transfer import to_host
 
 
 class Representation(Enum):
@@ -495,7 +496,7 @@ def _per_token(
     num_classes: int,
 ) -> dict[Representation, tuple[torch.Tensor, ...]]:
     """(top classes, top scores, ranks, identifiability) per requested representation, each
-    [B, blocks, tokens, ...] on the CPU, for the requested tokens and blocks only."""
+    [B, blocks, tokens, ...] on the device, for the requested tokens and blocks only."""
     selected_residual = [residual_order.index(b) for b in prepared.query.blocks]
     per_token = {}
     for name in prepared.query.representations:
@@ -511,8 +512,8 @@ def _per_token(
             )
         identifiability = 1.0 - ranks.float() / num_classes
         per_token[name] = tuple(
-            t.transpose(0, 1).cpu()
-            for t in (top_classes, top_scores, ranks.long(), identifiability)
+            t.transpose(0, 1)
+            for t in (top_classes, top_scores.float(), ranks.long(), identifiability)
         )
     return per_token
 
@@ -550,18 +551,50 @@ def _importance(
 
 
 @dataclass(frozen=True)
+class _OnDevice:
+    """One request's small results, still on the model's device."""
+
+    targets: torch.Tensor  # int64 [B]
+    predicted: torch.Tensor  # int64 [B]
+    predicted_scores: torch.Tensor  # float32 [B]
+    predicted_probabilities: torch.Tensor  # float32 [B]
+    per_token: dict[Representation, tuple[torch.Tensor, ...]]
+    summaries: torch.Tensor  # float32 [B, blocks, 9]
+    dataset: torch.Tensor  # float32 [blocks, 3]
+
+    def tensors(self) -> list[torch.Tensor]:
+        fixed = [self.targets, self.predicted, self.predicted_scores]
+        fixed += [self.predicted_probabilities, self.summaries, self.dataset]
+        return fixed + [t for parts in self.per_token.values() for t in parts]
+
+
+@dataclass(frozen=True)
 class _Projected:
-    """Everything one image's ImageProjection is read from."""
+    """Everything one image's ImageProjection is read from, on the host."""
 
     space: ClassSpace
     given: list[int | None]
-    targets: torch.Tensor
-    predicted: torch.Tensor
-    final_scores: torch.Tensor
-    probabilities: torch.Tensor
-    per_token: dict[Representation, tuple[torch.Tensor, ...]]
-    summaries: torch.Tensor
+    targets: np.ndarray
+    predicted: np.ndarray
+    predicted_scores: np.ndarray
+    predicted_probabilities: np.ndarray
+    per_token: dict[Representation, list[np.ndarray]]
+    summaries: np.ndarray
     importance: list[ImportanceMaps] | None
+
+
+def _on_host(
+    device: _OnDevice, space: ClassSpace, given: list[int | None]
+) -> tuple[_Projected, np.ndarray]:
+    """Every small result copied off the device at once (one transfer, no synchronisation per
+    block or image); the dataset summary comes back beside them."""
+    arrays = iter(to_host([t.contiguous() for t in device.tensors()]))
+    targets, predicted, scores, probabilities, summaries, dataset = (next(arrays) for _ in range(6))
+    per_token = {name: [next(arrays) for _ in parts] for name, parts in device.per_token.items()}
+    projected = _Projected(
+        space, given, targets, predicted, scores, probabilities, per_token, summaries, None
+    )
+    return projected, dataset
 
 
 def _image(i: int, projected: _Projected, query: ProjectionQuery) -> ImageProjection:
@@ -572,16 +605,10 @@ def _image(i: int, projected: _Projected, query: ProjectionQuery) -> ImageProjec
         target_name=projected.space.names[target],
         target_is_prediction=not projected.given or projected.given[i] is None,
         predicted_index=predicted,
-        predicted_score=float(projected.final_scores[i, predicted]),
-        predicted_probability=float(projected.probabilities[i, predicted]),
+        predicted_score=float(projected.predicted_scores[i]),
+        predicted_probability=float(projected.predicted_probabilities[i]),
         tokens=[
-            TokenProjection(
-                name,
-                *(
-                    part[i].float().numpy() if n == 1 else part[i].numpy()
-                    for n, part in enumerate(projected.per_token[name])
-                ),
-            )
+            TokenProjection(name, *(part[i] for part in projected.per_token[name]))
             for name in query.representations
         ],
         blocks=[
@@ -656,28 +683,25 @@ def _project(
         ranked = _rank_all(head, space, forward, blocks, targets, query.top_k, cancel)
         residual_order = sorted(forward.residual)
         cancel.raise_if_cancelled()
-        summaries = _summaries(
-            blocks,
-            ranked[Representation.RESIDUAL],
-            residual_order,
-            ranked[Representation.ATTENTION],
-            ranked[Representation.MLP],
-            layout.num_prefix_tokens,
-        ).cpu()
-        per_token = _per_token(ranked, prepared, residual_order, space.num_classes)
-        probabilities = (forward.final_scores.float() * space.logit_scale).softmax(dim=-1)
+        residual = ranked[Representation.RESIDUAL]
+        on_device = _OnDevice(
+            targets,
+            predicted,
+            *_predicted_rows(forward.final_scores, predicted, space.logit_scale),
+            _per_token(ranked, prepared, residual_order, space.num_classes),
+            _summaries(
+                blocks,
+                residual,
+                residual_order,
+                ranked[Representation.ATTENTION],
+                ranked[Representation.MLP],
+                layout.num_prefix_tokens,
+            ),
+            _dataset_numbers(blocks, residual, residual_order, layout.num_prefix_tokens, space),
+        )
     importance, evaluation = _importance(prepared, space, forward, pixels, targets, cancel)
-    projected = _Projected(
-        space,
-        given,
-        targets,
-        predicted,
-        forward.final_scores,
-        probabilities,
-        per_token,
-        summaries,
-        importance,
-    )
+    projected, dataset = _on_host(on_device, space, given)
+    projected = replace(projected, importance=importance)
     images = [_image(i, projected, query) for i in range(pixels.shape[0])]
     header = ProjectionHeader(
         provenance_of(loaded, query.evaluation_seed),
@@ -688,29 +712,40 @@ def _project(
         layout.num_prefix_tokens,
         layout.grid,
     )
-    residual = ranked[Representation.RESIDUAL]
-    dataset = _dataset_summary(blocks, residual, residual_order, layout.num_prefix_tokens, space)
-    return header, images, DatasetSummary(dataset, evaluation)
+    summary = [DatasetBlockSummary(b, *map(float, dataset[j])) for j, b in enumerate(blocks)]
+    return header, images, DatasetSummary(summary, evaluation)
 
 
-def _dataset_summary(
+def _predicted_rows(
+    final_scores: torch.Tensor, predicted: torch.Tensor, logit_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's score and probability of its predicted class, float32 [B]."""
+    scores = final_scores.float()
+    probabilities = (scores * logit_scale).softmax(dim=-1)
+    rows = predicted[:, None]
+    return scores.gather(1, rows)[:, 0], probabilities.gather(1, rows)[:, 0]
+
+
+def _dataset_numbers(
     blocks: tuple[int, ...],
     residual: _Ranked,
     residual_order: list[int],
     prefix: int,
     space: ClassSpace,
-) -> list[DatasetBlockSummary]:
-    """Per block over the whole batch: mean rate, mean r, and images with an identifiable patch."""
-    result = []
+) -> torch.Tensor:
+    """[blocks, 3] over the whole batch, in DatasetBlockSummary's order: mean rate, mean r,
+    and the percent of images with an identifiable patch."""
+    rows = []
     for b in blocks:
         ranks = residual.ranks[residual_order.index(b), :, prefix:]
-        identifiable = ranks == 0
-        result.append(
-            DatasetBlockSummary(
-                b,
-                float(identifiable.float().mean(dim=1).mean() * 100.0),
-                float((1.0 - ranks.float() / space.num_classes).mean()),
-                float(identifiable.any(dim=1).float().mean() * 100.0),
+        identifiable = (ranks == 0).float()
+        rows.append(
+            torch.stack(
+                [
+                    identifiable.mean(dim=1).mean() * 100.0,
+                    (1.0 - ranks.float() / space.num_classes).mean(),
+                    identifiable.amax(dim=1).mean() * 100.0,
+                ]
             )
         )
-    return result
+    return torch.stack(rows)
