@@ -197,6 +197,21 @@ def _model_info(summary: models_pb2.ModelSummary) -> ModelInfo:
     )
 
 
+def _nothing_to_close() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stubs:
+    """What a Client calls: the Inspector's methods, GetActivations with its responses left
+    serialized (decoded by hand, see _chunk_of), the health service, and what closes them."""
+
+    inspector: Any
+    activations_raw: Any
+    health: Any
+    close: Callable[[], None] = _nothing_to_close
+
+
 class Client:
     """Talks to one vitscope server.
 
@@ -243,21 +258,37 @@ class Client:
                 private_key=Path(client_key).read_bytes() if client_key else None,
                 certificate_chain=Path(client_cert).read_bytes() if client_cert else None,
             )
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+            channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.InspectorStub(self._channel)
-        # GetActivations responses are decoded by hand (see _chunk_of), so they arrive raw.
-        self._activations_raw = self._channel.unary_stream(
+            channel = grpc.insecure_channel(target, options=options)
+        raw = channel.unary_stream(
             _GET_ACTIVATIONS,
             request_serializer=activations_pb2.GetActivationsRequest.SerializeToString,
         )
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        stubs = Stubs(
+            pb_grpc.InspectorStub(channel), raw, health_pb2_grpc.HealthStub(channel), channel.close
+        )
+        self._attach(stubs, token, timeout)
+        self._channel = channel
+
+    @classmethod
+    def over(cls, stubs: Stubs, *, token: str | None = None, timeout: float = 120.0) -> Client:
+        """A client calling `stubs` instead of a channel of its own, e.g. a server's servicer
+        called in process."""
+        client = cls.__new__(cls)
+        client._attach(stubs, token, timeout)
+        return client
+
+    def _attach(self, stubs: Stubs, token: str | None, timeout: float) -> None:
+        self._stubs = stubs
+        self._stub = stubs.inspector
+        self._activations_raw = stubs.activations_raw
+        self._health = stubs.health
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
 
     def close(self) -> None:
-        self._channel.close()
+        self._stubs.close()
 
     def __enter__(self) -> Client:
         return self

@@ -1,6 +1,6 @@
 """What each page section computes: one typed-client call (or two) and its result as JSON.
 
-Every function takes the in-process client (`LocalClient`), so its numbers are exactly what
+Every function takes the in-process client (`local_client`), so its numbers are exactly what
 the RPC returns for the same request; the job reports progress and carries the cancel token.
 """
 

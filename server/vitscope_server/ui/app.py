@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from vitscope_server.core.runtime import errors
@@ -34,21 +34,35 @@ HTTP_STATUS = {
     "DEADLINE_EXCEEDED": 504,
 }
 
-PAGES = {
-    "/": "server.html",
-    "/models/{model}": "model.html",
-    "/models/{model}/units/{site}/{channel}": "unit.html",
-    "/models/{model}/images/{image}": "image.html",
-    "/models/{model}/saes/{sae}": "sae.html",
-    "/login": "login.html",
+# Each page is the shared page shell with its own scripts (the last one runs deferred).
+PAGES: dict[str, tuple[str, ...]] = {
+    "/": ("server.js",),
+    "/models/{model}": ("model.js",),
+    "/models/{model}/units/{site}/{channel}": ("interventions.js", "unit.js"),
+    "/models/{model}/images/{image}": ("interventions.js", "image.js"),
+    "/models/{model}/saes/{sae}": ("sae.js",),
 }
 
 
-def _page(name: str) -> Callable[[], Awaitable[FileResponse]]:
-    async def page() -> FileResponse:
-        return FileResponse(STATIC / name, media_type="text/html")
+def page_html(scripts: tuple[str, ...]) -> str:
+    """The page shell with the page's scripts; its own script, the last, runs deferred."""
+    *helpers, own = scripts
+    tags = [f'<script src="/static/{name}"></script>' for name in helpers]
+    tags.append(f'<script src="/static/{own}" defer></script>')
+    return (STATIC / "page.html").read_text().replace("<!-- page scripts -->", "\n".join(tags))
+
+
+def _page(scripts: tuple[str, ...]) -> Callable[[], Awaitable[HTMLResponse]]:
+    html = page_html(scripts)
+
+    async def page() -> HTMLResponse:
+        return HTMLResponse(html)
 
     return page
+
+
+async def _login_page() -> FileResponse:
+    return FileResponse(STATIC / "login.html", media_type="text/html")
 
 
 def _add_login(app: FastAPI, token: str | None) -> None:
@@ -97,8 +111,9 @@ def create_app(explorer: Explorer, token: str | None) -> FastAPI:
     app.middleware("http")(auth.token_guard(token))
     app.include_router(api_router(explorer))
     app.include_router(sae_router(explorer))
-    for path, name in PAGES.items():
-        app.add_api_route(path, _page(name), methods=["GET"], include_in_schema=False)
+    for path, scripts in PAGES.items():
+        app.add_api_route(path, _page(scripts), methods=["GET"], include_in_schema=False)
+    app.add_api_route("/login", _login_page, methods=["GET"], include_in_schema=False)
     _add_login(app, token)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

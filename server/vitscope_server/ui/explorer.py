@@ -19,7 +19,7 @@ from vitscope_server.core.runtime.intra_op import host_thread
 from vitscope_server.transport.progress import StreamPolicy
 from vitscope_server.ui.images import ImageStore
 from vitscope_server.ui.jobs import Jobs
-from vitscope_server.ui.local import LocalClient
+from vitscope_server.ui.local import local_client
 
 T = TypeVar("T")
 
@@ -59,7 +59,7 @@ class Explorer:
 
     def client(self, cancel: CancelToken | None = None) -> Client:
         """The typed client over the in-process servicer; `cancel` stops its calls."""
-        return LocalClient(self.inspector, self.health, cancel or CancelToken(), self.policy)
+        return local_client(self.inspector, self.health, cancel or CancelToken(), self.policy)
 
     async def call(self, work: Callable[[Client], T]) -> T:
         """A quick call on a worker thread (never on the event loop)."""

@@ -2,7 +2,7 @@
 RPCs run, so every request goes through the same admission, budgets, batching, compute slots
 and cancel tokens; only the wire is skipped.
 
-`LocalClient` is the typed `vitscope.Client` over that servicer, so a page gets the same
+`local_client` gives the typed `vitscope.Client` over that servicer, so a page gets the same
 parsed results a remote caller gets.
 """
 
@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from vitscope import Client
+from vitscope.client import Stubs
 from vitscope_server.core.runtime import errors
 from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.transport.interceptors import classify
@@ -92,18 +93,9 @@ class LocalStub:
         return _LocalMethod(getattr(self._servicer, name), self._cancel, self._policy, raw=True)
 
 
-class LocalClient(Client):
-    """vitscope.Client over the in-process servicer; `cancel` ends every call it makes."""
-
-    def __init__(
-        self, inspector: Any, health: Any, cancel: CancelToken, policy: StreamPolicy
-    ) -> None:
-        stub = LocalStub(inspector, cancel, policy)
-        self._stub = stub  # type: ignore[assignment]
-        self._activations_raw = stub.raw("GetActivations")
-        self._health = LocalStub(health, cancel, policy)
-        self._metadata = ()
-        self.timeout = 0.0
-
-    def close(self) -> None:
-        """Nothing to close: no channel."""
+def local_client(inspector: Any, health: Any, cancel: CancelToken, policy: StreamPolicy) -> Client:
+    """vitscope.Client over the in-process servicer; `cancel` ends every call it makes, and
+    no deadline applies beyond it."""
+    stub = LocalStub(inspector, cancel, policy)
+    stubs = Stubs(stub, stub.raw("GetActivations"), LocalStub(health, cancel, policy))
+    return Client.over(stubs, timeout=0.0)
