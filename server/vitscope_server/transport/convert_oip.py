@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from vitscope.oip import grpc_predict_v2_pb2 as oip
+from vitscope.tensors import length_delimited_field
 from vitscope_server.core.activations.compute import ActivationQuery, TensorDType
 from vitscope_server.core.model.images import ImageInput
 from vitscope_server.core.model.loading import LoadedModel
@@ -246,13 +247,27 @@ def _numeric(
 
 def output_tensor(
     name: str, array: np.ndarray, dtype: TensorDType
-) -> tuple[oip.ModelInferResponse.InferOutputTensor, bytes]:
-    """A result array as an output tensor and its raw little-endian bytes."""
-    wire = array.astype(array.dtype.newbyteorder("<"), copy=False)
+) -> tuple[oip.ModelInferResponse.InferOutputTensor, np.ndarray]:
+    """A result array as an output tensor and its raw contents: contiguous little-endian."""
+    wire = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
     tensor = oip.ModelInferResponse.InferOutputTensor(
         name=name, datatype=WIRE_DATATYPES[dtype], shape=list(array.shape)
     )
-    return tensor, np.ascontiguousarray(wire).tobytes()
+    return tensor, wire
+
+
+_RAW_OUTPUT_FIELD = oip.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+
+
+def framed_infer_response(head: oip.ModelInferResponse, contents: Sequence[np.ndarray]) -> bytes:
+    """The serialized response: `head` (every field but the raw contents) through protobuf,
+    each raw content framed by hand, so that the outputs' bytes are copied once, when the
+    parts are joined, rather than into a message and again by its serialization."""
+    parts: list[bytes | memoryview] = [head.SerializeToString()]
+    for array in contents:
+        raw = memoryview(array.reshape(-1).view(np.uint8).data)
+        parts += [length_delimited_field(_RAW_OUTPUT_FIELD, len(raw)), raw]
+    return b"".join(parts)
 
 
 def model_metadata(loaded: LoadedModel) -> oip.ModelMetadataResponse:

@@ -115,7 +115,7 @@ def _abort(
 
 
 def _passing_bytes_through(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
-    """Streams may yield responses already serialized (large tensor chunks)."""
+    """Responses may come already serialized (large tensor chunks, ModelInfer's outputs)."""
 
     def serialize(response: Any) -> bytes:
         return response if isinstance(response, bytes) else serializer(response)
@@ -196,7 +196,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method, refusal),
                 request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=_passing_bytes_through(handler.response_serializer),
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
@@ -253,7 +253,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 except Exception as exc:
                     code, error = self._status(exc, request, context)
                     _abort(context, code, error)
-                call.sent = response.ByteSize()
+                call.sent = _message_size(response)
                 # Answered after the caller left: the caller sees its own end, and so do the metrics.
                 code = caller_end(context) or code
                 return response

@@ -26,6 +26,7 @@ from vitscope_server.transport.compute import record_batched
 from vitscope_server.transport.convert_oip import (
     LOGITS,
     OutputGroup,
+    framed_infer_response,
     image_inputs,
     model_metadata,
     output_groups,
@@ -95,9 +96,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     ) -> oip.ModelMetadataResponse:
         return model_metadata(self._model(request.name, request.version))
 
-    def ModelInfer(
-        self, request: oip.ModelInferRequest, context: grpc.ServicerContext
-    ) -> oip.ModelInferResponse:
+    def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.ServicerContext) -> bytes:
+        """The response comes serialized (framed_infer_response)."""
         loaded = self._model(request.model_name, request.model_version)
         images = image_inputs(request, self._max_message_bytes)
         groups = output_groups(request, loaded.adapter.has_classifier)
@@ -117,8 +117,9 @@ def _infer_response(
     loaded: LoadedModel,
     groups: list[OutputGroup],
     results: list[ActivationResult],
-) -> oip.ModelInferResponse:
-    """Outputs in the order they were requested (logits alone when none was)."""
+) -> bytes:
+    """The serialized response, outputs in the order they were requested (logits alone when
+    none was)."""
     arrays: dict[str, tuple[np.ndarray, TensorDType]] = {}
     for group, result in zip(groups, results, strict=True):
         sites = [name for name in group.names if name != LOGITS]
@@ -127,12 +128,13 @@ def _infer_response(
             arrays[name] = (values.array, values.dtype)
         if result.logits is not None:
             arrays[LOGITS] = (result.logits, TensorDType.FLOAT32)
-    response = oip.ModelInferResponse(
+    head = oip.ModelInferResponse(
         model_name=loaded.spec.name, model_version=loaded.weights_identity, id=request.id
     )
+    contents = []
     for name in [o.name for o in request.outputs] or [LOGITS]:
         array, dtype = arrays[name]
         tensor, raw = output_tensor(name, array, dtype)
-        response.outputs.append(tensor)
-        response.raw_output_contents.append(raw)
-    return response
+        head.outputs.append(tensor)
+        contents.append(raw)
+    return framed_infer_response(head, contents)
