@@ -6,7 +6,9 @@ init, CPU unless --device says otherwise); a batch of 8 skimage photos, preproce
 goes as float32 to both: GetActivations through the project's client, ModelInfer through the
 protocol's generated stub with INPUT (FP32) as raw contents, both asking for
 blocks.11.mlp.hidden. The two alternate call by call after a checked warm-up; the ratio is the
-median of per-round ModelInfer / GetActivations times. The last line printed is one JSON object.
+median of per-round ModelInfer / GetActivations times. It also times the encoding of one such
+response alone: framed by hand as the server does, against the same response built as a protobuf
+message and serialized (what it did before). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from photos import photos
 from vitscope.client import DEFAULT_MAX_MESSAGE_BYTES, Client
 from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from vitscope_server.core.model.readout import TensorDType
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import create_server
+from vitscope_server.transport.convert_oip import framed_infer_response, output_tensor
 
 ARCHITECTURE = "vit_base_patch16_224"
 MODEL = "vitb"
@@ -57,6 +61,34 @@ def infer_values(stub: oip_grpc.GRPCInferenceServiceStub, batch: np.ndarray) -> 
     response = stub.ModelInfer(infer_request(batch))
     tensor = response.outputs[0]
     return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(tuple(tensor.shape))
+
+
+def encode_seconds(values: np.ndarray, rounds: int) -> tuple[float, float]:
+    """Median seconds to serialize a response holding `values`: framed by hand, and built
+    as a protobuf message (the two give the same bytes)."""
+
+    def framed() -> bytes:
+        head = oip.ModelInferResponse(model_name=MODEL)
+        tensor, raw = output_tensor(SITE, values, TensorDType.FLOAT32)
+        head.outputs.append(tensor)
+        return framed_infer_response(head, [raw])
+
+    def built() -> bytes:
+        response = oip.ModelInferResponse(model_name=MODEL)
+        tensor, raw = output_tensor(SITE, values, TensorDType.FLOAT32)
+        response.outputs.append(tensor)
+        response.raw_output_contents.append(raw.tobytes())
+        return response.SerializeToString()
+
+    if framed() != built():
+        raise SystemExit("the framed response differs from protobuf's")
+    times: dict[str, list[float]] = {"framed": [], "built": []}
+    for _ in range(rounds):
+        for name, encode in (("framed", framed), ("built", built)):
+            started = time.perf_counter()
+            encode()
+            times[name].append(time.perf_counter() - started)
+    return statistics.median(times["framed"]), statistics.median(times["built"])
 
 
 def main() -> None:
@@ -102,11 +134,15 @@ def main() -> None:
     finally:
         running.stop(0)
     ratios = sorted(o / n for o, n in zip(oip_seconds, native_seconds, strict=True))
+    framed, built = encode_seconds(native, max(args.reps, 5))
     report = {
         "ratio_oip_vs_native": round(statistics.median(ratios), 4),
         "ratio_range": [round(ratios[0], 4), round(ratios[-1], 4)],
         "oip_ms": round(1000 * statistics.median(oip_seconds), 2),
         "native_ms": round(1000 * statistics.median(native_seconds), 2),
+        "encode_framed_ms": round(1000 * framed, 2),
+        "encode_protobuf_ms": round(1000 * built, 2),
+        "ratio_encode_framed_vs_protobuf": round(framed / built, 4),
         "site": SITE,
         "batch": len(images),
         "reps": args.reps,
