@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from PIL import Image
 from support.server_process import free_port
 from support.waiting import HANG_SECONDS, sample, wait_until
 
@@ -125,6 +127,21 @@ def test_metrics_endpoint(server: RunningServer, client: Client) -> None:
         'vitscope_requests_total{code="NOT_FOUND",method="DescribeModel",model="unknown"}',
     ):
         assert name in body, name
+
+
+def test_every_stage_of_a_get_activations_call_is_recorded(
+    server: RunningServer, client: Client
+) -> None:
+    """Each stage's histogram counts the call (decode, as the image comes encoded)."""
+    stages = ("decode", "preprocess", "forward", "reduce", "device_to_host", "encode", "send")
+    labels = {"method": "GetActivations", "model": "vit"}
+    before = {s: sample(server, f"vitscope_{s}_seconds_count", **labels) for s in stages}
+    encoded = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(encoded, format="PNG")
+    client.activations([encoded.getvalue()], ["blocks.0.out"], model="vit")
+    for stage in stages:
+        counted = sample(server, f"vitscope_{stage}_seconds_count", **labels)
+        assert counted == before[stage] + 1, stage
 
 
 def test_stubs_match_the_protos(tmp_path: Path) -> None:

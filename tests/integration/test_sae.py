@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from support.features_reference import as_input, build_digits_model, normalize
 from support.servers import start
 
-from vitscope import Client, NotFoundError
+from vitscope import Client, InvalidArgumentError, NotFoundError
 from vitscope.explain import MethodOptions
 from vitscope.features import Feature
 from vitscope.oip import grpc_predict_v2_pb2 as oip
@@ -391,6 +391,16 @@ def hooked_logits(pixels: torch.Tensor, replacement: np.ndarray | None) -> np.nd
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def test_an_undecodable_image_in_a_later_batch_is_named_by_its_own_index(
+    sae_client: Client,
+) -> None:
+    images: list[object] = list(digits_split()[2][:20])
+    images[13] = b"not an image"
+    with pytest.raises(InvalidArgumentError) as refused:
+        sae_client.evaluate_sae(images, "topk", batch=8)
+    assert [v.field for v in refused.value.field_violations] == ["images[13].encoded"]
 
 
 def test_evaluate_sae_equals_an_independent_computation(

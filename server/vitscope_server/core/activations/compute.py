@@ -286,7 +286,10 @@ def run_activations(
                 for item, own in zip(items, rows, strict=True)
             ]
     with stages.timing(Stage.DEVICE_TO_HOST):
-        return _to_results(reduced, stages)
+        arrays = to_host(
+            [t for r in reduced if isinstance(r, _DeviceResult) for t in _device_tensors(r)]
+        )
+    return _to_results(reduced, arrays, stages)
 
 
 def _shared_inputs(items: Sequence[PreparedActivations]) -> tuple[torch.Tensor, list[slice]]:
@@ -351,11 +354,13 @@ def _device_tensors(result: _DeviceResult) -> list[torch.Tensor]:
 
 
 def _to_results(
-    reduced: Sequence[_DeviceResult | BaseException], stages: StageTimes
+    reduced: Sequence[_DeviceResult | BaseException],
+    host_arrays: list[np.ndarray],
+    stages: StageTimes,
 ) -> list[ActivationResult | BaseException]:
-    """Every request's tensors copied off the device at once, each result a view of that."""
-    done = [r for r in reduced if not isinstance(r, BaseException)]
-    arrays = iter(to_host([t for r in done for t in _device_tensors(r)]))
+    """Each result a view of the one copy off the device (`host_arrays`: every request's
+    tensors in order)."""
+    arrays = iter(host_arrays)
     results: list[ActivationResult | BaseException] = []
     for reduced_item in reduced:
         if isinstance(reduced_item, BaseException):

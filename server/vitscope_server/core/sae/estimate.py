@@ -22,12 +22,20 @@ def evaluation_bytes(
 ) -> int:
     """The largest batch's images decoded, a forward keeping the site, and the SAE's
     pre-activations, codes and reconstruction of its tokens (batches run one at a time)."""
-    largest = max(
-        (images[i : i + batch] for i in range(0, len(images), batch)),
-        key=lambda chunk: images_bytes(adapter, chunk, max_pixels),
-        default=[],
-    )
-    count = len(largest)
+    starts = range(0, len(images), batch)
+    chunks = [
+        images_bytes(
+            adapter,
+            images[start : start + batch],
+            max_pixels,
+            [f"images[{i}]" for i in range(start, min(start + batch, len(images)))],
+        )
+        for start in starts
+    ]
+    if not chunks:
+        return 0
+    largest = max(range(len(chunks)), key=chunks.__getitem__)
+    count = len(images[starts[largest] : starts[largest] + batch])
     tokens = count * (adapter.num_prefix_tokens + math.prod(adapter.grid))
     sae_bytes = tokens * (2 * sae.d_sae + 2 * sae.d_in) * _FLOAT
-    return images_bytes(adapter, largest, max_pixels) + forward_bytes(adapter, count, 1) + sae_bytes
+    return chunks[largest] + forward_bytes(adapter, count, 1) + sae_bytes
