@@ -17,6 +17,7 @@ from support.features_reference import as_input, build_digits_model, normalize
 from support.servers import start
 
 from vitscope import Client, InvalidArgumentError, NotFoundError
+from vitscope import interventions as iv
 from vitscope.explain import MethodOptions
 from vitscope.features import Feature
 from vitscope.oip import grpc_predict_v2_pb2 as oip
@@ -560,3 +561,37 @@ def test_dataset_rows_are_the_hooked_sites_tokens(
         assert (shard["token"][chosen] >= 1).all(), "patch tokens only"
     expected = reference[shard["image"][chosen], shard["token"][chosen]]
     np.testing.assert_allclose(shard["activations"][chosen], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_edits_in_an_sae_s_space_keep_its_error_term(sae_client: Client, workspace: Path) -> None:
+    """Zeroing latents moves the tokens by the latents' decoder rows; scaling the error
+    adds to the tokens what the error grows by; each equals a plain computation."""
+    images = digits_split()[2][:3]
+    pixels = as_input(images)
+    x = hooked_site(pixels).astype(np.float64)
+    flat = x.reshape(-1, x.shape[-1])
+    codes, recon = numpy_codes(workspace / "topk", flat)
+    busiest = [int(j) for j in np.argsort(-(codes > 0).sum(axis=0))[:2]]
+    assert (codes[:, busiest] > 0).sum() > 10
+    decoder = load_file(str(workspace / "topk" / "sae_weights.safetensors"))["W_dec"]
+    zeroed = codes.copy()
+    zeroed[:, busiest] = 0.0
+    without = flat + (zeroed - codes) @ decoder.astype(np.float64)
+    doubled_error = flat + (flat - recon)
+    site = f"{SITE}@sae:topk"
+    result = sae_client.intervene(
+        list(images),
+        [
+            iv.variant([iv.edit(site, "zero", channels=busiest)]),
+            iv.variant([iv.edit(f"{site}.error", "scale", factor=2.0)]),
+            iv.variant([iv.edit(site, "scale", factor=1.0)]),
+        ],
+        logits=True,
+    )
+    latents_off, error_doubled, untouched = result.variants
+    for outcome, tokens in ((latents_off, without), (error_doubled, doubled_error)):
+        expected = hooked_logits(pixels, tokens.reshape(x.shape))
+        np.testing.assert_allclose(outcome.logits, expected, rtol=1e-4, atol=1e-4)
+    plain = hooked_logits(pixels, None)
+    np.testing.assert_allclose(untouched.logits, plain, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(latents_off.logits, plain, atol=1e-3)

@@ -3,8 +3,9 @@
 The batch holds variants x images rows, variant-major. Each edited site gets one hook on
 the module it is read from; the hook edits a copy of the tensor, so an edit at a later
 site sees every earlier one, and edits at one site apply in request order. Heads are
-edited on their context vectors before the output projection. Hooks record only on the
-thread that installed them, like capture.
+edited on their context vectors before the output projection; a site read through an SAE
+in the SAE's space, with its error term kept. Hooks record only on the thread that installed
+them, like capture.
 """
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ def _apply(view: torch.Tensor, rows: slice, edit: ResolvedEdit, values: SiteValu
     region.copy_(torch.where(mask, new, region))
 
 
+def _apply_all(view: torch.Tensor, site: SiteDef, edits: list[RowEdit], values: SiteValues) -> None:
+    """The site's edits, in order, written into its base tokens `view`. A site read through
+    an SAE is edited in the SAE's space and the difference lifted back to the tokens, so the
+    SAE's error term stays as it was (unedited values leave the tokens exactly as they are)."""
+    read = site.sae_read
+    space = view if read is None else read(view)
+    edited = space if read is None else space.clone()
+    for row_edit in edits:
+        _apply(edited, row_edit.rows, row_edit.edit, values)
+    if read is not None:
+        view.add_(read.lift(edited - space).to(view.dtype))
+
+
 def _swap(value: Any, index: int, tensor: torch.Tensor) -> Any:
     if isinstance(value, tuple):
         return (*value[:index], tensor, *value[index + 1 :])
@@ -118,8 +132,7 @@ def editing(
             view = edit_view(adapter, site, copy, batch)
             if view.untyped_storage().data_ptr() != copy.untyped_storage().data_ptr():
                 raise RuntimeError(f"site {site.name} has no editable view")
-            for row_edit in edits:
-                _apply(view, row_edit.rows, row_edit.edit, values)
+            _apply_all(view, site, edits, values)
             return _swap(value, site.output_index, copy)
 
         return edit

@@ -133,6 +133,16 @@ class SaeRead:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.sae.module.read(tokens, self.output)
 
+    def lift(self, change: torch.Tensor) -> torch.Tensor:
+        """A change of this site's values as the change of the base tokens that makes it,
+        with the SAE's error term kept: latents move the tokens through the decoder
+        (decode(c') - decode(c) = (c' - c) W_dec); the reconstruction and the error are in
+        the tokens' own space already."""
+        if self.output is SaeOutput.LATENTS:
+            decoder = self.sae.module.W_dec
+            return change.to(decoder.dtype) @ decoder
+        return change
+
 
 SAE_MARK = "@sae:"
 
