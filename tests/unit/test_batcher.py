@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from support.waiting import wait_until
+from support.waiting import HANG_SECONDS, wait_until
 
 from vitscope_server.core.runtime.batching import Batcher, BatchInfo
 from vitscope_server.core.runtime.cancel import NEVER_CANCELLED, CancelToken
-from vitscope_server.core.runtime.errors import Reason, ResourceExhausted
+from vitscope_server.core.runtime.errors import Cancelled, Reason, ResourceExhausted
 from vitscope_server.core.runtime.slots import ComputeSlots
 
 Run = Callable[[Sequence[int], CancelToken], list[int | BaseException]]
@@ -109,3 +109,55 @@ def test_every_batcher_and_the_slots_share_one_max_queue() -> None:
                 _submit(first, 3)
         assert [future.result()[0] for future in queued] == [2, 4]
     assert slots.waiting == 0
+
+
+def test_a_leader_whose_caller_left_frees_its_thread_before_a_slot_frees() -> None:
+    """With the only slot held elsewhere, a lone request's caller leaves: its thread returns
+    Cancelled at once rather than waiting for the slot; a later request still runs."""
+    slots = ComputeSlots(max_running=1, max_waiting=8)
+    sizes: list[int] = []
+    batcher: Batcher[int, int] = Batcher(_doubling(sizes, []), slots, max_images=8, max_delay=0.0)
+    cancel = CancelToken()
+
+    def lone() -> tuple[int, BatchInfo]:
+        with batcher.arriving("m") as arrival:
+            return batcher.submit(arrival, "k", 5, 1, cancel)
+
+    with ThreadPoolExecutor(2) as pool, slots.acquire(NEVER_CANCELLED):
+        leader = pool.submit(lone)
+        wait_until(lambda: batcher.waiting == 1, "the request to queue")
+        cancel.cancel()
+        with pytest.raises(Cancelled):
+            leader.result(timeout=HANG_SECONDS)
+        assert batcher.waiting == 0 and slots.waiting == 0
+        follower = pool.submit(_submit, batcher, 4)
+        wait_until(lambda: batcher.waiting == 1, "the next request to queue")
+    result, info = follower.result(timeout=HANG_SECONDS)
+    assert (result, info.requests) == (8, 1)
+    assert sizes == [1]
+
+
+def test_a_leader_whose_caller_left_still_serves_the_others() -> None:
+    """The leader's caller leaves while another request waits in its batch: once the slot
+    frees, the batch runs for the other, and the leaver gets Cancelled."""
+    slots = ComputeSlots(max_running=1, max_waiting=8)
+    sizes: list[int] = []
+    batcher: Batcher[int, int] = Batcher(_doubling(sizes, []), slots, max_images=8, max_delay=0.0)
+    cancel = CancelToken()
+
+    def first() -> tuple[int, BatchInfo]:
+        with batcher.arriving("m") as arrival:
+            return batcher.submit(arrival, "k", 5, 1, cancel)
+
+    with ThreadPoolExecutor(2) as pool:
+        with slots.acquire(NEVER_CANCELLED):
+            leader = pool.submit(first)
+            wait_until(lambda: batcher.waiting == 1, "the first request to queue")
+            other = pool.submit(_submit, batcher, 7)
+            wait_until(lambda: batcher.waiting == 2, "the second request to queue")
+            cancel.cancel()
+        with pytest.raises(Cancelled):
+            leader.result(timeout=HANG_SECONDS)
+        result, _ = other.result(timeout=HANG_SECONDS)
+    assert result == 14
+    assert sizes == [1]

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from vitscope_server.core.runtime.cancel import NEVER_CANCELLED, CancelToken
+from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.core.runtime.errors import Cancelled
 from vitscope_server.core.runtime.slots import ComputeSlots, HeldSlot
 
@@ -102,6 +102,8 @@ class _Queue(Generic[Item, Result]):
     key: Hashable
     pending: deque[_Member[Item, Result]] = field(default_factory=deque)
     leader: _Member[Item, Result] | None = None
+    # Set while a leader waits for a compute slot; cancelled once no caller is left to serve.
+    forming: CancelToken | None = None
 
 
 def _all_cancelled(
@@ -254,6 +256,8 @@ class Batcher(Generic[Item, Result]):
                 queue.pending.remove(member)
                 self._waiting -= 1
                 self._slots.leave_batch_queue(1)
+                if not queue.pending and queue.forming is not None:
+                    queue.forming.cancel()
             if queue.leader is member and not member.leading:
                 self._promote_next(queue)
             # A leader keeps forming its batch for the others; it raises once that is done.
@@ -309,18 +313,30 @@ class Batcher(Generic[Item, Result]):
                 batch.append(member)
             self._waiting -= len(batch)
             self._slots.leave_batch_queue(len(batch))
+            queue.forming = None
             self._promote_next(queue)
             return batch
 
     def _lead(self, queue: _Queue[Item, Result]) -> None:
-        """Forms and runs one batch on the calling thread."""
+        """Forms and runs one batch on the calling thread. The leader's own caller may leave
+        while it waits for a slot: it then waits on for the others, and gives up once none is
+        left (its thread is free at once, not when a slot frees)."""
         delay = self._wait_for_arrivals(queue)
-        # Admitted by this queue already. It waits even when every caller has left meanwhile:
-        # the slot is then released at once.
-        with self._slots.acquire(NEVER_CANCELLED, queued=False) as slot:
-            batch = self._take(queue)
-            if batch:
-                self._run_batch(slot, queue.group, batch, delay)
+        abandoned = CancelToken()
+        with self._changed:
+            queue.forming = abandoned
+            if not queue.pending:
+                abandoned.cancel()
+        try:
+            # Admitted by this queue already.
+            with self._slots.acquire(abandoned, queued=False) as slot:
+                batch = self._take(queue)
+                if batch:
+                    self._run_batch(slot, queue.group, batch, delay)
+        except Cancelled:
+            with self._changed:
+                queue.forming = None
+                self._promote_next(queue)  # whoever queued since leads the next batch
 
     def _run_batch(
         self, slot: HeldSlot, group: str, batch: list[_Member[Item, Result]], delay: float
