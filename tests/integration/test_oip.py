@@ -9,16 +9,20 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.servers import start
 
 from vitscope import Client
+from vitscope.errors import from_rpc_error
 from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from vitscope_server.builtin import DIGITS_NAME
 from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import RunningServer, create_server
 
@@ -403,5 +407,39 @@ def test_metrics_and_auth_cover_the_protocol() -> None:
             assert stub.ModelReady(oip.ModelReadyRequest(name=""), metadata=token).ready
         counted = running.metrics.requests.labels("ModelReady", "vitscope-digits", "OK")
         assert counted._value.get() == 1
+    finally:
+        running.stop(0)
+
+
+def test_a_response_over_the_message_limit_is_refused_by_name(tmp_path: Path) -> None:
+    """Every output of ModelInfer travels in one message: one that would not fit is refused
+    as RESULT_TOO_LARGE on `outputs`, and a reduced request on the same server is served."""
+    running = start(tmp_path, [], default_model=DIGITS_NAME, max_message_bytes=1 << 16)
+    batch = np.random.default_rng(3).standard_normal((4, 3, 28, 28)).astype(np.float32)
+    hidden = "blocks.0.mlp.hidden"
+
+    def request(parameters: dict[str, oip.InferParameter]) -> oip.ModelInferRequest:
+        return oip.ModelInferRequest(
+            model_name=DIGITS_NAME,
+            inputs=[
+                oip.ModelInferRequest.InferInputTensor(
+                    name="INPUT", datatype="FP32", shape=list(batch.shape)
+                )
+            ],
+            outputs=[Outputs(name=hidden, parameters=parameters)],
+            raw_input_contents=[batch.tobytes()],
+        )
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(request({}))
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            error = from_rpc_error(refused.value)
+            assert error.reason == "RESULT_TOO_LARGE", error.details
+            assert error.details.startswith("outputs: the response would take")
+            reduced = stub.ModelInfer(request({"reduction": _string("mean")}))
+            assert _output(reduced, hidden).shape[0] == 4
     finally:
         running.stop(0)

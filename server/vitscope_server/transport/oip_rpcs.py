@@ -19,10 +19,10 @@ from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.provenance import library_versions
 from vitscope_server.core.model.registry import ModelRegistry, ModelState
-from vitscope_server.core.runtime.errors import NotFound, Reason, quote
+from vitscope_server.core.runtime.errors import NotFound, Reason, ResourceExhausted, quote
 from vitscope_server.core.runtime.stages import Stage
 from vitscope_server.transport.cancellation import cancel_token
-from vitscope_server.transport.compute import record_batched
+from vitscope_server.transport.compute import RESPONSE_HEADROOM_BYTES, record_batched
 from vitscope_server.transport.convert_oip import (
     LOGITS,
     OutputGroup,
@@ -107,7 +107,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             model = loaded.spec.name
             record_batched(self._metrics, "ModelInfer", model, served.info)
             with served.stages.timing(Stage.ENCODE):
-                response = _infer_response(request, loaded, groups, served.results)
+                response = _infer_response(
+                    request,
+                    loaded,
+                    groups,
+                    served.results,
+                    self._max_message_bytes - RESPONSE_HEADROOM_BYTES,
+                )
             self._metrics.record_stages("ModelInfer", model, served.stages)
             return response
 
@@ -117,6 +123,7 @@ def _infer_response(
     loaded: LoadedModel,
     groups: list[OutputGroup],
     results: list[ActivationResult],
+    max_bytes: int,
 ) -> bytes:
     """The serialized response, outputs in the order they were requested (logits alone when
     none was)."""
@@ -137,4 +144,17 @@ def _infer_response(
         tensor, raw = output_tensor(name, array, dtype)
         head.outputs.append(tensor)
         contents.append(raw)
+    _require_within(sum(raw.nbytes for raw in contents), max_bytes)
     return framed_infer_response(head, contents)
+
+
+def _require_within(nbytes: int, max_bytes: int) -> None:
+    """A unary response holds every output: refused by name rather than left to gRPC."""
+    if nbytes > max_bytes:
+        raise ResourceExhausted(
+            f"outputs: the response would take {nbytes} bytes, over the {max_bytes} bytes one "
+            'message may carry; ask for fewer outputs or images, a "reduction" or "tokens" '
+            'parameter, "datatype": "FP16", or use GetActivations, which streams',
+            reason=Reason.RESULT_TOO_LARGE,
+            field="outputs",
+        )
