@@ -250,7 +250,7 @@ def test_a_later_edit_sees_an_earlier_one(client: Client) -> None:
     )
     model = build("vit")
     with torch.inference_mode():
-        zeros = torch.zeros_like(torch.from_numpy(result.variants[0].sites["blocks.1.out"]))
+        zeros = torch.zeros(result.variants[0].sites["blocks.1.out"].shape)
         expected = model.blocks[1](zeros)
     np.testing.assert_allclose(
         result.variants[0].sites["blocks.1.out"], expected.numpy(), rtol=1e-5, atol=1e-5
@@ -427,6 +427,30 @@ def test_sites_after_the_edits_take_the_usual_selection_and_reductions(client: C
     np.testing.assert_array_equal(chosen, best)
     with pytest.raises(InvalidArgumentError, match=r"outputs\.top_channels"):
         client.intervene(pixels, variants, sites=["blocks.1.out"], reduction="top_channels")
+
+
+def test_read_outs_are_checked_before_any_forward_under_the_outputs_fields(
+    client: Client, running: RunningServer
+) -> None:
+    pixels = arrays(images(client, "vit", 1, 21))
+    variants = [iv.variant([iv.edit("blocks.0.out", "zero", tokens="prefix")])]
+    width = client.describe("vit").embed_dim
+    model = running.registry.get("vit").adapter.root
+    forwards: list[int] = []
+    handle = model.register_forward_hook(lambda m, a, o: forwards.append(1))
+    try:
+        refusals = {
+            "outputs.channels": {"reduction": "patch_map", "channels": [width + 3]},
+            "outputs.top_channels": {"reduction": "top_channels", "top_channels": width + 1},
+        }
+        for field, outputs in refusals.items():
+            with pytest.raises(InvalidArgumentError) as refused:
+                client.intervene(pixels, variants, sites=["blocks.1.out"], **outputs)
+            (violation,) = refused.value.field_violations
+            assert violation.field.startswith(field), violation.field
+    finally:
+        handle.remove()
+    assert forwards == []
 
 
 def test_a_cancelled_sweep_stops_its_forwards(client: Client, running: RunningServer) -> None:

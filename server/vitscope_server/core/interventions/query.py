@@ -23,9 +23,9 @@ from vitscope_server.core.interventions.sweeps import SweepPlan, expand
 from vitscope_server.core.model.adapters import SiteDef
 from vitscope_server.core.model.images import ImageInput, prepare_batch
 from vitscope_server.core.model.loading import LoadedModel
-from vitscope_server.core.model.readout import Reduction, TensorDType
+from vitscope_server.core.model.readout import Reduction, TensorDType, check_site
 from vitscope_server.core.model.sites import resolve_site
-from vitscope_server.core.model.tokens import TokenMode
+from vitscope_server.core.model.tokens import TokenMode, as_site_layout
 from vitscope_server.core.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -228,7 +228,31 @@ def _outputs(
         outputs.top_channels,
         outputs.output_dtype,
     )
+    for index, site in enumerate(sites):
+        shape = loaded.site_shapes.get(site.name)
+        if shape is not None:
+            _check_output_site(readout, site, shape, index)
     return sites, readout, classes
+
+
+# Fields the shared read-out check names, as an Intervene request's outputs spell them.
+_OUTPUT_FIELDS = {"top_k": "outputs.top_channels", "sites": "outputs.sites"}
+
+
+def _check_output_site(
+    readout: SiteReadout, site: SiteDef, shape: tuple[int, ...], index: int
+) -> None:
+    """The read-out against the site's probed shape, before any forward (token indices,
+    channels, top channels, reductions the layout allows), naming the outputs' fields."""
+    try:
+        check_site(readout, as_site_layout(site, shape), shape)
+    except InvalidArgument as exc:
+        field = _OUTPUT_FIELDS.get(exc.field, f"outputs.{exc.field}")
+        if field == "outputs.sites":
+            field = f"outputs.sites[{index}]"
+        raise InvalidArgument(
+            field, exc.description, reason=exc.reason, metadata=exc.metadata
+        ) from None
 
 
 def _check_reduction(outputs: Outputs, mode: TokenMode) -> None:
