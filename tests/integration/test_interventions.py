@@ -24,8 +24,9 @@ from vitscope.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    from_rpc_error,
 )
-from vitscope.v1 import inspector_pb2_grpc, interventions_pb2
+from vitscope.v1 import common_pb2, inspector_pb2_grpc, interventions_pb2
 from vitscope_server.transport.app import RunningServer
 
 GAP = {
@@ -480,3 +481,30 @@ def test_a_cancelled_sweep_stops_its_forwards(client: Client, running: RunningSe
         assert len(forwards) - 2 < header.variant_count
     finally:
         handle.remove()
+
+
+def test_an_empty_class_in_the_outputs_is_refused_by_its_index(
+    client: Client, running: RunningServer
+) -> None:
+    """A listed class without index or name would shift every later column of class_logits."""
+    pixels = images(client, "vit", 1, 22)
+    request = interventions_pb2.InterveneRequest(
+        model="vit",
+        images=[image_message(pixels[0].numpy())],
+        variants=[iv.variant([iv.edit("blocks.0.out", "zero", tokens="prefix")])],
+        outputs=interventions_pb2.InterventionOutputs(
+            classes=[
+                common_pb2.ClassRef(index=1),
+                common_pb2.ClassRef(),
+                common_pb2.ClassRef(index=2),
+            ]
+        ),
+    )
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        list(inspector_pb2_grpc.InspectorStub(channel).Intervene(request, timeout=60))
+    error = from_rpc_error(refused.value)
+    assert isinstance(error, InvalidArgumentError)
+    assert [v.field for v in error.field_violations] == ["outputs.classes[1]"]

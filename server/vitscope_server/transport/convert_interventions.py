@@ -32,6 +32,7 @@ from vitscope_server.core.interventions.edits import (
 from vitscope_server.core.interventions.query import ImageSets
 from vitscope_server.core.model.readout import OutputTensor
 from vitscope_server.core.model.tokens import TokenMode
+from vitscope_server.core.runtime.errors import InvalidArgument, Reason
 from vitscope_server.transport.convert import (
     OUTPUT_DTYPES,
     REDUCTIONS,
@@ -59,6 +60,14 @@ _METRICS_BACK = core_to_wire(pb.MetricKind, MetricKind)
 def _class(ref: common_pb2.ClassRef) -> ClassRef:
     which = ref.WhichOneof("ref")
     return ref.index if which == "index" else ref.name if which == "name" else None
+
+
+def _required_class(ref: common_pb2.ClassRef, field: str) -> int | str:
+    """A listed class must name one: an empty entry would shift every later column."""
+    which = _class(ref)
+    if which is None:
+        raise InvalidArgument(field, "set index or name", reason=Reason.FIELD_REQUIRED)
+    return which
 
 
 def _selection(selection: pb.EditSelection) -> Selection:
@@ -120,7 +129,9 @@ def _sweep(request: pb.InterveneRequest) -> Sweep | None:
 def _outputs(outputs: pb.InterventionOutputs) -> Outputs:
     return Outputs(
         top_k=outputs.top_k,
-        classes=tuple(c for c in (_class(r) for r in outputs.classes) if c is not None),
+        classes=tuple(
+            _required_class(r, f"outputs.classes[{i}]") for i, r in enumerate(outputs.classes)
+        ),
         logits=outputs.logits,
         sites=tuple(outputs.sites),
         token_mode=token_mode(outputs.tokens),
