@@ -220,6 +220,13 @@ def test_timm_projection_matches_head_of_norm(pc: Client, name: str) -> None:
     assert [i.target_index for i in result.images] == list(targets)
     assert [i.target_is_prediction for i in result.images] == [False, True]
     assert result.images[1].prediction["class_index"] == predicted[1]
+    probabilities = parts["logits"].double().softmax(-1).numpy()
+    for i, image in enumerate(result.images):
+        assert image.prediction["class_index"] == predicted[i]
+        logit = float(parts["logits"][i, predicted[i]])
+        assert image.prediction["logit"] == pytest.approx(logit, rel=1e-5, abs=1e-5)
+        probability = probabilities[i, predicted[i]]
+        assert image.prediction["probability"] == pytest.approx(probability, rel=1e-4)
     blocks = range(len(model.blocks))
     scores = {
         rep: [timm_scores(model, parts, part, b) for b in blocks]
