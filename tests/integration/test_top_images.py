@@ -220,6 +220,23 @@ def test_bad_requests(
     assert tclient.top_activating_images(SITE, [1], images=list(digits[:2]), model=DIGITS)
 
 
+def test_streamed_images_beside_a_folder_are_refused_before_the_folder_is_scanned(
+    folder_server: RunningServer, tclient: Client, root: Path, digits: np.ndarray
+) -> None:
+    model = folder_server.registry.get(DIGITS).adapter.root
+    forwards: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    try:
+        with pytest.raises(InvalidArgumentError) as caught:
+            tclient.top_activating_images(
+                SITE, [1], image_folder=str(root / "digits"), images=[digits[0]], model=DIGITS
+            )
+    finally:
+        handle.remove()
+    assert [v.field for v in caught.value.field_violations] == ["requests[1].images"]
+    assert forwards == []
+
+
 def test_bad_file_in_a_folder_is_named_by_its_path(
     tclient: Client, root: Path, digits: np.ndarray
 ) -> None:

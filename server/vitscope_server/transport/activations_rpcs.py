@@ -76,11 +76,9 @@ class ActivationRpcs(ServicerState):
                     slot.run(lambda: scan.add(pixels, items, cancel))
 
         batch = self._limits.max_batch
+        streamed: Iterator[apb.TopActivatingImagesRequest] = itertools.chain([first], requests)
         if first.image_folder:
-            if first.images:
-                raise InvalidArgument(
-                    "requests[0].images", "not allowed together with image_folder"
-                )
+            _require_no_images(streamed)
             files = list_images(allowed_folder(first.image_folder, self._image_roots))
             longest = max((len(name.encode()) for name, _ in files), default=0)
             scan.require_result_within(
@@ -89,11 +87,7 @@ class ActivationRpcs(ServicerState):
             for start in range(0, len(files), batch):
                 score(file_items(files[start : start + batch], start))
         index = 0
-        for number, request in enumerate(itertools.chain([first], requests)):
-            if request.images and first.image_folder:
-                raise InvalidArgument(
-                    f"requests[{number}].images", "not allowed together with image_folder"
-                )
+        for request in streamed:  # read to its end already when a folder was scanned
             images = convert.image_inputs(list(request.images))
             for start in range(0, len(images), batch):
                 part = images[start : start + batch]
@@ -106,3 +100,13 @@ class ActivationRpcs(ServicerState):
                 reason=Reason.FIELD_REQUIRED,
             )
         return convert_activations.top_images_response(scan.result())
+
+
+def _require_no_images(requests: Iterator[apb.TopActivatingImagesRequest]) -> None:
+    """A folder scan takes no streamed images: the stream is read to its end, and refused at
+    the first message that carries any, before the folder is scanned."""
+    for number, request in enumerate(requests):
+        if request.images:
+            raise InvalidArgument(
+                f"requests[{number}].images", "not allowed together with image_folder"
+            )
