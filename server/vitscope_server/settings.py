@@ -179,6 +179,13 @@ class ServerSettings(BaseSettings):
         description="Progress messages a stream holds for a slow reader before older ones are "
         "dropped (the latest wins); results are never dropped.",
     )
+    stream_buffer_bytes: int = Field(
+        256 << 20,
+        ge=1 << 20,
+        description="Result bytes a stream may hold for a reader that is behind while its "
+        "request still computes; past this the call is cut off with RESOURCE_EXHAUSTED "
+        "(SLOW_READER).",
+    )
     slow_reader_seconds: float = Field(
         30.0,
         gt=0,

@@ -112,6 +112,24 @@ def test_buffer_keeps_the_latest_progress_and_every_result() -> None:
     assert buffer.dropped == 9
 
 
+def test_a_reader_too_many_result_bytes_behind_a_computing_producer_is_cut_off() -> None:
+    """Results pile up while compute is held, up to buffer_bytes; what the reader takes
+    makes room again, and one result larger than the bound alone still goes."""
+    buffer = ResponseBuffer(StreamPolicy(buffer_messages=2, buffer_bytes=100))
+    taken = buffer.take()
+    with holding_compute():
+        buffer.put(b"a" * 150)
+        assert next(taken) == b"a" * 150
+        buffer.put(b"b" * 60)
+        buffer.put(Progress(b"p" * 500))
+        with pytest.raises(SlowReader, match="stream_buffer_bytes"):
+            buffer.put(b"c" * 60)
+        assert next(taken) == b"b" * 60
+        buffer.put(b"d" * 60)
+    buffer.finish()
+    assert list(taken) == [b"p" * 500, b"d" * 60]
+
+
 def test_buffer_raises_for_a_stalled_reader_and_after_close() -> None:
     now = [0.0]
     buffer = ResponseBuffer(StreamPolicy(buffer_messages=4, slow_reader_seconds=5), lambda: now[0])

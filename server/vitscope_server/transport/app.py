@@ -195,7 +195,11 @@ def _grpc_server(
                 metrics,
                 registry.label,
                 settings.token(),
-                StreamPolicy(settings.stream_buffer_messages, settings.slow_reader_seconds),
+                StreamPolicy(
+                    settings.stream_buffer_messages,
+                    settings.slow_reader_seconds,
+                    settings.stream_buffer_bytes,
+                ),
             )
         ],
         options=_channel_options(settings),

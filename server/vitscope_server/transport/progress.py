@@ -5,7 +5,9 @@ A server-streaming RPC runs its body in a producer thread; the RPC thread only s
 the buffer holds. Progress messages (wrapped in `Progress`) coalesce when the reader is slow:
 the latest progress wins. Other messages are never dropped; a producer that holds a compute
 slot never waits for room, one that does not waits while the buffer is full. A reader that has
-taken nothing for `slow_reader_seconds` while messages wait is cut off with RESOURCE_EXHAUSTED.
+taken nothing for `slow_reader_seconds` while messages wait, or that falls more than
+`buffer_bytes` of results behind a producer holding compute, is cut off with
+RESOURCE_EXHAUSTED.
 
 A stream marked `sends_after_compute` holds no compute slot while it sends, so it needs no
 producer: it runs on the RPC thread, one thread hand-off less per call, and a shared watchdog
@@ -57,6 +59,8 @@ class StreamPolicy:
 
     buffer_messages: int = 8
     slow_reader_seconds: float = 30.0
+    # Result bytes held for a reader that is behind while the request still computes.
+    buffer_bytes: int = 256 << 20
 
 
 class SlowReader(ResourceExhausted):
@@ -70,6 +74,21 @@ class SlowReader(ResourceExhausted):
             f"the reader took no response for over {limit:g} s "
             "(slow_reader_seconds); read the stream as it arrives"
         )
+
+    @classmethod
+    def behind(cls, nbytes: int, limit: int) -> SlowReader:
+        return cls(
+            f"the reader fell {nbytes} response bytes behind, over the {limit} a stream may "
+            "hold while its request computes (stream_buffer_bytes); read the stream as it arrives"
+        )
+
+
+def _size(message: Any) -> int:
+    """Serialized bytes of a response (pre-serialized chunks are bytes already)."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return len(message)
+    byte_size = getattr(message, "ByteSize", None)
+    return int(byte_size()) if byte_size is not None else 0
 
 
 @contextmanager
@@ -93,7 +112,9 @@ class ResponseBuffer:
         self._policy = policy
         self._clock = clock
         self._cond = threading.Condition()
-        self._items: deque[tuple[Any, bool]] = deque()
+        # (message, droppable, serialized bytes counted against buffer_bytes)
+        self._items: deque[tuple[Any, bool, int]] = deque()
+        self._held_bytes = 0
         self._finished = False
         self._error: BaseException | None = None
         self._closed = False
@@ -115,7 +136,7 @@ class ResponseBuffer:
             self._check_reader()
             if droppable:
                 message = message.message
-                progress = [i for i, (_, drop) in enumerate(self._items) if drop]
+                progress = [i for i, (_, drop, _) in enumerate(self._items) if drop]
                 if len(progress) >= self._policy.buffer_messages:
                     del self._items[progress[0]]
                     self.dropped += 1
@@ -123,9 +144,16 @@ class ResponseBuffer:
                 while len(self._items) >= self._policy.buffer_messages:
                     self._cond.wait(_WAKE_SECONDS)
                     self._check_reader()
+            nbytes = 0 if droppable else _size(message)
+            held = self._held_bytes + nbytes
+            if self._held_bytes and held > self._policy.buffer_bytes and not _may_wait():
+                # A producer holding compute never waits for room: a reader too far behind is
+                # cut off rather than let the buffer grow without bound.
+                raise SlowReader.behind(held, self._policy.buffer_bytes)
             if not self._items:
                 self._waiting_since = self._clock()
-            self._items.append((message, droppable))
+            self._held_bytes += nbytes
+            self._items.append((message, droppable, nbytes))
             self._cond.notify_all()
 
     def finish(self, error: BaseException | None = None) -> None:
@@ -145,6 +173,7 @@ class ResponseBuffer:
         with self._cond:
             self._closed = True
             self._items.clear()
+            self._held_bytes = 0
             self._cond.notify_all()
 
     def take(self) -> Iterator[Any]:
@@ -157,7 +186,8 @@ class ResponseBuffer:
                     if self._error is not None:
                         raise self._error
                     return
-                message, _ = self._items.popleft()
+                message, _, nbytes = self._items.popleft()
+                self._held_bytes -= nbytes
                 self._waiting_since = self._clock() if self._items else None
                 self._cond.notify_all()
             yield message

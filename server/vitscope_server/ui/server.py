@@ -71,7 +71,11 @@ def start_explorer(settings: ServerSettings, inspector: Any, health: Any) -> Run
     explorer = Explorer.create(
         inspector,
         health,
-        StreamPolicy(settings.stream_buffer_messages, settings.slow_reader_seconds),
+        StreamPolicy(
+            settings.stream_buffer_messages,
+            settings.slow_reader_seconds,
+            settings.stream_buffer_bytes,
+        ),
         settings.image_roots,
         settings.max_message_bytes,
         workers=settings.max_running + settings.max_queue,
