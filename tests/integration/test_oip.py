@@ -348,6 +348,43 @@ BAD_OUTPUTS = [
         grpc.StatusCode.INVALID_ARGUMENT,
         "outputs",
     ),
+    # Checked against the model before any decode, named by the output that asked.
+    (
+        [Outputs(name="blocks.0.out"), Outputs(name="blocks.99.out")],
+        grpc.StatusCode.NOT_FOUND,
+        "outputs[1].name",
+    ),
+    (
+        [
+            Outputs(name="blocks.0.out"),
+            Outputs(
+                name="blocks.1.out",
+                parameters={"reduction": _string("patch_map"), "channels": _string("1,5000")},
+            ),
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        'outputs[1].parameters["channels"]',
+    ),
+    (
+        [
+            Outputs(
+                name="blocks.0.out",
+                parameters={"tokens": _string("indices"), "token_indices": _string("0,900")},
+            )
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        'outputs[0].parameters["token_indices"]',
+    ),
+    (
+        [
+            Outputs(
+                name="blocks.0.attn.probs",
+                parameters={"reduction": _string("patch_map"), "channels": _string("0")},
+            )
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        'outputs[0].parameters["reduction"]',
+    ),
     # Numeric-looking texts that int() would take, or choke on: the grammar refuses them.
     *[
         (
@@ -382,6 +419,29 @@ def test_bad_outputs(
         stub.ModelInfer(_pixels_request("vit", [_pixels(8)], outputs))
     assert caught.value.code() == code
     assert word in caught.value.details(), caught.value.details()
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
+def test_an_undecodable_image_is_named_by_the_input_that_holds_it(
+    stub: oip_grpc.GRPCInferenceServiceStub, raw: bool
+) -> None:
+    items = [_png(_pixels(9)), b"not an image"]
+    request = oip.ModelInferRequest(
+        model_name="vit", inputs=[_input("IMAGE", "BYTES", [2])], outputs=[Outputs(name="logits")]
+    )
+    if raw:
+        request.raw_input_contents.append(_bytes_tensor(items))
+    else:
+        request.inputs[0].contents.bytes_contents.extend(items)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    expected = (
+        "raw_input_contents[0]: image 1: " if raw else "inputs[0].contents.bytes_contents[1]: "
+    )
+    assert caught.value.details().startswith(expected), caught.value.details()
+    error = from_rpc_error(caught.value)
+    assert [v.field for v in error.field_violations] == [expected.split(":")[0]]
 
 
 def test_model_ready_for_unknown_model_and_version(stub: oip_grpc.GRPCInferenceServiceStub) -> None:

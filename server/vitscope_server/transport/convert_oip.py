@@ -17,12 +17,18 @@ import numpy as np
 
 from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope.tensors import length_delimited_field
-from vitscope_server.core.activations.compute import ActivationQuery, TensorDType
+from vitscope_server.core.activations.compute import ActivationQuery, TensorDType, check_query
 from vitscope_server.core.model.images import ImageInput
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.sites import sae_sites
 from vitscope_server.core.model.tokens import TokenMode
-from vitscope_server.core.runtime.errors import InvalidArgument, Reason, quote
+from vitscope_server.core.runtime.errors import (
+    InvalidArgument,
+    Reason,
+    VitscopeError,
+    quote,
+    refiled,
+)
 from vitscope_server.transport.fields.oip import (
     INPUTS,
     LOGITS,
@@ -149,6 +155,54 @@ def output_groups(request: oip.ModelInferRequest, has_classifier: bool) -> list[
         else:
             result.append(OutputGroup((LOGITS,), ActivationQuery(sites=(), logits=True)))
     return result
+
+
+def check_outputs(
+    loaded: LoadedModel, request: oip.ModelInferRequest, groups: Sequence[OutputGroup]
+) -> None:
+    """Every requested site against the model and its parameters, before any decode or
+    forward, with errors naming the output (`outputs[i].name`, `outputs[i].parameters`)."""
+    index = {output.name: i for i, output in enumerate(request.outputs)}
+    for group in groups:
+        for name in group.query.sites:
+            try:
+                check_query(loaded, replace(group.query, sites=(name,), logits=False))
+            except VitscopeError as exc:
+                raise _output_error(exc, index[name]) from None
+
+
+def _output_error(error: VitscopeError, output: int) -> VitscopeError:
+    """A GetActivations field of a query as the ModelInfer output that set it."""
+    path = f"outputs[{output}]"
+    if error.field.startswith("sites"):
+        return refiled(error, f"{path}.name")
+    parameter = next(
+        (name for prefix, name in _QUERY_PARAMETERS if error.field.startswith(prefix)), ""
+    )
+    if not parameter:
+        return refiled(error, path)
+    return refiled(error, parameter_path(f"{path}.parameters", parameter))
+
+
+# A query's fields, as the output parameters that set them.
+_QUERY_PARAMETERS = (
+    ("tokens.indices", "token_indices"),
+    ("tokens.positions", "positions"),
+    ("tokens", "tokens"),
+    ("channels", "channels"),
+    ("reduction", "reduction"),
+    ("output_dtype", "datatype"),
+)
+
+
+def input_field(request: oip.ModelInferRequest, image: int) -> tuple[str, str]:
+    """Where a request's `image`-th image lies: the field, and which of its items (when the
+    field holds every image)."""
+    if request.raw_input_contents:
+        return "raw_input_contents[0]", f"image {image}: "
+    if request.inputs and request.inputs[0].datatype == "BYTES":
+        return f"inputs[0].contents.bytes_contents[{image}]", ""
+    return "inputs[0].contents", f"image {image}: "
 
 
 def _check_shape(shape: Sequence[int], rank: int, field: str, max_elements: int) -> int:

@@ -6,6 +6,10 @@ GetActivations (core/activations/service.py), all its outputs in one forward.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import grpc
 import numpy as np
 
@@ -19,15 +23,24 @@ from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.model.loading import LoadedModel
 from vitscope_server.core.model.provenance import library_versions
 from vitscope_server.core.model.registry import ModelRegistry, ModelState
-from vitscope_server.core.runtime.errors import NotFound, Reason, ResourceExhausted, quote
+from vitscope_server.core.runtime.errors import (
+    NotFound,
+    Reason,
+    ResourceExhausted,
+    VitscopeError,
+    quote,
+    refiled,
+)
 from vitscope_server.core.runtime.stages import Stage
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import RESPONSE_HEADROOM_BYTES, record_batched
 from vitscope_server.transport.convert_oip import (
     LOGITS,
     OutputGroup,
+    check_outputs,
     framed_infer_response,
     image_inputs,
+    input_field,
     model_metadata,
     output_groups,
     output_tensor,
@@ -101,9 +114,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         loaded = self._model(request.model_name, request.model_version)
         images = image_inputs(request, self._max_message_bytes)
         groups = output_groups(request, loaded.adapter.has_classifier)
+        check_outputs(loaded, request, groups)
         queries = [group.query for group in groups]
         # One forward for every output, shared with concurrent GetActivations and ModelInfer.
-        with self._activations.serve(loaded, images, queries, cancel_token(context)) as served:
+        with (
+            _input_errors_refiled(request),
+            self._activations.serve(loaded, images, queries, cancel_token(context)) as served,
+        ):
             model = loaded.spec.name
             record_batched(self._metrics, "ModelInfer", model, served.info)
             with served.stages.timing(Stage.ENCODE):
@@ -116,6 +133,22 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 )
             self._metrics.record_stages("ModelInfer", model, served.stages)
             return response
+
+
+@contextmanager
+def _input_errors_refiled(request: oip.ModelInferRequest) -> Iterator[None]:
+    """An image's error (decode, size, values) as the request's input that holds it."""
+    try:
+        yield
+    except VitscopeError as exc:
+        match = _IMAGE_FIELD.match(exc.field)
+        if match is None:
+            raise
+        field, detail = input_field(request, int(match.group(1)))
+        raise refiled(exc, field, detail) from None
+
+
+_IMAGE_FIELD = re.compile(r"images\[(\d+)\]")
 
 
 def _infer_response(

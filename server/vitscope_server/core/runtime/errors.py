@@ -209,6 +209,21 @@ class Cancelled(VitscopeError):
     default_reason = Reason.CANCELLED
 
 
+def refiled(error: VitscopeError, field: str, detail: str = "") -> VitscopeError:
+    """The same error about another request field: a core check run for a request that
+    spells its fields differently (ModelInfer's outputs and inputs). `detail` goes before the
+    error's own words, e.g. which item of the field."""
+    own = error.message.removeprefix(f"{error.field}: ") if error.field else error.message
+    message = f"{field}: {detail}{own}"
+    moved = type(error).__new__(type(error))
+    moved.__dict__.update(error.__dict__)
+    Exception.__init__(moved, message)
+    moved.message, moved.field = message, field
+    if isinstance(moved, InvalidArgument):
+        moved.description = f"{detail}{own}"
+    return moved
+
+
 def require_in_range(
     field: str, values: Sequence[int], low: int, high: int, context: str = ""
 ) -> None:
