@@ -17,6 +17,9 @@ def test_one_gathered_copy_equals_each_tensor_viewed_alone() -> None:
         torch.randn(4, 7, generator=generator).bfloat16(),
         torch.arange(9, dtype=torch.int64).reshape(3, 3),
         torch.randn(1, generator=generator),
+        torch.arange(5, dtype=torch.int32),
+        torch.tensor([True, False, True]),
+        torch.arange(3, dtype=torch.uint8),
     ]
     gathered = to_host(tensors, gather=True)
     alone = to_host(tensors, gather=False)

@@ -8,18 +8,19 @@ are viewed as they are.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-# Host element types: bfloat16 has no numpy type and travels as its bit pattern.
-_HOST_DTYPES: dict[torch.dtype, np.dtype] = {
-    torch.float32: np.dtype(np.float32),
-    torch.float16: np.dtype(np.float16),
-    torch.bfloat16: np.dtype(np.uint16),
-    torch.int64: np.dtype(np.int64),
-}
+
+@functools.cache
+def _host_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy type of a tensor's elements; bfloat16 has none and travels as its bits."""
+    if dtype == torch.bfloat16:
+        return np.dtype(np.uint16)
+    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def _host_view(tensor: torch.Tensor) -> np.ndarray:
@@ -48,7 +49,7 @@ def to_host(tensors: Sequence[torch.Tensor], *, gather: bool | None = None) -> l
     arrays, offset = [], 0
     for tensor, part in zip(tensors, flat, strict=True):
         size = part.numel()
-        dtype = _HOST_DTYPES[tensor.dtype]
+        dtype = _host_dtype(tensor.dtype)
         arrays.append(buffer[offset : offset + size].view(dtype).reshape(tuple(tensor.shape)))
         offset += size
     return arrays
