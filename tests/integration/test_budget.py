@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from PIL import Image
-from support.waiting import wait_until
+from support.waiting import HANG_SECONDS, wait_until
 
 from vitscope import Client, ResourceExhaustedError
 from vitscope_server.core.model.loading import LoadedModel
@@ -103,6 +103,32 @@ def test_request_over_its_budget_is_refused(tight: RunningServer) -> None:
         small = c.activations([_png(160, 160)], ["blocks.0.out"], model=MODEL)
     assert small.sites["blocks.0.out"].values.shape[0] == 1
     assert tight.metrics.registry.get_sample_value("vitscope_memory_reserved_bytes") == 0
+
+
+def test_a_waiter_cancelled_while_it_waits_leaves_at_once() -> None:
+    """Cancelled mid-wait (not before), a waiter leaves the queue while the budget is still
+    full, and the next request is admitted once there is room."""
+    budget = MemoryBudget(request_bytes=100, server_bytes=100, max_waiting=2)
+    cancel = CancelToken()
+    outcome: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            with budget.reserve(50, cancel):
+                pass
+        except Cancelled as exc:
+            outcome.append(exc)
+
+    with budget.reserve(80, CancelToken()):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        wait_until(lambda: budget.waiting == 1, "the waiter to queue")
+        cancel.cancel()
+        thread.join(HANG_SECONDS)
+        assert not thread.is_alive() and len(outcome) == 1
+        assert budget.waiting == 0 and budget.reserved == 80
+    with budget.reserve(50, CancelToken()):
+        assert budget.reserved == 50
 
 
 def test_budget_queues_refuses_and_honours_cancel() -> None:
