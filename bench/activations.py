@@ -30,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ NUM_BLOCKS = 12
 ONE_SITE_BLOCK = 11
 ECHO_METHOD = "/vitscope.bench.Echo/Stream"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGETS = {"ratio_one_site": 1.05, "ratio_all_sites_fp32": 1.15, "transfer_over_echo": 0.7}
 
 
@@ -147,11 +149,13 @@ def rpc_call(
     blocks: Sequence[int],
     dtype: str,
     samples: RpcSamples,
+    compute_dtype: str,
 ) -> list[np.ndarray]:
     """One GetActivations through the public client; records total, compute and stream times."""
     before = compute_seconds(running)
     started = time.perf_counter()
-    result = client.activations(images, [site_name(b) for b in blocks], dtype=dtype)
+    sites = [site_name(b) for b in blocks]
+    result = client.activations(images, sites, dtype=dtype, compute_dtype=compute_dtype)
     ended = time.perf_counter()
     samples.total.seconds.append(ended - started)
     samples.compute.seconds.append(compute_seconds(running) - before)
@@ -165,8 +169,10 @@ def inprocess_call(
     blocks: Sequence[int],
     dtype: str,
     samples: Samples,
+    compute_dtype: str,
 ) -> list[np.ndarray]:
-    """The baseline: plain forward hooks on mlp.act, conversion to the dtype, numpy."""
+    """The baseline: plain forward hooks on mlp.act (under autocast for a reduced compute
+    dtype, as the server runs it), conversion to the dtype, numpy."""
     captured: dict[int, torch.Tensor] = {}
 
     def hook_for(block: int) -> Callable[[nn.Module, Any, torch.Tensor], None]:
@@ -178,9 +184,11 @@ def inprocess_call(
     started = time.perf_counter()
     modules = [model.get_submodule(f"blocks.{b}.mlp.act") for b in blocks]
     handles = [m.register_forward_hook(hook_for(b)) for m, b in zip(modules, blocks, strict=True)]
+    device = next(model.parameters()).device
+    precision = torch.autocast(device.type, dtype=COMPUTE_DTYPES[compute_dtype])
     try:
-        with torch.inference_mode():
-            model(torch.from_numpy(np.stack(images)).to(next(model.parameters()).device))
+        with torch.inference_mode(), precision if compute_dtype != "float32" else nullcontext():
+            model(torch.from_numpy(np.stack(images)).to(device))
             arrays = [captured[b].to(TORCH_DTYPES[dtype]).cpu().numpy() for b in blocks]
     finally:
         for handle in handles:
@@ -236,12 +244,14 @@ def result_bytes(running: RunningServer, batch: int, blocks: Sequence[int], item
     return sum(batch * int(np.prod(shapes[site_name(b)][1:])) * itemsize for b in blocks)
 
 
-def check_same(rpc: list[np.ndarray], inprocess: list[np.ndarray]) -> None:
-    """Warm-up guard: both sides must have computed the same activations in the same dtype."""
+def check_same(rpc: list[np.ndarray], inprocess: list[np.ndarray], compute_dtype: str) -> None:
+    """Warm-up guard: both sides must have computed the same activations in the same dtype
+    (to bfloat16's or float16's precision when the forward ran in it)."""
+    tolerance = 1e-3 if compute_dtype == "float32" else 5e-2
     for remote, local in zip(rpc, inprocess, strict=True):
         if remote.dtype != local.dtype or remote.shape != local.shape:
             raise RuntimeError(f"rpc {remote.dtype}{remote.shape} vs {local.dtype}{local.shape}")
-        np.testing.assert_allclose(remote, local, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(remote, local, rtol=tolerance, atol=tolerance)
 
 
 def parse_args() -> argparse.Namespace:
@@ -249,6 +259,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5, help="measured rounds per comparison")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, both sides")
+    parser.add_argument(
+        "--compute-dtype",
+        default="float32",
+        choices=sorted(COMPUTE_DTYPES),
+        help="the forward's precision on both sides (autocast below float32)",
+    )
     return parser.parse_args()
 
 
@@ -301,7 +317,9 @@ class Measurements:
     transfer_bytes: int = 0
 
 
-def measure(reps: int, running: RunningServer, settings: ServerSettings) -> Measurements:
+def measure(
+    reps: int, running: RunningServer, settings: ServerSettings, compute_dtype: str
+) -> Measurements:
     """Per case: a checked warm-up round, then `reps` rounds of RPC, in-process (and echo)."""
     model = build_inprocess_model(settings.device)
     images = load_images(running)
@@ -325,10 +343,12 @@ def measure(reps: int, running: RunningServer, settings: ServerSettings) -> Meas
                 warm_up = round_index == 0
                 remote_samples = RpcSamples() if warm_up else out.rpc[case]
                 local_samples = Samples() if warm_up else out.inprocess[case]
-                remote = rpc_call(client, running, images, blocks, dtype, remote_samples)
-                local = inprocess_call(model, images, blocks, dtype, local_samples)
+                remote = rpc_call(
+                    client, running, images, blocks, dtype, remote_samples, compute_dtype
+                )
+                local = inprocess_call(model, images, blocks, dtype, local_samples, compute_dtype)
                 if warm_up:
-                    check_same(remote, local)
+                    check_same(remote, local, compute_dtype)
                 del remote, local
                 if case == TRANSFER_CASE:
                     echo_call(echo_stream, nbytes, Samples() if warm_up else out.echo)
@@ -371,6 +391,7 @@ def build_report(m: Measurements, args: argparse.Namespace) -> dict[str, Any]:
         "images": f"{len(NAMES)} skimage photos sent preprocessed as float32 [3,224,224]",
         "torch_threads": args.threads,
         "device": args.device,
+        "compute_dtype": args.compute_dtype,
         "reps": args.reps,
     }
 
@@ -381,7 +402,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     running, settings = start_server(args.threads, args.device)
     try:
-        measurements = measure(args.reps, running, settings)
+        measurements = measure(args.reps, running, settings, args.compute_dtype)
     finally:
         running.stop(0)
     report = build_report(measurements, args)

@@ -1,8 +1,9 @@
 """compile_blocks against eager, through the service, same run.
 
 Run as `HF_HUB_OFFLINE=1 .venv/bin/python bench/compiled.py [--reps N] [--threads T]
-[--device cpu|cuda]` (or `make bench-compiled`). Two real servers on loopback ports serve the
-same randomly initialized vit_tiny_patch16_224, one with `compile_blocks`; a batch of 8
+[--device cpu|cuda] [--architecture NAME]` (or `make bench-compiled`). Two real servers on
+loopback ports serve the same randomly initialized model (vit_tiny_patch16_224 unless
+--architecture names another timm ViT), one with `compile_blocks`; a batch of 8
 skimage photos at 224 px goes to both as float32, asking for blocks.11.out. The first call
 of the compiled server compiles (timed apart: a minute or more on a CPU); then the two
 alternate call by call and the ratio is the median of per-round compiled / eager times.
@@ -37,12 +38,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=15, help="timed rounds (default 15)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--architecture", default=ARCHITECTURE, help="a timm ViT (random init)")
     return parser.parse_args()
 
 
 def server(args: argparse.Namespace, folder: Path, compiled: bool) -> RunningServer:
     models = folder / f"models-{compiled}.yaml"
-    spec = {"name": "tiny", "family": "timm", "architecture": ARCHITECTURE, "seed": 0}
+    spec = {"name": "tiny", "family": "timm", "architecture": args.architecture, "seed": 0}
     models.write_text(yaml.safe_dump({"models": [spec]}))
     settings = ServerSettings(
         host="127.0.0.1",
@@ -98,6 +100,7 @@ def main() -> None:
         "within_tolerance": within,
         "tolerance": TOLERANCE,
         "device": args.device,
+        "architecture": args.architecture,
         "torch_threads": args.threads,
     }
     print(f"compiled / eager {report['ratio_compiled_vs_eager']} (lower is faster)")

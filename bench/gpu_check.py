@@ -3,7 +3,7 @@ bounded in time; prints what each said and one JSON summary on the last line.
 
 Run from the repository root as `python bench/gpu_check.py` with client/ and server/ on
 PYTHONPATH (the Makefile does that). Benchmark sizes are chosen for a datacenter GPU and the
-whole check stays within --budget seconds (default 420); a step that runs out of time is
+whole check stays within --budget seconds (default 540); a step that runs out of time is
 reported as such and the rest still run.
 """
 
@@ -33,9 +33,18 @@ TESTS = [
 BENCHMARKS: list[tuple[str, str, list[str], int]] = [
     ("activations", "activations", ["--reps", "3", "--threads", "4"], 60),
     (
+        "activations_bf16",
+        "activations",
+        ["--reps", "3", "--threads", "4", "--compute-dtype", "bfloat16"],
+        60,
+    ),
+    (
         "serving",
         "serving",
-        ["--seconds", "3", "--pairs", "200", "--concurrent-model", "vit_base_patch16_224"],
+        [
+            *("--seconds", "3", "--pairs", "200", "--profile"),
+            *("--concurrent-model", "vit_base_patch16_224"),
+        ],
         80,
     ),
     (
@@ -56,6 +65,7 @@ BENCHMARKS: list[tuple[str, str, list[str], int]] = [
     ("projection", "projection", ["--rounds", "3"], 40),
     ("inversion", "inversion", ["--rounds", "20", "--batch", "256"], 40),
     ("oip", "oip", ["--reps", "10"], 40),
+    ("compiled_vitb", "compiled", ["--reps", "10", "--architecture", "vit_base_patch16_224"], 120),
 ]
 TEST_SECONDS = 210
 
@@ -120,8 +130,18 @@ def headline(benchmarks: dict[str, Any]) -> dict[str, Any]:
         "grpc_echo_gbps": figure("activations", "echo_gbps"),
         "transfer_over_echo": figure("activations", "transfer_over_echo"),
         "ratio_single_call": figure("serving", "ratio_single_call"),
+        "ratio_single_call_vs_floor": figure("serving", "ratio_single_call_vs_floor"),
         "ratio_concurrent_vs_batched": figure("serving", "ratio_concurrent_vs_batched"),
         "mean_batch_size": figure("serving", "mean_batch_size"),
+        "serving_stage_ms": figure("serving", "profile_ms"),
+        "activations_one_site_fp32": figure("activations", "ratio_one_site"),
+        "activations_one_site_bf16": figure("activations_bf16", "ratio_one_site"),
+        "projection_rpc_vs_forward": figure("projection", "ratio_rpc_vs_forward"),
+        "projection_core_vs_forward": figure("projection", "ratio_vs_forward"),
+        "model_infer_vs_get_activations": figure("oip", "ratio_oip_vs_native"),
+        "model_infer_encode_framed_vs_protobuf": figure("oip", "ratio_encode_framed_vs_protobuf"),
+        "compiled_vs_eager_vitb": figure("compiled_vitb", "ratio_compiled_vs_eager"),
+        "compiled_within_tolerance": figure("compiled_vitb", "within_tolerance"),
     }
 
 
@@ -139,7 +159,7 @@ def device_facts() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds for everything")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for everything")
     parser.add_argument("--skip-tests", action="store_true")
     args = parser.parse_args()
     ends_at = time.monotonic() + args.budget
