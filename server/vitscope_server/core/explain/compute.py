@@ -36,6 +36,7 @@ from vitscope_server.core.model.pixels import denormalize, normalize, to_uint8
 from vitscope_server.core.model.provenance import Provenance, provenance_of
 from vitscope_server.core.runtime.blur import gaussian_blur
 from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.transfer import to_host
 
 
 @dataclass(frozen=True)
@@ -272,49 +273,85 @@ def explain(
     size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
     shown = [display_maps(c.maps.to(pixels.device), size) for c in computed]
     images = to_uint8(denormalize(pixels.float(), adapter.data_config))
+    host = _on_host(computed, shown, predicted, space)
     per_image = [
-        _image(i, query.methods, computed, shown, pairs, images[i], space, predicted)
+        _image(i, query.methods, computed, host, pairs, images[i], space, predicted)
         for i in range(batch)
     ]
     yield from per_image
     yield summary([s.method for s in query.methods], per_image)
 
 
+@dataclass(frozen=True)
+class _OnHost:
+    """Every image's maps and class numbers, copied off the device at once."""
+
+    maps: list[np.ndarray]  # per method, float32 [B, grid_h, grid_w]
+    shown: list[np.ndarray]  # per method, float32 [B, H, W]
+    targets: np.ndarray  # int64 [B]
+    top: np.ndarray  # int64 [B]; -1 without classes
+    top_logits: np.ndarray  # float32 [B]
+    top_probabilities: np.ndarray  # float32 [B]
+    target_probabilities: np.ndarray  # float32 [B]
+
+
+def _on_host(
+    computed: list[_Computed],
+    shown: list[torch.Tensor],
+    predicted: _Predicted,
+    space: TargetSpace | None,
+) -> _OnHost:
+    """One copy for the whole batch rather than a few per image and method."""
+    logits, targets = predicted.logits, predicted.targets
+    probabilities = logits.softmax(dim=-1)
+    top = space.predictions(logits) if space is not None else torch.full_like(targets, -1)
+    tops, chosen = top.clamp(min=0)[:, None], targets.clamp(min=0)[:, None]
+    scores = [
+        targets,
+        top,
+        logits.gather(1, tops)[:, 0].float(),
+        probabilities.gather(1, tops)[:, 0].float(),
+        probabilities.gather(1, chosen)[:, 0].float(),
+    ]
+    tensors = [c.maps.float() for c in computed] + [m.float() for m in shown] + scores
+    arrays = to_host([t.contiguous() for t in tensors])
+    count = len(computed)
+    return _OnHost(arrays[:count], arrays[count : 2 * count], *arrays[2 * count :])
+
+
 def _image(
     i: int,
     methods: tuple[MethodSpec, ...],
     computed: list[_Computed],
-    shown: list[torch.Tensor],
+    host: _OnHost,
     pairs: list[list[CurvePair]] | None,
     image: np.ndarray,
     space: TargetSpace | None,
     predicted: _Predicted,
 ) -> ImageExplanation:
-    """One image's results, copied back from the device."""
+    """One image's results, read from the batch's copy on the host."""
     maps = [
         MethodMap(
             spec.method,
-            c.maps[i].float().cpu().numpy(),
-            s[i].float().cpu().numpy(),
+            host.maps[j][i],
+            host.shown[j][i],
             pairs[j][i] if pairs is not None else None,
             c.completeness[i] if c.completeness is not None else None,
             c.channels[i] if c.channels is not None else -1,
         )
-        for j, (spec, c, s) in enumerate(zip(methods, computed, shown, strict=True))
+        for j, (spec, c) in enumerate(zip(methods, computed, strict=True))
     ]
-    logits = predicted.logits
-    target = int(predicted.targets[i])
-    probabilities = logits[i].softmax(dim=-1)
-    top = int(space.predictions(logits[i : i + 1])[0]) if space is not None else -1
+    target, top = int(host.targets[i]), int(host.top[i])
+    classes = space is not None
     return ImageExplanation(
         image_index=i,
         target_index=target,
         target_name=space.names[target] if space is not None else "",
         target_is_prediction=predicted.is_prediction[i],
         predicted_index=top,
-        predicted_logit=float(logits[i, top]) if space is not None else 0.0,
-        predicted_probability=float(probabilities[top]) if space is not None else 0.0,
-        target_probability=float(probabilities[target]) if space is not None else 0.0,
+        predicted_logit=float(host.top_logits[i]) if classes else 0.0,
+        predicted_probability=float(host.top_probabilities[i]) if classes else 0.0,
+        target_probability=float(host.target_probabilities[i]) if classes else 0.0,
         image=image,
         maps=maps,
         random_order=pairs[-1][i] if pairs is not None else None,

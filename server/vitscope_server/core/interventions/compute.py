@@ -26,9 +26,18 @@ from vitscope_server.core.interventions.selection import ResolvedEdit
 from vitscope_server.core.model.adapters import ModelAdapter, SiteDef
 from vitscope_server.core.model.capture import capture_sites
 from vitscope_server.core.model.provenance import Provenance, provenance_of
-from vitscope_server.core.model.readout import Prediction, SiteOutput, predictions, reduce_site
+from vitscope_server.core.model.readout import (
+    DeviceSite,
+    Prediction,
+    SiteOutput,
+    predictions,
+    predictions_of,
+    reduce_on_device,
+    top_predictions,
+)
 from vitscope_server.core.model.tokens import as_site_layout
 from vitscope_server.core.runtime.cancel import CancelToken
+from vitscope_server.core.runtime.transfer import to_host
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,36 @@ def _forward_chunk(
     return output, captured
 
 
+@dataclass(frozen=True)
+class _DeviceVariant:
+    """One variant's results before the chunk's single copy off the device."""
+
+    index: int
+    label: str
+    metric: torch.Tensor | None
+    normalized: torch.Tensor | None
+    logits: torch.Tensor | None
+    class_logits: torch.Tensor | None
+    # (probabilities, class indices, logits) of the top predictions, each [images, k].
+    top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    sites: list[DeviceSite]
+
+    def tensors(self) -> list[torch.Tensor]:
+        values = [self.metric, self.normalized, self.logits, self.class_logits]
+        kept = [t for t in values if t is not None] + list(self.top or ())
+        return kept + [o.tensor for site in self.sites for o in site.tensors]
+
+    def on_host(self, arrays: Iterator[np.ndarray], names: list[str]) -> VariantResult:
+        """Reads this variant's arrays, in tensors() order, from the chunk's copy."""
+        metric, scaled, logits, chosen = (
+            None if t is None else next(arrays)
+            for t in (self.metric, self.normalized, self.logits, self.class_logits)
+        )
+        top = [] if self.top is None else predictions_of(names, *(next(arrays) for _ in "pcl"))
+        sites = [site.on_host(arrays) for site in self.sites]
+        return VariantResult(self.index, self.label, metric, scaled, logits, chosen, top, sites)
+
+
 def _variant(
     prepared: PreparedIntervention,
     index: int,
@@ -225,7 +264,7 @@ def _variant(
     captured: dict[str, torch.Tensor],
     rows: slice,
     scores: tuple[torch.Tensor | None, torch.Tensor | None],
-) -> VariantResult:
+) -> _DeviceVariant:
     outputs = prepared.query.outputs
     logits = output[rows]
     chosen = logits[:, list(prepared.classes)] if prepared.classes else None
@@ -233,21 +272,28 @@ def _variant(
     for site in prepared.output_sites:
         tensor = captured[site.name][rows]
         sites.append(
-            reduce_site(prepared.readout, as_site_layout(site, tuple(tensor.shape)), tensor)
+            reduce_on_device(prepared.readout, as_site_layout(site, tuple(tensor.shape)), tensor)
         )
     metric, scaled = scores
-    return VariantResult(
+    return _DeviceVariant(
         index,
         prepared.plan.variants[index].label,
-        None if metric is None else metric[rows].cpu().numpy(),
-        None if scaled is None else scaled[rows].cpu().numpy(),
-        logits.float().cpu().numpy() if outputs.logits else None,
-        None if chosen is None else chosen.float().cpu().numpy(),
-        predictions(prepared.loaded.adapter.class_names, logits, outputs.top_k)
-        if outputs.top_k
-        else [],
+        None if metric is None else metric[rows],
+        None if scaled is None else scaled[rows],
+        logits.float() if outputs.logits else None,
+        None if chosen is None else chosen.float(),
+        top_predictions(logits, outputs.top_k) if outputs.top_k else None,
         sites,
     )
+
+
+def _variants_on_host(
+    prepared: PreparedIntervention, variants: list[_DeviceVariant]
+) -> list[VariantResult]:
+    """A chunk's variants copied off the device at once."""
+    arrays = iter(to_host([t.contiguous() for v in variants for t in v.tensors()]))
+    names = prepared.loaded.adapter.class_names
+    return [variant.on_host(arrays, names) for variant in variants]
 
 
 def intervene(prepared: PreparedIntervention, cancel: CancelToken) -> Iterator[Event]:
@@ -272,9 +318,18 @@ def intervene(prepared: PreparedIntervention, cancel: CancelToken) -> Iterator[E
                     scaled = normalized(metric, run.base_metric, run.source_metric)
             indices = list(range(first, first + count))
             if sweep is None:
-                for j, index in enumerate(indices):
-                    rows = slice(j * images, (j + 1) * images)
-                    yield _variant(prepared, index, output, captured, rows, (metric, scaled))
+                on_device = [
+                    _variant(
+                        prepared,
+                        index,
+                        output,
+                        captured,
+                        slice(j * images, (j + 1) * images),
+                        (metric, scaled),
+                    )
+                    for j, index in enumerate(indices)
+                ]
+                yield from _variants_on_host(prepared, on_device)
                 yield InterventionProgress(first + count, total, indices, None, None)
                 continue
             assert metric is not None
