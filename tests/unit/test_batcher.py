@@ -31,9 +31,18 @@ def _doubling(sizes: list[int], failures: list[BaseException]) -> Run:
     return run
 
 
-def _submit(batcher: Batcher[int, int], item: int) -> tuple[int, BatchInfo]:
+def _submit(
+    batcher: Batcher[int, int], item: int, cancel: CancelToken | None = None
+) -> tuple[int, BatchInfo]:
     with batcher.arriving("m") as arrival:
-        return batcher.submit(arrival, "k", item, 1, CancelToken())
+        return batcher.submit(arrival, "k", item, 1, cancel or CancelToken())
+
+
+def _one_slot() -> tuple[ComputeSlots, list[int], Batcher[int, int]]:
+    """One compute slot, a doubling batcher on it, and the sizes of the batches it ran."""
+    slots = ComputeSlots(max_running=1, max_waiting=8)
+    sizes: list[int] = []
+    return slots, sizes, Batcher(_doubling(sizes, []), slots, max_images=8, max_delay=0.0)
 
 
 def test_a_failed_forward_reaches_each_of_its_requests_and_the_next_batch_runs() -> None:
@@ -114,17 +123,10 @@ def test_every_batcher_and_the_slots_share_one_max_queue() -> None:
 def test_a_leader_whose_caller_left_frees_its_thread_before_a_slot_frees() -> None:
     """With the only slot held elsewhere, a lone request's caller leaves: its thread returns
     Cancelled at once rather than waiting for the slot; a later request still runs."""
-    slots = ComputeSlots(max_running=1, max_waiting=8)
-    sizes: list[int] = []
-    batcher: Batcher[int, int] = Batcher(_doubling(sizes, []), slots, max_images=8, max_delay=0.0)
+    slots, sizes, batcher = _one_slot()
     cancel = CancelToken()
-
-    def lone() -> tuple[int, BatchInfo]:
-        with batcher.arriving("m") as arrival:
-            return batcher.submit(arrival, "k", 5, 1, cancel)
-
     with ThreadPoolExecutor(2) as pool, slots.acquire(NEVER_CANCELLED):
-        leader = pool.submit(lone)
+        leader = pool.submit(_submit, batcher, 5, cancel)
         wait_until(lambda: batcher.waiting == 1, "the request to queue")
         cancel.cancel()
         with pytest.raises(Cancelled):
@@ -140,18 +142,11 @@ def test_a_leader_whose_caller_left_frees_its_thread_before_a_slot_frees() -> No
 def test_a_leader_whose_caller_left_still_serves_the_others() -> None:
     """The leader's caller leaves while another request waits in its batch: once the slot
     frees, the batch runs for the other, and the leaver gets Cancelled."""
-    slots = ComputeSlots(max_running=1, max_waiting=8)
-    sizes: list[int] = []
-    batcher: Batcher[int, int] = Batcher(_doubling(sizes, []), slots, max_images=8, max_delay=0.0)
+    slots, sizes, batcher = _one_slot()
     cancel = CancelToken()
-
-    def first() -> tuple[int, BatchInfo]:
-        with batcher.arriving("m") as arrival:
-            return batcher.submit(arrival, "k", 5, 1, cancel)
-
     with ThreadPoolExecutor(2) as pool:
         with slots.acquire(NEVER_CANCELLED):
-            leader = pool.submit(first)
+            leader = pool.submit(_submit, batcher, 5, cancel)
             wait_until(lambda: batcher.waiting == 1, "the first request to queue")
             other = pool.submit(_submit, batcher, 7)
             wait_until(lambda: batcher.waiting == 2, "the second request to queue")
