@@ -109,8 +109,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     ) -> oip.ModelMetadataResponse:
         return model_metadata(self._model(request.name, request.version))
 
-    def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.ServicerContext) -> bytes:
-        """The response comes serialized (framed_infer_response)."""
+    # The response comes serialized (framed_infer_response); the interceptor passes it on.
+    def ModelInfer(  # type: ignore[override]
+        self, request: oip.ModelInferRequest, context: grpc.ServicerContext
+    ) -> bytes:
         loaded = self._model(request.model_name, request.model_version)
         images = image_inputs(request, self._max_message_bytes)
         groups = output_groups(request, loaded.adapter.has_classifier)
