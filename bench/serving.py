@@ -63,6 +63,9 @@ from vitscope_server.settings import ServerSettings
 from vitscope_server.transport.app import create_server
 
 SINGLE_SITE = "blocks.5.out"
+# The pause before each in-process capture of the after-idle baseline: about what a call's
+# transport and client take between two of the server's forwards.
+IDLE_SECONDS = 0.003
 CONCURRENT_MODEL = "vit_tiny_patch16_224"
 CONCURRENT_SITE = "blocks.11.out"
 CLIENT_COUNTS = (1, 4, 16)
@@ -212,6 +215,7 @@ def _single_call(
     pixels = torch.from_numpy(image[None]).to(args.device)
     rpc_s: list[float] = []
     local_s: list[float] = []
+    idle_s: list[float] = []
     ratios = []
     with Client(target) as client:
         remote = client.activations([image], [site], model=name)[site]
@@ -223,6 +227,7 @@ def _single_call(
         for _ in range(max(args.pairs // SINGLE_BLOCK // blocks_divisor, 1)):
             remote_block = _timed(call, SINGLE_BLOCK)
             local_block = _timed(lambda: capture(pixels), SINGLE_BLOCK)
+            idle_s += _timed(lambda: capture(pixels), SINGLE_BLOCK, idle=IDLE_SECONDS)
             ratios.append(statistics.median(remote_block) / statistics.median(local_block))
             rpc_s += remote_block
             local_s += local_block
@@ -231,17 +236,21 @@ def _single_call(
         "rpc_p50": round(rpc * 1e3, 3),
         "inprocess_p50": round(local * 1e3, 3),
         "overhead_p50": round((rpc - local) * 1e3, 3),
+        "inprocess_after_idle_p50": round(statistics.median(idle_s) * 1e3, 3),
     }
     return round(statistics.median(ratios), 3), timings
 
 
-def _timed(call: Callable[[], object], count: int) -> list[float]:
+def _timed(call: Callable[[], object], count: int, idle: float = 0.0) -> list[float]:
     """Seconds of each of `count` calls after as many unmeasured ones: the other side's
-    torch threads, still spinning from its own block, have settled by then."""
+    torch threads, still spinning from its own block, have settled by then. With `idle`,
+    each measured call follows that many seconds of sleep (not counted)."""
     for _ in range(count):
         call()
     seconds = []
     for _ in range(count):
+        if idle:
+            time.sleep(idle)
         started = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - started)
@@ -412,6 +421,8 @@ def main() -> None:
             "ratio_single_call_at_floor": round((inprocess_ms + floor_ms) / inprocess_ms, 3),
         }
         report["ratio_single_call_vs_floor"] = round(call_ms / (inprocess_ms + floor_ms), 3)
+        idle_ms = report["single_call_ms"]["inprocess_after_idle_p50"]
+        report["ratio_single_call_vs_floor_after_idle"] = round(call_ms / (idle_ms + floor_ms), 3)
         if args.profile:
             report["profile_ms"] = stage_profile(before, after)
             print_profile(report["profile_ms"])
