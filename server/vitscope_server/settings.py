@@ -183,8 +183,8 @@ class ServerSettings(BaseSettings):
         256 << 20,
         ge=1 << 20,
         description="Result bytes a stream may hold for a reader that is behind while its "
-        "request still computes; past this the call is cut off with RESOURCE_EXHAUSTED "
-        "(SLOW_READER).",
+        "request still computes; past this the computation waits for the reader (holding its "
+        "compute slot) rather than buffer more.",
     )
     slow_reader_seconds: float = Field(
         30.0,

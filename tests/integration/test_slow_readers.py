@@ -3,13 +3,14 @@ results are never dropped, and a reader stalled too long is cut off."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from support.waiting import sample, wait_until
+from support.waiting import HANG_SECONDS, sample, wait_until
 
 from vitscope import Client
 from vitscope.client import image_message
@@ -112,22 +113,32 @@ def test_buffer_keeps_the_latest_progress_and_every_result() -> None:
     assert buffer.dropped == 9
 
 
-def test_a_reader_too_many_result_bytes_behind_a_computing_producer_is_cut_off() -> None:
-    """Results pile up while compute is held, up to buffer_bytes; what the reader takes
-    makes room again, and one result larger than the bound alone still goes."""
-    buffer = ResponseBuffer(StreamPolicy(buffer_messages=2, buffer_bytes=100))
+def test_a_computing_producer_waits_once_its_reader_is_buffer_bytes_behind() -> None:
+    """Inside a compute slot results pile up without waiting, until the ones the reader is
+    behind on pass buffer_bytes: then the producer waits for the reader to take one."""
+    buffer = ResponseBuffer(StreamPolicy(buffer_messages=1, buffer_bytes=100))
     taken = buffer.take()
-    with holding_compute():
-        buffer.put(b"a" * 150)
-        assert next(taken) == b"a" * 150
-        buffer.put(b"b" * 60)
-        buffer.put(Progress(b"p" * 500))
-        with pytest.raises(SlowReader, match="stream_buffer_bytes"):
-            buffer.put(b"c" * 60)
-        assert next(taken) == b"b" * 60
-        buffer.put(b"d" * 60)
+    produced = threading.Event()
+
+    def produce() -> None:
+        with holding_compute():
+            buffer.put(b"a" * 150)  # the reader is not behind yet: not even measured
+            buffer.put(Progress(b"p" * 500))  # progress never counts
+            buffer.put(b"b" * 60)
+            buffer.put(b"c" * 60)  # 120 bytes behind: waits for the reader
+            produced.set()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    wait_until(lambda: buffer.waiting_for_room, "the producer to wait for room")
+    assert not produced.is_set()
+    assert next(taken) == b"a" * 150
+    assert next(taken) == b"p" * 500
+    assert next(taken) == b"b" * 60
+    producer.join(HANG_SECONDS)
+    assert produced.is_set() and not buffer.waiting_for_room
     buffer.finish()
-    assert list(taken) == [b"p" * 500, b"d" * 60]
+    assert list(taken) == [b"c" * 60]
 
 
 def test_buffer_raises_for_a_stalled_reader_and_after_close() -> None:

@@ -5,9 +5,9 @@ A server-streaming RPC runs its body in a producer thread; the RPC thread only s
 the buffer holds. Progress messages (wrapped in `Progress`) coalesce when the reader is slow:
 the latest progress wins. Other messages are never dropped; a producer that holds a compute
 slot never waits for room, one that does not waits while the buffer is full. A reader that has
-taken nothing for `slow_reader_seconds` while messages wait, or that falls more than
-`buffer_bytes` of results behind a producer holding compute, is cut off with
-RESOURCE_EXHAUSTED.
+taken nothing for `slow_reader_seconds` while messages wait is cut off with
+RESOURCE_EXHAUSTED. Only a reader that falls more than `buffer_bytes` of results behind makes a
+producer holding compute wait: memory stays bounded, at the price of the slot.
 
 A stream marked `sends_after_compute` holds no compute slot while it sends, so it needs no
 producer: it runs on the RPC thread, one thread hand-off less per call, and a shared watchdog
@@ -75,12 +75,6 @@ class SlowReader(ResourceExhausted):
             "(slow_reader_seconds); read the stream as it arrives"
         )
 
-    @classmethod
-    def behind(cls, nbytes: int, limit: int) -> SlowReader:
-        return cls(
-            f"the reader fell {nbytes} response bytes behind, over the {limit} a stream may "
-            "hold while its request computes (stream_buffer_bytes); read the stream as it arrives"
-        )
 
 
 def _size(message: Any) -> int:
@@ -115,6 +109,8 @@ class ResponseBuffer:
         # (message, droppable, serialized bytes counted against buffer_bytes)
         self._items: deque[tuple[Any, bool, int]] = deque()
         self._held_bytes = 0
+        # Whether a producer holding compute waits for its reader (buffer_bytes reached).
+        self.waiting_for_room = False
         self._finished = False
         self._error: BaseException | None = None
         self._closed = False
@@ -130,8 +126,13 @@ class ResponseBuffer:
             raise SlowReader.after(limit)
 
     def put(self, message: Any) -> None:
-        """Adds a response; progress coalesces, others wait for room unless compute is held."""
+        """Adds a response; progress coalesces, others wait for room unless compute is held.
+        A producer holding compute waits only once the results its reader is behind on pass
+        buffer_bytes; they are measured (a serialization) only once the reader is behind."""
         droppable = isinstance(message, Progress)
+        holding = not _may_wait()
+        behind = len(self._items) >= self._policy.buffer_messages
+        nbytes = _size(message) if holding and behind and not droppable else 0
         with self._cond:
             self._check_reader()
             if droppable:
@@ -140,16 +141,16 @@ class ResponseBuffer:
                 if len(progress) >= self._policy.buffer_messages:
                     del self._items[progress[0]]
                     self.dropped += 1
-            elif _may_wait():
+            elif not holding:
                 while len(self._items) >= self._policy.buffer_messages:
                     self._cond.wait(_WAKE_SECONDS)
                     self._check_reader()
-            nbytes = 0 if droppable else _size(message)
-            held = self._held_bytes + nbytes
-            if self._held_bytes and held > self._policy.buffer_bytes and not _may_wait():
-                # A producer holding compute never waits for room: a reader too far behind is
-                # cut off rather than let the buffer grow without bound.
-                raise SlowReader.behind(held, self._policy.buffer_bytes)
+            else:
+                while self._held_bytes and self._held_bytes + nbytes > self._policy.buffer_bytes:
+                    self.waiting_for_room = True
+                    self._cond.wait(_WAKE_SECONDS)
+                    self._check_reader()
+                self.waiting_for_room = False
             if not self._items:
                 self._waiting_since = self._clock()
             self._held_bytes += nbytes
