@@ -71,7 +71,7 @@ def encode_seconds(values: np.ndarray, rounds: int) -> tuple[float, float]:
         head = oip.ModelInferResponse(model_name=MODEL)
         tensor, raw = output_tensor(SITE, values, TensorDType.FLOAT32)
         head.outputs.append(tensor)
-        return framed_infer_response(head, [raw])
+        return framed_infer_response(head, [raw], 1 << 30)
 
     def built() -> bytes:
         response = oip.ModelInferResponse(model_name=MODEL)

@@ -421,6 +421,19 @@ def test_bad_outputs(
     assert word in caught.value.details(), caught.value.details()
 
 
+def test_a_request_level_parameter_is_named_where_it_was_set(
+    stub: oip_grpc.GRPCInferenceServiceStub,
+) -> None:
+    request = _pixels_request("vit", [_pixels(8)], [Outputs(name="blocks.1.out")])
+    request.parameters["reduction"].string_param = "patch_map"
+    request.parameters["channels"].string_param = "1,5000"
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = from_rpc_error(caught.value)
+    assert [v.field for v in error.field_violations] == ['parameters["channels"]']
+
+
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
 def test_an_undecodable_image_is_named_by_the_input_that_holds_it(
     stub: oip_grpc.GRPCInferenceServiceStub, raw: bool

@@ -7,6 +7,7 @@ import pytest
 
 from vitscope.oip import grpc_predict_v2_pb2 as oip
 from vitscope_server.core.model.readout import TensorDType
+from vitscope_server.core.runtime.errors import Reason, ResourceExhausted
 from vitscope_server.transport.convert_oip import framed_infer_response, output_tensor
 
 ARRAYS = {
@@ -31,9 +32,24 @@ def test_the_framed_response_parses_as_protobuf_s_own(names: list[str]) -> None:
         contents.append(raw)
         built.outputs.append(tensor)
         built.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
-    parsed = oip.ModelInferResponse.FromString(framed_infer_response(head, contents))
+    parsed = oip.ModelInferResponse.FromString(framed_infer_response(head, contents, 1 << 20))
     assert parsed == built
     for name, raw in zip(names, parsed.raw_output_contents, strict=True):
         array, _ = ARRAYS[name]
         little = array.dtype.newbyteorder("<")
         np.testing.assert_array_equal(np.frombuffer(raw, little).reshape(array.shape), array)
+
+
+def test_the_limit_counts_every_byte_of_the_message() -> None:
+    """The head's own bytes count too: a response whose raw contents alone fit, but not with
+    many long output names, is refused by name rather than left to gRPC."""
+    values = np.zeros(1000, dtype=np.float32)
+    head = oip.ModelInferResponse(model_name="m", id="x" * 1000)
+    tensor, raw = output_tensor("n" * 250, values, TensorDType.FLOAT32)
+    head.outputs.extend([tensor] * 4)
+    framed = framed_infer_response(head, [raw] * 4, 1 << 20)
+    assert len(framed) == oip.ModelInferResponse.FromString(framed).ByteSize()
+    with pytest.raises(ResourceExhausted) as refused:
+        framed_infer_response(head, [raw] * 4, len(framed) - 1)
+    assert refused.value.reason is Reason.RESULT_TOO_LARGE and refused.value.field == "outputs"
+    assert framed_infer_response(head, [raw] * 4, len(framed)) == framed

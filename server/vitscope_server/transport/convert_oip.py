@@ -25,6 +25,7 @@ from vitscope_server.core.model.tokens import TokenMode
 from vitscope_server.core.runtime.errors import (
     InvalidArgument,
     Reason,
+    ResourceExhausted,
     VitscopeError,
     quote,
     refiled,
@@ -168,11 +169,14 @@ def check_outputs(
             try:
                 check_query(loaded, replace(group.query, sites=(name,), logits=False))
             except VitscopeError as exc:
-                raise _output_error(exc, index[name]) from None
+                raise _output_error(exc, request, index[name]) from None
 
 
-def _output_error(error: VitscopeError, output: int) -> VitscopeError:
-    """A GetActivations field of a query as the ModelInfer output that set it."""
+def _output_error(
+    error: VitscopeError, request: oip.ModelInferRequest, output: int
+) -> VitscopeError:
+    """A GetActivations field of a query as the ModelInfer field that set it: the output, or
+    the request-level parameter the output took its value from."""
     path = f"outputs[{output}]"
     if error.field.startswith("sites"):
         return refiled(error, f"{path}.name")
@@ -181,6 +185,8 @@ def _output_error(error: VitscopeError, output: int) -> VitscopeError:
     )
     if not parameter:
         return refiled(error, path)
+    if parameter not in request.outputs[output].parameters and parameter in request.parameters:
+        return refiled(error, parameter_path("parameters", parameter))
     return refiled(error, parameter_path(f"{path}.parameters", parameter))
 
 
@@ -313,14 +319,26 @@ def output_tensor(
 _RAW_OUTPUT_FIELD = oip.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
 
 
-def framed_infer_response(head: oip.ModelInferResponse, contents: Sequence[np.ndarray]) -> bytes:
+def framed_infer_response(
+    head: oip.ModelInferResponse, contents: Sequence[np.ndarray], max_bytes: int
+) -> bytes:
     """The serialized response: `head` (every field but the raw contents) through protobuf,
     each raw content framed by hand, so that the outputs' bytes are copied once, when the
-    parts are joined, rather than into a message and again by its serialization."""
+    parts are joined, rather than into a message and again by its serialization. A response
+    over `max_bytes` (one message's limit) is refused by name rather than left to gRPC."""
     parts: list[bytes | memoryview] = [head.SerializeToString()]
     for array in contents:
         raw = memoryview(array.reshape(-1).view(np.uint8).data)
         parts += [length_delimited_field(_RAW_OUTPUT_FIELD, len(raw)), raw]
+    size = sum(len(part) for part in parts)
+    if size > max_bytes:
+        raise ResourceExhausted(
+            f"outputs: the response would take {size} bytes, over the {max_bytes} bytes one "
+            'message may carry; ask for fewer outputs or images, a "reduction" or "tokens" '
+            'parameter, "datatype": "FP16", or use GetActivations, which streams',
+            reason=Reason.RESULT_TOO_LARGE,
+            field="outputs",
+        )
     return b"".join(parts)
 
 

@@ -26,14 +26,13 @@ from vitscope_server.core.model.registry import ModelRegistry, ModelState
 from vitscope_server.core.runtime.errors import (
     NotFound,
     Reason,
-    ResourceExhausted,
     VitscopeError,
     quote,
     refiled,
 )
 from vitscope_server.core.runtime.stages import Stage
 from vitscope_server.transport.cancellation import cancel_token
-from vitscope_server.transport.compute import RESPONSE_HEADROOM_BYTES, record_batched
+from vitscope_server.transport.compute import record_batched
 from vitscope_server.transport.convert_oip import (
     LOGITS,
     OutputGroup,
@@ -131,7 +130,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                     loaded,
                     groups,
                     served.results,
-                    self._max_message_bytes - RESPONSE_HEADROOM_BYTES,
+                    self._max_message_bytes,
                 )
             self._metrics.record_stages("ModelInfer", model, served.stages)
             return response
@@ -179,17 +178,4 @@ def _infer_response(
         tensor, raw = output_tensor(name, array, dtype)
         head.outputs.append(tensor)
         contents.append(raw)
-    _require_within(sum(raw.nbytes for raw in contents), max_bytes)
-    return framed_infer_response(head, contents)
-
-
-def _require_within(nbytes: int, max_bytes: int) -> None:
-    """A unary response holds every output: refused by name rather than left to gRPC."""
-    if nbytes > max_bytes:
-        raise ResourceExhausted(
-            f"outputs: the response would take {nbytes} bytes, over the {max_bytes} bytes one "
-            'message may carry; ask for fewer outputs or images, a "reduction" or "tokens" '
-            'parameter, "datatype": "FP16", or use GetActivations, which streams',
-            reason=Reason.RESULT_TOO_LARGE,
-            field="outputs",
-        )
+    return framed_infer_response(head, contents, max_bytes)

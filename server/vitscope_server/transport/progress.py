@@ -76,7 +76,6 @@ class SlowReader(ResourceExhausted):
         )
 
 
-
 def _size(message: Any) -> int:
     """Serialized bytes of a response (pre-serialized chunks are bytes already)."""
     if isinstance(message, (bytes, bytearray, memoryview)):
