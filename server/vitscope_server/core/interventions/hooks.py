@@ -95,7 +95,7 @@ def _apply_all(view: torch.Tensor, site: SiteDef, edits: list[RowEdit], values: 
     an SAE is edited in the SAE's space and the difference lifted back to the tokens, so the
     SAE's error term stays as it was (unedited values leave the tokens exactly as they are)."""
     read = site.sae_read
-    space = view if read is None else read(view)
+    space = view if read is None else read.values(view)
     edited = space if read is None else space.clone()
     for row_edit in edits:
         _apply(edited, row_edit.rows, row_edit.edit, values)

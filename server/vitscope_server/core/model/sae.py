@@ -133,6 +133,13 @@ class SaeRead:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.sae.module.read(tokens, self.output)
 
+    def values(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The site's values as an edit reads them: latents in the SAE's own precision (a read
+        casts them to the tokens' dtype, which would round them on a half-precision model)."""
+        if self.output is SaeOutput.LATENTS:
+            return self.sae.module.encode(tokens)
+        return self(tokens)
+
     def lift(self, change: torch.Tensor) -> torch.Tensor:
         """A change of this site's values as the change of the base tokens that makes it,
         with the SAE's error term kept: latents move the tokens through the decoder

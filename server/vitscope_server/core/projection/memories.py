@@ -10,6 +10,7 @@ the values (cosine: unit class rows and unit value columns).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -210,60 +211,70 @@ def project_memories(prepared: PreparedMemories, cancel: CancelToken) -> MemoryR
             for i, target in enumerate(given):
                 if target is not None:
                     targets[i] = target
-        sets = []
-        for kind in query.kinds:
-            values = _values(adapter, query.block, kind)
-            if query.cosine:
-                matrix = F.normalize(classes, dim=1) @ F.normalize(values, dim=0)
-            else:
-                matrix = classes @ values
-            per_memory = matrix.T.topk(query.top_k, dim=1)
-            per_class = matrix.topk(query.top_k, dim=1)
-            images = []
-            if kind in coefficients:
-                images = _image_memories(coefficients[kind], matrix, targets, query.top_k)
-            memory_indices, memory_values, class_indices, class_values = to_host(
-                [
-                    per_memory.indices.contiguous(),
-                    per_memory.values.float().contiguous(),
-                    per_class.indices.contiguous(),
-                    per_class.values.float().contiguous(),
-                ]
-            )
-            sets.append(
-                MemorySet(
-                    kind,
-                    int(values.shape[1]),
-                    memory_indices,
-                    memory_values,
-                    class_indices,
-                    class_values,
-                    images,
-                )
-            )
+        on_device = [
+            _kind_tensors(adapter, classes, coefficients.get(kind), targets, query, kind)
+            for kind in query.kinds
+        ]
+        flat = [t.contiguous() for _, tensors in on_device for t in tensors]
+        host = to_host([*flat, targets.to(classes.device).contiguous()])
+    host_targets, arrays = host[-1], iter(host[:-1])
+    sets = [
+        _memory_set(kind, count, len(tensors) > 4, arrays, host_targets)
+        for kind, (count, tensors) in zip(query.kinds, on_device, strict=True)
+    ]
     batch = 0 if prepared.pixels is None else int(prepared.pixels.shape[0])
     return MemoryResult(provenance_of(loaded), query, space, batch, sets)
 
 
-def _image_memories(
-    coefficients: torch.Tensor, matrix: torch.Tensor, targets: torch.Tensor, top_k: int
-) -> list[ImageMemories]:
-    """Top memories per token, and the share of tokens whose 5 strongest keys meet the
-    target class's 5 strongest values."""
-    top = coefficients.topk(top_k, dim=-1)
+def _kind_tensors(
+    adapter: ModelAdapter,
+    classes: torch.Tensor,
+    coefficients: torch.Tensor | None,
+    targets: torch.Tensor,
+    query: MemoryQuery,
+    kind: MemoryKind,
+) -> tuple[int, list[torch.Tensor]]:
+    """One kind's number of memories and its results on the device: top classes per memory
+    and top memories per class (indices, scores), then, with images, each token's top
+    memories (indices, coefficients) and each image's agreement rate."""
+    values = _values(adapter, query.block, kind)
+    if query.cosine:
+        matrix = F.normalize(classes, dim=1) @ F.normalize(values, dim=0)
+    else:
+        matrix = classes @ values
+    per_memory = matrix.T.topk(query.top_k, dim=1)
+    per_class = matrix.topk(query.top_k, dim=1)
+    tensors = [
+        per_memory.indices,
+        per_memory.values.float(),
+        per_class.indices,
+        per_class.values.float(),
+    ]
+    if coefficients is None:
+        return int(values.shape[1]), tensors
+    top = coefficients.topk(query.top_k, dim=-1)
     strongest = coefficients.topk(AGREEMENT_TOP, dim=-1).indices  # [B, T, 5]
     class_values = matrix.index_select(0, targets).topk(AGREEMENT_TOP, dim=1).indices  # [B, 5]
     agrees = (strongest[..., :, None] == class_values[:, None, None, :]).any(-1).any(-1)
-    rates = agrees.float().mean(dim=1)
-    indices, values, host_rates, host_targets = to_host(
-        [
-            top.indices.contiguous(),
-            top.values.float().contiguous(),
-            rates.contiguous(),
-            targets.to(rates.device).contiguous(),
+    return int(values.shape[1]), [*tensors, top.indices, top.values.float(), agrees.float().mean(1)]
+
+
+def _memory_set(
+    kind: MemoryKind,
+    count: int,
+    with_images: bool,
+    arrays: Iterator[np.ndarray],
+    targets: np.ndarray,
+) -> MemorySet:
+    """One kind's set read from the request's single copy (in _kind_tensors' order)."""
+    memory_indices, memory_values, class_indices, class_values = (next(arrays) for _ in range(4))
+    images = []
+    if with_images:
+        indices, values, rates = next(arrays), next(arrays), next(arrays)
+        images = [
+            ImageMemories(i, int(targets[i]), indices[i], values[i], float(rates[i]))
+            for i in range(indices.shape[0])
         ]
+    return MemorySet(
+        kind, count, memory_indices, memory_values, class_indices, class_values, images
     )
-    return [
-        ImageMemories(i, int(host_targets[i]), indices[i], values[i], float(host_rates[i]))
-        for i in range(coefficients.shape[0])
-    ]
