@@ -28,6 +28,9 @@ TESTS = [
     "tests/integration/test_features.py",
     "tests/integration/test_projection.py",
     "tests/integration/test_inversion.py",
+    "tests/integration/test_explain.py",
+    "tests/integration/test_interventions.py",
+    "tests/integration/test_oip.py",
 ]
 # name, arguments after `python bench/NAME.py`, seconds allowed.
 BENCHMARKS: list[tuple[str, str, list[str], int]] = [
