@@ -717,7 +717,10 @@ def test_projections_over_the_limits_are_refused_before_compute(tmp_path: Path) 
                 client.project(image * 8, model="vit", tokens="prefix")
             with pytest.raises(ResourceExhaustedError) as memories:
                 client.project_memories(0, model="vit", top_k=64)
-            for caught in (message, result, memories):
+            # Refused before any image is decoded: an undecodable one is never looked at.
+            with pytest.raises(ResourceExhaustedError) as undecoded:
+                client.project([b"not an image"] * 8, model="vit", tokens="prefix")
+            for caught in (message, result, memories, undecoded):
                 assert caught.value.reason == "RESULT_TOO_LARGE"
                 assert caught.value.retry_after is None
             assert client.project(image, model="vit", blocks=[5], tokens="prefix").images

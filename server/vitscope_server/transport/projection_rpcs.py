@@ -11,6 +11,7 @@ from vitscope_server.core.projection.estimate import memories_bytes, projection_
 from vitscope_server.core.projection.memories import prepare_memories, project_memories
 from vitscope_server.core.projection.project import (
     ProjectionLimits,
+    check_projection,
     prepare_projection,
     projection_batch_key,
 )
@@ -40,6 +41,7 @@ class ProjectionRpcs(ServicerState):
         inputs = convert.image_inputs(list(request.images))
         query = convert_projection.projection_query(request)
         model = loaded.spec.name
+        check_projection(loaded, query, len(inputs), self._projection_limits())
         need = projection_bytes(loaded.adapter, inputs, query, self._limits.max_pixels)
         cancel = cancel_token(context)
         batcher = self._batchers.projections

@@ -214,11 +214,12 @@ def _check_sizes(
     adapter: ModelAdapter,
     query: ProjectionQuery,
     tokens: int,
-    pixels: torch.Tensor,
+    batch: int,
     limits: ProjectionLimits,
 ) -> None:
-    """Refuse, before any compute, what would not fit a message or the server's memory."""
-    batch, height, width = pixels.shape[0], pixels.shape[-2], pixels.shape[-1]
+    """Refuse, before any decode, what would not fit a message or the server's memory (every
+    image reaches the model at its input size)."""
+    _, height, width = adapter.data_config.input_size
     blocks = len(query.blocks)
     rows = len(query.representations) * blocks * tokens
     # Per row the top-k, the target's rank (int64) and its identifiability (float32).
@@ -247,10 +248,12 @@ def _check_sizes(
         )
 
 
-def prepare_projection(
-    loaded: LoadedModel, images: list[ImageInput], query: ProjectionQuery, limits: ProjectionLimits
-) -> PreparedProjection:
-    """Validation, decoding, preprocessing and size checks: everything that needs no slot."""
+def check_projection(
+    loaded: LoadedModel, query: ProjectionQuery, images: int, limits: ProjectionLimits
+) -> tuple[ProjectionQuery, list[int]]:
+    """The query after defaults and its token indices, with every check that needs no image
+    but their number: the fields against the model, the targets, and whether the results
+    would fit a message and the server's result limit."""
     adapter = loaded.adapter
     classes = class_count(loaded, query.labels, METHOD)
     if len(set(query.representations)) != len(query.representations):
@@ -278,9 +281,18 @@ def prepare_projection(
     site = adapter.block_site(blocks[-1], "out")
     tokens = site.num_prefix_tokens + site.grid[0] * site.grid[1]
     indices = resolve_token_indices(effective, site, tokens)
-    pixels = prepare_batch(adapter, images, limits.max_batch, limits.max_pixels)
-    check_targets(query.targets, pixels.shape[0])
-    _check_sizes(adapter, effective, len(indices), pixels, limits)
+    if images:
+        check_targets(query.targets, images)
+        _check_sizes(adapter, effective, len(indices), images, limits)
+    return effective, indices
+
+
+def prepare_projection(
+    loaded: LoadedModel, images: list[ImageInput], query: ProjectionQuery, limits: ProjectionLimits
+) -> PreparedProjection:
+    """check_projection, then decoding and preprocessing: everything that needs no slot."""
+    effective, indices = check_projection(loaded, query, len(images), limits)
+    pixels = prepare_batch(loaded.adapter, images, limits.max_batch, limits.max_pixels)
     return PreparedProjection(loaded, effective, indices, pixels)
 
 
