@@ -556,6 +556,19 @@ def test_bad_requests_name_the_field(
     ]
 
 
+def test_a_request_over_the_limits_is_refused_before_its_images_are_read(
+    stub: pb_grpc.InspectorStub,
+) -> None:
+    """The passes are counted from the number of images: an undecodable image is never
+    looked at when the request would be refused anyway."""
+    request = _request(methods=_ig(steps=4096, batch_size=1))
+    request.images[0].encoded = b"not an image"
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Explain(request, timeout=60))
+    error = from_rpc_error(caught.value)
+    assert error.reason == "LIMIT_EXCEEDED", error.details
+
+
 def test_a_deadline_stops_integrated_gradients_within_a_pass(
     ec: Client, explain_server: RunningServer
 ) -> None:

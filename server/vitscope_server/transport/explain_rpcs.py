@@ -13,6 +13,7 @@ from vitscope_server.core.explain.estimate import explanation_bytes
 from vitscope_server.core.explain.query import (
     ExplainLimits,
     PreparedExplanation,
+    check_explanation,
     prepare_explanation,
 )
 from vitscope_server.core.runtime.batching import Arrival
@@ -37,11 +38,12 @@ class ExplainRpcs(ServicerState):
             self._chunk_bytes,
         )
         images = convert.image_inputs(list(request.images))
+        query = convert_explain.explain_query(request)
+        check_explanation(loaded, query, len(images), limits)
         need = explanation_bytes(loaded.adapter, images, self._limits.max_pixels)
         cancel = cancel_token(context)
         model = loaded.spec.name
         with self._budget.reserve(need, cancel):
-            query = convert_explain.explain_query(request)
             with self._batchers.explanations.arriving(model) as arrival:
                 prepared = prepare_explanation(loaded, images, query, limits)
                 key = explain_batch_key(prepared)

@@ -245,10 +245,12 @@ def _effective_faithfulness(spec: FaithfulnessSpec, adapter: ModelAdapter) -> Fa
     )
 
 
-def _check_cost(prepared: PreparedExplanation) -> None:
-    """Passes, backward memory and result bytes, against the server's limits."""
-    loaded, query, limits = prepared.loaded, prepared.query, prepared.limits
-    batch, height, width = prepared.pixels.shape[0], *prepared.pixels.shape[-2:]
+def _check_cost(
+    loaded: LoadedModel, query: ExplainQuery, limits: ExplainLimits, batch: int
+) -> None:
+    """Passes, backward memory and result bytes, against the server's limits (every image
+    reaches the model at its input size)."""
+    _, height, width = loaded.adapter.data_config.input_size
     passes = 0
     for spec in query.methods:
         if spec.method is Method.INTEGRATED_GRADIENTS:
@@ -288,10 +290,12 @@ def _check_cost(prepared: PreparedExplanation) -> None:
         )
 
 
-def prepare_explanation(
-    loaded: LoadedModel, images: list[ImageInput], query: ExplainQuery, limits: ExplainLimits
-) -> PreparedExplanation:
-    """Validation, defaults, decoding and cost checks: everything that needs no compute slot."""
+def check_explanation(
+    loaded: LoadedModel, query: ExplainQuery, images: int, limits: ExplainLimits
+) -> ExplainQuery:
+    """The query after defaults, with every check that needs no image but their number:
+    the methods and their options, the targets, and the passes, memory and result bytes
+    against the server's limits."""
     if not query.methods:
         raise InvalidArgument(
             "methods", "at least one method is required", reason=Reason.FIELD_REQUIRED
@@ -316,9 +320,17 @@ def prepare_explanation(
                 field="faithfulness",
             )
         faithfulness = _effective_faithfulness(query.faithfulness, loaded.adapter)
-    pixels = prepare_batch(loaded.adapter, images, limits.max_batch, limits.max_pixels)
-    check_targets(loaded, query.targets, pixels.shape[0])
     effective = replace(query, methods=methods, faithfulness=faithfulness)
-    prepared = PreparedExplanation(loaded, effective, pixels, limits)
-    _check_cost(prepared)
-    return prepared
+    if images:
+        check_targets(loaded, query.targets, images)
+        _check_cost(loaded, effective, limits, images)
+    return effective
+
+
+def prepare_explanation(
+    loaded: LoadedModel, images: list[ImageInput], query: ExplainQuery, limits: ExplainLimits
+) -> PreparedExplanation:
+    """check_explanation, then decoding and preprocessing: everything that needs no slot."""
+    effective = check_explanation(loaded, query, len(images), limits)
+    pixels = prepare_batch(loaded.adapter, images, limits.max_batch, limits.max_pixels)
+    return PreparedExplanation(loaded, effective, pixels, limits)
