@@ -255,6 +255,8 @@ BAD = [
     ("depth past the blocks", {"images": "digit", "depths": [0, 7]}, "depths"),
     ("repeated depth", {"images": "digit", "depths": [1, 1]}, "depths"),
     ("no depths", {"images": "digit"}, "depths"),
+    # Checked before the images are read: an undecodable one is never looked at.
+    ("depth past the blocks, undecodable image", {"images": "junk", "depths": [7]}, "depths"),
     (
         "depths with a representation",
         {"representation": _representation(1, 50, 64), "depths": [1]},
@@ -303,6 +305,8 @@ def test_bad_invert_requests(client: Client, description: str, kwargs: dict, fie
     request = {"model": DIGITS, **kwargs}
     if request.get("images") == "digit":
         request["images"] = [Image.fromarray(held_out_digits(1)[0])]
+    if request.get("images") == "junk":
+        request["images"] = [b"not an image"]
     with pytest.raises(InvalidArgumentError) as caught:
         client.invert(**request)
     assert caught.value.reason in ("INVALID_FIELD", "FIELD_REQUIRED"), caught.value.details

@@ -12,6 +12,7 @@ from vitscope_server.core.features.optimize import optimize_features, prepare_op
 from vitscope_server.transport import convert_features
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import computing, unary_response_budget
+from vitscope_server.transport.metrics import labelled
 from vitscope_server.transport.progress import Progress
 from vitscope_server.transport.state import ServicerState
 
@@ -33,7 +34,7 @@ class FeatureRpcs(ServicerState):
         )
         cancel = cancel_token(context)
         labels = ("OptimizeFeatures", loaded.spec.name)
-        steps = self._metrics.optimization_steps.labels(*labels)
+        steps = labelled(self._metrics.optimization_steps, *labels)
         need = optimization_bytes(prepared)
         with (
             self._budget.reserve(need, cancel),

@@ -13,6 +13,7 @@ from vitscope_server.core.inversion.invert import (
     Event,
     Method,
     PreparedInversion,
+    check_inversion,
     invert_by_optimization,
     prepare_inversion,
 )
@@ -22,6 +23,7 @@ from vitscope_server.core.runtime.cancel import CancelToken
 from vitscope_server.transport import convert, convert_inversion
 from vitscope_server.transport.cancellation import cancel_token
 from vitscope_server.transport.compute import computing, record_batched
+from vitscope_server.transport.metrics import labelled
 from vitscope_server.transport.progress import Progress
 from vitscope_server.transport.state import ServicerState
 
@@ -38,7 +40,10 @@ class InversionRpcs(ServicerState):
         representation = convert_inversion.representation(request)
         cancel = cancel_token(context)
         labels = ("Invert", loaded.spec.name)
-        steps = self._metrics.optimization_steps.labels(*labels)
+        steps = labelled(self._metrics.optimization_steps, *labels)
+        check_inversion(
+            loaded, self._inverters, query, representation, len(images), self._limits.max_batch
+        )
         need = inversion_bytes(
             loaded.adapter, images, query, representation, self._limits.max_pixels
         )

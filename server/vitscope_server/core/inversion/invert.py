@@ -175,9 +175,9 @@ def _check_optimization(params: OptimizationParams) -> None:
         )
 
 
-def _representation_tensor(
+def _check_representation(
     loaded: LoadedModel, array: np.ndarray, depth: int, max_batch: int
-) -> torch.Tensor:
+) -> None:
     expected = representation_shape(loaded, depth)
     allowed = f"[batch, {', '.join(map(str, expected))}] of float32, float16 or bfloat16"
     if array.dtype not in (np.float32, np.float16):
@@ -199,7 +199,55 @@ def _representation_tensor(
         )
     if not np.isfinite(array).all():
         raise InvalidArgument("representation.values", "contains NaN or infinity")
-    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+def check_inversion(
+    loaded: LoadedModel,
+    catalog: InverterCatalog,
+    query: InvertQuery,
+    representation: tuple[np.ndarray, int] | None,
+    images: int,
+    max_batch: int,
+) -> tuple[InvertQuery, Manifest | None]:
+    """The query with its depths, and the inverter a learned inversion takes, with every
+    check that needs no image but their number: the recipe, the depths, a representation's
+    dtype, shape and values, and the inverter's reach."""
+    if query.method is Method.OPTIMIZATION:
+        _check_optimization(query.optimization)
+    if representation is not None:
+        values, depth = representation
+        if query.depths:
+            raise InvalidArgument(
+                "depths",
+                "leave empty when a representation is sent; its depth is representation.depth",
+            )
+        query = replace(query, depths=(depth,))
+        _check_depths(loaded, query.depths, "representation.depth")
+        _check_representation(loaded, values, depth, max_batch)
+        if images and images != values.shape[0]:
+            raise InvalidArgument(
+                "images", f"{images} originals for a representation of batch {values.shape[0]}"
+            )
+    else:
+        if not query.depths:
+            raise InvalidArgument(
+                "depths", "at least one depth is required with images", reason=Reason.FIELD_REQUIRED
+            )
+        _check_depths(loaded, query.depths, "depths")
+    if query.method is not Method.LEARNED:
+        return query, None
+    inverter = catalog.for_model(loaded)
+    deepest = max(query.depths)
+    if deepest > inverter.max_depth:
+        raise NotFound(
+            Reason.INVERTER_NOT_FOUND,
+            f"{loaded.spec.name} depth {deepest}",
+            f"depths: the inverter of {loaded.spec.name} reaches depth {inverter.max_depth}, "
+            f"asked for {deepest}",
+            field="depths",
+            metadata={"model": loaded.spec.name},
+        )
+    return query, inverter
 
 
 def prepare_inversion(
@@ -211,47 +259,20 @@ def prepare_inversion(
     max_batch: int,
     max_pixels: int,
 ) -> PreparedInversion:
-    """Validation, decoding and inverter lookup: everything that needs no compute slot."""
-    if query.method is Method.OPTIMIZATION:
-        _check_optimization(query.optimization)
+    """check_inversion, then decoding and the inverter's modules: everything that needs no
+    compute slot."""
+    query, inverter = check_inversion(
+        loaded, catalog, query, representation, len(images), max_batch
+    )
     tensor = None
     if representation is not None:
-        values, depth = representation
-        if query.depths:
-            raise InvalidArgument(
-                "depths",
-                "leave empty when a representation is sent; its depth is representation.depth",
-            )
-        query = replace(query, depths=(depth,))
-        _check_depths(loaded, query.depths, "representation.depth")
-        tensor = _representation_tensor(loaded, values, depth, max_batch)
-    else:
-        if not query.depths:
-            raise InvalidArgument(
-                "depths", "at least one depth is required with images", reason=Reason.FIELD_REQUIRED
-            )
-        _check_depths(loaded, query.depths, "depths")
+        tensor = torch.from_numpy(np.array(representation[0], dtype=np.float32))
     pixels = None
     if images or representation is None:
         pixels = prepare_batch(loaded.adapter, images, max_batch, max_pixels)
-    if tensor is not None and pixels is not None and pixels.shape[0] != tensor.shape[0]:
-        raise InvalidArgument(
-            "images", f"{pixels.shape[0]} originals for a representation of batch {tensor.shape[0]}"
-        )
-    inverter, modules = None, {}
-    if query.method is Method.LEARNED:
-        inverter = catalog.for_model(loaded)
-        deepest = max(query.depths)
-        if deepest > inverter.max_depth:
-            raise NotFound(
-                Reason.INVERTER_NOT_FOUND,
-                f"{loaded.spec.name} depth {deepest}",
-                f"depths: the inverter of {loaded.spec.name} reaches depth {inverter.max_depth}, "
-                f"asked for {deepest}",
-                field="depths",
-                metadata={"model": loaded.spec.name},
-            )
-        modules = catalog.modules(inverter, chain_names(deepest), loaded.device)
+    modules = {}
+    if inverter is not None:
+        modules = catalog.modules(inverter, chain_names(max(query.depths)), loaded.device)
     return PreparedInversion(loaded, query, pixels, tensor, inverter, modules)
 
 
