@@ -252,7 +252,7 @@ class _DeviceVariant:
             None if t is None else next(arrays)
             for t in (self.metric, self.normalized, self.logits, self.class_logits)
         )
-        top = [] if self.top is None else predictions_of(names, *(next(arrays) for _ in "pcl"))
+        top = [] if self.top is None else predictions_of(names, *(next(arrays) for _ in range(3)))
         sites = [site.on_host(arrays) for site in self.sites]
         return VariantResult(self.index, self.label, metric, scaled, logits, chosen, top, sites)
 

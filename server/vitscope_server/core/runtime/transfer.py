@@ -30,15 +30,18 @@ def _host_view(tensor: torch.Tensor) -> np.ndarray:
 
 
 def to_host(tensors: Sequence[torch.Tensor], *, gather: bool | None = None) -> list[np.ndarray]:
-    """Host arrays of `tensors` (contiguous, one device), in order. `gather` (default: when
-    they live on a GPU) copies them all in one transfer; otherwise each is viewed in place."""
+    """Host arrays of `tensors`, in order. `gather` (default: when any lives on a GPU) copies
+    them all in one transfer, those already on the host moved to the GPU's bytes first;
+    otherwise each is viewed in place."""
     if not tensors:
         return []
+    devices = [t.device for t in tensors if t.device.type != "cpu"]
     if gather is None:
-        gather = tensors[0].device.type != "cpu"
+        gather = bool(devices)
     if not gather:
         return [_host_view(t.contiguous()) for t in tensors]
-    flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    device = devices[0] if devices else tensors[0].device
+    flat = [t.to(device).contiguous().reshape(-1).view(torch.uint8) for t in tensors]
     device_bytes = torch.cat(flat) if len(flat) > 1 else flat[0]
     pinned = device_bytes.device.type == "cuda"
     host = torch.empty(device_bytes.numel(), dtype=torch.uint8, pin_memory=pinned)
