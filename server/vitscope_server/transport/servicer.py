@@ -13,6 +13,8 @@ from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.inversion.catalog import InverterCatalog
 from vitscope_server.core.model.provenance import provenance_of
 from vitscope_server.core.model.registry import ModelRegistry
+from vitscope_server.core.projection.project import ProjectionLimits
+from vitscope_server.core.projection.service import ProjectionService
 from vitscope_server.core.runtime.budget import MemoryBudget
 from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots
@@ -69,6 +71,13 @@ class InspectorServicer(  # type: ignore[misc]
         self._registry = registry
         self._batchers = batchers
         self._activation_service = activation_service
+        self._projection_service = ProjectionService(
+            budget,
+            batchers.projections,
+            ProjectionLimits(
+                limits.max_batch, limits.max_pixels, limits.max_result_bytes, chunk_bytes
+            ),
+        )
         self._budget = budget
         self._slots = slots
         self._metrics = metrics

@@ -8,6 +8,7 @@ from pathlib import Path
 from vitscope_server.core.activations.service import ActivationService
 from vitscope_server.core.inversion.catalog import InverterCatalog
 from vitscope_server.core.model.registry import ModelRegistry
+from vitscope_server.core.projection.service import ProjectionService
 from vitscope_server.core.runtime.budget import MemoryBudget
 from vitscope_server.core.runtime.limits import RequestLimits
 from vitscope_server.core.runtime.slots import ComputeSlots
@@ -26,4 +27,5 @@ class ServicerState:
     _budget: MemoryBudget
     _batchers: Batchers
     _activation_service: ActivationService
+    _projection_service: ProjectionService
     _inverters: InverterCatalog
