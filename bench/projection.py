@@ -32,6 +32,7 @@ from vitscope_server.core.model.specs import ModelSpec
 from vitscope_server.core.projection.project import (
     ProjectionLimits,
     ProjectionQuery,
+    check_projection,
     prepare_projection,
     run_projections,
 )
@@ -87,12 +88,9 @@ def main() -> None:
         pixels = torch.stack([adapter.preprocess(p) for p in photos()])
         on_device = pixels.to(loaded.device)
         images = [ImageInput(preprocessed=p.numpy()) for p in pixels]
-        prepared = prepare_projection(
-            loaded,
-            images,
-            ProjectionQuery(),
-            ProjectionLimits(len(images), 10**8, settings.max_result_bytes, 1 << 30),
-        )
+        limits = ProjectionLimits(len(images), 10**8, settings.max_result_bytes, 1 << 30)
+        checked = check_projection(loaded, ProjectionQuery(), len(images), limits)
+        prepared = prepare_projection(loaded, images, checked, limits)
 
         def forward() -> None:
             with torch.inference_mode():

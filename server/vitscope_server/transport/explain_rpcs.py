@@ -39,13 +39,13 @@ class ExplainRpcs(ServicerState):
         )
         images = convert.image_inputs(list(request.images))
         query = convert_explain.explain_query(request)
-        check_explanation(loaded, query, len(images), limits)
+        effective = check_explanation(loaded, query, len(images), limits)
         need = explanation_bytes(loaded.adapter, images, self._limits.max_pixels)
         cancel = cancel_token(context)
         model = loaded.spec.name
         with self._budget.reserve(need, cancel):
             with self._batchers.explanations.arriving(model) as arrival:
-                prepared = prepare_explanation(loaded, images, query, limits)
+                prepared = prepare_explanation(loaded, images, effective, limits)
                 key = explain_batch_key(prepared)
                 shared = None if key is None else self._shared(arrival, key, prepared, cancel)
             if shared is not None:

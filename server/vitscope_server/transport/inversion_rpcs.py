@@ -41,7 +41,7 @@ class InversionRpcs(ServicerState):
         cancel = cancel_token(context)
         labels = ("Invert", loaded.spec.name)
         steps = labelled(self._metrics.optimization_steps, *labels)
-        check_inversion(
+        checked = check_inversion(
             loaded, self._inverters, query, representation, len(images), self._limits.max_batch
         )
         need = inversion_bytes(
@@ -52,7 +52,7 @@ class InversionRpcs(ServicerState):
             loaded,
             self._inverters,
             images,
-            query,
+            checked,
             representation,
             self._limits.max_batch,
             self._limits.max_pixels,

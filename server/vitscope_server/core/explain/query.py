@@ -328,9 +328,9 @@ def check_explanation(
 
 
 def prepare_explanation(
-    loaded: LoadedModel, images: list[ImageInput], query: ExplainQuery, limits: ExplainLimits
+    loaded: LoadedModel, images: list[ImageInput], effective: ExplainQuery, limits: ExplainLimits
 ) -> PreparedExplanation:
-    """check_explanation, then decoding and preprocessing: everything that needs no slot."""
-    effective = check_explanation(loaded, query, len(images), limits)
+    """Decoding and preprocessing for a query as check_explanation returned it: the rest of
+    what needs no slot."""
     pixels = prepare_batch(loaded.adapter, images, limits.max_batch, limits.max_pixels)
     return PreparedExplanation(loaded, effective, pixels, limits)

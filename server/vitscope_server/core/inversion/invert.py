@@ -254,16 +254,14 @@ def prepare_inversion(
     loaded: LoadedModel,
     catalog: InverterCatalog,
     images: list[ImageInput],
-    query: InvertQuery,
+    checked: tuple[InvertQuery, Manifest | None],
     representation: tuple[np.ndarray, int] | None,
     max_batch: int,
     max_pixels: int,
 ) -> PreparedInversion:
-    """check_inversion, then decoding and the inverter's modules: everything that needs no
-    compute slot."""
-    query, inverter = check_inversion(
-        loaded, catalog, query, representation, len(images), max_batch
-    )
+    """Decoding and the inverter's modules for a query check_inversion passed (`checked` is
+    what it returned): the rest of what needs no compute slot."""
+    query, inverter = checked
     tensor = None
     if representation is not None:
         tensor = torch.from_numpy(np.array(representation[0], dtype=np.float32))

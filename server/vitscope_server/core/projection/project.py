@@ -288,10 +288,14 @@ def check_projection(
 
 
 def prepare_projection(
-    loaded: LoadedModel, images: list[ImageInput], query: ProjectionQuery, limits: ProjectionLimits
+    loaded: LoadedModel,
+    images: list[ImageInput],
+    checked: tuple[ProjectionQuery, list[int]],
+    limits: ProjectionLimits,
 ) -> PreparedProjection:
-    """check_projection, then decoding and preprocessing: everything that needs no slot."""
-    effective, indices = check_projection(loaded, query, len(images), limits)
+    """Decoding and preprocessing of a query check_projection passed (`checked` is what it
+    returned): the rest of what needs no slot."""
+    effective, indices = checked
     pixels = prepare_batch(loaded.adapter, images, limits.max_batch, limits.max_pixels)
     return PreparedProjection(loaded, effective, indices, pixels)
 

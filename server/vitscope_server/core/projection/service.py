@@ -41,11 +41,11 @@ class ProjectionService:
     ) -> Iterator[tuple[ProjectionResult, BatchInfo]]:
         """The projection and its batch; its memory stays reserved while the caller sends it
         (the body of the block)."""
-        check_projection(loaded, query, len(images), self.limits)
+        checked = check_projection(loaded, query, len(images), self.limits)
         need = projection_bytes(loaded.adapter, images, query, self.limits.max_pixels)
         with self.budget.reserve(need, cancel):
             with self.batcher.arriving(loaded.spec.name) as arrival:
-                prepared = prepare_projection(loaded, images, query, self.limits)
+                prepared = prepare_projection(loaded, images, checked, self.limits)
                 key = projection_batch_key(prepared)
                 result, info = self.batcher.submit(
                     arrival, key, prepared, int(prepared.pixels.shape[0]), cancel
