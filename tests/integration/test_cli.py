@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as skdata
+from support.probes import fresh_python
 
 from vitscope import Client
 from vitscope.cli import build_parser, main
@@ -118,15 +116,7 @@ vitscope.cli.build_parser().parse_args(["models"])
 
 
 def test_client_imports_without_the_server_side() -> None:
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=120,
-        check=False,
-    )
+    result = fresh_python(PROBE)
     assert result.returncode == 0, result.stderr
 
 

@@ -4,11 +4,10 @@ plotting, commands or demo (only its stubs and the wire codec)."""
 from __future__ import annotations
 
 import ast
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from support.probes import fresh_python
 
 PROBE = """
 import importlib, pkgutil, sys
@@ -21,15 +20,8 @@ print(",".join(loaded))
 
 
 def test_core_modules_import_neither_grpc_nor_the_client() -> None:
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=120,
-        check=True,
-    )
+    result = fresh_python(PROBE)
+    assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
 
 
@@ -46,15 +38,8 @@ CLIENT_PRESENTATION = re.compile(r"vitscope\.(overlay|figures|plot_\w+|cli(_\w+)
 
 
 def test_server_never_imports_the_clients_plotting_or_commands() -> None:
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(
-        [sys.executable, "-c", SERVER_PROBE],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=300,
-        check=True,
-    )
+    result = fresh_python(SERVER_PROBE)
+    assert result.returncode == 0, result.stderr
     imported = set(filter(None, result.stdout.strip().split(",")))
     assert "vitscope.tensors" in imported, "the server encodes tensors with the shared codec"
     assert not [m for m in imported if CLIENT_PRESENTATION.match(m)]
